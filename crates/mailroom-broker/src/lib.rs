@@ -1,1 +1,26 @@
-pub fn placeholder() {}
+//! Mailroom's broker core: virtual hosts, exchanges, queues, bindings, consumers and delivery.
+//!
+//! It knows nothing about sockets or AMQP frames; the AMQP server, the HTTP API and the SDK's embedded
+//! transport all drive it through [`Broker`] and [`VHost`].
+
+pub mod args;
+pub mod broker;
+pub mod dead_letter;
+pub mod error;
+pub mod exchange;
+pub mod message;
+pub mod queue;
+pub mod routing;
+pub mod vhost;
+
+pub use amq_protocol::protocol::BasicProperties;
+pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+pub use broker::{Broker, BrokerConfig, User};
+pub use error::{BrokerError, ErrorKind, Result};
+pub use exchange::{Exchange, ExchangeKind};
+pub use message::Message;
+pub use queue::{
+    ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
+    MessageId, Queue,
+};
+pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, VHost};

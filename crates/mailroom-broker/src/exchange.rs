@@ -1,0 +1,268 @@
+//! Exchanges and their bindings: where a published message goes.
+
+use crate::error::{BrokerError, ErrorKind, Result};
+use crate::queue::Queue;
+use crate::routing::{headers::HeadersBinding, topic::TopicIndex};
+use amq_protocol_types::FieldTable;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The routing algorithm of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Exact routing-key match.
+    Direct,
+    /// Every bound destination.
+    Fanout,
+    /// Dotted words with `*` and `#` wildcards.
+    Topic,
+    /// Header values, per `x-match`.
+    Headers,
+}
+
+impl ExchangeKind {
+    /// Parses an exchange type name; unknown types are 503 COMMAND_INVALID, as RabbitMQ.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "direct" => Ok(Self::Direct),
+            "fanout" => Ok(Self::Fanout),
+            "topic" => Ok(Self::Topic),
+            "headers" => Ok(Self::Headers),
+            other => Err(BrokerError::new(
+                ErrorKind::CommandInvalid,
+                format!("invalid exchange type '{other}'"),
+            )),
+        }
+    }
+    /// The AMQP type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Fanout => "fanout",
+            Self::Topic => "topic",
+            Self::Headers => "headers",
+        }
+    }
+}
+
+/// What a binding leads to.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A queue.
+    Queue(Arc<Queue>),
+    /// Another exchange (exchange-to-exchange binding).
+    Exchange(Arc<Exchange>),
+}
+
+impl PartialEq for Destination {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Queue(a), Self::Queue(b)) => Arc::ptr_eq(a, b),
+            (Self::Exchange(a), Self::Exchange(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// One binding from an exchange to a destination.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Where matching messages go.
+    pub destination: Destination,
+    /// The binding key.
+    pub routing_key: String,
+    /// The binding arguments (headers exchanges match on them).
+    pub arguments: FieldTable,
+}
+
+impl Binding {
+    fn same_as(&self, destination: &Destination, routing_key: &str, arguments: &FieldTable) -> bool {
+        self.destination == *destination && self.routing_key == routing_key && self.arguments == *arguments
+    }
+}
+
+/// Per-kind lookup structure, kept in step with the binding list.
+#[derive(Debug)]
+enum Router {
+    Direct(HashMap<String, Vec<Destination>>),
+    Fanout,
+    Topic(TopicIndex<Destination>),
+    Headers(Vec<(HeadersBinding, Destination)>),
+}
+
+#[derive(Debug)]
+struct ExchangeState {
+    bindings: Vec<Binding>,
+    router: Router,
+    deleted: bool,
+}
+
+/// Declared properties of an exchange.
+#[derive(Debug, Clone)]
+pub struct ExchangeSpec {
+    /// Its name ("" is the default exchange).
+    pub name: String,
+    /// Its routing algorithm.
+    pub kind: ExchangeKind,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Clients cannot publish to it directly.
+    pub internal: bool,
+    /// Declared arguments.
+    pub arguments: FieldTable,
+    /// `alternate-exchange`: where unroutable messages go.
+    pub alternate_exchange: Option<String>,
+}
+
+/// An exchange with its bindings.
+#[derive(Debug)]
+pub struct Exchange {
+    spec: ExchangeSpec,
+    state: RwLock<ExchangeState>,
+}
+
+impl Exchange {
+    /// Creates an exchange with no bindings.
+    pub fn new(spec: ExchangeSpec) -> Self {
+        let router = match spec.kind {
+            ExchangeKind::Direct => Router::Direct(HashMap::new()),
+            ExchangeKind::Fanout => Router::Fanout,
+            ExchangeKind::Topic => Router::Topic(TopicIndex::new()),
+            ExchangeKind::Headers => Router::Headers(Vec::new()),
+        };
+        Self { spec, state: RwLock::new(ExchangeState { bindings: Vec::new(), router, deleted: false }) }
+    }
+
+    /// Its declared properties.
+    pub fn spec(&self) -> &ExchangeSpec {
+        &self.spec
+    }
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, ExchangeState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write(&self) -> RwLockWriteGuard<'_, ExchangeState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a binding (a duplicate is a no-op). Headers arguments are validated (406 when invalid).
+    pub fn bind(&self, destination: Destination, routing_key: &str, arguments: &FieldTable) -> Result<()> {
+        let mut st = self.write();
+        if st.bindings.iter().any(|b| b.same_as(&destination, routing_key, arguments)) {
+            return Ok(());
+        }
+        match &mut st.router {
+            Router::Direct(map) => map.entry(routing_key.to_owned()).or_default().push(destination.clone()),
+            Router::Fanout => {}
+            Router::Topic(index) => index.insert(routing_key, destination.clone()),
+            Router::Headers(list) => {
+                let compiled = HeadersBinding::parse(arguments)
+                    .map_err(|e| BrokerError::precondition(e.to_string()))?;
+                list.push((compiled, destination.clone()));
+            }
+        }
+        st.bindings.push(Binding { destination, routing_key: routing_key.to_owned(), arguments: arguments.clone() });
+        Ok(())
+    }
+
+    /// Removes a binding; returns whether it existed.
+    pub fn unbind(&self, destination: &Destination, routing_key: &str, arguments: &FieldTable) -> bool {
+        let mut st = self.write();
+        let Some(pos) = st.bindings.iter().position(|b| b.same_as(destination, routing_key, arguments)) else {
+            return false;
+        };
+        st.bindings.remove(pos);
+        Self::rebuild_router_entry(&mut st, destination, routing_key, arguments);
+        true
+    }
+
+    fn rebuild_router_entry(st: &mut ExchangeState, destination: &Destination, routing_key: &str, arguments: &FieldTable) {
+        match &mut st.router {
+            Router::Direct(map) => {
+                if let Some(list) = map.get_mut(routing_key) {
+                    if let Some(i) = list.iter().position(|d| d == destination) {
+                        list.remove(i);
+                    }
+                    if list.is_empty() {
+                        map.remove(routing_key);
+                    }
+                }
+            }
+            Router::Fanout => {}
+            Router::Topic(index) => {
+                index.remove(routing_key, destination);
+            }
+            Router::Headers(list) => {
+                // Rebuild from the binding list: arguments identify the binding, compiled forms do not.
+                let _ = arguments;
+                list.retain(|(_, d)| d != destination);
+                for b in st.bindings.iter().filter(|b| b.destination == *destination) {
+                    if let Ok(compiled) = HeadersBinding::parse(&b.arguments) {
+                        list.push((compiled, b.destination.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes every binding to `destination`; returns how many went.
+    pub fn unbind_destination(&self, destination: &Destination) -> usize {
+        let mut st = self.write();
+        let gone: Vec<Binding> = st.bindings.iter().filter(|b| b.destination == *destination).cloned().collect();
+        st.bindings.retain(|b| b.destination != *destination);
+        for b in &gone {
+            Self::rebuild_router_entry(&mut st, &b.destination, &b.routing_key, &b.arguments);
+        }
+        gone.len()
+    }
+
+    /// A snapshot of the bindings.
+    pub fn bindings(&self) -> Vec<Binding> {
+        self.read().bindings.clone()
+    }
+    /// Whether anything is bound to this exchange.
+    pub fn has_bindings(&self) -> bool {
+        !self.read().bindings.is_empty()
+    }
+    /// Marks the exchange deleted and drops its bindings.
+    pub fn mark_deleted(&self) {
+        let mut st = self.write();
+        st.deleted = true;
+        st.bindings.clear();
+        st.router = Router::Fanout;
+    }
+    /// Whether the exchange was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.read().deleted
+    }
+
+    /// Collects the destinations matching `routing_key` (and `headers`) into `out`.
+    pub fn route(&self, routing_key: &str, headers: Option<&FieldTable>, out: &mut Vec<Destination>) {
+        let st = self.read();
+        if st.deleted {
+            return;
+        }
+        match &st.router {
+            Router::Direct(map) => {
+                if let Some(list) = map.get(routing_key) {
+                    out.extend(list.iter().cloned());
+                }
+            }
+            Router::Fanout => out.extend(st.bindings.iter().map(|b| b.destination.clone())),
+            Router::Topic(index) => index.for_each_match(routing_key, |d| out.push(d.clone())),
+            Router::Headers(list) => {
+                for (binding, d) in list {
+                    if binding.matches(headers) {
+                        out.push(d.clone());
+                    }
+                }
+            }
+        }
+    }
+}

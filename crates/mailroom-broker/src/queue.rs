@@ -1,0 +1,694 @@
+//! A queue: its ready messages in FIFO order, its unacknowledged deliveries, and its consumers.
+//!
+//! All state sits behind one short-held mutex. Publishing pushes and dispatches under that lock;
+//! deliveries leave through each consumer's unbounded sink, which prefetch (or, for no-ack consumers,
+//! the in-flight window) keeps bounded.
+
+use crate::args::{Overflow, QueueArguments};
+use crate::error::{BrokerError, Result};
+use crate::message::Message;
+use amq_protocol_types::FieldTable;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+/// Identifies a connection (or an embedded session) for exclusive-queue ownership.
+pub type ConnectionId = u64;
+/// Identifies a consumer, unique across the broker.
+pub type ConsumerId = u64;
+/// Identifies a message within its queue; increases in publish order.
+pub type MessageId = u64;
+
+/// Most deliveries a no-ack consumer may have in flight towards its socket: bounds memory for slow readers.
+pub const NOACK_WINDOW: u32 = 2048;
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The consumer it is for.
+    pub consumer: ConsumerId,
+    /// The queue it came from (needed to settle it).
+    pub queue: Arc<Queue>,
+    /// Its id within that queue.
+    pub id: MessageId,
+    /// The message itself.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+}
+
+/// What a queue tells a consumer's owner.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    /// A message for one of its consumers.
+    Deliver(Delivery),
+    /// The broker cancelled the consumer (its queue was deleted).
+    Cancelled(ConsumerId),
+}
+
+/// Where a consumer's events go. Unbounded: prefetch and [`NOACK_WINDOW`] bound what is in it.
+pub type ConsumerSink = mpsc::UnboundedSender<ConsumerEvent>;
+
+/// A channel-wide unacked count and limit (AMQP `basic.qos` with `global = true`).
+#[derive(Debug, Default)]
+pub struct ChannelPrefetch {
+    limit: AtomicU32,
+    unacked: AtomicU32,
+}
+
+impl ChannelPrefetch {
+    /// Sets the limit (0 = unlimited).
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+    /// The current limit (0 = unlimited).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+    /// Unacked consumer deliveries on the channel.
+    pub fn unacked(&self) -> u32 {
+        self.unacked.load(Ordering::Relaxed)
+    }
+    fn try_take(&self) -> bool {
+        let limit = self.limit();
+        if limit == 0 {
+            self.unacked.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.unacked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok()
+    }
+    fn release(&self) {
+        // Saturating: a release never underflows even if counts drift on a closing channel.
+        let _ = self.unacked.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+    }
+}
+
+/// How a consumer wants messages.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Deliveries are settled on sending (no acks).
+    pub no_ack: bool,
+    /// No other consumer may use the queue while this one exists.
+    pub exclusive: bool,
+    /// Most unacked deliveries for this consumer (0 = unlimited).
+    pub prefetch: u32,
+    /// The channel-wide limit shared by the channel's consumers.
+    pub channel_prefetch: Arc<ChannelPrefetch>,
+}
+
+/// Declared properties of a queue, fixed at creation.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// The queue name.
+    pub name: String,
+    /// Survives a restart (with the durable store).
+    pub durable: bool,
+    /// Owned by one connection; deleted when it closes.
+    pub exclusive_owner: Option<ConnectionId>,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// The arguments as declared (compared on redeclare).
+    pub arguments: FieldTable,
+    /// The same arguments, validated.
+    pub args: QueueArguments,
+}
+
+/// What happened to a message pushed onto a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Enqueued (and possibly delivered already).
+    Enqueued,
+    /// Refused by a `reject-publish` length limit.
+    Rejected,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: MessageId,
+    message: Arc<Message>,
+    redelivered: bool,
+    expires_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    entry: Entry,
+    consumer: Option<ConsumerId>,
+    channel_prefetch: Option<Arc<ChannelPrefetch>>,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    id: ConsumerId,
+    options: ConsumeOptions,
+    outstanding: u32,
+    sink: ConsumerSink,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        let limit = if self.options.no_ack { NOACK_WINDOW } else { self.options.prefetch };
+        limit == 0 || self.outstanding < limit
+    }
+}
+
+#[derive(Debug)]
+struct QueueState {
+    ready: VecDeque<Entry>,
+    ready_bytes: u64,
+    unacked: HashMap<MessageId, Unacked>,
+    consumers: Vec<Consumer>,
+    next_consumer: usize,
+    next_id: MessageId,
+    expiries: BinaryHeap<Reverse<(Instant, MessageId)>>,
+    last_used: Instant,
+    deleted: bool,
+}
+
+/// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
+#[derive(Debug)]
+pub struct Queue {
+    spec: QueueSpec,
+    state: Mutex<QueueState>,
+    /// Wakes the queue's timer task when a nearer deadline appears.
+    timer: Arc<Notify>,
+    /// What the queue calls back into for dead-lettering and self-deletion.
+    hooks: Weak<dyn QueueHooks>,
+}
+
+/// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
+pub trait QueueHooks: Send + Sync + std::fmt::Debug {
+    /// Dead-letters `messages` dropped from `queue` for `reason` (a no-op without a dead-letter exchange).
+    fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeadLetterReason);
+    /// Deletes `queue` because it expired (`x-expires`).
+    fn expire_queue(&self, queue: &Arc<Queue>);
+}
+
+/// Why a message left a queue other than by an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// Rejected or nacked without requeue.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// A length limit dropped it.
+    MaxLen,
+    /// It was delivered more times than `x-delivery-limit` allows.
+    DeliveryLimit,
+}
+
+impl DeadLetterReason {
+    /// RabbitMQ's name for the reason, as written in `x-death`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::MaxLen => "maxlen",
+            Self::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// A message taken with `basic.get`.
+#[derive(Debug)]
+pub struct GetResult {
+    /// Its id in the queue (to ack it, unless no-ack).
+    pub id: MessageId,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// Ready messages left after this one.
+    pub remaining: u32,
+}
+
+/// Things the queue must do after releasing its lock (dead-lettering re-enters routing).
+#[derive(Default)]
+struct Aftermath {
+    dead: Vec<(Arc<Message>, DeadLetterReason)>,
+}
+
+impl Queue {
+    /// Creates a queue and starts its timer task (TTL and `x-expires`). Needs a tokio runtime.
+    pub fn create(spec: QueueSpec, hooks: Weak<dyn QueueHooks>) -> Arc<Queue> {
+        let queue = Arc::new(Queue {
+            spec,
+            state: Mutex::new(QueueState {
+                ready: VecDeque::new(),
+                ready_bytes: 0,
+                unacked: HashMap::new(),
+                consumers: Vec::new(),
+                next_consumer: 0,
+                next_id: 1,
+                expiries: BinaryHeap::new(),
+                last_used: Instant::now(),
+                deleted: false,
+            }),
+            timer: Arc::new(Notify::new()),
+            hooks,
+        });
+        tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer)));
+        queue
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+    /// Its declared properties.
+    pub fn spec(&self) -> &QueueSpec {
+        &self.spec
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic while holding the lock is a bug; the state is still consistent enough to serve.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Ready messages (not counting unacked ones).
+    pub fn message_count(&self) -> u32 {
+        self.lock().ready.len() as u32
+    }
+    /// Unacked deliveries.
+    pub fn unacked_count(&self) -> u32 {
+        self.lock().unacked.len() as u32
+    }
+    /// Current consumers.
+    pub fn consumer_count(&self) -> u32 {
+        self.lock().consumers.len() as u32
+    }
+    /// Whether the queue has been deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.lock().deleted
+    }
+    /// Checks exclusive ownership: another connection's exclusive queue is 405.
+    pub fn check_owner(&self, owner: ConnectionId) -> Result<()> {
+        match self.spec.exclusive_owner {
+            Some(o) if o != owner => Err(BrokerError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '/'. It could be originally \
+                 declared on another connection or the exclusive property value does not match that of the original declaration.",
+                self.spec.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+    /// Marks the queue as used now (resets the `x-expires` timer).
+    pub fn touch(&self) {
+        self.lock().last_used = Instant::now();
+        self.timer.notify_one();
+    }
+
+    /// Enqueues a message and delivers what consumers can take.
+    pub fn push(self: &Arc<Self>, message: Arc<Message>) -> PushOutcome {
+        let mut after = Aftermath::default();
+        let outcome = self.push_locked(message, &mut after);
+        self.run_aftermath(after);
+        outcome
+    }
+
+    fn push_locked(self: &Arc<Self>, message: Arc<Message>, after: &mut Aftermath) -> PushOutcome {
+        let mut st = self.lock();
+        if st.deleted {
+            return PushOutcome::Enqueued;
+        }
+        let args = &self.spec.args;
+        let size = message.body.len() as u64;
+        // Length limits count ready messages, as RabbitMQ's do.
+        let over = |st: &QueueState, extra_len: usize, extra_bytes: u64| {
+            args.max_length.is_some_and(|m| (st.ready.len() + extra_len) as u64 > m)
+                || args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
+        };
+        if over(&st, 1, size) {
+            match args.overflow {
+                Overflow::RejectPublish => return PushOutcome::Rejected,
+                Overflow::RejectPublishDlx => {
+                    after.dead.push((message, DeadLetterReason::MaxLen));
+                    return PushOutcome::Rejected;
+                }
+                Overflow::DropHead => {}
+            }
+        }
+        let ttl = match (args.message_ttl, message.expiration_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let now = Instant::now();
+        let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
+        let id = st.next_id;
+        st.next_id += 1;
+        if let Some(at) = expires_at {
+            let nearer = st.expiries.peek().is_none_or(|Reverse((first, _))| at < *first);
+            st.expiries.push(Reverse((at, id)));
+            if nearer {
+                self.timer.notify_one();
+            }
+        }
+        st.ready_bytes += size;
+        st.ready.push_back(Entry { id, message, redelivered: false, expires_at });
+        // Drop-head: make room by dropping the oldest.
+        while over(&st, 0, 0) {
+            let Some(old) = st.ready.pop_front() else { break };
+            st.ready_bytes -= old.message.body.len() as u64;
+            after.dead.push((old.message, DeadLetterReason::MaxLen));
+        }
+        self.dispatch_locked(&mut st, after);
+        // A zero TTL means "deliver now or never".
+        if ttl == Some(0) {
+            self.expire_locked(&mut st, now, after);
+        }
+        PushOutcome::Enqueued
+    }
+
+    /// Delivers ready messages to consumers with credit, round-robin.
+    pub fn dispatch(self: &Arc<Self>) {
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            self.dispatch_locked(&mut st, &mut after);
+        }
+        self.run_aftermath(after);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, after: &mut Aftermath) {
+        let now = Instant::now();
+        while !st.ready.is_empty() && !st.consumers.is_empty() {
+            let n = st.consumers.len();
+            let mut chosen = None;
+            for i in 0..n {
+                let idx = (st.next_consumer + i) % n;
+                let c = &st.consumers[idx];
+                if c.has_credit() && (c.options.no_ack || c.options.channel_prefetch.try_take()) {
+                    chosen = Some(idx);
+                    break;
+                }
+            }
+            let Some(idx) = chosen else { break };
+            st.next_consumer = (idx + 1) % n;
+            // The loop condition guarantees a ready entry.
+            let Some(entry) = st.ready.pop_front() else { break };
+            st.ready_bytes -= entry.message.body.len() as u64;
+            let consumer = &mut st.consumers[idx];
+            if entry.expires_at.is_some_and(|at| at <= now) {
+                if !consumer.options.no_ack {
+                    consumer.options.channel_prefetch.release();
+                }
+                after.dead.push((entry.message, DeadLetterReason::Expired));
+                continue;
+            }
+            let delivery = Delivery {
+                consumer: consumer.id,
+                queue: Arc::clone(self),
+                id: entry.id,
+                message: Arc::clone(&entry.message),
+                redelivered: entry.redelivered,
+            };
+            if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
+                // The consumer's owner is gone: put the message back and drop the consumer.
+                if !consumer.options.no_ack {
+                    consumer.options.channel_prefetch.release();
+                }
+                st.consumers.remove(idx);
+                st.next_consumer = 0;
+                st.ready_bytes += entry.message.body.len() as u64;
+                insert_ready(&mut st.ready, entry);
+                continue;
+            }
+            consumer.outstanding += 1;
+            if !consumer.options.no_ack {
+                let unacked = Unacked {
+                    consumer: Some(consumer.id),
+                    channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
+                    entry,
+                };
+                st.unacked.insert(unacked.entry.id, unacked);
+            }
+        }
+    }
+
+    /// Adds a consumer; 403 if an exclusive consumer is in the way.
+    pub fn add_consumer(self: &Arc<Self>, id: ConsumerId, options: ConsumeOptions, sink: ConsumerSink) -> Result<()> {
+        {
+            let mut st = self.lock();
+            if st.deleted {
+                return Err(BrokerError::not_found(format!("no queue '{}' in vhost '/'", self.spec.name)));
+            }
+            let exclusive_present = st.consumers.iter().any(|c| c.options.exclusive);
+            if exclusive_present || (options.exclusive && !st.consumers.is_empty()) {
+                return Err(BrokerError::access_refused(format!(
+                    "queue '{}' in vhost '/' in exclusive use",
+                    self.spec.name
+                )));
+            }
+            st.consumers.push(Consumer { id, options, outstanding: 0, sink });
+            st.last_used = Instant::now();
+        }
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Removes a consumer; its unacked deliveries stay unacked. Returns true if it was there.
+    pub fn remove_consumer(&self, id: ConsumerId) -> bool {
+        let mut st = self.lock();
+        let before = st.consumers.len();
+        st.consumers.retain(|c| c.id != id);
+        st.next_consumer = 0;
+        let removed = st.consumers.len() != before;
+        if removed && st.consumers.is_empty() {
+            // x-expires counts from the moment the queue became unused.
+            st.last_used = Instant::now();
+            self.timer.notify_one();
+        }
+        removed
+    }
+
+    /// Whether an auto-delete queue has lost its last consumer and must go.
+    pub fn should_auto_delete(&self) -> bool {
+        self.spec.auto_delete && self.lock().consumers.is_empty()
+    }
+
+    /// Returns in-flight credit to a no-ack consumer once `count` deliveries were written out.
+    pub fn settle_sent(self: &Arc<Self>, consumer: ConsumerId, count: u32) {
+        {
+            let mut st = self.lock();
+            if let Some(c) = st.consumers.iter_mut().find(|c| c.id == consumer) {
+                c.outstanding = c.outstanding.saturating_sub(count);
+            }
+        }
+        self.dispatch();
+    }
+
+    fn settle_locked(st: &mut QueueState, id: MessageId) -> Option<Entry> {
+        let unacked = st.unacked.remove(&id)?;
+        if let Some(cid) = unacked.consumer {
+            if let Some(c) = st.consumers.iter_mut().find(|c| c.id == cid) {
+                c.outstanding = c.outstanding.saturating_sub(1);
+            }
+        }
+        if let Some(cp) = &unacked.channel_prefetch {
+            cp.release();
+        }
+        Some(unacked.entry)
+    }
+
+    /// Acknowledges deliveries: they are gone for good. Unknown ids are ignored (the channel validates tags).
+    pub fn ack(self: &Arc<Self>, ids: &[MessageId]) {
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            for id in ids {
+                Self::settle_locked(&mut st, *id);
+            }
+            self.dispatch_locked(&mut st, &mut after);
+        }
+        self.run_aftermath(after);
+    }
+
+    /// Rejects deliveries: back to their original place (marked redelivered), or dead-lettered.
+    pub fn reject(self: &Arc<Self>, ids: &[MessageId], requeue: bool) {
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            for id in ids {
+                let Some(entry) = Self::settle_locked(&mut st, *id) else { continue };
+                if st.deleted {
+                    continue;
+                }
+                if requeue {
+                    st.ready_bytes += entry.message.body.len() as u64;
+                    insert_ready(&mut st.ready, Entry { redelivered: true, ..entry });
+                } else {
+                    after.dead.push((entry.message, DeadLetterReason::Rejected));
+                }
+            }
+            self.dispatch_locked(&mut st, &mut after);
+        }
+        self.run_aftermath(after);
+    }
+
+    /// Takes one message (`basic.get`); with `no_ack` it is settled at once.
+    pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
+        let mut after = Aftermath::default();
+        let result = {
+            let mut st = self.lock();
+            st.last_used = Instant::now();
+            let now = Instant::now();
+            loop {
+                let Some(entry) = st.ready.pop_front() else { break None };
+                st.ready_bytes -= entry.message.body.len() as u64;
+                if entry.expires_at.is_some_and(|at| at <= now) {
+                    after.dead.push((entry.message, DeadLetterReason::Expired));
+                    continue;
+                }
+                let result = GetResult {
+                    id: entry.id,
+                    message: Arc::clone(&entry.message),
+                    redelivered: entry.redelivered,
+                    remaining: st.ready.len() as u32,
+                };
+                if !no_ack {
+                    st.unacked.insert(entry.id, Unacked { entry, consumer: None, channel_prefetch: None });
+                }
+                break Some(result);
+            }
+        };
+        self.run_aftermath(after);
+        result
+    }
+
+    /// Drops every ready message (unacked ones stay); returns how many.
+    pub fn purge(&self) -> u32 {
+        let mut st = self.lock();
+        let n = st.ready.len() as u32;
+        st.ready.clear();
+        st.ready_bytes = 0;
+        st.expiries.clear();
+        n
+    }
+
+    /// Marks the queue deleted: cancels its consumers, drops its messages; returns the ready count.
+    pub fn mark_deleted(&self) -> u32 {
+        let mut st = self.lock();
+        if st.deleted {
+            return 0;
+        }
+        st.deleted = true;
+        let n = st.ready.len() as u32;
+        st.ready.clear();
+        st.ready_bytes = 0;
+        st.expiries.clear();
+        for c in st.consumers.drain(..) {
+            let _ = c.sink.send(ConsumerEvent::Cancelled(c.id));
+        }
+        drop(st);
+        self.timer.notify_one();
+        n
+    }
+
+    /// Drops expired ready messages (dead-lettering them).
+    fn expire_locked(&self, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
+        while let Some(Reverse((at, id))) = st.expiries.peek().copied() {
+            if at > now {
+                break;
+            }
+            st.expiries.pop();
+            // Only ready messages expire; a delivered one left the queue's ready list.
+            if let Ok(pos) = st.ready.binary_search_by_key(&id, |e| e.id) {
+                if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
+                    if let Some(e) = st.ready.remove(pos) {
+                        st.ready_bytes -= e.message.body.len() as u64;
+                        after.dead.push((e.message, DeadLetterReason::Expired));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let st = self.lock();
+        let expiry = st.expiries.peek().map(|Reverse((at, _))| *at);
+        let unused = match self.spec.args.expires {
+            Some(ms) if st.consumers.is_empty() => Some(st.last_used + std::time::Duration::from_millis(ms)),
+            _ => None,
+        };
+        match (expiry, unused) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timer(self: &Arc<Self>) {
+        let now = Instant::now();
+        let mut after = Aftermath::default();
+        let expire_queue = {
+            let mut st = self.lock();
+            self.expire_locked(&mut st, now, &mut after);
+            match self.spec.args.expires {
+                Some(ms) => st.consumers.is_empty() && now >= st.last_used + std::time::Duration::from_millis(ms),
+                None => false,
+            }
+        };
+        self.run_aftermath(after);
+        if expire_queue {
+            if let Some(hooks) = self.hooks.upgrade() {
+                hooks.expire_queue(self);
+            }
+        }
+    }
+
+    fn run_aftermath(&self, after: Aftermath) {
+        if after.dead.is_empty() {
+            return;
+        }
+        let Some(hooks) = self.hooks.upgrade() else { return };
+        // Group by reason so the vhost routes each batch once.
+        let mut by_reason: Vec<(DeadLetterReason, Vec<Arc<Message>>)> = Vec::new();
+        for (msg, reason) in after.dead {
+            match by_reason.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, v)) => v.push(msg),
+                None => by_reason.push((reason, vec![msg])),
+            }
+        }
+        for (reason, msgs) in by_reason {
+            hooks.dead_letter(self, msgs, reason);
+        }
+    }
+}
+
+/// Puts an entry back at its original position (ids are in publish order).
+fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
+    let pos = ready.partition_point(|e| e.id < entry.id);
+    ready.insert(pos, entry);
+}
+
+/// The queue's timer: message TTL and `x-expires`. Holds only a weak handle, so it never keeps a
+/// queue alive; ends when the queue is deleted or dropped.
+async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>) {
+    loop {
+        let deadline = {
+            let Some(q) = queue.upgrade() else { return };
+            if q.is_deleted() {
+                return;
+            }
+            q.next_deadline()
+        };
+        match deadline {
+            Some(at) => {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+        let Some(q) = queue.upgrade() else { return };
+        if q.is_deleted() {
+            return;
+        }
+        q.on_timer();
+    }
+}

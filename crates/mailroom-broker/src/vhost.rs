@@ -1,0 +1,577 @@
+//! A virtual host: its exchanges, queues and bindings, and the publish path through them.
+
+use crate::args::{self, QueueArguments, QueueType};
+use crate::dead_letter;
+use crate::error::{BrokerError, ErrorKind, Result};
+use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
+use crate::message::{header_routing_keys, Message};
+use crate::queue::{
+    ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
+};
+use amq_protocol_types::FieldTable;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+/// Options of `exchange.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeOptions {
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Not publishable by clients.
+    pub internal: bool,
+    /// Declared arguments (`alternate-exchange`).
+    pub arguments: FieldTable,
+}
+
+/// Options of `queue.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct QueueOptions {
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Owned by the declaring connection.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Declared arguments.
+    pub arguments: FieldTable,
+}
+
+/// What `queue.declare` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDeclared {
+    /// The queue name (server-generated when the request had none).
+    pub name: String,
+    /// Ready messages.
+    pub message_count: u32,
+    /// Consumers.
+    pub consumer_count: u32,
+}
+
+/// The result of publishing one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PublishResult {
+    /// At least one queue took the message.
+    pub routed: bool,
+    /// A queue refused it (`reject-publish` overflow): confirms nack it.
+    pub rejected: bool,
+}
+
+/// A virtual host.
+#[derive(Debug)]
+pub struct VHost {
+    name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    ids: Arc<AtomicU64>,
+    myself: Weak<VHost>,
+}
+
+/// Predeclared exchanges, as in RabbitMQ.
+const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VHost {
+    /// Creates a vhost with RabbitMQ's standard exchanges; `ids` hands out consumer ids.
+    pub fn new(name: &str, ids: Arc<AtomicU64>) -> Arc<VHost> {
+        let vhost = Arc::new_cyclic(|myself| VHost {
+            name: name.to_owned(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+            ids,
+            myself: myself.clone(),
+        });
+        for (name, kind) in STANDARD_EXCHANGES {
+            let spec = ExchangeSpec {
+                name: (*name).to_owned(),
+                kind: *kind,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::default(),
+                alternate_exchange: None,
+            };
+            write(&vhost.exchanges).insert((*name).to_owned(), Arc::new(Exchange::new(spec)));
+        }
+        vhost
+    }
+
+    /// The vhost name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn not_found_exchange(&self, name: &str) -> BrokerError {
+        BrokerError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+    fn not_found_queue(&self, name: &str) -> BrokerError {
+        BrokerError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    /// Looks up an exchange (404 if missing).
+    pub fn exchange(&self, name: &str) -> Result<Arc<Exchange>> {
+        read(&self.exchanges).get(name).cloned().ok_or_else(|| self.not_found_exchange(name))
+    }
+
+    /// Looks up a queue for `owner` (404 if missing, 405 if another connection's exclusive queue).
+    pub fn queue(&self, name: &str, owner: ConnectionId) -> Result<Arc<Queue>> {
+        let q = read(&self.queues).get(name).cloned().ok_or_else(|| self.not_found_queue(name))?;
+        q.check_owner(owner)?;
+        Ok(q)
+    }
+
+    /// Every queue, for listing and statistics.
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        read(&self.queues).values().cloned().collect()
+    }
+    /// Every exchange.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        read(&self.exchanges).values().cloned().collect()
+    }
+
+    /// `exchange.declare`.
+    pub fn declare_exchange(&self, name: &str, kind: &str, options: &ExchangeOptions) -> Result<()> {
+        if options.passive {
+            return self.exchange(name).map(|_| ());
+        }
+        let kind = ExchangeKind::parse(kind)?;
+        if name.starts_with("amq.") || name.is_empty() {
+            return Err(BrokerError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let alternate_exchange = match options.arguments.inner().get("alternate-exchange") {
+            None => None,
+            Some(v) => Some(args::string_value(v).ok_or_else(|| {
+                BrokerError::precondition(format!(
+                    "invalid arg 'alternate-exchange' for exchange '{name}' in vhost '{}': {{unacceptable_type,{}}}",
+                    self.name,
+                    args::type_name(v)
+                ))
+            })?),
+        };
+        let mut exchanges = write(&self.exchanges);
+        if let Some(existing) = exchanges.get(name) {
+            let s = existing.spec();
+            let mismatch = |field: &str, received: String, current: String| {
+                Err(BrokerError::precondition(format!(
+                    "inequivalent arg '{field}' for exchange '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                    self.name
+                )))
+            };
+            if s.kind != kind {
+                return mismatch("type", kind.as_str().into(), s.kind.as_str().into());
+            }
+            if s.durable != options.durable {
+                return mismatch("durable", options.durable.to_string(), s.durable.to_string());
+            }
+            if s.auto_delete != options.auto_delete {
+                return mismatch("auto_delete", options.auto_delete.to_string(), s.auto_delete.to_string());
+            }
+            if s.internal != options.internal {
+                return mismatch("internal", options.internal.to_string(), s.internal.to_string());
+            }
+            if s.alternate_exchange != alternate_exchange {
+                return mismatch(
+                    "alternate-exchange",
+                    alternate_exchange.unwrap_or_default(),
+                    s.alternate_exchange.clone().unwrap_or_default(),
+                );
+            }
+            return Ok(());
+        }
+        let spec = ExchangeSpec {
+            name: name.to_owned(),
+            kind,
+            durable: options.durable,
+            auto_delete: options.auto_delete,
+            internal: options.internal,
+            arguments: options.arguments.clone(),
+            alternate_exchange,
+        };
+        exchanges.insert(name.to_owned(), Arc::new(Exchange::new(spec)));
+        Ok(())
+    }
+
+    /// `exchange.delete`. A missing exchange is fine (RabbitMQ answers delete-ok).
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(BrokerError::access_refused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let Some(exchange) = read(&self.exchanges).get(name).cloned() else { return Ok(()) };
+        if if_unused && exchange.has_bindings() {
+            return Err(BrokerError::precondition(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                self.name
+            )));
+        }
+        self.remove_exchange(&exchange);
+        Ok(())
+    }
+
+    fn remove_exchange(&self, exchange: &Arc<Exchange>) {
+        let removed = {
+            let mut exchanges = write(&self.exchanges);
+            match exchanges.get(exchange.name()) {
+                Some(e) if Arc::ptr_eq(e, exchange) => exchanges.remove(exchange.name()).is_some(),
+                _ => false,
+            }
+        };
+        if !removed {
+            return;
+        }
+        exchange.mark_deleted();
+        self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
+    }
+
+    /// Removes every binding leading to `destination`, then auto-deletes exchanges left without bindings.
+    fn unbind_everywhere(&self, destination: &Destination) {
+        let mut emptied = Vec::new();
+        for ex in self.exchanges() {
+            if ex.unbind_destination(destination) > 0 && ex.spec().auto_delete && !ex.has_bindings() {
+                emptied.push(ex);
+            }
+        }
+        for ex in emptied {
+            self.remove_exchange(&ex);
+        }
+    }
+
+    fn check_bindable_source(&self, source: &str) -> Result<Arc<Exchange>> {
+        if source.is_empty() {
+            return Err(BrokerError::access_refused(format!(
+                "operation not permitted on the default exchange"
+            )));
+        }
+        self.exchange(source)
+    }
+
+    /// `queue.bind`.
+    pub fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
+        let q = self.queue(queue, owner)?;
+        let ex = self.check_bindable_source(exchange)?;
+        ex.bind(Destination::Queue(q), routing_key, arguments)
+    }
+
+    /// `queue.unbind` (a missing binding is fine).
+    pub fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
+        let q = self.queue(queue, owner)?;
+        let ex = self.check_bindable_source(exchange)?;
+        if ex.unbind(&Destination::Queue(q), routing_key, arguments) && ex.spec().auto_delete && !ex.has_bindings() {
+            self.remove_exchange(&ex);
+        }
+        Ok(())
+    }
+
+    /// `exchange.bind`: messages from `source` also go to `destination`.
+    pub fn bind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
+        let dest = self.check_bindable_source(destination)?;
+        let src = self.check_bindable_source(source)?;
+        src.bind(Destination::Exchange(dest), routing_key, arguments)
+    }
+
+    /// `exchange.unbind`.
+    pub fn unbind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
+        let dest = self.check_bindable_source(destination)?;
+        let src = self.check_bindable_source(source)?;
+        if src.unbind(&Destination::Exchange(dest), routing_key, arguments) && src.spec().auto_delete && !src.has_bindings() {
+            self.remove_exchange(&src);
+        }
+        Ok(())
+    }
+
+    /// `queue.declare` on behalf of connection `owner`.
+    pub fn declare_queue(&self, name: &str, options: &QueueOptions, owner: ConnectionId) -> Result<QueueDeclared> {
+        if options.passive {
+            let q = self.queue(name, owner)?;
+            q.touch();
+            return Ok(QueueDeclared {
+                name: name.to_owned(),
+                message_count: q.message_count(),
+                consumer_count: q.consumer_count(),
+            });
+        }
+        if name.starts_with("amq.") {
+            return Err(BrokerError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let name = if name.is_empty() { generate_queue_name() } else { name.to_owned() };
+        let args = QueueArguments::parse(&options.arguments, &name, &self.name)?;
+        if args.queue_type == QueueType::Quorum {
+            let bad = if options.exclusive {
+                Some("exclusive")
+            } else if !options.durable {
+                Some("non-durable")
+            } else if options.auto_delete {
+                Some("auto-delete")
+            } else {
+                None
+            };
+            if let Some(prop) = bad {
+                return Err(BrokerError::precondition(format!(
+                    "invalid property '{prop}' for queue '{name}' in vhost '{}'",
+                    self.name
+                )));
+            }
+        }
+        let mut queues = write(&self.queues);
+        if let Some(existing) = queues.get(&name).cloned() {
+            drop(queues);
+            existing.check_owner(owner)?;
+            let s = existing.spec();
+            if options.exclusive && s.exclusive_owner.is_none() {
+                return Err(BrokerError::locked(format!(
+                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally \
+                     declared on another connection or the exclusive property value does not match that of the original declaration.",
+                    self.name
+                )));
+            }
+            let mismatch = |field: &str, received: bool, current: bool| {
+                Err(BrokerError::precondition(format!(
+                    "inequivalent arg '{field}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                    self.name
+                )))
+            };
+            if s.durable != options.durable {
+                return mismatch("durable", options.durable, s.durable);
+            }
+            if s.auto_delete != options.auto_delete {
+                return mismatch("auto_delete", options.auto_delete, s.auto_delete);
+            }
+            args::assert_equivalent(&s.arguments, &options.arguments, &name, &self.name)?;
+            existing.touch();
+            return Ok(QueueDeclared {
+                name,
+                message_count: existing.message_count(),
+                consumer_count: existing.consumer_count(),
+            });
+        }
+        let spec = QueueSpec {
+            name: name.clone(),
+            durable: options.durable,
+            exclusive_owner: options.exclusive.then_some(owner),
+            auto_delete: options.auto_delete,
+            arguments: options.arguments.clone(),
+            args,
+        };
+        let hooks: Weak<dyn QueueHooks> = self.myself.clone();
+        queues.insert(name.clone(), Queue::create(spec, hooks));
+        Ok(QueueDeclared { name, message_count: 0, consumer_count: 0 })
+    }
+
+    /// `queue.purge`: returns the number of ready messages dropped.
+    pub fn purge_queue(&self, name: &str, owner: ConnectionId) -> Result<u32> {
+        Ok(self.queue(name, owner)?.purge())
+    }
+
+    /// `queue.delete`: returns the number of ready messages it held. A missing queue is fine.
+    pub fn delete_queue(&self, name: &str, if_unused: bool, if_empty: bool, owner: ConnectionId) -> Result<u32> {
+        let q = match self.queue(name, owner) {
+            Ok(q) => q,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        if if_unused && q.consumer_count() > 0 {
+            return Err(BrokerError::precondition(format!("queue '{name}' in vhost '{}' in use", self.name)));
+        }
+        if if_empty && q.message_count() > 0 {
+            return Err(BrokerError::precondition(format!("queue '{name}' in vhost '{}' is not empty", self.name)));
+        }
+        Ok(self.remove_queue(&q))
+    }
+
+    /// Removes a queue, its bindings and consumers; returns its ready count.
+    pub fn remove_queue(&self, queue: &Arc<Queue>) -> u32 {
+        {
+            let mut queues = write(&self.queues);
+            match queues.get(queue.name()) {
+                Some(q) if Arc::ptr_eq(q, queue) => {
+                    queues.remove(queue.name());
+                }
+                _ => return 0,
+            }
+        }
+        let count = queue.mark_deleted();
+        self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
+        count
+    }
+
+    /// Deletes the exclusive queues of a closed connection.
+    pub fn connection_closed(&self, owner: ConnectionId) {
+        let owned: Vec<_> =
+            self.queues().into_iter().filter(|q| q.spec().exclusive_owner == Some(owner)).collect();
+        for q in owned {
+            self.remove_queue(&q);
+        }
+    }
+
+    /// `basic.consume`: registers a consumer and returns its id.
+    pub fn consume(&self, queue: &str, owner: ConnectionId, options: ConsumeOptions, sink: ConsumerSink) -> Result<(Arc<Queue>, ConsumerId)> {
+        let q = self.queue(queue, owner)?;
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        q.add_consumer(id, options, sink)?;
+        Ok((q, id))
+    }
+
+    /// `basic.cancel` (or a closing channel): removes the consumer, auto-deleting its queue if that was the last.
+    pub fn cancel(&self, queue: &Arc<Queue>, consumer: ConsumerId) {
+        if queue.remove_consumer(consumer) && queue.should_auto_delete() {
+            self.remove_queue(queue);
+        }
+    }
+
+    /// Publishes a message to `exchange`: routes it (CC/BCC included) and enqueues it.
+    pub fn publish(&self, exchange: &str, mut message: Message) -> Result<PublishResult> {
+        let ex = self.exchange(exchange)?;
+        if ex.spec().internal {
+            return Err(BrokerError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                self.name
+            )));
+        }
+        let mut keys = vec![message.routing_key.to_string()];
+        let headers = message.headers();
+        let has_bcc = headers.is_some_and(|h| h.contains_key("BCC"));
+        if headers.is_some_and(|h| h.contains_key("CC")) || has_bcc {
+            keys.extend(header_routing_keys(headers, "CC"));
+            keys.extend(header_routing_keys(headers, "BCC"));
+        }
+        let queues = self.route(&ex, &keys, message.headers());
+        if has_bcc {
+            // BCC keys must not reach consumers.
+            let mut table = message.headers().cloned().unwrap_or_default();
+            let mut stripped = FieldTable::default();
+            for (k, v) in table.inner() {
+                if k.as_str() != "BCC" {
+                    stripped.insert(k.clone(), v.clone());
+                }
+            }
+            table = stripped;
+            message.properties = message.properties.clone().with_headers(table);
+            message.raw_properties = None;
+        }
+        let message = Arc::new(message);
+        let mut result = PublishResult { routed: !queues.is_empty(), rejected: false };
+        for q in &queues {
+            if q.push(Arc::clone(&message)) == PushOutcome::Rejected {
+                result.rejected = true;
+            }
+        }
+        Ok(result)
+    }
+
+    /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange
+    /// bindings once each and alternate exchanges where an exchange matched nothing; one entry per queue.
+    pub fn route(&self, start: &Arc<Exchange>, keys: &[String], headers: Option<&FieldTable>) -> Vec<Arc<Queue>> {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        let mut visited: Vec<Arc<Exchange>> = vec![Arc::clone(start)];
+        let mut pending: Vec<Arc<Exchange>> = vec![Arc::clone(start)];
+        let mut found = Vec::new();
+        while let Some(ex) = pending.pop() {
+            found.clear();
+            if ex.name().is_empty() {
+                let all = read(&self.queues);
+                for key in keys {
+                    if let Some(q) = all.get(key.as_str()) {
+                        found.push(Destination::Queue(Arc::clone(q)));
+                    }
+                }
+            } else {
+                for key in keys {
+                    ex.route(key, headers, &mut found);
+                }
+            }
+            if found.is_empty() {
+                if let Some(ae) = ex.spec().alternate_exchange.as_deref().and_then(|n| self.exchange(n).ok()) {
+                    found.push(Destination::Exchange(ae));
+                }
+            }
+            for d in found.drain(..) {
+                match d {
+                    Destination::Queue(q) => {
+                        if !q.is_deleted() && !queues.iter().any(|x| Arc::ptr_eq(x, &q)) {
+                            queues.push(q);
+                        }
+                    }
+                    Destination::Exchange(e) => {
+                        if !visited.iter().any(|x| Arc::ptr_eq(x, &e)) {
+                            visited.push(Arc::clone(&e));
+                            pending.push(e);
+                        }
+                    }
+                }
+            }
+        }
+        queues
+    }
+}
+
+impl QueueHooks for VHost {
+    fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeadLetterReason) {
+        let args = &queue.spec().args;
+        let Some(dlx_name) = args.dead_letter_exchange.as_deref() else { return };
+        // Dead-lettering to a missing exchange drops the message silently, as RabbitMQ.
+        let Ok(dlx) = self.exchange(dlx_name) else { return };
+        for message in messages {
+            let dead = dead_letter::make_dead_letter(&message, queue.name(), reason, args.dead_letter_routing_key.as_deref());
+            let keys = dead_letter::routing_keys(&dead);
+            let targets = self.route(&dlx, &keys, dead.headers());
+            let dead = Arc::new(dead);
+            for target in targets {
+                if dead_letter::is_cycle(&dead, target.name()) {
+                    continue;
+                }
+                target.push(Arc::clone(&dead));
+            }
+        }
+    }
+
+    fn expire_queue(&self, queue: &Arc<Queue>) {
+        self.remove_queue(queue);
+    }
+}
+
+/// A server-generated queue name: `amq.gen-` and 22 URL-safe random characters, as RabbitMQ.
+pub fn generate_queue_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut name = String::from("amq.gen-");
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // RandomState is seeded per process from OS randomness; hashing a counter gives fresh bits each call.
+    let state = std::collections::hash_map::RandomState::new();
+    let mut bits = 0u128;
+    for round in 0..2u64 {
+        let mut h = state.build_hasher();
+        h.write_u64(n);
+        h.write_u64(round);
+        bits = (bits << 64) | h.finish() as u128;
+    }
+    for _ in 0..22 {
+        name.push(ALPHABET[(bits & 63) as usize] as char);
+        bits >>= 6;
+    }
+    name
+}
