@@ -4,4 +4,5 @@
 //! Both follow RabbitMQ 3.10 (`rabbit_exchange_type_topic.erl`,
 //! `rabbit_exchange_type_headers.erl`), checked against a live RabbitMQ 3.10.
 
+pub mod headers;
 pub mod topic;
