@@ -113,6 +113,18 @@ def message_count(ch, queue):
     return ch.queue_declare(queue, passive=True).method.message_count
 
 
+def wait_count(ch, queue, n, timeout=5.0):
+    """Poll the ready count of `queue` until it is n (requeues and publishes from other
+    channels are asynchronous); returns the last count seen."""
+    last = None
+    deadline = time.monotonic() + timeout
+    while True:
+        last = message_count(ch, queue)
+        if last == n or time.monotonic() >= deadline:
+            return last
+        time.sleep(0.02)
+
+
 def consume_n(ch, queue, n, timeout=5.0, auto_ack=True):
     """Consume exactly n messages from `queue` with a temporary consumer; returns [(method, props, body)].
 

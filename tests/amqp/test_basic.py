@@ -12,7 +12,7 @@ from pika.compat import long
 
 from helpers import (ACCESS_REFUSED, NO_ROUTE, NOT_ALLOWED, NOT_FOUND, NOT_IMPLEMENTED,
                      PRECONDITION_FAILED, RawConn, assert_empty, consume_n, expect_channel_error,
-                     expect_connection_error, get, get_bodies, message_count, publish_raw, uname,
+                     expect_connection_error, get, get_bodies, message_count, publish_raw, uname, wait_count,
                      wait_until)
 
 P = pika.BasicProperties
@@ -306,7 +306,7 @@ def test_nack_multiple(amqp):
     publish_n(amqp.ch, q, 4)
     tags = [get(amqp.ch, q, auto_ack=False)[0].delivery_tag for _ in range(4)]
     amqp.ch.basic_nack(tags[2], multiple=True, requeue=True)  # 1..3 back, 4 still unacked
-    assert message_count(amqp.ch, q) == 3
+    assert wait_count(amqp.ch, q, 3) == 3
     got = [get(amqp.ch, q) for _ in range(3)]
     assert [b for _, _, b in got] == [b"0", b"1", b"2"]
     assert all(m.redelivered for m, _, _ in got)

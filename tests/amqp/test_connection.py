@@ -8,7 +8,7 @@ import pika.spec as spec
 import pytest
 
 from helpers import (AMQP_HEADER, NOT_ALLOWED, NOT_IMPLEMENTED, RawConn, get, raw_connect,
-                     recv_until_closed, uname)
+                     recv_until_closed, uname, wait_count)
 
 CAPABILITIES = [
     "publisher_confirms", "exchange_exchange_bindings", "basic.nack", "consumer_cancel_notify",
@@ -166,7 +166,7 @@ def test_many_channels(amqp):
         c.basic_publish("", q, str(i).encode())
     for c in chans:
         c.close()
-    assert amqp.ch.queue_declare(q, passive=True).method.message_count == 200
+    assert wait_count(amqp.ch, q, 200) == 200
 
 
 def test_channel_close_and_reopen(amqp):

@@ -1,0 +1,1313 @@
+//! One AMQP connection: handshake, then frames to broker calls and broker events to frames.
+//!
+//! The reader side lives in [`Connection::run`]; a separate writer task owns the socket's write half and is
+//! fed whole batches of encoded frames through a bounded channel, so a slow client pushes back on us
+//! instead of growing memory.
+
+use crate::channel::{settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery};
+use crate::codec::{
+    self, access, basic, channel as chan, confirm, connection as conn, exchange, queue, tx, AMQPValue, FieldTable,
+    FrameKind, LongString, Method, RawFrame, ShortString,
+};
+use crate::error::{code, AmqpError};
+use crate::server::ServerContext;
+use bytes::{Bytes, BytesMut};
+use mailroom_broker::{
+    message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+
+/// Batches of encoded frames queued for the writer: bounds per-connection outbound memory.
+const OUTBOUND_BATCHES: usize = 64;
+/// Time a client has to send the protocol header and finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time we wait for `close-ok` after sending `connection.close`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Consumer events handled per loop turn before reading the socket again (fairness).
+const EVENTS_PER_TURN: usize = 256;
+/// Outbound bytes gathered before handing a batch to the writer.
+const OUTBOUND_BATCH_BYTES: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Where the connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitStartOk,
+    AwaitTuneOk,
+    AwaitOpen,
+    Open,
+    /// We sent `connection.close`; waiting for `close-ok`.
+    Closing,
+    /// Done: flush and drop the socket.
+    Closed,
+}
+
+/// What the client told us about itself.
+#[derive(Debug, Default)]
+struct ClientCapabilities {
+    consumer_cancel_notify: bool,
+    authentication_failure_close: bool,
+    connection_blocked: bool,
+}
+
+/// One client connection.
+pub(crate) struct Connection {
+    ctx: Arc<ServerContext>,
+    id: ConnectionId,
+    peer: SocketAddr,
+    phase: Phase,
+    out: BytesMut,
+    writer: mpsc::Sender<Bytes>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: Duration,
+    last_inbound: Instant,
+    last_outbound: Instant,
+    close_deadline: Option<Instant>,
+    capabilities: ClientCapabilities,
+    username: String,
+    vhost: Option<Arc<VHost>>,
+    channels: HashMap<u16, Channel>,
+    consumer_channels: HashMap<ConsumerId, (u16, String)>,
+    events_tx: mpsc::UnboundedSender<ConsumerEvent>,
+    events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    /// No-ack deliveries written since the last flush, to hand their window credit back.
+    noack_sent: Vec<(Arc<mailroom_broker::Queue>, ConsumerId, u32)>,
+}
+
+/// Serves one accepted socket until it closes.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let (writer_tx, writer_rx) = mpsc::channel(OUTBOUND_BATCHES);
+    let writer = tokio::spawn(write_loop(wr, writer_rx));
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut conn = Connection {
+        id: ctx.broker.next_connection_id(),
+        ctx,
+        peer,
+        phase: Phase::AwaitStartOk,
+        out: BytesMut::with_capacity(8192),
+        writer: writer_tx,
+        frame_max: codec::FRAME_MIN_SIZE,
+        channel_max: 0,
+        heartbeat: Duration::ZERO,
+        last_inbound: Instant::now(),
+        last_outbound: Instant::now(),
+        close_deadline: None,
+        capabilities: ClientCapabilities::default(),
+        username: String::new(),
+        vhost: None,
+        channels: HashMap::new(),
+        consumer_channels: HashMap::new(),
+        events_tx,
+        events_rx,
+        noack_sent: Vec::new(),
+    };
+    if let Err(e) = conn.run(&mut rd).await {
+        tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
+    }
+    conn.cleanup();
+    let _ = conn.flush().await;
+    drop(conn);
+    let _ = writer.await;
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(first) = rx.recv().await {
+        if wr.write_all(&first).await.is_err() {
+            return;
+        }
+        // Drain what else is queued before the next syscall wait.
+        while let Ok(more) = rx.try_recv() {
+            if wr.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn short(s: &str) -> ShortString {
+    // Names we send come from short strings or are checked at declare; cut at a char boundary rather than
+    // corrupt a frame if a longer one (e.g. a dead-letter routing key) slips through.
+    match codec::short_string(s) {
+        Ok(v) => v,
+        Err(_) => {
+            let mut end = 255;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            ShortString::from(&s[..end])
+        }
+    }
+}
+
+/// Reply texts are short strings: RabbitMQ cuts them to 255 bytes ending in "...".
+fn reply_text(text: &str) -> ShortString {
+    if text.len() <= 255 {
+        return short(text);
+    }
+    let mut end = 252;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    short(&format!("{}...", &text[..end]))
+}
+
+fn method_ids(m: &Method) -> (u16, u16) {
+    (m.get_amqp_class_id(), m.get_amqp_method_id())
+}
+
+impl Connection {
+    async fn run(&mut self, rd: &mut OwnedReadHalf) -> std::io::Result<()> {
+        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        // Protocol header.
+        let mut header = [0u8; 8];
+        match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        if &header != codec::PROTOCOL_HEADER {
+            self.out.extend_from_slice(codec::PROTOCOL_HEADER);
+            self.phase = Phase::Closed;
+            return Ok(());
+        }
+        self.send_start();
+        self.flush().await?;
+        let handshake_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut shutdown = self.ctx.shutdown.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Handle every complete frame already buffered.
+            loop {
+                if self.phase == Phase::Closed {
+                    return Ok(());
+                }
+                let frame = match codec::split_frame(&mut rbuf, self.frame_max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // The stream is out of sync: say why and hang up.
+                        self.send_connection_close(&AmqpError::connection(code::FRAME_ERROR, e.to_string()));
+                        self.phase = Phase::Closed;
+                        return Ok(());
+                    }
+                };
+                self.handle_frame(frame);
+                if self.out.len() >= OUTBOUND_BATCH_BYTES {
+                    self.flush().await?;
+                }
+            }
+            self.flush_confirms();
+            self.flush().await?;
+            if self.phase == Phase::Closed {
+                return Ok(());
+            }
+            if rbuf.capacity() - rbuf.len() < 4096 {
+                rbuf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    if self.phase == Phase::Open {
+                        self.close_connection(AmqpError::connection(
+                            code::CONNECTION_FORCED,
+                            "broker forced connection closure with reason 'shutdown'",
+                        ));
+                    } else {
+                        self.phase = Phase::Closed;
+                    }
+                }
+                read = rd.read_buf(&mut rbuf) => {
+                    match read {
+                        Ok(0) | Err(_) => { self.phase = Phase::Closed; }
+                        Ok(_) => { self.last_inbound = Instant::now(); }
+                    }
+                }
+                Some(event) = self.events_rx.recv() => {
+                    self.handle_event(event);
+                    for _ in 1..EVENTS_PER_TURN {
+                        match self.events_rx.try_recv() {
+                            Ok(event) => self.handle_event(event),
+                            Err(_) => break,
+                        }
+                        if self.out.len() >= OUTBOUND_BATCH_BYTES {
+                            break;
+                        }
+                    }
+                }
+                _ = tick.tick() => self.on_tick(handshake_deadline),
+            }
+        }
+    }
+
+    /// Hands the encoded frames to the writer (waiting if it is behind), then returns no-ack credit.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let batch = self.out.split().freeze();
+            self.last_outbound = Instant::now();
+            if self.writer.send(batch).await.is_err() {
+                self.phase = Phase::Closed;
+                return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer gone"));
+            }
+        }
+        for (queue, consumer, n) in self.noack_sent.drain(..) {
+            queue.settle_sent(consumer, n);
+        }
+        Ok(())
+    }
+
+    fn on_tick(&mut self, handshake_deadline: Instant) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen if now >= handshake_deadline => {
+                self.phase = Phase::Closed;
+                return;
+            }
+            Phase::Closing if self.close_deadline.is_some_and(|d| now >= d) => {
+                self.phase = Phase::Closed;
+                return;
+            }
+            _ => {}
+        }
+        if !self.heartbeat.is_zero() {
+            if now.duration_since(self.last_inbound) > self.heartbeat * 2 {
+                tracing::info!(peer = %self.peer, "missed heartbeats from client, closing");
+                self.phase = Phase::Closed;
+                return;
+            }
+            if now.duration_since(self.last_outbound) >= self.heartbeat / 2 {
+                codec::write_heartbeat(&mut self.out);
+            }
+        }
+        if self.phase == Phase::Open {
+            self.check_consumer_timeouts(now);
+        }
+    }
+
+    fn check_consumer_timeouts(&mut self, now: Instant) {
+        let limit = self.ctx.config.consumer_timeout;
+        if limit.is_zero() {
+            return;
+        }
+        let late: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.phase == ChannelPhase::Open && c.oldest_unacked().is_some_and(|t| now.duration_since(t) > limit))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let err = AmqpError::channel(
+                code::PRECONDITION_FAILED,
+                format!(
+                    "delivery acknowledgement on channel {id} timed out. Timeout value used: {} ms. \
+                     This timeout value can be configured, see consumers doc guide to learn more",
+                    limit.as_millis()
+                ),
+            );
+            self.close_channel_with(id, err);
+        }
+    }
+
+    // ---- sending helpers -------------------------------------------------------------------------
+
+    fn send(&mut self, channel: u16, method: Method) {
+        codec::write_method(&mut self.out, channel, &method);
+    }
+
+    fn send_start(&mut self) {
+        let cfg = &self.ctx.config;
+        let mut caps = FieldTable::default();
+        for cap in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            caps.insert(cap.into(), AMQPValue::Boolean(true));
+        }
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+        let mut props = FieldTable::default();
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props.insert("cluster_name".into(), text(&cfg.cluster_name));
+        props.insert("copyright".into(), text("Copyright (c) the Mailroom authors"));
+        props.insert("information".into(), text(&cfg.information));
+        props.insert("platform".into(), text(&format!("Mailroom {} (Rust)", env!("CARGO_PKG_VERSION"))));
+        props.insert("product".into(), text(&cfg.product));
+        props.insert("version".into(), text(&cfg.product_version));
+        self.send(
+            0,
+            Method::Connection(conn::AMQPMethod::Start(conn::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: LongString::from(b"PLAIN AMQPLAIN".to_vec()),
+                locales: LongString::from(b"en_US".to_vec()),
+            })),
+        );
+    }
+
+    fn send_connection_close(&mut self, err: &AmqpError) {
+        let close = conn::Close {
+            reply_code: err.code,
+            reply_text: reply_text(&err.text),
+            class_id: err.class_id,
+            method_id: err.method_id,
+        };
+        self.send(0, Method::Connection(conn::AMQPMethod::Close(close)));
+    }
+
+    /// Starts a server-initiated connection close; frames other than close/close-ok are ignored from now.
+    fn close_connection(&mut self, err: AmqpError) {
+        tracing::debug!(peer = %self.peer, code = err.code, text = %err.text, "closing connection");
+        self.send_connection_close(&err);
+        self.phase = Phase::Closing;
+        self.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// Starts a server-initiated channel close after a channel error.
+    fn close_channel_with(&mut self, id: u16, err: AmqpError) {
+        tracing::debug!(peer = %self.peer, channel = id, code = err.code, text = %err.text, "closing channel");
+        self.release_channel_resources(id);
+        if let Some(ch) = self.channels.get_mut(&id) {
+            ch.phase = ChannelPhase::Closing;
+        }
+        let close = chan::Close {
+            reply_code: err.code,
+            reply_text: reply_text(&err.text),
+            class_id: err.class_id,
+            method_id: err.method_id,
+        };
+        self.send(id, Method::Channel(chan::AMQPMethod::Close(close)));
+    }
+
+    fn fail(&mut self, channel: u16, err: AmqpError) {
+        if err.connection || channel == 0 {
+            self.close_connection(err);
+        } else {
+            self.close_channel_with(channel, err);
+        }
+    }
+
+    // ---- frames ----------------------------------------------------------------------------------
+
+    fn handle_frame(&mut self, frame: RawFrame) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        match frame.kind {
+            FrameKind::Heartbeat => {}
+            FrameKind::Method => {
+                // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
+                if frame.payload.len() >= 8 && frame.payload[..4] == [0, 60, 0, 10] && frame.payload[4..8] != [0, 0, 0, 0] {
+                    if self.channel_accepts(frame.channel) {
+                        self.close_connection(
+                            AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").on(60, 10),
+                        );
+                    }
+                    return;
+                }
+                match codec::parse_method(&frame.payload) {
+                    Ok(method) => self.handle_method(frame.channel, method),
+                    Err(e) => {
+                        let err = match e {
+                            codec::MethodError::Unknown { class_id, method_id } => {
+                                AmqpError::connection(code::COMMAND_INVALID, format!("unknown method {class_id}.{method_id}"))
+                                    .on(class_id, method_id)
+                            }
+                            codec::MethodError::Malformed { class_id, method_id } => AmqpError::connection(
+                                code::SYNTAX_ERROR,
+                                format!("malformed arguments for method {class_id}.{method_id}"),
+                            )
+                            .on(class_id, method_id),
+                            codec::MethodError::Truncated => {
+                                AmqpError::connection(code::FRAME_ERROR, "method frame too short")
+                            }
+                        };
+                        if self.phase == Phase::Closing {
+                            return;
+                        }
+                        self.close_connection(err);
+                    }
+                }
+            }
+            FrameKind::Header => self.handle_content_header(frame.channel, frame.payload),
+            FrameKind::Body => self.handle_content_body(frame.channel, frame.payload),
+        }
+    }
+
+    /// Whether frames on this channel should be processed (not closing, connection open).
+    fn channel_accepts(&self, channel: u16) -> bool {
+        self.phase == Phase::Open && self.channels.get(&channel).is_some_and(|c| c.phase == ChannelPhase::Open)
+    }
+
+    fn handle_method(&mut self, channel: u16, method: Method) {
+        let (class_id, method_id) = method_ids(&method);
+        match self.phase {
+            Phase::Closed => return,
+            Phase::Closing => {
+                // Only close and close-ok matter now.
+                match method {
+                    Method::Connection(conn::AMQPMethod::CloseOk(_)) => self.phase = Phase::Closed,
+                    Method::Connection(conn::AMQPMethod::Close(_)) => {
+                        self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+                        self.phase = Phase::Closed;
+                    }
+                    _ => {}
+                }
+                return;
+            }
+            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
+                if channel != 0 {
+                    self.close_connection(
+                        AmqpError::connection(code::CHANNEL_ERROR, "expected channel 0 during the handshake").on(class_id, method_id),
+                    );
+                    return;
+                }
+                if let Err(e) = self.handle_handshake(method) {
+                    self.close_connection(e.on(class_id, method_id));
+                }
+                return;
+            }
+            Phase::Open => {}
+        }
+        if channel == 0 {
+            if let Err(e) = self.handle_connection_method(method) {
+                self.close_connection(e.on(class_id, method_id));
+            }
+            return;
+        }
+        if channel > self.channel_max {
+            self.close_connection(
+                AmqpError::connection(
+                    code::CHANNEL_ERROR,
+                    format!("channel number {channel} exceeds the negotiated channel_max {}", self.channel_max),
+                )
+                .on(class_id, method_id),
+            );
+            return;
+        }
+        // A closing channel ignores everything except close and close-ok.
+        if let Some(ch) = self.channels.get(&channel) {
+            if ch.phase == ChannelPhase::Closing {
+                match method {
+                    Method::Channel(chan::AMQPMethod::CloseOk(_)) => {
+                        self.channels.remove(&channel);
+                    }
+                    Method::Channel(chan::AMQPMethod::Close(_)) => {
+                        self.send(channel, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})));
+                        self.channels.remove(&channel);
+                    }
+                    _ => {}
+                }
+                return;
+            }
+            if ch.pending.is_some() {
+                self.close_connection(
+                    AmqpError::connection(
+                        code::UNEXPECTED_FRAME,
+                        format!("expected content header for class 60, got non content header frame instead"),
+                    )
+                    .on(class_id, method_id),
+                );
+                return;
+            }
+        }
+        let result = match method {
+            Method::Channel(m) => self.handle_channel_method(channel, m),
+            other => {
+                if !self.channels.contains_key(&channel) {
+                    Err(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"))
+                } else {
+                    self.handle_channel_command(channel, other)
+                }
+            }
+        };
+        if let Err(e) = result {
+            self.fail(channel, e.on(class_id, method_id));
+        }
+    }
+
+    fn handle_handshake(&mut self, method: Method) -> Result<(), AmqpError> {
+        match (self.phase, method) {
+            (Phase::AwaitStartOk, Method::Connection(conn::AMQPMethod::StartOk(ok))) => {
+                if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
+                    let flag = |name: &str| matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)));
+                    self.capabilities = ClientCapabilities {
+                        consumer_cancel_notify: flag("consumer_cancel_notify"),
+                        authentication_failure_close: flag("authentication_failure_close"),
+                        connection_blocked: flag("connection.blocked"),
+                    };
+                }
+                let mechanism = ok.mechanism.as_str();
+                if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
+                    return Err(AmqpError::connection(
+                        code::COMMAND_INVALID,
+                        format!("unknown authentication mechanism '{mechanism}'"),
+                    ));
+                }
+                let creds = codec::parse_sasl_response(mechanism, ok.response.as_bytes());
+                let authenticated = creds.and_then(|c| {
+                    self.ctx
+                        .broker
+                        .authenticate(&c.username, &c.password, self.peer.ip().is_loopback())
+                        .ok()
+                        .map(|u| u.name)
+                });
+                match authenticated {
+                    Some(name) => {
+                        self.username = name;
+                        self.phase = Phase::AwaitTuneOk;
+                        let cfg = &self.ctx.config;
+                        self.send(
+                            0,
+                            Method::Connection(conn::AMQPMethod::Tune(conn::Tune {
+                                channel_max: cfg.channel_max,
+                                frame_max: cfg.frame_max,
+                                heartbeat: cfg.heartbeat,
+                            })),
+                        );
+                        Ok(())
+                    }
+                    None => {
+                        let err = AmqpError::connection(
+                            code::ACCESS_REFUSED,
+                            format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+                        );
+                        if self.capabilities.authentication_failure_close {
+                            Err(err)
+                        } else {
+                            // Older clients get the socket closed, as RabbitMQ does.
+                            self.phase = Phase::Closed;
+                            Ok(())
+                        }
+                    }
+                }
+            }
+            (Phase::AwaitTuneOk, Method::Connection(conn::AMQPMethod::TuneOk(ok))) => {
+                let cfg = &self.ctx.config;
+                let frame_max = if ok.frame_max == 0 { cfg.frame_max } else { ok.frame_max };
+                if frame_max < codec::FRAME_MIN_SIZE {
+                    return Err(AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!("frame_max={frame_max} < {} min size", codec::FRAME_MIN_SIZE),
+                    ));
+                }
+                if frame_max > cfg.frame_max {
+                    return Err(AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!("frame_max={frame_max} > {} max size", cfg.frame_max),
+                    ));
+                }
+                let channel_max = if ok.channel_max == 0 { cfg.channel_max } else { ok.channel_max };
+                if channel_max > cfg.channel_max {
+                    return Err(AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!("channel_max={channel_max} > {} max", cfg.channel_max),
+                    ));
+                }
+                self.frame_max = frame_max;
+                self.channel_max = channel_max;
+                self.heartbeat = Duration::from_secs(ok.heartbeat as u64);
+                self.phase = Phase::AwaitOpen;
+                Ok(())
+            }
+            (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
+                let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
+                    AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!("vhost {} not found", open.virtual_host.as_str()),
+                    )
+                })?;
+                self.vhost = Some(vhost);
+                self.phase = Phase::Open;
+                self.send(0, Method::Connection(conn::AMQPMethod::OpenOk(conn::OpenOk {})));
+                Ok(())
+            }
+            (_, Method::Connection(conn::AMQPMethod::Close(_))) => {
+                self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+                self.phase = Phase::Closed;
+                Ok(())
+            }
+            (_, other) => {
+                let (c, m) = method_ids(&other);
+                Err(AmqpError::connection(code::COMMAND_INVALID, format!("unexpected method {c}.{m} during the handshake")))
+            }
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
+        match method {
+            Method::Connection(conn::AMQPMethod::Close(_)) => {
+                self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+                self.phase = Phase::Closed;
+                Ok(())
+            }
+            Method::Connection(conn::AMQPMethod::CloseOk(_)) => {
+                self.phase = Phase::Closed;
+                Ok(())
+            }
+            Method::Connection(conn::AMQPMethod::UpdateSecret(_)) => {
+                // PLAIN secrets carry no expiry; accepting the new one is all there is to do.
+                self.send(0, Method::Connection(conn::AMQPMethod::UpdateSecretOk(conn::UpdateSecretOk {})));
+                Ok(())
+            }
+            Method::Connection(_) => Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected connection method")),
+            _ => Err(AmqpError::connection(code::COMMAND_INVALID, "only connection methods are allowed on channel 0")),
+        }
+    }
+
+    fn handle_channel_method(&mut self, id: u16, method: chan::AMQPMethod) -> Result<(), AmqpError> {
+        match method {
+            chan::AMQPMethod::Open(_) => {
+                if self.channels.contains_key(&id) {
+                    return Err(AmqpError::connection(code::CHANNEL_ERROR, "second 'channel.open' seen"));
+                }
+                self.channels.insert(id, Channel::new());
+                self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
+                Ok(())
+            }
+            _ if !self.channels.contains_key(&id) => {
+                Err(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"))
+            }
+            chan::AMQPMethod::Close(_) => {
+                self.release_channel_resources(id);
+                self.channels.remove(&id);
+                self.send(id, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})));
+                Ok(())
+            }
+            chan::AMQPMethod::CloseOk(_) => {
+                self.channels.remove(&id);
+                Ok(())
+            }
+            chan::AMQPMethod::Flow(flow) => {
+                if !flow.active {
+                    return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "active=false"));
+                }
+                self.send(id, Method::Channel(chan::AMQPMethod::FlowOk(chan::FlowOk { active: true })));
+                Ok(())
+            }
+            chan::AMQPMethod::FlowOk(_) => Ok(()),
+            _ => Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected channel method")),
+        }
+    }
+
+    fn vhost(&self) -> Arc<VHost> {
+        // Only called in the Open phase, which is entered by setting the vhost.
+        Arc::clone(self.vhost.as_ref().expect("vhost is set once the connection is open"))
+    }
+
+    fn channel(&mut self, id: u16) -> &mut Channel {
+        // Callers checked the channel exists and is open.
+        self.channels.get_mut(&id).expect("channel checked by caller")
+    }
+
+    /// Resolves the empty queue name to the channel's last declared queue, as the spec allows.
+    fn queue_name(&mut self, id: u16, name: &ShortString) -> Result<String, AmqpError> {
+        if !name.as_str().is_empty() {
+            return Ok(name.as_str().to_owned());
+        }
+        self.channel(id)
+            .last_queue
+            .clone()
+            .ok_or_else(|| AmqpError::channel(code::NOT_FOUND, "no previously declared queue"))
+    }
+
+    fn handle_channel_command(&mut self, id: u16, method: Method) -> Result<(), AmqpError> {
+        let vhost = self.vhost();
+        let owner = self.id;
+        match method {
+            Method::Exchange(m) => match m {
+                exchange::AMQPMethod::Declare(d) => {
+                    let options = mailroom_broker::ExchangeOptions {
+                        passive: d.passive,
+                        durable: d.durable,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: d.arguments,
+                    };
+                    vhost.declare_exchange(d.exchange.as_str(), d.kind.as_str(), &options)?;
+                    if !d.nowait {
+                        self.send(id, Method::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})));
+                    }
+                }
+                exchange::AMQPMethod::Delete(d) => {
+                    vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                    if !d.nowait {
+                        self.send(id, Method::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
+                    }
+                }
+                exchange::AMQPMethod::Bind(b) => {
+                    vhost.bind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                    if !b.nowait {
+                        self.send(id, Method::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                    }
+                }
+                exchange::AMQPMethod::Unbind(b) => {
+                    vhost.unbind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                    if !b.nowait {
+                        self.send(id, Method::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
+                    }
+                }
+                _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected exchange method")),
+            },
+            Method::Queue(m) => match m {
+                queue::AMQPMethod::Declare(d) => {
+                    let options = mailroom_broker::QueueOptions {
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    };
+                    let name = if d.passive && d.queue.as_str().is_empty() {
+                        self.queue_name(id, &d.queue)?
+                    } else {
+                        d.queue.as_str().to_owned()
+                    };
+                    let ok = vhost.declare_queue(&name, &options, owner)?;
+                    self.channel(id).last_queue = Some(ok.name.clone());
+                    if !d.nowait {
+                        self.send(
+                            id,
+                            Method::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                                queue: short(&ok.name),
+                                message_count: ok.message_count,
+                                consumer_count: ok.consumer_count,
+                            })),
+                        );
+                    }
+                }
+                queue::AMQPMethod::Bind(b) => {
+                    let name = self.queue_name(id, &b.queue)?;
+                    vhost.bind_queue(&name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments, owner)?;
+                    if !b.nowait {
+                        self.send(id, Method::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    }
+                }
+                queue::AMQPMethod::Unbind(b) => {
+                    let name = self.queue_name(id, &b.queue)?;
+                    vhost.unbind_queue(&name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments, owner)?;
+                    self.send(id, Method::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                }
+                queue::AMQPMethod::Purge(p) => {
+                    let name = self.queue_name(id, &p.queue)?;
+                    let n = vhost.purge_queue(&name, owner)?;
+                    if !p.nowait {
+                        self.send(id, Method::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: n })));
+                    }
+                }
+                queue::AMQPMethod::Delete(d) => {
+                    let name = self.queue_name(id, &d.queue)?;
+                    let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, owner)?;
+                    if !d.nowait {
+                        self.send(id, Method::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: n })));
+                    }
+                }
+                _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected queue method")),
+            },
+            Method::Basic(m) => self.handle_basic(id, m)?,
+            Method::Confirm(confirm::AMQPMethod::Select(s)) => {
+                let ch = self.channel(id);
+                if ch.tx.is_some() {
+                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
+                }
+                ch.confirm = true;
+                if !s.nowait {
+                    self.send(id, Method::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                }
+            }
+            Method::Tx(m) => self.handle_tx(id, m)?,
+            Method::Access(access::AMQPMethod::Request(_)) => {
+                // Access tickets are obsolete; RabbitMQ still answers them.
+                self.send(id, Method::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+            }
+            _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected method")),
+        }
+        Ok(())
+    }
+
+    fn handle_tx(&mut self, id: u16, method: tx::AMQPMethod) -> Result<(), AmqpError> {
+        match method {
+            tx::AMQPMethod::Select(_) => {
+                let ch = self.channel(id);
+                if ch.confirm {
+                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
+                }
+                if ch.tx.is_none() {
+                    ch.tx = Some(Vec::new());
+                }
+                self.send(id, Method::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let ops = match self.channel(id).tx.as_mut() {
+                    Some(ops) => std::mem::take(ops),
+                    None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
+                };
+                for op in ops {
+                    match op {
+                        TxOp::Publish { exchange, message, mandatory } => {
+                            self.route_publish(id, &exchange, message, mandatory)?;
+                        }
+                        TxOp::Settle { deliveries, ack, requeue } => {
+                            settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue)
+                        }
+                    }
+                }
+                self.poke_channel_consumers(id);
+                self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let ops = match self.channel(id).tx.as_mut() {
+                    Some(ops) => std::mem::take(ops),
+                    None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
+                };
+                // Rolled-back acks leave their deliveries unacked, under their tags, as RabbitMQ.
+                let ch = self.channel(id);
+                for op in ops {
+                    if let TxOp::Settle { deliveries, .. } = op {
+                        ch.unacked.extend(deliveries);
+                    }
+                }
+                self.send(id, Method::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
+            }
+            _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected tx method")),
+        }
+        Ok(())
+    }
+
+    fn handle_basic(&mut self, id: u16, method: basic::AMQPMethod) -> Result<(), AmqpError> {
+        let vhost = self.vhost();
+        match method {
+            basic::AMQPMethod::Qos(q) => {
+                let ch = self.channel(id);
+                if q.global {
+                    ch.channel_prefetch.set_limit(q.prefetch_count as u32);
+                } else {
+                    ch.consumer_prefetch = q.prefetch_count as u32;
+                }
+                self.send(id, Method::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+                if q.global {
+                    self.poke_channel_consumers(id);
+                }
+            }
+            basic::AMQPMethod::Consume(c) => {
+                let queue_name = self.queue_name(id, &c.queue)?;
+                let tag = if c.consumer_tag.as_str().is_empty() {
+                    generate_consumer_tag()
+                } else {
+                    c.consumer_tag.as_str().to_owned()
+                };
+                let ch = self.channel(id);
+                if ch.consumers.contains_key(&tag) {
+                    return Err(AmqpError::connection(code::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
+                }
+                let options = ConsumeOptions {
+                    no_ack: c.no_ack,
+                    exclusive: c.exclusive,
+                    prefetch: ch.consumer_prefetch,
+                    channel_prefetch: Arc::clone(&ch.channel_prefetch),
+                };
+                // consume-ok must precede the first delivery: write it before the queue can dispatch.
+                let mark = self.out.len();
+                if !c.nowait {
+                    self.send(
+                        id,
+                        Method::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: short(&tag) })),
+                    );
+                }
+                match vhost.consume(&queue_name, self.id, options, self.events_tx.clone()) {
+                    Ok((queue, consumer)) => {
+                        self.consumer_channels.insert(consumer, (id, tag.clone()));
+                        self.channel(id).consumers.insert(tag, ChannelConsumer { id: consumer, queue, no_ack: c.no_ack });
+                    }
+                    Err(e) => {
+                        self.out.truncate(mark);
+                        return Err(e.into());
+                    }
+                }
+            }
+            basic::AMQPMethod::Cancel(c) => {
+                let removed = self.channel(id).consumers.remove(c.consumer_tag.as_str());
+                if let Some(consumer) = removed {
+                    self.consumer_channels.remove(&consumer.id);
+                    vhost.cancel(&consumer.queue, consumer.id);
+                }
+                if !c.nowait {
+                    self.send(
+                        id,
+                        Method::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk { consumer_tag: c.consumer_tag })),
+                    );
+                }
+            }
+            basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                self.channel(id).pending = Some(PendingPublish { method: p, header: None, body: BodyBuffer::Empty });
+            }
+            basic::AMQPMethod::Get(g) => {
+                let name = self.queue_name(id, &g.queue)?;
+                let queue = vhost.queue(&name, self.id)?;
+                match queue.get(g.no_ack) {
+                    Some(got) => {
+                        let ch = self.channel(id);
+                        let tag = ch.next_delivery_tag;
+                        ch.next_delivery_tag += 1;
+                        if !g.no_ack {
+                            ch.unacked.insert(tag, UnackedDelivery { queue: Arc::clone(&queue), id: got.id, sent_at: Instant::now() });
+                        }
+                        self.send(
+                            id,
+                            Method::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                                delivery_tag: tag,
+                                redelivered: got.redelivered,
+                                exchange: short(&got.message.exchange),
+                                routing_key: short(&got.message.routing_key),
+                                message_count: got.remaining,
+                            })),
+                        );
+                        self.write_content(id, &got.message);
+                    }
+                    None => self.send(id, Method::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+                }
+            }
+            basic::AMQPMethod::Ack(a) => self.settle_deliveries(id, a.delivery_tag, a.multiple, true, false)?,
+            basic::AMQPMethod::Nack(n) => self.settle_deliveries(id, n.delivery_tag, n.multiple, false, n.requeue)?,
+            basic::AMQPMethod::Reject(r) => self.settle_deliveries(id, r.delivery_tag, false, false, r.requeue)?,
+            basic::AMQPMethod::Recover(r) | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue: r.requeue }) => {
+                if !r.requeue {
+                    return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "requeue=false"));
+                }
+                let all = std::mem::take(&mut self.channel(id).unacked);
+                settle(all.into_values(), false, true);
+                self.send(id, Method::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
+            }
+            _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected basic method")),
+        }
+        Ok(())
+    }
+
+    fn settle_deliveries(&mut self, id: u16, tag: u64, multiple: bool, ack: bool, requeue: bool) -> Result<(), AmqpError> {
+        let ch = self.channel(id);
+        let deliveries = ch.take_unacked(tag, multiple)?;
+        if let Some(ops) = ch.tx.as_mut() {
+            ops.push(TxOp::Settle { deliveries, ack, requeue });
+            return Ok(());
+        }
+        settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue);
+        self.poke_channel_consumers(id);
+        Ok(())
+    }
+
+    /// With a channel-wide prefetch, an ack on one queue frees room for consumers on others.
+    fn poke_channel_consumers(&mut self, id: u16) {
+        let Some(ch) = self.channels.get(&id) else { return };
+        if ch.channel_prefetch.limit() == 0 {
+            return;
+        }
+        let queues: Vec<_> = ch.consumers.values().map(|c| Arc::clone(&c.queue)).collect();
+        for q in queues {
+            q.dispatch();
+        }
+    }
+
+    // ---- content ---------------------------------------------------------------------------------
+
+    fn handle_content_header(&mut self, id: u16, payload: Bytes) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            self.close_connection(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"));
+            return;
+        };
+        if ch.phase == ChannelPhase::Closing {
+            return;
+        }
+        let Some(pending) = ch.pending.as_mut() else {
+            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content header without a preceding publish"));
+            return;
+        };
+        if pending.header.is_some() {
+            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "second content header for one publish"));
+            return;
+        }
+        let header = match codec::parse_content_header(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                self.close_connection(AmqpError::connection(code::FRAME_ERROR, format!("malformed content header: {e}")));
+                return;
+            }
+        };
+        if header.class_id != 60 {
+            self.close_connection(AmqpError::connection(code::FRAME_ERROR, "content header for a class other than basic"));
+            return;
+        }
+        let max = self.ctx.config.max_message_size;
+        if header.body_size > max as u64 {
+            let size = header.body_size;
+            ch.pending = None;
+            self.close_channel_with(
+                id,
+                AmqpError::channel(code::PRECONDITION_FAILED, format!("message size {size} is larger than configured max size {max}"))
+                    .on(60, 40),
+            );
+            return;
+        }
+        let complete = header.body_size == 0;
+        pending.header = Some(header);
+        if complete {
+            self.finish_publish(id);
+        }
+    }
+
+    fn handle_content_body(&mut self, id: u16, payload: Bytes) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            self.close_connection(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"));
+            return;
+        };
+        if ch.phase == ChannelPhase::Closing {
+            return;
+        }
+        let Some(pending) = ch.pending.as_mut() else {
+            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content body without a preceding publish"));
+            return;
+        };
+        let Some(header) = pending.header.as_ref() else {
+            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content body before its content header"));
+            return;
+        };
+        let expected = header.body_size as usize;
+        if pending.body.len() + payload.len() > expected {
+            self.close_connection(AmqpError::connection(code::FRAME_ERROR, "content body larger than announced"));
+            return;
+        }
+        pending.body.push(payload, expected);
+        if pending.body.len() == expected {
+            self.finish_publish(id);
+        }
+    }
+
+    fn finish_publish(&mut self, id: u16) {
+        // Called only with a complete pending publish on an open channel.
+        let Some(pending) = self.channel(id).pending.take() else { return };
+        let Some(header) = pending.header else { return };
+        let p = pending.method;
+        let message = Message {
+            exchange: p.exchange.as_str().into(),
+            routing_key: p.routing_key.as_str().into(),
+            properties: header.properties,
+            raw_properties: Some(header.raw_properties),
+            body: pending.body.finish(),
+        };
+        if let Err(e) = self.validate_message(&message) {
+            self.fail(id, e.on(60, 40));
+            return;
+        }
+        if let Some(ops) = self.channel(id).tx.as_mut() {
+            // The exchange must exist now, even though routing waits for commit.
+            if let Err(e) = self.vhost().exchange(p.exchange.as_str()) {
+                self.fail(id, AmqpError::from(e).on(60, 40));
+                return;
+            }
+            ops.push(TxOp::Publish { exchange: p.exchange.as_str().to_owned(), message, mandatory: p.mandatory });
+            return;
+        }
+        if let Err(e) = self.route_publish(id, p.exchange.as_str(), message, p.mandatory) {
+            self.fail(id, e.on(60, 40));
+        }
+    }
+
+    fn validate_message(&self, message: &Message) -> Result<(), AmqpError> {
+        if let Some(user) = message.properties.user_id() {
+            if user.as_str() != self.username {
+                return Err(AmqpError::channel(
+                    code::PRECONDITION_FAILED,
+                    format!("user_id property set to '{}' but authenticated user was '{}'", user.as_str(), self.username),
+                ));
+            }
+        }
+        if let Some(exp) = message.properties.expiration() {
+            parse_expiration(exp.as_str())
+                .map_err(|_| AmqpError::channel(code::PRECONDITION_FAILED, format!("invalid expiration '{}': no_integer", exp.as_str())))?;
+        }
+        Ok(())
+    }
+
+    fn route_publish(&mut self, id: u16, exchange: &str, message: Message, mandatory: bool) -> Result<(), AmqpError> {
+        let vhost = self.vhost();
+        let returned = mandatory.then(|| message.clone());
+        let result = vhost.publish(exchange, message)?;
+        if let Some(message) = returned.filter(|_| !result.routed) {
+            self.send(
+                id,
+                Method::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: code::NO_ROUTE,
+                    reply_text: short("NO_ROUTE"),
+                    exchange: short(exchange),
+                    routing_key: short(&message.routing_key),
+                })),
+            );
+            self.write_content(id, &message);
+        }
+        let ch = self.channel(id);
+        if ch.confirm {
+            let seq = ch.next_publish_seq;
+            ch.next_publish_seq += 1;
+            if result.rejected {
+                self.flush_channel_confirms(id);
+                self.send(
+                    id,
+                    Method::Basic(basic::AMQPMethod::Nack(basic::Nack { delivery_tag: seq, multiple: false, requeue: false })),
+                );
+            } else {
+                ch.pending_confirm_ack = Some(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the coalesced confirm ack of one channel (`multiple` covers every earlier sequence number).
+    fn flush_channel_confirms(&mut self, id: u16) {
+        let Some(ch) = self.channels.get_mut(&id) else { return };
+        let Some(seq) = ch.pending_confirm_ack.take() else { return };
+        // Acks are coalesced only over runs that started right after the last sent confirm.
+        self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple: true })));
+    }
+
+    fn flush_confirms(&mut self) {
+        let ids: Vec<u16> = self.channels.iter().filter(|(_, c)| c.pending_confirm_ack.is_some()).map(|(i, _)| *i).collect();
+        for id in ids {
+            self.flush_channel_confirms(id);
+        }
+    }
+
+    /// Appends a message's content header and body frames.
+    fn write_content(&mut self, id: u16, message: &Message) {
+        match &message.raw_properties {
+            Some(raw) => codec::write_content_header(&mut self.out, id, 60, message.body.len() as u64, raw),
+            None => {
+                let raw = codec::encode_properties(&message.properties);
+                codec::write_content_header(&mut self.out, id, 60, message.body.len() as u64, &raw);
+            }
+        }
+        codec::write_body(&mut self.out, id, &message.body, self.frame_max);
+    }
+
+    // ---- broker events ---------------------------------------------------------------------------
+
+    fn handle_event(&mut self, event: ConsumerEvent) {
+        match event {
+            ConsumerEvent::Deliver(d) => self.deliver(d),
+            ConsumerEvent::Cancelled(consumer) => {
+                let Some((id, tag)) = self.consumer_channels.remove(&consumer) else { return };
+                let open = self.channels.get(&id).is_some_and(|c| c.phase == ChannelPhase::Open);
+                if let Some(ch) = self.channels.get_mut(&id) {
+                    ch.consumers.remove(&tag);
+                }
+                if open && self.capabilities.consumer_cancel_notify && self.phase == Phase::Open {
+                    self.send(
+                        id,
+                        Method::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: short(&tag), nowait: true })),
+                    );
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let target = self.consumer_channels.get(&d.consumer).cloned();
+        let Some((id, tag)) = target.filter(|_| self.phase == Phase::Open) else {
+            // The consumer went away while this was in flight: give the message back.
+            d.queue.reject(&[d.id], true);
+            return;
+        };
+        let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open) else {
+            d.queue.reject(&[d.id], true);
+            return;
+        };
+        let no_ack = ch.consumers.get(&tag).is_some_and(|c| c.no_ack);
+        let delivery_tag = ch.next_delivery_tag;
+        ch.next_delivery_tag += 1;
+        if no_ack {
+            match self.noack_sent.iter_mut().find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue)) {
+                Some(entry) => entry.2 += 1,
+                None => self.noack_sent.push((Arc::clone(&d.queue), d.consumer, 1)),
+            }
+        } else {
+            ch.unacked.insert(delivery_tag, UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() });
+        }
+        self.send(
+            id,
+            Method::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+                consumer_tag: short(&tag),
+                delivery_tag,
+                redelivered: d.redelivered,
+                exchange: short(&d.message.exchange),
+                routing_key: short(&d.message.routing_key),
+            })),
+        );
+        self.write_content(id, &d.message);
+    }
+
+    // ---- teardown --------------------------------------------------------------------------------
+
+    /// Cancels a channel's consumers and requeues its unacked deliveries.
+    fn release_channel_resources(&mut self, id: u16) {
+        let Some(ch) = self.channels.get_mut(&id) else { return };
+        let consumers: Vec<_> = ch.consumers.drain().map(|(_, c)| c).collect();
+        let unacked = std::mem::take(&mut ch.unacked);
+        ch.pending = None;
+        ch.tx = None;
+        if let Some(vhost) = self.vhost.clone() {
+            for c in consumers {
+                self.consumer_channels.remove(&c.id);
+                vhost.cancel(&c.queue, c.id);
+            }
+        }
+        settle(unacked.into_values(), false, true);
+    }
+
+    fn cleanup(&mut self) {
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.release_channel_resources(id);
+        }
+        self.channels.clear();
+        // Deliveries still queued for us go back to their queues.
+        self.events_rx.close();
+        while let Ok(event) = self.events_rx.try_recv() {
+            // A no-ack delivery has no unacked entry, so this is a no-op for it (lost, as with RabbitMQ).
+            if let ConsumerEvent::Deliver(d) = event {
+                d.queue.reject(&[d.id], true);
+            }
+        }
+        self.ctx.broker.connection_closed(self.id);
+    }
+}
+
+/// A server-generated consumer tag, as RabbitMQ's `amq.ctag-…`.
+fn generate_consumer_tag() -> String {
+    let name = mailroom_broker::vhost::generate_queue_name();
+    format!("amq.ctag-{}", &name["amq.gen-".len()..])
+}

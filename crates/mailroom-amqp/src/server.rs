@@ -1,0 +1,171 @@
+//! The AMQP listener: binds its addresses, accepts connections, and shuts them down cleanly.
+
+use crate::codec;
+use mailroom_broker::Broker;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Largest frame we accept or send (RabbitMQ's default `frame_max`).
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+/// Most channels per connection (RabbitMQ's default `channel_max`).
+pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
+/// Suggested heartbeat interval in seconds (RabbitMQ's default).
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
+/// Largest message body we accept (RabbitMQ's `max_message_size` default, 128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 128 * 1024 * 1024;
+/// How long an unacked delivery may stay unacked (RabbitMQ's `consumer_timeout` default, 30 minutes).
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long shutdown waits for connections to finish their close handshake.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// AMQP server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Addresses to listen on (port 0 picks a free port).
+    pub listen: Vec<SocketAddr>,
+    /// `product` in `server_properties`. Clients such as kombu/celery pick RabbitMQ's `basic.qos` semantics
+    /// only when this is "RabbitMQ"; Mailroom implements exactly those semantics, so that is the default.
+    pub product: String,
+    /// `version` in `server_properties` (kombu compares it with 3.3).
+    pub product_version: String,
+    /// `information` in `server_properties`.
+    pub information: String,
+    /// `cluster_name` in `server_properties`.
+    pub cluster_name: String,
+    /// Largest frame, offered in `connection.tune`.
+    pub frame_max: u32,
+    /// Most channels, offered in `connection.tune`.
+    pub channel_max: u16,
+    /// Heartbeat interval offered in `connection.tune` (seconds, 0 = off).
+    pub heartbeat: u16,
+    /// Largest message body accepted.
+    pub max_message_size: u32,
+    /// Unacked deliveries older than this close their channel with 406 (zero = never).
+    pub consumer_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["0.0.0.0:5672".parse().expect("valid literal"), "[::]:5672".parse().expect("valid literal")],
+            product: "RabbitMQ".into(),
+            product_version: "3.10.8".into(),
+            information: format!(
+                "Mailroom {}, a RabbitMQ-compatible broker. It reports product RabbitMQ so clients pick RabbitMQ's \
+                 basic.qos semantics, which it implements.",
+                env!("CARGO_PKG_VERSION")
+            ),
+            cluster_name: "mailroom".into(),
+            frame_max: DEFAULT_FRAME_MAX,
+            channel_max: DEFAULT_CHANNEL_MAX,
+            heartbeat: DEFAULT_HEARTBEAT_SECS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+        }
+    }
+}
+
+/// What every connection task shares.
+pub(crate) struct ServerContext {
+    pub(crate) broker: Broker,
+    pub(crate) config: ServerConfig,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A bound AMQP server, ready to run.
+pub struct AmqpServer {
+    listeners: Vec<TcpListener>,
+    ctx: Arc<ServerContext>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl AmqpServer {
+    /// Binds every configured address. An IPv6 wildcard that fails (no IPv6 on the host) is skipped with a warning.
+    pub async fn bind(broker: Broker, config: ServerConfig) -> std::io::Result<AmqpServer> {
+        if config.frame_max < codec::FRAME_MIN_SIZE {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame_max below 4096"));
+        }
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            match bind_one(*addr).await {
+                Ok(l) => listeners.push(l),
+                Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && !listeners.is_empty() => {
+                    tracing::warn!(%addr, error = %e, "IPv6 listener not available");
+                }
+                Err(e) => return Err(std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))),
+            }
+        }
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        Ok(AmqpServer { listeners, ctx: Arc::new(ServerContext { broker, config, shutdown }), shutdown_tx })
+    }
+
+    /// The addresses actually bound (with real ports when 0 was asked for).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Accepts connections until `shutdown` completes, then closes every connection with 320 and waits for them.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let AmqpServer { listeners, ctx, shutdown_tx } = self;
+        let mut connections = JoinSet::new();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
+        let mut acceptors = JoinSet::new();
+        for listener in listeners {
+            let conn_tx = conn_tx.clone();
+            acceptors.spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok(pair) => {
+                            if conn_tx.send(pair).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+        }
+        drop(conn_tx);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some((stream, peer)) = conn_rx.recv() => {
+                    connections.spawn(crate::connection::serve(stream, peer, Arc::clone(&ctx)));
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        acceptors.abort_all();
+        let _ = shutdown_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            connections.abort_all();
+        }
+    }
+}
+
+async fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Keep `[::]` to IPv6 so `0.0.0.0` on the same port can bind too.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
