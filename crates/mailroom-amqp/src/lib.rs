@@ -1,1 +1,3 @@
-pub fn placeholder() {}
+//! Mailroom's AMQP 0-9-1 wire server: codec, connections, channel state.
+
+pub mod codec;
