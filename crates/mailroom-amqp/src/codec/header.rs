@@ -160,3 +160,197 @@ pub fn write_content_header(
     out.extend_from_slice(raw_properties);
     out.put_u8(FRAME_END);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::nesting::tests::nested_tables;
+    use crate::codec::{short_string, split_frame, ByteArray, DecimalValue, FrameKind, ShortString, FRAME_MIN_SIZE, MAX_FIELD_NESTING};
+
+    fn ss(s: &str) -> ShortString {
+        short_string(s).unwrap()
+    }
+
+    /// A table holding every field type amq-protocol can write and read back.
+    fn every_type() -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert(ss("bool"), AMQPValue::Boolean(true));
+        t.insert(ss("i8"), AMQPValue::ShortShortInt(-8));
+        t.insert(ss("u8"), AMQPValue::ShortShortUInt(200));
+        t.insert(ss("i16"), AMQPValue::ShortInt(-16_000));
+        t.insert(ss("u16"), AMQPValue::ShortUInt(60_000));
+        t.insert(ss("i32"), AMQPValue::LongInt(-2_000_000_000));
+        t.insert(ss("u32"), AMQPValue::LongUInt(4_000_000_000));
+        t.insert(ss("i64"), AMQPValue::LongLongInt(i64::MIN));
+        t.insert(ss("f32"), AMQPValue::Float(1.5));
+        t.insert(ss("f64"), AMQPValue::Double(-2.25e300));
+        t.insert(ss("dec"), AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12_345 }));
+        t.insert(ss("str"), AMQPValue::LongString(LongString::from(&b"bin\0ary \xff"[..])));
+        t.insert(ss("ts"), AMQPValue::Timestamp(1_700_000_000));
+        t.insert(ss("bytes"), AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])));
+        t.insert(ss("void"), AMQPValue::Void);
+        t
+    }
+
+    fn all_properties() -> BasicProperties {
+        let mut death = every_type();
+        let mut keys = FieldArray::default();
+        keys.push(AMQPValue::LongString(LongString::from("rk")));
+        keys.push(AMQPValue::FieldArray(FieldArray::default()));
+        keys.push(AMQPValue::FieldTable(every_type()));
+        death.insert(ss("routing-keys"), AMQPValue::FieldArray(keys));
+        let mut deaths = FieldArray::default();
+        deaths.push(AMQPValue::FieldTable(death));
+        let mut headers = every_type();
+        headers.insert(ss("x-death"), AMQPValue::FieldArray(deaths));
+        headers.insert(ss("empty"), AMQPValue::FieldTable(FieldTable::default()));
+        BasicProperties::default()
+            .with_content_type(ss("application/json"))
+            .with_content_encoding(ss("gzip"))
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(9)
+            .with_correlation_id(ss("corr"))
+            .with_reply_to(ss("amq.rabbitmq.reply-to.g1h2AA"))
+            .with_expiration(ss("60000"))
+            .with_message_id(ss("id-1"))
+            .with_timestamp(1_700_000_000)
+            .with_type(ss("order.created"))
+            .with_user_id(ss("guest"))
+            .with_app_id(ss("mailroom"))
+            .with_cluster_id(ss("c"))
+    }
+
+    fn header_payload(class_id: u16, body_size: u64, raw: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        write_content_header(&mut out, 5, class_id, body_size, raw);
+        let f = split_frame(&mut out, FRAME_MIN_SIZE).unwrap().unwrap();
+        assert_eq!((f.kind, f.channel), (FrameKind::Header, 5));
+        f.payload
+    }
+
+    #[test]
+    fn all_properties_round_trip() {
+        let props = all_properties();
+        assert_eq!(props.bitmask(), 0xFFFC, "all 14 flags set");
+        let raw = encode_properties(&props);
+        let h = parse_content_header(header_payload(60, 1234, &raw)).unwrap();
+        assert_eq!(h.class_id, 60);
+        assert_eq!(h.body_size, 1234);
+        assert_eq!(h.properties, props);
+        assert_eq!(h.raw_properties, raw);
+    }
+
+    #[test]
+    fn no_properties() {
+        let raw = encode_properties(&BasicProperties::default());
+        assert_eq!(&raw[..], &[0, 0]);
+        let h = parse_content_header(header_payload(60, 0, &raw)).unwrap();
+        assert_eq!(h.properties, BasicProperties::default());
+    }
+
+    /// Properties as a client might send them: keys unsorted, RabbitMQ's 'U'/'L' tags.
+    fn client_raw_properties() -> Vec<u8> {
+        let mut table = Vec::new();
+        for (key, tag, value) in [
+            ("zz", b'U', &[0x00u8, 0x07][..]),
+            ("aa", b'L', &[0, 0, 0, 0, 0, 0, 0, 9][..]),
+            ("mm", b'S', &[0, 0, 0, 2, b'h', b'i'][..]),
+        ] {
+            table.push(key.len() as u8);
+            table.extend_from_slice(key.as_bytes());
+            table.push(tag);
+            table.extend_from_slice(value);
+        }
+        let mut raw = vec![0b1010_0000, 0]; // content-type + headers
+        raw.push(4);
+        raw.extend_from_slice(b"text");
+        raw.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        raw.extend_from_slice(&table);
+        raw
+    }
+
+    #[test]
+    fn raw_bytes_are_kept_verbatim() {
+        let raw = client_raw_properties();
+        let mut payload = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 42];
+        payload.extend_from_slice(&raw);
+        let payload = Bytes::from(payload);
+        let h = parse_content_header(payload.clone()).unwrap();
+        assert_eq!(&h.raw_properties[..], &raw[..]);
+        assert_eq!(h.body_size, 42);
+        assert_eq!(h.properties.content_type().as_ref().map(ShortString::as_str), Some("text"));
+        let headers = h.properties.headers().as_ref().unwrap();
+        assert_eq!(headers.inner().get("zz"), Some(&AMQPValue::ShortInt(7)));
+        assert_eq!(headers.inner().get("aa"), Some(&AMQPValue::LongLongInt(9)));
+        // Zero-copy: raw_properties points into the payload.
+        assert_eq!(h.raw_properties.as_ptr(), payload[12..].as_ptr());
+        // Re-encoding is NOT byte-identical (sorted keys, 's'/'l' tags): why raw bytes are kept.
+        assert_ne!(&encode_properties(&h.properties)[..], &raw[..]);
+        // Writing the header back from raw bytes reproduces the original payload exactly.
+        let again = header_payload(60, 42, &h.raw_properties);
+        assert_eq!(again, payload);
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(parse_content_header(Bytes::new()), Err(HeaderError::Truncated));
+        assert_eq!(parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])), Err(HeaderError::Truncated));
+        assert_eq!(
+            parse_content_header(Bytes::from_static(&[0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])),
+            Err(HeaderError::WrongClass { class_id: 20 })
+        );
+        // Continuation flag set.
+        assert_eq!(
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])),
+            Err(HeaderError::Malformed)
+        );
+        // content-type flagged but missing.
+        assert_eq!(
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0])),
+            Err(HeaderError::Malformed)
+        );
+        // Invalid UTF-8 in content-type.
+        assert_eq!(
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 1, 0xff])),
+            Err(HeaderError::Malformed)
+        );
+        // Trailing bytes after the property list.
+        assert_eq!(
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7])),
+            Err(HeaderError::Malformed)
+        );
+    }
+
+    #[test]
+    fn deeply_nested_headers_are_rejected() {
+        let fixed = [0u8, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for (levels, ok) in [(MAX_FIELD_NESTING, true), (MAX_FIELD_NESTING + 1, false), (20_000, false)] {
+            let mut p = fixed.to_vec();
+            p.extend_from_slice(&[0xE0, 0, 1, b'a', 0]); // content-type "a", content-encoding "", headers
+            p.extend(nested_tables(levels));
+            assert_eq!(parse_content_header(Bytes::from(p)).is_ok(), ok, "{levels} levels");
+        }
+    }
+
+    #[test]
+    fn short_string_header_values_are_written_as_long_strings() {
+        let mut inner = FieldTable::default();
+        inner.insert(ss("s"), AMQPValue::ShortString(ss("deep")));
+        let mut arr = FieldArray::default();
+        arr.push(AMQPValue::ShortString(ss("in-array")));
+        let mut headers = FieldTable::default();
+        headers.insert(ss("s"), AMQPValue::ShortString(ss("top")));
+        headers.insert(ss("t"), AMQPValue::FieldTable(inner));
+        headers.insert(ss("a"), AMQPValue::FieldArray(arr));
+        let props = BasicProperties::default().with_headers(headers);
+        let raw = encode_properties(&props);
+        let h = parse_content_header(header_payload(60, 0, &raw)).unwrap();
+        let got = h.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(got.get("s"), Some(&AMQPValue::LongString(LongString::from("top"))));
+        let AMQPValue::FieldTable(t) = &got["t"] else { panic!() };
+        assert_eq!(t.inner().get("s"), Some(&AMQPValue::LongString(LongString::from("deep"))));
+        let AMQPValue::FieldArray(a) = &got["a"] else { panic!() };
+        assert_eq!(a.as_slice(), &[AMQPValue::LongString(LongString::from("in-array"))]);
+    }
+}

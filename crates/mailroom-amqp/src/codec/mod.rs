@@ -25,6 +25,8 @@ pub use amq_protocol::protocol::{
     access, basic, channel, confirm, connection, exchange, queue, tx, AMQPClass as Method,
 };
 pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+// Beyond the contract: needed to build the `AMQPValue::ByteArray` and `DecimalValue` variants.
+pub use amq_protocol::types::{ByteArray, DecimalValue};
 
 pub use frame::{split_frame, write_body, write_heartbeat, FrameError, FrameKind, RawFrame};
 pub use header::{
