@@ -73,3 +73,96 @@ fn parse_amqplain(response: &[u8]) -> Option<Credentials> {
         password: text("PASSWORD")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol::auth::{Credentials as AmqCredentials, SASLMechanism};
+    use amq_protocol::types::generation::gen_field_table;
+    use amq_protocol::types::{FieldTable, LongString};
+
+    fn creds(u: &str, p: &str) -> Option<Credentials> {
+        Some(Credentials {
+            username: u.into(),
+            password: p.into(),
+        })
+    }
+
+    #[test]
+    fn plain() {
+        assert_eq!(parse_sasl_response("PLAIN", b"\0guest\0guest"), creds("guest", "guest"));
+        assert_eq!(parse_sasl_response("PLAIN", b"admin\0bob\0s3cr\xc3\xa9t"), creds("bob", "s3crét"));
+        assert_eq!(parse_sasl_response("PLAIN", b"\0\0"), creds("", ""));
+        assert_eq!(parse_sasl_response("PLAIN", b"guest\0guest"), None);
+        assert_eq!(parse_sasl_response("PLAIN", b"\0a\0b\0c"), None);
+        assert_eq!(parse_sasl_response("PLAIN", b"\0\xff\0x"), None);
+        assert_eq!(parse_sasl_response("PLAIN", b""), None);
+        // What lapin sends.
+        let lapin = AmqCredentials::new("user".into(), "pa ss".into()).sasl_auth_string(SASLMechanism::Plain);
+        assert_eq!(parse_sasl_response("PLAIN", lapin.as_bytes()), creds("user", "pa ss"));
+    }
+
+    /// What py-amqp and pika send: `_write_table({...})[4:]`.
+    fn amqplain_bytes(entries: &[(&str, AMQPValue)]) -> Vec<u8> {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert((*k).into(), v.clone());
+        }
+        let (buf, _) = gen_field_table(&t)(Vec::new().into()).unwrap().into_inner();
+        buf[4..].to_vec()
+    }
+
+    #[test]
+    fn amqplain() {
+        let ls = |s: &str| AMQPValue::LongString(LongString::from(s));
+        let bytes = amqplain_bytes(&[("LOGIN", ls("guest")), ("PASSWORD", ls("pw"))]);
+        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes), creds("guest", "pw"));
+        // pika/py-amqp put LOGIN first; hand-built in that order (amq-protocol sorts keys anyway).
+        let mut py = vec![5];
+        py.extend_from_slice(b"LOGIN");
+        py.push(b'S');
+        py.extend_from_slice(&3u32.to_be_bytes());
+        py.extend_from_slice(b"bob");
+        py.push(8);
+        py.extend_from_slice(b"PASSWORD");
+        py.push(b'S');
+        py.extend_from_slice(&2u32.to_be_bytes());
+        py.extend_from_slice(b"pw");
+        assert_eq!(parse_sasl_response("AMQPLAIN", &py), creds("bob", "pw"));
+        // lapin's own AMQPLAIN string.
+        let lapin = AmqCredentials::new("u".into(), "p".into()).sasl_auth_string(SASLMechanism::AMQPlain);
+        assert_eq!(parse_sasl_response("AMQPLAIN", lapin.as_bytes()), creds("u", "p"));
+
+        // Missing key, wrong type, a length prefix left on, truncation, trailing garbage.
+        assert_eq!(parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u"))])), None);
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u")), ("PASSWORD", AMQPValue::LongInt(1))])),
+            None
+        );
+        let mut prefixed = (bytes.len() as u32).to_be_bytes().to_vec();
+        prefixed.extend_from_slice(&bytes);
+        assert_eq!(parse_sasl_response("AMQPLAIN", &prefixed), None);
+        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes[..bytes.len() - 1]), None);
+        assert_eq!(parse_sasl_response("AMQPLAIN", &[&bytes[..], &[1]].concat()), None);
+        assert_eq!(parse_sasl_response("AMQPLAIN", b""), None);
+    }
+
+    #[test]
+    fn amqplain_deep_nesting_is_none() {
+        let mut entries = vec![1, b'k', b'F'];
+        entries.extend(crate::codec::nesting::tests::nested_tables(20_000));
+        assert_eq!(parse_sasl_response("AMQPLAIN", &entries), None);
+    }
+
+    #[test]
+    fn other_mechanisms_are_none() {
+        assert_eq!(parse_sasl_response("EXTERNAL", b""), None);
+        assert_eq!(parse_sasl_response("plain", b"\0a\0b"), None);
+    }
+
+    #[test]
+    fn debug_hides_password() {
+        let c = creds("u", "hunter2").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
