@@ -20,6 +20,9 @@ mod nesting;
 mod sasl;
 mod writer;
 
+#[cfg(test)]
+mod proptests;
+
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol::protocol::{
     access, basic, channel, confirm, connection, exchange, queue, tx, AMQPClass as Method,
