@@ -173,12 +173,19 @@ mod tests {
         let bytes = frame_bytes(3, 1, b"some body bytes");
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
-            assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE).unwrap(), None, "cut at {cut}");
+            assert_eq!(
+                split_frame(&mut buf, FRAME_MIN_SIZE).unwrap(),
+                None,
+                "cut at {cut}"
+            );
             // Nothing consumed: the caller keeps reading into the same buffer.
             assert_eq!(&buf[..], &bytes[..cut]);
             buf.extend_from_slice(&bytes[cut..]);
             let f = split_frame(&mut buf, FRAME_MIN_SIZE).unwrap().unwrap();
-            assert_eq!((f.kind, f.channel, &f.payload[..]), (FrameKind::Body, 1, &b"some body bytes"[..]));
+            assert_eq!(
+                (f.kind, f.channel, &f.payload[..]),
+                (FrameKind::Body, 1, &b"some body bytes"[..])
+            );
             assert!(buf.is_empty());
         }
     }
@@ -196,7 +203,12 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [(FrameKind::Method, 1), (FrameKind::Header, 2), (FrameKind::Body, 3), (FrameKind::Heartbeat, 0)]
+            [
+                (FrameKind::Method, 1),
+                (FrameKind::Header, 2),
+                (FrameKind::Body, 3),
+                (FrameKind::Heartbeat, 0)
+            ]
         );
         assert_eq!(buf.len(), 5);
     }
@@ -206,18 +218,27 @@ mod tests {
         let mut buf = BytesMut::from(&[1u8, 0, 1, 0, 0, 0x10, 0x00][..]); // 4096-byte payload
         assert_eq!(
             split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::TooLarge { size: 4096, max: 4096 })
+            Err(FrameError::TooLarge {
+                size: 4096,
+                max: 4096
+            })
         );
         // The boundary: payload + 8 == frame_max fits.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf8][..]);
         assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Ok(None));
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf9][..]);
-        assert!(matches!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::TooLarge { size: 4089, .. })));
+        assert!(matches!(
+            split_frame(&mut buf, FRAME_MIN_SIZE),
+            Err(FrameError::TooLarge { size: 4089, .. })
+        ));
         // A hostile size does not overflow.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0xff, 0xff, 0xff, 0xff][..]);
         assert!(matches!(
             split_frame(&mut buf, u32::MAX),
-            Err(FrameError::TooLarge { size: u32::MAX, max: u32::MAX })
+            Err(FrameError::TooLarge {
+                size: u32::MAX,
+                max: u32::MAX
+            })
         ));
     }
 
@@ -226,16 +247,25 @@ mod tests {
         let mut bytes = frame_bytes(1, 1, b"abc");
         *bytes.last_mut().unwrap() = 0x00;
         let mut buf = BytesMut::from(&bytes[..]);
-        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::BadFrameEnd(0)));
+        assert_eq!(
+            split_frame(&mut buf, FRAME_MIN_SIZE),
+            Err(FrameError::BadFrameEnd(0))
+        );
     }
 
     #[test]
     fn unknown_type() {
         let mut buf = BytesMut::from(&frame_bytes(4, 1, b"abc")[..]);
-        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::UnknownType(4)));
+        assert_eq!(
+            split_frame(&mut buf, FRAME_MIN_SIZE),
+            Err(FrameError::UnknownType(4))
+        );
         // A second protocol header mid-stream reads as frame type 'A'.
         let mut buf = BytesMut::from(&crate::codec::PROTOCOL_HEADER[..]);
-        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::UnknownType(b'A')));
+        assert_eq!(
+            split_frame(&mut buf, FRAME_MIN_SIZE),
+            Err(FrameError::UnknownType(b'A'))
+        );
     }
 
     #[test]
@@ -244,7 +274,10 @@ mod tests {
         write_heartbeat(&mut out);
         assert_eq!(&out[..], &[8, 0, 0, 0, 0, 0, 0, 0xCE]);
         let f = split_frame(&mut out, FRAME_MIN_SIZE).unwrap().unwrap();
-        assert_eq!((f.kind, f.channel, f.payload.len()), (FrameKind::Heartbeat, 0, 0));
+        assert_eq!(
+            (f.kind, f.channel, f.payload.len()),
+            (FrameKind::Heartbeat, 0, 0)
+        );
     }
 
     #[test]
@@ -269,15 +302,28 @@ mod tests {
         write_body(&mut out, 1, b"", max);
         assert!(out.is_empty());
 
-        for (len, expected) in [(1, vec![1]), (chunk, vec![chunk]), (chunk + 1, vec![chunk, 1]), (3 * chunk, vec![chunk; 3])] {
+        for (len, expected) in [
+            (1, vec![1]),
+            (chunk, vec![chunk]),
+            (chunk + 1, vec![chunk, 1]),
+            (3 * chunk, vec![chunk; 3]),
+        ] {
             let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut out = BytesMut::new();
             write_body(&mut out, 9, &body, max);
             assert_eq!(out.len(), len + expected.len() * 8);
             let frames = split_all(out, max);
-            assert_eq!(frames.iter().map(|f| f.payload.len()).collect::<Vec<_>>(), expected);
-            assert!(frames.iter().all(|f| f.kind == FrameKind::Body && f.channel == 9));
-            let joined: Vec<u8> = frames.iter().flat_map(|f| f.payload.iter().copied()).collect();
+            assert_eq!(
+                frames.iter().map(|f| f.payload.len()).collect::<Vec<_>>(),
+                expected
+            );
+            assert!(frames
+                .iter()
+                .all(|f| f.kind == FrameKind::Body && f.channel == 9));
+            let joined: Vec<u8> = frames
+                .iter()
+                .flat_map(|f| f.payload.iter().copied())
+                .collect();
             assert_eq!(joined, body);
         }
     }

@@ -73,7 +73,10 @@ mod tests {
     #[test]
     fn short_string_limits() {
         assert_eq!(short_string(&"a".repeat(255)).unwrap().as_str().len(), 255);
-        assert_eq!(short_string(&"a".repeat(256)), Err(ShortStringTooLong { len: 256 }));
+        assert_eq!(
+            short_string(&"a".repeat(256)),
+            Err(ShortStringTooLong { len: 256 })
+        );
         // 128 two-byte characters: 256 bytes, although only 128 chars.
         assert!(short_string(&"é".repeat(128)).is_err());
         assert!(short_string("").is_ok());

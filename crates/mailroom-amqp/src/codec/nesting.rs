@@ -55,7 +55,9 @@ impl<'a> Cursor<'a> {
             return Err(TooDeep);
         }
         let Some(n) = self.u32() else { return Ok(None) };
-        let Some(body) = self.take(n) else { return Ok(None) };
+        let Some(body) = self.take(n) else {
+            return Ok(None);
+        };
         let mut inner = Cursor { bytes: body };
         while !inner.bytes.is_empty() {
             if inner.short_str().is_none() {
@@ -73,7 +75,9 @@ impl<'a> Cursor<'a> {
             return Err(TooDeep);
         }
         let Some(n) = self.u32() else { return Ok(None) };
-        let Some(body) = self.take(n) else { return Ok(None) };
+        let Some(body) = self.take(n) else {
+            return Ok(None);
+        };
         let mut inner = Cursor { bytes: body };
         while !inner.bytes.is_empty() {
             if inner.value(depth)?.is_none() {
@@ -85,7 +89,9 @@ impl<'a> Cursor<'a> {
 
     /// Skip one typed value inside a container at `depth`; the type tags mirror amq-protocol's.
     fn value(&mut self, depth: usize) -> Result<Option<()>, TooDeep> {
-        let Some(tag) = self.u8() else { return Ok(None) };
+        let Some(tag) = self.u8() else {
+            return Ok(None);
+        };
         let fixed = match tag {
             b'V' => 0,
             b't' | b'b' | b'B' => 1,
@@ -120,7 +126,7 @@ fn layout(class_id: u16, method_id: u16) -> &'static [Field] {
         (10, 11) => &[Table],                                 // connection.start-ok
         (40, 10) => &[Short, ShortStr, ShortStr, Octet, Table], // exchange.declare
         (40, 30) | (40, 40) => &[Short, ShortStr, ShortStr, ShortStr, Octet, Table], // exchange.bind/unbind
-        (50, 10) => &[Short, ShortStr, Octet, Table],         // queue.declare
+        (50, 10) => &[Short, ShortStr, Octet, Table], // queue.declare
         (50, 20) => &[Short, ShortStr, ShortStr, ShortStr, Octet, Table], // queue.bind
         (50, 50) => &[Short, ShortStr, ShortStr, ShortStr, Table], // queue.unbind (no bits)
         (60, 20) => &[Short, ShortStr, ShortStr, Octet, Table], // basic.consume
@@ -195,8 +201,14 @@ pub(super) mod tests {
 
     #[test]
     fn depth_limit_is_exact() {
-        assert_eq!(check_table_entries(&nested_tables(MAX_FIELD_NESTING)[4..]), Ok(()));
-        assert_eq!(check_table_entries(&nested_tables(MAX_FIELD_NESTING + 1)[4..]), Err(TooDeep));
+        assert_eq!(
+            check_table_entries(&nested_tables(MAX_FIELD_NESTING)[4..]),
+            Ok(())
+        );
+        assert_eq!(
+            check_table_entries(&nested_tables(MAX_FIELD_NESTING + 1)[4..]),
+            Err(TooDeep)
+        );
         let mut props = vec![0x20, 0x00];
         props.extend(nested_tables(MAX_FIELD_NESTING));
         assert_eq!(check_properties(&props), Ok(()));

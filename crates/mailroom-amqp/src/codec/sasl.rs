@@ -90,16 +90,26 @@ mod tests {
 
     #[test]
     fn plain() {
-        assert_eq!(parse_sasl_response("PLAIN", b"\0guest\0guest"), creds("guest", "guest"));
-        assert_eq!(parse_sasl_response("PLAIN", b"admin\0bob\0s3cr\xc3\xa9t"), creds("bob", "s3crét"));
+        assert_eq!(
+            parse_sasl_response("PLAIN", b"\0guest\0guest"),
+            creds("guest", "guest")
+        );
+        assert_eq!(
+            parse_sasl_response("PLAIN", b"admin\0bob\0s3cr\xc3\xa9t"),
+            creds("bob", "s3crét")
+        );
         assert_eq!(parse_sasl_response("PLAIN", b"\0\0"), creds("", ""));
         assert_eq!(parse_sasl_response("PLAIN", b"guest\0guest"), None);
         assert_eq!(parse_sasl_response("PLAIN", b"\0a\0b\0c"), None);
         assert_eq!(parse_sasl_response("PLAIN", b"\0\xff\0x"), None);
         assert_eq!(parse_sasl_response("PLAIN", b""), None);
         // What lapin sends.
-        let lapin = AmqCredentials::new("user".into(), "pa ss".into()).sasl_auth_string(SASLMechanism::Plain);
-        assert_eq!(parse_sasl_response("PLAIN", lapin.as_bytes()), creds("user", "pa ss"));
+        let lapin = AmqCredentials::new("user".into(), "pa ss".into())
+            .sasl_auth_string(SASLMechanism::Plain);
+        assert_eq!(
+            parse_sasl_response("PLAIN", lapin.as_bytes()),
+            creds("user", "pa ss")
+        );
     }
 
     /// What py-amqp and pika send: `_write_table({...})[4:]`.
@@ -116,7 +126,10 @@ mod tests {
     fn amqplain() {
         let ls = |s: &str| AMQPValue::LongString(LongString::from(s));
         let bytes = amqplain_bytes(&[("LOGIN", ls("guest")), ("PASSWORD", ls("pw"))]);
-        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes), creds("guest", "pw"));
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", &bytes),
+            creds("guest", "pw")
+        );
         // pika/py-amqp put LOGIN first; hand-built in that order (amq-protocol sorts keys anyway).
         let mut py = vec![5];
         py.extend_from_slice(b"LOGIN");
@@ -130,20 +143,36 @@ mod tests {
         py.extend_from_slice(b"pw");
         assert_eq!(parse_sasl_response("AMQPLAIN", &py), creds("bob", "pw"));
         // lapin's own AMQPLAIN string.
-        let lapin = AmqCredentials::new("u".into(), "p".into()).sasl_auth_string(SASLMechanism::AMQPlain);
-        assert_eq!(parse_sasl_response("AMQPLAIN", lapin.as_bytes()), creds("u", "p"));
+        let lapin =
+            AmqCredentials::new("u".into(), "p".into()).sasl_auth_string(SASLMechanism::AMQPlain);
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", lapin.as_bytes()),
+            creds("u", "p")
+        );
 
         // Missing key, wrong type, a length prefix left on, truncation, trailing garbage.
-        assert_eq!(parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u"))])), None);
         assert_eq!(
-            parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u")), ("PASSWORD", AMQPValue::LongInt(1))])),
+            parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u"))])),
+            None
+        );
+        assert_eq!(
+            parse_sasl_response(
+                "AMQPLAIN",
+                &amqplain_bytes(&[("LOGIN", ls("u")), ("PASSWORD", AMQPValue::LongInt(1))])
+            ),
             None
         );
         let mut prefixed = (bytes.len() as u32).to_be_bytes().to_vec();
         prefixed.extend_from_slice(&bytes);
         assert_eq!(parse_sasl_response("AMQPLAIN", &prefixed), None);
-        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes[..bytes.len() - 1]), None);
-        assert_eq!(parse_sasl_response("AMQPLAIN", &[&bytes[..], &[1]].concat()), None);
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", &bytes[..bytes.len() - 1]),
+            None
+        );
+        assert_eq!(
+            parse_sasl_response("AMQPLAIN", &[&bytes[..], &[1]].concat()),
+            None
+        );
         assert_eq!(parse_sasl_response("AMQPLAIN", b""), None);
     }
 
