@@ -133,6 +133,8 @@ pub struct Channel {
     pub pending: Option<PendingPublish>,
     /// The last queue declared on this channel (an empty queue name means it).
     pub last_queue: Option<String>,
+    /// The direct reply-to queue this channel consumes, if any (`amq.rabbitmq.reply-to.<token>`).
+    pub reply_queue: Option<String>,
 }
 
 impl Channel {
@@ -151,6 +153,7 @@ impl Channel {
             tx: None,
             pending: None,
             last_queue: None,
+            reply_queue: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::codec::{
 use crate::error::{code, AmqpError};
 use crate::server::ServerContext;
 use bytes::{Bytes, BytesMut};
+use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::{
     message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
 };
@@ -56,7 +57,6 @@ enum Phase {
 struct ClientCapabilities {
     consumer_cancel_notify: bool,
     authentication_failure_close: bool,
-    connection_blocked: bool,
 }
 
 /// One client connection.
@@ -412,6 +412,12 @@ impl Connection {
             return;
         }
         match frame.kind {
+            FrameKind::Heartbeat if frame.channel != 0 => {
+                self.close_connection(AmqpError::connection(
+                    code::UNEXPECTED_FRAME,
+                    format!("heartbeat frame on channel {}", frame.channel),
+                ));
+            }
             FrameKind::Heartbeat => {}
             FrameKind::Method => {
                 // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
@@ -552,7 +558,6 @@ impl Connection {
                     self.capabilities = ClientCapabilities {
                         consumer_cancel_notify: flag("consumer_cancel_notify"),
                         authentication_failure_close: flag("authentication_failure_close"),
-                        connection_blocked: flag("connection.blocked"),
                     };
                 }
                 let mechanism = ok.mechanism.as_str();
@@ -669,7 +674,7 @@ impl Connection {
                 Ok(())
             }
             Method::Connection(_) => Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected connection method")),
-            _ => Err(AmqpError::connection(code::COMMAND_INVALID, "only connection methods are allowed on channel 0")),
+            _ => Err(AmqpError::connection(code::CHANNEL_ERROR, "expected 'connection.*' method on channel 0")),
         }
     }
 
@@ -776,6 +781,20 @@ impl Connection {
                         auto_delete: d.auto_delete,
                         arguments: d.arguments,
                     };
+                    if d.passive && d.queue.as_str() == DIRECT_REPLY_TO {
+                        // RabbitMQ answers this pseudo-queue's passive declare as if one consumer were on it.
+                        if !d.nowait {
+                            self.send(
+                                id,
+                                Method::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                                    queue: d.queue,
+                                    message_count: 0,
+                                    consumer_count: 1,
+                                })),
+                            );
+                        }
+                        return Ok(());
+                    }
                     let name = if d.passive && d.queue.as_str().is_empty() {
                         self.queue_name(id, &d.queue)?
                     } else {
@@ -908,7 +927,32 @@ impl Connection {
                 }
             }
             basic::AMQPMethod::Consume(c) => {
-                let queue_name = self.queue_name(id, &c.queue)?;
+                let direct_reply = c.queue.as_str() == DIRECT_REPLY_TO;
+                if direct_reply && !c.no_ack {
+                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "reply consumer cannot acknowledge"));
+                }
+                if direct_reply && self.channel(id).reply_queue.is_some() {
+                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "reply consumer already set"));
+                }
+                let priority = match c.arguments.inner().get("x-priority") {
+                    None => 0,
+                    Some(v) => match mailroom_broker::args::int_value(v) {
+                        Some(p) if (i32::MIN as i128..=i32::MAX as i128).contains(&p) => p as i32,
+                        _ => {
+                            return Err(AmqpError::channel(
+                                code::PRECONDITION_FAILED,
+                                format!("invalid arg 'x-priority' for consumer: {:?}", v),
+                            ))
+                        }
+                    },
+                };
+                let queue_name = if direct_reply {
+                    let name = vhost.declare_reply_queue(self.id);
+                    self.channel(id).reply_queue = Some(name.clone());
+                    name
+                } else {
+                    self.queue_name(id, &c.queue)?
+                };
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     generate_consumer_tag()
                 } else {
@@ -923,6 +967,7 @@ impl Connection {
                     exclusive: c.exclusive,
                     prefetch: ch.consumer_prefetch,
                     channel_prefetch: Arc::clone(&ch.channel_prefetch),
+                    priority,
                 };
                 // consume-ok must precede the first delivery: write it before the queue can dispatch.
                 let mark = self.out.len();
@@ -944,7 +989,11 @@ impl Connection {
                 }
             }
             basic::AMQPMethod::Cancel(c) => {
-                let removed = self.channel(id).consumers.remove(c.consumer_tag.as_str());
+                let ch = self.channel(id);
+                let removed = ch.consumers.remove(c.consumer_tag.as_str());
+                if removed.as_ref().is_some_and(|r| ch.reply_queue.as_deref() == Some(r.queue.name())) {
+                    ch.reply_queue = None;
+                }
                 if let Some(consumer) = removed {
                     self.consumer_channels.remove(&consumer.id);
                     vhost.cancel(&consumer.queue, consumer.id);
@@ -991,8 +1040,9 @@ impl Connection {
             basic::AMQPMethod::Ack(a) => self.settle_deliveries(id, a.delivery_tag, a.multiple, true, false)?,
             basic::AMQPMethod::Nack(n) => self.settle_deliveries(id, n.delivery_tag, n.multiple, false, n.requeue)?,
             basic::AMQPMethod::Reject(r) => self.settle_deliveries(id, r.delivery_tag, false, false, r.requeue)?,
-            basic::AMQPMethod::Recover(r) | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue: r.requeue }) => {
-                if !r.requeue {
+            basic::AMQPMethod::Recover(basic::Recover { requeue })
+            | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
+                if !requeue {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "requeue=false"));
                 }
                 let all = std::mem::take(&mut self.channel(id).unacked);
@@ -1113,23 +1163,33 @@ impl Connection {
         let Some(pending) = self.channel(id).pending.take() else { return };
         let Some(header) = pending.header else { return };
         let p = pending.method;
-        let message = Message {
+        let mut message = Message {
             exchange: p.exchange.as_str().into(),
             routing_key: p.routing_key.as_str().into(),
             properties: header.properties,
             raw_properties: Some(header.raw_properties),
             body: pending.body.finish(),
         };
+        if message.properties.reply_to().as_ref().is_some_and(|r| r.as_str() == DIRECT_REPLY_TO) {
+            // Direct reply-to: point the reply at this channel's reply queue, which must exist.
+            let Some(reply_queue) = self.channel(id).reply_queue.clone() else {
+                self.fail(id, AmqpError::channel(code::PRECONDITION_FAILED, "fast reply consumer does not exist").on(60, 40));
+                return;
+            };
+            message.properties = message.properties.with_reply_to(short(&reply_queue));
+            message.raw_properties = None;
+        }
         if let Err(e) = self.validate_message(&message) {
             self.fail(id, e.on(60, 40));
             return;
         }
-        if let Some(ops) = self.channel(id).tx.as_mut() {
+        if self.channel(id).tx.is_some() {
             // The exchange must exist now, even though routing waits for commit.
             if let Err(e) = self.vhost().exchange(p.exchange.as_str()) {
                 self.fail(id, AmqpError::from(e).on(60, 40));
                 return;
             }
+            let Some(ops) = self.channel(id).tx.as_mut() else { return };
             ops.push(TxOp::Publish { exchange: p.exchange.as_str().to_owned(), message, mandatory: p.mandatory });
             return;
         }
@@ -1276,16 +1336,22 @@ impl Connection {
     fn release_channel_resources(&mut self, id: u16) {
         let Some(ch) = self.channels.get_mut(&id) else { return };
         let consumers: Vec<_> = ch.consumers.drain().map(|(_, c)| c).collect();
-        let unacked = std::mem::take(&mut ch.unacked);
+        let mut unacked: Vec<UnackedDelivery> = std::mem::take(&mut ch.unacked).into_values().collect();
+        // Settlements in an uncommitted transaction never happened: their deliveries go back too.
+        for op in ch.tx.take().unwrap_or_default() {
+            if let TxOp::Settle { deliveries, .. } = op {
+                unacked.extend(deliveries.into_iter().map(|(_, d)| d));
+            }
+        }
         ch.pending = None;
-        ch.tx = None;
+        ch.reply_queue = None;
         if let Some(vhost) = self.vhost.clone() {
             for c in consumers {
                 self.consumer_channels.remove(&c.id);
                 vhost.cancel(&c.queue, c.id);
             }
         }
-        settle(unacked.into_values(), false, true);
+        settle(unacked, false, true);
     }
 
     fn cleanup(&mut self) {

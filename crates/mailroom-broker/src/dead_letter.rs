@@ -18,7 +18,13 @@ fn table_str(table: &FieldTable, key: &str) -> Option<String> {
 /// As RabbitMQ 3.10: `x-death` is a list, newest first; an entry for the same queue and reason has its
 /// count raised and moves to the front; `x-first-death-*` are set once; `expiration` is removed and kept
 /// as `original-expiration`; with a dead-letter routing key the message is routed by that key alone.
-pub fn make_dead_letter(message: &Message, queue: &str, reason: DeadLetterReason, dead_letter_routing_key: Option<&str>) -> Message {
+pub fn make_dead_letter(
+    message: &Message,
+    dead_letter_exchange: &str,
+    queue: &str,
+    reason: DeadLetterReason,
+    dead_letter_routing_key: Option<&str>,
+) -> Message {
     let mut headers = message.headers().cloned().unwrap_or_default();
     let original_keys = {
         let mut keys = vec![message.routing_key.to_string()];
@@ -70,7 +76,7 @@ pub fn make_dead_letter(message: &Message, queue: &str, reason: DeadLetterReason
         properties = strip_expiration(properties);
     }
     let routing_key: &str = dead_letter_routing_key.unwrap_or(&message.routing_key);
-    let mut dead = Message::new(&message.exchange, routing_key, properties, message.body.clone());
+    let mut dead = Message::new(dead_letter_exchange, routing_key, properties, message.body.clone());
     if dead_letter_routing_key.is_some() {
         // Routed by the dead-letter key alone: CC keys no longer apply.
         dead.properties = remove_header(dead.properties, "CC");
@@ -199,7 +205,7 @@ mod tests {
     fn builds_x_death_like_rabbitmq() {
         let props = BasicProperties::default().with_expiration("5000".into());
         let m = Message::new("ex", "rk", props, Bytes::from_static(b"x"));
-        let d1 = make_dead_letter(&m, "q1", DeadLetterReason::Expired, None);
+        let d1 = make_dead_letter(&m, "dlx", "q1", DeadLetterReason::Expired, None);
         assert!(d1.properties.expiration().is_none());
         let h = deaths(&d1);
         assert_eq!(h.len(), 1);
@@ -207,7 +213,7 @@ mod tests {
         assert_eq!(table_str(&h[0], "original-expiration").as_deref(), Some("5000"));
         assert_eq!(table_str(d1.headers().unwrap(), "x-first-death-reason").as_deref(), Some("expired"));
 
-        let d2 = make_dead_letter(&d1, "q2", DeadLetterReason::Rejected, Some("other"));
+        let d2 = make_dead_letter(&d1, "dlx", "q2", DeadLetterReason::Rejected, Some("other"));
         assert_eq!(&*d2.routing_key, "other");
         let h = deaths(&d2);
         assert_eq!(table_str(&h[0], "queue").as_deref(), Some("q2"));
@@ -215,7 +221,7 @@ mod tests {
         // First-death headers stay as they were.
         assert_eq!(table_str(d2.headers().unwrap(), "x-first-death-queue").as_deref(), Some("q1"));
 
-        let d3 = make_dead_letter(&d2, "q1", DeadLetterReason::Expired, None);
+        let d3 = make_dead_letter(&d2, "dlx", "q1", DeadLetterReason::Expired, None);
         let h = deaths(&d3);
         assert_eq!(h.len(), 2, "same queue and reason reuse the entry");
         assert_eq!(table_str(&h[0], "queue").as_deref(), Some("q1"));
@@ -225,10 +231,10 @@ mod tests {
     #[test]
     fn cycles_are_broken_unless_rejected() {
         let m = Message::new("ex", "rk", BasicProperties::default(), Bytes::new());
-        let d = make_dead_letter(&m, "q1", DeadLetterReason::Expired, None);
+        let d = make_dead_letter(&m, "dlx", "q1", DeadLetterReason::Expired, None);
         assert!(is_cycle(&d, "q1"));
         assert!(!is_cycle(&d, "q2"));
-        let r = make_dead_letter(&m, "q1", DeadLetterReason::Rejected, None);
+        let r = make_dead_letter(&m, "dlx", "q1", DeadLetterReason::Rejected, None);
         assert!(!is_cycle(&r, "q1"));
     }
 }

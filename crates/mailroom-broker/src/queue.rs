@@ -72,6 +72,10 @@ impl ChannelPrefetch {
     pub fn unacked(&self) -> u32 {
         self.unacked.load(Ordering::Relaxed)
     }
+    fn has_room(&self) -> bool {
+        let limit = self.limit();
+        limit == 0 || self.unacked() < limit
+    }
     fn try_take(&self) -> bool {
         let limit = self.limit();
         if limit == 0 {
@@ -99,6 +103,8 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// The channel-wide limit shared by the channel's consumers.
     pub channel_prefetch: Arc<ChannelPrefetch>,
+    /// Consumer priority (`x-priority`): higher ones are served first while they have room.
+    pub priority: i32,
 }
 
 /// Declared properties of a queue, fixed at creation.
@@ -127,9 +133,14 @@ pub enum PushOutcome {
     Rejected,
 }
 
+/// Position of a ready message: lower ranks go first (rank = 255 - priority), then lower ids (FIFO).
+type Rank = (u8, MessageId);
+
 #[derive(Debug)]
 struct Entry {
     id: MessageId,
+    /// 255 minus the effective priority; constant for queues without priorities.
+    rank: u8,
     message: Arc<Message>,
     redelivered: bool,
     expires_at: Option<Instant>,
@@ -153,7 +164,7 @@ struct Consumer {
 impl Consumer {
     fn has_credit(&self) -> bool {
         let limit = if self.options.no_ack { NOACK_WINDOW } else { self.options.prefetch };
-        limit == 0 || self.outstanding < limit
+        (limit == 0 || self.outstanding < limit) && (self.options.no_ack || self.options.channel_prefetch.has_room())
     }
 }
 
@@ -165,7 +176,7 @@ struct QueueState {
     consumers: Vec<Consumer>,
     next_consumer: usize,
     next_id: MessageId,
-    expiries: BinaryHeap<Reverse<(Instant, MessageId)>>,
+    expiries: BinaryHeap<Reverse<(Instant, Rank)>>,
     last_used: Instant,
     deleted: bool,
 }
@@ -341,22 +352,27 @@ impl Queue {
         let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
         let id = st.next_id;
         st.next_id += 1;
+        let rank = match args.max_priority {
+            // Above the maximum counts as the maximum; no priority counts as 0, as RabbitMQ.
+            Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
+            None => 255,
+        };
         if let Some(at) = expires_at {
             let nearer = st.expiries.peek().is_none_or(|Reverse((first, _))| at < *first);
-            st.expiries.push(Reverse((at, id)));
+            st.expiries.push(Reverse((at, (rank, id))));
             if nearer {
                 self.timer.notify_one();
             }
         }
         st.ready_bytes += size;
-        st.ready.push_back(Entry { id, message, redelivered: false, expires_at });
+        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at });
         // Drop-head: make room by dropping the oldest.
         while over(&st, 0, 0) {
             let Some(old) = st.ready.pop_front() else { break };
             st.ready_bytes -= old.message.body.len() as u64;
             after.dead.push((old.message, DeadLetterReason::MaxLen));
         }
-        self.dispatch_locked(&mut st, after);
+        self.dispatch_locked(&mut st, now, after);
         // A zero TTL means "deliver now or never".
         if ttl == Some(0) {
             self.expire_locked(&mut st, now, after);
@@ -369,31 +385,41 @@ impl Queue {
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
-            self.dispatch_locked(&mut st, &mut after);
+            self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, after: &mut Aftermath) {
-        let now = Instant::now();
-        while !st.ready.is_empty() && !st.consumers.is_empty() {
-            let n = st.consumers.len();
-            let mut chosen = None;
-            for i in 0..n {
-                let idx = (st.next_consumer + i) % n;
-                let c = &st.consumers[idx];
-                if c.has_credit() && (c.options.no_ack || c.options.channel_prefetch.try_take()) {
-                    chosen = Some(idx);
-                    break;
-                }
+    /// Picks the consumer for the next message: the highest priority with room, round-robin among equals.
+    fn choose_consumer(st: &QueueState) -> Option<usize> {
+        let n = st.consumers.len();
+        let mut best: Option<(i32, usize)> = None;
+        for i in 0..n {
+            let idx = (st.next_consumer + i) % n;
+            let c = &st.consumers[idx];
+            if c.has_credit() && best.is_none_or(|(p, _)| c.options.priority > p) {
+                best = Some((c.options.priority, idx));
             }
-            let Some(idx) = chosen else { break };
+        }
+        best.map(|(_, idx)| idx)
+    }
+
+    /// Delivers while there are ready messages and consumers with room. A message expires here only if its
+    /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
+        while !st.ready.is_empty() && !st.consumers.is_empty() {
+            let Some(idx) = Self::choose_consumer(st) else { break };
+            let n = st.consumers.len();
+            if !st.consumers[idx].options.no_ack && !st.consumers[idx].options.channel_prefetch.try_take() {
+                // Another channel's consumer raced us to the shared limit.
+                break;
+            }
             st.next_consumer = (idx + 1) % n;
             // The loop condition guarantees a ready entry.
             let Some(entry) = st.ready.pop_front() else { break };
             st.ready_bytes -= entry.message.body.len() as u64;
             let consumer = &mut st.consumers[idx];
-            if entry.expires_at.is_some_and(|at| at <= now) {
+            if entry.expires_at.is_some_and(|at| at < now) {
                 if !consumer.options.no_ack {
                     consumer.options.channel_prefetch.release();
                 }
@@ -503,7 +529,7 @@ impl Queue {
             for id in ids {
                 Self::settle_locked(&mut st, *id);
             }
-            self.dispatch_locked(&mut st, &mut after);
+            self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
     }
@@ -525,7 +551,7 @@ impl Queue {
                     after.dead.push((entry.message, DeadLetterReason::Rejected));
                 }
             }
-            self.dispatch_locked(&mut st, &mut after);
+            self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
     }
@@ -540,7 +566,7 @@ impl Queue {
             loop {
                 let Some(entry) = st.ready.pop_front() else { break None };
                 st.ready_bytes -= entry.message.body.len() as u64;
-                if entry.expires_at.is_some_and(|at| at <= now) {
+                if entry.expires_at.is_some_and(|at| at < now) {
                     after.dead.push((entry.message, DeadLetterReason::Expired));
                     continue;
                 }
@@ -591,13 +617,13 @@ impl Queue {
 
     /// Drops expired ready messages (dead-lettering them).
     fn expire_locked(&self, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
-        while let Some(Reverse((at, id))) = st.expiries.peek().copied() {
+        while let Some(Reverse((at, rank))) = st.expiries.peek().copied() {
             if at > now {
                 break;
             }
             st.expiries.pop();
             // Only ready messages expire; a delivered one left the queue's ready list.
-            if let Ok(pos) = st.ready.binary_search_by_key(&id, |e| e.id) {
+            if let Ok(pos) = st.ready.binary_search_by_key(&rank, |e| (e.rank, e.id)) {
                 if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
                     if let Some(e) = st.ready.remove(pos) {
                         st.ready_bytes -= e.message.body.len() as u64;
@@ -659,10 +685,15 @@ impl Queue {
     }
 }
 
-/// Puts an entry back at its original position (ids are in publish order).
+/// Puts an entry at its place: by priority, then publish order (so a requeued message goes back where it was).
 fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
-    let pos = ready.partition_point(|e| e.id < entry.id);
-    ready.insert(pos, entry);
+    let key = (entry.rank, entry.id);
+    if ready.back().is_none_or(|last| (last.rank, last.id) < key) {
+        ready.push_back(entry);
+    } else {
+        let pos = ready.partition_point(|e| (e.rank, e.id) < key);
+        ready.insert(pos, entry);
+    }
 }
 
 /// The queue's timer: message TTL and `x-expires`. Holds only a weak handle, so it never keeps a

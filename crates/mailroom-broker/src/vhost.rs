@@ -73,6 +73,9 @@ pub struct VHost {
     myself: Weak<VHost>,
 }
 
+/// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// Predeclared exchanges, as in RabbitMQ.
 const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
     ("", ExchangeKind::Direct),
@@ -154,10 +157,11 @@ impl VHost {
             return self.exchange(name).map(|_| ());
         }
         let kind = ExchangeKind::parse(kind)?;
-        if name.starts_with("amq.") || name.is_empty() {
-            return Err(BrokerError::access_refused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
-            )));
+        let reserved = || {
+            BrokerError::access_refused(format!("exchange name '{name}' contains reserved prefix 'amq.*'"))
+        };
+        if name.is_empty() {
+            return Err(reserved());
         }
         let alternate_exchange = match options.arguments.inner().get("alternate-exchange") {
             None => None,
@@ -198,6 +202,10 @@ impl VHost {
                 );
             }
             return Ok(());
+        }
+        // Existing `amq.*` exchanges may be redeclared equivalently; new ones may not be created.
+        if name.starts_with("amq.") {
+            return Err(reserved());
         }
         let spec = ExchangeSpec {
             name: name.to_owned(),
@@ -276,8 +284,15 @@ impl VHost {
 
     /// `queue.unbind` (a missing binding is fine).
     pub fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
-        let q = self.queue(queue, owner)?;
-        let ex = self.check_bindable_source(exchange)?;
+        // Unbinding from or to something missing succeeds, as RabbitMQ.
+        let q = match self.queue(queue, owner) {
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
+        let ex = match self.check_bindable_source(exchange) {
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
+            other => other?,
+        };
         if ex.unbind(&Destination::Queue(q), routing_key, arguments) && ex.spec().auto_delete && !ex.has_bindings() {
             self.remove_exchange(&ex);
         }
@@ -293,8 +308,11 @@ impl VHost {
 
     /// `exchange.unbind`.
     pub fn unbind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
-        let dest = self.check_bindable_source(destination)?;
-        let src = self.check_bindable_source(source)?;
+        let (dest, src) = match (self.check_bindable_source(destination), self.check_bindable_source(source)) {
+            (Ok(d), Ok(s)) => (d, s),
+            (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
         if src.unbind(&Destination::Exchange(dest), routing_key, arguments) && src.spec().auto_delete && !src.has_bindings() {
             self.remove_exchange(&src);
         }
@@ -379,6 +397,25 @@ impl VHost {
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
         queues.insert(name.clone(), Queue::create(spec, hooks));
         Ok(QueueDeclared { name, message_count: 0, consumer_count: 0 })
+    }
+
+    /// Creates the queue behind a direct reply-to consumer (`amq.rabbitmq.reply-to`): exclusive to `owner`,
+    /// deleted with its consumer, named `amq.rabbitmq.reply-to.<token>` so replies reach it through the
+    /// default exchange. Returns its name.
+    pub fn declare_reply_queue(&self, owner: ConnectionId) -> String {
+        let token = &generate_queue_name()["amq.gen-".len()..];
+        let name = format!("{DIRECT_REPLY_TO}.{token}");
+        let spec = QueueSpec {
+            name: name.clone(),
+            durable: false,
+            exclusive_owner: Some(owner),
+            auto_delete: true,
+            arguments: FieldTable::default(),
+            args: QueueArguments::default(),
+        };
+        let hooks: Weak<dyn QueueHooks> = self.myself.clone();
+        write(&self.queues).insert(name.clone(), Queue::create(spec, hooks));
+        name
     }
 
     /// `queue.purge`: returns the number of ready messages dropped.
@@ -535,7 +572,7 @@ impl QueueHooks for VHost {
         // Dead-lettering to a missing exchange drops the message silently, as RabbitMQ.
         let Ok(dlx) = self.exchange(dlx_name) else { return };
         for message in messages {
-            let dead = dead_letter::make_dead_letter(&message, queue.name(), reason, args.dead_letter_routing_key.as_deref());
+            let dead = dead_letter::make_dead_letter(&message, dlx_name, queue.name(), reason, args.dead_letter_routing_key.as_deref());
             let keys = dead_letter::routing_keys(&dead);
             let targets = self.route(&dlx, &keys, dead.headers());
             let dead = Arc::new(dead);

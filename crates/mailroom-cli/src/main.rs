@@ -1,1 +1,129 @@
-fn main() {}
+//! The `mailroom` command: runs the broker (`mailroom server`).
+
+use clap::{Args, Parser, Subcommand};
+use mailroom_amqp::{AmqpServer, ServerConfig};
+use mailroom_broker::{Broker, BrokerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Mailroom: a message broker that speaks AMQP 0-9-1.
+#[derive(Parser)]
+#[command(name = "mailroom", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Server(ServerArgs),
+}
+
+/// Flags of `mailroom server`; each also reads a `MAILROOM_*` environment variable.
+#[derive(Args)]
+struct ServerArgs {
+    /// AMQP listen addresses (repeat or comma-separate); port 0 picks a free port.
+    #[arg(long, env = "MAILROOM_AMQP_LISTEN", value_delimiter = ',', default_values_t = [
+        "0.0.0.0:5672".parse::<SocketAddr>().expect("valid literal"),
+        "[::]:5672".parse::<SocketAddr>().expect("valid literal"),
+    ])]
+    amqp_listen: Vec<SocketAddr>,
+    /// HTTP management listen address (reserved for the management API).
+    #[arg(long, env = "MAILROOM_HTTP_LISTEN", default_value = "127.0.0.1:15672")]
+    http_listen: SocketAddr,
+    /// Where durable data lives.
+    #[arg(long, env = "MAILROOM_DATA_DIR", default_value = "./mailroom-data")]
+    data_dir: PathBuf,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "MAILROOM_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// `product` reported to clients; "RabbitMQ" makes kombu/celery use RabbitMQ's basic.qos semantics,
+    /// which Mailroom implements.
+    #[arg(long, env = "MAILROOM_PRODUCT_NAME", default_value = "RabbitMQ")]
+    product_name: String,
+    /// Heartbeat interval offered to clients, in seconds (0 disables).
+    #[arg(long, env = "MAILROOM_HEARTBEAT", default_value_t = mailroom_amqp::server::DEFAULT_HEARTBEAT_SECS)]
+    heartbeat: u16,
+    /// Largest frame offered to clients.
+    #[arg(long, env = "MAILROOM_FRAME_MAX", default_value_t = mailroom_amqp::server::DEFAULT_FRAME_MAX)]
+    frame_max: u32,
+    /// Largest message body accepted, in bytes.
+    #[arg(long, env = "MAILROOM_MAX_MESSAGE_SIZE", default_value_t = mailroom_amqp::server::DEFAULT_MAX_MESSAGE_SIZE)]
+    max_message_size: u32,
+    /// Unacked deliveries older than this close their channel (ms; 0 = never). RabbitMQ's consumer_timeout.
+    #[arg(long, env = "MAILROOM_CONSUMER_TIMEOUT_MS", default_value_t = 30 * 60 * 1000)]
+    consumer_timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailroom: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Server(args) => run_server(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailroom: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", args.data_dir.display()))?;
+    let broker = Broker::open(BrokerConfig::default())?;
+    let config = ServerConfig {
+        listen: args.amqp_listen,
+        product: args.product_name,
+        heartbeat: args.heartbeat,
+        frame_max: args.frame_max,
+        max_message_size: args.max_message_size,
+        consumer_timeout: Duration::from_millis(args.consumer_timeout_ms),
+        ..ServerConfig::default()
+    };
+    let server = AmqpServer::bind(broker, config).await?;
+    for addr in server.local_addrs() {
+        // Scripts and tests read this line to find the port when they asked for port 0.
+        println!("mailroom: AMQP listening on {addr}");
+    }
+    tracing::info!(http = %args.http_listen, data_dir = %args.data_dir.display(), "mailroom started");
+    server.run(shutdown_signal()).await;
+    tracing::info!("mailroom stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
