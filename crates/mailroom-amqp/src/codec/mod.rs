@@ -13,6 +13,9 @@
 //!   (an abort, not a catchable panic);
 //! - a writer that serialises straight into the outgoing `BytesMut` (no temporary `Vec`s).
 
+// The connection code is written against this API: keep every item documented.
+#![warn(missing_docs)]
+
 mod frame;
 mod header;
 mod method;
