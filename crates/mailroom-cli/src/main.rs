@@ -1,1 +1,27 @@
-fn main() {}
+//! The `mailroom` command.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+
+/// Mailroom: an AMQP 0-9-1 broker.
+#[derive(Parser)]
+#[command(name = "mailroom", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
+    Bench(bench::BenchArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    match Cli::parse().command {
+        Command::Bench(args) => bench::run(args).await?,
+    }
+    Ok(())
+}
