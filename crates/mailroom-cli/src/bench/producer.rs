@@ -16,6 +16,8 @@ use super::{now_ns, BenchError, Shared};
 
 /// How long to wait for outstanding confirms after the last publish before giving up.
 const CONFIRM_DRAIN: Duration = Duration::from_secs(30);
+/// How long to wait for `close-ok`, i.e. for a flow-controlled broker to read our backlog.
+const CLOSE_WAIT: Duration = Duration::from_secs(60);
 
 /// What one producer is asked to do.
 #[derive(Debug, Clone)]
@@ -149,12 +151,24 @@ impl Producer {
             stats.end = Some(Instant::now());
             shared.published.fetch_add(stats.published, Ordering::Relaxed);
         }
-        // Close politely; the reader task ends on close-ok.
+        // Close and wait for close-ok: the broker answers only after reading every publish before
+        // it, so this is when the messages left our socket buffers; dropping the socket earlier
+        // would discard the ones a flow-controlled broker has not read yet.
         let _ = w.write_all(&conn::method(0, conn::close_frame())).await;
-        let read_result = match tokio::time::timeout(Duration::from_secs(2), reader).await {
-            Ok(Ok(r)) => r,
+        let read_result = match tokio::time::timeout(CLOSE_WAIT, reader).await {
+            Ok(Ok(Ok(true))) => {
+                if plan.confirm.is_none() {
+                    stats.end = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Ok(Ok(Ok(false))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(e)) => Err(BenchError::Protocol(format!("confirm reader panicked: {e}"))),
-            Err(_) => Ok(()),
+            Err(_) => {
+                eprintln!("bench: no close-ok from the broker after {CLOSE_WAIT:?}");
+                Ok(())
+            }
         };
         result?;
         read_result?;
@@ -163,12 +177,14 @@ impl Producer {
 }
 
 /// Reads confirms (and errors) off the producer's socket; publishes `(confirmed, nacked)`.
+///
+/// Returns whether it saw `connection.close-ok` (as opposed to the socket just closing).
 async fn read_confirms(
     mut r: OwnedReadHalf,
     mut rbuf: ReadBuf,
     frame_max: u32,
     tx: watch::Sender<(u64, u64)>,
-) -> Result<(), BenchError> {
+) -> Result<bool, BenchError> {
     let mut scanner = Scanner::new(frame_max);
     let mut upto = 0u64;
     let mut nacked = 0u64;
@@ -216,11 +232,11 @@ async fn read_confirms(
             let _ = tx.send((upto, nacked));
         }
         if closed {
-            return Ok(());
+            return Ok(true);
         }
         let n = r.read(rbuf.spare()).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(false);
         }
         rbuf.filled(n);
     }
