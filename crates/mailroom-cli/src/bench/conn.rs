@@ -57,26 +57,35 @@ pub const CH: u16 = 1;
 impl Conn {
     /// Connects, runs the handshake with PLAIN credentials from the URI and opens channel 1.
     pub async fn open(uri: &AMQPUri) -> Result<Conn, BenchError> {
-        let stream =
-            TcpStream::connect((uri.authority.host.as_str(), uri.authority.port)).await?;
+        let stream = TcpStream::connect((uri.authority.host.as_str(), uri.authority.port)).await?;
         // Latency runs write one small batch at a time; Nagle would hold them back.
         stream.set_nodelay(true)?;
-        let mut c = Conn { stream, rbuf: ReadBuf::new(READ_BUF), frame_max: wire::MAX_FRAME };
+        let mut c = Conn {
+            stream,
+            rbuf: ReadBuf::new(READ_BUF),
+            frame_max: wire::MAX_FRAME,
+        };
         c.stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
         match c.next_method(0).await? {
             AMQPClass::Connection(connection::AMQPMethod::Start(_)) => {}
             other => return Err(unexpected("connection.start", &other)),
         }
         let mut props = FieldTable::default();
-        props.insert("product".into(), AMQPValue::LongString("mailroom-bench".into()));
+        props.insert(
+            "product".into(),
+            AMQPValue::LongString("mailroom-bench".into()),
+        );
         let user = &uri.authority.userinfo;
         let response = format!("\0{}\0{}", user.username, user.password);
-        c.send(0, AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: props,
-            mechanism: "PLAIN".into(),
-            response: LongString::from(response),
-            locale: "en_US".into(),
-        })))
+        c.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: LongString::from(response),
+                locale: "en_US".into(),
+            })),
+        )
         .await?;
         let tune = match c.next_method(0).await? {
             AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => t,
@@ -84,18 +93,28 @@ impl Conn {
         };
         c.frame_max = wire::effective_frame_max(tune.frame_max);
         // Heartbeat 0: the bench never idles long, and heartbeats would need a timer in hot loops.
-        c.send(0, AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
-            channel_max: tune.channel_max,
-            frame_max: c.frame_max,
-            heartbeat: 0,
-        })))
+        c.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+                channel_max: tune.channel_max,
+                frame_max: c.frame_max,
+                heartbeat: 0,
+            })),
+        )
         .await?;
         let vhost = ShortString::from(uri.vhost.as_str());
-        c.call(0, AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-            virtual_host: vhost,
-        })))
+        c.call(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+                virtual_host: vhost,
+            })),
+        )
         .await?;
-        c.call(CH, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await?;
+        c.call(
+            CH,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        )
+        .await?;
         Ok(c)
     }
 
@@ -155,15 +174,18 @@ impl Conn {
         durable: bool,
         auto_delete: bool,
     ) -> Result<(), BenchError> {
-        self.call(CH, AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: name.into(),
-            passive: false,
-            durable,
-            exclusive: false,
-            auto_delete,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })))
+        self.call(
+            CH,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: name.into(),
+                passive: false,
+                durable,
+                exclusive: false,
+                auto_delete,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
         .await?;
         Ok(())
     }
@@ -175,25 +197,31 @@ impl Conn {
         durable: bool,
         queues: &[String],
     ) -> Result<(), BenchError> {
-        self.call(CH, AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: name.into(),
-            kind: "fanout".into(),
-            passive: false,
-            durable,
-            auto_delete: true,
-            internal: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })))
-        .await?;
-        for q in queues {
-            self.call(CH, AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                queue: q.as_str().into(),
+        self.call(
+            CH,
+            AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
                 exchange: name.into(),
-                routing_key: "".into(),
+                kind: "fanout".into(),
+                passive: false,
+                durable,
+                auto_delete: true,
+                internal: false,
                 nowait: false,
                 arguments: FieldTable::default(),
-            })))
+            })),
+        )
+        .await?;
+        for q in queues {
+            self.call(
+                CH,
+                AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+                    queue: q.as_str().into(),
+                    exchange: name.into(),
+                    routing_key: "".into(),
+                    nowait: false,
+                    arguments: FieldTable::default(),
+                })),
+            )
             .await?;
         }
         Ok(())
@@ -202,12 +230,15 @@ impl Conn {
     /// Deletes a queue; "not found" is fine (auto-delete may have beaten us to it).
     pub async fn delete_queue(&mut self, name: &str) -> Result<(), BenchError> {
         let r = self
-            .call(CH, AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
-                queue: name.into(),
-                if_unused: false,
-                if_empty: false,
-                nowait: false,
-            })))
+            .call(
+                CH,
+                AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+                    queue: name.into(),
+                    if_unused: false,
+                    if_empty: false,
+                    nowait: false,
+                })),
+            )
             .await;
         self.tolerate_not_found(r).await
     }
@@ -215,11 +246,14 @@ impl Conn {
     /// Deletes an exchange; "not found" is fine (it is auto-delete).
     pub async fn delete_exchange(&mut self, name: &str) -> Result<(), BenchError> {
         let r = self
-            .call(CH, AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
-                exchange: name.into(),
-                if_unused: false,
-                nowait: false,
-            })))
+            .call(
+                CH,
+                AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+                    exchange: name.into(),
+                    if_unused: false,
+                    nowait: false,
+                })),
+            )
             .await;
         self.tolerate_not_found(r).await
     }
@@ -230,12 +264,22 @@ impl Conn {
     ) -> Result<(), BenchError> {
         match r {
             Ok(_) => Ok(()),
-            Err(BenchError::Closed { code: 404, channel: true, .. }) => {
+            Err(BenchError::Closed {
+                code: 404,
+                channel: true,
+                ..
+            }) => {
                 // The broker closed the channel: acknowledge and reopen it for the next call.
-                self.send(CH, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})))
-                    .await?;
-                self.call(CH, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})))
-                    .await?;
+                self.send(
+                    CH,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                )
+                .await?;
+                self.call(
+                    CH,
+                    AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+                )
+                .await?;
                 Ok(())
             }
             Err(e) => Err(e),
@@ -244,34 +288,43 @@ impl Conn {
 
     /// Sets the channel's prefetch (0 = unlimited).
     pub async fn qos(&mut self, prefetch: u16) -> Result<(), BenchError> {
-        self.call(CH, AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count: prefetch,
-            global: false,
-        })))
+        self.call(
+            CH,
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: prefetch,
+                global: false,
+            })),
+        )
         .await?;
         Ok(())
     }
 
     /// Puts the channel in publisher-confirm mode.
     pub async fn confirm_select(&mut self) -> Result<(), BenchError> {
-        self.call(CH, AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        })))
+        self.call(
+            CH,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: false,
+            })),
+        )
         .await?;
         Ok(())
     }
 
     /// Starts consuming; deliveries may follow `consume-ok` in the same read.
     pub async fn consume(&mut self, queue: &str, no_ack: bool) -> Result<(), BenchError> {
-        self.call(CH, AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: queue.into(),
-            consumer_tag: "".into(),
-            no_local: false,
-            no_ack,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })))
+        self.call(
+            CH,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: queue.into(),
+                consumer_tag: "".into(),
+                no_local: false,
+                no_ack,
+                exclusive: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
         .await?;
         Ok(())
     }
@@ -279,7 +332,11 @@ impl Conn {
     /// Closes the connection politely and waits (briefly) for `close-ok`, discarding deliveries.
     pub async fn close(mut self) -> Result<(), BenchError> {
         self.send(0, close_frame()).await?;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain_until_close_ok(&mut self.stream, &mut self.rbuf, self.frame_max)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            drain_until_close_ok(&mut self.stream, &mut self.rbuf, self.frame_max),
+        )
+        .await;
         Ok(())
     }
 }
@@ -309,7 +366,11 @@ pub async fn drain_until_close_ok<R: tokio::io::AsyncRead + Unpin>(
         while let Some(end) = frame_end(&data[pos..]) {
             let f = &data[pos..pos + end];
             // connection.close-ok: method frame on channel 0, class 10, method 51.
-            if f[0] == wire::FRAME_METHOD && f.len() >= 11 && f[1..3] == [0, 0] && f[7..11] == [0, 10, 0, 51] {
+            if f[0] == wire::FRAME_METHOD
+                && f.len() >= 11
+                && f[1..3] == [0, 0]
+                && f[7..11] == [0, 10, 0, 51]
+            {
                 done = true;
             }
             pos += end;

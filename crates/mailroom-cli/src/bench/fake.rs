@@ -50,29 +50,43 @@ impl FakePeer {
         let stop = Arc::new(AtomicBool::new(false));
         let cpu_ticks = Arc::new(AtomicU64::new(0));
         let threads = Arc::new(Mutex::new(Vec::new()));
-        let cfg = Config { source_size, stop: stop.clone(), cpu_ticks: cpu_ticks.clone(), threads: threads.clone() };
-        let acceptor = std::thread::Builder::new().name("fake-accept".into()).spawn(move || {
-            for s in listener.incoming() {
-                if cfg.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(s) = s else { continue };
-                let c = cfg.clone();
-                let h = std::thread::Builder::new()
-                    .name("fake-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(s, &c) {
-                            if !c.stop.load(Ordering::Relaxed) {
-                                eprintln!("fake peer: {e}");
+        let cfg = Config {
+            source_size,
+            stop: stop.clone(),
+            cpu_ticks: cpu_ticks.clone(),
+            threads: threads.clone(),
+        };
+        let acceptor = std::thread::Builder::new()
+            .name("fake-accept".into())
+            .spawn(move || {
+                for s in listener.incoming() {
+                    if cfg.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(s) = s else { continue };
+                    let c = cfg.clone();
+                    let h = std::thread::Builder::new()
+                        .name("fake-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(s, &c) {
+                                if !c.stop.load(Ordering::Relaxed) {
+                                    eprintln!("fake peer: {e}");
+                                }
                             }
-                        }
-                        c.cpu_ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
-                    })
-                    .expect("spawn fake connection thread");
-                cfg.threads.lock().unwrap().push(h);
-            }
-        })?;
-        Ok(FakePeer { addr, stop, cpu_ticks, threads, acceptor: Some(acceptor) })
+                            c.cpu_ticks
+                                .fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
+                        })
+                        .expect("spawn fake connection thread");
+                    cfg.threads.lock().unwrap().push(h);
+                }
+            })?;
+        Ok(FakePeer {
+            addr,
+            stop,
+            cpu_ticks,
+            threads,
+            acceptor: Some(acceptor),
+        })
     }
 
     /// Stops accepting, waits for its connection threads and returns their CPU seconds.
@@ -134,8 +148,17 @@ fn serve(mut s: TcpStream, cfg: &Config) -> io::Result<()> {
             .scan(rbuf.data(), |f| {
                 match f {
                     Frame::Published => published += 1,
-                    Frame::Method { channel: ch, payload, .. } => {
-                        let reply = respond(parse_method(payload)?, &mut confirm_mode, &mut start_source, &mut closing);
+                    Frame::Method {
+                        channel: ch,
+                        payload,
+                        ..
+                    } => {
+                        let reply = respond(
+                            parse_method(payload)?,
+                            &mut confirm_mode,
+                            &mut start_source,
+                            &mut closing,
+                        );
                         if let Some(r) = reply {
                             replies.extend_from_slice(&method(ch, r));
                         }
@@ -163,10 +186,14 @@ fn serve(mut s: TcpStream, cfg: &Config) -> io::Result<()> {
             if let Some(size) = cfg.source_size {
                 let (w, stop, global) = (writer.clone(), conn_stop.clone(), cfg.stop.clone());
                 let ticks = cfg.cpu_ticks.clone();
-                source = Some(std::thread::Builder::new().name("fake-source".into()).spawn(move || {
-                    let _ = stream_deliveries(&w, size, &stop, &global);
-                    ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
-                })?);
+                source = Some(
+                    std::thread::Builder::new()
+                        .name("fake-source".into())
+                        .spawn(move || {
+                            let _ = stream_deliveries(&w, size, &stop, &global);
+                            ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
+                        })?,
+                );
             }
         }
         if closing {
@@ -204,7 +231,9 @@ fn respond(
             *closing = true;
             C::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}))
         }
-        C::Channel(channel::AMQPMethod::Open(_)) => C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        C::Channel(channel::AMQPMethod::Open(_)) => {
+            C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))
+        }
         C::Channel(channel::AMQPMethod::Close(_)) => {
             C::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))
         }
@@ -215,16 +244,24 @@ fn respond(
         C::Basic(basic::AMQPMethod::Qos(_)) => C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
         C::Basic(basic::AMQPMethod::Consume(_)) => {
             *start_source = true;
-            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: "amq.ctag-fake".into() }))
+            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                consumer_tag: "amq.ctag-fake".into(),
+            }))
         }
-        C::Queue(queue::AMQPMethod::Declare(d)) => C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-            queue: d.queue,
-            message_count: 0,
-            consumer_count: 0,
-        })),
-        C::Queue(queue::AMQPMethod::Bind(_)) => C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
+        C::Queue(queue::AMQPMethod::Declare(d)) => {
+            C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                queue: d.queue,
+                message_count: 0,
+                consumer_count: 0,
+            }))
+        }
+        C::Queue(queue::AMQPMethod::Bind(_)) => {
+            C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}))
+        }
         C::Queue(queue::AMQPMethod::Delete(_)) => {
-            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: 0 }))
+            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                message_count: 0,
+            }))
         }
         C::Exchange(exchange::AMQPMethod::Declare(_)) => {
             C::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))
