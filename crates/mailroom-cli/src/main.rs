@@ -19,9 +19,13 @@ enum Command {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    match Cli::parse().command {
-        Command::Bench(args) => bench::run(args).await?,
+async fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Command::Bench(args) => bench::run(args).await,
+    };
+    if let Err(e) = result {
+        eprintln!("mailroom: {e}");
+        return std::process::ExitCode::FAILURE;
     }
-    Ok(())
+    std::process::ExitCode::SUCCESS
 }

@@ -75,6 +75,14 @@ impl Conn {
             "product".into(),
             AMQPValue::LongString("mailroom-bench".into()),
         );
+        // Without this capability RabbitMQ drops the socket on bad credentials instead of
+        // sending connection.close 403, leaving the user a bare "connection reset".
+        let mut caps = FieldTable::default();
+        caps.insert(
+            "authentication_failure_close".into(),
+            AMQPValue::Boolean(true),
+        );
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
         let user = &uri.authority.userinfo;
         let response = format!("\0{}\0{}", user.username, user.password);
         c.send(
