@@ -1,4 +1,6 @@
-//! The `mailroom` command: runs the broker (`mailroom server`).
+//! The `mailroom` command: runs the broker (`mailroom server`) and the load generator (`mailroom bench`).
+
+mod bench;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Server(ServerArgs),
+    /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags of `mailroom server`; each also reads a `MAILROOM_*` environment variable.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Server(args) => run_server(args).await,
+            Command::Bench(args) => bench::run(args).await.map_err(Into::into),
         }
     });
     match result {

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Runs the standard `mailroom bench` scenarios against Mailroom and RabbitMQ back to back
+# (interleaved run by run, so load drift on the machine hits both alike), RUNS times each,
+# and prints the medians side by side. Raw RESULT lines go to $LOG.
+#
+# Environment:
+#   MAILROOM_URL   default amqp://guest:guest@127.0.0.1:5673/%2F
+#   RABBITMQ_URL   default amqp://guest:guest@127.0.0.1:5672/%2F
+#   MAILROOM_PID / RABBITMQ_PID   broker pids, to report broker CPU seconds (optional)
+#   MAILROOM_BIN   the bench binary (default: built with cargo in release mode)
+#   DURATION       seconds per run (default 10);  RUNS  runs per broker (default 3)
+#   ONLY           run only scenarios whose name contains this string
+#   TARGETS        "mailroom rabbitmq" (default), or just one of them
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MAILROOM_URL=${MAILROOM_URL:-amqp://guest:guest@127.0.0.1:5673/%2F}
+RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}
+DURATION=${DURATION:-10}
+RUNS=${RUNS:-3}
+TARGETS=${TARGETS:-mailroom rabbitmq}
+LOG=${LOG:-$(mktemp -t bench-compare.XXXXXX.log)}
+
+if [[ -z ${MAILROOM_BIN:-} ]]; then
+    (cd "$ROOT" && cargo build --release -q -p mailroom-cli)
+    MAILROOM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailroom
+fi
+
+# name | bench flags | metrics to compare (keys of the RESULT line)
+SCENARIOS=(
+    "1p1c-16B-transient-autoack|--size 16 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
+    "1p1c-1KiB-transient-autoack|--size 1024 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
+    "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms broker_cpu_s"
+    "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate p99_ms broker_cpu_s"
+)
+
+url_of() { if [[ $1 == mailroom ]]; then echo "$MAILROOM_URL"; else echo "$RABBITMQ_URL"; fi; }
+pid_of() { if [[ $1 == mailroom ]]; then echo "${MAILROOM_PID:-}"; else echo "${RABBITMQ_PID:-}"; fi; }
+
+# value KEY LINE: the value of KEY=... in a RESULT line.
+value() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
+
+# median of the numbers on stdin ("n/a" if none).
+median() {
+    sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "n/a"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+declare -A RESULTS   # "<scenario>|<target>" -> newline-separated RESULT lines
+
+echo "# $(date -u +%FT%TZ) $(nproc) cpus, load: $(cut -d' ' -f1-3 /proc/loadavg); log: $LOG" | tee -a "$LOG" >&2
+for sc in "${SCENARIOS[@]}"; do
+    IFS='|' read -r name flags _ <<<"$sc"
+    [[ -n ${ONLY:-} && $name != *"$ONLY"* ]] && continue
+    for run in $(seq 1 "$RUNS"); do
+        for target in $TARGETS; do
+            pid=$(pid_of "$target")
+            # shellcheck disable=SC2086  # flags are meant to split
+            cmd=("$MAILROOM_BIN" bench --uri "$(url_of "$target")" --duration "$DURATION" $flags ${pid:+--broker-pid "$pid"})
+            echo "## $name $target run $run (load $(cut -d' ' -f1 /proc/loadavg)): ${cmd[*]}" | tee -a "$LOG" >&2
+            if line=$("${cmd[@]}" 2>>"$LOG" | grep '^RESULT'); then
+                echo "$line" | tee -a "$LOG" >&2
+                RESULTS["$name|$target"]+="$line"$'\n'
+            else
+                echo "   failed (see $LOG)" | tee -a "$LOG" >&2
+            fi
+        done
+    done
+done
+
+printf '\n%-40s %-14s' scenario metric
+for target in $TARGETS; do printf ' %14s' "$target"; done
+printf '\n'
+for sc in "${SCENARIOS[@]}"; do
+    IFS='|' read -r name _ metrics <<<"$sc"
+    [[ -n ${ONLY:-} && $name != *"$ONLY"* ]] && continue
+    for m in $metrics; do
+        printf '%-40s %-14s' "$name" "$m"
+        for target in $TARGETS; do
+            med=$(while IFS= read -r l; do
+                      if [[ -n $l ]]; then value "$m" "$l"; fi
+                  done <<<"${RESULTS["$name|$target"]:-}" | { grep -v '^na$' || true; } | median)
+            printf ' %14s' "$med"
+        done
+        printf '\n'
+    done
+done
+echo "(medians of $RUNS runs of ${DURATION}s; raw lines in $LOG)"
