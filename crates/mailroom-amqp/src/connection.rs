@@ -1080,21 +1080,33 @@ impl Connection {
 
     // ---- content ---------------------------------------------------------------------------------
 
-    fn handle_content_header(&mut self, id: u16, payload: Bytes) {
+    /// The publish a content frame belongs to; None (after closing the connection if needed) when the frame
+    /// must be dropped: connection not open, channel closing, or no publish before it (505).
+    fn pending_publish(&mut self, id: u16, what: &str) -> Option<&mut PendingPublish> {
         if self.phase != Phase::Open {
-            return;
+            return None;
         }
-        let Some(ch) = self.channels.get_mut(&id) else {
-            self.close_connection(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"));
-            return;
-        };
-        if ch.phase == ChannelPhase::Closing {
-            return;
+        let state = self.channels.get(&id).map(|c| (c.phase, c.pending.is_some()));
+        match state {
+            None => {
+                self.close_connection(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"));
+                None
+            }
+            Some((ChannelPhase::Closing, _)) => None,
+            Some((_, false)) => {
+                self.close_connection(AmqpError::connection(
+                    code::UNEXPECTED_FRAME,
+                    format!("{what} without a preceding publish"),
+                ));
+                None
+            }
+            Some(_) => self.channels.get_mut(&id).and_then(|c| c.pending.as_mut()),
         }
-        let Some(pending) = ch.pending.as_mut() else {
-            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content header without a preceding publish"));
-            return;
-        };
+    }
+
+    fn handle_content_header(&mut self, id: u16, payload: Bytes) {
+        let max = self.ctx.config.max_message_size;
+        let Some(pending) = self.pending_publish(id, "content header") else { return };
         if pending.header.is_some() {
             self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "second content header for one publish"));
             return;
@@ -1102,18 +1114,18 @@ impl Connection {
         let header = match codec::parse_content_header(payload) {
             Ok(h) => h,
             Err(e) => {
-                self.close_connection(AmqpError::connection(code::FRAME_ERROR, format!("malformed content header: {e}")));
+                let code = match e {
+                    codec::HeaderError::WrongClass { .. } => code::UNEXPECTED_FRAME,
+                    codec::HeaderError::Malformed => code::SYNTAX_ERROR,
+                    _ => code::FRAME_ERROR,
+                };
+                self.close_connection(AmqpError::connection(code, format!("bad content header: {e}")));
                 return;
             }
         };
-        if header.class_id != 60 {
-            self.close_connection(AmqpError::connection(code::FRAME_ERROR, "content header for a class other than basic"));
-            return;
-        }
-        let max = self.ctx.config.max_message_size;
         if header.body_size > max as u64 {
             let size = header.body_size;
-            ch.pending = None;
+            // Closing the channel drops the pending publish; its body frames are ignored from now on.
             self.close_channel_with(
                 id,
                 AmqpError::channel(code::PRECONDITION_FAILED, format!("message size {size} is larger than configured max size {max}"))
@@ -1129,20 +1141,7 @@ impl Connection {
     }
 
     fn handle_content_body(&mut self, id: u16, payload: Bytes) {
-        if self.phase != Phase::Open {
-            return;
-        }
-        let Some(ch) = self.channels.get_mut(&id) else {
-            self.close_connection(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"));
-            return;
-        };
-        if ch.phase == ChannelPhase::Closing {
-            return;
-        }
-        let Some(pending) = ch.pending.as_mut() else {
-            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content body without a preceding publish"));
-            return;
-        };
+        let Some(pending) = self.pending_publish(id, "content body") else { return };
         let Some(header) = pending.header.as_ref() else {
             self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content body before its content header"));
             return;
