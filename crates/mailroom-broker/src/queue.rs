@@ -4,10 +4,10 @@
 //! deliveries leave through each consumer's unbounded sink, which prefetch (or, for no-ack consumers,
 //! the in-flight window) keeps bounded.
 
-use crate::args::{Overflow, QueueArguments};
+use crate::args::{Overflow, QueueArguments, QueueType};
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
-use amq_protocol_types::FieldTable;
+use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -144,6 +144,8 @@ struct Entry {
     message: Arc<Message>,
     redelivered: bool,
     expires_at: Option<Instant>,
+    /// Times the message was returned to the queue (requeue, or its channel closed while unacked).
+    delivery_count: u32,
 }
 
 #[derive(Debug)]
@@ -365,7 +367,7 @@ impl Queue {
             }
         }
         st.ready_bytes += size;
-        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at });
+        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0 });
         // Drop-head: make room by dropping the oldest.
         while over(&st, 0, 0) {
             let Some(old) = st.ready.pop_front() else { break };
@@ -390,8 +392,12 @@ impl Queue {
         self.run_aftermath(after);
     }
 
-    /// Picks the consumer for the next message: the highest priority with room, round-robin among equals.
-    fn choose_consumer(st: &QueueState) -> Option<usize> {
+    /// Picks the consumer for the next message: the highest priority with room, round-robin among equals;
+    /// with `x-single-active-consumer`, only the earliest registered consumer.
+    fn choose_consumer(&self, st: &QueueState) -> Option<usize> {
+        if self.spec.args.single_active_consumer {
+            return st.consumers.first().filter(|c| c.has_credit()).map(|_| 0);
+        }
         let n = st.consumers.len();
         let mut best: Option<(i32, usize)> = None;
         for i in 0..n {
@@ -408,7 +414,7 @@ impl Queue {
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
         while !st.ready.is_empty() && !st.consumers.is_empty() {
-            let Some(idx) = Self::choose_consumer(st) else { break };
+            let Some(idx) = self.choose_consumer(st) else { break };
             let n = st.consumers.len();
             if !st.consumers[idx].options.no_ack && !st.consumers[idx].options.channel_prefetch.try_take() {
                 // Another channel's consumer raced us to the shared limit.
@@ -430,7 +436,7 @@ impl Queue {
                 consumer: consumer.id,
                 queue: Arc::clone(self),
                 id: entry.id,
-                message: Arc::clone(&entry.message),
+                message: self.outgoing(&entry),
                 redelivered: entry.redelivered,
             };
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
@@ -545,8 +551,14 @@ impl Queue {
                     continue;
                 }
                 if requeue {
+                    let delivery_count = entry.delivery_count + 1;
+                    // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
+                    if self.spec.args.delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
+                        after.dead.push((entry.message, DeadLetterReason::DeliveryLimit));
+                        continue;
+                    }
                     st.ready_bytes += entry.message.body.len() as u64;
-                    insert_ready(&mut st.ready, Entry { redelivered: true, ..entry });
+                    insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
                 } else {
                     after.dead.push((entry.message, DeadLetterReason::Rejected));
                 }
@@ -554,6 +566,21 @@ impl Queue {
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
+    }
+
+    /// The message as delivered: where the queue counts deliveries (quorum queues, as RabbitMQ 3.10, and any
+    /// queue with `x-delivery-limit`) it carries `x-delivery-count`, 0 on the first delivery.
+    fn outgoing(&self, entry: &Entry) -> Arc<Message> {
+        let counts = self.spec.args.delivery_limit.is_some() || self.spec.args.queue_type == QueueType::Quorum;
+        if !counts {
+            return Arc::clone(&entry.message);
+        }
+        let mut message = (*entry.message).clone();
+        let mut headers = message.headers().cloned().unwrap_or_default();
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(entry.delivery_count as i64));
+        message.properties = message.properties.with_headers(headers);
+        message.raw_properties = None;
+        Arc::new(message)
     }
 
     /// Takes one message (`basic.get`); with `no_ack` it is settled at once.
@@ -572,7 +599,7 @@ impl Queue {
                 }
                 let result = GetResult {
                     id: entry.id,
-                    message: Arc::clone(&entry.message),
+                    message: self.outgoing(&entry),
                     redelivered: entry.redelivered,
                     remaining: st.ready.len() as u32,
                 };
