@@ -1,6 +1,7 @@
 //! Exchanges and their bindings: where a published message goes.
 
 use crate::error::{BrokerError, ErrorKind, Result};
+use crate::plugins::{ExchangeExtras, ExchangeFlavor};
 use crate::queue::Queue;
 use crate::routing::{headers::HeadersBinding, topic::TopicIndex};
 use amq_protocol_types::FieldTable;
@@ -114,6 +115,19 @@ pub struct ExchangeSpec {
     pub arguments: FieldTable,
     /// `alternate-exchange`: where unroutable messages go.
     pub alternate_exchange: Option<String>,
+    /// Delayed or deduplicating behaviour on top of routing.
+    pub flavor: ExchangeFlavor,
+}
+
+impl ExchangeSpec {
+    /// The type name as declared (`x-delayed-message` for a delayed exchange, and so on).
+    pub fn type_name(&self) -> &'static str {
+        match self.flavor {
+            ExchangeFlavor::Plain => self.kind.as_str(),
+            ExchangeFlavor::Delayed => crate::plugins::DELAYED_TYPE,
+            ExchangeFlavor::Deduplicating { .. } => crate::plugins::DEDUP_TYPE,
+        }
+    }
 }
 
 /// An exchange with its bindings.
@@ -121,6 +135,7 @@ pub struct ExchangeSpec {
 pub struct Exchange {
     spec: ExchangeSpec,
     state: RwLock<ExchangeState>,
+    extras: ExchangeExtras,
 }
 
 impl Exchange {
@@ -132,7 +147,11 @@ impl Exchange {
             ExchangeKind::Topic => Router::Topic(TopicIndex::new()),
             ExchangeKind::Headers => Router::Headers(Vec::new()),
         };
-        Self { spec, state: RwLock::new(ExchangeState { bindings: Vec::new(), router, deleted: false }) }
+        Self {
+            spec,
+            state: RwLock::new(ExchangeState { bindings: Vec::new(), router, deleted: false }),
+            extras: ExchangeExtras::default(),
+        }
     }
 
     /// Its declared properties.
@@ -142,6 +161,10 @@ impl Exchange {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+    /// Delayed messages and the deduplication cache (used only by those flavors).
+    pub fn extras(&self) -> &ExchangeExtras {
+        &self.extras
     }
 
     fn read(&self) -> RwLockReadGuard<'_, ExchangeState> {
@@ -236,6 +259,8 @@ impl Exchange {
         st.deleted = true;
         st.bindings.clear();
         st.router = Router::Fanout;
+        // Let a delayed exchange's release task see the deletion and end.
+        self.extras.delayed.wake.notify_one();
     }
     /// Whether the exchange was deleted.
     pub fn is_deleted(&self) -> bool {

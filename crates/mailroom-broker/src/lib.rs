@@ -9,6 +9,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod exchange;
 pub mod message;
+pub mod plugins;
 pub mod queue;
 pub mod routing;
 pub mod vhost;

@@ -4,6 +4,7 @@ use crate::args::{self, QueueArguments, QueueType};
 use crate::dead_letter;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
+use crate::plugins::{self, DelayedMessages, ExchangeFlavor};
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
@@ -112,6 +113,7 @@ impl VHost {
                 internal: false,
                 arguments: FieldTable::default(),
                 alternate_exchange: None,
+                flavor: ExchangeFlavor::Plain,
             };
             write(&vhost.exchanges).insert((*name).to_owned(), Arc::new(Exchange::new(spec)));
         }
@@ -156,7 +158,8 @@ impl VHost {
         if options.passive {
             return self.exchange(name).map(|_| ());
         }
-        let kind = ExchangeKind::parse(kind)?;
+        let type_name = kind;
+        let (kind, flavor) = ExchangeFlavor::parse(type_name, &options.arguments)?;
         let reserved = || {
             BrokerError::access_refused(format!("exchange name '{name}' contains reserved prefix 'amq.*'"))
         };
@@ -182,8 +185,8 @@ impl VHost {
                     self.name
                 )))
             };
-            if s.kind != kind {
-                return mismatch("type", kind.as_str().into(), s.kind.as_str().into());
+            if s.type_name() != type_name || s.kind != kind {
+                return mismatch("type", type_name.into(), s.type_name().into());
             }
             if s.durable != options.durable {
                 return mismatch("durable", options.durable.to_string(), s.durable.to_string());
@@ -215,8 +218,17 @@ impl VHost {
             internal: options.internal,
             arguments: options.arguments.clone(),
             alternate_exchange,
+            flavor,
         };
-        exchanges.insert(name.to_owned(), Arc::new(Exchange::new(spec)));
+        let exchange = Arc::new(Exchange::new(spec));
+        if exchange.spec().flavor == ExchangeFlavor::Delayed {
+            tokio::spawn(run_delayed_release(
+                self.myself.clone(),
+                Arc::downgrade(&exchange),
+                Arc::clone(&exchange.extras().delayed),
+            ));
+        }
+        exchanges.insert(name.to_owned(), exchange);
         Ok(())
     }
 
@@ -479,8 +491,10 @@ impl VHost {
         }
     }
 
-    /// Publishes a message to `exchange`: routes it (CC/BCC included) and enqueues it.
-    pub fn publish(&self, exchange: &str, mut message: Message) -> Result<PublishResult> {
+    /// Publishes a message to `exchange`: routes it (CC/BCC included) and enqueues it. A delayed exchange
+    /// holds a message with a positive `x-delay` (counted as routed: the plugin ignores `mandatory`); a
+    /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
+    pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
         let ex = self.exchange(exchange)?;
         if ex.spec().internal {
             return Err(BrokerError::access_refused(format!(
@@ -488,6 +502,25 @@ impl VHost {
                 self.name
             )));
         }
+        match &ex.spec().flavor {
+            ExchangeFlavor::Plain => {}
+            ExchangeFlavor::Delayed => {
+                if let Some(delay) = plugins::requested_delay(&message) {
+                    ex.extras().delayed.schedule(message, delay);
+                    return Ok(PublishResult { routed: true, rejected: false });
+                }
+            }
+            ExchangeFlavor::Deduplicating { cache_size, ttl_ms } => {
+                if !ex.extras().dedup.admit(&message, *cache_size, *ttl_ms) {
+                    return Ok(PublishResult::default());
+                }
+            }
+        }
+        Ok(self.route_and_enqueue(&ex, message))
+    }
+
+    /// Routes a message from `ex` (with its CC/BCC keys, BCC then stripped) and pushes it onto every target queue.
+    fn route_and_enqueue(&self, ex: &Arc<Exchange>, mut message: Message) -> PublishResult {
         let mut keys = vec![message.routing_key.to_string()];
         let headers = message.headers();
         let has_bcc = headers.is_some_and(|h| h.contains_key("BCC"));
@@ -495,7 +528,7 @@ impl VHost {
             keys.extend(header_routing_keys(headers, "CC"));
             keys.extend(header_routing_keys(headers, "BCC"));
         }
-        let queues = self.route(&ex, &keys, message.headers());
+        let queues = self.route(ex, &keys, message.headers());
         if has_bcc {
             // BCC keys must not reach consumers.
             let mut table = message.headers().cloned().unwrap_or_default();
@@ -516,7 +549,7 @@ impl VHost {
                 result.rejected = true;
             }
         }
-        Ok(result)
+        result
     }
 
     /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange
@@ -587,6 +620,30 @@ impl QueueHooks for VHost {
 
     fn expire_queue(&self, queue: &Arc<Queue>) {
         self.remove_queue(queue);
+    }
+}
+
+/// Releases a delayed exchange's messages when due, routing each by the exchange's underlying type.
+/// Holds only weak handles, so it ends when the exchange or vhost goes.
+async fn run_delayed_release(vhost: Weak<VHost>, exchange: Weak<Exchange>, delayed: Arc<DelayedMessages>) {
+    loop {
+        let next = delayed.next_due();
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = delayed.wake.notified() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => delayed.wake.notified().await,
+        }
+        let (Some(v), Some(ex)) = (vhost.upgrade(), exchange.upgrade()) else { return };
+        if ex.is_deleted() {
+            return;
+        }
+        for (message, delay) in delayed.take_due(tokio::time::Instant::now()) {
+            v.route_and_enqueue(&ex, plugins::mark_released(message, delay));
+        }
     }
 }
 
