@@ -101,3 +101,18 @@ def test_dedup_cache_ttl_and_per_message_override(amqp):
     amqp.ch.basic_publish(x, "", b"b2", properties=dedup("b"))  # still remembered
     assert [get(amqp.ch, q)[2] for _ in range(3)] == [b"a1", b"b1", b"a2"]
     assert_empty(amqp.ch, q)
+
+
+def test_queue_level_dedup_while_message_is_in_queue(amqp):
+    q = amqp.queue(arguments={"x-message-deduplication": True})
+    amqp.ch.confirm_delivery()
+    amqp.ch.basic_publish("", q, b"1", properties=dedup("k"))
+    amqp.ch.basic_publish("", q, b"dup", properties=dedup("k"))  # dropped, still acked
+    amqp.ch.basic_publish("", q, b"other", properties=dedup("j"))
+    m, _, b = get(amqp.ch, q, auto_ack=False)
+    assert b == b"1"
+    amqp.ch.basic_publish("", q, b"dup-unacked", properties=dedup("k"))  # still in the queue (unacked)
+    amqp.ch.basic_ack(m.delivery_tag)
+    amqp.ch.basic_publish("", q, b"2", properties=dedup("k"))  # the first left: accepted
+    assert [get(amqp.ch, q)[2] for _ in range(2)] == [b"other", b"2"]
+    assert_empty(amqp.ch, q)

@@ -52,6 +52,8 @@ pub struct QueueArguments {
     pub delivery_limit: Option<u64>,
     /// `x-queue-type`.
     pub queue_type: QueueType,
+    /// `x-message-deduplication` (the deduplication plugin's queue argument).
+    pub deduplication: bool,
 }
 
 /// The `x-` arguments RabbitMQ 3.10 validates and compares on redeclare.
@@ -230,6 +232,10 @@ impl QueueArguments {
                 }
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => parsed.single_active_consumer = *b,
+                    other => return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other)))),
+                },
+                "x-message-deduplication" => match value {
+                    AMQPValue::Boolean(b) => parsed.deduplication = *b,
                     other => return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other)))),
                 },
                 "x-queue-type" => {

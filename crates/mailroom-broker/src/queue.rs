@@ -7,9 +7,10 @@
 use crate::args::{Overflow, QueueArguments, QueueType};
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
+use crate::plugins;
 use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::sync::{mpsc, Notify};
@@ -181,6 +182,8 @@ struct QueueState {
     expiries: BinaryHeap<Reverse<(Instant, Rank)>>,
     last_used: Instant,
     deleted: bool,
+    /// `x-deduplication-header` values of messages in the queue (ready or unacked), for `x-message-deduplication`.
+    dedup: HashSet<String>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -261,6 +264,7 @@ impl Queue {
                 expiries: BinaryHeap::new(),
                 last_used: Instant::now(),
                 deleted: false,
+                dedup: HashSet::new(),
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -346,6 +350,14 @@ impl Queue {
                 Overflow::DropHead => {}
             }
         }
+        if args.deduplication {
+            if let Some(key) = plugins::dedup_key(&message) {
+                // A duplicate of a message still in the queue is dropped (and, with confirms, still acked).
+                if !st.dedup.insert(key) {
+                    return PushOutcome::Enqueued;
+                }
+            }
+        }
         let ttl = match (args.message_ttl, message.expiration_ms()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -372,6 +384,7 @@ impl Queue {
         while over(&st, 0, 0) {
             let Some(old) = st.ready.pop_front() else { break };
             st.ready_bytes -= old.message.body.len() as u64;
+            self.forget(&mut st, &old.message);
             after.dead.push((old.message, DeadLetterReason::MaxLen));
         }
         self.dispatch_locked(&mut st, now, after);
@@ -424,14 +437,15 @@ impl Queue {
             // The loop condition guarantees a ready entry.
             let Some(entry) = st.ready.pop_front() else { break };
             st.ready_bytes -= entry.message.body.len() as u64;
-            let consumer = &mut st.consumers[idx];
             if entry.expires_at.is_some_and(|at| at < now) {
-                if !consumer.options.no_ack {
-                    consumer.options.channel_prefetch.release();
+                if !st.consumers[idx].options.no_ack {
+                    st.consumers[idx].options.channel_prefetch.release();
                 }
+                self.forget(st, &entry.message);
                 after.dead.push((entry.message, DeadLetterReason::Expired));
                 continue;
             }
+            let consumer = &mut st.consumers[idx];
             let delivery = Delivery {
                 consumer: consumer.id,
                 queue: Arc::clone(self),
@@ -451,7 +465,9 @@ impl Queue {
                 continue;
             }
             consumer.outstanding += 1;
-            if !consumer.options.no_ack {
+            if consumer.options.no_ack {
+                self.forget(st, &entry.message);
+            } else {
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
@@ -533,7 +549,9 @@ impl Queue {
         {
             let mut st = self.lock();
             for id in ids {
-                Self::settle_locked(&mut st, *id);
+                if let Some(entry) = Self::settle_locked(&mut st, *id) {
+                    self.forget(&mut st, &entry.message);
+                }
             }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
@@ -554,18 +572,29 @@ impl Queue {
                     let delivery_count = entry.delivery_count + 1;
                     // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
                     if self.spec.args.delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
+                        self.forget(&mut st, &entry.message);
                         after.dead.push((entry.message, DeadLetterReason::DeliveryLimit));
                         continue;
                     }
                     st.ready_bytes += entry.message.body.len() as u64;
                     insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
                 } else {
+                    self.forget(&mut st, &entry.message);
                     after.dead.push((entry.message, DeadLetterReason::Rejected));
                 }
             }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
+    }
+
+    /// A message left the queue for good: a later one with the same deduplication value may enter.
+    fn forget(&self, st: &mut QueueState, message: &Message) {
+        if self.spec.args.deduplication {
+            if let Some(key) = plugins::dedup_key(message) {
+                st.dedup.remove(&key);
+            }
+        }
     }
 
     /// The message as delivered: where the queue counts deliveries (quorum queues, as RabbitMQ 3.10, and any
@@ -594,6 +623,7 @@ impl Queue {
                 let Some(entry) = st.ready.pop_front() else { break None };
                 st.ready_bytes -= entry.message.body.len() as u64;
                 if entry.expires_at.is_some_and(|at| at < now) {
+                    self.forget(&mut st, &entry.message);
                     after.dead.push((entry.message, DeadLetterReason::Expired));
                     continue;
                 }
@@ -603,7 +633,9 @@ impl Queue {
                     redelivered: entry.redelivered,
                     remaining: st.ready.len() as u32,
                 };
-                if !no_ack {
+                if no_ack {
+                    self.forget(&mut st, &entry.message);
+                } else {
                     st.unacked.insert(entry.id, Unacked { entry, consumer: None, channel_prefetch: None });
                 }
                 break Some(result);
@@ -617,7 +649,10 @@ impl Queue {
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
         let n = st.ready.len() as u32;
-        st.ready.clear();
+        let ready = std::mem::take(&mut st.ready);
+        for e in &ready {
+            self.forget(&mut st, &e.message);
+        }
         st.ready_bytes = 0;
         st.expiries.clear();
         n
@@ -654,6 +689,7 @@ impl Queue {
                 if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
                     if let Some(e) = st.ready.remove(pos) {
                         st.ready_bytes -= e.message.body.len() as u64;
+                        self.forget(st, &e.message);
                         after.dead.push((e.message, DeadLetterReason::Expired));
                     }
                 }
