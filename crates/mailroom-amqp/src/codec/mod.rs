@@ -18,6 +18,7 @@
 
 mod frame;
 mod header;
+mod hot;
 mod method;
 mod nesting;
 mod sasl;
@@ -35,6 +36,7 @@ pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, Sho
 pub use amq_protocol::types::{ByteArray, DecimalValue};
 
 pub use frame::{split_frame, write_body, write_heartbeat, FrameError, FrameKind, RawFrame};
+pub use hot::{parse_basic_ack, parse_basic_publish, write_basic_deliver, PublishRef};
 pub use header::{
     encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError,
 };
