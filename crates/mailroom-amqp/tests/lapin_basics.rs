@@ -486,16 +486,17 @@ async fn direct_reply_to_without_consumer_is_406() {
     let conn = server.connect().await;
     let ch = channel(&conn).await;
     let q = declare(&ch, "rpc-nobody").await;
-    let err = ch
-        .basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), b"x", BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()))
+    let mut events = conn.events_listener();
+    // Without confirms the publish itself cannot fail: the channel.close shows up as a connection event.
+    ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), b"x", BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()))
         .await
-        .unwrap()
-        .await
-        .err();
-    // Without confirms the publish itself cannot fail; the channel close shows on the next call.
-    let err = match err {
-        Some(e) => e,
-        None => ch.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap_err(),
+        .unwrap();
+    let err = loop {
+        match tokio::time::timeout(WAIT, events.next()).await.expect("channel closed in time") {
+            Some(lapin::Event::Error(e)) => break e,
+            Some(_) => continue,
+            None => panic!("event stream ended"),
+        }
     };
     assert_eq!(reply_code(&err), Some(406), "{err}");
     server.shutdown().await;
@@ -551,9 +552,17 @@ async fn channel_error_leaves_the_connection_usable() {
     assert!(!bad.status().connected(), "the failing channel is closed");
     // Other errors too: unknown delivery tag (406), publish to a missing exchange (404).
     let bad2 = channel(&conn).await;
+    let mut events = conn.events_listener();
     bad2.basic_ack(999, BasicAckOptions::default()).await.unwrap();
-    let err = bad2.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    let err = loop {
+        match tokio::time::timeout(WAIT, events.next()).await.expect("channel closed in time") {
+            Some(lapin::Event::Error(e)) => break e,
+            Some(_) => continue,
+            None => panic!("event stream ended"),
+        }
+    };
     assert_eq!(reply_code(&err), Some(406), "unknown delivery tag: {err}");
+    eventually("the channel is closed", || !bad2.status().connected()).await;
 
     assert!(conn.status().connected());
     publish(&good, &q, b"still here").await;
