@@ -1,6 +1,6 @@
 //! Per-channel state: consumers, unacked deliveries, confirm/tx mode, and a publish being assembled.
 
-use crate::codec::{basic, ContentHeader};
+use crate::codec::ContentHeader;
 use crate::error::{code, AmqpError};
 use bytes::{Bytes, BytesMut};
 use mailroom_broker::{ChannelPrefetch, ConsumerId, Message, MessageId, Queue};
@@ -42,8 +42,12 @@ pub struct UnackedDelivery {
 /// A `basic.publish` whose content is still arriving.
 #[derive(Debug)]
 pub struct PendingPublish {
-    /// The method.
-    pub method: basic::Publish,
+    /// Target exchange.
+    pub exchange: Arc<str>,
+    /// Routing key.
+    pub routing_key: Arc<str>,
+    /// Return the message if it cannot be routed.
+    pub mandatory: bool,
     /// The content header, once received.
     pub header: Option<ContentHeader>,
     /// Body frames so far (one frame: no copy at all).

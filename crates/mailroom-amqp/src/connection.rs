@@ -137,19 +137,23 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
     let _ = wr.shutdown().await;
 }
 
-fn short(s: &str) -> ShortString {
-    // Names we send come from short strings or are checked at declare; cut at a char boundary rather than
-    // corrupt a frame if a longer one (e.g. a dead-letter routing key) slips through.
-    match codec::short_string(s) {
-        Ok(v) => v,
-        Err(_) => {
-            let mut end = 255;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            ShortString::from(&s[..end])
-        }
+/// Cuts a string to the 255 bytes a short string holds, at a char boundary. Names we send come from short
+/// strings or are checked at declare; this keeps a longer one (e.g. a dead-letter routing key taken from a
+/// long-string argument) from corrupting a frame.
+fn clip(s: &str) -> &str {
+    if s.len() <= 255 {
+        return s;
     }
+    let mut end = 255;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn short(s: &str) -> ShortString {
+    // clip() guarantees the length, so this cannot fail.
+    codec::short_string(clip(s)).unwrap_or_default()
 }
 
 /// Reply texts are short strings: RabbitMQ cuts them to 255 bytes ending in "...".
@@ -428,6 +432,29 @@ impl Connection {
                         );
                     }
                     return;
+                }
+                // The per-message methods skip the generic parser (and its allocations) when well-formed.
+                if let Some(publish) = codec::parse_basic_publish(&frame.payload) {
+                    if self.channel_accepts(frame.channel) && !publish.immediate {
+                        if let Some(ch) = self.channels.get_mut(&frame.channel).filter(|c| c.pending.is_none()) {
+                            ch.pending = Some(PendingPublish {
+                                exchange: publish.exchange.into(),
+                                routing_key: publish.routing_key.into(),
+                                mandatory: publish.mandatory,
+                                header: None,
+                                body: BodyBuffer::Empty,
+                            });
+                            return;
+                        }
+                    }
+                }
+                if let Some((tag, multiple)) = codec::parse_basic_ack(&frame.payload) {
+                    if self.channel_accepts(frame.channel) && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none()) {
+                        if let Err(e) = self.settle_deliveries(frame.channel, tag, multiple, true, false) {
+                            self.fail(frame.channel, e.on(60, 80));
+                        }
+                        return;
+                    }
                 }
                 match codec::parse_method(&frame.payload) {
                     Ok(method) => self.handle_method(frame.channel, method),
@@ -1009,7 +1036,13 @@ impl Connection {
                 if p.immediate {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
                 }
-                self.channel(id).pending = Some(PendingPublish { method: p, header: None, body: BodyBuffer::Empty });
+                self.channel(id).pending = Some(PendingPublish {
+                    exchange: p.exchange.as_str().into(),
+                    routing_key: p.routing_key.as_str().into(),
+                    mandatory: p.mandatory,
+                    header: None,
+                    body: BodyBuffer::Empty,
+                });
             }
             basic::AMQPMethod::Get(g) => {
                 let name = self.queue_name(id, &g.queue)?;
@@ -1161,10 +1194,9 @@ impl Connection {
         // Called only with a complete pending publish on an open channel.
         let Some(pending) = self.channel(id).pending.take() else { return };
         let Some(header) = pending.header else { return };
-        let p = pending.method;
         let mut message = Message {
-            exchange: p.exchange.as_str().into(),
-            routing_key: p.routing_key.as_str().into(),
+            exchange: Arc::clone(&pending.exchange),
+            routing_key: Arc::clone(&pending.routing_key),
             properties: header.properties,
             raw_properties: Some(header.raw_properties),
             body: pending.body.finish(),
@@ -1184,15 +1216,15 @@ impl Connection {
         }
         if self.channel(id).tx.is_some() {
             // The exchange must exist now, even though routing waits for commit.
-            if let Err(e) = self.vhost().exchange(p.exchange.as_str()) {
+            if let Err(e) = self.vhost().exchange(&pending.exchange) {
                 self.fail(id, AmqpError::from(e).on(60, 40));
                 return;
             }
             let Some(ops) = self.channel(id).tx.as_mut() else { return };
-            ops.push(TxOp::Publish { exchange: p.exchange.as_str().to_owned(), message, mandatory: p.mandatory });
+            ops.push(TxOp::Publish { exchange: pending.exchange.to_string(), message, mandatory: pending.mandatory });
             return;
         }
-        if let Err(e) = self.route_publish(id, p.exchange.as_str(), message, p.mandatory) {
+        if let Err(e) = self.route_publish(id, &pending.exchange, message, pending.mandatory) {
             self.fail(id, e.on(60, 40));
         }
     }
@@ -1316,15 +1348,14 @@ impl Connection {
         } else {
             ch.unacked.insert(delivery_tag, UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() });
         }
-        self.send(
+        codec::write_basic_deliver(
+            &mut self.out,
             id,
-            Method::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag: short(&tag),
-                delivery_tag,
-                redelivered: d.redelivered,
-                exchange: short(&d.message.exchange),
-                routing_key: short(&d.message.routing_key),
-            })),
+            &tag,
+            delivery_tag,
+            d.redelivered,
+            clip(&d.message.exchange),
+            clip(&d.message.routing_key),
         );
         self.write_content(id, &d.message);
     }

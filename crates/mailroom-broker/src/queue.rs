@@ -335,12 +335,9 @@ impl Queue {
         }
         let args = &self.spec.args;
         let size = message.body.len() as u64;
-        // Length limits count ready messages, as RabbitMQ's do.
-        let over = |st: &QueueState, extra_len: usize, extra_bytes: u64| {
-            args.max_length.is_some_and(|m| (st.ready.len() + extra_len) as u64 > m)
-                || args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
-        };
-        if over(&st, 1, size) {
+        // A message a waiting consumer takes at once never counts against the length limits.
+        let taken_at_once = st.ready.is_empty() && self.choose_consumer(&st).is_some();
+        if !taken_at_once && self.over_limit(&st, 1, size) {
             match args.overflow {
                 Overflow::RejectPublish => return PushOutcome::Rejected,
                 Overflow::RejectPublishDlx => {
@@ -380,19 +377,34 @@ impl Queue {
         }
         st.ready_bytes += size;
         insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0 });
-        // Drop-head: make room by dropping the oldest.
-        while over(&st, 0, 0) {
-            let Some(old) = st.ready.pop_front() else { break };
-            st.ready_bytes -= old.message.body.len() as u64;
-            self.forget(&mut st, &old.message);
-            after.dead.push((old.message, DeadLetterReason::MaxLen));
-        }
         self.dispatch_locked(&mut st, now, after);
+        self.drop_head_over_limit(&mut st, after);
         // A zero TTL means "deliver now or never".
         if ttl == Some(0) {
             self.expire_locked(&mut st, now, after);
         }
         PushOutcome::Enqueued
+    }
+
+    /// Whether the ready messages, plus `extra_len` messages of `extra_bytes`, exceed `x-max-length(-bytes)`.
+    /// Length limits count ready messages only, as RabbitMQ's do.
+    fn over_limit(&self, st: &QueueState, extra_len: usize, extra_bytes: u64) -> bool {
+        let args = &self.spec.args;
+        args.max_length.is_some_and(|m| (st.ready.len() + extra_len) as u64 > m)
+            || args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
+    }
+
+    /// Drop-head overflow: dead-letters the oldest ready messages until the queue is within its limits.
+    fn drop_head_over_limit(&self, st: &mut QueueState, after: &mut Aftermath) {
+        if self.spec.args.overflow != Overflow::DropHead {
+            return;
+        }
+        while self.over_limit(st, 0, 0) {
+            let Some(old) = st.ready.pop_front() else { break };
+            st.ready_bytes -= old.message.body.len() as u64;
+            self.forget(st, &old.message);
+            after.dead.push((old.message, DeadLetterReason::MaxLen));
+        }
     }
 
     /// Delivers ready messages to consumers with credit, round-robin.
@@ -577,6 +589,14 @@ impl Queue {
                         continue;
                     }
                     st.ready_bytes += entry.message.body.len() as u64;
+                    // Its expiry may have been consumed by the timer while it was unacked: arm it again.
+                    if let Some(at) = entry.expires_at {
+                        let nearer = st.expiries.peek().is_none_or(|Reverse((first, _))| at < *first);
+                        st.expiries.push(Reverse((at, (entry.rank, entry.id))));
+                        if nearer {
+                            self.timer.notify_one();
+                        }
+                    }
                     insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
                 } else {
                     self.forget(&mut st, &entry.message);
@@ -584,6 +604,8 @@ impl Queue {
                 }
             }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
+            // Requeued messages count against the length limits again.
+            self.drop_head_over_limit(&mut st, &mut after);
         }
         self.run_aftermath(after);
     }
@@ -654,7 +676,7 @@ impl Queue {
             self.forget(&mut st, &e.message);
         }
         st.ready_bytes = 0;
-        st.expiries.clear();
+        // Expiry entries of unacked messages must survive (a requeue brings them back); stale ones are skipped.
         n
     }
 

@@ -413,7 +413,6 @@ async fn x_expires_waits_while_a_consumer_is_attached() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a message whose TTL passes while unacked stays ready forever after a requeue (the timer's expiry entry was consumed while it was unacked); RabbitMQ dead-letters it at once"]
 async fn requeued_message_past_its_ttl_expires_promptly() {
     // A message whose TTL passes while it is unacked must expire as soon as it is requeued (RabbitMQ drops
     // expired messages after a requeue; issue 6 asks Mailroom to expire promptly even with no consumer).
@@ -441,7 +440,6 @@ async fn requeued_message_past_its_ttl_expires_promptly() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: purge clears the whole expiry heap, so an unacked TTL message requeued after a purge never expires; RabbitMQ expires it"]
 async fn requeued_message_after_purge_still_expires() {
     // Purge drops ready messages only; an unacked one requeued afterwards keeps its TTL.
     let e = env();
@@ -457,7 +455,6 @@ async fn requeued_message_after_purge_still_expires() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a message larger than x-max-length-bytes is dropped (dead-lettered, maxlen) even though a consumer is waiting; RabbitMQ 3.10 delivers it straight to the consumer"]
 async fn max_length_bytes_does_not_drop_a_message_a_waiting_consumer_takes() {
     let e = env();
     e.queue("mlb-dead");
@@ -476,7 +473,6 @@ async fn max_length_bytes_does_not_drop_a_message_a_waiting_consumer_takes() {
 }
 
 #[tokio::test]
-#[ignore = "bug: with x-max-length 0 every message is dropped even when a consumer is waiting; RabbitMQ 3.10 delivers it"]
 async fn max_length_zero_still_feeds_a_waiting_consumer() {
     let e = env();
     e.queue_with("ml0", table(&[("x-max-length", AMQPValue::LongInt(0))]));
@@ -486,7 +482,6 @@ async fn max_length_zero_still_feeds_a_waiting_consumer() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a requeue can push a queue past x-max-length (3 ready with a limit of 2); RabbitMQ 3.10 applies drop-head after the requeue and keeps [2, 3]"]
 async fn requeue_respects_max_length() {
     let e = env();
     let q = e.queue_with("ml-requeue", table(&[("x-max-length", AMQPValue::LongInt(2))]));
