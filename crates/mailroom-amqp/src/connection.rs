@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use mailroom_broker::AlarmState;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 
 /// Batches of encoded frames queued for the writer: bounds per-connection outbound memory.
@@ -57,6 +58,7 @@ enum Phase {
 struct ClientCapabilities {
     consumer_cancel_notify: bool,
     authentication_failure_close: bool,
+    connection_blocked: bool,
 }
 
 /// One client connection.
@@ -82,6 +84,12 @@ pub(crate) struct Connection {
     events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
     /// No-ack deliveries written since the last flush, to hand their window credit back.
     noack_sent: Vec<(Arc<mailroom_broker::Queue>, ConsumerId, u32)>,
+    /// The broker's resource alarms: while one is raised, a connection that publishes is not read.
+    alarms: watch::Receiver<AlarmState>,
+    /// This connection has published: resource alarms block it.
+    has_published: bool,
+    /// We told the client (or would have) that it is blocked.
+    blocked: bool,
 }
 
 /// Serves one accepted socket until it closes.
@@ -93,7 +101,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
-        ctx,
+        ctx: Arc::clone(&ctx),
         peer,
         phase: Phase::AwaitStartOk,
         out: BytesMut::with_capacity(8192),
@@ -112,6 +120,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         events_tx,
         events_rx,
         noack_sent: Vec::new(),
+        alarms: ctx.broker.alarms(),
+        has_published: false,
+        blocked: false,
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -221,6 +232,9 @@ impl Connection {
             if rbuf.capacity() - rbuf.len() < 4096 {
                 rbuf.reserve(READ_CHUNK);
             }
+            self.update_blocked();
+            self.flush().await?;
+            let read_allowed = !self.blocked;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -233,7 +247,8 @@ impl Connection {
                         self.phase = Phase::Closed;
                     }
                 }
-                read = rd.read_buf(&mut rbuf) => {
+                Ok(()) = self.alarms.changed() => {}
+                read = rd.read_buf(&mut rbuf), if read_allowed => {
                     match read {
                         Ok(0) | Err(_) => { self.phase = Phase::Closed; }
                         Ok(_) => { self.last_inbound = Instant::now(); }
@@ -286,6 +301,10 @@ impl Connection {
             _ => {}
         }
         if !self.heartbeat.is_zero() {
+            // A blocked connection is not read, so its silence is ours: heartbeat checks pause (as RabbitMQ).
+            if self.blocked {
+                self.last_inbound = now;
+            }
             if now.duration_since(self.last_inbound) > self.heartbeat * 2 {
                 tracing::info!(peer = %self.peer, "missed heartbeats from client, closing");
                 self.phase = Phase::Closed;
@@ -298,6 +317,26 @@ impl Connection {
         if self.phase == Phase::Open {
             self.check_consumer_timeouts(now);
         }
+    }
+
+    /// Applies the resource alarms: a connection that has published stops being read while one is raised,
+    /// and clients that advertised `connection.blocked` are told (and told again when it clears).
+    fn update_blocked(&mut self) {
+        let alarm = *self.alarms.borrow_and_update();
+        let should_block = self.phase == Phase::Open && self.has_published && alarm.any();
+        if should_block == self.blocked {
+            return;
+        }
+        self.blocked = should_block;
+        if !self.capabilities.connection_blocked {
+            return;
+        }
+        let method = if should_block {
+            conn::AMQPMethod::Blocked(conn::Blocked { reason: short(alarm.reason()) })
+        } else {
+            conn::AMQPMethod::Unblocked(conn::Unblocked {})
+        };
+        self.send(0, Method::Connection(method));
     }
 
     fn check_consumer_timeouts(&mut self, now: Instant) {
@@ -435,6 +474,7 @@ impl Connection {
                 }
                 // The per-message methods skip the generic parser (and its allocations) when well-formed.
                 if let Some(publish) = codec::parse_basic_publish(&frame.payload) {
+                    self.has_published = true;
                     if self.channel_accepts(frame.channel) && !publish.immediate {
                         if let Some(ch) = self.channels.get_mut(&frame.channel).filter(|c| c.pending.is_none()) {
                             ch.pending = Some(PendingPublish {
@@ -585,6 +625,7 @@ impl Connection {
                     self.capabilities = ClientCapabilities {
                         consumer_cancel_notify: flag("consumer_cancel_notify"),
                         authentication_failure_close: flag("authentication_failure_close"),
+                        connection_blocked: flag("connection.blocked"),
                     };
                 }
                 let mechanism = ok.mechanism.as_str();
@@ -1033,6 +1074,7 @@ impl Connection {
                 }
             }
             basic::AMQPMethod::Publish(p) => {
+                self.has_published = true;
                 if p.immediate {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
                 }

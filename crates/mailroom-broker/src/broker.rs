@@ -1,11 +1,13 @@
 //! The broker: virtual hosts and users, opened in-process with [`Broker::open`].
 
+use crate::alarm::{self, AlarmConfig, AlarmState};
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::queue::ConnectionId;
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
 
 /// A user account.
 #[derive(Debug, Clone)]
@@ -25,6 +27,8 @@ pub struct BrokerConfig {
     pub vhosts: Vec<String>,
     /// Users who may log in (to every vhost, for now).
     pub users: Vec<User>,
+    /// Memory and disk thresholds that block publishers.
+    pub alarms: AlarmConfig,
 }
 
 impl Default for BrokerConfig {
@@ -33,15 +37,25 @@ impl Default for BrokerConfig {
         Self {
             vhosts: vec!["/".to_owned()],
             users: vec![User { name: "guest".into(), password: "guest".into(), loopback_only: true }],
+            alarms: AlarmConfig::default(),
         }
     }
 }
 
 #[derive(Debug)]
-struct BrokerInner {
+pub(crate) struct BrokerInner {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     users: RwLock<HashMap<String, User>>,
     ids: Arc<AtomicU64>,
+    alarms: watch::Sender<AlarmState>,
+}
+
+impl BrokerInner {
+    /// Message body bytes held by every queue (ready and unacked; a fanout copy counts per queue).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
+    }
 }
 
 /// The broker core. Cheap to clone; every clone is the same broker.
@@ -60,9 +74,23 @@ impl Broker {
             .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids))))
             .collect();
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
-        Ok(Broker {
-            inner: Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), users: RwLock::new(users), ids }),
-        })
+        let (alarms, _) = watch::channel(AlarmState::default());
+        let inner = Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), users: RwLock::new(users), ids, alarms });
+        let alarm_config = config.alarms;
+        if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
+            tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
+        }
+        Ok(Broker { inner })
+    }
+
+    /// Watches the resource alarms (memory, disk); publishers are blocked while any is raised.
+    pub fn alarms(&self) -> watch::Receiver<AlarmState> {
+        self.inner.alarms.subscribe()
+    }
+
+    /// Message body bytes held by every queue (what the memory alarm compares with its watermark).
+    pub fn held_bytes(&self) -> u64 {
+        self.inner.held_bytes()
     }
 
     /// Checks credentials; `from_loopback` says whether the peer is on this machine.

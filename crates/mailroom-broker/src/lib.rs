@@ -3,6 +3,7 @@
 //! It knows nothing about sockets or AMQP frames; the AMQP server, the HTTP API and the SDK's embedded
 //! transport all drive it through [`Broker`] and [`VHost`].
 
+pub mod alarm;
 pub mod args;
 pub mod broker;
 pub mod dead_letter;
@@ -16,6 +17,7 @@ pub mod vhost;
 
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+pub use alarm::{AlarmConfig, AlarmState};
 pub use broker::{Broker, BrokerConfig, User};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};

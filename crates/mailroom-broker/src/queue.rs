@@ -176,6 +176,8 @@ struct QueueState {
     ready: VecDeque<Entry>,
     ready_bytes: u64,
     unacked: HashMap<MessageId, Unacked>,
+    /// Body bytes of the unacked deliveries (with `ready_bytes`, what the memory alarm sums).
+    unacked_bytes: u64,
     consumers: Vec<Consumer>,
     next_consumer: usize,
     next_id: MessageId,
@@ -258,6 +260,7 @@ impl Queue {
                 ready: VecDeque::new(),
                 ready_bytes: 0,
                 unacked: HashMap::new(),
+                unacked_bytes: 0,
                 consumers: Vec::new(),
                 next_consumer: 0,
                 next_id: 1,
@@ -290,6 +293,11 @@ impl Queue {
     /// Ready messages (not counting unacked ones).
     pub fn message_count(&self) -> u32 {
         self.lock().ready.len() as u32
+    }
+    /// Body bytes the queue holds, ready and unacked (what the memory alarm counts).
+    pub fn held_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.ready_bytes + st.unacked_bytes
     }
     /// Unacked deliveries.
     pub fn unacked_count(&self) -> u32 {
@@ -485,6 +493,7 @@ impl Queue {
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
                     entry,
                 };
+                st.unacked_bytes += unacked.entry.message.body.len() as u64;
                 st.unacked.insert(unacked.entry.id, unacked);
             }
         }
@@ -544,6 +553,7 @@ impl Queue {
 
     fn settle_locked(st: &mut QueueState, id: MessageId) -> Option<Entry> {
         let unacked = st.unacked.remove(&id)?;
+        st.unacked_bytes -= unacked.entry.message.body.len() as u64;
         if let Some(cid) = unacked.consumer {
             if let Some(c) = st.consumers.iter_mut().find(|c| c.id == cid) {
                 c.outstanding = c.outstanding.saturating_sub(1);
@@ -658,6 +668,7 @@ impl Queue {
                 if no_ack {
                     self.forget(&mut st, &entry.message);
                 } else {
+                    st.unacked_bytes += entry.message.body.len() as u64;
                     st.unacked.insert(entry.id, Unacked { entry, consumer: None, channel_prefetch: None });
                 }
                 break Some(result);

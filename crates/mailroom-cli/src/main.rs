@@ -4,7 +4,7 @@ mod bench;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
-use mailroom_broker::{Broker, BrokerConfig};
+use mailroom_broker::{AlarmConfig, Broker, BrokerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +60,21 @@ struct ServerArgs {
     /// Unacked deliveries older than this close their channel (ms; 0 = never). RabbitMQ's consumer_timeout.
     #[arg(long, env = "MAILROOM_CONSUMER_TIMEOUT_MS", default_value_t = 30 * 60 * 1000)]
     consumer_timeout_ms: u64,
+    /// Block publishers while queues hold more message bytes than this (ready and unacked; 0 = never).
+    /// Default: 40% of physical memory, RabbitMQ's vm_memory_high_watermark.
+    #[arg(long, env = "MAILROOM_MEMORY_HIGH_WATERMARK")]
+    memory_high_watermark: Option<u64>,
+    /// Block publishers while free disk space under the data dir is below this many bytes (0 = never).
+    /// RabbitMQ's disk_free_limit default, 50 MB.
+    #[arg(long, env = "MAILROOM_DISK_FREE_LIMIT", default_value_t = 50_000_000)]
+    disk_free_limit: u64,
+}
+
+/// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
+fn default_memory_watermark() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024 * 4 / 10)
 }
 
 fn main() -> ExitCode {
@@ -91,7 +106,16 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", args.data_dir.display()))?;
-    let broker = Broker::open(BrokerConfig::default())?;
+    let memory_high_watermark = match args.memory_high_watermark {
+        Some(0) => None,
+        Some(limit) => Some(limit),
+        None => default_memory_watermark(),
+    };
+    let disk_free_limit = (args.disk_free_limit > 0).then(|| (args.data_dir.clone(), args.disk_free_limit));
+    let broker = Broker::open(BrokerConfig {
+        alarms: AlarmConfig { memory_high_watermark, disk_free_limit },
+        ..BrokerConfig::default()
+    })?;
     let config = ServerConfig {
         listen: args.amqp_listen,
         product: args.product_name,
