@@ -30,6 +30,8 @@ pub mod headers {
     pub const SENT_AT_MS: &str = "x-mailroom-sent-at-ms";
     /// How many times handling was attempted before this copy was sent (retries, DLQ).
     pub const ATTEMPT: &str = "x-mailroom-attempt";
+    /// How many delayed retry rounds the message went through.
+    pub const DELAYED_RETRIES: &str = "x-mailroom-delayed-retries";
     /// When the first attempt failed (ms since epoch).
     pub const FIRST_FAILURE_MS: &str = "x-mailroom-first-failure-ms";
     /// When the last attempt failed (ms since epoch).
@@ -246,7 +248,7 @@ impl<T> Envelope<T> {
         self
     }
     /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.meta.headers.insert(name.into(), value.into());
         self
     }
@@ -367,7 +369,7 @@ mod tests {
 
     #[test]
     fn roundtrip_through_properties() {
-        let env = Envelope::command(PlaceOrder { sku: "a".into() }).correlation("c1").header("region", "eu");
+        let env = Envelope::command(PlaceOrder { sku: "a".into() }).correlation("c1").with_header("region", "eu");
         let (props, body) = env.to_wire().unwrap();
         assert_eq!(props.message_id().as_ref().unwrap().as_str(), env.id);
         assert_eq!(props.kind().as_ref().unwrap().as_str(), "PlaceOrder");
