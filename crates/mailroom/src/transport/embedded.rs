@@ -130,20 +130,32 @@ impl AckHandle for EmbeddedAck {
     }
 }
 
-/// `basic.get` deliveries are not tied to a consumer, so there is nothing to requeue on drop.
+/// A `basic.get` delivery. Dropped unsettled, it goes back to the queue, as when an AMQP client's
+/// channel closes (otherwise it would stay unacked for the life of the broker).
 struct GetAck {
     queue: Arc<Queue>,
     id: u64,
+    settled: bool,
 }
 
 impl AckHandle for GetAck {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
         self.queue.ack(&[self.id]);
         Box::pin(async { Ok(()) })
     }
-    fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+    fn reject(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
         self.queue.reject(&[self.id], false);
         Box::pin(async { Ok(()) })
+    }
+}
+
+impl Drop for GetAck {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.reject(&[self.id], true);
+        }
     }
 }
 
@@ -202,7 +214,7 @@ impl Transport for Embedded {
                 properties: g.message.properties.clone(),
                 body: g.message.body.clone(),
                 redelivered: g.redelivered,
-                acker: Some(Box::new(GetAck { queue: Arc::clone(&q), id: g.id }) as Box<dyn AckHandle>),
+                acker: Some(Box::new(GetAck { queue: Arc::clone(&q), id: g.id, settled: false }) as Box<dyn AckHandle>),
             })
         });
         Box::pin(async move { r })
