@@ -325,6 +325,9 @@ struct Core {
     filter: Option<Filter>,
     next: Next,
     metrics: Arc<Metrics>,
+    /// Per-message-id locks: two copies of one message handled concurrently by this worker must not
+    /// both pass the inbox check before either records (a check-then-act race).
+    inflight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A running worker.
@@ -436,6 +439,7 @@ impl Worker {
             filter: b.filter.clone(),
             next: Next { layers: Arc::from(b.layers.clone()), index: 0, terminal: self.terminal },
             metrics: Arc::clone(&metrics),
+            inflight: Default::default(),
         });
         let stop = Arc::new(Notify::new());
         let task = tokio::spawn(dispatch_loop(core, sub, b.concurrency, Arc::clone(&stop)));
@@ -572,7 +576,21 @@ async fn retry_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
 async fn inbox_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
     let Some(inbox) = &core.inbox else { return core.next.clone().run(msg).await };
     let id = msg.meta.id.clone();
-    match inbox.seen(&core.name, &id).await {
+    let lock = Arc::clone(core.inflight.lock().unwrap().entry(id.clone()).or_default());
+    let _held = lock.lock().await;
+    let outcome = inbox_checked(core, inbox, &id, msg).await;
+    {
+        let mut map = core.inflight.lock().unwrap();
+        // Two strong refs = the map's and ours: nobody else waits, so the entry can go.
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(&id);
+        }
+    }
+    outcome
+}
+
+async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, msg: Incoming) -> Outcome {
+    match inbox.seen(&core.name, id).await {
         Ok(true) => {
             Metrics::inc(&core.metrics.duplicates);
             return Outcome::Drop("duplicate".into());
@@ -582,7 +600,7 @@ async fn inbox_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
     }
     let outcome = core.next.clone().run(msg).await;
     if matches!(outcome, Outcome::Ack) {
-        if let Err(e) = inbox.record(&core.name, &id).await {
+        if let Err(e) = inbox.record(&core.name, id).await {
             tracing::warn!(error = %e, "inbox record failed; a redelivery may repeat the effect");
         }
     }
