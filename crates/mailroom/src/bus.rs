@@ -1,0 +1,293 @@
+//! The bus: sending, publishing and recipient lists, and the handler [`Context`].
+
+use crate::envelope::{headers, Envelope, Metadata, Payload};
+use crate::error::{Error, Result, TransportError};
+use crate::trace::{TraceContext, TRACEPARENT};
+use crate::transport::{Declaration, Embedded, ExchangeKind, Outbound, Published, Transport};
+use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use tracing::Instrument;
+
+/// Bus settings.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// The topic exchange events are published to.
+    pub events_exchange: String,
+    /// Declare worker, group and DLQ queues as quorum queues (replicated on a cluster).
+    pub quorum_queues: bool,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self { events_exchange: "mailroom.events".into(), quorum_queues: false }
+    }
+}
+
+pub(crate) struct BusInner {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) config: BusConfig,
+    declared: Mutex<HashSet<String>>,
+    pub(crate) replies: tokio::sync::OnceCell<Arc<crate::request::ReplyRouter>>,
+}
+
+/// The entry point: sends, publishes, requests, and builds workers. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) inner: Arc<BusInner>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").field("config", &self.inner.config).finish()
+    }
+}
+
+impl Bus {
+    /// A bus over `transport`.
+    pub fn new(transport: impl Transport) -> Bus {
+        Self::with_config(Arc::new(transport), BusConfig::default())
+    }
+
+    /// A bus over a shared transport with settings.
+    pub fn with_config(transport: Arc<dyn Transport>, config: BusConfig) -> Bus {
+        Bus {
+            inner: Arc::new(BusInner {
+                transport,
+                config,
+                declared: Mutex::new(HashSet::new()),
+                replies: tokio::sync::OnceCell::new(),
+            }),
+        }
+    }
+
+    /// A bus on a fresh in-process broker: the default for tests and small apps.
+    pub fn embedded() -> Result<Bus> {
+        Ok(Bus::new(Embedded::start()?))
+    }
+
+    /// The transport underneath (for admin operations and tests).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.config
+    }
+
+    /// Declares the events exchange once per bus.
+    pub(crate) async fn ensure_events_exchange(&self) -> Result<()> {
+        let name = self.inner.config.events_exchange.clone();
+        if self.inner.declared.lock().unwrap().contains(&name) {
+            return Ok(());
+        }
+        self.declare(Declaration::Exchange { name: name.clone(), kind: ExchangeKind::Topic }).await?;
+        self.inner.declared.lock().unwrap().insert(name);
+        Ok(())
+    }
+
+    /// Declares topology through the transport.
+    pub async fn declare(&self, d: Declaration) -> Result<()> {
+        Ok(self.inner.transport.declare(d).await?)
+    }
+
+    /// Arguments of a queue the SDK owns: dead-letter backstop to `<queue>.dlq` (a rejected message
+    /// lands there rather than vanishing) and the queue type.
+    pub(crate) fn queue_arguments(&self, queue: &str) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from("")));
+        t.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(LongString::from(format!("{queue}.dlq").as_str())),
+        );
+        self.quorum(&mut t);
+        t
+    }
+
+    pub(crate) fn quorum(&self, t: &mut FieldTable) {
+        if self.inner.config.quorum_queues {
+            t.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+        }
+    }
+
+    /// Declares a worker queue and its DLQ (idempotent).
+    pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        let mut dlq_args = FieldTable::default();
+        self.quorum(&mut dlq_args);
+        self.declare(Declaration::Queue { name: format!("{queue}.dlq"), durable: true, arguments: dlq_args }).await?;
+        self.declare(Declaration::Queue { name: queue.to_owned(), durable: true, arguments: self.queue_arguments(queue) })
+            .await
+    }
+
+    /// Sends a command to a queue (declared if needed), waiting for the broker's confirm.
+    /// Unroutable sends fail with [`Error::NoRoute`] instead of vanishing.
+    pub async fn send<T: Payload>(&self, queue: &str, body: T) -> Result<String> {
+        self.send_envelope(queue, Envelope::command(body)).await
+    }
+
+    /// Sends a prepared envelope to a queue; returns its message id.
+    pub async fn send_envelope<T: Payload>(&self, queue: &str, env: Envelope<T>) -> Result<String> {
+        let id = env.id.clone();
+        match self.emit("", queue, env, true).await? {
+            Published::Confirmed => Ok(id),
+            Published::Unroutable => Err(Error::NoRoute(queue.to_owned())),
+        }
+    }
+
+    /// Publishes an event to a topic (routing key on the events exchange). Nobody subscribed is fine.
+    pub async fn publish<T: Payload>(&self, topic: &str, body: T) -> Result<String> {
+        self.publish_envelope(topic, Envelope::event(body)).await
+    }
+
+    /// Publishes a prepared envelope to a topic.
+    pub async fn publish_envelope<T: Payload>(&self, topic: &str, env: Envelope<T>) -> Result<String> {
+        self.ensure_events_exchange().await?;
+        let id = env.id.clone();
+        let exchange = self.inner.config.events_exchange.clone();
+        self.emit(&exchange, topic, env, false).await?;
+        Ok(id)
+    }
+
+    /// Recipient list: the same message (same id) to every queue, one confirm each, a result per queue.
+    pub async fn send_each<T: Payload + Clone>(&self, queues: &[impl AsRef<str>], body: T) -> Vec<(String, Result<()>)> {
+        let env = Envelope::command(body);
+        let mut results = Vec::with_capacity(queues.len());
+        for q in queues {
+            let q = q.as_ref();
+            let r = self.send_envelope(q, env.clone()).await.map(|_| ());
+            results.push((q.to_owned(), r));
+        }
+        results
+    }
+
+    /// Encodes and publishes one envelope with a `send <dest>` span; creates a `traceparent` if absent.
+    pub(crate) async fn emit<T: Payload>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut env: Envelope<T>,
+        mandatory: bool,
+    ) -> Result<Published> {
+        let trace = match env.header(TRACEPARENT).and_then(TraceContext::parse) {
+            Some(t) => t,
+            None => {
+                let t = TraceContext::new_root();
+                env.meta.headers.insert(TRACEPARENT.into(), t.to_string());
+                t
+            }
+        };
+        let dest = if exchange.is_empty() { routing_key.to_owned() } else { format!("{exchange}/{routing_key}") };
+        let span = tracing::info_span!(
+            "send",
+            messaging.destination = %dest,
+            messaging.message.id = %env.id,
+            trace_id = %trace.trace_id_hex()
+        );
+        let (properties, body) = env.to_wire().map_err(Error::Encode)?;
+        let out = Outbound {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            properties,
+            body,
+            mandatory,
+        };
+        Ok(self.inner.transport.publish(out).instrument(span).await?)
+    }
+
+    /// Publishes raw properties/body (dead-lettering, retries, redrive: the message id is kept).
+    pub(crate) async fn emit_raw(&self, routing_key: &str, meta: &Metadata, body: bytes::Bytes) -> Result<(), TransportError> {
+        let out = Outbound {
+            exchange: String::new(),
+            routing_key: routing_key.to_owned(),
+            properties: meta.to_properties(),
+            body,
+            mandatory: false,
+        };
+        self.inner.transport.publish(out).await.map(|_| ())
+    }
+
+    /// Moves every message in `dlq` back to the queue it failed in (the `x-mailroom-source-queue`
+    /// header, else the DLQ name without `.dlq`), keeping its id and resetting its attempt count.
+    /// Returns how many were moved. Each is republished with a confirm before it is acked.
+    pub async fn redrive(&self, dlq: &str) -> Result<usize> {
+        let limit = self.inner.transport.message_count(dlq).await? as usize;
+        let mut moved = 0;
+        while moved < limit {
+            let Some(mut m) = self.inner.transport.get(dlq).await? else { break };
+            let mut meta = Metadata::from_properties(&m.properties);
+            let target = meta
+                .header(headers::SOURCE_QUEUE)
+                .map(str::to_owned)
+                .unwrap_or_else(|| dlq.trim_end_matches(".dlq").to_owned());
+            for h in headers::FAILURE_HEADERS {
+                meta.headers.remove(*h);
+            }
+            meta.headers.remove(headers::DELAYED_RETRIES);
+            self.emit_raw(&target, &meta, m.body.clone()).await?;
+            m.ack().await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+}
+
+/// What a handler gets besides the message: where it came from, and a way to send more messages
+/// that carry the flow's correlation id, causation and trace.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) bus: Bus,
+    pub(crate) meta: Arc<Metadata>,
+    pub(crate) trace: TraceContext,
+    pub(crate) queue: Arc<str>,
+    pub(crate) redelivered: bool,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("queue", &self.queue).field("message_id", &self.meta.id).finish()
+    }
+}
+
+impl Context {
+    /// The incoming message's metadata.
+    pub fn meta(&self) -> &Metadata {
+        &self.meta
+    }
+    /// The queue being consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// Whether the broker delivered this message before.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+    /// The trace context of this handling (its trace id is the flow's).
+    pub fn trace(&self) -> TraceContext {
+        self.trace
+    }
+    /// The bus (for requests and anything else).
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// Stamps an outgoing envelope: causation = incoming id, correlation and trace continued.
+    /// Nothing else is copied (retry counts must not leak outbound, MassTransit #4676).
+    pub fn derive<T>(&self, mut env: Envelope<T>) -> Envelope<T> {
+        env.meta.causation_id = Some(self.meta.id.clone());
+        env.meta.correlation_id =
+            Some(self.meta.correlation_id.clone().unwrap_or_else(|| self.meta.id.clone()));
+        env.meta.headers.insert(TRACEPARENT.into(), self.trace.child().to_string());
+        env
+    }
+
+    /// Sends a command as part of this flow.
+    pub async fn send<T: Payload>(&self, queue: &str, body: T) -> Result<String> {
+        self.bus.send_envelope(queue, self.derive(Envelope::command(body))).await
+    }
+
+    /// Publishes an event as part of this flow.
+    pub async fn publish<T: Payload>(&self, topic: &str, body: T) -> Result<String> {
+        self.bus.publish_envelope(topic, self.derive(Envelope::event(body))).await
+    }
+}

@@ -1,0 +1,102 @@
+//! Idempotent consumer: a processed-id store so a redelivered or duplicated message has no second effect.
+//!
+//! The trait is shaped for a transactional store too: a PostgreSQL inbox (`inbox(consumer, message_id)`
+//! primary key) would insert inside the handler's transaction, making the effect exactly-once. The
+//! in-memory store here marks an id after the handler succeeded, so a crash between the handler's
+//! effect and the mark can still repeat the effect once (documented window).
+
+use crate::transport::BoxFuture;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A store of processed message ids per consumer.
+pub trait InboxStore: Send + Sync + 'static {
+    /// Whether `consumer` already processed `message_id`.
+    fn seen<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<bool, String>>;
+    /// Records that `consumer` processed `message_id`.
+    fn record<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Default retention: longer than any redelivery horizon (delayed retries, DLQ redrive within a week).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// An in-memory store with a retention window (entries older than it are forgotten).
+#[derive(Debug)]
+pub struct MemoryInbox {
+    retention: Duration,
+    state: Mutex<(HashMap<(String, String), Instant>, VecDeque<(Instant, String, String)>)>,
+}
+
+impl Default for MemoryInbox {
+    fn default() -> Self {
+        Self::new(DEFAULT_RETENTION)
+    }
+}
+
+impl MemoryInbox {
+    /// A store keeping ids for `retention`.
+    pub fn new(retention: Duration) -> Self {
+        Self { retention, state: Mutex::new((HashMap::new(), VecDeque::new())) }
+    }
+
+    /// Ids currently held.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap().0.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn purge(&self, now: Instant) {
+        let mut st = self.state.lock().unwrap();
+        let (map, order) = &mut *st;
+        while let Some((at, c, m)) = order.front() {
+            if now.duration_since(*at) < self.retention {
+                break;
+            }
+            let key = (c.clone(), m.clone());
+            if map.get(&key) == Some(at) {
+                map.remove(&key);
+            }
+            order.pop_front();
+        }
+    }
+}
+
+impl InboxStore for MemoryInbox {
+    fn seen<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        self.purge(Instant::now());
+        let hit = self.state.lock().unwrap().0.contains_key(&(consumer.to_owned(), message_id.to_owned()));
+        Box::pin(async move { Ok(hit) })
+    }
+    fn record<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        let now = Instant::now();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.0.insert((consumer.to_owned(), message_id.to_owned()), now);
+            st.1.push_back((now, consumer.to_owned(), message_id.to_owned()));
+        }
+        self.purge(now);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn remembers_within_retention_and_forgets_after() {
+        let inbox = MemoryInbox::new(Duration::from_millis(50));
+        assert!(!inbox.seen("c", "1").await.unwrap());
+        inbox.record("c", "1").await.unwrap();
+        assert!(inbox.seen("c", "1").await.unwrap());
+        assert!(!inbox.seen("other", "1").await.unwrap());
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(!inbox.seen("c", "1").await.unwrap());
+        assert!(inbox.is_empty());
+    }
+}

@@ -1,0 +1,90 @@
+//! Mailroom's patterns SDK: typed envelopes and the messaging patterns, written once against a
+//! [`Transport`] that is either the in-process broker ([`Embedded`], the default) or any AMQP 0-9-1
+//! broker ([`Amqp`]: a Mailroom server or RabbitMQ, with reconnection).
+//!
+//! Delivery is at least once: the producer fixes the message id (UUIDv7) and retries, redeliveries and
+//! redrive keep it, so an idempotent consumer ([`MemoryInbox`]) can drop duplicates.
+//!
+//! # Point-to-point and request-reply
+//! ```
+//! use mailroom::{Bus, Envelope, HandlerError};
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Resize { width: u32 }
+//! #[derive(Serialize, Deserialize)]
+//! struct Resized { width: u32 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::embedded()?;
+//! // A worker pool: 4 handlers at once, 16 messages prefetched; failures dead-letter to `images.dlq`.
+//! let worker = bus.worker("images").concurrency(4).prefetch(16)
+//!     .handle(|job: Envelope<Resize>, _ctx| async move {
+//!         if job.body.width == 0 { return Err(HandlerError::permanent("zero width")); }
+//!         Ok(())
+//!     })
+//!     .run().await?;
+//! bus.send("images", Resize { width: 640 }).await?;
+//!
+//! // Request-reply over direct reply-to, with a deadline.
+//! let responder = bus.responder("resize")
+//!     .handle_request(|job: Envelope<Resize>, _ctx| async move { Ok(Resized { width: job.body.width }) })
+//!     .run().await?;
+//! let done: Resized = bus.request("resize", Resize { width: 320 }).timeout(Duration::from_secs(5)).await?;
+//! assert_eq!(done.width, 320);
+//! # worker.stop().await; responder.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Publish/subscribe, retries and dead letters
+//! ```
+//! use mailroom::{Bus, Envelope, HandlerError, RetryPolicy};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::embedded()?;
+//! // Each group has its own durable queue bound to the topic; a group's workers compete.
+//! let billing = bus.subscribe("orders.*").group("billing")
+//!     .retry(RetryPolicy::new().immediate(1).delayed(2)
+//!         .backoff(Duration::from_millis(10), 2, Duration::from_millis(50)))
+//!     .handle(|_e: Envelope<String>, _ctx| async { Err::<(), _>(HandlerError::transient("flaky")) })
+//!     .run().await?;
+//! bus.publish("orders.placed", "order-1".to_string()).await?;
+//! // After 2 immediate attempts x 3 rounds the event lands in `billing.dlq`, error recorded in headers;
+//! // `bus.redrive("billing.dlq")` sends it back with the same id.
+//! # for _ in 0..200 { if bus.transport().message_count("billing.dlq").await? == 1 { break } tokio::time::sleep(Duration::from_millis(10)).await; }
+//! # assert_eq!(bus.transport().message_count("billing.dlq").await?, 1);
+//! # billing.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Modules
+//! - [`envelope`]: message metadata and its AMQP mapping; [`trace`]: `traceparent`.
+//! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
+//! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
+//! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod envelope;
+pub mod error;
+pub mod filter;
+pub mod inbox;
+pub mod pipeline;
+pub mod request;
+pub mod retry;
+pub mod trace;
+pub mod transport;
+
+pub use bus::{Bus, BusConfig, Context};
+pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
+pub use error::{Error, HandlerError, Result, TransportError};
+pub use filter::{Filter, Headers};
+pub use inbox::{InboxStore, MemoryInbox};
+pub use pipeline::{Incoming, Middleware, MetricsSnapshot, Next, Outcome, WorkerHandle};
+pub use request::{Fault, Gathered, GatherError, RequestError, Strategy, Target};
+pub use retry::{Jitter, RetryPolicy};
+pub use transport::{Amqp, AmqpConfig, Embedded, Transport};

@@ -1,0 +1,654 @@
+//! Workers and the handler pipeline.
+//!
+//! Slots, outer to inner, fixed: **tracing** (span `process <queue>`, `traceparent` continued),
+//! **metrics**, **filter**, **dead-letter**, **retry**, **idempotency** (inbox), **user layers**
+//! ([`Middleware`]), **decode**, **handler**. Built-ins are builder switches, not hand-stacked layers, so
+//! retries always run inside the dead-letter slot (Watermill #580/#645: poison queue before retries).
+//! Only the dispatcher settles a delivery: `Ack`, or publish (retry queue / DLQ) with a confirm and
+//! then ack. It never rejects with requeue (no hot loops); if that publish fails it rejects without
+//! requeue and the queue's dead-letter backstop moves the message to `<queue>.dlq`.
+
+use crate::bus::{Bus, Context};
+use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
+use crate::error::{HandlerError, Result};
+use crate::filter::Filter;
+use crate::inbox::InboxStore;
+use crate::retry::RetryPolicy;
+use crate::trace::{TraceContext, TRACEPARENT};
+use crate::transport::{BoxFuture, Declaration, Inbound, Subscription};
+use bytes::Bytes;
+use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// What handling a delivery came to; the dispatcher turns it into broker operations.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Done: ack.
+    Ack,
+    /// Failed, may succeed later: the retry slot decides.
+    Retry(HandlerError),
+    /// Failed for good: to the DLQ.
+    DeadLetter(HandlerError),
+    /// Deliberately ignored (filtered, duplicate): ack and count.
+    Drop(String),
+}
+
+/// A delivery as the pipeline sees it (body still encoded).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Metadata read from the AMQP properties.
+    pub meta: Arc<Metadata>,
+    /// The encoded body.
+    pub body: Bytes,
+    /// The handler context (bus, trace, queue).
+    pub ctx: Context,
+}
+
+/// A user layer between the idempotency slot and decoding (auth checks, tenant scoping, timing).
+pub trait Middleware: Send + Sync + 'static {
+    /// Handles `msg`, usually by calling `next.run(msg)` and inspecting or mapping the outcome.
+    fn call(&self, msg: Incoming, next: Next) -> BoxFuture<'static, Outcome>;
+}
+
+type Terminal = Arc<dyn Fn(Incoming) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// The rest of the pipeline after a user layer.
+#[derive(Clone)]
+pub struct Next {
+    layers: Arc<[Arc<dyn Middleware>]>,
+    index: usize,
+    terminal: Terminal,
+}
+
+impl std::fmt::Debug for Next {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Next").field("index", &self.index).finish()
+    }
+}
+
+impl Next {
+    /// Runs the remaining layers, then decode and the handler.
+    pub fn run(self, msg: Incoming) -> BoxFuture<'static, Outcome> {
+        match self.layers.get(self.index).cloned() {
+            Some(layer) => layer.call(msg, Next { index: self.index + 1, ..self }),
+            None => (self.terminal)(msg),
+        }
+    }
+}
+
+/// Per-worker counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    received: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    filtered: AtomicU64,
+    duplicates: AtomicU64,
+    latency_us: AtomicU64,
+}
+
+/// A snapshot of a worker's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Deliveries received.
+    pub received: u64,
+    /// Handled successfully.
+    pub ok: u64,
+    /// Handler invocations that failed.
+    pub failed: u64,
+    /// Retries scheduled (immediate and delayed).
+    pub retried: u64,
+    /// Sent to the DLQ.
+    pub dead_lettered: u64,
+    /// Dropped by the in-process filter.
+    pub filtered: u64,
+    /// Skipped as already processed (inbox).
+    pub duplicates: u64,
+    /// Total handling time in microseconds (divide by `received` for a mean).
+    pub latency_us: u64,
+}
+
+impl Metrics {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Reads every counter.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            received: r(&self.received),
+            ok: r(&self.ok),
+            failed: r(&self.failed),
+            retried: r(&self.retried),
+            dead_lettered: r(&self.dead_lettered),
+            filtered: r(&self.filtered),
+            duplicates: r(&self.duplicates),
+            latency_us: r(&self.latency_us),
+        }
+    }
+}
+
+/// Builds a worker: a pool of competing consumers on one queue.
+pub struct WorkerBuilder {
+    bus: Bus,
+    queue: String,
+    name: String,
+    prefetch: u16,
+    concurrency: usize,
+    retry: RetryPolicy,
+    inbox: Option<Arc<dyn InboxStore>>,
+    filter: Option<Filter>,
+    layers: Vec<Arc<dyn Middleware>>,
+    bindings: Vec<String>,
+    responder: bool,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder").field("queue", &self.queue).finish()
+    }
+}
+
+impl Bus {
+    /// A point-to-point worker on `queue` (declared with its DLQ when it runs).
+    pub fn worker(&self, queue: &str) -> WorkerBuilder {
+        WorkerBuilder {
+            bus: self.clone(),
+            queue: queue.to_owned(),
+            name: queue.to_owned(),
+            prefetch: 32,
+            concurrency: 8,
+            retry: RetryPolicy::new(),
+            inbox: None,
+            filter: None,
+            layers: Vec::new(),
+            bindings: Vec::new(),
+            responder: false,
+        }
+    }
+
+    /// A subscription to events whose topic matches `pattern` (`orders.*`, `orders.#`); name it with
+    /// [`WorkerBuilder::group`]: the group's durable queue gets a copy of each event, and the group's
+    /// workers compete for it.
+    pub fn subscribe(&self, pattern: &str) -> WorkerBuilder {
+        let mut w = self.worker("");
+        w.bindings.push(pattern.to_owned());
+        w
+    }
+
+    /// A request handler on `queue`: what the handler returns is sent back as the reply; an error
+    /// becomes a fault reply (no retries: the requester has a deadline).
+    pub fn responder(&self, queue: &str) -> WorkerBuilder {
+        let mut w = self.worker(queue);
+        w.responder = true;
+        w
+    }
+}
+
+impl WorkerBuilder {
+    /// Names the subscriber group: its durable queue is called `name`.
+    pub fn group(mut self, name: &str) -> Self {
+        self.queue = name.to_owned();
+        self.name = name.to_owned();
+        self
+    }
+    /// Also subscribe to `pattern` (a group may follow several topics).
+    pub fn topic(mut self, pattern: &str) -> Self {
+        self.bindings.push(pattern.to_owned());
+        self
+    }
+    /// Most unacked deliveries in flight to this worker.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n;
+        self
+    }
+    /// Most handlers running at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+    /// The retry policy (default: none; the first failure dead-letters).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+    /// Skip messages this worker already processed.
+    pub fn idempotent(mut self, store: Arc<dyn InboxStore>) -> Self {
+        self.inbox = Some(store);
+        self
+    }
+    /// Only handle messages passing `filter` (for subscriptions, header equalities become a
+    /// headers-exchange binding; anything else is checked in process and counted).
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = Some(match self.filter.take() {
+            Some(f) => f.and(filter),
+            None => filter,
+        });
+        self
+    }
+    /// Adds a user layer (runs after idempotency, before decode), in the order added.
+    pub fn layer(mut self, m: impl Middleware) -> Self {
+        self.layers.push(Arc::new(m));
+        self
+    }
+
+    /// Sets a typed handler; `run` starts it.
+    pub fn handle<T, F, Fut>(self, handler: F) -> Worker
+    where
+        T: Payload,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let terminal: Terminal = Arc::new(move |msg: Incoming| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
+                    Ok(e) => e,
+                    Err(e) => return Outcome::DeadLetter(HandlerError::permanent(e).with_kind("decode")),
+                };
+                match handler(env, msg.ctx).await {
+                    Ok(()) => Outcome::Ack,
+                    Err(e) if e.permanent => Outcome::DeadLetter(e),
+                    Err(e) => Outcome::Retry(e),
+                }
+            })
+        });
+        Worker { builder: self, terminal }
+    }
+
+    /// Sets a request handler (use with [`Bus::responder`]): its value is the reply.
+    pub fn handle_request<T, R, F, Fut>(mut self, handler: F) -> Worker
+    where
+        T: Payload,
+        R: Payload,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, HandlerError>> + Send + 'static,
+    {
+        self.responder = true;
+        let handler = Arc::new(handler);
+        let terminal: Terminal = Arc::new(move |msg: Incoming| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let err = HandlerError::permanent(e).with_kind("decode");
+                        crate::request::reply_fault(&msg.ctx, &err).await;
+                        return Outcome::DeadLetter(err);
+                    }
+                };
+                let ctx = msg.ctx.clone();
+                match handler(env, msg.ctx).await {
+                    Ok(resp) => match crate::request::reply(&ctx, resp).await {
+                        Ok(()) => Outcome::Ack,
+                        Err(e) => Outcome::Retry(HandlerError::transient(e).with_kind("reply")),
+                    },
+                    Err(e) => {
+                        crate::request::reply_fault(&ctx, &e).await;
+                        // The fault reply is the answer: nothing to retry or dead-letter.
+                        Outcome::Drop(format!("fault replied: {e}"))
+                    }
+                }
+            })
+        });
+        Worker { builder: self, terminal }
+    }
+}
+
+/// A configured worker, ready to run.
+pub struct Worker {
+    builder: WorkerBuilder,
+    terminal: Terminal,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("queue", &self.builder.queue).finish()
+    }
+}
+
+struct Core {
+    bus: Bus,
+    queue: Arc<str>,
+    name: String,
+    retry: RetryPolicy,
+    inbox: Option<Arc<dyn InboxStore>>,
+    filter: Option<Filter>,
+    next: Next,
+    metrics: Arc<Metrics>,
+    /// Per-message-id locks: two copies of one message handled concurrently by this worker must not
+    /// both pass the inbox check before either records (a check-then-act race).
+    inflight: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    metrics: Arc<Metrics>,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+    queue: String,
+}
+
+impl WorkerHandle {
+    /// The worker's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+    /// The queue it consumes.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// Stops taking messages, lets running handlers finish, then cancels the consumer.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+    /// Kills the worker at once, as a crash would: running handlers are dropped mid-way and their
+    /// unacked messages go back to the queue for redelivery.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+fn retry_queue(queue: &str, round: u32) -> String {
+    format!("{queue}.retry.{round}")
+}
+
+impl Worker {
+    /// Declares the topology (queue, DLQ, retry queues, bindings) and starts consuming.
+    pub async fn run(self) -> Result<WorkerHandle> {
+        let b = self.builder;
+        if b.queue.is_empty() {
+            return Err(crate::Error::Invalid("subscribe(..) needs .group(name)".into()));
+        }
+        let bus = b.bus.clone();
+        bus.declare_queue(&b.queue).await?;
+        for round in 0..b.retry.delayed {
+            let mut args = FieldTable::default();
+            let ttl = b.retry.ceiling(round).as_millis() as u32;
+            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongUInt(ttl));
+            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from("")));
+            args.insert(
+                ShortString::from("x-dead-letter-routing-key"),
+                AMQPValue::LongString(LongString::from(b.queue.as_str())),
+            );
+            bus.quorum(&mut args);
+            bus.declare(Declaration::Queue { name: retry_queue(&b.queue, round), durable: true, arguments: args })
+                .await?;
+        }
+        if !b.bindings.is_empty() {
+            bus.ensure_events_exchange().await?;
+            let events = bus.config().events_exchange.clone();
+            match b.filter.as_ref().and_then(Filter::binding_arguments) {
+                Some(args) => {
+                    // Topic first, then a per-group headers exchange: only matching events reach the queue.
+                    let hx = format!("{}.filter", b.queue);
+                    bus.declare(Declaration::Exchange { name: hx.clone(), kind: crate::transport::ExchangeKind::Headers })
+                        .await?;
+                    for pattern in &b.bindings {
+                        bus.declare(Declaration::BindExchange {
+                            destination: hx.clone(),
+                            source: events.clone(),
+                            routing_key: pattern.clone(),
+                        })
+                        .await?;
+                    }
+                    bus.declare(Declaration::Bind {
+                        queue: b.queue.clone(),
+                        exchange: hx,
+                        routing_key: String::new(),
+                        arguments: args,
+                    })
+                    .await?;
+                }
+                None => {
+                    for pattern in &b.bindings {
+                        bus.declare(Declaration::Bind {
+                            queue: b.queue.clone(),
+                            exchange: events.clone(),
+                            routing_key: pattern.clone(),
+                            arguments: FieldTable::default(),
+                        })
+                        .await?;
+                    }
+                }
+            }
+        }
+        let sub = bus.transport().consume(&b.queue, b.prefetch).await?;
+        let metrics = Arc::new(Metrics::default());
+        let mut retry = b.retry.clone();
+        if b.responder {
+            retry = RetryPolicy::new();
+        }
+        let core = Arc::new(Core {
+            bus: bus.clone(),
+            queue: Arc::from(b.queue.as_str()),
+            name: b.name.clone(),
+            retry,
+            inbox: b.inbox.clone(),
+            filter: b.filter.clone(),
+            next: Next { layers: Arc::from(b.layers.clone()), index: 0, terminal: self.terminal },
+            metrics: Arc::clone(&metrics),
+            inflight: Default::default(),
+        });
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(dispatch_loop(core, sub, b.concurrency, Arc::clone(&stop)));
+        Ok(WorkerHandle { metrics, stop, task, queue: b.queue })
+    }
+}
+
+async fn dispatch_loop(core: Arc<Core>, mut sub: Subscription, concurrency: usize, stop: Arc<Notify>) {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut running = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.notified() => break,
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            permit = Arc::clone(&permits).acquire_owned() => {
+                let Ok(permit) = permit else { break };
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    inbound = sub.next() => {
+                        let Some(inbound) = inbound else { break };
+                        let core = Arc::clone(&core);
+                        running.spawn(async move {
+                            process(core, inbound).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            }
+        }
+    }
+    // Graceful: finish what is running before the consumer (and its unacked messages) goes.
+    while running.join_next().await.is_some() {}
+    drop(sub);
+}
+
+async fn process(core: Arc<Core>, mut inbound: Inbound) {
+    let started = Instant::now();
+    let meta = Arc::new(Metadata::from_properties(&inbound.properties));
+    // Tracing slot: continue the sender's trace, or start one for messages from other clients.
+    let trace = match meta.header(TRACEPARENT).and_then(TraceContext::parse) {
+        Some(parent) => parent.child(),
+        None => TraceContext::new_root(),
+    };
+    let span = tracing::info_span!(
+        "process",
+        messaging.destination = %core.queue,
+        messaging.message.id = %meta.id,
+        trace_id = %trace.trace_id_hex()
+    );
+    let ctx = Context {
+        bus: core.bus.clone(),
+        meta: Arc::clone(&meta),
+        trace,
+        queue: Arc::clone(&core.queue),
+        redelivered: inbound.redelivered,
+    };
+    let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
+    async {
+        // Metrics slot.
+        Metrics::inc(&core.metrics.received);
+        // Filter slot.
+        if let Some(f) = &core.filter {
+            if !f.matches(&meta) {
+                Metrics::inc(&core.metrics.filtered);
+                settle_ack(&mut inbound).await;
+                return;
+            }
+        }
+        // Dead-letter slot around the retry slot.
+        let outcome = retry_slot(&core, msg).await;
+        match outcome {
+            Outcome::Ack | Outcome::Drop(_) => settle_ack(&mut inbound).await,
+            Outcome::Retry(e) => {
+                let round: u32 = meta.header(headers::DELAYED_RETRIES).and_then(|r| r.parse().ok()).unwrap_or(0);
+                if round < core.retry.delayed {
+                    Metrics::inc(&core.metrics.retried);
+                    let delay = core.retry.delay(round);
+                    let mut copy = failed_copy(&core, &meta, &e);
+                    copy.headers.insert(headers::DELAYED_RETRIES.into(), (round + 1).to_string());
+                    let mut props = copy.to_properties();
+                    props = props.with_expiration(delay.as_millis().to_string().as_str().into());
+                    let out = crate::transport::Outbound {
+                        exchange: String::new(),
+                        routing_key: retry_queue(&core.queue, round),
+                        properties: props,
+                        body: inbound.body.clone(),
+                        mandatory: false,
+                    };
+                    tracing::debug!(round, delay_ms = delay.as_millis() as u64, error = %e, "delayed retry");
+                    publish_then_ack(&core, &mut inbound, core.bus.transport().publish(out).await.map(|_| ())).await;
+                } else {
+                    dead_letter(&core, &mut inbound, &meta, &e).await;
+                }
+            }
+            Outcome::DeadLetter(e) => dead_letter(&core, &mut inbound, &meta, &e).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    core.metrics.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// Immediate retries in process, around the inbox and everything inside it.
+async fn retry_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
+    let mut attempt = 0;
+    loop {
+        let outcome = inbox_slot(core, msg.clone()).await;
+        match outcome {
+            Outcome::Retry(e) => {
+                Metrics::inc(&core.metrics.failed);
+                if !core.retry.retries(&e) {
+                    return Outcome::DeadLetter(e);
+                }
+                if attempt < core.retry.immediate {
+                    attempt += 1;
+                    Metrics::inc(&core.metrics.retried);
+                    continue;
+                }
+                return Outcome::Retry(e);
+            }
+            Outcome::DeadLetter(e) => {
+                Metrics::inc(&core.metrics.failed);
+                return Outcome::DeadLetter(e);
+            }
+            Outcome::Ack => {
+                Metrics::inc(&core.metrics.ok);
+                return Outcome::Ack;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn inbox_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
+    let Some(inbox) = &core.inbox else { return core.next.clone().run(msg).await };
+    let id = msg.meta.id.clone();
+    let lock = Arc::clone(core.inflight.lock().unwrap().entry(id.clone()).or_default());
+    let _held = lock.lock().await;
+    let outcome = inbox_checked(core, inbox, &id, msg).await;
+    {
+        let mut map = core.inflight.lock().unwrap();
+        // Two strong refs = the map's and ours: nobody else waits, so the entry can go.
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(&id);
+        }
+    }
+    outcome
+}
+
+async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, msg: Incoming) -> Outcome {
+    match inbox.seen(&core.name, id).await {
+        Ok(true) => {
+            Metrics::inc(&core.metrics.duplicates);
+            return Outcome::Drop("duplicate".into());
+        }
+        Ok(false) => {}
+        Err(e) => return Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
+    }
+    let outcome = core.next.clone().run(msg).await;
+    if matches!(outcome, Outcome::Ack) {
+        if let Err(e) = inbox.record(&core.name, id).await {
+            tracing::warn!(error = %e, "inbox record failed; a redelivery may repeat the effect");
+        }
+    }
+    outcome
+}
+
+/// Metadata for a copy sent on after a failure: failure headers set, first failure kept.
+fn failed_copy(core: &Core, meta: &Metadata, e: &HandlerError) -> Metadata {
+    let mut m = meta.clone();
+    let now = millis(SystemTime::now()).to_string();
+    let attempts = meta.attempt() + 1 + core.retry.immediate;
+    m.headers.insert(headers::ATTEMPT.into(), attempts.to_string());
+    m.headers.entry(headers::FIRST_FAILURE_MS.into()).or_insert_with(|| now.clone());
+    m.headers.insert(headers::LAST_FAILURE_MS.into(), now);
+    m.headers.insert(headers::ERROR_KIND.into(), e.kind.clone());
+    m.headers.insert(headers::ERROR.into(), truncate(&e.message, MAX_ERROR_HEADER));
+    m.headers.insert(headers::SOURCE_QUEUE.into(), core.queue.to_string());
+    m.headers.insert(headers::HANDLER.into(), core.name.clone());
+    m
+}
+
+async fn dead_letter(core: &Arc<Core>, inbound: &mut Inbound, meta: &Metadata, e: &HandlerError) {
+    Metrics::inc(&core.metrics.dead_lettered);
+    let mut copy = failed_copy(core, meta, e);
+    if e.kind == "decode" || !core.retry.retries(e) {
+        // Not retried: the attempt count is just this one.
+        copy.headers.insert(headers::ATTEMPT.into(), (meta.attempt() + 1).to_string());
+    }
+    tracing::warn!(error = %e, "dead-lettering");
+    let r = core.bus.emit_raw(&format!("{}.dlq", core.queue), &copy, inbound.body.clone()).await;
+    publish_then_ack(core, inbound, r).await;
+}
+
+async fn publish_then_ack(_core: &Arc<Core>, inbound: &mut Inbound, published: Result<(), crate::TransportError>) {
+    match published {
+        Ok(()) => settle_ack(inbound).await,
+        Err(e) => {
+            // Reject without requeue: the queue's dead-letter backstop keeps the message.
+            tracing::warn!(error = %e, "could not publish retry/dead letter; rejecting to the DLQ backstop");
+            if let Err(e) = inbound.reject().await {
+                tracing::warn!(error = %e, "reject failed; the broker will redeliver");
+            }
+        }
+    }
+}
+
+async fn settle_ack(inbound: &mut Inbound) {
+    if let Err(e) = inbound.ack().await {
+        tracing::warn!(error = %e, "ack failed; the broker will redeliver (the inbox absorbs it)");
+    }
+}

@@ -1,0 +1,237 @@
+//! The embedded transport: the in-process broker, no network. Every broker call of the SDK for this
+//! transport lives here, so broker API changes (an async publish confirm, a durable store) stay local.
+
+use super::{AckHandle, BoxFuture, Declaration, Inbound, Outbound, Published, Subscription, Transport};
+use crate::error::TransportError;
+use mailroom_broker::{
+    Broker, BrokerConfig, BrokerError, ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ExchangeOptions,
+    FieldTable, Message, Queue, QueueOptions, VHost,
+};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// The in-process broker as a transport. Each `Embedded` is one "connection" (it owns exclusive and
+/// reply queues); clones of one broker share queues, so several buses in one process can talk.
+#[derive(Debug)]
+pub struct Embedded {
+    broker: Broker,
+    vhost: Arc<VHost>,
+    owner: ConnectionId,
+}
+
+fn broker_err(e: BrokerError) -> TransportError {
+    TransportError::Broker(e.to_string())
+}
+
+impl Embedded {
+    /// Opens a fresh in-memory broker (must run inside a tokio runtime).
+    pub fn start() -> Result<Self, TransportError> {
+        let broker = Broker::open(BrokerConfig::default()).map_err(broker_err)?;
+        Self::on(&broker)
+    }
+
+    /// A new connection to an existing broker (vhost `/`).
+    pub fn on(broker: &Broker) -> Result<Self, TransportError> {
+        let vhost = broker.vhost("/").map_err(broker_err)?;
+        Ok(Self { broker: broker.clone(), vhost, owner: broker.next_connection_id() })
+    }
+
+    /// The broker behind this transport (to open more connections to it).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    fn subscribe(&self, queue: &str, prefetch: u16, no_ack: bool) -> Result<Subscription, TransportError> {
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let options = ConsumeOptions {
+            no_ack,
+            exclusive: false,
+            prefetch: prefetch as u32,
+            channel_prefetch: Arc::new(ChannelPrefetch::default()),
+            priority: 0,
+        };
+        let (q, consumer) = self.vhost.consume(queue, self.owner, options, sink).map_err(broker_err)?;
+        let outstanding: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let track = Arc::clone(&outstanding);
+        let forward = tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let ConsumerEvent::Deliver(d) = event else { break };
+                let acker: Option<Box<dyn AckHandle>> = if no_ack {
+                    None
+                } else {
+                    track.lock().unwrap().insert(d.id);
+                    Some(Box::new(EmbeddedAck { queue: Arc::clone(&d.queue), id: d.id, outstanding: Arc::clone(&track) }))
+                };
+                let inbound = Inbound {
+                    exchange: d.message.exchange.to_string(),
+                    routing_key: d.message.routing_key.to_string(),
+                    properties: d.message.properties.clone(),
+                    body: d.message.body.clone(),
+                    redelivered: d.redelivered,
+                    acker,
+                };
+                if tx.send(inbound).is_err() {
+                    break;
+                }
+            }
+        });
+        let guard = ConsumerGuard { vhost: Arc::clone(&self.vhost), queue: q, consumer, outstanding, forward };
+        Ok(Subscription::new(rx, Box::new(guard)))
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        // Like a closing connection: its exclusive and reply queues go away.
+        self.broker.connection_closed(self.owner);
+    }
+}
+
+/// Cancels the consumer and returns its unacked deliveries to the queue, as a closing AMQP channel does.
+struct ConsumerGuard {
+    vhost: Arc<VHost>,
+    queue: Arc<Queue>,
+    consumer: u64,
+    outstanding: Arc<Mutex<HashSet<u64>>>,
+    forward: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConsumerGuard {
+    fn drop(&mut self) {
+        self.forward.abort();
+        self.vhost.cancel(&self.queue, self.consumer);
+        let ids: Vec<u64> = self.outstanding.lock().unwrap().drain().collect();
+        if !ids.is_empty() {
+            self.queue.reject(&ids, true);
+        }
+    }
+}
+
+struct EmbeddedAck {
+    queue: Arc<Queue>,
+    id: u64,
+    outstanding: Arc<Mutex<HashSet<u64>>>,
+}
+
+impl AckHandle for EmbeddedAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if self.outstanding.lock().unwrap().remove(&self.id) {
+            self.queue.ack(&[self.id]);
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if self.outstanding.lock().unwrap().remove(&self.id) {
+            self.queue.reject(&[self.id], false);
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A `basic.get` delivery. Dropped unsettled, it goes back to the queue, as when an AMQP client's
+/// channel closes (otherwise it would stay unacked for the life of the broker).
+struct GetAck {
+    queue: Arc<Queue>,
+    id: u64,
+    settled: bool,
+}
+
+impl AckHandle for GetAck {
+    fn ack(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
+        self.queue.ack(&[self.id]);
+        Box::pin(async { Ok(()) })
+    }
+    fn reject(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
+        self.queue.reject(&[self.id], false);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Drop for GetAck {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.reject(&[self.id], true);
+        }
+    }
+}
+
+impl Transport for Embedded {
+    fn publish(&self, m: Outbound) -> BoxFuture<'_, Result<Published, TransportError>> {
+        let result = self.vhost.publish(&m.exchange, Message::new(&m.exchange, &m.routing_key, m.properties, m.body));
+        Box::pin(async move {
+            let r = result.map_err(broker_err)?;
+            if r.rejected {
+                return Err(TransportError::Nacked);
+            }
+            if m.mandatory && !r.routed {
+                return Ok(Published::Unroutable);
+            }
+            Ok(Published::Confirmed)
+        })
+    }
+
+    fn declare(&self, d: Declaration) -> BoxFuture<'_, Result<(), TransportError>> {
+        let r = match d {
+            Declaration::Exchange { name, kind } => self.vhost.declare_exchange(
+                &name,
+                kind.as_str(),
+                &ExchangeOptions { durable: true, ..Default::default() },
+            ),
+            Declaration::Queue { name, durable, arguments } => self
+                .vhost
+                .declare_queue(&name, &QueueOptions { durable, arguments, ..Default::default() }, self.owner)
+                .map(|_| ()),
+            Declaration::Bind { queue, exchange, routing_key, arguments } => {
+                self.vhost.bind_queue(&queue, &exchange, &routing_key, &arguments, self.owner)
+            }
+            Declaration::BindExchange { destination, source, routing_key } => {
+                self.vhost.bind_exchange(&destination, &source, &routing_key, &FieldTable::default())
+            }
+        };
+        Box::pin(async move { r.map_err(broker_err) })
+    }
+
+    fn consume(&self, queue: &str, prefetch: u16) -> BoxFuture<'_, Result<Subscription, TransportError>> {
+        let r = self.subscribe(queue, prefetch, false);
+        Box::pin(async move { r })
+    }
+
+    fn reply_endpoint(&self) -> BoxFuture<'_, Result<(String, Subscription), TransportError>> {
+        let name = self.vhost.declare_reply_queue(self.owner);
+        let r = self.subscribe(&name, 0, true).map(|s| (name, s));
+        Box::pin(async move { r })
+    }
+
+    fn get(&self, queue: &str) -> BoxFuture<'_, Result<Option<Inbound>, TransportError>> {
+        let r = self.vhost.queue(queue, self.owner).map_err(broker_err).map(|q| {
+            q.get(false).map(|g| Inbound {
+                exchange: g.message.exchange.to_string(),
+                routing_key: g.message.routing_key.to_string(),
+                properties: g.message.properties.clone(),
+                body: g.message.body.clone(),
+                redelivered: g.redelivered,
+                acker: Some(Box::new(GetAck { queue: Arc::clone(&q), id: g.id, settled: false }) as Box<dyn AckHandle>),
+            })
+        });
+        Box::pin(async move { r })
+    }
+
+    fn message_count(&self, queue: &str) -> BoxFuture<'_, Result<u32, TransportError>> {
+        let r = self.vhost.queue(queue, self.owner).map(|q| q.message_count()).map_err(broker_err);
+        Box::pin(async move { r })
+    }
+
+    fn delete_queue(&self, queue: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let r = self.vhost.delete_queue(queue, false, false, self.owner).map(|_| ()).map_err(broker_err);
+        Box::pin(async move { r })
+    }
+
+    fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
+        let r = self.vhost.delete_exchange(name, false).map_err(broker_err);
+        Box::pin(async move { r })
+    }
+}

@@ -1,0 +1,187 @@
+//! Test harness: every pattern test runs on the embedded broker, a Mailroom server on port 0, and the
+//! RabbitMQ at `RABBITMQ_URL`.
+#![allow(dead_code)]
+
+use mailroom::{Amqp, AmqpConfig, Bus, Embedded};
+use mailroom_amqp::{AmqpServer, ServerConfig};
+use mailroom_broker::{Broker, BrokerConfig};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// Where a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Embedded,
+    Server,
+    Rabbit,
+}
+
+pub fn rabbit_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2F".into())
+}
+
+/// One test's world: a bus, a way to open more connections, unique names, cleanup.
+pub struct Env {
+    pub target: Target,
+    pub bus: Bus,
+    pub prefix: String,
+    broker: Option<Broker>,
+    pub url: Option<String>,
+    names: Mutex<Vec<String>>,
+    _server: Option<oneshot::Sender<()>>,
+}
+
+pub async fn env(target: Target, test: &str) -> Env {
+    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    let prefix = format!("t.{test}.{}", &uuid_short());
+    match target {
+        Target::Embedded => {
+            let t = Embedded::start().unwrap();
+            let broker = t.broker().clone();
+            Env { target, bus: Bus::new(t), prefix, broker: Some(broker), url: None, names: Mutex::default(), _server: None }
+        }
+        Target::Server => {
+            let (url, stop) = start_server().await;
+            let bus = Bus::new(Amqp::connect(AmqpConfig::new(&url)).await.unwrap());
+            Env { target, bus, prefix, broker: None, url: Some(url), names: Mutex::default(), _server: Some(stop) }
+        }
+        Target::Rabbit => {
+            let url = rabbit_url();
+            let bus = Bus::new(Amqp::connect(AmqpConfig::new(&url)).await.unwrap());
+            Env { target, bus, prefix, broker: None, url: Some(url), names: Mutex::default(), _server: None }
+        }
+    }
+}
+
+fn uuid_short() -> String {
+    mailroom::envelope::new_message_id().replace('-', "")[20..].to_owned()
+}
+
+pub async fn start_server() -> (String, oneshot::Sender<()>) {
+    let broker = Broker::open(BrokerConfig::default()).unwrap();
+    let server = AmqpServer::bind(broker, ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() })
+        .await
+        .unwrap();
+    let addr = server.local_addrs()[0];
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    (format!("amqp://guest:guest@{addr}/%2F"), tx)
+}
+
+impl Env {
+    /// A unique name for this test (queue, group, topic prefix), remembered for cleanup.
+    pub fn q(&self, name: &str) -> String {
+        let n = format!("{}.{name}", self.prefix);
+        self.names.lock().unwrap().push(n.clone());
+        n
+    }
+
+    /// Another connection to the same broker (a second process, as far as the broker can tell).
+    pub async fn another_bus(&self) -> Bus {
+        match (&self.broker, &self.url) {
+            (Some(b), _) => Bus::new(Embedded::on(b).unwrap()),
+            (None, Some(url)) => Bus::new(Amqp::connect(AmqpConfig::new(url)).await.unwrap()),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Deletes everything this test declared (matters on the shared RabbitMQ).
+    pub async fn cleanup(self) {
+        let names = self.names.lock().unwrap().clone();
+        let t = self.bus.transport();
+        for n in names {
+            for suffix in ["", ".dlq", ".retry.0", ".retry.1", ".retry.2", ".retry.3"] {
+                let _ = t.delete_queue(&format!("{n}{suffix}")).await;
+            }
+            let _ = t.delete_exchange(&format!("{n}.filter")).await;
+        }
+    }
+}
+
+/// Polls `cond` until true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// A TCP proxy whose connections can be cut, to drop a client connection from outside.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let c2 = Arc::clone(&conns);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let h = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c2.lock().unwrap().push(h);
+            }
+        });
+        Proxy { addr, conns, accept }
+    }
+
+    /// Drops every proxied connection (both sockets close).
+    pub fn cut(&self) {
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Host and port of an amqp:// URL plus the rest, to point a client at a proxy.
+pub fn split_url(url: &str) -> (String, std::net::SocketAddr, String) {
+    let (scheme_auth, rest) = url.split_once('@').unwrap();
+    let (hostport, path) = rest.split_once('/').unwrap();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport).unwrap().next().unwrap();
+    (scheme_auth.to_owned(), addr, path.to_owned())
+}
+
+/// Generates one test per target for each async fn taking a `Target`.
+#[macro_export]
+macro_rules! on_all_targets {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn embedded() {
+                    super::$name($crate::common::Target::Embedded).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn server() {
+                    super::$name($crate::common::Target::Server).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn rabbit() {
+                    super::$name($crate::common::Target::Rabbit).await
+                }
+            }
+        )*
+    };
+}
