@@ -23,7 +23,6 @@ async fn scenario(url: &str) -> Vec<String> {
     let mut out = Vec::new();
     let conn = connect(url).await;
     let sfx = std::process::id();
-    let ch = channel(&conn).await;
     // u: ack after cancel
     let ch = channel(&conn).await;
     let q = declare(&ch, &format!("zz-u-{sfx}")).await;
