@@ -1,7 +1,8 @@
 //! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death` history.
 
 use crate::message::{header_routing_keys, Message};
-use crate::queue::DeadLetterReason;
+use crate::queue::{DeadLetterReason, Queue};
+use std::sync::Arc;
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -91,24 +92,64 @@ pub fn routing_keys(message: &Message) -> Vec<String> {
     keys
 }
 
-/// Whether delivering `message` to `target` would loop: the queue is already in its history and no death
-/// in that history was a rejection (a consumer's decision breaks automatic cycles, as in RabbitMQ).
+/// Whether dead-lettering `message` (already carrying its new `x-death` entry) to `target` closes a fully
+/// automatic cycle, as RabbitMQ decides: walk `x-death` from the newest entry to the first one for
+/// `target`; a cycle exists if that entry is found and none of the walked entries is a rejection (a
+/// consumer's decision, or anything a client put there, makes the cycle "not automatic").
+/// Messages dead-lettered *because* they were rejected are never checked (see [`check_cycles`]).
 pub fn is_cycle(message: &Message, target: &str) -> bool {
     let Some(AMQPValue::FieldArray(deaths)) = message.headers().and_then(|h| h.inner().get("x-death")) else {
         return false;
     };
-    let mut seen = false;
     for d in deaths.as_slice() {
-        if let AMQPValue::FieldTable(t) = d {
-            if table_str(t, "reason").as_deref() == Some("rejected") {
-                return false;
-            }
-            if table_str(t, "queue").as_deref() == Some(target) {
-                seen = true;
-            }
+        let AMQPValue::FieldTable(t) = d else { return false };
+        if table_str(t, "reason").as_deref() == Some("rejected") {
+            return false;
+        }
+        if table_str(t, "queue").as_deref() == Some(target) {
+            return true;
         }
     }
-    seen
+    false
+}
+
+/// Whether cycle detection applies to a death for `reason`: RabbitMQ skips it for rejections.
+pub fn check_cycles(reason: DeadLetterReason) -> bool {
+    reason != DeadLetterReason::Rejected
+}
+
+thread_local! {
+    /// Dead-lettered messages waiting to be pushed, while an outer dead-letter pass on this thread runs.
+    static PENDING: std::cell::RefCell<Option<std::collections::VecDeque<(Arc<Queue>, Arc<Message>)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Pushes dead-lettered messages onto their target queues. A push can dead-letter again (a TTL-0 or
+/// full target); those nested deaths join the outer pass's worklist instead of recursing, so a long chain
+/// of dead-letter queues cannot overflow the stack.
+pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>) {
+    let nested = PENDING.with(|p| match p.borrow_mut().as_mut() {
+        Some(list) => {
+            list.extend(work.iter().cloned());
+            true
+        }
+        None => false,
+    });
+    if nested {
+        return;
+    }
+    /// Clears the worklist even if a push panics, so later dead-letters on this thread still run.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PENDING.with(|p| *p.borrow_mut() = None);
+        }
+    }
+    PENDING.with(|p| *p.borrow_mut() = Some(work.into_iter().collect()));
+    let _reset = Reset;
+    while let Some((queue, message)) = PENDING.with(|p| p.borrow_mut().as_mut().and_then(|l| l.pop_front())) {
+        queue.push(message);
+    }
 }
 
 fn strip_expiration(properties: amq_protocol::protocol::BasicProperties) -> amq_protocol::protocol::BasicProperties {
@@ -236,5 +277,18 @@ mod tests {
         assert!(!is_cycle(&d, "q2"));
         let r = make_dead_letter(&m, "dlx", "q1", DeadLetterReason::Rejected, None);
         assert!(!is_cycle(&r, "q1"));
+        assert!(!check_cycles(DeadLetterReason::Rejected));
+        // A rejection older than the target's newest death does not break the cycle (RabbitMQ's walk
+        // stops at the target's entry); a forged 'rejected' entry for another queue cannot keep a TTL loop alive.
+        let looped = make_dead_letter(&r, "dlx", "q1", DeadLetterReason::Expired, None);
+        assert!(is_cycle(&looped, "q1"));
+        let mut forged_headers = FieldTable::default();
+        let mut forged = FieldTable::default();
+        forged.insert("reason".into(), text("rejected"));
+        forged.insert("queue".into(), text("elsewhere"));
+        forged_headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(forged)])));
+        let f = Message::new("ex", "rk", BasicProperties::default().with_headers(forged_headers), Bytes::new());
+        let f = make_dead_letter(&f, "dlx", "loopq", DeadLetterReason::Expired, None);
+        assert!(is_cycle(&f, "loopq"));
     }
 }

@@ -604,18 +604,20 @@ impl QueueHooks for VHost {
         let Some(dlx_name) = args.dead_letter_exchange.as_deref() else { return };
         // Dead-lettering to a missing exchange drops the message silently, as RabbitMQ.
         let Ok(dlx) = self.exchange(dlx_name) else { return };
+        let mut work = Vec::new();
         for message in messages {
             let dead = dead_letter::make_dead_letter(&message, dlx_name, queue.name(), reason, args.dead_letter_routing_key.as_deref());
             let keys = dead_letter::routing_keys(&dead);
             let targets = self.route(&dlx, &keys, dead.headers());
             let dead = Arc::new(dead);
             for target in targets {
-                if dead_letter::is_cycle(&dead, target.name()) {
+                if dead_letter::check_cycles(reason) && dead_letter::is_cycle(&dead, target.name()) {
                     continue;
                 }
-                target.push(Arc::clone(&dead));
+                work.push((target, Arc::clone(&dead)));
             }
         }
+        dead_letter::push_all(work);
     }
 
     fn expire_queue(&self, queue: &Arc<Queue>) {

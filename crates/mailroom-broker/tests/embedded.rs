@@ -493,3 +493,52 @@ async fn requeue_respects_max_length() {
     let left: Vec<String> = std::iter::from_fn(|| q.get(true)).map(|g| String::from_utf8(g.message.body.to_vec()).unwrap()).collect();
     assert_eq!(left, ["2", "3"]);
 }
+
+/// A TTL-0 queue dead-lettering to itself, fed a message with a forged 'rejected' x-death entry, must
+/// neither loop nor overflow the stack: RabbitMQ's cycle walk stops at the queue's own newest death.
+#[tokio::test]
+async fn forged_x_death_cannot_keep_a_dead_letter_loop_alive() {
+    let e = env();
+    let args = table(&[
+        ("x-message-ttl", AMQPValue::LongInt(0)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text("loopq")),
+    ]);
+    let q = e.queue_with("loopq", args);
+    let mut forged = FieldTable::default();
+    forged.insert("reason".into(), text("rejected"));
+    forged.insert("queue".into(), text("elsewhere"));
+    let headers = table(&[("x-death", AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(forged)])))]);
+    e.publish_props("", "loopq", "m", BasicProperties::default().with_headers(headers));
+    assert_eq!(q.message_count(), 0);
+}
+
+/// A long chain of TTL-0 queues, each dead-lettering into the next, delivers to the end without
+/// recursing once per hop (which would overflow the stack).
+#[tokio::test]
+async fn a_long_dead_letter_chain_does_not_recurse() {
+    let e = env();
+    // Each hop lengthens x-death, so hops cost O(n) each; 300 on a small stack is enough to catch recursion.
+    const HOPS: usize = 300;
+    for i in 0..HOPS {
+        let args = table(&[
+            ("x-message-ttl", AMQPValue::LongInt(0)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text(&format!("chain-{}", i + 1))),
+        ]);
+        e.queue_with(&format!("chain-{i}"), args);
+    }
+    let last = e.queue(&format!("chain-{HOPS}"));
+    let vhost = Arc::clone(&e.vhost);
+    // Publishing needs no runtime; a 128 KiB stack would overflow if each hop recursed.
+    std::thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let m = Message::new("", "chain-0", BasicProperties::default(), Bytes::from_static(b"m"));
+            vhost.publish("", m).unwrap();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(last.message_count(), 1);
+}
