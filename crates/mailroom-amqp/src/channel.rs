@@ -24,8 +24,6 @@ pub struct ChannelConsumer {
     pub id: ConsumerId,
     /// The queue it consumes from.
     pub queue: Arc<Queue>,
-    /// Deliveries need no ack.
-    pub no_ack: bool,
 }
 
 /// A delivery the client has not settled yet.

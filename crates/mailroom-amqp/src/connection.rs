@@ -37,6 +37,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const EVENTS_PER_TURN: usize = 256;
 /// Outbound bytes gathered before handing a batch to the writer.
 const OUTBOUND_BATCH_BYTES: usize = 256 * 1024;
+/// How long a write may wait for a peer that stopped reading when heartbeats are off.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -61,6 +63,14 @@ struct ClientCapabilities {
     connection_blocked: bool,
 }
 
+/// Where a consumer's deliveries go: looked up once per delivery, so it holds what the frame needs.
+#[derive(Debug, Clone)]
+struct ConsumerRoute {
+    channel: u16,
+    tag: Arc<str>,
+    no_ack: bool,
+}
+
 /// One client connection.
 pub(crate) struct Connection {
     ctx: Arc<ServerContext>,
@@ -79,7 +89,7 @@ pub(crate) struct Connection {
     username: String,
     vhost: Option<Arc<VHost>>,
     channels: HashMap<u16, Channel>,
-    consumer_channels: HashMap<ConsumerId, (u16, String)>,
+    consumer_channels: HashMap<ConsumerId, ConsumerRoute>,
     events_tx: mpsc::UnboundedSender<ConsumerEvent>,
     events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
     /// No-ack deliveries written since the last flush, to hand their window credit back.
@@ -254,6 +264,7 @@ impl Connection {
                         Ok(_) => { self.last_inbound = Instant::now(); }
                     }
                 }
+                _ = tick.tick() => self.on_tick(handshake_deadline),
                 Some(event) = self.events_rx.recv() => {
                     self.handle_event(event);
                     for _ in 1..EVENTS_PER_TURN {
@@ -266,7 +277,6 @@ impl Connection {
                         }
                     }
                 }
-                _ = tick.tick() => self.on_tick(handshake_deadline),
             }
         }
     }
@@ -276,9 +286,19 @@ impl Connection {
         if !self.out.is_empty() {
             let batch = self.out.split().freeze();
             self.last_outbound = Instant::now();
-            if self.writer.send(batch).await.is_err() {
-                self.phase = Phase::Closed;
-                return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer gone"));
+            // A peer that stops reading must not pin this task (and its unacked messages) forever.
+            let stall_limit = if self.heartbeat.is_zero() { WRITE_STALL_TIMEOUT } else { self.heartbeat * 2 };
+            match timeout(stall_limit, self.writer.send(batch)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    self.phase = Phase::Closed;
+                    return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer gone"));
+                }
+                Err(_) => {
+                    tracing::info!(peer = %self.peer, "client stopped reading, closing");
+                    self.phase = Phase::Closed;
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"));
+                }
             }
         }
         for (queue, consumer, n) in self.noack_sent.drain(..) {
@@ -419,6 +439,12 @@ impl Connection {
     /// Starts a server-initiated connection close; frames other than close/close-ok are ignored from now.
     fn close_connection(&mut self, err: AmqpError) {
         tracing::debug!(peer = %self.peer, code = err.code, text = %err.text, "closing connection");
+        // Channels go first (as RabbitMQ): consumers stop and unacked deliveries go back now, not after
+        // the client's close-ok, which may never come.
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.release_channel_resources(id);
+        }
         self.send_connection_close(&err);
         self.phase = Phase::Closing;
         self.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
@@ -947,10 +973,21 @@ impl Connection {
                     Some(ops) => std::mem::take(ops),
                     None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
                 };
-                for op in ops {
+                let mut ops = ops.into_iter();
+                while let Some(op) = ops.next() {
                     match op {
                         TxOp::Publish { exchange, message, mandatory } => {
-                            self.route_publish(id, &exchange, message, mandatory)?;
+                            if let Err(e) = self.route_publish(id, &exchange, message, mandatory) {
+                                // The commit fails: settlements not applied yet stay unacked, so the
+                                // channel's close requeues them instead of losing them.
+                                let ch = self.channel(id);
+                                for rest in ops {
+                                    if let TxOp::Settle { deliveries, .. } = rest {
+                                        ch.unacked.extend(deliveries);
+                                    }
+                                }
+                                return Err(e);
+                            }
                         }
                         TxOp::Settle { deliveries, ack, requeue } => {
                             settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue)
@@ -1047,8 +1084,9 @@ impl Connection {
                 }
                 match vhost.consume(&queue_name, self.id, options, self.events_tx.clone()) {
                     Ok((queue, consumer)) => {
-                        self.consumer_channels.insert(consumer, (id, tag.clone()));
-                        self.channel(id).consumers.insert(tag, ChannelConsumer { id: consumer, queue, no_ack: c.no_ack });
+                        self.consumer_channels
+                            .insert(consumer, ConsumerRoute { channel: id, tag: tag.as_str().into(), no_ack: c.no_ack });
+                        self.channel(id).consumers.insert(tag, ChannelConsumer { id: consumer, queue });
                     }
                     Err(e) => {
                         self.out.truncate(mark);
@@ -1258,7 +1296,7 @@ impl Connection {
         }
         if self.channel(id).tx.is_some() {
             // The exchange must exist now, even though routing waits for commit.
-            if let Err(e) = self.vhost().exchange(&pending.exchange) {
+            if let Err(e) = self.vhost().publishable_exchange(&pending.exchange) {
                 self.fail(id, AmqpError::from(e).on(60, 40));
                 return;
             }
@@ -1353,10 +1391,12 @@ impl Connection {
         match event {
             ConsumerEvent::Deliver(d) => self.deliver(d),
             ConsumerEvent::Cancelled(consumer) => {
-                let Some((id, tag)) = self.consumer_channels.remove(&consumer) else { return };
+                let Some(ConsumerRoute { channel: id, tag, .. }) = self.consumer_channels.remove(&consumer) else {
+                    return;
+                };
                 let open = self.channels.get(&id).is_some_and(|c| c.phase == ChannelPhase::Open);
                 if let Some(ch) = self.channels.get_mut(&id) {
-                    ch.consumers.remove(&tag);
+                    ch.consumers.remove(&*tag);
                 }
                 if open && self.capabilities.consumer_cancel_notify && self.phase == Phase::Open {
                     self.send(
@@ -1369,17 +1409,16 @@ impl Connection {
     }
 
     fn deliver(&mut self, d: Delivery) {
-        let target = self.consumer_channels.get(&d.consumer).cloned();
-        let Some((id, tag)) = target.filter(|_| self.phase == Phase::Open) else {
-            // The consumer went away while this was in flight: give the message back.
-            d.queue.reject(&[d.id], true);
+        let route = self.consumer_channels.get(&d.consumer).filter(|_| self.phase == Phase::Open);
+        let Some(ConsumerRoute { channel: id, tag, no_ack }) = route.cloned() else {
+            // The consumer went away while this was in flight: it goes back untouched.
+            Arc::clone(&d.queue).return_undelivered(d);
             return;
         };
         let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open) else {
-            d.queue.reject(&[d.id], true);
+            Arc::clone(&d.queue).return_undelivered(d);
             return;
         };
-        let no_ack = ch.consumers.get(&tag).is_some_and(|c| c.no_ack);
         let delivery_tag = ch.next_delivery_tag;
         ch.next_delivery_tag += 1;
         if no_ack {
@@ -1435,9 +1474,9 @@ impl Connection {
         // Deliveries still queued for us go back to their queues.
         self.events_rx.close();
         while let Ok(event) = self.events_rx.try_recv() {
-            // A no-ack delivery has no unacked entry, so this is a no-op for it (lost, as with RabbitMQ).
+            // Never written to the client: back to the queue untouched (no-ack ones included).
             if let ConsumerEvent::Deliver(d) = event {
-                d.queue.reject(&[d.id], true);
+                Arc::clone(&d.queue).return_undelivered(d);
             }
         }
         self.ctx.broker.connection_closed(self.id);

@@ -39,6 +39,10 @@ pub struct Delivery {
     pub message: Arc<Message>,
     /// Whether it was delivered before.
     pub redelivered: bool,
+    /// Where it goes back if it is returned undelivered ([`Queue::return_undelivered`]).
+    rank: u8,
+    /// Its expiry, kept for the same reason.
+    expires_at: Option<Instant>,
 }
 
 /// What a queue tells a consumer's owner.
@@ -344,7 +348,7 @@ impl Queue {
         let args = &self.spec.args;
         let size = message.body.len() as u64;
         // A message a waiting consumer takes at once never counts against the length limits.
-        let taken_at_once = st.ready.is_empty() && self.choose_consumer(&st).is_some();
+        let taken_at_once = st.ready.is_empty() && self.choose_consumer(&st, &[]).is_some();
         if !taken_at_once && self.over_limit(&st, 1, size) {
             match args.overflow {
                 Overflow::RejectPublish => return PushOutcome::Rejected,
@@ -427,16 +431,16 @@ impl Queue {
 
     /// Picks the consumer for the next message: the highest priority with room, round-robin among equals;
     /// with `x-single-active-consumer`, only the earliest registered consumer.
-    fn choose_consumer(&self, st: &QueueState) -> Option<usize> {
+    fn choose_consumer(&self, st: &QueueState, skip: &[usize]) -> Option<usize> {
         if self.spec.args.single_active_consumer {
-            return st.consumers.first().filter(|c| c.has_credit()).map(|_| 0);
+            return st.consumers.first().filter(|c| c.has_credit() && !skip.contains(&0)).map(|_| 0);
         }
         let n = st.consumers.len();
         let mut best: Option<(i32, usize)> = None;
         for i in 0..n {
             let idx = (st.next_consumer + i) % n;
             let c = &st.consumers[idx];
-            if c.has_credit() && best.is_none_or(|(p, _)| c.options.priority > p) {
+            if c.has_credit() && !skip.contains(&idx) && best.is_none_or(|(p, _)| c.options.priority > p) {
                 best = Some((c.options.priority, idx));
             }
         }
@@ -447,12 +451,18 @@ impl Queue {
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
         while !st.ready.is_empty() && !st.consumers.is_empty() {
-            let Some(idx) = self.choose_consumer(st) else { break };
+            // A consumer whose channel-wide limit another queue filled since has_credit() is skipped.
+            let mut skipped = Vec::new();
+            let idx = loop {
+                let Some(idx) = self.choose_consumer(st, &skipped) else { break None };
+                let c = &st.consumers[idx];
+                if c.options.no_ack || c.options.channel_prefetch.try_take() {
+                    break Some(idx);
+                }
+                skipped.push(idx);
+            };
+            let Some(idx) = idx else { break };
             let n = st.consumers.len();
-            if !st.consumers[idx].options.no_ack && !st.consumers[idx].options.channel_prefetch.try_take() {
-                // Another channel's consumer raced us to the shared limit.
-                break;
-            }
             st.next_consumer = (idx + 1) % n;
             // The loop condition guarantees a ready entry.
             let Some(entry) = st.ready.pop_front() else { break };
@@ -472,6 +482,8 @@ impl Queue {
                 id: entry.id,
                 message: self.outgoing(&entry),
                 redelivered: entry.redelivered,
+                rank: entry.rank,
+                expires_at: entry.expires_at,
             };
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
                 // The consumer's owner is gone: put the message back and drop the consumer.
@@ -642,6 +654,46 @@ impl Queue {
         message.properties = message.properties.with_headers(headers);
         message.raw_properties = None;
         Arc::new(message)
+    }
+
+    /// Takes back a delivery its consumer never received (cancelled, or its channel or connection closed
+    /// before the frame was written): it returns to its place as it was, not counted as a delivery attempt.
+    /// Works for no-ack deliveries too, whose messages the queue had already let go.
+    pub fn return_undelivered(self: &Arc<Self>, delivery: Delivery) {
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            if st.deleted {
+                return;
+            }
+            let entry = match Self::settle_locked(&mut st, delivery.id) {
+                Some(entry) => entry,
+                None => {
+                    // A no-ack delivery: the queue forgot it when it was sent. Its dedup key comes back too.
+                    if self.spec.args.deduplication {
+                        if let Some(key) = plugins::dedup_key(&delivery.message) {
+                            st.dedup.insert(key);
+                        }
+                    }
+                    Entry {
+                        id: delivery.id,
+                        rank: delivery.rank,
+                        message: delivery.message,
+                        redelivered: delivery.redelivered,
+                        expires_at: delivery.expires_at,
+                        delivery_count: 0,
+                    }
+                }
+            };
+            if let Some(at) = entry.expires_at {
+                st.expiries.push(Reverse((at, (entry.rank, entry.id))));
+                self.timer.notify_one();
+            }
+            st.ready_bytes += entry.message.body.len() as u64;
+            insert_ready(&mut st.ready, entry);
+            self.dispatch_locked(&mut st, Instant::now(), &mut after);
+        }
+        self.run_aftermath(after);
     }
 
     /// Takes one message (`basic.get`); with `no_ack` it is settled at once.

@@ -495,13 +495,7 @@ impl VHost {
     /// holds a message with a positive `x-delay` (counted as routed: the plugin ignores `mandatory`); a
     /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
     pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
-        let ex = self.exchange(exchange)?;
-        if ex.spec().internal {
-            return Err(BrokerError::access_refused(format!(
-                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
-                self.name
-            )));
-        }
+        let ex = self.publishable_exchange(exchange)?;
         match &ex.spec().flavor {
             ExchangeFlavor::Plain => {}
             ExchangeFlavor::Delayed => {
@@ -517,6 +511,18 @@ impl VHost {
             }
         }
         Ok(self.route_and_enqueue(&ex, message))
+    }
+
+    /// The exchange a client may publish to: it exists (404) and is not internal (403).
+    pub fn publishable_exchange(&self, exchange: &str) -> Result<Arc<Exchange>> {
+        let ex = self.exchange(exchange)?;
+        if ex.spec().internal {
+            return Err(BrokerError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                self.name
+            )));
+        }
+        Ok(ex)
     }
 
     /// Routes a message from `ex` (with its CC/BCC keys, BCC then stripped) and pushes it onto every target queue.
