@@ -386,6 +386,7 @@ impl Queue {
             if nearer {
                 self.timer.notify_one();
             }
+            compact_expiries(&mut st);
         }
         st.ready_bytes += size;
         insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0 });
@@ -831,6 +832,18 @@ impl Queue {
             hooks.dead_letter(self, msgs, reason);
         }
     }
+}
+
+/// Rebuilds the expiry heap when it is mostly stale. Entries of messages already consumed stay in the heap
+/// until their deadline; with long TTLs and fast consumers that would grow without bound.
+fn compact_expiries(st: &mut QueueState) {
+    let live = st.ready.len() + st.unacked.len();
+    if st.expiries.len() <= 2 * live + 1024 {
+        return;
+    }
+    let ready = st.ready.iter().filter_map(|e| e.expires_at.map(|at| Reverse((at, (e.rank, e.id)))));
+    let unacked = st.unacked.values().filter_map(|u| u.entry.expires_at.map(|at| Reverse((at, (u.entry.rank, u.entry.id)))));
+    st.expiries = ready.chain(unacked).collect();
 }
 
 /// Puts an entry at its place: by priority, then publish order (so a requeued message goes back where it was).
