@@ -11,6 +11,7 @@ pub mod exchange;
 pub mod message;
 pub mod queue;
 pub mod routing;
+pub mod store;
 pub mod vhost;
 
 pub use amq_protocol::protocol::BasicProperties;
