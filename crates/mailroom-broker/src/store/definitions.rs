@@ -430,3 +430,105 @@ impl<'a> Reader<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_value() -> FieldTable {
+        let mut nested = FieldTable::default();
+        nested.insert("count".into(), AMQPValue::LongLongInt(-3));
+        let mut t = FieldTable::default();
+        let values = vec![
+            AMQPValue::Boolean(true),
+            AMQPValue::ShortShortInt(-5),
+            AMQPValue::ShortShortUInt(250),
+            AMQPValue::ShortInt(-300),
+            AMQPValue::ShortUInt(60000),
+            AMQPValue::LongInt(-70000),
+            AMQPValue::LongUInt(4_000_000_000),
+            AMQPValue::LongLongInt(i64::MIN),
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(-2.25),
+            AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12345 }),
+            AMQPValue::ShortString("short".into()),
+            AMQPValue::LongString(LongString::from(vec![0u8, 255, 10])),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Void, AMQPValue::FieldTable(nested.clone())])),
+            AMQPValue::Timestamp(1_700_000_000),
+            AMQPValue::FieldTable(nested),
+            AMQPValue::ByteArray(ByteArray::from(vec![1u8, 2, 3])),
+            AMQPValue::Void,
+        ];
+        for (i, v) in values.into_iter().enumerate() {
+            t.insert(format!("k{i:02}").into(), v);
+        }
+        t
+    }
+
+    fn sample() -> Definitions {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(60000));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("dlx".into()));
+        Definitions {
+            vhosts: vec![VhostDef { name: "/".into() }, VhostDef { name: "prod".into() }],
+            users: vec![UserDef { name: "guest".into(), password: "guest".into(), loopback_only: true, tags: vec!["administrator".into()] }],
+            exchanges: vec![ExchangeDef { vhost: "/".into(), name: "events".into(), kind: "topic".into(), auto_delete: false, internal: true, arguments: every_value() }],
+            queues: vec![QueueDef { vhost: "/".into(), name: "orders".into(), auto_delete: false, arguments: args }],
+            bindings: vec![
+                BindingDef { vhost: "/".into(), source: "events".into(), destination: "orders".into(), destination_kind: DestinationKind::Queue, routing_key: "order.*".into(), arguments: every_value() },
+                BindingDef { vhost: "/".into(), source: "amq.topic".into(), destination: "events".into(), destination_kind: DestinationKind::Exchange, routing_key: "#".into(), arguments: FieldTable::default() },
+            ],
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip_every_field_type() {
+        let dir = crate::store::queue_store::test_dir("defs");
+        assert_eq!(Definitions::load(&dir).unwrap(), None);
+        let d = sample();
+        d.save(&dir).unwrap();
+        assert_eq!(Definitions::load(&dir).unwrap(), Some(d.clone()));
+        // Overwrite: the new version replaces the old one whole; no temp file is left behind.
+        let mut d2 = d;
+        d2.queues.clear();
+        d2.save(&dir).unwrap();
+        assert_eq!(Definitions::load(&dir).unwrap(), Some(d2));
+        assert!(!dir.join(TMP_NAME).exists());
+    }
+
+    #[test]
+    fn nan_floats_survive_bit_exact() {
+        let mut t = FieldTable::default();
+        t.insert("nan".into(), AMQPValue::Double(f64::NAN));
+        let d = Definitions { queues: vec![QueueDef { arguments: t, ..Default::default() }], ..Default::default() };
+        let back = Definitions::decode(&d.encode()).unwrap();
+        match back.queues[0].arguments.inner().get("nan") {
+            Some(AMQPValue::Double(f)) => assert!(f.is_nan()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn damaged_files_are_errors_and_garbage_never_panics() {
+        let dir = crate::store::queue_store::test_dir("defs-bad");
+        sample().save(&dir).unwrap();
+        let path = Definitions::path(&dir);
+        let mut data = std::fs::read(&path).unwrap();
+        let n = data.len();
+        data[n / 2] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        assert!(matches!(Definitions::load(&dir), Err(StoreError::BadDefinitions { .. })));
+        let payload = sample().encode();
+        for cut in 0..payload.len() {
+            assert!(Definitions::decode(&payload[..cut]).is_err());
+        }
+        let mut seed = 7u64;
+        for _ in 0..3000 {
+            let mut p = payload.clone();
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let i = (seed >> 33) as usize % p.len();
+            p[i] = (seed >> 13) as u8;
+            let _ = Definitions::decode(&p);
+        }
+    }
+}

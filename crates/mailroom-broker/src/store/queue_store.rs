@@ -747,3 +747,279 @@ pub(crate) fn test_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::syncer::SyncerConfig;
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Condvar;
+    use std::time::Duration;
+
+    /// Fault injection and fsync observation over the real file system.
+    #[derive(Debug, Default)]
+    pub(crate) struct Faults {
+        pub fail_writes: AtomicBool,
+        pub fail_sync: AtomicBool,
+        pub gate_closed: Mutex<bool>,
+        pub gate: Condvar,
+        /// Highest byte written per file, and the value it had at the file's last fsync.
+        pub written: Mutex<HashMap<PathBuf, u64>>,
+        pub synced: Mutex<HashMap<PathBuf, u64>>,
+    }
+
+    #[derive(Debug)]
+    pub(crate) struct FaultIo(pub Arc<Faults>);
+
+    #[derive(Debug)]
+    struct FaultFile {
+        inner: Arc<dyn StoreFile>,
+        path: PathBuf,
+        f: Arc<Faults>,
+    }
+
+    impl StoreFile for FaultFile {
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.f.fail_writes.load(Ordering::SeqCst) {
+                // A partial write, then ENOSPC: what a filling disk does.
+                self.inner.write_all_at(&buf[..buf.len() / 2], offset)?;
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            self.inner.write_all_at(buf, offset)?;
+            let mut w = self.f.written.lock().unwrap();
+            let e = w.entry(self.path.clone()).or_default();
+            *e = (*e).max(offset + buf.len() as u64);
+            Ok(())
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            let mut closed = self.f.gate_closed.lock().unwrap();
+            while *closed {
+                closed = self.f.gate.wait(closed).unwrap();
+            }
+            drop(closed);
+            if self.f.fail_sync.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(5));
+            }
+            self.inner.sync_data()?;
+            let w = self.f.written.lock().unwrap().get(&self.path).copied().unwrap_or(0);
+            self.f.synced.lock().unwrap().insert(self.path.clone(), w);
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)?;
+            self.f.written.lock().unwrap().insert(self.path.clone(), len);
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+    }
+
+    impl StoreIo for FaultIo {
+        fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>> {
+            Ok(Arc::new(FaultFile { inner: OsIo.open(path, create)?, path: path.to_path_buf(), f: self.0.clone() }))
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            OsIo.sync_dir(dir)
+        }
+    }
+
+    pub(crate) fn msg(id: u64, size: usize) -> StoredMessage {
+        StoredMessage {
+            id,
+            exchange: "ex".into(),
+            routing_key: format!("rk.{id}"),
+            properties: Bytes::from_static(b"\x00\x00"),
+            body: Bytes::from(vec![(id % 251) as u8; size]),
+            expires_at_ms: None,
+            delivery_count: 0,
+        }
+    }
+
+    fn open(dir: &Path, seg: u64, syncer: &Syncer, faults: &Arc<Faults>) -> (QueueStore, Vec<Recovered>, RecoveryReport) {
+        let mut out = Vec::new();
+        let cfg = StoreConfig { segment_size: seg, ..Default::default() };
+        let io: Arc<dyn StoreIo> = Arc::new(FaultIo(faults.clone()));
+        let (s, r) = QueueStore::recover_with(dir, cfg, syncer.handle(), io, |m| out.push(m)).unwrap();
+        (s, out, r)
+    }
+
+    fn quick_syncer() -> Syncer {
+        Syncer::start(SyncerConfig { retry_backoff: Duration::from_millis(10), ..Default::default() })
+    }
+
+    #[tokio::test]
+    async fn reads_come_from_buffer_then_file() {
+        let dir = test_dir("reads");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+        let mut tickets = Vec::new();
+        let mut positions = Vec::new();
+        for id in 0..20 {
+            let (pos, t) = store.append(&msg(id, 700)).unwrap();
+            assert_eq!(store.read(pos).unwrap(), msg(id, 700), "buffered read {id}");
+            positions.push(pos);
+            tickets.push(t);
+        }
+        for t in tickets {
+            t.wait().await.unwrap();
+        }
+        assert!(positions.last().unwrap().segment > positions[0].segment, "rolled");
+        for (id, pos) in positions.iter().enumerate() {
+            assert_eq!(store.read(*pos).unwrap(), msg(id as u64, 700), "file read {id}");
+        }
+        assert!(matches!(store.read(SegmentPos { segment: 999, offset: 0 }), Err(StoreError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn ticket_never_completes_before_its_fsync() {
+        let dir = test_dir("gate");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        for round in 0..20u64 {
+            *faults.gate_closed.lock().unwrap() = true;
+            let m = msg(round, 100 + round as usize * 37);
+            let (pos, t) = store.append(&m).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(!t.is_done(), "ticket done while fsync blocked");
+            *faults.gate_closed.lock().unwrap() = false;
+            faults.gate.notify_all();
+            t.wait().await.unwrap();
+            let path = segment::segment_path(&dir, pos.segment);
+            let synced = faults.synced.lock().unwrap().get(&path).copied().unwrap_or(0);
+            assert!(synced >= pos.offset as u64 + m.record_len() as u64, "ticket completed before its bytes were fsynced");
+        }
+    }
+
+    #[tokio::test]
+    async fn disk_full_rolls_back_fails_tickets_and_recovers() {
+        let dir = test_dir("enospc");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        let (_, t) = store.append(&msg(1, 300)).unwrap();
+        t.wait().await.unwrap();
+        let seg = segment::segment_path(&dir, 1);
+        let good_len = std::fs::metadata(&seg).unwrap().len();
+
+        faults.fail_writes.store(true, Ordering::SeqCst);
+        let (_, t2) = store.append(&msg(2, 300)).unwrap();
+        let err = t2.wait().await.unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len, "partial write rolled back");
+        // While the disk is full, appends fail fast instead of piling up.
+        assert!(store.append(&msg(3, 300)).unwrap_err().is_disk_full());
+        // Recovery at this point sees only whole records.
+        let s = record::scan(&std::fs::read(&seg).unwrap());
+        assert_eq!((s.records.len(), s.good_end as u64, s.damaged.len()), (1, good_len, 0));
+
+        // Space returns: the retry writes the kept record and appends resume.
+        faults.fail_writes.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let t4 = loop {
+            match store.append(&msg(4, 300)) {
+                Ok((_, t)) => break t,
+                Err(e) if e.is_disk_full() && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        t4.wait().await.unwrap();
+        drop(store);
+        let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+        let ids: Vec<u64> = rec.iter().map(|r| r.msg.id).collect();
+        assert_eq!(ids, vec![1, 2, 4], "record 2 (nacked) was kept and written by the retry: at-least-once");
+        assert!(report.damaged.is_empty() && report.truncated.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn fsync_failure_poisons_until_reopened() {
+        let dir = test_dir("eio");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        faults.fail_sync.store(true, Ordering::SeqCst);
+        let (_, t) = store.append(&msg(1, 10)).unwrap();
+        assert!(matches!(t.wait().await, Err(StoreError::Io { .. })));
+        assert!(matches!(store.append(&msg(2, 10)), Err(StoreError::Poisoned(_))));
+        faults.fail_sync.store(false, Ordering::SeqCst);
+        drop(store);
+        let (store, rec, _) = open(&dir, 1 << 20, &syncer, &faults);
+        assert_eq!(rec.len(), 1, "the written record is still there (unconfirmed, so at-least-once)");
+        store.append(&msg(3, 10)).unwrap().1.wait().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_ack_write_is_rolled_back() {
+        let dir = test_dir("ackfail");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        let (p1, t) = store.append(&msg(1, 10)).unwrap();
+        t.wait().await.unwrap();
+        let (p2, t) = store.append(&msg(2, 10)).unwrap();
+        t.wait().await.unwrap();
+        store.settle(&[MsgRef { id: 1, pos: p1 }]).unwrap();
+        let ack = segment::ack_path(&dir, p1.segment);
+        let len = std::fs::metadata(&ack).unwrap().len();
+        faults.fail_writes.store(true, Ordering::SeqCst);
+        assert!(store.settle(&[MsgRef { id: 2, pos: p2 }]).unwrap_err().is_disk_full());
+        assert_eq!(std::fs::metadata(&ack).unwrap().len(), len);
+        faults.fail_writes.store(false, Ordering::SeqCst);
+        drop(store);
+        let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![2]);
+        assert!(report.truncated.is_empty());
+    }
+
+    #[tokio::test]
+    async fn settled_segments_are_deleted_with_their_ack_logs() {
+        let dir = test_dir("delete");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+        let mut refs = Vec::new();
+        for id in 0..40 {
+            let (pos, t) = store.append(&msg(id, 500)).unwrap();
+            t.wait().await.unwrap();
+            refs.push(MsgRef { id, pos });
+        }
+        let segs: std::collections::BTreeSet<u32> = refs.iter().map(|r| r.pos.segment).collect();
+        assert!(segs.len() >= 5);
+        let first = *segs.iter().next().unwrap();
+        let in_first: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment == first).collect();
+        store.mark_delivered(&in_first).unwrap();
+        // All but one settled: the segment and its ack log stay.
+        store.settle(&in_first[..in_first.len() - 1]).unwrap();
+        assert!(segment::segment_path(&dir, first).exists());
+        assert!(segment::ack_path(&dir, first).exists());
+        store.settle(&in_first[in_first.len() - 1..]).unwrap();
+        assert!(!segment::segment_path(&dir, first).exists());
+        assert!(!segment::ack_path(&dir, first).exists());
+        // Settling everything leaves only the active segment.
+        let rest: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment != first).collect();
+        store.settle(&rest).unwrap();
+        let last = *segs.iter().next_back().unwrap();
+        assert_eq!(store.segment_count(), 1, "only the active segment {last} remains");
+        store.sync().wait().await.unwrap();
+        drop(store);
+        let (store, rec, _) = open(&dir, 4096, &syncer, &faults);
+        assert!(rec.is_empty());
+        assert_eq!(store.segment_count(), 1, "the fully settled active segment was deleted at recovery");
+    }
+
+    #[test]
+    fn dev_full_is_classified_as_disk_full() {
+        let Ok(f) = OsIo.open(Path::new("/dev/full"), false) else { return };
+        let e = f.write_all_at(&[0u8; 4096], 0).unwrap_err();
+        assert!(StoreError::io("writing", "/dev/full", e).is_disk_full());
+    }
+}
