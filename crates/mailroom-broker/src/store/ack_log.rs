@@ -89,7 +89,10 @@ pub fn parse(buf: &[u8]) -> AckState {
                 AckKind::Settled => &mut st.settled,
                 AckKind::Delivered => &mut st.delivered,
             };
-            set.extend(ids.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))));
+            set.extend(
+                ids.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
             pos += len;
             st.good_end = pos;
             continue;

@@ -32,7 +32,7 @@ pub trait StoreFile: Send + Sync + Debug {
     /// Truncates or extends the file (used to cut torn tails and roll back failed writes).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current file size.
-    fn len(&self) -> io::Result<u64>;
+    fn file_len(&self) -> io::Result<u64>;
 }
 
 /// Opens store files and syncs directories; the seam where tests inject faults.
@@ -63,14 +63,19 @@ impl StoreFile for OsFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 }
 
 impl StoreIo for OsIo {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>> {
-        let f = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
         Ok(Arc::new(OsFile(f)))
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -91,7 +96,10 @@ pub fn ack_path(dir: &Path, seq: u32) -> PathBuf {
 /// Parses a store file name into its sequence number and extension; `None` for foreign files.
 pub fn parse_name(name: &str) -> Option<(u32, &str)> {
     let (stem, ext) = name.split_once('.')?;
-    if stem.len() != 10 || !stem.bytes().all(|b| b.is_ascii_digit()) || (ext != SEGMENT_EXT && ext != ACK_EXT) {
+    if stem.len() != 10
+        || !stem.bytes().all(|b| b.is_ascii_digit())
+        || (ext != SEGMENT_EXT && ext != ACK_EXT)
+    {
         return None;
     }
     Some((stem.parse().ok()?, ext))
@@ -99,7 +107,7 @@ pub fn parse_name(name: &str) -> Option<(u32, &str)> {
 
 /// Reads a whole file (a segment or ack log) into memory.
 pub fn read_all(file: &dyn StoreFile) -> io::Result<Vec<u8>> {
-    let len = file.len()?;
+    let len = file.file_len()?;
     let len = usize::try_from(len).map_err(|_| io::Error::other("file too large"))?;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, 0)?;
@@ -127,7 +135,14 @@ pub struct SegmentWriter {
 impl SegmentWriter {
     /// A writer for a fresh (or truncated) file of `len` bytes.
     pub fn new(seq: u32, path: PathBuf, file: Arc<dyn StoreFile>, len: u64) -> Self {
-        SegmentWriter { seq, path, file, written: len, inflight: None, buf: Vec::new() }
+        SegmentWriter {
+            seq,
+            path,
+            file,
+            written: len,
+            inflight: None,
+            buf: Vec::new(),
+        }
     }
 
     /// Logical end: where the next record will go.
@@ -174,7 +189,13 @@ mod tests {
         assert_eq!(p, Path::new("/q/0000000042.seg"));
         assert_eq!(parse_name("0000000042.seg"), Some((42, "seg")));
         assert_eq!(parse_name("0000000042.ack"), Some((42, "ack")));
-        for bad in ["42.seg", "000000004x.seg", "0000000042.tmp", "readme", "0000000042"] {
+        for bad in [
+            "42.seg",
+            "000000004x.seg",
+            "0000000042.tmp",
+            "readme",
+            "0000000042",
+        ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
     }

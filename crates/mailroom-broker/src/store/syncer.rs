@@ -7,7 +7,9 @@
 //! that covers its record, and every publisher that arrived during an fsync shares the next one.
 //!
 //! Before a round the syncer lingers while appends keep arriving (each pause is `gather_idle`), but
-//! never longer than `max_wait`: a single publisher pays little latency, many share one fsync.
+//! never longer than `max_wait`, and stops as soon as as many appends arrived as the previous round
+//! covered (the writers it released are back): a lone publisher pays little latency, many share one
+//! fsync, and pipelining publishers fill the window up to `max_wait`.
 //! It is a dedicated thread rather than a tokio task because fsync blocks; it needs no runtime.
 
 use super::segment::{StoreFile, StoreIo};
@@ -39,7 +41,11 @@ pub struct SyncerConfig {
 
 impl Default for SyncerConfig {
     fn default() -> Self {
-        SyncerConfig { max_wait: DEFAULT_MAX_WAIT, gather_idle: DEFAULT_GATHER_IDLE, retry_backoff: DEFAULT_RETRY_BACKOFF }
+        SyncerConfig {
+            max_wait: DEFAULT_MAX_WAIT,
+            gather_idle: DEFAULT_GATHER_IDLE,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+        }
     }
 }
 
@@ -54,6 +60,8 @@ pub struct SyncStats {
     pub records: u64,
     /// Rounds in which some store's write or fsync failed.
     pub failures: u64,
+    /// Total time spent inside fsync calls, in microseconds (average fsync latency = this / fsyncs).
+    pub fsync_micros: u64,
 }
 
 /// What a store hands the syncer after writing its buffers: the files to fsync.
@@ -93,12 +101,15 @@ pub struct SyncerShared {
     fsyncs: AtomicU64,
     records: AtomicU64,
     failures: AtomicU64,
+    fsync_micros: AtomicU64,
     config: SyncerConfig,
 }
 
 impl std::fmt::Debug for SyncerShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncerShared").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("SyncerShared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,6 +159,7 @@ impl Syncer {
             fsyncs: AtomicU64::new(0),
             records: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            fsync_micros: AtomicU64::new(0),
             config,
         });
         let s = shared.clone();
@@ -155,7 +167,10 @@ impl Syncer {
             .name("mailroom-syncer".into())
             .spawn(move || run(&s))
             .expect("spawn syncer thread");
-        Syncer { shared, thread: Some(thread) }
+        Syncer {
+            shared,
+            thread: Some(thread),
+        }
     }
 
     /// A handle for a queue store.
@@ -171,6 +186,7 @@ impl Syncer {
             fsyncs: s.fsyncs.load(Ordering::Relaxed),
             records: s.records.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
+            fsync_micros: s.fsync_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -191,6 +207,10 @@ impl Drop for Syncer {
 }
 
 fn run(s: &SyncerShared) {
+    // Appends counted when the last round took its buffers, and how many records that round had:
+    // once as many new appends arrived, the writers it released are probably all back.
+    let mut appends_at_take = 0u64;
+    let mut last_round_records = 0u64;
     loop {
         let mut q = s.queue.lock().expect("syncer lock");
         loop {
@@ -214,7 +234,12 @@ fn run(s: &SyncerShared) {
                 return;
             }
             q = match q.retry.iter().map(|r| r.0).min() {
-                Some(at) => s.wake.wait_timeout(q, at.saturating_duration_since(now)).expect("syncer lock").0,
+                Some(at) => {
+                    s.wake
+                        .wait_timeout(q, at.saturating_duration_since(now))
+                        .expect("syncer lock")
+                        .0
+                }
                 None => s.wake.wait(q).expect("syncer lock"),
             };
         }
@@ -227,7 +252,8 @@ fn run(s: &SyncerShared) {
             let mut seen = s.appends.load(Ordering::Relaxed);
             loop {
                 let left = s.config.max_wait.saturating_sub(start.elapsed());
-                if left.is_zero() {
+                if left.is_zero() || seen.wrapping_sub(appends_at_take) >= last_round_records.max(1)
+                {
                     break;
                 }
                 std::thread::sleep(left.min(s.config.gather_idle));
@@ -240,16 +266,19 @@ fn run(s: &SyncerShared) {
         }
 
         let targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
-        round(s, targets);
+        appends_at_take = s.appends.load(Ordering::Relaxed);
+        last_round_records = round(s, targets);
     }
 }
 
-fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) {
+/// Runs one round; returns the records it covered.
+fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
     // Phase 1: every store writes its buffer, so the fsyncs below cover all of them.
     let jobs: Vec<SyncJob> = targets.iter().map(|t| t.flush()).collect();
     // Phase 2: fsync every file, then the directories that got new entries.
     let mut results = Vec::with_capacity(jobs.len());
     let mut fsyncs = 0;
+    let sync_start = Instant::now();
     for job in &jobs {
         let mut result = match &job.write_error {
             Some(e) => Err(e.clone()),
@@ -275,7 +304,12 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) {
         results.push(result);
     }
     s.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
-    if jobs.iter().any(|j| !j.files.is_empty() || j.dir.is_some() || j.write_error.is_some()) {
+    s.fsync_micros
+        .fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if jobs
+        .iter()
+        .any(|j| !j.files.is_empty() || j.dir.is_some() || j.write_error.is_some())
+    {
         s.rounds.fetch_add(1, Ordering::Relaxed);
     }
     // Phase 3: complete tickets; failed stores go on the retry list.
@@ -293,6 +327,7 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) {
     if !retry.is_empty() {
         s.queue.lock().expect("syncer lock").retry.extend(retry);
     }
+    jobs.iter().map(|j| j.records).sum()
 }
 
 /// The state a batch of tickets watches: `None` until the covering fsync returned.
@@ -364,11 +399,18 @@ mod tests {
         fn flush(&self) -> SyncJob {
             self.flushed.fetch_add(1, Ordering::SeqCst);
             let write_error = if self.fail_once.swap(false, Ordering::SeqCst) {
-                Some(StoreError::DiskFull { op: "test", path: "x".into() })
+                Some(StoreError::DiskFull {
+                    op: "test",
+                    path: "x".into(),
+                })
             } else {
                 None
             };
-            SyncJob { records: 3, write_error, ..Default::default() }
+            SyncJob {
+                records: 3,
+                write_error,
+                ..Default::default()
+            }
         }
         fn synced(&self, _: u64, result: Result<(), StoreError>) -> bool {
             let retry = result.is_err();
@@ -379,9 +421,16 @@ mod tests {
 
     #[test]
     fn failed_targets_are_retried_after_backoff() {
-        let cfg = SyncerConfig { retry_backoff: Duration::from_millis(20), ..Default::default() };
+        let cfg = SyncerConfig {
+            retry_backoff: Duration::from_millis(20),
+            ..Default::default()
+        };
         let syncer = Syncer::start(cfg);
-        let t = Arc::new(Counting { flushed: AtomicU64::new(0), fail_once: AtomicBool::new(true), synced: Mutex::new(vec![]) });
+        let t = Arc::new(Counting {
+            flushed: AtomicU64::new(0),
+            fail_once: AtomicBool::new(true),
+            synced: Mutex::new(vec![]),
+        });
         assert!(syncer.handle().register(t.clone()));
         let deadline = Instant::now() + Duration::from_secs(5);
         while t.synced.lock().unwrap().len() < 2 && Instant::now() < deadline {
@@ -400,7 +449,11 @@ mod tests {
         let h = syncer.handle();
         syncer.shutdown();
         assert!(h.is_stopped());
-        let t = Arc::new(Counting { flushed: AtomicU64::new(0), fail_once: AtomicBool::new(false), synced: Mutex::new(vec![]) });
+        let t = Arc::new(Counting {
+            flushed: AtomicU64::new(0),
+            fail_once: AtomicBool::new(false),
+            synced: Mutex::new(vec![]),
+        });
         assert!(!h.register(t));
     }
 
@@ -415,6 +468,9 @@ mod tests {
         assert!(t.is_done());
         let (tx, rx) = watch::channel::<BatchState>(None);
         drop(tx);
-        assert!(matches!(SyncTicket::for_batch(rx).wait().await, Err(StoreError::SyncerStopped)));
+        assert!(matches!(
+            SyncTicket::for_batch(rx).wait().await,
+            Err(StoreError::SyncerStopped)
+        ));
     }
 }
