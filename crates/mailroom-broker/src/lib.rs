@@ -13,6 +13,7 @@ pub mod message;
 pub mod plugins;
 pub mod queue;
 pub mod routing;
+pub mod store;
 pub mod vhost;
 
 pub use amq_protocol::protocol::BasicProperties;

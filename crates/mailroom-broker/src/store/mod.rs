@@ -1,0 +1,131 @@
+//! The durable message store: per-queue append-only segment files, a sidecar ack log per segment,
+//! one group-commit syncer shared by every queue, and the fsynced definitions file.
+//!
+//! Design (after LavinMQ and Kafka, see DESIGN.md "Shape"):
+//! - A [`QueueStore`] owns one directory per durable queue. [`QueueStore::append`] only copies the
+//!   encoded record into an in-memory buffer and returns at once with a [`SyncTicket`]; it never
+//!   writes or fsyncs, so a queue can call it under its own short mutex.
+//! - The [`Syncer`] thread takes every dirty store's buffer, writes it with one `pwrite` per segment,
+//!   `fdatasync`s every touched file once, fsyncs the directory when files were created, and only then
+//!   completes the tickets of that round. Publishers arriving during an fsync share the next one.
+//! - Acks and "delivered" marks go to a small ack log beside each segment (written to the page cache
+//!   at once, so a process crash keeps them; fsynced by the next syncer round). A rolled segment whose
+//!   messages are all settled is deleted with its ack log.
+//! - Recovery ([`QueueStore::recover`]) scans segments with CRCs: a torn tail is cut off, a damaged
+//!   record in the middle is reported and skipped (the scanner resyncs on the next magic number whose
+//!   header CRC checks). No file content can make it panic.
+
+pub mod ack_log;
+pub mod definitions;
+pub mod queue_store;
+pub mod record;
+pub mod segment;
+pub mod syncer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use definitions::{
+    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, UserDef, VhostDef,
+};
+pub use queue_store::{
+    Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated,
+};
+pub use record::StoredMessage;
+pub use syncer::{SyncStats, SyncTicket, Syncer, SyncerConfig};
+
+/// Errors of the store. Cloneable (I/O errors are shared) because one failed write fails every
+/// ticket of its batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The disk is full (ENOSPC or EDQUOT): the store rolled the file back and retries later.
+    #[error("disk full while {op} {path}")]
+    DiskFull {
+        /// What the store was doing.
+        op: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+    },
+    /// Any other I/O error.
+    #[error("I/O error while {op} {path}: {source}")]
+    Io {
+        /// What the store was doing.
+        op: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error, shared between every ticket it fails.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// An fsync failed earlier: the kernel may have dropped dirty pages, so the store refuses further
+    /// writes until it is reopened with [`QueueStore::recover`].
+    #[error("store poisoned by an earlier fsync failure: {0}")]
+    Poisoned(Arc<str>),
+    /// A record read back did not check (CRC, magic or encoding).
+    #[error("corrupt record in {path} at offset {offset}: {reason}")]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Byte offset of the record in it.
+        offset: u64,
+        /// What did not check.
+        reason: &'static str,
+    },
+    /// A position that does not name a record of this store (segment deleted or offset past the end).
+    #[error("no record at segment {segment} offset {offset}")]
+    NotFound {
+        /// Segment sequence number.
+        segment: u32,
+        /// Byte offset.
+        offset: u32,
+    },
+    /// A message larger than the store accepts in one record.
+    #[error("record of {0} bytes exceeds the store's limit")]
+    TooLarge(usize),
+    /// Too many bytes are waiting to be written (the disk is slower than publishers or failing).
+    #[error("{0} bytes already waiting to be written; publisher must back off")]
+    Backpressure(usize),
+    /// The syncer has been shut down, so no write can become durable any more.
+    #[error("the syncer has stopped")]
+    SyncerStopped,
+    /// The definitions file exists but is damaged or of an unknown version.
+    #[error("definitions file {path} is invalid: {reason}")]
+    BadDefinitions {
+        /// The file.
+        path: PathBuf,
+        /// What did not check.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Classifies an I/O error, separating "disk full" (recoverable when space returns) from the rest.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, err: std::io::Error) -> StoreError {
+        // ENOSPC = 28, EDQUOT = 122 on Linux; `StorageFull`/`QuotaExceeded` are what std maps them to.
+        let full = matches!(err.raw_os_error(), Some(28) | Some(122))
+            || matches!(
+                err.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            );
+        if full {
+            StoreError::DiskFull {
+                op,
+                path: path.into(),
+            }
+        } else {
+            StoreError::Io {
+                op,
+                path: path.into(),
+                source: Arc::new(err),
+            }
+        }
+    }
+
+    /// Whether this is a full disk, i.e. the caller should block publishers rather than give up.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. })
+    }
+}
+
+/// Result type of the store.
+pub type StoreResult<T> = std::result::Result<T, StoreError>;
