@@ -93,8 +93,8 @@ def _wait_listening(port, proc, timeout):
 
 
 @contextlib.contextmanager
-def start_mailroom(extra_args=()):
-    """Start a Mailroom server on a free port with its own data dir; yield a Broker.
+def start_mailroom(extra_args=(), data_dir=None, port=None):
+    """Start a Mailroom server on a free port with its own data dir (or `data_dir`, kept); yield a Broker.
 
     Usage: with start_mailroom(["--consumer-timeout-ms", "2000"]) as b: ...
     """
@@ -102,8 +102,10 @@ def start_mailroom(extra_args=()):
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
         raise FileNotFoundError(
             f"mailroom binary not found at {binary}: run cargo build first (or set MAILROOM_BIN)")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="mailroom-test-") as data_dir:
+    port = port or free_port()
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mailroom-test-"))
         cmd = [binary, "server", "--amqp-listen", f"127.0.0.1:{port}",
                "--data-dir", data_dir, "--log-level", "warn"]
         cmd += shlex.split(os.environ.get("MAILROOM_EXTRA_ARGS", ""))

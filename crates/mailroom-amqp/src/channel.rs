@@ -4,7 +4,7 @@ use crate::codec::ContentHeader;
 use crate::error::{code, AmqpError};
 use bytes::{Bytes, BytesMut};
 use mailroom_broker::{ChannelPrefetch, ConsumerId, Message, MessageId, Queue};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -129,6 +129,12 @@ pub struct Channel {
     pub next_publish_seq: u64,
     /// Highest sequence number whose ack is still to be sent (coalesced into one multiple-ack).
     pub pending_confirm_ack: Option<u64>,
+    /// Sequence numbers of persistent publishes waiting for their fsync; while any is pending, other
+    /// confirms go out one by one (a multiple-ack would cover them).
+    pub durable_pending: BTreeSet<u64>,
+    /// Which opening of this channel number this is, so a late fsync report for a closed channel is not
+    /// mistaken for one of a reopened channel with the same number.
+    pub epoch: u64,
     /// Transaction buffer, when in tx mode.
     pub tx: Option<Vec<TxOp>>,
     /// A publish whose content is being received.
@@ -152,6 +158,8 @@ impl Channel {
             confirm: false,
             next_publish_seq: 1,
             pending_confirm_ack: None,
+            durable_pending: BTreeSet::new(),
+            epoch: 0,
             tx: None,
             pending: None,
             last_queue: None,

@@ -98,6 +98,11 @@ pub(crate) struct Connection {
     alarms: watch::Receiver<AlarmState>,
     /// This connection has published: resource alarms block it.
     has_published: bool,
+    /// Confirms of persistent publishes, reported once their fsync returned: (channel, epoch, seq, stored ok).
+    durable_confirms_tx: mpsc::UnboundedSender<(u16, u64, u64, bool)>,
+    durable_confirms_rx: mpsc::UnboundedReceiver<(u16, u64, u64, bool)>,
+    /// Counts channel openings (see `Channel::epoch`).
+    channel_epoch: u64,
     /// We told the client (or would have) that it is blocked.
     blocked: bool,
 }
@@ -109,6 +114,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let (writer_tx, writer_rx) = mpsc::channel(OUTBOUND_BATCHES);
     let writer = tokio::spawn(write_loop(wr, writer_rx));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (durable_confirms_tx, durable_confirms_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
         ctx: Arc::clone(&ctx),
@@ -133,6 +139,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         alarms: ctx.broker.alarms(),
         has_published: false,
         blocked: false,
+        durable_confirms_tx,
+        durable_confirms_rx,
+        channel_epoch: 0,
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -265,6 +274,12 @@ impl Connection {
                     }
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),
+                Some((channel, epoch, seq, ok)) = self.durable_confirms_rx.recv() => {
+                    self.durable_confirmed(channel, epoch, seq, ok);
+                    while let Ok((channel, epoch, seq, ok)) = self.durable_confirms_rx.try_recv() {
+                        self.durable_confirmed(channel, epoch, seq, ok);
+                    }
+                }
                 Some(event) = self.events_rx.recv() => {
                     self.handle_event(event);
                     for _ in 1..EVENTS_PER_TURN {
@@ -778,7 +793,8 @@ impl Connection {
                 if self.channels.contains_key(&id) {
                     return Err(AmqpError::connection(code::CHANNEL_ERROR, "second 'channel.open' seen"));
                 }
-                self.channels.insert(id, Channel::new());
+                self.channel_epoch += 1;
+                self.channels.insert(id, Channel { epoch: self.channel_epoch, ..Channel::new() });
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }
@@ -1347,15 +1363,49 @@ impl Connection {
             ch.next_publish_seq += 1;
             if result.rejected {
                 self.flush_channel_confirms(id);
-                self.send(
-                    id,
-                    Method::Basic(basic::AMQPMethod::Nack(basic::Nack { delivery_tag: seq, multiple: false, requeue: false })),
-                );
-            } else {
+                self.send_confirm(id, seq, false);
+            } else if !result.durable.is_empty() {
+                // Confirmed only once every durable queue's copy is fsynced.
+                ch.durable_pending.insert(seq);
+                let epoch = ch.epoch;
+                let done = self.durable_confirms_tx.clone();
+                tokio::spawn(async move {
+                    let mut ok = true;
+                    for ticket in result.durable {
+                        ok &= ticket.wait().await.is_ok();
+                    }
+                    let _ = done.send((id, epoch, seq, ok));
+                });
+            } else if ch.durable_pending.is_empty() {
                 ch.pending_confirm_ack = Some(seq);
+            } else {
+                self.flush_channel_confirms(id);
+                self.send_confirm(id, seq, true);
             }
         }
         Ok(())
+    }
+
+    /// Sends one confirm (no `multiple`): ack, or nack for a message the broker could not take.
+    fn send_confirm(&mut self, id: u16, seq: u64, ok: bool) {
+        let method = if ok {
+            basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple: false })
+        } else {
+            basic::AMQPMethod::Nack(basic::Nack { delivery_tag: seq, multiple: false, requeue: false })
+        };
+        self.send(id, Method::Basic(method));
+    }
+
+    /// A persistent publish's fsync returned (or failed): confirm it if its channel is still open.
+    fn durable_confirmed(&mut self, id: u16, epoch: u64, seq: u64, ok: bool) {
+        let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open && c.epoch == epoch) else {
+            return;
+        };
+        if !ch.durable_pending.remove(&seq) {
+            return;
+        }
+        self.flush_channel_confirms(id);
+        self.send_confirm(id, seq, ok);
     }
 
     /// Sends the coalesced confirm ack of one channel (`multiple` covers every earlier sequence number).

@@ -1,11 +1,15 @@
 //! The broker: virtual hosts and users, opened in-process with [`Broker::open`].
 
 use crate::alarm::{self, AlarmConfig, AlarmState};
+use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
+use crate::store::{Definitions, DestinationKind};
+use crate::vhost::{ExchangeOptions, QueueOptions};
 use crate::queue::ConnectionId;
 use crate::vhost::VHost;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
@@ -29,6 +33,9 @@ pub struct BrokerConfig {
     pub users: Vec<User>,
     /// Memory and disk thresholds that block publishers.
     pub alarms: AlarmConfig,
+    /// Where durable queues keep persistent messages and where definitions are saved; None keeps
+    /// everything in memory (the embedded default).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -38,6 +45,7 @@ impl Default for BrokerConfig {
             vhosts: vec!["/".to_owned()],
             users: vec![User { name: "guest".into(), password: "guest".into(), loopback_only: true }],
             alarms: AlarmConfig::default(),
+            data_dir: None,
         }
     }
 }
@@ -48,6 +56,7 @@ pub(crate) struct BrokerInner {
     users: RwLock<HashMap<String, User>>,
     ids: Arc<AtomicU64>,
     alarms: watch::Sender<AlarmState>,
+    durability: Option<Arc<Durability>>,
 }
 
 impl BrokerInner {
@@ -68,14 +77,40 @@ impl Broker {
     /// Opens a broker in this process. Must be called inside a tokio runtime (queues run timers).
     pub fn open(config: BrokerConfig) -> Result<Broker> {
         let ids = Arc::new(AtomicU64::new(1));
-        let vhosts = config
-            .vhosts
+        let durability = match &config.data_dir {
+            Some(dir) => Some(Durability::open(dir).map_err(|e| {
+                BrokerError::new(ErrorKind::ResourceError, format!("cannot open data dir {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
+        let definitions = match &durability {
+            Some(d) => d.load_definitions().map_err(|e| {
+                BrokerError::new(ErrorKind::ResourceError, format!("cannot read saved definitions: {e}"))
+            })?,
+            None => None,
+        };
+        let mut names = config.vhosts.clone();
+        for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
+            if !names.contains(&v.name) {
+                names.push(v.name.clone());
+            }
+        }
+        let vhosts: HashMap<String, Arc<VHost>> = names
             .iter()
-            .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids))))
+            .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone())))
             .collect();
+        if let (Some(d), Some(defs)) = (&durability, definitions) {
+            d.set_recovering(true);
+            recover_definitions(&vhosts, defs);
+            d.set_recovering(false);
+        }
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        if let Some(d) = &durability {
+            d.save_definitions();
+        }
         let (alarms, _) = watch::channel(AlarmState::default());
-        let inner = Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), users: RwLock::new(users), ids, alarms });
+        let inner =
+            Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), users: RwLock::new(users), ids, alarms, durability });
         let alarm_config = config.alarms;
         if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
             tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
@@ -86,6 +121,11 @@ impl Broker {
     /// Watches the resource alarms (memory, disk); publishers are blocked while any is raised.
     pub fn alarms(&self) -> watch::Receiver<AlarmState> {
         self.inner.alarms.subscribe()
+    }
+
+    /// Fsyncs the store has performed (0 without a data dir), for the fsyncs/s metric.
+    pub fn fsyncs(&self) -> u64 {
+        self.inner.durability.as_ref().map_or(0, |d| d.fsyncs())
     }
 
     /// Message body bytes held by every queue (what the memory alarm compares with its watermark).
@@ -123,7 +163,9 @@ impl Broker {
     /// Adds a virtual host (no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(vhosts.entry(name.to_owned()).or_insert_with(|| VHost::new(name, Arc::clone(&self.inner.ids))))
+        Arc::clone(vhosts.entry(name.to_owned()).or_insert_with(|| {
+            VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone())
+        }))
     }
 
     /// A fresh id for a connection or embedded session (exclusive-queue owner).
@@ -136,6 +178,43 @@ impl Broker {
         let vhosts: Vec<_> = self.inner.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for v in vhosts {
             v.connection_closed(connection);
+        }
+    }
+}
+
+/// Re-declares the durable exchanges, queues (with their stored messages) and bindings of a previous run.
+fn recover_definitions(vhosts: &HashMap<String, Arc<VHost>>, defs: Definitions) {
+    // Recovered resources belong to no connection.
+    const NO_OWNER: ConnectionId = 0;
+    for e in defs.exchanges {
+        let Some(v) = vhosts.get(&e.vhost) else { continue };
+        let options = ExchangeOptions {
+            durable: true,
+            auto_delete: e.auto_delete,
+            internal: e.internal,
+            arguments: e.arguments,
+            ..Default::default()
+        };
+        if let Err(err) = v.declare_exchange(&e.name, &e.kind, &options) {
+            tracing::warn!(exchange = %e.name, error = %err, "cannot recover exchange");
+        }
+    }
+    for q in defs.queues {
+        let Some(v) = vhosts.get(&q.vhost) else { continue };
+        let options = QueueOptions { durable: true, auto_delete: q.auto_delete, arguments: q.arguments, ..Default::default() };
+        match v.declare_queue(&q.name, &options, NO_OWNER) {
+            Ok(ok) => tracing::info!(queue = %q.name, messages = ok.message_count, "recovered queue"),
+            Err(err) => tracing::warn!(queue = %q.name, error = %err, "cannot recover queue"),
+        }
+    }
+    for b in defs.bindings {
+        let Some(v) = vhosts.get(&b.vhost) else { continue };
+        let result = match b.destination_kind {
+            DestinationKind::Queue => v.bind_queue(&b.destination, &b.source, &b.routing_key, &b.arguments, NO_OWNER),
+            DestinationKind::Exchange => v.bind_exchange(&b.destination, &b.source, &b.routing_key, &b.arguments),
+        };
+        if let Err(err) = result {
+            tracing::warn!(source = %b.source, destination = %b.destination, error = %err, "cannot recover binding");
         }
     }
 }

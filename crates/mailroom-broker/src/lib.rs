@@ -7,6 +7,7 @@ pub mod alarm;
 pub mod args;
 pub mod broker;
 pub mod dead_letter;
+pub mod durable;
 pub mod error;
 pub mod exchange;
 pub mod message;

@@ -6,8 +6,10 @@
 
 use crate::args::{Overflow, QueueArguments, QueueType};
 use crate::error::{BrokerError, Result};
+use crate::durable;
 use crate::message::Message;
 use crate::plugins;
+use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, SyncTicket};
 use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -43,6 +45,8 @@ pub struct Delivery {
     rank: u8,
     /// Its expiry, kept for the same reason.
     expires_at: Option<Instant>,
+    /// Its store record, kept for the same reason.
+    stored: Option<SegmentPos>,
 }
 
 /// What a queue tells a consumer's owner.
@@ -130,11 +134,13 @@ pub struct QueueSpec {
 }
 
 /// What happened to a message pushed onto a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum PushOutcome {
     /// Enqueued (and possibly delivered already).
     Enqueued,
-    /// Refused by a `reject-publish` length limit.
+    /// Enqueued and written to the queue's store; the ticket completes once it is on disk (fsynced).
+    Stored(SyncTicket),
+    /// Refused: a `reject-publish` length limit, or the store could not take it (disk full).
     Rejected,
 }
 
@@ -151,6 +157,8 @@ struct Entry {
     expires_at: Option<Instant>,
     /// Times the message was returned to the queue (requeue, or its channel closed while unacked).
     delivery_count: u32,
+    /// Where the queue's store holds it (persistent messages in durable queues).
+    stored: Option<SegmentPos>,
 }
 
 #[derive(Debug)]
@@ -190,6 +198,8 @@ struct QueueState {
     deleted: bool,
     /// `x-deduplication-header` values of messages in the queue (ready or unacked), for `x-message-deduplication`.
     dedup: HashSet<String>,
+    /// The queue's message store (durable queues of a broker with a data directory).
+    store: Option<QueueStore>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -257,7 +267,13 @@ struct Aftermath {
 
 impl Queue {
     /// Creates a queue and starts its timer task (TTL and `x-expires`). Needs a tokio runtime.
-    pub fn create(spec: QueueSpec, hooks: Weak<dyn QueueHooks>) -> Arc<Queue> {
+    /// With a store, persistent messages are written to it and the `recovered` ones are its contents.
+    pub fn create(
+        spec: QueueSpec,
+        hooks: Weak<dyn QueueHooks>,
+        store: Option<QueueStore>,
+        recovered: Vec<Recovered>,
+    ) -> Arc<Queue> {
         let queue = Arc::new(Queue {
             spec,
             state: Mutex::new(QueueState {
@@ -272,12 +288,59 @@ impl Queue {
                 last_used: Instant::now(),
                 deleted: false,
                 dedup: HashSet::new(),
+                store,
             }),
             timer: Arc::new(Notify::new()),
             hooks,
         });
+        queue.restore(recovered);
         tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer)));
         queue
+    }
+
+    /// Puts messages recovered from the store back, in their order, with their ids and flags.
+    fn restore(&self, recovered: Vec<Recovered>) {
+        if recovered.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for r in recovered {
+            let id = r.msg.id;
+            let expires_at = r.msg.expires_at_ms.map(durable::instant_from_wall_ms);
+            let delivery_count = r.msg.delivery_count;
+            let Some(message) = durable::from_stored(r.msg) else {
+                tracing::warn!(queue = %self.spec.name, id, "stored message has unreadable properties; dropped");
+                if let Some(store) = &st.store {
+                    let _ = store.settle(&[MsgRef { id, pos: r.pos }]);
+                }
+                continue;
+            };
+            let rank = self.rank_of(&message);
+            if let Some(at) = expires_at {
+                st.expiries.push(Reverse((at, (rank, id))));
+            }
+            if self.spec.args.deduplication {
+                if let Some(key) = plugins::dedup_key(&message) {
+                    st.dedup.insert(key);
+                }
+            }
+            st.ready_bytes += message.body.len() as u64;
+            st.next_id = st.next_id.max(id + 1);
+            let message = Arc::new(message);
+            insert_ready(
+                &mut st.ready,
+                Entry { id, rank, message, redelivered: r.redelivered, expires_at, delivery_count, stored: Some(r.pos) },
+            );
+        }
+    }
+
+    /// Ready-list rank: 255 minus the effective priority (above the maximum counts as the maximum; no
+    /// priority counts as 0, as RabbitMQ); constant for queues without priorities.
+    fn rank_of(&self, message: &Message) -> u8 {
+        match self.spec.args.max_priority {
+            Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
+            None => 255,
+        }
     }
 
     /// The queue's name.
@@ -375,11 +438,25 @@ impl Queue {
         let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
         let id = st.next_id;
         st.next_id += 1;
-        let rank = match args.max_priority {
-            // Above the maximum counts as the maximum; no priority counts as 0, as RabbitMQ.
-            Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
-            None => 255,
-        };
+        let rank = self.rank_of(&message);
+        // Persistent messages in a durable queue go to its store; the confirm waits for the fsync.
+        let mut stored = None;
+        let mut outcome = PushOutcome::Enqueued;
+        if let Some(store) = st.store.as_ref().filter(|_| message.is_persistent()) {
+            match store.append(&durable::to_stored(id, &message, expires_at)) {
+                Ok((pos, ticket)) => {
+                    stored = Some(pos);
+                    outcome = PushOutcome::Stored(ticket);
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.spec.name, error = %e, "cannot store message; refusing it");
+                    if let Some(key) = plugins::dedup_key(&message).filter(|_| args.deduplication) {
+                        st.dedup.remove(&key);
+                    }
+                    return PushOutcome::Rejected;
+                }
+            }
+        }
         if let Some(at) = expires_at {
             let nearer = st.expiries.peek().is_none_or(|Reverse((first, _))| at < *first);
             st.expiries.push(Reverse((at, (rank, id))));
@@ -389,14 +466,14 @@ impl Queue {
             compact_expiries(&mut st);
         }
         st.ready_bytes += size;
-        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0 });
+        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0, stored });
         self.dispatch_locked(&mut st, now, after);
         self.drop_head_over_limit(&mut st, after);
         // A zero TTL means "deliver now or never".
         if ttl == Some(0) {
             self.expire_locked(&mut st, now, after);
         }
-        PushOutcome::Enqueued
+        outcome
     }
 
     /// Whether the ready messages, plus `extra_len` messages of `extra_bytes`, exceed `x-max-length(-bytes)`.
@@ -415,7 +492,7 @@ impl Queue {
         while self.over_limit(st, 0, 0) {
             let Some(old) = st.ready.pop_front() else { break };
             st.ready_bytes -= old.message.body.len() as u64;
-            self.forget(st, &old.message);
+            self.forget(st, &old);
             after.dead.push((old.message, DeadLetterReason::MaxLen));
         }
     }
@@ -472,7 +549,7 @@ impl Queue {
                 if !st.consumers[idx].options.no_ack {
                     st.consumers[idx].options.channel_prefetch.release();
                 }
-                self.forget(st, &entry.message);
+                self.forget(st, &entry);
                 after.dead.push((entry.message, DeadLetterReason::Expired));
                 continue;
             }
@@ -485,6 +562,7 @@ impl Queue {
                 redelivered: entry.redelivered,
                 rank: entry.rank,
                 expires_at: entry.expires_at,
+                stored: entry.stored,
             };
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
                 // The consumer's owner is gone: put the message back and drop the consumer.
@@ -499,8 +577,13 @@ impl Queue {
             }
             consumer.outstanding += 1;
             if consumer.options.no_ack {
-                self.forget(st, &entry.message);
+                self.forget(st, &entry);
             } else {
+                if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
+                    // Lets a restart mark it redelivered; losing this mark only loses that flag.
+                    let _ = store.mark_delivered(&[MsgRef { id: entry.id, pos }]);
+                }
+                let consumer = &mut st.consumers[idx];
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
@@ -585,7 +668,7 @@ impl Queue {
             let mut st = self.lock();
             for id in ids {
                 if let Some(entry) = Self::settle_locked(&mut st, *id) {
-                    self.forget(&mut st, &entry.message);
+                    self.forget(&mut st, &entry);
                 }
             }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
@@ -607,7 +690,7 @@ impl Queue {
                     let delivery_count = entry.delivery_count + 1;
                     // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
                     if self.spec.args.delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
-                        self.forget(&mut st, &entry.message);
+                        self.forget(&mut st, &entry);
                         after.dead.push((entry.message, DeadLetterReason::DeliveryLimit));
                         continue;
                     }
@@ -622,7 +705,7 @@ impl Queue {
                     }
                     insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
                 } else {
-                    self.forget(&mut st, &entry.message);
+                    self.forget(&mut st, &entry);
                     after.dead.push((entry.message, DeadLetterReason::Rejected));
                 }
             }
@@ -633,10 +716,17 @@ impl Queue {
         self.run_aftermath(after);
     }
 
-    /// A message left the queue for good: a later one with the same deduplication value may enter.
-    fn forget(&self, st: &mut QueueState, message: &Message) {
+    /// A message left the queue for good: its store record is settled, and a later message with the same
+    /// deduplication value may enter.
+    fn forget(&self, st: &mut QueueState, entry: &Entry) {
+        if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
+            if let Err(e) = store.settle(&[MsgRef { id: entry.id, pos }]) {
+                // At-least-once: an unlogged settle can only bring the message back after a restart.
+                tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
+            }
+        }
         if self.spec.args.deduplication {
-            if let Some(key) = plugins::dedup_key(message) {
+            if let Some(key) = plugins::dedup_key(&entry.message) {
                 st.dedup.remove(&key);
             }
         }
@@ -683,6 +773,7 @@ impl Queue {
                         redelivered: delivery.redelivered,
                         expires_at: delivery.expires_at,
                         delivery_count: 0,
+                        stored: delivery.stored,
                     }
                 }
             };
@@ -708,7 +799,7 @@ impl Queue {
                 let Some(entry) = st.ready.pop_front() else { break None };
                 st.ready_bytes -= entry.message.body.len() as u64;
                 if entry.expires_at.is_some_and(|at| at < now) {
-                    self.forget(&mut st, &entry.message);
+                    self.forget(&mut st, &entry);
                     after.dead.push((entry.message, DeadLetterReason::Expired));
                     continue;
                 }
@@ -719,8 +810,11 @@ impl Queue {
                     remaining: st.ready.len() as u32,
                 };
                 if no_ack {
-                    self.forget(&mut st, &entry.message);
+                    self.forget(&mut st, &entry);
                 } else {
+                    if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
+                        let _ = store.mark_delivered(&[MsgRef { id: entry.id, pos }]);
+                    }
                     st.unacked_bytes += entry.message.body.len() as u64;
                     st.unacked.insert(entry.id, Unacked { entry, consumer: None, channel_prefetch: None });
                 }
@@ -737,7 +831,7 @@ impl Queue {
         let n = st.ready.len() as u32;
         let ready = std::mem::take(&mut st.ready);
         for e in &ready {
-            self.forget(&mut st, &e.message);
+            self.forget(&mut st, e);
         }
         st.ready_bytes = 0;
         // Expiry entries of unacked messages must survive (a requeue brings them back); stale ones are skipped.
@@ -758,6 +852,11 @@ impl Queue {
         for c in st.consumers.drain(..) {
             let _ = c.sink.send(ConsumerEvent::Cancelled(c.id));
         }
+        if let Some(store) = st.store.take() {
+            if let Err(e) = store.destroy() {
+                tracing::warn!(queue = %self.spec.name, error = %e, "cannot remove the deleted queue's files");
+            }
+        }
         drop(st);
         self.timer.notify_one();
         n
@@ -775,7 +874,7 @@ impl Queue {
                 if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
                     if let Some(e) = st.ready.remove(pos) {
                         st.ready_bytes -= e.message.body.len() as u64;
-                        self.forget(st, &e.message);
+                        self.forget(st, &e);
                         after.dead.push((e.message, DeadLetterReason::Expired));
                     }
                 }

@@ -4,7 +4,9 @@ use crate::args::{self, QueueArguments, QueueType};
 use crate::dead_letter;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
+use crate::durable::Durability;
 use crate::plugins::{self, DelayedMessages, ExchangeFlavor};
+use crate::store::SyncTicket;
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
@@ -56,12 +58,14 @@ pub struct QueueDeclared {
 }
 
 /// The result of publishing one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PublishResult {
     /// At least one queue took the message.
     pub routed: bool,
-    /// A queue refused it (`reject-publish` overflow): confirms nack it.
+    /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
+    /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
+    pub durable: Vec<SyncTicket>,
 }
 
 /// A virtual host.
@@ -72,6 +76,8 @@ pub struct VHost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     ids: Arc<AtomicU64>,
     myself: Weak<VHost>,
+    /// The data directory's store, when the broker is durable.
+    durability: Option<Arc<Durability>>,
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -95,15 +101,20 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl VHost {
-    /// Creates a vhost with RabbitMQ's standard exchanges; `ids` hands out consumer ids.
-    pub fn new(name: &str, ids: Arc<AtomicU64>) -> Arc<VHost> {
+    /// Creates a vhost with RabbitMQ's standard exchanges; `ids` hands out consumer ids. With
+    /// `durability`, durable queues keep persistent messages on disk and definitions are saved.
+    pub fn new(name: &str, ids: Arc<AtomicU64>, durability: Option<Arc<Durability>>) -> Arc<VHost> {
         let vhost = Arc::new_cyclic(|myself| VHost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
             queues: RwLock::new(HashMap::new()),
             ids,
             myself: myself.clone(),
+            durability,
         });
+        if let Some(d) = &vhost.durability {
+            d.register(&vhost);
+        }
         for (name, kind) in STANDARD_EXCHANGES {
             let spec = ExchangeSpec {
                 name: (*name).to_owned(),
@@ -221,6 +232,7 @@ impl VHost {
             flavor,
         };
         let exchange = Arc::new(Exchange::new(spec));
+        let durable = exchange.spec().durable;
         if exchange.spec().flavor == ExchangeFlavor::Delayed {
             tokio::spawn(run_delayed_release(
                 self.myself.clone(),
@@ -229,7 +241,18 @@ impl VHost {
             ));
         }
         exchanges.insert(name.to_owned(), exchange);
+        drop(exchanges);
+        if durable {
+            self.save_definitions();
+        }
         Ok(())
+    }
+
+    /// Rewrites the definitions file after a change to durable resources (a no-op without a data dir).
+    fn save_definitions(&self) {
+        if let Some(d) = &self.durability {
+            d.save_definitions();
+        }
     }
 
     /// `exchange.delete`. A missing exchange is fine (RabbitMQ answers delete-ok).
@@ -263,6 +286,9 @@ impl VHost {
         }
         exchange.mark_deleted();
         self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
+        if exchange.spec().durable {
+            self.save_definitions();
+        }
     }
 
     /// Removes every binding leading to `destination`, then auto-deletes exchanges left without bindings.
@@ -291,7 +317,12 @@ impl VHost {
     pub fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
         let q = self.queue(queue, owner)?;
         let ex = self.check_bindable_source(exchange)?;
-        ex.bind(Destination::Queue(q), routing_key, arguments)
+        let durable = ex.spec().durable && q.spec().durable;
+        ex.bind(Destination::Queue(q), routing_key, arguments)?;
+        if durable {
+            self.save_definitions();
+        }
+        Ok(())
     }
 
     /// `queue.unbind` (a missing binding is fine).
@@ -305,8 +336,14 @@ impl VHost {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
             other => other?,
         };
-        if ex.unbind(&Destination::Queue(q), routing_key, arguments) && ex.spec().auto_delete && !ex.has_bindings() {
-            self.remove_exchange(&ex);
+        let durable = ex.spec().durable && q.spec().durable;
+        if ex.unbind(&Destination::Queue(q), routing_key, arguments) {
+            if ex.spec().auto_delete && !ex.has_bindings() {
+                self.remove_exchange(&ex);
+            }
+            if durable {
+                self.save_definitions();
+            }
         }
         Ok(())
     }
@@ -315,7 +352,12 @@ impl VHost {
     pub fn bind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
         let dest = self.check_bindable_source(destination)?;
         let src = self.check_bindable_source(source)?;
-        src.bind(Destination::Exchange(dest), routing_key, arguments)
+        let durable = src.spec().durable && dest.spec().durable;
+        src.bind(Destination::Exchange(dest), routing_key, arguments)?;
+        if durable {
+            self.save_definitions();
+        }
+        Ok(())
     }
 
     /// `exchange.unbind`.
@@ -325,8 +367,14 @@ impl VHost {
             (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        if src.unbind(&Destination::Exchange(dest), routing_key, arguments) && src.spec().auto_delete && !src.has_bindings() {
-            self.remove_exchange(&src);
+        let durable = src.spec().durable && dest.spec().durable;
+        if src.unbind(&Destination::Exchange(dest), routing_key, arguments) {
+            if src.spec().auto_delete && !src.has_bindings() {
+                self.remove_exchange(&src);
+            }
+            if durable {
+                self.save_definitions();
+            }
         }
         Ok(())
     }
@@ -407,8 +455,28 @@ impl VHost {
             args,
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        queues.insert(name.clone(), Queue::create(spec, hooks));
-        Ok(QueueDeclared { name, message_count: 0, consumer_count: 0 })
+        // Durable, non-exclusive queues keep persistent messages in a store (and get back what it holds).
+        let (store, recovered) = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
+            Some(d) => match d.open_queue_store(&self.name, &name) {
+                Ok((store, recovered)) => (Some(store), recovered),
+                Err(e) => {
+                    return Err(BrokerError::new(
+                        ErrorKind::ResourceError,
+                        format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
+                    ))
+                }
+            },
+            None => (None, Vec::new()),
+        };
+        let durable = store.is_some();
+        let queue = Queue::create(spec, hooks, store, recovered);
+        let declared = QueueDeclared { name: name.clone(), message_count: queue.message_count(), consumer_count: 0 };
+        queues.insert(name, queue);
+        drop(queues);
+        if durable {
+            self.save_definitions();
+        }
+        Ok(declared)
     }
 
     /// Creates the queue behind a direct reply-to consumer (`amq.rabbitmq.reply-to`): exclusive to `owner`,
@@ -426,7 +494,7 @@ impl VHost {
             args: QueueArguments::default(),
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        write(&self.queues).insert(name.clone(), Queue::create(spec, hooks));
+        write(&self.queues).insert(name.clone(), Queue::create(spec, hooks, None, Vec::new()));
         name
     }
 
@@ -464,6 +532,9 @@ impl VHost {
         }
         let count = queue.mark_deleted();
         self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
+        if queue.spec().durable && queue.spec().exclusive_owner.is_none() {
+            self.save_definitions();
+        }
         count
     }
 
@@ -501,7 +572,7 @@ impl VHost {
             ExchangeFlavor::Delayed => {
                 if let Some(delay) = plugins::requested_delay(&message) {
                     ex.extras().delayed.schedule(message, delay);
-                    return Ok(PublishResult { routed: true, rejected: false });
+                    return Ok(PublishResult { routed: true, ..PublishResult::default() });
                 }
             }
             ExchangeFlavor::Deduplicating { cache_size, ttl_ms } => {
@@ -549,10 +620,12 @@ impl VHost {
             message.raw_properties = None;
         }
         let message = Arc::new(message);
-        let mut result = PublishResult { routed: !queues.is_empty(), rejected: false };
+        let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
         for q in &queues {
-            if q.push(Arc::clone(&message)) == PushOutcome::Rejected {
-                result.rejected = true;
+            match q.push(Arc::clone(&message)) {
+                PushOutcome::Enqueued => {}
+                PushOutcome::Stored(ticket) => result.durable.push(ticket),
+                PushOutcome::Rejected => result.rejected = true,
             }
         }
         result

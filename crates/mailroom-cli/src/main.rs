@@ -114,6 +114,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     let disk_free_limit = (args.disk_free_limit > 0).then(|| (args.data_dir.clone(), args.disk_free_limit));
     let broker = Broker::open(BrokerConfig {
         alarms: AlarmConfig { memory_high_watermark, disk_free_limit },
+        data_dir: Some(args.data_dir.clone()),
         ..BrokerConfig::default()
     })?;
     let config = ServerConfig {

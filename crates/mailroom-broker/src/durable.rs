@@ -1,0 +1,221 @@
+//! Durability glue between the broker and its store: where a durable queue's files live, how a message
+//! becomes a stored record and back, and the definitions file kept in step with durable declares.
+
+use crate::exchange::{Destination, ExchangeSpec};
+use crate::message::Message;
+use crate::store::{
+    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult, StoredMessage,
+    Syncer, SyncerConfig, VhostDef,
+};
+use crate::vhost::VHost;
+use amq_protocol::protocol::BasicProperties;
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// The broker's durable state: the data directory, the shared fsync syncer and the definitions file.
+#[derive(Debug)]
+pub struct Durability {
+    dir: PathBuf,
+    syncer: Mutex<Syncer>,
+    vhosts: RwLock<Vec<Weak<VHost>>>,
+    /// Serialises definition saves so the newest snapshot is the one left on disk.
+    save_lock: Mutex<()>,
+    /// While the broker re-declares saved definitions, saving them again would be wasted fsyncs.
+    recovering: std::sync::atomic::AtomicBool,
+}
+
+impl Durability {
+    /// Opens the data directory and starts the group-commit syncer.
+    pub fn open(dir: &Path) -> std::io::Result<Arc<Durability>> {
+        std::fs::create_dir_all(dir.join("msgs"))?;
+        Ok(Arc::new(Durability {
+            dir: dir.to_path_buf(),
+            syncer: Mutex::new(Syncer::start(SyncerConfig::default())),
+            vhosts: RwLock::new(Vec::new()),
+            save_lock: Mutex::new(()),
+            recovering: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Registers a vhost whose durable resources the definitions file must list.
+    pub fn register(&self, vhost: &Arc<VHost>) {
+        self.vhosts.write().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(vhost));
+    }
+
+    /// The definitions saved by a previous run, if any.
+    pub fn load_definitions(&self) -> StoreResult<Option<Definitions>> {
+        Definitions::load(&self.dir)
+    }
+
+    /// Marks the start or end of recovery (saves are skipped meanwhile).
+    pub fn set_recovering(&self, on: bool) {
+        self.recovering.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Writes the durable exchanges, queues and bindings of every vhost (fsynced, atomic rename).
+    pub fn save_definitions(&self) {
+        if self.recovering.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let _guard = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let vhosts: Vec<Arc<VHost>> =
+            self.vhosts.read().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        let mut defs = Definitions::default();
+        for v in &vhosts {
+            defs.vhosts.push(VhostDef { name: v.name().to_owned() });
+            for ex in v.exchanges() {
+                let s = ex.spec();
+                if !is_user_durable_exchange(s) {
+                    continue;
+                }
+                defs.exchanges.push(ExchangeDef {
+                    vhost: v.name().to_owned(),
+                    name: s.name.clone(),
+                    kind: s.type_name().to_owned(),
+                    auto_delete: s.auto_delete,
+                    internal: s.internal,
+                    arguments: s.arguments.clone(),
+                });
+            }
+            for q in v.queues() {
+                let s = q.spec();
+                if s.durable && s.exclusive_owner.is_none() {
+                    defs.queues.push(QueueDef {
+                        vhost: v.name().to_owned(),
+                        name: s.name.clone(),
+                        auto_delete: s.auto_delete,
+                        arguments: s.arguments.clone(),
+                    });
+                }
+            }
+            for ex in v.exchanges() {
+                if !ex.spec().durable || ex.name().is_empty() {
+                    continue;
+                }
+                for b in ex.bindings() {
+                    let (destination, destination_kind, durable) = match &b.destination {
+                        Destination::Queue(q) => {
+                            (q.name().to_owned(), DestinationKind::Queue, q.spec().durable && q.spec().exclusive_owner.is_none())
+                        }
+                        Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange, e.spec().durable),
+                    };
+                    if durable {
+                        defs.bindings.push(BindingDef {
+                            vhost: v.name().to_owned(),
+                            source: ex.name().to_owned(),
+                            destination,
+                            destination_kind,
+                            routing_key: b.routing_key.clone(),
+                            arguments: b.arguments.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        if let Err(e) = defs.save(&self.dir) {
+            tracing::error!(error = %e, dir = %self.dir.display(), "cannot save definitions");
+        }
+    }
+
+    /// The directory of a durable queue's segments: a fixed-length hash of its vhost and name, so any
+    /// name (up to 255 bytes, any characters) maps to a valid file name.
+    pub fn queue_dir(&self, vhost: &str, queue: &str) -> PathBuf {
+        let key = format!("{vhost}\u{0}{queue}");
+        let a = fnv1a64(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
+        let b = fnv1a64(key.as_bytes(), 0x6c62_272e_07bb_0142);
+        self.dir.join("msgs").join(format!("{a:016x}{b:016x}"))
+    }
+
+    /// Opens (recovering) a durable queue's store and returns it with the messages it still holds.
+    pub fn open_queue_store(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> StoreResult<(QueueStore, Vec<crate::store::Recovered>)> {
+        let dir = self.queue_dir(vhost, queue);
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        let (store, recovered, report) = QueueStore::recover(&dir, StoreConfig::default(), &syncer)?;
+        for d in &report.damaged {
+            tracing::warn!(queue, file = %d.path.display(), offset = d.offset, "damaged record skipped");
+        }
+        for t in &report.truncated {
+            tracing::warn!(queue, file = %t.path.display(), offset = t.offset, "torn tail cut off");
+        }
+        Ok((store, recovered))
+    }
+
+    /// Fsyncs performed so far (for the fsyncs/s metric).
+    pub fn fsyncs(&self) -> u64 {
+        self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats().fsyncs
+    }
+}
+
+/// Whether an exchange is one the definitions file records (durable, not predeclared).
+fn is_user_durable_exchange(spec: &ExchangeSpec) -> bool {
+    spec.durable && !spec.name.is_empty() && !spec.name.starts_with("amq.")
+}
+
+fn fnv1a64(bytes: &[u8], offset: u64) -> u64 {
+    bytes.iter().fold(offset, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Milliseconds since the Unix epoch for an `Instant` deadline (records outlive the process's clock).
+pub fn wall_clock_ms(deadline: Instant) -> u64 {
+    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    (now_wall + remaining).as_millis() as u64
+}
+
+/// The `Instant` for a wall-clock deadline in ms since the Unix epoch.
+pub fn instant_from_wall_ms(ms: u64) -> Instant {
+    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let target = Duration::from_millis(ms);
+    Instant::now() + target.saturating_sub(now_wall)
+}
+
+/// The stored form of a message (property bytes kept verbatim when the broker has them).
+pub fn to_stored(id: u64, message: &Message, expires_at: Option<Instant>) -> StoredMessage {
+    StoredMessage {
+        id,
+        exchange: message.exchange.to_string(),
+        routing_key: message.routing_key.to_string(),
+        properties: message.raw_properties.clone().unwrap_or_else(|| encode_properties(&message.properties)),
+        body: message.body.clone(),
+        expires_at_ms: expires_at.map(wall_clock_ms),
+        delivery_count: 0,
+    }
+}
+
+/// The message back from its stored form; None if its property bytes do not parse.
+pub fn from_stored(stored: StoredMessage) -> Option<Message> {
+    let properties = parse_properties(&stored.properties)?;
+    Some(Message {
+        exchange: stored.exchange.into(),
+        routing_key: stored.routing_key.into(),
+        properties,
+        raw_properties: Some(stored.properties),
+        body: stored.body,
+    })
+}
+
+/// Encodes content-header property bytes (flags + list) for a message the broker changed.
+fn encode_properties(properties: &BasicProperties) -> Bytes {
+    match cookie_factory::gen_simple(amq_protocol::protocol::basic::gen_properties(properties), Vec::new()) {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(e) => {
+            // Only a ShortString over 255 bytes can fail; such a property could not have been received.
+            tracing::error!(error = %e, "cannot encode message properties; storing none");
+            Bytes::from_static(&[0, 0])
+        }
+    }
+}
+
+fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
+    match amq_protocol::protocol::basic::parse_properties(bytes) {
+        Ok((rest, p)) if rest.is_empty() => Some(p),
+        _ => None,
+    }
+}
