@@ -212,3 +212,108 @@ def test_kill9_during_confirmed_publishing_loses_nothing(broker):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+
+
+@pytest.mark.slow
+def test_restart_keeps_ttl_and_dead_letter_history(broker):
+    """Issue 6 across a restart: a persistent message keeps running its TTL and is dead-lettered when due;
+    a dead-lettered message keeps its x-death history."""
+    tag = uname("ttl")
+    dlx, dlq, src, hist = f"dlx-{tag}", f"dlq-{tag}", f"src-{tag}", f"hist-{tag}"
+
+    def before(params):
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.exchange_declare(dlx, "fanout", durable=True)
+        ch.queue_declare(dlq, durable=True)
+        ch.queue_bind(dlq, dlx)
+        ch.queue_declare(src, durable=True, arguments={"x-message-ttl": 3000, "x-dead-letter-exchange": dlx})
+        ch.queue_declare(hist, durable=True, arguments={"x-dead-letter-exchange": dlx})
+        ch.basic_publish("", src, b"expires-later", properties=PERSISTENT)
+        ch.basic_publish("", hist, b"rejected-once", properties=PERSISTENT)
+        m, _, _ = ch.basic_get(hist, auto_ack=False)
+        ch.basic_reject(m.delivery_tag, requeue=False)
+        ch.queue_declare(dlq, passive=True)
+        conn.close()
+
+    def after(params):
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        m, p, b = ch.basic_get(dlq, auto_ack=True)
+        assert b == b"rejected-once"
+        [death] = p.headers["x-death"]
+        assert death["reason"] == "rejected" and death["queue"] == hist
+        assert ch.queue_declare(src, passive=True).method.message_count == 1  # not due yet
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:
+            m, p, b = ch.basic_get(dlq, auto_ack=True)
+            if m is not None:
+                got = (b, p.headers["x-death"][0]["reason"])
+            else:
+                time.sleep(0.1)
+        assert got == (b"expires-later", "expired")
+        for q in (dlq, src, hist):
+            ch.queue_delete(q)
+        ch.exchange_delete(dlx)
+        conn.close()
+
+    if broker.name == "rabbitmq":
+        before(broker.params())
+        rabbitmqctl("stop_app")
+        rabbitmqctl("start_app")
+        wait_for(broker.params())
+        after(broker.params())
+        return
+    with tempfile.TemporaryDirectory(prefix="mailroom-ttl-restart-") as data_dir:
+        port = free_port()
+        with start_mailroom(data_dir=data_dir, port=port) as b:
+            before(b.params())
+        with start_mailroom(data_dir=data_dir, port=port) as b:
+            after(b.params())
+
+
+@pytest.mark.slow
+def test_restart_keeps_delivery_count(broker):
+    """x-delivery-count survives a restart (quorum queue: RabbitMQ 3.10 counts deliveries only there)."""
+    q = uname("dc")
+
+    def before(params):
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.basic_publish("", q, b"m", properties=PERSISTENT)
+        m, _, _ = ch.basic_get(q, auto_ack=False)
+        ch.basic_nack(m.delivery_tag, requeue=True)
+        ch.queue_declare(q, passive=True)
+        conn.close()
+
+    def after(params):
+        conn = pika.BlockingConnection(params)
+        ch = conn.channel()
+        deadline = time.monotonic() + 10
+        m = None
+        while m is None and time.monotonic() < deadline:  # a quorum queue may need a moment after start
+            m, p, b = ch.basic_get(q, auto_ack=True)
+            if m is None:
+                time.sleep(0.1)
+        assert b == b"m" and m.redelivered
+        assert p.headers["x-delivery-count"] == 1
+        ch.queue_delete(q)
+        conn.close()
+
+    if broker.name == "rabbitmq":
+        before(broker.params())
+        rabbitmqctl("stop_app")
+        rabbitmqctl("start_app")
+        wait_for(broker.params())
+        after(broker.params())
+        return
+    with tempfile.TemporaryDirectory(prefix="mailroom-dc-restart-") as data_dir:
+        port = free_port()
+        with start_mailroom(data_dir=data_dir, port=port) as b:
+            before(b.params())
+        with start_mailroom(data_dir=data_dir, port=port) as b:
+            after(b.params())

@@ -6,7 +6,7 @@
 //! spoils at most that call's batch and is detected by its CRC. A damaged batch in the middle is
 //! skipped by searching for the next magic whose CRC checks, like the segment scanner.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Marks the start of every ack batch.
 pub const ACK_MAGIC: u32 = 0x4B43_414D;
@@ -49,8 +49,9 @@ pub fn encode(out: &mut Vec<u8>, kind: AckKind, ids: &[u64]) {
 pub struct AckState {
     /// Settled ids.
     pub settled: HashSet<u64>,
-    /// Delivered ids (settled ones may be here too).
-    pub delivered: HashSet<u64>,
+    /// Delivered ids with how many times each was marked delivered (settled ones may be here too). After
+    /// a restart every one of those deliveries ended without an ack: that count is its delivery count.
+    pub delivered: HashMap<u64, u32>,
     /// End of the last intact batch: a torn tail after it is cut off.
     pub good_end: usize,
     /// Offsets of damaged batches skipped in the middle.
@@ -85,14 +86,15 @@ pub fn parse(buf: &[u8]) -> AckState {
     let mut pos = 0;
     while pos < buf.len() {
         if let Some((kind, ids, len)) = parse_batch(&buf[pos..]) {
-            let set = match kind {
-                AckKind::Settled => &mut st.settled,
-                AckKind::Delivered => &mut st.delivered,
-            };
-            set.extend(
-                ids.chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-            );
+            let ids = ids.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+            match kind {
+                AckKind::Settled => st.settled.extend(ids),
+                AckKind::Delivered => {
+                    for id in ids {
+                        *st.delivered.entry(id).or_insert(0) += 1;
+                    }
+                }
+            }
             pos += len;
             st.good_end = pos;
             continue;
@@ -120,7 +122,7 @@ mod tests {
         encode(&mut buf, AckKind::Settled, &[2]);
         let st = parse(&buf);
         assert_eq!(st.good_end, buf.len());
-        assert_eq!(st.delivered, HashSet::from([1, 2, 3]));
+        assert_eq!(st.delivered, HashMap::from([(1, 1), (2, 1), (3, 1)]));
         assert_eq!(st.settled, HashSet::from([2]));
     }
 

@@ -308,13 +308,16 @@ impl QueueStore {
                 }
                 let payload = data.slice(r.offset + HEADER_LEN..r.offset + r.header.record_len());
                 match StoredMessage::decode(id, payload) {
-                    Ok(msg) => visit(Recovered {
-                        msg,
+                    Ok(mut msg) => visit(Recovered {
+                        msg: {
+                            msg.delivery_count += ack.delivered.get(&id).copied().unwrap_or(0);
+                            msg
+                        },
                         pos: SegmentPos {
                             segment: seq,
                             offset: r.offset as u32,
                         },
-                        redelivered: ack.delivered.contains(&id),
+                        redelivered: ack.delivered.contains_key(&id),
                     }),
                     Err(reason) => {
                         // CRC-valid but undecodable: written by a different format; count it as
