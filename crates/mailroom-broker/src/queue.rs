@@ -307,7 +307,8 @@ impl Queue {
         for r in recovered {
             let id = r.msg.id;
             let expires_at = r.msg.expires_at_ms.map(durable::instant_from_wall_ms);
-            let delivery_count = r.msg.delivery_count;
+            // Every logged delivery of a message still here ended without an ack: each counts as a return.
+            let delivery_count = r.msg.delivery_count + r.delivered_count;
             let Some(message) = durable::from_stored(r.msg) else {
                 tracing::warn!(queue = %self.spec.name, id, "stored message has unreadable properties; dropped");
                 if let Some(store) = &st.store {

@@ -77,6 +77,8 @@ pub struct Recovered {
     pub pos: SegmentPos,
     /// It had been delivered and not settled: redeliver with `redelivered = true`.
     pub redelivered: bool,
+    /// How many times it was marked delivered: every such delivery ended without an ack.
+    pub delivered_count: u32,
 }
 
 /// A damaged record (or ack batch) skipped during recovery.
@@ -308,11 +310,9 @@ impl QueueStore {
                 }
                 let payload = data.slice(r.offset + HEADER_LEN..r.offset + r.header.record_len());
                 match StoredMessage::decode(id, payload) {
-                    Ok(mut msg) => visit(Recovered {
-                        msg: {
-                            msg.delivery_count += ack.delivered.get(&id).copied().unwrap_or(0);
-                            msg
-                        },
+                    Ok(msg) => visit(Recovered {
+                        msg,
+                        delivered_count: ack.delivered.get(&id).copied().unwrap_or(0),
                         pos: SegmentPos {
                             segment: seq,
                             offset: r.offset as u32,
