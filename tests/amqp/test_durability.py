@@ -78,22 +78,30 @@ def wait_for(params, timeout=60):
             time.sleep(0.5)
 
 
-@pytest.mark.slow
-def test_restart_keeps_durable_persistent_messages(broker):
-    tag = uname("r")
+def across_restart(broker, before, after):
+    """Runs before(params), restarts the broker (RabbitMQ: stop_app/start_app; Mailroom: a new process on
+    the same data dir and port), then runs after(params)."""
     if broker.name == "rabbitmq":
-        d, t, x = setup_and_publish(broker.params(), tag)
+        before(broker.params())
         rabbitmqctl("stop_app")
         rabbitmqctl("start_app")
         wait_for(broker.params())
-        check_after_restart(broker.params(), d, t, x)
+        after(broker.params())
         return
     with tempfile.TemporaryDirectory(prefix="mailroom-restart-") as data_dir:
         port = free_port()
         with start_mailroom(data_dir=data_dir, port=port) as b:
-            d, t, x = setup_and_publish(b.params(), tag)
+            before(b.params())
         with start_mailroom(data_dir=data_dir, port=port) as b:
-            check_after_restart(b.params(), d, t, x)
+            after(b.params())
+
+
+@pytest.mark.slow
+def test_restart_keeps_durable_persistent_messages(broker):
+    tag = uname("r")
+    names = {}
+    across_restart(broker, lambda p: names.update(dtx=setup_and_publish(p, tag)),
+                   lambda p: check_after_restart(p, *names["dtx"]))
 
 
 def test_kill9_acked_stay_gone_unacked_come_back_redelivered(broker):
@@ -259,19 +267,7 @@ def test_restart_keeps_ttl_and_dead_letter_history(broker):
         ch.exchange_delete(dlx)
         conn.close()
 
-    if broker.name == "rabbitmq":
-        before(broker.params())
-        rabbitmqctl("stop_app")
-        rabbitmqctl("start_app")
-        wait_for(broker.params())
-        after(broker.params())
-        return
-    with tempfile.TemporaryDirectory(prefix="mailroom-ttl-restart-") as data_dir:
-        port = free_port()
-        with start_mailroom(data_dir=data_dir, port=port) as b:
-            before(b.params())
-        with start_mailroom(data_dir=data_dir, port=port) as b:
-            after(b.params())
+    across_restart(broker, before, after)
 
 
 @pytest.mark.slow
@@ -304,16 +300,4 @@ def test_restart_keeps_delivery_count(broker):
         ch.queue_delete(q)
         conn.close()
 
-    if broker.name == "rabbitmq":
-        before(broker.params())
-        rabbitmqctl("stop_app")
-        rabbitmqctl("start_app")
-        wait_for(broker.params())
-        after(broker.params())
-        return
-    with tempfile.TemporaryDirectory(prefix="mailroom-dc-restart-") as data_dir:
-        port = free_port()
-        with start_mailroom(data_dir=data_dir, port=port) as b:
-            before(b.params())
-        with start_mailroom(data_dir=data_dir, port=port) as b:
-            after(b.params())
+    across_restart(broker, before, after)
