@@ -98,3 +98,15 @@ def test_reject_publish_dlx_nacks_and_dead_letters(amqp):
     assert b == b"second"
     assert p.headers["x-death"][0]["reason"] == "maxlen"
     assert get(amqp.ch, q)[2] == b"first"
+
+
+def test_per_message_ttl_expires_promptly_behind_the_head_mailroom_only(amqp):
+    if amqp.broker.name != "mailroom":
+        pytest.skip("RabbitMQ drops per-message-TTL messages only at the head; Mailroom removes them when due")
+    dlx, dlq = dead_letter_target(amqp)
+    q = amqp.queue(arguments={"x-dead-letter-exchange": dlx})
+    amqp.ch.basic_publish("", q, b"long", properties=P(expiration="60000"))
+    amqp.ch.basic_publish("", q, b"short", properties=P(expiration="100"))
+    _, p, b = get(amqp.ch, dlq, timeout=3)  # dead-lettered while "long" is still at the head
+    assert b == b"short" and p.headers["x-death"][0]["reason"] == "expired"
+    assert amqp.ch.queue_declare(q, passive=True).method.message_count == 1
