@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use mailroom_broker::store::SyncTicket;
 use mailroom_broker::AlarmState;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
@@ -103,6 +104,8 @@ pub(crate) struct Connection {
     durable_confirms_rx: mpsc::UnboundedReceiver<(u16, u64, u64, bool)>,
     /// Counts channel openings (see `Channel::epoch`).
     channel_epoch: u64,
+    /// Feeds the fsync waiter task (see [`Connection::durable_waiter`]).
+    durable_waiter: Option<mpsc::UnboundedSender<(u16, u64, u64, Vec<SyncTicket>)>>,
     /// We told the client (or would have) that it is blocked.
     blocked: bool,
 }
@@ -142,6 +145,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         durable_confirms_tx,
         durable_confirms_rx,
         channel_epoch: 0,
+        durable_waiter: None,
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -1368,14 +1372,7 @@ impl Connection {
                 // Confirmed only once every durable queue's copy is fsynced.
                 ch.durable_pending.insert(seq);
                 let epoch = ch.epoch;
-                let done = self.durable_confirms_tx.clone();
-                tokio::spawn(async move {
-                    let mut ok = true;
-                    for ticket in result.durable {
-                        ok &= ticket.wait().await.is_ok();
-                    }
-                    let _ = done.send((id, epoch, seq, ok));
-                });
+                self.durable_waiter().send((id, epoch, seq, result.durable)).ok();
             } else if ch.durable_pending.is_empty() {
                 ch.pending_confirm_ack = Some(seq);
             } else {
@@ -1384,6 +1381,27 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// The connection's fsync waiter, started on its first persistent publish: one task awaits every
+    /// publish's tickets in order (fsync rounds complete in append order) instead of a task per message.
+    fn durable_waiter(&mut self) -> &mpsc::UnboundedSender<(u16, u64, u64, Vec<SyncTicket>)> {
+        let done = self.durable_confirms_tx.clone();
+        self.durable_waiter.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(u16, u64, u64, Vec<SyncTicket>)>();
+            tokio::spawn(async move {
+                while let Some((channel, epoch, seq, tickets)) = rx.recv().await {
+                    let mut ok = true;
+                    for ticket in tickets {
+                        ok &= ticket.wait().await.is_ok();
+                    }
+                    if done.send((channel, epoch, seq, ok)).is_err() {
+                        return;
+                    }
+                }
+            });
+            tx
+        })
     }
 
     /// Sends one confirm (no `multiple`): ack, or nack for a message the broker could not take.
