@@ -16,11 +16,18 @@ pub struct BusConfig {
     pub events_exchange: String,
     /// Declare worker, group and DLQ queues as quorum queues (replicated on a cluster).
     pub quorum_queues: bool,
+    /// The delayed-message exchange delayed retries go through, where the broker has one
+    /// (Mailroom, embedded or server); elsewhere each queue gets TTL retry queues `<queue>.retry.<n>`.
+    pub delayed_exchange: String,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { events_exchange: "mailroom.events".into(), quorum_queues: false }
+        Self {
+            events_exchange: "mailroom.events".into(),
+            quorum_queues: false,
+            delayed_exchange: "mailroom.delayed".into(),
+        }
     }
 }
 
@@ -224,6 +231,7 @@ impl Bus {
                 meta.headers.remove(*h);
             }
             meta.headers.remove(headers::DELAYED_RETRIES);
+            meta.headers.remove(crate::transport::X_DELAY);
             self.emit_raw(&target, &meta, m.body.clone()).await?;
             m.ack().await?;
             moved += 1;

@@ -21,11 +21,16 @@ pub trait InboxStore: Send + Sync + 'static {
 /// Default retention: longer than any redelivery horizon (delayed retries, DLQ redrive within a week).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Recorded ids by (consumer, message id), with when.
+type Recorded = HashMap<(String, String), Instant>;
+/// Recorded ids in recording order, for the retention purge.
+type Expiry = VecDeque<(Instant, String, String)>;
+
 /// An in-memory store with a retention window (entries older than it are forgotten).
 #[derive(Debug)]
 pub struct MemoryInbox {
     retention: Duration,
-    state: Mutex<(HashMap<(String, String), Instant>, VecDeque<(Instant, String, String)>)>,
+    state: Mutex<(Recorded, Expiry)>,
 }
 
 impl Default for MemoryInbox {
