@@ -44,6 +44,11 @@ pub struct AmqpConfig {
     pub reconnect_max: Duration,
     /// How long [`Amqp::connect`] keeps trying before giving up.
     pub connect_timeout: Duration,
+    /// How long a publish the broker nacked is resent (same id, backing off) before the nack is
+    /// returned. A RabbitMQ cluster nacks publishes to a quorum queue for a few seconds while it
+    /// elects a new leader; resending rides that out. Zero (the default) returns the first nack, so a
+    /// full `reject-publish` queue fails fast.
+    pub nack_retry: Duration,
 }
 
 impl AmqpConfig {
@@ -62,6 +67,7 @@ impl AmqpConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            nack_retry: Duration::ZERO,
         }
     }
 }
@@ -521,7 +527,10 @@ impl Transport for Amqp {
     fn publish(&self, m: Outbound) -> BoxFuture<'_, Result<Published, TransportError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            let deadline = Instant::now() + inner.config.publish_timeout;
+            let started = Instant::now();
+            let deadline = started + inner.config.publish_timeout;
+            let nack_deadline = started + inner.config.nack_retry.min(inner.config.publish_timeout);
+            let mut nack_backoff = Duration::from_millis(50);
             let mut after = 0;
             loop {
                 let link = inner.wait_link(after, deadline).await?;
@@ -544,7 +553,14 @@ impl Transport for Amqp {
                         return Ok(Published::Confirmed)
                     }
                     Ok(Ok(Confirmation::Ack(Some(_)))) => return Ok(Published::Unroutable),
-                    Ok(Ok(Confirmation::Nack(_))) => return Err(TransportError::Nacked),
+                    Ok(Ok(Confirmation::Nack(_))) => {
+                        if Instant::now() + nack_backoff >= nack_deadline {
+                            return Err(TransportError::Nacked);
+                        }
+                        tracing::debug!(message_id = ?m.properties.message_id(), "publish nacked; resending");
+                        tokio::time::sleep(nack_backoff).await;
+                        nack_backoff = (nack_backoff * 2).min(Duration::from_secs(1));
+                    }
                     Ok(Err(e)) if e.is_amqp_soft_error() => {
                         // The channel is closed by the broker (e.g. unknown exchange): not worth resending.
                         inner.kick.notify_one();
