@@ -61,6 +61,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Guides
+//! [`guide`] has a guide per pattern (point-to-point, pub/sub, request-reply, scatter-gather,
+//! retries and dead letters, filters, recipient lists, idempotent consumers, tracing), each with an
+//! example that runs on the embedded broker.
+//!
 //! # Modules
 //! - [`envelope`]: message metadata and its AMQP mapping; [`trace`]: `traceparent`.
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
@@ -72,6 +77,7 @@ pub mod bus;
 pub mod envelope;
 pub mod error;
 pub mod filter;
+pub mod guide;
 pub mod inbox;
 pub mod pipeline;
 pub mod request;
