@@ -16,7 +16,15 @@ struct Job {
     n: u32,
 }
 
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
 async fn survives_a_dropped_connection(url: String) {
+    init_tracing();
     let (auth, upstream, vhost) = split_url(&url);
     let proxy = Proxy::start(upstream).await;
     let proxied = format!("{auth}@{}/{vhost}", proxy.addr);
@@ -99,6 +107,7 @@ async fn rabbit() {
 /// the transport fails over to the next one (two proxies to one Mailroom server stand in for nodes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fails_over_to_the_next_url() {
+    init_tracing();
     let (url, _stop) = start_server().await;
     let (auth, upstream, vhost) = split_url(&url);
     let dead = {

@@ -437,14 +437,26 @@ async fn forward(mut consumer: lapin::Consumer, sink: mpsc::UnboundedSender<Inbo
 
 struct LapinAck(lapin::Acker);
 
+/// Longest an ack or reject may take to be written. lapin can leave the future of an ack sent on a
+/// connection that is dying pending for good; the broker redelivers an unacked message anyway, so
+/// giving up is safe and keeps a stopping worker from waiting forever.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn settle(what: &str, op: impl std::future::Future<Output = Result<(), lapin::Error>>) -> Result<(), TransportError> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
+        Ok(r) => r.map_err(err),
+        Err(_) => Err(TransportError::Timeout(format!("{what} not written (connection lost?)"))),
+    }
+}
+
 impl AckHandle for LapinAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         // A failed ack (channel gone) is harmless: the broker redelivers and the inbox absorbs it.
-        Box::pin(async move { self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(err) })
+        Box::pin(async move { settle("ack", async { self.0.ack(BasicAckOptions::default()).await.map(|_| ()) }).await })
     }
     fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
-            self.0.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()).map_err(err)
+            settle("reject", async { self.0.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()) }).await
         })
     }
 }
