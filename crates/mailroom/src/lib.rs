@@ -89,7 +89,9 @@ pub use bus::{Bus, BusConfig, Context};
 pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
 pub use error::{Error, HandlerError, Result, TransportError};
 pub use filter::{Filter, Headers};
-pub use inbox::{InboxStore, MemoryInbox};
+pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
+#[cfg(feature = "postgres")]
+pub use inbox::postgres::PgInbox;
 pub use pipeline::{Incoming, Middleware, MetricsSnapshot, Next, Outcome, WorkerHandle};
 pub use request::{Fault, Gathered, GatherError, RequestError, Strategy, Target};
 pub use retry::{Jitter, RetryPolicy};

@@ -12,7 +12,8 @@ use crate::bus::{Bus, Context};
 use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
 use crate::error::{HandlerError, Result};
 use crate::filter::Filter;
-use crate::inbox::InboxStore;
+use crate::bus::UnitSlot;
+use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
 use crate::transport::{BoxFuture, Declaration, ExchangeKind, Inbound, Outbound, Subscription, X_DELAY};
@@ -536,6 +537,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         trace,
         queue: Arc::clone(&core.queue),
         redelivered: inbound.redelivered,
+        unit: None,
     };
     let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
     async {
@@ -622,7 +624,37 @@ async fn inbox_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
     outcome
 }
 
-async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, msg: Incoming) -> Outcome {
+async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, mut msg: Incoming) -> Outcome {
+    if let Some(claim) = inbox.begin(&core.name, id) {
+        // Transactional store: the inbox row and the handler's writes commit together, on success only.
+        let unit = match claim.await {
+            Ok(Claim::Claimed(unit)) => unit,
+            Ok(Claim::Duplicate) => {
+                Metrics::inc(&core.metrics.duplicates);
+                return Outcome::Drop("duplicate".into());
+            }
+            Err(e) => return Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
+        };
+        let slot: UnitSlot = Arc::new(std::sync::Mutex::new(Some(unit)));
+        msg.ctx.unit = Some(Arc::clone(&slot));
+        let outcome = core.next.clone().run(msg).await;
+        let unit = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(unit) = unit else {
+            return Outcome::Retry(HandlerError::transient("the inbox transaction vanished").with_kind("inbox"));
+        };
+        return match outcome {
+            Outcome::Ack => match unit.commit().await {
+                Ok(()) => Outcome::Ack,
+                Err(e) => Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
+            },
+            other => {
+                if let Err(e) = unit.rollback().await {
+                    tracing::warn!(error = %e, "inbox rollback failed (the connection drops it anyway)");
+                }
+                other
+            }
+        };
+    }
     match inbox.seen(&core.name, id).await {
         Ok(true) => {
             Metrics::inc(&core.metrics.duplicates);

@@ -8,9 +8,13 @@
 //! so only one runs.
 //!
 //! [`MemoryInbox`](crate::MemoryInbox) marks an id after the handler succeeded: a crash between the
-//! handler's effect and the mark can repeat the effect once. Keep ids longer than any redelivery
-//! horizon (the default retention is 7 days, which covers delayed retries and a redrive within a
-//! week).
+//! handler's effect and the mark can repeat the effect once. [`PgInbox`](crate::inbox::postgres::PgInbox)
+//! (feature `postgres`, on by default) closes that window for handlers that write to PostgreSQL: the
+//! `inbox(consumer, message_id)` row is inserted in a transaction the handler joins with
+//! [`ctx.tx()`](crate::Context::tx), and the pipeline commits both only when the handler succeeded:
+//! an exactly-once effect. Keep ids longer than any redelivery horizon (the default retention is
+//! 7 days, which covers delayed retries and a redrive within a week); `PgInbox::spawn_purger`
+//! deletes older ones.
 //!
 //! ```
 //! use mailroom::{Bus, Envelope, MemoryInbox};
