@@ -1,6 +1,7 @@
 //! Retries, dead letters and redrive: a handler fails while its "database" is down; the message is
-//! retried (immediately, then with backoff through TTL retry queues), lands in the DLQ with the error in
-//! its headers, and is redriven with the same id once the database is back.
+//! retried (immediately, then with backoff: through the delayed-message exchange on Mailroom, TTL retry
+//! queues on RabbitMQ), lands in the DLQ with the error in its headers, and is redriven with the same
+//! id once the database is back.
 //! `--url amqp://guest:guest@127.0.0.1:5672/%2F` runs it against a server.
 
 use mailroom::envelope::headers;

@@ -16,11 +16,18 @@ pub struct BusConfig {
     pub events_exchange: String,
     /// Declare worker, group and DLQ queues as quorum queues (replicated on a cluster).
     pub quorum_queues: bool,
+    /// The delayed-message exchange delayed retries go through, where the broker has one
+    /// (Mailroom, embedded or server); elsewhere each queue gets TTL retry queues `<queue>.retry.<n>`.
+    pub delayed_exchange: String,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { events_exchange: "mailroom.events".into(), quorum_queues: false }
+        Self {
+            events_exchange: "mailroom.events".into(),
+            quorum_queues: false,
+            delayed_exchange: "mailroom.delayed".into(),
+        }
     }
 }
 
@@ -224,6 +231,7 @@ impl Bus {
                 meta.headers.remove(*h);
             }
             meta.headers.remove(headers::DELAYED_RETRIES);
+            meta.headers.remove(crate::transport::X_DELAY);
             self.emit_raw(&target, &meta, m.body.clone()).await?;
             m.ack().await?;
             moved += 1;
@@ -241,7 +249,12 @@ pub struct Context {
     pub(crate) trace: TraceContext,
     pub(crate) queue: Arc<str>,
     pub(crate) redelivered: bool,
+    /// The transactional inbox's open unit of work, when the worker has one.
+    pub(crate) unit: Option<UnitSlot>,
 }
+
+/// Shared slot for a delivery's unit of work: the handler borrows it, the pipeline commits it.
+pub(crate) type UnitSlot = Arc<Mutex<Option<Box<dyn crate::inbox::UnitOfWork>>>>;
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,6 +282,23 @@ impl Context {
     /// The bus (for requests and anything else).
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// The handler's PostgreSQL transaction: a worker with a [`PgInbox`](crate::inbox::postgres::PgInbox)
+    /// opens it and records the message id in it before the handler runs, and commits it after the
+    /// handler succeeded (rolls it back otherwise), so the handler's writes and the inbox row commit
+    /// together: exactly-once effect. Run queries with `&mut **tx` as the executor; dropping the
+    /// [`PgTx`](crate::inbox::postgres::PgTx) hands it back (take it again for more work), do not
+    /// commit it yourself. Fails (permanently) on a worker without a PostgreSQL inbox, or while the
+    /// transaction is already taken.
+    #[cfg(feature = "postgres")]
+    pub fn tx(&self) -> std::result::Result<crate::inbox::postgres::PgTx, crate::HandlerError> {
+        self.unit.as_ref().and_then(crate::inbox::postgres::PgTx::take).ok_or_else(|| {
+            crate::HandlerError::permanent(
+                "ctx.tx(): no PostgreSQL transaction (the worker needs .idempotent(PgInbox); take it once at a time)",
+            )
+            .with_kind("config")
+        })
     }
 
     /// Stamps an outgoing envelope: causation = incoming id, correlation and trace continued.

@@ -9,8 +9,11 @@ use std::sync::Arc;
 #[derive(Clone, Default)]
 pub struct Filter {
     pub(crate) equals: Vec<(String, String)>,
-    pub(crate) predicate: Option<Arc<dyn Fn(&Metadata) -> bool + Send + Sync>>,
+    pub(crate) predicate: Option<Predicate>,
 }
+
+/// An in-process header predicate.
+type Predicate = Arc<dyn Fn(&Metadata) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Filter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

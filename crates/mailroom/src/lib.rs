@@ -61,6 +61,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Guides
+//! [`guide`] has a guide per pattern (point-to-point, pub/sub, request-reply, scatter-gather,
+//! retries and dead letters, filters, recipient lists, idempotent consumers, tracing), each with an
+//! example that runs on the embedded broker.
+//!
 //! # Modules
 //! - [`envelope`]: message metadata and its AMQP mapping; [`trace`]: `traceparent`.
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
@@ -72,6 +77,7 @@ pub mod bus;
 pub mod envelope;
 pub mod error;
 pub mod filter;
+pub mod guide;
 pub mod inbox;
 pub mod pipeline;
 pub mod request;
@@ -83,7 +89,9 @@ pub use bus::{Bus, BusConfig, Context};
 pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
 pub use error::{Error, HandlerError, Result, TransportError};
 pub use filter::{Filter, Headers};
-pub use inbox::{InboxStore, MemoryInbox};
+pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
+#[cfg(feature = "postgres")]
+pub use inbox::postgres::PgInbox;
 pub use pipeline::{Incoming, Middleware, MetricsSnapshot, Next, Outcome, WorkerHandle};
 pub use request::{Fault, Gathered, GatherError, RequestError, Strategy, Target};
 pub use retry::{Jitter, RetryPolicy};

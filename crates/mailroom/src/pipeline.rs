@@ -12,10 +12,11 @@ use crate::bus::{Bus, Context};
 use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
 use crate::error::{HandlerError, Result};
 use crate::filter::Filter;
-use crate::inbox::InboxStore;
+use crate::bus::UnitSlot;
+use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
-use crate::transport::{BoxFuture, Declaration, Inbound, Subscription};
+use crate::transport::{BoxFuture, Declaration, ExchangeKind, Inbound, Outbound, Subscription, X_DELAY};
 use bytes::Bytes;
 use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
 use std::future::Future;
@@ -323,6 +324,8 @@ struct Core {
     retry: RetryPolicy,
     inbox: Option<Arc<dyn InboxStore>>,
     filter: Option<Filter>,
+    /// The delayed-message exchange delayed retries go through; `None`: TTL retry queues.
+    delayed_via: Option<String>,
     next: Next,
     metrics: Arc<Metrics>,
     /// Per-message-id locks: two copies of one message handled concurrently by this worker must not
@@ -364,6 +367,56 @@ fn retry_queue(queue: &str, round: u32) -> String {
     format!("{queue}.retry.{round}")
 }
 
+/// Declares where delayed retries wait. With a delayed-message exchange (Mailroom): the exchange,
+/// and a binding from it to `queue` keyed by the queue's name; returns the exchange's name. Without
+/// one (RabbitMQ without the plugin): one TTL queue per round, `<queue>.retry.<n>`, whose expired
+/// messages dead-letter back to `queue`; returns `None`.
+async fn declare_retry_topology(bus: &Bus, queue: &str, retry: &RetryPolicy) -> Result<Option<String>> {
+    if retry.delayed == 0 {
+        return Ok(None);
+    }
+    if bus.transport().has_delayed_exchange() {
+        let exchange = bus.config().delayed_exchange.clone();
+        bus.declare(Declaration::Exchange { name: exchange.clone(), kind: ExchangeKind::Delayed }).await?;
+        bus.declare(Declaration::Bind {
+            queue: queue.to_owned(),
+            exchange: exchange.clone(),
+            routing_key: queue.to_owned(),
+            arguments: FieldTable::default(),
+        })
+        .await?;
+        return Ok(Some(exchange));
+    }
+    for round in 0..retry.delayed {
+        let mut args = FieldTable::default();
+        let ttl = retry.ceiling(round).as_millis() as u32;
+        args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongUInt(ttl));
+        args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from("")));
+        args.insert(ShortString::from("x-dead-letter-routing-key"), AMQPValue::LongString(LongString::from(queue)));
+        bus.quorum(&mut args);
+        bus.declare(Declaration::Queue { name: retry_queue(queue, round), durable: true, arguments: args }).await?;
+    }
+    Ok(None)
+}
+
+/// The message for delayed retry round `round`: through the delayed exchange (`x-delay` header) or
+/// into that round's TTL queue (per-message expiration = the jittered delay, capped by the queue TTL).
+fn delayed_retry(core: &Core, copy: &Metadata, round: u32, delay: std::time::Duration, body: Bytes) -> Outbound {
+    let mut props = copy.to_properties();
+    match &core.delayed_via {
+        Some(exchange) => {
+            let mut table = props.headers().clone().unwrap_or_default();
+            table.insert(ShortString::from(X_DELAY), AMQPValue::LongLongInt(delay.as_millis() as i64));
+            props = props.with_headers(table);
+            Outbound { exchange: exchange.clone(), routing_key: core.queue.to_string(), properties: props, body, mandatory: false }
+        }
+        None => {
+            props = props.with_expiration(delay.as_millis().to_string().as_str().into());
+            Outbound { exchange: String::new(), routing_key: retry_queue(&core.queue, round), properties: props, body, mandatory: false }
+        }
+    }
+}
+
 impl Worker {
     /// Declares the topology (queue, DLQ, retry queues, bindings) and starts consuming.
     pub async fn run(self) -> Result<WorkerHandle> {
@@ -373,19 +426,7 @@ impl Worker {
         }
         let bus = b.bus.clone();
         bus.declare_queue(&b.queue).await?;
-        for round in 0..b.retry.delayed {
-            let mut args = FieldTable::default();
-            let ttl = b.retry.ceiling(round).as_millis() as u32;
-            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongUInt(ttl));
-            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from("")));
-            args.insert(
-                ShortString::from("x-dead-letter-routing-key"),
-                AMQPValue::LongString(LongString::from(b.queue.as_str())),
-            );
-            bus.quorum(&mut args);
-            bus.declare(Declaration::Queue { name: retry_queue(&b.queue, round), durable: true, arguments: args })
-                .await?;
-        }
+        let delayed_via = declare_retry_topology(&bus, &b.queue, &b.retry).await?;
         if !b.bindings.is_empty() {
             bus.ensure_events_exchange().await?;
             let events = bus.config().events_exchange.clone();
@@ -393,7 +434,7 @@ impl Worker {
                 Some(args) => {
                     // Topic first, then a per-group headers exchange: only matching events reach the queue.
                     let hx = format!("{}.filter", b.queue);
-                    bus.declare(Declaration::Exchange { name: hx.clone(), kind: crate::transport::ExchangeKind::Headers })
+                    bus.declare(Declaration::Exchange { name: hx.clone(), kind: ExchangeKind::Headers })
                         .await?;
                     for pattern in &b.bindings {
                         bus.declare(Declaration::BindExchange {
@@ -437,6 +478,7 @@ impl Worker {
             retry,
             inbox: b.inbox.clone(),
             filter: b.filter.clone(),
+            delayed_via,
             next: Next { layers: Arc::from(b.layers.clone()), index: 0, terminal: self.terminal },
             metrics: Arc::clone(&metrics),
             inflight: Default::default(),
@@ -495,6 +537,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         trace,
         queue: Arc::clone(&core.queue),
         redelivered: inbound.redelivered,
+        unit: None,
     };
     let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
     async {
@@ -519,15 +562,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
                     let delay = core.retry.delay(round);
                     let mut copy = failed_copy(&core, &meta, &e);
                     copy.headers.insert(headers::DELAYED_RETRIES.into(), (round + 1).to_string());
-                    let mut props = copy.to_properties();
-                    props = props.with_expiration(delay.as_millis().to_string().as_str().into());
-                    let out = crate::transport::Outbound {
-                        exchange: String::new(),
-                        routing_key: retry_queue(&core.queue, round),
-                        properties: props,
-                        body: inbound.body.clone(),
-                        mandatory: false,
-                    };
+                    let out = delayed_retry(&core, &copy, round, delay, inbound.body.clone());
                     tracing::debug!(round, delay_ms = delay.as_millis() as u64, error = %e, "delayed retry");
                     publish_then_ack(&core, &mut inbound, core.bus.transport().publish(out).await.map(|_| ())).await;
                 } else {
@@ -589,7 +624,37 @@ async fn inbox_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
     outcome
 }
 
-async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, msg: Incoming) -> Outcome {
+async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, mut msg: Incoming) -> Outcome {
+    if let Some(claim) = inbox.begin(&core.name, id) {
+        // Transactional store: the inbox row and the handler's writes commit together, on success only.
+        let unit = match claim.await {
+            Ok(Claim::Claimed(unit)) => unit,
+            Ok(Claim::Duplicate) => {
+                Metrics::inc(&core.metrics.duplicates);
+                return Outcome::Drop("duplicate".into());
+            }
+            Err(e) => return Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
+        };
+        let slot: UnitSlot = Arc::new(std::sync::Mutex::new(Some(unit)));
+        msg.ctx.unit = Some(Arc::clone(&slot));
+        let outcome = core.next.clone().run(msg).await;
+        let unit = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(unit) = unit else {
+            return Outcome::Retry(HandlerError::transient("the inbox transaction vanished").with_kind("inbox"));
+        };
+        return match outcome {
+            Outcome::Ack => match unit.commit().await {
+                Ok(()) => Outcome::Ack,
+                Err(e) => Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
+            },
+            other => {
+                if let Err(e) = unit.rollback().await {
+                    tracing::warn!(error = %e, "inbox rollback failed (the connection drops it anyway)");
+                }
+                other
+            }
+        };
+    }
     match inbox.seen(&core.name, id).await {
         Ok(true) => {
             Metrics::inc(&core.metrics.duplicates);
@@ -619,6 +684,8 @@ fn failed_copy(core: &Core, meta: &Metadata, e: &HandlerError) -> Metadata {
     m.headers.insert(headers::ERROR.into(), truncate(&e.message, MAX_ERROR_HEADER));
     m.headers.insert(headers::SOURCE_QUEUE.into(), core.queue.to_string());
     m.headers.insert(headers::HANDLER.into(), core.name.clone());
+    // A released delayed message carries the negated delay; it must not ride along.
+    m.headers.remove(X_DELAY);
     m
 }
 

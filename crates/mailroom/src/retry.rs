@@ -17,6 +17,9 @@ pub enum Jitter {
     Equal,
 }
 
+/// Which errors a policy retries.
+type RetryIf = Arc<dyn Fn(&HandlerError) -> bool + Send + Sync>;
+
 /// When and how often a failed message is tried again.
 #[derive(Clone)]
 pub struct RetryPolicy {
@@ -26,7 +29,7 @@ pub struct RetryPolicy {
     pub(crate) factor: u32,
     pub(crate) cap: Duration,
     pub(crate) jitter: Jitter,
-    pub(crate) retry_if: Option<Arc<dyn Fn(&HandlerError) -> bool + Send + Sync>>,
+    pub(crate) retry_if: Option<RetryIf>,
 }
 
 impl std::fmt::Debug for RetryPolicy {

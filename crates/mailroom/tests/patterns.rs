@@ -34,6 +34,7 @@ on_all_targets!(
     many_requests_in_flight,
     scatter_gather_strategies,
     retry_then_dead_letter_then_redrive,
+    delayed_retry_waits_its_backoff,
     decode_errors_go_straight_to_dlq,
     header_filter_subscription,
     recipient_list_reports_per_recipient,
@@ -345,6 +346,14 @@ async fn retry_then_dead_letter_then_redrive(target: Target) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(count, 1, "dead-lettered after retries");
+    // Which mechanism delayed the retries: Mailroom's delayed-message exchange (no retry queues) or,
+    // on RabbitMQ without the plugin, TTL retry queues.
+    let mailroom = target != Target::Rabbit;
+    assert_eq!(t.has_delayed_exchange(), mailroom);
+    for round in 0..2 {
+        let retry_queue = t.message_count(&format!("{q}.retry.{round}")).await;
+        assert_eq!(retry_queue.is_ok(), !mailroom, "{q}.retry.{round} exists: {retry_queue:?}");
+    }
     // (1 + 1 immediate) x (1 + 2 delayed rounds)
     assert_eq!(calls.load(Ordering::SeqCst), 6);
     assert!(ids.lock().unwrap().iter().all(|i| *i == id), "id stable across retries");
@@ -379,6 +388,42 @@ async fn retry_then_dead_letter_then_redrive(target: Target) {
     assert!(eventually(WAIT, || calls.load(Ordering::SeqCst) == before + 1).await);
     assert_eq!(ids.lock().unwrap().last().unwrap(), &id);
     assert!(eventually(WAIT, || h.metrics().ok == 1).await);
+    h.stop().await;
+    env.cleanup().await;
+}
+
+/// A delayed retry really waits (delayed exchange on Mailroom, TTL queue on RabbitMQ), and the
+/// delay header does not leak into what the handler or the DLQ sees.
+async fn delayed_retry_waits_its_backoff(target: Target) {
+    let env = env(target, "delay").await;
+    let q = env.q("slow");
+    type Calls = Vec<(std::time::Instant, Option<String>)>;
+    let calls: Arc<Mutex<Calls>> = Arc::default();
+    let c = calls.clone();
+    let backoff = Duration::from_millis(400);
+    let policy = RetryPolicy::new().delayed(1).backoff(backoff, 2, backoff).jitter(mailroom::Jitter::None);
+    let h = env
+        .bus
+        .worker(&q)
+        .retry(policy)
+        .handle(move |m: Envelope<Job>, _| {
+            c.lock().unwrap().push((std::time::Instant::now(), m.header("x-delay").map(str::to_owned)));
+            async { Err::<(), _>(HandlerError::transient("later")) }
+        })
+        .run()
+        .await
+        .unwrap();
+    env.bus.send(&q, Job { n: 1 }).await.unwrap();
+    assert!(eventually(WAIT, || h.metrics().dead_lettered == 1).await);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    let waited = calls[1].0 - calls[0].0;
+    assert!(waited >= backoff - Duration::from_millis(20), "retried after {waited:?}");
+    assert!(waited < backoff * 5, "retried after {waited:?}");
+    let mut dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap().unwrap();
+    let meta = mailroom::Metadata::from_properties(&dead.properties);
+    assert_eq!(meta.header("x-delay"), None, "x-delay stripped from the DLQ copy");
+    dead.ack().await.unwrap();
     h.stop().await;
     env.cleanup().await;
 }
@@ -543,7 +588,8 @@ async fn one_trace_id_across_the_flow(target: Target) {
     let q = env.q("place");
     let topic = env.q("placed");
     let group = env.q("audit");
-    let traces: Arc<Mutex<Vec<(String, String, Option<String>)>>> = Arc::default();
+    type Seen = Vec<(String, String, Option<String>)>;
+    let traces: Arc<Mutex<Seen>> = Arc::default();
     let t1 = traces.clone();
     let topic2 = topic.clone();
     let a = env

@@ -16,7 +16,15 @@ struct Job {
     n: u32,
 }
 
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
 async fn survives_a_dropped_connection(url: String) {
+    init_tracing();
     let (auth, upstream, vhost) = split_url(&url);
     let proxy = Proxy::start(upstream).await;
     let proxied = format!("{auth}@{}/{vhost}", proxy.addr);
@@ -93,4 +101,47 @@ async fn server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbit() {
     survives_a_dropped_connection(common::rabbit_url()).await;
+}
+
+/// Several node URLs: a dead first node is skipped at connect, and when the connected node goes away
+/// the transport fails over to the next one (two proxies to one Mailroom server stand in for nodes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fails_over_to_the_next_url() {
+    init_tracing();
+    let (url, _stop) = start_server().await;
+    let (auth, upstream, vhost) = split_url(&url);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }; // closed again: connection refused
+    let (a, b) = (Proxy::start(upstream).await, Proxy::start(upstream).await);
+    let node = |addr: std::net::SocketAddr| format!("{auth}@{addr}/{vhost}");
+    let config = AmqpConfig::new(format!("{},{},{}", node(dead), node(a.addr), node(b.addr)));
+    assert_eq!(config.urls.len(), 3);
+    let amqp = Amqp::connect(config).await.unwrap();
+    assert_eq!(amqp.connected_url(), Some(node(a.addr)), "the dead first node was skipped");
+    let bus = Bus::new(amqp.clone());
+    let q = format!("t.failover.{}", &mailroom::envelope::new_message_id()[24..]);
+    let got: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let g = got.clone();
+    let worker = bus
+        .worker(&q)
+        .handle(move |m: Envelope<Job>, _| {
+            g.lock().unwrap().insert(m.body.n);
+            async { Ok(()) }
+        })
+        .run()
+        .await
+        .unwrap();
+    bus.send(&q, Job { n: 1 }).await.unwrap();
+    drop(a); // node a goes away: its listener closes and its connections are cut
+    bus.send(&q, Job { n: 2 }).await.unwrap();
+    assert_eq!(amqp.connected_url(), Some(node(b.addr)), "failed over past the dead node to b");
+    assert!(amqp.generation() >= 2);
+    assert!(eventually(Duration::from_secs(10), || got.lock().unwrap().len() == 2).await, "the worker resumed on b");
+    worker.stop().await;
+    for name in [q.clone(), format!("{q}.dlq")] {
+        let _ = bus.transport().delete_queue(&name).await;
+    }
+    amqp.close().await;
 }

@@ -12,6 +12,7 @@
 //! properties (so the same message id) until it is confirmed or `publish_timeout` passes: at-least-once,
 //! duplicates are for the idempotent consumer.
 
+use super::probe;
 use super::{AckHandle, BoxFuture, Declaration, Inbound, Outbound, Published, Subscription, Transport};
 use crate::error::TransportError;
 use futures_lite::StreamExt;
@@ -23,7 +24,7 @@ use lapin::options::{
 use lapin::Confirmation;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind as LapinKind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -32,8 +33,9 @@ use tokio::time::Instant;
 /// Settings of the AMQP transport.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// `amqp://user:pass@host:port/vhost`.
-    pub url: String,
+    /// `amqp://user:pass@host:port/vhost`, one per cluster node: the transport connects to the first
+    /// that answers and, when its connection drops, fails over to the next (round robin).
+    pub urls: Vec<String>,
     /// How long a publish may wait for its confirm, across reconnects.
     pub publish_timeout: Duration,
     /// First reconnect delay.
@@ -42,18 +44,45 @@ pub struct AmqpConfig {
     pub reconnect_max: Duration,
     /// How long [`Amqp::connect`] keeps trying before giving up.
     pub connect_timeout: Duration,
+    /// How long a publish the broker nacked is resent (same id, backing off) before the nack is
+    /// returned. A RabbitMQ cluster nacks publishes to a quorum queue for a few seconds while it
+    /// elects a new leader; resending rides that out. Zero (the default) returns the first nack, so a
+    /// full `reject-publish` queue fails fast.
+    pub nack_retry: Duration,
 }
 
 impl AmqpConfig {
     /// Defaults for `url`: 30 s publish timeout, reconnects from 100 ms backing off to 5 s.
+    /// A comma-separated list (`amqp://a:5672,amqp://b:5672`) names several cluster nodes.
     pub fn new(url: impl Into<String>) -> Self {
+        let url: String = url.into();
+        Self::cluster(url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned))
+    }
+
+    /// Defaults for a cluster: the transport fails over between these nodes.
+    pub fn cluster(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
-            url: url.into(),
+            urls: urls.into_iter().map(Into::into).collect(),
             publish_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            nack_retry: Duration::ZERO,
         }
+    }
+}
+
+/// Longest a single connection attempt (TCP + AMQP handshake) may take before the next node is tried.
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `url` without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
     }
 }
 
@@ -64,6 +93,8 @@ struct Link {
     generation: u64,
     conn: Connection,
     publish: Channel,
+    /// The node this link is connected to.
+    url: String,
 }
 
 impl Link {
@@ -81,6 +112,10 @@ struct Inner {
     setup: tokio::sync::Mutex<()>,
     kick: tokio::sync::Notify,
     closed: AtomicBool,
+    /// Index (mod `urls.len()`) of the node to try next.
+    next_url: AtomicUsize,
+    /// The connected broker has the delayed-message exchange (it is a Mailroom server).
+    delayed_exchange: AtomicBool,
 }
 
 /// AMQP 0-9-1 transport over lapin, with reconnection.
@@ -91,7 +126,7 @@ pub struct Amqp {
 
 impl std::fmt::Debug for Amqp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Amqp").field("url", &self.inner.config.url).finish()
+        f.debug_struct("Amqp").field("urls", &self.inner.config.urls).finish()
     }
 }
 
@@ -109,6 +144,7 @@ fn lapin_kind(kind: super::ExchangeKind) -> LapinKind {
         super::ExchangeKind::Topic => LapinKind::Topic,
         super::ExchangeKind::Fanout => LapinKind::Fanout,
         super::ExchangeKind::Headers => LapinKind::Headers,
+        super::ExchangeKind::Delayed => LapinKind::Custom(super::DELAYED_EXCHANGE_TYPE.into()),
     }
 }
 
@@ -119,7 +155,7 @@ async fn apply(ch: &Channel, d: &Declaration) -> Result<(), lapin::Error> {
                 name.as_str().into(),
                 lapin_kind(*kind),
                 ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
+                kind.arguments(),
             )
             .await
         }
@@ -166,7 +202,12 @@ impl Amqp {
             setup: tokio::sync::Mutex::new(()),
             kick: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
+            next_url: AtomicUsize::new(0),
+            delayed_exchange: AtomicBool::new(false),
         });
+        if inner.config.urls.is_empty() {
+            return Err(TransportError::Disconnected("no broker URL given".into()));
+        }
         let deadline = Instant::now() + inner.config.connect_timeout;
         let first = Inner::establish(&inner, 1, deadline).await?;
         inner.link.send_replace(Some(first));
@@ -186,6 +227,11 @@ impl Amqp {
         if let Some(link) = self.inner.link.send_replace(None) {
             let _ = link.conn.close(200, "bye".into()).await;
         }
+    }
+
+    /// The node currently connected to (`None` while reconnecting).
+    pub fn connected_url(&self) -> Option<String> {
+        self.inner.link.borrow().as_ref().map(|l| l.url.clone())
     }
 
     /// How many times the transport has connected (1 = never reconnected). For tests and metrics.
@@ -251,11 +297,26 @@ impl Inner {
     /// Connects, opens the publisher channel, re-declares topology and restarts the reply consumer.
     async fn establish(self: &Arc<Self>, generation: u64, deadline: Instant) -> Result<Arc<Link>, TransportError> {
         let mut delay = self.config.reconnect_min;
+        let nodes = self.config.urls.len();
+        let mut failed_in_round = 0;
         loop {
-            match self.try_establish(generation).await {
+            let index = self.next_url.load(Ordering::SeqCst);
+            let url = &self.config.urls[index % nodes];
+            match self.try_establish(generation, url).await {
                 Ok(link) => return Ok(link),
                 Err(e) => {
-                    if Instant::now() + delay >= deadline || self.closed.load(Ordering::SeqCst) {
+                    // Next node first; back off only once every node has failed in this round.
+                    self.next_url.store(index.wrapping_add(1), Ordering::SeqCst);
+                    failed_in_round += 1;
+                    if self.closed.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    if failed_in_round < nodes {
+                        tracing::warn!(error = %e, url = %redact(url), "amqp connect failed; trying the next node");
+                        continue;
+                    }
+                    failed_in_round = 0;
+                    if Instant::now() + delay >= deadline {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "amqp connect failed; retrying");
@@ -266,9 +327,15 @@ impl Inner {
         }
     }
 
-    async fn try_establish(self: &Arc<Self>, generation: u64) -> Result<Arc<Link>, TransportError> {
+    async fn try_establish(self: &Arc<Self>, generation: u64, url: &str) -> Result<Arc<Link>, TransportError> {
         let _setup = self.setup.lock().await;
-        let conn = Connection::connect(&self.config.url, ConnectionProperties::default()).await.map_err(err)?;
+        // A connect to a dead node can hang (SYN to a stopped host): bound it so failover moves on.
+        let conn = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Connection::connect(url, ConnectionProperties::default()))
+            .await
+            .map_err(|_| TransportError::Timeout(format!("connecting to {}", redact(url))))?
+            .map_err(err)?;
+        let mailroom = probe::server_properties(url).await.is_some_and(|p| probe::is_mailroom(&p));
+        self.delayed_exchange.store(mailroom, Ordering::SeqCst);
         let publish = conn.create_channel().await.map_err(err)?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
         let topology = self.topology.lock().unwrap().clone();
@@ -289,8 +356,8 @@ impl Inner {
         if let Some(sink) = sink {
             start_reply_consumer(&publish, sink).await.map_err(err)?;
         }
-        tracing::info!(generation, "amqp connected");
-        Ok(Arc::new(Link { generation, conn, publish }))
+        tracing::info!(generation, url = %redact(url), delayed_exchange = mailroom, "amqp connected");
+        Ok(Arc::new(Link { generation, conn, publish, url: url.to_owned() }))
     }
 }
 
@@ -316,6 +383,10 @@ async fn supervise(weak: Weak<Inner>) {
         let generation = current.as_ref().map(|l| l.generation).unwrap_or(0) + 1;
         if let Some(old) = inner.link.send_replace(None) {
             let _ = tokio::time::timeout(Duration::from_millis(500), old.conn.close(320, "recovering".into())).await;
+            // Fail over: start with the node after the one that went away.
+            if inner.config.urls.len() > 1 {
+                inner.next_url.fetch_add(1, Ordering::SeqCst);
+            }
         }
         tracing::warn!(generation, "amqp connection lost; reconnecting");
         // No overall deadline: keep trying until the broker is back or the transport is dropped.
@@ -366,14 +437,26 @@ async fn forward(mut consumer: lapin::Consumer, sink: mpsc::UnboundedSender<Inbo
 
 struct LapinAck(lapin::Acker);
 
+/// Longest an ack or reject may take to be written. lapin can leave the future of an ack sent on a
+/// connection that is dying pending for good; the broker redelivers an unacked message anyway, so
+/// giving up is safe and keeps a stopping worker from waiting forever.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn settle(what: &str, op: impl std::future::Future<Output = Result<(), lapin::Error>>) -> Result<(), TransportError> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
+        Ok(r) => r.map_err(err),
+        Err(_) => Err(TransportError::Timeout(format!("{what} not written (connection lost?)"))),
+    }
+}
+
 impl AckHandle for LapinAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         // A failed ack (channel gone) is harmless: the broker redelivers and the inbox absorbs it.
-        Box::pin(async move { self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(err) })
+        Box::pin(async move { settle("ack", async { self.0.ack(BasicAckOptions::default()).await.map(|_| ()) }).await })
     }
     fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
-            self.0.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()).map_err(err)
+            settle("reject", async { self.0.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()) }).await
         })
     }
 }
@@ -456,7 +539,10 @@ impl Transport for Amqp {
     fn publish(&self, m: Outbound) -> BoxFuture<'_, Result<Published, TransportError>> {
         Box::pin(async move {
             let inner = &self.inner;
-            let deadline = Instant::now() + inner.config.publish_timeout;
+            let started = Instant::now();
+            let deadline = started + inner.config.publish_timeout;
+            let nack_deadline = started + inner.config.nack_retry.min(inner.config.publish_timeout);
+            let mut nack_backoff = Duration::from_millis(50);
             let mut after = 0;
             loop {
                 let link = inner.wait_link(after, deadline).await?;
@@ -479,7 +565,14 @@ impl Transport for Amqp {
                         return Ok(Published::Confirmed)
                     }
                     Ok(Ok(Confirmation::Ack(Some(_)))) => return Ok(Published::Unroutable),
-                    Ok(Ok(Confirmation::Nack(_))) => return Err(TransportError::Nacked),
+                    Ok(Ok(Confirmation::Nack(_))) => {
+                        if Instant::now() + nack_backoff >= nack_deadline {
+                            return Err(TransportError::Nacked);
+                        }
+                        tracing::debug!(message_id = ?m.properties.message_id(), "publish nacked; resending");
+                        tokio::time::sleep(nack_backoff).await;
+                        nack_backoff = (nack_backoff * 2).min(Duration::from_secs(1));
+                    }
                     Ok(Err(e)) if e.is_amqp_soft_error() => {
                         // The channel is closed by the broker (e.g. unknown exchange): not worth resending.
                         inner.kick.notify_one();
@@ -601,6 +694,10 @@ impl Transport for Amqp {
             })
             .await
         })
+    }
+
+    fn has_delayed_exchange(&self) -> bool {
+        self.inner.delayed_exchange.load(Ordering::SeqCst)
     }
 
     fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {

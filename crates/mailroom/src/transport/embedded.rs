@@ -179,7 +179,7 @@ impl Transport for Embedded {
             Declaration::Exchange { name, kind } => self.vhost.declare_exchange(
                 &name,
                 kind.as_str(),
-                &ExchangeOptions { durable: true, ..Default::default() },
+                &ExchangeOptions { durable: true, arguments: kind.arguments(), ..Default::default() },
             ),
             Declaration::Queue { name, durable, arguments } => self
                 .vhost
@@ -228,6 +228,10 @@ impl Transport for Embedded {
     fn delete_queue(&self, queue: &str) -> BoxFuture<'_, Result<(), TransportError>> {
         let r = self.vhost.delete_queue(queue, false, false, self.owner).map(|_| ()).map_err(broker_err);
         Box::pin(async move { r })
+    }
+
+    fn has_delayed_exchange(&self) -> bool {
+        true
     }
 
     fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {

@@ -6,6 +6,7 @@
 
 mod amqp;
 mod embedded;
+mod probe;
 
 pub use amqp::{Amqp, AmqpConfig};
 pub use embedded::Embedded;
@@ -55,7 +56,16 @@ pub enum ExchangeKind {
     Fanout,
     /// Header predicates (`x-match`).
     Headers,
+    /// The delayed-message exchange (`x-delayed-message`, routing as direct): holds a message for its
+    /// `x-delay` header's milliseconds. Mailroom has it built in; RabbitMQ only with a plugin.
+    Delayed,
 }
+
+/// AMQP type name of the delayed-message exchange.
+pub const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
+
+/// Message header with the delay in milliseconds, read by the delayed-message exchange.
+pub const X_DELAY: &str = "x-delay";
 
 impl ExchangeKind {
     /// The AMQP type name.
@@ -65,7 +75,17 @@ impl ExchangeKind {
             ExchangeKind::Topic => "topic",
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::Delayed => DELAYED_EXCHANGE_TYPE,
         }
+    }
+
+    /// Declaration arguments the type needs (`x-delayed-type` for the delayed exchange).
+    pub fn arguments(self) -> FieldTable {
+        let mut t = FieldTable::default();
+        if self == ExchangeKind::Delayed {
+            t.insert("x-delayed-type".into(), mailroom_broker::AMQPValue::LongString("direct".into()));
+        }
+        t
     }
 }
 

@@ -1,11 +1,17 @@
 //! Idempotent consumer: a processed-id store so a redelivered or duplicated message has no second effect.
 //!
-//! The trait is shaped for a transactional store too: a PostgreSQL inbox (`inbox(consumer, message_id)`
-//! primary key) would insert inside the handler's transaction, making the effect exactly-once. The
-//! in-memory store here marks an id after the handler succeeded, so a crash between the handler's
-//! effect and the mark can still repeat the effect once (documented window).
+//! Two kinds of store. A plain store ([`MemoryInbox`]) is asked "seen?" before the handler and told
+//! "record" after it succeeded, so a crash between the handler's effect and the mark can still repeat
+//! the effect once (a documented window). A transactional store ([`PgInbox`](postgres::PgInbox), with
+//! the `postgres` feature) claims the id inside a database transaction that the handler joins through
+//! `ctx.tx()`: the inbox row and the handler's own writes commit together or not at all, so the effect
+//! happens exactly once even when the worker crashes mid-way.
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use crate::transport::BoxFuture;
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,16 +22,54 @@ pub trait InboxStore: Send + Sync + 'static {
     fn seen<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<bool, String>>;
     /// Records that `consumer` processed `message_id`.
     fn record<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Transactional stores: claims `message_id` for `consumer` in a new unit of work that the handler
+    /// joins and the pipeline commits only if the handler succeeded. `None` (the default): a plain
+    /// store, used through `seen` and `record`.
+    fn begin<'a>(&'a self, _consumer: &'a str, _message_id: &'a str) -> Option<BoxFuture<'a, Result<Claim, String>>> {
+        None
+    }
+}
+
+/// What a transactional store answered when asked to claim a message id.
+pub enum Claim {
+    /// Already processed: an earlier delivery's unit of work committed it.
+    Duplicate,
+    /// New: the id is recorded in this open unit of work; the handler's writes go in it too.
+    Claimed(Box<dyn UnitOfWork>),
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Claim::Duplicate => "Duplicate",
+            Claim::Claimed(_) => "Claimed",
+        })
+    }
+}
+
+/// An open transaction of a transactional inbox store.
+pub trait UnitOfWork: Send + 'static {
+    /// Makes the inbox row and the handler's writes durable.
+    fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), String>>;
+    /// Discards them (the message will be handled again when redelivered or retried).
+    fn rollback(self: Box<Self>) -> BoxFuture<'static, Result<(), String>>;
+    /// For `ctx.tx()`: the store-specific transaction behind it, to downcast.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
 
 /// Default retention: longer than any redelivery horizon (delayed retries, DLQ redrive within a week).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Recorded ids by (consumer, message id), with when.
+type Recorded = HashMap<(String, String), Instant>;
+/// Recorded ids in recording order, for the retention purge.
+type Expiry = VecDeque<(Instant, String, String)>;
+
 /// An in-memory store with a retention window (entries older than it are forgotten).
 #[derive(Debug)]
 pub struct MemoryInbox {
     retention: Duration,
-    state: Mutex<(HashMap<(String, String), Instant>, VecDeque<(Instant, String, String)>)>,
+    state: Mutex<(Recorded, Expiry)>,
 }
 
 impl Default for MemoryInbox {

@@ -1,0 +1,26 @@
+//! Guides, one per pattern: what the SDK does for you, what it leaves to you, and a short example
+//! that runs (as a doctest) on the embedded broker. Swap `Bus::embedded()` for
+//! `Bus::new(Amqp::connect_url("amqp://…").await?)` to run the same code against a Mailroom server or
+//! RabbitMQ.
+//!
+//! | pattern | guide |
+//! |---|---|
+//! | point-to-point, competing consumers | [`point_to_point`] |
+//! | publish/subscribe with subscriber groups | [`publish_subscribe`] |
+//! | request-reply | [`request_reply`] |
+//! | scatter-gather | [`scatter_gather`] |
+//! | retries, dead letters, redrive | [`retry_dead_letter`] |
+//! | message filter | [`message_filter`] |
+//! | recipient list | [`recipient_list`] |
+//! | idempotent consumer | [`idempotent_consumer`] |
+//! | message tracking (`traceparent`) | [`tracing`] |
+
+pub mod idempotent_consumer;
+pub mod message_filter;
+pub mod point_to_point;
+pub mod publish_subscribe;
+pub mod recipient_list;
+pub mod request_reply;
+pub mod retry_dead_letter;
+pub mod scatter_gather;
+pub mod tracing;

@@ -1,0 +1,51 @@
+//! # Retries, dead letters and redrive
+//!
+//! A handler error is retried by the worker's [`RetryPolicy`](crate::RetryPolicy): `immediate(n)`
+//! attempts in process, then `delayed(n)` rounds through the broker with exponential backoff
+//! (`backoff(base, factor, cap)`) and jitter, each round running the immediate attempts again. Then
+//! the message goes to `<queue>.dlq` with the error, its kind, the attempt count, the first and last
+//! failure times, the source queue and the handler recorded in `x-mailroom-*` headers
+//! ([`envelope::headers`](crate::envelope::headers)). [`HandlerError::permanent`](crate::HandlerError::permanent)
+//! and undecodable bodies skip the retries. [`Bus::redrive`](crate::Bus::redrive) moves a DLQ's messages
+//! back to their source queue with the same message id and the attempt count reset.
+//!
+//! Delayed rounds use the broker's delayed-message exchange when it has one (Mailroom, embedded or
+//! server: the message waits in `mailroom.delayed` with an `x-delay` header), and TTL queues
+//! `<queue>.retry.<n>` that dead-letter back to the queue where it has not (RabbitMQ without the
+//! plugin). The message id stays the same throughout, so an idempotent consumer recognises it.
+//!
+//! ```
+//! use mailroom::{Bus, Envelope, HandlerError, RetryPolicy};
+//! use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::embedded()?;
+//! let database_up = Arc::new(AtomicBool::new(false));
+//! let attempts = Arc::new(AtomicU32::new(0));
+//! let (up, n) = (database_up.clone(), attempts.clone());
+//! let worker = bus.worker("invoices")
+//!     .retry(RetryPolicy::new().immediate(1).delayed(2)
+//!         .backoff(Duration::from_millis(10), 2, Duration::from_millis(40)))
+//!     .handle(move |_inv: Envelope<String>, _ctx| {
+//!         n.fetch_add(1, Ordering::SeqCst);
+//!         let up = up.load(Ordering::SeqCst);
+//!         async move { if up { Ok(()) } else { Err(HandlerError::transient("database down")) } }
+//!     })
+//!     .run().await?;
+//! bus.send("invoices", "invoice-7".to_string()).await?;
+//!
+//! // (1 + 1 immediate) attempts x (1 + 2 delayed rounds) = 6, then the DLQ.
+//! while bus.transport().message_count("invoices.dlq").await? == 0 {
+//!     tokio::time::sleep(Duration::from_millis(10)).await;
+//! }
+//! assert_eq!(attempts.load(Ordering::SeqCst), 6);
+//!
+//! database_up.store(true, Ordering::SeqCst);
+//! assert_eq!(bus.redrive("invoices.dlq").await?, 1); // same id, back to `invoices`
+//! while worker.metrics().ok == 0 { tokio::time::sleep(Duration::from_millis(10)).await; }
+//! # worker.stop().await;
+//! # Ok(()) }
+//! ```

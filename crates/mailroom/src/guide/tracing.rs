@@ -1,0 +1,48 @@
+//! # Message tracking: `traceparent` and spans
+//!
+//! Every send and publish carries a W3C `traceparent` header: a new trace when the caller has none,
+//! the flow's trace otherwise. A worker runs each handler in a `process` span whose parent is the
+//! incoming `traceparent`, and sends made through the handler's [`Context`](crate::Context)
+//! (`ctx.send`, `ctx.publish`, replies) continue that trace as children and carry the flow's
+//! correlation id, with the incoming message as their causation. So one business flow keeps one
+//! trace id across send → handle → publish → handle. Spans are [`tracing`](https://docs.rs/tracing)
+//! spans named `send` and `process`, with `messaging.destination`, `messaging.message.id` and
+//! `trace_id` fields; install any `tracing` subscriber (or an OpenTelemetry layer) to see them.
+//!
+//! Only the correlation id, causation and trace travel on: retry counts and failure headers of the
+//! incoming message do not leak into what a handler sends.
+//!
+//! ```
+//! use mailroom::{Bus, Envelope};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::embedded()?;
+//! let (tx, mut traces) = tokio::sync::mpsc::unbounded_channel();
+//! let tx2 = tx.clone();
+//! // send -> handle (then publish) -> handle
+//! let orders = bus.worker("place-order")
+//!     .handle(move |cmd: Envelope<u32>, ctx| {
+//!         let tx = tx.clone();
+//!         async move {
+//!             tx.send(ctx.trace().trace_id_hex()).ok();
+//!             ctx.publish("orders.placed", cmd.body).await.map_err(mailroom::HandlerError::transient)?;
+//!             Ok(())
+//!         }
+//!     })
+//!     .run().await?;
+//! let audit = bus.subscribe("orders.*").group("audit")
+//!     .handle(move |evt: Envelope<u32>, ctx| {
+//!         tx2.send(ctx.trace().trace_id_hex()).ok();
+//!         assert!(evt.causation_id.is_some()); // caused by the command
+//!         async { Ok(()) }
+//!     })
+//!     .run().await?;
+//! bus.send("place-order", 42u32).await?;
+//! let first = tokio::time::timeout(Duration::from_secs(5), traces.recv()).await?.unwrap();
+//! let second = tokio::time::timeout(Duration::from_secs(5), traces.recv()).await?.unwrap();
+//! assert_eq!(first, second, "one trace id for the whole flow");
+//! # orders.stop().await; audit.stop().await;
+//! # Ok(()) }
+//! ```
