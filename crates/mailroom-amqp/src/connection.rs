@@ -1347,19 +1347,24 @@ impl Connection {
 
     fn route_publish(&mut self, id: u16, exchange: &str, message: Message, mandatory: bool) -> Result<(), AmqpError> {
         let vhost = self.vhost();
-        let returned = mandatory.then(|| message.clone());
+        // What a basic.return needs, kept without deep-copying the properties (the usual case has their raw bytes).
+        let returned = mandatory.then(|| {
+            let raw = message.raw_properties.clone().unwrap_or_else(|| codec::encode_properties(&message.properties));
+            (Arc::clone(&message.routing_key), raw, message.body.clone())
+        });
         let result = vhost.publish(exchange, message)?;
-        if let Some(message) = returned.filter(|_| !result.routed) {
+        if let Some((routing_key, raw, body)) = returned.filter(|_| !result.routed) {
             self.send(
                 id,
                 Method::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: code::NO_ROUTE,
                     reply_text: short("NO_ROUTE"),
                     exchange: short(exchange),
-                    routing_key: short(&message.routing_key),
+                    routing_key: short(&routing_key),
                 })),
             );
-            self.write_content(id, &message);
+            codec::write_content_header(&mut self.out, id, 60, body.len() as u64, &raw);
+            codec::write_body(&mut self.out, id, &body, self.frame_max);
         }
         let ch = self.channel(id);
         if ch.confirm {
