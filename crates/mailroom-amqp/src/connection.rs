@@ -79,7 +79,11 @@ pub(crate) struct Connection {
     peer: SocketAddr,
     phase: Phase,
     out: BytesMut,
-    writer: mpsc::Sender<Bytes>,
+    writer: mpsc::Sender<Vec<Bytes>>,
+    /// Sealed outbound chunks (large bodies sent as slices of their own `Bytes`), written before `out`.
+    sealed: Vec<Bytes>,
+    /// Bytes in `sealed`.
+    sealed_bytes: usize,
     frame_max: u32,
     channel_max: u16,
     heartbeat: Duration,
@@ -125,6 +129,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         phase: Phase::AwaitStartOk,
         out: BytesMut::with_capacity(8192),
         writer: writer_tx,
+        sealed: Vec::new(),
+        sealed_bytes: 0,
         frame_max: codec::FRAME_MIN_SIZE,
         channel_max: 0,
         heartbeat: Duration::ZERO,
@@ -156,14 +162,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = writer.await;
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(first) = rx.recv().await {
-        if wr.write_all(&first).await.is_err() {
-            return;
-        }
-        // Drain what else is queued before the next syscall wait.
-        while let Ok(more) = rx.try_recv() {
-            if wr.write_all(&more).await.is_err() {
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+    while let Some(batch) = rx.recv().await {
+        for chunk in batch {
+            if wr.write_all(&chunk).await.is_err() {
                 return;
             }
         }
@@ -243,7 +245,7 @@ impl Connection {
                     }
                 };
                 self.handle_frame(frame);
-                if self.out.len() >= OUTBOUND_BATCH_BYTES {
+                if self.out.len() + self.sealed_bytes >= OUTBOUND_BATCH_BYTES {
                     self.flush().await?;
                 }
             }
@@ -291,7 +293,7 @@ impl Connection {
                             Ok(event) => self.handle_event(event),
                             Err(_) => break,
                         }
-                        if self.out.len() >= OUTBOUND_BATCH_BYTES {
+                        if self.out.len() + self.sealed_bytes >= OUTBOUND_BATCH_BYTES {
                             break;
                         }
                     }
@@ -302,8 +304,12 @@ impl Connection {
 
     /// Hands the encoded frames to the writer (waiting if it is behind), then returns no-ack credit.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            let batch = self.out.split().freeze();
+        if !self.out.is_empty() || !self.sealed.is_empty() {
+            let mut batch = std::mem::take(&mut self.sealed);
+            self.sealed_bytes = 0;
+            if !self.out.is_empty() {
+                batch.push(self.out.split().freeze());
+            }
             self.last_outbound = Instant::now();
             // A peer that stops reading must not pin this task (and its unacked messages) forever.
             let stall_limit = if self.heartbeat.is_zero() { WRITE_STALL_TIMEOUT } else { self.heartbeat * 2 };
@@ -1364,7 +1370,7 @@ impl Connection {
                 })),
             );
             codec::write_content_header(&mut self.out, id, 60, body.len() as u64, &raw);
-            codec::write_body(&mut self.out, id, &body, self.frame_max);
+            self.write_body(id, &body);
         }
         let ch = self.channel(id);
         if ch.confirm {
@@ -1455,7 +1461,18 @@ impl Connection {
                 codec::write_content_header(&mut self.out, id, 60, message.body.len() as u64, &raw);
             }
         }
-        codec::write_body(&mut self.out, id, &message.body, self.frame_max);
+        self.write_body(id, &message.body);
+    }
+
+    /// Appends body frames: large bodies go out as slices of the message's own buffer (no copy).
+    fn write_body(&mut self, id: u16, body: &Bytes) {
+        if body.len() < codec::SHARED_BODY_MIN {
+            codec::write_body(&mut self.out, id, body, self.frame_max);
+            return;
+        }
+        let before = self.sealed.len();
+        codec::write_body_shared(&mut self.out, &mut self.sealed, id, body, self.frame_max);
+        self.sealed_bytes += self.sealed[before..].iter().map(Bytes::len).sum::<usize>();
     }
 
     // ---- broker events ---------------------------------------------------------------------------

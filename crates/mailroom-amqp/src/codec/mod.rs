@@ -35,7 +35,9 @@ pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, Sho
 // Beyond the contract: needed to build the `AMQPValue::ByteArray` and `DecimalValue` variants.
 pub use amq_protocol::types::{ByteArray, DecimalValue};
 
-pub use frame::{split_frame, write_body, write_heartbeat, FrameError, FrameKind, RawFrame};
+pub use frame::{
+    split_frame, write_body, write_body_shared, write_heartbeat, FrameError, FrameKind, RawFrame, SHARED_BODY_MIN,
+};
 pub use hot::{parse_basic_ack, parse_basic_publish, write_basic_deliver, PublishRef};
 pub use header::{
     encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError,
