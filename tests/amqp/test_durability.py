@@ -301,3 +301,33 @@ def test_restart_keeps_delivery_count(broker):
         conn.close()
 
     across_restart(broker, before, after)
+
+
+def test_kill9_after_tx_commit_keeps_the_transaction(broker):
+    """tx.commit-ok for persistent messages comes only after they are on disk."""
+    if broker.name != "mailroom":
+        pytest.skip("kill -9 of the broker process: Mailroom only")
+    with tempfile.TemporaryDirectory(prefix="mailroom-tx-") as data_dir:
+        port = free_port()
+        url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+        try:
+            proc = spawn(data_dir, port)
+            q = uname("txq")
+            conn = pika.BlockingConnection(pika.URLParameters(url))
+            ch = conn.channel()
+            ch.queue_declare(q, durable=True)
+            ch.tx_select()
+            for i in range(50):
+                ch.basic_publish("", q, f"t{i}".encode(), properties=PERSISTENT)
+            ch.tx_commit()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            spawn(data_dir, port)
+            conn = pika.BlockingConnection(pika.URLParameters(url))
+            assert drain(conn.channel(), q) == [f"t{i}".encode() for i in range(50)]
+            conn.close()
+        finally:
+            for p in proc_box:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()

@@ -40,6 +40,8 @@ const EVENTS_PER_TURN: usize = 256;
 const OUTBOUND_BATCH_BYTES: usize = 256 * 1024;
 /// How long a write may wait for a peer that stopped reading when heartbeats are off.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The fsync waiter's marker for a transaction commit (publish sequence numbers start at 1).
+const COMMIT_SEQ: u64 = 0;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -1000,10 +1002,13 @@ impl Connection {
                     None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
                 };
                 let mut ops = ops.into_iter();
+                let mut tickets = Vec::new();
                 while let Some(op) = ops.next() {
                     match op {
                         TxOp::Publish { exchange, message, mandatory } => {
-                            if let Err(e) = self.route_publish(id, &exchange, message, mandatory) {
+                            match self.route_publish(id, &exchange, message, mandatory) {
+                                Ok(stored) => tickets.extend(stored),
+                                Err(e) => {
                                 // The commit fails: settlements not applied yet stay unacked, so the
                                 // channel's close requeues them instead of losing them.
                                 let ch = self.channel(id);
@@ -1013,6 +1018,7 @@ impl Connection {
                                     }
                                 }
                                 return Err(e);
+                                }
                             }
                         }
                         TxOp::Settle { deliveries, ack, requeue } => {
@@ -1021,7 +1027,13 @@ impl Connection {
                     }
                 }
                 self.poke_channel_consumers(id);
-                self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                if tickets.is_empty() {
+                    self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                } else {
+                    // commit-ok only once the transaction's persistent messages are on disk.
+                    let epoch = self.channel(id).epoch;
+                    self.durable_waiter().send((id, epoch, COMMIT_SEQ, tickets)).ok();
+                }
             }
             tx::AMQPMethod::Rollback(_) => {
                 let ops = match self.channel(id).tx.as_mut() {
@@ -1351,7 +1363,9 @@ impl Connection {
         Ok(())
     }
 
-    fn route_publish(&mut self, id: u16, exchange: &str, message: Message, mandatory: bool) -> Result<(), AmqpError> {
+    /// Routes one publish; returns the store tickets a caller must wait for when confirms do not
+    /// (a transaction's commit), empty otherwise.
+    fn route_publish(&mut self, id: u16, exchange: &str, message: Message, mandatory: bool) -> Result<Vec<SyncTicket>, AmqpError> {
         let vhost = self.vhost();
         // What a basic.return needs, kept without deep-copying the properties (the usual case has their raw bytes).
         let returned = mandatory.then(|| {
@@ -1390,8 +1404,9 @@ impl Connection {
                 self.flush_channel_confirms(id);
                 self.send_confirm(id, seq, true);
             }
+            return Ok(Vec::new());
         }
-        Ok(())
+        Ok(result.durable)
     }
 
     /// The connection's fsync waiter, started on its first persistent publish: one task awaits every
@@ -1430,6 +1445,15 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open && c.epoch == epoch) else {
             return;
         };
+        if seq == COMMIT_SEQ {
+            if ok {
+                self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+            } else {
+                let err = AmqpError::channel(code::INTERNAL_ERROR, "could not store the transaction's messages").on(90, 20);
+                self.close_channel_with(id, err);
+            }
+            return;
+        }
         if !ch.durable_pending.remove(&seq) {
             return;
         }
