@@ -79,6 +79,8 @@ pub mod error;
 pub mod filter;
 pub mod guide;
 pub mod inbox;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 pub mod pipeline;
 pub mod request;
 pub mod retry;
