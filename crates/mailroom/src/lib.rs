@@ -84,6 +84,8 @@ pub mod outbox;
 pub mod pipeline;
 pub mod request;
 pub mod retry;
+#[cfg(feature = "postgres")]
+pub mod saga;
 pub mod trace;
 pub mod transport;
 
