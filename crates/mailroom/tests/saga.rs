@@ -60,6 +60,11 @@ struct World {
 }
 
 async fn world(target: Target, test: &str, failures: Failures) -> World {
+    world_with(target, test, failures, false).await
+}
+
+/// `duplicate_replies`: every service answers twice (an extra copy of its reply goes first).
+async fn world_with(target: Target, test: &str, failures: Failures, duplicate_replies: bool) -> World {
     let env = env(target, test).await;
     let pool = PgPool::connect(&pg_url()).await.expect("the local PostgreSQL");
     let outbox = Outbox::new(pool.clone(), &format!("outbox_{}", env.prefix.replace('.', "_"))).unwrap();
@@ -75,9 +80,13 @@ async fn world(target: Target, test: &str, failures: Failures) -> World {
         let w = env
             .bus
             .responder(&q)
-            .handle_request(move |_cmd: Envelope<serde_json::Value>, _ctx| {
+            .handle_request(move |_cmd: Envelope<serde_json::Value>, ctx: mailroom::Context| {
                 let (log, failures, calls) = (log.clone(), failures.clone(), calls.clone());
                 async move {
+                    if duplicate_replies {
+                        let to = ctx.meta().reply_to.clone().expect("saga commands carry reply_to");
+                        ctx.bus().send_envelope(&to, ctx.derive(Envelope::document(serde_json::json!({ "ok": svc })))).await?;
+                    }
                     let n = {
                         let mut c = calls.lock().unwrap();
                         *c += 1;
@@ -267,6 +276,30 @@ async fn timed_out_step_resent_with_same_id(target: Target) {
     w.teardown(saga).await;
 }
 
+/// Every reply arrives twice, and two orchestrators (two connections, as two processes) compete
+/// for the reply queue: the copies race, the version check (and the pending-command check) lets one
+/// transition through, so every command is sent exactly once.
+async fn racing_duplicate_replies(target: Target) {
+    let w = world_with(target, "sgrace", Failures::new(), true).await;
+    let a = w.saga().run(w.env.bus.clone(), w.outbox.clone()).await.unwrap();
+    let b = w.saga().run(w.env.another_bus().await, w.outbox.clone()).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(a.start(&w.order(n)).await.unwrap());
+    }
+    for id in &ids {
+        assert_eq!(until_status(&a, id, Status::Done).await, Status::Done);
+        let history: Vec<String> = a.history(id).await.unwrap().into_iter().map(|h| h.event).collect();
+        assert_eq!(history.len(), 4, "one transition per step: {history:?}");
+    }
+    let log = w.log();
+    for svc in ["reserve", "charge", "ship"] {
+        assert_eq!(log.iter().filter(|l| *l == svc).count(), 10, "{svc} sent once per saga: {log:?}");
+    }
+    b.stop().await;
+    w.teardown(a).await;
+}
+
 macro_rules! on_embedded_and_server {
     ($($name:ident),* $(,)?) => {
         $(
@@ -292,4 +325,5 @@ on_embedded_and_server!(
     compensation_keeps_failing_is_stuck,
     orchestrator_killed_between_steps,
     timed_out_step_resent_with_same_id,
+    racing_duplicate_replies,
 );
