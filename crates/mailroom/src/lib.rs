@@ -71,6 +71,8 @@
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
 //! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
+//! - [`outbox`]: the transactional outbox and its relay; [`saga`]: orchestrated sagas with
+//!   compensations (both PostgreSQL, feature `postgres`).
 #![warn(missing_docs)]
 
 pub mod bus;

@@ -412,7 +412,24 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
     ) -> Result<(), SagaError> {
         let lock = self.lock_for(id);
-        let _one_at_a_time = lock.lock().await;
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.transition_locked(id, decide).await
+        };
+        drop(lock);
+        // Forget the instance's lock when nobody else holds or waits for it (the map stays small).
+        let mut locks = self.locks.lock().unwrap();
+        if locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(id);
+        }
+        result
+    }
+
+    async fn transition_locked(
+        &self,
+        id: &str,
+        decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
+    ) -> Result<(), SagaError> {
         for _ in 0..MAX_CONFLICTS {
             let Some(row) = self.load(id).await? else { return Ok(()) };
             let Some(change) = decide(self, &row)? else { return Ok(()) };
