@@ -1,5 +1,5 @@
 //! The transactional outbox against the local PostgreSQL (`MAILROOM_PG_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`), on the embedded broker and a Mailroom server:
+//! `postgres://postgres@127.0.0.1:5432/test`), on the embedded broker, a Mailroom server and RabbitMQ:
 //! committed messages are delivered and rolled-back ones are not, a relay killed between commit and
 //! publish or between publish and mark loses nothing (the duplicate carries the same id and the
 //! idempotent consumer absorbs it), a late-committing lower `seq` is still sent, and of two relays on
@@ -330,24 +330,7 @@ async fn table_names_are_identifiers() {
     assert!(Outbox::new(pool, "orders_outbox").is_ok());
 }
 
-macro_rules! on_embedded_and_server {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn embedded() {
-                    super::$name(crate::common::Target::Embedded).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn server() {
-                    super::$name(crate::common::Target::Server).await
-                }
-            }
-        )*
-    };
-}
-
-on_embedded_and_server!(
+crate::on_all_targets!(
     committed_delivered_rolled_back_not,
     topic_destination,
     crash_windows_memory_inbox,

@@ -1,7 +1,8 @@
-//! Orchestrated sagas against the local PostgreSQL (`MAILROOM_PG_URL`), on the embedded broker and a
-//! Mailroom server: happy path, a failing step compensated in reverse order, a compensation failing
-//! twice then succeeding, a compensation that keeps failing (Stuck, then an operator retry), the
-//! orchestrator killed between steps, and a timed-out step re-sent with the same id.
+//! Orchestrated sagas against the local PostgreSQL (`MAILROOM_PG_URL`), on the embedded broker, a
+//! Mailroom server and the RabbitMQ at `RABBITMQ_URL`: happy path, a failing step compensated in
+//! reverse order, a compensation failing twice then succeeding, a compensation that keeps failing
+//! (Stuck, then an operator retry), the orchestrator killed between steps, a timed-out step re-sent
+//! with the same id, and duplicate replies racing across two orchestrators.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -300,24 +301,7 @@ async fn racing_duplicate_replies(target: Target) {
     w.teardown(a).await;
 }
 
-macro_rules! on_embedded_and_server {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn embedded() {
-                    super::$name(crate::common::Target::Embedded).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn server() {
-                    super::$name(crate::common::Target::Server).await
-                }
-            }
-        )*
-    };
-}
-
-on_embedded_and_server!(
+crate::on_all_targets!(
     happy_path,
     failure_at_step_two_compensates_step_one,
     failure_at_step_three_compensates_in_reverse,
