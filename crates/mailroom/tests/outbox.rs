@@ -282,6 +282,83 @@ async fn two_relays_one_publishes(target: Target) {
     env.cleanup().await;
 }
 
+/// Inbox in, outbox out: a handler with a [`PgInbox`] enqueues its follow-up message in `ctx.tx()`.
+/// Its first attempt fails after enqueueing (the outbox row rolls back with the inbox row), the retry
+/// commits both, and a duplicate of the incoming message enqueues nothing: one follow-up in the end.
+async fn inbox_and_outbox_in_one_transaction(target: Target) {
+    let env = env(target, "obinout").await;
+    let (orders, invoices) = (env.q("orders"), env.q("invoices"));
+    let (ob, pool) = outbox("inout").await;
+    let inbox = Arc::new(PgInbox::connect(&pg_url()).await.unwrap());
+    let c = consumer(&env, &invoices, Arc::new(MemoryInbox::default())).await;
+    let relay = ob.relay(env.bus.clone()).poll_interval(POLL).run().await.unwrap();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let (a, o, inv) = (attempts.clone(), ob.clone(), invoices.clone());
+    let worker = env
+        .bus
+        .worker(&orders)
+        .idempotent(inbox.clone())
+        .retry(mailroom::RetryPolicy::new().immediate(2))
+        .handle(move |e: Envelope<OrderPlaced>, ctx| {
+            let (a, o, inv) = (a.clone(), o.clone(), inv.clone());
+            async move {
+                let mut tx = ctx.tx()?;
+                let follow_up = ctx.derive(Envelope::command(OrderPlaced { n: e.body.n + 100 }));
+                o.enqueue(&mut tx, Dest::queue(&inv), &follow_up).await.map_err(mailroom::HandlerError::transient)?;
+                if a.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(mailroom::HandlerError::transient("crashed after enqueueing"));
+                }
+                Ok(())
+            }
+        })
+        .run()
+        .await
+        .unwrap();
+    let order = Envelope::command(OrderPlaced { n: 1 });
+    env.bus.send_envelope(&orders, order.clone()).await.unwrap();
+    assert!(eventually(WAIT, || worker.metrics().ok == 1).await);
+    env.bus.send_envelope(&orders, order.clone()).await.unwrap();
+    assert!(eventually(WAIT, || worker.metrics().duplicates == 1).await);
+    assert!(eventually(WAIT, || c.count() == 1).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.count(), 1, "one follow-up");
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", ob.table())).fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 1, "the failed attempt's outbox row rolled back");
+    relay.stop().await;
+    worker.stop().await;
+    c.worker.stop().await;
+    drop_table(&ob).await;
+    sqlx::query("DELETE FROM inbox WHERE consumer = $1").bind(&orders).execute(&pool).await.unwrap();
+    env.cleanup().await;
+}
+
+/// Relay throughput (one confirm round trip per row): `cargo test --test outbox throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn throughput() {
+    for target in [Target::Embedded, Target::Server] {
+        let env = env(target, "obrate").await;
+        let q = env.q("orders");
+        let (ob, pool) = outbox("rate").await;
+        env.bus.declare_queue(&q).await.unwrap();
+        let n = 2000u32;
+        let mut tx = pool.begin().await.unwrap();
+        for i in 0..n {
+            ob.enqueue(&mut tx, Dest::queue(&q), &Envelope::command(OrderPlaced { n: i })).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let t0 = std::time::Instant::now();
+        let relay = ob.relay(env.bus.clone()).poll_interval(POLL).batch(500).run().await.unwrap();
+        assert!(eventually(Duration::from_secs(120), || relay.published() == n as u64).await);
+        let secs = t0.elapsed().as_secs_f64();
+        println!("{target:?}: {n} rows in {secs:.2} s = {:.0} rows/s", n as f64 / secs);
+        relay.stop().await;
+        drop_table(&ob).await;
+        env.cleanup().await;
+    }
+}
+
 /// Published rows older than the retention are purged by the active relay; unsent ones never are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purges_sent_rows_after_retention() {
@@ -337,4 +414,5 @@ crate::on_all_targets!(
     crash_windows_pg_inbox,
     late_commit_still_sent,
     two_relays_one_publishes,
+    inbox_and_outbox_in_one_transaction,
 );
