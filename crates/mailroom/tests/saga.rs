@@ -24,6 +24,9 @@ struct Order {
     prefix: String,
     order: u32,
     cents: i64,
+    /// Set from the charge step's reply (`on_reply`); the refund carries it.
+    #[serde(default)]
+    payment: Option<String>,
 }
 
 fn pg_url() -> String {
@@ -40,7 +43,7 @@ fn charge(o: &Order) -> Command {
     Command::new(format!("{}.charge", o.prefix), serde_json::json!({ "order": o.order, "cents": o.cents }))
 }
 fn refund(o: &Order) -> Command {
-    Command::new(format!("{}.refund", o.prefix), serde_json::json!({ "order": o.order }))
+    Command::new(format!("{}.refund", o.prefix), serde_json::json!({ "order": o.order, "payment": o.payment }))
 }
 fn ship(o: &Order) -> Command {
     Command::new(format!("{}.ship", o.prefix), serde_json::json!({ "order": o.order }))
@@ -115,12 +118,13 @@ impl World {
         Saga::<Order>::named(&self.name)
             .step("reserve", reserve, Some(release))
             .step("charge", charge, Some(refund))
+            .on_reply(|o, reply| o.payment = reply["ok"].as_str().map(|p| format!("pay-{p}")))
             .step("ship", ship, None)
             .tick(Duration::from_millis(50))
             .compensation_retry(5, Duration::from_millis(20), 2, Duration::from_millis(200))
     }
     fn order(&self, n: u32) -> Order {
-        Order { prefix: self.env.prefix.clone(), order: n, cents: 4200 }
+        Order { prefix: self.env.prefix.clone(), order: n, cents: 4200, payment: None }
     }
     fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
@@ -162,7 +166,7 @@ async fn happy_path(target: Target) {
     assert_eq!(until_status(&saga, &id, Status::Done).await, Status::Done);
     assert_eq!(w.log(), ["reserve", "charge", "ship"]);
     let rec = saga.get(&id).await.unwrap();
-    assert_eq!(rec.data, w.order(1));
+    assert_eq!(rec.data, Order { payment: Some("pay-charge".into()), ..w.order(1) }, "the charge reply was folded in");
     assert!(rec.version >= 3, "one version per transition");
     let history: Vec<String> = saga.history(&id).await.unwrap().into_iter().map(|h| h.event).collect();
     assert_eq!(history.len(), 4, "{history:?}");
@@ -188,6 +192,7 @@ async fn failure_at_step_three_compensates_in_reverse(target: Target) {
     let id = saga.start(&w.order(3)).await.unwrap();
     assert_eq!(until_status(&saga, &id, Status::Failed).await, Status::Failed);
     assert_eq!(w.log(), ["reserve", "charge", "ship!", "refund", "release"]);
+    assert_eq!(saga.get(&id).await.unwrap().data.payment.as_deref(), Some("pay-charge"), "the refund had the payment id");
     w.teardown(saga).await;
 }
 

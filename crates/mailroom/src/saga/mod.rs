@@ -17,6 +17,7 @@
 //!   take effect and is not compensated.
 //! - Replies match the command through their causation id (the responder sets it to the command's
 //!   id); a reply for a command the instance no longer waits for (late, duplicate) is ignored.
+//!   [`Saga::on_reply`] folds a step's reply into the saga data in the same transition.
 //! - Deadlines: a step not answered by its deadline is re-sent with the **same** message id (this is
 //!   also how instances resume after the orchestrator crashed) up to `step_attempts` times, then the
 //!   saga compensates. Compensations that fault or time out are retried with exponential backoff; a
@@ -144,10 +145,14 @@ impl Command {
 /// Builds a step's command (or compensation) from the saga data.
 pub type CommandFn<S> = fn(&S) -> Command;
 
+/// Folds a step's reply into the saga data (e.g. keep the payment id its refund needs).
+pub type ReplyFn<S> = fn(&mut S, serde_json::Value);
+
 struct Step<S> {
     name: String,
     command: CommandFn<S>,
     compensation: Option<CommandFn<S>>,
+    on_reply: Option<ReplyFn<S>>,
 }
 
 /// A saga definition.
@@ -213,6 +218,8 @@ struct Row0 {
 
 /// A transition: the new row values, commands to send, a history line.
 struct Change {
+    /// New saga data (serialized), when a reply changed it.
+    data: Option<String>,
     step: i32,
     status: Status,
     pending: Option<String>,
@@ -240,7 +247,16 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
 
     /// Adds a step: `command` is sent and its reply awaited; `compensation` undoes it.
     pub fn step(mut self, name: &str, command: CommandFn<S>, compensation: Option<CommandFn<S>>) -> Self {
-        self.steps.push(Step { name: name.to_owned(), command, compensation });
+        self.steps.push(Step { name: name.to_owned(), command, compensation, on_reply: None });
+        self
+    }
+
+    /// Folds the last added step's (JSON) reply into the data, in the same transaction that moves
+    /// to the next step, so later steps and compensations see it.
+    pub fn on_reply(mut self, apply: ReplyFn<S>) -> Self {
+        if let Some(step) = self.steps.last_mut() {
+            step.on_reply = Some(apply);
+        }
         self
     }
 
@@ -291,7 +307,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
                     let fault = reply.meta.header(headers::FAULT).is_some().then(|| {
                         String::from_utf8_lossy(&reply.body.0).into_owned()
                     });
-                    o.on_reply(&cmd_id, fault).await.map_err(HandlerError::transient)
+                    o.on_reply(&cmd_id, fault, &reply.body.0).await.map_err(HandlerError::transient)
                 }
             })
             .run()
@@ -437,7 +453,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             let updated = sqlx::query(
                 "UPDATE saga_instances SET step = $3, status = $4, pending_msg = $5, attempts = $6,
                     deadline = CASE WHEN $7::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $7::float8) END,
-                    error = $8, version = version + 1, updated_at = now()
+                    error = $8, data = coalesce($9, data), version = version + 1, updated_at = now()
                  WHERE id = $1 AND version = $2",
             )
             .bind(id)
@@ -448,6 +464,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             .bind(change.attempts)
             .bind(change.deadline.map(|d| d.as_secs_f64()))
             .bind(&change.error)
+            .bind(&change.data)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -497,11 +514,12 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
     /// Sends step `k` (a fresh id) or finishes.
     fn run_step(&self, data: &S, k: i32, event: String) -> Change {
         if k as usize >= self.saga.steps.len() {
-            return Change { step: k, status: Status::Done, pending: None, attempts: 0, deadline: None, error: None, send: vec![], event };
+            return Change { data: None, step: k, status: Status::Done, pending: None, attempts: 0, deadline: None, error: None, send: vec![], event };
         }
         let step = &self.saga.steps[k as usize];
         let id = crate::envelope::new_message_id();
         Change {
+            data: None,
             step: k,
             status: Status::Running,
             pending: Some(id.clone()),
@@ -520,12 +538,13 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             k -= 1;
         }
         if k < 0 {
-            return Change { step: 0, status: Status::Failed, pending: None, attempts: 0, deadline: None, error, send: vec![], event: format!("{event}; compensated") };
+            return Change { data: None, step: 0, status: Status::Failed, pending: None, attempts: 0, deadline: None, error, send: vec![], event: format!("{event}; compensated") };
         }
         let step = &self.saga.steps[k as usize];
         let id = crate::envelope::new_message_id();
         let comp = step.compensation.expect("checked");
         Change {
+            data: None,
             step: k,
             status: Status::Compensating,
             pending: Some(id.clone()),
@@ -542,10 +561,10 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         let attempts = row.attempts + 1;
         let name = &self.saga.steps[row.step as usize].name;
         if attempts >= self.saga.compensation_attempts {
-            return Change { step: row.step, status: Status::Stuck, pending: None, attempts, deadline: None, error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed {attempts} times ({why}): stuck") };
+            return Change { data: None, step: row.step, status: Status::Stuck, pending: None, attempts, deadline: None, error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed {attempts} times ({why}): stuck") };
         }
         let delay = self.backoff(attempts);
-        Change { step: row.step, status: Status::Compensating, pending: None, attempts, deadline: Some(delay), error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed ({why}), retry in {delay:?}") }
+        Change { data: None, step: row.step, status: Status::Compensating, pending: None, attempts, deadline: Some(delay), error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed ({why}), retry in {delay:?}") }
     }
 
     async fn start(&self, data: &S) -> Result<String, SagaError> {
@@ -574,7 +593,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         Ok(id)
     }
 
-    async fn on_reply(&self, cmd_id: &str, fault: Option<String>) -> Result<(), SagaError> {
+    async fn on_reply(&self, cmd_id: &str, fault: Option<String>, body: &[u8]) -> Result<(), SagaError> {
         let saga_id: Option<String> = sqlx::query_scalar("SELECT id FROM saga_instances WHERE pending_msg = $1 AND name = $2")
             .bind(cmd_id)
             .bind(&self.saga.name)
@@ -591,7 +610,17 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             let data = o.data(row)?;
             let name = &o.saga.steps[row.step as usize].name;
             Ok(Some(match (row.status, &fault) {
-                (Status::Running, None) => o.run_step(&data, row.step + 1, format!("{name} ok")),
+                (Status::Running, None) => match o.saga.steps[row.step as usize].on_reply {
+                    None => o.run_step(&data, row.step + 1, format!("{name} ok")),
+                    Some(apply) => {
+                        let mut data = data;
+                        let reply = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+                        apply(&mut data, reply);
+                        let mut change = o.run_step(&data, row.step + 1, format!("{name} ok"));
+                        change.data = Some(serde_json::to_string(&data).map_err(|e| SagaError::Data(e.to_string()))?);
+                        change
+                    }
+                },
                 (Status::Running, Some(f)) => {
                     // The step refused: it took no effect, so compensation starts below it.
                     o.compensate_from(&data, row.step - 1, Some(f.clone()), format!("{name} failed: {f}"))
@@ -626,6 +655,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
                             // Re-send with the same id: the service's inbox absorbs it if the first
                             // copy got through (also how instances resume after a crash).
                             Change {
+                                data: None,
                                 step: row.step,
                                 status: Status::Running,
                                 pending: Some(pending.clone()),
@@ -646,6 +676,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
                         let comp = step.compensation.expect("a compensating step has a compensation");
                         let id = crate::envelope::new_message_id();
                         Change {
+                            data: None,
                             step: row.step,
                             status: Status::Compensating,
                             pending: Some(id.clone()),
@@ -743,6 +774,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> SagaHandle<S> {
                     return Ok(None);
                 }
                 Ok(Some(Change {
+                    data: None,
                     step: row.step,
                     status: to,
                     pending: None,
