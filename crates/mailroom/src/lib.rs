@@ -71,6 +71,8 @@
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
 //! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
+//! - [`outbox`]: the transactional outbox and its relay; [`saga`]: orchestrated sagas with
+//!   compensations (both PostgreSQL, feature `postgres`).
 #![warn(missing_docs)]
 
 pub mod bus;
@@ -79,9 +81,13 @@ pub mod error;
 pub mod filter;
 pub mod guide;
 pub mod inbox;
+#[cfg(feature = "postgres")]
+pub mod outbox;
 pub mod pipeline;
 pub mod request;
 pub mod retry;
+#[cfg(feature = "postgres")]
+pub mod saga;
 pub mod trace;
 pub mod transport;
 

@@ -1,0 +1,806 @@
+//! Orchestrated sagas with compensations, persisted in PostgreSQL, commands sent through the
+//! [`outbox`](crate::outbox).
+//!
+//! A saga is an ordered list of steps; each step is a command sent to a queue whose reply (from a
+//! [`responder`](crate::Bus::responder)) is awaited, with an optional compensating command. The
+//! orchestrator keeps one row per instance in `saga_instances` (`data`, `step`, `status`, `version`,
+//! the id of the command awaiting its reply, a deadline) and an append-only `saga_history`.
+//!
+//! - Every transition runs in one transaction: `UPDATE .. WHERE version = $v` plus the outgoing
+//!   commands as outbox rows plus a history row. Zero rows updated means another transition won
+//!   (another reply, the deadline scanner, another orchestrator process): the instance is reloaded
+//!   and the event re-evaluated.
+//! - Messages for one instance are processed one at a time in a process (a keyed lock).
+//! - The intent to compensate a step is recorded before it is sent: the row says "step k sent"
+//!   before the command leaves, so a step that timed out is compensated too (it may have succeeded);
+//!   compensation handlers must accept "nothing to undo". A step that answered with a fault did not
+//!   take effect and is not compensated.
+//! - Replies match the command through their causation id (the responder sets it to the command's
+//!   id); a reply for a command the instance no longer waits for (late, duplicate) is ignored.
+//!   [`Saga::on_reply`] folds a step's reply into the saga data in the same transition.
+//! - Deadlines: a step not answered by its deadline is re-sent with the **same** message id (this is
+//!   also how instances resume after the orchestrator crashed) up to `step_attempts` times, then the
+//!   saga compensates. Compensations that fault or time out are retried with exponential backoff; a
+//!   compensation failing `compensation_attempts` times leaves the saga `Stuck`: logged at error
+//!   level, listed by [`SagaHandle::list`], retried or abandoned by an operator
+//!   ([`SagaHandle::retry`], [`SagaHandle::abandon`]). Never silently dropped.
+//!
+//! Statuses: `Running`, `Compensating`, `Done` (all steps succeeded), `Failed` (compensated),
+//! `Stuck`, `Abandoned`.
+
+use crate::bus::Bus;
+use crate::envelope::{Envelope, MessageKind, Metadata, Raw};
+use crate::envelope::headers;
+use crate::error::HandlerError;
+use crate::outbox::{Dest, Outbox, OutboxError};
+use crate::pipeline::WorkerHandle;
+use crate::retry::RetryPolicy;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Header naming the saga a command belongs to.
+pub const SAGA_HEADER: &str = "x-mailroom-saga";
+/// Header naming the step (and `:compensate` for a compensation).
+pub const STEP_HEADER: &str = "x-mailroom-saga-step";
+
+/// Saga errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// PostgreSQL failed.
+    #[error("saga database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] crate::Error),
+    /// Saga data could not be (de)serialized.
+    #[error("saga data: {0}")]
+    Data(String),
+    /// No such saga instance.
+    #[error("no saga {0}")]
+    NotFound(String),
+    /// The operation does not apply in the instance's status.
+    #[error("saga {0} is {1}, not Stuck")]
+    NotStuck(String, Status),
+    /// Too many version conflicts in a row.
+    #[error("saga {0}: version conflicts kept happening")]
+    Conflict(String),
+}
+
+/// A saga instance's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Executing steps.
+    Running,
+    /// Undoing completed steps in reverse order.
+    Compensating,
+    /// Every step succeeded.
+    Done,
+    /// A step failed and every completed step was compensated.
+    Failed,
+    /// A compensation kept failing: needs an operator.
+    Stuck,
+    /// An operator gave up on a stuck saga.
+    Abandoned,
+}
+
+impl Status {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "Running",
+            Status::Compensating => "Compensating",
+            Status::Done => "Done",
+            Status::Failed => "Failed",
+            Status::Stuck => "Stuck",
+            Status::Abandoned => "Abandoned",
+        }
+    }
+    fn parse(s: &str) -> Status {
+        match s {
+            "Running" => Status::Running,
+            "Compensating" => Status::Compensating,
+            "Done" => Status::Done,
+            "Failed" => Status::Failed,
+            "Stuck" => Status::Stuck,
+            _ => Status::Abandoned,
+        }
+    }
+    /// Whether the saga is over (nothing more will happen without an operator).
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Abandoned)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command a step sends: a queue and a JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// The queue of the service that carries it out (a responder).
+    pub queue: String,
+    /// The body.
+    pub body: serde_json::Value,
+}
+
+impl Command {
+    /// A command for `queue`.
+    pub fn new(queue: impl Into<String>, body: impl Serialize) -> Command {
+        Command { queue: queue.into(), body: serde_json::to_value(body).unwrap_or(serde_json::Value::Null) }
+    }
+}
+
+/// Builds a step's command (or compensation) from the saga data.
+pub type CommandFn<S> = fn(&S) -> Command;
+
+/// Folds a step's reply into the saga data (e.g. keep the payment id its refund needs).
+pub type ReplyFn<S> = fn(&mut S, serde_json::Value);
+
+struct Step<S> {
+    name: String,
+    command: CommandFn<S>,
+    compensation: Option<CommandFn<S>>,
+    on_reply: Option<ReplyFn<S>>,
+}
+
+/// A saga definition.
+pub struct Saga<S> {
+    name: String,
+    steps: Vec<Step<S>>,
+    step_timeout: Duration,
+    step_attempts: i32,
+    compensation_attempts: i32,
+    backoff: (Duration, u32, Duration),
+    tick: Duration,
+    _s: PhantomData<fn() -> S>,
+}
+
+impl<S> std::fmt::Debug for Saga<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saga").field("name", &self.name).field("steps", &self.steps.len()).finish()
+    }
+}
+
+/// One stored instance.
+#[derive(Debug, Clone)]
+pub struct SagaRecord<S> {
+    /// The instance id (the correlation id of all its commands).
+    pub id: String,
+    /// The saga's name.
+    pub name: String,
+    /// Its data.
+    pub data: S,
+    /// The step being executed or compensated.
+    pub step: i32,
+    /// The status.
+    pub status: Status,
+    /// Bumped by every transition.
+    pub version: i64,
+    /// Failed attempts of the current step or compensation.
+    pub attempts: i32,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// A history entry.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// What happened.
+    pub event: String,
+}
+
+#[derive(Debug, Clone)]
+struct Row0 {
+    id: String,
+    data: String,
+    step: i32,
+    status: Status,
+    version: i64,
+    pending: Option<String>,
+    attempts: i32,
+    overdue: bool,
+    error: Option<String>,
+}
+
+/// A transition: the new row values, commands to send, a history line.
+struct Change {
+    /// New saga data (serialized), when a reply changed it.
+    data: Option<String>,
+    step: i32,
+    status: Status,
+    pending: Option<String>,
+    attempts: i32,
+    deadline: Option<Duration>,
+    error: Option<String>,
+    send: Vec<(Command, String, String)>, // command, message id, step label
+    event: String,
+}
+
+impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
+    /// A saga named `name` (also its reply queue's name: `saga.<name>.replies`).
+    pub fn named(name: &str) -> Saga<S> {
+        Saga {
+            name: name.to_owned(),
+            steps: Vec::new(),
+            step_timeout: Duration::from_secs(30),
+            step_attempts: 3,
+            compensation_attempts: 5,
+            backoff: (Duration::from_millis(200), 2, Duration::from_secs(60)),
+            tick: Duration::from_millis(500),
+            _s: PhantomData,
+        }
+    }
+
+    /// Adds a step: `command` is sent and its reply awaited; `compensation` undoes it.
+    pub fn step(mut self, name: &str, command: CommandFn<S>, compensation: Option<CommandFn<S>>) -> Self {
+        self.steps.push(Step { name: name.to_owned(), command, compensation, on_reply: None });
+        self
+    }
+
+    /// Folds the last added step's (JSON) reply into the data, in the same transaction that moves
+    /// to the next step, so later steps and compensations see it.
+    pub fn on_reply(mut self, apply: ReplyFn<S>) -> Self {
+        if let Some(step) = self.steps.last_mut() {
+            step.on_reply = Some(apply);
+        }
+        self
+    }
+
+    /// How long a step's (or compensation's) reply is awaited before it is re-sent (default 30 s).
+    pub fn step_timeout(mut self, d: Duration) -> Self {
+        self.step_timeout = d;
+        self
+    }
+
+    /// How many times a step is sent (same id) before the saga compensates (default 3).
+    pub fn step_attempts(mut self, n: i32) -> Self {
+        self.step_attempts = n.max(1);
+        self
+    }
+
+    /// Compensation retries: at most `attempts` failures, then `Stuck`; backoff `base * factor^n`
+    /// capped at `cap` (defaults: 5, 200 ms, x2, 60 s).
+    pub fn compensation_retry(mut self, attempts: i32, base: Duration, factor: u32, cap: Duration) -> Self {
+        self.compensation_attempts = attempts.max(1);
+        self.backoff = (base, factor.max(1), cap);
+        self
+    }
+
+    /// How often deadlines are checked (default 500 ms).
+    pub fn tick(mut self, d: Duration) -> Self {
+        self.tick = d;
+        self
+    }
+
+    /// The reply queue.
+    pub fn reply_queue(&self) -> String {
+        format!("saga.{}.replies", self.name)
+    }
+
+    /// Creates the saga tables, starts the reply consumer and the deadline scanner. Commands go
+    /// through `outbox`: run its relay too.
+    pub async fn run(self, bus: Bus, outbox: Outbox) -> Result<SagaHandle<S>, SagaError> {
+        migrate(outbox.pool()).await?;
+        let orch = Arc::new(Orchestrator { saga: self, outbox, locks: Mutex::default() });
+        let o = Arc::clone(&orch);
+        let worker = bus
+            .worker(&orch.saga.reply_queue())
+            .retry(RetryPolicy::new().immediate(5))
+            .handle(move |reply: Envelope<Raw>, _ctx| {
+                let o = Arc::clone(&o);
+                async move {
+                    let Some(cmd_id) = reply.meta.causation_id.clone() else { return Ok(()) };
+                    let fault = reply.meta.header(headers::FAULT).is_some().then(|| {
+                        String::from_utf8_lossy(&reply.body.0).into_owned()
+                    });
+                    o.on_reply(&cmd_id, fault, &reply.body.0).await.map_err(HandlerError::transient)
+                }
+            })
+            .run()
+            .await?;
+        let o = Arc::clone(&orch);
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(o.saga.tick);
+            loop {
+                every.tick().await;
+                if let Err(e) = o.on_tick().await {
+                    tracing::warn!(saga = %o.saga.name, error = %e, "saga deadline scan failed");
+                }
+            }
+        });
+        Ok(SagaHandle { orch, worker: Some(worker), ticker })
+    }
+}
+
+/// Creates `saga_instances` and `saga_history` if they do not exist.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(0x6d61_696c_726f_6f6d_i64).execute(&mut *tx).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS saga_instances (
+            id text PRIMARY KEY,
+            name text NOT NULL,
+            data text NOT NULL,
+            step integer NOT NULL,
+            status text NOT NULL,
+            version bigint NOT NULL,
+            pending_msg text,
+            attempts integer NOT NULL DEFAULT 0,
+            deadline timestamptz,
+            error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_pending ON saga_instances (pending_msg)").execute(&mut *tx).await?;
+    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_status ON saga_instances (name, status, deadline)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS saga_history (
+            seq bigserial PRIMARY KEY,
+            saga_id text NOT NULL,
+            at timestamptz NOT NULL DEFAULT now(),
+            event text NOT NULL
+        )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("CREATE INDEX IF NOT EXISTS saga_history_id ON saga_history (saga_id, seq)").execute(&mut *tx).await?;
+    tx.commit().await
+}
+
+struct Orchestrator<S> {
+    saga: Saga<S>,
+    outbox: Outbox,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+const MAX_CONFLICTS: usize = 20;
+
+impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
+    fn pool(&self) -> &PgPool {
+        self.outbox.pool()
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(self.locks.lock().unwrap().entry(id.to_owned()).or_default())
+    }
+
+    fn backoff(&self, attempts: i32) -> Duration {
+        let (base, factor, cap) = self.saga.backoff;
+        let mut d = base;
+        for _ in 1..attempts.max(1) {
+            d = d.saturating_mul(factor);
+        }
+        d.min(cap)
+    }
+
+    fn data(&self, row: &Row0) -> Result<S, SagaError> {
+        serde_json::from_str(&row.data).map_err(|e| SagaError::Data(e.to_string()))
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Row0>, SagaError> {
+        let row = sqlx::query(
+            "SELECT id, data, step, status, version, pending_msg, attempts, error,
+                    coalesce(deadline <= now(), false) AS overdue
+             FROM saga_instances WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(Row0 {
+                id: r.try_get("id")?,
+                data: r.try_get("data")?,
+                step: r.try_get("step")?,
+                status: Status::parse(r.try_get::<&str, _>("status")?),
+                version: r.try_get("version")?,
+                pending: r.try_get("pending_msg")?,
+                attempts: r.try_get("attempts")?,
+                overdue: r.try_get("overdue")?,
+                error: r.try_get("error")?,
+            }),
+        })
+    }
+
+    /// Re-evaluates `decide` against the current row until its update wins the version check.
+    async fn transition(
+        &self,
+        id: &str,
+        decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
+    ) -> Result<(), SagaError> {
+        let lock = self.lock_for(id);
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.transition_locked(id, decide).await
+        };
+        drop(lock);
+        // Forget the instance's lock when nobody else holds or waits for it (the map stays small).
+        let mut locks = self.locks.lock().unwrap();
+        if locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(id);
+        }
+        result
+    }
+
+    async fn transition_locked(
+        &self,
+        id: &str,
+        decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
+    ) -> Result<(), SagaError> {
+        for _ in 0..MAX_CONFLICTS {
+            let Some(row) = self.load(id).await? else { return Ok(()) };
+            let Some(change) = decide(self, &row)? else { return Ok(()) };
+            let mut tx = self.pool().begin().await?;
+            let updated = sqlx::query(
+                "UPDATE saga_instances SET step = $3, status = $4, pending_msg = $5, attempts = $6,
+                    deadline = CASE WHEN $7::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $7::float8) END,
+                    error = $8, data = coalesce($9, data), version = version + 1, updated_at = now()
+                 WHERE id = $1 AND version = $2",
+            )
+            .bind(id)
+            .bind(row.version)
+            .bind(change.step)
+            .bind(change.status.as_str())
+            .bind(&change.pending)
+            .bind(change.attempts)
+            .bind(change.deadline.map(|d| d.as_secs_f64()))
+            .bind(&change.error)
+            .bind(&change.data)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                tx.rollback().await?;
+                tracing::debug!(saga = id, "saga version conflict, retrying");
+                continue;
+            }
+            for (cmd, msg_id, label) in &change.send {
+                self.enqueue_command(&mut tx, id, cmd, msg_id, label).await?;
+            }
+            sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)")
+                .bind(id)
+                .bind(&change.event)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            if change.status == Status::Stuck {
+                tracing::error!(saga = id, name = %self.saga.name, error = ?change.error, "saga stuck: a compensation keeps failing; retry or abandon it");
+            }
+            return Ok(());
+        }
+        Err(SagaError::Conflict(id.to_owned()))
+    }
+
+    async fn enqueue_command(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        saga_id: &str,
+        cmd: &Command,
+        msg_id: &str,
+        label: &str,
+    ) -> Result<(), SagaError> {
+        let mut meta = Metadata::new(MessageKind::Command, label);
+        meta.id = msg_id.to_owned();
+        meta.correlation_id = Some(saga_id.to_owned());
+        meta.reply_to = Some(self.saga.reply_queue());
+        meta.content_type = Some("application/json".into());
+        meta.headers.insert(SAGA_HEADER.into(), self.saga.name.clone());
+        meta.headers.insert(STEP_HEADER.into(), label.to_owned());
+        meta.headers.insert(crate::trace::TRACEPARENT.into(), crate::trace::TraceContext::new_root().to_string());
+        let body = serde_json::to_vec(&cmd.body).map_err(|e| SagaError::Data(e.to_string()))?;
+        self.outbox.enqueue_raw(conn, &Dest::Queue(cmd.queue.clone()), &meta, &body).await?;
+        Ok(())
+    }
+
+    /// Sends step `k` (a fresh id) or finishes.
+    fn run_step(&self, data: &S, k: i32, event: String) -> Change {
+        if k as usize >= self.saga.steps.len() {
+            return Change { data: None, step: k, status: Status::Done, pending: None, attempts: 0, deadline: None, error: None, send: vec![], event };
+        }
+        let step = &self.saga.steps[k as usize];
+        let id = crate::envelope::new_message_id();
+        Change {
+            data: None,
+            step: k,
+            status: Status::Running,
+            pending: Some(id.clone()),
+            attempts: 0,
+            deadline: Some(self.saga.step_timeout),
+            error: None,
+            send: vec![((step.command)(data), id, step.name.clone())],
+            event: format!("{event}; sent {}", step.name),
+        }
+    }
+
+    /// Compensates the highest step `<= from` that has a compensation, or ends `Failed`.
+    fn compensate_from(&self, data: &S, from: i32, error: Option<String>, event: String) -> Change {
+        let mut k = from;
+        while k >= 0 && self.saga.steps[k as usize].compensation.is_none() {
+            k -= 1;
+        }
+        if k < 0 {
+            return Change { data: None, step: 0, status: Status::Failed, pending: None, attempts: 0, deadline: None, error, send: vec![], event: format!("{event}; compensated") };
+        }
+        let step = &self.saga.steps[k as usize];
+        let id = crate::envelope::new_message_id();
+        let comp = step.compensation.expect("checked");
+        Change {
+            data: None,
+            step: k,
+            status: Status::Compensating,
+            pending: Some(id.clone()),
+            attempts: 0,
+            deadline: Some(self.saga.step_timeout),
+            error,
+            send: vec![(comp(data), id, format!("{}:compensate", step.name))],
+            event: format!("{event}; compensating {}", step.name),
+        }
+    }
+
+    /// A compensation failed (fault or timeout): retry after backoff, or `Stuck`.
+    fn compensation_failed(&self, row: &Row0, why: String) -> Change {
+        let attempts = row.attempts + 1;
+        let name = &self.saga.steps[row.step as usize].name;
+        if attempts >= self.saga.compensation_attempts {
+            return Change { data: None, step: row.step, status: Status::Stuck, pending: None, attempts, deadline: None, error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed {attempts} times ({why}): stuck") };
+        }
+        let delay = self.backoff(attempts);
+        Change { data: None, step: row.step, status: Status::Compensating, pending: None, attempts, deadline: Some(delay), error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed ({why}), retry in {delay:?}") }
+    }
+
+    async fn start(&self, data: &S) -> Result<String, SagaError> {
+        let id = crate::envelope::new_message_id();
+        let text = serde_json::to_string(data).map_err(|e| SagaError::Data(e.to_string()))?;
+        let change = self.run_step(data, 0, "started".into());
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO saga_instances (id, name, data, step, status, version, pending_msg, attempts, deadline)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, 0, now() + make_interval(secs => $7))",
+        )
+        .bind(&id)
+        .bind(&self.saga.name)
+        .bind(text)
+        .bind(change.step)
+        .bind(change.status.as_str())
+        .bind(&change.pending)
+        .bind(self.saga.step_timeout.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+        for (cmd, msg_id, label) in &change.send {
+            self.enqueue_command(&mut tx, &id, cmd, msg_id, label).await?;
+        }
+        sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)").bind(&id).bind(&change.event).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn on_reply(&self, cmd_id: &str, fault: Option<String>, body: &[u8]) -> Result<(), SagaError> {
+        let saga_id: Option<String> = sqlx::query_scalar("SELECT id FROM saga_instances WHERE pending_msg = $1 AND name = $2")
+            .bind(cmd_id)
+            .bind(&self.saga.name)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(saga_id) = saga_id else {
+            tracing::debug!(command = cmd_id, "saga: reply for no pending command (late or duplicate), ignored");
+            return Ok(());
+        };
+        self.transition(&saga_id, |o, row| {
+            if row.pending.as_deref() != Some(cmd_id) {
+                return Ok(None); // another transition consumed it meanwhile
+            }
+            let data = o.data(row)?;
+            let name = &o.saga.steps[row.step as usize].name;
+            Ok(Some(match (row.status, &fault) {
+                (Status::Running, None) => match o.saga.steps[row.step as usize].on_reply {
+                    None => o.run_step(&data, row.step + 1, format!("{name} ok")),
+                    Some(apply) => {
+                        let mut data = data;
+                        let reply = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+                        apply(&mut data, reply);
+                        let mut change = o.run_step(&data, row.step + 1, format!("{name} ok"));
+                        change.data = Some(serde_json::to_string(&data).map_err(|e| SagaError::Data(e.to_string()))?);
+                        change
+                    }
+                },
+                (Status::Running, Some(f)) => {
+                    // The step refused: it took no effect, so compensation starts below it.
+                    o.compensate_from(&data, row.step - 1, Some(f.clone()), format!("{name} failed: {f}"))
+                }
+                (Status::Compensating, None) => o.compensate_from(&data, row.step - 1, row.error.clone(), format!("{name} compensated")),
+                (Status::Compensating, Some(f)) => o.compensation_failed(row, f.clone()),
+                _ => return Ok(None),
+            }))
+        })
+        .await
+    }
+
+    async fn on_tick(&self) -> Result<(), SagaError> {
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM saga_instances WHERE name = $1 AND status IN ('Running', 'Compensating') AND deadline <= now()
+             ORDER BY deadline LIMIT 100",
+        )
+        .bind(&self.saga.name)
+        .fetch_all(self.pool())
+        .await?;
+        for id in due {
+            self.transition(&id, |o, row| {
+                if !row.overdue || row.status.is_final() || row.status == Status::Stuck {
+                    return Ok(None);
+                }
+                let data = o.data(row)?;
+                let step = &o.saga.steps[row.step as usize];
+                Ok(Some(match (row.status, &row.pending) {
+                    (Status::Running, Some(pending)) => {
+                        let attempts = row.attempts + 1;
+                        if attempts < o.saga.step_attempts {
+                            // Re-send with the same id: the service's inbox absorbs it if the first
+                            // copy got through (also how instances resume after a crash).
+                            Change {
+                                data: None,
+                                step: row.step,
+                                status: Status::Running,
+                                pending: Some(pending.clone()),
+                                attempts,
+                                deadline: Some(o.saga.step_timeout),
+                                error: None,
+                                send: vec![((step.command)(&data), pending.clone(), step.name.clone())],
+                                event: format!("{} timed out, re-sent (attempt {})", step.name, attempts + 1),
+                            }
+                        } else {
+                            // It may have succeeded: its compensation intent stands.
+                            let why = format!("{} timed out {attempts} times", step.name);
+                            o.compensate_from(&data, row.step, Some(why.clone()), why)
+                        }
+                    }
+                    (Status::Compensating, Some(_)) => o.compensation_failed(row, format!("{} compensation timed out", step.name)),
+                    (Status::Compensating, None) => {
+                        let comp = step.compensation.expect("a compensating step has a compensation");
+                        let id = crate::envelope::new_message_id();
+                        Change {
+                            data: None,
+                            step: row.step,
+                            status: Status::Compensating,
+                            pending: Some(id.clone()),
+                            attempts: row.attempts,
+                            deadline: Some(o.saga.step_timeout),
+                            error: row.error.clone(),
+                            send: vec![(comp(&data), id, format!("{}:compensate", step.name))],
+                            event: format!("retrying compensation {} (attempt {})", step.name, row.attempts + 1),
+                        }
+                    }
+                    _ => return Ok(None),
+                }))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A running orchestrator: starts instances, answers operators.
+pub struct SagaHandle<S> {
+    orch: Arc<Orchestrator<S>>,
+    worker: Option<WorkerHandle>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl<S> std::fmt::Debug for SagaHandle<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SagaHandle").field("saga", &self.orch.saga.name).finish()
+    }
+}
+
+impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> SagaHandle<S> {
+    /// Starts an instance with `data`: the row and the first command commit together. Returns its id.
+    pub async fn start(&self, data: &S) -> Result<String, SagaError> {
+        self.orch.start(data).await
+    }
+
+    /// One instance.
+    pub async fn get(&self, id: &str) -> Result<SagaRecord<S>, SagaError> {
+        let row = self.orch.load(id).await?.ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+        Ok(SagaRecord {
+            data: self.orch.data(&row)?,
+            id: row.id,
+            name: self.orch.saga.name.clone(),
+            step: row.step,
+            status: row.status,
+            version: row.version,
+            attempts: row.attempts,
+            error: row.error,
+        })
+    }
+
+    /// Ids of this saga's instances in `status`, oldest first.
+    pub async fn list(&self, status: Status) -> Result<Vec<String>, SagaError> {
+        Ok(sqlx::query_scalar("SELECT id FROM saga_instances WHERE name = $1 AND status = $2 ORDER BY created_at")
+            .bind(&self.orch.saga.name)
+            .bind(status.as_str())
+            .fetch_all(self.orch.pool())
+            .await?)
+    }
+
+    /// An instance's history, oldest first.
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, SagaError> {
+        let rows = sqlx::query(
+            "SELECT (extract(epoch from at) * 1000)::bigint AS ms, event FROM saga_history WHERE saga_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(self.orch.pool())
+        .await?;
+        rows.into_iter()
+            .map(|r| Ok(HistoryEntry { at_ms: r.try_get("ms")?, event: r.try_get("event")? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(SagaError::from)
+    }
+
+    /// Operator: retries a stuck saga's compensation now, with a fresh attempt budget.
+    pub async fn retry(&self, id: &str) -> Result<(), SagaError> {
+        self.operator(id, Status::Compensating, "operator retry").await
+    }
+
+    /// Operator: gives up on a stuck saga (it ends `Abandoned`; nothing more is sent).
+    pub async fn abandon(&self, id: &str) -> Result<(), SagaError> {
+        self.operator(id, Status::Abandoned, "operator abandoned").await
+    }
+
+    async fn operator(&self, id: &str, to: Status, event: &str) -> Result<(), SagaError> {
+        let status = self.orch.load(id).await?.ok_or_else(|| SagaError::NotFound(id.to_owned()))?.status;
+        if status != Status::Stuck {
+            return Err(SagaError::NotStuck(id.to_owned(), status));
+        }
+        self.orch
+            .transition(id, |_, row| {
+                if row.status != Status::Stuck {
+                    return Ok(None);
+                }
+                Ok(Some(Change {
+                    data: None,
+                    step: row.step,
+                    status: to,
+                    pending: None,
+                    attempts: 0,
+                    deadline: (to == Status::Compensating).then_some(Duration::ZERO),
+                    error: row.error.clone(),
+                    send: vec![],
+                    event: event.to_owned(),
+                }))
+            })
+            .await
+    }
+
+    /// Stops the reply consumer and the deadline scanner (instances resume in the next orchestrator).
+    pub async fn stop(mut self) {
+        self.ticker.abort();
+        if let Some(w) = self.worker.take() {
+            w.stop().await;
+        }
+    }
+
+    /// Kills the orchestrator as a crash would (no graceful stop).
+    pub fn abort(mut self) {
+        self.ticker.abort();
+        if let Some(w) = self.worker.take() {
+            w.abort();
+        }
+    }
+}
