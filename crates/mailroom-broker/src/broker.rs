@@ -160,6 +160,13 @@ impl Broker {
             .ok_or_else(|| BrokerError::new(ErrorKind::NotAllowed, format!("vhost {name} not found")))
     }
 
+    /// Every virtual host, sorted by name.
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut all: Vec<_> = self.inner.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
     /// Adds a virtual host (no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());

@@ -26,6 +26,6 @@ pub use exchange::{Exchange, ExchangeKind};
 pub use message::Message;
 pub use queue::{
     ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
-    MessageId, Queue,
+    MessageId, Peeked, Queue,
 };
-pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, VHost};
+pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, RedriveOptions, RedriveOutcome, RedriveTarget, VHost};

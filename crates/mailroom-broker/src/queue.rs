@@ -259,6 +259,17 @@ pub struct GetResult {
     pub remaining: u32,
 }
 
+/// A ready message read by [`Queue::peek`].
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    /// Its id in the queue.
+    pub id: MessageId,
+    /// The message as stored.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+}
+
 /// Things the queue must do after releasing its lock (dead-lettering re-enters routing).
 #[derive(Default)]
 struct Aftermath {
@@ -824,6 +835,29 @@ impl Queue {
         };
         self.run_aftermath(after);
         result
+    }
+
+    /// Reads up to `count` ready messages from position `offset` in delivery order, without consuming,
+    /// settling or reordering them (they stay ready; no redelivered flag or delivery count changes).
+    pub fn peek(&self, offset: usize, count: usize) -> Vec<Peeked> {
+        let st = self.lock();
+        st.ready
+            .iter()
+            .skip(offset)
+            .take(count)
+            .map(|e| Peeked { id: e.id, message: Arc::clone(&e.message), redelivered: e.redelivered })
+            .collect()
+    }
+
+    /// Removes one ready message by id, settling its store record (redrive, once its copy is safe at the
+    /// target). False if it is no longer ready (consumed, expired or already removed).
+    pub fn remove_ready(&self, id: MessageId) -> bool {
+        let mut st = self.lock();
+        let Some(pos) = st.ready.iter().position(|e| e.id == id) else { return false };
+        let Some(entry) = st.ready.remove(pos) else { return false };
+        st.ready_bytes -= entry.message.body.len() as u64;
+        self.forget(&mut st, &entry);
+        true
     }
 
     /// Drops every ready message (unacked ones stay); returns how many.
