@@ -193,6 +193,15 @@ impl Broker {
 fn recover_definitions(vhosts: &HashMap<String, Arc<VHost>>, defs: Definitions) {
     // Recovered resources belong to no connection.
     const NO_OWNER: ConnectionId = 0;
+    for p in defs.policies {
+        let Some(v) = vhosts.get(&p.vhost) else { continue };
+        let policy = crate::policy::ApplyTo::parse(&p.apply_to)
+            .and_then(|apply_to| crate::policy::Policy::new(&p.name, &p.pattern, apply_to, p.priority, p.definition));
+        match policy {
+            Ok(policy) => v.set_policy(policy),
+            Err(err) => tracing::warn!(policy = %p.name, error = %err, "cannot recover policy"),
+        }
+    }
     for e in defs.exchanges {
         let Some(v) = vhosts.get(&e.vhost) else { continue };
         let options = ExchangeOptions {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod exchange;
 pub mod message;
 pub mod plugins;
+pub mod policy;
 pub mod queue;
 pub mod routing;
 pub mod store;
@@ -24,6 +25,7 @@ pub use broker::{Broker, BrokerConfig, User};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};
 pub use message::Message;
+pub use policy::{ApplyTo, Policy};
 pub use queue::{
     ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
     MessageId, Peeked, Queue,

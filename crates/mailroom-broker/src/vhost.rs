@@ -6,6 +6,7 @@ use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::durable::Durability;
 use crate::plugins::{self, DelayedMessages, ExchangeFlavor};
+use crate::policy::{self as policies, Policy};
 use crate::store::SyncTicket;
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{
@@ -134,6 +135,8 @@ pub struct VHost {
     myself: Weak<VHost>,
     /// The data directory's store, when the broker is durable.
     durability: Option<Arc<Durability>>,
+    /// Policies, applied to existing and future queues.
+    policies: RwLock<Vec<Policy>>,
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -167,6 +170,7 @@ impl VHost {
             ids,
             myself: myself.clone(),
             durability,
+            policies: RwLock::new(Vec::new()),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -526,6 +530,7 @@ impl VHost {
         };
         let durable = store.is_some();
         let queue = Queue::create(spec, hooks, store, recovered);
+        self.apply_policy_to(&queue);
         let declared = QueueDeclared { name: name.clone(), message_count: queue.message_count(), consumer_count: 0 };
         queues.insert(name, queue);
         drop(queues);
@@ -729,6 +734,55 @@ impl VHost {
         result
     }
 
+    /// The policies, sorted by name.
+    pub fn policies(&self) -> Vec<Policy> {
+        let mut all = read(&self.policies).clone();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// A policy by name.
+    pub fn policy(&self, name: &str) -> Option<Policy> {
+        read(&self.policies).iter().find(|p| p.name == name).cloned()
+    }
+
+    /// Creates or replaces a policy and applies it to the matching existing queues (saved with the definitions).
+    pub fn set_policy(&self, policy: Policy) {
+        {
+            let mut all = write(&self.policies);
+            all.retain(|p| p.name != policy.name);
+            all.push(policy);
+        }
+        self.reapply_policies();
+        self.save_definitions();
+    }
+
+    /// Deletes a policy (404 if missing); queues it applied to fall back to the next matching one or none.
+    pub fn delete_policy(&self, name: &str) -> Result<()> {
+        {
+            let mut all = write(&self.policies);
+            let before = all.len();
+            all.retain(|p| p.name != name);
+            if all.len() == before {
+                return Err(BrokerError::not_found(format!("no policy '{name}' in vhost '{}'", self.name)));
+            }
+        }
+        self.reapply_policies();
+        self.save_definitions();
+        Ok(())
+    }
+
+    fn reapply_policies(&self) {
+        for q in self.queues() {
+            self.apply_policy_to(&q);
+        }
+    }
+
+    fn apply_policy_to(&self, queue: &Arc<Queue>) {
+        let chosen = policies::select(&read(&self.policies), queue.name()).cloned();
+        queue.apply_policy(chosen.as_ref());
+    }
+
     /// The exchange a client may publish to: it exists (404) and is not internal (403).
     pub fn publishable_exchange(&self, exchange: &str) -> Result<Arc<Exchange>> {
         let ex = self.exchange(exchange)?;
@@ -824,7 +878,7 @@ impl VHost {
 
 impl QueueHooks for VHost {
     fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeadLetterReason) {
-        let args = &queue.spec().args;
+        let args = queue.args();
         let Some(dlx_name) = args.dead_letter_exchange.as_deref() else { return };
         // Dead-lettering to a missing exchange drops the message silently, as RabbitMQ.
         let Ok(dlx) = self.exchange(dlx_name) else { return };

@@ -156,3 +156,79 @@ async fn redrive_to_durable_target_waits_for_the_store() {
     assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn policy(name: &str, pattern: &str, priority: i64, pairs: &[(&str, AMQPValue)]) -> mailroom_broker::Policy {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    mailroom_broker::Policy::new(name, pattern, mailroom_broker::ApplyTo::Queues, priority, t).unwrap()
+}
+
+#[tokio::test]
+async fn policies_apply_to_existing_and_future_queues() {
+    let v = vhost();
+    declare(&v, "orders", &[]);
+    for i in 0..5 {
+        publish(&v, "orders", &format!("m{i}"), &[]);
+    }
+    v.set_policy(policy("len", "^ord", 0, &[("max-length", AMQPValue::LongInt(2))]));
+    let q = v.queue("orders", 1).unwrap();
+    assert_eq!(q.policy_name().as_deref(), Some("len"));
+    assert_eq!(bodies(&v, "orders"), ["m3", "m4"]);
+    publish(&v, "orders", "m5", &[]);
+    assert_eq!(bodies(&v, "orders"), ["m4", "m5"]);
+    // A later queue gets it at declare; a non-matching one does not.
+    declare(&v, "orders2", &[]);
+    declare(&v, "other", &[]);
+    assert_eq!(v.queue("orders2", 1).unwrap().args().max_length, Some(2));
+    assert_eq!(v.queue("other", 1).unwrap().policy_name(), None);
+    // A higher priority policy takes over; deleting it falls back.
+    v.set_policy(policy("big", "^orders$", 5, &[("max-length", AMQPValue::LongInt(100))]));
+    assert_eq!(q.policy_name().as_deref(), Some("big"));
+    assert_eq!(q.args().max_length, Some(100));
+    v.delete_policy("big").unwrap();
+    assert_eq!(q.args().max_length, Some(2));
+    v.delete_policy("len").unwrap();
+    assert_eq!(q.args().max_length, None);
+    assert!(v.delete_policy("len").is_err());
+    // Declared arguments stay what equivalence checks compare.
+    assert!(q.spec().arguments.inner().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_message_ttl_and_dead_letter_exchange() {
+    let v = vhost();
+    v.declare_exchange("dlx", "fanout", &ExchangeOptions::default()).unwrap();
+    declare(&v, "dead", &[]);
+    v.bind_queue("dead", "dlx", "", &FieldTable::default(), 1).unwrap();
+    declare(&v, "short", &[("x-message-ttl", AMQPValue::LongInt(50_000))]);
+    v.set_policy(policy(
+        "ttl",
+        "^short$",
+        0,
+        &[("message-ttl", AMQPValue::LongInt(100)), ("dead-letter-exchange", AMQPValue::LongString("dlx".into()))],
+    ));
+    publish(&v, "short", "x", &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(bodies(&v, "short").is_empty());
+    assert_eq!(bodies(&v, "dead"), ["x"]);
+}
+
+#[tokio::test]
+async fn policies_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("mailroom-policies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    {
+        let broker = Broker::open(BrokerConfig { data_dir: Some(dir.clone()), ..BrokerConfig::default() }).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("kept", &QueueOptions { durable: true, ..Default::default() }, 1).unwrap();
+        v.set_policy(policy("p", "^kept$", 3, &[("max-length", AMQPValue::LongInt(7))]));
+    }
+    let broker = Broker::open(BrokerConfig { data_dir: Some(dir.clone()), ..BrokerConfig::default() }).unwrap();
+    let v = broker.vhost("/").unwrap();
+    let p = v.policy("p").unwrap();
+    assert_eq!((p.pattern.as_str(), p.priority), ("^kept$", 3));
+    assert_eq!(v.queue("kept", 1).unwrap().args().max_length, Some(7));
+    let _ = std::fs::remove_dir_all(&dir);
+}

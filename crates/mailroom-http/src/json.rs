@@ -1,7 +1,7 @@
 //! Broker values as JSON, with RabbitMQ management API field names.
 
 use base64::Engine;
-use mailroom_broker::{AMQPValue, BasicProperties, FieldTable, Message, Queue};
+use mailroom_broker::{AMQPValue, BasicProperties, FieldArray, FieldTable, Message, Policy, Queue, VHost};
 use serde_json::{json, Map, Value};
 
 /// An AMQP field value as JSON (byte arrays and non-UTF-8 strings as base64-free lossy text).
@@ -100,9 +100,48 @@ pub fn message(m: &Message, redelivered: bool, remaining: usize) -> Value {
     })
 }
 
+/// A JSON value as an AMQP field value (integers as signed 64-bit, other numbers as doubles).
+pub fn to_amqp(value: &Value) -> AMQPValue {
+    match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => AMQPValue::LongString(s.as_str().into()),
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(items.iter().map(to_amqp).collect::<Vec<_>>())),
+        Value::Object(map) => AMQPValue::FieldTable(to_table(map)),
+    }
+}
+
+/// A JSON object as a field table.
+pub fn to_table(map: &Map<String, Value>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in map {
+        t.insert(k.as_str().into(), to_amqp(v));
+    }
+    t
+}
+
+/// A policy as the management API shows it.
+pub fn policy(vhost: &str, p: &Policy) -> Value {
+    json!({
+        "vhost": vhost,
+        "name": p.name,
+        "pattern": p.pattern,
+        "apply-to": p.apply_to.as_str(),
+        "definition": table(&p.definition),
+        "priority": p.priority,
+    })
+}
+
 /// A queue as the management API lists it.
-pub fn queue(vhost: &str, q: &Queue) -> Value {
+pub fn queue(v: &VHost, q: &Queue) -> Value {
+    let vhost = v.name();
     let spec = q.spec();
+    let policy_name = q.policy_name();
+    let effective = policy_name.as_deref().and_then(|n| v.policy(n)).map(|p| table(&p.definition)).unwrap_or(json!({}));
     let ready = q.message_count();
     let unacked = q.unacked_count();
     json!({
@@ -117,6 +156,8 @@ pub fn queue(vhost: &str, q: &Queue) -> Value {
         "messages_unacknowledged": unacked,
         "consumers": q.consumer_count(),
         "message_bytes": q.held_bytes(),
+        "policy": policy_name,
+        "effective_policy_definition": effective,
         "type": "classic",
         "state": "running",
     })

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use mailroom_broker::{Broker, BrokerError, ErrorKind, RedriveOptions, RedriveTarget};
+use mailroom_broker::{ApplyTo, Broker, BrokerError, ErrorKind, Policy, RedriveOptions, RedriveTarget};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -74,7 +74,7 @@ pub(crate) async fn handle(broker: &Broker, peer: SocketAddr, req: Request<Incom
         return error_response(e);
     }
     match route(broker, req).await {
-        Ok((status, body)) if status == StatusCode::NO_CONTENT => {
+        Ok((status, body)) if status == StatusCode::NO_CONTENT || body.is_null() => {
             let mut resp = Response::new(Full::new(Bytes::new()));
             *resp.status_mut() = status;
             let _ = body;
@@ -153,18 +153,18 @@ async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
             let all = broker
                 .vhosts()
                 .iter()
-                .flat_map(|v| sorted_queues(v).into_iter().map(move |q| json::queue(v.name(), &q)))
+                .flat_map(|v| sorted_queues(v).into_iter().map(move |q| json::queue(v, &q)))
                 .collect();
             Ok((StatusCode::OK, Value::Array(all)))
         }
         (&Method::GET, ["api", "queues", vhost]) => {
             let v = vhost_of(broker, vhost)?;
-            Ok((StatusCode::OK, Value::Array(sorted_queues(&v).iter().map(|q| json::queue(v.name(), q)).collect())))
+            Ok((StatusCode::OK, Value::Array(sorted_queues(&v).iter().map(|q| json::queue(&v, q)).collect())))
         }
         (&Method::GET, ["api", "queues", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
             let q = queue_of(&v, name)?;
-            Ok((StatusCode::OK, json::queue(v.name(), &q)))
+            Ok((StatusCode::OK, json::queue(&v, &q)))
         }
         (&Method::GET, ["api", "queues", vhost, name, "peek"]) => {
             let v = vhost_of(broker, vhost)?;
@@ -191,7 +191,39 @@ async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
             let out = v.redrive(name, &options).await?;
             Ok((StatusCode::OK, json!({ "moved": out.moved, "skipped": out.skipped })))
         }
-        (_, ["api", "overview"]) | (_, ["api", "queues", ..]) => {
+        (&Method::GET, ["api", "policies"]) => {
+            let all = broker.vhosts().iter().flat_map(|v| v.policies().into_iter().map(move |p| json::policy(v.name(), &p))).collect();
+            Ok((StatusCode::OK, Value::Array(all)))
+        }
+        (&Method::GET, ["api", "policies", vhost]) => {
+            let v = vhost_of(broker, vhost)?;
+            Ok((StatusCode::OK, Value::Array(v.policies().iter().map(|p| json::policy(v.name(), p)).collect())))
+        }
+        (&Method::GET, ["api", "policies", vhost, name]) => {
+            let v = vhost_of(broker, vhost)?;
+            let p = v.policy(name).ok_or_else(|| ApiError::not_found(format!("policy '{name}' not found in vhost '{}'", v.name())))?;
+            Ok((StatusCode::OK, json::policy(v.name(), &p)))
+        }
+        (&Method::PUT, ["api", "policies", vhost, name]) => {
+            let v = vhost_of(broker, vhost)?;
+            let body: PolicyBody = read_json(req).await?;
+            let apply_to = ApplyTo::parse(body.apply_to.as_deref().unwrap_or("all")).map_err(|e| ApiError::bad_request(e.message))?;
+            let definition = match &body.definition {
+                Value::Object(map) => json::to_table(map),
+                _ => return Err(ApiError::bad_request("definition must be a JSON object")),
+            };
+            let policy = Policy::new(name, &body.pattern, apply_to, body.priority.unwrap_or(0), definition)
+                .map_err(|e| ApiError::bad_request(e.message))?;
+            let existed = v.policy(name).is_some();
+            v.set_policy(policy);
+            Ok((if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED }, Value::Null))
+        }
+        (&Method::DELETE, ["api", "policies", vhost, name]) => {
+            let v = vhost_of(broker, vhost)?;
+            v.delete_policy(name)?;
+            Ok((StatusCode::NO_CONTENT, Value::Null))
+        }
+        (_, ["api", "overview"]) | (_, ["api", "queues", ..]) | (_, ["api", "policies", ..]) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}")))
         }
         _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
@@ -233,6 +265,15 @@ fn overview(broker: &Broker) -> Value {
         "object_totals": { "queues": queues, "exchanges": exchanges, "consumers": consumers, "vhosts": broker.vhosts().len() },
         "queue_totals": { "messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked },
     })
+}
+
+#[derive(Deserialize)]
+struct PolicyBody {
+    pattern: String,
+    definition: Value,
+    priority: Option<i64>,
+    #[serde(rename = "apply-to")]
+    apply_to: Option<String>,
 }
 
 #[derive(Deserialize)]

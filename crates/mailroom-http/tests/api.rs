@@ -163,3 +163,46 @@ async fn redrive_moves_dead_letters_back() {
     assert_eq!(call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(missing)).await.0, 404);
     assert_eq!(call(addr, "DELETE", "/api/queues/%2F/dlq/redrive", Some(GUEST), None).await.0, 405);
 }
+
+#[tokio::test]
+async fn policies_crud_and_effect() {
+    let (broker, addr) = start().await;
+    let v = broker.vhost("/").unwrap();
+    v.declare_queue("jobs", &QueueOptions::default(), 1).unwrap();
+    for _ in 0..4 {
+        publish(&broker, "jobs", b"x", &[]);
+    }
+    let body = r#"{"pattern":"^jobs$","definition":{"max-length":1,"message-ttl":60000},"priority":2,"apply-to":"queues"}"#;
+    assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 201);
+    assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 204);
+    assert_eq!(v.queue("jobs", 1).unwrap().message_count(), 1);
+    let (status, p) = get(addr, "/api/policies/%2F/cap").await;
+    assert_eq!(status, 200);
+    assert_eq!(p["pattern"], "^jobs$");
+    assert_eq!(p["apply-to"], "queues");
+    assert_eq!(p["priority"], 2);
+    assert_eq!(p["definition"]["max-length"], 1);
+    assert_eq!(get(addr, "/api/policies/%2F").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(get(addr, "/api/policies").await.1.as_array().unwrap().len(), 1);
+    let (_, q) = get(addr, "/api/queues/%2F/jobs").await;
+    assert_eq!(q["policy"], "cap");
+    assert_eq!(q["effective_policy_definition"]["max-length"], 1);
+    let bad = [
+        r#"{"pattern":"^jobs$","definition":{"max-priority":5}}"#,
+        r#"{"pattern":"^jobs$","definition":{"nope":5}}"#,
+        r#"{"pattern":"(","definition":{"max-length":5}}"#,
+        r#"{"pattern":"^jobs$","definition":{"max-length":"five"}}"#,
+        r#"{"pattern":"^jobs$","definition":[]}"#,
+        r#"{"pattern":"^jobs$","definition":{"max-length":5},"apply-to":"bindings"}"#,
+        r#"{"definition":{"max-length":5}}"#,
+    ];
+    for b in bad {
+        let (status, e) = call(addr, "PUT", "/api/policies/%2F/bad", Some(GUEST), Some(b)).await;
+        assert_eq!(status, 400, "{b}");
+        assert!(e["reason"].is_string());
+    }
+    assert_eq!(call(addr, "DELETE", "/api/policies/%2F/cap", Some(GUEST), None).await.0, 204);
+    assert_eq!(call(addr, "DELETE", "/api/policies/%2F/cap", Some(GUEST), None).await.0, 404);
+    assert_eq!(get(addr, "/api/policies/%2F/cap").await.0, 404);
+    assert_eq!(v.queue("jobs", 1).unwrap().args().max_length, None);
+}
