@@ -558,10 +558,11 @@ impl VHost {
         };
         let durable = store.is_some();
         let queue = Queue::create(spec, hooks, store, recovered);
-        self.apply_policy_to(&queue);
-        let declared = QueueDeclared { name: name.clone(), message_count: queue.message_count(), consumer_count: 0 };
-        queues.insert(name, queue);
+        queues.insert(name.clone(), Arc::clone(&queue));
         drop(queues);
+        // After the insert: a policy set meanwhile either is seen here or its reapply sees this queue.
+        self.apply_policy_to(&queue);
+        let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
         if durable {
             self.save_definitions();
         }
@@ -801,8 +802,10 @@ impl VHost {
     }
 
     fn apply_policy_to(&self, queue: &Arc<Queue>) {
-        let chosen = policies::select(&read(&self.policies), queue.name()).cloned();
-        queue.apply_policy(chosen.as_ref());
+        // The read guard is held while applying, so a concurrent set/delete cannot be overwritten by a
+        // stale choice (its write waits, then its reapply runs after this one).
+        let all = read(&self.policies);
+        queue.apply_policy(policies::select(&all, queue.name()));
     }
 
     /// The exchange a client may publish to: it exists (404) and is not internal (403).

@@ -188,7 +188,12 @@ async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
             queue_of(&v, name)?;
             let body: RedriveBody = read_json(req).await?;
             let options = body.into_options()?;
-            let out = v.redrive(name, &options).await?;
+            // On its own task: a client that gives up does not stop a redrive half-way (it would be safe,
+            // but surprising).
+            let queue = (*name).to_owned();
+            let out = tokio::spawn(async move { v.redrive(&queue, &options).await })
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("redrive failed: {e}")))??;
             Ok((StatusCode::OK, json!({ "moved": out.moved, "skipped": out.skipped })))
         }
         (&Method::GET, ["api", "policies"]) => {
