@@ -160,6 +160,13 @@ impl Broker {
             .ok_or_else(|| BrokerError::new(ErrorKind::NotAllowed, format!("vhost {name} not found")))
     }
 
+    /// Every virtual host, sorted by name.
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut all: Vec<_> = self.inner.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
     /// Adds a virtual host (no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
@@ -186,6 +193,15 @@ impl Broker {
 fn recover_definitions(vhosts: &HashMap<String, Arc<VHost>>, defs: Definitions) {
     // Recovered resources belong to no connection.
     const NO_OWNER: ConnectionId = 0;
+    for p in defs.policies {
+        let Some(v) = vhosts.get(&p.vhost) else { continue };
+        let policy = crate::policy::ApplyTo::parse(&p.apply_to)
+            .and_then(|apply_to| crate::policy::Policy::new(&p.name, &p.pattern, apply_to, p.priority, p.definition));
+        match policy {
+            Ok(policy) => v.set_policy(policy),
+            Err(err) => tracing::warn!(policy = %p.name, error = %err, "cannot recover policy"),
+        }
+    }
     for e in defs.exchanges {
         let Some(v) = vhosts.get(&e.vhost) else { continue };
         let options = ExchangeOptions {

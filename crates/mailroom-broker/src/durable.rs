@@ -66,6 +66,16 @@ impl Durability {
         let mut defs = Definitions::default();
         for v in &vhosts {
             defs.vhosts.push(VhostDef { name: v.name().to_owned() });
+            for p in v.policies() {
+                defs.policies.push(crate::store::PolicyDef {
+                    vhost: v.name().to_owned(),
+                    name: p.name.clone(),
+                    pattern: p.pattern.clone(),
+                    apply_to: p.apply_to.as_str().to_owned(),
+                    priority: p.priority,
+                    definition: p.definition.clone(),
+                });
+            }
             for ex in v.exchanges() {
                 let s = ex.spec();
                 if !is_user_durable_exchange(s) {

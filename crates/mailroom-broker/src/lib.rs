@@ -12,6 +12,7 @@ pub mod error;
 pub mod exchange;
 pub mod message;
 pub mod plugins;
+pub mod policy;
 pub mod queue;
 pub mod routing;
 pub mod store;
@@ -24,8 +25,9 @@ pub use broker::{Broker, BrokerConfig, User};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};
 pub use message::Message;
+pub use policy::{ApplyTo, Policy};
 pub use queue::{
     ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
-    MessageId, Queue,
+    MessageId, Peeked, Queue,
 };
-pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, VHost};
+pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, RedriveOptions, RedriveOutcome, RedriveTarget, VHost};

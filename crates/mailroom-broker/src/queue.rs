@@ -14,7 +14,7 @@ use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -211,6 +211,11 @@ pub struct Queue {
     timer: Arc<Notify>,
     /// What the queue calls back into for dead-lettering and self-deletion.
     hooks: Weak<dyn QueueHooks>,
+    /// The arguments in force: the declared ones merged with the applying policy's
+    /// ([`crate::policy::effective`]); replaced when policies change, without a redeclare.
+    effective: RwLock<Arc<QueueArguments>>,
+    /// The name of the policy that applies, if any.
+    policy: RwLock<Option<String>>,
 }
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
@@ -259,6 +264,17 @@ pub struct GetResult {
     pub remaining: u32,
 }
 
+/// A ready message read by [`Queue::peek`].
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    /// Its id in the queue.
+    pub id: MessageId,
+    /// The message as stored.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+}
+
 /// Things the queue must do after releasing its lock (dead-lettering re-enters routing).
 #[derive(Default)]
 struct Aftermath {
@@ -274,7 +290,10 @@ impl Queue {
         store: Option<QueueStore>,
         recovered: Vec<Recovered>,
     ) -> Arc<Queue> {
+        let effective = RwLock::new(Arc::new(spec.args.clone()));
         let queue = Arc::new(Queue {
+            effective,
+            policy: RwLock::new(None),
             spec,
             state: Mutex::new(QueueState {
                 ready: VecDeque::new(),
@@ -320,7 +339,7 @@ impl Queue {
             if let Some(at) = expires_at {
                 st.expiries.push(Reverse((at, (rank, id))));
             }
-            if self.spec.args.deduplication {
+            if self.args().deduplication {
                 if let Some(key) = plugins::dedup_key(&message) {
                     st.dedup.insert(key);
                 }
@@ -338,7 +357,7 @@ impl Queue {
     /// Ready-list rank: 255 minus the effective priority (above the maximum counts as the maximum; no
     /// priority counts as 0, as RabbitMQ); constant for queues without priorities.
     fn rank_of(&self, message: &Message) -> u8 {
-        match self.spec.args.max_priority {
+        match self.args().max_priority {
             Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
             None => 255,
         }
@@ -351,6 +370,34 @@ impl Queue {
     /// Its declared properties.
     pub fn spec(&self) -> &QueueSpec {
         &self.spec
+    }
+
+    /// The arguments in force: declared ones merged with the applying policy's.
+    pub fn args(&self) -> Arc<QueueArguments> {
+        Arc::clone(&self.effective.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The name of the policy that applies, if any.
+    pub fn policy_name(&self) -> Option<String> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies `policy` (or none): recomputes the effective arguments. A lower length limit takes effect
+    /// at once (drop-head dead-letters the oldest messages, as RabbitMQ); a new `expires` rearms the timer.
+    /// A new message TTL applies to messages published from now on.
+    pub fn apply_policy(self: &Arc<Self>, policy: Option<&crate::policy::Policy>) {
+        let effective = crate::policy::effective(&self.spec.args, &self.spec.arguments, policy);
+        *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(effective);
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.map(|p| p.name.clone());
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            if !st.deleted {
+                self.drop_head_over_limit(&mut st, &mut after);
+            }
+        }
+        self.timer.notify_one();
+        self.run_aftermath(after);
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -409,7 +456,7 @@ impl Queue {
         if st.deleted {
             return PushOutcome::Enqueued;
         }
-        let args = &self.spec.args;
+        let args = self.args();
         let size = message.body.len() as u64;
         // A message a waiting consumer takes at once never counts against the length limits.
         let taken_at_once = st.ready.is_empty() && self.choose_consumer(&st, &[]).is_some();
@@ -480,14 +527,14 @@ impl Queue {
     /// Whether the ready messages, plus `extra_len` messages of `extra_bytes`, exceed `x-max-length(-bytes)`.
     /// Length limits count ready messages only, as RabbitMQ's do.
     fn over_limit(&self, st: &QueueState, extra_len: usize, extra_bytes: u64) -> bool {
-        let args = &self.spec.args;
+        let args = self.args();
         args.max_length.is_some_and(|m| (st.ready.len() + extra_len) as u64 > m)
             || args.max_length_bytes.is_some_and(|m| st.ready_bytes + extra_bytes > m)
     }
 
     /// Drop-head overflow: dead-letters the oldest ready messages until the queue is within its limits.
     fn drop_head_over_limit(&self, st: &mut QueueState, after: &mut Aftermath) {
-        if self.spec.args.overflow != Overflow::DropHead {
+        if self.args().overflow != Overflow::DropHead {
             return;
         }
         while self.over_limit(st, 0, 0) {
@@ -511,7 +558,7 @@ impl Queue {
     /// Picks the consumer for the next message: the highest priority with room, round-robin among equals;
     /// with `x-single-active-consumer`, only the earliest registered consumer.
     fn choose_consumer(&self, st: &QueueState, skip: &[usize]) -> Option<usize> {
-        if self.spec.args.single_active_consumer {
+        if self.args().single_active_consumer {
             return st.consumers.first().filter(|c| c.has_credit() && !skip.contains(&0)).map(|_| 0);
         }
         let n = st.consumers.len();
@@ -690,7 +737,7 @@ impl Queue {
                 if requeue {
                     let delivery_count = entry.delivery_count + 1;
                     // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
-                    if self.spec.args.delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
+                    if self.args().delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
                         self.forget(&mut st, &entry);
                         after.dead.push((entry.message, DeadLetterReason::DeliveryLimit));
                         continue;
@@ -726,7 +773,7 @@ impl Queue {
                 tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
             }
         }
-        if self.spec.args.deduplication {
+        if self.args().deduplication {
             if let Some(key) = plugins::dedup_key(&entry.message) {
                 st.dedup.remove(&key);
             }
@@ -736,7 +783,7 @@ impl Queue {
     /// The message as delivered: where the queue counts deliveries (quorum queues, as RabbitMQ 3.10, and any
     /// queue with `x-delivery-limit`) it carries `x-delivery-count`, 0 on the first delivery.
     fn outgoing(&self, entry: &Entry) -> Arc<Message> {
-        let counts = self.spec.args.delivery_limit.is_some() || self.spec.args.queue_type == QueueType::Quorum;
+        let counts = self.args().delivery_limit.is_some() || self.args().queue_type == QueueType::Quorum;
         if !counts {
             return Arc::clone(&entry.message);
         }
@@ -762,7 +809,7 @@ impl Queue {
                 Some(entry) => entry,
                 None => {
                     // A no-ack delivery: the queue forgot it when it was sent. Its dedup key comes back too.
-                    if self.spec.args.deduplication {
+                    if self.args().deduplication {
                         if let Some(key) = plugins::dedup_key(&delivery.message) {
                             st.dedup.insert(key);
                         }
@@ -826,6 +873,29 @@ impl Queue {
         result
     }
 
+    /// Reads up to `count` ready messages from position `offset` in delivery order, without consuming,
+    /// settling or reordering them (they stay ready; no redelivered flag or delivery count changes).
+    pub fn peek(&self, offset: usize, count: usize) -> Vec<Peeked> {
+        let st = self.lock();
+        st.ready
+            .iter()
+            .skip(offset)
+            .take(count)
+            .map(|e| Peeked { id: e.id, message: Arc::clone(&e.message), redelivered: e.redelivered })
+            .collect()
+    }
+
+    /// Removes one ready message by id, settling its store record (redrive, once its copy is safe at the
+    /// target). False if it is no longer ready (consumed, expired or already removed).
+    pub fn remove_ready(&self, id: MessageId) -> bool {
+        let mut st = self.lock();
+        let Some(pos) = st.ready.iter().position(|e| e.id == id) else { return false };
+        let Some(entry) = st.ready.remove(pos) else { return false };
+        st.ready_bytes -= entry.message.body.len() as u64;
+        self.forget(&mut st, &entry);
+        true
+    }
+
     /// Drops every ready message (unacked ones stay); returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
@@ -886,7 +956,7 @@ impl Queue {
     fn next_deadline(&self) -> Option<Instant> {
         let st = self.lock();
         let expiry = st.expiries.peek().map(|Reverse((at, _))| *at);
-        let unused = match self.spec.args.expires {
+        let unused = match self.args().expires {
             Some(ms) if st.consumers.is_empty() => Some(st.last_used + std::time::Duration::from_millis(ms)),
             _ => None,
         };
@@ -902,7 +972,7 @@ impl Queue {
         let expire_queue = {
             let mut st = self.lock();
             self.expire_locked(&mut st, now, &mut after);
-            match self.spec.args.expires {
+            match self.args().expires {
                 Some(ms) => st.consumers.is_empty() && now >= st.last_used + std::time::Duration::from_millis(ms),
                 None => false,
             }

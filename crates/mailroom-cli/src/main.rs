@@ -1,10 +1,13 @@
-//! The `mailroom` command: runs the broker (`mailroom server`) and the load generator (`mailroom bench`).
+//! The `mailroom` command: runs the broker (`mailroom server`), talks to its HTTP API (`mailroom admin`)
+//! and drives the load generator (`mailroom bench`).
 
+mod admin;
 mod bench;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
 use mailroom_broker::{AlarmConfig, Broker, BrokerConfig};
+use mailroom_http::HttpServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Server(ServerArgs),
+    /// Operate a running broker through its HTTP API: policies, peek, redrive.
+    Admin(admin::AdminArgs),
     /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
     Bench(bench::BenchArgs),
 }
@@ -35,7 +40,7 @@ struct ServerArgs {
         "[::]:5672".parse::<SocketAddr>().expect("valid literal"),
     ])]
     amqp_listen: Vec<SocketAddr>,
-    /// HTTP management listen address (reserved for the management API).
+    /// HTTP API listen address (admin API; port 0 picks a free port).
     #[arg(long, env = "MAILROOM_HTTP_LISTEN", default_value = "127.0.0.1:15672")]
     http_listen: SocketAddr,
     /// Where durable data lives.
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(args) => run_server(args).await,
             Command::Bench(args) => bench::run(args).await.map_err(Into::into),
+            Command::Admin(args) => admin::run(args).await,
         }
     });
     match result {
@@ -126,10 +132,21 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         consumer_timeout: Duration::from_millis(args.consumer_timeout_ms),
         ..ServerConfig::default()
     };
-    let server = AmqpServer::bind(broker, config).await?;
+    let server = AmqpServer::bind(broker.clone(), config).await?;
     for addr in server.local_addrs() {
         // Scripts and tests read this line to find the port when they asked for port 0.
         println!("mailroom: AMQP listening on {addr}");
+    }
+    // The HTTP API is an operator convenience: a busy port (another broker's management listener, or a
+    // second Mailroom on this machine) disables it with a warning instead of refusing to start.
+    match HttpServer::bind(broker, args.http_listen).await {
+        Ok(http) => {
+            if let Ok(addr) = http.local_addr() {
+                println!("mailroom: HTTP listening on {addr}");
+            }
+            tokio::spawn(http.run(std::future::pending()));
+        }
+        Err(e) => tracing::warn!(listen = %args.http_listen, error = %e, "cannot bind the HTTP API; running without it"),
     }
     tracing::info!(http = %args.http_listen, data_dir = %args.data_dir.display(), "mailroom started");
     server.run(shutdown_signal()).await;

@@ -98,6 +98,23 @@ pub struct BindingDef {
     pub arguments: FieldTable,
 }
 
+/// A policy. Saved in a trailing section: files written before policies existed end without it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PolicyDef {
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name.
+    pub name: String,
+    /// The name pattern (a regular expression).
+    pub pattern: String,
+    /// `queues`, `exchanges` or `all`.
+    pub apply_to: String,
+    /// Highest wins.
+    pub priority: i64,
+    /// The definition, kept exactly.
+    pub definition: FieldTable,
+}
+
 /// Everything that must survive a restart besides messages.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Definitions {
@@ -111,6 +128,8 @@ pub struct Definitions {
     pub queues: Vec<QueueDef>,
     /// Bindings whose source and destination are durable.
     pub bindings: Vec<BindingDef>,
+    /// Policies.
+    pub policies: Vec<PolicyDef>,
 }
 
 impl Definitions {
@@ -208,6 +227,18 @@ impl Definitions {
             put_str(&mut w, &b.routing_key);
             put_table(&mut w, &b.arguments);
         }
+        // Trailing section, absent from older files.
+        if !self.policies.is_empty() {
+            put_u32(&mut w, self.policies.len());
+            for p in &self.policies {
+                put_str(&mut w, &p.vhost);
+                put_str(&mut w, &p.name);
+                put_str(&mut w, &p.pattern);
+                put_str(&mut w, &p.apply_to);
+                w.extend_from_slice(&p.priority.to_be_bytes());
+                put_table(&mut w, &p.definition);
+            }
+        }
         w
     }
 
@@ -274,6 +305,14 @@ impl Definitions {
                 routing_key,
                 arguments,
             });
+        }
+        if r.pos < buf.len() {
+            for _ in 0..r.count()? {
+                let (vhost, name, pattern, apply_to) = (r.str()?, r.str()?, r.str()?, r.str()?);
+                let priority = i64::from_be_bytes(r.arr::<8>()?);
+                let definition = r.table(0)?;
+                d.policies.push(PolicyDef { vhost, name, pattern, apply_to, priority, definition });
+            }
         }
         if r.pos != buf.len() {
             return Err("trailing bytes");
@@ -547,6 +586,14 @@ mod tests {
                 auto_delete: false,
                 arguments: args,
             }],
+            policies: vec![PolicyDef {
+                vhost: "/".into(),
+                name: "cap".into(),
+                pattern: "^orders".into(),
+                apply_to: "queues".into(),
+                priority: -3,
+                definition: every_value(),
+            }],
             bindings: vec![
                 BindingDef {
                     vhost: "/".into(),
@@ -566,6 +613,16 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn files_without_policies_still_load() {
+        let mut d = sample();
+        d.policies.clear();
+        let payload = d.encode();
+        assert_eq!(Definitions::decode(&payload).unwrap(), d);
+        let with = sample();
+        assert_eq!(Definitions::decode(&with.encode()).unwrap(), with);
     }
 
     #[test]
@@ -615,8 +672,13 @@ mod tests {
             Err(StoreError::BadDefinitions { .. })
         ));
         let payload = sample().encode();
+        // Cut exactly before the optional policies section, the payload is a valid older file (the file's
+        // CRC, checked above, is what catches such a truncation on disk).
+        let without_policies = Definitions { policies: Vec::new(), ..sample() }.encode().len();
         for cut in 0..payload.len() {
-            assert!(Definitions::decode(&payload[..cut]).is_err());
+            if cut != without_policies {
+                assert!(Definitions::decode(&payload[..cut]).is_err());
+            }
         }
         let mut seed = 7u64;
         for _ in 0..3000 {

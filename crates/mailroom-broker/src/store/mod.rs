@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use definitions::{
-    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, UserDef, VhostDef,
+    BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef,
 };
 pub use queue_store::{
     Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated,

@@ -1,0 +1,208 @@
+//! The HTTP API against a real server on port 0, with a raw HTTP/1.1 client.
+
+use bytes::Bytes;
+use mailroom_broker::{AMQPValue, BasicProperties, Broker, BrokerConfig, ExchangeOptions, FieldTable, Message, QueueOptions};
+use mailroom_http::HttpServer;
+use serde_json::Value;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn start() -> (Broker, SocketAddr) {
+    let broker = Broker::open(BrokerConfig::default()).unwrap();
+    let server = HttpServer::bind(broker.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run(std::future::pending()));
+    (broker, addr)
+}
+
+const GUEST: &str = "Z3Vlc3Q6Z3Vlc3Q="; // guest:guest
+
+async fn call(addr: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(a) = auth {
+        req += &format!("Authorization: Basic {a}\r\n");
+    }
+    let body = body.unwrap_or("");
+    req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let json = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap() };
+    (status, json)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    call(addr, "GET", path, Some(GUEST), None).await
+}
+
+fn publish(broker: &Broker, queue: &str, body: &[u8], headers: &[(&str, &str)]) {
+    let mut t = FieldTable::default();
+    for (k, v) in headers {
+        t.insert((*k).into(), AMQPValue::LongString((*v).into()));
+    }
+    let props = BasicProperties::default().with_headers(t).with_content_type("text/plain".into());
+    broker.vhost("/").unwrap().publish("", Message::new("", queue, props, Bytes::copy_from_slice(body))).unwrap();
+}
+
+#[tokio::test]
+async fn auth_is_required() {
+    let (_broker, addr) = start().await;
+    let (status, body) = call(addr, "GET", "/api/overview", None, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"], "not_authorised");
+    let wrong = "Z3Vlc3Q6bm9wZQ=="; // guest:nope
+    assert_eq!(call(addr, "GET", "/api/overview", Some(wrong), None).await.0, 401);
+    assert_eq!(call(addr, "GET", "/api/overview", Some("!!!"), None).await.0, 401);
+    assert_eq!(get(addr, "/api/overview").await.0, 200);
+}
+
+#[tokio::test]
+async fn overview_and_queues() {
+    let (broker, addr) = start().await;
+    let v = broker.vhost("/").unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(10));
+    v.declare_queue("q1", &QueueOptions { durable: true, arguments: args, ..Default::default() }, 1).unwrap();
+    publish(&broker, "q1", b"a", &[]);
+    publish(&broker, "q1", b"b", &[]);
+    v.queue("q1", 1).unwrap().get(false).unwrap();
+    let (status, o) = get(addr, "/api/overview").await;
+    assert_eq!(status, 200);
+    assert_eq!(o["object_totals"]["queues"], 1);
+    assert_eq!(o["queue_totals"]["messages_ready"], 1);
+    assert_eq!(o["queue_totals"]["messages_unacknowledged"], 1);
+    let (_, list) = get(addr, "/api/queues").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (status, q) = get(addr, "/api/queues/%2F/q1").await;
+    assert_eq!(status, 200);
+    assert_eq!(q["name"], "q1");
+    assert_eq!(q["vhost"], "/");
+    assert_eq!(q["durable"], true);
+    assert_eq!(q["messages_ready"], 1);
+    assert_eq!(q["messages_unacknowledged"], 1);
+    assert_eq!(q["messages"], 2);
+    assert_eq!(q["consumers"], 0);
+    assert_eq!(q["arguments"]["x-max-length"], 10);
+    assert_eq!(get(addr, "/api/queues/%2F").await.1.as_array().unwrap().len(), 1);
+    let (status, e) = get(addr, "/api/queues/%2F/missing").await;
+    assert_eq!(status, 404);
+    assert!(e["reason"].as_str().unwrap().contains("missing"));
+    assert_eq!(get(addr, "/api/queues/nohost/q1").await.0, 404);
+    assert_eq!(get(addr, "/api/nothing").await.0, 404);
+    assert_eq!(get(addr, "/api/queues/%ZZ/q1").await.0, 400);
+}
+
+#[tokio::test]
+async fn peek_shows_messages_without_taking_them() {
+    let (broker, addr) = start().await;
+    let v = broker.vhost("/").unwrap();
+    v.declare_queue("q", &QueueOptions::default(), 1).unwrap();
+    publish(&broker, "q", b"hello", &[("h", "v")]);
+    publish(&broker, "q", &[0xff, 0x00], &[]);
+    publish(&broker, "q", b"third", &[]);
+    let (status, page) = get(addr, "/api/queues/%2F/q/peek?offset=0&count=2").await;
+    assert_eq!(status, 200);
+    let page = page.as_array().unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["payload"], "hello");
+    assert_eq!(page[0]["payload_encoding"], "string");
+    assert_eq!(page[0]["routing_key"], "q");
+    assert_eq!(page[0]["exchange"], "");
+    assert_eq!(page[0]["properties"]["headers"]["h"], "v");
+    assert_eq!(page[0]["properties"]["content_type"], "text/plain");
+    assert_eq!(page[1]["payload"], "/wA=");
+    assert_eq!(page[1]["payload_encoding"], "base64");
+    let (_, rest) = get(addr, "/api/queues/%2F/q/peek?offset=2").await;
+    assert_eq!(rest[0]["payload"], "third");
+    assert_eq!(v.queue("q", 1).unwrap().message_count(), 3);
+    assert_eq!(&v.queue("q", 1).unwrap().get(true).unwrap().message.body[..], b"hello");
+    assert_eq!(get(addr, "/api/queues/%2F/q/peek?count=x").await.0, 400);
+    assert_eq!(get(addr, "/api/queues/%2F/q/peek?count=100000").await.0, 400);
+}
+
+#[tokio::test]
+async fn redrive_moves_dead_letters_back() {
+    let (broker, addr) = start().await;
+    let v = broker.vhost("/").unwrap();
+    v.declare_exchange("dlx", "fanout", &ExchangeOptions::default()).unwrap();
+    v.declare_queue("dlq", &QueueOptions::default(), 1).unwrap();
+    v.bind_queue("dlq", "dlx", "", &FieldTable::default(), 1).unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("dlx".into()));
+    v.declare_queue("work", &QueueOptions { arguments: args, ..Default::default() }, 1).unwrap();
+    v.declare_queue("other", &QueueOptions::default(), 1).unwrap();
+    for i in 0..4 {
+        publish(&broker, "work", format!("m{i}").as_bytes(), &[("kind", if i < 2 { "a" } else { "b" })]);
+    }
+    let work = v.queue("work", 1).unwrap();
+    for _ in 0..4 {
+        let g = work.get(false).unwrap();
+        work.reject(&[g.id], false);
+    }
+    let (status, out) =
+        call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(r#"{"count":1,"target":{"queue":"other"}}"#)).await;
+    assert_eq!(status, 200);
+    assert_eq!(out["moved"], 1);
+    let body = r#"{"header_filter":{"name":"kind","value":"b"}}"#;
+    let (_, out) = call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(body)).await;
+    assert_eq!((out["moved"].as_u64(), out["skipped"].as_u64()), (Some(2), Some(1)));
+    let (_, out) = call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some("")).await;
+    assert_eq!(out["moved"], 1);
+    assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 0);
+    assert_eq!(work.message_count(), 3);
+    assert_eq!(v.queue("other", 1).unwrap().message_count(), 1);
+    let (status, _) = call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some("{nope")).await;
+    assert_eq!(status, 400);
+    let bad_target = r#"{"target":{"queue":"x","exchange":"y"}}"#;
+    assert_eq!(call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(bad_target)).await.0, 400);
+    let missing = r#"{"target":{"queue":"missing"}}"#;
+    assert_eq!(call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(missing)).await.0, 404);
+    assert_eq!(call(addr, "DELETE", "/api/queues/%2F/dlq/redrive", Some(GUEST), None).await.0, 405);
+}
+
+#[tokio::test]
+async fn policies_crud_and_effect() {
+    let (broker, addr) = start().await;
+    let v = broker.vhost("/").unwrap();
+    v.declare_queue("jobs", &QueueOptions::default(), 1).unwrap();
+    for _ in 0..4 {
+        publish(&broker, "jobs", b"x", &[]);
+    }
+    let body = r#"{"pattern":"^jobs$","definition":{"max-length":1,"message-ttl":60000},"priority":2,"apply-to":"queues"}"#;
+    assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 201);
+    assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 204);
+    assert_eq!(v.queue("jobs", 1).unwrap().message_count(), 1);
+    let (status, p) = get(addr, "/api/policies/%2F/cap").await;
+    assert_eq!(status, 200);
+    assert_eq!(p["pattern"], "^jobs$");
+    assert_eq!(p["apply-to"], "queues");
+    assert_eq!(p["priority"], 2);
+    assert_eq!(p["definition"]["max-length"], 1);
+    assert_eq!(get(addr, "/api/policies/%2F").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(get(addr, "/api/policies").await.1.as_array().unwrap().len(), 1);
+    let (_, q) = get(addr, "/api/queues/%2F/jobs").await;
+    assert_eq!(q["policy"], "cap");
+    assert_eq!(q["effective_policy_definition"]["max-length"], 1);
+    let bad = [
+        r#"{"pattern":"^jobs$","definition":{"max-priority":5}}"#,
+        r#"{"pattern":"^jobs$","definition":{"nope":5}}"#,
+        r#"{"pattern":"(","definition":{"max-length":5}}"#,
+        r#"{"pattern":"^jobs$","definition":{"max-length":"five"}}"#,
+        r#"{"pattern":"^jobs$","definition":[]}"#,
+        r#"{"pattern":"^jobs$","definition":{"max-length":5},"apply-to":"bindings"}"#,
+        r#"{"definition":{"max-length":5}}"#,
+    ];
+    for b in bad {
+        let (status, e) = call(addr, "PUT", "/api/policies/%2F/bad", Some(GUEST), Some(b)).await;
+        assert_eq!(status, 400, "{b}");
+        assert!(e["reason"].is_string());
+    }
+    assert_eq!(call(addr, "DELETE", "/api/policies/%2F/cap", Some(GUEST), None).await.0, 204);
+    assert_eq!(call(addr, "DELETE", "/api/policies/%2F/cap", Some(GUEST), None).await.0, 404);
+    assert_eq!(get(addr, "/api/policies/%2F/cap").await.0, 404);
+    assert_eq!(v.queue("jobs", 1).unwrap().args().max_length, None);
+}
