@@ -169,7 +169,11 @@ impl Channel {
 
     /// Takes the deliveries an ack/nack/reject names, RabbitMQ's way: tag 0 with `multiple` means all;
     /// an unknown tag is 406 PRECONDITION_FAILED.
-    pub fn take_unacked(&mut self, delivery_tag: u64, multiple: bool) -> Result<Vec<(u64, UnackedDelivery)>, AmqpError> {
+    pub fn take_unacked(
+        &mut self,
+        delivery_tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, UnackedDelivery)>, AmqpError> {
         if multiple && delivery_tag == 0 {
             return Ok(std::mem::take(&mut self.unacked).into_iter().collect());
         }

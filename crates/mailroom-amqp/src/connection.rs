@@ -4,7 +4,9 @@
 //! fed whole batches of encoded frames through a bounded channel, so a slow client pushes back on us
 //! instead of growing memory.
 
-use crate::channel::{settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery};
+use crate::channel::{
+    settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery,
+};
 use crate::codec::{
     self, access, basic, channel as chan, confirm, connection as conn, exchange, queue, tx, AMQPValue, FieldTable,
     FrameKind, LongString, Method, RawFrame, ShortString,
@@ -12,7 +14,9 @@ use crate::codec::{
 use crate::error::{code, AmqpError};
 use crate::server::ServerContext;
 use bytes::{Bytes, BytesMut};
+use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
+use mailroom_broker::AlarmState;
 use mailroom_broker::{
     message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
 };
@@ -23,8 +27,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use mailroom_broker::store::SyncTicket;
-use mailroom_broker::AlarmState;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 
@@ -394,7 +396,9 @@ impl Connection {
         let late: Vec<u16> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.phase == ChannelPhase::Open && c.oldest_unacked().is_some_and(|t| now.duration_since(t) > limit))
+            .filter(|(_, c)| {
+                c.phase == ChannelPhase::Open && c.oldest_unacked().is_some_and(|t| now.duration_since(t) > limit)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in late {
@@ -517,7 +521,10 @@ impl Connection {
             FrameKind::Heartbeat => {}
             FrameKind::Method => {
                 // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
-                if frame.payload.len() >= 8 && frame.payload[..4] == [0, 60, 0, 10] && frame.payload[4..8] != [0, 0, 0, 0] {
+                if frame.payload.len() >= 8
+                    && frame.payload[..4] == [0, 60, 0, 10]
+                    && frame.payload[4..8] != [0, 0, 0, 0]
+                {
                     if self.channel_accepts(frame.channel) {
                         self.close_connection(
                             AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").on(60, 10),
@@ -542,7 +549,9 @@ impl Connection {
                     }
                 }
                 if let Some((tag, multiple)) = codec::parse_basic_ack(&frame.payload) {
-                    if self.channel_accepts(frame.channel) && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none()) {
+                    if self.channel_accepts(frame.channel)
+                        && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none())
+                    {
                         if let Err(e) = self.settle_deliveries(frame.channel, tag, multiple, true, false) {
                             self.fail(frame.channel, e.on(60, 80));
                         }
@@ -553,10 +562,11 @@ impl Connection {
                     Ok(method) => self.handle_method(frame.channel, method),
                     Err(e) => {
                         let err = match e {
-                            codec::MethodError::Unknown { class_id, method_id } => {
-                                AmqpError::connection(code::COMMAND_INVALID, format!("unknown method {class_id}.{method_id}"))
-                                    .on(class_id, method_id)
-                            }
+                            codec::MethodError::Unknown { class_id, method_id } => AmqpError::connection(
+                                code::COMMAND_INVALID,
+                                format!("unknown method {class_id}.{method_id}"),
+                            )
+                            .on(class_id, method_id),
                             codec::MethodError::Malformed { class_id, method_id } => AmqpError::connection(
                                 code::SYNTAX_ERROR,
                                 format!("malformed arguments for method {class_id}.{method_id}"),
@@ -602,7 +612,8 @@ impl Connection {
             Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
                 if channel != 0 {
                     self.close_connection(
-                        AmqpError::connection(code::CHANNEL_ERROR, "expected channel 0 during the handshake").on(class_id, method_id),
+                        AmqpError::connection(code::CHANNEL_ERROR, "expected channel 0 during the handshake")
+                            .on(class_id, method_id),
                     );
                     return;
                 }
@@ -756,10 +767,7 @@ impl Connection {
             }
             (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
                 let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
-                    AmqpError::connection(
-                        code::NOT_ALLOWED,
-                        format!("vhost {} not found", open.virtual_host.as_str()),
-                    )
+                    AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
                 })?;
                 self.vhost = Some(vhost);
                 self.phase = Phase::Open;
@@ -773,7 +781,10 @@ impl Connection {
             }
             (_, other) => {
                 let (c, m) = method_ids(&other);
-                Err(AmqpError::connection(code::COMMAND_INVALID, format!("unexpected method {c}.{m} during the handshake")))
+                Err(AmqpError::connection(
+                    code::COMMAND_INVALID,
+                    format!("unexpected method {c}.{m} during the handshake"),
+                ))
             }
         }
     }
@@ -881,13 +892,23 @@ impl Connection {
                     }
                 }
                 exchange::AMQPMethod::Bind(b) => {
-                    vhost.bind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                    vhost.bind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    )?;
                     if !b.nowait {
                         self.send(id, Method::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
                     }
                 }
                 exchange::AMQPMethod::Unbind(b) => {
-                    vhost.unbind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                    vhost.unbind_exchange(
+                        b.destination.as_str(),
+                        b.source.as_str(),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    )?;
                     if !b.nowait {
                         self.send(id, Method::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})));
                     }
@@ -1009,15 +1030,15 @@ impl Connection {
                             match self.route_publish(id, &exchange, message, mandatory) {
                                 Ok(stored) => tickets.extend(stored),
                                 Err(e) => {
-                                // The commit fails: settlements not applied yet stay unacked, so the
-                                // channel's close requeues them instead of losing them.
-                                let ch = self.channel(id);
-                                for rest in ops {
-                                    if let TxOp::Settle { deliveries, .. } = rest {
-                                        ch.unacked.extend(deliveries);
+                                    // The commit fails: settlements not applied yet stay unacked, so the
+                                    // channel's close requeues them instead of losing them.
+                                    let ch = self.channel(id);
+                                    for rest in ops {
+                                        if let TxOp::Settle { deliveries, .. } = rest {
+                                            ch.unacked.extend(deliveries);
+                                        }
                                     }
-                                }
-                                return Err(e);
+                                    return Err(e);
                                 }
                             }
                         }
@@ -1103,7 +1124,10 @@ impl Connection {
                 };
                 let ch = self.channel(id);
                 if ch.consumers.contains_key(&tag) {
-                    return Err(AmqpError::connection(code::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
+                    return Err(AmqpError::connection(
+                        code::NOT_ALLOWED,
+                        format!("attempt to reuse consumer tag '{tag}'"),
+                    ));
                 }
                 let options = ConsumeOptions {
                     no_ack: c.no_ack,
@@ -1122,8 +1146,10 @@ impl Connection {
                 }
                 match vhost.consume(&queue_name, self.id, options, self.events_tx.clone()) {
                     Ok((queue, consumer)) => {
-                        self.consumer_channels
-                            .insert(consumer, ConsumerRoute { channel: id, tag: tag.as_str().into(), no_ack: c.no_ack });
+                        self.consumer_channels.insert(
+                            consumer,
+                            ConsumerRoute { channel: id, tag: tag.as_str().into(), no_ack: c.no_ack },
+                        );
                         self.channel(id).consumers.insert(tag, ChannelConsumer { id: consumer, queue });
                     }
                     Err(e) => {
@@ -1171,7 +1197,10 @@ impl Connection {
                         let tag = ch.next_delivery_tag;
                         ch.next_delivery_tag += 1;
                         if !g.no_ack {
-                            ch.unacked.insert(tag, UnackedDelivery { queue: Arc::clone(&queue), id: got.id, sent_at: Instant::now() });
+                            ch.unacked.insert(
+                                tag,
+                                UnackedDelivery { queue: Arc::clone(&queue), id: got.id, sent_at: Instant::now() },
+                            );
                         }
                         self.send(
                             id,
@@ -1205,7 +1234,14 @@ impl Connection {
         Ok(())
     }
 
-    fn settle_deliveries(&mut self, id: u16, tag: u64, multiple: bool, ack: bool, requeue: bool) -> Result<(), AmqpError> {
+    fn settle_deliveries(
+        &mut self,
+        id: u16,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        requeue: bool,
+    ) -> Result<(), AmqpError> {
         let ch = self.channel(id);
         let deliveries = ch.take_unacked(tag, multiple)?;
         if let Some(ops) = ch.tx.as_mut() {
@@ -1259,7 +1295,10 @@ impl Connection {
         let max = self.ctx.config.max_message_size;
         let Some(pending) = self.pending_publish(id, "content header") else { return };
         if pending.header.is_some() {
-            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "second content header for one publish"));
+            self.close_connection(AmqpError::connection(
+                code::UNEXPECTED_FRAME,
+                "second content header for one publish",
+            ));
             return;
         }
         let header = match codec::parse_content_header(payload) {
@@ -1279,8 +1318,11 @@ impl Connection {
             // Closing the channel drops the pending publish; its body frames are ignored from now on.
             self.close_channel_with(
                 id,
-                AmqpError::channel(code::PRECONDITION_FAILED, format!("message size {size} is larger than configured max size {max}"))
-                    .on(60, 40),
+                AmqpError::channel(
+                    code::PRECONDITION_FAILED,
+                    format!("message size {size} is larger than configured max size {max}"),
+                )
+                .on(60, 40),
             );
             return;
         }
@@ -1294,7 +1336,10 @@ impl Connection {
     fn handle_content_body(&mut self, id: u16, payload: Bytes) {
         let Some(pending) = self.pending_publish(id, "content body") else { return };
         let Some(header) = pending.header.as_ref() else {
-            self.close_connection(AmqpError::connection(code::UNEXPECTED_FRAME, "content body before its content header"));
+            self.close_connection(AmqpError::connection(
+                code::UNEXPECTED_FRAME,
+                "content body before its content header",
+            ));
             return;
         };
         let expected = header.body_size as usize;
@@ -1322,7 +1367,10 @@ impl Connection {
         if message.properties.reply_to().as_ref().is_some_and(|r| r.as_str() == DIRECT_REPLY_TO) {
             // Direct reply-to: point the reply at this channel's reply queue, which must exist.
             let Some(reply_queue) = self.channel(id).reply_queue.clone() else {
-                self.fail(id, AmqpError::channel(code::PRECONDITION_FAILED, "fast reply consumer does not exist").on(60, 40));
+                self.fail(
+                    id,
+                    AmqpError::channel(code::PRECONDITION_FAILED, "fast reply consumer does not exist").on(60, 40),
+                );
                 return;
             };
             message.properties = message.properties.with_reply_to(short(&reply_queue));
@@ -1352,20 +1400,34 @@ impl Connection {
             if user.as_str() != self.username {
                 return Err(AmqpError::channel(
                     code::PRECONDITION_FAILED,
-                    format!("user_id property set to '{}' but authenticated user was '{}'", user.as_str(), self.username),
+                    format!(
+                        "user_id property set to '{}' but authenticated user was '{}'",
+                        user.as_str(),
+                        self.username
+                    ),
                 ));
             }
         }
         if let Some(exp) = message.properties.expiration() {
-            parse_expiration(exp.as_str())
-                .map_err(|_| AmqpError::channel(code::PRECONDITION_FAILED, format!("invalid expiration '{}': no_integer", exp.as_str())))?;
+            parse_expiration(exp.as_str()).map_err(|_| {
+                AmqpError::channel(
+                    code::PRECONDITION_FAILED,
+                    format!("invalid expiration '{}': no_integer", exp.as_str()),
+                )
+            })?;
         }
         Ok(())
     }
 
     /// Routes one publish; returns the store tickets a caller must wait for when confirms do not
     /// (a transaction's commit), empty otherwise.
-    fn route_publish(&mut self, id: u16, exchange: &str, message: Message, mandatory: bool) -> Result<Vec<SyncTicket>, AmqpError> {
+    fn route_publish(
+        &mut self,
+        id: u16,
+        exchange: &str,
+        message: Message,
+        mandatory: bool,
+    ) -> Result<Vec<SyncTicket>, AmqpError> {
         let vhost = self.vhost();
         // What a basic.return needs, kept without deep-copying the properties (the usual case has their raw bytes).
         let returned = mandatory.then(|| {
@@ -1449,7 +1511,8 @@ impl Connection {
             if ok {
                 self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
             } else {
-                let err = AmqpError::channel(code::INTERNAL_ERROR, "could not store the transaction's messages").on(90, 20);
+                let err =
+                    AmqpError::channel(code::INTERNAL_ERROR, "could not store the transaction's messages").on(90, 20);
                 self.close_channel_with(id, err);
             }
             return;
@@ -1470,7 +1533,8 @@ impl Connection {
     }
 
     fn flush_confirms(&mut self) {
-        let ids: Vec<u16> = self.channels.iter().filter(|(_, c)| c.pending_confirm_ack.is_some()).map(|(i, _)| *i).collect();
+        let ids: Vec<u16> =
+            self.channels.iter().filter(|(_, c)| c.pending_confirm_ack.is_some()).map(|(i, _)| *i).collect();
         for id in ids {
             self.flush_channel_confirms(id);
         }
@@ -1515,7 +1579,10 @@ impl Connection {
                 if open && self.capabilities.consumer_cancel_notify && self.phase == Phase::Open {
                     self.send(
                         id,
-                        Method::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: short(&tag), nowait: true })),
+                        Method::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                            consumer_tag: short(&tag),
+                            nowait: true,
+                        })),
                     );
                 }
             }
@@ -1541,7 +1608,10 @@ impl Connection {
                 None => self.noack_sent.push((Arc::clone(&d.queue), d.consumer, 1)),
             }
         } else {
-            ch.unacked.insert(delivery_tag, UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() });
+            ch.unacked.insert(
+                delivery_tag,
+                UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() },
+            );
         }
         codec::write_basic_deliver(
             &mut self.out,

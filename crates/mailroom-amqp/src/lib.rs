@@ -1,7 +1,7 @@
 //! Mailroom's AMQP 0-9-1 server: the wire codec, connection and channel state, over the broker core.
 
-pub mod codec;
 mod channel;
+pub mod codec;
 mod connection;
 pub mod error;
 pub mod server;

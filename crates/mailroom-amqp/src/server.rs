@@ -146,10 +146,8 @@ impl AmqpServer {
         }
         acceptors.abort_all();
         let _ = shutdown_tx.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             connections.abort_all();
         }

@@ -88,12 +88,23 @@ async fn connect_declare_and_close() {
     let q = ch.queue_declare("".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
     assert!(q.name().as_str().starts_with("amq.gen-"), "server-named queue: {}", q.name());
     assert_eq!(q.message_count(), 0);
-    ch.exchange_declare("it.topic".into(), lapin::ExchangeKind::Topic, ExchangeDeclareOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
-    ch.queue_bind(q.name().clone(), "it.topic".into(), "a.#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
+    ch.exchange_declare(
+        "it.topic".into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        q.name().clone(),
+        "it.topic".into(),
+        "a.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     publish_with(&ch, "it.topic", "a.b.c", b"topic", BasicProperties::default()).await;
     let got = ch.basic_get(q.name().clone(), BasicGetOptions { no_ack: true }).await.unwrap().expect("routed");
     assert_eq!(got.delivery.data, b"topic");
@@ -189,7 +200,13 @@ async fn publisher_confirms_many_in_flight_all_acked() {
     let mut pending = Vec::with_capacity(N);
     for i in 0..N {
         let confirm = ch
-            .basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), format!("m{i}").as_bytes(), BasicProperties::default())
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
             .await
             .unwrap();
         pending.push(confirm);
@@ -199,7 +216,14 @@ async fn publisher_confirms_many_in_flight_all_acked() {
         assert!(c.is_ack(), "publish {i} not acked: {c:?}");
     }
     assert!(ch.wait_for_confirms().await.unwrap().is_empty());
-    let q = ch.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let q = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(q.message_count() as usize, N);
     server.shutdown().await;
 }
@@ -238,7 +262,13 @@ async fn competing_consumers_each_message_exactly_once_round_robin() {
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for i in 0..N {
         let _ = publisher
-            .basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), format!("{i}").as_bytes(), BasicProperties::default())
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                format!("{i}").as_bytes(),
+                BasicProperties::default(),
+            )
             .await
             .unwrap();
     }
@@ -367,7 +397,14 @@ async fn basic_get_counts_and_acks() {
     let q = declare(&ch, "get").await;
     assert!(ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap().is_none(), "get-empty");
     for i in 0..3 {
-        publish_with(&ch, "", &q, format!("g{i}").as_bytes(), BasicProperties::default().with_message_id(format!("id{i}").into())).await;
+        publish_with(
+            &ch,
+            "",
+            &q,
+            format!("g{i}").as_bytes(),
+            BasicProperties::default().with_message_id(format!("id{i}").into()),
+        )
+        .await;
     }
     let g = ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: false }).await.unwrap().unwrap();
     assert_eq!(g.message_count, 2, "remaining after the first");
@@ -417,7 +454,13 @@ async fn mandatory_unroutable_is_returned_then_acked() {
 
     // Not mandatory: silently dropped, still acked.
     let confirm = ch
-        .basic_publish("amq.direct".into(), "nowhere".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+        .basic_publish(
+            "amq.direct".into(),
+            "nowhere".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
         .await
         .unwrap()
         .await
@@ -427,7 +470,13 @@ async fn mandatory_unroutable_is_returned_then_acked() {
     // Mandatory and routable: no return.
     let q = declare(&ch, "routable").await;
     let confirm = ch
-        .basic_publish("".into(), q.as_str().into(), BasicPublishOptions { mandatory: true, ..Default::default() }, b"y", BasicProperties::default())
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            b"y",
+            BasicProperties::default(),
+        )
         .await
         .unwrap()
         .await
@@ -469,7 +518,9 @@ async fn direct_reply_to_request_response() {
             "",
             &rpc,
             format!("q{i}").as_bytes(),
-            BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()).with_correlation_id(corr.as_str().into()),
+            BasicProperties::default()
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id(corr.as_str().into()),
         )
         .await;
         let reply = next(&mut replies).await;
@@ -488,9 +539,15 @@ async fn direct_reply_to_without_consumer_is_406() {
     let q = declare(&ch, "rpc-nobody").await;
     let mut events = conn.events_listener();
     // Without confirms the publish itself cannot fail: the channel.close shows up as a connection event.
-    ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), b"x", BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()))
-        .await
-        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
     let err = loop {
         match tokio::time::timeout(WAIT, events.next()).await.expect("channel closed in time") {
             Some(lapin::Event::Error(e)) => break e,
@@ -507,18 +564,47 @@ async fn exclusive_queue_is_405_from_another_connection() {
     let server = TestServer::start().await;
     let owner = server.connect().await;
     let och = channel(&owner).await;
-    let q = declare_with(&och, "mine-only", QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await;
+    let q = declare_with(
+        &och,
+        "mine-only",
+        QueueDeclareOptions { exclusive: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await;
     publish(&och, &q, b"private").await;
 
     let other = server.connect().await;
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     let attempts: Vec<(&str, lapin::Error)> = vec![
-        ("declare", channel(&other).await.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err()),
-        ("passive declare", channel(&other).await.queue_declare(q.as_str().into(), passive, FieldTable::default()).await.unwrap_err()),
-        ("consume", channel(&other).await.basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap_err()),
+        (
+            "declare",
+            channel(&other)
+                .await
+                .queue_declare(q.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "passive declare",
+            channel(&other).await.queue_declare(q.as_str().into(), passive, FieldTable::default()).await.unwrap_err(),
+        ),
+        (
+            "consume",
+            channel(&other)
+                .await
+                .basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
+                .unwrap_err(),
+        ),
         ("get", channel(&other).await.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap_err()),
-        ("purge", channel(&other).await.queue_purge(q.as_str().into(), QueuePurgeOptions::default()).await.unwrap_err()),
-        ("delete", channel(&other).await.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.unwrap_err()),
+        (
+            "purge",
+            channel(&other).await.queue_purge(q.as_str().into(), QueuePurgeOptions::default()).await.unwrap_err(),
+        ),
+        (
+            "delete",
+            channel(&other).await.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.unwrap_err(),
+        ),
     ];
     for (what, err) in attempts {
         assert_eq!(reply_code(&err), Some(405), "{what}: {err}");
@@ -545,7 +631,11 @@ async fn channel_error_leaves_the_connection_usable() {
     let q = declare(&good, "survivor").await;
     let bad = channel(&conn).await;
     let err = bad
-        .queue_declare("does-not-exist".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "does-not-exist".into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(reply_code(&err), Some(404), "{err}");

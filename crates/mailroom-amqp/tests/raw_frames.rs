@@ -125,7 +125,9 @@ impl Raw {
     /// Expects `connection.close` with `code`, answers close-ok, then expects the socket to close.
     async fn expect_connection_close(&mut self, code: u16) -> conn::Close {
         let (ch, m) = self.method().await;
-        let Method::Connection(conn::AMQPMethod::Close(close)) = m else { panic!("expected connection.close, got {m:?}") };
+        let Method::Connection(conn::AMQPMethod::Close(close)) = m else {
+            panic!("expected connection.close, got {m:?}")
+        };
         assert_eq!(ch, 0);
         assert_eq!(close.reply_code, code, "reply text: {}", close.reply_text);
         // The server may already have hung up; ignore write errors.
@@ -215,7 +217,13 @@ async fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_protocol_header_gets_ours_then_eof() {
     let server = TestServer::start().await;
-    for bad in [&b"AMQP\x00\x00\x09\x00"[..], b"AMQP\x01\x01\x00\x09", b"AMQP\x00\x00\x08\x00", b"GET / HT", b"\x01\x00\x00\x00\x00\x00\x00\xce"] {
+    for bad in [
+        &b"AMQP\x00\x00\x09\x00"[..],
+        b"AMQP\x01\x01\x00\x09",
+        b"AMQP\x00\x00\x08\x00",
+        b"GET / HT",
+        b"\x01\x00\x00\x00\x00\x00\x00\xce",
+    ] {
         let mut raw = Raw::connect(server.addr).await;
         raw.send(bad).await;
         let reply = read_to_eof(&mut raw.stream).await;
@@ -492,8 +500,11 @@ async fn tune_ok_frame_max_below_4096_is_530() {
     )
     .await;
     raw.method().await; // tune
-    raw.send_method(0, Method::Connection(conn::AMQPMethod::TuneOk(conn::TuneOk { channel_max: 10, frame_max: 4095, heartbeat: 0 })))
-        .await;
+    raw.send_method(
+        0,
+        Method::Connection(conn::AMQPMethod::TuneOk(conn::TuneOk { channel_max: 10, frame_max: 4095, heartbeat: 0 })),
+    )
+    .await;
     raw.expect_connection_close(530).await;
     server.shutdown().await;
 }

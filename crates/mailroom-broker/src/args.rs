@@ -147,12 +147,8 @@ pub fn values_equivalent(a: &AMQPValue, b: &AMQPValue) -> bool {
         return x == y;
     }
     match (a, b) {
-        (AMQPValue::Float(x), AMQPValue::Double(y)) | (AMQPValue::Double(y), AMQPValue::Float(x)) => {
-            (*x as f64) == *y
-        }
-        (x, y) if type_class(x) == "longstr" && type_class(y) == "longstr" => {
-            string_value(x) == string_value(y)
-        }
+        (AMQPValue::Float(x), AMQPValue::Double(y)) | (AMQPValue::Double(y), AMQPValue::Float(x)) => (*x as f64) == *y,
+        (x, y) if type_class(x) == "longstr" && type_class(y) == "longstr" => string_value(x) == string_value(y),
         (x, y) => x == y,
     }
 }
@@ -172,13 +168,11 @@ impl QueueArguments {
     pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<Self> {
         let mut parsed = QueueArguments::default();
         let invalid = |key: &str, why: String| {
-            BrokerError::precondition(format!(
-                "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {why}"
-            ))
+            BrokerError::precondition(format!("invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {why}"))
         };
         let int_arg = |key: &str, value: &AMQPValue, min: i128, max: i128| -> Result<u64> {
-            let v = int_value(value)
-                .ok_or_else(|| invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))))?;
+            let v =
+                int_value(value).ok_or_else(|| invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))))?;
             if v < min || v > max {
                 let why = if min > 0 && v < min {
                     format!("{{value_zero,{v}}}")
@@ -218,11 +212,12 @@ impl QueueArguments {
                     parsed.max_priority = (p > 0).then_some(p as u8);
                 }
                 "x-overflow" => {
-                    parsed.overflow = match one_of(key, value, &["drop-head", "reject-publish", "reject-publish-dlx"])?.as_str() {
-                        "reject-publish" => Overflow::RejectPublish,
-                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                        _ => Overflow::DropHead,
-                    }
+                    parsed.overflow =
+                        match one_of(key, value, &["drop-head", "reject-publish", "reject-publish-dlx"])?.as_str() {
+                            "reject-publish" => Overflow::RejectPublish,
+                            "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                            _ => Overflow::DropHead,
+                        }
                 }
                 "x-queue-mode" => {
                     one_of(key, value, &["default", "lazy"])?;

@@ -3,13 +3,13 @@
 use crate::alarm::{self, AlarmConfig, AlarmState};
 use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
-use crate::store::{Definitions, DestinationKind};
-use crate::vhost::{ExchangeOptions, QueueOptions};
 use crate::queue::ConnectionId;
+use crate::store::{Definitions, DestinationKind};
 use crate::vhost::VHost;
+use crate::vhost::{ExchangeOptions, QueueOptions};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
@@ -95,10 +95,8 @@ impl Broker {
                 names.push(v.name.clone());
             }
         }
-        let vhosts: HashMap<String, Arc<VHost>> = names
-            .iter()
-            .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone())))
-            .collect();
+        let vhosts: HashMap<String, Arc<VHost>> =
+            names.iter().map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone()))).collect();
         if let (Some(d), Some(defs)) = (&durability, definitions) {
             d.set_recovering(true);
             recover_definitions(&vhosts, defs);
@@ -170,9 +168,11 @@ impl Broker {
     /// Adds a virtual host (no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(vhosts.entry(name.to_owned()).or_insert_with(|| {
-            VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone())
-        }))
+        Arc::clone(
+            vhosts
+                .entry(name.to_owned())
+                .or_insert_with(|| VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone())),
+        )
     }
 
     /// A fresh id for a connection or embedded session (exclusive-queue owner).
@@ -217,7 +217,8 @@ fn recover_definitions(vhosts: &HashMap<String, Arc<VHost>>, defs: Definitions) 
     }
     for q in defs.queues {
         let Some(v) = vhosts.get(&q.vhost) else { continue };
-        let options = QueueOptions { durable: true, auto_delete: q.auto_delete, arguments: q.arguments, ..Default::default() };
+        let options =
+            QueueOptions { durable: true, auto_delete: q.auto_delete, arguments: q.arguments, ..Default::default() };
         match v.declare_queue(&q.name, &options, NO_OWNER) {
             Ok(ok) => tracing::info!(queue = %q.name, messages = ok.message_count, "recovered queue"),
             Err(err) => tracing::warn!(queue = %q.name, error = %err, "cannot recover queue"),

@@ -2,8 +2,8 @@
 
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{DeadLetterReason, Queue};
-use std::sync::Arc;
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 fn text(s: &str) -> AMQPValue {
@@ -38,7 +38,8 @@ pub fn make_dead_letter(
     };
     let same = deaths.iter().position(|d| match d {
         AMQPValue::FieldTable(t) => {
-            table_str(t, "queue").as_deref() == Some(queue) && table_str(t, "reason").as_deref() == Some(reason.as_str())
+            table_str(t, "queue").as_deref() == Some(queue)
+                && table_str(t, "reason").as_deref() == Some(reason.as_str())
         }
         _ => false,
     });
@@ -156,7 +157,10 @@ fn strip_expiration(properties: amq_protocol::protocol::BasicProperties) -> amq_
     rebuild(properties, |_| true, false)
 }
 
-fn remove_header(properties: amq_protocol::protocol::BasicProperties, name: &str) -> amq_protocol::protocol::BasicProperties {
+fn remove_header(
+    properties: amq_protocol::protocol::BasicProperties,
+    name: &str,
+) -> amq_protocol::protocol::BasicProperties {
     let keep_expiration = properties.expiration().is_some();
     rebuild(properties, |k| k != name, keep_expiration)
 }
@@ -286,7 +290,8 @@ mod tests {
         let mut forged = FieldTable::default();
         forged.insert("reason".into(), text("rejected"));
         forged.insert("queue".into(), text("elsewhere"));
-        forged_headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(forged)])));
+        forged_headers
+            .insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(forged)])));
         let f = Message::new("ex", "rk", BasicProperties::default().with_headers(forged_headers), Bytes::new());
         let f = make_dead_letter(&f, "dlx", "loopq", DeadLetterReason::Expired, None);
         assert!(is_cycle(&f, "loopq"));

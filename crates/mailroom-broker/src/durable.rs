@@ -4,8 +4,8 @@
 use crate::exchange::{Destination, ExchangeSpec};
 use crate::message::Message;
 use crate::store::{
-    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult, StoredMessage,
-    Syncer, SyncerConfig, VhostDef,
+    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult,
+    StoredMessage, Syncer, SyncerConfig, VhostDef,
 };
 use crate::vhost::VHost;
 use amq_protocol::protocol::BasicProperties;
@@ -107,9 +107,11 @@ impl Durability {
                 }
                 for b in ex.bindings() {
                     let (destination, destination_kind, durable) = match &b.destination {
-                        Destination::Queue(q) => {
-                            (q.name().to_owned(), DestinationKind::Queue, q.spec().durable && q.spec().exclusive_owner.is_none())
-                        }
+                        Destination::Queue(q) => (
+                            q.name().to_owned(),
+                            DestinationKind::Queue,
+                            q.spec().durable && q.spec().exclusive_owner.is_none(),
+                        ),
                         Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange, e.spec().durable),
                     };
                     if durable {

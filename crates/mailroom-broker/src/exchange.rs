@@ -29,10 +29,7 @@ impl ExchangeKind {
             "fanout" => Ok(Self::Fanout),
             "topic" => Ok(Self::Topic),
             "headers" => Ok(Self::Headers),
-            other => Err(BrokerError::new(
-                ErrorKind::CommandInvalid,
-                format!("invalid exchange type '{other}'"),
-            )),
+            other => Err(BrokerError::new(ErrorKind::CommandInvalid, format!("invalid exchange type '{other}'"))),
         }
     }
     /// The AMQP type name.
@@ -185,8 +182,8 @@ impl Exchange {
             Router::Fanout => {}
             Router::Topic(index) => index.insert(routing_key, destination.clone()),
             Router::Headers(list) => {
-                let compiled = HeadersBinding::parse(arguments)
-                    .map_err(|e| BrokerError::precondition(e.to_string()))?;
+                let compiled =
+                    HeadersBinding::parse(arguments).map_err(|e| BrokerError::precondition(e.to_string()))?;
                 list.push((compiled, destination.clone()));
             }
         }
@@ -205,7 +202,12 @@ impl Exchange {
         true
     }
 
-    fn rebuild_router_entry(st: &mut ExchangeState, destination: &Destination, routing_key: &str, arguments: &FieldTable) {
+    fn rebuild_router_entry(
+        st: &mut ExchangeState,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) {
         match &mut st.router {
             Router::Direct(map) => {
                 if let Some(list) = map.get_mut(routing_key) {

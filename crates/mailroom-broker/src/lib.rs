@@ -18,9 +18,9 @@ pub mod routing;
 pub mod store;
 pub mod vhost;
 
+pub use alarm::{AlarmConfig, AlarmState};
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-pub use alarm::{AlarmConfig, AlarmState};
 pub use broker::{Broker, BrokerConfig, User};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};
@@ -30,4 +30,6 @@ pub use queue::{
     ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
     MessageId, Peeked, Queue,
 };
-pub use vhost::{ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, RedriveOptions, RedriveOutcome, RedriveTarget, VHost};
+pub use vhost::{
+    ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, RedriveOptions, RedriveOutcome, RedriveTarget, VHost,
+};

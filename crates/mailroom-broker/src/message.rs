@@ -24,13 +24,7 @@ pub struct Message {
 impl Message {
     /// A message with the given properties and body, as an in-process publisher builds it.
     pub fn new(exchange: &str, routing_key: &str, properties: BasicProperties, body: Bytes) -> Self {
-        Self {
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            properties,
-            raw_properties: None,
-            body,
-        }
+        Self { exchange: exchange.into(), routing_key: routing_key.into(), properties, raw_properties: None, body }
     }
 
     /// Whether the publisher asked for the message to be persisted (`delivery_mode = 2`).

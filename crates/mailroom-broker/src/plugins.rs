@@ -49,9 +49,12 @@ impl ExchangeFlavor {
                 Ok((kind, ExchangeFlavor::Delayed))
             }
             DEDUP_TYPE => {
-                let size = args.inner().get("x-cache-size").and_then(int_value).filter(|n| *n > 0).ok_or_else(|| {
-                    BrokerError::precondition("Missing or invalid argument, 'x-cache-size' must be a positive integer")
-                })?;
+                let size =
+                    args.inner().get("x-cache-size").and_then(int_value).filter(|n| *n > 0).ok_or_else(|| {
+                        BrokerError::precondition(
+                            "Missing or invalid argument, 'x-cache-size' must be a positive integer",
+                        )
+                    })?;
                 let ttl_ms = match args.inner().get("x-cache-ttl") {
                     None => None,
                     Some(v) => Some(int_value(v).filter(|n| *n >= 0).ok_or_else(|| {

@@ -5,8 +5,8 @@
 //! the in-flight window) keeps bounded.
 
 use crate::args::{Overflow, QueueArguments, QueueType};
-use crate::error::{BrokerError, Result};
 use crate::durable;
+use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use crate::plugins;
 use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, SyncTicket};
@@ -91,9 +91,7 @@ impl ChannelPrefetch {
             self.unacked.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        self.unacked
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
-            .is_ok()
+        self.unacked.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1)).is_ok()
     }
     fn release(&self) {
         // Saturating: a release never underflows even if counts drift on a closing channel.
@@ -349,7 +347,15 @@ impl Queue {
             let message = Arc::new(message);
             insert_ready(
                 &mut st.ready,
-                Entry { id, rank, message, redelivered: r.redelivered, expires_at, delivery_count, stored: Some(r.pos) },
+                Entry {
+                    id,
+                    rank,
+                    message,
+                    redelivered: r.redelivered,
+                    expires_at,
+                    delivery_count,
+                    stored: Some(r.pos),
+                },
             );
         }
     }
@@ -514,7 +520,10 @@ impl Queue {
             compact_expiries(&mut st);
         }
         st.ready_bytes += size;
-        insert_ready(&mut st.ready, Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0, stored });
+        insert_ready(
+            &mut st.ready,
+            Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0, stored },
+        );
         self.dispatch_locked(&mut st, now, after);
         self.drop_head_over_limit(&mut st, after);
         // A zero TTL means "deliver now or never".
@@ -1012,7 +1021,8 @@ fn compact_expiries(st: &mut QueueState) {
         return;
     }
     let ready = st.ready.iter().filter_map(|e| e.expires_at.map(|at| Reverse((at, (e.rank, e.id)))));
-    let unacked = st.unacked.values().filter_map(|u| u.entry.expires_at.map(|at| Reverse((at, (u.entry.rank, u.entry.id)))));
+    let unacked =
+        st.unacked.values().filter_map(|u| u.entry.expires_at.map(|at| Reverse((at, (u.entry.rank, u.entry.id)))));
     st.expiries = ready.chain(unacked).collect();
 }
 

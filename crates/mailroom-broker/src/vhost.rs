@@ -2,16 +2,16 @@
 
 use crate::args::{self, QueueArguments, QueueType};
 use crate::dead_letter;
+use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
-use crate::durable::Durability;
+use crate::message::{header_routing_keys, Message};
 use crate::plugins::{self, DelayedMessages, ExchangeFlavor};
 use crate::policy::{self as policies, Policy};
-use crate::store::SyncTicket;
-use crate::message::{header_routing_keys, Message};
 use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
 };
+use crate::store::SyncTicket;
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -259,9 +259,8 @@ impl VHost {
         }
         let type_name = kind;
         let (kind, flavor) = ExchangeFlavor::parse(type_name, &options.arguments)?;
-        let reserved = || {
-            BrokerError::access_refused(format!("exchange name '{name}' contains reserved prefix 'amq.*'"))
-        };
+        let reserved =
+            || BrokerError::access_refused(format!("exchange name '{name}' contains reserved prefix 'amq.*'"));
         if name.is_empty() {
             return Err(reserved());
         }
@@ -352,10 +351,7 @@ impl VHost {
         }
         let Some(exchange) = read(&self.exchanges).get(name).cloned() else { return Ok(()) };
         if if_unused && exchange.has_bindings() {
-            return Err(BrokerError::precondition(format!(
-                "exchange '{name}' in vhost '{}' in use",
-                self.name
-            )));
+            return Err(BrokerError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
         self.remove_exchange(&exchange);
         Ok(())
@@ -394,15 +390,20 @@ impl VHost {
 
     fn check_bindable_source(&self, source: &str) -> Result<Arc<Exchange>> {
         if source.is_empty() {
-            return Err(BrokerError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            )));
+            return Err(BrokerError::access_refused(format!("operation not permitted on the default exchange")));
         }
         self.exchange(source)
     }
 
     /// `queue.bind`.
-    pub fn bind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
+    pub fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: ConnectionId,
+    ) -> Result<()> {
         let q = self.queue(queue, owner)?;
         let ex = self.check_bindable_source(exchange)?;
         let durable = ex.spec().durable && q.spec().durable;
@@ -414,7 +415,14 @@ impl VHost {
     }
 
     /// `queue.unbind` (a missing binding is fine).
-    pub fn unbind_queue(&self, queue: &str, exchange: &str, routing_key: &str, arguments: &FieldTable, owner: ConnectionId) -> Result<()> {
+    pub fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+        owner: ConnectionId,
+    ) -> Result<()> {
         // Unbinding from or to something missing succeeds, as RabbitMQ.
         let q = match self.queue(queue, owner) {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
@@ -437,7 +445,13 @@ impl VHost {
     }
 
     /// `exchange.bind`: messages from `source` also go to `destination`.
-    pub fn bind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<()> {
         let dest = self.check_bindable_source(destination)?;
         let src = self.check_bindable_source(source)?;
         let durable = src.spec().durable && dest.spec().durable;
@@ -449,7 +463,13 @@ impl VHost {
     }
 
     /// `exchange.unbind`.
-    pub fn unbind_exchange(&self, destination: &str, source: &str, routing_key: &str, arguments: &FieldTable) -> Result<()> {
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<()> {
         let (dest, src) = match (self.check_bindable_source(destination), self.check_bindable_source(source)) {
             (Ok(d), Ok(s)) => (d, s),
             (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
@@ -479,9 +499,7 @@ impl VHost {
             });
         }
         if name.starts_with("amq.") {
-            return Err(BrokerError::access_refused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
-            )));
+            return Err(BrokerError::access_refused(format!("queue name '{name}' contains reserved prefix 'amq.*'")));
         }
         let name = if name.is_empty() { generate_queue_name() } else { name.to_owned() };
         let args = QueueArguments::parse(&options.arguments, &name, &self.name)?;
@@ -544,18 +562,19 @@ impl VHost {
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
         // Durable, non-exclusive queues keep persistent messages in a store (and get back what it holds).
-        let (store, recovered) = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
-            Some(d) => match d.open_queue_store(&self.name, &name) {
-                Ok((store, recovered)) => (Some(store), recovered),
-                Err(e) => {
-                    return Err(BrokerError::new(
-                        ErrorKind::ResourceError,
-                        format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
-                    ))
-                }
-            },
-            None => (None, Vec::new()),
-        };
+        let (store, recovered) =
+            match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
+                Some(d) => match d.open_queue_store(&self.name, &name) {
+                    Ok((store, recovered)) => (Some(store), recovered),
+                    Err(e) => {
+                        return Err(BrokerError::new(
+                            ErrorKind::ResourceError,
+                            format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
+                        ))
+                    }
+                },
+                None => (None, Vec::new()),
+            };
         let durable = store.is_some();
         let queue = Queue::create(spec, hooks, store, recovered);
         queues.insert(name.clone(), Arc::clone(&queue));
@@ -630,15 +649,20 @@ impl VHost {
 
     /// Deletes the exclusive queues of a closed connection.
     pub fn connection_closed(&self, owner: ConnectionId) {
-        let owned: Vec<_> =
-            self.queues().into_iter().filter(|q| q.spec().exclusive_owner == Some(owner)).collect();
+        let owned: Vec<_> = self.queues().into_iter().filter(|q| q.spec().exclusive_owner == Some(owner)).collect();
         for q in owned {
             self.remove_queue(&q);
         }
     }
 
     /// `basic.consume`: registers a consumer and returns its id.
-    pub fn consume(&self, queue: &str, owner: ConnectionId, options: ConsumeOptions, sink: ConsumerSink) -> Result<(Arc<Queue>, ConsumerId)> {
+    pub fn consume(
+        &self,
+        queue: &str,
+        owner: ConnectionId,
+        options: ConsumeOptions,
+        sink: ConsumerSink,
+    ) -> Result<(Arc<Queue>, ConsumerId)> {
         let q = self.queue(queue, owner)?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         q.add_consumer(id, options, sink)?;
@@ -712,7 +736,9 @@ impl VHost {
             }
             let (exchange, keys) = match &options.target {
                 Some(RedriveTarget::Queue(name)) => (String::new(), vec![name.clone()]),
-                Some(RedriveTarget::Exchange { exchange, routing_key }) => (exchange.clone(), vec![routing_key.clone()]),
+                Some(RedriveTarget::Exchange { exchange, routing_key }) => {
+                    (exchange.clone(), vec![routing_key.clone()])
+                }
                 None => match first_death(message) {
                     Some(found) => found,
                     None => {
@@ -909,7 +935,13 @@ impl QueueHooks for VHost {
         let Ok(dlx) = self.exchange(dlx_name) else { return };
         let mut work = Vec::new();
         for message in messages {
-            let dead = dead_letter::make_dead_letter(&message, dlx_name, queue.name(), reason, args.dead_letter_routing_key.as_deref());
+            let dead = dead_letter::make_dead_letter(
+                &message,
+                dlx_name,
+                queue.name(),
+                reason,
+                args.dead_letter_routing_key.as_deref(),
+            );
             let keys = dead_letter::routing_keys(&dead);
             let targets = self.route(&dlx, &keys, dead.headers());
             let dead = Arc::new(dead);

@@ -145,7 +145,10 @@ async fn redrive_to_durable_target_waits_for_the_store() {
         let copy = v.queue("target", 1).unwrap().get(true).unwrap().message;
         v.publish("", Message::new("", "dlq", copy.properties.clone(), copy.body.clone())).unwrap();
         let out = v
-            .redrive("dlq", &RedriveOptions { target: Some(RedriveTarget::Queue("target".into())), ..Default::default() })
+            .redrive(
+                "dlq",
+                &RedriveOptions { target: Some(RedriveTarget::Queue("target".into())), ..Default::default() },
+            )
             .await
             .unwrap();
         assert_eq!(out.moved, 1);

@@ -65,7 +65,12 @@ impl Env {
     }
 
     /// A consumer with the given prefetch (0 = unlimited); returns the queue, its id and its event stream.
-    fn consume(&self, queue: &str, no_ack: bool, prefetch: u32) -> (Arc<Queue>, u64, mpsc::UnboundedReceiver<ConsumerEvent>) {
+    fn consume(
+        &self,
+        queue: &str,
+        no_ack: bool,
+        prefetch: u32,
+    ) -> (Arc<Queue>, u64, mpsc::UnboundedReceiver<ConsumerEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let options = ConsumeOptions {
             no_ack,
@@ -173,8 +178,18 @@ async fn headers_exchange_all_and_any() {
     e.queue("h-all");
     e.queue("h-any");
     e.queue("h-empty-all");
-    e.bind("h-all", "ex.headers", "", table(&[("x-match", text("all")), ("format", text("pdf")), ("type", text("report"))]));
-    e.bind("h-any", "ex.headers", "", table(&[("x-match", text("any")), ("format", text("pdf")), ("type", text("log"))]));
+    e.bind(
+        "h-all",
+        "ex.headers",
+        "",
+        table(&[("x-match", text("all")), ("format", text("pdf")), ("type", text("report"))]),
+    );
+    e.bind(
+        "h-any",
+        "ex.headers",
+        "",
+        table(&[("x-match", text("any")), ("format", text("pdf")), ("type", text("log"))]),
+    );
     e.bind("h-empty-all", "ex.headers", "", FieldTable::default());
     let (_, _, mut all) = e.consume("h-all", true, 0);
     let (_, _, mut any) = e.consume("h-any", true, 0);
@@ -262,7 +277,9 @@ async fn a_gone_consumer_is_dropped_and_its_message_kept() {
 }
 
 fn death<'a>(d: &'a Delivery) -> &'a FieldTable {
-    let Some(AMQPValue::FieldArray(deaths)) = header(d, "x-death") else { panic!("no x-death in {:?}", d.message.headers()) };
+    let Some(AMQPValue::FieldArray(deaths)) = header(d, "x-death") else {
+        panic!("no x-death in {:?}", d.message.headers())
+    };
     match deaths.as_slice().first() {
         Some(AMQPValue::FieldTable(t)) => t,
         other => panic!("bad x-death entry {other:?}"),
@@ -316,7 +333,10 @@ async fn ttl_expiry_dead_letters_with_x_death() {
 async fn rejected_messages_dead_letter_and_x_death_counts_repeat_deaths() {
     let e = env();
     e.queue_with("retry", table(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("work"))]));
-    let work = e.queue_with("work", table(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("retry"))]));
+    let work = e.queue_with(
+        "work",
+        table(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("retry"))]),
+    );
     e.publish("", "work", "job");
     for round in 1..=3i64 {
         // Reject from work -> retry; move it back from retry -> work by rejecting there as well.
@@ -324,7 +344,9 @@ async fn rejected_messages_dead_letter_and_x_death_counts_repeat_deaths() {
         work.reject(&[got.id], false);
         let retry = e.vhost.queue("retry", e.owner).unwrap();
         let back = retry.get(false).unwrap();
-        let Some(AMQPValue::FieldArray(deaths)) = back.message.headers().and_then(|h| h.inner().get("x-death")).cloned() else {
+        let Some(AMQPValue::FieldArray(deaths)) =
+            back.message.headers().and_then(|h| h.inner().get("x-death")).cloned()
+        else {
             panic!("x-death")
         };
         let AMQPValue::FieldTable(newest) = &deaths.as_slice()[0] else { panic!() };
@@ -352,7 +374,8 @@ async fn max_length_drop_head_dead_letters_the_oldest() {
         assert!(e.publish("", "bounded", &format!("m{i}")));
     }
     assert_eq!(q.message_count(), 3);
-    let kept: Vec<String> = (0..3).map(|_| String::from_utf8(q.get(true).unwrap().message.body.to_vec()).unwrap()).collect();
+    let kept: Vec<String> =
+        (0..3).map(|_| String::from_utf8(q.get(true).unwrap().message.body.to_vec()).unwrap()).collect();
     assert_eq!(kept, ["m3", "m4", "m5"]);
     let (_, _, mut rx) = e.consume("overflowed", true, 0);
     let dropped = drain(&mut rx);
@@ -375,10 +398,13 @@ async fn max_length_counts_ready_messages_only() {
 #[tokio::test]
 async fn reject_publish_overflow_refuses_new_messages() {
     let e = env();
-    let q = e.queue_with("full", table(&[("x-max-length", AMQPValue::LongInt(1)), ("x-overflow", text("reject-publish"))]));
-    let first = e.vhost.publish("", Message::new("", "full", BasicProperties::default(), Bytes::from_static(b"1"))).unwrap();
+    let q =
+        e.queue_with("full", table(&[("x-max-length", AMQPValue::LongInt(1)), ("x-overflow", text("reject-publish"))]));
+    let first =
+        e.vhost.publish("", Message::new("", "full", BasicProperties::default(), Bytes::from_static(b"1"))).unwrap();
     assert!(first.routed && !first.rejected);
-    let second = e.vhost.publish("", Message::new("", "full", BasicProperties::default(), Bytes::from_static(b"2"))).unwrap();
+    let second =
+        e.vhost.publish("", Message::new("", "full", BasicProperties::default(), Bytes::from_static(b"2"))).unwrap();
     assert!(second.rejected, "{second:?}");
     assert_eq!(&q.get(true).unwrap().message.body[..], b"1");
     assert!(q.get(true).is_none());
@@ -490,7 +516,8 @@ async fn requeue_respects_max_length() {
     let one = q.get(false).unwrap();
     e.publish("", "ml-requeue", "3");
     q.reject(&[one.id], true);
-    let left: Vec<String> = std::iter::from_fn(|| q.get(true)).map(|g| String::from_utf8(g.message.body.to_vec()).unwrap()).collect();
+    let left: Vec<String> =
+        std::iter::from_fn(|| q.get(true)).map(|g| String::from_utf8(g.message.body.to_vec()).unwrap()).collect();
     assert_eq!(left, ["2", "3"]);
 }
 

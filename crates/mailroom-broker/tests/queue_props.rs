@@ -14,12 +14,21 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Publish { priority: Option<u8> },
+    Publish {
+        priority: Option<u8>,
+    },
     Get,
     Ack(usize),
-    Reject { pick: usize, requeue: bool },
+    Reject {
+        pick: usize,
+        requeue: bool,
+    },
     /// Settle several unacked at once (as a multiple ack/nack does).
-    SettleMany { count: usize, ack: bool, requeue: bool },
+    SettleMany {
+        count: usize,
+        ack: bool,
+        requeue: bool,
+    },
     Purge,
 }
 
@@ -97,7 +106,12 @@ fn run(ops: Vec<Op>, max_priority: Option<u8>) -> Result<(), TestCaseError> {
                     (Some(g), Some(key)) => {
                         let seq = u64::from_be_bytes(g.message.body[..].try_into().unwrap());
                         prop_assert_eq!(seq, key.1, "step {}: get returned the wrong message", step);
-                        prop_assert_eq!(g.redelivered, m.requeued_once.contains(&seq), "step {}: redelivered flag", step);
+                        prop_assert_eq!(
+                            g.redelivered,
+                            m.requeued_once.contains(&seq),
+                            "step {}: redelivered flag",
+                            step
+                        );
                         m.ready.remove(&key);
                         prop_assert_eq!(g.remaining as usize, m.ready.len());
                         m.unacked.push((g.id, key));

@@ -4,8 +4,7 @@
 
 use bytes::Bytes;
 use mailroom_broker::store::{
-    MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, StoredMessage, Syncer,
-    SyncerConfig,
+    MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, StoredMessage, Syncer, SyncerConfig,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -27,9 +26,7 @@ impl Rng {
 }
 
 fn test_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir()
-        .join("mailroom-store-it")
-        .join(format!("{name}-{}", std::process::id()));
+    let d = std::env::temp_dir().join("mailroom-store-it").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -41,21 +38,14 @@ fn msg(id: u64, size: usize) -> StoredMessage {
         exchange: "amq.direct".into(),
         routing_key: format!("key.{id}"),
         properties: Bytes::from_static(b"\x90\x00\x10application/json\x02"),
-        body: Bytes::from(
-            (0..size)
-                .map(|i| (i as u64 ^ id) as u8)
-                .collect::<Vec<u8>>(),
-        ),
+        body: Bytes::from((0..size).map(|i| (i as u64 ^ id) as u8).collect::<Vec<u8>>()),
         expires_at_ms: id.is_multiple_of(3).then_some(1_800_000_000_000 + id),
         delivery_count: (id % 5) as u32,
     }
 }
 
 fn cfg(segment_size: u64) -> StoreConfig {
-    StoreConfig {
-        segment_size,
-        ..Default::default()
-    }
+    StoreConfig { segment_size, ..Default::default() }
 }
 
 fn recover(dir: &Path, seg: u64, syncer: &Syncer) -> (QueueStore, Vec<Recovered>, RecoveryReport) {
@@ -105,20 +95,9 @@ async fn round_trip_across_rolls_with_settles_and_deliveries() {
 
     let mut settled = HashSet::new();
     let mut delivered = HashSet::new();
-    let refs: Vec<MsgRef> = pos
-        .iter()
-        .enumerate()
-        .map(|(i, p)| MsgRef {
-            id: i as u64,
-            pos: *p,
-        })
-        .collect();
+    let refs: Vec<MsgRef> = pos.iter().enumerate().map(|(i, p)| MsgRef { id: i as u64, pos: *p }).collect();
     for chunk in refs.chunks(37) {
-        let d: Vec<MsgRef> = chunk
-            .iter()
-            .copied()
-            .filter(|_| rng.below(3) == 0)
-            .collect();
+        let d: Vec<MsgRef> = chunk.iter().copied().filter(|_| rng.below(3) == 0).collect();
         store.mark_delivered(&d).unwrap();
         delivered.extend(d.iter().map(|r| r.id));
         let s: Vec<MsgRef> = chunk.iter().copied().filter(|_| rng.below(5) < 2).collect();
@@ -126,11 +105,7 @@ async fn round_trip_across_rolls_with_settles_and_deliveries() {
         settled.extend(s.iter().map(|r| r.id));
     }
     // Settle whole segments too, so some get deleted.
-    let whole: Vec<MsgRef> = refs
-        .iter()
-        .copied()
-        .filter(|r| r.pos.segment <= 3 && !settled.contains(&r.id))
-        .collect();
+    let whole: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment <= 3 && !settled.contains(&r.id)).collect();
     store.settle(&whole).unwrap();
     settled.extend(whole.iter().map(|r| r.id));
     store.sync().wait().await.unwrap();
@@ -138,43 +113,21 @@ async fn round_trip_across_rolls_with_settles_and_deliveries() {
     drop(store);
 
     let (store, rec, report) = recover(&dir, seg, &syncer);
-    assert!(
-        report.damaged.is_empty() && report.truncated.is_empty(),
-        "{report:?}"
-    );
-    let expect: Vec<u64> = (0..sizes.len() as u64)
-        .filter(|id| !settled.contains(id))
-        .collect();
+    assert!(report.damaged.is_empty() && report.truncated.is_empty(), "{report:?}");
+    let expect: Vec<u64> = (0..sizes.len() as u64).filter(|id| !settled.contains(id)).collect();
     let got: Vec<u64> = rec.iter().map(|r| r.msg.id).collect();
-    assert_eq!(
-        got, expect,
-        "exactly the unsettled messages, in append order"
-    );
+    assert_eq!(got, expect, "exactly the unsettled messages, in append order");
     for r in &rec {
         assert_eq!(r.msg, msg(r.msg.id, sizes[r.msg.id as usize]));
-        assert_eq!(
-            r.redelivered,
-            delivered.contains(&r.msg.id),
-            "redelivered flag of {}",
-            r.msg.id
-        );
+        assert_eq!(r.redelivered, delivered.contains(&r.msg.id), "redelivered flag of {}", r.msg.id);
         assert_eq!(r.pos, pos[r.msg.id as usize]);
         assert_eq!(store.read(r.pos).unwrap(), r.msg, "paged back in");
     }
-    assert!(
-        !dir.join("0000000001.seg").exists(),
-        "fully settled segments deleted"
-    );
+    assert!(!dir.join("0000000001.seg").exists(), "fully settled segments deleted");
     assert!(store.segment_count() <= before + 1);
 
     // Settle the rest after recovery: every old segment goes away.
-    let rest: Vec<MsgRef> = rec
-        .iter()
-        .map(|r| MsgRef {
-            id: r.msg.id,
-            pos: r.pos,
-        })
-        .collect();
+    let rest: Vec<MsgRef> = rec.iter().map(|r| MsgRef { id: r.msg.id, pos: r.pos }).collect();
     store.settle(&rest).unwrap();
     assert_eq!(store.segment_count(), 1);
     assert_eq!(segment_files(&dir).len(), 1);
@@ -197,30 +150,18 @@ async fn torn_tail_at_every_offset_is_cut_and_appends_resume() {
         std::fs::create_dir_all(&work).unwrap();
         std::fs::write(work.join(seg_path.file_name().unwrap()), &full[..cut]).unwrap();
         let (store, rec, report) = recover(&work, 1 << 20, &syncer);
-        assert_eq!(
-            rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3],
-            "cut at {cut}"
-        );
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![0, 1, 2, 3], "cut at {cut}");
         assert!(report.damaged.is_empty(), "cut {cut}: {report:?}");
         if cut > last_start {
             assert_eq!(report.truncated.len(), 1, "cut {cut}");
             assert_eq!(report.truncated[0].offset as usize, last_start);
         }
-        assert_eq!(
-            std::fs::metadata(work.join(seg_path.file_name().unwrap()))
-                .unwrap()
-                .len() as usize,
-            last_start
-        );
+        assert_eq!(std::fs::metadata(work.join(seg_path.file_name().unwrap())).unwrap().len() as usize, last_start);
         // Later appends work and survive another recovery.
         store.append(&msg(10, 33)).unwrap().1.wait().await.unwrap();
         drop(store);
         let (_, rec, report) = recover(&work, 1 << 20, &syncer);
-        assert_eq!(
-            rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3, 10]
-        );
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![0, 1, 2, 3, 10]);
         assert!(report.truncated.is_empty() && report.damaged.is_empty());
     }
 }
@@ -243,18 +184,11 @@ async fn corrupt_header_or_body_is_reported_and_skipped() {
         data[victim + at] ^= 0xa5;
         std::fs::write(work.join(&name), &data).unwrap();
         let (_, rec, report) = recover(&work, 1 << 20, &syncer);
-        assert_eq!(
-            rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(),
-            vec![0, 1, 3, 4, 5],
-            "flip at +{at}"
-        );
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![0, 1, 3, 4, 5], "flip at +{at}");
         assert_eq!(report.damaged.len(), 1, "flip at +{at}: {report:?}");
         assert_eq!(report.damaged[0].path, work.join(&name));
         assert_eq!(report.damaged[0].offset as usize, victim);
-        assert_eq!(
-            report.damaged[0].len as usize,
-            pos[3].offset as usize - victim
-        );
+        assert_eq!(report.damaged[0].len as usize, pos[3].offset as usize - victim);
         assert!(report.truncated.is_empty());
     }
     // Garbage of every kind never panics recovery.
@@ -270,11 +204,7 @@ async fn corrupt_header_or_body_is_reported_and_skipped() {
             data.truncate(rng.below(data.len() as u64) as usize);
         }
         std::fs::write(work.join(&name), &data).unwrap();
-        std::fs::write(
-            work.join(format!("{:010}.ack", pos[0].segment)),
-            &data[..data.len().min(100)],
-        )
-        .unwrap();
+        std::fs::write(work.join(format!("{:010}.ack", pos[0].segment)), &data[..data.len().min(100)]).unwrap();
         let (_, rec, _) = recover(&work, 1 << 20, &syncer);
         assert!(rec.len() <= 6);
     }
@@ -304,10 +234,7 @@ async fn concurrent_appends_share_fsyncs() {
     let stats = syncer.stats();
     let appends = writers * per;
     assert_eq!(stats.records, appends);
-    assert!(
-        stats.fsyncs < appends / 4,
-        "{stats:?} for {appends} appends"
-    );
+    assert!(stats.fsyncs < appends / 4, "{stats:?} for {appends} appends");
     drop(store);
     let (_, rec, _) = recover(&dir, 1 << 20, &syncer);
     assert_eq!(rec.len() as u64, appends);
@@ -329,29 +256,15 @@ fn crash_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let round: u64 = std::env::var("MAILROOM_STORE_CRASH_ROUND")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let round: u64 = std::env::var("MAILROOM_STORE_CRASH_ROUND").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let syncer = Syncer::start(SyncerConfig::default());
-        let (store, rec, _) =
-            QueueStore::recover(Path::new(&dir), cfg(256 * 1024), &syncer).unwrap();
+        let (store, rec, _) = QueueStore::recover(Path::new(&dir), cfg(256 * 1024), &syncer).unwrap();
         let store = Arc::new(store);
         // Settle a third of what came back, as a consumer would.
-        let old: Vec<MsgRef> = rec
-            .iter()
-            .filter(|r| r.msg.id % 3 == 0)
-            .map(|r| MsgRef {
-                id: r.msg.id,
-                pos: r.pos,
-            })
-            .collect();
+        let old: Vec<MsgRef> =
+            rec.iter().filter(|r| r.msg.id % 3 == 0).map(|r| MsgRef { id: r.msg.id, pos: r.pos }).collect();
         // Announced first: a kill between settle and the S lines leaves them "maybe settled".
         for r in &old {
             println!("P {}", r.id);
@@ -409,9 +322,7 @@ fn sigkill_at_random_moments_loses_no_confirmed_message() {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some((kind, id)) = line.split_once(' ') {
-                    if let (Some(k @ ('C' | 'S' | 'P')), Ok(id)) =
-                        (kind.chars().next(), id.parse::<u64>())
-                    {
+                    if let (Some(k @ ('C' | 'S' | 'P')), Ok(id)) = (kind.chars().next(), id.parse::<u64>()) {
                         lines.push((k, id));
                     }
                 }
@@ -438,27 +349,17 @@ fn sigkill_at_random_moments_loses_no_confirmed_message() {
         let present: HashSet<u64> = rec.iter().map(|r| r.msg.id).collect();
         for id in &confirmed {
             if !settled.contains(id) && !maybe_settled.contains(id) {
-                assert!(
-                    present.contains(id),
-                    "round {round}: confirmed message {id:#x} lost"
-                );
+                assert!(present.contains(id), "round {round}: confirmed message {id:#x} lost");
             }
         }
         for id in &settled {
-            assert!(
-                !present.contains(id),
-                "round {round}: settled message {id:#x} came back after kill -9"
-            );
+            assert!(!present.contains(id), "round {round}: settled message {id:#x} came back after kill -9");
         }
         // Append order per writer is kept.
         let mut last: BTreeMap<u64, u64> = BTreeMap::new();
         for r in &rec {
             let (w, n) = (r.msg.id >> 32, r.msg.id & 0xffff_ffff);
-            assert!(
-                last.insert(w, n).is_none_or(|prev| prev < n),
-                "round {round}: order broken at {:#x}",
-                r.msg.id
-            );
+            assert!(last.insert(w, n).is_none_or(|prev| prev < n), "round {round}: order broken at {:#x}", r.msg.id);
             assert_eq!(r.msg, msg(r.msg.id, r.msg.body.len()));
         }
         eprintln!(
@@ -478,12 +379,7 @@ fn sigkill_at_random_moments_loses_no_confirmed_message() {
 #[ignore]
 async fn bench_group_commit_throughput() {
     // MAILROOM_BENCH_MAX_WAIT_US / MAILROOM_BENCH_IDLE_US override the syncer's gathering.
-    let env_us = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_micros)
-    };
+    let env_us = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok()).map(Duration::from_micros);
     let mut sc = SyncerConfig::default();
     sc.max_wait = env_us("MAILROOM_BENCH_MAX_WAIT_US").unwrap_or(sc.max_wait);
     sc.gather_idle = env_us("MAILROOM_BENCH_IDLE_US").unwrap_or(sc.gather_idle);
@@ -503,10 +399,7 @@ async fn bench_group_commit_throughput() {
                 let mut pending = std::collections::VecDeque::new();
                 let body = msg(0, 1024);
                 while start.elapsed().as_secs_f64() < secs {
-                    let m = StoredMessage {
-                        id: w << 32 | n,
-                        ..body.clone()
-                    };
+                    let m = StoredMessage { id: w << 32 | n, ..body.clone() };
                     pending.push_back(store.append(&m).unwrap().1);
                     n += 1;
                     if pending.len() >= window {
@@ -546,22 +439,14 @@ async fn bench_recovery_200mb() {
     let body = msg(0, 1024);
     let mut last = None;
     for id in 0..n {
-        last = Some(
-            store
-                .append(&StoredMessage { id, ..body.clone() })
-                .unwrap()
-                .1,
-        );
+        last = Some(store.append(&StoredMessage { id, ..body.clone() }).unwrap().1);
         if id % 10_000 == 0 {
             last.take().unwrap().wait().await.unwrap();
         }
     }
     last.unwrap().wait().await.unwrap();
     drop(store);
-    let bytes: u64 = segment_files(&dir)
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .sum();
+    let bytes: u64 = segment_files(&dir).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
     // Drop the page cache if allowed (root), so the figure includes reading from disk.
     let cold = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
     let start = Instant::now();

@@ -104,7 +104,8 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
         AdminCommand::Policy { command: PolicyCommand::Set { name, pattern, definition, priority, apply_to } } => {
             let definition: Value =
                 serde_json::from_str(&definition).map_err(|e| format!("DEFINITION is not valid JSON: {e}"))?;
-            let body = json!({ "pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to });
+            let body =
+                json!({ "pattern": pattern, "definition": definition, "priority": priority, "apply-to": apply_to });
             client.request("PUT", &format!("/api/policies/{vhost}/{}", encode(&name)), Some(&body)).await?
         }
         AdminCommand::Policy { command: PolicyCommand::List } => {

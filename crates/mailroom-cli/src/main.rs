@@ -146,7 +146,9 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
             }
             tokio::spawn(http.run(std::future::pending()));
         }
-        Err(e) => tracing::warn!(listen = %args.http_listen, error = %e, "cannot bind the HTTP API; running without it"),
+        Err(e) => {
+            tracing::warn!(listen = %args.http_listen, error = %e, "cannot bind the HTTP API; running without it")
+        }
     }
     tracing::info!(http = %args.http_listen, data_dir = %args.data_dir.display(), "mailroom started");
     server.run(shutdown_signal()).await;

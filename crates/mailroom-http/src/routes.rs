@@ -119,7 +119,10 @@ fn query_param(query: Option<&str>, name: &str) -> Result<Option<usize>, ApiErro
     for pair in query.unwrap_or("").split('&') {
         if let Some((k, v)) = pair.split_once('=') {
             if k == name {
-                return v.parse().map(Some).map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer")));
+                return v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer")));
             }
         }
     }
@@ -139,12 +142,8 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
 async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let segments: Vec<String> = path
-        .trim_end_matches('/')
-        .split('/')
-        .skip(1)
-        .map(percent_decode)
-        .collect::<Result<_, _>>()?;
+    let segments: Vec<String> =
+        path.trim_end_matches('/').split('/').skip(1).map(percent_decode).collect::<Result<_, _>>()?;
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
     match (&method, segs.as_slice()) {
@@ -197,7 +196,11 @@ async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
             Ok((StatusCode::OK, json!({ "moved": out.moved, "skipped": out.skipped })))
         }
         (&Method::GET, ["api", "policies"]) => {
-            let all = broker.vhosts().iter().flat_map(|v| v.policies().into_iter().map(move |p| json::policy(v.name(), &p))).collect();
+            let all = broker
+                .vhosts()
+                .iter()
+                .flat_map(|v| v.policies().into_iter().map(move |p| json::policy(v.name(), &p)))
+                .collect();
             Ok((StatusCode::OK, Value::Array(all)))
         }
         (&Method::GET, ["api", "policies", vhost]) => {
@@ -206,13 +209,16 @@ async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
         }
         (&Method::GET, ["api", "policies", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
-            let p = v.policy(name).ok_or_else(|| ApiError::not_found(format!("policy '{name}' not found in vhost '{}'", v.name())))?;
+            let p = v
+                .policy(name)
+                .ok_or_else(|| ApiError::not_found(format!("policy '{name}' not found in vhost '{}'", v.name())))?;
             Ok((StatusCode::OK, json::policy(v.name(), &p)))
         }
         (&Method::PUT, ["api", "policies", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
             let body: PolicyBody = read_json(req).await?;
-            let apply_to = ApplyTo::parse(body.apply_to.as_deref().unwrap_or("all")).map_err(|e| ApiError::bad_request(e.message))?;
+            let apply_to = ApplyTo::parse(body.apply_to.as_deref().unwrap_or("all"))
+                .map_err(|e| ApiError::bad_request(e.message))?;
             let definition = match &body.definition {
                 Value::Object(map) => json::to_table(map),
                 _ => return Err(ApiError::bad_request("definition must be a JSON object")),

@@ -1,7 +1,9 @@
 //! The HTTP API against a real server on port 0, with a raw HTTP/1.1 client.
 
 use bytes::Bytes;
-use mailroom_broker::{AMQPValue, BasicProperties, Broker, BrokerConfig, ExchangeOptions, FieldTable, Message, QueueOptions};
+use mailroom_broker::{
+    AMQPValue, BasicProperties, Broker, BrokerConfig, ExchangeOptions, FieldTable, Message, QueueOptions,
+};
 use mailroom_http::HttpServer;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -143,8 +145,14 @@ async fn redrive_moves_dead_letters_back() {
         let g = work.get(false).unwrap();
         work.reject(&[g.id], false);
     }
-    let (status, out) =
-        call(addr, "POST", "/api/queues/%2F/dlq/redrive", Some(GUEST), Some(r#"{"count":1,"target":{"queue":"other"}}"#)).await;
+    let (status, out) = call(
+        addr,
+        "POST",
+        "/api/queues/%2F/dlq/redrive",
+        Some(GUEST),
+        Some(r#"{"count":1,"target":{"queue":"other"}}"#),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(out["moved"], 1);
     let body = r#"{"header_filter":{"name":"kind","value":"b"}}"#;
@@ -172,7 +180,8 @@ async fn policies_crud_and_effect() {
     for _ in 0..4 {
         publish(&broker, "jobs", b"x", &[]);
     }
-    let body = r#"{"pattern":"^jobs$","definition":{"max-length":1,"message-ttl":60000},"priority":2,"apply-to":"queues"}"#;
+    let body =
+        r#"{"pattern":"^jobs$","definition":{"max-length":1,"message-ttl":60000},"priority":2,"apply-to":"queues"}"#;
     assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 201);
     assert_eq!(call(addr, "PUT", "/api/policies/%2F/cap", Some(GUEST), Some(body)).await.0, 204);
     assert_eq!(v.queue("jobs", 1).unwrap().message_count(), 1);

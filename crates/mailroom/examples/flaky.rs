@@ -21,7 +21,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let u = up.clone();
     let worker = bus
         .worker("example.flaky")
-        .retry(RetryPolicy::new().immediate(1).delayed(2).backoff(Duration::from_millis(100), 2, Duration::from_secs(1)))
+        .retry(RetryPolicy::new().immediate(1).delayed(2).backoff(
+            Duration::from_millis(100),
+            2,
+            Duration::from_secs(1),
+        ))
         .handle(move |e: Envelope<String>, _| {
             let u = u.clone();
             async move {

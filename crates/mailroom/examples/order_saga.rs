@@ -43,7 +43,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The services: each answers its command (an error becomes a fault reply).
     let mut services = Vec::new();
-    for queue in ["example.inventory.reserve", "example.inventory.release", "example.payment.refund", "example.shipping.ship"] {
+    for queue in
+        ["example.inventory.reserve", "example.inventory.release", "example.payment.refund", "example.shipping.ship"]
+    {
         services.push(
             bus.responder(queue)
                 .handle_request(move |cmd: Envelope<serde_json::Value>, _| async move {
@@ -82,10 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .run(bus.clone(), outbox.clone())
         .await?;
 
-    let orders = [
-        Order { order: 1, sku: "book".into(), cents: 2_500 },
-        Order { order: 2, sku: "piano".into(), cents: 450_000 },
-    ];
+    let orders =
+        [Order { order: 1, sku: "book".into(), cents: 2_500 }, Order { order: 2, sku: "piano".into(), cents: 450_000 }];
     for o in &orders {
         println!("order {} ({} cents):", o.order, o.cents);
         let id = saga.start(o).await?;

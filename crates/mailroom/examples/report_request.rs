@@ -41,7 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if !(1..=12).contains(&month) {
                 return Err(HandlerError::permanent(format!("no month {month}")).with_kind("invalid"));
             }
-            Ok(Report { title: format!("Sales {year}-{month:02}"), orders: 40 + month, revenue_cents: 125_000 * month as u64 })
+            Ok(Report {
+                title: format!("Sales {year}-{month:02}"),
+                orders: 40 + month,
+                revenue_cents: 125_000 * month as u64,
+            })
         })
         .run()
         .await?;
@@ -58,7 +62,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         bus.request(SERVICE, ReportRequest { year: 2026, month: 11 }).timeout(Duration::from_secs(5)).await?;
     println!("reply: {} - {} orders, {:.2} total", report.title, report.orders, report.revenue_cents as f64 / 100.0);
 
-    match bus.request::<Report, _>(SERVICE, ReportRequest { year: 2026, month: 13 }).timeout(Duration::from_secs(5)).await {
+    match bus
+        .request::<Report, _>(SERVICE, ReportRequest { year: 2026, month: 13 })
+        .timeout(Duration::from_secs(5))
+        .await
+    {
         Err(RequestError::Remote(fault)) => println!("fault: {} ({})", fault.message, fault.kind),
         other => return Err(format!("expected a fault, got {other:?}").into()),
     }
@@ -66,7 +74,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(RequestError::NoRoute(q)) => println!("no route: nobody serves {q}"),
         other => return Err(format!("expected no route, got {other:?}").into()),
     }
-    match bus.request::<Report, _>(SLOW_SERVICE, ReportRequest { year: 2026, month: 1 }).timeout(Duration::from_millis(300)).await {
+    match bus
+        .request::<Report, _>(SLOW_SERVICE, ReportRequest { year: 2026, month: 1 })
+        .timeout(Duration::from_millis(300))
+        .await
+    {
         Err(RequestError::Timeout) => println!("timeout: the slow service missed the 300 ms deadline"),
         other => return Err(format!("expected a timeout, got {other:?}").into()),
     }

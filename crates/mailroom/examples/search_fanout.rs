@@ -64,7 +64,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .gather(Strategy::FirstN(2))
         .deadline(Duration::from_secs(3))
         .await?;
-    println!("first 2: complete={} from {:?}", first.complete, first.replies.iter().map(|(s, _)| s).collect::<Vec<_>>());
+    println!(
+        "first 2: complete={} from {:?}",
+        first.complete,
+        first.replies.iter().map(|(s, _)| s).collect::<Vec<_>>()
+    );
 
     let topic = bus
         .scatter::<Hits, _>(Target::Topic(TOPIC.into()), search)

@@ -123,8 +123,12 @@ impl Bus {
         let mut dlq_args = FieldTable::default();
         self.quorum(&mut dlq_args);
         self.declare(Declaration::Queue { name: format!("{queue}.dlq"), durable: true, arguments: dlq_args }).await?;
-        self.declare(Declaration::Queue { name: queue.to_owned(), durable: true, arguments: self.queue_arguments(queue) })
-            .await
+        self.declare(Declaration::Queue {
+            name: queue.to_owned(),
+            durable: true,
+            arguments: self.queue_arguments(queue),
+        })
+        .await
     }
 
     /// Sends a command to a queue (declared if needed), waiting for the broker's confirm.
@@ -157,7 +161,11 @@ impl Bus {
     }
 
     /// Recipient list: the same message (same id) to every queue, one confirm each, a result per queue.
-    pub async fn send_each<T: Payload + Clone>(&self, queues: &[impl AsRef<str>], body: T) -> Vec<(String, Result<()>)> {
+    pub async fn send_each<T: Payload + Clone>(
+        &self,
+        queues: &[impl AsRef<str>],
+        body: T,
+    ) -> Vec<(String, Result<()>)> {
         let env = Envelope::command(body);
         let mut results = Vec::with_capacity(queues.len());
         for q in queues {
@@ -203,7 +211,12 @@ impl Bus {
     }
 
     /// Publishes raw properties/body (dead-lettering, retries, redrive: the message id is kept).
-    pub(crate) async fn emit_raw(&self, routing_key: &str, meta: &Metadata, body: bytes::Bytes) -> Result<(), TransportError> {
+    pub(crate) async fn emit_raw(
+        &self,
+        routing_key: &str,
+        meta: &Metadata,
+        body: bytes::Bytes,
+    ) -> Result<(), TransportError> {
         let out = Outbound {
             exchange: String::new(),
             routing_key: routing_key.to_owned(),
@@ -305,8 +318,7 @@ impl Context {
     /// Nothing else is copied (retry counts must not leak outbound, MassTransit #4676).
     pub fn derive<T>(&self, mut env: Envelope<T>) -> Envelope<T> {
         env.meta.causation_id = Some(self.meta.id.clone());
-        env.meta.correlation_id =
-            Some(self.meta.correlation_id.clone().unwrap_or_else(|| self.meta.id.clone()));
+        env.meta.correlation_id = Some(self.meta.correlation_id.clone().unwrap_or_else(|| self.meta.id.clone()));
         env.meta.headers.insert(TRACEPARENT.into(), self.trace.child().to_string());
         env
     }

@@ -95,10 +95,10 @@ pub use bus::{Bus, BusConfig, Context};
 pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
 pub use error::{Error, HandlerError, Result, TransportError};
 pub use filter::{Filter, Headers};
-pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
 #[cfg(feature = "postgres")]
 pub use inbox::postgres::PgInbox;
-pub use pipeline::{Incoming, Middleware, MetricsSnapshot, Next, Outcome, WorkerHandle};
-pub use request::{Fault, Gathered, GatherError, RequestError, Strategy, Target};
+pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
+pub use pipeline::{Incoming, MetricsSnapshot, Middleware, Next, Outcome, WorkerHandle};
+pub use request::{Fault, GatherError, Gathered, RequestError, Strategy, Target};
 pub use retry::{Jitter, RetryPolicy};
 pub use transport::{Amqp, AmqpConfig, Embedded, Transport};

@@ -183,9 +183,11 @@ impl Outbox {
         sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {t}_unsent ON {t} (seq) WHERE published_at IS NULL"))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {t}_published ON {t} (published_at) WHERE published_at IS NOT NULL"))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {t}_published ON {t} (published_at) WHERE published_at IS NOT NULL"
+        ))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -8,11 +8,11 @@
 //! then ack. It never rejects with requeue (no hot loops); if that publish fails it rejects without
 //! requeue and the queue's dead-letter backstop moves the message to `<queue>.dlq`.
 
+use crate::bus::UnitSlot;
 use crate::bus::{Bus, Context};
 use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
 use crate::error::{HandlerError, Result};
 use crate::filter::Filter;
-use crate::bus::UnitSlot;
 use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
@@ -408,11 +408,23 @@ fn delayed_retry(core: &Core, copy: &Metadata, round: u32, delay: std::time::Dur
             let mut table = props.headers().clone().unwrap_or_default();
             table.insert(ShortString::from(X_DELAY), AMQPValue::LongLongInt(delay.as_millis() as i64));
             props = props.with_headers(table);
-            Outbound { exchange: exchange.clone(), routing_key: core.queue.to_string(), properties: props, body, mandatory: false }
+            Outbound {
+                exchange: exchange.clone(),
+                routing_key: core.queue.to_string(),
+                properties: props,
+                body,
+                mandatory: false,
+            }
         }
         None => {
             props = props.with_expiration(delay.as_millis().to_string().as_str().into());
-            Outbound { exchange: String::new(), routing_key: retry_queue(&core.queue, round), properties: props, body, mandatory: false }
+            Outbound {
+                exchange: String::new(),
+                routing_key: retry_queue(&core.queue, round),
+                properties: props,
+                body,
+                mandatory: false,
+            }
         }
     }
 }
@@ -434,8 +446,7 @@ impl Worker {
                 Some(args) => {
                     // Topic first, then a per-group headers exchange: only matching events reach the queue.
                     let hx = format!("{}.filter", b.queue);
-                    bus.declare(Declaration::Exchange { name: hx.clone(), kind: ExchangeKind::Headers })
-                        .await?;
+                    bus.declare(Declaration::Exchange { name: hx.clone(), kind: ExchangeKind::Headers }).await?;
                     for pattern in &b.bindings {
                         bus.declare(Declaration::BindExchange {
                             destination: hx.clone(),

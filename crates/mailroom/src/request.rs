@@ -112,7 +112,8 @@ async fn route_replies(router: std::sync::Weak<ReplyRouter>, mut sub: Subscripti
         let pending = router.pending.lock().unwrap();
         match pending.get(&key) {
             Some(p) => {
-                let recipient = meta.header(headers::RESPONDER).map(str::to_owned).unwrap_or_else(|| p.recipient.clone());
+                let recipient =
+                    meta.header(headers::RESPONDER).map(str::to_owned).unwrap_or_else(|| p.recipient.clone());
                 let _ = p.tx.send(ReplyMsg { meta, body: m.body, recipient });
             }
             None => {
@@ -135,7 +136,13 @@ impl Bus {
 
     /// A request to `queue`; await it (after an optional `.timeout(..)`) for the typed response.
     pub fn request<R: Payload, T: Payload>(&self, queue: &str, body: T) -> Request<T, R> {
-        Request { bus: self.clone(), queue: queue.to_owned(), env: Envelope::command(body), timeout: Duration::from_secs(30), _r: PhantomData }
+        Request {
+            bus: self.clone(),
+            queue: queue.to_owned(),
+            env: Envelope::command(body),
+            timeout: Duration::from_secs(30),
+            _r: PhantomData,
+        }
     }
 
     /// Scatter `body` to `target`; gather replies with a strategy before a deadline.
@@ -150,7 +157,14 @@ impl Bus {
         }
     }
 
-    async fn publish_request<T: Payload>(&self, exchange: &str, key: &str, mut env: Envelope<T>, address: &str, timeout: Duration) -> Result<Published, Error> {
+    async fn publish_request<T: Payload>(
+        &self,
+        exchange: &str,
+        key: &str,
+        mut env: Envelope<T>,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Published, Error> {
         env.meta.reply_to = Some(address.to_owned());
         if env.meta.correlation_id.is_none() {
             env.meta.correlation_id = Some(env.meta.id.clone());
@@ -159,12 +173,20 @@ impl Bus {
         let (mut props, body) = {
             let e = &mut env;
             if e.header(crate::trace::TRACEPARENT).is_none() {
-                e.meta.headers.insert(crate::trace::TRACEPARENT.into(), crate::trace::TraceContext::new_root().to_string());
+                e.meta
+                    .headers
+                    .insert(crate::trace::TRACEPARENT.into(), crate::trace::TraceContext::new_root().to_string());
             }
             e.to_wire().map_err(Error::Encode)?
         };
         props = props.with_expiration(timeout.as_millis().max(1).to_string().as_str().into());
-        let out = Outbound { exchange: exchange.to_owned(), routing_key: key.to_owned(), properties: props, body, mandatory: exchange.is_empty() };
+        let out = Outbound {
+            exchange: exchange.to_owned(),
+            routing_key: key.to_owned(),
+            properties: props,
+            body,
+            mandatory: exchange.is_empty(),
+        };
         Ok(self.transport().publish(out).await?)
     }
 }
@@ -355,11 +377,14 @@ impl<T: Payload + Clone, R: Payload + std::fmt::Debug> Scatter<T, R> {
                     // One message per recipient, each with its own id so replies name their sender.
                     let mut env = self.env.clone();
                     env.meta.id = crate::envelope::new_message_id();
-                    env.meta.correlation_id = Some(self.env.correlation_id.clone().unwrap_or_else(|| self.env.id.clone()));
+                    env.meta.correlation_id =
+                        Some(self.env.correlation_id.clone().unwrap_or_else(|| self.env.id.clone()));
                     guards.push(router.register(&env.id, q, tx.clone()));
                     match self.bus.publish_request("", q, env, &router.address, self.deadline).await? {
                         Published::Confirmed => expected.push(q.clone()),
-                        Published::Unroutable => out.faults.push((q.clone(), Fault { kind: "no-route".into(), message: format!("no route to {q}") })),
+                        Published::Unroutable => out
+                            .faults
+                            .push((q.clone(), Fault { kind: "no-route".into(), message: format!("no route to {q}") })),
                     }
                 }
             }

@@ -161,7 +161,8 @@ async fn pubsub_each_group_gets_a_copy(target: Target) {
             Ok(())
         }
     };
-    let s = env.bus.subscribe(&format!("{topic}.*")).group(&shipping).handle(shipping_handler.clone()).run().await.unwrap();
+    let s =
+        env.bus.subscribe(&format!("{topic}.*")).group(&shipping).handle(shipping_handler.clone()).run().await.unwrap();
     for n in 0..3 {
         env.bus.publish(&format!("{topic}.placed"), Job { n }).await.unwrap();
     }
@@ -250,7 +251,9 @@ async fn many_requests_in_flight(target: Target) {
     for n in 0..30 {
         let bus = env.bus.clone();
         let q = q.clone();
-        tasks.push(tokio::spawn(async move { bus.request::<Answer, _>(&q, Job { n }).timeout(Duration::from_secs(10)).await }));
+        tasks.push(tokio::spawn(async move {
+            bus.request::<Answer, _>(&q, Job { n }).timeout(Duration::from_secs(10)).await
+        }));
     }
     for (n, t) in tasks.into_iter().enumerate() {
         assert_eq!(t.await.unwrap().unwrap(), Answer { n: n as u32 });
@@ -280,21 +283,50 @@ async fn scatter_gather_strategies(target: Target) {
         );
     }
     let all = names.to_vec();
-    let g = env.bus.scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 }).deadline(Duration::from_millis(500)).await.unwrap();
+    let g = env
+        .bus
+        .scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 })
+        .deadline(Duration::from_millis(500))
+        .await
+        .unwrap();
     assert!(!g.complete);
     assert_eq!(g.replies.len(), 2);
     assert_eq!(g.missing, vec![names[2].clone()]);
-    let g = env.bus.scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 }).gather(Strategy::FirstN(1)).deadline(Duration::from_secs(2)).await.unwrap();
+    let g = env
+        .bus
+        .scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 })
+        .gather(Strategy::FirstN(1))
+        .deadline(Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(g.complete);
     assert_eq!(g.replies.len(), 1);
-    match env.bus.scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 }).gather(Strategy::Quorum(3)).deadline(Duration::from_millis(300)).await {
+    match env
+        .bus
+        .scatter::<Answer, _>(To::Queues(all.clone()), Job { n: 1 })
+        .gather(Strategy::Quorum(3))
+        .deadline(Duration::from_millis(300))
+        .await
+    {
         Err(GatherError::QuorumNotMet(partial)) => assert_eq!(partial.replies.len(), 2),
         other => panic!("expected quorum failure, got {other:?}"),
     }
-    let g = env.bus.scatter::<Answer, _>(To::Queues(all[..2].to_vec()), Job { n: 1 }).gather(Strategy::Quorum(2)).deadline(Duration::from_secs(2)).await.unwrap();
+    let g = env
+        .bus
+        .scatter::<Answer, _>(To::Queues(all[..2].to_vec()), Job { n: 1 })
+        .gather(Strategy::Quorum(2))
+        .deadline(Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(g.complete && g.missing.is_empty());
     // Topic target: unknown responders; each group queue answers.
-    let g = env.bus.scatter::<Answer, _>(To::Topic(topic.clone()), Job { n: 10 }).gather(Strategy::UntilDeadline).deadline(Duration::from_millis(500)).await.unwrap();
+    let g = env
+        .bus
+        .scatter::<Answer, _>(To::Topic(topic.clone()), Job { n: 10 })
+        .gather(Strategy::UntilDeadline)
+        .deadline(Duration::from_millis(500))
+        .await
+        .unwrap();
     let who: HashSet<String> = g.replies.iter().map(|(w, _)| w.clone()).collect();
     assert_eq!(who, names[..2].iter().cloned().collect());
     assert!(matches!(
@@ -314,7 +346,8 @@ async fn retry_then_dead_letter_then_redrive(target: Target) {
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ids: Arc<Mutex<Vec<String>>> = Arc::default();
     let (c, hl, ids2) = (calls.clone(), healthy.clone(), ids.clone());
-    let policy = RetryPolicy::new().immediate(1).delayed(2).backoff(Duration::from_millis(50), 2, Duration::from_millis(100));
+    let policy =
+        RetryPolicy::new().immediate(1).delayed(2).backoff(Duration::from_millis(50), 2, Duration::from_millis(100));
     let h = env
         .bus
         .worker(&q)
@@ -494,7 +527,10 @@ async fn header_filter_subscription(target: Target) {
         .await
         .unwrap();
     for (n, region) in [(1, "eu"), (2, "us"), (3, "eu")] {
-        env.bus.publish_envelope(&format!("{topic}.placed"), Envelope::event(Job { n }).with_header("region", region)).await.unwrap();
+        env.bus
+            .publish_envelope(&format!("{topic}.placed"), Envelope::event(Job { n }).with_header("region", region))
+            .await
+            .unwrap();
     }
     assert!(eventually(WAIT, || got.lock().unwrap().len() == 2).await);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -206,11 +206,13 @@ async fn retention_purge() {
     let consumer = format!("purge-{}", mailroom::envelope::new_message_id());
     inbox.record(&consumer, "fresh").await.unwrap();
     inbox.record(&consumer, "fresh").await.unwrap(); // recording twice is fine
-    sqlx::query("INSERT INTO inbox (consumer, message_id, processed_at) VALUES ($1, 'old', now() - interval '2 hours')")
-        .bind(&consumer)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, processed_at) VALUES ($1, 'old', now() - interval '2 hours')",
+    )
+    .bind(&consumer)
+    .execute(&pool)
+    .await
+    .unwrap();
     assert!(inbox.seen(&consumer, "old").await.unwrap());
     assert!(inbox.purge().await.unwrap() >= 1);
     assert!(!inbox.seen(&consumer, "old").await.unwrap());

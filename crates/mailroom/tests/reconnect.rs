@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, start_server, split_url, Proxy};
+use common::{eventually, split_url, start_server, Proxy};
 use mailroom::{Amqp, AmqpConfig, Bus, Envelope};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

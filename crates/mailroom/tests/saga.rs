@@ -89,7 +89,9 @@ async fn world_with(target: Target, test: &str, failures: Failures, duplicate_re
                 async move {
                     if duplicate_replies {
                         let to = ctx.meta().reply_to.clone().expect("saga commands carry reply_to");
-                        ctx.bus().send_envelope(&to, ctx.derive(Envelope::document(serde_json::json!({ "ok": svc })))).await?;
+                        ctx.bus()
+                            .send_envelope(&to, ctx.derive(Envelope::document(serde_json::json!({ "ok": svc }))))
+                            .await?;
                     }
                     let n = {
                         let mut c = calls.lock().unwrap();
@@ -192,7 +194,11 @@ async fn failure_at_step_three_compensates_in_reverse(target: Target) {
     let id = saga.start(&w.order(3)).await.unwrap();
     assert_eq!(until_status(&saga, &id, Status::Failed).await, Status::Failed);
     assert_eq!(w.log(), ["reserve", "charge", "ship!", "refund", "release"]);
-    assert_eq!(saga.get(&id).await.unwrap().data.payment.as_deref(), Some("pay-charge"), "the refund had the payment id");
+    assert_eq!(
+        saga.get(&id).await.unwrap().data.payment.as_deref(),
+        Some("pay-charge"),
+        "the refund had the payment id"
+    );
     w.teardown(saga).await;
 }
 
@@ -251,7 +257,8 @@ async fn orchestrator_killed_between_steps(target: Target) {
 /// re-sent with the same message id after its deadline.
 async fn timed_out_step_resent_with_same_id(target: Target) {
     let w = world(target, "sgtime", Failures::new()).await;
-    let saga = w.saga().step_timeout(Duration::from_millis(300)).run(w.env.bus.clone(), w.outbox.clone()).await.unwrap();
+    let saga =
+        w.saga().step_timeout(Duration::from_millis(300)).run(w.env.bus.clone(), w.outbox.clone()).await.unwrap();
     let id = saga.start(&w.order(7)).await.unwrap();
     assert_eq!(until_status(&saga, &id, Status::Done).await, Status::Done);
     // Expire a fake pending step by hand: set the instance back to "reserve sent" with an old deadline.

@@ -88,10 +88,7 @@ pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
     // u64: size + 8 overflows u32 for a hostile size field.
     if u64::from(size) + u64::from(FRAME_OVERHEAD) > u64::from(frame_max) {
-        return Err(FrameError::TooLarge {
-            size,
-            max: frame_max,
-        });
+        return Err(FrameError::TooLarge { size, max: frame_max });
     }
     let total = FRAME_HEADER_LEN + size as usize + 1;
     if buf.len() < total {
@@ -105,11 +102,7 @@ pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame
     let mut frame = buf.split_to(total);
     frame.advance(FRAME_HEADER_LEN);
     frame.truncate(size as usize);
-    Ok(Some(RawFrame {
-        kind,
-        channel,
-        payload: frame.freeze(),
-    }))
+    Ok(Some(RawFrame { kind, channel, payload: frame.freeze() }))
 }
 
 /// Append the 7-byte header of a frame whose payload is `size` bytes.
@@ -210,19 +203,12 @@ mod tests {
         let bytes = frame_bytes(3, 1, b"some body bytes");
         for cut in 0..bytes.len() {
             let mut buf = BytesMut::from(&bytes[..cut]);
-            assert_eq!(
-                split_frame(&mut buf, FRAME_MIN_SIZE).unwrap(),
-                None,
-                "cut at {cut}"
-            );
+            assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE).unwrap(), None, "cut at {cut}");
             // Nothing consumed: the caller keeps reading into the same buffer.
             assert_eq!(&buf[..], &bytes[..cut]);
             buf.extend_from_slice(&bytes[cut..]);
             let f = split_frame(&mut buf, FRAME_MIN_SIZE).unwrap().unwrap();
-            assert_eq!(
-                (f.kind, f.channel, &f.payload[..]),
-                (FrameKind::Body, 1, &b"some body bytes"[..])
-            );
+            assert_eq!((f.kind, f.channel, &f.payload[..]), (FrameKind::Body, 1, &b"some body bytes"[..]));
             assert!(buf.is_empty());
         }
     }
@@ -240,12 +226,7 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [
-                (FrameKind::Method, 1),
-                (FrameKind::Header, 2),
-                (FrameKind::Body, 3),
-                (FrameKind::Heartbeat, 0)
-            ]
+            [(FrameKind::Method, 1), (FrameKind::Header, 2), (FrameKind::Body, 3), (FrameKind::Heartbeat, 0)]
         );
         assert_eq!(buf.len(), 5);
     }
@@ -253,30 +234,15 @@ mod tests {
     #[test]
     fn too_large_from_header_alone() {
         let mut buf = BytesMut::from(&[1u8, 0, 1, 0, 0, 0x10, 0x00][..]); // 4096-byte payload
-        assert_eq!(
-            split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::TooLarge {
-                size: 4096,
-                max: 4096
-            })
-        );
+        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::TooLarge { size: 4096, max: 4096 }));
         // The boundary: payload + 8 == frame_max fits.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf8][..]);
         assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Ok(None));
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x0f, 0xf9][..]);
-        assert!(matches!(
-            split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::TooLarge { size: 4089, .. })
-        ));
+        assert!(matches!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::TooLarge { size: 4089, .. })));
         // A hostile size does not overflow.
         let mut buf = BytesMut::from(&[3u8, 0, 1, 0xff, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(
-            split_frame(&mut buf, u32::MAX),
-            Err(FrameError::TooLarge {
-                size: u32::MAX,
-                max: u32::MAX
-            })
-        ));
+        assert!(matches!(split_frame(&mut buf, u32::MAX), Err(FrameError::TooLarge { size: u32::MAX, max: u32::MAX })));
     }
 
     #[test]
@@ -284,25 +250,16 @@ mod tests {
         let mut bytes = frame_bytes(1, 1, b"abc");
         *bytes.last_mut().unwrap() = 0x00;
         let mut buf = BytesMut::from(&bytes[..]);
-        assert_eq!(
-            split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::BadFrameEnd(0))
-        );
+        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::BadFrameEnd(0)));
     }
 
     #[test]
     fn unknown_type() {
         let mut buf = BytesMut::from(&frame_bytes(4, 1, b"abc")[..]);
-        assert_eq!(
-            split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::UnknownType(4))
-        );
+        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::UnknownType(4)));
         // A second protocol header mid-stream reads as frame type 'A'.
         let mut buf = BytesMut::from(&crate::codec::PROTOCOL_HEADER[..]);
-        assert_eq!(
-            split_frame(&mut buf, FRAME_MIN_SIZE),
-            Err(FrameError::UnknownType(b'A'))
-        );
+        assert_eq!(split_frame(&mut buf, FRAME_MIN_SIZE), Err(FrameError::UnknownType(b'A')));
     }
 
     #[test]
@@ -311,10 +268,7 @@ mod tests {
         write_heartbeat(&mut out);
         assert_eq!(&out[..], &[8, 0, 0, 0, 0, 0, 0, 0xCE]);
         let f = split_frame(&mut out, FRAME_MIN_SIZE).unwrap().unwrap();
-        assert_eq!(
-            (f.kind, f.channel, f.payload.len()),
-            (FrameKind::Heartbeat, 0, 0)
-        );
+        assert_eq!((f.kind, f.channel, f.payload.len()), (FrameKind::Heartbeat, 0, 0));
     }
 
     #[test]
@@ -339,28 +293,17 @@ mod tests {
         write_body(&mut out, 1, b"", max);
         assert!(out.is_empty());
 
-        for (len, expected) in [
-            (1, vec![1]),
-            (chunk, vec![chunk]),
-            (chunk + 1, vec![chunk, 1]),
-            (3 * chunk, vec![chunk; 3]),
-        ] {
+        for (len, expected) in
+            [(1, vec![1]), (chunk, vec![chunk]), (chunk + 1, vec![chunk, 1]), (3 * chunk, vec![chunk; 3])]
+        {
             let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut out = BytesMut::new();
             write_body(&mut out, 9, &body, max);
             assert_eq!(out.len(), len + expected.len() * 8);
             let frames = split_all(out, max);
-            assert_eq!(
-                frames.iter().map(|f| f.payload.len()).collect::<Vec<_>>(),
-                expected
-            );
-            assert!(frames
-                .iter()
-                .all(|f| f.kind == FrameKind::Body && f.channel == 9));
-            let joined: Vec<u8> = frames
-                .iter()
-                .flat_map(|f| f.payload.iter().copied())
-                .collect();
+            assert_eq!(frames.iter().map(|f| f.payload.len()).collect::<Vec<_>>(), expected);
+            assert!(frames.iter().all(|f| f.kind == FrameKind::Body && f.channel == 9));
+            let joined: Vec<u8> = frames.iter().flat_map(|f| f.payload.iter().copied()).collect();
             assert_eq!(joined, body);
         }
     }

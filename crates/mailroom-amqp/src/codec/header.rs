@@ -72,12 +72,7 @@ pub fn parse_content_header(payload: Bytes) -> Result<ContentHeader, HeaderError
     }
     nesting::check_properties(&raw_properties).map_err(|_| HeaderError::Malformed)?;
     match parse_properties(&raw_properties[..]) {
-        Ok(([], properties)) => Ok(ContentHeader {
-            class_id,
-            body_size,
-            properties,
-            raw_properties,
-        }),
+        Ok(([], properties)) => Ok(ContentHeader { class_id, body_size, properties, raw_properties }),
         _ => Err(HeaderError::Malformed),
     }
 }
@@ -144,13 +139,7 @@ fn fix_table(t: &FieldTable) -> FieldTable {
 }
 
 /// Append a content header frame using raw property bytes.
-pub fn write_content_header(
-    out: &mut BytesMut,
-    channel: u16,
-    class_id: u16,
-    body_size: u64,
-    raw_properties: &[u8],
-) {
+pub fn write_content_header(out: &mut BytesMut, channel: u16, class_id: u16, body_size: u64, raw_properties: &[u8]) {
     let size = (HEADER_FIXED_LEN + raw_properties.len()) as u32;
     out.reserve(size as usize + 8);
     put_frame_header(out, FrameKind::Header, channel, size);
@@ -166,8 +155,7 @@ mod tests {
     use super::*;
     use crate::codec::nesting::tests::nested_tables;
     use crate::codec::{
-        short_string, split_frame, ByteArray, DecimalValue, FrameKind, ShortString, FRAME_MIN_SIZE,
-        MAX_FIELD_NESTING,
+        short_string, split_frame, ByteArray, DecimalValue, FrameKind, ShortString, FRAME_MIN_SIZE, MAX_FIELD_NESTING,
     };
 
     fn ss(s: &str) -> ShortString {
@@ -187,22 +175,10 @@ mod tests {
         t.insert(ss("i64"), AMQPValue::LongLongInt(i64::MIN));
         t.insert(ss("f32"), AMQPValue::Float(1.5));
         t.insert(ss("f64"), AMQPValue::Double(-2.25e300));
-        t.insert(
-            ss("dec"),
-            AMQPValue::DecimalValue(DecimalValue {
-                scale: 2,
-                value: 12_345,
-            }),
-        );
-        t.insert(
-            ss("str"),
-            AMQPValue::LongString(LongString::from(&b"bin\0ary \xff"[..])),
-        );
+        t.insert(ss("dec"), AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12_345 }));
+        t.insert(ss("str"), AMQPValue::LongString(LongString::from(&b"bin\0ary \xff"[..])));
         t.insert(ss("ts"), AMQPValue::Timestamp(1_700_000_000));
-        t.insert(
-            ss("bytes"),
-            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])),
-        );
+        t.insert(ss("bytes"), AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])));
         t.insert(ss("void"), AMQPValue::Void);
         t
     }
@@ -294,13 +270,7 @@ mod tests {
         let h = parse_content_header(payload.clone()).unwrap();
         assert_eq!(&h.raw_properties[..], &raw[..]);
         assert_eq!(h.body_size, 42);
-        assert_eq!(
-            h.properties
-                .content_type()
-                .as_ref()
-                .map(ShortString::as_str),
-            Some("text")
-        );
+        assert_eq!(h.properties.content_type().as_ref().map(ShortString::as_str), Some("text"));
         let headers = h.properties.headers().as_ref().unwrap();
         assert_eq!(headers.inner().get("zz"), Some(&AMQPValue::ShortInt(7)));
         assert_eq!(headers.inner().get("aa"), Some(&AMQPValue::LongLongInt(9)));
@@ -315,48 +285,33 @@ mod tests {
 
     #[test]
     fn errors() {
+        assert_eq!(parse_content_header(Bytes::new()), Err(HeaderError::Truncated));
         assert_eq!(
-            parse_content_header(Bytes::new()),
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])),
             Err(HeaderError::Truncated)
         );
         assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-            ])),
-            Err(HeaderError::Truncated)
-        );
-        assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-            ])),
+            parse_content_header(Bytes::from_static(&[0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])),
             Err(HeaderError::WrongClass { class_id: 20 })
         );
         // Continuation flag set.
         assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
-            ])),
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])),
             Err(HeaderError::Malformed)
         );
         // content-type flagged but missing.
         assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0
-            ])),
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0])),
             Err(HeaderError::Malformed)
         );
         // Invalid UTF-8 in content-type.
         assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 1, 0xff
-            ])),
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 1, 0xff])),
             Err(HeaderError::Malformed)
         );
         // Trailing bytes after the property list.
         assert_eq!(
-            parse_content_header(Bytes::from_static(&[
-                0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7
-            ])),
+            parse_content_header(Bytes::from_static(&[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7])),
             Err(HeaderError::Malformed)
         );
     }
@@ -364,19 +319,11 @@ mod tests {
     #[test]
     fn deeply_nested_headers_are_rejected() {
         let fixed = [0u8, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        for (levels, ok) in [
-            (MAX_FIELD_NESTING, true),
-            (MAX_FIELD_NESTING + 1, false),
-            (20_000, false),
-        ] {
+        for (levels, ok) in [(MAX_FIELD_NESTING, true), (MAX_FIELD_NESTING + 1, false), (20_000, false)] {
             let mut p = fixed.to_vec();
             p.extend_from_slice(&[0xE0, 0, 1, b'a', 0]); // content-type "a", content-encoding "", headers
             p.extend(nested_tables(levels));
-            assert_eq!(
-                parse_content_header(Bytes::from(p)).is_ok(),
-                ok,
-                "{levels} levels"
-            );
+            assert_eq!(parse_content_header(Bytes::from(p)).is_ok(), ok, "{levels} levels");
         }
     }
 
@@ -394,23 +341,10 @@ mod tests {
         let raw = encode_properties(&props);
         let h = parse_content_header(header_payload(60, 0, &raw)).unwrap();
         let got = h.properties.headers().as_ref().unwrap().inner();
-        assert_eq!(
-            got.get("s"),
-            Some(&AMQPValue::LongString(LongString::from("top")))
-        );
-        let AMQPValue::FieldTable(t) = &got["t"] else {
-            panic!()
-        };
-        assert_eq!(
-            t.inner().get("s"),
-            Some(&AMQPValue::LongString(LongString::from("deep")))
-        );
-        let AMQPValue::FieldArray(a) = &got["a"] else {
-            panic!()
-        };
-        assert_eq!(
-            a.as_slice(),
-            &[AMQPValue::LongString(LongString::from("in-array"))]
-        );
+        assert_eq!(got.get("s"), Some(&AMQPValue::LongString(LongString::from("top"))));
+        let AMQPValue::FieldTable(t) = &got["t"] else { panic!() };
+        assert_eq!(t.inner().get("s"), Some(&AMQPValue::LongString(LongString::from("deep"))));
+        let AMQPValue::FieldArray(a) = &got["a"] else { panic!() };
+        assert_eq!(a.as_slice(), &[AMQPValue::LongString(LongString::from("in-array"))]);
     }
 }

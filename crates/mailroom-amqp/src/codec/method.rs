@@ -35,33 +35,14 @@ pub enum MethodError {
 /// Every (class, method) amq-protocol knows, so an unknown id is told apart from bad arguments.
 fn is_known(class_id: u16, method_id: u16) -> bool {
     match class_id {
-        10 => matches!(
-            method_id,
-            10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71
-        ),
+        10 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
         20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
         30 => matches!(method_id, 10 | 11),
         40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
         50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
         60 => matches!(
             method_id,
-            10 | 11
-                | 20
-                | 21
-                | 30
-                | 31
-                | 40
-                | 50
-                | 60
-                | 70
-                | 71
-                | 72
-                | 80
-                | 90
-                | 100
-                | 110
-                | 111
-                | 120
+            10 | 11 | 20 | 21 | 30 | 31 | 40 | 50 | 60 | 70 | 71 | 72 | 80 | 90 | 100 | 110 | 111 | 120
         ),
         85 => matches!(method_id, 10 | 11),
         90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
@@ -80,15 +61,9 @@ pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, MethodError> {
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let method_id = u16::from_be_bytes([payload[2], payload[3]]);
     if !is_known(class_id, method_id) {
-        return Err(MethodError::Unknown {
-            class_id,
-            method_id,
-        });
+        return Err(MethodError::Unknown { class_id, method_id });
     }
-    let malformed = MethodError::Malformed {
-        class_id,
-        method_id,
-    };
+    let malformed = MethodError::Malformed { class_id, method_id };
     nesting::check_method(class_id, method_id, &payload[4..]).map_err(|_| malformed)?;
     match parse_class(payload) {
         Ok(([], method)) => Ok(method),
@@ -126,8 +101,8 @@ mod tests {
     use super::*;
     use crate::codec::nesting::tests::nested_tables;
     use crate::codec::{
-        access, basic, channel, confirm, connection, exchange, queue, split_frame, tx, AMQPValue,
-        FieldArray, FieldTable, FrameKind, LongString, Method, FRAME_MIN_SIZE, MAX_FIELD_NESTING,
+        access, basic, channel, confirm, connection, exchange, queue, split_frame, tx, AMQPValue, FieldArray,
+        FieldTable, FrameKind, LongString, Method, FRAME_MIN_SIZE, MAX_FIELD_NESTING,
     };
 
     fn ss(s: &str) -> crate::codec::ShortString {
@@ -142,10 +117,7 @@ mod tests {
         array.push(AMQPValue::FieldTable(inner.clone()));
         let mut t = FieldTable::default();
         t.insert(ss("x-message-ttl"), AMQPValue::LongInt(60_000));
-        t.insert(
-            ss("x-dead-letter-exchange"),
-            AMQPValue::LongString(LongString::from("dlx")),
-        );
+        t.insert(ss("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from("dlx")));
         t.insert(ss("x-single-active-consumer"), AMQPValue::Boolean(true));
         t.insert(ss("list"), AMQPValue::FieldArray(array));
         t.insert(ss("nested"), AMQPValue::FieldTable(inner));
@@ -169,12 +141,8 @@ mod tests {
                 response: LongString::from(&b"\0guest\0guest"[..]),
                 locale: ss("en_US"),
             })),
-            M::Connection(connection::AMQPMethod::Secure(connection::Secure {
-                challenge: LongString::from("c"),
-            })),
-            M::Connection(connection::AMQPMethod::SecureOk(connection::SecureOk {
-                response: LongString::from("r"),
-            })),
+            M::Connection(connection::AMQPMethod::Secure(connection::Secure { challenge: LongString::from("c") })),
+            M::Connection(connection::AMQPMethod::SecureOk(connection::SecureOk { response: LongString::from("r") })),
             M::Connection(connection::AMQPMethod::Tune(connection::Tune {
                 channel_max: 2047,
                 frame_max: 131_072,
@@ -185,38 +153,26 @@ mod tests {
                 frame_max: 131_072,
                 heartbeat: 60,
             })),
-            M::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: ss("/"),
-            })),
+            M::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: ss("/") })),
             M::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
             M::Connection(connection::AMQPMethod::Close(connection::Close {
                 reply_code: 320,
-                reply_text: ss(
-                    "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
-                ),
+                reply_text: ss("CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"),
                 class_id: 0,
                 method_id: 0,
             })),
             M::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
-            M::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
-                reason: ss("low on memory"),
-            })),
+            M::Connection(connection::AMQPMethod::Blocked(connection::Blocked { reason: ss("low on memory") })),
             M::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
-            M::Connection(connection::AMQPMethod::UpdateSecret(
-                connection::UpdateSecret {
-                    new_secret: LongString::from("token"),
-                    reason: ss("refresh"),
-                },
-            )),
-            M::Connection(connection::AMQPMethod::UpdateSecretOk(
-                connection::UpdateSecretOk {},
-            )),
+            M::Connection(connection::AMQPMethod::UpdateSecret(connection::UpdateSecret {
+                new_secret: LongString::from("token"),
+                reason: ss("refresh"),
+            })),
+            M::Connection(connection::AMQPMethod::UpdateSecretOk(connection::UpdateSecretOk {})),
             M::Channel(channel::AMQPMethod::Open(channel::Open {})),
             M::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
             M::Channel(channel::AMQPMethod::Flow(channel::Flow { active: false })),
-            M::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                active: true,
-            })),
+            M::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })),
             M::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: 404,
                 reply_text: ss("NOT_FOUND - no queue 'q'"),
@@ -295,26 +251,16 @@ mod tests {
                 arguments: t(),
             })),
             M::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})),
-            M::Queue(queue::AMQPMethod::Purge(queue::Purge {
-                queue: ss("q"),
-                nowait: true,
-            })),
-            M::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
-                message_count: 12,
-            })),
+            M::Queue(queue::AMQPMethod::Purge(queue::Purge { queue: ss("q"), nowait: true })),
+            M::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: 12 })),
             M::Queue(queue::AMQPMethod::Delete(queue::Delete {
                 queue: ss("q"),
                 if_unused: true,
                 if_empty: false,
                 nowait: true,
             })),
-            M::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
-                message_count: u32::MAX,
-            })),
-            M::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: 100,
-                global: true,
-            })),
+            M::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: u32::MAX })),
+            M::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 100, global: true })),
             M::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
             M::Basic(basic::AMQPMethod::Consume(basic::Consume {
                 queue: ss("q"),
@@ -325,16 +271,9 @@ mod tests {
                 nowait: false,
                 arguments: t(),
             })),
-            M::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                consumer_tag: ss("amq.ctag-1"),
-            })),
-            M::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
-                consumer_tag: ss("ctag"),
-                nowait: true,
-            })),
-            M::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
-                consumer_tag: ss("ctag"),
-            })),
+            M::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: ss("amq.ctag-1") })),
+            M::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: ss("ctag"), nowait: true })),
+            M::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk { consumer_tag: ss("ctag") })),
             M::Basic(basic::AMQPMethod::Publish(basic::Publish {
                 exchange: ss(""),
                 routing_key: ss("q"),
@@ -354,10 +293,7 @@ mod tests {
                 exchange: ss("ex"),
                 routing_key: ss(&"k".repeat(255)),
             })),
-            M::Basic(basic::AMQPMethod::Get(basic::Get {
-                queue: ss("q"),
-                no_ack: true,
-            })),
+            M::Basic(basic::AMQPMethod::Get(basic::Get { queue: ss("q"), no_ack: true })),
             M::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                 delivery_tag: 1,
                 redelivered: false,
@@ -366,27 +302,13 @@ mod tests {
                 message_count: 3,
             })),
             M::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
-            M::Basic(basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: 42,
-                multiple: true,
-            })),
-            M::Basic(basic::AMQPMethod::Reject(basic::Reject {
-                delivery_tag: 43,
-                requeue: false,
-            })),
-            M::Basic(basic::AMQPMethod::RecoverAsync(basic::RecoverAsync {
-                requeue: true,
-            })),
+            M::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 42, multiple: true })),
+            M::Basic(basic::AMQPMethod::Reject(basic::Reject { delivery_tag: 43, requeue: false })),
+            M::Basic(basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue: true })),
             M::Basic(basic::AMQPMethod::Recover(basic::Recover { requeue: true })),
             M::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
-            M::Basic(basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: 44,
-                multiple: false,
-                requeue: true,
-            })),
-            M::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-                nowait: false,
-            })),
+            M::Basic(basic::AMQPMethod::Nack(basic::Nack { delivery_tag: 44, multiple: false, requeue: true })),
+            M::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })),
             M::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
             M::Tx(tx::AMQPMethod::Select(tx::Select {})),
             M::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})),
@@ -409,14 +331,8 @@ mod tests {
         for (i, m) in methods.iter().enumerate() {
             let f = split_frame(&mut out, FRAME_MIN_SIZE).unwrap().unwrap();
             assert_eq!((f.kind, f.channel), (FrameKind::Method, i as u16));
-            assert_eq!(
-                u16::from_be_bytes([f.payload[0], f.payload[1]]),
-                m.get_amqp_class_id()
-            );
-            assert_eq!(
-                u16::from_be_bytes([f.payload[2], f.payload[3]]),
-                m.get_amqp_method_id()
-            );
+            assert_eq!(u16::from_be_bytes([f.payload[0], f.payload[1]]), m.get_amqp_class_id());
+            assert_eq!(u16::from_be_bytes([f.payload[2], f.payload[3]]), m.get_amqp_method_id());
             assert_eq!(&parse_method(&f.payload).unwrap(), m);
         }
         assert!(out.is_empty());
@@ -425,10 +341,7 @@ mod tests {
     #[test]
     fn known_ids_match_amq_protocol() {
         for m in all_methods() {
-            assert!(
-                is_known(m.get_amqp_class_id(), m.get_amqp_method_id()),
-                "{m:?}"
-            );
+            assert!(is_known(m.get_amqp_class_id(), m.get_amqp_method_id()), "{m:?}");
         }
     }
 
@@ -438,25 +351,15 @@ mod tests {
         write_method(
             &mut out,
             1,
-            &Method::Basic(basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: 5,
-                multiple: true,
-            })),
+            &Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: 5, multiple: true })),
         );
-        assert_eq!(
-            &out[..],
-            &[1, 0, 1, 0, 0, 0, 13, 0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 5, 1, 0xCE]
-        );
+        assert_eq!(&out[..], &[1, 0, 1, 0, 0, 0, 13, 0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 5, 1, 0xCE]);
     }
 
     #[test]
     fn write_method_appends() {
         let mut out = BytesMut::from(&b"prefix"[..]);
-        write_method(
-            &mut out,
-            3,
-            &Method::Tx(tx::AMQPMethod::Select(tx::Select {})),
-        );
+        write_method(&mut out, 3, &Method::Tx(tx::AMQPMethod::Select(tx::Select {})));
         assert_eq!(&out[..6], b"prefix");
         assert_eq!(&out[6..], &[1, 0, 3, 0, 0, 0, 4, 0, 90, 0, 10, 0xCE]);
     }
@@ -465,76 +368,28 @@ mod tests {
     fn errors() {
         assert_eq!(parse_method(&[]), Err(MethodError::Truncated));
         assert_eq!(parse_method(&[0, 60, 0]), Err(MethodError::Truncated));
-        assert_eq!(
-            parse_method(&[0, 61, 0, 10]),
-            Err(MethodError::Unknown {
-                class_id: 61,
-                method_id: 10
-            })
-        );
-        assert_eq!(
-            parse_method(&[0, 60, 0, 12]),
-            Err(MethodError::Unknown {
-                class_id: 60,
-                method_id: 12
-            })
-        );
+        assert_eq!(parse_method(&[0, 61, 0, 10]), Err(MethodError::Unknown { class_id: 61, method_id: 10 }));
+        assert_eq!(parse_method(&[0, 60, 0, 12]), Err(MethodError::Unknown { class_id: 60, method_id: 12 }));
         // exchange.unbind-ok is 51, not 41.
-        assert_eq!(
-            parse_method(&[0, 40, 0, 41]),
-            Err(MethodError::Unknown {
-                class_id: 40,
-                method_id: 41
-            })
-        );
+        assert_eq!(parse_method(&[0, 40, 0, 41]), Err(MethodError::Unknown { class_id: 40, method_id: 41 }));
         // basic.ack cut short.
-        assert_eq!(
-            parse_method(&[0, 60, 0, 80, 0, 0]),
-            Err(MethodError::Malformed {
-                class_id: 60,
-                method_id: 80
-            })
-        );
+        assert_eq!(parse_method(&[0, 60, 0, 80, 0, 0]), Err(MethodError::Malformed { class_id: 60, method_id: 80 }));
         // Trailing byte after basic.ack.
         let ack = [0, 60, 0, 80, 0, 0, 0, 0, 0, 0, 0, 1, 0];
         assert!(parse_method(&ack).is_ok());
         let mut trailing = ack.to_vec();
         trailing.push(0);
-        assert_eq!(
-            parse_method(&trailing),
-            Err(MethodError::Malformed {
-                class_id: 60,
-                method_id: 80
-            })
-        );
+        assert_eq!(parse_method(&trailing), Err(MethodError::Malformed { class_id: 60, method_id: 80 }));
         // Invalid UTF-8 in a short string (connection.open vhost) is an error, not a panic.
         let open = [0, 10, 0, 40, 2, 0xC3, 0x28, 0, 0];
-        assert_eq!(
-            parse_method(&open),
-            Err(MethodError::Malformed {
-                class_id: 10,
-                method_id: 40
-            })
-        );
+        assert_eq!(parse_method(&open), Err(MethodError::Malformed { class_id: 10, method_id: 40 }));
         // Unknown field type in queue.declare arguments.
         let mut declare = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
         declare.extend_from_slice(&[0, 0, 0, 3, 1, b'k', b'Z']);
-        assert_eq!(
-            parse_method(&declare),
-            Err(MethodError::Malformed {
-                class_id: 50,
-                method_id: 10
-            })
-        );
+        assert_eq!(parse_method(&declare), Err(MethodError::Malformed { class_id: 50, method_id: 10 }));
         // A long string claiming 4 GiB is Malformed without allocating it.
         let secure_ok = [0, 10, 0, 21, 0xff, 0xff, 0xff, 0xff, b'x'];
-        assert_eq!(
-            parse_method(&secure_ok),
-            Err(MethodError::Malformed {
-                class_id: 10,
-                method_id: 21
-            })
-        );
+        assert_eq!(parse_method(&secure_ok), Err(MethodError::Malformed { class_id: 10, method_id: 21 }));
     }
 
     fn queue_declare_with(table: &[u8]) -> Vec<u8> {
@@ -547,27 +402,13 @@ mod tests {
     fn deep_nesting_is_rejected_not_a_stack_overflow() {
         // ~20 000 levels in 128 KiB; without the guard this aborts the test process.
         let deep = queue_declare_with(&nested_tables(20_000));
-        assert_eq!(
-            parse_method(&deep),
-            Err(MethodError::Malformed {
-                class_id: 50,
-                method_id: 10
-            })
-        );
+        assert_eq!(parse_method(&deep), Err(MethodError::Malformed { class_id: 50, method_id: 10 }));
         // The same for every table-carrying method: tables at the right offset in each.
         let t = nested_tables(MAX_FIELD_NESTING + 1);
         let cases: Vec<(u16, u16, Vec<u8>)> = vec![
-            (
-                10,
-                10,
-                [&[0u8, 9][..], &t, &[0, 0, 0, 0, 0, 0, 0, 0]].concat(),
-            ),
+            (10, 10, [&[0u8, 9][..], &t, &[0, 0, 0, 0, 0, 0, 0, 0]].concat()),
             (10, 11, [&t[..], &[0, 0, 0, 0, 0, 0]].concat()),
-            (
-                40,
-                10,
-                [&[0u8, 0, 1, b'e', 6][..], b"direct", &[0], &t].concat(),
-            ),
+            (40, 10, [&[0u8, 0, 1, b'e', 6][..], b"direct", &[0], &t].concat()),
             (40, 30, [&[0u8, 0, 1, b'd', 1, b's', 0, 0][..], &t].concat()),
             (40, 40, [&[0u8, 0, 1, b'd', 1, b's', 0, 0][..], &t].concat()),
             (50, 20, [&[0u8, 0, 1, b'q', 1, b'e', 0, 0][..], &t].concat()),
@@ -577,14 +418,7 @@ mod tests {
         for (c, m, args) in cases {
             let mut p = [c.to_be_bytes(), m.to_be_bytes()].concat();
             p.extend(&args);
-            assert_eq!(
-                parse_method(&p),
-                Err(MethodError::Malformed {
-                    class_id: c,
-                    method_id: m
-                }),
-                "{c}.{m}"
-            );
+            assert_eq!(parse_method(&p), Err(MethodError::Malformed { class_id: c, method_id: m }), "{c}.{m}");
             // One level less parses (the guard and amq-protocol agree on the layout).
             let ok_t = nested_tables(MAX_FIELD_NESTING);
             let args_ok = {

@@ -38,10 +38,8 @@ pub use amq_protocol::types::{ByteArray, DecimalValue};
 pub use frame::{
     split_frame, write_body, write_body_shared, write_heartbeat, FrameError, FrameKind, RawFrame, SHARED_BODY_MIN,
 };
+pub use header::{encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError};
 pub use hot::{parse_basic_ack, parse_basic_publish, write_basic_deliver, PublishRef};
-pub use header::{
-    encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError,
-};
 pub use method::{parse_method, write_method, MethodError};
 pub use nesting::MAX_FIELD_NESTING;
 pub use sasl::{parse_sasl_response, Credentials};
@@ -80,10 +78,7 @@ mod tests {
     #[test]
     fn short_string_limits() {
         assert_eq!(short_string(&"a".repeat(255)).unwrap().as_str().len(), 255);
-        assert_eq!(
-            short_string(&"a".repeat(256)),
-            Err(ShortStringTooLong { len: 256 })
-        );
+        assert_eq!(short_string(&"a".repeat(256)), Err(ShortStringTooLong { len: 256 }));
         // 128 two-byte characters: 256 bytes, although only 128 chars.
         assert!(short_string(&"é".repeat(128)).is_err());
         assert!(short_string("").is_ok());

@@ -35,8 +35,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn u32(&mut self) -> Option<usize> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
     }
 
     fn short_str(&mut self) -> Option<()> {
@@ -126,7 +125,7 @@ fn layout(class_id: u16, method_id: u16) -> &'static [Field] {
         (10, 11) => &[Table],                                 // connection.start-ok
         (40, 10) => &[Short, ShortStr, ShortStr, Octet, Table], // exchange.declare
         (40, 30) | (40, 40) => &[Short, ShortStr, ShortStr, ShortStr, Octet, Table], // exchange.bind/unbind
-        (50, 10) => &[Short, ShortStr, Octet, Table], // queue.declare
+        (50, 10) => &[Short, ShortStr, Octet, Table],         // queue.declare
         (50, 20) => &[Short, ShortStr, ShortStr, ShortStr, Octet, Table], // queue.bind
         (50, 50) => &[Short, ShortStr, ShortStr, ShortStr, Table], // queue.unbind (no bits)
         (60, 20) => &[Short, ShortStr, ShortStr, Octet, Table], // basic.consume
@@ -201,14 +200,8 @@ pub(super) mod tests {
 
     #[test]
     fn depth_limit_is_exact() {
-        assert_eq!(
-            check_table_entries(&nested_tables(MAX_FIELD_NESTING)[4..]),
-            Ok(())
-        );
-        assert_eq!(
-            check_table_entries(&nested_tables(MAX_FIELD_NESTING + 1)[4..]),
-            Err(TooDeep)
-        );
+        assert_eq!(check_table_entries(&nested_tables(MAX_FIELD_NESTING)[4..]), Ok(()));
+        assert_eq!(check_table_entries(&nested_tables(MAX_FIELD_NESTING + 1)[4..]), Err(TooDeep));
         let mut props = vec![0x20, 0x00];
         props.extend(nested_tables(MAX_FIELD_NESTING));
         assert_eq!(check_properties(&props), Ok(()));

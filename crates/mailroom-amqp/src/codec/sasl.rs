@@ -17,10 +17,7 @@ pub struct Credentials {
 // Hand-written so a stray `{:?}` never puts a password in the logs.
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
     }
 }
 
@@ -68,10 +65,7 @@ fn parse_amqplain(response: &[u8]) -> Option<Credentials> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     };
-    Some(Credentials {
-        username: text("LOGIN")?,
-        password: text("PASSWORD")?,
-    })
+    Some(Credentials { username: text("LOGIN")?, password: text("PASSWORD")? })
 }
 
 #[cfg(test)]
@@ -82,34 +76,21 @@ mod tests {
     use amq_protocol::types::{FieldTable, LongString};
 
     fn creds(u: &str, p: &str) -> Option<Credentials> {
-        Some(Credentials {
-            username: u.into(),
-            password: p.into(),
-        })
+        Some(Credentials { username: u.into(), password: p.into() })
     }
 
     #[test]
     fn plain() {
-        assert_eq!(
-            parse_sasl_response("PLAIN", b"\0guest\0guest"),
-            creds("guest", "guest")
-        );
-        assert_eq!(
-            parse_sasl_response("PLAIN", b"admin\0bob\0s3cr\xc3\xa9t"),
-            creds("bob", "s3crét")
-        );
+        assert_eq!(parse_sasl_response("PLAIN", b"\0guest\0guest"), creds("guest", "guest"));
+        assert_eq!(parse_sasl_response("PLAIN", b"admin\0bob\0s3cr\xc3\xa9t"), creds("bob", "s3crét"));
         assert_eq!(parse_sasl_response("PLAIN", b"\0\0"), creds("", ""));
         assert_eq!(parse_sasl_response("PLAIN", b"guest\0guest"), None);
         assert_eq!(parse_sasl_response("PLAIN", b"\0a\0b\0c"), None);
         assert_eq!(parse_sasl_response("PLAIN", b"\0\xff\0x"), None);
         assert_eq!(parse_sasl_response("PLAIN", b""), None);
         // What lapin sends.
-        let lapin = AmqCredentials::new("user".into(), "pa ss".into())
-            .sasl_auth_string(SASLMechanism::Plain);
-        assert_eq!(
-            parse_sasl_response("PLAIN", lapin.as_bytes()),
-            creds("user", "pa ss")
-        );
+        let lapin = AmqCredentials::new("user".into(), "pa ss".into()).sasl_auth_string(SASLMechanism::Plain);
+        assert_eq!(parse_sasl_response("PLAIN", lapin.as_bytes()), creds("user", "pa ss"));
     }
 
     /// What py-amqp and pika send: `_write_table({...})[4:]`.
@@ -126,10 +107,7 @@ mod tests {
     fn amqplain() {
         let ls = |s: &str| AMQPValue::LongString(LongString::from(s));
         let bytes = amqplain_bytes(&[("LOGIN", ls("guest")), ("PASSWORD", ls("pw"))]);
-        assert_eq!(
-            parse_sasl_response("AMQPLAIN", &bytes),
-            creds("guest", "pw")
-        );
+        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes), creds("guest", "pw"));
         // pika/py-amqp put LOGIN first; hand-built in that order (amq-protocol sorts keys anyway).
         let mut py = vec![5];
         py.extend_from_slice(b"LOGIN");
@@ -143,18 +121,11 @@ mod tests {
         py.extend_from_slice(b"pw");
         assert_eq!(parse_sasl_response("AMQPLAIN", &py), creds("bob", "pw"));
         // lapin's own AMQPLAIN string.
-        let lapin =
-            AmqCredentials::new("u".into(), "p".into()).sasl_auth_string(SASLMechanism::AMQPlain);
-        assert_eq!(
-            parse_sasl_response("AMQPLAIN", lapin.as_bytes()),
-            creds("u", "p")
-        );
+        let lapin = AmqCredentials::new("u".into(), "p".into()).sasl_auth_string(SASLMechanism::AMQPlain);
+        assert_eq!(parse_sasl_response("AMQPLAIN", lapin.as_bytes()), creds("u", "p"));
 
         // Missing key, wrong type, a length prefix left on, truncation, trailing garbage.
-        assert_eq!(
-            parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u"))])),
-            None
-        );
+        assert_eq!(parse_sasl_response("AMQPLAIN", &amqplain_bytes(&[("LOGIN", ls("u"))])), None);
         assert_eq!(
             parse_sasl_response(
                 "AMQPLAIN",
@@ -165,14 +136,8 @@ mod tests {
         let mut prefixed = (bytes.len() as u32).to_be_bytes().to_vec();
         prefixed.extend_from_slice(&bytes);
         assert_eq!(parse_sasl_response("AMQPLAIN", &prefixed), None);
-        assert_eq!(
-            parse_sasl_response("AMQPLAIN", &bytes[..bytes.len() - 1]),
-            None
-        );
-        assert_eq!(
-            parse_sasl_response("AMQPLAIN", &[&bytes[..], &[1]].concat()),
-            None
-        );
+        assert_eq!(parse_sasl_response("AMQPLAIN", &bytes[..bytes.len() - 1]), None);
+        assert_eq!(parse_sasl_response("AMQPLAIN", &[&bytes[..], &[1]].concat()), None);
         assert_eq!(parse_sasl_response("AMQPLAIN", b""), None);
     }
 

@@ -57,14 +57,8 @@ impl BackToTheBuffer for BufWriter<'_> {
         }
         let start = w.buf.len();
         w.buf.put_bytes(0, reserved);
-        let (after, tmp) = gen(WriteContext {
-            write: w,
-            position: position + reserved as u64,
-        })?;
-        let WriteContext {
-            write: mut w,
-            position: end_position,
-        } = after;
+        let (after, tmp) = gen(WriteContext { write: w, position: position + reserved as u64 })?;
+        let WriteContext { write: mut w, position: end_position } = after;
         w.patch = Some((start, start + reserved));
         let filled = before(WriteContext { write: w, position }, tmp)?;
         let mut w = filled.write;
@@ -72,10 +66,7 @@ impl BackToTheBuffer for BufWriter<'_> {
         if pos != end {
             return Err(GenError::BufferTooBig(end - pos));
         }
-        Ok(WriteContext {
-            write: w,
-            position: end_position,
-        })
+        Ok(WriteContext { write: w, position: end_position })
     }
 }
 

@@ -121,9 +121,14 @@ pub async fn publish_with(ch: &Channel, exchange: &str, key: &str, body: &[u8], 
 
 /// Starts a consumer with a server-named tag.
 pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
-    ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions { no_ack, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("basic.consume")
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions { no_ack, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await
+    .expect("basic.consume")
 }
 
 /// The consumer's next delivery (panics after [`WAIT`] or if the consumer ended or failed).

@@ -88,21 +88,11 @@ struct Node<T> {
 
 impl<T> Node<T> {
     fn new(parent: usize, edge: Edge) -> Self {
-        Node {
-            parent,
-            edge,
-            words: HashMap::new(),
-            star: None,
-            hash: None,
-            values: Vec::new(),
-        }
+        Node { parent, edge, words: HashMap::new(), star: None, hash: None, values: Vec::new() }
     }
 
     fn is_leafless_and_empty(&self) -> bool {
-        self.values.is_empty()
-            && self.words.is_empty()
-            && self.star.is_none()
-            && self.hash.is_none()
+        self.values.is_empty() && self.words.is_empty() && self.star.is_none() && self.hash.is_none()
     }
 }
 
@@ -131,11 +121,7 @@ impl<T: Clone + PartialEq> Default for TopicIndex<T> {
 impl<T: Clone + PartialEq> TopicIndex<T> {
     /// Creates an empty index.
     pub fn new() -> Self {
-        TopicIndex {
-            nodes: vec![Node::new(ROOT, Edge::Root)],
-            free: Vec::new(),
-            len: 0,
-        }
+        TopicIndex { nodes: vec![Node::new(ROOT, Edge::Root)], free: Vec::new(), len: 0 }
     }
 
     /// Adds the binding (`pattern`, `value`); adding an equal pair twice stores it twice.
@@ -381,12 +367,7 @@ mod tests {
             let mut got = Vec::new();
             idx.for_each_match(k, |&i| got.push(i));
             got.sort_unstable();
-            let want: Vec<usize> = CASES
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| matches(c.0, k))
-                .map(|(i, _)| i)
-                .collect();
+            let want: Vec<usize> = CASES.iter().enumerate().filter(|(_, c)| matches(c.0, k)).map(|(i, _)| i).collect();
             assert_eq!(got, want, "key {k:?}");
         }
     }
@@ -466,11 +447,7 @@ mod tests {
     fn no_exponential_blowup() {
         let key = vec!["w"; 50].join(".");
         let nomatch = format!("{key}.y");
-        let pats = [
-            "#.#.#.#.#.#.#.x",
-            "#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.x",
-            "#.*.#.*.#.*.#.*.#.x",
-        ];
+        let pats = ["#.#.#.#.#.#.#.x", "#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.#.x", "#.*.#.*.#.*.#.*.#.x"];
         let start = Instant::now();
         for p in pats {
             assert!(!matches(p, &key));
@@ -485,11 +462,7 @@ mod tests {
         idx.for_each_match(&key, |_| n += 1);
         idx.for_each_match(&format!("{key}.x"), |_| n += 1);
         assert_eq!(n, 3);
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
     }
 
     #[test]
@@ -512,11 +485,7 @@ mod tests {
         want.push(107);
         want.sort_unstable();
         assert_eq!(got, want);
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
     }
 
     fn word() -> impl Strategy<Value = &'static str> {
@@ -537,9 +506,7 @@ mod tests {
         match p.split_first() {
             None => k.is_empty(),
             Some((&"#", rest)) => (0..=k.len()).any(|i| reference(rest, &k[i..])),
-            Some((&w, rest)) => {
-                !k.is_empty() && (w == "*" || w == k[0]) && reference(rest, &k[1..])
-            }
+            Some((&w, rest)) => !k.is_empty() && (w == "*" || w == k[0]) && reference(rest, &k[1..]),
         }
     }
 

@@ -7,9 +7,7 @@
 //! type exactly (JSON would lose float NaNs, byte arrays versus strings, and integer widths).
 
 use super::{StoreError, StoreResult};
-use amq_protocol_types::{
-    AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
-};
+use amq_protocol_types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -151,9 +149,7 @@ impl Definitions {
         };
         write().map_err(|e| StoreError::io("writing", &tmp, e))?;
         std::fs::rename(&tmp, &dst).map_err(|e| StoreError::io("renaming", &dst, e))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::io("fsyncing directory", dir, e))
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("fsyncing directory", dir, e))
     }
 
     /// Loads the definitions from `dir`; `Ok(None)` if there are none yet (first start).
@@ -164,10 +160,7 @@ impl Definitions {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("reading", &path, e)),
         };
-        let bad = |reason: &str| StoreError::BadDefinitions {
-            path: path.clone(),
-            reason: reason.to_owned(),
-        };
+        let bad = |reason: &str| StoreError::BadDefinitions { path: path.clone(), reason: reason.to_owned() };
         if data.len() < 20 || &data[..8] != MAGIC {
             return Err(bad("bad magic or version"));
         }
@@ -257,12 +250,7 @@ impl Definitions {
             for _ in 0..r.count()? {
                 tags.push(r.str()?);
             }
-            d.users.push(UserDef {
-                name,
-                password,
-                loopback_only,
-                tags,
-            });
+            d.users.push(UserDef { name, password, loopback_only, tags });
         }
         for _ in 0..r.count()? {
             let (vhost, name, kind) = (r.str()?, r.str()?, r.str()?);
@@ -281,12 +269,7 @@ impl Definitions {
             let (vhost, name) = (r.str()?, r.str()?);
             let auto_delete = r.u8()? != 0;
             let arguments = r.table(0)?;
-            d.queues.push(QueueDef {
-                vhost,
-                name,
-                auto_delete,
-                arguments,
-            });
+            d.queues.push(QueueDef { vhost, name, auto_delete, arguments });
         }
         for _ in 0..r.count()? {
             let (vhost, source, destination) = (r.str()?, r.str()?, r.str()?);
@@ -297,14 +280,7 @@ impl Definitions {
             };
             let routing_key = r.str()?;
             let arguments = r.table(0)?;
-            d.bindings.push(BindingDef {
-                vhost,
-                source,
-                destination,
-                destination_kind,
-                routing_key,
-                arguments,
-            });
+            d.bindings.push(BindingDef { vhost, source, destination, destination_kind, routing_key, arguments });
         }
         if r.pos < buf.len() {
             for _ in 0..r.count()? {
@@ -424,11 +400,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or("truncated")?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or("truncated")?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -455,9 +427,7 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
     fn str(&mut self) -> Result<String, &'static str> {
-        std::str::from_utf8(self.bytes()?)
-            .map(str::to_owned)
-            .map_err(|_| "string not UTF-8")
+        std::str::from_utf8(self.bytes()?).map(str::to_owned).map_err(|_| "string not UTF-8")
     }
     fn table(&mut self, depth: usize) -> Result<FieldTable, &'static str> {
         if depth > MAX_DEPTH {
@@ -484,15 +454,10 @@ impl<'a> Reader<'a> {
             b'd' => AMQPValue::Double(f64::from_bits(u64::from_le_bytes(self.arr()?))),
             b'D' => {
                 let scale = self.u8()?;
-                AMQPValue::DecimalValue(DecimalValue {
-                    scale,
-                    value: self.u32()?,
-                })
+                AMQPValue::DecimalValue(DecimalValue { scale, value: self.u32()? })
             }
             b'S' => AMQPValue::LongString(LongString::from(self.bytes()?.to_vec())),
-            b'_' => AMQPValue::ShortString(
-                ShortString::try_new(self.str()?).map_err(|_| "short string too long")?,
-            ),
+            b'_' => AMQPValue::ShortString(ShortString::try_new(self.str()?).map_err(|_| "short string too long")?),
             b'A' => {
                 if depth >= MAX_DEPTH {
                     return Err("nesting too deep");
@@ -531,16 +496,10 @@ mod tests {
             AMQPValue::LongLongInt(i64::MIN),
             AMQPValue::Float(1.5),
             AMQPValue::Double(-2.25),
-            AMQPValue::DecimalValue(DecimalValue {
-                scale: 2,
-                value: 12345,
-            }),
+            AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12345 }),
             AMQPValue::ShortString("short".into()),
             AMQPValue::LongString(LongString::from(vec![0u8, 255, 10])),
-            AMQPValue::FieldArray(FieldArray::from(vec![
-                AMQPValue::Void,
-                AMQPValue::FieldTable(nested.clone()),
-            ])),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Void, AMQPValue::FieldTable(nested.clone())])),
             AMQPValue::Timestamp(1_700_000_000),
             AMQPValue::FieldTable(nested),
             AMQPValue::ByteArray(ByteArray::from(vec![1u8, 2, 3])),
@@ -555,17 +514,9 @@ mod tests {
     fn sample() -> Definitions {
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongInt(60000));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("dlx".into()),
-        );
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("dlx".into()));
         Definitions {
-            vhosts: vec![
-                VhostDef { name: "/".into() },
-                VhostDef {
-                    name: "prod".into(),
-                },
-            ],
+            vhosts: vec![VhostDef { name: "/".into() }, VhostDef { name: "prod".into() }],
             users: vec![UserDef {
                 name: "guest".into(),
                 password: "guest".into(),
@@ -580,12 +531,7 @@ mod tests {
                 internal: true,
                 arguments: every_value(),
             }],
-            queues: vec![QueueDef {
-                vhost: "/".into(),
-                name: "orders".into(),
-                auto_delete: false,
-                arguments: args,
-            }],
+            queues: vec![QueueDef { vhost: "/".into(), name: "orders".into(), auto_delete: false, arguments: args }],
             policies: vec![PolicyDef {
                 vhost: "/".into(),
                 name: "cap".into(),
@@ -644,13 +590,7 @@ mod tests {
     fn nan_floats_survive_bit_exact() {
         let mut t = FieldTable::default();
         t.insert("nan".into(), AMQPValue::Double(f64::NAN));
-        let d = Definitions {
-            queues: vec![QueueDef {
-                arguments: t,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let d = Definitions { queues: vec![QueueDef { arguments: t, ..Default::default() }], ..Default::default() };
         let back = Definitions::decode(&d.encode()).unwrap();
         match back.queues[0].arguments.inner().get("nan") {
             Some(AMQPValue::Double(f)) => assert!(f.is_nan()),
@@ -667,10 +607,7 @@ mod tests {
         let n = data.len();
         data[n / 2] ^= 1;
         std::fs::write(&path, &data).unwrap();
-        assert!(matches!(
-            Definitions::load(&dir),
-            Err(StoreError::BadDefinitions { .. })
-        ));
+        assert!(matches!(Definitions::load(&dir), Err(StoreError::BadDefinitions { .. })));
         let payload = sample().encode();
         // Cut exactly before the optional policies section, the payload is a valid older file (the file's
         // CRC, checked above, is what catches such a truncation on disk).

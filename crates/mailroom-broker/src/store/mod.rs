@@ -25,12 +25,8 @@ pub mod syncer;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use definitions::{
-    BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef,
-};
-pub use queue_store::{
-    Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated,
-};
+pub use definitions::{BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef};
+pub use queue_store::{Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated};
 pub use record::StoredMessage;
 pub use syncer::{SyncStats, SyncTicket, Syncer, SyncerConfig};
 
@@ -103,21 +99,11 @@ impl StoreError {
     pub fn io(op: &'static str, path: impl Into<PathBuf>, err: std::io::Error) -> StoreError {
         // ENOSPC = 28, EDQUOT = 122 on Linux; `StorageFull`/`QuotaExceeded` are what std maps them to.
         let full = matches!(err.raw_os_error(), Some(28) | Some(122))
-            || matches!(
-                err.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            );
+            || matches!(err.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded);
         if full {
-            StoreError::DiskFull {
-                op,
-                path: path.into(),
-            }
+            StoreError::DiskFull { op, path: path.into() }
         } else {
-            StoreError::Io {
-                op,
-                path: path.into(),
-                source: Arc::new(err),
-            }
+            StoreError::Io { op, path: path.into(), source: Arc::new(err) }
         }
     }
 

@@ -41,10 +41,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig {
-            segment_size: DEFAULT_SEGMENT_SIZE,
-            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
-        }
+        StoreConfig { segment_size: DEFAULT_SEGMENT_SIZE, max_pending_bytes: DEFAULT_MAX_PENDING_BYTES }
     }
 }
 
@@ -166,9 +163,7 @@ pub struct QueueStore {
 
 impl std::fmt::Debug for QueueStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueStore")
-            .field("dir", &self.shared.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("QueueStore").field("dir", &self.shared.dir).finish_non_exhaustive()
     }
 }
 
@@ -176,11 +171,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |e| StoreError::io(op, path, e)
 }
 
-fn push_unsynced(
-    list: &mut Vec<(Arc<dyn StoreFile>, PathBuf)>,
-    file: &Arc<dyn StoreFile>,
-    path: &Path,
-) {
+fn push_unsynced(list: &mut Vec<(Arc<dyn StoreFile>, PathBuf)>, file: &Arc<dyn StoreFile>, path: &Path) {
     if !list.iter().any(|(f, _)| Arc::ptr_eq(f, file)) {
         list.push((file.clone(), path.to_path_buf()));
     }
@@ -195,10 +186,7 @@ impl QueueStore {
         syncer: &Syncer,
     ) -> StoreResult<(QueueStore, Vec<Recovered>, RecoveryReport)> {
         let mut out = Vec::new();
-        let (store, report) =
-            Self::recover_with(dir, config, syncer.handle(), Arc::new(OsIo), |r| {
-                out.push(r)
-            })?;
+        let (store, report) = Self::recover_with(dir, config, syncer.handle(), Arc::new(OsIo), |r| out.push(r))?;
         Ok((store, out, report))
     }
 
@@ -211,10 +199,7 @@ impl QueueStore {
         io: Arc<dyn StoreIo>,
         mut visit: impl FnMut(Recovered),
     ) -> StoreResult<(QueueStore, RecoveryReport)> {
-        let config = StoreConfig {
-            segment_size: config.segment_size.clamp(4096, 2 << 30),
-            ..config
-        };
+        let config = StoreConfig { segment_size: config.segment_size.clamp(4096, 2 << 30), ..config };
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let mut seqs: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
@@ -244,9 +229,7 @@ impl QueueStore {
             report.segments += 1;
             let mut ack = ack_log::AckState::default();
             if has_ack {
-                let file = io
-                    .open(&ack_path, false)
-                    .map_err(io_err("opening", &ack_path))?;
+                let file = io.open(&ack_path, false).map_err(io_err("opening", &ack_path))?;
                 let data = segment::read_all(&*file).map_err(io_err("reading", &ack_path))?;
                 ack = ack_log::parse(&data);
                 for &offset in &ack.damaged {
@@ -258,8 +241,7 @@ impl QueueStore {
                     });
                 }
                 if ack.good_end < data.len() {
-                    file.set_len(ack.good_end as u64)
-                        .map_err(io_err("truncating", &ack_path))?;
+                    file.set_len(ack.good_end as u64).map_err(io_err("truncating", &ack_path))?;
                     file.sync_data().map_err(io_err("fsyncing", &ack_path))?;
                     report.truncated.push(Truncated {
                         path: ack_path.clone(),
@@ -268,9 +250,7 @@ impl QueueStore {
                     });
                 }
             }
-            let file = io
-                .open(&seg_path, false)
-                .map_err(io_err("opening", &seg_path))?;
+            let file = io.open(&seg_path, false).map_err(io_err("opening", &seg_path))?;
             let data = segment::read_all(&*file).map_err(io_err("reading", &seg_path))?;
             report.bytes_scanned += data.len() as u64;
             let scan = record::scan(&data);
@@ -285,8 +265,7 @@ impl QueueStore {
             }
             if scan.good_end < data.len() {
                 tracing::warn!(path = %seg_path.display(), offset = scan.good_end, "cutting off torn tail");
-                file.set_len(scan.good_end as u64)
-                    .map_err(io_err("truncating", &seg_path))?;
+                file.set_len(scan.good_end as u64).map_err(io_err("truncating", &seg_path))?;
                 file.sync_data().map_err(io_err("fsyncing", &seg_path))?;
                 report.truncated.push(Truncated {
                     path: seg_path.clone(),
@@ -295,11 +274,7 @@ impl QueueStore {
                 });
             }
             let data = Bytes::from(data);
-            let mut meta = SegMeta {
-                sealed: true,
-                ack_len: ack.good_end as u64,
-                ..Default::default()
-            };
+            let mut meta = SegMeta { sealed: true, ack_len: ack.good_end as u64, ..Default::default() };
             for r in &scan.records {
                 meta.records += 1;
                 report.records += 1;
@@ -313,10 +288,7 @@ impl QueueStore {
                     Ok(msg) => visit(Recovered {
                         msg,
                         delivered_count: ack.delivered.get(&id).copied().unwrap_or(0),
-                        pos: SegmentPos {
-                            segment: seq,
-                            offset: r.offset as u32,
-                        },
+                        pos: SegmentPos { segment: seq, offset: r.offset as u32 },
                         redelivered: ack.delivered.contains_key(&id),
                     }),
                     Err(reason) => {
@@ -341,18 +313,14 @@ impl QueueStore {
             }
         }
         // Always start a fresh segment: the old ones are sealed and can be deleted once settled.
-        let seq = seqs
-            .keys()
-            .next_back()
-            .map_or(1, |s| s.wrapping_add(1).max(1));
+        let seq = seqs.keys().next_back().map_or(1, |s| s.wrapping_add(1).max(1));
         let path = segment::segment_path(dir, seq);
         let file = io.open(&path, true).map_err(io_err("creating", &path))?;
         file.set_len(0).map_err(io_err("truncating", &path))?;
         segs.insert(seq, SegMeta::default());
         // One directory fsync covers the new segment, cut tails and deleted settled segments.
         let _ = dir_dirty;
-        io.sync_dir(dir)
-            .map_err(io_err("fsyncing directory", dir))?;
+        io.sync_dir(dir).map_err(io_err("fsyncing directory", dir))?;
         let inner = Inner {
             active: SegmentWriter::new(seq, path, file, 0),
             sealed_writers: Vec::new(),
@@ -394,12 +362,7 @@ impl QueueStore {
         let s = &*self.shared;
         let mut inner = s.lock();
         inner.check_writable()?;
-        let pending = inner.active.buf.len()
-            + inner
-                .sealed_writers
-                .iter()
-                .map(|w| w.buf.len())
-                .sum::<usize>();
+        let pending = inner.active.buf.len() + inner.sealed_writers.iter().map(|w| w.buf.len()).sum::<usize>();
         if pending > s.config.max_pending_bytes {
             return Err(StoreError::Backpressure(pending));
         }
@@ -410,23 +373,13 @@ impl QueueStore {
         let offset = inner.active.end() as u32;
         let seq = inner.active.seq;
         msg.encode_record(&mut inner.active.buf);
-        inner
-            .segs
-            .get_mut(&seq)
-            .expect("active segment has meta")
-            .records += 1;
+        inner.segs.get_mut(&seq).expect("active segment has meta").records += 1;
         let ticket = inner.ticket();
         inner.batch_records += 1;
         s.ensure_registered(&mut inner)?;
         drop(inner);
         s.syncer.note_appends(1);
-        Ok((
-            SegmentPos {
-                segment: seq,
-                offset,
-            },
-            ticket,
-        ))
+        Ok((SegmentPos { segment: seq, offset }, ticket))
     }
 
     /// Records that these messages are settled (acked, expired, dead-lettered, dropped). Each message
@@ -444,10 +397,7 @@ impl QueueStore {
     /// Reads a message back (paging a body in), from memory if it is not written yet.
     pub fn read(&self, pos: SegmentPos) -> StoreResult<StoredMessage> {
         let s = &*self.shared;
-        let not_found = StoreError::NotFound {
-            segment: pos.segment,
-            offset: pos.offset,
-        };
+        let not_found = StoreError::NotFound { segment: pos.segment, offset: pos.offset };
         let mut inner = s.lock();
         if !inner.segs.contains_key(&pos.segment) {
             return Err(not_found);
@@ -484,8 +434,7 @@ impl QueueStore {
         drop(inner);
         // The file read happens outside the lock; an unlinked file stays readable through its fd.
         let path = || segment::segment_path(&s.dir, pos.segment);
-        file.read_exact_at(&mut hdr, offset)
-            .map_err(|e| StoreError::io("reading", path(), e))?;
+        file.read_exact_at(&mut hdr, offset).map_err(|e| StoreError::io("reading", path(), e))?;
         let h = record::parse_header(&hdr).ok_or_else(|| s.corrupt(pos, "bad record header"))?;
         let mut rec = vec![0u8; h.record_len()];
         rec[..HEADER_LEN].copy_from_slice(&hdr);
@@ -531,12 +480,7 @@ impl QueueStore {
     /// Bytes buffered in memory and not yet written (for the memory metric).
     pub fn pending_bytes(&self) -> usize {
         let inner = self.shared.lock();
-        inner.active.buf.len()
-            + inner
-                .sealed_writers
-                .iter()
-                .map(|w| w.buf.len())
-                .sum::<usize>()
+        inner.active.buf.len() + inner.sealed_writers.iter().map(|w| w.buf.len()).sum::<usize>()
     }
 
     /// Deletes the queue's directory (queue deleted). Pending tickets fail.
@@ -603,11 +547,7 @@ impl Shared {
     }
 
     fn corrupt(&self, pos: SegmentPos, reason: &'static str) -> StoreError {
-        StoreError::Corrupt {
-            path: segment::segment_path(&self.dir, pos.segment),
-            offset: pos.offset as u64,
-            reason,
-        }
+        StoreError::Corrupt { path: segment::segment_path(&self.dir, pos.segment), offset: pos.offset as u64, reason }
     }
 
     fn ensure_registered(&self, inner: &mut Inner) -> StoreResult<()> {
@@ -624,10 +564,7 @@ impl Shared {
     fn roll(&self, inner: &mut Inner) -> StoreResult<()> {
         let seq = inner.active.seq.wrapping_add(1);
         let path = segment::segment_path(&self.dir, seq);
-        let file = self
-            .io
-            .open(&path, true)
-            .map_err(io_err("creating", &path))?;
+        let file = self.io.open(&path, true).map_err(io_err("creating", &path))?;
         let old = std::mem::replace(&mut inner.active, SegmentWriter::new(seq, path, file, 0));
         let old_seq = old.seq;
         if old.has_pending() {
@@ -635,10 +572,7 @@ impl Shared {
         }
         inner.segs.insert(seq, SegMeta::default());
         inner.dir_dirty = true;
-        let meta = inner
-            .segs
-            .get_mut(&old_seq)
-            .expect("active segment has meta");
+        let meta = inner.segs.get_mut(&old_seq).expect("active segment has meta");
         meta.sealed = true;
         if meta.settled >= meta.records {
             self.delete_segment(inner, old_seq);
@@ -665,10 +599,7 @@ impl Shared {
             return Ok(f.clone());
         }
         let path = segment::ack_path(&self.dir, seq);
-        let f = self
-            .io
-            .open(&path, true)
-            .map_err(io_err("opening", &path))?;
+        let f = self.io.open(&path, true).map_err(io_err("opening", &path))?;
         if inner.segs.get(&seq).is_some_and(|m| m.ack_len == 0) {
             inner.dir_dirty = true;
         }
@@ -702,9 +633,8 @@ impl Shared {
                 continue;
             };
             let end = meta.ack_len;
-            let closes = kind == AckKind::Settled
-                && meta.sealed
-                && meta.settled as usize + ids.len() >= meta.records as usize;
+            let closes =
+                kind == AckKind::Settled && meta.sealed && meta.settled as usize + ids.len() >= meta.records as usize;
             // The last settles of a sealed segment need no log entry: the segment goes away.
             if closes && self.delete_segment(&mut inner, seq) {
                 continue;
@@ -742,10 +672,7 @@ impl SyncTarget for Shared {
             inner.completing = Some(b);
         }
         let records = std::mem::take(&mut inner.batch_records);
-        let mut job = SyncJob {
-            records,
-            ..Default::default()
-        };
+        let mut job = SyncJob { records, ..Default::default() };
         job.files = std::mem::take(&mut inner.unsynced);
         if std::mem::take(&mut inner.dir_dirty) {
             job.dir = Some((self.io.clone(), self.dir.clone()));
@@ -756,11 +683,7 @@ impl SyncTarget for Shared {
         }
         // Take every buffer, oldest segment first, so a failure leaves no later data on file.
         let mut work = Vec::new();
-        let Inner {
-            active,
-            sealed_writers,
-            ..
-        } = &mut *inner;
+        let Inner { active, sealed_writers, .. } = &mut *inner;
         for w in sealed_writers.iter_mut().chain(std::iter::once(active)) {
             if !w.buf.is_empty() && w.inflight.is_none() {
                 let data = Arc::new(std::mem::take(&mut w.buf));
@@ -850,13 +773,11 @@ impl SyncTarget for Shared {
 pub(crate) fn test_dir(name: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir()
-        .join("mailroom-store-unit")
-        .join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+    let d = std::env::temp_dir().join("mailroom-store-unit").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -920,24 +841,13 @@ pub(crate) mod tests {
                 return Err(io::Error::from_raw_os_error(5));
             }
             self.inner.sync_data()?;
-            let w = self
-                .f
-                .written
-                .lock()
-                .unwrap()
-                .get(&self.path)
-                .copied()
-                .unwrap_or(0);
+            let w = self.f.written.lock().unwrap().get(&self.path).copied().unwrap_or(0);
             self.f.synced.lock().unwrap().insert(self.path.clone(), w);
             Ok(())
         }
         fn set_len(&self, len: u64) -> io::Result<()> {
             self.inner.set_len(len)?;
-            self.f
-                .written
-                .lock()
-                .unwrap()
-                .insert(self.path.clone(), len);
+            self.f.written.lock().unwrap().insert(self.path.clone(), len);
             Ok(())
         }
         fn file_len(&self) -> io::Result<u64> {
@@ -947,11 +857,7 @@ pub(crate) mod tests {
 
     impl StoreIo for FaultIo {
         fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>> {
-            Ok(Arc::new(FaultFile {
-                inner: OsIo.open(path, create)?,
-                path: path.to_path_buf(),
-                f: self.0.clone(),
-            }))
+            Ok(Arc::new(FaultFile { inner: OsIo.open(path, create)?, path: path.to_path_buf(), f: self.0.clone() }))
         }
         fn sync_dir(&self, dir: &Path) -> io::Result<()> {
             OsIo.sync_dir(dir)
@@ -977,21 +883,14 @@ pub(crate) mod tests {
         faults: &Arc<Faults>,
     ) -> (QueueStore, Vec<Recovered>, RecoveryReport) {
         let mut out = Vec::new();
-        let cfg = StoreConfig {
-            segment_size: seg,
-            ..Default::default()
-        };
+        let cfg = StoreConfig { segment_size: seg, ..Default::default() };
         let io: Arc<dyn StoreIo> = Arc::new(FaultIo(faults.clone()));
-        let (s, r) =
-            QueueStore::recover_with(dir, cfg, syncer.handle(), io, |m| out.push(m)).unwrap();
+        let (s, r) = QueueStore::recover_with(dir, cfg, syncer.handle(), io, |m| out.push(m)).unwrap();
         (s, out, r)
     }
 
     fn quick_syncer() -> Syncer {
-        Syncer::start(SyncerConfig {
-            retry_backoff: Duration::from_millis(10),
-            ..Default::default()
-        })
+        Syncer::start(SyncerConfig { retry_backoff: Duration::from_millis(10), ..Default::default() })
     }
 
     #[tokio::test]
@@ -1011,24 +910,11 @@ pub(crate) mod tests {
         for t in tickets {
             t.wait().await.unwrap();
         }
-        assert!(
-            positions.last().unwrap().segment > positions[0].segment,
-            "rolled"
-        );
+        assert!(positions.last().unwrap().segment > positions[0].segment, "rolled");
         for (id, pos) in positions.iter().enumerate() {
-            assert_eq!(
-                store.read(*pos).unwrap(),
-                msg(id as u64, 700),
-                "file read {id}"
-            );
+            assert_eq!(store.read(*pos).unwrap(), msg(id as u64, 700), "file read {id}");
         }
-        assert!(matches!(
-            store.read(SegmentPos {
-                segment: 999,
-                offset: 0
-            }),
-            Err(StoreError::NotFound { .. })
-        ));
+        assert!(matches!(store.read(SegmentPos { segment: 999, offset: 0 }), Err(StoreError::NotFound { .. })));
     }
 
     #[tokio::test]
@@ -1047,13 +933,7 @@ pub(crate) mod tests {
             faults.gate.notify_all();
             t.wait().await.unwrap();
             let path = segment::segment_path(&dir, pos.segment);
-            let synced = faults
-                .synced
-                .lock()
-                .unwrap()
-                .get(&path)
-                .copied()
-                .unwrap_or(0);
+            let synced = faults.synced.lock().unwrap().get(&path).copied().unwrap_or(0);
             assert!(
                 synced >= pos.offset as u64 + m.record_len() as u64,
                 "ticket completed before its bytes were fsynced"
@@ -1076,19 +956,12 @@ pub(crate) mod tests {
         let (_, t2) = store.append(&msg(2, 300)).unwrap();
         let err = t2.wait().await.unwrap_err();
         assert!(err.is_disk_full(), "{err}");
-        assert_eq!(
-            std::fs::metadata(&seg).unwrap().len(),
-            good_len,
-            "partial write rolled back"
-        );
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len, "partial write rolled back");
         // While the disk is full, appends fail fast instead of piling up.
         assert!(store.append(&msg(3, 300)).unwrap_err().is_disk_full());
         // Recovery at this point sees only whole records.
         let s = record::scan(&std::fs::read(&seg).unwrap());
-        assert_eq!(
-            (s.records.len(), s.good_end as u64, s.damaged.len()),
-            (1, good_len, 0)
-        );
+        assert_eq!((s.records.len(), s.good_end as u64, s.damaged.len()), (1, good_len, 0));
 
         // Space returns: the retry writes the kept record and appends resume.
         faults.fail_writes.store(false, Ordering::SeqCst);
@@ -1106,15 +979,8 @@ pub(crate) mod tests {
         drop(store);
         let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
         let ids: Vec<u64> = rec.iter().map(|r| r.msg.id).collect();
-        assert_eq!(
-            ids,
-            vec![1, 2, 4],
-            "record 2 (nacked) was kept and written by the retry: at-least-once"
-        );
-        assert!(
-            report.damaged.is_empty() && report.truncated.is_empty(),
-            "{report:?}"
-        );
+        assert_eq!(ids, vec![1, 2, 4], "record 2 (nacked) was kept and written by the retry: at-least-once");
+        assert!(report.damaged.is_empty() && report.truncated.is_empty(), "{report:?}");
     }
 
     #[tokio::test]
@@ -1126,18 +992,11 @@ pub(crate) mod tests {
         faults.fail_sync.store(true, Ordering::SeqCst);
         let (_, t) = store.append(&msg(1, 10)).unwrap();
         assert!(matches!(t.wait().await, Err(StoreError::Io { .. })));
-        assert!(matches!(
-            store.append(&msg(2, 10)),
-            Err(StoreError::Poisoned(_))
-        ));
+        assert!(matches!(store.append(&msg(2, 10)), Err(StoreError::Poisoned(_))));
         faults.fail_sync.store(false, Ordering::SeqCst);
         drop(store);
         let (store, rec, _) = open(&dir, 1 << 20, &syncer, &faults);
-        assert_eq!(
-            rec.len(),
-            1,
-            "the written record is still there (unconfirmed, so at-least-once)"
-        );
+        assert_eq!(rec.len(), 1, "the written record is still there (unconfirmed, so at-least-once)");
         store.append(&msg(3, 10)).unwrap().1.wait().await.unwrap();
     }
 
@@ -1155,10 +1014,7 @@ pub(crate) mod tests {
         let ack = segment::ack_path(&dir, p1.segment);
         let len = std::fs::metadata(&ack).unwrap().len();
         faults.fail_writes.store(true, Ordering::SeqCst);
-        assert!(store
-            .settle(&[MsgRef { id: 2, pos: p2 }])
-            .unwrap_err()
-            .is_disk_full());
+        assert!(store.settle(&[MsgRef { id: 2, pos: p2 }]).unwrap_err().is_disk_full());
         assert_eq!(std::fs::metadata(&ack).unwrap().len(), len);
         faults.fail_writes.store(false, Ordering::SeqCst);
         drop(store);
@@ -1182,11 +1038,7 @@ pub(crate) mod tests {
         let segs: std::collections::BTreeSet<u32> = refs.iter().map(|r| r.pos.segment).collect();
         assert!(segs.len() >= 5);
         let first = *segs.iter().next().unwrap();
-        let in_first: Vec<MsgRef> = refs
-            .iter()
-            .copied()
-            .filter(|r| r.pos.segment == first)
-            .collect();
+        let in_first: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment == first).collect();
         store.mark_delivered(&in_first).unwrap();
         // All but one settled: the segment and its ack log stay.
         store.settle(&in_first[..in_first.len() - 1]).unwrap();
@@ -1196,27 +1048,15 @@ pub(crate) mod tests {
         assert!(!segment::segment_path(&dir, first).exists());
         assert!(!segment::ack_path(&dir, first).exists());
         // Settling everything leaves only the active segment.
-        let rest: Vec<MsgRef> = refs
-            .iter()
-            .copied()
-            .filter(|r| r.pos.segment != first)
-            .collect();
+        let rest: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment != first).collect();
         store.settle(&rest).unwrap();
         let last = *segs.iter().next_back().unwrap();
-        assert_eq!(
-            store.segment_count(),
-            1,
-            "only the active segment {last} remains"
-        );
+        assert_eq!(store.segment_count(), 1, "only the active segment {last} remains");
         store.sync().wait().await.unwrap();
         drop(store);
         let (store, rec, _) = open(&dir, 4096, &syncer, &faults);
         assert!(rec.is_empty());
-        assert_eq!(
-            store.segment_count(),
-            1,
-            "the fully settled active segment was deleted at recovery"
-        );
+        assert_eq!(store.segment_count(), 1, "the fully settled active segment was deleted at recovery");
     }
 
     #[test]

@@ -133,20 +133,13 @@ pub fn scan(buf: &[u8]) -> Scan {
             Some(h) if pos + h.record_len() <= buf.len() => {
                 let payload = &buf[pos + HEADER_LEN..pos + h.record_len()];
                 if payload_ok(&h, payload) {
-                    out.records.push(ScannedRecord {
-                        offset: pos,
-                        header: h,
-                    });
+                    out.records.push(ScannedRecord { offset: pos, header: h });
                     pos += h.record_len();
                     out.good_end = pos;
                 } else {
                     // The header checked, so its length is trustworthy: skip exactly this record.
                     // If nothing intact follows, it is the torn tail and good_end stays before it.
-                    out.damaged.push(DamagedRange {
-                        offset: pos,
-                        len: h.record_len(),
-                        reason: "payload CRC mismatch",
-                    });
+                    out.damaged.push(DamagedRange { offset: pos, len: h.record_len(), reason: "payload CRC mismatch" });
                     pos += h.record_len();
                 }
             }
@@ -154,11 +147,7 @@ pub fn scan(buf: &[u8]) -> Scan {
             Some(_) => break,
             None => match resync(buf, pos + 1) {
                 Some(next) => {
-                    out.damaged.push(DamagedRange {
-                        offset: pos,
-                        len: next - pos,
-                        reason: "bad record header",
-                    });
+                    out.damaged.push(DamagedRange { offset: pos, len: next - pos, reason: "bad record header" });
                     pos = next;
                 }
                 None => break,
@@ -176,9 +165,7 @@ pub fn resync(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i + HEADER_LEN <= buf.len() {
         // memchr-like search for the first magic byte keeps resync linear and quick.
-        let rel = buf[i..buf.len() - HEADER_LEN + 1]
-            .iter()
-            .position(|&b| b == magic[0])?;
+        let rel = buf[i..buf.len() - HEADER_LEN + 1].iter().position(|&b| b == magic[0])?;
         i += rel;
         if buf[i..i + 4] == magic && parse_header(&buf[i..]).is_some() {
             return Some(i);
@@ -232,20 +219,12 @@ impl StoredMessage {
     /// Appends the payload encoding to `out`.
     pub fn encode_payload(&self, out: &mut Vec<u8>) {
         out.reserve(self.payload_len());
-        out.push(if self.expires_at_ms.is_some() {
-            FLAG_EXPIRES
-        } else {
-            0
-        });
+        out.push(if self.expires_at_ms.is_some() { FLAG_EXPIRES } else { 0 });
         out.extend_from_slice(&self.delivery_count.to_le_bytes());
         if let Some(t) = self.expires_at_ms {
             out.extend_from_slice(&t.to_le_bytes());
         }
-        for part in [
-            self.exchange.as_bytes(),
-            self.routing_key.as_bytes(),
-            &self.properties[..],
-        ] {
+        for part in [self.exchange.as_bytes(), self.routing_key.as_bytes(), &self.properties[..]] {
             out.extend_from_slice(&(part.len() as u32).to_le_bytes());
             out.extend_from_slice(part);
         }
@@ -262,10 +241,7 @@ impl StoredMessage {
     pub fn decode(id: u64, payload: Bytes) -> Result<StoredMessage, &'static str> {
         let mut p = 0usize;
         let take = |p: &mut usize, n: usize| -> Result<std::ops::Range<usize>, &'static str> {
-            let end = p
-                .checked_add(n)
-                .filter(|&e| e <= payload.len())
-                .ok_or("payload too short")?;
+            let end = p.checked_add(n).filter(|&e| e <= payload.len()).ok_or("payload too short")?;
             let r = *p..end;
             *p = end;
             Ok(r)
@@ -274,12 +250,9 @@ impl StoredMessage {
         if flags & !FLAG_EXPIRES != 0 {
             return Err("unknown payload flags");
         }
-        let delivery_count =
-            u32::from_le_bytes(payload[take(&mut p, 4)?].try_into().map_err(|_| "short")?);
+        let delivery_count = u32::from_le_bytes(payload[take(&mut p, 4)?].try_into().map_err(|_| "short")?);
         let expires_at_ms = if flags & FLAG_EXPIRES != 0 {
-            Some(u64::from_le_bytes(
-                payload[take(&mut p, 8)?].try_into().map_err(|_| "short")?,
-            ))
+            Some(u64::from_le_bytes(payload[take(&mut p, 8)?].try_into().map_err(|_| "short")?))
         } else {
             None
         };
@@ -290,12 +263,8 @@ impl StoredMessage {
         let exchange = field(&mut p)?;
         let routing_key = field(&mut p)?;
         let properties = field(&mut p)?;
-        let exchange = std::str::from_utf8(&payload[exchange])
-            .map_err(|_| "exchange not UTF-8")?
-            .to_owned();
-        let routing_key = std::str::from_utf8(&payload[routing_key])
-            .map_err(|_| "routing key not UTF-8")?
-            .to_owned();
+        let exchange = std::str::from_utf8(&payload[exchange]).map_err(|_| "exchange not UTF-8")?.to_owned();
+        let routing_key = std::str::from_utf8(&payload[routing_key]).map_err(|_| "routing key not UTF-8")?.to_owned();
         Ok(StoredMessage {
             id,
             exchange,
@@ -310,9 +279,7 @@ impl StoredMessage {
     /// Decodes a whole record (header and payload) from `buf`, checking both CRCs.
     pub fn decode_record(buf: &[u8]) -> Result<StoredMessage, &'static str> {
         let h = parse_header(buf).ok_or("bad record header")?;
-        let payload = buf
-            .get(HEADER_LEN..h.record_len())
-            .ok_or("record truncated")?;
+        let payload = buf.get(HEADER_LEN..h.record_len()).ok_or("record truncated")?;
         if !payload_ok(&h, payload) {
             return Err("payload CRC mismatch");
         }
@@ -331,11 +298,7 @@ mod tests {
             routing_key: "k".repeat(300),
             properties: Bytes::from_static(&[0x80, 0x00, 2]),
             body: Bytes::copy_from_slice(body),
-            expires_at_ms: if id.is_multiple_of(2) {
-                Some(1_700_000_000_000 + id)
-            } else {
-                None
-            },
+            expires_at_ms: if id.is_multiple_of(2) { Some(1_700_000_000_000 + id) } else { None },
             delivery_count: id as u32,
         }
     }
@@ -364,10 +327,7 @@ mod tests {
         let mut b = buf.clone();
         let last = b.len() - 1;
         b[last] ^= 1;
-        assert_eq!(
-            StoredMessage::decode_record(&b),
-            Err("payload CRC mismatch")
-        );
+        assert_eq!(StoredMessage::decode_record(&b), Err("payload CRC mismatch"));
     }
 
     #[test]
@@ -400,9 +360,7 @@ mod tests {
             let len = n % 97;
             let data: Vec<u8> = (0..len)
                 .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     (seed >> 33) as u8
                 })
                 .collect();

@@ -70,12 +70,7 @@ impl StoreFile for OsFile {
 
 impl StoreIo for OsIo {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let f = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(OsFile(f)))
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -96,10 +91,7 @@ pub fn ack_path(dir: &Path, seq: u32) -> PathBuf {
 /// Parses a store file name into its sequence number and extension; `None` for foreign files.
 pub fn parse_name(name: &str) -> Option<(u32, &str)> {
     let (stem, ext) = name.split_once('.')?;
-    if stem.len() != 10
-        || !stem.bytes().all(|b| b.is_ascii_digit())
-        || (ext != SEGMENT_EXT && ext != ACK_EXT)
-    {
+    if stem.len() != 10 || !stem.bytes().all(|b| b.is_ascii_digit()) || (ext != SEGMENT_EXT && ext != ACK_EXT) {
         return None;
     }
     Some((stem.parse().ok()?, ext))
@@ -135,14 +127,7 @@ pub struct SegmentWriter {
 impl SegmentWriter {
     /// A writer for a fresh (or truncated) file of `len` bytes.
     pub fn new(seq: u32, path: PathBuf, file: Arc<dyn StoreFile>, len: u64) -> Self {
-        SegmentWriter {
-            seq,
-            path,
-            file,
-            written: len,
-            inflight: None,
-            buf: Vec::new(),
-        }
+        SegmentWriter { seq, path, file, written: len, inflight: None, buf: Vec::new() }
     }
 
     /// Logical end: where the next record will go.
@@ -189,13 +174,7 @@ mod tests {
         assert_eq!(p, Path::new("/q/0000000042.seg"));
         assert_eq!(parse_name("0000000042.seg"), Some((42, "seg")));
         assert_eq!(parse_name("0000000042.ack"), Some((42, "ack")));
-        for bad in [
-            "42.seg",
-            "000000004x.seg",
-            "0000000042.tmp",
-            "readme",
-            "0000000042",
-        ] {
+        for bad in ["42.seg", "000000004x.seg", "0000000042.tmp", "readme", "0000000042"] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }
     }

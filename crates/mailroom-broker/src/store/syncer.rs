@@ -107,9 +107,7 @@ pub struct SyncerShared {
 
 impl std::fmt::Debug for SyncerShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncerShared")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("SyncerShared").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -167,10 +165,7 @@ impl Syncer {
             .name("mailroom-syncer".into())
             .spawn(move || run(&s))
             .expect("spawn syncer thread");
-        Syncer {
-            shared,
-            thread: Some(thread),
-        }
+        Syncer { shared, thread: Some(thread) }
     }
 
     /// A handle for a queue store.
@@ -234,12 +229,7 @@ fn run(s: &SyncerShared) {
                 return;
             }
             q = match q.retry.iter().map(|r| r.0).min() {
-                Some(at) => {
-                    s.wake
-                        .wait_timeout(q, at.saturating_duration_since(now))
-                        .expect("syncer lock")
-                        .0
-                }
+                Some(at) => s.wake.wait_timeout(q, at.saturating_duration_since(now)).expect("syncer lock").0,
                 None => s.wake.wait(q).expect("syncer lock"),
             };
         }
@@ -252,8 +242,7 @@ fn run(s: &SyncerShared) {
             let mut seen = s.appends.load(Ordering::Relaxed);
             loop {
                 let left = s.config.max_wait.saturating_sub(start.elapsed());
-                if left.is_zero() || seen.wrapping_sub(appends_at_take) >= last_round_records.max(1)
-                {
+                if left.is_zero() || seen.wrapping_sub(appends_at_take) >= last_round_records.max(1) {
                     break;
                 }
                 std::thread::sleep(left.min(s.config.gather_idle));
@@ -304,12 +293,8 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
         results.push(result);
     }
     s.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
-    s.fsync_micros
-        .fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
-    if jobs
-        .iter()
-        .any(|j| !j.files.is_empty() || j.dir.is_some() || j.write_error.is_some())
-    {
+    s.fsync_micros.fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if jobs.iter().any(|j| !j.files.is_empty() || j.dir.is_some() || j.write_error.is_some()) {
         s.rounds.fetch_add(1, Ordering::Relaxed);
     }
     // Phase 3: complete tickets; failed stores go on the retry list.
@@ -399,18 +384,11 @@ mod tests {
         fn flush(&self) -> SyncJob {
             self.flushed.fetch_add(1, Ordering::SeqCst);
             let write_error = if self.fail_once.swap(false, Ordering::SeqCst) {
-                Some(StoreError::DiskFull {
-                    op: "test",
-                    path: "x".into(),
-                })
+                Some(StoreError::DiskFull { op: "test", path: "x".into() })
             } else {
                 None
             };
-            SyncJob {
-                records: 3,
-                write_error,
-                ..Default::default()
-            }
+            SyncJob { records: 3, write_error, ..Default::default() }
         }
         fn synced(&self, _: u64, result: Result<(), StoreError>) -> bool {
             let retry = result.is_err();
@@ -421,10 +399,7 @@ mod tests {
 
     #[test]
     fn failed_targets_are_retried_after_backoff() {
-        let cfg = SyncerConfig {
-            retry_backoff: Duration::from_millis(20),
-            ..Default::default()
-        };
+        let cfg = SyncerConfig { retry_backoff: Duration::from_millis(20), ..Default::default() };
         let syncer = Syncer::start(cfg);
         let t = Arc::new(Counting {
             flushed: AtomicU64::new(0),
@@ -468,9 +443,6 @@ mod tests {
         assert!(t.is_done());
         let (tx, rx) = watch::channel::<BatchState>(None);
         drop(tx);
-        assert!(matches!(
-            SyncTicket::for_batch(rx).wait().await,
-            Err(StoreError::SyncerStopped)
-        ));
+        assert!(matches!(SyncTicket::for_batch(rx).wait().await, Err(StoreError::SyncerStopped)));
     }
 }

@@ -5,9 +5,7 @@
 //! bytes that arrive right after a reply (e.g. deliveries after `consume-ok`) are lost.
 
 use amq_protocol::frame::{gen_frame, AMQPFrame, WriteContext};
-use amq_protocol::protocol::{
-    basic, channel, confirm, connection, exchange, parse_class, queue, AMQPClass,
-};
+use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, parse_class, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use amq_protocol::uri::AMQPUri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,9 +33,7 @@ pub fn method(channel: u16, class: AMQPClass) -> Vec<u8> {
 
 /// Parses a method payload (class id onwards) with amq-protocol.
 pub fn parse_method(payload: &[u8]) -> Result<AMQPClass, BenchError> {
-    parse_class(payload)
-        .map(|(_, m)| m)
-        .map_err(|e| BenchError::Protocol(format!("unparsable method: {e:?}")))
+    parse_class(payload).map(|(_, m)| m).map_err(|e| BenchError::Protocol(format!("unparsable method: {e:?}")))
 }
 
 /// A client connection with one channel open (channel 1).
@@ -60,28 +56,18 @@ impl Conn {
         let stream = TcpStream::connect((uri.authority.host.as_str(), uri.authority.port)).await?;
         // Latency runs write one small batch at a time; Nagle would hold them back.
         stream.set_nodelay(true)?;
-        let mut c = Conn {
-            stream,
-            rbuf: ReadBuf::new(READ_BUF),
-            frame_max: wire::MAX_FRAME,
-        };
+        let mut c = Conn { stream, rbuf: ReadBuf::new(READ_BUF), frame_max: wire::MAX_FRAME };
         c.stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
         match c.next_method(0).await? {
             AMQPClass::Connection(connection::AMQPMethod::Start(_)) => {}
             other => return Err(unexpected("connection.start", &other)),
         }
         let mut props = FieldTable::default();
-        props.insert(
-            "product".into(),
-            AMQPValue::LongString("mailroom-bench".into()),
-        );
+        props.insert("product".into(), AMQPValue::LongString("mailroom-bench".into()));
         // Without this capability RabbitMQ drops the socket on bad credentials instead of
         // sending connection.close 403, leaving the user a bare "connection reset".
         let mut caps = FieldTable::default();
-        caps.insert(
-            "authentication_failure_close".into(),
-            AMQPValue::Boolean(true),
-        );
+        caps.insert("authentication_failure_close".into(), AMQPValue::Boolean(true));
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
         let user = &uri.authority.userinfo;
         let response = format!("\0{}\0{}", user.username, user.password);
@@ -111,18 +97,9 @@ impl Conn {
         )
         .await?;
         let vhost = ShortString::from(uri.vhost.as_str());
-        c.call(
-            0,
-            AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-                virtual_host: vhost,
-            })),
-        )
-        .await?;
-        c.call(
-            CH,
-            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-        )
-        .await?;
+        c.call(0, AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: vhost })))
+            .await?;
+        c.call(CH, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await?;
         Ok(c)
     }
 
@@ -176,12 +153,7 @@ impl Conn {
     }
 
     /// Declares a queue (durable if messages are persistent) and returns its name.
-    pub async fn declare_queue(
-        &mut self,
-        name: &str,
-        durable: bool,
-        auto_delete: bool,
-    ) -> Result<(), BenchError> {
+    pub async fn declare_queue(&mut self, name: &str, durable: bool, auto_delete: bool) -> Result<(), BenchError> {
         self.call(
             CH,
             AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
@@ -199,12 +171,7 @@ impl Conn {
     }
 
     /// Declares a fanout exchange and binds `queues` to it.
-    pub async fn declare_fanout(
-        &mut self,
-        name: &str,
-        durable: bool,
-        queues: &[String],
-    ) -> Result<(), BenchError> {
+    pub async fn declare_fanout(&mut self, name: &str, durable: bool, queues: &[String]) -> Result<(), BenchError> {
         self.call(
             CH,
             AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
@@ -266,28 +233,13 @@ impl Conn {
         self.tolerate_not_found(r).await
     }
 
-    async fn tolerate_not_found(
-        &mut self,
-        r: Result<AMQPClass, BenchError>,
-    ) -> Result<(), BenchError> {
+    async fn tolerate_not_found(&mut self, r: Result<AMQPClass, BenchError>) -> Result<(), BenchError> {
         match r {
             Ok(_) => Ok(()),
-            Err(BenchError::Closed {
-                code: 404,
-                channel: true,
-                ..
-            }) => {
+            Err(BenchError::Closed { code: 404, channel: true, .. }) => {
                 // The broker closed the channel: acknowledge and reopen it for the next call.
-                self.send(
-                    CH,
-                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
-                )
-                .await?;
-                self.call(
-                    CH,
-                    AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-                )
-                .await?;
+                self.send(CH, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))).await?;
+                self.call(CH, AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).await?;
                 Ok(())
             }
             Err(e) => Err(e),
@@ -296,26 +248,14 @@ impl Conn {
 
     /// Sets the channel's prefetch (0 = unlimited).
     pub async fn qos(&mut self, prefetch: u16) -> Result<(), BenchError> {
-        self.call(
-            CH,
-            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: prefetch,
-                global: false,
-            })),
-        )
-        .await?;
+        self.call(CH, AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: prefetch, global: false })))
+            .await?;
         Ok(())
     }
 
     /// Puts the channel in publisher-confirm mode.
     pub async fn confirm_select(&mut self) -> Result<(), BenchError> {
-        self.call(
-            CH,
-            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-                nowait: false,
-            })),
-        )
-        .await?;
+        self.call(CH, AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false }))).await?;
         Ok(())
     }
 
@@ -374,11 +314,7 @@ pub async fn drain_until_close_ok<R: tokio::io::AsyncRead + Unpin>(
         while let Some(end) = frame_end(&data[pos..]) {
             let f = &data[pos..pos + end];
             // connection.close-ok: method frame on channel 0, class 10, method 51.
-            if f[0] == wire::FRAME_METHOD
-                && f.len() >= 11
-                && f[1..3] == [0, 0]
-                && f[7..11] == [0, 10, 0, 51]
-            {
+            if f[0] == wire::FRAME_METHOD && f.len() >= 11 && f[1..3] == [0, 0] && f[7..11] == [0, 10, 0, 51] {
                 done = true;
             }
             pos += end;
@@ -408,16 +344,12 @@ pub fn frame_end(data: &[u8]) -> Option<usize> {
 /// Turns a `channel.close` or `connection.close` from the broker into an error.
 pub fn check_close(m: &AMQPClass) -> Result<(), BenchError> {
     match m {
-        AMQPClass::Channel(channel::AMQPMethod::Close(c)) => Err(BenchError::Closed {
-            code: c.reply_code,
-            text: c.reply_text.to_string(),
-            channel: true,
-        }),
-        AMQPClass::Connection(connection::AMQPMethod::Close(c)) => Err(BenchError::Closed {
-            code: c.reply_code,
-            text: c.reply_text.to_string(),
-            channel: false,
-        }),
+        AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+            Err(BenchError::Closed { code: c.reply_code, text: c.reply_text.to_string(), channel: true })
+        }
+        AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+            Err(BenchError::Closed { code: c.reply_code, text: c.reply_text.to_string(), channel: false })
+        }
         _ => Ok(()),
     }
 }

@@ -46,30 +46,14 @@ impl Consumer {
         }
         conn.consume(queue, auto_ack).await?;
         // Acking less often than prefetch allows would stall the consumer forever.
-        let ack_every = if prefetch > 0 {
-            ack_every.clamp(1, prefetch as u64)
-        } else {
-            ack_every.max(1)
-        };
-        Ok(Consumer {
-            conn,
-            auto_ack,
-            ack_every,
-        })
+        let ack_every = if prefetch > 0 { ack_every.clamp(1, prefetch as u64) } else { ack_every.max(1) };
+        Ok(Consumer { conn, auto_ack, ack_every })
     }
 
     /// Consumes until stopped, then closes the connection.
     pub async fn run(self, shared: Arc<Shared>) -> Result<ConsumerStats, BenchError> {
-        let Consumer {
-            conn,
-            auto_ack,
-            ack_every,
-        } = self;
-        let Conn {
-            mut stream,
-            mut rbuf,
-            frame_max,
-        } = conn;
+        let Consumer { conn, auto_ack, ack_every } = self;
+        let Conn { mut stream, mut rbuf, frame_max } = conn;
         let mut scanner = Scanner::new(frame_max);
         let mut stats = ConsumerStats::default();
         let mut stop = shared.stop.subscribe();
@@ -98,9 +82,7 @@ impl Consumer {
                         let m = parse_method(payload)?;
                         check_close(&m)?;
                         if let AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) = m {
-                            return Err(BenchError::Protocol(
-                                "broker cancelled the consumer".into(),
-                            ));
+                            return Err(BenchError::Protocol("broker cancelled the consumer".into()));
                         }
                     }
                     _ => {}
@@ -137,9 +119,7 @@ impl Consumer {
             }
         }
         // Unacked messages go back to the queue on close; the queue is deleted anyway.
-        let _ = stream
-            .write_all(&conn::method(0, conn::close_frame()))
-            .await;
+        let _ = stream.write_all(&conn::method(0, conn::close_frame())).await;
         let _ = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             conn::drain_until_close_ok(&mut stream, &mut rbuf, frame_max),

@@ -8,8 +8,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 /// utime + stime in clock ticks from a /proc `stat` file (process or thread).
 pub fn ticks(path: &str) -> io::Result<u64> {
     let s = std::fs::read_to_string(path)?;
-    parse_stat(&s)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: unparsable")))
+    parse_stat(&s).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: unparsable")))
 }
 
 fn parse_stat(s: &str) -> Option<u64> {

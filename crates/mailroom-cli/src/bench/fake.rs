@@ -50,43 +50,29 @@ impl FakePeer {
         let stop = Arc::new(AtomicBool::new(false));
         let cpu_ticks = Arc::new(AtomicU64::new(0));
         let threads = Arc::new(Mutex::new(Vec::new()));
-        let cfg = Config {
-            source_size,
-            stop: stop.clone(),
-            cpu_ticks: cpu_ticks.clone(),
-            threads: threads.clone(),
-        };
-        let acceptor = std::thread::Builder::new()
-            .name("fake-accept".into())
-            .spawn(move || {
-                for s in listener.incoming() {
-                    if cfg.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(s) = s else { continue };
-                    let c = cfg.clone();
-                    let h = std::thread::Builder::new()
-                        .name("fake-conn".into())
-                        .spawn(move || {
-                            if let Err(e) = serve(s, &c) {
-                                if !c.stop.load(Ordering::Relaxed) {
-                                    eprintln!("fake peer: {e}");
-                                }
-                            }
-                            c.cpu_ticks
-                                .fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
-                        })
-                        .expect("spawn fake connection thread");
-                    cfg.threads.lock().unwrap().push(h);
+        let cfg = Config { source_size, stop: stop.clone(), cpu_ticks: cpu_ticks.clone(), threads: threads.clone() };
+        let acceptor = std::thread::Builder::new().name("fake-accept".into()).spawn(move || {
+            for s in listener.incoming() {
+                if cfg.stop.load(Ordering::Relaxed) {
+                    break;
                 }
-            })?;
-        Ok(FakePeer {
-            addr,
-            stop,
-            cpu_ticks,
-            threads,
-            acceptor: Some(acceptor),
-        })
+                let Ok(s) = s else { continue };
+                let c = cfg.clone();
+                let h = std::thread::Builder::new()
+                    .name("fake-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(s, &c) {
+                            if !c.stop.load(Ordering::Relaxed) {
+                                eprintln!("fake peer: {e}");
+                            }
+                        }
+                        c.cpu_ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
+                    })
+                    .expect("spawn fake connection thread");
+                cfg.threads.lock().unwrap().push(h);
+            }
+        })?;
+        Ok(FakePeer { addr, stop, cpu_ticks, threads, acceptor: Some(acceptor) })
     }
 
     /// Stops accepting, waits for its connection threads and returns their CPU seconds.
@@ -148,17 +134,8 @@ fn serve(mut s: TcpStream, cfg: &Config) -> io::Result<()> {
             .scan(rbuf.data(), |f| {
                 match f {
                     Frame::Published => published += 1,
-                    Frame::Method {
-                        channel: ch,
-                        payload,
-                        ..
-                    } => {
-                        let reply = respond(
-                            parse_method(payload)?,
-                            &mut confirm_mode,
-                            &mut start_source,
-                            &mut closing,
-                        );
+                    Frame::Method { channel: ch, payload, .. } => {
+                        let reply = respond(parse_method(payload)?, &mut confirm_mode, &mut start_source, &mut closing);
                         if let Some(r) = reply {
                             replies.extend_from_slice(&method(ch, r));
                         }
@@ -186,14 +163,10 @@ fn serve(mut s: TcpStream, cfg: &Config) -> io::Result<()> {
             if let Some(size) = cfg.source_size {
                 let (w, stop, global) = (writer.clone(), conn_stop.clone(), cfg.stop.clone());
                 let ticks = cfg.cpu_ticks.clone();
-                source = Some(
-                    std::thread::Builder::new()
-                        .name("fake-source".into())
-                        .spawn(move || {
-                            let _ = stream_deliveries(&w, size, &stop, &global);
-                            ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
-                        })?,
-                );
+                source = Some(std::thread::Builder::new().name("fake-source".into()).spawn(move || {
+                    let _ = stream_deliveries(&w, size, &stop, &global);
+                    ticks.fetch_add(super::cpu::thread_ticks(), Ordering::Relaxed);
+                })?);
             }
         }
         if closing {
@@ -209,12 +182,7 @@ fn serve(mut s: TcpStream, cfg: &Config) -> io::Result<()> {
 }
 
 /// The reply to one method from the client, if it needs one.
-fn respond(
-    m: AMQPClass,
-    confirm_mode: &mut bool,
-    start_source: &mut bool,
-    closing: &mut bool,
-) -> Option<AMQPClass> {
+fn respond(m: AMQPClass, confirm_mode: &mut bool, start_source: &mut bool, closing: &mut bool) -> Option<AMQPClass> {
     use AMQPClass as C;
     Some(match m {
         C::Connection(connection::AMQPMethod::StartOk(_)) => {
@@ -231,12 +199,8 @@ fn respond(
             *closing = true;
             C::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {}))
         }
-        C::Channel(channel::AMQPMethod::Open(_)) => {
-            C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))
-        }
-        C::Channel(channel::AMQPMethod::Close(_)) => {
-            C::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))
-        }
+        C::Channel(channel::AMQPMethod::Open(_)) => C::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        C::Channel(channel::AMQPMethod::Close(_)) => C::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
         C::Confirm(confirm::AMQPMethod::Select(_)) => {
             *confirm_mode = true;
             C::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {}))
@@ -244,24 +208,16 @@ fn respond(
         C::Basic(basic::AMQPMethod::Qos(_)) => C::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
         C::Basic(basic::AMQPMethod::Consume(_)) => {
             *start_source = true;
-            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                consumer_tag: "amq.ctag-fake".into(),
-            }))
+            C::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: "amq.ctag-fake".into() }))
         }
-        C::Queue(queue::AMQPMethod::Declare(d)) => {
-            C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                queue: d.queue,
-                message_count: 0,
-                consumer_count: 0,
-            }))
-        }
-        C::Queue(queue::AMQPMethod::Bind(_)) => {
-            C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {}))
-        }
+        C::Queue(queue::AMQPMethod::Declare(d)) => C::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+            queue: d.queue,
+            message_count: 0,
+            consumer_count: 0,
+        })),
+        C::Queue(queue::AMQPMethod::Bind(_)) => C::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})),
         C::Queue(queue::AMQPMethod::Delete(_)) => {
-            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
-                message_count: 0,
-            }))
+            C::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: 0 }))
         }
         C::Exchange(exchange::AMQPMethod::Declare(_)) => {
             C::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))
@@ -274,12 +230,7 @@ fn respond(
 }
 
 /// Writes batches of deliveries until told to stop or the socket fails.
-fn stream_deliveries(
-    w: &Mutex<TcpStream>,
-    size: usize,
-    stop: &AtomicBool,
-    global: &AtomicBool,
-) -> io::Result<()> {
+fn stream_deliveries(w: &Mutex<TcpStream>, size: usize, stop: &AtomicBool, global: &AtomicBool) -> io::Result<()> {
     let t = Template::deliver(1, "amq.ctag-fake", "", "bench", size, wire::MAX_FRAME);
     let mut batch = Batch::new(&t, (SOURCE_BATCH_BYTES / t.bytes.len()).max(1));
     let n = batch.capacity();

@@ -179,9 +179,7 @@ pub struct Report {
 impl Report {
     /// The single line scripts parse.
     pub fn line(&self) -> String {
-        let broker = self
-            .broker_cpu_s
-            .map_or("na".to_string(), |c| format!("{c:.2}"));
+        let broker = self.broker_cpu_s.map_or("na".to_string(), |c| format!("{c:.2}"));
         format!(
             "RESULT published={} consumed={} nacked={} seconds={:.3} publish_rate={:.0} consume_rate={:.0} \
              p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} bench_cpu_s={:.2} broker_cpu_s={}",
@@ -211,27 +209,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 /// Runs the bench on its own runtime (so `--threads` holds whatever runtime the caller has).
 pub async fn run_report(args: BenchArgs) -> Result<Report, BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("bench".into())
-        .spawn(move || {
-            let rt = if args.threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(args.threads)
-                    .enable_all()
-                    .build()
-            };
-            let r = match rt {
-                Ok(rt) => rt.block_on(bench(args)),
-                Err(e) => Err(e.into()),
-            };
-            let _ = tx.send(r);
-        })?;
-    rx.await
-        .map_err(|_| BenchError::Protocol("bench thread died".into()))?
+    std::thread::Builder::new().name("bench".into()).spawn(move || {
+        let rt = if args.threads <= 1 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+        };
+        let r = match rt {
+            Ok(rt) => rt.block_on(bench(args)),
+            Err(e) => Err(e.into()),
+        };
+        let _ = tx.send(r);
+    })?;
+    rx.await.map_err(|_| BenchError::Protocol("bench thread died".into()))?
 }
 
 fn queue_names(args: &BenchArgs) -> (Vec<String>, bool) {
@@ -241,11 +231,7 @@ fn queue_names(args: &BenchArgs) -> (Vec<String>, bool) {
         Some(n) => ((0..k).map(|i| format!("{n}-{i}")).collect(), false),
         None => {
             // pid + clock: unique per run, so a crashed run's leftovers never collide.
-            let id = format!(
-                "mailroom-bench-{}-{}",
-                std::process::id(),
-                now_ns() % 1_000_000_000
-            );
+            let id = format!("mailroom-bench-{}-{}", std::process::id(), now_ns() % 1_000_000_000);
             ((0..k).map(|i| format!("{id}-{i}")).collect(), true)
         }
     }
@@ -260,14 +246,10 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         args.producers = 0;
     }
     if args.consumers > 0 && args.consumers < args.queues as usize {
-        return Err(BenchError::Usage(
-            "need at least one consumer per queue".into(),
-        ));
+        return Err(BenchError::Usage("need at least one consumer per queue".into()));
     }
     if args.producers == 0 && args.consumers == 0 {
-        return Err(BenchError::Usage(
-            "nothing to do: no producers and no consumers".into(),
-        ));
+        return Err(BenchError::Usage("nothing to do: no producers and no consumers".into()));
     }
     let duration = match (args.duration, args.count) {
         (Some(d), _) => Some(Duration::from_secs_f64(d)),
@@ -275,9 +257,7 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         (None, Some(_)) => None,
     };
     let fake = if args.sink || args.source {
-        Some(fake::FakePeer::start(
-            args.source.then_some(args.size as usize),
-        )?)
+        Some(fake::FakePeer::start(args.source.then_some(args.size as usize))?)
     } else {
         None
     };
@@ -291,19 +271,13 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
 
     // Topology, on a connection of its own that also cleans up at the end.
     let (queues, fresh) = queue_names(&args);
-    let exchange = if args.fanout {
-        format!("{}-fanout", queues[0])
-    } else {
-        String::new()
-    };
+    let exchange = if args.fanout { format!("{}-fanout", queues[0]) } else { String::new() };
     let mut setup = conn::Conn::open(&uri).await?;
     for q in &queues {
         setup.declare_queue(q, args.persistent, fresh).await?;
     }
     if args.fanout {
-        setup
-            .declare_fanout(&exchange, args.persistent, &queues)
-            .await?;
+        setup.declare_fanout(&exchange, args.persistent, &queues).await?;
     }
 
     let (stop_tx, _) = watch::channel(false);
@@ -321,29 +295,14 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     let mut consumers = Vec::new();
     for i in 0..args.consumers {
         let q = &queues[i % queues.len()];
-        consumers.push(
-            Consumer::setup(
-                &uri,
-                q,
-                args.prefetch,
-                args.auto_ack,
-                args.multiple_ack_every,
-            )
-            .await?,
-        );
+        consumers.push(Consumer::setup(&uri, q, args.prefetch, args.auto_ack, args.multiple_ack_every).await?);
     }
     let mut producers = Vec::new();
     for i in 0..args.producers {
-        let share = |total: u64| {
-            total / args.producers as u64 + u64::from((i as u64) < total % args.producers as u64)
-        };
+        let share = |total: u64| total / args.producers as u64 + u64::from((i as u64) < total % args.producers as u64);
         let plan = Plan {
             exchange: exchange.clone(),
-            routing_key: if args.fanout {
-                String::new()
-            } else {
-                queues[i % queues.len()].clone()
-            },
+            routing_key: if args.fanout { String::new() } else { queues[i % queues.len()].clone() },
             size: args.size as usize,
             persistent: args.persistent,
             confirm: args.confirm,
@@ -356,14 +315,9 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
 
     let start = Instant::now();
     let deadline = duration.map(|d| start + d);
-    let consumer_tasks: Vec<_> = consumers
-        .into_iter()
-        .map(|c| tokio::spawn(c.run(shared.clone())))
-        .collect();
-    let producer_tasks: Vec<_> = producers
-        .into_iter()
-        .map(|p| tokio::spawn(p.run(shared.clone(), start, deadline)))
-        .collect();
+    let consumer_tasks: Vec<_> = consumers.into_iter().map(|c| tokio::spawn(c.run(shared.clone()))).collect();
+    let producer_tasks: Vec<_> =
+        producers.into_iter().map(|p| tokio::spawn(p.run(shared.clone(), start, deadline))).collect();
 
     let mut first_err = None;
     let mut published = 0;
@@ -396,11 +350,7 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     let mut consume_end = start;
     for t in consumer_tasks {
         match t.await {
-            Ok(Ok(ConsumerStats {
-                consumed: c,
-                latency: h,
-                last,
-            })) => {
+            Ok(Ok(ConsumerStats { consumed: c, latency: h, last })) => {
                 consumed += c;
                 latency.merge(&h);
                 consume_end = consume_end.max(last.unwrap_or(start));
@@ -440,16 +390,8 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         consumed,
         nacked,
         seconds: secs(publish_end.max(consume_end)),
-        publish_rate: if published > 0 {
-            published as f64 / secs(publish_end)
-        } else {
-            0.0
-        },
-        consume_rate: if consumed > 0 {
-            consumed as f64 / secs(consume_end)
-        } else {
-            0.0
-        },
+        publish_rate: if published > 0 { published as f64 / secs(publish_end) } else { 0.0 },
+        consume_rate: if consumed > 0 { consumed as f64 / secs(consume_end) } else { 0.0 },
         p50_ms: ms(latency.quantile(0.5)),
         p99_ms: ms(latency.quantile(0.99)),
         p999_ms: ms(latency.quantile(0.999)),
@@ -460,12 +402,7 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
 }
 
 /// After the producers are done: wait until every published message arrived, or progress stops.
-async fn wait_for_consumers(
-    args: &BenchArgs,
-    shared: &Shared,
-    published: u64,
-    deadline: Option<Instant>,
-) {
+async fn wait_for_consumers(args: &BenchArgs, shared: &Shared, published: u64, deadline: Option<Instant>) {
     if args.producers == 0 {
         // Consumers only: run to the count (consumers stop themselves) or the deadline.
         let mut stop = shared.stop.subscribe();

@@ -60,10 +60,7 @@ pub struct ProducerStats {
 
 impl Producer {
     /// Connects and enables confirms if asked; done before the clock starts.
-    pub async fn setup(
-        uri: &amq_protocol::uri::AMQPUri,
-        plan: Plan,
-    ) -> Result<Producer, BenchError> {
+    pub async fn setup(uri: &amq_protocol::uri::AMQPUri, plan: Plan) -> Result<Producer, BenchError> {
         let mut conn = Conn::open(uri).await?;
         if plan.confirm.is_some() {
             conn.confirm_select().await?;
@@ -85,14 +82,7 @@ impl Producer {
         let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
         let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx));
 
-        let t = Template::publish(
-            CH,
-            &plan.exchange,
-            &plan.routing_key,
-            plan.size,
-            plan.persistent,
-            frame_max,
-        );
+        let t = Template::publish(CH, &plan.exchange, &plan.routing_key, plan.size, plan.persistent, frame_max);
         let mut batch = Batch::new(&t, (plan.batch_bytes / t.bytes.len()).max(1));
         let stop = shared.stop.subscribe();
         let mut sent = 0u64;
@@ -130,9 +120,7 @@ impl Producer {
                 if inflight >= window {
                     let wait = confirm_rx.changed();
                     let r = match deadline {
-                        Some(d) => tokio::time::timeout_at(d.into(), wait)
-                            .await
-                            .unwrap_or(Ok(())),
+                        Some(d) => tokio::time::timeout_at(d.into(), wait).await.unwrap_or(Ok(())),
                         None => wait.await,
                     };
                     if r.is_err() {
@@ -153,11 +141,7 @@ impl Producer {
                 shared.published.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let mut stats = ProducerStats {
-            published: sent,
-            end: Some(Instant::now()),
-            nacked: 0,
-        };
+        let mut stats = ProducerStats { published: sent, end: Some(Instant::now()), nacked: 0 };
         if result.is_ok() && plan.confirm.is_some() {
             // With confirms, a message counts as published once the broker vouched for it.
             let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
@@ -165,9 +149,7 @@ impl Producer {
             stats.published = confirmed.min(sent) - nacked.min(confirmed);
             stats.nacked = nacked;
             stats.end = Some(Instant::now());
-            shared
-                .published
-                .fetch_add(stats.published, Ordering::Relaxed);
+            shared.published.fetch_add(stats.published, Ordering::Relaxed);
         }
         // Close and wait for close-ok: the broker answers only after reading every publish before
         // it, so this is when the messages left our socket buffers; dropping the socket earlier
@@ -182,9 +164,7 @@ impl Producer {
             }
             Ok(Ok(Ok(false))) => Ok(()),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(e)) => Err(BenchError::Protocol(format!(
-                "confirm reader panicked: {e}"
-            ))),
+            Ok(Err(e)) => Err(BenchError::Protocol(format!("confirm reader panicked: {e}"))),
             Err(_) => {
                 eprintln!("bench: no close-ok from the broker after {CLOSE_WAIT:?}");
                 Ok(())
@@ -215,11 +195,7 @@ async fn read_confirms(
         let mut changed = false;
         let used = scanner.scan(rbuf.data(), |f| {
             match f {
-                Frame::Confirm {
-                    tag,
-                    multiple,
-                    nack,
-                } => {
+                Frame::Confirm { tag, multiple, nack } => {
                     let before = upto;
                     if multiple {
                         upto = upto.max(tag);

@@ -25,21 +25,14 @@ async fn sink_publishes_a_count() {
 
 #[tokio::test]
 async fn sink_with_confirms_and_large_bodies() {
-    let r = run_report(args(
-        "--sink --count 5000 --size 200000 --confirm 64 --persistent --producers 2",
-    ))
-    .await
-    .unwrap();
+    let r =
+        run_report(args("--sink --count 5000 --size 200000 --confirm 64 --persistent --producers 2")).await.unwrap();
     assert_eq!((r.published, r.nacked), (5000, 0));
 }
 
 #[tokio::test]
 async fn source_delivers_a_count_with_manual_acks() {
-    let r = run_report(args(
-        "--source --count 300000 --prefetch 100 --multiple-ack-every 50",
-    ))
-    .await
-    .unwrap();
+    let r = run_report(args("--source --count 300000 --prefetch 100 --multiple-ack-every 50")).await.unwrap();
     assert!(r.consumed >= 300_000, "{}", r.line());
     assert_eq!(r.published, 0);
     assert!(r.p50_ms > 0.0 && r.max_ms >= r.p99_ms, "{}", r.line());
@@ -47,11 +40,7 @@ async fn source_delivers_a_count_with_manual_acks() {
 
 #[tokio::test]
 async fn sink_and_source_for_a_short_duration() {
-    let r = run_report(args(
-        "--sink --source --duration 0.3 --size 1024 --auto-ack",
-    ))
-    .await
-    .unwrap();
+    let r = run_report(args("--sink --source --duration 0.3 --size 1024 --auto-ack")).await.unwrap();
     assert!(r.published > 0 && r.consumed > 0, "{}", r.line());
     let line = r.line();
     assert!(line.starts_with("RESULT published="));

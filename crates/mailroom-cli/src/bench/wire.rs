@@ -59,13 +59,7 @@ fn end_frame(out: &mut Vec<u8>, size_at: usize) {
 }
 
 /// Appends the content header and body frames of one message; returns the body's offset.
-fn put_content(
-    out: &mut Vec<u8>,
-    channel: u16,
-    size: usize,
-    persistent: bool,
-    frame_max: u32,
-) -> usize {
+fn put_content(out: &mut Vec<u8>, channel: u16, size: usize, persistent: bool, frame_max: u32) -> usize {
     let at = begin_frame(out, FRAME_HEADER, channel);
     out.extend_from_slice(&CLASS_BASIC.to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes()); // weight, always 0
@@ -130,11 +124,7 @@ impl Template {
         out.push(0); // mandatory = immediate = false
         end_frame(&mut out, at);
         let stamp_at = put_content(&mut out, channel, size, persistent, frame_max);
-        Template {
-            bytes: out,
-            stamp_at,
-            tag_at: 0,
-        }
+        Template { bytes: out, stamp_at, tag_at: 0 }
     }
 
     /// Encodes `basic.deliver` plus content, as a broker would send it (used by `--source`).
@@ -159,11 +149,7 @@ impl Template {
         put_shortstr(&mut out, routing_key);
         end_frame(&mut out, at);
         let stamp_at = put_content(&mut out, channel, size, false, frame_max);
-        Template {
-            bytes: out,
-            stamp_at,
-            tag_at,
-        }
+        Template { bytes: out, stamp_at, tag_at }
     }
 }
 
@@ -185,13 +171,7 @@ impl Batch {
         for _ in 0..capacity {
             buf.extend_from_slice(&template.bytes);
         }
-        Batch {
-            buf,
-            msg_len: template.bytes.len(),
-            stamp_at: template.stamp_at,
-            tag_at: template.tag_at,
-            capacity,
-        }
+        Batch { buf, msg_len: template.bytes.len(), stamp_at: template.stamp_at, tag_at: template.tag_at, capacity }
     }
 
     /// How many messages fit in one batch.
@@ -297,10 +277,7 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner that rejects frames with payloads larger than `frame_max`.
     pub fn new(frame_max: u32) -> Self {
-        Scanner {
-            pending: None,
-            max_frame: effective_frame_max(frame_max) as usize,
-        }
+        Scanner { pending: None, max_frame: effective_frame_max(frame_max) as usize }
     }
 
     /// Scans whole frames of `buf`, calling `on` for each event; returns the bytes consumed.
@@ -314,23 +291,17 @@ impl Scanner {
         while buf.len() - pos >= 7 {
             let kind = buf[pos];
             let channel = u16::from_be_bytes([buf[pos + 1], buf[pos + 2]]);
-            let size = u32::from_be_bytes([buf[pos + 3], buf[pos + 4], buf[pos + 5], buf[pos + 6]])
-                as usize;
+            let size = u32::from_be_bytes([buf[pos + 3], buf[pos + 4], buf[pos + 5], buf[pos + 6]]) as usize;
             // Checked before waiting for the rest, so garbage cannot make us buffer forever.
             if size > self.max_frame {
-                return Err(BenchError::Protocol(format!(
-                    "frame of {size} bytes exceeds frame_max"
-                )));
+                return Err(BenchError::Protocol(format!("frame of {size} bytes exceeds frame_max")));
             }
             let end = pos + 7 + size;
             if end >= buf.len() {
                 break; // incomplete: wait for more bytes
             }
             if buf[end] != FRAME_END {
-                return Err(BenchError::Protocol(format!(
-                    "bad frame end octet {:#x}",
-                    buf[end]
-                )));
+                return Err(BenchError::Protocol(format!("bad frame end octet {:#x}", buf[end])));
             }
             let payload = &buf[pos + 7..end];
             pos = end + 1;
@@ -386,11 +357,7 @@ impl Scanner {
             // A publish: the fake sink only wants to count it.
             on(Frame::Published)
         } else {
-            on(Frame::Delivery {
-                channel: p.channel,
-                tag: p.tag,
-                stamp: p.stamp,
-            })
+            on(Frame::Delivery { channel: p.channel, tag: p.tag, stamp: p.stamp })
         }
     }
 
@@ -411,40 +378,20 @@ impl Scanner {
                 // consumer-tag shortstr, then the delivery tag.
                 let ct = *payload.get(4).ok_or_else(short)? as usize;
                 let t = 5 + ct;
-                let tag = u64::from_be_bytes(
-                    payload.get(t..t + 8).ok_or_else(short)?.try_into().unwrap(),
-                );
-                self.pending = Some(Pending {
-                    channel,
-                    tag,
-                    ..Pending::default()
-                });
+                let tag = u64::from_be_bytes(payload.get(t..t + 8).ok_or_else(short)?.try_into().unwrap());
+                self.pending = Some(Pending { channel, tag, ..Pending::default() });
                 Ok(())
             }
             (CLASS_BASIC, METHOD_PUBLISH) => {
-                self.pending = Some(Pending {
-                    channel,
-                    publish: true,
-                    ..Pending::default()
-                });
+                self.pending = Some(Pending { channel, publish: true, ..Pending::default() });
                 Ok(())
             }
             (CLASS_BASIC, METHOD_ACK) | (CLASS_BASIC, METHOD_NACK) => {
-                let tag =
-                    u64::from_be_bytes(payload.get(4..12).ok_or_else(short)?.try_into().unwrap());
+                let tag = u64::from_be_bytes(payload.get(4..12).ok_or_else(short)?.try_into().unwrap());
                 let bits = *payload.get(12).ok_or_else(short)?;
-                on(Frame::Confirm {
-                    tag,
-                    multiple: bits & 1 == 1,
-                    nack: method == METHOD_NACK,
-                })
+                on(Frame::Confirm { tag, multiple: bits & 1 == 1, nack: method == METHOD_NACK })
             }
-            _ => on(Frame::Method {
-                channel,
-                class,
-                method,
-                payload,
-            }),
+            _ => on(Frame::Method { channel, class, method, payload }),
         }
     }
 }
@@ -464,11 +411,7 @@ pub struct ReadBuf {
 impl ReadBuf {
     /// A buffer of `cap` bytes; must exceed the largest frame.
     pub fn new(cap: usize) -> Self {
-        ReadBuf {
-            buf: vec![0; cap],
-            start: 0,
-            end: 0,
-        }
+        ReadBuf { buf: vec![0; cap], start: 0, end: 0 }
     }
 
     /// Bytes read but not yet consumed.
@@ -520,11 +463,7 @@ mod tests {
 
     #[test]
     fn publish_template_parses_back() {
-        for (size, persistent, frame_max) in [
-            (16, false, 131_072),
-            (1024, true, 131_072),
-            (300_000, false, 4096),
-        ] {
+        for (size, persistent, frame_max) in [(16, false, 131_072), (1024, true, 131_072), (300_000, false, 4096)] {
             let t = Template::publish(1, "ex", "rk", size, persistent, frame_max);
             let frames = parse_all(&t.bytes);
             match &frames[0] {
@@ -539,10 +478,7 @@ mod tests {
                 AMQPFrame::Header(1, h) => {
                     assert_eq!(h.class_id, 60);
                     assert_eq!(h.body_size, size as u64);
-                    assert_eq!(
-                        h.properties.delivery_mode(),
-                        &Some(if persistent { 2 } else { 1 })
-                    );
+                    assert_eq!(h.properties.delivery_mode(), &Some(if persistent { 2 } else { 1 }));
                 }
                 other => panic!("not a header: {other:?}"),
             }
@@ -557,10 +493,7 @@ mod tests {
                 })
                 .sum();
             assert_eq!(body, size);
-            assert_eq!(
-                frames.len(),
-                2 + size.div_ceil(frame_max as usize - FRAME_OVERHEAD)
-            );
+            assert_eq!(frames.len(), 2 + size.div_ceil(frame_max as usize - FRAME_OVERHEAD));
         }
     }
 
@@ -571,14 +504,8 @@ mod tests {
         let bytes = b.fill(3, 0x1122_3344_5566_7788, 10).to_vec();
         assert_eq!(bytes.len(), 3 * t.bytes.len());
         let frames = parse_all(&bytes);
-        for (i, f) in frames
-            .iter()
-            .filter(|f| matches!(f, AMQPFrame::Body(..)))
-            .enumerate()
-        {
-            let AMQPFrame::Body(_, body) = f else {
-                unreachable!()
-            };
+        for (i, f) in frames.iter().filter(|f| matches!(f, AMQPFrame::Body(..))).enumerate() {
+            let AMQPFrame::Body(_, body) = f else { unreachable!() };
             assert_eq!(&body[..8], &0x1122_3344_5566_7788u64.to_be_bytes());
             assert_eq!(&body[8..16], &(10 + i as u64).to_be_bytes());
         }
@@ -645,50 +572,10 @@ mod tests {
         let s = stream();
         let got = events(&mut Scanner::new(MAX_FRAME), &[&s]);
         assert_eq!(got.len(), 5);
-        assert_eq!(
-            got[0],
-            format!(
-                "{:?}",
-                Frame::Delivery {
-                    channel: 1,
-                    tag: 1,
-                    stamp: Some(1000)
-                }
-            )
-        );
-        assert_eq!(
-            got[1],
-            format!(
-                "{:?}",
-                Frame::Delivery {
-                    channel: 1,
-                    tag: 2,
-                    stamp: Some(1000)
-                }
-            )
-        );
-        assert_eq!(
-            got[2],
-            format!(
-                "{:?}",
-                Frame::Delivery {
-                    channel: 1,
-                    tag: 7,
-                    stamp: Some(2000)
-                }
-            )
-        );
-        assert_eq!(
-            got[3],
-            format!(
-                "{:?}",
-                Frame::Confirm {
-                    tag: 9,
-                    multiple: false,
-                    nack: false
-                }
-            )
-        );
+        assert_eq!(got[0], format!("{:?}", Frame::Delivery { channel: 1, tag: 1, stamp: Some(1000) }));
+        assert_eq!(got[1], format!("{:?}", Frame::Delivery { channel: 1, tag: 2, stamp: Some(1000) }));
+        assert_eq!(got[2], format!("{:?}", Frame::Delivery { channel: 1, tag: 7, stamp: Some(2000) }));
+        assert_eq!(got[3], format!("{:?}", Frame::Confirm { tag: 9, multiple: false, nack: false }));
         assert!(got[4].starts_with("Method { channel: 1, class: 60, method: 11"));
     }
 

@@ -45,10 +45,10 @@ pub use sqlx;
 use super::{Claim, InboxStore, UnitOfWork, DEFAULT_RETENTION};
 use crate::bus::UnitSlot;
 use crate::transport::BoxFuture;
-use std::sync::Arc;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Connections the pool opens by default: one per concurrently running handler is the most it needs.
@@ -218,13 +218,14 @@ impl InboxStore for PgInbox {
         Some(Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(text)?;
             // Blocks while another transaction holds an uncommitted row for this id, then sees its outcome.
-            let inserted = sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(consumer)
-                .bind(message_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(text)?
-                .rows_affected();
+            let inserted =
+                sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(consumer)
+                    .bind(message_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(text)?
+                    .rows_affected();
             if inserted == 0 {
                 tx.rollback().await.map_err(text)?;
                 return Ok(Claim::Duplicate);

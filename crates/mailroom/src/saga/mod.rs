@@ -29,8 +29,8 @@
 //! `Stuck`, `Abandoned`.
 
 use crate::bus::Bus;
-use crate::envelope::{Envelope, MessageKind, Metadata, Raw};
 use crate::envelope::headers;
+use crate::envelope::{Envelope, MessageKind, Metadata, Raw};
 use crate::error::HandlerError;
 use crate::outbox::{Dest, Outbox, OutboxError};
 use crate::pipeline::WorkerHandle;
@@ -304,9 +304,11 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
                 let o = Arc::clone(&o);
                 async move {
                     let Some(cmd_id) = reply.meta.causation_id.clone() else { return Ok(()) };
-                    let fault = reply.meta.header(headers::FAULT).is_some().then(|| {
-                        String::from_utf8_lossy(&reply.body.0).into_owned()
-                    });
+                    let fault = reply
+                        .meta
+                        .header(headers::FAULT)
+                        .is_some()
+                        .then(|| String::from_utf8_lossy(&reply.body.0).into_owned());
                     o.on_reply(&cmd_id, fault, &reply.body.0).await.map_err(HandlerError::transient)
                 }
             })
@@ -348,7 +350,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     )
     .execute(&mut *tx)
     .await?;
-    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_pending ON saga_instances (pending_msg)").execute(&mut *tx).await?;
+    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_pending ON saga_instances (pending_msg)")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_status ON saga_instances (name, status, deadline)")
         .execute(&mut *tx)
         .await?;
@@ -514,7 +518,17 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
     /// Sends step `k` (a fresh id) or finishes.
     fn run_step(&self, data: &S, k: i32, event: String) -> Change {
         if k as usize >= self.saga.steps.len() {
-            return Change { data: None, step: k, status: Status::Done, pending: None, attempts: 0, deadline: None, error: None, send: vec![], event };
+            return Change {
+                data: None,
+                step: k,
+                status: Status::Done,
+                pending: None,
+                attempts: 0,
+                deadline: None,
+                error: None,
+                send: vec![],
+                event,
+            };
         }
         let step = &self.saga.steps[k as usize];
         let id = crate::envelope::new_message_id();
@@ -538,7 +552,17 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             k -= 1;
         }
         if k < 0 {
-            return Change { data: None, step: 0, status: Status::Failed, pending: None, attempts: 0, deadline: None, error, send: vec![], event: format!("{event}; compensated") };
+            return Change {
+                data: None,
+                step: 0,
+                status: Status::Failed,
+                pending: None,
+                attempts: 0,
+                deadline: None,
+                error,
+                send: vec![],
+                event: format!("{event}; compensated"),
+            };
         }
         let step = &self.saga.steps[k as usize];
         let id = crate::envelope::new_message_id();
@@ -561,10 +585,30 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         let attempts = row.attempts + 1;
         let name = &self.saga.steps[row.step as usize].name;
         if attempts >= self.saga.compensation_attempts {
-            return Change { data: None, step: row.step, status: Status::Stuck, pending: None, attempts, deadline: None, error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed {attempts} times ({why}): stuck") };
+            return Change {
+                data: None,
+                step: row.step,
+                status: Status::Stuck,
+                pending: None,
+                attempts,
+                deadline: None,
+                error: Some(why.clone()),
+                send: vec![],
+                event: format!("compensation {name} failed {attempts} times ({why}): stuck"),
+            };
         }
         let delay = self.backoff(attempts);
-        Change { data: None, step: row.step, status: Status::Compensating, pending: None, attempts, deadline: Some(delay), error: Some(why.clone()), send: vec![], event: format!("compensation {name} failed ({why}), retry in {delay:?}") }
+        Change {
+            data: None,
+            step: row.step,
+            status: Status::Compensating,
+            pending: None,
+            attempts,
+            deadline: Some(delay),
+            error: Some(why.clone()),
+            send: vec![],
+            event: format!("compensation {name} failed ({why}), retry in {delay:?}"),
+        }
     }
 
     async fn start(&self, data: &S) -> Result<String, SagaError> {
@@ -588,17 +632,22 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         for (cmd, msg_id, label) in &change.send {
             self.enqueue_command(&mut tx, &id, cmd, msg_id, label).await?;
         }
-        sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)").bind(&id).bind(&change.event).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)")
+            .bind(&id)
+            .bind(&change.event)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(id)
     }
 
     async fn on_reply(&self, cmd_id: &str, fault: Option<String>, body: &[u8]) -> Result<(), SagaError> {
-        let saga_id: Option<String> = sqlx::query_scalar("SELECT id FROM saga_instances WHERE pending_msg = $1 AND name = $2")
-            .bind(cmd_id)
-            .bind(&self.saga.name)
-            .fetch_optional(self.pool())
-            .await?;
+        let saga_id: Option<String> =
+            sqlx::query_scalar("SELECT id FROM saga_instances WHERE pending_msg = $1 AND name = $2")
+                .bind(cmd_id)
+                .bind(&self.saga.name)
+                .fetch_optional(self.pool())
+                .await?;
         let Some(saga_id) = saga_id else {
             tracing::debug!(command = cmd_id, "saga: reply for no pending command (late or duplicate), ignored");
             return Ok(());
@@ -625,7 +674,9 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
                     // The step refused: it took no effect, so compensation starts below it.
                     o.compensate_from(&data, row.step - 1, Some(f.clone()), format!("{name} failed: {f}"))
                 }
-                (Status::Compensating, None) => o.compensate_from(&data, row.step - 1, row.error.clone(), format!("{name} compensated")),
+                (Status::Compensating, None) => {
+                    o.compensate_from(&data, row.step - 1, row.error.clone(), format!("{name} compensated"))
+                }
                 (Status::Compensating, Some(f)) => o.compensation_failed(row, f.clone()),
                 _ => return Ok(None),
             }))
@@ -671,7 +722,9 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
                             o.compensate_from(&data, row.step, Some(why.clone()), why)
                         }
                     }
-                    (Status::Compensating, Some(_)) => o.compensation_failed(row, format!("{} compensation timed out", step.name)),
+                    (Status::Compensating, Some(_)) => {
+                        o.compensation_failed(row, format!("{} compensation timed out", step.name))
+                    }
                     (Status::Compensating, None) => {
                         let comp = step.compensation.expect("a compensating step has a compensation");
                         let id = crate::envelope::new_message_id();

@@ -17,12 +17,12 @@ use super::{AckHandle, BoxFuture, Declaration, Inbound, Outbound, Published, Sub
 use crate::error::TransportError;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::Confirmation;
 use lapin::types::FieldTable;
+use lapin::Confirmation;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind as LapinKind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -330,10 +330,11 @@ impl Inner {
     async fn try_establish(self: &Arc<Self>, generation: u64, url: &str) -> Result<Arc<Link>, TransportError> {
         let _setup = self.setup.lock().await;
         // A connect to a dead node can hang (SYN to a stopped host): bound it so failover moves on.
-        let conn = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Connection::connect(url, ConnectionProperties::default()))
-            .await
-            .map_err(|_| TransportError::Timeout(format!("connecting to {}", redact(url))))?
-            .map_err(err)?;
+        let conn =
+            tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Connection::connect(url, ConnectionProperties::default()))
+                .await
+                .map_err(|_| TransportError::Timeout(format!("connecting to {}", redact(url))))?
+                .map_err(err)?;
         let mailroom = probe::server_properties(url).await.is_some_and(|p| probe::is_mailroom(&p));
         self.delayed_exchange.store(mailroom, Ordering::SeqCst);
         let publish = conn.create_channel().await.map_err(err)?;
@@ -442,7 +443,10 @@ struct LapinAck(lapin::Acker);
 /// giving up is safe and keeps a stopping worker from waiting forever.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn settle(what: &str, op: impl std::future::Future<Output = Result<(), lapin::Error>>) -> Result<(), TransportError> {
+async fn settle(
+    what: &str,
+    op: impl std::future::Future<Output = Result<(), lapin::Error>>,
+) -> Result<(), TransportError> {
     match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
         Ok(r) => r.map_err(err),
         Err(_) => Err(TransportError::Timeout(format!("{what} not written (connection lost?)"))),
@@ -527,7 +531,11 @@ async fn consume_loop(
     }
 }
 
-async fn open_consumer(conn: &Connection, queue: &str, prefetch: u16) -> Result<(Channel, lapin::Consumer), lapin::Error> {
+async fn open_consumer(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(Channel, lapin::Consumer), lapin::Error> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let consumer =

@@ -62,7 +62,11 @@ impl Embedded {
                     None
                 } else {
                     track.lock().unwrap().insert(d.id);
-                    Some(Box::new(EmbeddedAck { queue: Arc::clone(&d.queue), id: d.id, outstanding: Arc::clone(&track) }))
+                    Some(Box::new(EmbeddedAck {
+                        queue: Arc::clone(&d.queue),
+                        id: d.id,
+                        outstanding: Arc::clone(&track),
+                    }))
                 };
                 let inbound = Inbound {
                     exchange: d.message.exchange.to_string(),

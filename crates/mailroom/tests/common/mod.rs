@@ -34,13 +34,24 @@ pub struct Env {
 }
 
 pub async fn env(target: Target, test: &str) -> Env {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     let prefix = format!("t.{test}.{}", &uuid_short());
     match target {
         Target::Embedded => {
             let t = Embedded::start().unwrap();
             let broker = t.broker().clone();
-            Env { target, bus: Bus::new(t), prefix, broker: Some(broker), url: None, names: Mutex::default(), _server: None }
+            Env {
+                target,
+                bus: Bus::new(t),
+                prefix,
+                broker: Some(broker),
+                url: None,
+                names: Mutex::default(),
+                _server: None,
+            }
         }
         Target::Server => {
             let (url, stop) = start_server().await;
@@ -61,9 +72,10 @@ fn uuid_short() -> String {
 
 pub async fn start_server() -> (String, oneshot::Sender<()>) {
     let broker = Broker::open(BrokerConfig::default()).unwrap();
-    let server = AmqpServer::bind(broker, ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() })
-        .await
-        .unwrap();
+    let server =
+        AmqpServer::bind(broker, ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() })
+            .await
+            .unwrap();
     let addr = server.local_addrs()[0];
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(server.run(async move {
