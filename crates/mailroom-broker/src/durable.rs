@@ -105,25 +105,19 @@ impl Durability {
                 if !ex.spec().durable || ex.name().is_empty() {
                     continue;
                 }
-                for b in ex.bindings() {
-                    let (destination, destination_kind, durable) = match &b.destination {
-                        Destination::Queue(q) => (
-                            q.name().to_owned(),
-                            DestinationKind::Queue,
-                            q.spec().durable && q.spec().exclusive_owner.is_none(),
-                        ),
-                        Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange, e.spec().durable),
+                for b in ex.bindings().into_iter().filter(|b| b.destination.is_durable()) {
+                    let (destination, destination_kind) = match &b.destination {
+                        Destination::Queue(q) => (q.name().to_owned(), DestinationKind::Queue),
+                        Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange),
                     };
-                    if durable {
-                        defs.bindings.push(BindingDef {
-                            vhost: v.name().to_owned(),
-                            source: ex.name().to_owned(),
-                            destination,
-                            destination_kind,
-                            routing_key: b.routing_key.clone(),
-                            arguments: b.arguments.clone(),
-                        });
-                    }
+                    defs.bindings.push(BindingDef {
+                        vhost: v.name().to_owned(),
+                        source: ex.name().to_owned(),
+                        destination,
+                        destination_kind,
+                        routing_key: b.routing_key.clone(),
+                        arguments: b.arguments.clone(),
+                    });
                 }
             }
         }

@@ -52,6 +52,16 @@ pub enum Destination {
     Exchange(Arc<Exchange>),
 }
 
+impl Destination {
+    /// Whether the destination survives a restart (a durable, non-exclusive queue or a durable exchange).
+    pub fn is_durable(&self) -> bool {
+        match self {
+            Self::Queue(q) => q.spec().durable && q.spec().exclusive_owner.is_none(),
+            Self::Exchange(e) => e.spec().durable,
+        }
+    }
+}
+
 impl PartialEq for Destination {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {

@@ -406,12 +406,7 @@ impl VHost {
     ) -> Result<()> {
         let q = self.queue(queue, owner)?;
         let ex = self.check_bindable_source(exchange)?;
-        let durable = ex.spec().durable && q.spec().durable;
-        ex.bind(Destination::Queue(q), routing_key, arguments)?;
-        if durable {
-            self.save_definitions();
-        }
-        Ok(())
+        self.add_binding(&ex, Destination::Queue(q), routing_key, arguments)
     }
 
     /// `queue.unbind` (a missing binding is fine).
@@ -432,15 +427,7 @@ impl VHost {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
             other => other?,
         };
-        let durable = ex.spec().durable && q.spec().durable;
-        if ex.unbind(&Destination::Queue(q), routing_key, arguments) {
-            if ex.spec().auto_delete && !ex.has_bindings() {
-                self.remove_exchange(&ex);
-            }
-            if durable {
-                self.save_definitions();
-            }
-        }
+        self.remove_binding(&ex, &Destination::Queue(q), routing_key, arguments);
         Ok(())
     }
 
@@ -454,12 +441,7 @@ impl VHost {
     ) -> Result<()> {
         let dest = self.check_bindable_source(destination)?;
         let src = self.check_bindable_source(source)?;
-        let durable = src.spec().durable && dest.spec().durable;
-        src.bind(Destination::Exchange(dest), routing_key, arguments)?;
-        if durable {
-            self.save_definitions();
-        }
-        Ok(())
+        self.add_binding(&src, Destination::Exchange(dest), routing_key, arguments)
     }
 
     /// `exchange.unbind`.
@@ -475,16 +457,38 @@ impl VHost {
             (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        let durable = src.spec().durable && dest.spec().durable;
-        if src.unbind(&Destination::Exchange(dest), routing_key, arguments) {
-            if src.spec().auto_delete && !src.has_bindings() {
-                self.remove_exchange(&src);
-            }
-            if durable {
-                self.save_definitions();
-            }
+        self.remove_binding(&src, &Destination::Exchange(dest), routing_key, arguments);
+        Ok(())
+    }
+
+    /// Adds a binding; saves the definitions when both ends are durable.
+    fn add_binding(
+        &self,
+        source: &Arc<Exchange>,
+        dest: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<()> {
+        let durable = source.spec().durable && dest.is_durable();
+        source.bind(dest, routing_key, arguments)?;
+        if durable {
+            self.save_definitions();
         }
         Ok(())
+    }
+
+    /// Removes a binding if it exists: an auto-delete source left without bindings goes too, and the
+    /// definitions are saved when both ends are durable.
+    fn remove_binding(&self, source: &Arc<Exchange>, dest: &Destination, routing_key: &str, arguments: &FieldTable) {
+        if !source.unbind(dest, routing_key, arguments) {
+            return;
+        }
+        if source.spec().auto_delete && !source.has_bindings() {
+            self.remove_exchange(source);
+        }
+        if source.spec().durable && dest.is_durable() {
+            self.save_definitions();
+        }
     }
 
     /// `queue.declare` on behalf of connection `owner`.
