@@ -104,122 +104,125 @@ def test_restart_keeps_durable_persistent_messages(broker):
                    lambda p: check_after_restart(p, *names["dtx"]))
 
 
-def test_kill9_acked_stay_gone_unacked_come_back_redelivered(broker):
+def test_kill9_acked_stay_gone_unacked_come_back_redelivered(killable):
+    proc = killable.spawn()
+    q = uname("redeliv")
+    conn = pika.BlockingConnection(killable.params())
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare(q, durable=True)
+    for i in range(3):
+        ch.basic_publish("", q, f"m{i}".encode(), properties=PERSISTENT)
+    m0, _, _ = ch.basic_get(q, auto_ack=False)
+    ch.basic_ack(m0.delivery_tag)  # acked: stays gone
+    ch.basic_get(q, auto_ack=False)  # delivered, never acked
+    ch.queue_declare(q, passive=True)  # a round trip: the ack was processed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killable.spawn()
+    conn = pika.BlockingConnection(killable.params())
+    ch = conn.channel()
+    got = []
+    while True:
+        m, _, b = ch.basic_get(q, auto_ack=True)
+        if m is None:
+            break
+        got.append((b, m.redelivered))
+    conn.close()
+    assert got == [(b"m1", True), (b"m2", False)]
+
+
+class KillableMailroom:
+    """Mailroom processes on one data dir and port, started and SIGKILLed by the test; all reaped at the end."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.procs = []
+
+    def spawn(self):
+        cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir,
+               "--log-level", "warn"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self.procs.append(proc)
+        _wait_listening(self.port, proc, 20)
+        return proc
+
+    def params(self):
+        return pika.URLParameters(self.url)
+
+
+@pytest.fixture
+def killable(broker):
     if broker.name != "mailroom":
         pytest.skip("kill -9 of the broker process: Mailroom only")
     with tempfile.TemporaryDirectory(prefix="mailroom-kill-") as data_dir:
-        port = free_port()
-        url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+        m = KillableMailroom(data_dir)
         try:
-            proc = spawn(data_dir, port)
-            q = uname("redeliv")
-            conn = pika.BlockingConnection(pika.URLParameters(url))
-            ch = conn.channel()
-            ch.confirm_delivery()
-            ch.queue_declare(q, durable=True)
-            for i in range(3):
-                ch.basic_publish("", q, f"m{i}".encode(), properties=PERSISTENT)
-            m0, _, _ = ch.basic_get(q, auto_ack=False)
-            ch.basic_ack(m0.delivery_tag)  # acked: stays gone
-            ch.basic_get(q, auto_ack=False)  # delivered, never acked
-            ch.queue_declare(q, passive=True)  # a round trip: the ack was processed
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            spawn(data_dir, port)
-            conn = pika.BlockingConnection(pika.URLParameters(url))
-            ch = conn.channel()
-            got = []
-            while True:
-                m, _, b = ch.basic_get(q, auto_ack=True)
-                if m is None:
-                    break
-                got.append((b, m.redelivered))
-            conn.close()
-            assert got == [(b"m1", True), (b"m2", False)]
+            yield m
         finally:
-            for p in proc_box:
+            for p in m.procs:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
 
 
-proc_box = []
-
-
-def spawn(data_dir, port):
-    cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", data_dir, "--log-level", "warn"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    proc_box.append(proc)
-    _wait_listening(port, proc, 20)
-    return proc
-
-
 @pytest.mark.slow
-def test_kill9_during_confirmed_publishing_loses_nothing(broker):
+def test_kill9_during_confirmed_publishing_loses_nothing(killable):
     """Several publishers with confirms while the broker is SIGKILLed at random moments; after each
     restart every confirmed message is present, in order per queue, and acked ones do not return."""
-    if broker.name != "mailroom":
-        pytest.skip("kill -9 of the broker process: Mailroom only")
     rounds = int(os.environ.get("MAILROOM_CRASH_ROUNDS", "3"))
     publishers = 3
     queues = [uname(f"crash{i}") for i in range(publishers)]
     rng = random.Random(int(os.environ.get("MAILROOM_CRASH_SEED", "7")))
     next_seq = [0] * publishers
-    with tempfile.TemporaryDirectory(prefix="mailroom-crash-") as data_dir:
-        port = free_port()
-        url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
-        try:
-            for rnd in range(rounds):
-                proc = spawn(data_dir, port)
-                confirmed = [[] for _ in range(publishers)]
-                stop = threading.Event()
+    for rnd in range(rounds):
+        proc = killable.spawn()
+        confirmed = [[] for _ in range(publishers)]
+        stop = threading.Event()
 
-                def publish(i):
-                    try:
-                        c = pika.BlockingConnection(pika.URLParameters(url))
-                        ch = c.channel()
-                        ch.confirm_delivery()
-                        ch.queue_declare(queues[i], durable=True)
-                        while not stop.is_set():
-                            seq = next_seq[i]
-                            ch.basic_publish("", queues[i], f"{i}:{seq}".encode(), properties=PERSISTENT)
-                            confirmed[i].append(seq)  # basic_publish returned: the broker confirmed it
-                            next_seq[i] = seq + 1
-                    except Exception:  # noqa: BLE001 - the broker was killed under us
-                        pass
+        def publish(i):
+            try:
+                c = pika.BlockingConnection(killable.params())
+                ch = c.channel()
+                ch.confirm_delivery()
+                ch.queue_declare(queues[i], durable=True)
+                while not stop.is_set():
+                    seq = next_seq[i]
+                    ch.basic_publish("", queues[i], f"{i}:{seq}".encode(), properties=PERSISTENT)
+                    confirmed[i].append(seq)  # basic_publish returned: the broker confirmed it
+                    next_seq[i] = seq + 1
+            except Exception:  # noqa: BLE001 - the broker was killed under us
+                pass
 
-                threads = [threading.Thread(target=publish, args=(i,), daemon=True) for i in range(publishers)]
-                for t in threads:
-                    t.start()
-                time.sleep(rng.uniform(0.3, 1.2))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                stop.set()
-                for t in threads:
-                    t.join(timeout=10)
-                proc = spawn(data_dir, port)
-                conn = pika.BlockingConnection(pika.URLParameters(url))
-                ch = conn.channel()
-                total = 0
-                for i, q in enumerate(queues):
-                    ch.queue_declare(q, durable=True)
-                    bodies = drain(ch, q)  # auto-ack: these must not come back next round
-                    seqs = [int(b.decode().split(":")[1]) for b in bodies]
-                    assert seqs == sorted(seqs), f"round {rnd} queue {i}: order broken"
-                    missing = set(confirmed[i]) - set(seqs)
-                    assert not missing, f"round {rnd} queue {i}: confirmed messages lost: {sorted(missing)[:10]}"
-                    # Nothing from an earlier round (all drained and acked) comes back.
-                    assert all(s >= (confirmed[i][0] if confirmed[i] else 0) for s in seqs) or not confirmed[i]
-                    total += len(confirmed[i])
-                conn.close()
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=10)
-                assert total > 0, f"round {rnd}: nothing was confirmed"
-        finally:
-            for p in proc_box:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        threads = [threading.Thread(target=publish, args=(i,), daemon=True) for i in range(publishers)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        proc = killable.spawn()
+        conn = pika.BlockingConnection(killable.params())
+        ch = conn.channel()
+        total = 0
+        for i, q in enumerate(queues):
+            ch.queue_declare(q, durable=True)
+            bodies = drain(ch, q)  # auto-ack: these must not come back next round
+            seqs = [int(b.decode().split(":")[1]) for b in bodies]
+            assert seqs == sorted(seqs), f"round {rnd} queue {i}: order broken"
+            missing = set(confirmed[i]) - set(seqs)
+            assert not missing, f"round {rnd} queue {i}: confirmed messages lost: {sorted(missing)[:10]}"
+            # Nothing from an earlier round (all drained and acked) comes back.
+            assert all(s >= (confirmed[i][0] if confirmed[i] else 0) for s in seqs) or not confirmed[i]
+            total += len(confirmed[i])
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert total > 0, f"round {rnd}: nothing was confirmed"
 
 
 @pytest.mark.slow
@@ -303,31 +306,20 @@ def test_restart_keeps_delivery_count(broker):
     across_restart(broker, before, after)
 
 
-def test_kill9_after_tx_commit_keeps_the_transaction(broker):
+def test_kill9_after_tx_commit_keeps_the_transaction(killable):
     """tx.commit-ok for persistent messages comes only after they are on disk."""
-    if broker.name != "mailroom":
-        pytest.skip("kill -9 of the broker process: Mailroom only")
-    with tempfile.TemporaryDirectory(prefix="mailroom-tx-") as data_dir:
-        port = free_port()
-        url = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
-        try:
-            proc = spawn(data_dir, port)
-            q = uname("txq")
-            conn = pika.BlockingConnection(pika.URLParameters(url))
-            ch = conn.channel()
-            ch.queue_declare(q, durable=True)
-            ch.tx_select()
-            for i in range(50):
-                ch.basic_publish("", q, f"t{i}".encode(), properties=PERSISTENT)
-            ch.tx_commit()
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            spawn(data_dir, port)
-            conn = pika.BlockingConnection(pika.URLParameters(url))
-            assert drain(conn.channel(), q) == [f"t{i}".encode() for i in range(50)]
-            conn.close()
-        finally:
-            for p in proc_box:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+    proc = killable.spawn()
+    q = uname("txq")
+    conn = pika.BlockingConnection(killable.params())
+    ch = conn.channel()
+    ch.queue_declare(q, durable=True)
+    ch.tx_select()
+    for i in range(50):
+        ch.basic_publish("", q, f"t{i}".encode(), properties=PERSISTENT)
+    ch.tx_commit()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killable.spawn()
+    conn = pika.BlockingConnection(killable.params())
+    assert drain(conn.channel(), q) == [f"t{i}".encode() for i in range(50)]
+    conn.close()
