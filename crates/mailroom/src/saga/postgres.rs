@@ -28,6 +28,11 @@ impl PgSagaStore {
         PgSagaStore { pool, outbox: None }
     }
 
+    /// An operators' store on the database at `url` (`postgres://...`), as [`PgSagaStore::operator`].
+    pub async fn connect(url: &str) -> Result<PgSagaStore, SagaError> {
+        Ok(PgSagaStore::operator(PgPool::connect(url).await?))
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
