@@ -57,6 +57,10 @@ struct Options {
     duplicate_replies: bool,
     /// This service ignores its first call (no reply at all), then answers.
     silent_first: Option<&'static str>,
+    /// Services absorb a second copy of a command (same message id), as an idempotent consumer
+    /// would: it gets the first copy's answer and has no second effect. For the tests that kill the
+    /// relay, which may have published a command without marking it sent (at-least-once).
+    idempotent: bool,
 }
 
 struct World {
@@ -84,12 +88,13 @@ async fn world_with(target: Target, test: &str, options: Options) -> World {
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
     let ids: Arc<Mutex<HashMap<&'static str, Vec<String>>>> = Arc::default();
     let failures = Arc::new(options.failures);
-    let duplicate_replies = options.duplicate_replies;
+    let (duplicate_replies, idempotent) = (options.duplicate_replies, options.idempotent);
     let mut services = Vec::new();
     for svc in ["reserve", "release", "charge", "refund", "ship"] {
         let q = env.q(svc);
         let (log, ids, failures) = (log.clone(), ids.clone(), failures.clone());
         let calls = Arc::new(Mutex::new(0u32));
+        let outcomes: Arc<Mutex<HashMap<String, Result<(), String>>>> = Arc::default();
         if options.silent_first == Some(svc) {
             // A plain worker: the first call gets no reply at all (lost), later ones are answered.
             let w = env
@@ -127,8 +132,14 @@ async fn world_with(target: Target, test: &str, options: Options) -> World {
             .responder(&q)
             .handle_request(move |cmd: Envelope<serde_json::Value>, ctx: mailroom::Context| {
                 let (log, ids, failures, calls) = (log.clone(), ids.clone(), failures.clone(), calls.clone());
+                let outcomes = outcomes.clone();
                 async move {
                     ids.lock().unwrap().entry(svc).or_default().push(cmd.meta.id.clone());
+                    if idempotent {
+                        if let Some(first) = outcomes.lock().unwrap().get(&cmd.meta.id).cloned() {
+                            return first.map(|()| serde_json::json!({ "ok": svc })).map_err(HandlerError::permanent);
+                        }
+                    }
                     if duplicate_replies {
                         let to = ctx.meta().reply_to.clone().expect("saga commands carry reply_to");
                         ctx.bus()
@@ -142,9 +153,11 @@ async fn world_with(target: Target, test: &str, options: Options) -> World {
                     };
                     if n <= failures.get(svc).copied().unwrap_or(0) {
                         log.lock().unwrap().push(format!("{svc}!"));
+                        outcomes.lock().unwrap().insert(cmd.meta.id.clone(), Err(format!("{svc} refused")));
                         return Err(HandlerError::permanent(format!("{svc} refused")));
                     }
                     log.lock().unwrap().push(svc.to_owned());
+                    outcomes.lock().unwrap().insert(cmd.meta.id.clone(), Ok(()));
                     Ok(serde_json::json!({ "ok": svc }))
                 }
             })
@@ -172,6 +185,11 @@ impl World {
     }
     fn order(&self, n: u32) -> Order {
         Order { prefix: self.env.prefix.clone(), order: n, cents: 4200, payment: None }
+    }
+    /// How many different message ids `svc` received (copies of one command share one id).
+    fn distinct_ids(&self, svc: &str) -> usize {
+        let ids = self.ids.lock().unwrap();
+        ids.get(svc).map(|v| v.iter().collect::<std::collections::HashSet<_>>().len()).unwrap_or(0)
     }
     fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
@@ -315,9 +333,10 @@ async fn stuck_then_abandoned(target: Target) {
 
 /// The orchestrator and the relay are killed while a step's reply is on its way and the store is
 /// dropped; a new orchestrator on the reopened store takes the reply from the durable reply queue
-/// and finishes the saga.
+/// and finishes the saga. A command the killed relay published but had not marked sent goes out
+/// again with the same id (at-least-once); the idempotent services absorb it.
 async fn orchestrator_killed_between_steps(target: Target) {
-    let mut w = world(target, "sekill", Failures::new()).await;
+    let mut w = world_with(target, "sekill", Options { idempotent: true, ..Options::default() }).await;
     let saga = w.run(w.saga()).await;
     let id = saga.start(&w.order(6)).await.unwrap();
     w.wait_log("reserve").await;
@@ -329,13 +348,16 @@ async fn orchestrator_killed_between_steps(target: Target) {
     let saga = w.run(w.saga()).await;
     assert_eq!(until_status(&saga, &id, Status::Done).await, Status::Done);
     assert_eq!(w.log(), ["reserve", "charge", "ship"]);
+    for svc in ["reserve", "charge", "ship"] {
+        assert_eq!(w.distinct_ids(svc), 1, "{svc}: one command, however many copies");
+    }
     w.teardown(saga).await;
 }
 
 /// Killed before the relay published the first command: the command waits in the store's outbox
 /// on disk, and the next process's relay sends it.
 async fn killed_before_the_command_left(target: Target) {
-    let mut w = world(target, "seunsent", Failures::new()).await;
+    let mut w = world_with(target, "seunsent", Options { idempotent: true, ..Options::default() }).await;
     w.relay.abort();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let saga = w.run(w.saga()).await;
@@ -353,7 +375,8 @@ async fn killed_before_the_command_left(target: Target) {
 
 /// Killed while compensating: the new orchestrator finishes the compensation in reverse order.
 async fn orchestrator_killed_while_compensating(target: Target) {
-    let mut w = world(target, "sekillc", Failures::from([("ship", u32::MAX)])).await;
+    let options = Options { failures: Failures::from([("ship", u32::MAX)]), idempotent: true, ..Options::default() };
+    let mut w = world_with(target, "sekillc", options).await;
     let saga = w.run(w.saga()).await;
     let id = saga.start(&w.order(10)).await.unwrap();
     w.wait_log("refund").await;
@@ -364,6 +387,9 @@ async fn orchestrator_killed_while_compensating(target: Target) {
     let saga = w.run(w.saga()).await;
     assert_eq!(until_status(&saga, &id, Status::Failed).await, Status::Failed);
     assert_eq!(w.log(), ["reserve", "charge", "ship!", "refund", "release"]);
+    for svc in ["refund", "release"] {
+        assert_eq!(w.distinct_ids(svc), 1, "{svc}: one command, however many copies");
+    }
     w.teardown(saga).await;
 }
 

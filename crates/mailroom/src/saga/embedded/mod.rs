@@ -27,7 +27,7 @@ use super::{SagaError, Status};
 use crate::envelope::{millis, MessageKind, Metadata};
 use crate::transport::BoxFuture;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -146,6 +146,8 @@ struct Replayed {
     next_seq: u64,
     /// Pending command id -> instance id.
     waiting: HashMap<String, String>,
+    /// (deadline, id) of running and compensating instances: the deadline scan reads only these.
+    deadlines: BTreeSet<(i64, String)>,
 }
 
 impl Replayed {
@@ -193,11 +195,19 @@ impl Replayed {
     fn replay(&mut self, record: Record) {
         match record {
             Record::Saga { row, event, commands } => {
-                if let Some(p) = self.sagas.get(&row.id).and_then(|old| old.pending.as_ref()) {
-                    self.waiting.remove(p);
+                if let Some(old) = self.sagas.get(&row.id) {
+                    if let Some(p) = &old.pending {
+                        self.waiting.remove(p);
+                    }
+                    if let Some(d) = old.deadline_ms {
+                        self.deadlines.remove(&(d, old.id.clone()));
+                    }
                 }
                 if let Some(p) = &row.pending {
                     self.waiting.insert(p.clone(), row.id.clone());
+                }
+                if let Some(d) = row.deadline_ms.filter(|_| row.status == "Running" || row.status == "Compensating") {
+                    self.deadlines.insert((d, row.id.clone()));
                 }
                 self.history.entry(row.id.clone()).or_default().push(HistoryEntry { at_ms: row.updated_ms, event });
                 for c in commands {
@@ -312,6 +322,7 @@ impl EmbeddedSagaStore {
             unsent: BTreeMap::new(),
             next_seq: 1,
             waiting: HashMap::new(),
+            deadlines: BTreeSet::new(),
         };
         state.catch_up(true)?;
         Ok(state)
@@ -461,14 +472,13 @@ impl SagaStore for EmbeddedSagaStore {
         Box::pin(self.blocking(move |s| {
             s.read(|r| {
                 let now = now_ms();
-                let mut due: Vec<(i64, &str)> = r
-                    .sagas
-                    .values()
-                    .filter(|row| row.name == name && (row.status == "Running" || row.status == "Compensating"))
-                    .filter_map(|row| row.deadline_ms.filter(|d| *d <= now).map(|d| (d, row.id.as_str())))
-                    .collect();
-                due.sort_unstable();
-                due.into_iter().take(limit).map(|(_, id)| id.to_owned()).collect()
+                r.deadlines
+                    .iter()
+                    .take_while(|(d, _)| *d <= now)
+                    .filter(|(_, id)| r.sagas.get(id).is_some_and(|row| row.name == name))
+                    .take(limit)
+                    .map(|(_, id)| id.clone())
+                    .collect()
             })
         }))
     }
