@@ -14,9 +14,13 @@
 //!   publisher confirms and appends a "sent" record after their confirms. One relay per directory is
 //!   active (a lock on `<dir>/relay.lock`, released when its process dies); others stand by. Killed
 //!   between confirm and mark, a command is published again with the same message id.
-//! - Everything stays in the log and in memory (finished instances keep their history for operators);
-//!   there is no compaction yet, so the file grows with every transition.
+//! - Instances and their history stay in the log and in memory (operators read finished ones too).
+//!   At open, when no other process has the store open (a lock on `<dir>/open.lock`, shared by
+//!   every open store, tried exclusively first), a log that grew large is rewritten as one record
+//!   per instance plus the unsent commands (see [`StoreOptions`]), optionally dropping finished
+//!   instances past a retention; a store opened elsewhere never sees its file replaced.
 
+mod compact;
 mod log;
 mod relay;
 
@@ -28,7 +32,7 @@ use crate::envelope::{millis, MessageKind, Metadata};
 use crate::transport::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -38,6 +42,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const LOG_FILE: &str = "sagas.log";
 /// The relay's leadership lock file inside the store directory.
 pub const RELAY_LOCK_FILE: &str = "relay.lock";
+/// Held (shared) by every open store in the directory; exclusively only by one compacting at open.
+pub const OPEN_LOCK_FILE: &str = "open.lock";
+
+/// How [`EmbeddedSagaStore::open_with`] treats an existing log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Rewrite the log at open (when no other process has the store open) once it is at least this
+    /// big and the rewrite at most half its size (default 1 MiB).
+    pub compact_min_bytes: u64,
+    /// When rewriting, drop finished instances (`Done`, `Failed`, `Abandoned`) last changed longer
+    /// ago than this, history included (default: keep them all).
+    pub finished_retention: Option<Duration>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { compact_min_bytes: 1024 * 1024, finished_retention: None }
+    }
+}
 
 /// A saga row as written in the log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +147,10 @@ enum Record {
     Saga { row: Box<StoredRow>, event: String, commands: Vec<OutboxRow> },
     /// Commands whose publish was confirmed.
     Sent { seqs: Vec<u64> },
+    /// A compacted log's instance: its current row and its whole history.
+    Instance { row: Box<StoredRow>, history: Vec<(i64, String)> },
+    /// A compacted log's unsent commands, and the next sequence number to hand out.
+    Unsent { next_seq: u64, commands: Vec<OutboxRow> },
 }
 
 fn now_ms() -> i64 {
@@ -195,33 +222,56 @@ impl Replayed {
     fn replay(&mut self, record: Record) {
         match record {
             Record::Saga { row, event, commands } => {
-                if let Some(old) = self.sagas.get(&row.id) {
-                    if let Some(p) = &old.pending {
-                        self.waiting.remove(p);
-                    }
-                    if let Some(d) = old.deadline_ms {
-                        self.deadlines.remove(&(d, old.id.clone()));
-                    }
-                }
-                if let Some(p) = &row.pending {
-                    self.waiting.insert(p.clone(), row.id.clone());
-                }
-                if let Some(d) = row.deadline_ms.filter(|_| row.status == "Running" || row.status == "Compensating") {
-                    self.deadlines.insert((d, row.id.clone()));
-                }
                 self.history.entry(row.id.clone()).or_default().push(HistoryEntry { at_ms: row.updated_ms, event });
-                for c in commands {
-                    self.next_seq = self.next_seq.max(c.seq + 1);
-                    self.unsent.insert(c.seq, c);
-                }
-                self.sagas.insert(row.id.clone(), *row);
+                self.add_unsent(commands);
+                self.put_row(*row);
             }
             Record::Sent { seqs } => {
                 for s in seqs {
                     self.unsent.remove(&s);
                 }
             }
+            Record::Instance { row, history } => {
+                let history = history.into_iter().map(|(at_ms, event)| HistoryEntry { at_ms, event }).collect();
+                self.history.insert(row.id.clone(), history);
+                self.put_row(*row);
+            }
+            Record::Unsent { next_seq, commands } => {
+                self.next_seq = self.next_seq.max(next_seq);
+                self.add_unsent(commands);
+            }
         }
+    }
+
+    fn add_unsent(&mut self, commands: Vec<OutboxRow>) {
+        for c in commands {
+            self.next_seq = self.next_seq.max(c.seq + 1);
+            self.unsent.insert(c.seq, c);
+        }
+    }
+
+    /// Replaces an instance's row, keeping the pending-command and deadline indexes in step.
+    fn put_row(&mut self, row: StoredRow) {
+        self.forget_row(&row.id);
+        if let Some(p) = &row.pending {
+            self.waiting.insert(p.clone(), row.id.clone());
+        }
+        if let Some(d) = row.deadline_ms.filter(|_| row.status == "Running" || row.status == "Compensating") {
+            self.deadlines.insert((d, row.id.clone()));
+        }
+        self.sagas.insert(row.id.clone(), row);
+    }
+
+    /// Removes an instance's row and its index entries (not its history).
+    fn forget_row(&mut self, id: &str) -> Option<StoredRow> {
+        let old = self.sagas.remove(id)?;
+        if let Some(p) = &old.pending {
+            self.waiting.remove(p);
+        }
+        if let Some(d) = old.deadline_ms {
+            self.deadlines.remove(&(d, old.id.clone()));
+        }
+        Some(old)
     }
 
     /// Writes one record (one write, then fsync) and applies it. Call with the exclusive lock held,
@@ -268,6 +318,8 @@ struct Inner {
     state: Mutex<Replayed>,
     /// Wakes this process's relay after a transition with commands.
     appended: tokio::sync::Notify,
+    /// `open.lock`, held shared while this store is open (so nobody compacts under it).
+    _open_lock: File,
 }
 
 /// Saga state in a local directory (see the [module docs](self)). Cheap to clone; clones share one
@@ -284,18 +336,59 @@ impl std::fmt::Debug for EmbeddedSagaStore {
 }
 
 impl EmbeddedSagaStore {
-    /// Opens (creating if needed) the store in directory `dir` and replays its log.
+    /// Opens (creating if needed) the store in directory `dir` and replays its log, with the
+    /// default [`StoreOptions`].
     pub fn open(dir: impl AsRef<Path>) -> Result<EmbeddedSagaStore, SagaError> {
+        Self::open_with(dir, &StoreOptions::default())
+    }
+
+    /// Opens (creating if needed) the store in directory `dir` and replays its log; compacts it
+    /// first when `options` say so and no other process has the store open.
+    pub fn open_with(dir: impl AsRef<Path>, options: &StoreOptions) -> Result<EmbeddedSagaStore, SagaError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let lock_path = dir.join(OPEN_LOCK_FILE);
+        let open_lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io(&lock_path, e))?;
+        let alone = match open_lock.try_lock() {
+            Ok(()) => true,
+            Err(TryLockError::WouldBlock) => {
+                open_lock.lock_shared().map_err(|e| io(&lock_path, e))?;
+                false
+            }
+            Err(TryLockError::Error(e)) => return Err(io(&lock_path, e)),
+        };
         let path = dir.join(LOG_FILE);
         let file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(|e| io(&path, e))?;
         file.lock().map_err(|e| io(&path, e))?;
-        // On an error the file is dropped, which releases the lock.
-        let state = Self::start(&path, file)?;
+        // On an error the files are dropped, which releases their locks.
+        let mut state = Self::start(&path, file)?;
+        if alone {
+            compact::compact_if_worth_it(&mut state, options)?;
+        }
         state.file.unlock().map_err(|e| io(&path, e))?;
+        if alone {
+            // Let others open it. flock turns exclusive into shared by unlocking first, so another
+            // opener may have slipped in and compacted: then read the new file from the start.
+            open_lock.lock_shared().map_err(|e| io(&lock_path, e))?;
+            if compact::replaced(&state)? {
+                let file = OpenOptions::new().read(true).append(true).open(&path).map_err(|e| io(&path, e))?;
+                file.lock().map_err(|e| io(&path, e))?;
+                state = Self::start(&path, file)?;
+                state.file.unlock().map_err(|e| io(&path, e))?;
+            }
+        }
         Ok(EmbeddedSagaStore {
-            inner: Arc::new(Inner { dir, state: Mutex::new(state), appended: tokio::sync::Notify::new() }),
+            inner: Arc::new(Inner {
+                dir,
+                state: Mutex::new(state),
+                appended: tokio::sync::Notify::new(),
+                _open_lock: open_lock,
+            }),
         })
     }
 
@@ -622,6 +715,99 @@ mod tests {
         let listed = a.list(&ListFilter { status: Some(Status::Running), ..ListFilter::default() }).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].version, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs instance `id` from start to Done through three transitions, each sending a command
+    /// that the relay marks sent.
+    async fn run_to_done(store: &EmbeddedSagaStore, id: &str) {
+        new_saga(store, id).await;
+        for (v, step) in [(0, "charge"), (1, "ship")] {
+            assert!(store.apply(id, v, state(v as i32 + 1, Status::Running, vec![command(step)], "ok")).await.unwrap());
+        }
+        assert!(store.apply(id, 2, state(3, Status::Done, vec![], "done")).await.unwrap());
+        let seqs = store.unsent(100).await.unwrap().into_iter().map(|r| r.seq).collect();
+        store.mark_sent(seqs).await.unwrap();
+    }
+
+    fn log_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(LOG_FILE)).unwrap().len()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_keeps_instances_history_and_unsent_commands() {
+        let dir = temp_dir();
+        let store = EmbeddedSagaStore::open(&dir).unwrap();
+        for i in 0..20 {
+            run_to_done(&store, &format!("done-{i}")).await;
+        }
+        new_saga(&store, "running").await; // its first command stays unsent
+        let unsent_before = store.unsent(10).await.unwrap();
+        let rows_before = store.list(&ListFilter::default()).await.unwrap();
+        let history_before = store.history("done-7").await.unwrap();
+        drop(store);
+        let before = log_len(&dir);
+
+        let compact = StoreOptions { compact_min_bytes: 0, finished_retention: None };
+        let store = EmbeddedSagaStore::open_with(&dir, &compact).unwrap();
+        let after = log_len(&dir);
+        assert!(after * 2 <= before, "compacted {before} -> {after} bytes");
+        let strip = |rows: Vec<SagaRow>| rows.into_iter().map(|r| SagaRow { overdue: false, ..r }).collect::<Vec<_>>();
+        assert_eq!(strip(store.list(&ListFilter::default()).await.unwrap()), strip(rows_before));
+        assert_eq!(store.history("done-7").await.unwrap(), history_before);
+        let unsent_after = store.unsent(10).await.unwrap();
+        assert_eq!(
+            unsent_after.iter().map(|r| (r.seq, r.meta())).collect::<Vec<_>>(),
+            unsent_before.iter().map(|r| (r.seq, r.meta())).collect::<Vec<_>>()
+        );
+        let row = store.load("running").await.unwrap().unwrap();
+        assert_eq!(
+            store.waiting_for("order", row.pending.as_deref().unwrap()).await.unwrap().as_deref(),
+            Some("running")
+        );
+        // Sequence numbers keep growing after a rewrite; new records append to the compacted log.
+        new_saga(&store, "later").await;
+        let seqs: Vec<u64> = store.unsent(10).await.unwrap().into_iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.len(), 2);
+        assert!(seqs[1] > 60, "{seqs:?}");
+        drop(store);
+        let store = EmbeddedSagaStore::open(&dir).unwrap();
+        assert_eq!(store.list(&ListFilter::default()).await.unwrap().len(), 22);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_compaction_while_another_process_has_it_open() {
+        let dir = temp_dir();
+        let first = EmbeddedSagaStore::open(&dir).unwrap();
+        for i in 0..5 {
+            run_to_done(&first, &format!("s{i}")).await;
+        }
+        let before = log_len(&dir);
+        let compact = StoreOptions { compact_min_bytes: 0, finished_retention: Some(Duration::ZERO) };
+        let second = EmbeddedSagaStore::open_with(&dir, &compact).unwrap();
+        assert_eq!(log_len(&dir), before, "not rewritten under an open store");
+        assert_eq!(second.list(&ListFilter::default()).await.unwrap().len(), 5);
+        // Both still share one file: a write through one is read by the other.
+        new_saga(&second, "new").await;
+        assert!(first.load("new").await.unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_drops_old_finished_instances_only() {
+        let dir = temp_dir();
+        let store = EmbeddedSagaStore::open(&dir).unwrap();
+        run_to_done(&store, "finished").await;
+        new_saga(&store, "running").await;
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let options = StoreOptions { compact_min_bytes: 0, finished_retention: Some(Duration::from_millis(1)) };
+        let store = EmbeddedSagaStore::open_with(&dir, &options).unwrap();
+        let ids: Vec<String> = store.list(&ListFilter::default()).await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["running"]);
+        assert!(store.history("finished").await.unwrap().is_empty());
+        assert_eq!(store.history("running").await.unwrap().len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
