@@ -399,6 +399,11 @@ impl EmbeddedSagaStore {
             // New (or torn while being created: nothing was ever committed in it).
             file.set_len(0).map_err(|e| io(path, e))?;
             file.write_all(log::MAGIC).and_then(|()| file.sync_all()).map_err(|e| io(path, e))?;
+            // The new file's directory entry must be durable too, or its fsynced records could
+            // vanish with it after a power loss.
+            if let Some(dir) = path.parent() {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+            }
         } else {
             let mut magic = [0u8; 8];
             file.seek(SeekFrom::Start(0)).and_then(|_| file.read_exact(&mut magic)).map_err(|e| io(path, e))?;
