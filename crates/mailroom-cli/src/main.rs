@@ -1,8 +1,9 @@
-//! The `mailroom` command: runs the broker (`mailroom server`), talks to its HTTP API (`mailroom admin`)
-//! and drives the load generator (`mailroom bench`).
+//! The `mailroom` command: runs the broker (`mailroom server`), talks to its HTTP API (`mailroom admin`),
+//! drives the load generator (`mailroom bench`) and operates sagas in their store (`mailroom saga`).
 
 mod admin;
 mod bench;
+mod saga;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
@@ -29,6 +30,8 @@ enum Command {
     Admin(admin::AdminArgs),
     /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
     Bench(bench::BenchArgs),
+    /// Operate sagas in their store: list, show, history, retry or abandon a stuck one.
+    Saga(saga::SagaArgs),
 }
 
 /// Flags of `mailroom server`; each also reads a `MAILROOM_*` environment variable.
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             Command::Server(args) => run_server(args).await,
             Command::Bench(args) => bench::run(args).await.map_err(Into::into),
             Command::Admin(args) => admin::run(args).await,
+            Command::Saga(args) => saga::run(args).await,
         }
     });
     match result {

@@ -71,8 +71,8 @@
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
 //! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
-//! - [`outbox`]: the transactional outbox and its relay; [`saga`]: orchestrated sagas with
-//!   compensations (both PostgreSQL, feature `postgres`).
+//! - [`outbox`]: the transactional outbox on PostgreSQL and its relay (feature `postgres`); [`saga`]:
+//!   orchestrated sagas with compensations, on PostgreSQL or the embedded (file) store.
 #![warn(missing_docs)]
 
 pub mod bus;
@@ -86,7 +86,6 @@ pub mod outbox;
 pub mod pipeline;
 pub mod request;
 pub mod retry;
-#[cfg(feature = "postgres")]
 pub mod saga;
 pub mod trace;
 pub mod transport;

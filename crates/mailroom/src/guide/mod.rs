@@ -14,6 +14,7 @@
 //! | recipient list | [`recipient_list`] |
 //! | idempotent consumer | [`idempotent_consumer`] |
 //! | message tracking (`traceparent`) | [`tracing`] |
+//! | saga with compensations, operators' retry/abandon | [`saga`] |
 
 pub mod idempotent_consumer;
 pub mod message_filter;
@@ -22,5 +23,6 @@ pub mod publish_subscribe;
 pub mod recipient_list;
 pub mod request_reply;
 pub mod retry_dead_letter;
+pub mod saga;
 pub mod scatter_gather;
 pub mod tracing;

@@ -1,15 +1,17 @@
-//! Orchestrated sagas with compensations, persisted in PostgreSQL, commands sent through the
-//! [`outbox`](crate::outbox).
+//! Orchestrated sagas with compensations, persisted in a [`SagaStore`]: PostgreSQL
+//! ([`PgSagaStore`], commands through the PostgreSQL [`outbox`](crate::outbox)) or the embedded
+//! store ([`EmbeddedSagaStore`], one fsynced log file in a directory, with its own outbox relay).
 //!
 //! A saga is an ordered list of steps; each step is a command sent to a queue whose reply (from a
 //! [`responder`](crate::Bus::responder)) is awaited, with an optional compensating command. The
-//! orchestrator keeps one row per instance in `saga_instances` (`data`, `step`, `status`, `version`,
-//! the id of the command awaiting its reply, a deadline) and an append-only `saga_history`.
+//! store keeps one row per instance (`data`, `step`, `status`, `version`, the id of the command
+//! awaiting its reply, a deadline) and an append-only history.
 //!
-//! - Every transition runs in one transaction: `UPDATE .. WHERE version = $v` plus the outgoing
-//!   commands as outbox rows plus a history row. Zero rows updated means another transition won
-//!   (another reply, the deadline scanner, another orchestrator process): the instance is reloaded
-//!   and the event re-evaluated.
+//! - Every transition is atomic in the store: the new state with a version check (`UPDATE .. WHERE
+//!   version = $v` in PostgreSQL, a check under the log's lock in the embedded store), the outgoing
+//!   commands as outbox rows and a history row. A version conflict means another transition won
+//!   (another reply, the deadline scanner, another orchestrator process, an operator): the instance
+//!   is reloaded and the event re-evaluated.
 //! - Messages for one instance are processed one at a time in a process (a keyed lock).
 //! - The intent to compensate a step is recorded before it is sent: the row says "step k sent"
 //!   before the command leaves, so a step that timed out is compensated too (it may have succeeded);
@@ -23,26 +25,38 @@
 //!   saga compensates. Compensations that fault or time out are retried with exponential backoff; a
 //!   compensation failing `compensation_attempts` times leaves the saga `Stuck`: logged at error
 //!   level, listed by [`SagaHandle::list`], retried or abandoned by an operator
-//!   ([`SagaHandle::retry`], [`SagaHandle::abandon`]). Never silently dropped.
+//!   ([`SagaHandle::retry`], [`SagaHandle::abandon`], or [`ops`] on the store, as the `mailroom saga`
+//!   command does; the orchestrator's deadline scan picks a retry up). Never silently dropped.
 //!
 //! Statuses: `Running`, `Compensating`, `Done` (all steps succeeded), `Failed` (compensated),
 //! `Stuck`, `Abandoned`.
+
+pub mod embedded;
+pub mod ops;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod store;
+
+pub use embedded::{EmbeddedRelay, EmbeddedRelayHandle, EmbeddedSagaStore};
+#[cfg(feature = "postgres")]
+pub use postgres::{migrate, PgSagaStore};
+pub use store::{HistoryEntry, ListFilter, SagaRow, SagaStore};
 
 use crate::bus::Bus;
 use crate::envelope::headers;
 use crate::envelope::{Envelope, MessageKind, Metadata, Raw};
 use crate::error::HandlerError;
-use crate::outbox::{Dest, Outbox, OutboxError};
+#[cfg(feature = "postgres")]
+use crate::outbox::{Outbox, OutboxError};
 use crate::pipeline::WorkerHandle;
 use crate::retry::RetryPolicy;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sqlx::postgres::PgPool;
-use sqlx::Row;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use store::{NewSaga, Outgoing, State};
 
 /// Header naming the saga a command belongs to.
 pub const SAGA_HEADER: &str = "x-mailroom-saga";
@@ -53,11 +67,19 @@ pub const STEP_HEADER: &str = "x-mailroom-saga-step";
 #[derive(Debug, thiserror::Error)]
 pub enum SagaError {
     /// PostgreSQL failed.
+    #[cfg(feature = "postgres")]
     #[error("saga database: {0}")]
     Db(#[from] sqlx::Error),
     /// The outbox failed.
+    #[cfg(feature = "postgres")]
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The embedded store failed (I/O, a damaged log).
+    #[error("saga store: {0}")]
+    Store(String),
+    /// A transition would send a command through a store opened without an outbox (operators' tools).
+    #[error("this saga store has no outbox to send commands through")]
+    NoOutbox,
     /// The bus failed.
     #[error(transparent)]
     Bus(#[from] crate::Error),
@@ -104,7 +126,8 @@ impl Status {
             Status::Abandoned => "Abandoned",
         }
     }
-    fn parse(s: &str) -> Status {
+    /// Parses the stored text (anything unknown reads as `Abandoned`: nothing more is done with it).
+    pub fn parse(s: &str) -> Status {
         match s {
             "Running" => Status::Running,
             "Compensating" => Status::Compensating,
@@ -194,28 +217,6 @@ pub struct SagaRecord<S> {
     pub error: Option<String>,
 }
 
-/// A history entry.
-#[derive(Debug, Clone)]
-pub struct HistoryEntry {
-    /// When (ms since the epoch).
-    pub at_ms: i64,
-    /// What happened.
-    pub event: String,
-}
-
-#[derive(Debug, Clone)]
-struct Row0 {
-    id: String,
-    data: String,
-    step: i32,
-    status: Status,
-    version: i64,
-    pending: Option<String>,
-    attempts: i32,
-    overdue: bool,
-    error: Option<String>,
-}
-
 /// A transition: the new row values, commands to send, a history line.
 struct Change {
     /// New saga data (serialized), when a reply changed it.
@@ -291,11 +292,18 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
         format!("saga.{}.replies", self.name)
     }
 
-    /// Creates the saga tables, starts the reply consumer and the deadline scanner. Commands go
-    /// through `outbox`: run its relay too.
+    /// On PostgreSQL: creates the saga tables, starts the reply consumer and the deadline scanner.
+    /// Commands go through `outbox`: run its relay too.
+    #[cfg(feature = "postgres")]
     pub async fn run(self, bus: Bus, outbox: Outbox) -> Result<SagaHandle<S>, SagaError> {
-        migrate(outbox.pool()).await?;
-        let orch = Arc::new(Orchestrator { saga: self, outbox, locks: Mutex::default() });
+        self.run_on(bus, PgSagaStore::new(outbox)).await
+    }
+
+    /// On any store ([`EmbeddedSagaStore`], [`PgSagaStore`]): prepares it, starts the reply consumer
+    /// and the deadline scanner. Commands go through the store's outbox: run its relay too.
+    pub async fn run_on(self, bus: Bus, store: impl SagaStore) -> Result<SagaHandle<S>, SagaError> {
+        store.prepare().await?;
+        let orch = Arc::new(Orchestrator { saga: self, store: Arc::new(store), locks: Mutex::default() });
         let o = Arc::clone(&orch);
         let worker = bus
             .worker(&orch.saga.reply_queue())
@@ -328,61 +336,15 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
     }
 }
 
-/// Creates `saga_instances` and `saga_history` if they do not exist.
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(0x6d61_696c_726f_6f6d_i64).execute(&mut *tx).await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS saga_instances (
-            id text PRIMARY KEY,
-            name text NOT NULL,
-            data text NOT NULL,
-            step integer NOT NULL,
-            status text NOT NULL,
-            version bigint NOT NULL,
-            pending_msg text,
-            attempts integer NOT NULL DEFAULT 0,
-            deadline timestamptz,
-            error text,
-            created_at timestamptz NOT NULL DEFAULT now(),
-            updated_at timestamptz NOT NULL DEFAULT now()
-        )",
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_pending ON saga_instances (pending_msg)")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("CREATE INDEX IF NOT EXISTS saga_instances_status ON saga_instances (name, status, deadline)")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS saga_history (
-            seq bigserial PRIMARY KEY,
-            saga_id text NOT NULL,
-            at timestamptz NOT NULL DEFAULT now(),
-            event text NOT NULL
-        )",
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("CREATE INDEX IF NOT EXISTS saga_history_id ON saga_history (saga_id, seq)").execute(&mut *tx).await?;
-    tx.commit().await
-}
-
 struct Orchestrator<S> {
     saga: Saga<S>,
-    outbox: Outbox,
+    store: Arc<dyn SagaStore>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 const MAX_CONFLICTS: usize = 20;
 
 impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
-    fn pool(&self) -> &PgPool {
-        self.outbox.pool()
-    }
-
     fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(self.locks.lock().unwrap().entry(id.to_owned()).or_default())
     }
@@ -396,45 +358,16 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         d.min(cap)
     }
 
-    fn data(&self, row: &Row0) -> Result<S, SagaError> {
+    fn data(&self, row: &SagaRow) -> Result<S, SagaError> {
         serde_json::from_str(&row.data).map_err(|e| SagaError::Data(e.to_string()))
     }
 
-    async fn load(&self, id: &str) -> Result<Option<Row0>, SagaError> {
-        let row = sqlx::query(
-            "SELECT id, data, step, status, version, pending_msg, attempts, error,
-                    coalesce(deadline <= now(), false) AS overdue
-             FROM saga_instances WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(match row {
-            None => None,
-            Some(r) => Some(Row0 {
-                id: r.try_get("id")?,
-                data: r.try_get("data")?,
-                step: r.try_get("step")?,
-                status: Status::parse(r.try_get::<&str, _>("status")?),
-                version: r.try_get("version")?,
-                pending: r.try_get("pending_msg")?,
-                attempts: r.try_get("attempts")?,
-                overdue: r.try_get("overdue")?,
-                error: r.try_get("error")?,
-            }),
-        })
-    }
-
-    /// Re-evaluates `decide` against the current row until its update wins the version check.
-    async fn transition(
-        &self,
-        id: &str,
-        decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
-    ) -> Result<(), SagaError> {
+    /// Runs `f` holding instance `id`'s in-process lock, then forgets the lock if nobody waits.
+    async fn one_at_a_time<T>(&self, id: &str, f: impl std::future::Future<Output = T>) -> T {
         let lock = self.lock_for(id);
         let result = {
             let _one_at_a_time = lock.lock().await;
-            self.transition_locked(id, decide).await
+            f.await
         };
         drop(lock);
         // Forget the instance's lock when nobody else holds or waits for it (the map stays small).
@@ -445,63 +378,58 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         result
     }
 
+    /// Re-evaluates `decide` against the current row until its update wins the version check.
+    async fn transition(
+        &self,
+        id: &str,
+        decide: impl Fn(&Self, &SagaRow) -> Result<Option<Change>, SagaError>,
+    ) -> Result<(), SagaError> {
+        self.one_at_a_time(id, self.transition_locked(id, decide)).await
+    }
+
     async fn transition_locked(
         &self,
         id: &str,
-        decide: impl Fn(&Self, &Row0) -> Result<Option<Change>, SagaError>,
+        decide: impl Fn(&Self, &SagaRow) -> Result<Option<Change>, SagaError>,
     ) -> Result<(), SagaError> {
         for _ in 0..MAX_CONFLICTS {
-            let Some(row) = self.load(id).await? else { return Ok(()) };
+            let Some(row) = self.store.load(id).await? else { return Ok(()) };
             let Some(change) = decide(self, &row)? else { return Ok(()) };
-            let mut tx = self.pool().begin().await?;
-            let updated = sqlx::query(
-                "UPDATE saga_instances SET step = $3, status = $4, pending_msg = $5, attempts = $6,
-                    deadline = CASE WHEN $7::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $7::float8) END,
-                    error = $8, data = coalesce($9, data), version = version + 1, updated_at = now()
-                 WHERE id = $1 AND version = $2",
-            )
-            .bind(id)
-            .bind(row.version)
-            .bind(change.step)
-            .bind(change.status.as_str())
-            .bind(&change.pending)
-            .bind(change.attempts)
-            .bind(change.deadline.map(|d| d.as_secs_f64()))
-            .bind(&change.error)
-            .bind(&change.data)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                tx.rollback().await?;
+            let stuck = change.status == Status::Stuck;
+            let error = change.error.clone();
+            if !self.store.apply(id, row.version, self.state(id, change)?).await? {
                 tracing::debug!(saga = id, "saga version conflict, retrying");
                 continue;
             }
-            for (cmd, msg_id, label) in &change.send {
-                self.enqueue_command(&mut tx, id, cmd, msg_id, label).await?;
-            }
-            sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)")
-                .bind(id)
-                .bind(&change.event)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            if change.status == Status::Stuck {
-                tracing::error!(saga = id, name = %self.saga.name, error = ?change.error, "saga stuck: a compensation keeps failing; retry or abandon it");
+            if stuck {
+                tracing::error!(saga = id, name = %self.saga.name, error = ?error, "saga stuck: a compensation keeps failing; retry or abandon it");
             }
             return Ok(());
         }
         Err(SagaError::Conflict(id.to_owned()))
     }
 
-    async fn enqueue_command(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        saga_id: &str,
-        cmd: &Command,
-        msg_id: &str,
-        label: &str,
-    ) -> Result<(), SagaError> {
+    /// The stored form of a change: its commands become outbox messages with their ids fixed.
+    fn state(&self, saga_id: &str, change: Change) -> Result<State, SagaError> {
+        let send = change
+            .send
+            .iter()
+            .map(|(cmd, msg_id, label)| self.outgoing(saga_id, cmd, msg_id, label))
+            .collect::<Result<_, _>>()?;
+        Ok(State {
+            data: change.data,
+            step: change.step,
+            status: change.status,
+            pending: change.pending,
+            attempts: change.attempts,
+            deadline: change.deadline,
+            error: change.error,
+            send,
+            event: change.event,
+        })
+    }
+
+    fn outgoing(&self, saga_id: &str, cmd: &Command, msg_id: &str, label: &str) -> Result<Outgoing, SagaError> {
         let mut meta = Metadata::new(MessageKind::Command, label);
         meta.id = msg_id.to_owned();
         meta.correlation_id = Some(saga_id.to_owned());
@@ -511,8 +439,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         meta.headers.insert(STEP_HEADER.into(), label.to_owned());
         meta.headers.insert(crate::trace::TRACEPARENT.into(), crate::trace::TraceContext::new_root().to_string());
         let body = serde_json::to_vec(&cmd.body).map_err(|e| SagaError::Data(e.to_string()))?;
-        self.outbox.enqueue_raw(conn, &Dest::Queue(cmd.queue.clone()), &meta, &body).await?;
-        Ok(())
+        Ok(Outgoing { queue: cmd.queue.clone(), meta, body })
     }
 
     /// Sends step `k` (a fresh id) or finishes.
@@ -581,7 +508,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
     }
 
     /// A compensation failed (fault or timeout): retry after backoff, or `Stuck`.
-    fn compensation_failed(&self, row: &Row0, why: String) -> Change {
+    fn compensation_failed(&self, row: &SagaRow, why: String) -> Change {
         let attempts = row.attempts + 1;
         let name = &self.saga.steps[row.step as usize].name;
         if attempts >= self.saga.compensation_attempts {
@@ -615,40 +542,13 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         let id = crate::envelope::new_message_id();
         let text = serde_json::to_string(data).map_err(|e| SagaError::Data(e.to_string()))?;
         let change = self.run_step(data, 0, "started".into());
-        let mut tx = self.pool().begin().await?;
-        sqlx::query(
-            "INSERT INTO saga_instances (id, name, data, step, status, version, pending_msg, attempts, deadline)
-             VALUES ($1, $2, $3, $4, $5, 0, $6, 0, now() + make_interval(secs => $7))",
-        )
-        .bind(&id)
-        .bind(&self.saga.name)
-        .bind(text)
-        .bind(change.step)
-        .bind(change.status.as_str())
-        .bind(&change.pending)
-        .bind(self.saga.step_timeout.as_secs_f64())
-        .execute(&mut *tx)
-        .await?;
-        for (cmd, msg_id, label) in &change.send {
-            self.enqueue_command(&mut tx, &id, cmd, msg_id, label).await?;
-        }
-        sqlx::query("INSERT INTO saga_history (saga_id, event) VALUES ($1, $2)")
-            .bind(&id)
-            .bind(&change.event)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let state = self.state(&id, change)?;
+        self.store.insert(NewSaga { id: id.clone(), name: self.saga.name.clone(), data: text, state }).await?;
         Ok(id)
     }
 
     async fn on_reply(&self, cmd_id: &str, fault: Option<String>, body: &[u8]) -> Result<(), SagaError> {
-        let saga_id: Option<String> =
-            sqlx::query_scalar("SELECT id FROM saga_instances WHERE pending_msg = $1 AND name = $2")
-                .bind(cmd_id)
-                .bind(&self.saga.name)
-                .fetch_optional(self.pool())
-                .await?;
-        let Some(saga_id) = saga_id else {
+        let Some(saga_id) = self.store.waiting_for(&self.saga.name, cmd_id).await? else {
             tracing::debug!(command = cmd_id, "saga: reply for no pending command (late or duplicate), ignored");
             return Ok(());
         };
@@ -685,13 +585,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
     }
 
     async fn on_tick(&self) -> Result<(), SagaError> {
-        let due: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM saga_instances WHERE name = $1 AND status IN ('Running', 'Compensating') AND deadline <= now()
-             ORDER BY deadline LIMIT 100",
-        )
-        .bind(&self.saga.name)
-        .fetch_all(self.pool())
-        .await?;
+        let due = self.store.due(&self.saga.name, 100).await?;
         for id in due {
             self.transition(&id, |o, row| {
                 if !row.overdue || row.status.is_final() || row.status == Status::Stuck {
@@ -770,11 +664,11 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> SagaHandle<S> {
 
     /// One instance.
     pub async fn get(&self, id: &str) -> Result<SagaRecord<S>, SagaError> {
-        let row = self.orch.load(id).await?.ok_or_else(|| SagaError::NotFound(id.to_owned()))?;
+        let row = ops::show(&*self.orch.store, id).await?;
         Ok(SagaRecord {
             data: self.orch.data(&row)?,
             id: row.id,
-            name: self.orch.saga.name.clone(),
+            name: row.name,
             step: row.step,
             status: row.status,
             version: row.version,
@@ -785,60 +679,28 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> SagaHandle<S> {
 
     /// Ids of this saga's instances in `status`, oldest first.
     pub async fn list(&self, status: Status) -> Result<Vec<String>, SagaError> {
-        Ok(sqlx::query_scalar("SELECT id FROM saga_instances WHERE name = $1 AND status = $2 ORDER BY created_at")
-            .bind(&self.orch.saga.name)
-            .bind(status.as_str())
-            .fetch_all(self.orch.pool())
-            .await?)
+        let filter = ListFilter { name: Some(self.orch.saga.name.clone()), status: Some(status), limit: None };
+        Ok(self.orch.store.list(&filter).await?.into_iter().map(|r| r.id).collect())
     }
 
     /// An instance's history, oldest first.
     pub async fn history(&self, id: &str) -> Result<Vec<HistoryEntry>, SagaError> {
-        let rows = sqlx::query(
-            "SELECT (extract(epoch from at) * 1000)::bigint AS ms, event FROM saga_history WHERE saga_id = $1 ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(self.orch.pool())
-        .await?;
-        rows.into_iter()
-            .map(|r| Ok(HistoryEntry { at_ms: r.try_get("ms")?, event: r.try_get("event")? }))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(SagaError::from)
+        self.orch.store.history(id).await
+    }
+
+    /// The store this orchestrator runs on (for operators' [`ops`]).
+    pub fn store(&self) -> &dyn SagaStore {
+        &*self.orch.store
     }
 
     /// Operator: retries a stuck saga's compensation now, with a fresh attempt budget.
     pub async fn retry(&self, id: &str) -> Result<(), SagaError> {
-        self.operator(id, Status::Compensating, "operator retry").await
+        self.orch.one_at_a_time(id, ops::retry(&*self.orch.store, id)).await
     }
 
     /// Operator: gives up on a stuck saga (it ends `Abandoned`; nothing more is sent).
     pub async fn abandon(&self, id: &str) -> Result<(), SagaError> {
-        self.operator(id, Status::Abandoned, "operator abandoned").await
-    }
-
-    async fn operator(&self, id: &str, to: Status, event: &str) -> Result<(), SagaError> {
-        let status = self.orch.load(id).await?.ok_or_else(|| SagaError::NotFound(id.to_owned()))?.status;
-        if status != Status::Stuck {
-            return Err(SagaError::NotStuck(id.to_owned(), status));
-        }
-        self.orch
-            .transition(id, |_, row| {
-                if row.status != Status::Stuck {
-                    return Ok(None);
-                }
-                Ok(Some(Change {
-                    data: None,
-                    step: row.step,
-                    status: to,
-                    pending: None,
-                    attempts: 0,
-                    deadline: (to == Status::Compensating).then_some(Duration::ZERO),
-                    error: row.error.clone(),
-                    send: vec![],
-                    event: event.to_owned(),
-                }))
-            })
-            .await
+        self.orch.one_at_a_time(id, ops::abandon(&*self.orch.store, id)).await
     }
 
     /// Stops the reply consumer and the deadline scanner (instances resume in the next orchestrator).
