@@ -1,0 +1,456 @@
+//! The messages a delayed-message exchange holds back, and the task that releases them when due.
+//!
+//! Memory: every held message costs one 32-byte index entry (due time, sequence, record position) in a
+//! binary heap. A persistent message on a durable exchange keeps its body on disk, in the exchange's own
+//! [`QueueStore`] (one record per message, its due time as wall-clock ms in `expires_at_ms`), and is read
+//! back at release; a transient one stays whole in memory (it would not survive a restart anyway). One
+//! release task per exchange sleeps until the earliest due time and releases everything due, in batches:
+//! no task or timer per message, so a million pending messages cost tens of MiB, not their bodies.
+//!
+//! Durability: the record is appended before the publish returns and the publish's confirm waits for its
+//! fsync. A released message's record is settled only after every copy the release routed is durable
+//! (their tickets completed), so a crash between release and settle releases it again after the restart:
+//! duplicated, never lost. Recovery rebuilds the index from the store; overdue messages fire at once,
+//! the rest keep their remaining delay (due times are wall-clock, so time spent down counts).
+
+use crate::durable::{self, wall_clock_ms};
+use crate::message::Message;
+use crate::plugins;
+use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreResult, SyncTicket};
+use crate::vhost::PublishResult;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+/// Most messages one release step takes: bounds the time the release task holds the runtime thread and
+/// lets one group-commit cover the whole batch's copies.
+pub const RELEASE_BATCH: usize = 1024;
+
+/// One held message in the index: ordered by due time, then publish order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Held {
+    /// Due time in ms after [`DelayedMessages::base`], rounded up so a message never fires early.
+    due_ms: u64,
+    /// Publish order; for a stored message also its record id.
+    seq: u64,
+    /// Where its record is (None: a transient message, kept in memory).
+    pos: Option<SegmentPos>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    heap: BinaryHeap<Reverse<Held>>,
+    /// Bodies of the transient messages held, by sequence.
+    transient: HashMap<u64, Message>,
+}
+
+/// A message taken out of the index because it is due.
+#[derive(Debug)]
+pub struct Released {
+    /// The message as published (its `x-delay` still positive).
+    pub message: Message,
+    /// Its record, to settle once its routed copies are durable.
+    pub stored: Option<MsgRef>,
+}
+
+/// Messages a delayed exchange holds back, earliest due first (ties in publish order).
+#[derive(Debug)]
+pub struct DelayedMessages {
+    /// The time origin of the index's millisecond due times.
+    base: Instant,
+    state: Mutex<State>,
+    next_seq: AtomicU64,
+    /// The store of persistent messages (durable exchange on a broker with a data dir).
+    store: RwLock<Option<Arc<QueueStore>>>,
+    closed: AtomicBool,
+    /// Wakes the release task when an earlier deadline arrives or the exchange goes.
+    pub wake: Notify,
+}
+
+impl Default for DelayedMessages {
+    fn default() -> Self {
+        DelayedMessages {
+            base: Instant::now(),
+            state: Mutex::new(State::default()),
+            next_seq: AtomicU64::new(1),
+            store: RwLock::new(None),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl DelayedMessages {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain data, consistent between statements: a panic elsewhere does not corrupt it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store(&self) -> Option<Arc<QueueStore>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The index time of `at`, rounded up to the next millisecond.
+    fn due_ms(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.base);
+        d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000))
+    }
+
+    fn instant(&self, due_ms: u64) -> Instant {
+        self.base + Duration::from_millis(due_ms)
+    }
+
+    /// Gives the exchange its store (after [`DelayedMessages::recover`] indexed what the store held).
+    pub fn attach_store(&self, store: QueueStore) {
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+    }
+
+    /// Indexes one message found by the store's recovery (its body is dropped: it stays on disk).
+    pub fn recover(&self, r: &Recovered) {
+        // Overdue (or without a due time, which this code never writes): fire at once.
+        let due_ms = match r.msg.expires_at_ms {
+            Some(wall) if wall > wall_clock_ms(Instant::now()) => self.due_ms(durable::instant_from_wall_ms(wall)),
+            _ => 0,
+        };
+        let held = Held { due_ms, seq: r.msg.id, pos: Some(r.pos) };
+        self.next_seq.fetch_max(r.msg.id + 1, Ordering::Relaxed);
+        self.lock().heap.push(Reverse(held));
+    }
+
+    /// Holds `message` for `delay_ms`. A persistent message is stored when the exchange has a store; the
+    /// returned ticket completes once its record is fsynced (the publish's confirm waits for it).
+    pub fn hold(&self, message: Message, delay_ms: u64) -> StoreResult<Option<SyncTicket>> {
+        let due = Instant::now() + Duration::from_millis(delay_ms);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut stored = None;
+        if message.is_persistent() {
+            if let Some(store) = self.store() {
+                let mut record = durable::to_stored(seq, &message, None);
+                // Rounded up to the millisecond so that a recovered message never fires early.
+                record.expires_at_ms = Some(wall_clock_ms(due + Duration::from_micros(999)));
+                stored = Some(store.append(&record)?);
+            }
+        }
+        let held = Held { due_ms: self.due_ms(due), seq, pos: stored.as_ref().map(|(pos, _)| *pos) };
+        let mut st = self.lock();
+        if stored.is_none() {
+            st.transient.insert(seq, message);
+        }
+        let earliest = st.heap.peek().is_none_or(|Reverse(h)| held < *h);
+        st.heap.push(Reverse(held));
+        drop(st);
+        if earliest {
+            self.wake.notify_one();
+        }
+        Ok(stored.map(|(_, ticket)| ticket))
+    }
+
+    /// Takes up to `max` messages due by `now`, in due order; stored bodies are read back from disk. A
+    /// record that cannot be read is logged and settled (it would fail again after a restart).
+    pub fn take_due(&self, now: Instant, max: usize) -> Vec<Released> {
+        let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;
+        // In due order: transient messages taken whole, stored ones still to be read.
+        let mut taken: Vec<std::result::Result<Released, MsgRef>> = Vec::new();
+        {
+            let mut st = self.lock();
+            while taken.len() < max && st.heap.peek().is_some_and(|Reverse(h)| h.due_ms <= now_ms) {
+                let Some(Reverse(h)) = st.heap.pop() else { break };
+                match h.pos {
+                    Some(pos) => taken.push(Err(MsgRef { id: h.seq, pos })),
+                    None => {
+                        if let Some(message) = st.transient.remove(&h.seq) {
+                            taken.push(Ok(Released { message, stored: None }));
+                        }
+                    }
+                }
+            }
+        }
+        if taken.iter().all(|t| t.is_ok()) {
+            return taken.into_iter().flatten().collect();
+        }
+        // Disk reads happen outside the index lock so publishers are not held up.
+        let store = self.store();
+        let mut unreadable = Vec::new();
+        let mut out = Vec::with_capacity(taken.len());
+        for t in taken {
+            let r = match t {
+                Ok(released) => {
+                    out.push(released);
+                    continue;
+                }
+                Err(r) => r,
+            };
+            let read = match &store {
+                Some(s) => s.read(r.pos).map_err(|e| e.to_string()),
+                None => Err("the store is gone".to_owned()),
+            };
+            match read.and_then(|m| durable::from_stored(m).ok_or_else(|| "unreadable properties".to_owned())) {
+                Ok(message) => out.push(Released { message, stored: Some(r) }),
+                Err(error) => {
+                    tracing::warn!(id = r.id, error, "cannot read a delayed message back; dropping it");
+                    unreadable.push(r);
+                }
+            }
+        }
+        self.settle(&unreadable);
+        out
+    }
+
+    /// Forgets released messages' records: their copies are durable wherever they went.
+    pub fn settle(&self, refs: &[MsgRef]) {
+        if refs.is_empty() {
+            return;
+        }
+        if let Some(store) = self.store() {
+            if let Err(e) = store.settle(refs) {
+                // Unsettled records are released again after a restart: duplicates, not losses.
+                tracing::warn!(error = %e, "cannot settle released delayed messages");
+            }
+        }
+    }
+
+    /// When the next message is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.lock().heap.peek().map(|Reverse(h)| self.instant(h.due_ms))
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.lock().heap.len()
+    }
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The exchange was deleted: drops every held message, deletes the store's files and ends the
+    /// release task.
+    pub fn destroy(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        *self.lock() = State::default();
+        let store = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(store) = store {
+            let dir = store.dir().to_path_buf();
+            let result = match Arc::try_unwrap(store) {
+                Ok(store) => store.destroy(),
+                // A release is reading from it right now: its open files stay readable once unlinked.
+                Err(_) => {
+                    std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", dir.clone(), e))
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a delayed exchange's store");
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Releases `delayed`'s messages when due: each is marked (`x-delay` negated) and handed to `route`,
+/// which routes it by the exchange's underlying type (None: the exchange or vhost is gone, stop). Waits
+/// first until `recovering` turns false, so recovered messages are not released before the queues and
+/// bindings they route to are back.
+pub async fn run_release(
+    delayed: Arc<DelayedMessages>,
+    recovering: Option<watch::Receiver<bool>>,
+    mut route: impl FnMut(Message) -> Option<PublishResult>,
+) {
+    if let Some(mut rx) = recovering {
+        // An error means the broker's durability is gone: nothing to wait for any more.
+        let _ = rx.wait_for(|recovering| !*recovering).await;
+    }
+    loop {
+        if delayed.is_closed() {
+            return;
+        }
+        match delayed.next_due() {
+            Some(at) if at <= Instant::now() => {}
+            Some(at) => {
+                tokio::select! {
+                    _ = delayed.wake.notified() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => delayed.wake.notified().await,
+        }
+        loop {
+            let batch = delayed.take_due(Instant::now(), RELEASE_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            let mut tickets = Vec::new();
+            let mut refs = Vec::new();
+            for released in batch {
+                let delay = plugins::requested_delay(&released.message).unwrap_or(0);
+                let Some(result) = route(plugins::mark_released(released.message, delay)) else { return };
+                tickets.extend(result.durable);
+                refs.extend(released.stored);
+            }
+            if !refs.is_empty() {
+                tokio::spawn(settle_when_durable(Arc::clone(&delayed), tickets, refs));
+            }
+            // A long overdue backlog (after a restart) must not starve the runtime thread.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Settles released records once every copy they were routed to is on disk; if a copy's store failed,
+/// the records stay, so the messages come back after a restart (at-least-once).
+async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTicket>, refs: Vec<MsgRef>) {
+    let mut durable = true;
+    for ticket in tickets {
+        if let Err(e) = ticket.wait().await {
+            tracing::warn!(error = %e, "a released delayed message was not stored; keeping its record");
+            durable = false;
+        }
+    }
+    if durable {
+        delayed.settle(&refs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::queue_store::test_dir;
+    use crate::store::queue_store::tests::{FaultIo, Faults};
+    use crate::store::segment::StoreIo;
+    use crate::store::{StoreConfig, Syncer, SyncerConfig};
+    use amq_protocol::protocol::BasicProperties;
+    use amq_protocol_types::{AMQPValue, FieldTable};
+    use bytes::Bytes;
+    use std::path::Path;
+
+    fn msg(body: &str, delay: i64, persistent: bool) -> Message {
+        let mut t = FieldTable::default();
+        t.insert("x-delay".into(), AMQPValue::LongLongInt(delay));
+        let mut p = BasicProperties::default().with_headers(t);
+        if persistent {
+            p = p.with_delivery_mode(2);
+        }
+        Message::new("dx", "k", p, Bytes::from(body.to_owned()))
+    }
+
+    /// A delayed-message index with its store opened (recovering) on `dir`.
+    fn open(dir: &Path, syncer: &Syncer, io: Arc<dyn StoreIo>) -> DelayedMessages {
+        let d = DelayedMessages::default();
+        let (store, _) = QueueStore::recover_with(dir, StoreConfig::default(), syncer.handle(), io, |r| d.recover(&r))
+            .expect("store opens");
+        d.attach_store(store);
+        d
+    }
+
+    fn bodies(released: &[Released]) -> Vec<String> {
+        released.iter().map(|r| String::from_utf8_lossy(&r.message.body).into_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn delayed_messages_come_out_in_due_order() {
+        let d = DelayedMessages::default();
+        for ms in [30, 10, 20] {
+            d.hold(msg(&ms.to_string(), ms, false), ms as u64).unwrap();
+        }
+        assert!(d.take_due(Instant::now(), 100).is_empty());
+        let later = Instant::now() + Duration::from_millis(40);
+        assert_eq!(bodies(&d.take_due(later, 100)), vec!["10", "20", "30"]);
+        assert!(d.is_empty());
+    }
+
+    #[tokio::test]
+    async fn take_due_respects_the_batch_limit_and_never_fires_early() {
+        let d = DelayedMessages::default();
+        for i in 0..5 {
+            d.hold(msg(&i.to_string(), 5, false), 5).unwrap();
+        }
+        let due = d.next_due().unwrap();
+        assert!(due >= Instant::now() + Duration::from_millis(4), "due about 5 ms from now");
+        assert!(d.take_due(due - Duration::from_micros(1), 100).is_empty(), "nothing before its due time");
+        assert_eq!(bodies(&d.take_due(due, 2)), vec!["0", "1"]);
+        assert_eq!(bodies(&d.take_due(due, 100)), vec!["2", "3", "4"], "ties come out in publish order");
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_remaining_delay_and_fires_overdue_at_once() {
+        let dir = test_dir("delayed-recover");
+        let syncer = Syncer::start(SyncerConfig::default());
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        let published = Instant::now();
+        let t1 = d.hold(msg("soon", 50, true), 50).unwrap().expect("stored: persistent");
+        let t2 = d.hold(msg("later", 3000, true), 3000).unwrap().expect("stored: persistent");
+        assert!(d.hold(msg("transient", 60, false), 60).unwrap().is_none(), "transient: not stored");
+        t1.wait().await.unwrap();
+        t2.wait().await.unwrap();
+        drop(d);
+        // "Down" past the first message's due time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        assert_eq!(d.len(), 2, "the persistent messages survive, the transient one does not");
+        let now = Instant::now();
+        assert!(d.next_due().unwrap() <= now, "overdue fires at once");
+        let released = d.take_due(now, 100);
+        assert_eq!(bodies(&released), vec!["soon"]);
+        assert_eq!(plugins::requested_delay(&released[0].message), Some(50), "headers read back intact");
+        let next = d.next_due().unwrap();
+        let remaining = next.saturating_duration_since(published);
+        assert!(
+            remaining >= Duration::from_millis(2995) && remaining <= Duration::from_millis(3030),
+            "remaining delay kept: due {remaining:?} after publish"
+        );
+        assert!(d.take_due(now + Duration::from_millis(2500), 100).is_empty());
+        assert_eq!(bodies(&d.take_due(next, 100)), vec!["later"]);
+    }
+
+    #[tokio::test]
+    async fn confirm_ticket_waits_for_the_fsync() {
+        let dir = test_dir("delayed-fsync");
+        let syncer = Syncer::start(SyncerConfig::default());
+        let faults = Arc::new(Faults::default());
+        let d = open(&dir, &syncer, Arc::new(FaultIo(faults.clone())));
+        *faults.gate_closed.lock().unwrap() = true;
+        let ticket = d.hold(msg("m", 1000, true), 1000).unwrap().expect("stored");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!ticket.is_done(), "confirmed before its record was fsynced");
+        *faults.gate_closed.lock().unwrap() = false;
+        faults.gate.notify_all();
+        ticket.wait().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn crash_between_release_and_settle_duplicates_never_loses() {
+        let dir = test_dir("delayed-settle");
+        let syncer = Syncer::start(SyncerConfig::default());
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        for (body, ms) in [("a", 1), ("b", 2)] {
+            d.hold(msg(body, ms, true), ms as u64).unwrap().unwrap().wait().await.unwrap();
+        }
+        let released = d.take_due(Instant::now() + Duration::from_millis(10), 100);
+        assert_eq!(bodies(&released), vec!["a", "b"]);
+        // "a" was routed and its copies are durable: settled. "b" was taken but the process died first.
+        d.settle(&[released[0].stored.unwrap()]);
+        d.store().unwrap().sync().wait().await.unwrap();
+        drop(d);
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        assert_eq!(bodies(&d.take_due(Instant::now(), 100)), vec!["b"], "unsettled comes back, settled does not");
+    }
+
+    #[tokio::test]
+    async fn destroy_deletes_the_store() {
+        let dir = test_dir("delayed-destroy");
+        let syncer = Syncer::start(SyncerConfig::default());
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        d.hold(msg("x", 1000, true), 1000).unwrap().unwrap().wait().await.unwrap();
+        d.destroy();
+        assert!(!dir.exists());
+        assert!(d.is_empty());
+    }
+}
