@@ -16,7 +16,7 @@
 use crate::durable::{self, wall_clock_ms};
 use crate::message::Message;
 use crate::plugins;
-use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreResult, SyncTicket};
+use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreError, StoreResult, SyncTicket};
 use crate::vhost::PublishResult;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -25,6 +25,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+
+/// Settles buffered for one segment before they are written to its ack log.
+pub const SETTLE_BATCH: usize = 512;
+/// Longest a released message's settle stays buffered (bounds what a crash releases twice).
+pub const SETTLE_FLUSH: Duration = Duration::from_secs(1);
+/// How long before a record that could not be read (an I/O error, e.g. no file descriptors) is retried.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Most messages one release step takes: bounds the time the release task holds the runtime thread and
 /// lets one group-commit cover the whole batch's copies.
@@ -39,6 +46,14 @@ struct Held {
     seq: u64,
     /// Where its record is (None: a transient message, kept in memory).
     pos: Option<SegmentPos>,
+}
+
+/// Ids of released records not yet written as settled, per segment (the ack log is per segment).
+#[derive(Debug, Default)]
+struct SettleBuffer {
+    ids: HashMap<u32, Vec<u64>>,
+    /// When the oldest buffered id was added.
+    since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +81,7 @@ pub struct DelayedMessages {
     next_seq: AtomicU64,
     /// The store of persistent messages (durable exchange on a broker with a data dir).
     store: RwLock<Option<Arc<QueueStore>>>,
+    settles: Mutex<SettleBuffer>,
     closed: AtomicBool,
     /// Wakes the release task when an earlier deadline arrives or the exchange goes.
     pub wake: Notify,
@@ -78,6 +94,7 @@ impl Default for DelayedMessages {
             state: Mutex::new(State::default()),
             next_seq: AtomicU64::new(1),
             store: RwLock::new(None),
+            settles: Mutex::new(SettleBuffer::default()),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -149,8 +166,9 @@ impl DelayedMessages {
         Ok(stored.map(|(_, ticket)| ticket))
     }
 
-    /// Takes up to `max` messages due by `now`, in due order; stored bodies are read back from disk. A
-    /// record that cannot be read is logged and settled (it would fail again after a restart).
+    /// Takes up to `max` messages due by `now`, in due order; stored bodies are read back from disk (in
+    /// file order, then put back in due order). A record that is corrupt is logged and settled (it would
+    /// fail again after a restart); one that cannot be read right now (an I/O error) is retried later.
     pub fn take_due(&self, now: Instant, max: usize) -> Vec<Released> {
         let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;
         // In due order: transient messages taken whole, stored ones still to be read.
@@ -172,36 +190,97 @@ impl DelayedMessages {
         if taken.iter().all(|t| t.is_ok()) {
             return taken.into_iter().flatten().collect();
         }
-        // Disk reads happen outside the index lock so publishers are not held up.
+        // Disk reads happen outside the index lock so publishers are not held up, in file order so
+        // consecutive reads share the store's open segment.
         let store = self.store();
-        let mut unreadable = Vec::new();
-        let mut out = Vec::with_capacity(taken.len());
-        for t in taken {
-            let r = match t {
-                Ok(released) => {
-                    out.push(released);
-                    continue;
-                }
-                Err(r) => r,
-            };
-            let read = match &store {
-                Some(s) => s.read(r.pos).map_err(|e| e.to_string()),
-                None => Err("the store is gone".to_owned()),
-            };
-            match read.and_then(|m| durable::from_stored(m).ok_or_else(|| "unreadable properties".to_owned())) {
-                Ok(message) => out.push(Released { message, stored: Some(r) }),
-                Err(error) => {
-                    tracing::warn!(id = r.id, error, "cannot read a delayed message back; dropping it");
-                    unreadable.push(r);
-                }
+        let mut order: Vec<(SegmentPos, usize)> =
+            taken.iter().enumerate().filter_map(|(i, t)| t.as_ref().err().map(|r| (r.pos, i))).collect();
+        order.sort_unstable();
+        let mut read: Vec<Option<Message>> = (0..taken.len()).map(|_| None).collect();
+        let mut corrupt = Vec::new();
+        let mut retry = Vec::new();
+        for (pos, i) in order {
+            let Err(r) = taken[i] else { continue };
+            let Some(s) = &store else { break };
+            match s.read(pos) {
+                Ok(m) => match durable::from_stored(m) {
+                    Some(message) => read[i] = Some(message),
+                    None => corrupt.push((r, "unreadable properties".to_owned())),
+                },
+                Err(e @ (StoreError::Corrupt { .. } | StoreError::NotFound { .. })) => corrupt.push((r, e.to_string())),
+                Err(e) => retry.push((r, e)),
             }
         }
-        self.settle(&unreadable);
-        out
+        for (r, error) in &corrupt {
+            tracing::warn!(id = r.id, error, "a delayed message's record is damaged; dropping it");
+        }
+        self.settle_now(&corrupt.iter().map(|(r, _)| *r).collect::<Vec<_>>());
+        if let Some((_, e)) = retry.first() {
+            tracing::warn!(error = %e, count = retry.len(), "cannot read delayed messages back; retrying in a second");
+            let again = self.due_ms(Instant::now() + READ_RETRY);
+            let mut st = self.lock();
+            for (r, _) in &retry {
+                st.heap.push(Reverse(Held { due_ms: again, seq: r.id, pos: Some(r.pos) }));
+            }
+        }
+        taken
+            .into_iter()
+            .zip(read)
+            .filter_map(|(t, message)| match t {
+                Ok(released) => Some(released),
+                Err(r) => message.map(|message| Released { message, stored: Some(r) }),
+            })
+            .collect()
     }
 
-    /// Forgets released messages' records: their copies are durable wherever they went.
+    /// Forgets released messages' records (their copies are durable wherever they went). Buffered per
+    /// segment: releases come in due order, scattered over every segment, and one ack-log write per
+    /// message would open and fsync a segment's ack log per message. A segment's buffer is written when
+    /// it holds [`SETTLE_BATCH`] ids or by [`DelayedMessages::flush_settles`]; until then a crash only
+    /// releases those messages again (duplicates, not losses).
     pub fn settle(&self, refs: &[MsgRef]) {
+        if refs.is_empty() || self.store.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            return;
+        }
+        let mut full = Vec::new();
+        {
+            let mut buf = self.settles.lock().unwrap_or_else(|p| p.into_inner());
+            if buf.ids.is_empty() {
+                buf.since = Some(Instant::now());
+            }
+            for r in refs {
+                let ids = buf.ids.entry(r.pos.segment).or_default();
+                ids.push(r.id);
+                if ids.len() >= SETTLE_BATCH {
+                    let ids = std::mem::take(ids);
+                    full.extend(ids.into_iter().map(|id| MsgRef { id, pos: r.pos }));
+                }
+            }
+            buf.ids.retain(|_, ids| !ids.is_empty());
+        }
+        self.settle_now(&full);
+    }
+
+    /// Writes every buffered settle (the release task calls it [`SETTLE_FLUSH`] after the oldest).
+    pub fn flush_settles(&self) {
+        let all: Vec<MsgRef> = {
+            let mut buf = self.settles.lock().unwrap_or_else(|p| p.into_inner());
+            buf.since = None;
+            let mut all = Vec::new();
+            for (segment, ids) in buf.ids.drain() {
+                all.extend(ids.into_iter().map(|id| MsgRef { id, pos: SegmentPos { segment, offset: 0 } }));
+            }
+            all
+        };
+        self.settle_now(&all);
+    }
+
+    /// When buffered settles are due to be written.
+    fn settle_deadline(&self) -> Option<Instant> {
+        self.settles.lock().unwrap_or_else(|p| p.into_inner()).since.map(|at| at + SETTLE_FLUSH)
+    }
+
+    fn settle_now(&self, refs: &[MsgRef]) {
         if refs.is_empty() {
             return;
         }
@@ -271,7 +350,14 @@ pub async fn run_release(
         if delayed.is_closed() {
             return;
         }
-        match delayed.next_due() {
+        if delayed.settle_deadline().is_some_and(|at| at <= Instant::now()) {
+            delayed.flush_settles();
+        }
+        let wake_at = match (delayed.next_due(), delayed.settle_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wake_at {
             Some(at) if at <= Instant::now() => {}
             Some(at) => {
                 tokio::select! {
@@ -315,6 +401,8 @@ async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTic
     }
     if durable {
         delayed.settle(&refs);
+        // The release task may be asleep until a far due time: make it flush these in time.
+        delayed.wake.notify_one();
     }
 }
 
@@ -437,10 +525,41 @@ mod tests {
         assert_eq!(bodies(&released), vec!["a", "b"]);
         // "a" was routed and its copies are durable: settled. "b" was taken but the process died first.
         d.settle(&[released[0].stored.unwrap()]);
+        d.flush_settles();
         d.store().unwrap().sync().wait().await.unwrap();
         drop(d);
         let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
         assert_eq!(bodies(&d.take_due(Instant::now(), 100)), vec!["b"], "unsettled comes back, settled does not");
+    }
+
+    #[tokio::test]
+    async fn settles_are_buffered_until_a_segment_batch_fills_or_a_flush() {
+        let dir = test_dir("delayed-settle-buffer");
+        let syncer = Syncer::start(SyncerConfig::default());
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        let n = SETTLE_BATCH + 10;
+        let mut last = None;
+        for i in 0..n {
+            last = d.hold(msg(&i.to_string(), 1, true), 1).unwrap();
+        }
+        last.unwrap().wait().await.unwrap();
+        let released = d.take_due(Instant::now() + Duration::from_millis(5), n);
+        assert_eq!(released.len(), n);
+        let refs: Vec<MsgRef> = released.iter().filter_map(|r| r.stored).collect();
+        d.settle(&refs);
+        assert!(d.settle_deadline().is_some(), "the 10 beyond a full batch wait for the flush");
+        d.store().unwrap().sync().wait().await.unwrap();
+        drop(d);
+        // A crash now: the full batch was written, the rest is released again.
+        let d = open(&dir, &syncer, Arc::new(crate::store::segment::OsIo));
+        assert_eq!(d.len(), 10);
+        let again = d.take_due(Instant::now(), n);
+        d.settle(&again.iter().filter_map(|r| r.stored).collect::<Vec<_>>());
+        d.flush_settles();
+        assert!(d.settle_deadline().is_none());
+        d.store().unwrap().sync().wait().await.unwrap();
+        drop(d);
+        assert!(open(&dir, &syncer, Arc::new(crate::store::segment::OsIo)).is_empty());
     }
 
     #[tokio::test]

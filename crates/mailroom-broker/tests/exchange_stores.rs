@@ -101,8 +101,9 @@ async fn delayed_messages_fire_after_a_restart_with_their_remaining_delay() {
     assert!(*late_at >= Duration::from_millis(1500), "fired early: {late_at:?}");
     assert!(*late_at <= Duration::from_millis(1700), "remaining delay not kept: {late_at:?}");
     assert_eq!(early_delay, &Some(AMQPValue::LongLongInt(-300)), "x-delay negated on release");
-    // Released and durable in the queue: the exchange's records were settled.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Released and durable in the queue: the exchange's records are settled (settles are buffered up to
+    // a second; a crash before that would release them again: duplicates, not losses).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     drop((q, v, _broker));
     let (_broker, v) = open(&dir);
     tokio::time::sleep(Duration::from_millis(100)).await;

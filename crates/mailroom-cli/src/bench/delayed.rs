@@ -16,9 +16,10 @@ use amq_protocol::frame::{AMQPContentHeader, AMQPFrame};
 use amq_protocol::protocol::{basic, exchange, queue, AMQPClass, BasicProperties};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 
 use super::conn::{self, Conn, CH};
-use super::producer::ProducerStats;
+use super::producer::{read_confirms, ProducerStats, CLOSE_WAIT, CONFIRM_DRAIN};
 use super::wire::{self, BODY_STAMP_LEN};
 use super::{now_ns, BenchError, Shared};
 
@@ -38,6 +39,8 @@ pub struct DelayedPlan {
     pub persistent: bool,
     /// Messages to send.
     pub quota: u64,
+    /// Publisher-confirm window, if confirms are on.
+    pub confirm: Option<u64>,
     /// Smallest and largest `x-delay`, in ms.
     pub delay_ms: (u64, u64),
     /// Seed of this producer's delays.
@@ -111,28 +114,69 @@ fn encode_publish(out: &mut Vec<u8>, plan: &DelayedPlan, frame_max: u32, delay_m
     }
 }
 
-/// Publishes `plan.quota` delayed messages as fast as the socket takes them, then closes.
-pub async fn produce(mut conn: Conn, plan: DelayedPlan, shared: Arc<Shared>) -> Result<ProducerStats, BenchError> {
+/// Publishes `plan.quota` delayed messages as fast as the socket (and the confirm window) allows, then
+/// closes and waits for `close-ok`, i.e. until the broker has read every publish.
+pub async fn produce(conn: Conn, plan: DelayedPlan, shared: Arc<Shared>) -> Result<ProducerStats, BenchError> {
+    let frame_max = conn.frame_max;
+    let Conn { stream, rbuf, .. } = conn;
+    let (r, mut w) = stream.into_split();
+    let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
+    let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx));
     let mut rng = plan.seed | 1;
     let (lo, hi) = plan.delay_ms;
     let mut buf = Vec::with_capacity(WRITE_BYTES + plan.size + 512);
     let mut sent = 0u64;
     let stop = shared.stop.subscribe();
-    while sent < plan.quota && !*stop.borrow() {
+    let mut result: Result<(), BenchError> = Ok(());
+    while sent < plan.quota && !*stop.borrow() && !reader.is_finished() {
+        let mut limit = plan.quota - sent;
+        if let Some(window) = plan.confirm {
+            let inflight = sent - confirm_rx.borrow().0.min(sent);
+            if inflight >= window {
+                if confirm_rx.changed().await.is_err() {
+                    break; // the reader ended: the broker closed on us; reported below
+                }
+                continue;
+            }
+            limit = limit.min(window - inflight);
+        }
         let mut n = 0;
-        while sent + n < plan.quota && buf.len() < WRITE_BYTES {
+        while n < limit && buf.len() < WRITE_BYTES {
             let delay = lo + next_random(&mut rng) % (hi - lo + 1);
-            encode_publish(&mut buf, &plan, conn.frame_max, delay, sent + n);
+            encode_publish(&mut buf, &plan, frame_max, delay, sent + n);
             n += 1;
         }
-        conn.stream.write_all(&buf).await?;
+        if let Err(e) = w.write_all(&buf).await {
+            result = Err(e.into());
+            break;
+        }
         buf.clear();
         sent += n;
-        shared.published.fetch_add(n, Ordering::Relaxed);
+        if plan.confirm.is_none() {
+            shared.published.fetch_add(n, Ordering::Relaxed);
+        }
     }
-    let end = Instant::now();
-    conn.close().await?;
-    Ok(ProducerStats { published: sent, nacked: 0, end: Some(end) })
+    let mut stats = ProducerStats { published: sent, nacked: 0, end: Some(Instant::now()) };
+    if result.is_ok() && plan.confirm.is_some() {
+        let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
+        let (confirmed, nacked) = *confirm_rx.borrow();
+        stats.published = confirmed.min(sent) - nacked.min(confirmed);
+        stats.nacked = nacked;
+        stats.end = Some(Instant::now());
+        shared.published.fetch_add(stats.published, Ordering::Relaxed);
+    }
+    let _ = w.write_all(&conn::method(0, conn::close_frame())).await;
+    let read_result = match tokio::time::timeout(CLOSE_WAIT, reader).await {
+        Ok(Ok(r)) => r.map(|_| ()),
+        Ok(Err(e)) => Err(BenchError::Protocol(format!("confirm reader panicked: {e}"))),
+        Err(_) => {
+            eprintln!("bench: no close-ok from the broker after {CLOSE_WAIT:?}");
+            Ok(())
+        }
+    };
+    result?;
+    read_result?;
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -148,6 +192,7 @@ mod tests {
             size: 40,
             persistent: true,
             quota: 1,
+            confirm: None,
             delay_ms: (0, 0),
             seed: 1,
         };

@@ -101,7 +101,7 @@ pub struct BenchArgs {
     pub batch_bytes: usize,
     /// Delay accuracy: publish through an `x-delayed-message` exchange with `x-delay` uniform in
     /// [--delay-min-ms, MAX_MS]; latency is then lateness past each message's due time.
-    #[arg(long, value_name = "MAX_MS", conflicts_with_all = ["fanout", "confirm", "sink", "source", "rate"])]
+    #[arg(long, value_name = "MAX_MS", conflicts_with_all = ["fanout", "sink", "source", "rate"])]
     pub delayed: Option<u64>,
     /// Smallest `x-delay` with --delayed, in ms.
     #[arg(long, default_value_t = 0, requires = "delayed")]
@@ -323,10 +323,15 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
                 size: args.size as usize,
                 persistent: args.persistent,
                 quota: args.count.map_or(u64::MAX, share),
+                confirm: args.confirm,
                 delay_ms: (args.delay_min_ms, max),
                 seed: 0x9E37_79B9_7F4A_7C15 ^ i as u64,
             };
-            delayed_producers.push((conn::Conn::open(&uri).await?, plan));
+            let mut c = conn::Conn::open(&uri).await?;
+            if args.confirm.is_some() {
+                c.confirm_select().await?;
+            }
+            delayed_producers.push((c, plan));
             continue;
         }
         let plan = Plan {
