@@ -316,10 +316,9 @@ impl DelayedMessages {
             let dir = store.dir().to_path_buf();
             let result = match Arc::try_unwrap(store) {
                 Ok(store) => store.destroy(),
-                // A release is reading from it right now: its open files stay readable once unlinked.
-                Err(_) => {
-                    std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", dir.clone(), e))
-                }
+                // A release is reading or settling right now: its open files stay usable once unlinked,
+                // but a settle may create an ack log meanwhile, so removal is retried a few times.
+                Err(_) => remove_dir_retrying(&dir),
             };
             if let Err(e) = result {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot delete a delayed exchange's store");
@@ -330,6 +329,22 @@ impl DelayedMessages {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Removes a store directory that another thread may still add a file to for a moment.
+fn remove_dir_retrying(dir: &std::path::Path) -> StoreResult<()> {
+    let mut attempt = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(StoreError::io("removing", dir, e)),
+        }
     }
 }
 
@@ -392,14 +407,15 @@ pub async fn run_release(
 /// Settles released records once every copy they were routed to is on disk; if a copy's store failed,
 /// the records stay, so the messages come back after a restart (at-least-once).
 async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTicket>, refs: Vec<MsgRef>) {
-    let mut durable = true;
+    let mut failed = None;
     for ticket in tickets {
         if let Err(e) = ticket.wait().await {
-            tracing::warn!(error = %e, "a released delayed message was not stored; keeping its record");
-            durable = false;
+            failed = Some(e);
         }
     }
-    if durable {
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all stored; keeping their records");
+    } else {
         delayed.settle(&refs);
         // The release task may be asleep until a far due time: make it flush these in time.
         delayed.wake.notify_one();
