@@ -1,6 +1,8 @@
 //! What RabbitMQ needs plugins for, built in: the delayed-message exchange (`x-delayed-message`, as
 //! rabbitmq-delayed-message-exchange) and the deduplicating exchange (`x-message-deduplication`, as
-//! rabbitmq-message-deduplication).
+//! rabbitmq-message-deduplication). This module parses their declarations and headers; the held messages
+//! live in [`crate::delayed`] and the deduplication cache in [`crate::dedup`], each with its own store
+//! under the data dir when the exchange is durable (see [`crate::durable::attach_exchange_stores`]).
 
 use crate::args::{int_value, string_value};
 use crate::error::{BrokerError, Result};

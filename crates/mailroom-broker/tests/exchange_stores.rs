@@ -111,7 +111,9 @@ async fn delayed_messages_fire_after_a_restart_with_their_remaining_delay() {
     assert_eq!(v.queue("q", 0).unwrap().message_count(), 0, "consumed ones are not released twice");
 }
 
-#[tokio::test]
+// Multi-threaded: the release task could run while the broker is still re-declaring queues and bindings,
+// and must wait for them (a message released before its binding is back would be dropped as unroutable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdue_messages_fire_at_once_after_a_restart() {
     let dir = test_dir("overdue");
     {
