@@ -60,6 +60,9 @@ def test_delayed_messages_fire_after_restart_with_remaining_delay(data_dir):
         conn = pika.BlockingConnection(b.params())
         ch = conn.channel()
         declare_delayed(ch, x, q)
+        publish_delayed(ch, x, [(b"before", 100, True)])
+        # Released and consumed before the (clean) stop: it must not be released again after the restart.
+        assert [g[0] for g in collect(ch, q, time.monotonic() + 0.5)] == [b"before"]
         start = publish_delayed(ch, x, [(b"early", 300, True), (b"late", 2500, True), (b"transient", 2500, False)])
         m, _, _ = ch.basic_get(q, auto_ack=True)
         assert m is None, "nothing released yet"
