@@ -272,7 +272,7 @@ pub fn from_stored(stored: StoredMessage) -> Option<Message> {
 }
 
 /// Encodes content-header property bytes (flags + list) for a message the broker changed.
-fn encode_properties(properties: &BasicProperties) -> Bytes {
+pub(crate) fn encode_properties(properties: &BasicProperties) -> Bytes {
     match cookie_factory::gen_simple(amq_protocol::protocol::basic::gen_properties(properties), Vec::new()) {
         Ok(bytes) => Bytes::from(bytes),
         Err(e) => {

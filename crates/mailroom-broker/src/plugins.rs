@@ -93,7 +93,8 @@ pub fn mark_released(mut message: Message, delay_ms: u64) -> Message {
     let mut headers = message.headers().cloned().unwrap_or_default();
     headers.insert("x-delay".into(), AMQPValue::LongLongInt(-(delay_ms as i64)));
     message.properties = message.properties.with_headers(headers);
-    message.raw_properties = None;
+    // Encoded once here: the queue's store and every delivery then reuse these bytes.
+    message.raw_properties = Some(crate::durable::encode_properties(&message.properties));
     message
 }
 
@@ -158,5 +159,9 @@ mod tests {
         assert_eq!(requested_delay(&msg(&[])), None);
         let released = mark_released(msg(&[("x-delay", AMQPValue::LongInt(500))]), 500);
         assert_eq!(released.headers().unwrap().inner().get("x-delay"), Some(&AMQPValue::LongLongInt(-500)));
+        let raw = released.raw_properties.clone().expect("encoded once at release");
+        let reparsed =
+            crate::durable::from_stored(crate::store::StoredMessage { properties: raw, ..Default::default() });
+        assert_eq!(reparsed.unwrap().properties, released.properties, "raw bytes match the properties");
     }
 }
