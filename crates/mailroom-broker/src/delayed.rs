@@ -10,7 +10,10 @@
 //! Durability: the record is appended before the publish returns and the publish's confirm waits for its
 //! fsync. A released message's record is settled only after every copy the release routed is durable
 //! (their tickets completed), so a crash between release and settle releases it again after the restart:
-//! duplicated, never lost. Recovery rebuilds the index from the store; overdue messages fire at once,
+//! duplicated, never lost. Settles are buffered per segment (up to [`SETTLE_BATCH`] ids or
+//! [`SETTLE_FLUSH`], and written at a clean stop): releases come in due order, scattered over every
+//! segment, and one ack-log write per message would thrash ack-log files. Recovery rebuilds the index
+//! from the store and waits for the broker's queues and bindings to be back; overdue messages fire at once,
 //! the rest keep their remaining delay (due times are wall-clock, so time spent down counts).
 
 use crate::durable::{self, wall_clock_ms};
@@ -40,7 +43,7 @@ pub const RELEASE_BATCH: usize = 1024;
 /// One held message in the index: ordered by due time, then publish order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Held {
-    /// Due time in ms after [`DelayedMessages::base`], rounded up so a message never fires early.
+    /// Due time in ms after the index's time origin, rounded up so a message never fires early.
     due_ms: u64,
     /// Publish order; for a stored message also its record id.
     seq: u64,
