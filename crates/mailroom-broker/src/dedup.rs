@@ -1,8 +1,9 @@
 //! The deduplicating exchange's cache of recently seen `x-deduplication-header` values, optionally
 //! persisted (`x-cache-persistence: disk`) so that it survives a restart.
 //!
-//! The cache holds at most `x-cache-size` values, evicting the least recently admitted first. A value is a
-//! duplicate while it is remembered and not expired (`x-cache-ttl`, or the message's own `x-cache-ttl`).
+//! The cache holds at most `x-cache-size` values, evicting the least recently admitted first (a value
+//! admitted again after it expired counts as newly admitted). A value is a duplicate while it is
+//! remembered and not expired (`x-cache-ttl`, or the message's own `x-cache-ttl`).
 //!
 //! Persistence reuses the message store ([`QueueStore`]): every admitted value appends one small record
 //! (the value in the routing-key field, its expiry as wall-clock ms in `expires_at_ms`), and the record is
@@ -87,7 +88,7 @@ fn record(generation: u64, key: &str, expires: Option<Instant>) -> StoredMessage
 }
 
 impl DedupState {
-    /// Inserts or replaces `key`'s entry as the newest; returns the replaced entry's record to settle.
+    /// Inserts or replaces `key`'s entry as the newest, settling the replaced entry's record.
     fn insert(&mut self, key: String, expires: Option<Instant>, stored: Option<MsgRef>, record_len: usize) {
         let generation = self.next_generation;
         self.next_generation += 1;
