@@ -148,3 +148,41 @@ def test_disk_dedup_cache_survives_restart_and_memory_cache_does_not(data_dir):
         conn.close()
     assert got["disk"] == [b"order-2"], "the disk cache remembered order-1 across the restart"
     assert got["memory"] == [b"order-1", b"order-2"], "the memory cache starts empty after a restart"
+
+
+def test_confirmed_dedup_values_survive_sigkill(data_dir):
+    """A confirmed message's cache entry is on disk no later than its confirm: after SIGKILL its value is
+    still remembered."""
+    x, q = uname("dedupx"), uname("dedupq")
+    port = free_port()
+    cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", data_dir,
+           "--log-level", "warn"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc, 20)
+        conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F"))
+        ch = conn.channel()
+        ch.exchange_declare(x, "x-message-deduplication", durable=True,
+                            arguments={"x-cache-size": 1000, "x-cache-persistence": "disk"})
+        ch.queue_declare(q, durable=True)
+        ch.queue_bind(q, x)
+        ch.confirm_delivery()
+        for i in range(100):
+            ch.basic_publish(x, "", b"first", properties=P(headers={"x-deduplication-header": f"v{i}"}))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with start_mailroom(data_dir=data_dir, port=port) as b:
+        conn = pika.BlockingConnection(b.params())
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_purge(q)
+        for i in range(101):
+            ch.basic_publish(x, "", f"again-{i}".encode(), properties=P(headers={"x-deduplication-header": f"v{i}"}))
+        m, _, body = ch.basic_get(q, auto_ack=True)
+        assert body == b"again-100", "the 100 confirmed values were remembered, the new one was not"
+        assert ch.basic_get(q, auto_ack=True)[0] is None
+        conn.close()
