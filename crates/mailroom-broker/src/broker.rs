@@ -175,6 +175,16 @@ impl Broker {
         )
     }
 
+    /// Writes what exchanges still buffer for their stores (the settles of released delayed messages), so
+    /// a clean stop does not release those messages again after the restart. Call before exiting.
+    pub fn flush_exchange_stores(&self) {
+        for v in self.vhosts() {
+            for ex in v.exchanges() {
+                ex.extras().delayed.flush_settles();
+            }
+        }
+    }
+
     /// A fresh id for a connection or embedded session (exclusive-queue owner).
     pub fn next_connection_id(&self) -> ConnectionId {
         self.inner.ids.fetch_add(1, Ordering::Relaxed)

@@ -3,6 +3,7 @@
 
 use crate::exchange::{Destination, ExchangeSpec};
 use crate::message::Message;
+use crate::store::segment::OsIo;
 use crate::store::{
     BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult,
     StoredMessage, Syncer, SyncerConfig, VhostDef,
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The broker's durable state: the data directory, the shared fsync syncer and the definitions file.
@@ -25,6 +27,26 @@ pub struct Durability {
     save_lock: Mutex<()>,
     /// While the broker re-declares saved definitions, saving them again would be wasted fsyncs.
     recovering: std::sync::atomic::AtomicBool,
+    /// The same flag, watched by delayed exchanges: they release nothing until queues and bindings are back.
+    recovering_watch: watch::Sender<bool>,
+}
+
+/// Which exchange service a store under the data dir belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeStoreKind {
+    /// The held messages of a durable delayed-message exchange.
+    Delayed,
+    /// The cache of a durable deduplicating exchange with `x-cache-persistence: disk`.
+    Dedup,
+}
+
+impl ExchangeStoreKind {
+    fn dir_name(self) -> &'static str {
+        match self {
+            Self::Delayed => "delayed",
+            Self::Dedup => "dedup",
+        }
+    }
 }
 
 impl Durability {
@@ -37,6 +59,7 @@ impl Durability {
             vhosts: RwLock::new(Vec::new()),
             save_lock: Mutex::new(()),
             recovering: std::sync::atomic::AtomicBool::new(false),
+            recovering_watch: watch::channel(false).0,
         }))
     }
 
@@ -53,6 +76,12 @@ impl Durability {
     /// Marks the start or end of recovery (saves are skipped meanwhile).
     pub fn set_recovering(&self, on: bool) {
         self.recovering.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.recovering_watch.send_replace(on);
+    }
+
+    /// Watches whether the broker is still re-declaring saved definitions.
+    pub fn recovering(&self) -> watch::Receiver<bool> {
+        self.recovering_watch.subscribe()
     }
 
     /// Writes the durable exchanges, queues and bindings of every vhost (fsynced, atomic rename).
@@ -153,6 +182,41 @@ impl Durability {
         Ok((store, recovered))
     }
 
+    /// The directory of a durable exchange's store (delayed messages or deduplication cache), named like
+    /// a queue's: a fixed-length hash of its vhost and name.
+    pub fn exchange_store_dir(&self, kind: ExchangeStoreKind, vhost: &str, exchange: &str) -> PathBuf {
+        let key = format!("{vhost}\u{0}{exchange}");
+        let a = fnv1a64(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
+        let b = fnv1a64(key.as_bytes(), 0x6c62_272e_07bb_0142);
+        self.dir.join(kind.dir_name()).join(format!("{a:016x}{b:016x}"))
+    }
+
+    /// Opens a durable exchange's store, handing each record it still holds to `visit` in append order.
+    /// Outside recovery the exchange is new, so a directory left by a deletion that crashed midway is
+    /// stale and is removed first.
+    pub fn open_exchange_store(
+        &self,
+        kind: ExchangeStoreKind,
+        vhost: &str,
+        exchange: &str,
+        config: StoreConfig,
+        visit: impl FnMut(crate::store::Recovered),
+    ) -> StoreResult<QueueStore> {
+        let dir = self.exchange_store_dir(kind, vhost, exchange);
+        if !self.recovering.load(std::sync::atomic::Ordering::SeqCst) && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", &dir, e))?;
+        }
+        let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
+        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), visit)?;
+        for d in &report.damaged {
+            tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
+        }
+        for t in &report.truncated {
+            tracing::warn!(exchange, file = %t.path.display(), offset = t.offset, "torn tail cut off");
+        }
+        Ok(store)
+    }
+
     /// Fsyncs performed so far (for the fsyncs/s metric).
     pub fn fsyncs(&self) -> u64 {
         self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats().fsyncs
@@ -208,7 +272,7 @@ pub fn from_stored(stored: StoredMessage) -> Option<Message> {
 }
 
 /// Encodes content-header property bytes (flags + list) for a message the broker changed.
-fn encode_properties(properties: &BasicProperties) -> Bytes {
+pub(crate) fn encode_properties(properties: &BasicProperties) -> Bytes {
     match cookie_factory::gen_simple(amq_protocol::protocol::basic::gen_properties(properties), Vec::new()) {
         Ok(bytes) => Bytes::from(bytes),
         Err(e) => {
@@ -224,4 +288,46 @@ fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
         Ok((rest, p)) if rest.is_empty() => Some(p),
         _ => None,
     }
+}
+
+/// Opens the stores of a new durable exchange that needs one (delayed-message; deduplicating with
+/// `x-cache-persistence: disk`) and loads what they hold.
+pub fn attach_exchange_stores(
+    durability: &Durability,
+    vhost: &str,
+    exchange: &crate::exchange::Exchange,
+) -> StoreResult<()> {
+    use crate::plugins::ExchangeFlavor;
+    let spec = exchange.spec();
+    if !spec.durable {
+        return Ok(());
+    }
+    let extras = exchange.extras();
+    match spec.flavor {
+        ExchangeFlavor::Delayed => {
+            let store = durability.open_exchange_store(
+                ExchangeStoreKind::Delayed,
+                vhost,
+                &spec.name,
+                StoreConfig::default(),
+                |r| extras.delayed.recover(&r),
+            )?;
+            extras.delayed.attach_store(store);
+            if !extras.delayed.is_empty() {
+                tracing::info!(exchange = %spec.name, messages = extras.delayed.len(), "recovered delayed messages");
+            }
+        }
+        ExchangeFlavor::Deduplicating { cache_size, disk: true, .. } => {
+            let store = durability.open_exchange_store(
+                ExchangeStoreKind::Dedup,
+                vhost,
+                &spec.name,
+                crate::dedup::store_config(),
+                |r| extras.dedup.recover(&r),
+            )?;
+            extras.dedup.attach_store(store, cache_size);
+        }
+        _ => {}
+    }
+    Ok(())
 }

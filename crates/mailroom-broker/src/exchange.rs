@@ -265,14 +265,17 @@ impl Exchange {
     pub fn has_bindings(&self) -> bool {
         !self.read().bindings.is_empty()
     }
-    /// Marks the exchange deleted and drops its bindings.
+    /// Marks the exchange deleted and drops its bindings, its held delayed messages and its deduplication
+    /// cache (deleting their store files).
     pub fn mark_deleted(&self) {
-        let mut st = self.write();
-        st.deleted = true;
-        st.bindings.clear();
-        st.router = Router::Fanout;
-        // Let a delayed exchange's release task see the deletion and end.
-        self.extras.delayed.wake.notify_one();
+        {
+            let mut st = self.write();
+            st.deleted = true;
+            st.bindings.clear();
+            st.router = Router::Fanout;
+        }
+        // Also wakes a delayed exchange's release task, which sees the deletion and ends.
+        self.extras.destroy();
     }
     /// Whether the exchange was deleted.
     pub fn is_deleted(&self) -> bool {

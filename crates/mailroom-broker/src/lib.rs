@@ -7,6 +7,8 @@ pub mod alarm;
 pub mod args;
 pub mod broker;
 pub mod dead_letter;
+pub mod dedup;
+pub mod delayed;
 pub mod durable;
 pub mod error;
 pub mod exchange;

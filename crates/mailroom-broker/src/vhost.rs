@@ -6,7 +6,7 @@ use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::message::{header_routing_keys, Message};
-use crate::plugins::{self, DelayedMessages, ExchangeFlavor};
+use crate::plugins::{self, Admission, DelayedMessages, ExchangeFlavor};
 use crate::policy::{self as policies, Policy};
 use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
@@ -320,11 +320,20 @@ impl VHost {
         };
         let exchange = Arc::new(Exchange::new(spec));
         let durable = exchange.spec().durable;
+        if let Some(d) = self.durability.as_ref().filter(|_| durable) {
+            crate::durable::attach_exchange_stores(d, &self.name, &exchange).map_err(|e| {
+                BrokerError::new(
+                    ErrorKind::ResourceError,
+                    format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
+                )
+            })?;
+        }
         if exchange.spec().flavor == ExchangeFlavor::Delayed {
             tokio::spawn(run_delayed_release(
                 self.myself.clone(),
                 Arc::downgrade(&exchange),
                 Arc::clone(&exchange.extras().delayed),
+                self.durability.as_ref().map(|d| d.recovering()),
             ));
         }
         exchanges.insert(name.to_owned(), exchange);
@@ -689,13 +698,28 @@ impl VHost {
             ExchangeFlavor::Plain => {}
             ExchangeFlavor::Delayed => {
                 if let Some(delay) = plugins::requested_delay(&message) {
-                    ex.extras().delayed.schedule(message, delay);
-                    return Ok(PublishResult { routed: true, ..PublishResult::default() });
+                    return Ok(match ex.extras().delayed.hold(message, delay) {
+                        Ok(ticket) => {
+                            PublishResult { routed: true, rejected: false, durable: ticket.into_iter().collect() }
+                        }
+                        Err(e) => {
+                            tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
+                            PublishResult { routed: true, rejected: true, durable: Vec::new() }
+                        }
+                    });
                 }
             }
-            ExchangeFlavor::Deduplicating { cache_size, ttl_ms } => {
-                if !ex.extras().dedup.admit(&message, *cache_size, *ttl_ms) {
-                    return Ok(PublishResult::default());
+            ExchangeFlavor::Deduplicating { cache_size, ttl_ms, .. } => {
+                match ex.extras().dedup.admit(&message, *cache_size, *ttl_ms) {
+                    Admission::New(ticket) => {
+                        let mut result = self.route_and_enqueue(&ex, message);
+                        result.durable.extend(ticket);
+                        return Ok(result);
+                    }
+                    Admission::Duplicate(ticket) => {
+                        return Ok(PublishResult { durable: ticket.into_iter().collect(), ..PublishResult::default() })
+                    }
+                    Admission::Refused => return Ok(PublishResult { rejected: true, ..PublishResult::default() }),
                 }
             }
         }
@@ -966,26 +990,17 @@ impl QueueHooks for VHost {
 
 /// Releases a delayed exchange's messages when due, routing each by the exchange's underlying type.
 /// Holds only weak handles, so it ends when the exchange or vhost goes.
-async fn run_delayed_release(vhost: Weak<VHost>, exchange: Weak<Exchange>, delayed: Arc<DelayedMessages>) {
-    loop {
-        let next = delayed.next_due();
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = delayed.wake.notified() => {}
-                    _ = tokio::time::sleep_until(at) => {}
-                }
-            }
-            None => delayed.wake.notified().await,
-        }
-        let (Some(v), Some(ex)) = (vhost.upgrade(), exchange.upgrade()) else { return };
-        if ex.is_deleted() {
-            return;
-        }
-        for (message, delay) in delayed.take_due(tokio::time::Instant::now()) {
-            v.route_and_enqueue(&ex, plugins::mark_released(message, delay));
-        }
-    }
+async fn run_delayed_release(
+    vhost: Weak<VHost>,
+    exchange: Weak<Exchange>,
+    delayed: Arc<DelayedMessages>,
+    recovering: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    crate::delayed::run_release(delayed, recovering, move |message| {
+        let (v, ex) = (vhost.upgrade()?, exchange.upgrade()?);
+        (!ex.is_deleted()).then(|| v.route_and_enqueue(&ex, message))
+    })
+    .await
 }
 
 /// A server-generated queue name: `amq.gen-` and 22 URL-safe random characters, as RabbitMQ.

@@ -137,6 +137,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         ..ServerConfig::default()
     };
     let server = AmqpServer::bind(broker.clone(), config).await?;
+    let stopping = broker.clone();
     for addr in server.local_addrs() {
         // Scripts and tests read this line to find the port when they asked for port 0.
         println!("mailroom: AMQP listening on {addr}");
@@ -156,6 +157,8 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     }
     tracing::info!(http = %args.http_listen, data_dir = %args.data_dir.display(), "mailroom started");
     server.run(shutdown_signal()).await;
+    // Released delayed messages' settles are buffered: write them, or the restart releases them again.
+    stopping.flush_exchange_stores();
     tracing::info!("mailroom stopped");
     Ok(())
 }

@@ -11,6 +11,7 @@
 mod conn;
 mod consumer;
 mod cpu;
+mod delayed;
 mod fake;
 mod histogram;
 mod producer;
@@ -98,6 +99,13 @@ pub struct BenchArgs {
     /// Target bytes per publish write.
     #[arg(long, default_value_t = 256 << 10)]
     pub batch_bytes: usize,
+    /// Delay accuracy: publish through an `x-delayed-message` exchange with `x-delay` uniform in
+    /// [--delay-min-ms, MAX_MS]; latency is then lateness past each message's due time.
+    #[arg(long, value_name = "MAX_MS", conflicts_with_all = ["fanout", "sink", "source", "rate"])]
+    pub delayed: Option<u64>,
+    /// Smallest `x-delay` with --delayed, in ms.
+    #[arg(long, default_value_t = 0, requires = "delayed")]
+    pub delay_min_ms: u64,
 }
 
 /// What can go wrong in a bench run.
@@ -279,6 +287,13 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     if args.fanout {
         setup.declare_fanout(&exchange, args.persistent, &queues).await?;
     }
+    let delayed_exchange = format!("{}-delayed", queues[0]);
+    if let Some(max) = args.delayed {
+        if queues.len() != 1 || args.delay_min_ms > max || args.count.is_none() {
+            return Err(BenchError::Usage("--delayed needs --count, one queue and --delay-min-ms <= MAX_MS".into()));
+        }
+        delayed::declare(&mut setup, &delayed_exchange, args.persistent, &queues[0]).await?;
+    }
 
     let (stop_tx, _) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -298,8 +313,27 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         consumers.push(Consumer::setup(&uri, q, args.prefetch, args.auto_ack, args.multiple_ack_every).await?);
     }
     let mut producers = Vec::new();
+    let mut delayed_producers = Vec::new();
     for i in 0..args.producers {
         let share = |total: u64| total / args.producers as u64 + u64::from((i as u64) < total % args.producers as u64);
+        if let Some(max) = args.delayed {
+            let plan = delayed::DelayedPlan {
+                exchange: delayed_exchange.clone(),
+                routing_key: queues[0].clone(),
+                size: args.size as usize,
+                persistent: args.persistent,
+                quota: args.count.map_or(u64::MAX, share),
+                confirm: args.confirm,
+                delay_ms: (args.delay_min_ms, max),
+                seed: 0x9E37_79B9_7F4A_7C15 ^ i as u64,
+            };
+            let mut c = conn::Conn::open(&uri).await?;
+            if args.confirm.is_some() {
+                c.confirm_select().await?;
+            }
+            delayed_producers.push((c, plan));
+            continue;
+        }
         let plan = Plan {
             exchange: exchange.clone(),
             routing_key: if args.fanout { String::new() } else { queues[i % queues.len()].clone() },
@@ -316,8 +350,11 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     let start = Instant::now();
     let deadline = duration.map(|d| start + d);
     let consumer_tasks: Vec<_> = consumers.into_iter().map(|c| tokio::spawn(c.run(shared.clone()))).collect();
-    let producer_tasks: Vec<_> =
-        producers.into_iter().map(|p| tokio::spawn(p.run(shared.clone(), start, deadline))).collect();
+    let producer_tasks: Vec<_> = producers
+        .into_iter()
+        .map(|p| tokio::spawn(p.run(shared.clone(), start, deadline)))
+        .chain(delayed_producers.into_iter().map(|(c, plan)| tokio::spawn(delayed::produce(c, plan, shared.clone()))))
+        .collect();
 
     let mut first_err = None;
     let mut published = 0;
@@ -367,6 +404,9 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     if fresh {
         if args.fanout {
             setup.delete_exchange(&exchange).await?;
+        }
+        if args.delayed.is_some() {
+            setup.delete_exchange(&delayed_exchange).await?;
         }
         for q in &queues {
             setup.delete_queue(q).await?;
@@ -426,7 +466,7 @@ async fn wait_for_consumers(args: &BenchArgs, shared: &Shared, published: u64, d
         if now != last {
             last = now;
             idle_since = Instant::now();
-        } else if idle_since.elapsed() > DRAIN_IDLE {
+        } else if idle_since.elapsed() > DRAIN_IDLE + Duration::from_millis(args.delayed.unwrap_or(0)) {
             eprintln!("bench: gave up waiting: consumed {now} of {expected}");
             break;
         }

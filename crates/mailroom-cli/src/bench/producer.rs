@@ -15,9 +15,9 @@ use super::wire::{Batch, Frame, ReadBuf, Scanner, Template};
 use super::{now_ns, BenchError, Shared};
 
 /// How long to wait for outstanding confirms after the last publish before giving up.
-const CONFIRM_DRAIN: Duration = Duration::from_secs(30);
+pub(super) const CONFIRM_DRAIN: Duration = Duration::from_secs(30);
 /// How long to wait for `close-ok`, i.e. for a flow-controlled broker to read our backlog.
-const CLOSE_WAIT: Duration = Duration::from_secs(60);
+pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(60);
 
 /// What one producer is asked to do.
 #[derive(Debug, Clone)]
@@ -179,7 +179,7 @@ impl Producer {
 /// Reads confirms (and errors) off the producer's socket; publishes `(confirmed, nacked)`.
 ///
 /// Returns whether it saw `connection.close-ok` (as opposed to the socket just closing).
-async fn read_confirms(
+pub(super) async fn read_confirms(
     mut r: OwnedReadHalf,
     mut rbuf: ReadBuf,
     frame_max: u32,
