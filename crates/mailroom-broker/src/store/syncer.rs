@@ -77,12 +77,23 @@ pub struct SyncJob {
     pub write_error: Option<StoreError>,
 }
 
+/// What a store wants after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRound {
+    /// Nothing (it registers again when it has new work).
+    Done,
+    /// Its write failed: another round after the syncer's retry backoff.
+    Retry,
+    /// A round at this time (work deliberately deferred, such as ack-log fsyncs).
+    At(Instant),
+}
+
 /// A store as the syncer sees it.
 pub trait SyncTarget: Send + Sync {
     /// Takes the buffered records and writes them (outside the store's lock), returning what to fsync.
     fn flush(&self) -> SyncJob;
-    /// Reports the outcome of the round for the job; returns whether the store wants a retry later.
-    fn synced(&self, job_records: u64, result: Result<(), StoreError>) -> bool;
+    /// Reports the outcome of the round for the job; says whether the store wants another round later.
+    fn synced(&self, job_records: u64, result: Result<(), StoreError>) -> AfterRound;
 }
 
 #[derive(Default)]
@@ -254,7 +265,17 @@ fn run(s: &SyncerShared) {
             }
         }
 
-        let targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
+        let mut targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
+        // A store can be listed twice (registered by new work while a deferred round for it was pending); one
+        // flush per round, or the second would take the batch of records the first one is about to sync.
+        let mut i = 0;
+        while i < targets.len() {
+            if targets[..i].iter().any(|t| Arc::ptr_eq(t, &targets[i])) {
+                targets.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
         appends_at_take = s.appends.load(Ordering::Relaxed);
         last_round_records = round(s, targets);
     }
@@ -305,8 +326,10 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
         } else {
             s.failures.fetch_add(1, Ordering::Relaxed);
         }
-        if t.synced(job.records, result) {
-            retry.push((Instant::now() + s.config.retry_backoff, t));
+        match t.synced(job.records, result) {
+            AfterRound::Done => {}
+            AfterRound::Retry => retry.push((Instant::now() + s.config.retry_backoff, t)),
+            AfterRound::At(at) => retry.push((at, t)),
         }
     }
     if !retry.is_empty() {
@@ -390,10 +413,14 @@ mod tests {
             };
             SyncJob { records: 3, write_error, ..Default::default() }
         }
-        fn synced(&self, _: u64, result: Result<(), StoreError>) -> bool {
+        fn synced(&self, _: u64, result: Result<(), StoreError>) -> AfterRound {
             let retry = result.is_err();
             self.synced.lock().unwrap().push(result);
-            retry
+            if retry {
+                AfterRound::Retry
+            } else {
+                AfterRound::Done
+            }
         }
     }
 
