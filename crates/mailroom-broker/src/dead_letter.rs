@@ -358,3 +358,82 @@ mod tests {
         assert!(is_cycle(&f, "loopq"));
     }
 }
+
+#[cfg(test)]
+mod crash_window_tests {
+    use crate::store::ack_log;
+    use crate::store::queue_store::test_dir;
+    use crate::store::queue_store::tests::{FaultIo, Faults};
+    use crate::vhost::QueueOptions;
+    use crate::{BasicProperties, Broker, BrokerConfig, FieldTable, LongString, Message};
+    use bytes::Bytes;
+    use std::collections::HashSet;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Every id logged as settled in any queue's ack logs under `dir`: what a restart would treat as gone.
+    fn settled_on_disk(dir: &Path) -> HashSet<u64> {
+        let mut settled = HashSet::new();
+        for queue_dir in std::fs::read_dir(dir.join("msgs")).unwrap().flatten() {
+            for f in std::fs::read_dir(queue_dir.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "ack") {
+                    settled.extend(ack_log::parse(&std::fs::read(f.path()).unwrap()).settled);
+                }
+            }
+        }
+        settled
+    }
+
+    fn set_gate(faults: &Faults, closed: bool) {
+        *faults.gate_closed.lock().unwrap() = closed;
+        faults.gate.notify_all();
+    }
+
+    /// Issue 5: a rejected message's source record must stay unsettled until its copy in the durable
+    /// dead-letter queue is fsynced. With fsyncs blocked (the copy not yet durable) nothing may be settled on
+    /// disk, so a crash at that moment brings the source message back; once the fsync returns, it is settled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn source_record_is_settled_only_after_the_dead_lettered_copy_is_durable() {
+        let dir = test_dir("dlx-window");
+        let faults = Arc::new(Faults::default());
+        let broker = Broker::open(BrokerConfig {
+            data_dir: Some(dir.clone()),
+            store_io: Some(Arc::new(FaultIo(faults.clone()))),
+            ..BrokerConfig::default()
+        })
+        .unwrap();
+        let v = broker.vhost("/").unwrap();
+        let durable = QueueOptions { durable: true, ..Default::default() };
+        v.declare_queue("dlq", &durable, 1).unwrap();
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), crate::AMQPValue::LongString(LongString::from("")));
+        args.insert("x-dead-letter-routing-key".into(), crate::AMQPValue::LongString(LongString::from("dlq")));
+        v.declare_queue("work", &QueueOptions { durable: true, arguments: args, ..Default::default() }, 1).unwrap();
+
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let published = v.publish("", Message::new("", "work", props, Bytes::from_static(b"keep me"))).unwrap();
+        for t in published.durable {
+            t.wait().await.unwrap();
+        }
+        let work = v.queue("work", 1).unwrap();
+        let got = work.get(false).unwrap();
+
+        set_gate(&faults, true);
+        work.reject(&[got.id], false);
+        assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 1, "copy enqueued in the DLQ");
+        // The copy's fsync is blocked; give a wrongly eager settle every chance to reach the file.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !settled_on_disk(&dir).contains(&got.id),
+            "source record settled before the dead-lettered copy was fsynced: a crash now loses the message"
+        );
+
+        set_gate(&faults, false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !settled_on_disk(&dir).contains(&got.id) {
+            assert!(Instant::now() < deadline, "source record never settled after the copy became durable");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
