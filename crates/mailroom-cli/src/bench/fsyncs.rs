@@ -101,7 +101,7 @@ pub fn parse_count(body: &str) -> Option<u64> {
 }
 
 fn last_number(text: &str) -> Option<u64> {
-    text.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    text.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).next_back()?.parse().ok()
 }
 
 #[cfg(test)]
