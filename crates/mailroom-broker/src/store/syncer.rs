@@ -285,33 +285,20 @@ fn run(s: &SyncerShared) {
 fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
     // Phase 1: every store writes its buffer, so the fsyncs below cover all of them.
     let jobs: Vec<SyncJob> = targets.iter().map(|t| t.flush()).collect();
-    // Phase 2: fsync every file, then the directories that got new entries.
-    let mut results = Vec::with_capacity(jobs.len());
-    let mut fsyncs = 0;
+    // Phase 2: fsync every file and every directory that got new entries, concurrently (see `parallel_fsyncs`).
+    let mut results: Vec<Result<(), StoreError>> =
+        jobs.iter().map(|j| j.write_error.clone().map_or(Ok(()), Err)).collect();
+    let mut ops = Vec::new();
+    for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.write_error.is_none()) {
+        ops.extend(job.files.iter().map(|(file, path)| (i, SyncOp::File(file, path))));
+        ops.extend(job.dir.iter().map(|(io, dir)| (i, SyncOp::Dir(io, dir))));
+    }
+    let fsyncs = ops.len() as u64;
     let sync_start = Instant::now();
-    for job in &jobs {
-        let mut result = match &job.write_error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        };
-        if result.is_ok() {
-            for (file, path) in &job.files {
-                fsyncs += 1;
-                if let Err(e) = file.sync_data() {
-                    result = Err(StoreError::io("fsyncing", path.clone(), e));
-                    break;
-                }
-            }
+    for (i, result) in parallel_fsyncs(&ops) {
+        if results[i].is_ok() {
+            results[i] = result;
         }
-        if result.is_ok() {
-            if let Some((io, dir)) = &job.dir {
-                fsyncs += 1;
-                if let Err(e) = io.sync_dir(dir) {
-                    result = Err(StoreError::io("fsyncing directory", dir.clone(), e));
-                }
-            }
-        }
-        results.push(result);
     }
     s.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
     s.fsync_micros.fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -336,6 +323,55 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
         s.queue.lock().expect("syncer lock").retry.extend(retry);
     }
     jobs.iter().map(|j| j.records).sum()
+}
+
+/// Most threads one round's fsyncs run on. Concurrent `fdatasync`s on one file system share the journal
+/// commit that makes their files' new sizes durable; run one after another, each pays for its own. A few
+/// threads get that sharing; more only add overhead.
+const MAX_PARALLEL_FSYNCS: usize = 8;
+
+/// One fsync of a round.
+enum SyncOp<'a> {
+    File(&'a Arc<dyn StoreFile>, &'a PathBuf),
+    Dir(&'a Arc<dyn StoreIo>, &'a PathBuf),
+}
+
+impl SyncOp<'_> {
+    fn run(&self) -> Result<(), StoreError> {
+        match self {
+            SyncOp::File(file, path) => file.sync_data().map_err(|e| StoreError::io("fsyncing", (*path).clone(), e)),
+            SyncOp::Dir(io, dir) => {
+                io.sync_dir(dir).map_err(|e| StoreError::io("fsyncing directory", (*dir).clone(), e))
+            }
+        }
+    }
+}
+
+/// Runs `ops` (tagged with their job's index) on up to [`MAX_PARALLEL_FSYNCS`] threads, this one included,
+/// and returns each outcome with its tag. A single fsync runs inline.
+fn parallel_fsyncs(ops: &[(usize, SyncOp<'_>)]) -> Vec<(usize, Result<(), StoreError>)> {
+    let run = |chunk: &[(usize, SyncOp<'_>)]| chunk.iter().map(|(i, op)| (*i, op.run())).collect::<Vec<_>>();
+    if ops.len() <= 1 {
+        return run(ops);
+    }
+    let per_thread = ops.len().div_ceil(MAX_PARALLEL_FSYNCS);
+    let mut chunks = ops.chunks(per_thread);
+    let own = chunks.next().unwrap_or(&[]);
+    std::thread::scope(|scope| {
+        let others: Vec<_> = chunks.map(|c| (c, scope.spawn(move || run(c)))).collect();
+        let mut out = run(own);
+        for (chunk, h) in others {
+            match h.join() {
+                Ok(r) => out.extend(r),
+                // Not expected (an fsync returns an error, it does not panic); its files count as not synced.
+                Err(_) => out.extend(chunk.iter().map(|(i, _)| {
+                    let e = std::io::Error::other("fsync thread panicked");
+                    (*i, Err(StoreError::io("fsyncing", PathBuf::new(), e)))
+                })),
+            }
+        }
+        out
+    })
 }
 
 /// The state a batch of tickets watches: `None` until the covering fsync returned.
