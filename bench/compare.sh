@@ -37,6 +37,7 @@ SCENARIOS=(
     "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms broker_cpu_s"
     "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
     "1KiB-persistent-confirm1000-prefetch100|--size 1024 --persistent --confirm 1000 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
+    "4p4c4q-1KiB-persistent-confirm250-prefetch100|--size 1024 --persistent --confirm 250 --prefetch 100 --producers 4 --consumers 4 --queues 4|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
 )
 
 url_of() { if [[ $1 == mailroom ]]; then echo "$MAILROOM_URL"; else echo "$RABBITMQ_URL"; fi; }
