@@ -1,7 +1,8 @@
 //! One durable queue's store: a directory of segments and their ack logs.
 //!
 //! Every method takes the store's own mutex only for memory work (and, for `settle` and
-//! `mark_delivered`, one page-cache `pwrite` per segment touched), never for an fsync, so a queue can
+//! `mark_delivered`, one page-cache `pwrite` per segment touched per call, so callers pass whole
+//! batches), never for an fsync, so a queue can
 //! call it while holding its own short lock. Records are buffered and written by the [`Syncer`]
 //! thread, one `pwrite` per segment per round, then fsynced; [`SyncTicket`]s complete after that.
 //!

@@ -3,7 +3,10 @@
 //! Stores register themselves when they have buffered records or unsynced ack-log writes. A round
 //! takes every registered store, has each write its buffer (one `pwrite` per segment), `fdatasync`s
 //! each touched file once, fsyncs directories where files were created, and only then completes the
-//! tickets issued before the round took the buffers. So a ticket never completes before an fsync
+//! tickets issued before the round took the buffers. The fsyncs of a round run concurrently on a few
+//! threads: ext4 (and most journaling file systems) then covers the new sizes of several files with
+//! one journal commit instead of one commit per file, which is what made several busy queues slower
+//! than one. A store can ask for a later round ([`AfterRound::At`]) for work it defers on purpose. So a ticket never completes before an fsync
 //! that covers its record, and every publisher that arrived during an fsync shares the next one.
 //!
 //! Before a round the syncer lingers while appends keep arriving (each pause is `gather_idle`), but
