@@ -484,6 +484,50 @@ mod tests {
         assert_eq!(syncer.stats().failures, 1);
     }
 
+    /// Holds the syncer inside its `flush` until released, so a test can act while a round is in progress.
+    struct Blocking {
+        entered: std::sync::mpsc::Sender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl SyncTarget for Blocking {
+        fn flush(&self) -> SyncJob {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().unwrap().recv();
+            SyncJob::default()
+        }
+        fn synced(&self, _: u64, _: Result<(), StoreError>) -> AfterRound {
+            AfterRound::Done
+        }
+    }
+
+    #[test]
+    fn a_store_listed_twice_is_flushed_once_per_round() {
+        let syncer = Syncer::start(SyncerConfig::default());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let blocker = Arc::new(Blocking { entered: entered_tx, release: Mutex::new(release_rx) });
+        assert!(syncer.handle().register(blocker));
+        entered.recv().unwrap();
+        // While round 1 is stuck, the same store is listed twice for round 2 (as when new work registers it
+        // while a deferred round for it is due): a second flush would take tickets the first one owns.
+        let t = Arc::new(Counting {
+            flushed: AtomicU64::new(0),
+            fail_once: AtomicBool::new(false),
+            synced: Mutex::new(vec![]),
+        });
+        assert!(syncer.handle().register(t.clone()));
+        assert!(syncer.handle().register(t.clone()));
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.synced.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(t.flushed.load(Ordering::SeqCst), 1);
+        assert_eq!(t.synced.lock().unwrap().len(), 1);
+    }
+
     #[test]
     fn shutdown_stops_registration() {
         let mut syncer = Syncer::start(SyncerConfig::default());
