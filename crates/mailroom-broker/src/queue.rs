@@ -593,8 +593,14 @@ impl Queue {
     /// Delivers while there are ready messages and consumers with room. A message expires here only if its
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
-        // Deliveries of this round to log as delivered, in one store call (one ack-log write per segment).
+        // With a store, deliveries to acking consumers are held back this round: the stored ones are logged as
+        // delivered in one store call (one ack-log write per segment), and only then do they all go into the
+        // consumers' sinks, because a connection may write a delivery to its socket as soon as it is there, and
+        // after a kill -9 a message the client may have seen must come back with redelivered = true. (All of
+        // them, stored or not, so each consumer still gets its messages in queue order.)
+        let hold = st.store.is_some();
         let mut delivered = Vec::new();
+        let mut held = Vec::new();
         while !st.ready.is_empty() && !st.consumers.is_empty() {
             // A consumer whose channel-wide limit another queue filled since has_credit() is skipped.
             let mut skipped = Vec::new();
@@ -630,6 +636,21 @@ impl Queue {
                 expires_at: entry.expires_at,
                 stored: entry.stored,
             };
+            if hold && !consumer.options.no_ack {
+                consumer.outstanding += 1;
+                if let Some(pos) = entry.stored {
+                    delivered.push(MsgRef { id: entry.id, pos });
+                }
+                held.push(delivery);
+                let unacked = Unacked {
+                    consumer: Some(consumer.id),
+                    channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
+                    entry,
+                };
+                st.unacked_bytes += unacked.entry.message.body.len() as u64;
+                st.unacked.insert(unacked.entry.id, unacked);
+                continue;
+            }
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
                 // The consumer's owner is gone: put the message back and drop the consumer.
                 if !consumer.options.no_ack {
@@ -645,9 +666,6 @@ impl Queue {
             if consumer.options.no_ack {
                 self.forget(st, &entry);
             } else {
-                if let Some(pos) = entry.stored {
-                    delivered.push(MsgRef { id: entry.id, pos });
-                }
                 let consumer = &mut st.consumers[idx];
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
@@ -658,11 +676,34 @@ impl Queue {
                 st.unacked.insert(unacked.entry.id, unacked);
             }
         }
+        if held.is_empty() {
+            return;
+        }
         if let (false, Some(store)) = (delivered.is_empty(), st.store.as_ref()) {
-            // Written (to the page cache) before the deliveries can reach a socket: the queue lock is still held
-            // and the consumer's connection only sends after taking them from its sink. Losing this mark (a
-            // failed write) only loses the redelivered flag after a restart.
+            // To the page cache, which a kill -9 does not lose. A failed write only loses the redelivered flag.
             let _ = store.mark_delivered(&delivered);
+        }
+        let mut lost_consumer = false;
+        for delivery in held {
+            let sent = match st.consumers.iter().find(|c| c.id == delivery.consumer) {
+                Some(c) => c.sink.send(ConsumerEvent::Deliver(delivery)).map_err(|e| e.0),
+                None => Err(ConsumerEvent::Deliver(delivery)),
+            };
+            if let Err(ConsumerEvent::Deliver(d)) = sent {
+                // The consumer's owner is gone: the message goes back as it was and the consumer goes. (Its mark
+                // is already logged: only after a crash would it come back flagged redelivered.)
+                if let Some(entry) = Self::settle_locked(st, d.id) {
+                    st.ready_bytes += entry.message.body.len() as u64;
+                    insert_ready(&mut st.ready, entry);
+                }
+                st.consumers.retain(|c| c.id != d.consumer);
+                st.next_consumer = 0;
+                lost_consumer = true;
+            }
+        }
+        if lost_consumer {
+            // Other consumers may take what went back; each pass removes a consumer, so this ends.
+            self.dispatch_locked(st, now, after);
         }
     }
 
