@@ -11,6 +11,10 @@
 #   DURATION       seconds per run (default 10);  RUNS  runs per broker (default 3)
 #   ONLY           run only scenarios whose name contains this string
 #   TARGETS        "mailroom rabbitmq" (default), or just one of them
+#   MAILROOM_METRICS_URL   e.g. http://127.0.0.1:15673/metrics: report Mailroom's fsyncs/s (optional)
+#   RABBITMQ_METRICS_URL   e.g. http://guest:guest@127.0.0.1:15672/api/nodes (management plugin), or
+#   RABBITMQ_FSYNCS_CMD    a command printing RabbitMQ's sync count, e.g.
+#                          rabbitmqctl eval '{_, N} = lists:keyfind({io_sync,count}, 1, file_handle_cache_stats:get()), N.'
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,11 +35,24 @@ SCENARIOS=(
     "1p1c-16B-transient-autoack|--size 16 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
     "1p1c-1KiB-transient-autoack|--size 1024 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
     "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms broker_cpu_s"
-    "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate p99_ms broker_cpu_s"
+    "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
+    "1KiB-persistent-confirm1000-prefetch100|--size 1024 --persistent --confirm 1000 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
+    "4p4c4q-1KiB-persistent-confirm250-prefetch100|--size 1024 --persistent --confirm 250 --prefetch 100 --producers 4 --consumers 4 --queues 4|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
 )
 
 url_of() { if [[ $1 == mailroom ]]; then echo "$MAILROOM_URL"; else echo "$RABBITMQ_URL"; fi; }
 pid_of() { if [[ $1 == mailroom ]]; then echo "${MAILROOM_PID:-}"; else echo "${RABBITMQ_PID:-}"; fi; }
+# fsync_flags TARGET: the bench flags that read the target's fsync counter, if configured.
+fsync_flags() {
+    if [[ $1 == mailroom ]]; then
+        [[ -n ${MAILROOM_METRICS_URL:-} ]] && printf '%s\n' --metrics-url "$MAILROOM_METRICS_URL"
+    elif [[ -n ${RABBITMQ_METRICS_URL:-} ]]; then
+        printf '%s\n' --metrics-url "$RABBITMQ_METRICS_URL"
+    elif [[ -n ${RABBITMQ_FSYNCS_CMD:-} ]]; then
+        printf '%s\n' --fsyncs-cmd "$RABBITMQ_FSYNCS_CMD"
+    fi
+    return 0
+}
 
 # value KEY LINE: the value of KEY=... in a RESULT line.
 value() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
@@ -57,7 +74,9 @@ for sc in "${SCENARIOS[@]}"; do
         for target in $TARGETS; do
             pid=$(pid_of "$target")
             # shellcheck disable=SC2086  # flags are meant to split
-            cmd=("$MAILROOM_BIN" bench --uri "$(url_of "$target")" --duration "$DURATION" $flags ${pid:+--broker-pid "$pid"})
+            fsync=()
+            if [[ $name == *persistent* ]]; then mapfile -t fsync < <(fsync_flags "$target"); fi
+            cmd=("$MAILROOM_BIN" bench --uri "$(url_of "$target")" --duration "$DURATION" $flags ${pid:+--broker-pid "$pid"} "${fsync[@]}")
             echo "## $name $target run $run (load $(cut -d' ' -f1 /proc/loadavg)): ${cmd[*]}" | tee -a "$LOG" >&2
             if line=$("${cmd[@]}" 2>>"$LOG" | grep '^RESULT'); then
                 echo "$line" | tee -a "$LOG" >&2

@@ -132,6 +132,44 @@ def test_kill9_acked_stay_gone_unacked_come_back_redelivered(killable):
     assert got == [(b"m1", True), (b"m2", False)]
 
 
+def test_kill9_consumer_acks_stay_gone_deliveries_come_back_redelivered(killable):
+    """The consumer path: acks of one read reach the queue as one batch and a dispatch round's deliveries are
+    logged in one write; both must be on the page cache (so survive kill -9) before the broker answers."""
+    proc = killable.spawn()
+    q = uname("consume-kill")
+    conn = pika.BlockingConnection(killable.params())
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare(q, durable=True)
+    for i in range(50):
+        ch.basic_publish("", q, f"m{i}".encode(), properties=PERSISTENT)
+    ch.basic_qos(prefetch_count=10)
+    received = []
+    for method, _, body in ch.consume(q, inactivity_timeout=5):
+        assert method is not None, "deliveries stopped"
+        received.append(body)
+        if len(received) <= 15:
+            ch.basic_ack(method.delivery_tag)  # acked one by one: stay gone
+        if len(received) == 20:
+            break
+    # A round trip: the acks were applied, and the queue refilled the prefetch window: m15..m24 delivered.
+    ch.queue_declare(q, passive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killable.spawn()
+    conn = pika.BlockingConnection(killable.params())
+    ch = conn.channel()
+    got = []
+    while True:
+        m, _, b = ch.basic_get(q, auto_ack=True)
+        if m is None:
+            break
+        got.append((b, m.redelivered))
+    conn.close()
+    assert received == [f"m{i}".encode() for i in range(20)]
+    assert got == [(f"m{i}".encode(), i < 25) for i in range(15, 50)]
+
+
 class KillableMailroom:
     """Mailroom processes on one data dir and port, started and SIGKILLed by the test; all reaped at the end."""
 

@@ -116,6 +116,12 @@ pub(crate) struct Connection {
     durable_waiter: Option<mpsc::UnboundedSender<(u16, u64, u64, Vec<SyncTicket>)>>,
     /// We told the client (or would have) that it is blocked.
     blocked: bool,
+    /// Acks taken from their channels but not yet applied to their queues, grouped by queue: the acks of one
+    /// read batch reach each queue as one call (one store write). Applied before any other method is handled
+    /// and before anything is awaited, so no other operation can observe them pending.
+    acks: Vec<(Arc<mailroom_broker::Queue>, Vec<mailroom_broker::queue::MessageId>)>,
+    /// Channels with a channel-wide prefetch among those acks: their other queues get a dispatch after.
+    acks_channels: Vec<u16>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -156,6 +162,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         durable_confirms_rx,
         channel_epoch: 0,
         durable_waiter: None,
+        acks: Vec::new(),
+        acks_channels: Vec::new(),
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -308,6 +316,7 @@ impl Connection {
 
     /// Hands the encoded frames to the writer (waiting if it is behind), then returns no-ack credit.
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.apply_acks();
         if !self.out.is_empty() || !self.sealed.is_empty() {
             let mut batch = std::mem::take(&mut self.sealed);
             self.sealed_bytes = 0;
@@ -594,6 +603,8 @@ impl Connection {
     }
 
     fn handle_method(&mut self, channel: u16, method: Method) {
+        // Anything but an ack may depend on earlier acks having reached their queues.
+        self.apply_acks();
         let (class_id, method_id) = method_ids(&method);
         match self.phase {
             Phase::Closed => return,
@@ -1248,9 +1259,36 @@ impl Connection {
             ops.push(TxOp::Settle { deliveries, ack, requeue });
             return Ok(());
         }
+        if ack {
+            // Batched with the other acks of this read (see `Connection::acks`).
+            if ch.channel_prefetch.limit() != 0 && !self.acks_channels.contains(&id) {
+                self.acks_channels.push(id);
+            }
+            for (_, d) in deliveries {
+                match self.acks.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &d.queue)) {
+                    Some((_, ids)) => ids.push(d.id),
+                    None => self.acks.push((d.queue, vec![d.id])),
+                }
+            }
+            return Ok(());
+        }
+        self.apply_acks();
         settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue);
         self.poke_channel_consumers(id);
         Ok(())
+    }
+
+    /// Applies the batched acks: one `Queue::ack` per queue.
+    fn apply_acks(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        for (queue, ids) in std::mem::take(&mut self.acks) {
+            queue.ack(&ids);
+        }
+        for id in std::mem::take(&mut self.acks_channels) {
+            self.poke_channel_consumers(id);
+        }
     }
 
     /// With a channel-wide prefetch, an ack on one queue frees room for consumers on others.
@@ -1520,6 +1558,12 @@ impl Connection {
         if !ch.durable_pending.remove(&seq) {
             return;
         }
+        if ok && ch.durable_pending.first().is_none_or(|&first| first > seq) {
+            // Every earlier publish is settled: one multiple-ack (sent at the end of this turn) covers this one and
+            // any others completing in the same turn.
+            ch.pending_confirm_ack = Some(ch.pending_confirm_ack.map_or(seq, |p| p.max(seq)));
+            return;
+        }
         self.flush_channel_confirms(id);
         self.send_confirm(id, seq, ok);
     }
@@ -1629,6 +1673,8 @@ impl Connection {
 
     /// Cancels a channel's consumers and requeues its unacked deliveries.
     fn release_channel_resources(&mut self, id: u16) {
+        // Acked deliveries must not be requeued below.
+        self.apply_acks();
         let Some(ch) = self.channels.get_mut(&id) else { return };
         let consumers: Vec<_> = ch.consumers.drain().map(|(_, c)| c).collect();
         let mut unacked: Vec<UnackedDelivery> = std::mem::take(&mut ch.unacked).into_values().collect();

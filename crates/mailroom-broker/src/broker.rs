@@ -4,7 +4,8 @@ use crate::alarm::{self, AlarmConfig, AlarmState};
 use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::queue::ConnectionId;
-use crate::store::{Definitions, DestinationKind};
+use crate::store::segment::StoreIo;
+use crate::store::{Definitions, DestinationKind, SyncStats, SyncerConfig};
 use crate::vhost::VHost;
 use crate::vhost::{ExchangeOptions, QueueOptions};
 use std::collections::HashMap;
@@ -36,6 +37,10 @@ pub struct BrokerConfig {
     /// Where durable queues keep persistent messages and where definitions are saved; None keeps
     /// everything in memory (the embedded default).
     pub data_dir: Option<PathBuf>,
+    /// Group commit of the store: how long a round may wait to gather more writers (used with `data_dir`).
+    pub syncer: SyncerConfig,
+    /// The store's file I/O (None = the real file system); tests inject faults through it.
+    pub store_io: Option<Arc<dyn StoreIo>>,
 }
 
 impl Default for BrokerConfig {
@@ -46,6 +51,8 @@ impl Default for BrokerConfig {
             users: vec![User { name: "guest".into(), password: "guest".into(), loopback_only: true }],
             alarms: AlarmConfig::default(),
             data_dir: None,
+            syncer: SyncerConfig::default(),
+            store_io: None,
         }
     }
 }
@@ -78,7 +85,7 @@ impl Broker {
     pub fn open(config: BrokerConfig) -> Result<Broker> {
         let ids = Arc::new(AtomicU64::new(1));
         let durability = match &config.data_dir {
-            Some(dir) => Some(Durability::open(dir).map_err(|e| {
+            Some(dir) => Some(Durability::open(dir, config.syncer.clone(), config.store_io.clone()).map_err(|e| {
                 BrokerError::new(ErrorKind::ResourceError, format!("cannot open data dir {}: {e}", dir.display()))
             })?),
             None => None,
@@ -123,7 +130,12 @@ impl Broker {
 
     /// Fsyncs the store has performed (0 without a data dir), for the fsyncs/s metric.
     pub fn fsyncs(&self) -> u64 {
-        self.inner.durability.as_ref().map_or(0, |d| d.fsyncs())
+        self.sync_stats().fsyncs
+    }
+
+    /// The store's group-commit counters (all zero without a data dir): fsyncs, rounds, records covered.
+    pub fn sync_stats(&self) -> SyncStats {
+        self.inner.durability.as_ref().map_or_else(SyncStats::default, |d| d.sync_stats())
     }
 
     /// Message body bytes held by every queue (what the memory alarm compares with its watermark).

@@ -1,7 +1,8 @@
 //! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death` history.
 
 use crate::message::{header_routing_keys, Message};
-use crate::queue::{DeadLetterReason, Queue};
+use crate::queue::{DeadLetterReason, PushOutcome, Queue};
+use crate::store::{MsgRef, SyncTicket};
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -119,26 +120,73 @@ pub fn check_cycles(reason: DeadLetterReason) -> bool {
     reason != DeadLetterReason::Rejected
 }
 
-thread_local! {
-    /// Dead-lettered messages waiting to be pushed, while an outer dead-letter pass on this thread runs.
-    static PENDING: std::cell::RefCell<Option<std::collections::VecDeque<(Arc<Queue>, Arc<Message>)>>> =
-        const { std::cell::RefCell::new(None) };
+/// The store records of messages a queue dead-lettered, with the store tickets of their copies.
+///
+/// The source records are settled only once every copy stored in a durable target is fsynced: settling
+/// at once would leave a window (until the next group commit) in which a crash loses the message, its
+/// source record gone and its copy not yet on disk. A crash in between now brings the source message
+/// back as well as the copy: a duplicate, never a loss. A copy whose store write failed keeps the source
+/// record unsettled until a restart for the same reason.
+#[derive(Debug)]
+pub struct SourceRecords {
+    queue: Arc<Queue>,
+    records: Vec<MsgRef>,
+    copies: Vec<SyncTicket>,
 }
 
-/// Pushes dead-lettered messages onto their target queues. A push can dead-letter again (a TTL-0 or
-/// full target); those nested deaths join the outer pass's worklist instead of recursing, so a long chain
-/// of dead-letter queues cannot overflow the stack.
-pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>) {
-    let nested = PENDING.with(|p| match p.borrow_mut().as_mut() {
-        Some(list) => {
-            list.extend(work.iter().cloned());
-            true
-        }
-        None => false,
-    });
-    if nested {
-        return;
+impl SourceRecords {
+    /// The records of messages leaving `queue` for its dead-letter exchange.
+    pub fn new(queue: Arc<Queue>, records: Vec<MsgRef>) -> SourceRecords {
+        SourceRecords { queue, records, copies: Vec::new() }
     }
+
+    /// Settles the source records now if no copy needs an fsync, else once every copy's ticket completed.
+    pub fn finish(self) {
+        let SourceRecords { queue, records, copies } = self;
+        if records.is_empty() {
+            return;
+        }
+        if copies.is_empty() {
+            // Dropped (no dead-letter exchange or route) or copied only to transient queues: nothing to wait for.
+            queue.settle_left(&records);
+            return;
+        }
+        // Queues only exist inside a tokio runtime (each runs a timer task), so one is available here.
+        tokio::spawn(async move {
+            for ticket in copies {
+                if let Err(e) = ticket.wait().await {
+                    tracing::warn!(queue = %queue.name(), error = %e,
+                        "dead-lettered copy not stored; its source record stays until a restart");
+                    return;
+                }
+            }
+            queue.settle_left(&records);
+        });
+    }
+}
+
+/// Dead-lettered messages waiting to be pushed (with the index of their [`SourceRecords`]) and those records,
+/// while an outer dead-letter pass on this thread runs.
+type Pending = (std::collections::VecDeque<(Arc<Queue>, Arc<Message>, usize)>, Vec<SourceRecords>);
+
+thread_local! {
+    static PENDING: std::cell::RefCell<Option<Pending>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Pushes dead-lettered messages onto their target queues, then hands `records` the copies' store tickets
+/// ([`SourceRecords::finish`]). A push can dead-letter again (a TTL-0 or full target); those nested deaths
+/// join the outer pass's worklist instead of recursing, so a long chain of dead-letter queues cannot
+/// overflow the stack.
+pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
+    let mut records = Some(records);
+    PENDING.with(|p| {
+        if let Some((list, all)) = p.borrow_mut().as_mut() {
+            let index = all.len();
+            all.extend(records.take());
+            list.extend(work.iter().map(|(q, m)| (Arc::clone(q), Arc::clone(m), index)));
+        }
+    });
+    let Some(records) = records else { return };
     /// Clears the worklist even if a push panics, so later dead-letters on this thread still run.
     struct Reset;
     impl Drop for Reset {
@@ -146,10 +194,23 @@ pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>) {
             PENDING.with(|p| *p.borrow_mut() = None);
         }
     }
-    PENDING.with(|p| *p.borrow_mut() = Some(work.into_iter().collect()));
+    let list = work.into_iter().map(|(q, m)| (q, m, 0)).collect();
+    PENDING.with(|p| *p.borrow_mut() = Some((list, vec![records])));
     let _reset = Reset;
-    while let Some((queue, message)) = PENDING.with(|p| p.borrow_mut().as_mut().and_then(|l| l.pop_front())) {
-        queue.push(message);
+    while let Some((queue, message, index)) =
+        PENDING.with(|p| p.borrow_mut().as_mut().and_then(|(list, _)| list.pop_front()))
+    {
+        if let PushOutcome::Stored(ticket) = queue.push(message) {
+            PENDING.with(|p| {
+                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
+                    r.copies.push(ticket);
+                }
+            });
+        }
+    }
+    let done = PENDING.with(|p| p.borrow_mut().take()).map(|(_, all)| all).unwrap_or_default();
+    for r in done {
+        r.finish();
     }
 }
 
@@ -295,5 +356,84 @@ mod tests {
         let f = Message::new("ex", "rk", BasicProperties::default().with_headers(forged_headers), Bytes::new());
         let f = make_dead_letter(&f, "dlx", "loopq", DeadLetterReason::Expired, None);
         assert!(is_cycle(&f, "loopq"));
+    }
+}
+
+#[cfg(test)]
+mod crash_window_tests {
+    use crate::store::ack_log;
+    use crate::store::queue_store::test_dir;
+    use crate::store::queue_store::tests::{FaultIo, Faults};
+    use crate::vhost::QueueOptions;
+    use crate::{BasicProperties, Broker, BrokerConfig, FieldTable, LongString, Message};
+    use bytes::Bytes;
+    use std::collections::HashSet;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Every id logged as settled in any queue's ack logs under `dir`: what a restart would treat as gone.
+    fn settled_on_disk(dir: &Path) -> HashSet<u64> {
+        let mut settled = HashSet::new();
+        for queue_dir in std::fs::read_dir(dir.join("msgs")).unwrap().flatten() {
+            for f in std::fs::read_dir(queue_dir.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "ack") {
+                    settled.extend(ack_log::parse(&std::fs::read(f.path()).unwrap()).settled);
+                }
+            }
+        }
+        settled
+    }
+
+    fn set_gate(faults: &Faults, closed: bool) {
+        *faults.gate_closed.lock().unwrap() = closed;
+        faults.gate.notify_all();
+    }
+
+    /// Issue 5: a rejected message's source record must stay unsettled until its copy in the durable
+    /// dead-letter queue is fsynced. With fsyncs blocked (the copy not yet durable) nothing may be settled on
+    /// disk, so a crash at that moment brings the source message back; once the fsync returns, it is settled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn source_record_is_settled_only_after_the_dead_lettered_copy_is_durable() {
+        let dir = test_dir("dlx-window");
+        let faults = Arc::new(Faults::default());
+        let broker = Broker::open(BrokerConfig {
+            data_dir: Some(dir.clone()),
+            store_io: Some(Arc::new(FaultIo(faults.clone()))),
+            ..BrokerConfig::default()
+        })
+        .unwrap();
+        let v = broker.vhost("/").unwrap();
+        let durable = QueueOptions { durable: true, ..Default::default() };
+        v.declare_queue("dlq", &durable, 1).unwrap();
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), crate::AMQPValue::LongString(LongString::from("")));
+        args.insert("x-dead-letter-routing-key".into(), crate::AMQPValue::LongString(LongString::from("dlq")));
+        v.declare_queue("work", &QueueOptions { durable: true, arguments: args, ..Default::default() }, 1).unwrap();
+
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let published = v.publish("", Message::new("", "work", props, Bytes::from_static(b"keep me"))).unwrap();
+        for t in published.durable {
+            t.wait().await.unwrap();
+        }
+        let work = v.queue("work", 1).unwrap();
+        let got = work.get(false).unwrap();
+
+        set_gate(&faults, true);
+        work.reject(&[got.id], false);
+        assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 1, "copy enqueued in the DLQ");
+        // The copy's fsync is blocked; give a wrongly eager settle every chance to reach the file.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !settled_on_disk(&dir).contains(&got.id),
+            "source record settled before the dead-lettered copy was fsynced: a crash now loses the message"
+        );
+
+        set_gate(&faults, false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !settled_on_disk(&dir).contains(&got.id) {
+            assert!(Instant::now() < deadline, "source record never settled after the copy became durable");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

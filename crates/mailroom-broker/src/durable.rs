@@ -3,10 +3,10 @@
 
 use crate::exchange::{Destination, ExchangeSpec};
 use crate::message::Message;
-use crate::store::segment::OsIo;
+use crate::store::segment::{OsIo, StoreIo};
 use crate::store::{
     BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult,
-    StoredMessage, Syncer, SyncerConfig, VhostDef,
+    StoredMessage, SyncStats, Syncer, SyncerConfig, VhostDef,
 };
 use crate::vhost::VHost;
 use amq_protocol::protocol::BasicProperties;
@@ -22,6 +22,8 @@ use tokio::time::Instant;
 pub struct Durability {
     dir: PathBuf,
     syncer: Mutex<Syncer>,
+    /// The store's file I/O (the real file system, or a fault-injecting one in tests).
+    io: Arc<dyn StoreIo>,
     vhosts: RwLock<Vec<Weak<VHost>>>,
     /// Serialises definition saves so the newest snapshot is the one left on disk.
     save_lock: Mutex<()>,
@@ -50,12 +52,13 @@ impl ExchangeStoreKind {
 }
 
 impl Durability {
-    /// Opens the data directory and starts the group-commit syncer.
-    pub fn open(dir: &Path) -> std::io::Result<Arc<Durability>> {
+    /// Opens the data directory and starts the group-commit syncer (`io` None = the real file system).
+    pub fn open(dir: &Path, syncer: SyncerConfig, io: Option<Arc<dyn StoreIo>>) -> std::io::Result<Arc<Durability>> {
         std::fs::create_dir_all(dir.join("msgs"))?;
         Ok(Arc::new(Durability {
             dir: dir.to_path_buf(),
-            syncer: Mutex::new(Syncer::start(SyncerConfig::default())),
+            syncer: Mutex::new(Syncer::start(syncer)),
+            io: io.unwrap_or_else(|| Arc::new(OsIo)),
             vhosts: RwLock::new(Vec::new()),
             save_lock: Mutex::new(()),
             recovering: std::sync::atomic::AtomicBool::new(false),
@@ -171,8 +174,12 @@ impl Durability {
         queue: &str,
     ) -> StoreResult<(QueueStore, Vec<crate::store::Recovered>)> {
         let dir = self.queue_dir(vhost, queue);
-        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
-        let (store, recovered, report) = QueueStore::recover(&dir, StoreConfig::default(), &syncer)?;
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
+        let mut recovered = Vec::new();
+        let (store, report) =
+            QueueStore::recover_with(&dir, StoreConfig::default(), syncer, Arc::clone(&self.io), |r| {
+                recovered.push(r)
+            })?;
         for d in &report.damaged {
             tracing::warn!(queue, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
@@ -217,9 +224,9 @@ impl Durability {
         Ok(store)
     }
 
-    /// Fsyncs performed so far (for the fsyncs/s metric).
-    pub fn fsyncs(&self) -> u64 {
-        self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats().fsyncs
+    /// The syncer's counters (fsyncs, rounds, records), for the metrics.
+    pub fn sync_stats(&self) -> SyncStats {
+        self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats()
     }
 }
 

@@ -218,8 +218,15 @@ pub struct Queue {
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
 pub trait QueueHooks: Send + Sync + std::fmt::Debug {
-    /// Dead-letters `messages` dropped from `queue` for `reason` (a no-op without a dead-letter exchange).
-    fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeadLetterReason);
+    /// Dead-letters messages dropped from `queue`, grouped by reason (a no-op without a dead-letter exchange).
+    /// `records` are their store records in `queue`: the hook settles them once every stored copy is durable
+    /// (a crash in between may duplicate a message, never lose it).
+    fn dead_letter(
+        &self,
+        queue: &Queue,
+        dead: Vec<(DeadLetterReason, Vec<Arc<Message>>)>,
+        records: crate::dead_letter::SourceRecords,
+    );
     /// Deletes `queue` because it expired (`x-expires`).
     fn expire_queue(&self, queue: &Arc<Queue>);
 }
@@ -277,6 +284,8 @@ pub struct Peeked {
 #[derive(Default)]
 struct Aftermath {
     dead: Vec<(Arc<Message>, DeadLetterReason)>,
+    /// Store records of the `dead` messages: settled only once their dead-lettered copies are durable.
+    dead_records: Vec<MsgRef>,
 }
 
 impl Queue {
@@ -549,8 +558,7 @@ impl Queue {
         while self.over_limit(st, 0, 0) {
             let Some(old) = st.ready.pop_front() else { break };
             st.ready_bytes -= old.message.body.len() as u64;
-            self.forget(st, &old);
-            after.dead.push((old.message, DeadLetterReason::MaxLen));
+            self.forget_dead(st, old, DeadLetterReason::MaxLen, after);
         }
     }
 
@@ -585,6 +593,14 @@ impl Queue {
     /// Delivers while there are ready messages and consumers with room. A message expires here only if its
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
+        // With a store, deliveries to acking consumers are held back this round: the stored ones are logged as
+        // delivered in one store call (one ack-log write per segment), and only then do they all go into the
+        // consumers' sinks, because a connection may write a delivery to its socket as soon as it is there, and
+        // after a kill -9 a message the client may have seen must come back with redelivered = true. (All of
+        // them, stored or not, so each consumer still gets its messages in queue order.)
+        let hold = st.store.is_some();
+        let mut delivered = Vec::new();
+        let mut held = Vec::new();
         while !st.ready.is_empty() && !st.consumers.is_empty() {
             // A consumer whose channel-wide limit another queue filled since has_credit() is skipped.
             let mut skipped = Vec::new();
@@ -606,8 +622,7 @@ impl Queue {
                 if !st.consumers[idx].options.no_ack {
                     st.consumers[idx].options.channel_prefetch.release();
                 }
-                self.forget(st, &entry);
-                after.dead.push((entry.message, DeadLetterReason::Expired));
+                self.forget_dead(st, entry, DeadLetterReason::Expired, after);
                 continue;
             }
             let consumer = &mut st.consumers[idx];
@@ -621,6 +636,21 @@ impl Queue {
                 expires_at: entry.expires_at,
                 stored: entry.stored,
             };
+            if hold && !consumer.options.no_ack {
+                consumer.outstanding += 1;
+                if let Some(pos) = entry.stored {
+                    delivered.push(MsgRef { id: entry.id, pos });
+                }
+                held.push(delivery);
+                let unacked = Unacked {
+                    consumer: Some(consumer.id),
+                    channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
+                    entry,
+                };
+                st.unacked_bytes += unacked.entry.message.body.len() as u64;
+                st.unacked.insert(unacked.entry.id, unacked);
+                continue;
+            }
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
                 // The consumer's owner is gone: put the message back and drop the consumer.
                 if !consumer.options.no_ack {
@@ -636,10 +666,6 @@ impl Queue {
             if consumer.options.no_ack {
                 self.forget(st, &entry);
             } else {
-                if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
-                    // Lets a restart mark it redelivered; losing this mark only loses that flag.
-                    let _ = store.mark_delivered(&[MsgRef { id: entry.id, pos }]);
-                }
                 let consumer = &mut st.consumers[idx];
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
@@ -649,6 +675,35 @@ impl Queue {
                 st.unacked_bytes += unacked.entry.message.body.len() as u64;
                 st.unacked.insert(unacked.entry.id, unacked);
             }
+        }
+        if held.is_empty() {
+            return;
+        }
+        if let (false, Some(store)) = (delivered.is_empty(), st.store.as_ref()) {
+            // To the page cache, which a kill -9 does not lose. A failed write only loses the redelivered flag.
+            let _ = store.mark_delivered(&delivered);
+        }
+        let mut lost_consumer = false;
+        for delivery in held {
+            let sent = match st.consumers.iter().find(|c| c.id == delivery.consumer) {
+                Some(c) => c.sink.send(ConsumerEvent::Deliver(delivery)).map_err(|e| e.0),
+                None => Err(ConsumerEvent::Deliver(delivery)),
+            };
+            if let Err(ConsumerEvent::Deliver(d)) = sent {
+                // The consumer's owner is gone: the message goes back as it was and the consumer goes. (Its mark
+                // is already logged: only after a crash would it come back flagged redelivered.)
+                if let Some(entry) = Self::settle_locked(st, d.id) {
+                    st.ready_bytes += entry.message.body.len() as u64;
+                    insert_ready(&mut st.ready, entry);
+                }
+                st.consumers.retain(|c| c.id != d.consumer);
+                st.next_consumer = 0;
+                lost_consumer = true;
+            }
+        }
+        if lost_consumer {
+            // Other consumers may take what went back; each pass removes a consumer, so this ends.
+            self.dispatch_locked(st, now, after);
         }
     }
 
@@ -723,11 +778,17 @@ impl Queue {
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
+            // One store call for the whole batch: one ack-log write per segment, not one per message.
+            let mut records = Vec::new();
             for id in ids {
                 if let Some(entry) = Self::settle_locked(&mut st, *id) {
-                    self.forget(&mut st, &entry);
+                    if let Some(pos) = entry.stored {
+                        records.push(MsgRef { id: entry.id, pos });
+                    }
+                    self.forget_dedup(&mut st, &entry);
                 }
             }
+            self.settle_records(&st, &records);
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
@@ -747,8 +808,7 @@ impl Queue {
                     let delivery_count = entry.delivery_count + 1;
                     // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
                     if self.args().delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
-                        self.forget(&mut st, &entry);
-                        after.dead.push((entry.message, DeadLetterReason::DeliveryLimit));
+                        self.forget_dead(&mut st, entry, DeadLetterReason::DeliveryLimit, &mut after);
                         continue;
                     }
                     st.ready_bytes += entry.message.body.len() as u64;
@@ -762,8 +822,7 @@ impl Queue {
                     }
                     insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
                 } else {
-                    self.forget(&mut st, &entry);
-                    after.dead.push((entry.message, DeadLetterReason::Rejected));
+                    self.forget_dead(&mut st, entry, DeadLetterReason::Rejected, &mut after);
                 }
             }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
@@ -776,12 +835,41 @@ impl Queue {
     /// A message left the queue for good: its store record is settled, and a later message with the same
     /// deduplication value may enter.
     fn forget(&self, st: &mut QueueState, entry: &Entry) {
-        if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
-            if let Err(e) = store.settle(&[MsgRef { id: entry.id, pos }]) {
+        if let Some(pos) = entry.stored {
+            self.settle_records(st, &[MsgRef { id: entry.id, pos }]);
+        }
+        self.forget_dedup(st, entry);
+    }
+
+    /// A message leaves for the dead-letter exchange: like [`Queue::forget`], except that its store record is
+    /// settled later, once its copies are durable (see [`crate::dead_letter::SourceRecords`]).
+    fn forget_dead(&self, st: &mut QueueState, entry: Entry, reason: DeadLetterReason, after: &mut Aftermath) {
+        if let Some(pos) = entry.stored {
+            after.dead_records.push(MsgRef { id: entry.id, pos });
+        }
+        self.forget_dedup(st, &entry);
+        after.dead.push((entry.message, reason));
+    }
+
+    /// Logs store records as settled.
+    fn settle_records(&self, st: &QueueState, records: &[MsgRef]) {
+        if let Some(store) = st.store.as_ref() {
+            if let Err(e) = store.settle(records) {
                 // At-least-once: an unlogged settle can only bring the message back after a restart.
                 tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
             }
         }
+    }
+
+    /// Settles the store records of messages that already left the queue (their dead-lettered copies are now
+    /// durable). A no-op once the queue is deleted.
+    pub(crate) fn settle_left(&self, records: &[MsgRef]) {
+        let st = self.lock();
+        self.settle_records(&st, records);
+    }
+
+    /// A later message with the same deduplication value may enter.
+    fn forget_dedup(&self, st: &mut QueueState, entry: &Entry) {
         if self.args().deduplication {
             if let Some(key) = plugins::dedup_key(&entry.message) {
                 st.dedup.remove(&key);
@@ -856,8 +944,7 @@ impl Queue {
                 let Some(entry) = st.ready.pop_front() else { break None };
                 st.ready_bytes -= entry.message.body.len() as u64;
                 if entry.expires_at.is_some_and(|at| at < now) {
-                    self.forget(&mut st, &entry);
-                    after.dead.push((entry.message, DeadLetterReason::Expired));
+                    self.forget_dead(&mut st, entry, DeadLetterReason::Expired, &mut after);
                     continue;
                 }
                 let result = GetResult {
@@ -954,8 +1041,7 @@ impl Queue {
                 if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
                     if let Some(e) = st.ready.remove(pos) {
                         st.ready_bytes -= e.message.body.len() as u64;
-                        self.forget(st, &e);
-                        after.dead.push((e.message, DeadLetterReason::Expired));
+                        self.forget_dead(st, e, DeadLetterReason::Expired, after);
                     }
                 }
             }
@@ -994,11 +1080,15 @@ impl Queue {
         }
     }
 
-    fn run_aftermath(&self, after: Aftermath) {
+    fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
         if after.dead.is_empty() {
             return;
         }
-        let Some(hooks) = self.hooks.upgrade() else { return };
+        let records = crate::dead_letter::SourceRecords::new(Arc::clone(self), after.dead_records);
+        let Some(hooks) = self.hooks.upgrade() else {
+            records.finish();
+            return;
+        };
         // Group by reason so the vhost routes each batch once.
         let mut by_reason: Vec<(DeadLetterReason, Vec<Arc<Message>>)> = Vec::new();
         for (msg, reason) in after.dead {
@@ -1007,9 +1097,7 @@ impl Queue {
                 None => by_reason.push((reason, vec![msg])),
             }
         }
-        for (reason, msgs) in by_reason {
-            hooks.dead_letter(self, msgs, reason);
-        }
+        hooks.dead_letter(self, by_reason, records);
     }
 }
 

@@ -956,13 +956,20 @@ impl VHost {
 }
 
 impl QueueHooks for VHost {
-    fn dead_letter(&self, queue: &Queue, messages: Vec<Arc<Message>>, reason: DeadLetterReason) {
+    fn dead_letter(
+        &self,
+        queue: &Queue,
+        dead: Vec<(DeadLetterReason, Vec<Arc<Message>>)>,
+        records: dead_letter::SourceRecords,
+    ) {
         let args = queue.args();
-        let Some(dlx_name) = args.dead_letter_exchange.as_deref() else { return };
-        // Dead-lettering to a missing exchange drops the message silently, as RabbitMQ.
-        let Ok(dlx) = self.exchange(dlx_name) else { return };
+        // Dead-lettering without an exchange, or to a missing one, drops the messages silently, as RabbitMQ.
+        let Some((dlx_name, Ok(dlx))) = args.dead_letter_exchange.as_deref().map(|n| (n, self.exchange(n))) else {
+            records.finish();
+            return;
+        };
         let mut work = Vec::new();
-        for message in messages {
+        for (reason, message) in dead.into_iter().flat_map(|(r, msgs)| msgs.into_iter().map(move |m| (r, m))) {
             let dead = dead_letter::make_dead_letter(
                 &message,
                 dlx_name,
@@ -980,7 +987,7 @@ impl QueueHooks for VHost {
                 work.push((target, Arc::clone(&dead)));
             }
         }
-        dead_letter::push_all(work);
+        dead_letter::push_all(work, records);
     }
 
     fn expire_queue(&self, queue: &Arc<Queue>) {

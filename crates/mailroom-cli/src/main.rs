@@ -76,6 +76,11 @@ struct ServerArgs {
     /// RabbitMQ's disk_free_limit default, 50 MB.
     #[arg(long, env = "MAILROOM_DISK_FREE_LIMIT", default_value_t = 50_000_000)]
     disk_free_limit: u64,
+    /// Group commit: longest a store fsync round waits for more publishers to join it, in microseconds
+    /// (0 = fsync as soon as anything is written). Confirms of persistent messages wait for their round.
+    #[arg(long, env = "MAILROOM_GROUP_COMMIT_MAX_WAIT_US",
+          default_value_t = mailroom_broker::store::syncer::DEFAULT_MAX_WAIT.as_micros() as u64)]
+    group_commit_max_wait_us: u64,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -125,6 +130,10 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     let broker = Broker::open(BrokerConfig {
         alarms: AlarmConfig { memory_high_watermark, disk_free_limit },
         data_dir: Some(args.data_dir.clone()),
+        syncer: mailroom_broker::store::SyncerConfig {
+            max_wait: Duration::from_micros(args.group_commit_max_wait_us),
+            ..Default::default()
+        },
         ..BrokerConfig::default()
     })?;
     let config = ServerConfig {

@@ -3,9 +3,10 @@
 //! equivalent; vhost `/` is written `%2F` in paths.
 //!
 //! One hyper HTTP/1 connection task per client; every request is authenticated, then routed by
-//! [`routes::handle`].
+//! [`routes::handle`]. `GET /metrics` (Prometheus text format, see [`metrics`]) needs no credentials.
 
 mod json;
+pub mod metrics;
 mod routes;
 
 use bytes::Bytes;

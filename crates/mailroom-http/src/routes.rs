@@ -70,6 +70,16 @@ fn error_response(e: ApiError) -> Response<Body> {
 
 /// Authenticates, routes and answers one request.
 pub(crate) async fn handle(broker: &Broker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    // Prometheus scrapes without credentials, as RabbitMQ's prometheus plugin allows; the counters reveal
+    // no names or message contents.
+    if req.uri().path() == "/metrics" {
+        if req.method() != Method::GET {
+            return error_response(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "only GET on /metrics"));
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(broker))));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+        return resp;
+    }
     if let Err(e) = authenticate(broker, peer, &req) {
         return error_response(e);
     }
@@ -269,7 +279,15 @@ fn overview(broker: &Broker) -> Value {
             unacked += q.unacked_count() as u64;
         }
     }
+    let sync = broker.sync_stats();
     json!({
+        "store_totals": {
+            "fsyncs": sync.fsyncs,
+            "sync_rounds": sync.rounds,
+            "records_synced": sync.records,
+            "sync_failures": sync.failures,
+            "fsync_seconds": sync.fsync_micros as f64 / 1e6,
+        },
         "product_name": "Mailroom",
         "product_version": env!("CARGO_PKG_VERSION"),
         "management_version": env!("CARGO_PKG_VERSION"),

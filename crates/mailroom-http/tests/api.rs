@@ -215,3 +215,64 @@ async fn policies_crud_and_effect() {
     assert_eq!(get(addr, "/api/policies/%2F/cap").await.0, 404);
     assert_eq!(v.queue("jobs", 1).unwrap().args().max_length, None);
 }
+
+/// GET without credentials; returns status, content type and body text.
+async fn scrape(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: ").or_else(|| l.strip_prefix("Content-Type: ")))
+        .unwrap_or("")
+        .to_owned();
+    (status, content_type, body.to_owned())
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in {text}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn metrics_and_overview_count_the_stores_fsyncs() {
+    let dir = std::env::temp_dir().join(format!("mailroom-http-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = Broker::open(BrokerConfig { data_dir: Some(dir.clone()), ..BrokerConfig::default() }).unwrap();
+    let server = HttpServer::bind(broker.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run(std::future::pending()));
+
+    let (status, content_type, before) = scrape(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let fsyncs_before = sample(&before, "mailroom_fsyncs_total");
+
+    let v = broker.vhost("/").unwrap();
+    v.declare_queue("dq", &QueueOptions { durable: true, ..Default::default() }, 1).unwrap();
+    let props = BasicProperties::default().with_delivery_mode(2);
+    for i in 0..3u8 {
+        let result = v.publish("", Message::new("", "dq", props.clone(), Bytes::from(vec![i; 100]))).unwrap();
+        for t in result.durable {
+            t.wait().await.unwrap();
+        }
+    }
+    let (_, _, after) = scrape(addr, "/metrics").await;
+    assert!(sample(&after, "mailroom_fsyncs_total") > fsyncs_before, "{after}");
+    assert_eq!(sample(&after, "mailroom_synced_records_total"), 3.0);
+    assert_eq!(sample(&after, "mailroom_queue_messages_ready"), 3.0);
+    assert_eq!(sample(&after, "mailroom_queues"), 1.0);
+
+    let (status, o) = get(addr, "/api/overview").await;
+    assert_eq!(status, 200);
+    assert!(o["store_totals"]["fsyncs"].as_u64().unwrap() >= sample(&after, "mailroom_fsyncs_total") as u64);
+    assert_eq!(o["store_totals"]["records_synced"], 3);
+    assert_eq!(call(addr, "POST", "/metrics", None, None).await.0, 405);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,11 +6,16 @@
 //!   encoded record into an in-memory buffer and returns at once with a [`SyncTicket`]; it never
 //!   writes or fsyncs, so a queue can call it under its own short mutex.
 //! - The [`Syncer`] thread takes every dirty store's buffer, writes it with one `pwrite` per segment,
-//!   `fdatasync`s every touched file once, fsyncs the directory when files were created, and only then
-//!   completes the tickets of that round. Publishers arriving during an fsync share the next one.
-//! - Acks and "delivered" marks go to a small ack log beside each segment (written to the page cache
-//!   at once, so a process crash keeps them; fsynced by the next syncer round). A rolled segment whose
-//!   messages are all settled is deleted with its ack log.
+//!   `fdatasync`s every touched file once (concurrently, so one journal commit serves several queues),
+//!   fsyncs the directory when files were created, and only then completes the tickets of that round.
+//!   Publishers arriving during an fsync share the next one.
+//! - Acks and "delivered" marks go to a small ack log beside each segment, one write per call and
+//!   segment (the queue batches: one call per ack batch, one per dispatch round). They are written to
+//!   the page cache at once, so a process crash (`kill -9`) keeps them; their fsync rides on a round at
+//!   most [`StoreConfig::ack_sync_interval`] (100 ms) later, so rounds, and the confirms waiting for
+//!   them, mostly fsync segments only. After a power loss, acks of that last interval may bring their
+//!   messages back once (DESIGN.md allows it). A rolled segment whose messages are all settled is
+//!   deleted with its ack log.
 //! - Recovery ([`QueueStore::recover`]) scans segments with CRCs: a torn tail is cut off, a damaged
 //!   record in the middle is reported and skipped (the scanner resyncs on the next magic number whose
 //!   header CRC checks). No file content can make it panic.

@@ -1,7 +1,8 @@
 //! One durable queue's store: a directory of segments and their ack logs.
 //!
 //! Every method takes the store's own mutex only for memory work (and, for `settle` and
-//! `mark_delivered`, one page-cache `pwrite` per segment touched), never for an fsync, so a queue can
+//! `mark_delivered`, one page-cache `pwrite` per segment touched per call, so callers pass whole
+//! batches), never for an fsync, so a queue can
 //! call it while holding its own short lock. Records are buffered and written by the [`Syncer`]
 //! thread, one `pwrite` per segment per round, then fsynced; [`SyncTicket`]s complete after that.
 //!
@@ -16,18 +17,22 @@
 use super::ack_log::{self, AckKind};
 use super::record::{self, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
 use super::segment::{self, OsIo, SegmentWriter, StoreFile, StoreIo, DEFAULT_SEGMENT_SIZE};
-use super::syncer::{BatchState, SyncJob, SyncTarget, SyncTicket, Syncer, SyncerHandle};
+use super::syncer::{AfterRound, BatchState, SyncJob, SyncTarget, SyncTicket, Syncer, SyncerHandle};
 use super::{StoreError, StoreResult};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Default cap on bytes buffered but not yet written: beyond it `append` pushes back.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 /// Ack-log files kept open per store: settles cluster in the oldest few segments.
 const ACK_FILE_CACHE: usize = 8;
+/// Default for [`StoreConfig::ack_sync_interval`]: at most this much of acks and delivery marks can come
+/// back after a power loss, while a busy store pays one ack-log fsync per 100 ms instead of one per round.
+pub const DEFAULT_ACK_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Settings of one queue store.
 #[derive(Debug, Clone)]
@@ -37,11 +42,20 @@ pub struct StoreConfig {
     pub segment_size: u64,
     /// Most bytes buffered and not yet written before `append` returns [`StoreError::Backpressure`].
     pub max_pending_bytes: usize,
+    /// Longest an ack-log write waits for its fsync while records keep the syncer busy (default 100 ms).
+    /// Ack logs are written to the page cache at once, so a process crash (`kill -9`) loses none of them;
+    /// only a power loss can bring back messages acked (or unmark deliveries made) in this last interval,
+    /// which DESIGN.md allows. Confirms never wait for ack-log fsyncs, and an idle round syncs them at once.
+    pub ack_sync_interval: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { segment_size: DEFAULT_SEGMENT_SIZE, max_pending_bytes: DEFAULT_MAX_PENDING_BYTES }
+        StoreConfig {
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            ack_sync_interval: DEFAULT_ACK_SYNC_INTERVAL,
+        }
     }
 }
 
@@ -138,8 +152,16 @@ struct Inner {
     /// Tickets of the round in progress (taken by `flush`, completed by `synced`).
     completing: Option<watch::Sender<BatchState>>,
     registered: bool,
-    /// Files written outside a round (ack logs) or whose fsync is still owed after a failed round.
+    /// Segment files whose fsync is still owed after a failed round.
     unsynced: Vec<(Arc<dyn StoreFile>, PathBuf)>,
+    /// Ack logs written since their last fsync (see [`StoreConfig::ack_sync_interval`]).
+    unsynced_acks: Vec<(Arc<dyn StoreFile>, PathBuf)>,
+    /// When the ack logs were last handed to a round for fsync.
+    acks_synced_at: Instant,
+    /// A [`QueueStore::sync`] caller waits: the next round fsyncs the ack logs regardless of the interval.
+    force_ack_sync: bool,
+    /// The queue was deleted ([`QueueStore::destroy`]): rounds have nothing to do.
+    destroyed: bool,
     dir_dirty: bool,
     write_error: Option<StoreError>,
     poisoned: Option<StoreError>,
@@ -330,6 +352,10 @@ impl QueueStore {
             completing: None,
             registered: false,
             unsynced: Vec::new(),
+            unsynced_acks: Vec::new(),
+            acks_synced_at: Instant::now(),
+            force_ack_sync: false,
+            destroyed: false,
             dir_dirty: false,
             write_error: None,
             poisoned: None,
@@ -452,10 +478,14 @@ impl QueueStore {
     pub fn sync(&self) -> SyncTicket {
         let s = &*self.shared;
         let mut inner = s.lock();
+        if !inner.unsynced_acks.is_empty() {
+            inner.force_ack_sync = true;
+        }
         if let Some(b) = &inner.batch {
             return SyncTicket::for_batch(b.subscribe());
         }
         let owes = !inner.unsynced.is_empty()
+            || !inner.unsynced_acks.is_empty()
             || inner.dir_dirty
             || inner.active.has_pending()
             || inner.sealed_writers.iter().any(|w| w.has_pending());
@@ -489,6 +519,7 @@ impl QueueStore {
         {
             let mut inner = s.lock();
             inner.poisoned = Some(StoreError::Poisoned("queue deleted".into()));
+            inner.destroyed = true;
             inner.active.buf.clear();
             inner.sealed_writers.clear();
             if let Some(b) = inner.batch.take() {
@@ -628,6 +659,8 @@ impl Shared {
         }
         let mut buf = Vec::new();
         let mut wrote = false;
+        // The first ack-log write since the last ack fsync schedules one; later ones ride on that.
+        let first_unsynced = inner.unsynced_acks.is_empty();
         for (seq, ids) in groups {
             let Some(meta) = inner.segs.get(&seq) else {
                 continue;
@@ -653,11 +686,11 @@ impl Shared {
             if kind == AckKind::Settled {
                 meta.settled += ids.len() as u32;
             }
-            push_unsynced(&mut inner.unsynced, &file, &path);
+            push_unsynced(&mut inner.unsynced_acks, &file, &path);
             wrote = true;
         }
-        if wrote || inner.dir_dirty {
-            // Acks need no ticket, but the next round fsyncs them so power loss rarely resurrects.
+        if (wrote && first_unsynced) || inner.dir_dirty {
+            // Acks need no ticket; a round fsyncs them within `ack_sync_interval` so power loss rarely resurrects.
             self.ensure_registered(&mut inner)?;
         }
         Ok(())
@@ -668,12 +701,30 @@ impl SyncTarget for Shared {
     fn flush(&self) -> SyncJob {
         let mut inner = self.lock();
         inner.registered = false;
-        if let Some(b) = inner.batch.take() {
-            inner.completing = Some(b);
+        if inner.destroyed {
+            return SyncJob::default();
+        }
+        // Never replace the tickets of a round still in progress (they would be dropped, failing them); new ones
+        // then wait for the next round, which is late but never early.
+        if inner.completing.is_none() {
+            if let Some(b) = inner.batch.take() {
+                inner.completing = Some(b);
+            }
         }
         let records = std::mem::take(&mut inner.batch_records);
         let mut job = SyncJob { records, ..Default::default() };
         job.files = std::mem::take(&mut inner.unsynced);
+        // Ack logs ride along when their interval is up or when asked to: at most one ack-log fsync per interval,
+        // so rounds (and the confirms waiting for them) mostly pay for segment fsyncs only.
+        let acks_due = inner.force_ack_sync || inner.acks_synced_at.elapsed() >= self.config.ack_sync_interval;
+        if acks_due && !inner.unsynced_acks.is_empty() {
+            let acks = std::mem::take(&mut inner.unsynced_acks);
+            for (f, p) in acks {
+                push_unsynced(&mut job.files, &f, &p);
+            }
+            inner.acks_synced_at = Instant::now();
+            inner.force_ack_sync = false;
+        }
         if std::mem::take(&mut inner.dir_dirty) {
             job.dir = Some((self.io.clone(), self.dir.clone()));
         }
@@ -737,8 +788,11 @@ impl SyncTarget for Shared {
         job
     }
 
-    fn synced(&self, _records: u64, result: Result<(), StoreError>) -> bool {
+    fn synced(&self, _records: u64, result: Result<(), StoreError>) -> AfterRound {
         let mut inner = self.lock();
+        if inner.destroyed {
+            return AfterRound::Done;
+        }
         let batch = inner.completing.take();
         let retry = match &result {
             Ok(()) => {
@@ -761,10 +815,16 @@ impl SyncTarget for Shared {
             || inner.sealed_writers.iter().any(|w| w.has_pending())
             || !inner.unsynced.is_empty()
             || inner.batch.is_some();
-        if !retry && owes && inner.poisoned.is_none() {
-            let _ = self.ensure_registered(&mut inner);
+        if retry {
+            return AfterRound::Retry;
         }
-        retry
+        if owes && inner.poisoned.is_none() {
+            let _ = self.ensure_registered(&mut inner);
+        } else if !inner.unsynced_acks.is_empty() && inner.poisoned.is_none() && !inner.registered {
+            // Only ack logs are owed: a round when their interval is up.
+            return AfterRound::At(inner.acks_synced_at + self.config.ack_sync_interval);
+        }
+        AfterRound::Done
     }
 }
 

@@ -3,7 +3,10 @@
 //! Stores register themselves when they have buffered records or unsynced ack-log writes. A round
 //! takes every registered store, has each write its buffer (one `pwrite` per segment), `fdatasync`s
 //! each touched file once, fsyncs directories where files were created, and only then completes the
-//! tickets issued before the round took the buffers. So a ticket never completes before an fsync
+//! tickets issued before the round took the buffers. The fsyncs of a round run concurrently on a few
+//! threads: ext4 (and most journaling file systems) then covers the new sizes of several files with
+//! one journal commit instead of one commit per file, which is what made several busy queues slower
+//! than one. A store can ask for a later round ([`AfterRound::At`]) for work it defers on purpose. So a ticket never completes before an fsync
 //! that covers its record, and every publisher that arrived during an fsync shares the next one.
 //!
 //! Before a round the syncer lingers while appends keep arriving (each pause is `gather_idle`), but
@@ -77,12 +80,23 @@ pub struct SyncJob {
     pub write_error: Option<StoreError>,
 }
 
+/// What a store wants after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRound {
+    /// Nothing (it registers again when it has new work).
+    Done,
+    /// Its write failed: another round after the syncer's retry backoff.
+    Retry,
+    /// A round at this time (work deliberately deferred, such as ack-log fsyncs).
+    At(Instant),
+}
+
 /// A store as the syncer sees it.
 pub trait SyncTarget: Send + Sync {
     /// Takes the buffered records and writes them (outside the store's lock), returning what to fsync.
     fn flush(&self) -> SyncJob;
-    /// Reports the outcome of the round for the job; returns whether the store wants a retry later.
-    fn synced(&self, job_records: u64, result: Result<(), StoreError>) -> bool;
+    /// Reports the outcome of the round for the job; says whether the store wants another round later.
+    fn synced(&self, job_records: u64, result: Result<(), StoreError>) -> AfterRound;
 }
 
 #[derive(Default)]
@@ -254,7 +268,17 @@ fn run(s: &SyncerShared) {
             }
         }
 
-        let targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
+        let mut targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
+        // A store can be listed twice (registered by new work while a deferred round for it was pending); one
+        // flush per round, or the second would take the batch of records the first one is about to sync.
+        let mut i = 0;
+        while i < targets.len() {
+            if targets[..i].iter().any(|t| Arc::ptr_eq(t, &targets[i])) {
+                targets.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
         appends_at_take = s.appends.load(Ordering::Relaxed);
         last_round_records = round(s, targets);
     }
@@ -264,33 +288,20 @@ fn run(s: &SyncerShared) {
 fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
     // Phase 1: every store writes its buffer, so the fsyncs below cover all of them.
     let jobs: Vec<SyncJob> = targets.iter().map(|t| t.flush()).collect();
-    // Phase 2: fsync every file, then the directories that got new entries.
-    let mut results = Vec::with_capacity(jobs.len());
-    let mut fsyncs = 0;
+    // Phase 2: fsync every file and every directory that got new entries, concurrently (see `parallel_fsyncs`).
+    let mut results: Vec<Result<(), StoreError>> =
+        jobs.iter().map(|j| j.write_error.clone().map_or(Ok(()), Err)).collect();
+    let mut ops = Vec::new();
+    for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.write_error.is_none()) {
+        ops.extend(job.files.iter().map(|(file, path)| (i, SyncOp::File(file, path))));
+        ops.extend(job.dir.iter().map(|(io, dir)| (i, SyncOp::Dir(io, dir))));
+    }
+    let fsyncs = ops.len() as u64;
     let sync_start = Instant::now();
-    for job in &jobs {
-        let mut result = match &job.write_error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        };
-        if result.is_ok() {
-            for (file, path) in &job.files {
-                fsyncs += 1;
-                if let Err(e) = file.sync_data() {
-                    result = Err(StoreError::io("fsyncing", path.clone(), e));
-                    break;
-                }
-            }
+    for (i, result) in parallel_fsyncs(&ops) {
+        if results[i].is_ok() {
+            results[i] = result;
         }
-        if result.is_ok() {
-            if let Some((io, dir)) = &job.dir {
-                fsyncs += 1;
-                if let Err(e) = io.sync_dir(dir) {
-                    result = Err(StoreError::io("fsyncing directory", dir.clone(), e));
-                }
-            }
-        }
-        results.push(result);
     }
     s.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
     s.fsync_micros.fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -305,14 +316,65 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
         } else {
             s.failures.fetch_add(1, Ordering::Relaxed);
         }
-        if t.synced(job.records, result) {
-            retry.push((Instant::now() + s.config.retry_backoff, t));
+        match t.synced(job.records, result) {
+            AfterRound::Done => {}
+            AfterRound::Retry => retry.push((Instant::now() + s.config.retry_backoff, t)),
+            AfterRound::At(at) => retry.push((at, t)),
         }
     }
     if !retry.is_empty() {
         s.queue.lock().expect("syncer lock").retry.extend(retry);
     }
     jobs.iter().map(|j| j.records).sum()
+}
+
+/// Most threads one round's fsyncs run on. Concurrent `fdatasync`s on one file system share the journal
+/// commit that makes their files' new sizes durable; run one after another, each pays for its own. A few
+/// threads get that sharing; more only add overhead.
+const MAX_PARALLEL_FSYNCS: usize = 8;
+
+/// One fsync of a round.
+enum SyncOp<'a> {
+    File(&'a Arc<dyn StoreFile>, &'a PathBuf),
+    Dir(&'a Arc<dyn StoreIo>, &'a PathBuf),
+}
+
+impl SyncOp<'_> {
+    fn run(&self) -> Result<(), StoreError> {
+        match self {
+            SyncOp::File(file, path) => file.sync_data().map_err(|e| StoreError::io("fsyncing", (*path).clone(), e)),
+            SyncOp::Dir(io, dir) => {
+                io.sync_dir(dir).map_err(|e| StoreError::io("fsyncing directory", (*dir).clone(), e))
+            }
+        }
+    }
+}
+
+/// Runs `ops` (tagged with their job's index) on up to [`MAX_PARALLEL_FSYNCS`] threads, this one included,
+/// and returns each outcome with its tag. A single fsync runs inline.
+fn parallel_fsyncs(ops: &[(usize, SyncOp<'_>)]) -> Vec<(usize, Result<(), StoreError>)> {
+    let run = |chunk: &[(usize, SyncOp<'_>)]| chunk.iter().map(|(i, op)| (*i, op.run())).collect::<Vec<_>>();
+    if ops.len() <= 1 {
+        return run(ops);
+    }
+    let per_thread = ops.len().div_ceil(MAX_PARALLEL_FSYNCS);
+    let mut chunks = ops.chunks(per_thread);
+    let own = chunks.next().unwrap_or(&[]);
+    std::thread::scope(|scope| {
+        let others: Vec<_> = chunks.map(|c| (c, scope.spawn(move || run(c)))).collect();
+        let mut out = run(own);
+        for (chunk, h) in others {
+            match h.join() {
+                Ok(r) => out.extend(r),
+                // Not expected (an fsync returns an error, it does not panic); its files count as not synced.
+                Err(_) => out.extend(chunk.iter().map(|(i, _)| {
+                    let e = std::io::Error::other("fsync thread panicked");
+                    (*i, Err(StoreError::io("fsyncing", PathBuf::new(), e)))
+                })),
+            }
+        }
+        out
+    })
 }
 
 /// The state a batch of tickets watches: `None` until the covering fsync returned.
@@ -390,10 +452,14 @@ mod tests {
             };
             SyncJob { records: 3, write_error, ..Default::default() }
         }
-        fn synced(&self, _: u64, result: Result<(), StoreError>) -> bool {
+        fn synced(&self, _: u64, result: Result<(), StoreError>) -> AfterRound {
             let retry = result.is_err();
             self.synced.lock().unwrap().push(result);
-            retry
+            if retry {
+                AfterRound::Retry
+            } else {
+                AfterRound::Done
+            }
         }
     }
 
@@ -416,6 +482,50 @@ mod tests {
         assert!(synced[1].is_ok());
         assert_eq!(syncer.stats().records, 3);
         assert_eq!(syncer.stats().failures, 1);
+    }
+
+    /// Holds the syncer inside its `flush` until released, so a test can act while a round is in progress.
+    struct Blocking {
+        entered: std::sync::mpsc::Sender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl SyncTarget for Blocking {
+        fn flush(&self) -> SyncJob {
+            let _ = self.entered.send(());
+            let _ = self.release.lock().unwrap().recv();
+            SyncJob::default()
+        }
+        fn synced(&self, _: u64, _: Result<(), StoreError>) -> AfterRound {
+            AfterRound::Done
+        }
+    }
+
+    #[test]
+    fn a_store_listed_twice_is_flushed_once_per_round() {
+        let syncer = Syncer::start(SyncerConfig::default());
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let blocker = Arc::new(Blocking { entered: entered_tx, release: Mutex::new(release_rx) });
+        assert!(syncer.handle().register(blocker));
+        entered.recv().unwrap();
+        // While round 1 is stuck, the same store is listed twice for round 2 (as when new work registers it
+        // while a deferred round for it is due): a second flush would take tickets the first one owns.
+        let t = Arc::new(Counting {
+            flushed: AtomicU64::new(0),
+            fail_once: AtomicBool::new(false),
+            synced: Mutex::new(vec![]),
+        });
+        assert!(syncer.handle().register(t.clone()));
+        assert!(syncer.handle().register(t.clone()));
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.synced.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(t.flushed.load(Ordering::SeqCst), 1);
+        assert_eq!(t.synced.lock().unwrap().len(), 1);
     }
 
     #[test]

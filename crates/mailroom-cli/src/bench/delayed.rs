@@ -121,7 +121,9 @@ pub async fn produce(conn: Conn, plan: DelayedPlan, shared: Arc<Shared>) -> Resu
     let Conn { stream, rbuf, .. } = conn;
     let (r, mut w) = stream.into_split();
     let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
-    let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx));
+    // No confirm-latency figure here (lateness is the measure): the batch channel stays empty.
+    let (_written_tx, written_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx, written_rx));
     let mut rng = plan.seed | 1;
     let (lo, hi) = plan.delay_ms;
     let mut buf = Vec::with_capacity(WRITE_BYTES + plan.size + 512);
@@ -156,7 +158,8 @@ pub async fn produce(conn: Conn, plan: DelayedPlan, shared: Arc<Shared>) -> Resu
             shared.published.fetch_add(n, Ordering::Relaxed);
         }
     }
-    let mut stats = ProducerStats { published: sent, nacked: 0, end: Some(Instant::now()) };
+    let mut stats =
+        ProducerStats { published: sent, nacked: 0, end: Some(Instant::now()), confirm_latency: Default::default() };
     if result.is_ok() && plan.confirm.is_some() {
         let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
         let (confirmed, nacked) = *confirm_rx.borrow();

@@ -62,7 +62,6 @@ impl Histogram {
     }
 
     /// Number of recorded values.
-    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.total
     }

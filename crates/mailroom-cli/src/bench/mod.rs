@@ -13,6 +13,7 @@ mod consumer;
 mod cpu;
 mod delayed;
 mod fake;
+mod fsyncs;
 mod histogram;
 mod producer;
 mod wire;
@@ -106,6 +107,14 @@ pub struct BenchArgs {
     /// Smallest `x-delay` with --delayed, in ms.
     #[arg(long, default_value_t = 0, requires = "delayed")]
     pub delay_min_ms: u64,
+    /// Read the broker's fsync count here before and after the run (fsyncs/s on the RESULT line):
+    /// Mailroom's `http://HOST:15672/metrics`, or RabbitMQ's `http://USER:PASS@HOST:15672/api/nodes`.
+    #[arg(long, value_name = "URL", conflicts_with = "fsyncs_cmd")]
+    pub metrics_url: Option<String>,
+    /// Instead of --metrics-url: a shell command printing the broker's cumulative fsync count (its output's
+    /// last number), run before and after the run.
+    #[arg(long, value_name = "CMD")]
+    pub fsyncs_cmd: Option<String>,
 }
 
 /// What can go wrong in a bench run.
@@ -182,15 +191,29 @@ pub struct Report {
     pub bench_cpu_s: f64,
     /// CPU seconds of the broker (or of the fake peer), if known.
     pub broker_cpu_s: Option<f64>,
+    /// Publish-to-confirm latency, 99th percentile in ms (with confirms).
+    pub confirm_p99_ms: Option<f64>,
+    /// Broker fsyncs during the run (with --metrics-url or --fsyncs-cmd).
+    pub fsyncs: Option<u64>,
 }
 
 impl Report {
     /// The single line scripts parse.
     pub fn line(&self) -> String {
         let broker = self.broker_cpu_s.map_or("na".to_string(), |c| format!("{c:.2}"));
+        let confirm_p99 = self.confirm_p99_ms.map_or("na".to_string(), |v| format!("{v:.3}"));
+        let fsyncs = self.fsyncs.map_or("na".to_string(), |n| n.to_string());
+        let fsyncs_per_s =
+            self.fsyncs.map_or("na".to_string(), |n| format!("{:.0}", n as f64 / self.seconds.max(1e-9)));
+        // Confirmed messages per fsync: how many publishes one group commit covered on average.
+        let msgs_per_fsync = match self.fsyncs {
+            Some(n) if n > 0 => format!("{:.1}", self.published as f64 / n as f64),
+            _ => "na".to_string(),
+        };
         format!(
             "RESULT published={} consumed={} nacked={} seconds={:.3} publish_rate={:.0} consume_rate={:.0} \
-             p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} bench_cpu_s={:.2} broker_cpu_s={}",
+             p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} bench_cpu_s={:.2} broker_cpu_s={} \
+             confirm_p99_ms={} fsyncs={} fsyncs_per_s={} msgs_per_fsync={}",
             self.published,
             self.consumed,
             self.nacked,
@@ -202,7 +225,11 @@ impl Report {
             self.p999_ms,
             self.max_ms,
             self.bench_cpu_s,
-            broker
+            broker,
+            confirm_p99,
+            fsyncs,
+            fsyncs_per_s,
+            msgs_per_fsync
         )
     }
 }
@@ -274,6 +301,15 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         None => args.uri.clone(),
     };
     let uri = AMQPUri::from_str(&uri_s).map_err(|e| BenchError::Usage(format!("--uri: {e}")))?;
+    let fsync_source = match (&args.metrics_url, &args.fsyncs_cmd) {
+        (Some(url), _) => Some(fsyncs::FsyncSource::from_url(url)?),
+        (None, Some(cmd)) => Some(fsyncs::FsyncSource::Command(cmd.clone())),
+        (None, None) => None,
+    };
+    let fsyncs_before = match &fsync_source {
+        Some(s) => Some(s.read().await?),
+        None => None,
+    };
     let broker_before = args.broker_pid.map(cpu::process_ticks).transpose()?;
     let self_before = cpu::self_ticks()?;
 
@@ -360,11 +396,13 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
     let mut published = 0;
     let mut nacked = 0;
     let mut publish_end = start;
+    let mut confirm_latency = Histogram::default();
     for t in producer_tasks {
         match t.await {
             Ok(Ok(s)) => {
                 published += s.published;
                 nacked += s.nacked;
+                confirm_latency.merge(&s.confirm_latency);
                 publish_end = publish_end.max(s.end.unwrap_or(start));
             }
             Ok(Err(e)) => {
@@ -423,6 +461,11 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         (Some(pid), Some(before)) => Some(cpu::secs(cpu::process_ticks(pid)? - before)),
         _ => fake_cpu,
     };
+    // Read after the broker's CPU time: a command such as rabbitmqctl eval costs the broker CPU too.
+    let fsyncs = match (&fsync_source, fsyncs_before) {
+        (Some(s), Some(before)) => Some(s.read().await?.saturating_sub(before)),
+        _ => None,
+    };
     let secs = |end: Instant| (end - start).as_secs_f64().max(1e-9);
     let ms = |ns: u64| ns as f64 / 1e6;
     Ok(Report {
@@ -438,6 +481,8 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
         max_ms: ms(latency.max()),
         bench_cpu_s: (self_cpu - fake_cpu.unwrap_or(0.0)).max(0.0),
         broker_cpu_s: broker_cpu,
+        confirm_p99_ms: (confirm_latency.len() > 0).then(|| ms(confirm_latency.quantile(0.99))),
+        fsyncs,
     })
 }
 

@@ -11,6 +11,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
 
 use super::conn::{self, check_close, parse_method, Conn, CH};
+use super::histogram::Histogram;
 use super::wire::{Batch, Frame, ReadBuf, Scanner, Template};
 use super::{now_ns, BenchError, Shared};
 
@@ -48,7 +49,7 @@ pub struct Producer {
 }
 
 /// Result of one producer.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct ProducerStats {
     /// Messages written (and confirmed, with confirms on).
     pub published: u64,
@@ -56,6 +57,9 @@ pub struct ProducerStats {
     pub nacked: u64,
     /// When the last message was written (or confirmed).
     pub end: Option<Instant>,
+    /// Publish-to-confirm latency in ns (with confirms), measured per write batch: from the write to the
+    /// confirm that covers the batch's last message.
+    pub confirm_latency: Histogram,
 }
 
 impl Producer {
@@ -80,7 +84,9 @@ impl Producer {
         let Conn { stream, rbuf, .. } = conn;
         let (r, mut w) = stream.into_split();
         let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
-        let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx));
+        // (last sequence number of a write batch, its write time): for the confirm latency.
+        let (written_tx, written_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+        let reader = tokio::spawn(read_confirms(r, rbuf, frame_max, confirm_tx, written_rx));
 
         let t = Template::publish(CH, &plan.exchange, &plan.routing_key, plan.size, plan.persistent, frame_max);
         let mut batch = Batch::new(&t, (plan.batch_bytes / t.bytes.len()).max(1));
@@ -131,17 +137,27 @@ impl Producer {
                 }
                 n = n.min(window - inflight);
             }
-            let bytes = batch.fill(n as usize, now_ns(), sent);
+            let stamp = now_ns();
+            let bytes = batch.fill(n as usize, stamp, sent);
             if let Err(e) = w.write_all(bytes).await {
                 result = Err(e.into());
                 break;
             }
             sent += n;
+            if plan.confirm.is_some() {
+                let _ = written_tx.send((sent, stamp));
+            }
             if plan.confirm.is_none() {
                 shared.published.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let mut stats = ProducerStats { published: sent, end: Some(Instant::now()), nacked: 0 };
+        drop(written_tx);
+        let mut stats = ProducerStats {
+            published: sent,
+            end: Some(Instant::now()),
+            nacked: 0,
+            confirm_latency: Histogram::default(),
+        };
         if result.is_ok() && plan.confirm.is_some() {
             // With confirms, a message counts as published once the broker vouched for it.
             let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
@@ -156,13 +172,17 @@ impl Producer {
         // would discard the ones a flow-controlled broker has not read yet.
         let _ = w.write_all(&conn::method(0, conn::close_frame())).await;
         let read_result = match tokio::time::timeout(CLOSE_WAIT, reader).await {
-            Ok(Ok(Ok(true))) => {
+            Ok(Ok(Ok((true, latency)))) => {
                 if plan.confirm.is_none() {
                     stats.end = Some(Instant::now());
                 }
+                stats.confirm_latency = latency;
                 Ok(())
             }
-            Ok(Ok(Ok(false))) => Ok(()),
+            Ok(Ok(Ok((false, latency)))) => {
+                stats.confirm_latency = latency;
+                Ok(())
+            }
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(e)) => Err(BenchError::Protocol(format!("confirm reader panicked: {e}"))),
             Err(_) => {
@@ -178,13 +198,19 @@ impl Producer {
 
 /// Reads confirms (and errors) off the producer's socket; publishes `(confirmed, nacked)`.
 ///
-/// Returns whether it saw `connection.close-ok` (as opposed to the socket just closing).
+/// Returns whether it saw `connection.close-ok` (as opposed to the socket just closing), and the confirm
+/// latencies of the write batches announced on `written` (last sequence number, write time).
 pub(super) async fn read_confirms(
     mut r: OwnedReadHalf,
     mut rbuf: ReadBuf,
     frame_max: u32,
     tx: watch::Sender<(u64, u64)>,
-) -> Result<bool, BenchError> {
+    mut written: tokio::sync::mpsc::UnboundedReceiver<(u64, u64)>,
+) -> Result<(bool, Histogram), BenchError> {
+    let mut latency = Histogram::default();
+    // Write batches not yet wholly confirmed: (first seq, last seq, write time).
+    let mut batches = std::collections::VecDeque::new();
+    let mut next_first = 1u64;
     let mut scanner = Scanner::new(frame_max);
     let mut upto = 0u64;
     let mut nacked = 0u64;
@@ -230,13 +256,25 @@ pub(super) async fn read_confirms(
         rbuf.consume(used);
         if changed {
             let _ = tx.send((upto, nacked));
+            let now = now_ns();
+            while let Ok((last, at)) = written.try_recv() {
+                batches.push_back((next_first, last, at));
+                next_first = last + 1;
+            }
+            while let Some(&(first, last, at)) = batches.front() {
+                if last > upto {
+                    break;
+                }
+                latency.record_n(now.saturating_sub(at), last + 1 - first);
+                batches.pop_front();
+            }
         }
         if closed {
-            return Ok(true);
+            return Ok((true, latency));
         }
         let n = r.read(rbuf.spare()).await?;
         if n == 0 {
-            return Ok(false);
+            return Ok((false, latency));
         }
         rbuf.filled(n);
     }
