@@ -6,7 +6,7 @@ mod bench;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
-use mailroom_broker::{AlarmConfig, Broker, BrokerConfig};
+use mailroom_broker::{AlarmConfig, Broker, BrokerConfig, PagingConfig};
 use mailroom_http::HttpServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +73,10 @@ struct ServerArgs {
     /// RabbitMQ's disk_free_limit default, 50 MB.
     #[arg(long, env = "MAILROOM_DISK_FREE_LIMIT", default_value_t = 50_000_000)]
     disk_free_limit: u64,
+    /// RAM each queue may spend on ready messages' bodies (bytes, plus 256 per message); past it bodies
+    /// are paged to disk (persistent ones stay in the queue's store, the rest go to `<data dir>/paging`).
+    #[arg(long, env = "MAILROOM_QUEUE_MEMORY_BYTES", default_value_t = mailroom_broker::paging::DEFAULT_QUEUE_MEMORY_BYTES)]
+    queue_memory_bytes: u64,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -121,6 +125,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     let broker = Broker::open(BrokerConfig {
         alarms: AlarmConfig { memory_high_watermark, disk_free_limit },
         data_dir: Some(args.data_dir.clone()),
+        paging: PagingConfig { queue_memory_bytes: args.queue_memory_bytes, ..PagingConfig::default() },
         ..BrokerConfig::default()
     })?;
     let config = ServerConfig {
