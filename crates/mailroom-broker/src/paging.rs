@@ -117,7 +117,9 @@ impl Paging {
         let dir = self.dir.join(format!("{n:010}"));
         let handle = {
             let mut syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
-            syncer.get_or_insert_with(|| Syncer::start(SyncerConfig::default())).handle()
+            // Nothing to fsync, so nothing to gather writers for: write buffers out as soon as they fill.
+            let config = SyncerConfig { max_wait: std::time::Duration::ZERO, ..SyncerConfig::default() };
+            syncer.get_or_insert_with(|| Syncer::start(config)).handle()
         };
         let config = StoreConfig { ephemeral: true, ..StoreConfig::default() };
         let (store, _) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), |_| {})?;

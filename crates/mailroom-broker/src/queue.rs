@@ -273,6 +273,8 @@ struct QueueState {
     store: Option<QueueStore>,
     /// Where bodies without a durable record go when paged out; opened on first use.
     paging_store: Option<QueueStore>,
+    /// Keys of ready entries kept in RAM because the paging store pushed back; paged out later.
+    spilled: Vec<Rank>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -548,6 +550,7 @@ impl Queue {
                 dedup: HashSet::new(),
                 store,
                 paging_store: None,
+                spilled: Vec::new(),
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -785,7 +788,11 @@ impl Queue {
         if fits || taken_at_once {
             st.insert(entry, Some(body));
         } else {
+            self.retry_spilled(&mut st);
             let body = self.page_out(&mut st, &mut entry, body);
+            if body.is_some() {
+                st.spilled.push(entry.key());
+            }
             st.insert(entry, body);
         }
         self.dispatch_locked(&mut st, now, after);
@@ -823,6 +830,34 @@ impl Queue {
             Err(e) => {
                 tracing::debug!(queue = %self.spec.name, error = %e, "cannot page a body out; keeping it in RAM");
                 Some(body)
+            }
+        }
+    }
+
+    /// Pages out bodies the paging store refused earlier (its writer was behind), a bounded number per
+    /// publish, so a burst faster than the disk costs RAM only until the writer catches up.
+    fn retry_spilled(&self, st: &mut QueueState) {
+        const PER_PUSH: usize = 64;
+        for _ in 0..PER_PUSH {
+            let Some(key) = st.spilled.pop() else { return };
+            let Some(idx) = st.find(key) else { continue };
+            let mut entry = st.ready[idx];
+            if !entry.has(RESIDENT) {
+                continue;
+            }
+            let Some(body) = st.bodies.remove(&entry.id) else { continue };
+            match self.page_out(st, &mut entry, body) {
+                None => {
+                    entry.flags &= !RESIDENT;
+                    st.resident_bytes -= entry.size as u64;
+                    st.paged += 1;
+                    st.ready[idx] = entry;
+                }
+                Some(body) => {
+                    st.bodies.insert(entry.id, body);
+                    st.spilled.push(key);
+                    return;
+                }
             }
         }
     }
@@ -1415,6 +1450,7 @@ impl Queue {
         st.ready_bytes = 0;
         st.resident_bytes = 0;
         st.paged = 0;
+        st.spilled.clear();
         if self.args().deduplication {
             for e in &ready {
                 let message = bodies.get(&e.id).map(|b| Arc::clone(&b.message));
@@ -1450,6 +1486,7 @@ impl Queue {
         st.ready_bytes = 0;
         st.resident_bytes = 0;
         st.paged = 0;
+        st.spilled = Vec::new();
         st.expiries.clear();
         for c in st.consumers.drain(..) {
             let _ = c.sink.send(ConsumerEvent::Cancelled(c.id));
