@@ -871,8 +871,9 @@ impl Queue {
         if !over(st, 2) {
             return;
         }
-        let mut keys: Vec<Rank> = st.ready.iter().rev().filter(|e| e.has(RESIDENT)).map(|e| e.key()).collect();
-        keys.truncate(st.bodies.len());
+        // From the bodies in RAM (never a walk over a deep index), latest in delivery order first.
+        let mut keys: Vec<Rank> = st.bodies.iter().map(|(id, b)| (self.rank_of(&b.message), *id)).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
         for key in keys {
             if !over(st, 1) {
                 break;

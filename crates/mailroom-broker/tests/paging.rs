@@ -376,3 +376,23 @@ fn number_of(m: &Message) -> i64 {
         other => panic!("header n missing: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_bodies_past_the_budget_are_paged_out_again() {
+    let broker = open(None);
+    let v = broker.vhost("/").unwrap();
+    let q = declare(&v, "back", false, FieldTable::default());
+    for i in 0..400 {
+        publish(&v, "back", i, props(i, false)).await;
+    }
+    // Take 200 (read from disk one by one), then return them all: 200 bodies land in RAM at once.
+    let ids: Vec<u64> = (0..200).map(|_| q.get(false).unwrap().id).collect();
+    q.reject(&ids, true);
+    assert_eq!(q.message_count(), 400);
+    assert!(q.held_bytes() <= 4096, "{} bytes still in RAM after the requeue", q.held_bytes());
+    for i in 0..400 {
+        let g = q.get(true).unwrap();
+        assert_eq!(String::from_utf8(g.message.body.to_vec()).unwrap(), body(i));
+        assert_eq!(g.redelivered, i < 200);
+    }
+}
