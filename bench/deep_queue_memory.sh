@@ -16,6 +16,8 @@ echo "fill: $(date +%T)"
 $BIN bench --uri amqp://guest:guest@127.0.0.1:$PORT/%2F --producers 1 --consumers 0 --size 1024 --persistent --confirm 1000 --count $COUNT --queue-name deep --broker-pid $PID | tail -1
 echo "after fill rss_kib=$(ps -o rss= -p $PID) segments=$(du -sh $DATA/msgs | cut -f1)"
 kill -9 $PID; wait $PID 2>/dev/null; kill $S 2>/dev/null
+# DROP_CACHES=1 (root): recovery and the drain read from the disk, not the page cache.
+[ "${DROP_CACHES:-0}" = 1 ] && { sync; echo 3 > /proc/sys/vm/drop_caches; }
 start=$(date +%s.%N)
 $BIN server --amqp-listen 127.0.0.1:$PORT --http-listen 127.0.0.1:$HPORT --data-dir $DATA --log-level warn >> /tmp/deep-server.log 2>&1 & PID=$!
 wait_port; end=$(date +%s.%N)

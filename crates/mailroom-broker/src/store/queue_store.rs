@@ -1037,6 +1037,48 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn read_many_matches_single_reads_and_isolates_a_damaged_record() {
+        let dir = test_dir("read-many");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 16 * 1024, &syncer, &faults);
+        let mut positions = Vec::new();
+        for id in 0..200u64 {
+            let (pos, t) = store.append(&msg(id, 100 + (id as usize * 53) % 900)).unwrap();
+            positions.push(pos);
+            t.wait().await.unwrap();
+        }
+        assert!(positions.last().unwrap().segment > positions[0].segment + 1, "spans several segments");
+        // Guesses too short (a second read each), about right, and far too long (clamped to the file).
+        for guess in [10u32, 1100, 1 << 20] {
+            let wanted: Vec<(SegmentPos, u32)> = positions.iter().map(|p| (*p, guess)).collect();
+            let got = store.read_many(&wanted, 16 * 1024);
+            for (id, r) in got.into_iter().enumerate() {
+                assert_eq!(r.unwrap(), msg(id as u64, 100 + (id * 53) % 900), "guess {guess}, id {id}");
+            }
+        }
+        // A subset with gaps, in order, still reads right.
+        let some: Vec<(SegmentPos, u32)> = positions.iter().step_by(7).map(|p| (*p, 600)).collect();
+        for (k, r) in store.read_many(&some, 1 << 20).into_iter().enumerate() {
+            assert_eq!(r.unwrap().id, (k * 7) as u64);
+        }
+        // Damage record 42's body on file: it alone fails, as corrupt, with its place.
+        let bad = positions[42];
+        let path = segment::segment_path(&dir, bad.segment);
+        let mut data = std::fs::read(&path).unwrap();
+        data[bad.offset as usize + HEADER_LEN + 30] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let wanted: Vec<(SegmentPos, u32)> = positions.iter().map(|p| (*p, 1100)).collect();
+        for (id, r) in store.read_many(&wanted, 1 << 20).into_iter().enumerate() {
+            match r {
+                Err(StoreError::Corrupt { offset, .. }) if id == 42 => assert_eq!(offset, bad.offset as u64),
+                Ok(m) if id != 42 => assert_eq!(m.id, id as u64),
+                other => panic!("record {id}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn ticket_never_completes_before_its_fsync() {
         let dir = test_dir("gate");
         let syncer = quick_syncer();
