@@ -672,6 +672,11 @@ impl Queue {
         let st = self.lock();
         st.resident_bytes + st.unacked_bytes
     }
+    /// Body bytes of every message in the queue, ready and unacked, in RAM or on disk.
+    pub fn message_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.ready_bytes + st.unacked_bytes
+    }
     /// Body bytes of the ready messages, in RAM or on disk.
     pub fn ready_bytes(&self) -> u64 {
         self.lock().ready_bytes
