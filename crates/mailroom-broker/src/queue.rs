@@ -510,11 +510,6 @@ impl QueueState {
     fn find(&self, key: Rank) -> Option<usize> {
         self.ready.binary_search_by_key(&key, |e| e.key()).ok()
     }
-
-    /// Ready entries whose body is in RAM.
-    fn resident_count(&self) -> usize {
-        self.ready.len() - self.paged
-    }
 }
 
 impl Queue {
@@ -1071,9 +1066,10 @@ impl Queue {
         if st.paged == 0 || st.loading || st.deleted || st.consumers.is_empty() {
             return;
         }
-        let budget = self.paging.config();
-        let head_on_disk = st.ready.front().is_some_and(|e| !e.has(RESIDENT));
-        if head_on_disk || st.resident_count() < budget.window_messages() / 2 {
+        // The head, or the middle of the window, on disk: the bodies in RAM ahead of consumers run low.
+        let half_window = self.paging.config().window_messages() / 2;
+        let on_disk = |i: usize| st.ready.get(i).is_some_and(|e| !e.has(RESIDENT));
+        if on_disk(0) || on_disk(half_window) {
             st.loading = true;
             after.read_ahead = true;
         }
@@ -1089,25 +1085,30 @@ impl Queue {
             // Plan under the lock: which entries, in which store.
             let (plan, durable, paging) = {
                 let mut st = self.lock();
-                let room_messages = budget.window_messages().saturating_sub(st.resident_count());
-                let room_bytes = budget.window_bytes().saturating_sub(st.resident_bytes);
-                let head_on_disk = st.ready.front().is_some_and(|e| !e.has(RESIDENT));
-                if st.deleted || st.paged == 0 || st.consumers.is_empty() || (room_messages == 0 && !head_on_disk) {
+                if st.deleted || st.paged == 0 || st.consumers.is_empty() {
                     st.loading = false;
                     return;
                 }
+                // The window is the first `window_messages` entries of the queue: bodies in RAM further
+                // back (requeued or refused by the paging store) do not make the head wait.
+                let (mut head_resident_bytes, mut bytes) = (0u64, 0u64);
                 let mut plan = Vec::new();
-                let mut bytes = 0u64;
-                for e in st.ready.iter().take(budget.window_messages().max(1) + st.resident_count()) {
-                    if plan.len() >= STEP_MESSAGES.min(room_messages.max(1))
-                        || (bytes >= room_bytes && !plan.is_empty())
-                    {
-                        break;
-                    }
-                    if !e.has(RESIDENT) {
+                for e in st.ready.iter().take(budget.window_messages()) {
+                    if e.has(RESIDENT) {
+                        head_resident_bytes += e.size as u64;
+                    } else if plan.len() < STEP_MESSAGES {
                         bytes += e.size as u64;
                         plan.push(*e);
                     }
+                }
+                // Within the byte window too, except that the head itself is always loaded.
+                let head_on_disk = st.ready.front().is_some_and(|e| !e.has(RESIDENT));
+                while let Some(last) = plan.last() {
+                    if head_resident_bytes + bytes <= budget.window_bytes() || (plan.len() == 1 && head_on_disk) {
+                        break;
+                    }
+                    bytes -= last.size as u64;
+                    plan.pop();
                 }
                 if plan.is_empty() {
                     st.loading = false;
