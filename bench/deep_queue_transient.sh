@@ -13,7 +13,7 @@ wait_port() { for _ in $(seq 1 3000); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/d
 $BIN server --amqp-listen 127.0.0.1:$PORT --http-listen 127.0.0.1:$HPORT --data-dir $DATA --log-level warn > /tmp/deep-t-server.log 2>&1 & PID=$!
 wait_port; sample $PID fill & S=$!
 $BIN bench --uri amqp://guest:guest@127.0.0.1:$PORT/%2F --producers 1 --consumers 0 --size 1024 --confirm 1000 --count $COUNT --queue-name tdeep --broker-pid $PID | tail -1
-echo "after fill rss_kib=$(ps -o rss= -p $PID) paging=$(du -sh $DATA/paging 2>/dev/null | cut -f1) $(curl -s -u guest:guest http://127.0.0.1:$HPORT/api/queues | grep -o "\"message_bytes\":[0-9]*")"
+echo "after fill rss_kib=$(ps -o rss= -p $PID) paging=$(du -sh $DATA/paging 2>/dev/null | cut -f1) $(curl -s -u guest:guest http://127.0.0.1:$HPORT/api/queues | grep -o "\"message_bytes_ram\":[0-9]*")"
 kill $S; sample $PID drain & S=$!
 $BIN bench --uri amqp://guest:guest@127.0.0.1:$PORT/%2F --producers 0 --consumers 1 --prefetch 1000 --multiple-ack-every 100 --count $COUNT --queue-name tdeep --broker-pid $PID | tail -1
 echo "after drain rss_kib=$(ps -o rss= -p $PID) paging=$(du -sh $DATA/paging 2>/dev/null | cut -f1)"
