@@ -275,6 +275,8 @@ struct QueueState {
     paging_store: Option<QueueStore>,
     /// Keys of ready entries kept in RAM because the paging store pushed back; paged out later.
     spilled: Vec<Rank>,
+    /// When opening the paging store last failed (not retried on every publish).
+    paging_failed_at: Option<Instant>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -546,6 +548,7 @@ impl Queue {
                 store,
                 paging_store: None,
                 spilled: Vec::new(),
+                paging_failed_at: None,
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -811,10 +814,16 @@ impl Queue {
             return None;
         }
         if st.paging_store.is_none() {
+            /// After a failed attempt to open the paging store, how long bodies stay in RAM before the next.
+            const REOPEN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+            if st.paging_failed_at.is_some_and(|at| at.elapsed() < REOPEN_BACKOFF) {
+                return Some(body);
+            }
             match self.paging.open_store() {
                 Ok(store) => st.paging_store = Some(store),
                 Err(e) => {
                     tracing::warn!(queue = %self.spec.name, error = %e, "cannot open a paging store; keeping bodies in RAM");
+                    st.paging_failed_at = Some(Instant::now());
                     return Some(body);
                 }
             }

@@ -396,3 +396,26 @@ async fn requeued_bodies_past_the_budget_are_paged_out_again() {
         assert_eq!(g.redelivered, i < 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_usable_paging_directory_bodies_stay_in_ram_and_nothing_is_lost() {
+    // A path under a regular file can never be created.
+    let file = test_dir("no-paging").join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let broker = Broker::open(BrokerConfig {
+        paging: PagingConfig { dir: Some(file.join("paging")), ..small_paging() },
+        ..Default::default()
+    })
+    .unwrap();
+    let v = broker.vhost("/").unwrap();
+    let q = declare(&v, "stuck", false, FieldTable::default());
+    for i in 0..300 {
+        publish(&v, "stuck", i, props(i, false)).await;
+    }
+    assert_eq!(q.paged_count(), 0);
+    assert!(q.held_bytes() > 4096, "the bodies had nowhere else to go");
+    let mut rx = consume(&v, "stuck", 50);
+    for (i, d) in take(&mut rx, 300, true).await.iter().enumerate() {
+        check_message(d, i);
+    }
+}
