@@ -23,10 +23,18 @@ $BIN server --amqp-listen 127.0.0.1:$PORT --http-listen 127.0.0.1:$HPORT --data-
 wait_port; end=$(date +%s.%N)
 sleep 2
 echo "recovery_s=$(echo "$end - $start" | bc) rss_after_recovery_kib=$(ps -o rss= -p $PID)"
+# STEADY=N: first N seconds of publishing and consuming at once on the deep queue (its index ring cycles).
+if [ "${STEADY:-0}" -gt 0 ]; then
+  sample $PID steady & S=$!
+  $BIN bench --uri amqp://guest:guest@127.0.0.1:$PORT/%2F --producers 1 --consumers 1 --size 1024 --persistent \
+      --confirm 1000 --prefetch 1000 --multiple-ack-every 100 --duration $STEADY --queue-name deep --broker-pid $PID | tail -1
+  kill $S 2>/dev/null
+  echo "after steady rss_kib=$(ps -o rss= -p $PID)"
+fi
 sample $PID drain & S=$!
 echo "drain: $(date +%T)"
 $BIN bench --uri amqp://guest:guest@127.0.0.1:$PORT/%2F --producers 0 --consumers 1 --persistent --prefetch 1000 --multiple-ack-every 100 --count $COUNT --queue-name deep --broker-pid $PID | tail -1
 echo "after drain rss_kib=$(ps -o rss= -p $PID)"
 kill $PID; wait $PID 2>/dev/null; kill $S 2>/dev/null
-for phase in fill drain; do echo "peak $phase rss_kib=$(awk -v p=$phase '$1==p{ if ($3>m) m=$3 } END{print m}' $LOG)"; done
+for phase in fill steady drain; do echo "peak $phase rss_kib=$(awk -v p=$phase '$1==p{ if ($3>m) m=$3 } END{print m}' $LOG)"; done
 rm -rf $DATA

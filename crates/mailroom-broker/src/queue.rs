@@ -582,7 +582,9 @@ impl Queue {
         st.paged += entries.len();
         st.expiries.extend(expiries);
         st.dedup.extend(dedup);
-        // From a Vec without copying: the index is the biggest thing a deep queue holds.
+        // From a Vec without copying: the index is the biggest thing a deep queue holds (and without the
+        // Vec's spare capacity, which a cycling ring would end up touching).
+        entries.shrink_to_fit();
         st.ready = VecDeque::from(entries);
     }
 
@@ -1609,6 +1611,11 @@ fn compact_expiries(st: &mut QueueState) {
 
 /// Puts an entry at its place: by priority, then publish order (so a requeued message goes back where it was).
 fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
+    if ready.len() == ready.capacity() {
+        // Grow by an eighth, not by doubling: a deep queue's index is its biggest allocation, and a ring
+        // buffer that publishers and consumers keep cycling touches (keeps resident) all of its capacity.
+        ready.reserve_exact((ready.len() / 8).max(64));
+    }
     let key = entry.key();
     if ready.back().is_none_or(|last| last.key() < key) {
         ready.push_back(entry);
