@@ -38,7 +38,8 @@ impl AlarmState {
 /// Alarm thresholds.
 #[derive(Debug, Clone, Default)]
 pub struct AlarmConfig {
-    /// Block publishers when the message bytes queues hold (ready and unacked) exceed this.
+    /// Block publishers when the message bytes queues hold in RAM (ready and unacked; bodies paged out to
+    /// disk do not count) exceed this.
     pub memory_high_watermark: Option<u64>,
     /// Block publishers when free space on this directory's filesystem is below the byte count.
     pub disk_free_limit: Option<(PathBuf, u64)>,

@@ -3,6 +3,7 @@
 use crate::alarm::{self, AlarmConfig, AlarmState};
 use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
+use crate::paging::{Paging, PagingConfig};
 use crate::queue::ConnectionId;
 use crate::store::segment::StoreIo;
 use crate::store::{Definitions, DestinationKind, SyncStats, SyncerConfig};
@@ -41,6 +42,8 @@ pub struct BrokerConfig {
     pub syncer: SyncerConfig,
     /// The store's file I/O (None = the real file system); tests inject faults through it.
     pub store_io: Option<Arc<dyn StoreIo>>,
+    /// Each queue's memory budget; bodies past it are paged to disk (see [`crate::paging`]).
+    pub paging: PagingConfig,
 }
 
 impl Default for BrokerConfig {
@@ -53,6 +56,7 @@ impl Default for BrokerConfig {
             data_dir: None,
             syncer: SyncerConfig::default(),
             store_io: None,
+            paging: PagingConfig::default(),
         }
     }
 }
@@ -64,10 +68,12 @@ pub(crate) struct BrokerInner {
     ids: Arc<AtomicU64>,
     alarms: watch::Sender<AlarmState>,
     durability: Option<Arc<Durability>>,
+    paging: Arc<Paging>,
 }
 
 impl BrokerInner {
-    /// Message body bytes held by every queue (ready and unacked; a fanout copy counts per queue).
+    /// Message body bytes held in RAM by every queue (ready and unacked; a fanout copy counts per queue;
+    /// bodies paged out to disk do not count).
     pub(crate) fn held_bytes(&self) -> u64 {
         let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
@@ -96,26 +102,40 @@ impl Broker {
             })?,
             None => None,
         };
+        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref());
         let mut names = config.vhosts.clone();
         for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
             if !names.contains(&v.name) {
                 names.push(v.name.clone());
             }
         }
-        let vhosts: HashMap<String, Arc<VHost>> =
-            names.iter().map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone()))).collect();
+        let vhosts: HashMap<String, Arc<VHost>> = names
+            .iter()
+            .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone(), Arc::clone(&paging))))
+            .collect();
         if let (Some(d), Some(defs)) = (&durability, definitions) {
             d.set_recovering(true);
             recover_definitions(&vhosts, defs);
             d.set_recovering(false);
+            // Now that exchanges and bindings are back, messages recovered past their delivery limit can
+            // be dead-lettered instead of delivered again.
+            for q in vhosts.values().flat_map(|v| v.queues()) {
+                q.dead_letter_over_delivery_limit();
+            }
         }
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
         if let Some(d) = &durability {
             d.save_definitions();
         }
         let (alarms, _) = watch::channel(AlarmState::default());
-        let inner =
-            Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), users: RwLock::new(users), ids, alarms, durability });
+        let inner = Arc::new(BrokerInner {
+            vhosts: RwLock::new(vhosts),
+            users: RwLock::new(users),
+            ids,
+            alarms,
+            durability,
+            paging,
+        });
         let alarm_config = config.alarms;
         if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
             tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
@@ -180,11 +200,9 @@ impl Broker {
     /// Adds a virtual host (no-op if it exists).
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
         let mut vhosts = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(
-            vhosts
-                .entry(name.to_owned())
-                .or_insert_with(|| VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone())),
-        )
+        Arc::clone(vhosts.entry(name.to_owned()).or_insert_with(|| {
+            VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone(), Arc::clone(&self.inner.paging))
+        }))
     }
 
     /// Writes what exchanges still buffer for their stores (the settles of released delayed messages), so

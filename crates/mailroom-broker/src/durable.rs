@@ -87,6 +87,11 @@ impl Durability {
         self.recovering_watch.subscribe()
     }
 
+    /// Whether the broker is re-declaring saved definitions right now.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Writes the durable exchanges, queues and bindings of every vhost (fsynced, atomic rename).
     pub fn save_definitions(&self) {
         if self.recovering.load(std::sync::atomic::Ordering::SeqCst) {
@@ -167,26 +172,30 @@ impl Durability {
         self.dir.join("msgs").join(format!("{a:016x}{b:016x}"))
     }
 
-    /// Opens (recovering) a durable queue's store and returns it with the messages it still holds.
+    /// Opens (recovering) a durable queue's store, handing each message it still holds to `visit` as the
+    /// scan finds it (so the caller keeps only an index and memory stays bounded by one segment).
     pub fn open_queue_store(
         &self,
         vhost: &str,
         queue: &str,
-    ) -> StoreResult<(QueueStore, Vec<crate::store::Recovered>)> {
+        visit: impl FnMut(crate::store::Recovered),
+    ) -> StoreResult<QueueStore> {
         let dir = self.queue_dir(vhost, queue);
-        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let mut recovered = Vec::new();
+        let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
         let (store, report) =
-            QueueStore::recover_with(&dir, StoreConfig::default(), syncer, Arc::clone(&self.io), |r| {
-                recovered.push(r)
-            })?;
+            QueueStore::recover_with(&dir, StoreConfig::default(), handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(queue, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
         for t in &report.truncated {
             tracing::warn!(queue, file = %t.path.display(), offset = t.offset, "torn tail cut off");
         }
-        Ok((store, recovered))
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The directory of a durable exchange's store (delayed messages or deduplication cache), named like
@@ -290,7 +299,8 @@ pub(crate) fn encode_properties(properties: &BasicProperties) -> Bytes {
     }
 }
 
-fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
+/// Parses content-header property bytes; None if they do not parse completely.
+pub(crate) fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
     match amq_protocol::protocol::basic::parse_properties(bytes) {
         Ok((rest, p)) if rest.is_empty() => Some(p),
         _ => None,

@@ -13,6 +13,7 @@ pub mod durable;
 pub mod error;
 pub mod exchange;
 pub mod message;
+pub mod paging;
 pub mod plugins;
 pub mod policy;
 pub mod queue;
@@ -27,6 +28,7 @@ pub use broker::{Broker, BrokerConfig, User};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};
 pub use message::Message;
+pub use paging::PagingConfig;
 pub use policy::{ApplyTo, Policy};
 pub use queue::{
     ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,

@@ -3,16 +3,28 @@
 //! All state sits behind one short-held mutex. Publishing pushes and dispatches under that lock;
 //! deliveries leave through each consumer's unbounded sink, which prefetch (or, for no-ack consumers,
 //! the in-flight window) keeps bounded.
+//!
+//! Memory stays bounded for deep queues (see [`crate::paging`]): the ready list is a compact index of
+//! 24-byte entries (id, store position, size, rank, flags, delivery count); bodies live in a side map
+//! only for the messages the queue will deliver soon. A message's expiry never changes after publish,
+//! so it lives in the expiry heap (and the stored record, and beside a body in RAM), not in the index.
+//! A shallow queue keeps every body in RAM and never reads the disk. Once a queue passes its memory
+//! budget, new bodies go to disk (persistent ones in durable queues already are; the rest go to the
+//! queue's paging store) and a read-ahead task loads the head of the queue back in batches, reading
+//! outside the queue lock and installing the bodies only for entries still waiting. Dispatch only ever
+//! delivers an entry whose body is in RAM, so delivery order is unchanged.
 
 use crate::args::{Overflow, QueueArguments, QueueType};
 use crate::durable;
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
+use crate::paging::{Paging, READ_SPAN_BYTES};
 use crate::plugins;
-use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, SyncTicket};
+use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreError, StoredMessage, SyncTicket};
 use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::{mpsc, Notify};
@@ -41,12 +53,10 @@ pub struct Delivery {
     pub message: Arc<Message>,
     /// Whether it was delivered before.
     pub redelivered: bool,
-    /// Where it goes back if it is returned undelivered ([`Queue::return_undelivered`]).
-    rank: u8,
+    /// Its index entry, for where it goes back if it is returned undelivered ([`Queue::return_undelivered`]).
+    entry: Entry,
     /// Its expiry, kept for the same reason.
     expires_at: Option<Instant>,
-    /// Its store record, kept for the same reason.
-    stored: Option<SegmentPos>,
 }
 
 /// What a queue tells a consumer's owner.
@@ -145,23 +155,76 @@ pub enum PushOutcome {
 /// Position of a ready message: lower ranks go first (rank = 255 - priority), then lower ids (FIFO).
 type Rank = (u8, MessageId);
 
-#[derive(Debug)]
+/// [`Entry::flags`]: delivered before.
+const REDELIVERED: u8 = 1;
+/// [`Entry::flags`]: its body is in RAM, in [`QueueState::bodies`].
+const RESIDENT: u8 = 2;
+/// [`Entry::flags`]: `pos` names its record in the queue's durable store.
+const STORED: u8 = 4;
+/// [`Entry::flags`]: `pos` names its record in the queue's paging store.
+const PAGED: u8 = 8;
+
+/// A message in the queue's index: 24 bytes, whether its body is in RAM or only on disk.
+#[derive(Debug, Clone, Copy)]
 struct Entry {
     id: MessageId,
+    /// Its record in the durable or the paging store (see the flags); meaningless without either flag.
+    pos: SegmentPos,
+    /// Body bytes (for the length limits and memory accounting).
+    size: u32,
     /// 255 minus the effective priority; constant for queues without priorities.
     rank: u8,
-    message: Arc<Message>,
-    redelivered: bool,
-    expires_at: Option<Instant>,
-    /// Times the message was returned to the queue (requeue, or its channel closed while unacked).
-    delivery_count: u32,
-    /// Where the queue's store holds it (persistent messages in durable queues).
-    stored: Option<SegmentPos>,
+    /// [`REDELIVERED`], [`RESIDENT`], [`STORED`], [`PAGED`].
+    flags: u8,
+    /// Times the message was returned to the queue (requeue, or its channel closed while unacked);
+    /// saturates at `u16::MAX`, so a delivery limit above 65534 never triggers.
+    delivery_count: u16,
 }
+
+impl Entry {
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+    fn key(&self) -> Rank {
+        (self.rank, self.id)
+    }
+    fn stored_ref(&self) -> Option<MsgRef> {
+        self.has(STORED).then_some(MsgRef { id: self.id, pos: self.pos })
+    }
+}
+
+/// A body in RAM, with the message's expiry (which travels with it; on disk it is in the record).
+#[derive(Debug, Clone)]
+struct Body {
+    message: Arc<Message>,
+    expires_at: Option<Instant>,
+}
+
+/// Hashes message ids (unique, mostly sequential) with one multiply: the body map sits on the hot path.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: spreads sequential ids over the high bits the table's probes use.
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type BodyMap = HashMap<MessageId, Body, BuildHasherDefault<IdHasher>>;
 
 #[derive(Debug)]
 struct Unacked {
     entry: Entry,
+    body: Body,
     consumer: Option<ConsumerId>,
     channel_prefetch: Option<Arc<ChannelPrefetch>>,
 }
@@ -183,10 +246,20 @@ impl Consumer {
 
 #[derive(Debug)]
 struct QueueState {
+    /// The ready index, ordered by (rank, id).
     ready: VecDeque<Entry>,
+    /// Body bytes of the ready messages (what `x-max-length-bytes` counts), in RAM or not.
     ready_bytes: u64,
+    /// Bodies in RAM of ready messages (the [`RESIDENT`] entries).
+    bodies: BodyMap,
+    /// Body bytes in `bodies`.
+    resident_bytes: u64,
+    /// Ready entries whose body is only on disk.
+    paged: usize,
+    /// A read-ahead task is running (at most one per queue).
+    loading: bool,
     unacked: HashMap<MessageId, Unacked>,
-    /// Body bytes of the unacked deliveries (with `ready_bytes`, what the memory alarm sums).
+    /// Body bytes of the unacked deliveries (with `resident_bytes`, what the memory alarm sums).
     unacked_bytes: u64,
     consumers: Vec<Consumer>,
     next_consumer: usize,
@@ -198,6 +271,12 @@ struct QueueState {
     dedup: HashSet<String>,
     /// The queue's message store (durable queues of a broker with a data directory).
     store: Option<QueueStore>,
+    /// Where bodies without a durable record go when paged out; opened on first use.
+    paging_store: Option<QueueStore>,
+    /// Keys of ready entries kept in RAM because the paging store pushed back; paged out later.
+    spilled: Vec<Rank>,
+    /// When opening the paging store last failed (not retried on every publish).
+    paging_failed_at: Option<Instant>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -214,6 +293,66 @@ pub struct Queue {
     effective: RwLock<Arc<QueueArguments>>,
     /// The name of the policy that applies, if any.
     policy: RwLock<Option<String>>,
+    /// The memory budget and the paging directory.
+    paging: Arc<Paging>,
+    /// Runs the read-ahead (blocking file reads) off the async workers.
+    runtime: tokio::runtime::Handle,
+}
+
+/// What a durable queue's store held at startup, reduced to the index: bodies stay on disk.
+#[derive(Debug, Default)]
+pub struct RecoveredIndex {
+    entries: Vec<Entry>,
+    expiries: Vec<Reverse<(Instant, Rank)>>,
+    dedup: HashSet<String>,
+    /// Records whose properties do not parse: settled once the store is open.
+    unreadable: Vec<MsgRef>,
+    max_priority: Option<u8>,
+    deduplication: bool,
+}
+
+impl RecoveredIndex {
+    /// An empty index for a queue with these arguments (priorities decide ranks).
+    pub fn new(args: &QueueArguments) -> Self {
+        RecoveredIndex { max_priority: args.max_priority, deduplication: args.deduplication, ..Default::default() }
+    }
+
+    /// Adds one recovered message; its body is dropped here, so memory stays at the index.
+    pub fn add(&mut self, r: Recovered) {
+        let id = r.msg.id;
+        let Some(properties) = durable::parse_properties(&r.msg.properties) else {
+            self.unreadable.push(MsgRef { id, pos: r.pos });
+            return;
+        };
+        let rank = match self.max_priority {
+            Some(max) => 255 - properties.priority().unwrap_or(0).min(max),
+            None => 255,
+        };
+        if let Some(ms) = r.msg.expires_at_ms {
+            self.expiries.push(Reverse((durable::instant_from_wall_ms(ms), (rank, id))));
+        }
+        if self.deduplication {
+            if let Some(message) = durable::from_stored(r.msg.clone()) {
+                if let Some(key) = plugins::dedup_key(&message) {
+                    self.dedup.insert(key);
+                }
+            }
+        }
+        // Every logged delivery of a message still here ended without an ack: each counts as a return.
+        let delivery_count = r.msg.delivery_count.saturating_add(r.delivered_count).min(u16::MAX as u32) as u16;
+        let flags = STORED | if r.redelivered { REDELIVERED } else { 0 };
+        self.entries.push(Entry { id, pos: r.pos, size: r.msg.body.len() as u32, rank, flags, delivery_count });
+    }
+
+    /// Messages recovered so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing was recovered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
@@ -284,18 +423,115 @@ pub struct Peeked {
 #[derive(Default)]
 struct Aftermath {
     dead: Vec<(Arc<Message>, DeadLetterReason)>,
-    /// Store records of the `dead` messages: settled only once their dead-lettered copies are durable.
+    /// Durable store records of the `dead` messages: settled only once their dead-lettered copies are durable.
     dead_records: Vec<MsgRef>,
+    /// Start a read-ahead task (the lock holder already marked it running).
+    read_ahead: bool,
+}
+
+/// Why a paged-out body could not be read back.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The store failed or the record is damaged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The record's property bytes do not parse.
+    #[error("unreadable message properties")]
+    Properties,
+    /// The entry names a store the queue no longer has (deleted).
+    #[error("the queue has no store for it")]
+    NoStore,
+}
+
+/// A message and its expiry back from a stored record.
+fn body_from_stored(stored: StoredMessage) -> Result<Body, LoadError> {
+    let expires_at = stored.expires_at_ms.map(durable::instant_from_wall_ms);
+    let message = durable::from_stored(stored).ok_or(LoadError::Properties)?;
+    Ok(Body { message: Arc::new(message), expires_at })
+}
+
+impl QueueState {
+    /// The store holding `entry`'s record, if it has one.
+    fn store_of(&self, entry: &Entry) -> Option<&QueueStore> {
+        if entry.has(STORED) {
+            self.store.as_ref()
+        } else if entry.has(PAGED) {
+            self.paging_store.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// Reads `entry`'s body from disk (under the lock: for rare paths such as `basic.get` and peek).
+    fn load(&self, entry: &Entry) -> Result<Body, LoadError> {
+        let store = self.store_of(entry).ok_or(LoadError::NoStore)?;
+        body_from_stored(store.read(entry.pos)?)
+    }
+
+    /// Puts an entry into the ready index at its place, with its body in RAM or not.
+    fn insert(&mut self, mut entry: Entry, body: Option<Body>) {
+        self.ready_bytes += entry.size as u64;
+        match body {
+            Some(body) => {
+                entry.flags |= RESIDENT;
+                self.resident_bytes += entry.size as u64;
+                self.bodies.insert(entry.id, body);
+            }
+            None => {
+                entry.flags &= !RESIDENT;
+                self.paged += 1;
+            }
+        }
+        insert_ready(&mut self.ready, entry);
+    }
+
+    /// Accounts for an entry taken out of the ready index; returns its body if it was in RAM.
+    fn took(&mut self, entry: &Entry) -> Option<Body> {
+        self.ready_bytes -= entry.size as u64;
+        if entry.has(RESIDENT) {
+            self.resident_bytes -= entry.size as u64;
+            self.bodies.remove(&entry.id)
+        } else {
+            self.paged -= 1;
+            None
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<(Entry, Option<Body>)> {
+        let entry = self.ready.pop_front()?;
+        let body = self.took(&entry);
+        self.shrink_index();
+        Some((entry, body))
+    }
+
+    fn remove_at(&mut self, idx: usize) -> Option<(Entry, Option<Body>)> {
+        let entry = self.ready.remove(idx)?;
+        let body = self.took(&entry);
+        Some((entry, body))
+    }
+
+    /// Gives back the index's memory once a deep queue has drained (amortised: only at a quarter full).
+    fn shrink_index(&mut self) {
+        const MIN_CAPACITY: usize = 1 << 16;
+        if self.ready.capacity() > MIN_CAPACITY && self.ready.len() < self.ready.capacity() / 4 {
+            self.ready.shrink_to(self.ready.len() * 2);
+        }
+    }
+
+    fn find(&self, key: Rank) -> Option<usize> {
+        self.ready.binary_search_by_key(&key, |e| e.key()).ok()
+    }
 }
 
 impl Queue {
     /// Creates a queue and starts its timer task (TTL and `x-expires`). Needs a tokio runtime.
-    /// With a store, persistent messages are written to it and the `recovered` ones are its contents.
+    /// With a store, persistent messages are written to it and `recovered` is the index of its contents.
     pub fn create(
         spec: QueueSpec,
         hooks: Weak<dyn QueueHooks>,
         store: Option<QueueStore>,
-        recovered: Vec<Recovered>,
+        recovered: RecoveredIndex,
+        paging: Arc<Paging>,
     ) -> Arc<Queue> {
         let effective = RwLock::new(Arc::new(spec.args.clone()));
         let queue = Arc::new(Queue {
@@ -305,6 +541,10 @@ impl Queue {
             state: Mutex::new(QueueState {
                 ready: VecDeque::new(),
                 ready_bytes: 0,
+                bodies: BodyMap::default(),
+                resident_bytes: 0,
+                paged: 0,
+                loading: false,
                 unacked: HashMap::new(),
                 unacked_bytes: 0,
                 consumers: Vec::new(),
@@ -315,58 +555,69 @@ impl Queue {
                 deleted: false,
                 dedup: HashSet::new(),
                 store,
+                paging_store: None,
+                spilled: Vec::new(),
+                paging_failed_at: None,
             }),
             timer: Arc::new(Notify::new()),
             hooks,
+            paging,
+            runtime: tokio::runtime::Handle::current(),
         });
         queue.restore(recovered);
         tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer)));
         queue
     }
 
-    /// Puts messages recovered from the store back, in their order, with their ids and flags.
-    fn restore(&self, recovered: Vec<Recovered>) {
-        if recovered.is_empty() {
+    /// Installs the index recovered from the store: every body stays on disk until read ahead.
+    fn restore(&self, recovered: RecoveredIndex) {
+        let RecoveredIndex { mut entries, expiries, dedup, unreadable, .. } = recovered;
+        let mut st = self.lock();
+        if let Some(store) = &st.store {
+            for r in &unreadable {
+                tracing::warn!(queue = %self.spec.name, id = r.id, "stored message has unreadable properties; dropped");
+            }
+            let _ = store.settle(&unreadable);
+        }
+        if entries.is_empty() {
             return;
         }
-        let mut st = self.lock();
-        for r in recovered {
-            let id = r.msg.id;
-            let expires_at = r.msg.expires_at_ms.map(durable::instant_from_wall_ms);
-            // Every logged delivery of a message still here ended without an ack: each counts as a return.
-            let delivery_count = r.msg.delivery_count + r.delivered_count;
-            let Some(message) = durable::from_stored(r.msg) else {
-                tracing::warn!(queue = %self.spec.name, id, "stored message has unreadable properties; dropped");
-                if let Some(store) = &st.store {
-                    let _ = store.settle(&[MsgRef { id, pos: r.pos }]);
-                }
-                continue;
-            };
-            let rank = self.rank_of(&message);
-            if let Some(at) = expires_at {
-                st.expiries.push(Reverse((at, (rank, id))));
-            }
-            if self.args().deduplication {
-                if let Some(key) = plugins::dedup_key(&message) {
-                    st.dedup.insert(key);
-                }
-            }
-            st.ready_bytes += message.body.len() as u64;
-            st.next_id = st.next_id.max(id + 1);
-            let message = Arc::new(message);
-            insert_ready(
-                &mut st.ready,
-                Entry {
-                    id,
-                    rank,
-                    message,
-                    redelivered: r.redelivered,
-                    expires_at,
-                    delivery_count,
-                    stored: Some(r.pos),
-                },
-            );
+        // Append order is id order within a rank; priorities need a sort (never an insert per message).
+        if !entries.windows(2).all(|w| w[0].key() < w[1].key()) {
+            entries.sort_unstable_by_key(|e| e.key());
         }
+        st.next_id = st.next_id.max(entries.iter().map(|e| e.id).max().unwrap_or(0) + 1);
+        st.ready_bytes += entries.iter().map(|e| e.size as u64).sum::<u64>();
+        st.paged += entries.len();
+        st.expiries.extend(expiries);
+        st.dedup.extend(dedup);
+        // From a Vec without copying: the index is the biggest thing a deep queue holds (and without the
+        // Vec's spare capacity, which a cycling ring would end up touching).
+        entries.shrink_to_fit();
+        st.ready = VecDeque::from(entries);
+    }
+
+    /// Dead-letters recovered messages already delivered more often than `x-delivery-limit` allows (the
+    /// broker calls this once the exchanges and bindings they route to are back). Returns how many.
+    pub fn dead_letter_over_delivery_limit(self: &Arc<Self>) -> usize {
+        let Some(limit) = self.args().delivery_limit else { return 0 };
+        let mut after = Aftermath::default();
+        {
+            let mut st = self.lock();
+            let mut i = 0;
+            while i < st.ready.len() {
+                if st.ready[i].delivery_count as u64 > limit {
+                    if let Some((entry, body)) = st.remove_at(i) {
+                        self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let n = after.dead.len();
+        self.run_aftermath(after);
+        n
     }
 
     /// Ready-list rank: 255 minus the effective priority (above the maximum counts as the maximum; no
@@ -424,10 +675,24 @@ impl Queue {
     pub fn message_count(&self) -> u32 {
         self.lock().ready.len() as u32
     }
-    /// Body bytes the queue holds, ready and unacked (what the memory alarm counts).
+    /// Body bytes the queue holds in RAM, ready and unacked (what the memory alarm counts): bodies
+    /// paged out to disk do not count.
     pub fn held_bytes(&self) -> u64 {
         let st = self.lock();
+        st.resident_bytes + st.unacked_bytes
+    }
+    /// Body bytes of every message in the queue, ready and unacked, in RAM or on disk.
+    pub fn message_bytes(&self) -> u64 {
+        let st = self.lock();
         st.ready_bytes + st.unacked_bytes
+    }
+    /// Body bytes of the ready messages, in RAM or on disk.
+    pub fn ready_bytes(&self) -> u64 {
+        self.lock().ready_bytes
+    }
+    /// Ready messages whose body is only on disk.
+    pub fn paged_count(&self) -> u32 {
+        self.lock().paged as u32
     }
     /// Unacked deliveries.
     pub fn unacked_count(&self) -> u32 {
@@ -502,13 +767,14 @@ impl Queue {
         let id = st.next_id;
         st.next_id += 1;
         let rank = self.rank_of(&message);
+        let mut entry = Entry { id, pos: SegmentPos::default(), size: size as u32, rank, flags: 0, delivery_count: 0 };
         // Persistent messages in a durable queue go to its store; the confirm waits for the fsync.
-        let mut stored = None;
         let mut outcome = PushOutcome::Enqueued;
         if let Some(store) = st.store.as_ref().filter(|_| message.is_persistent()) {
             match store.append(&durable::to_stored(id, &message, expires_at)) {
                 Ok((pos, ticket)) => {
-                    stored = Some(pos);
+                    entry.pos = pos;
+                    entry.flags |= STORED;
                     outcome = PushOutcome::Stored(ticket);
                 }
                 Err(e) => {
@@ -528,11 +794,21 @@ impl Queue {
             }
             compact_expiries(&mut st);
         }
-        st.ready_bytes += size;
-        insert_ready(
-            &mut st.ready,
-            Entry { id, rank, message, redelivered: false, expires_at, delivery_count: 0, stored },
-        );
+        let body = Body { message, expires_at };
+        // A queue with bodies on disk already, or past its memory budget, keeps this one on disk too:
+        // it is behind those, and the read-ahead brings it back in order.
+        let budget = self.paging.config();
+        let fits = st.paged == 0 && budget.fits(st.resident_bytes + size, st.bodies.len() + 1);
+        if fits || taken_at_once {
+            st.insert(entry, Some(body));
+        } else {
+            self.retry_spilled(&mut st);
+            let body = self.page_out(&mut st, &mut entry, body);
+            if body.is_some() {
+                st.spilled.push(entry.key());
+            }
+            st.insert(entry, body);
+        }
         self.dispatch_locked(&mut st, now, after);
         self.drop_head_over_limit(&mut st, after);
         // A zero TTL means "deliver now or never".
@@ -540,6 +816,106 @@ impl Queue {
             self.expire_locked(&mut st, now, after);
         }
         outcome
+    }
+
+    /// Moves a body to disk for `entry`: nothing to write if the durable store has it, else a record in
+    /// the paging store. Returns the body back if it has to stay in RAM (the paging store failed).
+    fn page_out(&self, st: &mut QueueState, entry: &mut Entry, body: Body) -> Option<Body> {
+        if entry.has(STORED) || entry.has(PAGED) {
+            return None;
+        }
+        if st.paging_store.is_none() {
+            /// After a failed attempt to open the paging store, how long bodies stay in RAM before the next.
+            const REOPEN_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+            if st.paging_failed_at.is_some_and(|at| at.elapsed() < REOPEN_BACKOFF) {
+                return Some(body);
+            }
+            match self.paging.open_store() {
+                Ok(store) => st.paging_store = Some(store),
+                Err(e) => {
+                    tracing::warn!(queue = %self.spec.name, error = %e, "cannot open a paging store; keeping bodies in RAM");
+                    st.paging_failed_at = Some(Instant::now());
+                    return Some(body);
+                }
+            }
+        }
+        let store = st.paging_store.as_ref()?;
+        match store.append(&durable::to_stored(entry.id, &body.message, body.expires_at)) {
+            // The ticket is not awaited: a paged body only has to outlive the process, not a crash.
+            Ok((pos, _ticket)) => {
+                entry.pos = pos;
+                entry.flags |= PAGED;
+                None
+            }
+            Err(e) => {
+                tracing::debug!(queue = %self.spec.name, error = %e, "cannot page a body out; keeping it in RAM");
+                Some(body)
+            }
+        }
+    }
+
+    /// Pages out bodies the paging store refused earlier (its writer was behind), a bounded number per
+    /// publish, so a burst faster than the disk costs RAM only until the writer catches up.
+    fn retry_spilled(&self, st: &mut QueueState) {
+        const PER_PUSH: usize = 64;
+        for _ in 0..PER_PUSH {
+            let Some(key) = st.spilled.pop() else { return };
+            let Some(idx) = st.find(key) else { continue };
+            let mut entry = st.ready[idx];
+            if !entry.has(RESIDENT) {
+                continue;
+            }
+            let Some(body) = st.bodies.remove(&entry.id) else { continue };
+            match self.page_out(st, &mut entry, body) {
+                None => {
+                    entry.flags &= !RESIDENT;
+                    st.resident_bytes -= entry.size as u64;
+                    st.paged += 1;
+                    st.ready[idx] = entry;
+                }
+                Some(body) => {
+                    st.bodies.insert(entry.id, body);
+                    st.spilled.push(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pages bodies out, from the back of the queue, once requeues or returns pushed the bodies in RAM far
+    /// past the budget (twice it, so this runs rarely); stops at the budget.
+    fn enforce_budget(&self, st: &mut QueueState) {
+        let budget = self.paging.config();
+        let over =
+            |st: &QueueState, factor: usize| !budget.fits(st.resident_bytes / factor as u64, st.bodies.len() / factor);
+        if !over(st, 2) {
+            return;
+        }
+        // From the bodies in RAM (never a walk over a deep index), latest in delivery order first.
+        let mut keys: Vec<Rank> = st.bodies.iter().map(|(id, b)| (self.rank_of(&b.message), *id)).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        for key in keys {
+            if !over(st, 1) {
+                break;
+            }
+            let Some(idx) = st.find(key) else { continue };
+            let mut entry = st.ready[idx];
+            let Some(body) = st.bodies.remove(&entry.id) else { continue };
+            st.resident_bytes -= entry.size as u64;
+            match self.page_out(st, &mut entry, body) {
+                None => {
+                    entry.flags &= !RESIDENT;
+                    st.paged += 1;
+                    st.ready[idx] = entry;
+                }
+                Some(body) => {
+                    // The paging store is failing: stop trying for now.
+                    st.resident_bytes += entry.size as u64;
+                    st.bodies.insert(entry.id, body);
+                    break;
+                }
+            }
+        }
     }
 
     /// Whether the ready messages, plus `extra_len` messages of `extra_bytes`, exceed `x-max-length(-bytes)`.
@@ -556,10 +932,49 @@ impl Queue {
             return;
         }
         while self.over_limit(st, 0, 0) {
-            let Some(old) = st.ready.pop_front() else { break };
-            st.ready_bytes -= old.message.body.len() as u64;
-            self.forget_dead(st, old, DeadLetterReason::MaxLen, after);
+            let Some((old, body)) = st.pop_front() else { break };
+            self.drop_message(st, &old, body, DeadLetterReason::MaxLen, after);
         }
+    }
+
+    /// A ready message leaves other than by delivery: settled, and dead-lettered (its body read back from
+    /// disk if needed and there is somewhere to send it).
+    fn drop_message(
+        &self,
+        st: &mut QueueState,
+        entry: &Entry,
+        body: Option<Body>,
+        reason: DeadLetterReason,
+        after: &mut Aftermath,
+    ) {
+        let args = self.args();
+        let message = match body {
+            Some(body) => Some(body.message),
+            None if args.dead_letter_exchange.is_some() || args.deduplication => match st.load(entry) {
+                Ok(body) => Some(body.message),
+                Err(e) => {
+                    self.report_unreadable(entry, &e);
+                    None
+                }
+            },
+            None => None,
+        };
+        match message {
+            Some(message) => self.forget_dead(st, entry, message, reason, after),
+            None => self.forget(st, entry, None),
+        }
+    }
+
+    fn report_unreadable(&self, entry: &Entry, e: &LoadError) {
+        tracing::error!(
+            queue = %self.spec.name,
+            id = entry.id,
+            segment = entry.pos.segment,
+            offset = entry.pos.offset,
+            paging_store = entry.has(PAGED),
+            error = %e,
+            "cannot read a message back from disk; dropping it"
+        );
     }
 
     /// Delivers ready messages to consumers with credit, round-robin.
@@ -592,6 +1007,7 @@ impl Queue {
 
     /// Delivers while there are ready messages and consumers with room. A message expires here only if its
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
+    /// Stops at an entry whose body is on disk and asks for a read-ahead.
     fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
         // With a store, deliveries to acking consumers are held back this round: the stored ones are logged as
         // delivered in one store call (one ack-log write per segment), and only then do they all go into the
@@ -601,7 +1017,13 @@ impl Queue {
         let hold = st.store.is_some();
         let mut delivered = Vec::new();
         let mut held = Vec::new();
-        while !st.ready.is_empty() && !st.consumers.is_empty() {
+        while let Some(front) = st.ready.front() {
+            if st.consumers.is_empty() {
+                break;
+            }
+            if !front.has(RESIDENT) {
+                break;
+            }
             // A consumer whose channel-wide limit another queue filled since has_credit() is skipped.
             let mut skipped = Vec::new();
             let idx = loop {
@@ -615,14 +1037,13 @@ impl Queue {
             let Some(idx) = idx else { break };
             let n = st.consumers.len();
             st.next_consumer = (idx + 1) % n;
-            // The loop condition guarantees a ready entry.
-            let Some(entry) = st.ready.pop_front() else { break };
-            st.ready_bytes -= entry.message.body.len() as u64;
-            if entry.expires_at.is_some_and(|at| at < now) {
+            // The loop condition guarantees a ready entry, and the check above that its body is here.
+            let Some((entry, Some(body))) = st.pop_front() else { break };
+            if body.expires_at.is_some_and(|at| at < now) {
                 if !st.consumers[idx].options.no_ack {
                     st.consumers[idx].options.channel_prefetch.release();
                 }
-                self.forget_dead(st, entry, DeadLetterReason::Expired, after);
+                self.forget_dead(st, &entry, body.message, DeadLetterReason::Expired, after);
                 continue;
             }
             let consumer = &mut st.consumers[idx];
@@ -630,25 +1051,23 @@ impl Queue {
                 consumer: consumer.id,
                 queue: Arc::clone(self),
                 id: entry.id,
-                message: self.outgoing(&entry),
-                redelivered: entry.redelivered,
-                rank: entry.rank,
-                expires_at: entry.expires_at,
-                stored: entry.stored,
+                message: self.outgoing(&entry, &body.message),
+                redelivered: entry.has(REDELIVERED),
+                entry,
+                expires_at: body.expires_at,
             };
             if hold && !consumer.options.no_ack {
                 consumer.outstanding += 1;
-                if let Some(pos) = entry.stored {
-                    delivered.push(MsgRef { id: entry.id, pos });
-                }
+                delivered.extend(entry.stored_ref());
                 held.push(delivery);
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
                     entry,
+                    body,
                 };
-                st.unacked_bytes += unacked.entry.message.body.len() as u64;
-                st.unacked.insert(unacked.entry.id, unacked);
+                st.unacked_bytes += entry.size as u64;
+                st.unacked.insert(entry.id, unacked);
                 continue;
             }
             if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
@@ -658,27 +1077,35 @@ impl Queue {
                 }
                 st.consumers.remove(idx);
                 st.next_consumer = 0;
-                st.ready_bytes += entry.message.body.len() as u64;
-                insert_ready(&mut st.ready, entry);
+                st.insert(entry, Some(body));
                 continue;
             }
             consumer.outstanding += 1;
             if consumer.options.no_ack {
-                self.forget(st, &entry);
+                self.forget(st, &entry, Some(&body.message));
             } else {
                 let consumer = &mut st.consumers[idx];
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
                     entry,
+                    body,
                 };
-                st.unacked_bytes += unacked.entry.message.body.len() as u64;
-                st.unacked.insert(unacked.entry.id, unacked);
+                st.unacked_bytes += entry.size as u64;
+                st.unacked.insert(entry.id, unacked);
             }
         }
-        if held.is_empty() {
+        if !held.is_empty() && self.send_held(st, delivered, held) {
+            // Other consumers may take what went back; each pass removes a consumer, so this ends.
+            self.dispatch_locked(st, now, after);
             return;
         }
+        self.want_read_ahead(st, after);
+    }
+
+    /// Logs a round's held deliveries as delivered, then hands them to their consumers. A delivery whose
+    /// consumer is gone goes back as it was and the consumer is dropped; returns whether that happened.
+    fn send_held(&self, st: &mut QueueState, delivered: Vec<MsgRef>, held: Vec<Delivery>) -> bool {
         if let (false, Some(store)) = (delivered.is_empty(), st.store.as_ref()) {
             // To the page cache, which a kill -9 does not lose. A failed write only loses the redelivered flag.
             let _ = store.mark_delivered(&delivered);
@@ -690,20 +1117,127 @@ impl Queue {
                 None => Err(ConsumerEvent::Deliver(delivery)),
             };
             if let Err(ConsumerEvent::Deliver(d)) = sent {
-                // The consumer's owner is gone: the message goes back as it was and the consumer goes. (Its mark
-                // is already logged: only after a crash would it come back flagged redelivered.)
-                if let Some(entry) = Self::settle_locked(st, d.id) {
-                    st.ready_bytes += entry.message.body.len() as u64;
-                    insert_ready(&mut st.ready, entry);
+                // Its mark is already logged: only after a crash would it come back flagged redelivered.
+                if let Some(u) = Self::settle_locked(st, d.id) {
+                    st.insert(u.entry, Some(u.body));
                 }
                 st.consumers.retain(|c| c.id != d.consumer);
                 st.next_consumer = 0;
                 lost_consumer = true;
             }
         }
-        if lost_consumer {
-            // Other consumers may take what went back; each pass removes a consumer, so this ends.
-            self.dispatch_locked(st, now, after);
+        lost_consumer
+    }
+
+    /// Asks for a read-ahead when consumers are waiting and the bodies in RAM at the head run low.
+    fn want_read_ahead(&self, st: &mut QueueState, after: &mut Aftermath) {
+        if st.paged == 0 || st.loading || st.deleted || st.consumers.is_empty() {
+            return;
+        }
+        // The head, or the middle of the window, on disk: the bodies in RAM ahead of consumers run low.
+        let half_window = self.paging.config().window_messages() / 2;
+        let on_disk = |i: usize| st.ready.get(i).is_some_and(|e| !e.has(RESIDENT));
+        if on_disk(0) || on_disk(half_window) {
+            st.loading = true;
+            after.read_ahead = true;
+        }
+    }
+
+    /// The read-ahead task: loads the bodies of the first paged entries until the window is full, reading
+    /// outside the queue lock, then installs those whose entries are still waiting and dispatches.
+    fn read_ahead(self: &Arc<Self>) {
+        /// Most records one step reads (then the lock is taken to install them).
+        const STEP_MESSAGES: usize = 1024;
+        let budget = self.paging.config().clone();
+        loop {
+            // Plan under the lock: which entries, in which store.
+            let (plan, durable, paging) = {
+                let mut st = self.lock();
+                if st.deleted || st.paged == 0 || st.consumers.is_empty() {
+                    st.loading = false;
+                    return;
+                }
+                // The window is the first `window_messages` entries of the queue: bodies in RAM further
+                // back (requeued or refused by the paging store) do not make the head wait.
+                let (mut head_resident_bytes, mut bytes) = (0u64, 0u64);
+                let mut plan = Vec::new();
+                for e in st.ready.iter().take(budget.window_messages()) {
+                    if e.has(RESIDENT) {
+                        head_resident_bytes += e.size as u64;
+                    } else if plan.len() < STEP_MESSAGES {
+                        bytes += e.size as u64;
+                        plan.push(*e);
+                    }
+                }
+                // Within the byte window too, except that the head itself is always loaded.
+                let head_on_disk = st.ready.front().is_some_and(|e| !e.has(RESIDENT));
+                while let Some(last) = plan.last() {
+                    if head_resident_bytes + bytes <= budget.window_bytes() || (plan.len() == 1 && head_on_disk) {
+                        break;
+                    }
+                    bytes -= last.size as u64;
+                    plan.pop();
+                }
+                if plan.is_empty() {
+                    st.loading = false;
+                    return;
+                }
+                (plan, st.store.clone(), st.paging_store.clone())
+            };
+            // Read outside the lock, each store's records in one batch of spans.
+            let read = |flag: u8, store: &Option<QueueStore>| -> Vec<(Entry, Result<Body, LoadError>)> {
+                let entries: Vec<Entry> = plan.iter().copied().filter(|e| e.has(flag)).collect();
+                if entries.is_empty() {
+                    return Vec::new();
+                }
+                let Some(store) = store else {
+                    return entries.into_iter().map(|e| (e, Err(LoadError::NoStore))).collect();
+                };
+                // The record's length guess: body plus typical exchange, key and properties.
+                let wanted: Vec<(SegmentPos, u32)> = entries.iter().map(|e| (e.pos, e.size + 512)).collect();
+                let results = store.read_many(&wanted, READ_SPAN_BYTES);
+                entries
+                    .into_iter()
+                    .zip(results)
+                    .map(|(e, r)| (e, r.map_err(LoadError::from).and_then(body_from_stored)))
+                    .collect()
+            };
+            let mut loaded = read(STORED, &durable);
+            loaded.extend(read(PAGED, &paging));
+            // Install what is still waiting (an entry may have been purged, expired or taken meanwhile).
+            let mut after = Aftermath::default();
+            {
+                let mut st = self.lock();
+                if st.deleted {
+                    st.loading = false;
+                    return;
+                }
+                for (planned, result) in loaded {
+                    let Some(idx) = st.find(planned.key()) else { continue };
+                    let current = st.ready[idx];
+                    if current.has(RESIDENT) || current.pos != planned.pos {
+                        continue;
+                    }
+                    match result {
+                        Ok(body) => {
+                            st.ready[idx].flags |= RESIDENT;
+                            st.paged -= 1;
+                            st.resident_bytes += current.size as u64;
+                            st.bodies.insert(current.id, body);
+                        }
+                        Err(e) => {
+                            self.report_unreadable(&current, &e);
+                            if let Some((entry, _)) = st.remove_at(idx) {
+                                self.forget(&mut st, &entry, None);
+                            }
+                        }
+                    }
+                }
+                self.dispatch_locked(&mut st, Instant::now(), &mut after);
+                // This task is the loader: a request made while dispatching means "go on", not a new task.
+                after.read_ahead = false;
+            }
+            self.run_aftermath(after);
         }
     }
 
@@ -759,9 +1293,9 @@ impl Queue {
         self.dispatch();
     }
 
-    fn settle_locked(st: &mut QueueState, id: MessageId) -> Option<Entry> {
+    fn settle_locked(st: &mut QueueState, id: MessageId) -> Option<Unacked> {
         let unacked = st.unacked.remove(&id)?;
-        st.unacked_bytes -= unacked.entry.message.body.len() as u64;
+        st.unacked_bytes -= unacked.entry.size as u64;
         if let Some(cid) = unacked.consumer {
             if let Some(c) = st.consumers.iter_mut().find(|c| c.id == cid) {
                 c.outstanding = c.outstanding.saturating_sub(1);
@@ -770,7 +1304,7 @@ impl Queue {
         if let Some(cp) = &unacked.channel_prefetch {
             cp.release();
         }
-        Some(unacked.entry)
+        Some(unacked)
     }
 
     /// Acknowledges deliveries: they are gone for good. Unknown ids are ignored (the channel validates tags).
@@ -778,17 +1312,25 @@ impl Queue {
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
-            // One store call for the whole batch: one ack-log write per segment, not one per message.
-            let mut records = Vec::new();
+            // One store call per store for the whole batch: one ack-log write per segment, not one per message.
+            let mut stored = Vec::new();
+            let mut paged = Vec::new();
             for id in ids {
-                if let Some(entry) = Self::settle_locked(&mut st, *id) {
-                    if let Some(pos) = entry.stored {
-                        records.push(MsgRef { id: entry.id, pos });
+                if let Some(u) = Self::settle_locked(&mut st, *id) {
+                    self.forget_dedup(&mut st, &u.entry, Some(&u.body.message));
+                    let r = MsgRef { id: u.entry.id, pos: u.entry.pos };
+                    if u.entry.has(STORED) {
+                        stored.push(r);
+                    } else if u.entry.has(PAGED) {
+                        paged.push(r);
                     }
-                    self.forget_dedup(&mut st, &entry);
                 }
             }
-            self.settle_records(&st, &records);
+            for (store, records) in [(st.store.as_ref(), &stored), (st.paging_store.as_ref(), &paged)] {
+                if let (Some(store), false) = (store, records.is_empty()) {
+                    self.log_settle(store, records);
+                }
+            }
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
@@ -800,31 +1342,31 @@ impl Queue {
         {
             let mut st = self.lock();
             for id in ids {
-                let Some(entry) = Self::settle_locked(&mut st, *id) else { continue };
+                let Some(Unacked { entry, body, .. }) = Self::settle_locked(&mut st, *id) else { continue };
                 if st.deleted {
                     continue;
                 }
                 if requeue {
-                    let delivery_count = entry.delivery_count + 1;
+                    let delivery_count = entry.delivery_count.saturating_add(1);
                     // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
                     if self.args().delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
-                        self.forget_dead(&mut st, entry, DeadLetterReason::DeliveryLimit, &mut after);
+                        self.forget_dead(&mut st, &entry, body.message, DeadLetterReason::DeliveryLimit, &mut after);
                         continue;
                     }
-                    st.ready_bytes += entry.message.body.len() as u64;
                     // Its expiry may have been consumed by the timer while it was unacked: arm it again.
-                    if let Some(at) = entry.expires_at {
+                    if let Some(at) = body.expires_at {
                         let nearer = st.expiries.peek().is_none_or(|Reverse((first, _))| at < *first);
-                        st.expiries.push(Reverse((at, (entry.rank, entry.id))));
+                        st.expiries.push(Reverse((at, entry.key())));
                         if nearer {
                             self.timer.notify_one();
                         }
                     }
-                    insert_ready(&mut st.ready, Entry { redelivered: true, delivery_count, ..entry });
+                    st.insert(Entry { flags: entry.flags | REDELIVERED, delivery_count, ..entry }, Some(body));
                 } else {
-                    self.forget_dead(&mut st, entry, DeadLetterReason::Rejected, &mut after);
+                    self.forget_dead(&mut st, &entry, body.message, DeadLetterReason::Rejected, &mut after);
                 }
             }
+            self.enforce_budget(&mut st);
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
             // Requeued messages count against the length limits again.
             self.drop_head_over_limit(&mut st, &mut after);
@@ -833,58 +1375,78 @@ impl Queue {
     }
 
     /// A message left the queue for good: its store record is settled, and a later message with the same
-    /// deduplication value may enter.
-    fn forget(&self, st: &mut QueueState, entry: &Entry) {
-        if let Some(pos) = entry.stored {
-            self.settle_records(st, &[MsgRef { id: entry.id, pos }]);
-        }
-        self.forget_dedup(st, entry);
+    /// deduplication value may enter. `message` is its body if in RAM (read back from disk for the
+    /// deduplication key otherwise).
+    fn forget(&self, st: &mut QueueState, entry: &Entry, message: Option<&Message>) {
+        self.forget_dedup(st, entry, message);
+        self.settle_entry(st, entry);
     }
 
-    /// A message leaves for the dead-letter exchange: like [`Queue::forget`], except that its store record is
+    /// A message leaves for the dead-letter exchange: like [`Queue::forget`], except that a durable record is
     /// settled later, once its copies are durable (see [`crate::dead_letter::SourceRecords`]).
-    fn forget_dead(&self, st: &mut QueueState, entry: Entry, reason: DeadLetterReason, after: &mut Aftermath) {
-        if let Some(pos) = entry.stored {
-            after.dead_records.push(MsgRef { id: entry.id, pos });
+    fn forget_dead(
+        &self,
+        st: &mut QueueState,
+        entry: &Entry,
+        message: Arc<Message>,
+        reason: DeadLetterReason,
+        after: &mut Aftermath,
+    ) {
+        self.forget_dedup(st, entry, Some(&message));
+        match entry.stored_ref() {
+            Some(r) => after.dead_records.push(r),
+            // A paging-store record need not outlive anything: it goes now.
+            None => self.settle_entry(st, entry),
         }
-        self.forget_dedup(st, &entry);
-        after.dead.push((entry.message, reason));
+        after.dead.push((message, reason));
     }
 
-    /// Logs store records as settled.
-    fn settle_records(&self, st: &QueueState, records: &[MsgRef]) {
-        if let Some(store) = st.store.as_ref() {
-            if let Err(e) = store.settle(records) {
-                // At-least-once: an unlogged settle can only bring the message back after a restart.
-                tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
-            }
-        }
-    }
-
-    /// Settles the store records of messages that already left the queue (their dead-lettered copies are now
-    /// durable). A no-op once the queue is deleted.
-    pub(crate) fn settle_left(&self, records: &[MsgRef]) {
-        let st = self.lock();
-        self.settle_records(&st, records);
-    }
-
-    /// A later message with the same deduplication value may enter.
-    fn forget_dedup(&self, st: &mut QueueState, entry: &Entry) {
+    /// A later message with the same deduplication value may enter. `message` is its body if in RAM (read
+    /// back from disk otherwise).
+    fn forget_dedup(&self, st: &mut QueueState, entry: &Entry, message: Option<&Message>) {
         if self.args().deduplication {
-            if let Some(key) = plugins::dedup_key(&entry.message) {
+            let key = match message {
+                Some(m) => plugins::dedup_key(m),
+                None => st.load(entry).ok().and_then(|b| plugins::dedup_key(&b.message)),
+            };
+            if let Some(key) = key {
                 st.dedup.remove(&key);
             }
         }
     }
 
+    /// Settles an entry's record in whichever store holds it (durable or paging).
+    fn settle_entry(&self, st: &QueueState, entry: &Entry) {
+        if let Some(store) = st.store_of(entry) {
+            self.log_settle(store, &[MsgRef { id: entry.id, pos: entry.pos }]);
+        }
+    }
+
+    /// Logs records of `store` as settled.
+    fn log_settle(&self, store: &QueueStore, records: &[MsgRef]) {
+        if let Err(e) = store.settle(records) {
+            // At-least-once: an unlogged settle can only bring the message back after a restart.
+            tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
+        }
+    }
+
+    /// Settles the durable store records of messages that already left the queue (their dead-lettered
+    /// copies are now durable). A no-op once the queue is deleted.
+    pub(crate) fn settle_left(&self, records: &[MsgRef]) {
+        let st = self.lock();
+        if let Some(store) = st.store.as_ref() {
+            self.log_settle(store, records);
+        }
+    }
+
     /// The message as delivered: where the queue counts deliveries (quorum queues, as RabbitMQ 3.10, and any
     /// queue with `x-delivery-limit`) it carries `x-delivery-count`, 0 on the first delivery.
-    fn outgoing(&self, entry: &Entry) -> Arc<Message> {
+    fn outgoing(&self, entry: &Entry, message: &Arc<Message>) -> Arc<Message> {
         let counts = self.args().delivery_limit.is_some() || self.args().queue_type == QueueType::Quorum;
         if !counts {
-            return Arc::clone(&entry.message);
+            return Arc::clone(message);
         }
-        let mut message = (*entry.message).clone();
+        let mut message = (**message).clone();
         let mut headers = message.headers().cloned().unwrap_or_default();
         headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(entry.delivery_count as i64));
         message.properties = message.properties.with_headers(headers);
@@ -902,38 +1464,33 @@ impl Queue {
             if st.deleted {
                 return;
             }
-            let entry = match Self::settle_locked(&mut st, delivery.id) {
-                Some(entry) => entry,
+            let (entry, body) = match Self::settle_locked(&mut st, delivery.id) {
+                Some(u) => (u.entry, u.body),
                 None => {
-                    // A no-ack delivery: the queue forgot it when it was sent. Its dedup key comes back too.
+                    // A no-ack delivery: the queue forgot it when it was sent (its record is settled, so
+                    // it no longer has one). Its dedup key comes back too.
                     if self.args().deduplication {
                         if let Some(key) = plugins::dedup_key(&delivery.message) {
                             st.dedup.insert(key);
                         }
                     }
-                    Entry {
-                        id: delivery.id,
-                        rank: delivery.rank,
-                        message: delivery.message,
-                        redelivered: delivery.redelivered,
-                        expires_at: delivery.expires_at,
-                        delivery_count: 0,
-                        stored: delivery.stored,
-                    }
+                    let entry =
+                        Entry { flags: delivery.entry.flags & REDELIVERED, delivery_count: 0, ..delivery.entry };
+                    (entry, Body { message: delivery.message, expires_at: delivery.expires_at })
                 }
             };
-            if let Some(at) = entry.expires_at {
-                st.expiries.push(Reverse((at, (entry.rank, entry.id))));
+            if let Some(at) = body.expires_at {
+                st.expiries.push(Reverse((at, entry.key())));
                 self.timer.notify_one();
             }
-            st.ready_bytes += entry.message.body.len() as u64;
-            insert_ready(&mut st.ready, entry);
+            st.insert(entry, Some(body));
+            self.enforce_budget(&mut st);
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
     }
 
-    /// Takes one message (`basic.get`); with `no_ack` it is settled at once.
+    /// Takes one message (`basic.get`); with `no_ack` it is settled at once. A body on disk is read here.
     pub fn get(self: &Arc<Self>, no_ack: bool) -> Option<GetResult> {
         let mut after = Aftermath::default();
         let result = {
@@ -941,26 +1498,36 @@ impl Queue {
             st.last_used = Instant::now();
             let now = Instant::now();
             loop {
-                let Some(entry) = st.ready.pop_front() else { break None };
-                st.ready_bytes -= entry.message.body.len() as u64;
-                if entry.expires_at.is_some_and(|at| at < now) {
-                    self.forget_dead(&mut st, entry, DeadLetterReason::Expired, &mut after);
+                let Some((entry, body)) = st.pop_front() else { break None };
+                let body = match body {
+                    Some(body) => body,
+                    None => match st.load(&entry) {
+                        Ok(body) => body,
+                        Err(e) => {
+                            self.report_unreadable(&entry, &e);
+                            self.forget(&mut st, &entry, None);
+                            continue;
+                        }
+                    },
+                };
+                if body.expires_at.is_some_and(|at| at < now) {
+                    self.forget_dead(&mut st, &entry, body.message, DeadLetterReason::Expired, &mut after);
                     continue;
                 }
                 let result = GetResult {
                     id: entry.id,
-                    message: self.outgoing(&entry),
-                    redelivered: entry.redelivered,
+                    message: self.outgoing(&entry, &body.message),
+                    redelivered: entry.has(REDELIVERED),
                     remaining: st.ready.len() as u32,
                 };
                 if no_ack {
-                    self.forget(&mut st, &entry);
+                    self.forget(&mut st, &entry, Some(&body.message));
                 } else {
-                    if let (Some(pos), Some(store)) = (entry.stored, st.store.as_ref()) {
-                        let _ = store.mark_delivered(&[MsgRef { id: entry.id, pos }]);
+                    if let (Some(r), Some(store)) = (entry.stored_ref(), st.store.as_ref()) {
+                        let _ = store.mark_delivered(&[r]);
                     }
-                    st.unacked_bytes += entry.message.body.len() as u64;
-                    st.unacked.insert(entry.id, Unacked { entry, consumer: None, channel_prefetch: None });
+                    st.unacked_bytes += entry.size as u64;
+                    st.unacked.insert(entry.id, Unacked { entry, body, consumer: None, channel_prefetch: None });
                 }
                 break Some(result);
             }
@@ -971,13 +1538,26 @@ impl Queue {
 
     /// Reads up to `count` ready messages from position `offset` in delivery order, without consuming,
     /// settling or reordering them (they stay ready; no redelivered flag or delivery count changes).
+    /// Bodies on disk are read back (and not kept); one that cannot be read is left out.
     pub fn peek(&self, offset: usize, count: usize) -> Vec<Peeked> {
         let st = self.lock();
         st.ready
             .iter()
             .skip(offset)
             .take(count)
-            .map(|e| Peeked { id: e.id, message: Arc::clone(&e.message), redelivered: e.redelivered })
+            .filter_map(|e| {
+                let message = match st.bodies.get(&e.id).filter(|_| e.has(RESIDENT)) {
+                    Some(body) => Arc::clone(&body.message),
+                    None => match st.load(e) {
+                        Ok(body) => body.message,
+                        Err(err) => {
+                            self.report_unreadable(e, &err);
+                            return None;
+                        }
+                    },
+                };
+                Some(Peeked { id: e.id, message, redelivered: e.has(REDELIVERED) })
+            })
             .collect()
     }
 
@@ -985,10 +1565,9 @@ impl Queue {
     /// target). False if it is no longer ready (consumed, expired or already removed).
     pub fn remove_ready(&self, id: MessageId) -> bool {
         let mut st = self.lock();
-        let Some(pos) = st.ready.iter().position(|e| e.id == id) else { return false };
-        let Some(entry) = st.ready.remove(pos) else { return false };
-        st.ready_bytes -= entry.message.body.len() as u64;
-        self.forget(&mut st, &entry);
+        let Some(idx) = st.ready.iter().position(|e| e.id == id) else { return false };
+        let Some((entry, body)) = st.remove_at(idx) else { return false };
+        self.forget(&mut st, &entry, body.as_ref().map(|b| &*b.message));
         true
     }
 
@@ -997,10 +1576,29 @@ impl Queue {
         let mut st = self.lock();
         let n = st.ready.len() as u32;
         let ready = std::mem::take(&mut st.ready);
-        for e in &ready {
-            self.forget(&mut st, e);
-        }
+        let bodies = std::mem::take(&mut st.bodies);
         st.ready_bytes = 0;
+        st.resident_bytes = 0;
+        st.paged = 0;
+        st.spilled.clear();
+        if self.args().deduplication {
+            for e in &ready {
+                let message = bodies.get(&e.id).map(|b| Arc::clone(&b.message));
+                self.forget(&mut st, e, message.as_deref());
+            }
+        } else {
+            // One settle call per store: a deep queue's purge is a few ack-log writes, not one per message.
+            let durable: Vec<MsgRef> = ready.iter().filter_map(|e| e.stored_ref()).collect();
+            let paged: Vec<MsgRef> =
+                ready.iter().filter(|e| e.has(PAGED)).map(|e| MsgRef { id: e.id, pos: e.pos }).collect();
+            for (store, refs) in [(&st.store, durable), (&st.paging_store, paged)] {
+                if let (Some(store), false) = (store, refs.is_empty()) {
+                    if let Err(e) = store.settle(&refs) {
+                        tracing::warn!(queue = %self.spec.name, error = %e, "cannot log settlement");
+                    }
+                }
+            }
+        }
         // Expiry entries of unacked messages must survive (a requeue brings them back); stale ones are skipped.
         n
     }
@@ -1013,13 +1611,17 @@ impl Queue {
         }
         st.deleted = true;
         let n = st.ready.len() as u32;
-        st.ready.clear();
+        st.ready = VecDeque::new();
+        st.bodies = BodyMap::default();
         st.ready_bytes = 0;
+        st.resident_bytes = 0;
+        st.paged = 0;
+        st.spilled = Vec::new();
         st.expiries.clear();
         for c in st.consumers.drain(..) {
             let _ = c.sink.send(ConsumerEvent::Cancelled(c.id));
         }
-        if let Some(store) = st.store.take() {
+        for store in [st.store.take(), st.paging_store.take()].into_iter().flatten() {
             if let Err(e) = store.destroy() {
                 tracing::warn!(queue = %self.spec.name, error = %e, "cannot remove the deleted queue's files");
             }
@@ -1029,20 +1631,18 @@ impl Queue {
         n
     }
 
-    /// Drops expired ready messages (dead-lettering them).
+    /// Drops expired ready messages (dead-lettering them). A heap entry whose message is still ready *is*
+    /// that message's expiry: it never changes after publish.
     fn expire_locked(&self, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
-        while let Some(Reverse((at, rank))) = st.expiries.peek().copied() {
+        while let Some(Reverse((at, key))) = st.expiries.peek().copied() {
             if at > now {
                 break;
             }
             st.expiries.pop();
             // Only ready messages expire; a delivered one left the queue's ready list.
-            if let Ok(pos) = st.ready.binary_search_by_key(&rank, |e| (e.rank, e.id)) {
-                if st.ready[pos].expires_at.is_some_and(|t| t <= now) {
-                    if let Some(e) = st.ready.remove(pos) {
-                        st.ready_bytes -= e.message.body.len() as u64;
-                        self.forget_dead(st, e, DeadLetterReason::Expired, after);
-                    }
+            if let Some(idx) = st.find(key) {
+                if let Some((entry, body)) = st.remove_at(idx) {
+                    self.drop_message(st, &entry, body, DeadLetterReason::Expired, after);
                 }
             }
         }
@@ -1081,6 +1681,10 @@ impl Queue {
     }
 
     fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
+        if after.read_ahead {
+            let queue = Arc::clone(self);
+            self.runtime.spawn_blocking(move || queue.read_ahead());
+        }
         if after.dead.is_empty() {
             return;
         }
@@ -1102,25 +1706,35 @@ impl Queue {
 }
 
 /// Rebuilds the expiry heap when it is mostly stale. Entries of messages already consumed stay in the heap
-/// until their deadline; with long TTLs and fast consumers that would grow without bound.
+/// until their deadline; with long TTLs and fast consumers that would grow without bound. An entry is live
+/// while its message is ready or unacked (the index holds no expiry: the heap entry is the only copy).
 fn compact_expiries(st: &mut QueueState) {
     let live = st.ready.len() + st.unacked.len();
     if st.expiries.len() <= 2 * live + 1024 {
         return;
     }
-    let ready = st.ready.iter().filter_map(|e| e.expires_at.map(|at| Reverse((at, (e.rank, e.id)))));
-    let unacked =
-        st.unacked.values().filter_map(|u| u.entry.expires_at.map(|at| Reverse((at, (u.entry.rank, u.entry.id)))));
-    st.expiries = ready.chain(unacked).collect();
+    let mut items = std::mem::take(&mut st.expiries).into_vec();
+    items.retain(|Reverse((_, key))| {
+        st.ready.binary_search_by_key(key, |e| e.key()).is_ok()
+            || st.unacked.get(&key.1).is_some_and(|u| u.entry.rank == key.0)
+    });
+    items.sort_unstable();
+    items.dedup();
+    st.expiries = BinaryHeap::from(items);
 }
 
 /// Puts an entry at its place: by priority, then publish order (so a requeued message goes back where it was).
 fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
-    let key = (entry.rank, entry.id);
-    if ready.back().is_none_or(|last| (last.rank, last.id) < key) {
+    if ready.len() == ready.capacity() {
+        // Grow by an eighth, not by doubling: a deep queue's index is its biggest allocation, and a ring
+        // buffer that publishers and consumers keep cycling touches (keeps resident) all of its capacity.
+        ready.reserve_exact((ready.len() / 8).max(64));
+    }
+    let key = entry.key();
+    if ready.back().is_none_or(|last| last.key() < key) {
         ready.push_back(entry);
     } else {
-        let pos = ready.partition_point(|e| (e.rank, e.id) < key);
+        let pos = ready.partition_point(|e| e.key() < key);
         ready.insert(pos, entry);
     }
 }
@@ -1150,5 +1764,16 @@ async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>) {
             return;
         }
         q.on_timer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_entry_stays_at_24_bytes() {
+        // The deep-queue memory budget (issue 5) is about 24 bytes per message in the index.
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
     }
 }

@@ -6,10 +6,12 @@ use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::message::{header_routing_keys, Message};
+use crate::paging::Paging;
 use crate::plugins::{self, Admission, DelayedMessages, ExchangeFlavor};
 use crate::policy::{self as policies, Policy};
 use crate::queue::{
-    ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks, QueueSpec,
+    ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
+    QueueSpec, RecoveredIndex,
 };
 use crate::store::SyncTicket;
 use amq_protocol_types::FieldTable;
@@ -165,6 +167,8 @@ pub struct VHost {
     durability: Option<Arc<Durability>>,
     /// Policies, applied to existing and future queues.
     policies: RwLock<Vec<Policy>>,
+    /// Where queues page message bodies out to, and their memory budget.
+    paging: Arc<Paging>,
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -190,7 +194,12 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 impl VHost {
     /// Creates a vhost with RabbitMQ's standard exchanges; `ids` hands out consumer ids. With
     /// `durability`, durable queues keep persistent messages on disk and definitions are saved.
-    pub fn new(name: &str, ids: Arc<AtomicU64>, durability: Option<Arc<Durability>>) -> Arc<VHost> {
+    pub fn new(
+        name: &str,
+        ids: Arc<AtomicU64>,
+        durability: Option<Arc<Durability>>,
+        paging: Arc<Paging>,
+    ) -> Arc<VHost> {
         let vhost = Arc::new_cyclic(|myself| VHost {
             name: name.to_owned(),
             exchanges: RwLock::new(HashMap::new()),
@@ -199,6 +208,7 @@ impl VHost {
             myself: myself.clone(),
             durability,
             policies: RwLock::new(Vec::new()),
+            paging,
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -575,25 +585,31 @@ impl VHost {
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
         // Durable, non-exclusive queues keep persistent messages in a store (and get back what it holds).
-        let (store, recovered) =
-            match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
-                Some(d) => match d.open_queue_store(&self.name, &name) {
-                    Ok((store, recovered)) => (Some(store), recovered),
-                    Err(e) => {
-                        return Err(BrokerError::new(
-                            ErrorKind::ResourceError,
-                            format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
-                        ))
-                    }
-                },
-                None => (None, Vec::new()),
-            };
+        let mut recovered = RecoveredIndex::new(&spec.args);
+        let store = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
+            Some(d) => match d.open_queue_store(&self.name, &name, |r| recovered.add(r)) {
+                Ok(store) => Some(store),
+                Err(e) => {
+                    return Err(BrokerError::new(
+                        ErrorKind::ResourceError,
+                        format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
+                    ))
+                }
+            },
+            None => None,
+        };
         let durable = store.is_some();
-        let queue = Queue::create(spec, hooks, store, recovered);
+        let recovering = !recovered.is_empty();
+        let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
         queues.insert(name.clone(), Arc::clone(&queue));
         drop(queues);
         // After the insert: a policy set meanwhile either is seen here or its reapply sees this queue.
         self.apply_policy_to(&queue);
+        // Recovered messages already past their delivery limit go to the dead-letter exchange, once the
+        // broker's recovery has declared what they route to (it calls this itself at the end).
+        if recovering && !self.durability.as_ref().is_some_and(|d| d.is_recovering()) {
+            queue.dead_letter_over_delivery_limit();
+        }
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
         if durable {
             self.save_definitions();
@@ -616,7 +632,8 @@ impl VHost {
             args: QueueArguments::default(),
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        write(&self.queues).insert(name.clone(), Queue::create(spec, hooks, None, Vec::new()));
+        let queue = Queue::create(spec, hooks, None, RecoveredIndex::default(), Arc::clone(&self.paging));
+        write(&self.queues).insert(name.clone(), queue);
         name
     }
 

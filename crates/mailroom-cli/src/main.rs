@@ -7,7 +7,7 @@ mod saga;
 
 use clap::{Args, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
-use mailroom_broker::{AlarmConfig, Broker, BrokerConfig};
+use mailroom_broker::{AlarmConfig, Broker, BrokerConfig, PagingConfig};
 use mailroom_http::HttpServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -81,6 +81,10 @@ struct ServerArgs {
     #[arg(long, env = "MAILROOM_GROUP_COMMIT_MAX_WAIT_US",
           default_value_t = mailroom_broker::store::syncer::DEFAULT_MAX_WAIT.as_micros() as u64)]
     group_commit_max_wait_us: u64,
+    /// RAM each queue may spend on ready messages' bodies (bytes, plus 256 per message); past it bodies
+    /// are paged to disk (persistent ones stay in the queue's store, the rest go to `<data dir>/paging`).
+    #[arg(long, env = "MAILROOM_QUEUE_MEMORY_BYTES", default_value_t = mailroom_broker::paging::DEFAULT_QUEUE_MEMORY_BYTES)]
+    queue_memory_bytes: u64,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -134,6 +138,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
             max_wait: Duration::from_micros(args.group_commit_max_wait_us),
             ..Default::default()
         },
+        paging: PagingConfig { queue_memory_bytes: args.queue_memory_bytes, ..PagingConfig::default() },
         ..BrokerConfig::default()
     })?;
     let config = ServerConfig {

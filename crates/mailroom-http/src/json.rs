@@ -155,7 +155,10 @@ pub fn queue(v: &VHost, q: &Queue) -> Value {
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
         "consumers": q.consumer_count(),
-        "message_bytes": q.held_bytes(),
+        // RabbitMQ's meanings: all message bytes, those in RAM, and ready messages whose body is on disk.
+        "message_bytes": q.message_bytes(),
+        "message_bytes_ram": q.held_bytes(),
+        "messages_paged_out": q.paged_count(),
         "policy": policy_name,
         "effective_policy_definition": effective,
         "type": "classic",

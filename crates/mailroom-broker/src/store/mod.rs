@@ -19,6 +19,10 @@
 //! - Recovery ([`QueueStore::recover`]) scans segments with CRCs: a torn tail is cut off, a damaged
 //!   record in the middle is reported and skipped (the scanner resyncs on the next magic number whose
 //!   header CRC checks). No file content can make it panic.
+//! - The same store, opened with [`StoreConfig::ephemeral`], is a queue's paging store
+//!   ([`crate::paging`]): records are written by their own syncer thread but never fsynced, and settles
+//!   only count (no ack log), because nothing in it has to survive a restart.
+//! - [`QueueStore::read_many`] reads a deep queue's head back in spans (one `pread` for many records).
 
 pub mod ack_log;
 pub mod definitions;

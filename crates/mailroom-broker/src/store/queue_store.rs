@@ -47,6 +47,9 @@ pub struct StoreConfig {
     /// only a power loss can bring back messages acked (or unmark deliveries made) in this last interval,
     /// which DESIGN.md allows. Confirms never wait for ack-log fsyncs, and an idle round syncs them at once.
     pub ack_sync_interval: Duration,
+    /// A paging store: records are written but never fsynced and settles keep no ack log, because
+    /// nothing in it has to survive a restart (tickets complete once the bytes are in the page cache).
+    pub ephemeral: bool,
 }
 
 impl Default for StoreConfig {
@@ -55,12 +58,13 @@ impl Default for StoreConfig {
             segment_size: DEFAULT_SEGMENT_SIZE,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             ack_sync_interval: DEFAULT_ACK_SYNC_INTERVAL,
+            ephemeral: false,
         }
     }
 }
 
 /// Where a record lives: segment sequence number and byte offset (8 bytes, `Copy`, for the index).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentPos {
     /// Segment sequence number.
     pub segment: u32,
@@ -178,7 +182,8 @@ struct Shared {
     inner: Mutex<Inner>,
 }
 
-/// The store of one durable queue.
+/// The store of one durable queue. Clones share the same store (a read-ahead reads through one).
+#[derive(Clone)]
 pub struct QueueStore {
     shared: Arc<Shared>,
 }
@@ -342,7 +347,9 @@ impl QueueStore {
         segs.insert(seq, SegMeta::default());
         // One directory fsync covers the new segment, cut tails and deleted settled segments.
         let _ = dir_dirty;
-        io.sync_dir(dir).map_err(io_err("fsyncing directory", dir))?;
+        if !config.ephemeral {
+            io.sync_dir(dir).map_err(io_err("fsyncing directory", dir))?;
+        }
         let inner = Inner {
             active: SegmentWriter::new(seq, path, file, 0),
             sealed_writers: Vec::new(),
@@ -417,6 +424,9 @@ impl QueueStore {
     /// Records that these messages were handed to a consumer, so a restart redelivers them with
     /// `redelivered = true`.
     pub fn mark_delivered(&self, msgs: &[MsgRef]) -> StoreResult<()> {
+        if self.shared.config.ephemeral {
+            return Ok(());
+        }
         self.shared.write_acks(AckKind::Delivered, msgs)
     }
 
@@ -471,6 +481,105 @@ impl QueueStore {
         }
         let payload = Bytes::from(rec).slice(HEADER_LEN..);
         StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
+    }
+
+    /// Reads several records back, for a read-ahead: `wanted` holds each record's position and a guess of
+    /// its length (a record longer than its guess costs a second read). Runs of records close together
+    /// in one segment on file come in one `pread` of at most `span_limit` bytes; their bodies are slices
+    /// of that buffer. Results are in the order asked; a damaged record fails alone.
+    pub fn read_many(&self, wanted: &[(SegmentPos, u32)], span_limit: u64) -> Vec<StoreResult<StoredMessage>> {
+        /// A gap this large between two wanted records ends a span (reading it would be waste).
+        const MAX_GAP: u64 = 64 * 1024;
+        let s = &*self.shared;
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut i = 0;
+        while i < wanted.len() {
+            let (first, first_len) = wanted[i];
+            // Segments still being written (buffers in memory) are read record by record.
+            let file = {
+                let mut inner = s.lock();
+                let buffered =
+                    inner.active.seq == first.segment || inner.sealed_writers.iter().any(|w| w.seq == first.segment);
+                if buffered || !inner.segs.contains_key(&first.segment) {
+                    None
+                } else {
+                    match &inner.read_cache {
+                        Some((seq, f)) if *seq == first.segment => Some(f.clone()),
+                        _ => {
+                            let path = segment::segment_path(&s.dir, first.segment);
+                            match s.io.open(&path, false) {
+                                Ok(f) => {
+                                    inner.read_cache = Some((first.segment, f.clone()));
+                                    Some(f)
+                                }
+                                Err(_) => None,
+                            }
+                        }
+                    }
+                }
+            };
+            let Some(file) = file else {
+                out.push(self.read(first));
+                i += 1;
+                continue;
+            };
+            let start = first.offset as u64;
+            let mut end = start + first_len as u64;
+            let mut j = i + 1;
+            let mut prev = start;
+            while let Some(&(pos, len)) = wanted.get(j) {
+                let offset = pos.offset as u64;
+                let rec_end = offset + len as u64;
+                if pos.segment != first.segment
+                    || offset < prev
+                    || offset > end + MAX_GAP
+                    || rec_end.max(end) - start > span_limit
+                {
+                    break;
+                }
+                end = end.max(rec_end);
+                prev = offset;
+                j += 1;
+            }
+            let path = || segment::segment_path(&s.dir, first.segment);
+            let span = file
+                .file_len()
+                .and_then(|file_len| {
+                    let end = end.min(file_len.max(start));
+                    let mut buf = vec![0u8; (end - start) as usize];
+                    file.read_exact_at(&mut buf, start).map(|()| buf)
+                })
+                .map(Bytes::from);
+            match span {
+                Ok(span) => {
+                    for &(pos, _) in &wanted[i..j] {
+                        let at = (pos.offset as u64 - start) as usize;
+                        let parsed = span.get(at..).and_then(record::parse_header);
+                        let result = match parsed {
+                            Some(h) if at + h.record_len() <= span.len() => {
+                                let payload = span.slice(at + HEADER_LEN..at + h.record_len());
+                                if record::payload_ok(&h, &payload) {
+                                    StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
+                                } else {
+                                    Err(s.corrupt(pos, "payload CRC mismatch"))
+                                }
+                            }
+                            // Longer than its guess: read it on its own.
+                            Some(_) => self.read(pos),
+                            None if span.len() >= at + HEADER_LEN => Err(s.corrupt(pos, "bad record header")),
+                            None => self.read(pos),
+                        };
+                        out.push(result);
+                    }
+                }
+                Err(e) => {
+                    let e = StoreError::io("reading", path(), e);
+                    out.extend(wanted[i..j].iter().map(|_| Err(e.clone())));
+                }
+            }
+            i = j;
+        }
+        out
     }
 
     /// A ticket that completes once everything appended or settled so far is fsynced (shutdown,
@@ -672,6 +781,13 @@ impl Shared {
             if closes && self.delete_segment(&mut inner, seq) {
                 continue;
             }
+            if self.config.ephemeral {
+                // Only the count matters: it decides when the segment can go.
+                if kind == AckKind::Settled {
+                    inner.segs.get_mut(&seq).expect("checked above").settled += ids.len() as u32;
+                }
+                continue;
+            }
             buf.clear();
             ack_log::encode(&mut buf, kind, &ids);
             let path = segment::ack_path(&self.dir, seq);
@@ -725,7 +841,7 @@ impl SyncTarget for Shared {
             inner.acks_synced_at = Instant::now();
             inner.force_ack_sync = false;
         }
-        if std::mem::take(&mut inner.dir_dirty) {
+        if std::mem::take(&mut inner.dir_dirty) && !self.config.ephemeral {
             job.dir = Some((self.io.clone(), self.dir.clone()));
         }
         if inner.poisoned.is_some() {
@@ -758,7 +874,7 @@ impl SyncTarget for Shared {
         let mut inner = self.lock();
         for (i, (seq, file, path, _, data)) in work.into_iter().enumerate() {
             let ok = failed_at.is_none_or(|f| i < f);
-            if ok {
+            if ok && !self.config.ephemeral {
                 push_unsynced(&mut job.files, &file, &path);
             }
             let Some(w) = inner.writer_mut(seq) else {
@@ -975,6 +1091,48 @@ pub(crate) mod tests {
             assert_eq!(store.read(*pos).unwrap(), msg(id as u64, 700), "file read {id}");
         }
         assert!(matches!(store.read(SegmentPos { segment: 999, offset: 0 }), Err(StoreError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn read_many_matches_single_reads_and_isolates_a_damaged_record() {
+        let dir = test_dir("read-many");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 16 * 1024, &syncer, &faults);
+        let mut positions = Vec::new();
+        for id in 0..200u64 {
+            let (pos, t) = store.append(&msg(id, 100 + (id as usize * 53) % 900)).unwrap();
+            positions.push(pos);
+            t.wait().await.unwrap();
+        }
+        assert!(positions.last().unwrap().segment > positions[0].segment + 1, "spans several segments");
+        // Guesses too short (a second read each), about right, and far too long (clamped to the file).
+        for guess in [10u32, 1100, 1 << 20] {
+            let wanted: Vec<(SegmentPos, u32)> = positions.iter().map(|p| (*p, guess)).collect();
+            let got = store.read_many(&wanted, 16 * 1024);
+            for (id, r) in got.into_iter().enumerate() {
+                assert_eq!(r.unwrap(), msg(id as u64, 100 + (id * 53) % 900), "guess {guess}, id {id}");
+            }
+        }
+        // A subset with gaps, in order, still reads right.
+        let some: Vec<(SegmentPos, u32)> = positions.iter().step_by(7).map(|p| (*p, 600)).collect();
+        for (k, r) in store.read_many(&some, 1 << 20).into_iter().enumerate() {
+            assert_eq!(r.unwrap().id, (k * 7) as u64);
+        }
+        // Damage record 42's body on file: it alone fails, as corrupt, with its place.
+        let bad = positions[42];
+        let path = segment::segment_path(&dir, bad.segment);
+        let mut data = std::fs::read(&path).unwrap();
+        data[bad.offset as usize + HEADER_LEN + 30] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let wanted: Vec<(SegmentPos, u32)> = positions.iter().map(|p| (*p, 1100)).collect();
+        for (id, r) in store.read_many(&wanted, 1 << 20).into_iter().enumerate() {
+            match r {
+                Err(StoreError::Corrupt { offset, .. }) if id == 42 => assert_eq!(offset, bad.offset as u64),
+                Ok(m) if id != 42 => assert_eq!(m.id, id as u64),
+                other => panic!("record {id}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
