@@ -346,7 +346,7 @@ impl Relay {
             }
             .instrument(tracing::info_span!("outbox relay", table = %table)),
         );
-        Ok(RelayHandle { task, shared })
+        Ok(RelayHandle::new(task, shared))
     }
 
     /// Acquires the lock (standing by meanwhile), then relays until an error.
@@ -474,10 +474,13 @@ impl Relay {
     }
 }
 
+/// What a relay task and its handle share (the outbox relay's and the embedded saga store's).
 #[derive(Debug, Default)]
-struct RelayShared {
-    leader: AtomicBool,
-    published: AtomicU64,
+pub(crate) struct RelayShared {
+    /// It holds the lock that makes it the active relay.
+    pub(crate) leader: AtomicBool,
+    /// Messages published and marked sent.
+    pub(crate) published: AtomicU64,
 }
 
 /// A running relay.
@@ -488,15 +491,20 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Whether this relay holds the table's lock (is the one publishing).
+    /// A handle on a running relay task.
+    pub(crate) fn new(task: tokio::task::JoinHandle<()>, shared: Arc<RelayShared>) -> RelayHandle {
+        RelayHandle { task, shared }
+    }
+    /// Whether this relay holds its lock (the table's advisory lock, or the store directory's), i.e. is the
+    /// one publishing.
     pub fn is_active(&self) -> bool {
         self.shared.leader.load(Ordering::SeqCst)
     }
-    /// Rows this relay published and marked.
+    /// Messages this relay published and marked sent.
     pub fn published(&self) -> u64 {
         self.shared.published.load(Ordering::Relaxed)
     }
-    /// Stops the relay (its lock connection closes, releasing the lock to a standby).
+    /// Stops the relay (its lock is released to a standby).
     pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;

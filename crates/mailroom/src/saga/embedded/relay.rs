@@ -4,10 +4,11 @@
 
 use super::EmbeddedSagaStore;
 use crate::bus::Bus;
+use crate::outbox::{RelayHandle, RelayShared};
 use crate::saga::SagaError;
 use crate::transport::{Outbound, Published};
 use std::fs::{File, OpenOptions, TryLockError};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ impl EmbeddedRelay {
 
     /// Starts the relay task. It stands by until it holds the directory's relay lock.
     pub async fn run(self) -> Result<EmbeddedRelayHandle, SagaError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RelayShared::default());
         let s = Arc::clone(&shared);
         let task = tokio::spawn(async move {
             // Held for the task's life: aborting the task closes the file and frees the lock.
@@ -61,7 +62,7 @@ impl EmbeddedRelay {
                 }
             }
         });
-        Ok(EmbeddedRelayHandle { task, shared })
+        Ok(RelayHandle::new(task, shared))
     }
 
     async fn acquire_lock(&self) -> File {
@@ -83,7 +84,7 @@ impl EmbeddedRelay {
 
     /// Publishes unsent commands in order until none is left or a publish fails (later commands
     /// wait, so they never overtake it).
-    async fn drain(&self, shared: &Shared) -> Result<(), SagaError> {
+    async fn drain(&self, shared: &RelayShared) -> Result<(), SagaError> {
         loop {
             let rows = self.store.unsent(self.batch).await?;
             let mut sent = Vec::with_capacity(rows.len());
@@ -122,35 +123,5 @@ impl EmbeddedRelay {
     }
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    leader: AtomicBool,
-    published: AtomicU64,
-}
-
-/// A running relay.
-#[derive(Debug)]
-pub struct EmbeddedRelayHandle {
-    task: tokio::task::JoinHandle<()>,
-    shared: Arc<Shared>,
-}
-
-impl EmbeddedRelayHandle {
-    /// Whether this relay holds the directory's lock (is the one publishing).
-    pub fn is_active(&self) -> bool {
-        self.shared.leader.load(Ordering::SeqCst)
-    }
-    /// Commands this relay published and marked sent.
-    pub fn published(&self) -> u64 {
-        self.shared.published.load(Ordering::Relaxed)
-    }
-    /// Stops the relay (releasing the lock to a standby).
-    pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-    /// Kills the relay task where it stands (as a crash would).
-    pub fn abort(&self) {
-        self.task.abort();
-    }
-}
+/// A running embedded relay: the same handle as the PostgreSQL outbox relay's.
+pub type EmbeddedRelayHandle = RelayHandle;
