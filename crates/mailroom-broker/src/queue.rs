@@ -1056,23 +1056,13 @@ impl Queue {
                 entry,
                 expires_at: body.expires_at,
             };
-            if hold && !consumer.options.no_ack {
-                consumer.outstanding += 1;
+            let acking = !consumer.options.no_ack;
+            if hold && acking {
                 delivered.extend(entry.stored_ref());
                 held.push(delivery);
-                let unacked = Unacked {
-                    consumer: Some(consumer.id),
-                    channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
-                    entry,
-                    body,
-                };
-                st.unacked_bytes += entry.size as u64;
-                st.unacked.insert(entry.id, unacked);
-                continue;
-            }
-            if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
+            } else if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
                 // The consumer's owner is gone: put the message back and drop the consumer.
-                if !consumer.options.no_ack {
+                if acking {
                     consumer.options.channel_prefetch.release();
                 }
                 st.consumers.remove(idx);
@@ -1080,11 +1070,9 @@ impl Queue {
                 st.insert(entry, Some(body));
                 continue;
             }
+            let consumer = &mut st.consumers[idx];
             consumer.outstanding += 1;
-            if consumer.options.no_ack {
-                self.forget(st, &entry, Some(&body.message));
-            } else {
-                let consumer = &mut st.consumers[idx];
+            if acking {
                 let unacked = Unacked {
                     consumer: Some(consumer.id),
                     channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
@@ -1093,6 +1081,8 @@ impl Queue {
                 };
                 st.unacked_bytes += entry.size as u64;
                 st.unacked.insert(entry.id, unacked);
+            } else {
+                self.forget(st, &entry, Some(&body.message));
             }
         }
         if !held.is_empty() && self.send_held(st, delivered, held) {
