@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::conn::{self, Conn, CH};
-use super::producer::{read_confirms, ProducerStats, CLOSE_WAIT, CONFIRM_DRAIN};
+use super::producer::{count_confirmed, read_confirms, ProducerStats, CLOSE_WAIT};
 use super::wire::{self, BODY_STAMP_LEN};
 use super::{now_ns, BenchError, Shared};
 
@@ -161,12 +161,7 @@ pub async fn produce(conn: Conn, plan: DelayedPlan, shared: Arc<Shared>) -> Resu
     let mut stats =
         ProducerStats { published: sent, nacked: 0, end: Some(Instant::now()), confirm_latency: Default::default() };
     if result.is_ok() && plan.confirm.is_some() {
-        let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
-        let (confirmed, nacked) = *confirm_rx.borrow();
-        stats.published = confirmed.min(sent) - nacked.min(confirmed);
-        stats.nacked = nacked;
-        stats.end = Some(Instant::now());
-        shared.published.fetch_add(stats.published, Ordering::Relaxed);
+        count_confirmed(&mut stats, sent, &mut confirm_rx, &shared).await;
     }
     let _ = w.write_all(&conn::method(0, conn::close_frame())).await;
     let read_result = match tokio::time::timeout(CLOSE_WAIT, reader).await {

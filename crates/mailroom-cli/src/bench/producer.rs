@@ -159,13 +159,7 @@ impl Producer {
             confirm_latency: Histogram::default(),
         };
         if result.is_ok() && plan.confirm.is_some() {
-            // With confirms, a message counts as published once the broker vouched for it.
-            let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
-            let (confirmed, nacked) = *confirm_rx.borrow();
-            stats.published = confirmed.min(sent) - nacked.min(confirmed);
-            stats.nacked = nacked;
-            stats.end = Some(Instant::now());
-            shared.published.fetch_add(stats.published, Ordering::Relaxed);
+            count_confirmed(&mut stats, sent, &mut confirm_rx, &shared).await;
         }
         // Close and wait for close-ok: the broker answers only after reading every publish before
         // it, so this is when the messages left our socket buffers; dropping the socket earlier
@@ -194,6 +188,22 @@ impl Producer {
         read_result?;
         Ok(stats)
     }
+}
+
+/// With confirms, a message counts as published once the broker vouched for it: waits (at most
+/// [`CONFIRM_DRAIN`]) for the confirms of the `sent` messages, then counts the confirmed ones.
+pub(super) async fn count_confirmed(
+    stats: &mut ProducerStats,
+    sent: u64,
+    confirm_rx: &mut watch::Receiver<(u64, u64)>,
+    shared: &Shared,
+) {
+    let _ = tokio::time::timeout(CONFIRM_DRAIN, confirm_rx.wait_for(|c| c.0 >= sent)).await;
+    let (confirmed, nacked) = *confirm_rx.borrow();
+    stats.published = confirmed.min(sent) - nacked.min(confirmed);
+    stats.nacked = nacked;
+    stats.end = Some(Instant::now());
+    shared.published.fetch_add(stats.published, Ordering::Relaxed);
 }
 
 /// Reads confirms (and errors) off the producer's socket; publishes `(confirmed, nacked)`.
