@@ -1420,6 +1420,11 @@ impl Queue {
         }
     }
 
+    /// Fsyncs the queue's durable store, ack log included; None without one.
+    pub fn sync_store(&self) -> Option<SyncTicket> {
+        self.lock().store.as_ref().map(QueueStore::sync)
+    }
+
     /// Settles the durable store records of messages that already left the queue (their dead-lettered
     /// copies are now durable). A no-op once the queue is deleted.
     pub(crate) fn settle_left(&self, records: &[MsgRef]) {

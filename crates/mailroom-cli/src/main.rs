@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Longest a clean stop waits for the stores' last fsyncs: a disk that stopped answering must not hang the exit.
+const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Mailroom: a message broker that speaks AMQP 0-9-1.
 #[derive(Parser)]
 #[command(name = "mailroom", version, about)]
@@ -171,8 +174,11 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     }
     tracing::info!(http = %args.http_listen, data_dir = %args.data_dir.display(), "mailroom started");
     server.run(shutdown_signal()).await;
-    // Released delayed messages' settles are buffered: write them, or the restart releases them again.
-    stopping.flush_exchange_stores();
+    // Released delayed messages' settles are buffered (write them, or the restart releases them again), and
+    // ack logs are fsynced lazily: flush both, bounded so a failing disk cannot hang the exit.
+    if tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, stopping.flush_stores()).await.is_err() {
+        tracing::warn!("the stores were not all synced within {SHUTDOWN_FLUSH_TIMEOUT:?}; exiting anyway");
+    }
     tracing::info!("mailroom stopped");
     Ok(())
 }
