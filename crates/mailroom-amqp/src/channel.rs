@@ -102,8 +102,8 @@ impl BodyBuffer {
 /// A publish or ack held back by a transaction until commit.
 #[derive(Debug)]
 pub enum TxOp {
-    /// A publish: exchange, message, mandatory flag.
-    Publish { exchange: String, message: Message, mandatory: bool },
+    /// A publish: exchange, message (boxed: it is much larger than a settle), mandatory flag.
+    Publish { exchange: String, message: Box<Message>, mandatory: bool },
     /// A settlement of deliveries (by delivery tag): ack, or reject with/without requeue.
     Settle { deliveries: Vec<(u64, UnackedDelivery)>, ack: bool, requeue: bool },
 }

@@ -30,6 +30,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 
+/// A persistent publish's confirm once its fsync returned: (channel, channel epoch, sequence number, stored ok).
+type DurableConfirm = (u16, u64, u64, bool);
+/// A persistent publish waiting for its fsyncs: (channel, channel epoch, sequence number, the store tickets).
+type DurableWait = (u16, u64, u64, Vec<SyncTicket>);
 /// Batches of encoded frames queued for the writer: bounds per-connection outbound memory.
 const OUTBOUND_BATCHES: usize = 64;
 /// Time a client has to send the protocol header and finish the handshake.
@@ -108,12 +112,12 @@ pub(crate) struct Connection {
     /// This connection has published: resource alarms block it.
     has_published: bool,
     /// Confirms of persistent publishes, reported once their fsync returned: (channel, epoch, seq, stored ok).
-    durable_confirms_tx: mpsc::UnboundedSender<(u16, u64, u64, bool)>,
-    durable_confirms_rx: mpsc::UnboundedReceiver<(u16, u64, u64, bool)>,
+    durable_confirms_tx: mpsc::UnboundedSender<DurableConfirm>,
+    durable_confirms_rx: mpsc::UnboundedReceiver<DurableConfirm>,
     /// Counts channel openings (see `Channel::epoch`).
     channel_epoch: u64,
     /// Feeds the fsync waiter task (see [`Connection::durable_waiter`]).
-    durable_waiter: Option<mpsc::UnboundedSender<(u16, u64, u64, Vec<SyncTicket>)>>,
+    durable_waiter: Option<mpsc::UnboundedSender<DurableWait>>,
     /// We told the client (or would have) that it is blocked.
     blocked: bool,
     /// Acks taken from their channels but not yet applied to their queues, grouped by queue: the acks of one
@@ -670,7 +674,7 @@ impl Connection {
                 self.close_connection(
                     AmqpError::connection(
                         code::UNEXPECTED_FRAME,
-                        format!("expected content header for class 60, got non content header frame instead"),
+                        "expected content header for class 60, got non content header frame instead",
                     )
                     .on(class_id, method_id),
                 );
@@ -1038,7 +1042,7 @@ impl Connection {
                 while let Some(op) = ops.next() {
                     match op {
                         TxOp::Publish { exchange, message, mandatory } => {
-                            match self.route_publish(id, &exchange, message, mandatory) {
+                            match self.route_publish(id, &exchange, *message, mandatory) {
                                 Ok(stored) => tickets.extend(stored),
                                 Err(e) => {
                                     // The commit fails: settlements not applied yet stay unacked, so the
@@ -1425,7 +1429,11 @@ impl Connection {
                 return;
             }
             let Some(ops) = self.channel(id).tx.as_mut() else { return };
-            ops.push(TxOp::Publish { exchange: pending.exchange.to_string(), message, mandatory: pending.mandatory });
+            ops.push(TxOp::Publish {
+                exchange: pending.exchange.to_string(),
+                message: Box::new(message),
+                mandatory: pending.mandatory,
+            });
             return;
         }
         if let Err(e) = self.route_publish(id, &pending.exchange, message, pending.mandatory) {
@@ -1511,10 +1519,10 @@ impl Connection {
 
     /// The connection's fsync waiter, started on its first persistent publish: one task awaits every
     /// publish's tickets in order (fsync rounds complete in append order) instead of a task per message.
-    fn durable_waiter(&mut self) -> &mpsc::UnboundedSender<(u16, u64, u64, Vec<SyncTicket>)> {
+    fn durable_waiter(&mut self) -> &mpsc::UnboundedSender<DurableWait> {
         let done = self.durable_confirms_tx.clone();
         self.durable_waiter.get_or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<(u16, u64, u64, Vec<SyncTicket>)>();
+            let (tx, mut rx) = mpsc::unbounded_channel::<DurableWait>();
             tokio::spawn(async move {
                 while let Some((channel, epoch, seq, tickets)) = rx.recv().await {
                     let mut ok = true;

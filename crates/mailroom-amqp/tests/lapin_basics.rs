@@ -261,6 +261,8 @@ async fn competing_consumers_each_message_exactly_once_round_robin() {
     let publisher = channel(&conn).await;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for i in 0..N {
+        // The per-message confirm futures are dropped: wait_for_confirms below covers them all.
+        #[allow(clippy::let_underscore_future)]
         let _ = publisher
             .basic_publish(
                 "".into(),
@@ -749,12 +751,10 @@ async fn consumer_timeout_closes_channel_406_and_requeues() {
     assert!(!d.redelivered);
     let started = std::time::Instant::now();
     // Hold it unacked: the channel must be closed with 406.
-    let err = loop {
-        match tokio::time::timeout(WAIT, consumer.next()).await.expect("channel closed in time") {
-            Some(Err(e)) => break e,
-            Some(Ok(d)) => panic!("unexpected delivery {:?}", d.data),
-            None => panic!("consumer ended without an error"),
-        }
+    let err = match tokio::time::timeout(WAIT, consumer.next()).await.expect("channel closed in time") {
+        Some(Err(e)) => e,
+        Some(Ok(d)) => panic!("unexpected delivery {:?}", d.data),
+        None => panic!("consumer ended without an error"),
     };
     assert_eq!(reply_code(&err), Some(406), "{err}");
     let waited = started.elapsed();

@@ -169,7 +169,7 @@ impl Broker {
         let refused = || {
             BrokerError::new(
                 ErrorKind::AuthenticationFailed,
-                format!("ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile."),
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.",
             )
         };
         let user = users.get(username).ok_or_else(refused)?;

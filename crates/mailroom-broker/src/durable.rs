@@ -302,7 +302,7 @@ pub(crate) fn encode_properties(properties: &BasicProperties) -> Bytes {
 /// Parses content-header property bytes; None if they do not parse completely.
 pub(crate) fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
     match amq_protocol::protocol::basic::parse_properties(bytes) {
-        Ok((rest, p)) if rest.is_empty() => Some(p),
+        Ok((&[], p)) => Some(p),
         _ => None,
     }
 }

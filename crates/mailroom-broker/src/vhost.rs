@@ -409,7 +409,7 @@ impl VHost {
 
     fn check_bindable_source(&self, source: &str) -> Result<Arc<Exchange>> {
         if source.is_empty() {
-            return Err(BrokerError::access_refused(format!("operation not permitted on the default exchange")));
+            return Err(BrokerError::access_refused("operation not permitted on the default exchange"));
         }
         self.exchange(source)
     }

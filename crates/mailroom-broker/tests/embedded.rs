@@ -276,7 +276,7 @@ async fn a_gone_consumer_is_dropped_and_its_message_kept() {
     assert_eq!(&got.message.body[..], b"kept");
 }
 
-fn death<'a>(d: &'a Delivery) -> &'a FieldTable {
+fn death(d: &Delivery) -> &FieldTable {
     let Some(AMQPValue::FieldArray(deaths)) = header(d, "x-death") else {
         panic!("no x-death in {:?}", d.message.headers())
     };

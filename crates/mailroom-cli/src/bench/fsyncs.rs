@@ -101,7 +101,7 @@ pub fn parse_count(body: &str) -> Option<u64> {
 }
 
 fn last_number(text: &str) -> Option<u64> {
-    text.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).next_back()?.parse().ok()
+    text.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 #[cfg(test)]
