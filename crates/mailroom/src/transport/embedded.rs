@@ -55,9 +55,16 @@ impl Embedded {
         let outstanding: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let track = Arc::clone(&outstanding);
-        let forward = tokio::spawn(async move {
+        // Forwards deliveries until the consumer is cancelled (its sink closes). Once the subscription is
+        // gone, deliveries it never received go back to the queue untouched, as an AMQP channel's do.
+        tokio::spawn(async move {
+            let mut gone = false;
             while let Some(event) = events.recv().await {
                 let ConsumerEvent::Deliver(d) = event else { break };
+                if gone {
+                    d.queue.clone().return_undelivered(d);
+                    continue;
+                }
                 let acker: Option<Box<dyn AckHandle>> = if no_ack {
                     None
                 } else {
@@ -77,11 +84,15 @@ impl Embedded {
                     acker,
                 };
                 if tx.send(inbound).is_err() {
-                    break;
+                    gone = true;
+                    // Unless the guard already requeued it with the other outstanding ones.
+                    if no_ack || track.lock().unwrap().remove(&d.id) {
+                        d.queue.clone().return_undelivered(d);
+                    }
                 }
             }
         });
-        let guard = ConsumerGuard { vhost: Arc::clone(&self.vhost), queue: q, consumer, outstanding, forward };
+        let guard = ConsumerGuard { vhost: Arc::clone(&self.vhost), queue: q, consumer, outstanding };
         Ok(Subscription::new(rx, Box::new(guard)))
     }
 }
@@ -94,17 +105,16 @@ impl Drop for Embedded {
 }
 
 /// Cancels the consumer and returns its unacked deliveries to the queue, as a closing AMQP channel does.
+/// (Deliveries still on their way to the dropped subscription are returned by its forwarding task.)
 struct ConsumerGuard {
     vhost: Arc<VHost>,
     queue: Arc<Queue>,
     consumer: u64,
     outstanding: Arc<Mutex<HashSet<u64>>>,
-    forward: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for ConsumerGuard {
     fn drop(&mut self) {
-        self.forward.abort();
         self.vhost.cancel(&self.queue, self.consumer);
         let ids: Vec<u64> = self.outstanding.lock().unwrap().drain().collect();
         if !ids.is_empty() {
@@ -241,5 +251,52 @@ impl Transport for Embedded {
     fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
         let r = self.vhost.delete_exchange(name, false).map_err(broker_err);
         Box::pin(async move { r })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// Deliveries still on their way to a subscription when it is dropped go back to the queue; they were
+    /// left unacked for the life of the broker before (a dropped orchestrator's reply, say).
+    #[tokio::test]
+    async fn dropping_a_subscription_returns_its_undelivered_messages() {
+        let t = Embedded::start().unwrap();
+        let q = "undelivered";
+        t.declare(Declaration::Queue { name: q.into(), durable: false, arguments: FieldTable::default() })
+            .await
+            .unwrap();
+        for i in 0..10u8 {
+            let m = Outbound {
+                exchange: String::new(),
+                routing_key: q.into(),
+                properties: Default::default(),
+                body: Bytes::from(vec![i]),
+                mandatory: false,
+            };
+            t.publish(m).await.unwrap();
+        }
+        // On this single-threaded runtime the forwarding task has not run yet: all ten deliveries are
+        // still in the consumer's sink when the subscription goes.
+        let sub = t.consume(q, 100).await.unwrap();
+        drop(sub);
+        let mut back = 0;
+        for _ in 0..100 {
+            back = t.message_count(q).await.unwrap();
+            if back == 10 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(back, 10, "every undelivered message is ready again");
+        // And a new consumer gets them all, in order.
+        let mut sub = t.consume(q, 100).await.unwrap();
+        for i in 0..10u8 {
+            let m = sub.next().await.unwrap();
+            assert_eq!(&m.body[..], &[i]);
+            assert!(!m.redelivered, "never handed to the application: not a redelivery");
+        }
     }
 }
