@@ -1474,6 +1474,9 @@ impl Connection {
         message: Message,
         mandatory: bool,
     ) -> Result<Vec<SyncTicket>, AmqpError> {
+        // A publish may depend on earlier acks having reached their queues (a deduplicating queue frees a
+        // value on ack), and the fast publish path never passes through `handle_method`.
+        self.apply_acks();
         let vhost = self.vhost();
         // What a basic.return needs, kept without deep-copying the properties (the usual case has their raw bytes).
         let returned = mandatory.then(|| {

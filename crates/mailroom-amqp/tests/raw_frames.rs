@@ -562,3 +562,54 @@ async fn pipelined_frames_after_channel_error_are_ignored_including_content() {
     drop(raw);
     server.shutdown().await;
 }
+
+/// Content frames of a publish with the given deduplication value.
+fn dedup_publish(channel: u16, queue: &str, value: &str, body: &[u8]) -> BytesMut {
+    let mut headers = FieldTable::default();
+    headers.insert("x-deduplication-header".into(), codec::AMQPValue::LongString(LongString::from(value)));
+    let props = codec::encode_properties(&codec::BasicProperties::default().with_headers(headers));
+    let mut out = BytesMut::new();
+    codec::write_method(&mut out, channel, &publish_method(queue));
+    codec::write_content_header(&mut out, channel, 60, body.len() as u64, &props);
+    out.extend_from_slice(&body_frame(channel, body));
+    out
+}
+
+/// An ack and a publish read together: the publish sees the ack (a deduplicating queue frees the acked
+/// message's value, so the new message with that value is accepted). Acks are batched per read, and the
+/// fast publish path must apply them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sees_the_acks_sent_before_it_in_the_same_read() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 4096).await;
+    raw.open_channel(1).await;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-deduplication".into(), codec::AMQPValue::Boolean(true));
+    let Method::Queue(queue::AMQPMethod::Declare(mut declare)) = declare_method("dedup-ack") else { unreachable!() };
+    declare.arguments = arguments;
+    raw.send_method(1, Method::Queue(queue::AMQPMethod::Declare(declare))).await;
+    raw.method().await;
+    raw.send(&dedup_publish(1, "dedup-ack", "k", b"first")).await;
+    raw.send_method(1, Method::Basic(basic::AMQPMethod::Get(basic::Get { queue: "dedup-ack".into(), no_ack: false })))
+        .await;
+    let (_, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::GetOk(ok)) = m else { panic!("expected get-ok, got {m:?}") };
+    raw.read().await; // content header
+    raw.read().await; // body
+                      // One write: the ack, then a message with the same value.
+    let mut both = BytesMut::new();
+    codec::write_method(
+        &mut both,
+        1,
+        &Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: ok.delivery_tag, multiple: false })),
+    );
+    both.extend_from_slice(&dedup_publish(1, "dedup-ack", "k", b"second"));
+    raw.send(&both).await;
+    raw.send_method(1, declare_method("probe")).await; // a round trip: everything before it is handled
+    raw.method().await;
+    let queue = server.broker.vhost("/").unwrap().queue("dedup-ack", 0).unwrap();
+    let got = queue.get(true).expect("the second message was accepted, not dropped as a duplicate");
+    assert_eq!(&got.message.body[..], b"second");
+    drop(raw);
+    server.shutdown().await;
+}
