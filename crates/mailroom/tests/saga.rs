@@ -7,50 +7,20 @@
 
 mod common;
 
+use common::order_saga::{charge, refund, release, reserve, ship, Failures, Order};
 use common::{env, Env, Target};
 use mailroom::outbox::{Outbox, RelayHandle};
-use mailroom::saga::{Command, Saga, SagaHandle, Status};
+use mailroom::saga::{Saga, SagaHandle, Status};
 use mailroom::{Envelope, HandlerError, WorkerHandle};
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Order {
-    prefix: String,
-    order: u32,
-    cents: i64,
-    /// Set from the charge step's reply (`on_reply`); the refund carries it.
-    #[serde(default)]
-    payment: Option<String>,
-}
-
 fn pg_url() -> String {
     std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
-
-fn reserve(o: &Order) -> Command {
-    Command::new(format!("{}.reserve", o.prefix), serde_json::json!({ "order": o.order }))
-}
-fn release(o: &Order) -> Command {
-    Command::new(format!("{}.release", o.prefix), serde_json::json!({ "order": o.order }))
-}
-fn charge(o: &Order) -> Command {
-    Command::new(format!("{}.charge", o.prefix), serde_json::json!({ "order": o.order, "cents": o.cents }))
-}
-fn refund(o: &Order) -> Command {
-    Command::new(format!("{}.refund", o.prefix), serde_json::json!({ "order": o.order, "payment": o.payment }))
-}
-fn ship(o: &Order) -> Command {
-    Command::new(format!("{}.ship", o.prefix), serde_json::json!({ "order": o.order }))
-}
-
-/// How each service behaves: fail its first `n` calls (`u32::MAX`: always).
-type Failures = HashMap<&'static str, u32>;
 
 struct World {
     env: Env,

@@ -9,45 +9,16 @@
 
 mod common;
 
+use common::order_saga::{charge, refund, release, reserve, ship, Failures, Order};
 use common::{env, Env, Target};
-use mailroom::saga::{ops, Command, EmbeddedRelayHandle, EmbeddedSagaStore, ListFilter, Saga, SagaHandle, Status};
+use mailroom::saga::{ops, EmbeddedRelayHandle, EmbeddedSagaStore, ListFilter, Saga, SagaHandle, Status};
 use mailroom::{Envelope, HandlerError, WorkerHandle};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Order {
-    prefix: String,
-    order: u32,
-    cents: i64,
-    /// Set from the charge step's reply (`on_reply`); the refund carries it.
-    #[serde(default)]
-    payment: Option<String>,
-}
-
-fn reserve(o: &Order) -> Command {
-    Command::new(format!("{}.reserve", o.prefix), serde_json::json!({ "order": o.order }))
-}
-fn release(o: &Order) -> Command {
-    Command::new(format!("{}.release", o.prefix), serde_json::json!({ "order": o.order }))
-}
-fn charge(o: &Order) -> Command {
-    Command::new(format!("{}.charge", o.prefix), serde_json::json!({ "order": o.order, "cents": o.cents }))
-}
-fn refund(o: &Order) -> Command {
-    Command::new(format!("{}.refund", o.prefix), serde_json::json!({ "order": o.order, "payment": o.payment }))
-}
-fn ship(o: &Order) -> Command {
-    Command::new(format!("{}.ship", o.prefix), serde_json::json!({ "order": o.order }))
-}
-
-/// How each service behaves: fail its first `n` calls (`u32::MAX`: always).
-type Failures = HashMap<&'static str, u32>;
 
 /// Options of a test world.
 #[derive(Default)]

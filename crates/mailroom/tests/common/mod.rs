@@ -2,6 +2,8 @@
 //! RabbitMQ at `RABBITMQ_URL`.
 #![allow(dead_code)]
 
+pub mod order_saga;
+
 use mailroom::{Amqp, AmqpConfig, Bus, Embedded};
 use mailroom_amqp::{AmqpServer, ServerConfig};
 use mailroom_broker::{Broker, BrokerConfig};
