@@ -84,6 +84,7 @@ pub mod inbox;
 #[cfg(feature = "postgres")]
 pub mod outbox;
 pub mod pipeline;
+pub mod relay;
 pub mod request;
 pub mod retry;
 pub mod saga;

@@ -4,7 +4,7 @@
 
 use super::EmbeddedSagaStore;
 use crate::bus::Bus;
-use crate::outbox::{RelayHandle, RelayShared};
+use crate::relay::{RelayHandle, RelayShared};
 use crate::saga::SagaError;
 use crate::transport::{Outbound, Published};
 use std::fs::{File, OpenOptions, TryLockError};
