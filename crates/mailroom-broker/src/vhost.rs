@@ -816,16 +816,7 @@ impl VHost {
     /// Routes `message` from `ex` by `keys` (no CC/BCC processing) and pushes it onto every target queue.
     fn route_and_enqueue_keys(&self, ex: &Arc<Exchange>, message: Message, keys: &[String]) -> PublishResult {
         let queues = self.route(ex, keys, message.headers());
-        let message = Arc::new(message);
-        let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
-        for q in &queues {
-            match q.push(Arc::clone(&message)) {
-                PushOutcome::Enqueued => {}
-                PushOutcome::Stored(ticket) => result.durable.push(ticket),
-                PushOutcome::Rejected => result.rejected = true,
-            }
-        }
-        result
+        enqueue_all(&queues, message)
     }
 
     /// The policies, sorted by name.
@@ -914,16 +905,7 @@ impl VHost {
             message.properties = message.properties.clone().with_headers(table);
             message.raw_properties = None;
         }
-        let message = Arc::new(message);
-        let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
-        for q in &queues {
-            match q.push(Arc::clone(&message)) {
-                PushOutcome::Enqueued => {}
-                PushOutcome::Stored(ticket) => result.durable.push(ticket),
-                PushOutcome::Rejected => result.rejected = true,
-            }
-        }
-        result
+        enqueue_all(&queues, message)
     }
 
     /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange
@@ -1048,4 +1030,18 @@ pub fn generate_queue_name() -> String {
         bits >>= 6;
     }
     name
+}
+
+/// Pushes one message onto every routed queue; what the publisher's confirm depends on.
+fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
+    let message = Arc::new(message);
+    let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
+    for q in queues {
+        match q.push(Arc::clone(&message)) {
+            PushOutcome::Enqueued => {}
+            PushOutcome::Stored(ticket) => result.durable.push(ticket),
+            PushOutcome::Rejected => result.rejected = true,
+        }
+    }
+    result
 }
