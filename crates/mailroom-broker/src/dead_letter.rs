@@ -140,6 +140,11 @@ impl SourceRecords {
         SourceRecords { queue, records, copies: Vec::new() }
     }
 
+    /// The queue the messages leave.
+    pub fn queue(&self) -> &Arc<Queue> {
+        &self.queue
+    }
+
     /// Settles the source records now if no copy needs an fsync, else once every copy's ticket completed.
     pub fn finish(self) {
         let SourceRecords { queue, records, copies } = self;

@@ -121,7 +121,7 @@ impl DelayedMessages {
     }
 
     fn instant(&self, due_ms: u64) -> Instant {
-        self.base + Duration::from_millis(due_ms)
+        durable::deadline_after(self.base, due_ms)
     }
 
     /// Gives the exchange its store (after [`DelayedMessages::recover`] indexed what the store held).
@@ -144,7 +144,7 @@ impl DelayedMessages {
     /// Holds `message` for `delay_ms`. A persistent message is stored when the exchange has a store; the
     /// returned ticket completes once its record is fsynced (the publish's confirm waits for it).
     pub fn hold(&self, message: Message, delay_ms: u64) -> StoreResult<Option<SyncTicket>> {
-        let due = Instant::now() + Duration::from_millis(delay_ms);
+        let due = durable::deadline_after(Instant::now(), delay_ms);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut stored = None;
         if message.is_persistent() {

@@ -248,18 +248,28 @@ fn fnv1a64(bytes: &[u8], offset: u64) -> u64 {
     bytes.iter().fold(offset, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// How far ahead the broker computes a deadline at most: about a century. A TTL, delay or stored expiry
+/// further away never fires in practice, and computing it exactly would overflow `Instant` (a panic) or
+/// wrap around to "already expired".
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `from` plus `ms` milliseconds, capped at [`FAR_FUTURE`] (any `u64` is safe, `u64::MAX` included).
+pub fn deadline_after(from: Instant, ms: u64) -> Instant {
+    from + Duration::from_millis(ms).min(FAR_FUTURE)
+}
+
 /// Milliseconds since the Unix epoch for an `Instant` deadline (records outlive the process's clock).
 pub fn wall_clock_ms(deadline: Instant) -> u64 {
     let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let remaining = deadline.saturating_duration_since(Instant::now());
-    (now_wall + remaining).as_millis() as u64
+    u64::try_from((now_wall + remaining).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The `Instant` for a wall-clock deadline in ms since the Unix epoch.
+/// The `Instant` for a wall-clock deadline in ms since the Unix epoch (one in the past is now).
 pub fn instant_from_wall_ms(ms: u64) -> Instant {
-    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let target = Duration::from_millis(ms);
-    Instant::now() + target.saturating_sub(now_wall)
+    let now_wall_ms =
+        u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
+    deadline_after(Instant::now(), ms.saturating_sub(now_wall_ms))
 }
 
 /// The stored form of a message (property bytes kept verbatim when the broker has them).

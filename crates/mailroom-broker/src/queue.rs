@@ -146,7 +146,8 @@ pub struct QueueSpec {
 pub enum PushOutcome {
     /// Enqueued (and possibly delivered already).
     Enqueued,
-    /// Enqueued and written to the queue's store; the ticket completes once it is on disk (fsynced).
+    /// Enqueued and written to the queue's store (or dropped as a duplicate of a message stored there);
+    /// the ticket completes once it (the original) is on disk (fsynced).
     Stored(SyncTicket),
     /// Refused: a `reject-publish` length limit, or the store could not take it (disk full).
     Rejected,
@@ -368,6 +369,10 @@ pub trait QueueHooks: Send + Sync + std::fmt::Debug {
     );
     /// Deletes `queue` because it expired (`x-expires`).
     fn expire_queue(&self, queue: &Arc<Queue>);
+    /// While the broker is still recovering saved definitions: a watch that turns false once every
+    /// exchange, queue and binding is back. The queue's timer (TTL, `x-expires`) waits for it, so nothing
+    /// expires into an exchange whose bindings are not recovered yet.
+    fn recovery_gate(&self) -> Option<tokio::sync::watch::Receiver<bool>>;
 }
 
 /// Why a message left a queue other than by an ack.
@@ -565,7 +570,8 @@ impl Queue {
             runtime: tokio::runtime::Handle::current(),
         });
         queue.restore(recovered);
-        tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer)));
+        let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
+        tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer), gate));
         queue
     }
 
@@ -752,9 +758,13 @@ impl Queue {
         }
         if args.deduplication {
             if let Some(key) = plugins::dedup_key(&message) {
-                // A duplicate of a message still in the queue is dropped (and, with confirms, still acked).
+                // A duplicate of a message still in the queue is dropped (and, with confirms, still acked),
+                // but not acked before the original is on disk: a crash in between would lose both.
                 if !st.dedup.insert(key) {
-                    return PushOutcome::Enqueued;
+                    return match st.store.as_ref().filter(|_| message.is_persistent()) {
+                        Some(store) => PushOutcome::Stored(store.sync()),
+                        None => PushOutcome::Enqueued,
+                    };
                 }
             }
         }
@@ -763,7 +773,7 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let now = Instant::now();
-        let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
+        let expires_at = ttl.map(|ms| durable::deadline_after(now, ms));
         let id = st.next_id;
         st.next_id += 1;
         let rank = self.rank_of(&message);
@@ -1647,7 +1657,7 @@ impl Queue {
         let st = self.lock();
         let expiry = st.expiries.peek().map(|Reverse((at, _))| *at);
         let unused = match self.args().expires {
-            Some(ms) if st.consumers.is_empty() => Some(st.last_used + std::time::Duration::from_millis(ms)),
+            Some(ms) if st.consumers.is_empty() => Some(durable::deadline_after(st.last_used, ms)),
             _ => None,
         };
         match (expiry, unused) {
@@ -1663,7 +1673,7 @@ impl Queue {
             let mut st = self.lock();
             self.expire_locked(&mut st, now, &mut after);
             match self.args().expires {
-                Some(ms) => st.consumers.is_empty() && now >= st.last_used + std::time::Duration::from_millis(ms),
+                Some(ms) => st.consumers.is_empty() && now >= durable::deadline_after(st.last_used, ms),
                 None => false,
             }
         };
@@ -1735,8 +1745,20 @@ fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
 }
 
 /// The queue's timer: message TTL and `x-expires`. Holds only a weak handle, so it never keeps a
-/// queue alive; ends when the queue is deleted or dropped.
-async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>) {
+/// queue alive; ends when the queue is deleted or dropped. With a recovery `gate` it starts only once the
+/// broker has recovered every definition (messages that fell due meanwhile then expire at once).
+async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>, gate: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut gate) = gate {
+        // An error means the broker is gone: nothing left to expire into.
+        if gate.wait_for(|recovering| !*recovering).await.is_err() {
+            return;
+        }
+        // `x-expires` counts from the end of recovery, not from the moment the queue was re-declared.
+        match queue.upgrade() {
+            Some(q) => q.touch(),
+            None => return,
+        }
+    }
     loop {
         let deadline = {
             let Some(q) = queue.upgrade() else { return };

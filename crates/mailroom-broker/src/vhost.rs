@@ -169,7 +169,13 @@ pub struct VHost {
     policies: RwLock<Vec<Policy>>,
     /// Where queues page message bodies out to, and their memory budget.
     paging: Arc<Paging>,
+    /// Dead letters produced while the broker recovers definitions (a policy's length limit applied at
+    /// re-declare, say): routed by [`VHost::finish_recovery`] once every binding is back, never before.
+    deferred_dead_letters: std::sync::Mutex<Vec<DeferredDeadLetters>>,
 }
+
+/// One batch of dead letters held back until recovery ends, with the source records it must settle.
+type DeferredDeadLetters = (Vec<(DeadLetterReason, Vec<Arc<Message>>)>, dead_letter::SourceRecords);
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -209,6 +215,7 @@ impl VHost {
             durability,
             policies: RwLock::new(Vec::new()),
             paging,
+            deferred_dead_letters: std::sync::Mutex::new(Vec::new()),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -352,6 +359,25 @@ impl VHost {
             self.save_definitions();
         }
         Ok(())
+    }
+
+    /// Whether the broker is still re-declaring saved definitions (nothing may be routed meanwhile).
+    fn is_recovering(&self) -> bool {
+        self.durability.as_ref().is_some_and(|d| d.is_recovering())
+    }
+
+    /// Ends this vhost's part of recovery, once the broker has re-declared every definition: routes the
+    /// dead letters held back meanwhile, then dead-letters recovered messages already past their
+    /// delivery limit. Queue timers start by themselves when the broker's recovery flag clears.
+    pub(crate) fn finish_recovery(&self) {
+        let deferred = std::mem::take(&mut *self.deferred_dead_letters.lock().unwrap_or_else(|p| p.into_inner()));
+        for (dead, records) in deferred {
+            let queue = Arc::clone(records.queue());
+            self.dead_letter(&queue, dead, records);
+        }
+        for q in self.queues() {
+            q.dead_letter_over_delivery_limit();
+        }
     }
 
     /// Rewrites the definitions file after a change to durable resources (a no-op without a data dir).
@@ -607,7 +633,7 @@ impl VHost {
         self.apply_policy_to(&queue);
         // Recovered messages already past their delivery limit go to the dead-letter exchange, once the
         // broker's recovery has declared what they route to (it calls this itself at the end).
-        if recovering && !self.durability.as_ref().is_some_and(|d| d.is_recovering()) {
+        if recovering && !self.is_recovering() {
             queue.dead_letter_over_delivery_limit();
         }
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
@@ -961,6 +987,10 @@ impl QueueHooks for VHost {
         dead: Vec<(DeadLetterReason, Vec<Arc<Message>>)>,
         records: dead_letter::SourceRecords,
     ) {
+        if self.is_recovering() {
+            self.deferred_dead_letters.lock().unwrap_or_else(|p| p.into_inner()).push((dead, records));
+            return;
+        }
         let args = queue.args();
         // Dead-lettering without an exchange, or to a missing one, drops the messages silently, as RabbitMQ.
         let Some((dlx_name, Ok(dlx))) = args.dead_letter_exchange.as_deref().map(|n| (n, self.exchange(n))) else {
@@ -991,6 +1021,10 @@ impl QueueHooks for VHost {
 
     fn expire_queue(&self, queue: &Arc<Queue>) {
         self.remove_queue(queue);
+    }
+
+    fn recovery_gate(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.durability.as_ref().filter(|d| d.is_recovering()).map(|d| d.recovering())
     }
 }
 
