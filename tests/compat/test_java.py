@@ -147,6 +147,22 @@ def test_consumer_cancel_notification_on_queue_delete(java_classpath, java_targe
     assert seen["server_named_prefix"] == "true"
 
 
+def test_rpc_client_and_server_over_direct_reply_to(java_classpath, java_target):
+    seen = run_java(java_classpath, "rpc", java_target.url)
+    assert seen["replies"] == "pong:ping0,pong:ping1,pong:ping2"
+    # RpcClient 5.x replies through amq.rabbitmq.reply-to; the server sees the broker's opaque name.
+    assert seen["reply_to_prefix"] == "true"
+    assert seen["calls_seen_by_server"] == "3"
+    assert seen["channels_open"] == "true,true"
+
+
+def test_one_second_heartbeat_keeps_an_idle_connection_open(java_classpath, java_target):
+    seen = run_java(java_classpath, "heartbeat", java_target.url)
+    assert seen["negotiated_heartbeat"] == "1"
+    assert seen["open_after_idle"] == "true"
+    assert seen["get_after_idle"] == "still-here"
+
+
 def test_connection_blocked_listener(java_classpath, java_target):
     if java_target.name != "mailroom":
         pytest.skip("needs a broker with a tiny memory watermark; RabbitMQ's is per node and the shared "

@@ -10,6 +10,8 @@ import com.rabbitmq.client.GetResponse;
 import com.rabbitmq.client.MessageProperties;
 import com.rabbitmq.client.Recoverable;
 import com.rabbitmq.client.RecoveryListener;
+import com.rabbitmq.client.RpcClient;
+import com.rabbitmq.client.StringRpcServer;
 import com.rabbitmq.client.impl.recovery.AutorecoveringConnection;
 
 import java.nio.charset.StandardCharsets;
@@ -44,7 +46,7 @@ public final class Compat {
 
     public static void main(String[] args) throws Exception {
         if (args.length != 2) {
-            System.err.println("usage: java Compat basic|confirms|returns|cancel|blocked|recover AMQP_URI");
+            System.err.println("usage: java Compat basic|confirms|returns|cancel|blocked|recover|rpc|heartbeat AMQP_URI");
             System.exit(2);
         }
         String uri = args[1];
@@ -55,6 +57,8 @@ public final class Compat {
             case "cancel": cancel(uri); break;
             case "blocked": blocked(uri); break;
             case "recover": recover(uri); break;
+            case "rpc": rpc(uri); break;
+            case "heartbeat": heartbeat(uri); break;
             default:
                 System.err.println("unknown subcommand " + args[0]);
                 System.exit(2);
@@ -537,5 +541,79 @@ public final class Compat {
         ch.exchangeDelete(x);
         conn.close();
         out("closed", true);
+    }
+
+    /**
+     * The client's RpcClient/StringRpcServer pair: RpcClient 5.x uses direct reply-to
+     * (amq.rabbitmq.reply-to) by default, so this checks the broker's pseudo-queue end to end.
+     */
+    private static void rpc(String uri) throws Exception {
+        try (Connection conn = connect(uri)) {
+            Channel sch = conn.createChannel();
+            String q = unique("rpc");
+            sch.queueDeclare(q, false, false, true, null);
+            List<String> replyTos = Collections.synchronizedList(new ArrayList<>());
+            StringRpcServer server = new StringRpcServer(sch, q) {
+                @Override
+                public byte[] handleCall(AMQP.BasicProperties request, byte[] body, AMQP.BasicProperties reply) {
+                    // The request's properties (the 2-argument form only sees the reply's).
+                    replyTos.add(request.getReplyTo());
+                    return super.handleCall(request, body, reply);
+                }
+
+                @Override
+                public String handleStringCall(String request) {
+                    return "pong:" + request;
+                }
+            };
+            Thread loop = new Thread(() -> {
+                try {
+                    server.mainloop();
+                } catch (Exception e) {
+                    // mainloop ends with an exception when the server is terminated: expected at the end.
+                }
+            });
+            loop.setDaemon(true);
+            loop.start();
+            Channel cch = conn.createChannel();
+            RpcClient client = new RpcClient(cch, "", q, (int) TimeUnit.SECONDS.toMillis(WAIT_S));
+            List<String> replies = new ArrayList<>();
+            for (int i = 0; i < 3; i++) {
+                replies.add(client.stringCall("ping" + i));
+            }
+            out("replies", String.join(",", replies));
+            out("reply_to_prefix", replyTos.stream().allMatch(r -> r.startsWith("amq.rabbitmq.reply-to.")));
+            out("calls_seen_by_server", replyTos.size());
+            client.close();
+            server.terminateMainloop();
+            loop.join(TimeUnit.SECONDS.toMillis(WAIT_S));
+            out("channels_open", sch.isOpen() + "," + cch.isOpen());
+        }
+    }
+
+    /**
+     * Heartbeats: asks for a 1 s heartbeat and stays idle for 4 s. The Java client closes a connection
+     * on which it hears nothing for two heartbeat intervals, so it stays open only if the broker sends
+     * heartbeats on an idle connection.
+     */
+    private static void heartbeat(String uri) throws Exception {
+        ConnectionFactory f = new ConnectionFactory();
+        f.setUri(uri);
+        f.setAutomaticRecoveryEnabled(false);
+        f.setRequestedHeartbeat(1);
+        try (Connection conn = f.newConnection("mailroom-compat-java-heartbeat")) {
+            out("negotiated_heartbeat", conn.getHeartbeat());
+            Channel ch = conn.createChannel();
+            Thread.sleep(4000);
+            out("open_after_idle", conn.isOpen());
+            String q = ch.queueDeclare().getQueue();
+            ch.basicPublish("", q, null, bytes("still-here"));
+            GetResponse g = null;
+            long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(WAIT_S);
+            while (g == null && System.nanoTime() < deadline) {
+                g = ch.basicGet(q, true);
+            }
+            out("get_after_idle", g == null ? null : str(g.getBody()));
+        }
     }
 }
