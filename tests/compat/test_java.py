@@ -245,6 +245,8 @@ def test_automatic_recovery_after_broker_restart(java_classpath, java_target, st
         print(f"recovered {recovered_after:.2f} s after the restart began")
     assert seen["before"] == "before,before"
     expected_close = "shutdown:320" if stop_signal == signal.SIGTERM else "shutdown:io"
+    assert seen["inflight_unacked"] == "inflight/redelivered=false"
+    assert seen["inflight_after_recovery"] == "inflight/redelivered=true"
     assert seen["recovery_events"] == f"{expected_close},started,recovered"
     assert seen["connection_open"] == "true"
     assert seen["channel_open"] == "true"

@@ -510,6 +510,17 @@ public final class Compat {
         ch.basicAck(d1.envelope.getDeliveryTag(), false);
         ch.basicAck(s1.envelope.getDeliveryTag(), false);
         out("before", str(d1.body) + "," + str(s1.body));
+        // A persistent message the durable consumer still holds unacked when the broker goes away: it must
+        // come back, redelivered, to the recovered consumer.
+        ch.basicPublish(x, "rk.inflight", MessageProperties.PERSISTENT_BASIC, bytes("inflight"));
+        ch.waitForConfirmsOrDie(TimeUnit.SECONDS.toMillis(WAIT_S));
+        Delivery d0 = durable.next();
+        Delivery s0 = serverNamed.next();
+        ch.basicAck(s0.envelope.getDeliveryTag(), false);
+        out("inflight_unacked", str(d0.body) + "/redelivered=" + d0.envelope.isRedeliver());
+        // A synchronous round trip: the broker handles a channel's frames in order, so the acks above
+        // have been processed before the test is told to restart it.
+        ch.queueDeclarePassive(dq);
         out("READY", "");
 
         if (!recovered.await(RECOVERY_WAIT_S, TimeUnit.SECONDS)) {
@@ -525,6 +536,9 @@ public final class Compat {
         // confirm mode itself.
         ch.basicPublish(x, "rk.after", MessageProperties.PERSISTENT_BASIC, bytes("after"));
         out("after_confirmed", ch.waitForConfirms(TimeUnit.SECONDS.toMillis(WAIT_S)));
+        Delivery back = durable.next();
+        out("inflight_after_recovery", str(back.body) + "/redelivered=" + back.envelope.isRedeliver());
+        ch.basicAck(back.envelope.getDeliveryTag(), false);
         Delivery d2 = durable.next();
         Delivery s2 = serverNamed.next();
         out("after", str(d2.body) + "," + str(s2.body));
@@ -532,7 +546,7 @@ public final class Compat {
         out("after_redelivered", d2.envelope.isRedeliver() + "," + s2.envelope.isRedeliver());
         ch.basicAck(d2.envelope.getDeliveryTag(), false);
         ch.basicAck(s2.envelope.getDeliveryTag(), false);
-        // The "before" message was acked before the restart: it must not come back.
+        // "before" was acked before the restart and "inflight" after it: neither may come back.
         Delivery extra = durable.deliveries.poll(300, TimeUnit.MILLISECONDS);
         out("durable_extra_delivery", extra == null ? null : str(extra.body));
         AMQP.Queue.DeclareOk passive = ch.queueDeclarePassive(dq);
