@@ -84,15 +84,16 @@ def parse(stdout):
     return seen
 
 
-def run_java(classpath, scenario, url):
-    r = subprocess.run(["java", "-cp", classpath, "Compat", scenario, url], capture_output=True, text=True,
-                       timeout=SCENARIO_TIMEOUT_S, stdin=subprocess.DEVNULL)
+def run_java(classpath, scenario, url, nio=False):
+    r = subprocess.run(["java", f"-Dcompat.nio={str(nio).lower()}", "-cp", classpath, "Compat", scenario, url],
+                       capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"Compat {scenario} exited {r.returncode}\n{r.stdout}\n{r.stderr}"
     return parse(r.stdout)
 
 
-def test_publish_consume_manual_ack_get(java_classpath, java_target):
-    seen = run_java(java_classpath, "basic", java_target.url)
+@pytest.mark.parametrize("nio", [False, True], ids=["socket", "nio"])
+def test_publish_consume_manual_ack_get(java_classpath, java_target, nio):
+    seen = run_java(java_classpath, "basic", java_target.url, nio=nio)
     assert seen["declare_queue"] == "true"
     assert seen["prefetch_window"] == "2"
     assert seen["bodies"] == "b0,b1,b2,b3,b4"
@@ -108,8 +109,9 @@ def test_publish_consume_manual_ack_get(java_classpath, java_target):
     assert seen["delete_count"] == "1"
 
 
-def test_publisher_confirms_wait_and_listener(java_classpath, java_target):
-    seen = run_java(java_classpath, "confirms", java_target.url)
+@pytest.mark.parametrize("nio", [False, True], ids=["socket", "nio"])
+def test_publisher_confirms_wait_and_listener(java_classpath, java_target, nio):
+    seen = run_java(java_classpath, "confirms", java_target.url, nio=nio)
     assert seen["first_seq"] == "1"
     assert seen["wait_for_confirms"] == "true"
     assert seen["next_seq"] == "21"

@@ -79,6 +79,11 @@ public final class Compat {
         f.setUri(uri);
         f.setAutomaticRecoveryEnabled(false);
         f.setConnectionTimeout((int) TimeUnit.SECONDS.toMillis(WAIT_S));
+        // -Dcompat.nio=true: the client's NIO transport, which buffers and writes frames differently
+        // from the default blocking-socket one.
+        if (Boolean.getBoolean("compat.nio")) {
+            f.useNio();
+        }
         return f.newConnection("mailroom-compat-java");
     }
 
