@@ -199,8 +199,8 @@ def _stop(proc, sig):
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
 def test_automatic_recovery_after_broker_restart(java_classpath, java_target, stop_signal):
     """The client reconnects by itself, redeclares its topology (durable exchange, queue, binding and a
-    server-named exclusive queue, which the restart deleted), re-registers both consumers, and receives a
-    message published after the restart."""
+    server-named exclusive queue, which the restart deleted), re-registers both consumers, gets back the
+    persistent message it held unacked (redelivered), and receives a message published after the restart."""
     if java_target.name != "mailroom":
         pytest.skip("restarting the shared RabbitMQ node (stop_app/start_app) would break the other suites "
                     "running against it")
@@ -213,10 +213,14 @@ def test_automatic_recovery_after_broker_restart(java_classpath, java_target, st
         java = subprocess.Popen(
             ["java", "-cp", java_classpath, "Compat", "recover", f"amqp://guest:guest@127.0.0.1:{port}/%2F"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        lines = queue.Queue()
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in java.stdout] + [lines.put(None)],
-                                  daemon=True)
-        reader.start()
+        lines = queue.Queue()  # the driver's stdout lines, then None at its end
+
+        def pump():
+            for line in java.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
         recovered_after = None
         try:
             out = []
