@@ -1479,8 +1479,11 @@ impl Queue {
                             st.dedup.insert(key);
                         }
                     }
-                    let entry =
+                    let mut entry =
                         Entry { flags: delivery.entry.flags & REDELIVERED, delivery_count: 0, ..delivery.entry };
+                    if delivery.entry.has(STORED) {
+                        self.store_again(&mut st, &mut entry, &delivery.message, delivery.expires_at);
+                    }
                     (entry, Body { message: delivery.message, expires_at: delivery.expires_at })
                 }
             };
@@ -1493,6 +1496,25 @@ impl Queue {
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
+    }
+
+    /// Gives a returned no-ack delivery of a stored message a new record: its old one was settled when it
+    /// was sent, and without a record a crash after the return would lose a message no consumer ever saw.
+    /// The record needs a new id (the ack log settles by id), so the message takes its place by that id.
+    /// If the store refuses, it stays in RAM only, as a transient message would.
+    fn store_again(&self, st: &mut QueueState, entry: &mut Entry, message: &Message, expires_at: Option<Instant>) {
+        let Some(store) = st.store.as_ref() else { return };
+        let id = st.next_id;
+        match store.append(&durable::to_stored(id, message, expires_at)) {
+            // Not awaited: nothing confirms a returned message; the next group commit covers it.
+            Ok((pos, _ticket)) => {
+                st.next_id += 1;
+                entry.id = id;
+                entry.pos = pos;
+                entry.flags |= STORED;
+            }
+            Err(e) => tracing::warn!(queue = %self.spec.name, error = %e, "cannot store a returned message again"),
+        }
     }
 
     /// Takes one message (`basic.get`); with `no_ack` it is settled at once. A body on disk is read here.

@@ -5,8 +5,8 @@
 use bytes::Bytes;
 use mailroom_broker::store::segment::{OsIo, StoreFile, StoreIo};
 use mailroom_broker::{
-    AMQPValue, BasicProperties, Broker, BrokerConfig, ExchangeOptions, FieldTable, LongString, Message, QueueOptions,
-    ShortString, VHost,
+    AMQPValue, BasicProperties, Broker, BrokerConfig, ChannelPrefetch, ConsumeOptions, ConsumerEvent, ExchangeOptions,
+    FieldTable, LongString, Message, QueueOptions, ShortString, VHost,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -232,6 +232,48 @@ async fn a_huge_expiration_or_delay_neither_panics_nor_expires_across_a_restart(
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(v.queue("src", 1).unwrap().message_count(), 3, "still not expired after a restart");
     assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 0, "still held after a restart");
+    stop(broker, v).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_no_ack_delivery_survives_a_restart() {
+    // A no-ack delivery's record is settled when it is sent; if its consumer never received it (channel
+    // closed first) it comes back to the queue, and must be stored again: a restart keeps it.
+    let dir = test_dir("noack-return");
+    let broker = open(&dir);
+    let v = broker.vhost("/").unwrap();
+    durable_queue(&v, "q", FieldTable::default());
+    publish_confirmed(&v, "", "q", BasicProperties::default().with_delivery_mode(2), 5).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = ConsumeOptions {
+        no_ack: true,
+        exclusive: false,
+        prefetch: 0,
+        channel_prefetch: Arc::new(ChannelPrefetch::default()),
+        priority: 0,
+    };
+    let (q, consumer) = v.consume("q", 1, options, tx).unwrap();
+    let mut undelivered = Vec::new();
+    while undelivered.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+            ConsumerEvent::Deliver(d) => undelivered.push(d),
+            ConsumerEvent::Cancelled(_) => panic!("cancelled"),
+        }
+    }
+    v.cancel(&q, consumer);
+    for d in undelivered {
+        Arc::clone(&d.queue).return_undelivered(d);
+    }
+    assert_eq!(q.message_count(), 5, "back in the queue");
+    drop(q);
+    stop(broker, v).await;
+
+    let broker = open(&dir);
+    let v = broker.vhost("/").unwrap();
+    assert_eq!(v.queue("q", 1).unwrap().message_count(), 5, "still there after a restart");
+    let bodies: Vec<_> = (0..5).map(|_| v.queue("q", 1).unwrap().get(true).unwrap().message.body.clone()).collect();
+    assert_eq!(bodies, (0..5).map(|i| Bytes::from(format!("m{i}"))).collect::<Vec<_>>(), "in order");
     stop(broker, v).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
