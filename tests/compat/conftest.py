@@ -67,6 +67,23 @@ def compat_mailroom():
         cm.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="session")
+def blocking_mailroom():
+    """A Mailroom whose memory alarm trips at 20 kB of queued messages, for connection.blocked tests (the shared
+    RabbitMQ's watermark is not ours to change)."""
+    if "mailroom" not in targets():
+        pytest.skip("needs the mailroom target (connection.blocked needs a broker whose alarm we can trip)")
+    try:
+        cm = start_mailroom(["--memory-high-watermark", "20000", "--http-listen", "127.0.0.1:0"])
+        broker = cm.__enter__()
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield Target(broker)
+    finally:
+        cm.__exit__(None, None, None)
+
+
 @pytest.fixture(params=targets())
 def target(request) -> Target:
     if request.param == "rabbitmq":

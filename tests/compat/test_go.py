@@ -75,3 +75,12 @@ def test_ipv6(target, go_program, names):
     code, events, err = go_program("ipv6", target.url6, names("compat-go-6"))
     assert code == 0, (events, err)
     assert by_event(events, "ipv6")[0]["body"] == "over v6"
+
+
+def test_notify_blocked(blocking_mailroom, go_program):
+    code, events, err = go_program("blocked", blocking_mailroom.url, "compat-go-blocked")
+    assert code == 0, (events, err)
+    seen = by_event(events, "blocked")[0]
+    assert len(seen["seen"]) == 2 and seen["seen"][0].startswith("blocked: "), seen
+    assert seen["seen"][1] == "unblocked"
+    assert 1 <= seen["purged"] <= 64

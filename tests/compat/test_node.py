@@ -81,3 +81,15 @@ def test_ipv6(target, node, names):
     code, events, err = node("promise_api.js", "ipv6", target.url6, names("compat-node-6"))
     assert code == 0, (events, err)
     assert by_event(events, "ipv6")[0]["body"] == "over v6"
+
+
+def test_connection_blocked_and_unblocked(blocking_mailroom, node):
+    name = "compat-node-blocked"
+    code, events, err = node("promise_api.js", "blocked", blocking_mailroom.url, name)
+    assert code == 0, (events, err)
+    seen = by_event(events, "blocked")[0]
+    assert len(seen["seen"]) == 2 and seen["seen"][0].startswith("blocked: "), seen
+    assert seen["seen"][1] == "unblocked"
+    # Blocked once past the watermark: the rest of the burst stays unread until unblocked.
+    assert 1 <= seen["purged"] <= 64
+    assert seen["after"] == "after"

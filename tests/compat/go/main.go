@@ -255,6 +255,48 @@ func heartbeat(url, name string) {
 	must(conn.Close())
 }
 
+// blocked: NotifyBlocked reports connection.blocked once publishing trips the broker's memory alarm, and
+// connection.unblocked after another connection purged the queue; publishing then goes on.
+func blocked(url, name string) {
+	conn, err := amqp.Dial(url)
+	must(err)
+	defer conn.Close()
+	blocks := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	ch, err := conn.Channel()
+	must(err)
+	_, err = ch.QueueDeclare(name, false, false, false, false, nil)
+	must(err)
+	body := make([]byte, 1024)
+	for i := 0; i < 64; i++ {
+		must(ch.Publish("", name, false, false, amqp.Publishing{Body: body}))
+	}
+	seen := []string{}
+	wait := func() {
+		select {
+		case b := <-blocks:
+			if b.Active {
+				seen = append(seen, "blocked: "+b.Reason)
+			} else {
+				seen = append(seen, "unblocked")
+			}
+		case <-time.After(10 * time.Second):
+			seen = append(seen, "timeout")
+		}
+	}
+	wait()
+	admin, err := amqp.Dial(url)
+	must(err)
+	defer admin.Close()
+	ach, err := admin.Channel()
+	must(err)
+	purged, err := ach.QueuePurge(name, false)
+	must(err)
+	wait()
+	_, err = ach.QueueDelete(name, false, false, false)
+	must(err)
+	out(map[string]interface{}{"event": "blocked", "seen": seen, "purged": purged})
+}
+
 // ipv6: round-trip one message.
 func ipv6(url, name string) {
 	conn, err := amqp.Dial(url)
@@ -302,6 +344,8 @@ func main() {
 		heartbeat(url, name)
 	case "ipv6":
 		ipv6(url, name)
+	case "blocked":
+		blocked(url, name)
 	default:
 		fmt.Fprintln(os.Stderr, "unknown scenario", scenario)
 		os.Exit(2)

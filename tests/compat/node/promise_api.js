@@ -136,6 +136,41 @@ const scenarios = {
     await conn.close();
   },
 
+  // connection.blocked / unblocked (a broker with a tiny memory watermark): publishing blocks the
+  // connection; once another connection purges the queue, it is unblocked and publishing goes on.
+  async blocked() {
+    const conn = await amqp.connect(url);
+    const seen = [];
+    let wake = () => {};
+    conn.on('blocked', (reason) => { seen.push('blocked: ' + reason); wake(); });
+    conn.on('unblocked', () => { seen.push('unblocked'); wake(); });
+    const until = async (n) => {
+      for (let i = 0; i < 100 && seen.length < n; i++) await new Promise((r) => { wake = r; setTimeout(r, 100); });
+    };
+    const ch = await conn.createChannel();
+    await ch.assertQueue(name, { durable: false });
+    for (let i = 0; i < 64; i++) ch.sendToQueue(name, Buffer.alloc(1024, 'b'));
+    await until(1);
+    const admin = await amqp.connect(url);
+    const ach = await admin.createChannel();
+    const after = name + '.after';
+    await ach.assertQueue(after, { durable: false });
+    // A blocked connection is not read: the rest of the burst waits in the socket until it is unblocked.
+    const purged = await ach.purgeQueue(name);
+    await until(2);
+    ch.sendToQueue(after, Buffer.from('after'));
+    let msg = false;
+    for (let i = 0; i < 100 && !msg; i++) {
+      msg = await ach.get(after, { noAck: true });
+      if (!msg) await sleep(20);
+    }
+    out({ event: 'blocked', seen, purged: purged.messageCount, after: msg ? msg.content.toString() : null });
+    await ach.deleteQueue(name);
+    await ach.deleteQueue(after);
+    await admin.close();
+    await conn.close();
+  },
+
   // The burst-then-close program of issue 19 with the promise API.
   async closeAfterBurst() {
     const started = Date.now();
