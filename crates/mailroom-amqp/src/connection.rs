@@ -20,7 +20,7 @@ use mailroom_broker::AlarmState;
 use mailroom_broker::{
     message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +137,10 @@ pub(crate) struct Connection {
     acks_channels: Vec<u16>,
     /// [`Connection::cleanup`] ran (it runs when close-ok is sent, and again, as a no-op, at the end).
     cleaned_up: bool,
+    /// Channels whose closes crossed: we were closing one, the client's `channel.close` got close-ok and the
+    /// channel went; the client's `close-ok` for our close is still to come and is ignored (a close-ok on a
+    /// channel never opened stays 504, as in RabbitMQ).
+    crossed_closes: HashSet<u16>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -180,6 +184,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         acks: Vec::new(),
         acks_channels: Vec::new(),
         cleaned_up: false,
+        crossed_closes: HashSet::new(),
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -723,6 +728,7 @@ impl Connection {
                     Method::Channel(chan::AMQPMethod::Close(_)) => {
                         self.send(channel, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})));
                         self.channels.remove(&channel);
+                        self.crossed_closes.insert(channel);
                     }
                     _ => {}
                 }
@@ -887,14 +893,15 @@ impl Connection {
                 if self.channels.contains_key(&id) {
                     return Err(AmqpError::connection(code::CHANNEL_ERROR, "second 'channel.open' seen"));
                 }
+                // A client that reuses the number sent whatever close-ok it meant to send.
+                self.crossed_closes.remove(&id);
                 self.channel_epoch += 1;
                 self.channels.insert(id, Channel { epoch: self.channel_epoch, ..Channel::new() });
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }
-            // Crossing closes: we answered the client's close of a channel we were closing with close-ok and
-            // forgot the channel; the client's close-ok for our close arrives after that. Nothing to do.
-            chan::AMQPMethod::CloseOk(_) if !self.channels.contains_key(&id) => Ok(()),
+            // Crossing closes: the client's close-ok for our close, after its own close. Nothing to do.
+            chan::AMQPMethod::CloseOk(_) if self.crossed_closes.remove(&id) => Ok(()),
             _ if !self.channels.contains_key(&id) => {
                 Err(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"))
             }

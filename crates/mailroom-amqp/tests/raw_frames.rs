@@ -796,6 +796,9 @@ async fn crossing_channel_closes_leave_other_channels_alone() {
     raw.send_method(1, declare_method("crossing-q")).await;
     let (ch, m) = raw.method().await;
     assert!(matches!(m, Method::Queue(queue::AMQPMethod::DeclareOk(_))) && ch == 1, "{m:?}");
-    drop(raw);
+    // Only a crossed close is forgiven: close-ok on a channel never opened is 504, as in RabbitMQ.
+    raw.send_method(7, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {}))).await;
+    let close = raw.expect_connection_close(504).await;
+    assert_eq!(close.reply_text.as_str(), "CHANNEL_ERROR - expected 'channel.open'");
     server.shutdown().await;
 }
