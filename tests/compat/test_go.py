@@ -46,6 +46,14 @@ def test_confirms_and_returns(target, go_program, names):
     assert returned["queued"] == 2000
 
 
+def test_concurrent_publishers_interleave_content_frames(target, go_program, names):
+    code, events, err = go_program("concurrent", target.url, names("compat-go-i"))
+    assert code == 0, (events, err)
+    seen = by_event(events, "concurrent")[0]
+    assert seen["intact"] is True
+    assert seen["per_publisher"] == {c: 20 for c in "abcdef"}
+
+
 def test_consumer_cancel_notification(target, go_program, names):
     code, events, err = go_program("cancel", target.url, names("compat-go-q"))
     assert code == 0, (events, err)

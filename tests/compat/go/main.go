@@ -297,6 +297,76 @@ func blocked(url, name string) {
 	out(map[string]interface{}{"event": "blocked", "seen": seen, "purged": purged})
 }
 
+// concurrent: goroutines publish on their own channels at once, each message larger than frame_max, so
+// content frames of different channels interleave on the wire; every body must come back intact.
+func concurrent(url, name string, publishers, perPublisher int) {
+	conn, err := amqp.Dial(url)
+	must(err)
+	defer conn.Close()
+	setup, err := conn.Channel()
+	must(err)
+	_, err = setup.QueueDeclare(name, false, false, false, false, nil)
+	must(err)
+	var wg sync.WaitGroup
+	errs := make(chan error, publishers)
+	for g := 0; g < publishers; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			ch, err := conn.Channel()
+			if err == nil {
+				err = ch.Confirm(false)
+			}
+			if err != nil {
+				errs <- err
+				return
+			}
+			acks := ch.NotifyPublish(make(chan amqp.Confirmation, perPublisher))
+			for i := 0; i < perPublisher; i++ {
+				body := make([]byte, 140000+i)
+				for j := range body {
+					body[j] = byte('a' + g)
+				}
+				if err := ch.Publish("", name, false, false, amqp.Publishing{Body: body}); err != nil {
+					errs <- err
+					return
+				}
+			}
+			for i := 0; i < perPublisher; i++ {
+				if c := <-acks; !c.Ack {
+					errs <- fmt.Errorf("publisher %d: nack %d", g, c.DeliveryTag)
+					return
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		fail(err)
+	}
+	perByte := map[string]int{}
+	intact := true
+	for n := 0; n < publishers*perPublisher; n++ {
+		m, ok, err := setup.Get(name, true)
+		must(err)
+		if !ok {
+			break
+		}
+		first := m.Body[0]
+		for _, b := range m.Body {
+			if b != first {
+				intact = false
+			}
+		}
+		if len(m.Body) < 140000 || len(m.Body) >= 140000+perPublisher {
+			intact = false
+		}
+		perByte[string(first)]++
+	}
+	out(map[string]interface{}{"event": "concurrent", "per_publisher": perByte, "intact": intact})
+}
+
 // ipv6: round-trip one message.
 func ipv6(url, name string) {
 	conn, err := amqp.Dial(url)
@@ -346,6 +416,8 @@ func main() {
 		ipv6(url, name)
 	case "blocked":
 		blocked(url, name)
+	case "concurrent":
+		concurrent(url, name, 6, 20)
 	default:
 		fmt.Fprintln(os.Stderr, "unknown scenario", scenario)
 		os.Exit(2)
