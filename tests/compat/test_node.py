@@ -19,6 +19,21 @@ def test_callback_api_close_after_a_publish_burst(target, node, names):
     assert by_event(events, "done") == [{"event": "done", "rounds": 3}]
 
 
+def test_callback_api_confirms_get_consume_and_channel_error(target, node, names):
+    code, events, err = node("callback_api.js", target.url, names("compat-node-cb"))
+    assert code == 0, (events, err)
+    # The consumer's cancel notification (its queue deleted from another channel) comes before or after the
+    # delete-ok: Mailroom sends it first; RabbitMQ usually does, not always (each channel writes on its own).
+    assert sorted(e["event"] for e in events[3:5]) == ["channel-error", "consumer-cancelled"], events
+    events = [e for e in events if e["event"] != "consumer-cancelled"]
+    assert [e["event"] for e in events] == ["confirmed", "got", "consumed", "channel-error", "closed"], events
+    assert events[0]["acked"] == 300
+    assert events[1] == {"event": "got", "body": "0", "header": 0}
+    assert events[2] == {"event": "consumed", "count": 299, "inOrder": True}
+    assert events[3] == {"event": "channel-error", "code": 404, "deletedWith": 0}
+    assert events[4]["error"] is None
+
+
 def test_promise_api_close_after_a_publish_burst(target, node, names):
     code, events, err = node("promise_api.js", "closeAfterBurst", target.url, names("compat-node-burst"))
     assert code == 0, (events, err)

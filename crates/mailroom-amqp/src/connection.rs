@@ -1059,6 +1059,10 @@ impl Connection {
                 queue::AMQPMethod::Delete(d) => {
                     let name = self.queue_name(id, &d.queue)?;
                     let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, owner)?;
+                    // The broker queued our own consumers' cancellations synchronously: they go out before
+                    // delete-ok, so a client that closes on delete-ok still hears them (RabbitMQ usually sends
+                    // them first too, but each of its channels writes on its own, so not always).
+                    self.handle_queued_events();
                     if !d.nowait {
                         self.send(id, Method::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: n })));
                     }
@@ -1706,6 +1710,16 @@ impl Connection {
                         })),
                     );
                 }
+            }
+        }
+    }
+
+    /// Handles the consumer events already queued for this connection (not those arriving meanwhile).
+    fn handle_queued_events(&mut self) {
+        for _ in 0..self.events_rx.len() {
+            match self.events_rx.try_recv() {
+                Ok(event) => self.handle_event(event),
+                Err(_) => break,
             }
         }
     }

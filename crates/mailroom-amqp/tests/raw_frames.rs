@@ -42,6 +42,10 @@ impl Raw {
     }
 
     async fn handshake_with(addr: SocketAddr, frame_max: u32, heartbeat: u16) -> Raw {
+        Self::handshake_full(addr, frame_max, heartbeat, FieldTable::default()).await
+    }
+
+    async fn handshake_full(addr: SocketAddr, frame_max: u32, heartbeat: u16, client_properties: FieldTable) -> Raw {
         let mut raw = Raw::connect(addr).await;
         raw.send(codec::PROTOCOL_HEADER).await;
         let start = raw.method().await;
@@ -49,7 +53,7 @@ impl Raw {
         raw.send_method(
             0,
             Method::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: LongString::from(b"\0guest\0guest".to_vec()),
                 locale: "en_US".into(),
@@ -800,5 +804,54 @@ async fn crossing_channel_closes_leave_other_channels_alone() {
     raw.send_method(7, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {}))).await;
     let close = raw.expect_connection_close(504).await;
     assert_eq!(close.reply_text.as_str(), "CHANNEL_ERROR - expected 'channel.open'");
+    server.shutdown().await;
+}
+
+/// A queue deleted under a consumer of the same connection: the consumer's `basic.cancel` goes out before
+/// `delete-ok` (RabbitMQ usually, not always, orders them so), so a client that closes the connection on
+/// delete-ok still hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_cancel_precedes_delete_ok_on_the_same_connection() {
+    let server = TestServer::start().await;
+    let mut caps = FieldTable::default();
+    caps.insert("consumer_cancel_notify".into(), codec::AMQPValue::Boolean(true));
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), codec::AMQPValue::FieldTable(caps));
+    let mut raw = Raw::handshake_full(server.addr, 131_072, 0, props).await;
+    raw.open_channel(1).await;
+    raw.open_channel(2).await;
+    raw.send_method(1, declare_method("cancel-order")).await;
+    raw.method().await;
+    raw.send_method(
+        1,
+        Method::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "cancel-order".into(),
+            consumer_tag: "ctag".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let (_, m) = raw.method().await;
+    assert!(matches!(m, Method::Basic(basic::AMQPMethod::ConsumeOk(_))), "{m:?}");
+    raw.send_method(
+        2,
+        Method::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "cancel-order".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+    )
+    .await;
+    let (ch, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Cancel(cancel)) = m else { panic!("expected basic.cancel first, got {m:?}") };
+    assert_eq!((ch, cancel.consumer_tag.as_str()), (1, "ctag"));
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Queue(queue::AMQPMethod::DeleteOk(_))) && ch == 2, "{m:?}");
+    drop(raw);
     server.shutdown().await;
 }
