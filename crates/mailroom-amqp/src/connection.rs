@@ -1580,7 +1580,7 @@ impl Connection {
                 let epoch = ch.epoch;
                 self.durable_waiter().send((id, epoch, seq, result.durable)).ok();
             } else if ch.durable_pending.is_empty() {
-                ch.pending_confirm_ack = Some(seq);
+                ch.queue_confirm_ack(seq);
             } else {
                 self.flush_channel_confirms(id);
                 self.send_confirm(id, seq, true);
@@ -1642,7 +1642,7 @@ impl Connection {
         if ok && ch.durable_pending.first().is_none_or(|&first| first > seq) {
             // Every earlier publish is settled: one multiple-ack (sent at the end of this turn) covers this one and
             // any others completing in the same turn.
-            ch.pending_confirm_ack = Some(ch.pending_confirm_ack.map_or(seq, |p| p.max(seq)));
+            ch.queue_confirm_ack(seq);
             return;
         }
         self.flush_channel_confirms(id);
@@ -1654,7 +1654,8 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&id) else { return };
         let Some(seq) = ch.pending_confirm_ack.take() else { return };
         // Acks are coalesced only over runs that started right after the last sent confirm.
-        self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple: true })));
+        let multiple = seq > ch.pending_confirm_first;
+        self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple })));
     }
 
     fn flush_confirms(&mut self) {

@@ -6,7 +6,8 @@ mod common;
 use bytes::{BufMut, BytesMut};
 use common::*;
 use mailroom_amqp::codec::{
-    self, basic, channel as chan, connection as conn, queue, FieldTable, FrameKind, LongString, Method, RawFrame,
+    self, basic, channel as chan, confirm, connection as conn, queue, FieldTable, FrameKind, LongString, Method,
+    RawFrame,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -852,6 +853,39 @@ async fn consumer_cancel_precedes_delete_ok_on_the_same_connection() {
     assert_eq!((ch, cancel.consumer_tag.as_str()), (1, "ctag"));
     let (ch, m) = raw.method().await;
     assert!(matches!(m, Method::Queue(queue::AMQPMethod::DeleteOk(_))) && ch == 2, "{m:?}");
+    drop(raw);
+    server.shutdown().await;
+}
+
+/// A confirm that covers one publish goes out without `multiple` (as RabbitMQ sends it: the Java
+/// client's ConfirmListener sees `multiple=false`); a run of publishes confirmed together is one ack
+/// with `multiple`.
+#[tokio::test]
+async fn a_single_confirm_is_not_multiple_and_a_run_is() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 4096).await;
+    raw.open_channel(1).await;
+    raw.send_method(1, declare_method("confirm-single")).await;
+    raw.method().await;
+    raw.send_method(1, Method::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false }))).await;
+    raw.method().await;
+
+    let mut one = BytesMut::new();
+    publish_frames(&mut one, 1, "confirm-single", b"a");
+    raw.send(&one).await;
+    let (_, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Ack(ack)) = m else { panic!("expected an ack, got {m:?}") };
+    assert_eq!((ack.delivery_tag, ack.multiple), (1, false));
+
+    // Three publishes in one write are confirmed in the same turn: one ack covering 2..=4.
+    let mut three = BytesMut::new();
+    for _ in 0..3 {
+        publish_frames(&mut three, 1, "confirm-single", b"b");
+    }
+    raw.send(&three).await;
+    let (_, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Ack(ack)) = m else { panic!("expected an ack, got {m:?}") };
+    assert_eq!((ack.delivery_tag, ack.multiple), (4, true));
     drop(raw);
     server.shutdown().await;
 }
