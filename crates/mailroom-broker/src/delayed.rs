@@ -215,7 +215,9 @@ impl DelayedMessages {
             }
         }
         for (r, error) in &corrupt {
-            tracing::warn!(id = r.id, error, "a delayed message's record is damaged; dropping it");
+            // Never dropped without a copy: quarantined (with its place and reason), then settled.
+            let copied = store.as_ref().map(|s| s.quarantine("(delayed exchange)", r.pos, error));
+            tracing::error!(id = r.id, error, quarantine = ?copied, "a delayed message's record is damaged; quarantined");
         }
         self.settle_now(&corrupt.iter().map(|(r, _)| *r).collect::<Vec<_>>());
         if let Some((_, e)) = retry.first() {
@@ -234,6 +236,23 @@ impl DelayedMessages {
                 Err(r) => message.map(|message| Released { message, stored: Some(r) }),
             })
             .collect()
+    }
+
+    /// Holds a released message again for [`READ_RETRY`]: a store it was routed to refused it (backpressure,
+    /// disk full, store failing), so its record stays and the release is tried again (copies already taken by
+    /// other queues become duplicates, never a loss).
+    pub fn hold_again(&self, released: Released) {
+        let due_ms = self.due_ms(Instant::now() + READ_RETRY);
+        let mut st = self.lock();
+        let held = match released.stored {
+            Some(r) => Held { due_ms, seq: r.id, pos: Some(r.pos) },
+            None => {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                st.transient.insert(seq, released.message);
+                Held { due_ms, seq, pos: None }
+            }
+        };
+        st.heap.push(Reverse(held));
     }
 
     /// Forgets released messages' records (their copies are durable wherever they went). Buffered per
@@ -394,8 +413,15 @@ pub async fn run_release(
             let mut refs = Vec::new();
             for released in batch {
                 let delay = plugins::requested_delay(&released.message).unwrap_or(0);
+                // Kept until routed: a store that refuses it means holding it again (released path only).
+                let original = released.message.clone();
                 let Some(result) = route(plugins::mark_released(released.message, delay)) else { return };
                 tickets.extend(result.durable);
+                if result.refused {
+                    tracing::warn!("a released delayed message was refused by a queue's store; holding it again");
+                    delayed.hold_again(Released { message: original, stored: released.stored });
+                    continue;
+                }
                 refs.extend(released.stored);
             }
             if !refs.is_empty() {

@@ -148,8 +148,11 @@ pub enum PushOutcome {
     Enqueued,
     /// Enqueued and written to the queue's store; the ticket completes once it is on disk (fsynced).
     Stored(SyncTicket),
-    /// Refused: a `reject-publish` length limit, or the store could not take it (disk full).
+    /// Refused by a `reject-publish` length limit.
     Rejected,
+    /// Refused because the queue's store cannot take it now (backpressure, disk full, store failing): a
+    /// publisher gets a nack; a move (dead-lettering, delayed release) keeps its source and tries again.
+    Refused,
 }
 
 /// Position of a ready message: lower ranks go first (rank = 255 - priority), then lower ids (FIFO).
@@ -821,7 +824,7 @@ impl Queue {
                     if let Some(key) = plugins::dedup_key(&message).filter(|_| args.deduplication) {
                         st.dedup.remove(&key);
                     }
-                    return PushOutcome::Rejected;
+                    return PushOutcome::Refused;
                 }
             }
         }

@@ -67,6 +67,9 @@ pub struct PublishResult {
     pub routed: bool,
     /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
+    /// A store refused it (backpressure, disk full, store failing), not a length limit: a move (delayed
+    /// release) keeps its source and retries.
+    pub refused: bool,
     /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
     pub durable: Vec<SyncTicket>,
 }
@@ -717,11 +720,11 @@ impl VHost {
                 if let Some(delay) = plugins::requested_delay(&message) {
                     return Ok(match ex.extras().delayed.hold(message, delay) {
                         Ok(ticket) => {
-                            PublishResult { routed: true, rejected: false, durable: ticket.into_iter().collect() }
+                            PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, durable: Vec::new() }
+                            PublishResult { routed: true, rejected: true, refused: true, durable: Vec::new() }
                         }
                     });
                 }
@@ -1041,6 +1044,10 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
             PushOutcome::Enqueued => {}
             PushOutcome::Stored(ticket) => result.durable.push(ticket),
             PushOutcome::Rejected => result.rejected = true,
+            PushOutcome::Refused => {
+                result.rejected = true;
+                result.refused = true;
+            }
         }
     }
     result
