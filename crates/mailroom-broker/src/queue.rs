@@ -557,6 +557,8 @@ impl Queue {
         paging: Arc<Paging>,
     ) -> Arc<Queue> {
         let effective = RwLock::new(Arc::new(spec.args.clone()));
+        // Damaged records the store's recovery quarantined count as this queue's.
+        let quarantined = store.as_ref().map_or(0, |s| s.quarantined_at_recovery());
         let queue = Arc::new(Queue {
             effective,
             policy: RwLock::new(None),
@@ -586,7 +588,7 @@ impl Queue {
             hooks,
             paging,
             runtime: tokio::runtime::Handle::current(),
-            quarantined: AtomicU64::new(0),
+            quarantined: AtomicU64::new(quarantined),
             read_errors: AtomicU64::new(0),
         });
         queue.restore(recovered);

@@ -153,6 +153,8 @@ pub struct RecoveryReport {
     pub bytes_scanned: u64,
     /// Intact records found (settled or not).
     pub records: u64,
+    /// Damaged records (and CRC-valid ones that do not decode) copied to the quarantine file.
+    pub quarantined: u64,
 }
 
 #[derive(Debug, Default)]
@@ -211,6 +213,8 @@ struct Shared {
     io: Arc<dyn StoreIo>,
     syncer: SyncerHandle,
     me: Weak<Shared>,
+    /// Records recovery copied to the quarantine file (the queue counts them in its `quarantined`).
+    recovered_quarantined: u64,
     inner: Mutex<Inner>,
 }
 
@@ -317,7 +321,13 @@ impl QueueStore {
             report.bytes_scanned += data.len() as u64;
             let scan = record::scan(&data);
             for d in &scan.damaged {
-                tracing::warn!(path = %seg_path.display(), offset = d.offset, reason = d.reason, "skipping damaged record");
+                tracing::warn!(path = %seg_path.display(), offset = d.offset, reason = d.reason, "damaged record quarantined");
+                let bytes = data.get(d.offset..d.offset + d.len).unwrap_or_default();
+                let place = SegmentPos { segment: seq, offset: d.offset as u32 };
+                if let Err(e) = quarantine_bytes(&*io, dir, "(recovery)", place, d.reason, bytes, !config.ephemeral) {
+                    tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
+                }
+                report.quarantined += 1;
                 report.damaged.push(Damaged {
                     path: seg_path.clone(),
                     offset: d.offset as u64,
@@ -354,9 +364,17 @@ impl QueueStore {
                         redelivered: ack.delivered.contains_key(&id),
                     }),
                     Err(reason) => {
-                        // CRC-valid but undecodable: written by a different format; count it as
-                        // settled so the segment can still be deleted.
+                        // CRC-valid but undecodable: written by a different format; quarantined, then
+                        // counted as settled so the segment can still be deleted.
                         meta.settled += 1;
+                        let bytes = &data[r.offset..r.offset + r.header.record_len()];
+                        let place = SegmentPos { segment: seq, offset: r.offset as u32 };
+                        if let Err(e) =
+                            quarantine_bytes(&*io, dir, "(recovery)", place, reason, bytes, !config.ephemeral)
+                        {
+                            tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
+                        }
+                        report.quarantined += 1;
                         report.damaged.push(Damaged {
                             path: seg_path.clone(),
                             offset: r.offset as u64,
@@ -417,6 +435,7 @@ impl QueueStore {
             io,
             syncer,
             me: me.clone(),
+            recovered_quarantined: report.quarantined,
             inner: Mutex::new(inner),
         });
         Ok((QueueStore { shared }, report))
@@ -666,26 +685,14 @@ impl QueueStore {
     /// settles the record: it failed its checksum, so no retry can bring it back, but it is never
     /// dropped without a copy an operator can inspect. Returns the quarantine file's path.
     pub fn quarantine(&self, queue: &str, pos: SegmentPos, reason: &str) -> StoreResult<PathBuf> {
-        QUARANTINED_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let s = &*self.shared;
         let raw = self.raw_record(pos);
-        let target = s.dir.join(QUARANTINE_FILE);
-        let mut entry = format!(
-            "queue={queue:?} segment={} offset={} len={} reason={reason:?}\n",
-            pos.segment,
-            pos.offset,
-            raw.len()
-        )
-        .into_bytes();
-        entry.extend_from_slice(&raw);
-        entry.push(b'\n');
-        let file = s.io.open(&target, true).map_err(io_err("opening", &target))?;
-        let end = file.file_len().map_err(io_err("reading", &target))?;
-        file.write_all_at(&entry, end).map_err(io_err("writing", &target))?;
-        if !s.config.ephemeral {
-            file.sync_data().map_err(io_err("fsyncing", &target))?;
-        }
-        Ok(target)
+        quarantine_bytes(&*s.io, &s.dir, queue, pos, reason, &raw, !s.config.ephemeral)
+    }
+
+    /// Records the recovery that opened this store copied to the quarantine file.
+    pub fn quarantined_at_recovery(&self) -> u64 {
+        self.shared.recovered_quarantined
     }
 
     /// The bytes of the record at `pos` as they are (header and the length it claims, bounded by the file and
@@ -739,6 +746,37 @@ impl QueueStore {
         }
         std::fs::remove_dir_all(&s.dir).map_err(io_err("removing", &s.dir))
     }
+}
+
+/// Appends `bytes` (a damaged record as found) to `dir`'s quarantine file after a line naming the queue, place,
+/// length and reason, fsynced when `durable`, and counts it in [`quarantined_records_total`].
+fn quarantine_bytes(
+    io: &dyn StoreIo,
+    dir: &Path,
+    queue: &str,
+    pos: SegmentPos,
+    reason: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> StoreResult<PathBuf> {
+    QUARANTINED_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let target = dir.join(QUARANTINE_FILE);
+    let mut entry = format!(
+        "queue={queue:?} segment={} offset={} len={} reason={reason:?}\n",
+        pos.segment,
+        pos.offset,
+        bytes.len()
+    )
+    .into_bytes();
+    entry.extend_from_slice(bytes);
+    entry.push(b'\n');
+    let file = io.open(&target, true).map_err(io_err("opening", &target))?;
+    let end = file.file_len().map_err(io_err("reading", &target))?;
+    file.write_all_at(&entry, end).map_err(io_err("writing", &target))?;
+    if durable {
+        file.sync_data().map_err(io_err("fsyncing", &target))?;
+    }
+    Ok(target)
 }
 
 fn remove_files(io: &dyn StoreIo, dir: &Path, seq: u32) -> bool {
@@ -1731,6 +1769,38 @@ pub(crate) mod tests {
         drop(store);
         let (_, rec, _) = open(&dir, 4096, &syncer, &faults);
         assert_eq!(rec.len(), 11);
+    }
+
+    /// Recovery copies a damaged record in the middle of a segment to the quarantine file (with its place and
+    /// reason) and counts it, instead of only skipping it.
+    #[tokio::test]
+    async fn recovery_quarantines_damaged_records() {
+        let dir = test_dir("recovery-quarantine");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        let mut positions = Vec::new();
+        for id in 0..3 {
+            let (pos, t) = store.append(&msg(id, 200)).unwrap();
+            t.wait().await.unwrap();
+            positions.push(pos);
+        }
+        drop(store);
+        let bad = positions[1];
+        let path = segment::segment_path(&dir, bad.segment);
+        let mut data = std::fs::read(&path).unwrap();
+        data[bad.offset as usize + HEADER_LEN + 10] ^= 0x55;
+        std::fs::write(&path, &data).unwrap();
+        let before = quarantined_records_total();
+        let (store, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!((report.quarantined, store.quarantined_at_recovery()), (1, 1));
+        assert!(quarantined_records_total() > before);
+        let q = std::fs::read(dir.join(QUARANTINE_FILE)).unwrap();
+        let header = format!("queue=\"(recovery)\" segment={} offset={}", bad.segment, bad.offset);
+        assert!(q.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&q));
+        let damaged = &data[bad.offset as usize..bad.offset as usize + msg(1, 200).record_len()];
+        assert!(q.windows(damaged.len()).any(|w| w == damaged), "the damaged bytes are kept");
     }
 
     /// Segment deletion: an unlink that fails (EIO, EMFILE) leaves the settled segment; nothing panics, and
