@@ -125,15 +125,17 @@ pub fn check_cycles(reason: DeadLetterReason) -> bool {
 /// The source records are settled only once every copy stored in a durable target is fsynced: settling
 /// at once would leave a window (until the next group commit) in which a crash loses the message, its
 /// source record gone and its copy not yet on disk. A crash in between now brings the source message
-/// back as well as the copy: a duplicate, never a loss. A copy whose store write failed keeps the source
-/// record unsettled until a restart for the same reason. A copy the target's store refused (backpressure,
+/// back as well as the copy: a duplicate, never a loss. A copy whose write or fsync failed (its ticket
+/// nacked) is kept and rewritten by its store: the source stays unsettled until a later fsync of that store
+/// succeeds. A copy the target's store refused (backpressure,
 /// disk full, store failing) is pushed again after a backoff until the target takes it (or is gone); the
 /// source records stay unsettled meanwhile, so a crash brings the message back.
 #[derive(Debug)]
 pub struct SourceRecords {
     queue: Arc<Queue>,
     records: Vec<MsgRef>,
-    copies: Vec<SyncTicket>,
+    /// Each stored copy's target and ticket.
+    copies: Vec<(Arc<Queue>, SyncTicket)>,
     /// Copies whose target store refused them, to push again.
     refused: Vec<(Arc<Queue>, Arc<Message>)>,
 }
@@ -162,7 +164,7 @@ impl SourceRecords {
                     let mut still = Vec::new();
                     for (target, message) in refused {
                         match target.push(Arc::clone(&message)) {
-                            PushOutcome::Stored(ticket) => copies.push(ticket),
+                            PushOutcome::Stored(ticket) => copies.push((target, ticket)),
                             PushOutcome::Refused => still.push((target, message)),
                             // Taken, or dropped by the target's own length limit (as a first push would be).
                             PushOutcome::Enqueued | PushOutcome::Rejected => {}
@@ -188,11 +190,21 @@ impl SourceRecords {
         }
         // Queues only exist inside a tokio runtime (each runs a timer task), so one is available here.
         tokio::spawn(async move {
-            for ticket in copies {
-                if let Err(e) = ticket.wait().await {
-                    tracing::warn!(queue = %queue.name(), error = %e,
-                        "dead-lettered copy not stored; its source record stays until a restart");
-                    return;
+            for (target, ticket) in copies {
+                let mut result = ticket.wait().await;
+                let mut pause = MOVE_RETRY_MIN;
+                // A failed write or fsync nacks the ticket, but the target's store keeps the copy and writes it
+                // again: wait for a later fsync of that store to cover it before settling the source.
+                while let Err(e) = result {
+                    tracing::warn!(queue = %queue.name(), target = %target.name(), error = %e,
+                        "dead-lettered copy not durable yet; source kept, waiting for the target's store");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MOVE_RETRY_MAX);
+                    result = match target.sync_ticket() {
+                        Some(t) => t.wait().await,
+                        // The target was deleted, and the copy with it (as a dead letter routed nowhere).
+                        None => Ok(()),
+                    };
                 }
             }
             queue.settle_left(&records);
@@ -238,7 +250,7 @@ pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
         match queue.push(Arc::clone(&message)) {
             PushOutcome::Stored(ticket) => PENDING.with(|p| {
                 if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.copies.push(ticket);
+                    r.copies.push((queue, ticket));
                 }
             }),
             PushOutcome::Refused => PENDING.with(|p| {

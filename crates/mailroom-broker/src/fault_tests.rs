@@ -500,3 +500,36 @@ async fn acks_under_store_faults_lose_nothing() {
         }
     }
 }
+
+/// Item 3, dead-letter step with a failed fsync: the copy was taken but its fsync failed (ticket nacked).
+/// The source stays unsettled while the target's store fails, and is settled, without a restart, once a
+/// later fsync of that store covers the (rewritten) copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_copy_whose_fsync_failed_settles_the_source_once_durable() {
+    for errno in [EIO, ENOSPC, EMFILE] {
+        let dir = test_dir("fault-dlx-fsync");
+        let faults = Arc::new(Faults::default());
+        let (_broker, v) = open(&dir, &faults);
+        let before = queue_dirs(&dir);
+        durable_queue(&v, "dlq", FieldTable::default());
+        let dlq_dir = new_queue_dir(&dir, &before);
+        let before = queue_dirs(&dir);
+        let args = table(&[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("dlq"))]);
+        durable_queue(&v, "work", args);
+        let work_dir = new_queue_dir(&dir, &before);
+        assert!(confirmed(v.publish("", persistent("work", "keep me")).unwrap()).await);
+        let work = v.queue("work", 1).unwrap();
+        let got = work.get(false).unwrap();
+
+        only_under(&faults, &dlq_dir);
+        faults.sync_errno.store(errno, Ordering::SeqCst);
+        work.reject(&[got.id], false);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!settled_on_disk(&work_dir).contains(&got.id), "errno {errno}: settled before the copy was durable");
+
+        faults.clear();
+        eventually("the source settled without a restart", || settled_on_disk(&work_dir).contains(&got.id)).await;
+        let dlq = v.queue("dlq", 1).unwrap();
+        assert!(dlq.peek(0, 10).iter().any(|p| &p.message.body[..] == b"keep me"));
+    }
+}

@@ -1514,6 +1514,12 @@ impl Queue {
         self.lock().store.as_ref().map(QueueStore::sync)
     }
 
+    /// A ticket that completes once everything the queue's store took so far is fsynced; None without a store
+    /// (transient, or deleted). A copy whose own ticket failed waits on this: the store keeps and rewrites it.
+    pub(crate) fn sync_ticket(&self) -> Option<SyncTicket> {
+        self.lock().store.as_ref().map(|s| s.sync())
+    }
+
     /// Settles the durable store records of messages that already left the queue (their dead-lettered
     /// copies are now durable). A no-op once the queue is deleted.
     pub(crate) fn settle_left(&self, records: &[MsgRef]) {

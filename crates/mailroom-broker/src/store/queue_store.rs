@@ -656,14 +656,20 @@ impl QueueStore {
     pub fn sync(&self) -> SyncTicket {
         let s = &*self.shared;
         let mut inner = s.lock();
+        if let (true, Some(e)) = (inner.destroyed, &inner.poisoned) {
+            return SyncTicket::ready(Err(e.clone()));
+        }
         if !inner.unsynced_acks.is_empty() {
             inner.force_ack_sync = true;
         }
         if let Some(b) = &inner.batch {
             return SyncTicket::for_batch(b.subscribe());
         }
+        // A failing store owes the retry round too: bytes written since the last good fsync are not durable.
         let owes = !inner.unsynced.is_empty()
             || !inner.unsynced_acks.is_empty()
+            || !inner.written_unsynced.is_empty()
+            || inner.write_error.is_some()
             || inner.dir_dirty
             || inner.active.has_pending()
             || inner.sealed_writers.iter().any(|w| w.has_pending());
