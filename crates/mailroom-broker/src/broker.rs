@@ -81,7 +81,7 @@ impl BrokerInner {
 
     /// Durable stores that cannot write right now (their retries run; the store alarm is raised meanwhile).
     pub(crate) fn failing_stores(&self) -> u64 {
-        self.durability.as_ref().map_or(0, |d| d.sync_stats().failing_stores)
+        self.durability.as_ref().map_or(0, |d| d.failing_stores())
     }
 
     /// Why the most recent failing store failed, for the alarm's log line.

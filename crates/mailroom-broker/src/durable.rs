@@ -245,7 +245,18 @@ impl Durability {
 
     /// Why the most recent failing store failed (empty if none did).
     pub fn failing_reason(&self) -> String {
-        self.syncer.lock().unwrap_or_else(|p| p.into_inner()).failing_reason()
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        if syncer.handle().is_stopped() {
+            return "the syncer is not running".to_owned();
+        }
+        syncer.failing_reason()
+    }
+
+    /// Stores that cannot write now; the whole store counts as failing while the syncer is not running
+    /// (every durable write is then refused).
+    pub fn failing_stores(&self) -> u64 {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        syncer.stats().failing_stores + u64::from(syncer.handle().is_stopped())
     }
 }
 
