@@ -170,7 +170,7 @@ impl DelayedMessages {
     }
 
     /// Takes up to `max` messages due by `now`, in due order; stored bodies are read back from disk (in
-    /// file order, then put back in due order). A record that is corrupt is logged and settled (it would
+    /// file order, then put back in due order). A record that is corrupt is quarantined and settled (it would
     /// fail again after a restart); one that cannot be read right now (an I/O error) is retried later.
     pub fn take_due(&self, now: Instant, max: usize) -> Vec<Released> {
         let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;

@@ -65,10 +65,10 @@ pub enum StoreError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    /// An fsync failed earlier: the kernel may have dropped dirty pages, so the store refuses further
-    /// writes until it is reopened with [`QueueStore::recover`].
-    #[error("store poisoned by an earlier fsync failure: {0}")]
-    Poisoned(Arc<str>),
+    /// The store was closed (its queue deleted): it takes no more writes. (A failed fsync no longer closes
+    /// a store: it fails that round and the store retries, see [`queue_store`].)
+    #[error("store closed: {0}")]
+    Closed(Arc<str>),
     /// A record read back did not check (CRC, magic or encoding).
     #[error("corrupt record in {path} at offset {offset}: {reason}")]
     Corrupt {

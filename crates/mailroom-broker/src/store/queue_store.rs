@@ -741,13 +741,13 @@ impl QueueStore {
         let s = &*self.shared;
         {
             let mut inner = s.lock();
-            inner.poisoned = Some(StoreError::Poisoned("queue deleted".into()));
+            inner.poisoned = Some(StoreError::Closed("queue deleted".into()));
             inner.destroyed = true;
             s.update_health(&mut inner);
             inner.active.buf.clear();
             inner.sealed_writers.clear();
             if let Some(b) = inner.batch.take() {
-                b.send_replace(Some(Err(StoreError::Poisoned("queue deleted".into()))));
+                b.send_replace(Some(Err(StoreError::Closed("queue deleted".into()))));
             }
         }
         std::fs::remove_dir_all(&s.dir).map_err(io_err("removing", &s.dir))
@@ -1558,7 +1558,7 @@ pub(crate) mod tests {
             match store.append(m) {
                 Ok(done) => return done,
                 Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(!matches!(e, StoreError::Poisoned(_)), "store poisoned for good: {e}");
+                    assert!(!matches!(e, StoreError::Closed(_)), "store closed for good: {e}");
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
                 Err(e) => panic!("store never writable again: {e}"),
