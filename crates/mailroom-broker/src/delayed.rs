@@ -410,6 +410,7 @@ pub async fn run_release(
                 break;
             }
             let mut tickets = Vec::new();
+            let mut stored_in: Vec<Arc<crate::queue::Queue>> = Vec::new();
             let mut refs = Vec::new();
             for released in batch {
                 let delay = plugins::requested_delay(&released.message).unwrap_or(0);
@@ -417,6 +418,11 @@ pub async fn run_release(
                 let original = released.message.clone();
                 let Some(result) = route(plugins::mark_released(released.message, delay)) else { return };
                 tickets.extend(result.durable);
+                for q in result.stored_in {
+                    if !stored_in.iter().any(|s| Arc::ptr_eq(s, &q)) {
+                        stored_in.push(q);
+                    }
+                }
                 if result.refused {
                     tracing::warn!("a released delayed message was refused by a queue's store; holding it again");
                     delayed.hold_again(Released { message: original, stored: released.stored });
@@ -425,7 +431,7 @@ pub async fn run_release(
                 refs.extend(released.stored);
             }
             if !refs.is_empty() {
-                tokio::spawn(settle_when_durable(Arc::clone(&delayed), tickets, refs));
+                tokio::spawn(settle_when_durable(Arc::clone(&delayed), tickets, stored_in, refs));
             }
             // A long overdue backlog (after a restart) must not starve the runtime thread.
             tokio::task::yield_now().await;
@@ -433,9 +439,15 @@ pub async fn run_release(
     }
 }
 
-/// Settles released records once every copy they were routed to is on disk; if a copy's store failed,
-/// the records stay, so the messages come back after a restart (at-least-once).
-async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTicket>, refs: Vec<MsgRef>) {
+/// Settles released records once every copy they were routed to is on disk. A copy whose write or fsync
+/// failed (ticket nacked) is kept and rewritten by its queue's store: the records stay until a later fsync of
+/// every store the batch went to succeeds (no restart needed); a crash meanwhile releases them again.
+async fn settle_when_durable(
+    delayed: Arc<DelayedMessages>,
+    tickets: Vec<SyncTicket>,
+    stored_in: Vec<Arc<crate::queue::Queue>>,
+    refs: Vec<MsgRef>,
+) {
     let mut failed = None;
     for ticket in tickets {
         if let Err(e) = ticket.wait().await {
@@ -443,12 +455,22 @@ async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTic
         }
     }
     if let Some(e) = failed {
-        tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all stored; keeping their records");
-    } else {
-        delayed.settle(&refs);
-        // The release task may be asleep until a far due time: make it flush these in time.
-        delayed.wake.notify_one();
+        tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all durable; keeping their records until they are");
+        let mut pause = crate::dead_letter::MOVE_RETRY_MIN;
+        for q in stored_in {
+            // None: the queue was deleted, and its copy with it.
+            while let Some(t) = q.sync_ticket() {
+                if t.wait().await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(crate::dead_letter::MOVE_RETRY_MAX);
+            }
+        }
     }
+    delayed.settle(&refs);
+    // The release task may be asleep until a far due time: make it flush these in time.
+    delayed.wake.notify_one();
 }
 
 #[cfg(test)]

@@ -533,3 +533,38 @@ async fn a_dead_letter_copy_whose_fsync_failed_settles_the_source_once_durable()
         assert!(dlq.peek(0, 10).iter().any(|p| &p.message.body[..] == b"keep me"));
     }
 }
+
+/// Item 3, delayed release with a failed fsync at the target: the released message's record stays in the
+/// delayed store while the copy is not durable, and is settled, without a restart, once the target's store
+/// has fsynced the (rewritten) copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_release_whose_copy_fsync_failed_settles_once_durable() {
+    let dir = test_dir("fault-delayed-fsync");
+    let faults = Arc::new(Faults::default());
+    let (_broker, v) = open(&dir, &faults);
+    let options = ExchangeOptions {
+        durable: true,
+        arguments: table(&[("x-delayed-type", text("direct"))]),
+        ..Default::default()
+    };
+    v.declare_exchange("dx", "x-delayed-message", &options).unwrap();
+    let before = queue_dirs(&dir);
+    durable_queue(&v, "q", FieldTable::default());
+    let q_dir = new_queue_dir(&dir, &before);
+    v.bind_queue("q", "dx", "q", &FieldTable::default(), 1).unwrap();
+    let delayed_dir = std::fs::read_dir(dir.join("delayed")).unwrap().next().unwrap().unwrap().path();
+
+    let props =
+        BasicProperties::default().with_delivery_mode(2).with_headers(table(&[("x-delay", AMQPValue::LongInt(100))]));
+    assert!(confirmed(v.publish("dx", Message::new("dx", "q", props, Bytes::from_static(b"later"))).unwrap()).await);
+    only_under(&faults, &q_dir);
+    faults.sync_errno.store(EIO, Ordering::SeqCst);
+    let q = v.queue("q", 1).unwrap();
+    eventually("released into q", || q.message_count() == 1).await;
+    // Settles are buffered for up to a second: wait past that with the copy still not durable.
+    tokio::time::sleep(crate::delayed::SETTLE_FLUSH + Duration::from_millis(300)).await;
+    assert!(settled_on_disk(&delayed_dir).is_empty(), "record settled although its copy was not durable");
+
+    faults.clear();
+    eventually("the record settled without a restart", || !settled_on_disk(&delayed_dir).is_empty()).await;
+}

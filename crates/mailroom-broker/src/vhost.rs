@@ -72,6 +72,8 @@ pub struct PublishResult {
     pub refused: bool,
     /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
     pub durable: Vec<SyncTicket>,
+    /// The queues whose stores took it (a move whose ticket failed waits for a later fsync of these).
+    pub stored_in: Vec<Arc<Queue>>,
 }
 
 /// Where a redrive sends messages instead of their first death's exchange and routing keys.
@@ -724,7 +726,7 @@ impl VHost {
                         }
                         Err(e) => {
                             tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, refused: true, durable: Vec::new() }
+                            PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
                         }
                     });
                 }
@@ -1042,7 +1044,10 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
     for q in queues {
         match q.push(Arc::clone(&message)) {
             PushOutcome::Enqueued => {}
-            PushOutcome::Stored(ticket) => result.durable.push(ticket),
+            PushOutcome::Stored(ticket) => {
+                result.durable.push(ticket);
+                result.stored_in.push(Arc::clone(q));
+            }
             PushOutcome::Rejected => result.rejected = true,
             PushOutcome::Refused => {
                 result.rejected = true;
