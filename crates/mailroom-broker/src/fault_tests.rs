@@ -568,3 +568,72 @@ async fn a_delayed_release_whose_copy_fsync_failed_settles_once_durable() {
     faults.clear();
     eventually("the record settled without a restart", || !settled_on_disk(&delayed_dir).is_empty()).await;
 }
+
+/// Paging store writes failing (EIO, ENOSPC, EMFILE): bodies that cannot be paged out stay in RAM; nothing
+/// is lost, and paging works again once the fault is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_store_write_faults_lose_nothing() {
+    for errno in [EIO, ENOSPC, EMFILE] {
+        let dir = test_dir("fault-paging-write");
+        let faults = Arc::new(Faults::default());
+        let (_broker, v) = open(&dir, &faults);
+        v.declare_queue("pq", &QueueOptions::default(), 1).unwrap();
+        let q = v.queue("pq", 1).unwrap();
+        only_under(&faults, &dir.join("paging"));
+        faults.write_errno.store(errno, Ordering::SeqCst);
+        faults.open_errno.store(errno, Ordering::SeqCst);
+        let pad = "w".repeat(300);
+        for i in 0..30 {
+            let m = Message::new("", "pq", BasicProperties::default(), Bytes::from(format!("{i:02}{pad}")));
+            assert!(confirmed(v.publish("", m).unwrap()).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        faults.clear();
+        for i in 30..60 {
+            let m = Message::new("", "pq", BasicProperties::default(), Bytes::from(format!("{i:02}{pad}")));
+            assert!(confirmed(v.publish("", m).unwrap()).await);
+        }
+        let mut got = Vec::new();
+        while let Some(m) = q.get(true) {
+            got.push(String::from_utf8_lossy(&m.message.body[..2]).into_owned());
+        }
+        let want: Vec<String> = (0..60).map(|i| format!("{i:02}")).collect();
+        assert_eq!(got, want, "errno {errno}");
+    }
+}
+
+/// Delayed store faults at hold time (fsync EIO, ENOSPC, EMFILE): the publish is nacked; the store recovers
+/// without a restart and later delayed publishes are confirmed and released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_store_faults_nack_the_publish_and_recover() {
+    for errno in [EIO, ENOSPC, EMFILE] {
+        let dir = test_dir("fault-delayed-hold");
+        let faults = Arc::new(Faults::default());
+        let (_broker, v) = open(&dir, &faults);
+        let options = ExchangeOptions {
+            durable: true,
+            arguments: table(&[("x-delayed-type", text("direct"))]),
+            ..Default::default()
+        };
+        v.declare_exchange("dx", "x-delayed-message", &options).unwrap();
+        durable_queue(&v, "q", FieldTable::default());
+        v.bind_queue("q", "dx", "q", &FieldTable::default(), 1).unwrap();
+        let delayed = |body: &'static str| {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(table(&[("x-delay", AMQPValue::LongInt(50))]));
+            Message::new("dx", "q", props, Bytes::from_static(body.as_bytes()))
+        };
+        only_under(&faults, &dir.join("delayed"));
+        faults.sync_errno.store(errno, Ordering::SeqCst);
+        assert!(!confirmed(v.publish("dx", delayed("nacked")).unwrap()).await, "errno {errno}");
+        faults.clear();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !confirmed(v.publish("dx", delayed("confirmed")).unwrap()).await {
+            assert!(Instant::now() < deadline, "errno {errno}: the delayed store never recovered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let q = v.queue("q", 1).unwrap();
+        eventually("released", || q.peek(0, 10).iter().any(|p| &p.message.body[..] == b"confirmed")).await;
+    }
+}
