@@ -78,6 +78,16 @@ impl BrokerInner {
         let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
     }
+
+    /// Durable stores that cannot write right now (their retries run; the store alarm is raised meanwhile).
+    pub(crate) fn failing_stores(&self) -> u64 {
+        self.durability.as_ref().map_or(0, |d| d.failing_stores())
+    }
+
+    /// Why the most recent failing store failed, for the alarm's log line.
+    pub(crate) fn failing_reason(&self) -> String {
+        self.durability.as_ref().map(|d| d.failing_reason()).unwrap_or_default()
+    }
 }
 
 /// The broker core. Cheap to clone; every clone is the same broker.
@@ -102,7 +112,7 @@ impl Broker {
             })?,
             None => None,
         };
-        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref());
+        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref(), config.store_io.clone());
         let mut names = config.vhosts.clone();
         for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
             if !names.contains(&v.name) {
@@ -137,7 +147,11 @@ impl Broker {
             paging,
         });
         let alarm_config = config.alarms;
-        if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
+        // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
+        if alarm_config.memory_high_watermark.is_some()
+            || alarm_config.disk_free_limit.is_some()
+            || inner.durability.is_some()
+        {
             tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
         }
         Ok(Broker { inner })

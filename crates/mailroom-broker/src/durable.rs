@@ -193,6 +193,11 @@ impl Durability {
         Ok(store)
     }
 
+    /// The store's file I/O (the paging stores use it too).
+    pub fn io(&self) -> Arc<dyn StoreIo> {
+        Arc::clone(&self.io)
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -223,7 +228,7 @@ impl Durability {
             std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", &dir, e))?;
         }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), visit)?;
+        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
@@ -236,6 +241,22 @@ impl Durability {
     /// The syncer's counters (fsyncs, rounds, records), for the metrics.
     pub fn sync_stats(&self) -> SyncStats {
         self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats()
+    }
+
+    /// Why the most recent failing store failed (empty if none did).
+    pub fn failing_reason(&self) -> String {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        if syncer.handle().is_stopped() {
+            return "the syncer is not running".to_owned();
+        }
+        syncer.failing_reason()
+    }
+
+    /// Stores that cannot write now; the whole store counts as failing while the syncer is not running
+    /// (every durable write is then refused).
+    pub fn failing_stores(&self) -> u64 {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        syncer.stats().failing_stores + u64::from(syncer.handle().is_stopped())
     }
 }
 

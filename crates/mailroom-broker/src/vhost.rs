@@ -67,8 +67,13 @@ pub struct PublishResult {
     pub routed: bool,
     /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
+    /// A store refused it (backpressure, disk full, store failing), not a length limit: a move (delayed
+    /// release) keeps its source and retries.
+    pub refused: bool,
     /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
     pub durable: Vec<SyncTicket>,
+    /// The queues whose stores took it (a move whose ticket failed waits for a later fsync of these).
+    pub stored_in: Vec<Arc<Queue>>,
 }
 
 /// Where a redrive sends messages instead of their first death's exchange and routing keys.
@@ -743,11 +748,11 @@ impl VHost {
                 if let Some(delay) = plugins::requested_delay(&message) {
                     return Ok(match ex.extras().delayed.hold(message, delay) {
                         Ok(ticket) => {
-                            PublishResult { routed: true, rejected: false, durable: ticket.into_iter().collect() }
+                            PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, durable: Vec::new() }
+                            PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
                         }
                     });
                 }
@@ -1073,8 +1078,15 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
     for q in queues {
         match q.push(Arc::clone(&message)) {
             PushOutcome::Enqueued => {}
-            PushOutcome::Stored(ticket) => result.durable.push(ticket),
+            PushOutcome::Stored(ticket) => {
+                result.durable.push(ticket);
+                result.stored_in.push(Arc::clone(q));
+            }
             PushOutcome::Rejected => result.rejected = true,
+            PushOutcome::Refused => {
+                result.rejected = true;
+                result.refused = true;
+            }
         }
     }
     result
