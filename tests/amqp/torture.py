@@ -130,6 +130,18 @@ def rejected_count(props, queue):
     return 0
 
 
+def hops(props):
+    """How many dead-letter hops the message made (the sum of its x-death counts): each copy left behind by a hop
+    that a kill cut short has fewer than the copy that went on."""
+    return sum(int(d.get("count", 0)) for d in (props.headers or {}).get("x-death", []) or [])
+
+
+def by_expiry(props):
+    """Whether the message's last dead-letter hop was a TTL expiry (timer-driven, so redone after a restart)."""
+    deaths = (props.headers or {}).get("x-death") or []
+    return bool(deaths) and deaths[0].get("reason") == "expired"
+
+
 def home_of(queue, props):
     """The home queue of a copy found in `queue`: the DLQ holds copies of the queue named by x-death; the retry
     loop's copies belong to tt.work."""
@@ -179,6 +191,7 @@ class Copy:
     drained: bool = False  # taken by the checker (auto-ack get, then a round trip)
     drained_life: int = -1
     drained_queue: str = ""
+    hops: set = field(default_factory=set)  # dead-letter hop counts of the incarnations acked or drained
     due: float = 0.0  # delayed copies: monotonic time of the (last) release
     lost: bool = False  # already reported as a loss
     exempt: bool = False  # its (churn) queue was deleted
@@ -201,9 +214,11 @@ class Totals:
     # Kinds of duplicates (all allowed; a crash mid-hop copies rather than loses):
     #   lost_ack: acked but not settled before the kill; reject_undone: a settled reject to the DLQ came back to
     #   its queue; two_places: in two queues after a restart (dead-letter or retry hop cut by the kill);
+    #   hop_replayed: an older incarnation (fewer x-death hops) than one already acked or drained came back;
+    #   expiry_redone: the same incarnation again, made by a TTL expiry that the kill made happen twice;
     #   delayed_rerelease: a delayed message released less than DELAYED_RERELEASE_S before the kill.
     dup_kinds: dict = field(default_factory=lambda: {k: 0 for k in (
-        "lost_ack", "reject_undone", "two_places", "delayed_rerelease")})
+        "lost_ack", "reject_undone", "two_places", "hop_replayed", "expiry_redone", "delayed_rerelease")})
     losses: int = 0
     counts: dict = field(default_factory=lambda: {k: 0 for k in (
         "lost", "resurrected", "misplaced", "unknown", "order", "definition", "error")})
@@ -308,7 +323,7 @@ class _Consumer:
 
                 def on_message(ch, method, props, body, q=q, pending=pending):
                     key = (props.message_id, home_of(q, props))
-                    self.events.append(("deliver", q, key, method.redelivered))
+                    self.events.append(("deliver", q, key, hops(props), by_expiry(props)))
                     action = self._decide(q, props)
                     if action == "ack":
                         ch.basic_ack(method.delivery_tag)
@@ -316,7 +331,7 @@ class _Consumer:
                         ch.basic_reject(method.delivery_tag, requeue=False)
                     else:
                         ch.basic_nack(method.delivery_tag, requeue=True)
-                    self.events.append((action, key))
+                    self.events.append((action, key, hops(props)))
                     if action != "requeue":
                         pending.append((action, key))
 
@@ -372,9 +387,9 @@ class Torture:
         self.t.duplicates += 1
         self.t.dup_kinds[kind] += 1
 
-    def seen(self, queue, key, via):
+    def seen(self, queue, key, via, nhops, expired):
         """A copy showed up in `queue` (delivered to the consumer, or drained by the checker) in lifetime
-        self.life."""
+        self.life, after `nhops` dead-letter hops, the last one a TTL expiry if `expired`."""
         mid, home = key
         c = self.ledger.get(key)
         if c is None:
@@ -397,17 +412,26 @@ class Torture:
             life = c.drained_life if c.drained else c.settled_life
             why = (f"drained from {c.drained_queue} by the check in lifetime {life}" if c.drained
                    else f"its ack was settled in lifetime {life}")
-            if c.drained and life == self.life and via == "drain" and queue != c.drained_queue:
+            if nhops not in c.hops:
+                # Another incarnation than the one consumed: a dead-letter hop (reject to the DLQ, tt.work ->
+                # tt.wait -> tt.work) leaves its source record until the copy it sent on is fsynced, so a kill in
+                # between keeps both (a duplicate by design, not a consumed message coming back).
+                self._dup("hop_replayed" if nhops < max(c.hops) else "two_places")
+            elif c.drained and life == self.life and via == "drain" and queue != c.drained_queue:
                 if not c.undone:
                     self._dup("two_places")
+            elif expired:
+                # The same incarnation again, made by a TTL expiry: the expired record stays in tt.wait until the
+                # copy it sent on is fsynced; a kill in between expires it again at the restart.
+                self._dup("expiry_redone")
             elif (home == Q_DELAYED and c.rerelease_life < self.life and self.life - 1 in self.kill_times
                   and c.due <= self.kill_times[self.life - 1] < c.due + DELAYED_RERELEASE_S):
                 # Released shortly before the last kill: released again at the restart (once per restart).
                 self._dup("delayed_rerelease")
                 c.rerelease_life, c.due = self.life, time.monotonic()
             else:
-                self.violation("resurrected", f"{mid} (home {home}) in {queue} via {via} in lifetime {self.life}: "
-                                              f"{why}")
+                self.violation("resurrected", f"{mid} (home {home}) in {queue} via {via} in lifetime {self.life} "
+                                              f"after {nhops} hops: {why} (consumed after {sorted(c.hops)} hops)")
         elif c.rejected == SETTLED and home in DLX_QUEUES and queue == home:
             c.undone = True
             self._dup("reject_undone")
@@ -433,8 +457,8 @@ class Torture:
         for ev in events:
             kind = ev[0]
             if kind == "deliver":
-                _, q, key, redelivered = ev
-                self.seen(q, key, "consumer")
+                _, q, key, nhops, expired = ev
+                self.seen(q, key, "consumer", nhops, expired)
                 if q in FIFO_QUEUES:
                     parsed = parse_mid(key[0])
                     pos = parsed[1:] if parsed else None
@@ -458,6 +482,7 @@ class Torture:
                 self.t.consumer_acks += 1
                 c.acked = max(c.acked, UNSETTLED)
                 c.ack_life = self.life
+                c.hops.add(ev[2])
             elif kind == "reject":
                 self.t.rejects += 1
                 c.rejected = max(c.rejected, UNSETTLED)
@@ -509,10 +534,12 @@ class Torture:
                 return n
             n += 1
             key = (props.message_id, home_of(queue, props))
-            self.seen(queue, key, "drain")
+            nhops = hops(props)
+            self.seen(queue, key, "drain", nhops, by_expiry(props))
             c = self.ledger.get(key)
             if c is not None:
                 c.drained, c.drained_life, c.drained_queue = True, self.life, queue
+                c.hops.add(nhops)
             self.t.drained += 1
             if queue in FIFO_QUEUES or queue.startswith(CHURN_PREFIX):
                 parsed = parse_mid(key[0])
@@ -550,7 +577,8 @@ class Torture:
                 self.violation("definition", f"queue {q} missing after the restart")
         last = {}
         gone = set()
-        for name, state in sorted(self.churn.pop(rnd, {}).items()):
+        churn = self.churn.pop(rnd, {})
+        for name, state in sorted(churn.items()):
             present = exists(lambda c, name=name: c.queue_declare(name, passive=True))
             if state == "deleted" and present:
                 self.violation("definition", f"churn queue {name} is back after its delete-ok")
@@ -559,8 +587,8 @@ class Torture:
             if present:
                 self._drain(ch, name, last)
                 ch.queue_delete(name)
-            elif state != "declared":
-                gone.add(name)  # deleted (or its declare/delete was in flight): its copies may be gone
+            if state != "declared":
+                gone.add(name)  # deleted, or its delete was in flight: its copies may be gone
         for key, c in self.ledger.items():
             if key[1] in gone:
                 c.exempt = True
@@ -583,8 +611,10 @@ class Torture:
             self.t.losses += len(open_keys)
             for home, mids in sorted(by_home.items()):
                 c0 = self.ledger[(mids[0], home)]
+                extra = f", churn queue {churn[home]} at the kill" if home in churn else ""
                 self.violation("lost", f"{len(mids)} confirmed copies missing from {home} (and its DLQ/retry "
-                                       f"queues) after the restart, e.g. {mids[:5]} (rejected={c0.rejected})")
+                                       f"queues) after the restart, e.g. {mids[:5]} (rejected={c0.rejected}, "
+                                       f"acked={c0.acked}{extra})")
         # Prune the round before: its copies have been through two checks (delayed ones released recently may
         # still be released again after the next kill: kept a while longer).
         now = time.monotonic()
