@@ -55,7 +55,7 @@ PREFETCH = 20
 SYNC_INTERVAL_S = 0.05  # how often the consumer settles its acks with a round trip per channel
 # Mailroom forgets released delayed messages up to SETTLE_FLUSH (1 s, crates/mailroom-broker/src/delayed.rs)
 # after their release: a kill within that window releases them again, a duplicate by design. Margin added.
-DELAYED_RERELEASE_S = 1.5
+DELAYED_RERELEASE_S = 2.0
 SETTLE_S = 3.0  # after a restart, how long the checker waits for due TTL/delayed messages to show up
 CHURN_MESSAGES = 3
 
