@@ -20,8 +20,11 @@ so they count as "settled" (the broker has applied them) only after a later roun
 Invariant, checked after each kill -9 and restart by draining every queue (basic.get, auto-ack):
   - every confirmed copy was acked by a consumer, or is found in its home queue, or (if the consumer rejected
     it) in tt.dlq, or (retry loop) in tt.work or tt.wait; otherwise it is a LOSS;
-  - a copy whose ack/reject was settled, or that the checker already drained, never comes back (RESURRECTED);
-    a copy acked but not settled may come back once: a DUPLICATE (counted, allowed);
+  - a copy whose ack was settled, or that the checker already drained, never comes back with the same x-death
+    history (RESURRECTED). Duplicates are counted, not failed (at-least-once): an ack not settled at the kill;
+    a dead-letter hop cut by the kill (Mailroom settles the source record once the copy it sent on is fsynced,
+    so both may survive, and a TTL expiry may happen twice); a delayed message released less than
+    DELAYED_RERELEASE_S before the kill (released again). See Totals.dup_kinds;
   - a copy is never found where it cannot be (MISPLACED), no unknown message appears (UNKNOWN);
   - FIFO queues (single publisher, nothing requeued) deliver and hold their copies in publish order (ORDER);
   - every exchange and queue of the topology exists after the restart, a churn queue whose declare-ok arrived
