@@ -195,9 +195,10 @@ class Copy:
     drained_life: int = -1
     drained_queue: str = ""
     hops: set = field(default_factory=set)  # dead-letter hop counts of the incarnations acked or drained
-    due: float = 0.0  # delayed copies: monotonic time of the (last) release
+    due: float = 0.0  # delayed copies: upper bound of the last release (due time, consumer delivery, re-release)
     lost: bool = False  # already reported as a loss
     exempt: bool = False  # its (churn) queue was deleted
+    consumer_life: int = -1  # delayed copies: the lifetime of the last delivery to the consumer
     rerelease_life: int = -1  # delayed copies: the lifetime in which one was released again
     undone: bool = False  # a settled reject came back (already counted as a duplicate)
 
@@ -326,7 +327,7 @@ class _Consumer:
 
                 def on_message(ch, method, props, body, q=q, pending=pending):
                     key = (props.message_id, home_of(q, props))
-                    self.events.append(("deliver", q, key, hops(props), by_expiry(props)))
+                    self.events.append(("deliver", q, key, hops(props), by_expiry(props), time.monotonic()))
                     action = self._decide(q, props)
                     if action == "ack":
                         ch.basic_ack(method.delivery_tag)
@@ -390,9 +391,9 @@ class Torture:
         self.t.duplicates += 1
         self.t.dup_kinds[kind] += 1
 
-    def seen(self, queue, key, via, nhops, expired):
-        """A copy showed up in `queue` (delivered to the consumer, or drained by the checker) in lifetime
-        self.life, after `nhops` dead-letter hops, the last one a TTL expiry if `expired`."""
+    def seen(self, queue, key, via, nhops, expired, at):
+        """A copy showed up in `queue` (delivered to the consumer, or drained by the checker) at monotonic time
+        `at` in lifetime self.life, after `nhops` dead-letter hops, the last one a TTL expiry if `expired`."""
         mid, home = key
         c = self.ledger.get(key)
         if c is None:
@@ -428,13 +429,19 @@ class Torture:
                 # copy it sent on is fsynced; a kill in between expires it again at the restart.
                 self._dup("expiry_redone")
             elif (home == Q_DELAYED and c.rerelease_life < self.life and self.life - 1 in self.kill_times
-                  and c.due <= self.kill_times[self.life - 1] < c.due + DELAYED_RERELEASE_S):
+                  and (c.due <= self.kill_times[self.life - 1] or c.consumer_life == self.life - 1)
+                  and self.kill_times[self.life - 1] - c.due < DELAYED_RERELEASE_S):
                 # Released shortly before the last kill: released again at the restart (once per restart).
                 self._dup("delayed_rerelease")
-                c.rerelease_life, c.due = self.life, time.monotonic()
+                c.rerelease_life, c.due = self.life, at  # released again at the restart, before `at`
             else:
+                extra = ""
+                if home == Q_DELAYED and self.life - 1 in self.kill_times:
+                    extra = (f"; last release bound {c.due - self.kill_times[self.life - 1]:+.3f} s from the kill "
+                             f"ending lifetime {self.life - 1}")
                 self.violation("resurrected", f"{mid} (home {home}) in {queue} via {via} in lifetime {self.life} "
-                                              f"after {nhops} hops: {why} (consumed after {sorted(c.hops)} hops)")
+                                              f"after {nhops} hops: {why} (consumed after {sorted(c.hops)} hops)"
+                                              f"{extra}")
         elif c.rejected == SETTLED and home in DLX_QUEUES and queue == home:
             c.undone = True
             self._dup("reject_undone")
@@ -443,6 +450,11 @@ class Torture:
         elif c.acked == UNSETTLED:
             self.violation("resurrected", f"{mid} (home {home}) delivered again in {queue} via {via} after its ack "
                                           "in the same broker lifetime")
+        if home == Q_DELAYED and via == "consumer":
+            # Released by then at the latest (a slow timer releases after the due time), and before this
+            # lifetime's kill (pika may hand over a delivery read before the kill just after it). A drain comes
+            # after a restart: it says nothing about the release before the kill.
+            c.due, c.consumer_life = max(c.due, at), self.life
 
     def _merge_published(self, rnd, recs):
         for rec in recs:
@@ -460,8 +472,8 @@ class Torture:
         for ev in events:
             kind = ev[0]
             if kind == "deliver":
-                _, q, key, nhops, expired = ev
-                self.seen(q, key, "consumer", nhops, expired)
+                _, q, key, nhops, expired, at = ev
+                self.seen(q, key, "consumer", nhops, expired, at)
                 if q in FIFO_QUEUES:
                     parsed = parse_mid(key[0])
                     pos = parsed[1:] if parsed else None
@@ -538,7 +550,7 @@ class Torture:
             n += 1
             key = (props.message_id, home_of(queue, props))
             nhops = hops(props)
-            self.seen(queue, key, "drain", nhops, by_expiry(props))
+            self.seen(queue, key, "drain", nhops, by_expiry(props), time.monotonic())
             c = self.ledger.get(key)
             if c is not None:
                 c.drained, c.drained_life, c.drained_queue = True, self.life, queue
