@@ -77,7 +77,7 @@ pub(crate) async fn run_monitor(
                 Err(_) => tx.borrow().disk,
             },
             None => false,
-        };
+        } || inner.definitions_failing();
         let state = AlarmState { memory, disk };
         if *tx.borrow() != state {
             tracing::warn!(memory, disk, "resource alarm changed");

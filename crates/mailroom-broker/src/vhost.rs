@@ -13,11 +13,11 @@ use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
     QueueSpec, RecoveredIndex,
 };
-use crate::store::SyncTicket;
+use crate::store::{BindingDef, Change, DestinationKind, ExchangeDef, PolicyDef, QueueDef, SyncTicket};
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 /// Options of `exchange.declare`.
 #[derive(Debug, Clone, Default)]
@@ -169,6 +169,9 @@ pub struct VHost {
     policies: RwLock<Vec<Policy>>,
     /// Where queues page message bodies out to, and their memory budget.
     paging: Arc<Paging>,
+    /// Orders durable bind/unbind with the record each appends to the definitions log, so the log's order
+    /// of changes to one binding is memory's.
+    binding_log: Mutex<()>,
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -209,6 +212,7 @@ impl VHost {
             durability,
             policies: RwLock::new(Vec::new()),
             paging,
+            binding_log: Mutex::new(()),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -330,13 +334,20 @@ impl VHost {
         };
         let exchange = Arc::new(Exchange::new(spec));
         let durable = exchange.spec().durable;
+        let mut saved = None;
         if let Some(d) = self.durability.as_ref().filter(|_| durable) {
-            crate::durable::attach_exchange_stores(d, &self.name, &exchange).map_err(|e| {
+            // A saved exchange not in memory is being recovered: it keeps its generation (store directory).
+            let generation = match d.saved_exchange_generation(&self.name, name) {
+                Some(g) => (g, false),
+                None => (d.new_generation(), true),
+            };
+            crate::durable::attach_exchange_stores(d, &self.name, &exchange, generation).map_err(|e| {
                 BrokerError::new(
                     ErrorKind::ResourceError,
                     format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
                 )
             })?;
+            saved = Some((d, generation.0));
         }
         if exchange.spec().flavor == ExchangeFlavor::Delayed {
             tokio::spawn(run_delayed_release(
@@ -346,18 +357,26 @@ impl VHost {
                 self.durability.as_ref().map(|d| d.recovering()),
             ));
         }
+        let change = saved.map(|(d, generation)| {
+            let s = exchange.spec();
+            let def = ExchangeDef {
+                vhost: self.name.clone(),
+                name: s.name.clone(),
+                kind: s.type_name().to_owned(),
+                auto_delete: s.auto_delete,
+                internal: s.internal,
+                arguments: s.arguments.clone(),
+                generation,
+            };
+            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
+            (d, d.record(Change::PutExchange(def)))
+        });
         exchanges.insert(name.to_owned(), exchange);
         drop(exchanges);
-        if durable {
-            self.save_definitions();
-        }
-        Ok(())
-    }
-
-    /// Rewrites the definitions file after a change to durable resources (a no-op without a data dir).
-    fn save_definitions(&self) {
-        if let Some(d) = &self.durability {
-            d.save_definitions();
+        // declare-ok only once the exchange is on disk.
+        match change {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
         }
     }
 
@@ -372,39 +391,53 @@ impl VHost {
         if if_unused && exchange.has_bindings() {
             return Err(BrokerError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
-        self.remove_exchange(&exchange);
-        Ok(())
+        self.remove_exchange(&exchange)
     }
 
-    fn remove_exchange(&self, exchange: &Arc<Exchange>) {
-        let removed = {
+    /// Removes an exchange with its bindings (and auto-delete exchanges left without any); returns once the
+    /// deletion is on disk.
+    fn remove_exchange(&self, exchange: &Arc<Exchange>) -> Result<()> {
+        let mut seq = None;
+        {
             let mut exchanges = write(&self.exchanges);
             match exchanges.get(exchange.name()) {
-                Some(e) if Arc::ptr_eq(e, exchange) => exchanges.remove(exchange.name()).is_some(),
-                _ => false,
+                Some(e) if Arc::ptr_eq(e, exchange) => {
+                    exchanges.remove(exchange.name());
+                    // Under the map lock, so a re-declare of the name is logged after this deletion.
+                    if let Some(d) = self.durability.as_ref().filter(|_| exchange.spec().durable) {
+                        seq = Some((
+                            d,
+                            d.record(Change::DeleteExchange {
+                                vhost: self.name.clone(),
+                                name: exchange.name().to_owned(),
+                            }),
+                        ));
+                    }
+                }
+                _ => return Ok(()),
             }
-        };
-        if !removed {
-            return;
         }
         exchange.mark_deleted();
-        self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
-        if exchange.spec().durable {
-            self.save_definitions();
+        let cascade = self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
+        if let Some((d, seq)) = seq {
+            d.commit(seq)?;
         }
+        cascade
     }
 
     /// Removes every binding leading to `destination`, then auto-deletes exchanges left without bindings.
-    fn unbind_everywhere(&self, destination: &Destination) {
+    fn unbind_everywhere(&self, destination: &Destination) -> Result<()> {
         let mut emptied = Vec::new();
         for ex in self.exchanges() {
             if ex.unbind_destination(destination) > 0 && ex.spec().auto_delete && !ex.has_bindings() {
                 emptied.push(ex);
             }
         }
+        let mut result = Ok(());
         for ex in emptied {
-            self.remove_exchange(&ex);
+            result = result.and(self.remove_exchange(&ex));
         }
+        result
     }
 
     fn check_bindable_source(&self, source: &str) -> Result<Arc<Exchange>> {
@@ -446,8 +479,7 @@ impl VHost {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
             other => other?,
         };
-        self.remove_binding(&ex, &Destination::Queue(q), routing_key, arguments);
-        Ok(())
+        self.remove_binding(&ex, &Destination::Queue(q), routing_key, arguments)
     }
 
     /// `exchange.bind`: messages from `source` also go to `destination`.
@@ -476,8 +508,7 @@ impl VHost {
             (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        self.remove_binding(&src, &Destination::Exchange(dest), routing_key, arguments);
-        Ok(())
+        self.remove_binding(&src, &Destination::Exchange(dest), routing_key, arguments)
     }
 
     /// Adds a binding; saves the definitions when both ends are durable.
@@ -488,25 +519,65 @@ impl VHost {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let durable = source.spec().durable && dest.is_durable();
-        source.bind(dest, routing_key, arguments)?;
-        if durable {
-            self.save_definitions();
+        let Some(d) = self.durability.as_ref().filter(|_| source.spec().durable && dest.is_durable()) else {
+            return source.bind(dest, routing_key, arguments);
+        };
+        let def = self.binding_def(source, &dest, routing_key, arguments);
+        let seq = {
+            let _order = self.binding_log.lock().unwrap_or_else(|p| p.into_inner());
+            source.bind(dest, routing_key, arguments)?;
+            d.record(Change::PutBinding(def))
+        };
+        // bind-ok only once the binding is on disk.
+        d.commit(seq)
+    }
+
+    fn binding_def(
+        &self,
+        source: &Arc<Exchange>,
+        dest: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> BindingDef {
+        let (destination, destination_kind) = match dest {
+            Destination::Queue(q) => (q.name().to_owned(), DestinationKind::Queue),
+            Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange),
+        };
+        BindingDef {
+            vhost: self.name.clone(),
+            source: source.name().to_owned(),
+            destination,
+            destination_kind,
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
         }
-        Ok(())
     }
 
     /// Removes a binding if it exists: an auto-delete source left without bindings goes too, and the
     /// definitions are saved when both ends are durable.
-    fn remove_binding(&self, source: &Arc<Exchange>, dest: &Destination, routing_key: &str, arguments: &FieldTable) {
-        if !source.unbind(dest, routing_key, arguments) {
-            return;
-        }
+    fn remove_binding(
+        &self,
+        source: &Arc<Exchange>,
+        dest: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<()> {
+        let durable = self.durability.as_ref().filter(|_| source.spec().durable && dest.is_durable());
+        let seq = {
+            let _order = self.binding_log.lock().unwrap_or_else(|p| p.into_inner());
+            if !source.unbind(dest, routing_key, arguments) {
+                return Ok(());
+            }
+            durable
+                .map(|d| (d, d.record(Change::DeleteBinding(self.binding_def(source, dest, routing_key, arguments)))))
+        };
         if source.spec().auto_delete && !source.has_bindings() {
-            self.remove_exchange(source);
+            self.remove_exchange(source)?;
         }
-        if source.spec().durable && dest.is_durable() {
-            self.save_definitions();
+        // unbind-ok only once the removal is on disk.
+        match seq {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
         }
     }
 
@@ -588,7 +659,7 @@ impl VHost {
         let mut recovered = RecoveredIndex::new(&spec.args);
         let store = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
             Some(d) => match d.open_queue_store(&self.name, &name, |r| recovered.add(r)) {
-                Ok(store) => Some(store),
+                Ok((store, generation)) => Some((store, d, generation)),
                 Err(e) => {
                     return Err(BrokerError::new(
                         ErrorKind::ResourceError,
@@ -598,8 +669,19 @@ impl VHost {
             },
             None => None,
         };
-        let durable = store.is_some();
+        let saved = store.as_ref().map(|(_, d, generation)| {
+            let def = QueueDef {
+                vhost: self.name.clone(),
+                name: name.clone(),
+                auto_delete: spec.auto_delete,
+                arguments: spec.arguments.clone(),
+                generation: *generation,
+            };
+            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
+            (*d, d.record(Change::PutQueue(def)))
+        });
         let recovering = !recovered.is_empty();
+        let store = store.map(|(store, _, _)| store);
         let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
         queues.insert(name.clone(), Arc::clone(&queue));
         drop(queues);
@@ -611,8 +693,10 @@ impl VHost {
             queue.dead_letter_over_delivery_limit();
         }
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
-        if durable {
-            self.save_definitions();
+        // declare-ok only once the queue is on disk. If saving fails the queue stays declared in memory
+        // (and is saved by the next save that succeeds); the client's connection is closed with 541.
+        if let Some((d, seq)) = saved {
+            d.commit(seq)?;
         }
         Ok(declared)
     }
@@ -655,26 +739,54 @@ impl VHost {
         if if_empty && q.message_count() > 0 {
             return Err(BrokerError::precondition(format!("queue '{name}' in vhost '{}' is not empty", self.name)));
         }
-        Ok(self.remove_queue(&q))
+        self.remove_queue_saved(&q)
     }
 
-    /// Removes a queue, its bindings and consumers; returns its ready count.
+    /// Removes a queue, its bindings and consumers; returns its ready count. A failure to save the
+    /// deletion is logged (and raises the disk alarm); the next save that succeeds writes it.
     pub fn remove_queue(&self, queue: &Arc<Queue>) -> u32 {
+        match self.remove_queue_saved(queue) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(queue = queue.name(), error = %e, "cannot save the deletion of a queue");
+                0
+            }
+        }
+    }
+
+    /// [`VHost::remove_queue`], returning once the deletion is on disk.
+    fn remove_queue_saved(&self, queue: &Arc<Queue>) -> Result<u32> {
+        let mut seq = None;
         {
             let mut queues = write(&self.queues);
             match queues.get(queue.name()) {
                 Some(q) if Arc::ptr_eq(q, queue) => {
                     queues.remove(queue.name());
+                    // Under the map lock, so a re-declare of the name is logged after this deletion (and the
+                    // re-declared queue gets a new generation: this queue's files are never its files).
+                    if let Some(d) = self
+                        .durability
+                        .as_ref()
+                        .filter(|_| queue.spec().durable && queue.spec().exclusive_owner.is_none())
+                    {
+                        seq = Some((
+                            d,
+                            d.record(Change::DeleteQueue { vhost: self.name.clone(), name: queue.name().to_owned() }),
+                        ));
+                    }
                 }
-                _ => return 0,
+                _ => return Ok(0),
             }
         }
         let count = queue.mark_deleted();
-        self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
-        if queue.spec().durable && queue.spec().exclusive_owner.is_none() {
-            self.save_definitions();
+        let cascade = self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
+        if let Some((d, seq)) = seq {
+            d.commit(seq)?;
+            // The queue's directory is gone: make that durable too.
+            d.sync_parent(&d.queue_dir(&self.name, queue.name(), 0))
+                .map_err(|e| BrokerError::internal(format!("could not save the queue deletion: {e}")))?;
         }
-        count
+        cascade.map(|()| count)
     }
 
     /// Deletes the exclusive queues of a closed connection.
@@ -832,29 +944,46 @@ impl VHost {
     }
 
     /// Creates or replaces a policy and applies it to the matching existing queues (saved with the definitions).
+    /// A failure to save it is logged (and raises the disk alarm); the next save that succeeds writes it.
     pub fn set_policy(&self, policy: Policy) {
-        {
+        let seq = {
             let mut all = write(&self.policies);
             all.retain(|p| p.name != policy.name);
+            let def = PolicyDef {
+                vhost: self.name.clone(),
+                name: policy.name.clone(),
+                pattern: policy.pattern.clone(),
+                apply_to: policy.apply_to.as_str().to_owned(),
+                priority: policy.priority,
+                definition: policy.definition.clone(),
+            };
             all.push(policy);
-        }
+            self.durability.as_ref().map(|d| (d, d.record(Change::PutPolicy(def))))
+        };
         self.reapply_policies();
-        self.save_definitions();
+        if let Some(Err(e)) = seq.map(|(d, seq)| d.commit(seq)) {
+            tracing::error!(vhost = %self.name, error = %e, "cannot save a policy");
+        }
     }
 
     /// Deletes a policy (404 if missing); queues it applied to fall back to the next matching one or none.
     pub fn delete_policy(&self, name: &str) -> Result<()> {
-        {
+        let seq = {
             let mut all = write(&self.policies);
             let before = all.len();
             all.retain(|p| p.name != name);
             if all.len() == before {
                 return Err(BrokerError::not_found(format!("no policy '{name}' in vhost '{}'", self.name)));
             }
-        }
+            self.durability
+                .as_ref()
+                .map(|d| (d, d.record(Change::DeletePolicy { vhost: self.name.clone(), name: name.to_owned() })))
+        };
         self.reapply_policies();
-        self.save_definitions();
-        Ok(())
+        match seq {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
+        }
     }
 
     fn reapply_policies(&self) {

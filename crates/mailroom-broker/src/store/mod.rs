@@ -26,6 +26,7 @@
 
 pub mod ack_log;
 pub mod definitions;
+pub mod definitions_log;
 pub mod queue_store;
 pub mod record;
 pub mod segment;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use definitions::{BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef};
+pub use definitions_log::{Change, DefinitionsLog};
 pub use queue_store::{Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated};
 pub use record::StoredMessage;
 pub use syncer::{SyncStats, SyncTicket, Syncer, SyncerConfig};
