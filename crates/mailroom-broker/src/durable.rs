@@ -391,3 +391,6 @@ pub fn attach_exchange_stores(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

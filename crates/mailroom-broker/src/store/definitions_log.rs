@@ -649,4 +649,4 @@ impl DefinitionsLog {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
