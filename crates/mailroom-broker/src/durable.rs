@@ -208,6 +208,18 @@ impl Durability {
         Ok((store, generation))
     }
 
+    /// Creates the empty store of a new durable queue under a fresh generation; returns it and the
+    /// generation. Needs no lock: no other queue uses that directory.
+    pub fn create_queue_store(&self, vhost: &str, queue: &str) -> StoreResult<(QueueStore, u64)> {
+        let generation = self.new_generation();
+        let dir = self.queue_dir(vhost, queue, generation);
+        self.prepare_fresh_dir(&dir)?;
+        let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
+        let (store, _) = QueueStore::recover_with(&dir, StoreConfig::default(), handle, Arc::clone(&self.io), |_| {})?;
+        self.sync_parent(&dir)?;
+        Ok((store, generation))
+    }
+
     /// Before a new store is created in `dir`: a directory left there is stale (a deletion that crashed
     /// midway, whose generation number was handed out again after a restart), so it goes.
     fn prepare_fresh_dir(&self, dir: &Path) -> StoreResult<()> {

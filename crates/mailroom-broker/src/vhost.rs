@@ -614,9 +614,33 @@ impl VHost {
                 )));
             }
         }
-        let mut queues = write(&self.queues);
+        let store_error = |e: crate::store::StoreError| {
+            BrokerError::new(
+                ErrorKind::ResourceError,
+                format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
+            )
+        };
+        // Durable, non-exclusive queues keep persistent messages in a store. A new one's store is created
+        // before taking the map lock (its fsyncs would otherwise serialise every declare of the vhost); its
+        // fresh generation makes the directory its own. A saved queue being recovered opens its store under
+        // the lock instead.
+        let stored = self.durability.as_ref().filter(|_| options.durable && !options.exclusive);
+        let mut fresh = None;
+        let mut queues = loop {
+            let queues = write(&self.queues);
+            let Some(d) = stored else { break queues };
+            if fresh.is_some() || queues.contains_key(&name) || d.saved_queue_generation(&self.name, &name).is_some() {
+                break queues;
+            }
+            drop(queues);
+            fresh = Some(d.create_queue_store(&self.name, &name).map_err(store_error)?);
+        };
         if let Some(existing) = queues.get(&name).cloned() {
             drop(queues);
+            if let Some((store, _)) = fresh {
+                // Another declare of the name won the race: this store was never used.
+                let _ = store.destroy();
+            }
             existing.check_owner(owner)?;
             let s = existing.spec();
             if options.exclusive && s.exclusive_owner.is_none() {
@@ -655,19 +679,15 @@ impl VHost {
             args,
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        // Durable, non-exclusive queues keep persistent messages in a store (and get back what it holds).
         let mut recovered = RecoveredIndex::new(&spec.args);
-        let store = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
-            Some(d) => match d.open_queue_store(&self.name, &name, |r| recovered.add(r)) {
-                Ok((store, generation)) => Some((store, d, generation)),
-                Err(e) => {
-                    return Err(BrokerError::new(
-                        ErrorKind::ResourceError,
-                        format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
-                    ))
-                }
-            },
-            None => None,
+        let store = match (stored, fresh) {
+            (Some(d), Some((store, generation))) => Some((store, d, generation)),
+            (Some(d), None) => {
+                let (store, generation) =
+                    d.open_queue_store(&self.name, &name, |r| recovered.add(r)).map_err(store_error)?;
+                Some((store, d, generation))
+            }
+            (None, _) => None,
         };
         let saved = store.as_ref().map(|(_, d, generation)| {
             let def = QueueDef {
