@@ -75,7 +75,7 @@ async fn a_failed_definitions_save_closes_the_connection_with_541() {
     let conn = server.connect().await;
     let ch = conn.create_channel().await.unwrap();
     full.store(true, Ordering::SeqCst);
-    let err = ch.queue_declare("orders", durable, FieldTable::default()).await.unwrap_err();
+    let err = ch.queue_declare("orders".into(), durable, FieldTable::default()).await.unwrap_err();
     assert_eq!(reply_code(&err), Some(541), "{err}");
     assert!(err.to_string().contains("definitions"), "the reply names the failed write: {err}");
     eventually("the connection is closed", || !conn.status().connected()).await;
@@ -84,7 +84,7 @@ async fn a_failed_definitions_save_closes_the_connection_with_541() {
     full.store(false, Ordering::SeqCst);
     let conn = server.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare("orders", durable, FieldTable::default()).await.unwrap();
+    ch.queue_declare("orders".into(), durable, FieldTable::default()).await.unwrap();
     assert!(conn.status().connected());
     let _ = std::fs::remove_dir_all(&dir);
 }
