@@ -174,3 +174,49 @@ async fn bench_declare_10k_durable_queues_with_a_binding() {
     println!("reopen with {QUEUES} queues: {:.2} s", reopen.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A data directory written by the previous version (definitions snapshot `definitions.bin`, queue
+/// segments in a directory named by the hash alone) opens with its queues, bindings and messages, and is
+/// upgraded to the log: later changes and restarts keep them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_the_previous_version_is_upgraded() {
+    use crate::store::{BindingDef, Definitions, DestinationKind, QueueDef, VhostDef};
+    let dir = test_dir("defs-upgrade");
+    let faults = Arc::new(DefsFaultIo::default());
+    // Messages written by this version, then moved where the previous one kept them.
+    let broker = open(&dir, &faults);
+    broker.vhost("/").unwrap().declare_queue("old", &durable(), 1).unwrap();
+    publish(&broker, "old", "m1").await;
+    publish(&broker, "old", "m2").await;
+    drop(broker);
+    let msgs = dir.join("msgs");
+    let current = std::fs::read_dir(&msgs).unwrap().next().unwrap().unwrap().path();
+    let name = current.file_name().unwrap().to_str().unwrap().to_owned();
+    let legacy_name = name.split('-').next().unwrap();
+    std::fs::rename(&current, msgs.join(legacy_name)).unwrap();
+    std::fs::remove_file(dir.join(crate::store::definitions_log::LOG_NAME)).unwrap();
+    Definitions {
+        vhosts: vec![VhostDef { name: "/".into() }],
+        queues: vec![QueueDef { vhost: "/".into(), name: "old".into(), generation: 0, ..Default::default() }],
+        bindings: vec![BindingDef {
+            vhost: "/".into(),
+            source: "amq.direct".into(),
+            destination: "old".into(),
+            destination_kind: DestinationKind::Queue,
+            routing_key: "k".into(),
+            arguments: FieldTable::default(),
+        }],
+        ..Default::default()
+    }
+    .save(&dir)
+    .unwrap();
+
+    for _ in 0..2 {
+        let broker = open(&dir, &faults);
+        let v = broker.vhost("/").unwrap();
+        assert_eq!(v.queue("old", 1).unwrap().message_count(), 2);
+        assert!(v.exchange("amq.direct").unwrap().bindings().iter().any(|b| b.routing_key == "k"));
+        assert!(!Definitions::path(&dir).exists(), "upgraded to the log");
+        v.declare_queue("new", &durable(), 1).unwrap();
+    }
+}
