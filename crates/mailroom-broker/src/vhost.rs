@@ -13,11 +13,13 @@ use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
     QueueSpec, RecoveredIndex,
 };
+use crate::store::syncer::BatchState;
 use crate::store::{BindingDef, Change, DestinationKind, ExchangeDef, PolicyDef, QueueDef, SyncTicket};
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use tokio::sync::watch;
 
 /// Options of `exchange.declare`.
 #[derive(Debug, Clone, Default)]
@@ -172,6 +174,11 @@ pub struct VHost {
     /// Orders durable bind/unbind with the record each appends to the definitions log, so the log's order
     /// of changes to one binding is memory's.
     binding_log: Mutex<()>,
+    /// New durable queues whose definition is not on disk yet, with what its save will report: a publish
+    /// confirm for a message stored in one also waits for that, or a crash right after the confirm would
+    /// lose the queue and the message with it. Usually empty, so publishing checks only `unsaved_count`.
+    unsaved: Mutex<Vec<(Arc<Queue>, watch::Receiver<BatchState>)>>,
+    unsaved_count: AtomicUsize,
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -213,6 +220,8 @@ impl VHost {
             policies: RwLock::new(Vec::new()),
             paging,
             binding_log: Mutex::new(()),
+            unsaved: Mutex::new(Vec::new()),
+            unsaved_count: AtomicUsize::new(0),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -680,6 +689,7 @@ impl VHost {
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
         let mut recovered = RecoveredIndex::new(&spec.args);
+        let fresh_store = fresh.is_some();
         let store = match (stored, fresh) {
             (Some(d), Some((store, generation))) => Some((store, d, generation)),
             (Some(d), None) => {
@@ -701,8 +711,11 @@ impl VHost {
             (*d, d.record(Change::PutQueue(def)))
         });
         let recovering = !recovered.is_empty();
+        let is_new = fresh_store;
         let store = store.map(|(store, _, _)| store);
         let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
+        // Registered before the queue is visible, so no publish can miss it.
+        let unsaved = (is_new && saved.is_some()).then(|| self.add_unsaved(&queue));
         queues.insert(name.clone(), Arc::clone(&queue));
         drop(queues);
         // After the insert: a policy set meanwhile either is seen here or its reapply sees this queue.
@@ -716,9 +729,42 @@ impl VHost {
         // declare-ok only once the queue is on disk. If saving fails the queue stays declared in memory
         // (and is saved by the next save that succeeds); the client's connection is closed with 541.
         if let Some((d, seq)) = saved {
-            d.commit(seq)?;
+            let result = d.commit(seq);
+            if let Some(tx) = unsaved {
+                self.remove_unsaved(&queue, tx, &result);
+            }
+            result?;
         }
         Ok(declared)
+    }
+
+    fn add_unsaved(&self, queue: &Arc<Queue>) -> watch::Sender<BatchState> {
+        let (tx, rx) = watch::channel(None);
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).push((Arc::clone(queue), rx));
+        self.unsaved_count.fetch_add(1, Ordering::SeqCst);
+        tx
+    }
+
+    fn remove_unsaved(&self, queue: &Arc<Queue>, tx: watch::Sender<BatchState>, result: &Result<()>) {
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| {
+            crate::store::StoreError::Poisoned(format!("the queue's definition was not saved: {}", e.message).into())
+        });
+        tx.send_replace(Some(outcome));
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).retain(|(q, _)| !Arc::ptr_eq(q, queue));
+        self.unsaved_count.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Makes the confirm of a message stored in a queue whose definition is not on disk yet wait for it.
+    fn wait_for_unsaved(&self, queues: &[Arc<Queue>], result: &mut PublishResult) {
+        if self.unsaved_count.load(Ordering::SeqCst) == 0 || result.durable.is_empty() {
+            return;
+        }
+        let unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        for (q, rx) in unsaved.iter() {
+            if queues.iter().any(|t| Arc::ptr_eq(t, q)) {
+                result.durable.push(SyncTicket::for_batch(rx.clone()));
+            }
+        }
     }
 
     /// Creates the queue behind a direct reply-to consumer (`amq.rabbitmq.reply-to`): exclusive to `owner`,
@@ -1054,7 +1100,9 @@ impl VHost {
             message.properties = message.properties.clone().with_headers(table);
             message.raw_properties = None;
         }
-        enqueue_all(&queues, message)
+        let mut result = enqueue_all(&queues, message);
+        self.wait_for_unsaved(&queues, &mut result);
+        result
     }
 
     /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange

@@ -220,3 +220,43 @@ async fn a_data_dir_of_the_previous_version_is_upgraded() {
         v.declare_queue("new", &durable(), 1).unwrap();
     }
 }
+
+/// A message published to a new durable queue whose definition is still being saved is confirmed only
+/// once the definition is on disk too (else a crash right after the confirm would lose the queue and the
+/// message); if the save fails, the publish fails instead of being confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirm_before_the_queue_definition_is_on_disk() {
+    let dir = test_dir("defs-confirm-waits");
+    let faults = Arc::new(DefsFaultIo::default());
+    let broker = open(&dir, &faults);
+    let v = broker.vhost("/").unwrap();
+    for fail in [false, true] {
+        let name = format!("q-{fail}");
+        faults.hold(true);
+        let (vd, n) = (Arc::clone(&v), name.clone());
+        let declaring = tokio::task::spawn_blocking(move || vd.declare_queue(&n, &durable(), 1).map(|_| ()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while v.queue(&name, 1).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the declare runs");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let props = BasicProperties::default().with_delivery_mode(2);
+        let published = v.publish("", Message::new("", &name, props, Bytes::from_static(b"m"))).unwrap();
+        let confirm = async {
+            for t in published.durable {
+                t.wait().await?;
+            }
+            Ok::<(), crate::store::StoreError>(())
+        };
+        tokio::pin!(confirm);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut confirm).await;
+        assert!(early.is_err(), "confirmed before the queue's definition was on disk");
+        faults.fail_sync.store(fail, Ordering::SeqCst);
+        faults.hold(false);
+        let declared = declaring.await.unwrap();
+        let confirmed = confirm.await;
+        assert_eq!(declared.is_err(), fail);
+        assert_eq!(confirmed.is_err(), fail, "{confirmed:?}");
+        faults.fail_sync.store(false, Ordering::SeqCst);
+    }
+}

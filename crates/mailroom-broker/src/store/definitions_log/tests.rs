@@ -16,6 +16,18 @@ pub(crate) struct DefsFaultIo {
     pub fail_rename: AtomicBool,
     /// fsyncs of definitions files performed.
     pub syncs: AtomicUsize,
+    /// While set, fsyncs of definitions files wait (a slow disk), then fail if `fail_sync` is set by then.
+    pub hold_sync: std::sync::Mutex<bool>,
+    /// Signalled when `hold_sync` is cleared.
+    pub released: std::sync::Condvar,
+}
+
+impl DefsFaultIo {
+    /// Holds (true) or releases (false) fsyncs of definitions files.
+    pub fn hold(&self, on: bool) {
+        *self.hold_sync.lock().unwrap() = on;
+        self.released.notify_all();
+    }
 }
 
 #[derive(Debug)]
@@ -36,6 +48,11 @@ impl StoreFile for FaultyFile {
         self.inner.read_exact_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
+        let mut held = self.io.hold_sync.lock().unwrap();
+        while *held {
+            held = self.io.released.wait(held).unwrap();
+        }
+        drop(held);
         if self.io.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5));
         }
