@@ -11,7 +11,7 @@ use crate::vhost::VHost;
 use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -23,7 +23,6 @@ pub struct Durability {
     syncer: Mutex<Syncer>,
     /// The store's file I/O (the real file system, or a fault-injecting one in tests).
     io: Arc<dyn StoreIo>,
-    vhosts: RwLock<Vec<Weak<VHost>>>,
     /// The saved definitions (an append-only log of changes).
     defs: DefinitionsLog,
     /// What the previous run saved, until the broker takes it to replay.
@@ -68,7 +67,6 @@ impl Durability {
             dir: dir.to_path_buf(),
             syncer: Mutex::new(Syncer::start(syncer)),
             io,
-            vhosts: RwLock::new(Vec::new()),
             defs,
             loaded: Mutex::new(loaded),
             alarms: std::sync::OnceLock::new(),
@@ -78,10 +76,8 @@ impl Durability {
         }))
     }
 
-    /// Registers a vhost and saves it (a failure is logged and raises the disk alarm; the next save
-    /// that succeeds writes it).
+    /// Saves a vhost (a failure is logged and raises the disk alarm; the next save that succeeds writes it).
     pub fn register(&self, vhost: &Arc<VHost>) {
-        self.vhosts.write().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(vhost));
         if let Err(e) = self.record_and_commit(Change::PutVhost(VhostDef { name: vhost.name().to_owned() })) {
             tracing::error!(vhost = vhost.name(), error = %e, "cannot save the vhost");
         }
@@ -92,7 +88,7 @@ impl Durability {
         Ok(self.loaded.lock().unwrap_or_else(|p| p.into_inner()).take())
     }
 
-    /// Marks the start or end of recovery (saves are skipped meanwhile).
+    /// Marks the start or end of recovery (re-declaring saved definitions logs nothing: they are unchanged).
     pub fn set_recovering(&self, on: bool) {
         self.recovering.store(on, std::sync::atomic::Ordering::SeqCst);
         self.recovering_watch.send_replace(on);
