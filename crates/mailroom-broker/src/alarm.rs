@@ -84,7 +84,7 @@ pub(crate) async fn run_monitor(
                 Err(_) => tx.borrow().disk,
             },
             None => false,
-        };
+        } || inner.definitions_failing();
         let store = inner.failing_stores() > 0;
         let state = AlarmState { memory, disk, store };
         if *tx.borrow() != state {

@@ -72,6 +72,11 @@ pub(crate) struct BrokerInner {
 }
 
 impl BrokerInner {
+    /// Whether saving the definitions is failing: the disk alarm stays raised meanwhile.
+    pub(crate) fn definitions_failing(&self) -> bool {
+        self.durability.as_ref().is_some_and(|d| d.definitions_failing())
+    }
+
     /// Message body bytes held in RAM by every queue (ready and unacked; a fanout copy counts per queue;
     /// bodies paged out to disk do not count).
     pub(crate) fn held_bytes(&self) -> u64 {
@@ -134,10 +139,10 @@ impl Broker {
             }
         }
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
-        if let Some(d) = &durability {
-            d.save_definitions();
-        }
         let (alarms, _) = watch::channel(AlarmState::default());
+        if let Some(d) = &durability {
+            d.set_alarms(alarms.clone());
+        }
         let inner = Arc::new(BrokerInner {
             vhosts: RwLock::new(vhosts),
             users: RwLock::new(users),

@@ -26,6 +26,7 @@
 
 pub mod ack_log;
 pub mod definitions;
+pub mod definitions_log;
 pub mod queue_store;
 pub mod record;
 pub mod segment;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use definitions::{BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef};
+pub use definitions_log::{Change, DefinitionsLog};
 pub use queue_store::{
     quarantined_records_total, Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig,
     Truncated,
@@ -69,6 +71,10 @@ pub enum StoreError {
     /// a store: it fails that round and the store retries, see [`queue_store`].)
     #[error("store closed: {0}")]
     Closed(Arc<str>),
+    /// The definition of the queue holding the record could not be saved, so the record may not
+    /// outlive a crash (its confirm is a nack).
+    #[error("{0}")]
+    DefinitionNotSaved(Arc<str>),
     /// A record read back did not check (CRC, magic or encoding).
     #[error("corrupt record in {path} at offset {offset}: {reason}")]
     Corrupt {

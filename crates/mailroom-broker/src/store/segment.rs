@@ -45,6 +45,10 @@ pub trait StoreIo: Send + Sync + Debug {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
     }
+    /// Renames `from` to `to` atomically, replacing `to` (durable once the directory is fsynced).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
 }
 
 /// The real file system.
