@@ -27,7 +27,7 @@ import pika.exceptions as pex
 import pytest
 
 from brokers import _wait_listening, free_port, mailroom_bin, rabbitmq_broker
-from helpers import NOT_FOUND, uname
+from helpers import NOT_FOUND, uname, wait_count
 
 # Batched RabbitMQ restart (stop_app/start_app plus every case's check) and the slowest Mailroom cases
 # need more than the default 30 s.
@@ -127,6 +127,15 @@ def mids(msgs):
     return [p.message_id for _, p, _ in msgs]
 
 
+def assert_ids(msgs, expected, where):
+    """The message ids of `msgs` are exactly `expected`, in order; the failure names the lost and the
+    unexpected ones."""
+    got = mids(msgs)
+    lost = [i for i in expected if i not in got]
+    extra = [i for i in got if i not in expected]
+    assert got == expected, f"{where}: {len(got)} of {len(expected)}; lost {lost}, unexpected {extra}, got {got}"
+
+
 def ready(ch, queue):
     return ch.queue_declare(queue, passive=True).method.message_count
 
@@ -164,7 +173,7 @@ def ttl_retry_before(t):
 
 def ttl_retry_after(ch, s):
     got = collect(ch, s["jobs"], 100)
-    assert mids(got) == ids("m", 100), f"jobs holds {len(got)} of 100 (retry holds {ready(ch, s['retry'])})"
+    assert_ids(got, ids("m", 100), f"jobs (retry holds {ready(ch, s['retry'])})")
     assert_dead(got, "expired", s["retry"])
     assert ready(ch, s["retry"]) == 0
 
@@ -221,12 +230,13 @@ def reject_publish_dlx_before(t):
     q = t.queue("q", **{"x-max-length": 5, "x-overflow": "reject-publish-dlx", "x-dead-letter-exchange": dlx,
                         "x-dead-letter-routing-key": "dead"})
     assert t.publish("", q, ids("m", 8)) == ids("m", 3, start=5)
+    assert wait_count(t.ch, dlq, 3) == 3, "the nacked ones are in the DLQ before the stop"
     return dict(dlq=dlq, q=q)
 
 
 def reject_publish_dlx_after(ch, s):
     dead = collect(ch, s["dlq"], 3)
-    assert mids(dead) == ids("m", 3, start=5)
+    assert_ids(dead, ids("m", 3, start=5), f"dlq (q holds {ready(ch, s['q'])})")
     assert_dead(dead, "maxlen", s["q"])
     assert ready(ch, s["q"]) == 5
     # The limit survived: one more publish is nacked and dead-lettered.
@@ -377,16 +387,19 @@ def reject_dlq_before(t):
     ch.basic_reject(tags["m1"], requeue=False)
     ch.basic_nack(tags["m2"], requeue=False)
     ch.basic_ack(tags["m3"])
-    roundtrip(ch)  # then the stop, at once
+    # The broker has settled the rejects: their copies are in the DLQ (and m3's ack was applied, as the
+    # passive declare goes through the source queue). Then the stop, at once.
+    assert wait_count(ch, dlq, 3) == 3
+    assert ch.queue_declare(src, passive=True).method.message_count == 6
     return dict(dlq=dlq, src=src)
 
 
 def reject_dlq_after(ch, s):
     dead = collect(ch, s["dlq"], 3)
-    assert mids(dead) == ids("m", 3)
-    assert_dead(dead, "rejected", s["src"])
     rest = collect(ch, s["src"], 6)
-    assert mids(rest) == ids("m", 6, start=4)
+    assert_ids(dead, ids("m", 3), f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})")
+    assert_dead(dead, "rejected", s["src"])
+    assert_ids(rest, ids("m", 6, start=4), "src")
     assert [m.redelivered for m, _, _ in rest] == [False] * 6
 
 
@@ -516,6 +529,7 @@ def rabbitmq_outcomes():
     broker = rabbitmq_broker()
     outcomes, states, conns, topos = {}, {}, [], []
     up_at = time.monotonic()
+    stopped = False
     try:
         for case in CASES:
             if case.rabbitmq_skip:
@@ -529,11 +543,13 @@ def rabbitmq_outcomes():
             except Exception as e:  # noqa: BLE001 - reported by that case's test
                 outcomes[case.name] = e
             up_at = max(up_at, time.monotonic() + case.downtime_s)
+        stopped = True
         rabbitmqctl("stop_app")
         for conn in conns:
             _close_quietly(conn)
         time.sleep(max(0.0, up_at - time.monotonic()))
         rabbitmqctl("start_app")
+        stopped = False
         wait_connectable(broker.params())
         for case in CASES:
             if case.name not in states:
@@ -548,6 +564,11 @@ def rabbitmq_outcomes():
                 _close_quietly(conn)
         yield outcomes
     finally:
+        if stopped:  # never leave the shared node stopped
+            rabbitmqctl("start_app")
+            wait_connectable(broker.params())
+        for conn in conns:
+            _close_quietly(conn)
         conn = pika.BlockingConnection(broker.params())
         ch = conn.channel()
         for topo in topos:
