@@ -191,7 +191,7 @@ def per_message_ttl_before(t):
 
 def per_message_ttl_after(ch, s):
     got = collect(ch, s["dlq"], 20)
-    assert mids(got) == ids("e", 20)
+    assert_ids(got, ids("e", 20), f"dlq (src holds {ready(ch, s['src'])})")
     assert_dead(got, "expired", s["src"])
     for _, p, _ in got:
         assert p.expiration is None, "expiration is removed on dead-lettering"
