@@ -31,7 +31,7 @@ from helpers import NOT_FOUND, uname, wait_count
 
 # Batched RabbitMQ restart (stop_app/start_app plus every case's check) and the slowest Mailroom cases
 # need more than the default 30 s.
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 STOP_KINDS = ("sigkill", "sigterm")
 # Slack for a debug build under load: the time a recovered broker may take to move due messages.
