@@ -93,8 +93,9 @@ def _wait_listening(port, proc, timeout):
 
 
 @contextlib.contextmanager
-def start_mailroom(extra_args=(), data_dir=None, port=None):
+def start_mailroom(extra_args=(), data_dir=None, port=None, preexec_fn=None):
     """Start a Mailroom server on a free port with its own data dir (or `data_dir`, kept); yield a Broker.
+    `preexec_fn` runs in the child before exec (e.g. to lower its resource limits).
 
     Usage: with start_mailroom(["--consumer-timeout-ms", "2000"]) as b: ...
     """
@@ -110,7 +111,7 @@ def start_mailroom(extra_args=(), data_dir=None, port=None):
                "--data-dir", data_dir, "--log-level", "warn"]
         cmd += shlex.split(os.environ.get("MAILROOM_EXTRA_ARGS", ""))
         cmd += list(extra_args)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
         try:
             _wait_listening(port, proc, STARTUP_TIMEOUT_S)
             yield Broker("mailroom", f"amqp://guest:guest@127.0.0.1:{port}/%2F")

@@ -129,6 +129,9 @@ pub struct Channel {
     pub next_publish_seq: u64,
     /// Highest sequence number whose ack is still to be sent (coalesced into one multiple-ack).
     pub pending_confirm_ack: Option<u64>,
+    /// The first sequence number of that run: an ack covering only it goes out without `multiple`, as
+    /// RabbitMQ sends it (listeners such as the Java client's see `multiple=false` then).
+    pub pending_confirm_first: u64,
     /// Sequence numbers of persistent publishes waiting for their fsync; while any is pending, other
     /// confirms go out one by one (a multiple-ack would cover them).
     pub durable_pending: BTreeSet<u64>,
@@ -158,6 +161,7 @@ impl Channel {
             confirm: false,
             next_publish_seq: 1,
             pending_confirm_ack: None,
+            pending_confirm_first: 0,
             durable_pending: BTreeSet::new(),
             epoch: 0,
             tx: None,
@@ -185,6 +189,18 @@ impl Channel {
             Ok(std::mem::replace(&mut self.unacked, rest).into_iter().collect())
         } else {
             Ok(self.unacked.remove(&delivery_tag).map(|d| (delivery_tag, d)).into_iter().collect())
+        }
+    }
+
+    /// Adds `seq` to the run of confirms to ack at the end of this turn (one ack, `multiple` only when the
+    /// run holds more than one sequence number).
+    pub fn queue_confirm_ack(&mut self, seq: u64) {
+        match self.pending_confirm_ack {
+            Some(pending) => self.pending_confirm_ack = Some(pending.max(seq)),
+            None => {
+                self.pending_confirm_first = seq;
+                self.pending_confirm_ack = Some(seq);
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use mailroom_broker::AlarmState;
 use mailroom_broker::{
     message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,9 @@ const OUTBOUND_BATCHES: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time we wait for `close-ok` after sending `connection.close`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest we keep reading (and discarding) after answering the client's `connection.close`, waiting for it to
+/// hang up (RabbitMQ's `CLOSING_TIMEOUT`; a shorter negotiated heartbeat wins, as there).
+const CLOSE_LINGER_MAX: Duration = Duration::from_secs(30);
 /// Consumer events handled per loop turn before reading the socket again (fairness).
 const EVENTS_PER_TURN: usize = 256;
 /// Outbound bytes gathered before handing a batch to the writer.
@@ -60,6 +63,12 @@ enum Phase {
     Open,
     /// We sent `connection.close`; waiting for `close-ok`.
     Closing,
+    /// We answered the client's `connection.close` with `close-ok`. The peer that receives close-ok closes the
+    /// socket, so we write nothing more (except close-ok to a repeated close, as RabbitMQ) and read and discard
+    /// what the client still sends until it hangs up or `close_deadline` passes: closing a socket with unread
+    /// bytes, or one the client is still writing to, makes Linux answer with a reset, and clients such as
+    /// amqplib crash on the resulting `EPIPE` (the Go client reports `EOF` to its other callers).
+    Draining,
     /// Done: flush and drop the socket.
     Closed,
 }
@@ -126,6 +135,12 @@ pub(crate) struct Connection {
     acks: Vec<(Arc<mailroom_broker::Queue>, Vec<mailroom_broker::queue::MessageId>)>,
     /// Channels with a channel-wide prefetch among those acks: their other queues get a dispatch after.
     acks_channels: Vec<u16>,
+    /// [`Connection::cleanup`] ran (it runs when close-ok is sent, and again, as a no-op, at the end).
+    cleaned_up: bool,
+    /// Channels whose closes crossed: we were closing one, the client's `channel.close` got close-ok and the
+    /// channel went; the client's `close-ok` for our close is still to come and is ignored (a close-ok on a
+    /// channel never opened stays 504, as in RabbitMQ).
+    crossed_closes: HashSet<u16>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -168,6 +183,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         durable_waiter: None,
         acks: Vec::new(),
         acks_channels: Vec::new(),
+        cleaned_up: false,
+        crossed_closes: HashSet::new(),
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -176,6 +193,20 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = conn.flush().await;
     drop(conn);
     let _ = writer.await;
+    discard_unread(&rd);
+}
+
+/// Reads and drops whatever the client sent that is still in the kernel's receive buffer: closing a socket
+/// with unread bytes sends a reset instead of a FIN, and the client may lose our last frames (close-ok).
+fn discard_unread(rd: &OwnedReadHalf) {
+    let mut scratch = [0u8; 8192];
+    // Bounded: a client writing faster than we discard must not keep us here.
+    for _ in 0..1024 {
+        match rd.try_read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<Bytes>>) {
@@ -253,6 +284,11 @@ impl Connection {
                 let frame = match codec::split_frame(&mut rbuf, self.frame_max) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
+                    Err(_) if self.phase == Phase::Draining => {
+                        // Whatever follows is discarded anyway.
+                        rbuf.clear();
+                        break;
+                    }
                     Err(e) => {
                         // The stream is out of sync: say why and hang up.
                         self.send_connection_close(&AmqpError::connection(code::FRAME_ERROR, e.to_string()));
@@ -279,6 +315,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
+                    // A draining connection stops waiting for its client to hang up (the else branch).
                     if self.phase == Phase::Open {
                         self.close_connection(AmqpError::connection(
                             code::CONNECTION_FORCED,
@@ -356,10 +393,12 @@ impl Connection {
                 self.phase = Phase::Closed;
                 return;
             }
-            Phase::Closing if self.close_deadline.is_some_and(|d| now >= d) => {
+            Phase::Closing | Phase::Draining if self.close_deadline.is_some_and(|d| now >= d) => {
                 self.phase = Phase::Closed;
                 return;
             }
+            // Nothing is written while draining, heartbeats included, and the deadline bounds the wait.
+            Phase::Draining => return,
             _ => {}
         }
         if !self.heartbeat.is_zero() {
@@ -390,7 +429,8 @@ impl Connection {
             return;
         }
         self.blocked = should_block;
-        if !self.capabilities.connection_blocked {
+        if !self.capabilities.connection_blocked || self.phase != Phase::Open {
+            // A closing connection is not told anything more.
             return;
         }
         let method = if should_block {
@@ -524,6 +564,10 @@ impl Connection {
         if self.phase == Phase::Closed {
             return;
         }
+        if self.phase == Phase::Draining {
+            self.handle_frame_while_draining(frame);
+            return;
+        }
         match frame.kind {
             FrameKind::Heartbeat if frame.channel != 0 => {
                 self.close_connection(AmqpError::connection(
@@ -601,6 +645,27 @@ impl Connection {
         }
     }
 
+    /// After our close-ok: a repeated `connection.close` gets another close-ok (RabbitMQ does this, and the Go
+    /// client sends one close per `Connection.Close()` caller); everything else is dropped unread.
+    fn handle_frame_while_draining(&mut self, frame: RawFrame) {
+        if frame.kind == FrameKind::Method
+            && frame.channel == 0
+            && matches!(codec::parse_method(&frame.payload), Ok(Method::Connection(conn::AMQPMethod::Close(_))))
+        {
+            self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+        }
+    }
+
+    /// Answers the client's `connection.close`: resources go now (as RabbitMQ, before close-ok), then close-ok,
+    /// then we drain the socket until the client hangs up (see [`Phase::Draining`]).
+    fn answer_connection_close(&mut self) {
+        self.cleanup();
+        self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+        let linger = if self.heartbeat.is_zero() { CLOSE_LINGER_MAX } else { self.heartbeat.min(CLOSE_LINGER_MAX) };
+        self.close_deadline = Some(Instant::now() + linger);
+        self.phase = Phase::Draining;
+    }
+
     /// Whether frames on this channel should be processed (not closing, connection open).
     fn channel_accepts(&self, channel: u16) -> bool {
         self.phase == Phase::Open && self.channels.get(&channel).is_some_and(|c| c.phase == ChannelPhase::Open)
@@ -611,15 +676,13 @@ impl Connection {
         self.apply_acks();
         let (class_id, method_id) = method_ids(&method);
         match self.phase {
-            Phase::Closed => return,
+            Phase::Closed | Phase::Draining => return,
             Phase::Closing => {
                 // Only close and close-ok matter now.
                 match method {
                     Method::Connection(conn::AMQPMethod::CloseOk(_)) => self.phase = Phase::Closed,
-                    Method::Connection(conn::AMQPMethod::Close(_)) => {
-                        self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
-                        self.phase = Phase::Closed;
-                    }
+                    // Crossing closes: the client did not see ours yet; it will answer it with close-ok.
+                    Method::Connection(conn::AMQPMethod::Close(_)) => self.answer_connection_close(),
                     _ => {}
                 }
                 return;
@@ -665,6 +728,7 @@ impl Connection {
                     Method::Channel(chan::AMQPMethod::Close(_)) => {
                         self.send(channel, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})));
                         self.channels.remove(&channel);
+                        self.crossed_closes.insert(channel);
                     }
                     _ => {}
                 }
@@ -790,8 +854,7 @@ impl Connection {
                 Ok(())
             }
             (_, Method::Connection(conn::AMQPMethod::Close(_))) => {
-                self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
-                self.phase = Phase::Closed;
+                self.answer_connection_close();
                 Ok(())
             }
             (_, other) => {
@@ -807,8 +870,7 @@ impl Connection {
     fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
         match method {
             Method::Connection(conn::AMQPMethod::Close(_)) => {
-                self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
-                self.phase = Phase::Closed;
+                self.answer_connection_close();
                 Ok(())
             }
             Method::Connection(conn::AMQPMethod::CloseOk(_)) => {
@@ -831,11 +893,15 @@ impl Connection {
                 if self.channels.contains_key(&id) {
                     return Err(AmqpError::connection(code::CHANNEL_ERROR, "second 'channel.open' seen"));
                 }
+                // A client that reuses the number sent whatever close-ok it meant to send.
+                self.crossed_closes.remove(&id);
                 self.channel_epoch += 1;
                 self.channels.insert(id, Channel { epoch: self.channel_epoch, ..Channel::new() });
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }
+            // Crossing closes: the client's close-ok for our close, after its own close. Nothing to do.
+            chan::AMQPMethod::CloseOk(_) if self.crossed_closes.remove(&id) => Ok(()),
             _ if !self.channels.contains_key(&id) => {
                 Err(AmqpError::connection(code::CHANNEL_ERROR, "expected 'channel.open'"))
             }
@@ -993,6 +1059,10 @@ impl Connection {
                 queue::AMQPMethod::Delete(d) => {
                     let name = self.queue_name(id, &d.queue)?;
                     let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, owner)?;
+                    // The broker queued our own consumers' cancellations synchronously: they go out before
+                    // delete-ok, so a client that closes on delete-ok still hears them (RabbitMQ usually sends
+                    // them first too, but each of its channels writes on its own, so not always).
+                    self.handle_queued_events();
                     if !d.nowait {
                         self.send(id, Method::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk { message_count: n })));
                     }
@@ -1510,7 +1580,7 @@ impl Connection {
                 let epoch = ch.epoch;
                 self.durable_waiter().send((id, epoch, seq, result.durable)).ok();
             } else if ch.durable_pending.is_empty() {
-                ch.pending_confirm_ack = Some(seq);
+                ch.queue_confirm_ack(seq);
             } else {
                 self.flush_channel_confirms(id);
                 self.send_confirm(id, seq, true);
@@ -1572,7 +1642,7 @@ impl Connection {
         if ok && ch.durable_pending.first().is_none_or(|&first| first > seq) {
             // Every earlier publish is settled: one multiple-ack (sent at the end of this turn) covers this one and
             // any others completing in the same turn.
-            ch.pending_confirm_ack = Some(ch.pending_confirm_ack.map_or(seq, |p| p.max(seq)));
+            ch.queue_confirm_ack(seq);
             return;
         }
         self.flush_channel_confirms(id);
@@ -1584,7 +1654,8 @@ impl Connection {
         let Some(ch) = self.channels.get_mut(&id) else { return };
         let Some(seq) = ch.pending_confirm_ack.take() else { return };
         // Acks are coalesced only over runs that started right after the last sent confirm.
-        self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple: true })));
+        let multiple = seq > ch.pending_confirm_first;
+        self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple })));
     }
 
     fn flush_confirms(&mut self) {
@@ -1640,6 +1711,16 @@ impl Connection {
                         })),
                     );
                 }
+            }
+        }
+    }
+
+    /// Handles the consumer events already queued for this connection (not those arriving meanwhile).
+    fn handle_queued_events(&mut self) {
+        for _ in 0..self.events_rx.len() {
+            match self.events_rx.try_recv() {
+                Ok(event) => self.handle_event(event),
+                Err(_) => break,
             }
         }
     }
@@ -1707,6 +1788,9 @@ impl Connection {
     }
 
     fn cleanup(&mut self) {
+        if std::mem::replace(&mut self.cleaned_up, true) {
+            return;
+        }
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for id in ids {
             self.release_channel_resources(id);

@@ -4,6 +4,7 @@ mod channel;
 pub mod codec;
 mod connection;
 pub mod error;
+pub mod fds;
 pub mod server;
 
 pub use error::AmqpError;

@@ -1,6 +1,7 @@
 //! The AMQP listener: binds its addresses, accepts connections, and shuts them down cleanly.
 
 use crate::codec;
+use crate::fds::FdBudget;
 use mailroom_broker::Broker;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct ServerConfig {
     pub max_message_size: u32,
     /// Unacked deliveries older than this close their channel with 406 (zero = never).
     pub consumer_timeout: Duration,
+    /// File descriptors kept back for the stores: a connection that would leave fewer is refused
+    /// (None = an eighth of the limit, see [`crate::fds::reserve_for`]).
+    pub fd_reserve: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +69,7 @@ impl Default for ServerConfig {
             heartbeat: DEFAULT_HEARTBEAT_SECS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+            fd_reserve: None,
         }
     }
 }
@@ -134,12 +139,22 @@ impl AmqpServer {
             });
         }
         drop(conn_tx);
+        let mut fds = FdBudget::new(ctx.config.fd_reserve);
+        let (limit, reserve) = fds.describe();
+        tracing::info!(fd_limit = ?limit, fd_reserve = reserve, "file descriptors kept back for the stores");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some((stream, peer)) = conn_rx.recv() => {
-                    connections.spawn(crate::connection::serve(stream, peer, Arc::clone(&ctx)));
+                    if fds.admit() {
+                        connections.spawn(crate::connection::serve(stream, peer, Arc::clone(&ctx)));
+                    } else {
+                        // Closed at once: the last descriptors belong to the stores, so that existing
+                        // connections can keep publishing to every queue.
+                        tracing::warn!(%peer, "connection refused: too few file descriptors left for the stores");
+                        drop(stream);
+                    }
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }

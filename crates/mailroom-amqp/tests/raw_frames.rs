@@ -6,7 +6,8 @@ mod common;
 use bytes::{BufMut, BytesMut};
 use common::*;
 use mailroom_amqp::codec::{
-    self, basic, channel as chan, connection as conn, queue, FieldTable, FrameKind, LongString, Method, RawFrame,
+    self, basic, channel as chan, confirm, connection as conn, queue, FieldTable, FrameKind, LongString, Method,
+    RawFrame,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,6 +43,10 @@ impl Raw {
     }
 
     async fn handshake_with(addr: SocketAddr, frame_max: u32, heartbeat: u16) -> Raw {
+        Self::handshake_full(addr, frame_max, heartbeat, FieldTable::default()).await
+    }
+
+    async fn handshake_full(addr: SocketAddr, frame_max: u32, heartbeat: u16, client_properties: FieldTable) -> Raw {
         let mut raw = Raw::connect(addr).await;
         raw.send(codec::PROTOCOL_HEADER).await;
         let start = raw.method().await;
@@ -49,7 +54,7 @@ impl Raw {
         raw.send_method(
             0,
             Method::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: LongString::from(b"\0guest\0guest".to_vec()),
                 locale: "en_US".into(),
@@ -610,6 +615,277 @@ async fn a_publish_sees_the_acks_sent_before_it_in_the_same_read() {
     let queue = server.broker.vhost("/").unwrap().queue("dedup-ack", 0).unwrap();
     let got = queue.get(true).expect("the second message was accepted, not dropped as a duplicate");
     assert_eq!(&got.message.body[..], b"second");
+    drop(raw);
+    server.shutdown().await;
+}
+
+/// One publish (method, header, body) of `body` to the default exchange with `routing_key`, on channel `id`.
+fn publish_frames(out: &mut BytesMut, id: u16, routing_key: &str, body: &[u8]) {
+    codec::write_method(out, id, &publish_method(routing_key));
+    out.extend_from_slice(&content_header(id, body.len() as u64));
+    out.extend_from_slice(&body_frame(id, body));
+}
+
+fn connection_close() -> Method {
+    Method::Connection(conn::AMQPMethod::Close(conn::Close {
+        reply_code: 200,
+        reply_text: "bye".into(),
+        class_id: 0,
+        method_id: 0,
+    }))
+}
+
+/// What the server did with its side of the socket within `wait`: nothing yet, a clean FIN, or a reset.
+#[derive(Debug, PartialEq)]
+enum SocketEnd {
+    StillOpen,
+    Fin,
+    Reset,
+}
+
+/// Reads (and drops frames) until the server closes its side or `wait` passes.
+async fn watch_server_end(raw: &mut Raw, wait: Duration) -> SocketEnd {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, raw.stream.read_buf(&mut raw.rbuf)).await {
+            Err(_) => return SocketEnd::StillOpen,
+            Ok(Ok(0)) => return SocketEnd::Fin,
+            Ok(Ok(_)) => raw.rbuf.clear(),
+            Ok(Err(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                return SocketEnd::Reset;
+            }
+        }
+    }
+}
+
+/// amqplib writes `connection.close` ahead of publishes still in its buffer. The server answers close-ok, then
+/// reads and drops what follows until the client hangs up: it never closes a socket the client is still
+/// writing to (Linux would answer the client's next write with a reset: amqplib dies on `EPIPE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_followed_by_publishes_is_drained_until_the_client_hangs_up() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 131_072).await;
+    raw.open_channel(1).await;
+    raw.send_method(1, declare_method("after-close")).await;
+    raw.method().await;
+    // One write: close, then a burst of publishes behind it.
+    let mut burst = BytesMut::new();
+    codec::write_method(&mut burst, 0, &connection_close());
+    for i in 0..2000 {
+        publish_frames(&mut burst, 1, "after-close", format!("late {i}").as_bytes());
+    }
+    raw.send(&burst).await;
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Connection(conn::AMQPMethod::CloseOk(_))) && ch == 0, "{m:?}");
+    // The server keeps its side open (and reads) while the client goes on writing, in later writes too.
+    assert_eq!(watch_server_end(&mut raw, Duration::from_millis(300)).await, SocketEnd::StillOpen);
+    for _ in 0..5 {
+        let mut more = BytesMut::new();
+        for i in 0..500 {
+            publish_frames(&mut more, 1, "after-close", format!("later {i}").as_bytes());
+        }
+        raw.stream.write_all(&more).await.expect("the server still reads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(watch_server_end(&mut raw, Duration::from_millis(300)).await, SocketEnd::StillOpen);
+    // Once we hang up, the server closes its side cleanly.
+    raw.stream.shutdown().await.unwrap();
+    assert_eq!(watch_server_end(&mut raw, REACT).await, SocketEnd::Fin);
+    // Publishes after connection.close are dropped, as RabbitMQ does.
+    let queue = server.broker.vhost("/").unwrap().queue("after-close", 0).unwrap();
+    assert!(queue.get(true).is_none(), "a publish sent after connection.close was routed");
+    server_still_serves(&server).await;
+    server.shutdown().await;
+}
+
+/// A client that never hangs up after close-ok is let go after the smaller of its heartbeat and 30 s, with a
+/// FIN, and a repeated `connection.close` in the meantime gets another close-ok (RabbitMQ does both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_lingers_for_one_heartbeat_and_answers_a_repeated_close() {
+    let server = TestServer::start_with(|c| c.heartbeat = 1).await;
+    let mut raw = Raw::handshake_with(server.addr, 131_072, 1).await;
+    raw.send_method(0, connection_close()).await;
+    let started = std::time::Instant::now();
+    let (_, m) = raw.method().await;
+    assert!(matches!(m, Method::Connection(conn::AMQPMethod::CloseOk(_))), "{m:?}");
+    raw.send_method(0, connection_close()).await;
+    let (_, m) = raw.method().await;
+    assert!(matches!(m, Method::Connection(conn::AMQPMethod::CloseOk(_))), "{m:?}");
+    // No heartbeats (nor anything else) after close-ok, then a clean FIN once the linger time is up.
+    let mut trailing = BytesMut::new();
+    let end = loop {
+        match tokio::time::timeout(REACT, raw.stream.read_buf(&mut trailing)).await.expect("server closes in time") {
+            Ok(0) => break SocketEnd::Fin,
+            Ok(_) => {}
+            Err(_) => break SocketEnd::Reset,
+        }
+    };
+    let waited = started.elapsed();
+    assert_eq!(end, SocketEnd::Fin);
+    assert!(trailing.is_empty(), "frames after close-ok: {trailing:?}");
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(4), "closed after {waited:?}");
+    server.shutdown().await;
+}
+
+/// The server-initiated direction is unchanged: after the client's close-ok the server hangs up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_close_hangs_up_after_the_clients_close_ok() {
+    let mut server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 131_072).await;
+    raw.open_channel(1).await;
+    server.trigger_shutdown();
+    let started = std::time::Instant::now();
+    raw.expect_connection_close(320).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "closed after {:?}", started.elapsed());
+    server.shutdown().await;
+}
+
+/// Crossing `channel.close`: the server closes channel 1 (404 on publish) while the client closes it too. The
+/// client's close gets close-ok, its late close-ok for ours is ignored, and channel 2, the connection and the
+/// channel number are untouched (the Go client's `504 expected 'channel.open'` bug).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crossing_channel_closes_leave_other_channels_alone() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 131_072).await;
+    raw.open_channel(1).await;
+    raw.open_channel(2).await;
+    let mut both = BytesMut::new();
+    codec::write_method(
+        &mut both,
+        1,
+        &Method::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "no-such-exchange".into(),
+            routing_key: "k".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    both.extend_from_slice(&content_header(1, 3));
+    both.extend_from_slice(&body_frame(1, b"404"));
+    codec::write_method(
+        &mut both,
+        1,
+        &Method::Channel(chan::AMQPMethod::Close(chan::Close {
+            reply_code: 200,
+            reply_text: "client close".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    raw.send(&both).await;
+    let (ch, m) = raw.method().await;
+    let Method::Channel(chan::AMQPMethod::Close(close)) = m else { panic!("expected channel.close, got {m:?}") };
+    assert_eq!((ch, close.reply_code), (1, 404));
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Channel(chan::AMQPMethod::CloseOk(_))) && ch == 1, "{m:?}");
+    // The client answers the server's close; the channel is already gone on the server.
+    raw.send_method(1, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {}))).await;
+    raw.send_method(
+        2,
+        Method::Exchange(codec::exchange::AMQPMethod::Declare(codec::exchange::Declare {
+            exchange: "crossing-x".into(),
+            kind: "fanout".into(),
+            passive: false,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Exchange(codec::exchange::AMQPMethod::DeclareOk(_))) && ch == 2, "{m:?}");
+    raw.open_channel(1).await;
+    raw.send_method(1, declare_method("crossing-q")).await;
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Queue(queue::AMQPMethod::DeclareOk(_))) && ch == 1, "{m:?}");
+    // Only a crossed close is forgiven: close-ok on a channel never opened is 504, as in RabbitMQ.
+    raw.send_method(7, Method::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {}))).await;
+    let close = raw.expect_connection_close(504).await;
+    assert_eq!(close.reply_text.as_str(), "CHANNEL_ERROR - expected 'channel.open'");
+    server.shutdown().await;
+}
+
+/// A queue deleted under a consumer of the same connection: the consumer's `basic.cancel` goes out before
+/// `delete-ok` (RabbitMQ usually, not always, orders them so), so a client that closes the connection on
+/// delete-ok still hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_cancel_precedes_delete_ok_on_the_same_connection() {
+    let server = TestServer::start().await;
+    let mut caps = FieldTable::default();
+    caps.insert("consumer_cancel_notify".into(), codec::AMQPValue::Boolean(true));
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), codec::AMQPValue::FieldTable(caps));
+    let mut raw = Raw::handshake_full(server.addr, 131_072, 0, props).await;
+    raw.open_channel(1).await;
+    raw.open_channel(2).await;
+    raw.send_method(1, declare_method("cancel-order")).await;
+    raw.method().await;
+    raw.send_method(
+        1,
+        Method::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "cancel-order".into(),
+            consumer_tag: "ctag".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    let (_, m) = raw.method().await;
+    assert!(matches!(m, Method::Basic(basic::AMQPMethod::ConsumeOk(_))), "{m:?}");
+    raw.send_method(
+        2,
+        Method::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "cancel-order".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+    )
+    .await;
+    let (ch, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Cancel(cancel)) = m else { panic!("expected basic.cancel first, got {m:?}") };
+    assert_eq!((ch, cancel.consumer_tag.as_str()), (1, "ctag"));
+    let (ch, m) = raw.method().await;
+    assert!(matches!(m, Method::Queue(queue::AMQPMethod::DeleteOk(_))) && ch == 2, "{m:?}");
+    drop(raw);
+    server.shutdown().await;
+}
+
+/// A confirm that covers one publish goes out without `multiple` (as RabbitMQ sends it: the Java
+/// client's ConfirmListener sees `multiple=false`); a run of publishes confirmed together is one ack
+/// with `multiple`.
+#[tokio::test]
+async fn a_single_confirm_is_not_multiple_and_a_run_is() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 4096).await;
+    raw.open_channel(1).await;
+    raw.send_method(1, declare_method("confirm-single")).await;
+    raw.method().await;
+    raw.send_method(1, Method::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false }))).await;
+    raw.method().await;
+
+    let mut one = BytesMut::new();
+    publish_frames(&mut one, 1, "confirm-single", b"a");
+    raw.send(&one).await;
+    let (_, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Ack(ack)) = m else { panic!("expected an ack, got {m:?}") };
+    assert_eq!((ack.delivery_tag, ack.multiple), (1, false));
+
+    // Three publishes in one write are confirmed in the same turn: one ack covering 2..=4.
+    let mut three = BytesMut::new();
+    for _ in 0..3 {
+        publish_frames(&mut three, 1, "confirm-single", b"b");
+    }
+    raw.send(&three).await;
+    let (_, m) = raw.method().await;
+    let Method::Basic(basic::AMQPMethod::Ack(ack)) = m else { panic!("expected an ack, got {m:?}") };
+    assert_eq!((ack.delivery_tag, ack.multiple), (4, true));
     drop(raw);
     server.shutdown().await;
 }

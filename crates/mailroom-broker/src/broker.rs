@@ -78,6 +78,16 @@ impl BrokerInner {
         let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
     }
+
+    /// Durable stores that cannot write right now (their retries run; the store alarm is raised meanwhile).
+    pub(crate) fn failing_stores(&self) -> u64 {
+        self.durability.as_ref().map_or(0, |d| d.failing_stores())
+    }
+
+    /// Why the most recent failing store failed, for the alarm's log line.
+    pub(crate) fn failing_reason(&self) -> String {
+        self.durability.as_ref().map(|d| d.failing_reason()).unwrap_or_default()
+    }
 }
 
 /// The broker core. Cheap to clone; every clone is the same broker.
@@ -102,7 +112,7 @@ impl Broker {
             })?,
             None => None,
         };
-        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref());
+        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref(), config.store_io.clone());
         let mut names = config.vhosts.clone();
         for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
             if !names.contains(&v.name) {
@@ -114,13 +124,13 @@ impl Broker {
             .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone(), Arc::clone(&paging))))
             .collect();
         if let (Some(d), Some(defs)) = (&durability, definitions) {
+            // Recovery is a barrier: nothing is routed or dropped (TTL, length limits, delivery limits,
+            // `x-expires`, delayed releases) until every exchange, queue and binding is back.
             d.set_recovering(true);
             recover_definitions(&vhosts, defs);
             d.set_recovering(false);
-            // Now that exchanges and bindings are back, messages recovered past their delivery limit can
-            // be dead-lettered instead of delivered again.
-            for q in vhosts.values().flat_map(|v| v.queues()) {
-                q.dead_letter_over_delivery_limit();
+            for v in vhosts.values() {
+                v.finish_recovery();
             }
         }
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
@@ -137,7 +147,11 @@ impl Broker {
             paging,
         });
         let alarm_config = config.alarms;
-        if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
+        // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
+        if alarm_config.memory_high_watermark.is_some()
+            || alarm_config.disk_free_limit.is_some()
+            || inner.durability.is_some()
+        {
             tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
         }
         Ok(Broker { inner })
@@ -333,5 +347,50 @@ mod tests {
         for (path, end) in ack_logs {
             assert_eq!(synced.get(path), Some(end), "{} not fsynced to its end by flush_stores", path.display());
         }
+    }
+
+    /// A duplicate dropped by a deduplicating queue is confirmed only once the original is on disk: a
+    /// crash before that fsync would otherwise lose a message whose duplicate was already acked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_level_duplicate_is_confirmed_only_after_the_original_is_fsynced() {
+        use amq_protocol_types::{AMQPValue, FieldTable, LongString};
+        let dir = test_dir("dedup-confirm");
+        let faults = Arc::new(Faults::default());
+        let broker = Broker::open(BrokerConfig {
+            data_dir: Some(dir.clone()),
+            store_io: Some(Arc::new(FaultIo(faults.clone()))),
+            ..BrokerConfig::default()
+        })
+        .unwrap();
+        let v = broker.vhost("/").unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-deduplication".into(), AMQPValue::Boolean(true));
+        v.declare_queue("q", &QueueOptions { durable: true, arguments, ..Default::default() }, 1).unwrap();
+        let mut headers = FieldTable::default();
+        headers.insert("x-deduplication-header".into(), AMQPValue::LongString(LongString::from("k1")));
+        let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+
+        // No fsync completes while the gate is closed.
+        *faults.gate_closed.lock().unwrap() = true;
+        let original = v.publish("", Message::new("", "q", props.clone(), Bytes::from_static(b"a"))).unwrap();
+        let duplicate = v.publish("", Message::new("", "q", props, Bytes::from_static(b"b"))).unwrap();
+        assert_eq!(original.durable.len(), 1);
+        assert_eq!(duplicate.durable.len(), 1, "the duplicate's confirm waits for the store");
+        let waiting = tokio::spawn(async move {
+            for t in duplicate.durable {
+                t.wait().await.unwrap();
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let confirmed_early = waiting.is_finished();
+        // Open the gate before asserting: a failing test must not leave the syncer blocked forever.
+        *faults.gate_closed.lock().unwrap() = false;
+        faults.gate.notify_all();
+        assert!(!confirmed_early, "the duplicate is not confirmed before the original's fsync");
+        for t in original.durable {
+            t.wait().await.unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        assert_eq!(v.queue("q", 1).unwrap().message_count(), 1, "the duplicate was dropped");
     }
 }

@@ -21,7 +21,6 @@ use crate::store::{MsgRef, QueueStore, Recovered, StoreConfig, StoredMessage, Sy
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// Segment size of a cache store: records are tiny, so small segments free disk space sooner.
@@ -230,7 +229,7 @@ impl DedupCache {
                 return Admission::Duplicate(st.store.as_ref().map(QueueStore::sync));
             }
         }
-        let expires = ttl.map(|ms| now + Duration::from_millis(ms));
+        let expires = ttl.map(|ms| durable::deadline_after(now, ms));
         let mut ticket = None;
         let mut stored = None;
         let mut record_len = 0;
@@ -288,6 +287,7 @@ mod tests {
     use amq_protocol_types::{AMQPValue, FieldTable, LongString};
     use std::path::Path;
     use std::sync::Arc;
+    use std::time::Duration;
 
     fn msg(headers: &[(&str, AMQPValue)]) -> Message {
         let mut t = FieldTable::default();

@@ -193,6 +193,11 @@ impl Durability {
         Ok(store)
     }
 
+    /// The store's file I/O (the paging stores use it too).
+    pub fn io(&self) -> Arc<dyn StoreIo> {
+        Arc::clone(&self.io)
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -223,7 +228,7 @@ impl Durability {
             std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", &dir, e))?;
         }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), visit)?;
+        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
@@ -237,6 +242,22 @@ impl Durability {
     pub fn sync_stats(&self) -> SyncStats {
         self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats()
     }
+
+    /// Why the most recent failing store failed (empty if none did).
+    pub fn failing_reason(&self) -> String {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        if syncer.handle().is_stopped() {
+            return "the syncer is not running".to_owned();
+        }
+        syncer.failing_reason()
+    }
+
+    /// Stores that cannot write now; the whole store counts as failing while the syncer is not running
+    /// (every durable write is then refused).
+    pub fn failing_stores(&self) -> u64 {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        syncer.stats().failing_stores + u64::from(syncer.handle().is_stopped())
+    }
 }
 
 /// Whether an exchange is one the definitions file records (durable, not predeclared).
@@ -248,18 +269,28 @@ fn fnv1a64(bytes: &[u8], offset: u64) -> u64 {
     bytes.iter().fold(offset, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// How far ahead the broker computes a deadline at most: about a century. A TTL, delay or stored expiry
+/// further away never fires in practice, and computing it exactly would overflow `Instant` (a panic) or
+/// wrap around to "already expired".
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `from` plus `ms` milliseconds, capped at [`FAR_FUTURE`] (any `u64` is safe, `u64::MAX` included).
+pub fn deadline_after(from: Instant, ms: u64) -> Instant {
+    from + Duration::from_millis(ms).min(FAR_FUTURE)
+}
+
 /// Milliseconds since the Unix epoch for an `Instant` deadline (records outlive the process's clock).
 pub fn wall_clock_ms(deadline: Instant) -> u64 {
     let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let remaining = deadline.saturating_duration_since(Instant::now());
-    (now_wall + remaining).as_millis() as u64
+    u64::try_from((now_wall + remaining).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The `Instant` for a wall-clock deadline in ms since the Unix epoch.
+/// The `Instant` for a wall-clock deadline in ms since the Unix epoch (one in the past is now).
 pub fn instant_from_wall_ms(ms: u64) -> Instant {
-    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let target = Duration::from_millis(ms);
-    Instant::now() + target.saturating_sub(now_wall)
+    let now_wall_ms =
+        u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
+    deadline_after(Instant::now(), ms.saturating_sub(now_wall_ms))
 }
 
 /// The stored form of a message (property bytes kept verbatim when the broker has them).

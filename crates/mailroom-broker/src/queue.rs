@@ -25,7 +25,7 @@ use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -146,10 +146,14 @@ pub struct QueueSpec {
 pub enum PushOutcome {
     /// Enqueued (and possibly delivered already).
     Enqueued,
-    /// Enqueued and written to the queue's store; the ticket completes once it is on disk (fsynced).
+    /// Enqueued and written to the queue's store (or dropped as a duplicate of a message stored there);
+    /// the ticket completes once it (the original) is on disk (fsynced).
     Stored(SyncTicket),
-    /// Refused: a `reject-publish` length limit, or the store could not take it (disk full).
+    /// Refused by a `reject-publish` length limit.
     Rejected,
+    /// Refused because the queue's store cannot take it now (backpressure, disk full, store failing): a
+    /// publisher gets a nack; a move (dead-lettering, delayed release) keeps its source and tries again.
+    Refused,
 }
 
 /// Position of a ready message: lower ranks go first (rank = 255 - priority), then lower ids (FIFO).
@@ -297,7 +301,16 @@ pub struct Queue {
     paging: Arc<Paging>,
     /// Runs the read-ahead (blocking file reads) off the async workers.
     runtime: tokio::runtime::Handle,
+    /// Records of this queue that failed their checksum and were quarantined (`quarantined` in the API).
+    quarantined: AtomicU64,
+    /// Reads of bodies from disk that failed with an I/O error and were retried (the message stayed).
+    read_errors: AtomicU64,
 }
+
+/// First pause before re-reading bodies after an I/O error; it doubles up to [`READ_RETRY_MAX`].
+const READ_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+/// Longest pause between re-reads of a body that keeps failing with an I/O error.
+const READ_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a durable queue's store held at startup, reduced to the index: bodies stay on disk.
 #[derive(Debug, Default)]
@@ -368,6 +381,10 @@ pub trait QueueHooks: Send + Sync + std::fmt::Debug {
     );
     /// Deletes `queue` because it expired (`x-expires`).
     fn expire_queue(&self, queue: &Arc<Queue>);
+    /// While the broker is still recovering saved definitions: a watch that turns false once every
+    /// exchange, queue and binding is back. The queue's timer (TTL, `x-expires`) waits for it, so nothing
+    /// expires into an exchange whose bindings are not recovered yet.
+    fn recovery_gate(&self) -> Option<tokio::sync::watch::Receiver<bool>>;
 }
 
 /// Why a message left a queue other than by an ack.
@@ -441,6 +458,17 @@ enum LoadError {
     /// The entry names a store the queue no longer has (deleted).
     #[error("the queue has no store for it")]
     NoStore,
+}
+
+impl LoadError {
+    /// Whether the record itself is bad (checksum, encoding) or gone, so a retry cannot help: quarantine it.
+    /// Anything else (EIO, EMFILE, ENOMEM, a short read) is an I/O failure: keep the message and retry.
+    fn is_corrupt(&self) -> bool {
+        match self {
+            LoadError::Store(e) => e.is_corrupt(),
+            LoadError::Properties | LoadError::NoStore => true,
+        }
+    }
 }
 
 /// A message and its expiry back from a stored record.
@@ -534,6 +562,8 @@ impl Queue {
         paging: Arc<Paging>,
     ) -> Arc<Queue> {
         let effective = RwLock::new(Arc::new(spec.args.clone()));
+        // Damaged records the store's recovery quarantined count as this queue's.
+        let quarantined = store.as_ref().map_or(0, |s| s.quarantined_at_recovery());
         let queue = Arc::new(Queue {
             effective,
             policy: RwLock::new(None),
@@ -563,9 +593,12 @@ impl Queue {
             hooks,
             paging,
             runtime: tokio::runtime::Handle::current(),
+            quarantined: AtomicU64::new(quarantined),
+            read_errors: AtomicU64::new(0),
         });
         queue.restore(recovered);
-        tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer)));
+        let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
+        tokio::spawn(run_timer(Arc::downgrade(&queue), Arc::clone(&queue.timer), gate));
         queue
     }
 
@@ -575,7 +608,13 @@ impl Queue {
         let mut st = self.lock();
         if let Some(store) = &st.store {
             for r in &unreadable {
-                tracing::warn!(queue = %self.spec.name, id = r.id, "stored message has unreadable properties; dropped");
+                self.quarantined.fetch_add(1, Ordering::Relaxed);
+                match store.quarantine(&self.spec.name, r.pos, "unreadable message properties") {
+                    Ok(file) => tracing::error!(queue = %self.spec.name, id = r.id, file = %file.display(),
+                        "stored message has unreadable properties; quarantined"),
+                    Err(e) => tracing::error!(queue = %self.spec.name, id = r.id, error = %e,
+                        "stored message has unreadable properties; cannot copy it to the quarantine file"),
+                }
             }
             let _ = store.settle(&unreadable);
         }
@@ -608,7 +647,10 @@ impl Queue {
             while i < st.ready.len() {
                 if st.ready[i].delivery_count as u64 > limit {
                     if let Some((entry, body)) = st.remove_at(i) {
-                        self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after);
+                        // Kept (I/O error reading its body): it stays where it was, and is delivered again.
+                        if !self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after) {
+                            i += 1;
+                        }
                     }
                 } else {
                     i += 1;
@@ -690,6 +732,14 @@ impl Queue {
     pub fn ready_bytes(&self) -> u64 {
         self.lock().ready_bytes
     }
+    /// Records of this queue that failed their checksum and were quarantined.
+    pub fn quarantined_count(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+    /// Reads of message bodies from disk that failed with an I/O error (each retried; the message stayed).
+    pub fn read_error_count(&self) -> u64 {
+        self.read_errors.load(Ordering::Relaxed)
+    }
     /// Ready messages whose body is only on disk.
     pub fn paged_count(&self) -> u32 {
         self.lock().paged as u32
@@ -752,9 +802,13 @@ impl Queue {
         }
         if args.deduplication {
             if let Some(key) = plugins::dedup_key(&message) {
-                // A duplicate of a message still in the queue is dropped (and, with confirms, still acked).
+                // A duplicate of a message still in the queue is dropped (and, with confirms, still acked),
+                // but not acked before the original is on disk: a crash in between would lose both.
                 if !st.dedup.insert(key) {
-                    return PushOutcome::Enqueued;
+                    return match st.store.as_ref().filter(|_| message.is_persistent()) {
+                        Some(store) => PushOutcome::Stored(store.sync()),
+                        None => PushOutcome::Enqueued,
+                    };
                 }
             }
         }
@@ -763,7 +817,7 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let now = Instant::now();
-        let expires_at = ttl.map(|ms| now + std::time::Duration::from_millis(ms));
+        let expires_at = ttl.map(|ms| durable::deadline_after(now, ms));
         let id = st.next_id;
         st.next_id += 1;
         let rank = self.rank_of(&message);
@@ -782,7 +836,7 @@ impl Queue {
                     if let Some(key) = plugins::dedup_key(&message).filter(|_| args.deduplication) {
                         st.dedup.remove(&key);
                     }
-                    return PushOutcome::Rejected;
+                    return PushOutcome::Refused;
                 }
             }
         }
@@ -933,12 +987,16 @@ impl Queue {
         }
         while self.over_limit(st, 0, 0) {
             let Some((old, body)) = st.pop_front() else { break };
-            self.drop_message(st, &old, body, DeadLetterReason::MaxLen, after);
+            if !self.drop_message(st, &old, body, DeadLetterReason::MaxLen, after) {
+                // Its body cannot be read now: it stays; the next publish tries again.
+                break;
+            }
         }
     }
 
     /// A ready message leaves other than by delivery: settled, and dead-lettered (its body read back from
-    /// disk if needed and there is somewhere to send it).
+    /// disk if needed and there is somewhere to send it). If its body cannot be read for an I/O error, it
+    /// stays: it is put back in the ready list and `false` returned (the caller retries later).
     fn drop_message(
         &self,
         st: &mut QueueState,
@@ -946,14 +1004,17 @@ impl Queue {
         body: Option<Body>,
         reason: DeadLetterReason,
         after: &mut Aftermath,
-    ) {
+    ) -> bool {
         let args = self.args();
         let message = match body {
             Some(body) => Some(body.message),
             None if args.dead_letter_exchange.is_some() || args.deduplication => match st.load(entry) {
                 Ok(body) => Some(body.message),
                 Err(e) => {
-                    self.report_unreadable(entry, &e);
+                    if !self.unreadable(st, entry, &e) {
+                        st.insert(*entry, None);
+                        return false;
+                    }
                     None
                 }
             },
@@ -963,9 +1024,32 @@ impl Queue {
             Some(message) => self.forget_dead(st, entry, message, reason, after),
             None => self.forget(st, entry, None),
         }
+        true
     }
 
-    fn report_unreadable(&self, entry: &Entry, e: &LoadError) {
+    /// A body could not be read back. An I/O error (EIO, EMFILE, ENOMEM, a short read) is not corruption: it
+    /// is logged and counted, and `false` says "keep the message, retry later". A record that fails its
+    /// checksum (or is gone) is copied to the store's quarantine file, logged and counted; `true` says the
+    /// caller may now settle it.
+    fn unreadable(&self, st: &QueueState, entry: &Entry, e: &LoadError) -> bool {
+        if !e.is_corrupt() {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                queue = %self.spec.name,
+                id = entry.id,
+                segment = entry.pos.segment,
+                offset = entry.pos.offset,
+                paging_store = entry.has(PAGED),
+                error = %e,
+                "cannot read a message back from disk; keeping it and retrying"
+            );
+            return false;
+        }
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+        let copied = match st.store_of(entry) {
+            Some(store) => store.quarantine(&self.spec.name, entry.pos, &e.to_string()).map_err(|e| e.to_string()),
+            None => Err("the queue has no store for it".to_owned()),
+        };
         tracing::error!(
             queue = %self.spec.name,
             id = entry.id,
@@ -973,8 +1057,10 @@ impl Queue {
             offset = entry.pos.offset,
             paging_store = entry.has(PAGED),
             error = %e,
-            "cannot read a message back from disk; dropping it"
+            quarantine = ?copied,
+            "a stored message is damaged; quarantined and removed from the queue"
         );
+        true
     }
 
     /// Delivers ready messages to consumers with credit, round-robin.
@@ -1139,6 +1225,7 @@ impl Queue {
         /// Most records one step reads (then the lock is taken to install them).
         const STEP_MESSAGES: usize = 1024;
         let budget = self.paging.config().clone();
+        let mut retry_pause = READ_RETRY_MIN;
         loop {
             // Plan under the lock: which entries, in which store.
             let (plan, durable, paging) = {
@@ -1196,6 +1283,7 @@ impl Queue {
             loaded.extend(read(PAGED, &paging));
             // Install what is still waiting (an entry may have been purged, expired or taken meanwhile).
             let mut after = Aftermath::default();
+            let mut io_failed = false;
             {
                 let mut st = self.lock();
                 if st.deleted {
@@ -1216,9 +1304,13 @@ impl Queue {
                             st.bodies.insert(current.id, body);
                         }
                         Err(e) => {
-                            self.report_unreadable(&current, &e);
-                            if let Some((entry, _)) = st.remove_at(idx) {
-                                self.forget(&mut st, &entry, None);
+                            if self.unreadable(&st, &current, &e) {
+                                if let Some((entry, _)) = st.remove_at(idx) {
+                                    self.forget(&mut st, &entry, None);
+                                }
+                            } else {
+                                // Stays on disk, in its place: consumers wait for it rather than lose it.
+                                io_failed = true;
                             }
                         }
                     }
@@ -1228,6 +1320,13 @@ impl Queue {
                 after.read_ahead = false;
             }
             self.run_aftermath(after);
+            if io_failed {
+                // Back off before reading again (this is a blocking-pool thread, so sleeping here is fine).
+                std::thread::sleep(retry_pause);
+                retry_pause = (retry_pause * 2).min(READ_RETRY_MAX);
+            } else {
+                retry_pause = READ_RETRY_MIN;
+            }
         }
     }
 
@@ -1425,6 +1524,12 @@ impl Queue {
         self.lock().store.as_ref().map(QueueStore::sync)
     }
 
+    /// A ticket that completes once everything the queue's store took so far is fsynced; None without a store
+    /// (transient, or deleted). A copy whose own ticket failed waits on this: the store keeps and rewrites it.
+    pub(crate) fn sync_ticket(&self) -> Option<SyncTicket> {
+        self.lock().store.as_ref().map(|s| s.sync())
+    }
+
     /// Settles the durable store records of messages that already left the queue (their dead-lettered
     /// copies are now durable). A no-op once the queue is deleted.
     pub(crate) fn settle_left(&self, records: &[MsgRef]) {
@@ -1469,8 +1574,11 @@ impl Queue {
                             st.dedup.insert(key);
                         }
                     }
-                    let entry =
+                    let mut entry =
                         Entry { flags: delivery.entry.flags & REDELIVERED, delivery_count: 0, ..delivery.entry };
+                    if delivery.entry.has(STORED) {
+                        self.store_again(&mut st, &mut entry, &delivery.message, delivery.expires_at);
+                    }
                     (entry, Body { message: delivery.message, expires_at: delivery.expires_at })
                 }
             };
@@ -1483,6 +1591,25 @@ impl Queue {
             self.dispatch_locked(&mut st, Instant::now(), &mut after);
         }
         self.run_aftermath(after);
+    }
+
+    /// Gives a returned no-ack delivery of a stored message a new record: its old one was settled when it
+    /// was sent, and without a record a crash after the return would lose a message no consumer ever saw.
+    /// The record needs a new id (the ack log settles by id), so the message takes its place by that id.
+    /// If the store refuses, it stays in RAM only, as a transient message would.
+    fn store_again(&self, st: &mut QueueState, entry: &mut Entry, message: &Message, expires_at: Option<Instant>) {
+        let Some(store) = st.store.as_ref() else { return };
+        let id = st.next_id;
+        match store.append(&durable::to_stored(id, message, expires_at)) {
+            // Not awaited: nothing confirms a returned message; the next group commit covers it.
+            Ok((pos, _ticket)) => {
+                st.next_id += 1;
+                entry.id = id;
+                entry.pos = pos;
+                entry.flags |= STORED;
+            }
+            Err(e) => tracing::warn!(queue = %self.spec.name, error = %e, "cannot store a returned message again"),
+        }
     }
 
     /// Takes one message (`basic.get`); with `no_ack` it is settled at once. A body on disk is read here.
@@ -1499,9 +1626,13 @@ impl Queue {
                     None => match st.load(&entry) {
                         Ok(body) => body,
                         Err(e) => {
-                            self.report_unreadable(&entry, &e);
-                            self.forget(&mut st, &entry, None);
-                            continue;
+                            if self.unreadable(&st, &entry, &e) {
+                                self.forget(&mut st, &entry, None);
+                                continue;
+                            }
+                            // An I/O error: the message stays at the head; this get finds the queue empty.
+                            st.insert(entry, None);
+                            break None;
                         }
                     },
                 };
@@ -1546,7 +1677,8 @@ impl Queue {
                     None => match st.load(e) {
                         Ok(body) => body.message,
                         Err(err) => {
-                            self.report_unreadable(e, &err);
+                            // Left out of this peek only: peek changes nothing, so nothing is quarantined here.
+                            tracing::warn!(queue = %self.spec.name, id = e.id, error = %err, "peek cannot read a body");
                             return None;
                         }
                     },
@@ -1637,7 +1769,10 @@ impl Queue {
             // Only ready messages expire; a delivered one left the queue's ready list.
             if let Some(idx) = st.find(key) {
                 if let Some((entry, body)) = st.remove_at(idx) {
-                    self.drop_message(st, &entry, body, DeadLetterReason::Expired, after);
+                    if !self.drop_message(st, &entry, body, DeadLetterReason::Expired, after) {
+                        // Its body cannot be read now: it stays, and expires again after a pause.
+                        st.expiries.push(Reverse((now + READ_RETRY_MIN * 10, key)));
+                    }
                 }
             }
         }
@@ -1647,7 +1782,7 @@ impl Queue {
         let st = self.lock();
         let expiry = st.expiries.peek().map(|Reverse((at, _))| *at);
         let unused = match self.args().expires {
-            Some(ms) if st.consumers.is_empty() => Some(st.last_used + std::time::Duration::from_millis(ms)),
+            Some(ms) if st.consumers.is_empty() => Some(durable::deadline_after(st.last_used, ms)),
             _ => None,
         };
         match (expiry, unused) {
@@ -1663,7 +1798,7 @@ impl Queue {
             let mut st = self.lock();
             self.expire_locked(&mut st, now, &mut after);
             match self.args().expires {
-                Some(ms) => st.consumers.is_empty() && now >= st.last_used + std::time::Duration::from_millis(ms),
+                Some(ms) => st.consumers.is_empty() && now >= durable::deadline_after(st.last_used, ms),
                 None => false,
             }
         };
@@ -1735,8 +1870,20 @@ fn insert_ready(ready: &mut VecDeque<Entry>, entry: Entry) {
 }
 
 /// The queue's timer: message TTL and `x-expires`. Holds only a weak handle, so it never keeps a
-/// queue alive; ends when the queue is deleted or dropped.
-async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>) {
+/// queue alive; ends when the queue is deleted or dropped. With a recovery `gate` it starts only once the
+/// broker has recovered every definition (messages that fell due meanwhile then expire at once).
+async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>, gate: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut gate) = gate {
+        // An error means the broker is gone: nothing left to expire into.
+        if gate.wait_for(|recovering| !*recovering).await.is_err() {
+            return;
+        }
+        // `x-expires` counts from the end of recovery, not from the moment the queue was re-declared.
+        match queue.upgrade() {
+            Some(q) => q.touch(),
+            None => return,
+        }
+    }
     loop {
         let deadline = {
             let Some(q) = queue.upgrade() else { return };

@@ -67,8 +67,13 @@ pub struct PublishResult {
     pub routed: bool,
     /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
+    /// A store refused it (backpressure, disk full, store failing), not a length limit: a move (delayed
+    /// release) keeps its source and retries.
+    pub refused: bool,
     /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
     pub durable: Vec<SyncTicket>,
+    /// The queues whose stores took it (a move whose ticket failed waits for a later fsync of these).
+    pub stored_in: Vec<Arc<Queue>>,
 }
 
 /// Where a redrive sends messages instead of their first death's exchange and routing keys.
@@ -169,7 +174,13 @@ pub struct VHost {
     policies: RwLock<Vec<Policy>>,
     /// Where queues page message bodies out to, and their memory budget.
     paging: Arc<Paging>,
+    /// Dead letters produced while the broker recovers definitions (a policy's length limit applied at
+    /// re-declare, say): routed by [`VHost::finish_recovery`] once every binding is back, never before.
+    deferred_dead_letters: std::sync::Mutex<Vec<DeferredDeadLetters>>,
 }
+
+/// One batch of dead letters held back until recovery ends, with the source records it must settle.
+type DeferredDeadLetters = (Vec<(DeadLetterReason, Vec<Arc<Message>>)>, dead_letter::SourceRecords);
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -209,6 +220,7 @@ impl VHost {
             durability,
             policies: RwLock::new(Vec::new()),
             paging,
+            deferred_dead_letters: std::sync::Mutex::new(Vec::new()),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -352,6 +364,25 @@ impl VHost {
             self.save_definitions();
         }
         Ok(())
+    }
+
+    /// Whether the broker is still re-declaring saved definitions (nothing may be routed meanwhile).
+    fn is_recovering(&self) -> bool {
+        self.durability.as_ref().is_some_and(|d| d.is_recovering())
+    }
+
+    /// Ends this vhost's part of recovery, once the broker has re-declared every definition: routes the
+    /// dead letters held back meanwhile, then dead-letters recovered messages already past their
+    /// delivery limit. Queue timers start by themselves when the broker's recovery flag clears.
+    pub(crate) fn finish_recovery(&self) {
+        let deferred = std::mem::take(&mut *self.deferred_dead_letters.lock().unwrap_or_else(|p| p.into_inner()));
+        for (dead, records) in deferred {
+            let queue = Arc::clone(records.queue());
+            self.dead_letter(&queue, dead, records);
+        }
+        for q in self.queues() {
+            q.dead_letter_over_delivery_limit();
+        }
     }
 
     /// Rewrites the definitions file after a change to durable resources (a no-op without a data dir).
@@ -607,7 +638,7 @@ impl VHost {
         self.apply_policy_to(&queue);
         // Recovered messages already past their delivery limit go to the dead-letter exchange, once the
         // broker's recovery has declared what they route to (it calls this itself at the end).
-        if recovering && !self.durability.as_ref().is_some_and(|d| d.is_recovering()) {
+        if recovering && !self.is_recovering() {
             queue.dead_letter_over_delivery_limit();
         }
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
@@ -717,11 +748,11 @@ impl VHost {
                 if let Some(delay) = plugins::requested_delay(&message) {
                     return Ok(match ex.extras().delayed.hold(message, delay) {
                         Ok(ticket) => {
-                            PublishResult { routed: true, rejected: false, durable: ticket.into_iter().collect() }
+                            PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, durable: Vec::new() }
+                            PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
                         }
                     });
                 }
@@ -961,6 +992,10 @@ impl QueueHooks for VHost {
         dead: Vec<(DeadLetterReason, Vec<Arc<Message>>)>,
         records: dead_letter::SourceRecords,
     ) {
+        if self.is_recovering() {
+            self.deferred_dead_letters.lock().unwrap_or_else(|p| p.into_inner()).push((dead, records));
+            return;
+        }
         let args = queue.args();
         // Dead-lettering without an exchange, or to a missing one, drops the messages silently, as RabbitMQ.
         let Some((dlx_name, Ok(dlx))) = args.dead_letter_exchange.as_deref().map(|n| (n, self.exchange(n))) else {
@@ -991,6 +1026,10 @@ impl QueueHooks for VHost {
 
     fn expire_queue(&self, queue: &Arc<Queue>) {
         self.remove_queue(queue);
+    }
+
+    fn recovery_gate(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.durability.as_ref().filter(|d| d.is_recovering()).map(|d| d.recovering())
     }
 }
 
@@ -1039,8 +1078,15 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
     for q in queues {
         match q.push(Arc::clone(&message)) {
             PushOutcome::Enqueued => {}
-            PushOutcome::Stored(ticket) => result.durable.push(ticket),
+            PushOutcome::Stored(ticket) => {
+                result.durable.push(ticket);
+                result.stored_in.push(Arc::clone(q));
+            }
             PushOutcome::Rejected => result.rejected = true,
+            PushOutcome::Refused => {
+                result.rejected = true;
+                result.refused = true;
+            }
         }
     }
     result

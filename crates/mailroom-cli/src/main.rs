@@ -88,6 +88,10 @@ struct ServerArgs {
     /// are paged to disk (persistent ones stay in the queue's store, the rest go to `<data dir>/paging`).
     #[arg(long, env = "MAILROOM_QUEUE_MEMORY_BYTES", default_value_t = mailroom_broker::paging::DEFAULT_QUEUE_MEMORY_BYTES)]
     queue_memory_bytes: u64,
+    /// File descriptors kept back for queue stores: connections that would leave fewer are refused at
+    /// once. Default: an eighth of the limit, between 32 and 1024.
+    #[arg(long, env = "MAILROOM_FD_RESERVE")]
+    fd_reserve: Option<u64>,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -126,6 +130,10 @@ fn main() -> ExitCode {
 async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match mailroom_amqp::fds::raise_nofile_limit() {
+        Ok(limit) => tracing::info!(limit, "file descriptor limit (RLIMIT_NOFILE raised to its hard limit)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", args.data_dir.display()))?;
     let memory_high_watermark = match args.memory_high_watermark {
@@ -151,6 +159,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         frame_max: args.frame_max,
         max_message_size: args.max_message_size,
         consumer_timeout: Duration::from_millis(args.consumer_timeout_ms),
+        fd_reserve: args.fd_reserve,
         ..ServerConfig::default()
     };
     let server = AmqpServer::bind(broker.clone(), config).await?;

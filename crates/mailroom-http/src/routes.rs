@@ -287,6 +287,8 @@ fn overview(broker: &Broker) -> Value {
             "records_synced": sync.records,
             "sync_failures": sync.failures,
             "fsync_seconds": sync.fsync_micros as f64 / 1e6,
+            "stores_failing": sync.failing_stores,
+            "quarantined_records": mailroom_broker::store::quarantined_records_total(),
         },
         "product_name": "Mailroom",
         "product_version": env!("CARGO_PKG_VERSION"),
