@@ -137,6 +137,19 @@ def assert_ids(msgs, expected, where):
     assert got == expected, f"{where}: {len(got)} of {len(expected)}; lost {lost}, unexpected {extra}, got {got}"
 
 
+def assert_moved(msgs, expected, where, s):
+    """Messages moved by the broker (dead-lettered or expired into a target) across the stop: exactly
+    `expected`, in order. After SIGKILL a move cut by the kill may be redone after the start (at-least-once,
+    as Mailroom's design accepts): duplicates of expected ids are allowed there, losses never."""
+    if s.get("kind") == "sigkill":
+        seen = []
+        for i in mids(msgs):
+            if i not in seen:
+                seen.append(i)
+        msgs = [next(x for x in msgs if x[1].message_id == i) for i in seen]
+    assert_ids(msgs, expected, where)
+
+
 def ready(ch, queue):
     return ch.queue_declare(queue, passive=True).method.message_count
 
@@ -174,7 +187,7 @@ def ttl_retry_before(t):
 
 def ttl_retry_after(ch, s):
     got = collect(ch, s["jobs"], 100)
-    assert_ids(got, ids("m", 100), f"jobs (retry holds {ready(ch, s['retry'])})")
+    assert_moved(got, ids("m", 100), f"jobs (retry holds {ready(ch, s['retry'])})", s)
     assert_dead(got, "expired", s["retry"])
     assert ready(ch, s["retry"]) == 0
 
@@ -192,7 +205,7 @@ def per_message_ttl_before(t):
 
 def per_message_ttl_after(ch, s):
     got = collect(ch, s["dlq"], 20)
-    assert_ids(got, ids("e", 20), f"dlq (src holds {ready(ch, s['src'])})")
+    assert_moved(got, ids("e", 20), f"dlq (src holds {ready(ch, s['src'])})", s)
     assert_dead(got, "expired", s["src"])
     for _, p, _ in got:
         assert p.expiration is None, "expiration is removed on dead-lettering"
@@ -212,7 +225,7 @@ def drop_head_before(t):
 
 def drop_head_after(ch, s):
     dead = collect(ch, s["dlq"], 3)
-    assert mids(dead) == ids("m", 3)
+    assert_moved(dead, ids("m", 3), "dlq", s)
     assert_dead(dead, "maxlen", s["q"])
     assert ready(ch, s["q"]) == 5
     # The limit survived: one more publish drops the head (m3) into the DLQ.
@@ -237,7 +250,7 @@ def reject_publish_dlx_before(t):
 
 def reject_publish_dlx_after(ch, s):
     dead = collect(ch, s["dlq"], 3)
-    assert_ids(dead, ids("m", 3, start=5), f"dlq (q holds {ready(ch, s['q'])})")
+    assert_moved(dead, ids("m", 3, start=5), f"dlq (q holds {ready(ch, s['q'])})", s)
     assert_dead(dead, "maxlen", s["q"])
     assert ready(ch, s["q"]) == 5
     # The limit survived: one more publish is nacked and dead-lettered.
@@ -274,7 +287,7 @@ def delivery_limit_before(t, queue_type):
 
 def delivery_limit_after(ch, s):
     dead = collect(ch, s["dlq"], 1)
-    assert mids(dead) == ["m0"], "m0 was dead-lettered before the stop, once"
+    assert_moved(dead, ["m0"], "dlq: m0 was dead-lettered before the stop", s)
     assert_dead(dead, "delivery_limit", s["q"])
     # What is left, with its delivery counts; all four held unacked, then nacked back at once: that
     # third delivery takes m1 over the limit of 2.
@@ -398,7 +411,7 @@ def reject_dlq_before(t):
 def reject_dlq_after(ch, s):
     dead = collect(ch, s["dlq"], 3)
     rest = collect(ch, s["src"], 6)
-    assert_ids(dead, ids("m", 3), f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})")
+    assert_moved(dead, ids("m", 3), f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})", s)
     assert_dead(dead, "rejected", s["src"])
     assert_ids(rest, ids("m", 6, start=4), "src")
     assert [m.redelivered for m, _, _ in rest] == [False] * 6
@@ -495,6 +508,7 @@ def run_on_mailroom(case, kind):
             node.start()
             conn = node.connect()
             state = case.before(Topo(conn, case.name))
+            state["kind"] = kind
             up_at = time.monotonic() + case.downtime_s
             node.stop(kind)
             _close_quietly(conn)
