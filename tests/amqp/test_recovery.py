@@ -413,6 +413,9 @@ def reject_dlq_after(ch, s):
     rest = collect(ch, s["src"], 6)
     assert_moved(dead, ids("m", 3), f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})", s)
     assert_dead(dead, "rejected", s["src"])
+    if s.get("kind") == "sigkill":
+        # A reject whose source settle the kill cut may come back (redelivered) besides its DLQ copy.
+        rest = [x for x in rest if not (x[1].message_id in ids("m", 3) and x[0].redelivered)]
     assert_ids(rest, ids("m", 6, start=4), "src")
     assert [m.redelivered for m, _, _ in rest] == [False] * 6
 
