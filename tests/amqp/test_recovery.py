@@ -526,8 +526,16 @@ def run_on_mailroom(case, kind):
             node.reap()
 
 
-def rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+def rabbitmqctl(*args, attempts=3):
+    """rabbitmqctl with a few retries: it exits 69 (unavailable) while another client's stop_app or
+    start_app of the shared node is under way."""
+    for attempt in range(attempts):
+        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120)
+        if done.returncode == 0:
+            return
+        if attempt + 1 == attempts:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} exited {done.returncode}: {done.stderr.decode()[-500:]}")
+        time.sleep(2)
 
 
 def wait_connectable(params, timeout=60):
