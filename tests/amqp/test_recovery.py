@@ -249,8 +249,15 @@ def reject_publish_dlx_before(t):
 
 
 def reject_publish_dlx_after(ch, s):
-    dead = collect(ch, s["dlq"], 3)
-    assert_moved(dead, ids("m", 3, start=5), f"dlq (q holds {ready(ch, s['q'])})", s)
+    if s.get("kind") == "sigkill":
+        # The three were nacked: the publisher was told the broker did not take them, so a kill may lose
+        # their dead-lettered copies (written to the DLQ's store after the nack, not before it). Whatever
+        # is there is one of them, dead-lettered for maxlen.
+        dead = collect(ch, s["dlq"], 3, timeout=2)
+        assert set(mids(dead)) <= set(ids("m", 3, start=5)), mids(dead)
+    else:
+        dead = collect(ch, s["dlq"], 3)
+        assert_moved(dead, ids("m", 3, start=5), f"dlq (q holds {ready(ch, s['q'])})", s)
     assert_dead(dead, "maxlen", s["q"])
     assert ready(ch, s["q"]) == 5
     # The limit survived: one more publish is nacked and dead-lettered.
@@ -409,13 +416,22 @@ def reject_dlq_before(t):
 
 
 def reject_dlq_after(ch, s):
-    dead = collect(ch, s["dlq"], 3)
-    rest = collect(ch, s["src"], 6)
-    assert_moved(dead, ids("m", 3), f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})", s)
-    assert_dead(dead, "rejected", s["src"])
+    rejected = ids("m", 3)
     if s.get("kind") == "sigkill":
-        # A reject whose source settle the kill cut may come back (redelivered) besides its DLQ copy.
-        rest = [x for x in rest if not (x[1].message_id in ids("m", 3) and x[0].redelivered)]
+        # basic.reject has no confirm: a kill right after it may undo it. A rejected message is then in the
+        # DLQ, or back in its source (redelivered), or both (the dead-letter hop cut after its copy was
+        # written, before its source was settled) -- never nowhere.
+        dead = collect(ch, s["dlq"], 3, timeout=2)
+        rest = collect(ch, s["src"], 6)
+        back = [p.message_id for m, p, _ in rest if p.message_id in rejected and m.redelivered]
+        assert set(mids(dead)) <= set(rejected), mids(dead)
+        assert set(mids(dead)) | set(back) == set(rejected), f"dlq {mids(dead)}, back in src {back}"
+        rest = [x for x in rest if not (x[1].message_id in rejected and x[0].redelivered)]
+    else:
+        dead = collect(ch, s["dlq"], 3)
+        rest = collect(ch, s["src"], 6)
+        assert_moved(dead, rejected, f"dlq (src holds {[(p.message_id, m.redelivered) for m, p, _ in rest]})", s)
+    assert_dead(dead, "rejected", s["src"])
     assert_ids(rest, ids("m", 6, start=4), "src")
     assert [m.redelivered for m, _, _ in rest] == [False] * 6
 

@@ -234,10 +234,20 @@ impl Broker {
         }
     }
 
-    /// Before a clean exit: [`Broker::flush_exchange_stores`], then fsyncs every queue store, ack logs
-    /// included (those are otherwise fsynced at most every `ack_sync_interval`), so that even a power loss
-    /// right after a clean stop brings no acked message back.
+    /// Before a clean exit: lets dead-letter moves in flight settle (up to 2 s), runs
+    /// [`Broker::flush_exchange_stores`], then fsyncs every queue store, ack logs included (those are
+    /// otherwise fsynced at most every `ack_sync_interval`), so that even a power loss right after a clean
+    /// stop brings no acked message back.
     pub async fn flush_stores(&self) {
+        // Dead-letter moves settle their sources once the copies are durable: let those in flight finish
+        // (bounded: a target refusing copies keeps its move retrying), or the restart moves them again.
+        const MOVES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + MOVES_WAIT;
+        while self.vhosts().iter().flat_map(|v| v.queues()).any(|q| q.moves_in_flight() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         self.flush_exchange_stores();
         let tickets: Vec<_> = self.vhosts().iter().flat_map(|v| v.queues()).filter_map(|q| q.sync_store()).collect();
         for ticket in tickets {

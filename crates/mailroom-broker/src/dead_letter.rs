@@ -161,7 +161,9 @@ impl SourceRecords {
         let SourceRecords { queue, records, mut copies, mut refused } = self;
         if !refused.is_empty() {
             // Retried whether or not the source has a store record: the message lives only in this task now.
+            let in_flight = queue.move_started();
             tokio::spawn(async move {
+                let _in_flight = in_flight;
                 let mut pause = MOVE_RETRY_MIN;
                 while !refused.is_empty() {
                     tokio::time::sleep(pause).await;
@@ -194,7 +196,9 @@ impl SourceRecords {
             return;
         }
         // Queues only exist inside a tokio runtime (each runs a timer task), so one is available here.
+        let in_flight = queue.move_started();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             for (target, ticket) in copies {
                 let mut result = ticket.wait().await;
                 let mut pause = MOVE_RETRY_MIN;

@@ -25,7 +25,7 @@ use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -305,6 +305,19 @@ pub struct Queue {
     quarantined: AtomicU64,
     /// Reads of bodies from disk that failed with an I/O error and were retried (the message stayed).
     read_errors: AtomicU64,
+    /// Dead-letter moves out of this queue whose source records are not settled yet: a clean stop waits
+    /// for them ([`crate::Broker::flush_stores`]), or the restart would move those messages again.
+    moves_in_flight: Arc<AtomicUsize>,
+}
+
+/// One dead-letter move out of a queue still settling its source records; dropping it ends the move.
+#[derive(Debug)]
+pub(crate) struct MoveInFlight(Arc<AtomicUsize>);
+
+impl Drop for MoveInFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// First pause before re-reading bodies after an I/O error; it doubles up to [`READ_RETRY_MAX`].
@@ -595,6 +608,7 @@ impl Queue {
             runtime: tokio::runtime::Handle::current(),
             quarantined: AtomicU64::new(quarantined),
             read_errors: AtomicU64::new(0),
+            moves_in_flight: Arc::new(AtomicUsize::new(0)),
         });
         queue.restore(recovered);
         let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
@@ -1528,6 +1542,17 @@ impl Queue {
     /// (transient, or deleted). A copy whose own ticket failed waits on this: the store keeps and rewrites it.
     pub(crate) fn sync_ticket(&self) -> Option<SyncTicket> {
         self.lock().store.as_ref().map(|s| s.sync())
+    }
+
+    /// Counts a dead-letter move out of this queue until the returned guard is dropped.
+    pub(crate) fn move_started(&self) -> MoveInFlight {
+        self.moves_in_flight.fetch_add(1, Ordering::SeqCst);
+        MoveInFlight(Arc::clone(&self.moves_in_flight))
+    }
+
+    /// Dead-letter moves out of this queue still settling their source records.
+    pub fn moves_in_flight(&self) -> usize {
+        self.moves_in_flight.load(Ordering::SeqCst)
     }
 
     /// Settles the durable store records of messages that already left the queue (their dead-lettered

@@ -778,7 +778,9 @@ impl VHost {
 
     fn remove_unsaved(&self, queue: &Arc<Queue>, tx: watch::Sender<BatchState>, result: &Result<()>) {
         let outcome = result.as_ref().map(|_| ()).map_err(|e| {
-            crate::store::StoreError::DefinitionNotSaved(format!("the queue's definition was not saved: {}", e.message).into())
+            crate::store::StoreError::DefinitionNotSaved(
+                format!("the queue's definition was not saved: {}", e.message).into(),
+            )
         });
         tx.send_replace(Some(outcome));
         self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).retain(|(q, _)| !Arc::ptr_eq(q, queue));
