@@ -9,6 +9,8 @@
 #   svc_install WHAT PKG...   installs the Debian packages PKG (providing WHAT) if root on Debian.
 #   svc_stop_all      stops what svc_rabbitmq / svc_postgres started (test-all.sh traps EXIT).
 #
+# A service on the default URL counts as present when it answers and is installed here (rabbitmqctl,
+# PostgreSQL's binaries): a chroot or container sharing the host's network sees the host's ports.
 # A service is installed only when its URL variable is unset (a URL you give is the one to use), the
 # script runs as root on Debian (apt-get) and MAILROOM_INSTALL is not 0. When a service is neither
 # reachable nor installable, svc_rabbitmq / svc_postgres return 1 and append the reason to
@@ -113,9 +115,15 @@ svc_rabbitmq() {
   local url="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}" host port why
   read -r host port <<<"$(svc_host_port "$url" 5672)"
   if svc_open "$host" "$port"; then
-    svc_say "RabbitMQ reachable at $host:$port: using it"
-    export RABBITMQ_URL="$url"
-    return 0
+    if [ -n "${RABBITMQ_URL:-}" ] || command -v rabbitmqctl >/dev/null 2>&1 || [ -n "$(svc_why_no_install)" ]; then
+      svc_say "RabbitMQ reachable at $host:$port: using it"
+      export RABBITMQ_URL="$url"
+      return 0
+    fi
+    # The suites administer the oracle with rabbitmqctl (policies, restart): one answering on the
+    # default port without rabbitmqctl here is not this machine's (a chroot or container sharing the
+    # host's network sees the host's ports), so we install and start our own on free ports.
+    svc_say "RabbitMQ answers on $host:$port but is not installed here (no rabbitmqctl): starting our own"
   fi
   why="$(svc_why_no_install RABBITMQ_URL)"
   if [ -n "$why" ]; then
@@ -190,9 +198,14 @@ svc_postgres() {
   local url="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/test}" host port why
   read -r host port <<<"$(svc_host_port "$url" 5432)"
   if svc_open "$host" "$port"; then
-    svc_say "PostgreSQL reachable at $host:$port: using it"
-    export MAILROOM_PG_URL="$url"
-    return 0
+    if [ -n "${MAILROOM_PG_URL:-}" ] || svc_pg_installed || [ -n "$(svc_why_no_install)" ]; then
+      svc_say "PostgreSQL reachable at $host:$port: using it"
+      export MAILROOM_PG_URL="$url"
+      return 0
+    fi
+    # As for RabbitMQ: the default port answering without PostgreSQL installed here is another
+    # system's (one whose `test` database and trust auth we cannot rely on): start our own.
+    svc_say "PostgreSQL answers on $host:$port but is not installed here: starting our own"
   fi
   why="$(svc_why_no_install MAILROOM_PG_URL)"
   if [ -n "$why" ]; then
@@ -204,6 +217,11 @@ svc_postgres() {
     return 1
   fi
   svc_postgres_start
+}
+
+# True when a PostgreSQL server (Debian layout) or psql is installed on this machine.
+svc_pg_installed() {
+  command -v psql >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null
 }
 
 # Starts a cluster of our own (initdb in a temporary directory, trust auth, user postgres) on 5432 or a
