@@ -179,7 +179,7 @@ EOF
     return 1
   fi
   export RABBITMQ_URL="amqp://guest:guest@127.0.0.1:$node_port/%2F"
-  svc_say "RabbitMQ up: RABBITMQ_URL=$RABBITMQ_URL, plugins: $(rabbitmq-plugins list -e -m 2>/dev/null | tr '\n' ' ')"
+  svc_say "RabbitMQ up: RABBITMQ_URL=$RABBITMQ_URL, plugins: $(rabbitmq-plugins list -e -m -q 2>/dev/null | tr '\n' ' ')"
 }
 
 svc_rabbitmq_stop() {
