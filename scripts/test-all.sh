@@ -101,7 +101,7 @@ echo "Rust (nextest): ${nextest_line:-no summary line, see $LOGS/rust.log}"
 skipped_rust=$(wc -l <"$MAILROOM_SKIP_LOG")
 if [ "$skipped_rust" -gt 0 ]; then
   echo "  of those, $skipped_rust returned early, skipped for a missing service:"
-  sed -E 's/^SKIP [^:]+: needs ([A-Za-z]+).*/\1/' "$MAILROOM_SKIP_LOG" | sort | uniq -c | sed 's/^/   /'
+  sed -E 's/^SKIP .*: needs ([A-Za-z]+) \(.*/needs \1/' "$MAILROOM_SKIP_LOG" | sort | uniq -c | sed 's/^ */    /'
   echo "  (each line: $MAILROOM_SKIP_LOG)"
 fi
 echo "Doctests: $(grep -E '^test result:' "$LOGS/doctests.log" 2>/dev/null | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')"
