@@ -233,7 +233,7 @@ svc_postgres_start() {
   port="$(svc_port 5432)"
   chown postgres:postgres "$dir"
   svc_say "starting PostgreSQL ($bin) on 127.0.0.1:$port (data $dir/data)"
-  local pg=(runuser -u postgres --)
+  local pg=(runuser -u postgres -- env -C /)  # postgres may not enter the current directory
   if ! "${pg[@]}" "$bin/initdb" -D "$dir/data" -A trust -U postgres --no-sync >"$dir/initdb.log" 2>&1 ||
     ! "${pg[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
       -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null; then
@@ -249,6 +249,6 @@ svc_postgres_start() {
 
 svc_postgres_stop() {
   svc_say "stopping PostgreSQL ($2)"
-  runuser -u postgres -- "$1/pg_ctl" -D "$2/data" -m fast -w stop >/dev/null 2>&1 || true
+  runuser -u postgres -- env -C / "$1/pg_ctl" -D "$2/data" -m fast -w stop >/dev/null 2>&1 || true
   rm -rf "$2"
 }
