@@ -40,13 +40,32 @@ svc_host_port() {
   echo "${host:-127.0.0.1} $port"
 }
 
-# svc_port PREFERRED: PREFERRED if nothing listens on it on 127.0.0.1, else a free port from the kernel.
+# svc_port PREFERRED: PREFERRED if it can be bound on every address (IPv4 and IPv6: a listener on
+# [::] only does not answer on 127.0.0.1 but still takes the port), else a free port from the kernel.
 svc_port() {
-  if ! svc_open 127.0.0.1 "$1"; then
-    echo "$1"
-  else
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-  fi
+  python3 - "$1" <<'PY'
+import socket, sys
+def free(port):
+    for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr, port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+port = int(sys.argv[1])
+if not free(port):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+print(port)
+PY
 }
 
 # svc_why_no_install [VAR]: empty when we may install packages (for the service VAR points at), else
