@@ -60,7 +60,13 @@ fi
 for s in "${SVC_SKIPPED[@]}"; do
   echo "WARNING: $s: the tests that need it are skipped" >&2
 done
-# The Rust tests probe these themselves (and skip with one line when unreachable).
+# The Rust tests probe these themselves (and skip with one line when unreachable); a service found
+# missing here is missing for them too, whatever answers on its default port.
+missing=()
+[ "$have_rabbitmq" = 0 ] && missing+=(rabbitmq)
+[ "$have_postgres" = 0 ] && missing+=(postgres)
+MAILROOM_MISSING_SERVICES="$(IFS=,; echo "${missing[*]}")"
+export MAILROOM_MISSING_SERVICES
 export RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
 export MAILROOM_PG_URL="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
