@@ -40,7 +40,7 @@ svc_host_port() {
   echo "${host:-127.0.0.1} $port"
 }
 
-# svc_port PREFERRED: PREFERRED if it can be bound on every address (IPv4 and IPv6: a listener on
+# svc_port PREFERRED: PREFERRED (non-zero) if it can be bound on every address (IPv4 and IPv6: a listener on
 # [::] only does not answer on 127.0.0.1 but still takes the port), else a free port from the kernel.
 svc_port() {
   python3 - "$1" <<'PY'
@@ -59,7 +59,7 @@ def free(port):
             s.close()
     return True
 port = int(sys.argv[1])
-if not free(port):
+if port == 0 or not free(port):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -162,9 +162,11 @@ svc_rabbitmq_start() {
   local dir node_port dist_port mgmt_port prom_port epmd_was_up=0 i
   dir="$(mktemp -d /tmp/mailroom-rabbitmq.XXXXXX)"
   node_port="$(svc_port 5672)"
-  dist_port="$(svc_port 25672)"
-  mgmt_port="$(svc_port 15672)"
-  prom_port="$(svc_port 15692)"
+  # The other listeners take ports from the kernel: a default one free now may be taken by another
+  # node (sharing this network) while a test restarts ours with rabbitmqctl stop_app / start_app.
+  dist_port="$(svc_port 0)"
+  mgmt_port="$(svc_port 0)"
+  prom_port="$(svc_port 0)"
   svc_open 127.0.0.1 "${ERL_EPMD_PORT:-4369}" && epmd_was_up=1
   mkdir -p "$dir/mnesia" "$dir/log"
   cat >"$dir/rabbitmq.conf" <<EOF
