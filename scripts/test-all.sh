@@ -1,44 +1,125 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit/integration/property tests (nextest + doctests), then the pika and celery
-# suites against a freshly built Mailroom and the RabbitMQ at $RABBITMQ_URL (the oracle).
-# Installs what it needs: cargo-nextest if missing, a Python venv with tests/requirements.txt.
-set -euo pipefail
+# Runs every test: Rust unit/integration/property tests (nextest + doctests), then the pika, celery and
+# (when present) client-compatibility suites against a freshly built Mailroom and the RabbitMQ at
+# $RABBITMQ_URL (the oracle).
+#
+# Installs what it needs: cargo-nextest if missing, a Python venv with tests/requirements.txt, and
+# (as root on Debian) a C compiler, RabbitMQ and PostgreSQL when they are missing, which it starts on
+# free ports and stops at the end (scripts/services.sh), plus whatever tests/compat/setup.sh installs.
+# A service that is missing and cannot be installed: the tests that need it are skipped (one line
+# each) and the summary says so; with CI=true that is an error.
+#
+# Knobs: RABBITMQ_URL, MAILROOM_PG_URL (use these services, install nothing for them), AMQP_TARGETS
+# (the Python suites' targets), MAILROOM_INSTALL=0 (never install), CI=true (every service required).
+# Every phase runs even when an earlier one fails; the exit status is non-zero if any failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/services.sh
+trap svc_stop_all EXIT
+trap 'exit 130' INT TERM
 
 export CARGO_TERM_COLOR=never
+LOGS=target/test-all
+mkdir -p "$LOGS"
+FAILED=()    # phases that failed
+started=$SECONDS
+
+# run NAME CMD...: runs a phase, output to the terminal and $LOGS/NAME.log; records a failure.
+run() {
+  local name="$1"
+  shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || FAILED+=("$name (exit $rc)")
+  return "$rc"
+}
+
+# A stopped phase a later one cannot do without: summary and exit.
+give_up() {
+  echo "== stopping: $*" >&2
+  exit 1
+}
+
+echo "== tools"
+command -v cc >/dev/null || svc_install "a C compiler (cc, to link the Rust tests)" gcc libc6-dev || give_up "no cc"
+python3 -c 'import ensurepip' 2>/dev/null || svc_install "python3 -m venv" python3-venv || give_up "no python3 venv"
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
-  cargo install --locked cargo-nextest
+  cargo install --locked cargo-nextest || give_up "cargo install cargo-nextest failed"
 fi
 
-echo "== building (debug; the Python suites use target/debug/mailroom)"
-cargo build --workspace --all-targets --locked
+echo "== services"
+have_rabbitmq=1 have_postgres=1
+svc_rabbitmq || have_rabbitmq=0
+svc_postgres || have_postgres=0
+if [ "${CI:-}" = "true" ] && [ ${#SVC_SKIPPED[@]} -gt 0 ]; then
+  printf 'CI=true requires every service: %s\n' "${SVC_SKIPPED[@]}" >&2
+  exit 1
+fi
+for s in "${SVC_SKIPPED[@]}"; do
+  echo "WARNING: $s: the tests that need it are skipped" >&2
+done
+# The Rust tests probe these themselves (and skip with one line when unreachable); a service found
+# missing here is missing for them too, whatever answers on its default port.
+missing=()
+[ "$have_rabbitmq" = 0 ] && missing+=(rabbitmq)
+[ "$have_postgres" = 0 ] && missing+=(postgres)
+MAILROOM_MISSING_SERVICES="$(IFS=,; echo "${missing[*]}")"
+export MAILROOM_MISSING_SERVICES
+export RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
+export MAILROOM_PG_URL="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
-echo "== Rust tests"
-cargo nextest run --workspace --locked --no-fail-fast
-cargo test --workspace --doc --locked
+if [ -x tests/compat/setup.sh ] || [ -f tests/compat/setup.sh ]; then
+  run compat-setup bash tests/compat/setup.sh
+fi
+
+run build cargo build --workspace --all-targets --locked || give_up "the build failed"
+
+# Tests that return early because a service is missing write one line each here (tests/common).
+export MAILROOM_SKIP_LOG="$PWD/$LOGS/rust-skipped.txt"
+: >"$MAILROOM_SKIP_LOG"
+run rust cargo nextest run --workspace --locked --no-fail-fast
+run doctests cargo test --workspace --doc --locked
 
 echo "== Python environment"
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  python3 -m venv .venv || give_up "python3 -m venv failed"
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt || give_up "pip install failed"
 
-# RabbitMQ is the oracle: every protocol test runs against it too. Without it (a laptop with no
-# RabbitMQ), run Mailroom only, loudly; CI always has it and requires it.
-RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
-export RABBITMQ_URL
+# RabbitMQ is the oracle: every protocol test runs against it too when it is there.
 if [ -z "${AMQP_TARGETS:-}" ]; then
-  if .venv/bin/python -c "import pika,sys; pika.BlockingConnection(pika.URLParameters(sys.argv[1])).close()" "$RABBITMQ_URL" 2>/dev/null; then
+  if [ "$have_rabbitmq" = 1 ]; then
     export AMQP_TARGETS=mailroom,rabbitmq
-  elif [ "${CI:-}" = "true" ]; then
-    echo "RabbitMQ is not reachable at $RABBITMQ_URL; CI requires it" >&2
-    exit 1
   else
-    echo "WARNING: RabbitMQ not reachable at $RABBITMQ_URL: running the protocol suites against Mailroom only" >&2
     export AMQP_TARGETS=mailroom
   fi
 fi
+suites=(tests/amqp tests/celery)
+[ -d tests/compat ] && suites+=(tests/compat)
+run python .venv/bin/pytest "${suites[@]}" -q -p no:cacheprovider
 
-echo "== protocol suites (targets: $AMQP_TARGETS)"
-.venv/bin/pytest tests/amqp tests/celery -q -p no:cacheprovider
+echo
+echo "== summary ($((SECONDS - started)) s)"
+nextest_line="$(grep -E '^ *Summary \[' "$LOGS/rust.log" 2>/dev/null | tail -n 1 | sed 's/^ *//')"
+echo "Rust (nextest): ${nextest_line:-no summary line, see $LOGS/rust.log}"
+skipped_rust=$(wc -l <"$MAILROOM_SKIP_LOG")
+if [ "$skipped_rust" -gt 0 ]; then
+  echo "  of those, $skipped_rust returned early, skipped for a missing service:"
+  sed -E 's/^SKIP .*: needs ([A-Za-z]+) \(.*/needs \1/' "$MAILROOM_SKIP_LOG" | sort | uniq -c | sed 's/^ */    /'
+  echo "  (each line: $MAILROOM_SKIP_LOG)"
+fi
+echo "Doctests: $(grep -E '^test result:' "$LOGS/doctests.log" 2>/dev/null | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')"
+echo "Python ($AMQP_TARGETS; ${suites[*]}): $(tail -n 1 "$LOGS/python.log" 2>/dev/null | tr -d '=' | sed 's/^ *//')"
+if [ "$AMQP_TARGETS" = mailroom ] && [ "$have_rabbitmq" = 0 ]; then
+  echo "  the RabbitMQ (oracle) half of every Python test was skipped: RabbitMQ is missing"
+fi
+for s in "${SVC_SKIPPED[@]}"; do
+  echo "Skipped for a missing service: $s"
+done
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED: ${FAILED[*]}"
+  exit 1
+fi
+echo "OK"

@@ -15,9 +15,10 @@ const WAIT: Duration = Duration::from_secs(15);
 
 type Data = Value;
 
-fn pg_url() -> String {
-    std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+// Which services are reachable, and the one-line skip: shared with the SDK's tests.
+#[path = "../../mailroom/tests/common/services.rs"]
+mod services;
+use services::{can_run, pg_url, Service};
 
 fn reserve(d: &Data) -> Command {
     Command::new(format!("{}.reserve", d["prefix"].as_str().unwrap_or_default()), d)
@@ -248,5 +249,8 @@ async fn operate_the_embedded_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operate_postgres() {
+    if !can_run(&[Service::Postgres], "saga_cli::operate_postgres") {
+        return;
+    }
     operate_with_the_cli(true).await
 }

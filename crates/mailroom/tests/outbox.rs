@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{env, eventually, Env, Target};
+use common::{can_run, env, eventually, pg_url, Env, Service, Target};
 use mailroom::inbox::postgres::PgInbox;
 use mailroom::outbox::{Dest, Outbox, RelayHandle};
 use mailroom::{Envelope, InboxStore, MemoryInbox, WorkerHandle};
@@ -25,10 +25,6 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OrderPlaced {
     n: u32,
-}
-
-fn pg_url() -> String {
-    std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 async fn outbox(test: &str) -> (Outbox, PgPool) {
@@ -338,6 +334,9 @@ async fn inbox_and_outbox_in_one_transaction(target: Target) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore]
 async fn throughput() {
+    if !can_run(&[Service::Postgres], "outbox::throughput") {
+        return;
+    }
     for target in [Target::Embedded, Target::Server] {
         let env = env(target, "obrate").await;
         let q = env.q("orders");
@@ -363,6 +362,9 @@ async fn throughput() {
 /// Published rows older than the retention are purged by the active relay; unsent ones never are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purges_sent_rows_after_retention() {
+    if !can_run(&[Service::Postgres], "outbox::purges_sent_rows_after_retention") {
+        return;
+    }
     let env = env(Target::Embedded, "obpurge").await;
     let q = env.q("orders");
     let (ob, pool) = outbox("purge").await;
@@ -409,6 +411,7 @@ async fn table_names_are_identifiers() {
 }
 
 crate::on_all_targets!(
+    needs [Postgres];
     committed_delivered_rolled_back_not,
     topic_destination,
     crash_windows_memory_inbox,

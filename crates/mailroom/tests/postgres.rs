@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{env, eventually, Target};
+use common::{can_run, env, eventually, pg_url, Service, Target};
 use mailroom::inbox::postgres::PgInbox;
 use mailroom::{Envelope, HandlerError, InboxStore, RetryPolicy};
 use serde::{Deserialize, Serialize};
@@ -19,10 +19,6 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Payment {
     cents: i64,
-}
-
-fn pg_url() -> String {
-    std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// An inbox plus a per-test `ledger` table standing in for the handler's business data.
@@ -196,11 +192,14 @@ async fn killed_mid_handle_applies_once(target: Target) {
     env.cleanup().await;
 }
 
-on_all_targets!(exactly_once_effect, failure_rolls_back_then_redrive_applies_once, killed_mid_handle_applies_once);
+on_all_targets!(needs [Postgres]; exactly_once_effect, failure_rolls_back_then_redrive_applies_once, killed_mid_handle_applies_once);
 
 /// Ids older than the retention window are purged; younger ones stay.
 #[tokio::test]
 async fn retention_purge() {
+    if !can_run(&[Service::Postgres], "postgres::retention_purge") {
+        return;
+    }
     let inbox = PgInbox::connect(&pg_url()).await.unwrap().retention(Duration::from_secs(3600));
     let pool = inbox.pool().clone();
     let consumer = format!("purge-{}", mailroom::envelope::new_message_id());
@@ -252,6 +251,9 @@ async fn tx_without_pg_inbox_is_an_error() {
 /// workers): the second waits on the first's uncommitted inbox row, then sees it committed and skips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_copies_in_two_processes_apply_once() {
+    if !can_run(&[Service::Postgres], "postgres::concurrent_copies_in_two_processes_apply_once") {
+        return;
+    }
     let env = env(Target::Embedded, "pgrace").await;
     let q = env.q("payments");
     let (inbox, pool, ledger) = setup("race").await;

@@ -100,6 +100,9 @@ async fn server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbit() {
+    if !common::can_run(&[common::Service::RabbitMq], "reconnect::rabbit") {
+        return;
+    }
     survives_a_dropped_connection(common::rabbit_url()).await;
 }
 

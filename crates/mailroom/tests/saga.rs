@@ -8,7 +8,7 @@
 mod common;
 
 use common::order_saga::{charge, refund, release, reserve, ship, Failures, Order};
-use common::{env, Env, Target};
+use common::{env, pg_url, Env, Target};
 use mailroom::outbox::{Outbox, RelayHandle};
 use mailroom::saga::{Saga, SagaHandle, Status};
 use mailroom::{Envelope, HandlerError, WorkerHandle};
@@ -17,10 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn pg_url() -> String {
-    std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
 
 struct World {
     env: Env,
@@ -284,6 +280,7 @@ async fn racing_duplicate_replies(target: Target) {
 }
 
 crate::on_all_targets!(
+    needs [Postgres];
     happy_path,
     failure_at_step_two_compensates_step_one,
     failure_at_step_three_compensates_in_reverse,

@@ -5,6 +5,10 @@
 //! `cargo nextest run -p mailroom --test saga_throughput --run-ignored only --no-capture`
 //! (`SAGA_THROUGHPUT_N` sagas, default 200).
 
+#[cfg(feature = "postgres")]
+#[path = "common/services.rs"]
+mod services;
+
 use mailroom::saga::{Command, EmbeddedSagaStore, Saga, SagaHandle, Status};
 use mailroom::{Bus, Envelope};
 use serde_json::{json, Value};
@@ -101,7 +105,10 @@ async fn throughput_embedded_store() {
 #[ignore = "a measurement: run with --run-ignored only --no-capture"]
 async fn throughput_postgres() {
     use mailroom::outbox::Outbox;
-    let url = std::env::var("MAILROOM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    if !services::can_run(&[services::Service::Postgres], "saga_throughput::throughput_postgres") {
+        return;
+    }
+    let url = services::pg_url();
     let bus = Bus::embedded().unwrap();
     let unique = mailroom::envelope::new_message_id().replace('-', "")[20..].to_owned();
     let prefix = format!("tput.{unique}");

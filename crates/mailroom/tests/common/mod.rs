@@ -3,6 +3,10 @@
 #![allow(dead_code)]
 
 pub mod order_saga;
+pub mod services;
+
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use services::{can_run, pg_url, rabbit_url, Service};
 
 use mailroom::{Amqp, AmqpConfig, Bus, Embedded};
 use mailroom_amqp::{AmqpServer, ServerConfig};
@@ -18,10 +22,6 @@ pub enum Target {
     Embedded,
     Server,
     Rabbit,
-}
-
-pub fn rabbit_url() -> String {
-    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2F".into())
 }
 
 /// One test's world: a bus, a way to open more connections, unique names, cleanup.
@@ -177,25 +177,45 @@ pub fn split_url(url: &str) -> (String, std::net::SocketAddr, String) {
     (scheme_auth.to_owned(), addr, path.to_owned())
 }
 
-/// Generates one test per target for each async fn taking a `Target`.
+/// Generates one test per target for each async fn taking a `Target`. `needs [Postgres];` first: every
+/// target's test also needs those services. A test whose services are unreachable is skipped with one
+/// line (`can_run`); the `rabbit` one always needs RabbitMQ.
 #[macro_export]
 macro_rules! on_all_targets {
-    ($($name:ident),* $(,)?) => {
+    (needs [$($svc:ident),*]; $($name:ident),* $(,)?) => {
+        $crate::on_all_targets!(@needs [$($crate::common::Service::$svc),*]; $($name),*);
+    };
+    (@needs $needs:tt; $($name:ident),*) => {
         $(
             mod $name {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn embedded() {
-                    super::$name($crate::common::Target::Embedded).await
+                    let needs: &[$crate::common::Service] = &$needs;
+                    if $crate::common::can_run(needs, concat!(module_path!(), "::embedded")) {
+                        super::$name($crate::common::Target::Embedded).await
+                    }
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn server() {
-                    super::$name($crate::common::Target::Server).await
+                    let needs: &[$crate::common::Service] = &$needs;
+                    if $crate::common::can_run(needs, concat!(module_path!(), "::server")) {
+                        super::$name($crate::common::Target::Server).await
+                    }
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn rabbit() {
-                    super::$name($crate::common::Target::Rabbit).await
+                    let needs: &[$crate::common::Service] = &$needs;
+                    let test = concat!(module_path!(), "::rabbit");
+                    if $crate::common::can_run(needs, test)
+                        && $crate::common::can_run(&[$crate::common::Service::RabbitMq], test)
+                    {
+                        super::$name($crate::common::Target::Rabbit).await
+                    }
                 }
             }
         )*
+    };
+    ($($name:ident),* $(,)?) => {
+        $crate::on_all_targets!(@needs []; $($name),*);
     };
 }
