@@ -197,9 +197,10 @@ pub async fn publish(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest)
 // ---- queues ----
 
 /// A queue as listed, with the node it lives on.
-fn queue_json(v: &VHost, q: &mailroom_broker::Queue) -> Value {
+fn queue_json(node: &str, v: &VHost, q: &mailroom_broker::Queue) -> Value {
     let mut out = json::queue(v, q);
     if let Value::Object(map) = &mut out {
+        map.insert("node".into(), json!(node));
         let ready = q.ready_bytes();
         map.insert("message_bytes_ready".into(), json!(ready));
         map.insert("message_bytes_unacknowledged".into(), json!(q.message_bytes().saturating_sub(ready)));
@@ -210,21 +211,21 @@ fn queue_json(v: &VHost, q: &mailroom_broker::Queue) -> Value {
 }
 
 /// `GET /api/queues[/{vhost}]`.
-pub fn list_queues(broker: &Broker, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
+pub fn list_queues(broker: &Broker, node: &str, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
     let mut items = Vec::new();
     for v in vhosts_of(broker, vhost)? {
         let mut queues = v.queues();
         queues.sort_by(|a, b| a.name().cmp(b.name()));
-        items.extend(queues.iter().map(|q| queue_json(&v, q)));
+        items.extend(queues.iter().map(|q| queue_json(node, &v, q)));
     }
     listing::list(items, &req.query).map(Reply::ok)
 }
 
 /// `GET /api/queues/{vhost}/{name}`.
-pub fn get_queue(broker: &Broker, vhost: &str, name: &str) -> ApiResult {
+pub fn get_queue(broker: &Broker, node: &str, vhost: &str, name: &str) -> ApiResult {
     let v = vhost_of(broker, vhost)?;
     let q = queue_of(&v, name)?;
-    let mut out = queue_json(&v, &q);
+    let mut out = queue_json(node, &v, &q);
     out["consumer_details"] = json!([]);
     out["deliveries"] = json!([]);
     out["incoming"] = json!([]);

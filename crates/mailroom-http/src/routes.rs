@@ -276,9 +276,9 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
         (&M::POST, ["exchanges", vhost, name, "publish"]) => resources::publish(broker, vhost, name, req).await,
 
         // Queues.
-        (&M::GET, ["queues"]) => resources::list_queues(broker, None, req),
-        (&M::GET, ["queues", vhost]) => resources::list_queues(broker, Some(vhost), req),
-        (&M::GET, ["queues", vhost, name]) => resources::get_queue(broker, vhost, name),
+        (&M::GET, ["queues"]) => resources::list_queues(broker, &server.node_name, None, req),
+        (&M::GET, ["queues", vhost]) => resources::list_queues(broker, &server.node_name, Some(vhost), req),
+        (&M::GET, ["queues", vhost, name]) => resources::get_queue(broker, &server.node_name, vhost, name),
         (&M::PUT, ["queues", vhost, name]) => resources::declare_queue(broker, vhost, name, req),
         (&M::DELETE, ["queues", vhost, name]) => resources::delete_queue(broker, vhost, name, req),
         (&M::DELETE, ["queues", vhost, name, "contents"]) => resources::purge_queue(broker, vhost, name),
