@@ -167,7 +167,10 @@ def test_exchange_lifecycle_publish_and_bindings(mailroom):
 
     assert api.call("PUT", f"/api/queues/%2F/{qn}", {"durable": False})[0] == 201
     status, _, hdrs = api.call("POST", f"/api/bindings/%2F/e/{x}/q/{qn}", {"routing_key": "a.*"})
-    assert status == 201 and hdrs["Location"].endswith("a.*") or hdrs["Location"].endswith("a.%2A")
+    assert status == 201 and hdrs["Location"] == f"{qn}/a.%2A"
+    status, _, hdrs = api.call("POST", f"/api/bindings/%2F/e/{x}/q/{qn}", {"routing_key": "b~%"})
+    assert status == 201 and hdrs["Location"] == f"{qn}/b%257E%2525", "the properties key, escaped as RabbitMQ"
+    assert api.call("DELETE", f"/api/bindings/%2F/e/{x}/q/{qn}/{q('b%7E%25')}")[0] == 204
     assert api.call("POST", f"/api/bindings/%2F/e/{x}/e/{x2}", {"routing_key": "#", "arguments": {"k": 1}})[0] == 201
     src = api.get(f"/api/exchanges/%2F/{x}/bindings/source")
     assert {(b["destination"], b["destination_type"], b["routing_key"]) for b in src} == {
