@@ -1877,6 +1877,10 @@ impl Connection {
                 confirm: ch.confirm,
                 transactional: ch.tx.is_some(),
                 unacknowledged: ch.unacked.len() as u64,
+                unconfirmed: ch.durable_pending.len() as u64,
+                uncommitted_publishes: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Publish { .. })).count()
+                    as u64,
+                uncommitted_acks: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Settle { .. })).count() as u64,
                 consumers: ch
                     .consumers
                     .iter()

@@ -69,6 +69,12 @@ pub struct ChannelSnapshot {
     pub transactional: bool,
     /// Deliveries not yet acknowledged.
     pub unacknowledged: u64,
+    /// Publishes not yet confirmed (confirm mode: persistent ones waiting for their fsync).
+    pub unconfirmed: u64,
+    /// Publishes held by an open transaction.
+    pub uncommitted_publishes: u64,
+    /// Acks and rejects held by an open transaction.
+    pub uncommitted_acks: u64,
     /// Its consumers.
     pub consumers: Vec<ConsumerSnapshot>,
 }
@@ -231,6 +237,9 @@ mod tests {
                             confirm: true,
                             transactional: false,
                             unacknowledged: 0,
+                            unconfirmed: 0,
+                            uncommitted_publishes: 0,
+                            uncommitted_acks: 0,
                             consumers: vec![],
                         }]);
                     }
