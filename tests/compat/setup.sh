@@ -69,6 +69,7 @@ fi
 for extra in "$here"/setup.d/*.sh; do
     [ -e "$extra" ] || continue
     echo "compat setup: running setup.d/$(basename "$extra")"
-    sh "$extra" || status=1
+    # Each script names its own interpreter (java.sh needs bash).
+    if [ -x "$extra" ]; then "$extra" || status=1; else sh "$extra" || status=1; fi
 done
 exit $status

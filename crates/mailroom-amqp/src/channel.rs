@@ -65,12 +65,16 @@ pub enum BodyBuffer {
 }
 
 impl BodyBuffer {
-    /// Appends a body frame's payload.
+    /// Appends a body frame's payload. `expected_total` is the size the content header announced: it
+    /// only caps the buffer, which grows with what arrives (a header announcing 16 MiB followed by two
+    /// 1-byte frames must not reserve 16 MiB: the client has not sent it and may never send it).
     pub fn push(&mut self, chunk: Bytes, expected_total: usize) {
         *self = match std::mem::take(self) {
             BodyBuffer::Empty => BodyBuffer::One(chunk),
             BodyBuffer::One(first) => {
-                let mut buf = BytesMut::with_capacity(expected_total);
+                // Room for as much again as has arrived: appends then grow it geometrically.
+                let arrived = first.len() + chunk.len();
+                let mut buf = BytesMut::with_capacity(expected_total.min(2 * arrived));
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(&chunk);
                 BodyBuffer::Many(buf)

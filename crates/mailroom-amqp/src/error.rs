@@ -108,6 +108,7 @@ impl From<BrokerError> for AmqpError {
             ErrorKind::NotAllowed => (code::NOT_ALLOWED, true),
             ErrorKind::NotImplemented => (code::NOT_IMPLEMENTED, true),
             ErrorKind::AuthenticationFailed => (code::ACCESS_REFUSED, true),
+            ErrorKind::InternalError => (code::INTERNAL_ERROR, true),
         };
         Self::build(code, &e.message, connection)
     }

@@ -889,3 +889,41 @@ async fn a_single_confirm_is_not_multiple_and_a_run_is() {
     drop(raw);
     server.shutdown().await;
 }
+
+/// The process's virtual memory size in KiB (`VmSize` in /proc/self/status).
+fn vm_size_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    let line = status.lines().find(|l| l.starts_with("VmSize:")).expect("VmSize line");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// A content header announcing 16 MiB followed by two 1-byte body frames, on 50 channels of one
+/// connection: the broker must not reserve the announced size (it did: 800 MiB of virtual memory, where
+/// RabbitMQ takes none). Buffers grow with what arrives.
+#[tokio::test]
+async fn an_announced_body_size_is_not_allocated_before_it_arrives() {
+    const CHANNELS: u16 = 50;
+    const ANNOUNCED: u64 = 16 * 1024 * 1024;
+    let server = TestServer::start().await;
+    let mut raw = Raw::handshake(server.addr, 131_072).await;
+    // One more channel for a round trip that leaves the partly received messages alone.
+    for id in 1..=CHANNELS + 1 {
+        raw.open_channel(id).await;
+    }
+    let before = vm_size_kib();
+    let mut frames = BytesMut::new();
+    for id in 1..=CHANNELS {
+        codec::write_method(&mut frames, id, &publish_method("nowhere"));
+        frames.extend_from_slice(&content_header(id, ANNOUNCED));
+        frames.extend_from_slice(&body_frame(id, b"a"));
+        frames.extend_from_slice(&body_frame(id, b"b"));
+    }
+    raw.send(&frames).await;
+    raw.send_method(CHANNELS + 1, declare_method("probe-announced")).await; // a round trip: all was read
+    let (id, m) = raw.method().await;
+    assert!(id == CHANNELS + 1 && matches!(m, Method::Queue(queue::AMQPMethod::DeclareOk(_))), "{id} {m:?}");
+    let grown_mib = vm_size_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 100, "virtual memory grew by {grown_mib} MiB for {CHANNELS} x 2 bytes received");
+    drop(raw);
+    server.shutdown().await;
+}

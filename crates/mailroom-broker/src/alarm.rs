@@ -1,6 +1,7 @@
 //! Resource alarms, as RabbitMQ's: when held message bytes pass the memory high watermark, or free disk
 //! space under the data directory drops below the limit, publishing connections are blocked until the
-//! alarm clears. The broker core only raises and clears alarms; the wire layer does the blocking.
+//! alarm clears. A third alarm is ours: a durable store cannot write (a failed write, fsync or segment
+//! creation it keeps retrying); it clears by itself once the store's retry succeeds. The broker core only raises and clears alarms; the wire layer does the blocking.
 
 use std::path::PathBuf;
 use std::sync::Weak;
@@ -17,20 +18,26 @@ pub struct AlarmState {
     pub memory: bool,
     /// Free disk space is below the limit.
     pub disk: bool,
+    /// A durable store cannot write (its appends are refused, i.e. nacked, until its retry succeeds).
+    pub store: bool,
 }
 
 impl AlarmState {
     /// Whether publishers must be blocked.
     pub fn any(&self) -> bool {
-        self.memory || self.disk
+        self.memory || self.disk || self.store
     }
-    /// The reason sent in `connection.blocked`, RabbitMQ's words.
+    /// The reason sent in `connection.blocked`, RabbitMQ's words for memory and disk.
     pub fn reason(&self) -> &'static str {
-        match (self.memory, self.disk) {
-            (true, true) => "low on memory and disk",
-            (true, false) => "low on memory",
-            (false, true) => "low on disk",
-            (false, false) => "",
+        match (self.memory, self.disk, self.store) {
+            (true, true, false) => "low on memory and disk",
+            (true, false, false) => "low on memory",
+            (false, true, false) => "low on disk",
+            (false, false, true) => "store cannot write",
+            (true, false, true) => "low on memory; store cannot write",
+            (false, true, true) => "low on disk; store cannot write",
+            (true, true, true) => "low on memory and disk; store cannot write",
+            (false, false, false) => "",
         }
     }
 }
@@ -77,11 +84,28 @@ pub(crate) async fn run_monitor(
                 Err(_) => tx.borrow().disk,
             },
             None => false,
-        };
-        let state = AlarmState { memory, disk };
+        } || inner.definitions_failing();
+        let store = inner.failing_stores() > 0;
+        let state = AlarmState { memory, disk, store };
         if *tx.borrow() != state {
-            tracing::warn!(memory, disk, "resource alarm changed");
+            tracing::warn!(memory, disk, store, reason = %inner.failing_reason(), "resource alarm changed");
             let _ = tx.send(state);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_combination_has_a_reason_and_blocks() {
+        for bits in 1..8u8 {
+            let s = AlarmState { memory: bits & 1 != 0, disk: bits & 2 != 0, store: bits & 4 != 0 };
+            assert!(s.any());
+            assert!(!s.reason().is_empty(), "{s:?}");
+            assert_eq!(s.reason().contains("store"), s.store, "{s:?}");
+        }
+        assert!(!AlarmState::default().any());
     }
 }

@@ -74,11 +74,26 @@ pub(crate) struct BrokerInner {
 }
 
 impl BrokerInner {
+    /// Whether saving the definitions is failing: the disk alarm stays raised meanwhile.
+    pub(crate) fn definitions_failing(&self) -> bool {
+        self.durability.as_ref().is_some_and(|d| d.definitions_failing())
+    }
+
     /// Message body bytes held in RAM by every queue (ready and unacked; a fanout copy counts per queue;
     /// bodies paged out to disk do not count).
     pub(crate) fn held_bytes(&self) -> u64 {
         let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
+    }
+
+    /// Durable stores that cannot write right now (their retries run; the store alarm is raised meanwhile).
+    pub(crate) fn failing_stores(&self) -> u64 {
+        self.durability.as_ref().map_or(0, |d| d.failing_stores())
+    }
+
+    /// Why the most recent failing store failed, for the alarm's log line.
+    pub(crate) fn failing_reason(&self) -> String {
+        self.durability.as_ref().map(|d| d.failing_reason()).unwrap_or_default()
     }
 }
 
@@ -104,7 +119,7 @@ impl Broker {
             })?,
             None => None,
         };
-        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref());
+        let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref(), config.store_io.clone());
         let mut names = config.vhosts.clone();
         for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
             if !names.contains(&v.name) {
@@ -126,10 +141,10 @@ impl Broker {
             }
         }
         let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
-        if let Some(d) = &durability {
-            d.save_definitions();
-        }
         let (alarms, _) = watch::channel(AlarmState::default());
+        if let Some(d) = &durability {
+            d.set_alarms(alarms.clone());
+        }
         let inner = Arc::new(BrokerInner {
             vhosts: RwLock::new(vhosts),
             users: RwLock::new(users),
@@ -140,7 +155,11 @@ impl Broker {
             connections: Arc::default(),
         });
         let alarm_config = config.alarms;
-        if alarm_config.memory_high_watermark.is_some() || alarm_config.disk_free_limit.is_some() {
+        // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
+        if alarm_config.memory_high_watermark.is_some()
+            || alarm_config.disk_free_limit.is_some()
+            || inner.durability.is_some()
+        {
             tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
         }
         Ok(Broker { inner })
@@ -228,10 +247,20 @@ impl Broker {
         }
     }
 
-    /// Before a clean exit: [`Broker::flush_exchange_stores`], then fsyncs every queue store, ack logs
-    /// included (those are otherwise fsynced at most every `ack_sync_interval`), so that even a power loss
-    /// right after a clean stop brings no acked message back.
+    /// Before a clean exit: lets dead-letter moves in flight settle (up to 2 s), runs
+    /// [`Broker::flush_exchange_stores`], then fsyncs every queue store, ack logs included (those are
+    /// otherwise fsynced at most every `ack_sync_interval`), so that even a power loss right after a clean
+    /// stop brings no acked message back.
     pub async fn flush_stores(&self) {
+        // Dead-letter moves settle their sources once the copies are durable: let those in flight finish
+        // (bounded: a target refusing copies keeps its move retrying), or the restart moves them again.
+        const MOVES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + MOVES_WAIT;
+        while self.vhosts().iter().flat_map(|v| v.queues()).any(|q| q.moves_in_flight() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         self.flush_exchange_stores();
         let tickets: Vec<_> = self.vhosts().iter().flat_map(|v| v.queues()).filter_map(|q| q.sync_store()).collect();
         for ticket in tickets {

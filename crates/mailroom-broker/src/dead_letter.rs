@@ -5,7 +5,7 @@ use crate::queue::{DeadLetterReason, PushOutcome, Queue};
 use crate::store::{MsgRef, SyncTicket};
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -125,19 +125,30 @@ pub fn check_cycles(reason: DeadLetterReason) -> bool {
 /// The source records are settled only once every copy stored in a durable target is fsynced: settling
 /// at once would leave a window (until the next group commit) in which a crash loses the message, its
 /// source record gone and its copy not yet on disk. A crash in between now brings the source message
-/// back as well as the copy: a duplicate, never a loss. A copy whose store write failed keeps the source
-/// record unsettled until a restart for the same reason.
+/// back as well as the copy: a duplicate, never a loss. A copy whose write or fsync failed (its ticket
+/// nacked) is kept and rewritten by its store: the source stays unsettled until a later fsync of that store
+/// succeeds. A copy the target's store refused (backpressure,
+/// disk full, store failing) is pushed again after a backoff until the target takes it (or is gone); the
+/// source records stay unsettled meanwhile, so a crash brings the message back.
 #[derive(Debug)]
 pub struct SourceRecords {
     queue: Arc<Queue>,
     records: Vec<MsgRef>,
-    copies: Vec<SyncTicket>,
+    /// Each stored copy's target and ticket.
+    copies: Vec<(Arc<Queue>, SyncTicket)>,
+    /// Copies whose target store refused them, to push again.
+    refused: Vec<(Arc<Queue>, Arc<Message>)>,
 }
+
+/// First pause before pushing a refused dead-lettered copy again; it doubles up to [`MOVE_RETRY_MAX`].
+pub const MOVE_RETRY_MIN: Duration = Duration::from_millis(20);
+/// Longest pause between pushes of a copy whose target store keeps refusing it.
+pub const MOVE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl SourceRecords {
     /// The records of messages leaving `queue` for its dead-letter exchange.
     pub fn new(queue: Arc<Queue>, records: Vec<MsgRef>) -> SourceRecords {
-        SourceRecords { queue, records, copies: Vec::new() }
+        SourceRecords { queue, records, copies: Vec::new(), refused: Vec::new() }
     }
 
     /// The queue the messages leave.
@@ -147,7 +158,35 @@ impl SourceRecords {
 
     /// Settles the source records now if no copy needs an fsync, else once every copy's ticket completed.
     pub fn finish(self) {
-        let SourceRecords { queue, records, copies } = self;
+        let SourceRecords { queue, records, mut copies, mut refused } = self;
+        if !refused.is_empty() {
+            // Retried whether or not the source has a store record: the message lives only in this task now.
+            let in_flight = queue.move_started();
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                let mut pause = MOVE_RETRY_MIN;
+                while !refused.is_empty() {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MOVE_RETRY_MAX);
+                    let mut still = Vec::new();
+                    for (target, message) in refused {
+                        match target.push(Arc::clone(&message)) {
+                            PushOutcome::Stored(ticket) => copies.push((target, ticket)),
+                            PushOutcome::Refused => still.push((target, message)),
+                            // Taken, or dropped by the target's own length limit (as a first push would be).
+                            PushOutcome::Enqueued | PushOutcome::Rejected => {}
+                        }
+                    }
+                    if !still.is_empty() {
+                        tracing::warn!(queue = %queue.name(), copies = still.len(),
+                            "dead-lettered copies refused by their target's store; source kept, retrying");
+                    }
+                    refused = still;
+                }
+                SourceRecords { queue, records, copies, refused: Vec::new() }.finish();
+            });
+            return;
+        }
         if records.is_empty() {
             return;
         }
@@ -157,12 +196,24 @@ impl SourceRecords {
             return;
         }
         // Queues only exist inside a tokio runtime (each runs a timer task), so one is available here.
+        let in_flight = queue.move_started();
         tokio::spawn(async move {
-            for ticket in copies {
-                if let Err(e) = ticket.wait().await {
-                    tracing::warn!(queue = %queue.name(), error = %e,
-                        "dead-lettered copy not stored; its source record stays until a restart");
-                    return;
+            let _in_flight = in_flight;
+            for (target, ticket) in copies {
+                let mut result = ticket.wait().await;
+                let mut pause = MOVE_RETRY_MIN;
+                // A failed write or fsync nacks the ticket, but the target's store keeps the copy and writes it
+                // again: wait for a later fsync of that store to cover it before settling the source.
+                while let Err(e) = result {
+                    tracing::warn!(queue = %queue.name(), target = %target.name(), error = %e,
+                        "dead-lettered copy not durable yet; source kept, waiting for the target's store");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MOVE_RETRY_MAX);
+                    result = match target.sync_ticket() {
+                        Some(t) => t.wait().await,
+                        // The target was deleted, and the copy with it (as a dead letter routed nowhere).
+                        None => Ok(()),
+                    };
                 }
             }
             queue.settle_left(&records);
@@ -205,12 +256,18 @@ pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
     while let Some((queue, message, index)) =
         PENDING.with(|p| p.borrow_mut().as_mut().and_then(|(list, _)| list.pop_front()))
     {
-        if let PushOutcome::Stored(ticket) = queue.push(message) {
-            PENDING.with(|p| {
+        match queue.push(Arc::clone(&message)) {
+            PushOutcome::Stored(ticket) => PENDING.with(|p| {
                 if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.copies.push(ticket);
+                    r.copies.push((queue, ticket));
                 }
-            });
+            }),
+            PushOutcome::Refused => PENDING.with(|p| {
+                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
+                    r.refused.push((queue, message));
+                }
+            }),
+            PushOutcome::Enqueued | PushOutcome::Rejected => {}
         }
     }
     let done = PENDING.with(|p| p.borrow_mut().take()).map(|(_, all)| all).unwrap_or_default();

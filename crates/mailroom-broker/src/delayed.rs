@@ -170,7 +170,7 @@ impl DelayedMessages {
     }
 
     /// Takes up to `max` messages due by `now`, in due order; stored bodies are read back from disk (in
-    /// file order, then put back in due order). A record that is corrupt is logged and settled (it would
+    /// file order, then put back in due order). A record that is corrupt is quarantined and settled (it would
     /// fail again after a restart); one that cannot be read right now (an I/O error) is retried later.
     pub fn take_due(&self, now: Instant, max: usize) -> Vec<Released> {
         let now_ms = now.saturating_duration_since(self.base).as_millis() as u64;
@@ -215,7 +215,9 @@ impl DelayedMessages {
             }
         }
         for (r, error) in &corrupt {
-            tracing::warn!(id = r.id, error, "a delayed message's record is damaged; dropping it");
+            // Never dropped without a copy: quarantined (with its place and reason), then settled.
+            let copied = store.as_ref().map(|s| s.quarantine("(delayed exchange)", r.pos, error));
+            tracing::error!(id = r.id, error, quarantine = ?copied, "a delayed message's record is damaged; quarantined");
         }
         self.settle_now(&corrupt.iter().map(|(r, _)| *r).collect::<Vec<_>>());
         if let Some((_, e)) = retry.first() {
@@ -234,6 +236,23 @@ impl DelayedMessages {
                 Err(r) => message.map(|message| Released { message, stored: Some(r) }),
             })
             .collect()
+    }
+
+    /// Holds a released message again for [`READ_RETRY`]: a store it was routed to refused it (backpressure,
+    /// disk full, store failing), so its record stays and the release is tried again (copies already taken by
+    /// other queues become duplicates, never a loss).
+    pub fn hold_again(&self, released: Released) {
+        let due_ms = self.due_ms(Instant::now() + READ_RETRY);
+        let mut st = self.lock();
+        let held = match released.stored {
+            Some(r) => Held { due_ms, seq: r.id, pos: Some(r.pos) },
+            None => {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                st.transient.insert(seq, released.message);
+                Held { due_ms, seq, pos: None }
+            }
+        };
+        st.heap.push(Reverse(held));
     }
 
     /// Forgets released messages' records (their copies are durable wherever they went). Buffered per
@@ -391,15 +410,28 @@ pub async fn run_release(
                 break;
             }
             let mut tickets = Vec::new();
+            let mut stored_in: Vec<Arc<crate::queue::Queue>> = Vec::new();
             let mut refs = Vec::new();
             for released in batch {
                 let delay = plugins::requested_delay(&released.message).unwrap_or(0);
+                // Kept until routed: a store that refuses it means holding it again (released path only).
+                let original = released.message.clone();
                 let Some(result) = route(plugins::mark_released(released.message, delay)) else { return };
                 tickets.extend(result.durable);
+                for q in result.stored_in {
+                    if !stored_in.iter().any(|s| Arc::ptr_eq(s, &q)) {
+                        stored_in.push(q);
+                    }
+                }
+                if result.refused {
+                    tracing::warn!("a released delayed message was refused by a queue's store; holding it again");
+                    delayed.hold_again(Released { message: original, stored: released.stored });
+                    continue;
+                }
                 refs.extend(released.stored);
             }
             if !refs.is_empty() {
-                tokio::spawn(settle_when_durable(Arc::clone(&delayed), tickets, refs));
+                tokio::spawn(settle_when_durable(Arc::clone(&delayed), tickets, stored_in, refs));
             }
             // A long overdue backlog (after a restart) must not starve the runtime thread.
             tokio::task::yield_now().await;
@@ -407,9 +439,15 @@ pub async fn run_release(
     }
 }
 
-/// Settles released records once every copy they were routed to is on disk; if a copy's store failed,
-/// the records stay, so the messages come back after a restart (at-least-once).
-async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTicket>, refs: Vec<MsgRef>) {
+/// Settles released records once every copy they were routed to is on disk. A copy whose write or fsync
+/// failed (ticket nacked) is kept and rewritten by its queue's store: the records stay until a later fsync of
+/// every store the batch went to succeeds (no restart needed); a crash meanwhile releases them again.
+async fn settle_when_durable(
+    delayed: Arc<DelayedMessages>,
+    tickets: Vec<SyncTicket>,
+    stored_in: Vec<Arc<crate::queue::Queue>>,
+    refs: Vec<MsgRef>,
+) {
     let mut failed = None;
     for ticket in tickets {
         if let Err(e) = ticket.wait().await {
@@ -417,12 +455,22 @@ async fn settle_when_durable(delayed: Arc<DelayedMessages>, tickets: Vec<SyncTic
         }
     }
     if let Some(e) = failed {
-        tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all stored; keeping their records");
-    } else {
-        delayed.settle(&refs);
-        // The release task may be asleep until a far due time: make it flush these in time.
-        delayed.wake.notify_one();
+        tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all durable; keeping their records until they are");
+        let mut pause = crate::dead_letter::MOVE_RETRY_MIN;
+        for q in stored_in {
+            // None: the queue was deleted, and its copy with it.
+            while let Some(t) = q.sync_ticket() {
+                if t.wait().await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(crate::dead_letter::MOVE_RETRY_MAX);
+            }
+        }
     }
+    delayed.settle(&refs);
+    // The release task may be asleep until a far due time: make it flush these in time.
+    delayed.wake.notify_one();
 }
 
 #[cfg(test)]

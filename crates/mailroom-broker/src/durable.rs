@@ -1,33 +1,37 @@
 //! Durability glue between the broker and its store: where a durable queue's files live, how a message
-//! becomes a stored record and back, and the definitions file kept in step with durable declares.
+//! becomes a stored record and back, and the definitions log kept in step with durable declares.
 
-use crate::exchange::{Destination, ExchangeSpec};
 use crate::message::Message;
 use crate::store::segment::{OsIo, StoreIo};
 use crate::store::{
-    BindingDef, Definitions, DestinationKind, ExchangeDef, QueueDef, QueueStore, StoreConfig, StoreResult,
-    StoredMessage, SyncStats, Syncer, SyncerConfig, VhostDef,
+    Change, Definitions, DefinitionsLog, QueueStore, StoreConfig, StoreResult, StoredMessage, SyncStats, Syncer,
+    SyncerConfig, VhostDef,
 };
 use crate::vhost::VHost;
 use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The broker's durable state: the data directory, the shared fsync syncer and the definitions file.
+/// The broker's durable state: the data directory, the shared fsync syncer and the definitions log.
 #[derive(Debug)]
 pub struct Durability {
     dir: PathBuf,
     syncer: Mutex<Syncer>,
     /// The store's file I/O (the real file system, or a fault-injecting one in tests).
     io: Arc<dyn StoreIo>,
-    vhosts: RwLock<Vec<Weak<VHost>>>,
-    /// Serialises definition saves so the newest snapshot is the one left on disk.
-    save_lock: Mutex<()>,
-    /// While the broker re-declares saved definitions, saving them again would be wasted fsyncs.
+    /// The saved definitions (an append-only log of changes).
+    defs: DefinitionsLog,
+    /// What the previous run saved, until the broker takes it to replay.
+    loaded: Mutex<Option<Definitions>>,
+    /// Where a failed definitions save raises the disk alarm.
+    alarms: std::sync::OnceLock<watch::Sender<crate::alarm::AlarmState>>,
+    /// Whether this raised the disk alarm (so it clears only what it raised).
+    raised_alarm: std::sync::atomic::AtomicBool,
+    /// While the broker re-declares saved definitions (delayed exchanges release nothing meanwhile).
     recovering: std::sync::atomic::AtomicBool,
     /// The same flag, watched by delayed exchanges: they release nothing until queues and bindings are back.
     recovering_watch: watch::Sender<bool>,
@@ -53,30 +57,38 @@ impl ExchangeStoreKind {
 
 impl Durability {
     /// Opens the data directory and starts the group-commit syncer (`io` None = the real file system).
-    pub fn open(dir: &Path, syncer: SyncerConfig, io: Option<Arc<dyn StoreIo>>) -> std::io::Result<Arc<Durability>> {
-        std::fs::create_dir_all(dir.join("msgs"))?;
+    /// Loads the saved definitions (upgrading an older format) for [`Durability::load_definitions`].
+    pub fn open(dir: &Path, syncer: SyncerConfig, io: Option<Arc<dyn StoreIo>>) -> StoreResult<Arc<Durability>> {
+        let msgs = dir.join("msgs");
+        std::fs::create_dir_all(&msgs).map_err(|e| crate::store::StoreError::io("creating", &msgs, e))?;
+        let io: Arc<dyn StoreIo> = io.unwrap_or_else(|| Arc::new(OsIo));
+        let (defs, loaded) = DefinitionsLog::open(dir, Arc::clone(&io))?;
         Ok(Arc::new(Durability {
             dir: dir.to_path_buf(),
             syncer: Mutex::new(Syncer::start(syncer)),
-            io: io.unwrap_or_else(|| Arc::new(OsIo)),
-            vhosts: RwLock::new(Vec::new()),
-            save_lock: Mutex::new(()),
+            io,
+            defs,
+            loaded: Mutex::new(loaded),
+            alarms: std::sync::OnceLock::new(),
+            raised_alarm: std::sync::atomic::AtomicBool::new(false),
             recovering: std::sync::atomic::AtomicBool::new(false),
             recovering_watch: watch::channel(false).0,
         }))
     }
 
-    /// Registers a vhost whose durable resources the definitions file must list.
+    /// Saves a vhost (a failure is logged and raises the disk alarm; the next save that succeeds writes it).
     pub fn register(&self, vhost: &Arc<VHost>) {
-        self.vhosts.write().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(vhost));
+        if let Err(e) = self.record_and_commit(Change::PutVhost(VhostDef { name: vhost.name().to_owned() })) {
+            tracing::error!(vhost = vhost.name(), error = %e, "cannot save the vhost");
+        }
     }
 
-    /// The definitions saved by a previous run, if any.
+    /// The definitions saved by a previous run, if any (handed out once, for the replay).
     pub fn load_definitions(&self) -> StoreResult<Option<Definitions>> {
-        Definitions::load(&self.dir)
+        Ok(self.loaded.lock().unwrap_or_else(|p| p.into_inner()).take())
     }
 
-    /// Marks the start or end of recovery (saves are skipped meanwhile).
+    /// Marks the start or end of recovery (re-declaring saved definitions logs nothing: they are unchanged).
     pub fn set_recovering(&self, on: bool) {
         self.recovering.store(on, std::sync::atomic::Ordering::SeqCst);
         self.recovering_watch.send_replace(on);
@@ -92,95 +104,91 @@ impl Durability {
         self.recovering.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Writes the durable exchanges, queues and bindings of every vhost (fsynced, atomic rename).
-    pub fn save_definitions(&self) {
-        if self.recovering.load(std::sync::atomic::Ordering::SeqCst) {
+    /// Applies a change to the saved definitions without waiting for the disk (see
+    /// [`DefinitionsLog::apply`]: call under the lock that orders the change in memory); returns the
+    /// sequence number to [`Durability::commit`].
+    pub fn record(&self, change: Change) -> u64 {
+        self.defs.apply(change)
+    }
+
+    /// Waits until the definition changes up to `seq` are on disk. A failure raises the disk alarm and is
+    /// an internal error (541, closes the connection) naming the failed write.
+    pub fn commit(&self, seq: u64) -> crate::error::Result<()> {
+        let result = self.defs.commit(seq);
+        self.update_alarm();
+        result.map_err(|e| crate::error::BrokerError::internal(format!("could not save the definitions to disk: {e}")))
+    }
+
+    /// Applies a change and waits until it is on disk.
+    pub fn record_and_commit(&self, change: Change) -> crate::error::Result<()> {
+        let seq = self.record(change);
+        self.commit(seq)
+    }
+
+    /// Whether saving the definitions is failing (a disk alarm until a save succeeds again).
+    pub fn definitions_failing(&self) -> bool {
+        self.defs.is_failing()
+    }
+
+    /// Raises the disk alarm while definition saves fail, and clears what it raised once one succeeds.
+    fn update_alarm(&self) {
+        let failing = self.defs.is_failing();
+        let was = self.raised_alarm.swap(failing, std::sync::atomic::Ordering::SeqCst);
+        if failing == was {
             return;
         }
-        let _guard = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let vhosts: Vec<Arc<VHost>> =
-            self.vhosts.read().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-        let mut defs = Definitions::default();
-        for v in &vhosts {
-            defs.vhosts.push(VhostDef { name: v.name().to_owned() });
-            for p in v.policies() {
-                defs.policies.push(crate::store::PolicyDef {
-                    vhost: v.name().to_owned(),
-                    name: p.name.clone(),
-                    pattern: p.pattern.clone(),
-                    apply_to: p.apply_to.as_str().to_owned(),
-                    priority: p.priority,
-                    definition: p.definition.clone(),
-                });
-            }
-            for ex in v.exchanges() {
-                let s = ex.spec();
-                if !is_user_durable_exchange(s) {
-                    continue;
-                }
-                defs.exchanges.push(ExchangeDef {
-                    vhost: v.name().to_owned(),
-                    name: s.name.clone(),
-                    kind: s.type_name().to_owned(),
-                    auto_delete: s.auto_delete,
-                    internal: s.internal,
-                    arguments: s.arguments.clone(),
-                });
-            }
-            for q in v.queues() {
-                let s = q.spec();
-                if s.durable && s.exclusive_owner.is_none() {
-                    defs.queues.push(QueueDef {
-                        vhost: v.name().to_owned(),
-                        name: s.name.clone(),
-                        auto_delete: s.auto_delete,
-                        arguments: s.arguments.clone(),
-                    });
-                }
-            }
-            for ex in v.exchanges() {
-                if !ex.spec().durable || ex.name().is_empty() {
-                    continue;
-                }
-                for b in ex.bindings().into_iter().filter(|b| b.destination.is_durable()) {
-                    let (destination, destination_kind) = match &b.destination {
-                        Destination::Queue(q) => (q.name().to_owned(), DestinationKind::Queue),
-                        Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange),
-                    };
-                    defs.bindings.push(BindingDef {
-                        vhost: v.name().to_owned(),
-                        source: ex.name().to_owned(),
-                        destination,
-                        destination_kind,
-                        routing_key: b.routing_key.clone(),
-                        arguments: b.arguments.clone(),
-                    });
-                }
-            }
+        if let Some(tx) = self.alarms.get() {
+            tx.send_modify(|s| s.disk = failing);
         }
-        if let Err(e) = defs.save(&self.dir) {
-            tracing::error!(error = %e, dir = %self.dir.display(), "cannot save definitions");
-        }
+    }
+
+    /// Where the disk alarm is raised when a definitions save fails (set once by the broker).
+    pub fn set_alarms(&self, tx: watch::Sender<crate::alarm::AlarmState>) {
+        let _ = self.alarms.set(tx);
+    }
+
+    /// The generation of a saved queue that is not in memory yet (being recovered), if any.
+    pub fn saved_queue_generation(&self, vhost: &str, queue: &str) -> Option<u64> {
+        self.defs.queue_generation(vhost, queue)
+    }
+
+    /// The generation of a saved exchange that is not in memory yet (being recovered), if any.
+    pub fn saved_exchange_generation(&self, vhost: &str, exchange: &str) -> Option<u64> {
+        self.defs.exchange_generation(vhost, exchange)
+    }
+
+    /// A fresh generation for a new queue's or exchange's store, so a re-declared name never shares a
+    /// directory with a deleted one.
+    pub fn new_generation(&self) -> u64 {
+        self.defs.new_generation()
     }
 
     /// The directory of a durable queue's segments: a fixed-length hash of its vhost and name, so any
     /// name (up to 255 bytes, any characters) maps to a valid file name.
-    pub fn queue_dir(&self, vhost: &str, queue: &str) -> PathBuf {
-        let key = format!("{vhost}\u{0}{queue}");
-        let a = fnv1a64(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
-        let b = fnv1a64(key.as_bytes(), 0x6c62_272e_07bb_0142);
-        self.dir.join("msgs").join(format!("{a:016x}{b:016x}"))
+    /// Each incarnation of the name (`generation`) has its own directory; generation 0 is the directory
+    /// of data written before generations existed.
+    pub fn queue_dir(&self, vhost: &str, queue: &str, generation: u64) -> PathBuf {
+        self.dir.join("msgs").join(store_dir_name(vhost, queue, generation))
     }
 
-    /// Opens (recovering) a durable queue's store, handing each message it still holds to `visit` as the
-    /// scan finds it (so the caller keeps only an index and memory stays bounded by one segment).
+    /// Opens a durable queue's store: the saved one when the queue is being recovered (handing each message
+    /// it still holds to `visit` as the scan finds it, so the caller keeps only an index and memory stays
+    /// bounded by one segment), else a new, empty one under a fresh generation. Returns the generation.
+    /// The caller holds the vhost's queue map lock, so no deletion of the name runs meanwhile.
     pub fn open_queue_store(
         &self,
         vhost: &str,
         queue: &str,
         visit: impl FnMut(crate::store::Recovered),
-    ) -> StoreResult<QueueStore> {
-        let dir = self.queue_dir(vhost, queue);
+    ) -> StoreResult<(QueueStore, u64)> {
+        let (generation, fresh) = match self.saved_queue_generation(vhost, queue) {
+            Some(g) => (g, false),
+            None => (self.new_generation(), true),
+        };
+        let dir = self.queue_dir(vhost, queue, generation);
+        if fresh {
+            self.prepare_fresh_dir(&dir)?;
+        }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
         let (store, report) =
             QueueStore::recover_with(&dir, StoreConfig::default(), handle, Arc::clone(&self.io), visit)?;
@@ -190,7 +198,42 @@ impl Durability {
         for t in &report.truncated {
             tracing::warn!(queue, file = %t.path.display(), offset = t.offset, "torn tail cut off");
         }
-        Ok(store)
+        if fresh {
+            self.sync_parent(&dir)?;
+        }
+        Ok((store, generation))
+    }
+
+    /// Creates the empty store of a new durable queue under a fresh generation; returns it and the
+    /// generation. Needs no lock: no other queue uses that directory.
+    pub fn create_queue_store(&self, vhost: &str, queue: &str) -> StoreResult<(QueueStore, u64)> {
+        let generation = self.new_generation();
+        let dir = self.queue_dir(vhost, queue, generation);
+        self.prepare_fresh_dir(&dir)?;
+        let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
+        let (store, _) = QueueStore::recover_with(&dir, StoreConfig::default(), handle, Arc::clone(&self.io), |_| {})?;
+        self.sync_parent(&dir)?;
+        Ok((store, generation))
+    }
+
+    /// Before a new store is created in `dir`: a directory left there is stale (a deletion that crashed
+    /// midway, whose generation number was handed out again after a restart), so it goes.
+    fn prepare_fresh_dir(&self, dir: &Path) -> StoreResult<()> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| crate::store::StoreError::io("removing", dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the directory holding `dir`, so the creation (or removal) of `dir` itself is durable.
+    pub fn sync_parent(&self, dir: &Path) -> StoreResult<()> {
+        let parent = dir.parent().unwrap_or(dir);
+        self.io.sync_dir(parent).map_err(|e| crate::store::StoreError::io("fsyncing directory", parent, e))
+    }
+
+    /// The store's file I/O (the paging stores use it too).
+    pub fn io(&self) -> Arc<dyn StoreIo> {
+        Arc::clone(&self.io)
     }
 
     /// The data directory.
@@ -200,35 +243,36 @@ impl Durability {
 
     /// The directory of a durable exchange's store (delayed messages or deduplication cache), named like
     /// a queue's: a fixed-length hash of its vhost and name.
-    pub fn exchange_store_dir(&self, kind: ExchangeStoreKind, vhost: &str, exchange: &str) -> PathBuf {
-        let key = format!("{vhost}\u{0}{exchange}");
-        let a = fnv1a64(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
-        let b = fnv1a64(key.as_bytes(), 0x6c62_272e_07bb_0142);
-        self.dir.join(kind.dir_name()).join(format!("{a:016x}{b:016x}"))
+    pub fn exchange_store_dir(&self, kind: ExchangeStoreKind, vhost: &str, exchange: &str, generation: u64) -> PathBuf {
+        self.dir.join(kind.dir_name()).join(store_dir_name(vhost, exchange, generation))
     }
 
-    /// Opens a durable exchange's store, handing each record it still holds to `visit` in append order.
-    /// Outside recovery the exchange is new, so a directory left by a deletion that crashed midway is
-    /// stale and is removed first.
+    /// Opens a durable exchange's store of `generation`, handing each record it still holds to `visit` in
+    /// append order. A `fresh` generation (a new exchange) starts empty: a directory left under it is stale.
+    #[allow(clippy::too_many_arguments)]
     pub fn open_exchange_store(
         &self,
         kind: ExchangeStoreKind,
         vhost: &str,
         exchange: &str,
+        (generation, fresh): (u64, bool),
         config: StoreConfig,
         visit: impl FnMut(crate::store::Recovered),
     ) -> StoreResult<QueueStore> {
-        let dir = self.exchange_store_dir(kind, vhost, exchange);
-        if !self.recovering.load(std::sync::atomic::Ordering::SeqCst) && dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| crate::store::StoreError::io("removing", &dir, e))?;
+        let dir = self.exchange_store_dir(kind, vhost, exchange, generation);
+        if fresh {
+            self.prepare_fresh_dir(&dir)?;
         }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), visit)?;
+        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
         for t in &report.truncated {
             tracing::warn!(exchange, file = %t.path.display(), offset = t.offset, "torn tail cut off");
+        }
+        if fresh {
+            self.sync_parent(&dir)?;
         }
         Ok(store)
     }
@@ -237,11 +281,35 @@ impl Durability {
     pub fn sync_stats(&self) -> SyncStats {
         self.syncer.lock().unwrap_or_else(|p| p.into_inner()).stats()
     }
+
+    /// Why the most recent failing store failed (empty if none did).
+    pub fn failing_reason(&self) -> String {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        if syncer.handle().is_stopped() {
+            return "the syncer is not running".to_owned();
+        }
+        syncer.failing_reason()
+    }
+
+    /// Stores that cannot write now; the whole store counts as failing while the syncer is not running
+    /// (every durable write is then refused).
+    pub fn failing_stores(&self) -> u64 {
+        let syncer = self.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        syncer.stats().failing_stores + u64::from(syncer.handle().is_stopped())
+    }
 }
 
-/// Whether an exchange is one the definitions file records (durable, not predeclared).
-fn is_user_durable_exchange(spec: &ExchangeSpec) -> bool {
-    spec.durable && !spec.name.is_empty() && !spec.name.starts_with("amq.")
+/// The directory name of a store: a fixed-length hash of the vhost and name (any name, up to 255 bytes of
+/// any characters, maps to a valid file name), then the generation (none for generation 0, the layout of
+/// data written before generations existed).
+fn store_dir_name(vhost: &str, name: &str, generation: u64) -> String {
+    let key = format!("{vhost}\u{0}{name}");
+    let a = fnv1a64(key.as_bytes(), 0xcbf2_9ce4_8422_2325);
+    let b = fnv1a64(key.as_bytes(), 0x6c62_272e_07bb_0142);
+    match generation {
+        0 => format!("{a:016x}{b:016x}"),
+        g => format!("{a:016x}{b:016x}-{g:016x}"),
+    }
 }
 
 fn fnv1a64(bytes: &[u8], offset: u64) -> u64 {
@@ -319,10 +387,12 @@ pub(crate) fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
 
 /// Opens the stores of a new durable exchange that needs one (delayed-message; deduplicating with
 /// `x-cache-persistence: disk`) and loads what they hold.
+/// `generation` is the exchange's store generation and whether it is fresh (a new exchange, not recovered).
 pub fn attach_exchange_stores(
     durability: &Durability,
     vhost: &str,
     exchange: &crate::exchange::Exchange,
+    generation: (u64, bool),
 ) -> StoreResult<()> {
     use crate::plugins::ExchangeFlavor;
     let spec = exchange.spec();
@@ -336,6 +406,7 @@ pub fn attach_exchange_stores(
                 ExchangeStoreKind::Delayed,
                 vhost,
                 &spec.name,
+                generation,
                 StoreConfig::default(),
                 |r| extras.delayed.recover(&r),
             )?;
@@ -349,6 +420,7 @@ pub fn attach_exchange_stores(
                 ExchangeStoreKind::Dedup,
                 vhost,
                 &spec.name,
+                generation,
                 crate::dedup::store_config(),
                 |r| extras.dedup.recover(&r),
             )?;
@@ -358,3 +430,6 @@ pub fn attach_exchange_stores(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -21,6 +21,9 @@ pub enum ErrorKind {
     ResourceError,
     /// Credentials were rejected (AMQP 403 at connection level).
     AuthenticationFailed,
+    /// The broker could not do what it must, e.g. save a definition to disk (AMQP 541, closes the
+    /// connection).
+    InternalError,
 }
 
 /// A broker error: a kind plus a human-readable reason, RabbitMQ-style.
@@ -49,6 +52,10 @@ impl BrokerError {
     /// 405 RESOURCE_LOCKED.
     pub fn locked(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::ResourceLocked, message)
+    }
+    /// 541 INTERNAL_ERROR (closes the connection).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InternalError, message)
     }
     /// 406 PRECONDITION_FAILED.
     pub fn precondition(message: impl Into<String>) -> Self {

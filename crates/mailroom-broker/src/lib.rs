@@ -22,6 +22,9 @@ pub mod routing;
 pub mod store;
 pub mod vhost;
 
+#[cfg(test)]
+mod fault_tests;
+
 pub use alarm::{AlarmConfig, AlarmState};
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};

@@ -11,7 +11,7 @@
 //! default) it is a fresh directory under the system temp dir, created only when some queue first pages
 //! a message out and removed when the broker is dropped.
 
-use crate::store::segment::OsIo;
+use crate::store::segment::{OsIo, StoreIo};
 use crate::store::{QueueStore, StoreConfig, StoreResult, Syncer, SyncerConfig};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,11 +80,13 @@ pub struct Paging {
     /// Started with the first paging store: a broker that never pages starts no thread.
     syncer: Mutex<Option<Syncer>>,
     next_store: AtomicU64,
+    /// The store's file I/O (the broker's: tests inject faults through it).
+    io: Arc<dyn StoreIo>,
 }
 
 impl Paging {
     /// Paging under `data_dir/paging` (wiped now: nothing paged survives a restart), or in a temp dir.
-    pub fn new(config: PagingConfig, data_dir: Option<&Path>) -> Arc<Paging> {
+    pub fn new(config: PagingConfig, data_dir: Option<&Path>, io: Option<Arc<dyn StoreIo>>) -> Arc<Paging> {
         static TEMP: AtomicU64 = AtomicU64::new(0);
         let (dir, temporary) = match (&config.dir, data_dir) {
             (Some(d), _) => (d.clone(), false),
@@ -103,7 +105,8 @@ impl Paging {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot wipe the paging directory");
             }
         }
-        Arc::new(Paging { config, dir, temporary, syncer: Mutex::new(None), next_store: AtomicU64::new(1) })
+        let io = io.unwrap_or_else(|| Arc::new(OsIo));
+        Arc::new(Paging { config, dir, temporary, syncer: Mutex::new(None), next_store: AtomicU64::new(1), io })
     }
 
     /// The memory budget of each queue.
@@ -122,7 +125,7 @@ impl Paging {
             syncer.get_or_insert_with(|| Syncer::start(config)).handle()
         };
         let config = StoreConfig { ephemeral: true, ..StoreConfig::default() };
-        let (store, _) = QueueStore::recover_with(&dir, config, handle, Arc::new(OsIo), |_| {})?;
+        let (store, _) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), |_| {})?;
         Ok(store)
     }
 }

@@ -25,7 +25,7 @@ use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -149,8 +149,11 @@ pub enum PushOutcome {
     /// Enqueued and written to the queue's store (or dropped as a duplicate of a message stored there);
     /// the ticket completes once it (the original) is on disk (fsynced).
     Stored(SyncTicket),
-    /// Refused: a `reject-publish` length limit, or the store could not take it (disk full).
+    /// Refused by a `reject-publish` length limit.
     Rejected,
+    /// Refused because the queue's store cannot take it now (backpressure, disk full, store failing): a
+    /// publisher gets a nack; a move (dead-lettering, delayed release) keeps its source and tries again.
+    Refused,
 }
 
 /// Position of a ready message: lower ranks go first (rank = 255 - priority), then lower ids (FIFO).
@@ -298,7 +301,29 @@ pub struct Queue {
     paging: Arc<Paging>,
     /// Runs the read-ahead (blocking file reads) off the async workers.
     runtime: tokio::runtime::Handle,
+    /// Records of this queue that failed their checksum and were quarantined (`quarantined` in the API).
+    quarantined: AtomicU64,
+    /// Reads of bodies from disk that failed with an I/O error and were retried (the message stayed).
+    read_errors: AtomicU64,
+    /// Dead-letter moves out of this queue whose source records are not settled yet: a clean stop waits
+    /// for them ([`crate::Broker::flush_stores`]), or the restart would move those messages again.
+    moves_in_flight: Arc<AtomicUsize>,
 }
+
+/// One dead-letter move out of a queue still settling its source records; dropping it ends the move.
+#[derive(Debug)]
+pub(crate) struct MoveInFlight(Arc<AtomicUsize>);
+
+impl Drop for MoveInFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// First pause before re-reading bodies after an I/O error; it doubles up to [`READ_RETRY_MAX`].
+const READ_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+/// Longest pause between re-reads of a body that keeps failing with an I/O error.
+const READ_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a durable queue's store held at startup, reduced to the index: bodies stay on disk.
 #[derive(Debug, Default)]
@@ -463,6 +488,17 @@ enum LoadError {
     NoStore,
 }
 
+impl LoadError {
+    /// Whether the record itself is bad (checksum, encoding) or gone, so a retry cannot help: quarantine it.
+    /// Anything else (EIO, EMFILE, ENOMEM, a short read) is an I/O failure: keep the message and retry.
+    fn is_corrupt(&self) -> bool {
+        match self {
+            LoadError::Store(e) => e.is_corrupt(),
+            LoadError::Properties | LoadError::NoStore => true,
+        }
+    }
+}
+
 /// A message and its expiry back from a stored record.
 fn body_from_stored(stored: StoredMessage) -> Result<Body, LoadError> {
     let expires_at = stored.expires_at_ms.map(durable::instant_from_wall_ms);
@@ -554,6 +590,8 @@ impl Queue {
         paging: Arc<Paging>,
     ) -> Arc<Queue> {
         let effective = RwLock::new(Arc::new(spec.args.clone()));
+        // Damaged records the store's recovery quarantined count as this queue's.
+        let quarantined = store.as_ref().map_or(0, |s| s.quarantined_at_recovery());
         let queue = Arc::new(Queue {
             effective,
             policy: RwLock::new(None),
@@ -583,6 +621,9 @@ impl Queue {
             hooks,
             paging,
             runtime: tokio::runtime::Handle::current(),
+            quarantined: AtomicU64::new(quarantined),
+            read_errors: AtomicU64::new(0),
+            moves_in_flight: Arc::new(AtomicUsize::new(0)),
         });
         queue.restore(recovered);
         let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
@@ -596,7 +637,13 @@ impl Queue {
         let mut st = self.lock();
         if let Some(store) = &st.store {
             for r in &unreadable {
-                tracing::warn!(queue = %self.spec.name, id = r.id, "stored message has unreadable properties; dropped");
+                self.quarantined.fetch_add(1, Ordering::Relaxed);
+                match store.quarantine(&self.spec.name, r.pos, "unreadable message properties") {
+                    Ok(file) => tracing::error!(queue = %self.spec.name, id = r.id, file = %file.display(),
+                        "stored message has unreadable properties; quarantined"),
+                    Err(e) => tracing::error!(queue = %self.spec.name, id = r.id, error = %e,
+                        "stored message has unreadable properties; cannot copy it to the quarantine file"),
+                }
             }
             let _ = store.settle(&unreadable);
         }
@@ -629,7 +676,10 @@ impl Queue {
             while i < st.ready.len() {
                 if st.ready[i].delivery_count as u64 > limit {
                     if let Some((entry, body)) = st.remove_at(i) {
-                        self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after);
+                        // Kept (I/O error reading its body): it stays where it was, and is delivered again.
+                        if !self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after) {
+                            i += 1;
+                        }
                     }
                 } else {
                     i += 1;
@@ -710,6 +760,14 @@ impl Queue {
     /// Body bytes of the ready messages, in RAM or on disk.
     pub fn ready_bytes(&self) -> u64 {
         self.lock().ready_bytes
+    }
+    /// Records of this queue that failed their checksum and were quarantined.
+    pub fn quarantined_count(&self) -> u64 {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+    /// Reads of message bodies from disk that failed with an I/O error (each retried; the message stayed).
+    pub fn read_error_count(&self) -> u64 {
+        self.read_errors.load(Ordering::Relaxed)
     }
     /// Ready messages whose body is only on disk.
     pub fn paged_count(&self) -> u32 {
@@ -821,7 +879,7 @@ impl Queue {
                     if let Some(key) = plugins::dedup_key(&message).filter(|_| args.deduplication) {
                         st.dedup.remove(&key);
                     }
-                    return PushOutcome::Rejected;
+                    return PushOutcome::Refused;
                 }
             }
         }
@@ -972,12 +1030,16 @@ impl Queue {
         }
         while self.over_limit(st, 0, 0) {
             let Some((old, body)) = st.pop_front() else { break };
-            self.drop_message(st, &old, body, DeadLetterReason::MaxLen, after);
+            if !self.drop_message(st, &old, body, DeadLetterReason::MaxLen, after) {
+                // Its body cannot be read now: it stays; the next publish tries again.
+                break;
+            }
         }
     }
 
     /// A ready message leaves other than by delivery: settled, and dead-lettered (its body read back from
-    /// disk if needed and there is somewhere to send it).
+    /// disk if needed and there is somewhere to send it). If its body cannot be read for an I/O error, it
+    /// stays: it is put back in the ready list and `false` returned (the caller retries later).
     fn drop_message(
         &self,
         st: &mut QueueState,
@@ -985,14 +1047,17 @@ impl Queue {
         body: Option<Body>,
         reason: DeadLetterReason,
         after: &mut Aftermath,
-    ) {
+    ) -> bool {
         let args = self.args();
         let message = match body {
             Some(body) => Some(body.message),
             None if args.dead_letter_exchange.is_some() || args.deduplication => match st.load(entry) {
                 Ok(body) => Some(body.message),
                 Err(e) => {
-                    self.report_unreadable(entry, &e);
+                    if !self.unreadable(st, entry, &e) {
+                        st.insert(*entry, None);
+                        return false;
+                    }
                     None
                 }
             },
@@ -1002,9 +1067,32 @@ impl Queue {
             Some(message) => self.forget_dead(st, entry, message, reason, after),
             None => self.forget(st, entry, None),
         }
+        true
     }
 
-    fn report_unreadable(&self, entry: &Entry, e: &LoadError) {
+    /// A body could not be read back. An I/O error (EIO, EMFILE, ENOMEM, a short read) is not corruption: it
+    /// is logged and counted, and `false` says "keep the message, retry later". A record that fails its
+    /// checksum (or is gone) is copied to the store's quarantine file, logged and counted; `true` says the
+    /// caller may now settle it.
+    fn unreadable(&self, st: &QueueState, entry: &Entry, e: &LoadError) -> bool {
+        if !e.is_corrupt() {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                queue = %self.spec.name,
+                id = entry.id,
+                segment = entry.pos.segment,
+                offset = entry.pos.offset,
+                paging_store = entry.has(PAGED),
+                error = %e,
+                "cannot read a message back from disk; keeping it and retrying"
+            );
+            return false;
+        }
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+        let copied = match st.store_of(entry) {
+            Some(store) => store.quarantine(&self.spec.name, entry.pos, &e.to_string()).map_err(|e| e.to_string()),
+            None => Err("the queue has no store for it".to_owned()),
+        };
         tracing::error!(
             queue = %self.spec.name,
             id = entry.id,
@@ -1012,8 +1100,10 @@ impl Queue {
             offset = entry.pos.offset,
             paging_store = entry.has(PAGED),
             error = %e,
-            "cannot read a message back from disk; dropping it"
+            quarantine = ?copied,
+            "a stored message is damaged; quarantined and removed from the queue"
         );
+        true
     }
 
     /// Delivers ready messages to consumers with credit, round-robin.
@@ -1178,6 +1268,7 @@ impl Queue {
         /// Most records one step reads (then the lock is taken to install them).
         const STEP_MESSAGES: usize = 1024;
         let budget = self.paging.config().clone();
+        let mut retry_pause = READ_RETRY_MIN;
         loop {
             // Plan under the lock: which entries, in which store.
             let (plan, durable, paging) = {
@@ -1235,6 +1326,7 @@ impl Queue {
             loaded.extend(read(PAGED, &paging));
             // Install what is still waiting (an entry may have been purged, expired or taken meanwhile).
             let mut after = Aftermath::default();
+            let mut io_failed = false;
             {
                 let mut st = self.lock();
                 if st.deleted {
@@ -1255,9 +1347,13 @@ impl Queue {
                             st.bodies.insert(current.id, body);
                         }
                         Err(e) => {
-                            self.report_unreadable(&current, &e);
-                            if let Some((entry, _)) = st.remove_at(idx) {
-                                self.forget(&mut st, &entry, None);
+                            if self.unreadable(&st, &current, &e) {
+                                if let Some((entry, _)) = st.remove_at(idx) {
+                                    self.forget(&mut st, &entry, None);
+                                }
+                            } else {
+                                // Stays on disk, in its place: consumers wait for it rather than lose it.
+                                io_failed = true;
                             }
                         }
                     }
@@ -1267,6 +1363,13 @@ impl Queue {
                 after.read_ahead = false;
             }
             self.run_aftermath(after);
+            if io_failed {
+                // Back off before reading again (this is a blocking-pool thread, so sleeping here is fine).
+                std::thread::sleep(retry_pause);
+                retry_pause = (retry_pause * 2).min(READ_RETRY_MAX);
+            } else {
+                retry_pause = READ_RETRY_MIN;
+            }
         }
     }
 
@@ -1464,6 +1567,23 @@ impl Queue {
         self.lock().store.as_ref().map(QueueStore::sync)
     }
 
+    /// A ticket that completes once everything the queue's store took so far is fsynced; None without a store
+    /// (transient, or deleted). A copy whose own ticket failed waits on this: the store keeps and rewrites it.
+    pub(crate) fn sync_ticket(&self) -> Option<SyncTicket> {
+        self.lock().store.as_ref().map(|s| s.sync())
+    }
+
+    /// Counts a dead-letter move out of this queue until the returned guard is dropped.
+    pub(crate) fn move_started(&self) -> MoveInFlight {
+        self.moves_in_flight.fetch_add(1, Ordering::SeqCst);
+        MoveInFlight(Arc::clone(&self.moves_in_flight))
+    }
+
+    /// Dead-letter moves out of this queue still settling their source records.
+    pub fn moves_in_flight(&self) -> usize {
+        self.moves_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Settles the durable store records of messages that already left the queue (their dead-lettered
     /// copies are now durable). A no-op once the queue is deleted.
     pub(crate) fn settle_left(&self, records: &[MsgRef]) {
@@ -1560,9 +1680,13 @@ impl Queue {
                     None => match st.load(&entry) {
                         Ok(body) => body,
                         Err(e) => {
-                            self.report_unreadable(&entry, &e);
-                            self.forget(&mut st, &entry, None);
-                            continue;
+                            if self.unreadable(&st, &entry, &e) {
+                                self.forget(&mut st, &entry, None);
+                                continue;
+                            }
+                            // An I/O error: the message stays at the head; this get finds the queue empty.
+                            st.insert(entry, None);
+                            break None;
                         }
                     },
                 };
@@ -1607,7 +1731,8 @@ impl Queue {
                     None => match st.load(e) {
                         Ok(body) => body.message,
                         Err(err) => {
-                            self.report_unreadable(e, &err);
+                            // Left out of this peek only: peek changes nothing, so nothing is quarantined here.
+                            tracing::warn!(queue = %self.spec.name, id = e.id, error = %err, "peek cannot read a body");
                             return None;
                         }
                     },
@@ -1698,7 +1823,10 @@ impl Queue {
             // Only ready messages expire; a delivered one left the queue's ready list.
             if let Some(idx) = st.find(key) {
                 if let Some((entry, body)) = st.remove_at(idx) {
-                    self.drop_message(st, &entry, body, DeadLetterReason::Expired, after);
+                    if !self.drop_message(st, &entry, body, DeadLetterReason::Expired, after) {
+                        // Its body cannot be read now: it stays, and expires again after a pause.
+                        st.expiries.push(Reverse((now + READ_RETRY_MIN * 10, key)));
+                    }
                 }
             }
         }

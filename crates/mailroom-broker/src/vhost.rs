@@ -13,11 +13,13 @@ use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
     QueueSpec, RecoveredIndex,
 };
-use crate::store::SyncTicket;
+use crate::store::syncer::BatchState;
+use crate::store::{BindingDef, Change, DestinationKind, ExchangeDef, PolicyDef, QueueDef, SyncTicket};
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use tokio::sync::watch;
 
 /// Options of `exchange.declare`.
 #[derive(Debug, Clone, Default)]
@@ -67,8 +69,13 @@ pub struct PublishResult {
     pub routed: bool,
     /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
+    /// A store refused it (backpressure, disk full, store failing), not a length limit: a move (delayed
+    /// release) keeps its source and retries.
+    pub refused: bool,
     /// One ticket per durable queue that stored it: a confirm waits until all are on disk.
     pub durable: Vec<SyncTicket>,
+    /// The queues whose stores took it (a move whose ticket failed waits for a later fsync of these).
+    pub stored_in: Vec<Arc<Queue>>,
 }
 
 /// Where a redrive sends messages instead of their first death's exchange and routing keys.
@@ -172,6 +179,14 @@ pub struct VHost {
     /// Dead letters produced while the broker recovers definitions (a policy's length limit applied at
     /// re-declare, say): routed by [`VHost::finish_recovery`] once every binding is back, never before.
     deferred_dead_letters: std::sync::Mutex<Vec<DeferredDeadLetters>>,
+    /// Orders durable bind/unbind with the record each appends to the definitions log, so the log's order
+    /// of changes to one binding is memory's.
+    binding_log: Mutex<()>,
+    /// New durable queues whose definition is not on disk yet, with what its save will report: a publish
+    /// confirm for a message stored in one also waits for that, or a crash right after the confirm would
+    /// lose the queue and the message with it. Usually empty, so publishing checks only `unsaved_count`.
+    unsaved: Mutex<Vec<(Arc<Queue>, watch::Receiver<BatchState>)>>,
+    unsaved_count: AtomicUsize,
 }
 
 /// One batch of dead letters held back until recovery ends, with the source records it must settle.
@@ -216,6 +231,9 @@ impl VHost {
             policies: RwLock::new(Vec::new()),
             paging,
             deferred_dead_letters: std::sync::Mutex::new(Vec::new()),
+            binding_log: Mutex::new(()),
+            unsaved: Mutex::new(Vec::new()),
+            unsaved_count: AtomicUsize::new(0),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);
@@ -337,13 +355,20 @@ impl VHost {
         };
         let exchange = Arc::new(Exchange::new(spec));
         let durable = exchange.spec().durable;
+        let mut saved = None;
         if let Some(d) = self.durability.as_ref().filter(|_| durable) {
-            crate::durable::attach_exchange_stores(d, &self.name, &exchange).map_err(|e| {
+            // A saved exchange not in memory is being recovered: it keeps its generation (store directory).
+            let generation = match d.saved_exchange_generation(&self.name, name) {
+                Some(g) => (g, false),
+                None => (d.new_generation(), true),
+            };
+            crate::durable::attach_exchange_stores(d, &self.name, &exchange, generation).map_err(|e| {
                 BrokerError::new(
                     ErrorKind::ResourceError,
                     format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
                 )
             })?;
+            saved = Some((d, generation.0));
         }
         if exchange.spec().flavor == ExchangeFlavor::Delayed {
             tokio::spawn(run_delayed_release(
@@ -353,12 +378,27 @@ impl VHost {
                 self.durability.as_ref().map(|d| d.recovering()),
             ));
         }
+        let change = saved.map(|(d, generation)| {
+            let s = exchange.spec();
+            let def = ExchangeDef {
+                vhost: self.name.clone(),
+                name: s.name.clone(),
+                kind: s.type_name().to_owned(),
+                auto_delete: s.auto_delete,
+                internal: s.internal,
+                arguments: s.arguments.clone(),
+                generation,
+            };
+            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
+            (d, d.record(Change::PutExchange(def)))
+        });
         exchanges.insert(name.to_owned(), exchange);
         drop(exchanges);
-        if durable {
-            self.save_definitions();
+        // declare-ok only once the exchange is on disk.
+        match change {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether the broker is still re-declaring saved definitions (nothing may be routed meanwhile).
@@ -380,13 +420,6 @@ impl VHost {
         }
     }
 
-    /// Rewrites the definitions file after a change to durable resources (a no-op without a data dir).
-    fn save_definitions(&self) {
-        if let Some(d) = &self.durability {
-            d.save_definitions();
-        }
-    }
-
     /// `exchange.delete`. A missing exchange is fine (RabbitMQ answers delete-ok).
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
         if name.is_empty() || name.starts_with("amq.") {
@@ -398,39 +431,53 @@ impl VHost {
         if if_unused && exchange.has_bindings() {
             return Err(BrokerError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
         }
-        self.remove_exchange(&exchange);
-        Ok(())
+        self.remove_exchange(&exchange)
     }
 
-    fn remove_exchange(&self, exchange: &Arc<Exchange>) {
-        let removed = {
+    /// Removes an exchange with its bindings (and auto-delete exchanges left without any); returns once the
+    /// deletion is on disk.
+    fn remove_exchange(&self, exchange: &Arc<Exchange>) -> Result<()> {
+        let mut seq = None;
+        {
             let mut exchanges = write(&self.exchanges);
             match exchanges.get(exchange.name()) {
-                Some(e) if Arc::ptr_eq(e, exchange) => exchanges.remove(exchange.name()).is_some(),
-                _ => false,
+                Some(e) if Arc::ptr_eq(e, exchange) => {
+                    exchanges.remove(exchange.name());
+                    // Under the map lock, so a re-declare of the name is logged after this deletion.
+                    if let Some(d) = self.durability.as_ref().filter(|_| exchange.spec().durable) {
+                        seq = Some((
+                            d,
+                            d.record(Change::DeleteExchange {
+                                vhost: self.name.clone(),
+                                name: exchange.name().to_owned(),
+                            }),
+                        ));
+                    }
+                }
+                _ => return Ok(()),
             }
-        };
-        if !removed {
-            return;
         }
         exchange.mark_deleted();
-        self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
-        if exchange.spec().durable {
-            self.save_definitions();
+        let cascade = self.unbind_everywhere(&Destination::Exchange(Arc::clone(exchange)));
+        if let Some((d, seq)) = seq {
+            d.commit(seq)?;
         }
+        cascade
     }
 
     /// Removes every binding leading to `destination`, then auto-deletes exchanges left without bindings.
-    fn unbind_everywhere(&self, destination: &Destination) {
+    fn unbind_everywhere(&self, destination: &Destination) -> Result<()> {
         let mut emptied = Vec::new();
         for ex in self.exchanges() {
             if ex.unbind_destination(destination) > 0 && ex.spec().auto_delete && !ex.has_bindings() {
                 emptied.push(ex);
             }
         }
+        let mut result = Ok(());
         for ex in emptied {
-            self.remove_exchange(&ex);
+            result = result.and(self.remove_exchange(&ex));
         }
+        result
     }
 
     fn check_bindable_source(&self, source: &str) -> Result<Arc<Exchange>> {
@@ -472,8 +519,7 @@ impl VHost {
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(()),
             other => other?,
         };
-        self.remove_binding(&ex, &Destination::Queue(q), routing_key, arguments);
-        Ok(())
+        self.remove_binding(&ex, &Destination::Queue(q), routing_key, arguments)
     }
 
     /// `exchange.bind`: messages from `source` also go to `destination`.
@@ -502,8 +548,7 @@ impl VHost {
             (Err(e), _) | (_, Err(e)) if e.kind == ErrorKind::NotFound => return Ok(()),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
-        self.remove_binding(&src, &Destination::Exchange(dest), routing_key, arguments);
-        Ok(())
+        self.remove_binding(&src, &Destination::Exchange(dest), routing_key, arguments)
     }
 
     /// Adds a binding; saves the definitions when both ends are durable.
@@ -514,25 +559,65 @@ impl VHost {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let durable = source.spec().durable && dest.is_durable();
-        source.bind(dest, routing_key, arguments)?;
-        if durable {
-            self.save_definitions();
+        let Some(d) = self.durability.as_ref().filter(|_| source.spec().durable && dest.is_durable()) else {
+            return source.bind(dest, routing_key, arguments);
+        };
+        let def = self.binding_def(source, &dest, routing_key, arguments);
+        let seq = {
+            let _order = self.binding_log.lock().unwrap_or_else(|p| p.into_inner());
+            source.bind(dest, routing_key, arguments)?;
+            d.record(Change::PutBinding(def))
+        };
+        // bind-ok only once the binding is on disk.
+        d.commit(seq)
+    }
+
+    fn binding_def(
+        &self,
+        source: &Arc<Exchange>,
+        dest: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> BindingDef {
+        let (destination, destination_kind) = match dest {
+            Destination::Queue(q) => (q.name().to_owned(), DestinationKind::Queue),
+            Destination::Exchange(e) => (e.name().to_owned(), DestinationKind::Exchange),
+        };
+        BindingDef {
+            vhost: self.name.clone(),
+            source: source.name().to_owned(),
+            destination,
+            destination_kind,
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
         }
-        Ok(())
     }
 
     /// Removes a binding if it exists: an auto-delete source left without bindings goes too, and the
     /// definitions are saved when both ends are durable.
-    fn remove_binding(&self, source: &Arc<Exchange>, dest: &Destination, routing_key: &str, arguments: &FieldTable) {
-        if !source.unbind(dest, routing_key, arguments) {
-            return;
-        }
+    fn remove_binding(
+        &self,
+        source: &Arc<Exchange>,
+        dest: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<()> {
+        let durable = self.durability.as_ref().filter(|_| source.spec().durable && dest.is_durable());
+        let seq = {
+            let _order = self.binding_log.lock().unwrap_or_else(|p| p.into_inner());
+            if !source.unbind(dest, routing_key, arguments) {
+                return Ok(());
+            }
+            durable
+                .map(|d| (d, d.record(Change::DeleteBinding(self.binding_def(source, dest, routing_key, arguments)))))
+        };
         if source.spec().auto_delete && !source.has_bindings() {
-            self.remove_exchange(source);
+            self.remove_exchange(source)?;
         }
-        if source.spec().durable && dest.is_durable() {
-            self.save_definitions();
+        // unbind-ok only once the removal is on disk.
+        match seq {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
         }
     }
 
@@ -569,9 +654,33 @@ impl VHost {
                 )));
             }
         }
-        let mut queues = write(&self.queues);
+        let store_error = |e: crate::store::StoreError| {
+            BrokerError::new(
+                ErrorKind::ResourceError,
+                format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
+            )
+        };
+        // Durable, non-exclusive queues keep persistent messages in a store. A new one's store is created
+        // before taking the map lock (its fsyncs would otherwise serialise every declare of the vhost); its
+        // fresh generation makes the directory its own. A saved queue being recovered opens its store under
+        // the lock instead.
+        let stored = self.durability.as_ref().filter(|_| options.durable && !options.exclusive);
+        let mut fresh = None;
+        let mut queues = loop {
+            let queues = write(&self.queues);
+            let Some(d) = stored else { break queues };
+            if fresh.is_some() || queues.contains_key(&name) || d.saved_queue_generation(&self.name, &name).is_some() {
+                break queues;
+            }
+            drop(queues);
+            fresh = Some(d.create_queue_store(&self.name, &name).map_err(store_error)?);
+        };
         if let Some(existing) = queues.get(&name).cloned() {
             drop(queues);
+            if let Some((store, _)) = fresh {
+                // Another declare of the name won the race: this store was never used.
+                let _ = store.destroy();
+            }
             existing.check_owner(owner)?;
             let s = existing.spec();
             if options.exclusive && s.exclusive_owner.is_none() {
@@ -610,23 +719,34 @@ impl VHost {
             args,
         };
         let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        // Durable, non-exclusive queues keep persistent messages in a store (and get back what it holds).
         let mut recovered = RecoveredIndex::new(&spec.args);
-        let store = match self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) {
-            Some(d) => match d.open_queue_store(&self.name, &name, |r| recovered.add(r)) {
-                Ok(store) => Some(store),
-                Err(e) => {
-                    return Err(BrokerError::new(
-                        ErrorKind::ResourceError,
-                        format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
-                    ))
-                }
-            },
-            None => None,
+        let fresh_store = fresh.is_some();
+        let store = match (stored, fresh) {
+            (Some(d), Some((store, generation))) => Some((store, d, generation)),
+            (Some(d), None) => {
+                let (store, generation) =
+                    d.open_queue_store(&self.name, &name, |r| recovered.add(r)).map_err(store_error)?;
+                Some((store, d, generation))
+            }
+            (None, _) => None,
         };
-        let durable = store.is_some();
+        let saved = store.as_ref().map(|(_, d, generation)| {
+            let def = QueueDef {
+                vhost: self.name.clone(),
+                name: name.clone(),
+                auto_delete: spec.auto_delete,
+                arguments: spec.arguments.clone(),
+                generation: *generation,
+            };
+            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
+            (*d, d.record(Change::PutQueue(def)))
+        });
         let recovering = !recovered.is_empty();
+        let is_new = fresh_store;
+        let store = store.map(|(store, _, _)| store);
         let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
+        // Registered before the queue is visible, so no publish can miss it.
+        let unsaved = (is_new && saved.is_some()).then(|| self.add_unsaved(&queue));
         queues.insert(name.clone(), Arc::clone(&queue));
         drop(queues);
         // After the insert: a policy set meanwhile either is seen here or its reapply sees this queue.
@@ -637,10 +757,47 @@ impl VHost {
             queue.dead_letter_over_delivery_limit();
         }
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
-        if durable {
-            self.save_definitions();
+        // declare-ok only once the queue is on disk. If saving fails the queue stays declared in memory
+        // (and is saved by the next save that succeeds); the client's connection is closed with 541.
+        if let Some((d, seq)) = saved {
+            let result = d.commit(seq);
+            if let Some(tx) = unsaved {
+                self.remove_unsaved(&queue, tx, &result);
+            }
+            result?;
         }
         Ok(declared)
+    }
+
+    fn add_unsaved(&self, queue: &Arc<Queue>) -> watch::Sender<BatchState> {
+        let (tx, rx) = watch::channel(None);
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).push((Arc::clone(queue), rx));
+        self.unsaved_count.fetch_add(1, Ordering::SeqCst);
+        tx
+    }
+
+    fn remove_unsaved(&self, queue: &Arc<Queue>, tx: watch::Sender<BatchState>, result: &Result<()>) {
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| {
+            crate::store::StoreError::DefinitionNotSaved(
+                format!("the queue's definition was not saved: {}", e.message).into(),
+            )
+        });
+        tx.send_replace(Some(outcome));
+        self.unsaved.lock().unwrap_or_else(|p| p.into_inner()).retain(|(q, _)| !Arc::ptr_eq(q, queue));
+        self.unsaved_count.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Makes the confirm of a message stored in a queue whose definition is not on disk yet wait for it.
+    fn wait_for_unsaved(&self, queues: &[Arc<Queue>], result: &mut PublishResult) {
+        if self.unsaved_count.load(Ordering::SeqCst) == 0 || result.durable.is_empty() {
+            return;
+        }
+        let unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        for (q, rx) in unsaved.iter() {
+            if queues.iter().any(|t| Arc::ptr_eq(t, q)) {
+                result.durable.push(SyncTicket::for_batch(rx.clone()));
+            }
+        }
     }
 
     /// Creates the queue behind a direct reply-to consumer (`amq.rabbitmq.reply-to`): exclusive to `owner`,
@@ -681,26 +838,54 @@ impl VHost {
         if if_empty && q.message_count() > 0 {
             return Err(BrokerError::precondition(format!("queue '{name}' in vhost '{}' is not empty", self.name)));
         }
-        Ok(self.remove_queue(&q))
+        self.remove_queue_saved(&q)
     }
 
-    /// Removes a queue, its bindings and consumers; returns its ready count.
+    /// Removes a queue, its bindings and consumers; returns its ready count. A failure to save the
+    /// deletion is logged (and raises the disk alarm); the next save that succeeds writes it.
     pub fn remove_queue(&self, queue: &Arc<Queue>) -> u32 {
+        match self.remove_queue_saved(queue) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(queue = queue.name(), error = %e, "cannot save the deletion of a queue");
+                0
+            }
+        }
+    }
+
+    /// [`VHost::remove_queue`], returning once the deletion is on disk.
+    fn remove_queue_saved(&self, queue: &Arc<Queue>) -> Result<u32> {
+        let mut seq = None;
         {
             let mut queues = write(&self.queues);
             match queues.get(queue.name()) {
                 Some(q) if Arc::ptr_eq(q, queue) => {
                     queues.remove(queue.name());
+                    // Under the map lock, so a re-declare of the name is logged after this deletion (and the
+                    // re-declared queue gets a new generation: this queue's files are never its files).
+                    if let Some(d) = self
+                        .durability
+                        .as_ref()
+                        .filter(|_| queue.spec().durable && queue.spec().exclusive_owner.is_none())
+                    {
+                        seq = Some((
+                            d,
+                            d.record(Change::DeleteQueue { vhost: self.name.clone(), name: queue.name().to_owned() }),
+                        ));
+                    }
                 }
-                _ => return 0,
+                _ => return Ok(0),
             }
         }
         let count = queue.mark_deleted();
-        self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
-        if queue.spec().durable && queue.spec().exclusive_owner.is_none() {
-            self.save_definitions();
+        let cascade = self.unbind_everywhere(&Destination::Queue(Arc::clone(queue)));
+        if let Some((d, seq)) = seq {
+            d.commit(seq)?;
+            // The queue's directory is gone: make that durable too.
+            d.sync_parent(&d.queue_dir(&self.name, queue.name(), 0))
+                .map_err(|e| BrokerError::internal(format!("could not save the queue deletion: {e}")))?;
         }
-        count
+        cascade.map(|()| count)
     }
 
     /// Deletes the exclusive queues of a closed connection.
@@ -743,11 +928,11 @@ impl VHost {
                 if let Some(delay) = plugins::requested_delay(&message) {
                     return Ok(match ex.extras().delayed.hold(message, delay) {
                         Ok(ticket) => {
-                            PublishResult { routed: true, rejected: false, durable: ticket.into_iter().collect() }
+                            PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
                         }
                         Err(e) => {
                             tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, durable: Vec::new() }
+                            PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
                         }
                     });
                 }
@@ -858,29 +1043,46 @@ impl VHost {
     }
 
     /// Creates or replaces a policy and applies it to the matching existing queues (saved with the definitions).
+    /// A failure to save it is logged (and raises the disk alarm); the next save that succeeds writes it.
     pub fn set_policy(&self, policy: Policy) {
-        {
+        let seq = {
             let mut all = write(&self.policies);
             all.retain(|p| p.name != policy.name);
+            let def = PolicyDef {
+                vhost: self.name.clone(),
+                name: policy.name.clone(),
+                pattern: policy.pattern.clone(),
+                apply_to: policy.apply_to.as_str().to_owned(),
+                priority: policy.priority,
+                definition: policy.definition.clone(),
+            };
             all.push(policy);
-        }
+            self.durability.as_ref().map(|d| (d, d.record(Change::PutPolicy(def))))
+        };
         self.reapply_policies();
-        self.save_definitions();
+        if let Some(Err(e)) = seq.map(|(d, seq)| d.commit(seq)) {
+            tracing::error!(vhost = %self.name, error = %e, "cannot save a policy");
+        }
     }
 
     /// Deletes a policy (404 if missing); queues it applied to fall back to the next matching one or none.
     pub fn delete_policy(&self, name: &str) -> Result<()> {
-        {
+        let seq = {
             let mut all = write(&self.policies);
             let before = all.len();
             all.retain(|p| p.name != name);
             if all.len() == before {
                 return Err(BrokerError::not_found(format!("no policy '{name}' in vhost '{}'", self.name)));
             }
-        }
+            self.durability
+                .as_ref()
+                .map(|d| (d, d.record(Change::DeletePolicy { vhost: self.name.clone(), name: name.to_owned() })))
+        };
         self.reapply_policies();
-        self.save_definitions();
-        Ok(())
+        match seq {
+            Some((d, seq)) => d.commit(seq),
+            None => Ok(()),
+        }
     }
 
     fn reapply_policies(&self) {
@@ -931,7 +1133,9 @@ impl VHost {
             message.properties = message.properties.clone().with_headers(table);
             message.raw_properties = None;
         }
-        enqueue_all(&queues, message)
+        let mut result = enqueue_all(&queues, message);
+        self.wait_for_unsaved(&queues, &mut result);
+        result
     }
 
     /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange
@@ -1073,8 +1277,15 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
     for q in queues {
         match q.push(Arc::clone(&message)) {
             PushOutcome::Enqueued => {}
-            PushOutcome::Stored(ticket) => result.durable.push(ticket),
+            PushOutcome::Stored(ticket) => {
+                result.durable.push(ticket);
+                result.stored_in.push(Arc::clone(q));
+            }
             PushOutcome::Rejected => result.rejected = true,
+            PushOutcome::Refused => {
+                result.rejected = true;
+                result.refused = true;
+            }
         }
     }
     result

@@ -123,15 +123,17 @@ async fn overdue_messages_fire_at_once_after_a_restart() {
         v.declare_exchange("dx", "x-delayed-message", &options).unwrap();
         durable_queue(&v, "q", "dx");
         let mut results = Vec::new();
+        // Delays long enough that nothing is released before this broker is dropped (a crash): a message
+        // released just before would be released again after the restart, a legitimate duplicate.
         for i in 0..2000 {
-            let headers = table(&[("x-delay", AMQPValue::LongInt(50 + i % 100))]);
+            let headers = table(&[("x-delay", AMQPValue::LongInt(600 + i % 100))]);
             results.push(v.publish("dx", message("dx", &i.to_string(), headers, true)).unwrap());
         }
         for r in results {
             confirmed(r).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let reopened = Instant::now();
     let (_broker, v) = open(&dir);
     let q = v.queue("q", 0).unwrap();

@@ -159,6 +159,10 @@ pub fn queue(v: &VHost, q: &Queue) -> Value {
         "message_bytes": q.message_bytes(),
         "message_bytes_ram": q.held_bytes(),
         "messages_paged_out": q.paged_count(),
+        // Records that failed their checksum, copied to the store's quarantine file and removed.
+        "quarantined": q.quarantined_count(),
+        // Body reads that failed with an I/O error (each retried; the message stayed in the queue).
+        "read_errors": q.read_error_count(),
         "policy": policy_name,
         "effective_policy_definition": effective,
         "type": "classic",

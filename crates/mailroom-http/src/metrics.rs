@@ -53,6 +53,24 @@ pub fn render(broker: &Broker) -> String {
         sync.failures as f64,
     );
     metric("mailroom_fsync_seconds_total", "counter", "Time spent in fsync calls.", sync.fsync_micros as f64 / 1e6);
+    metric(
+        "mailroom_stores_failing",
+        "gauge",
+        "Durable stores that cannot write now (appends nacked, store alarm raised, retrying).",
+        sync.failing_stores as f64,
+    );
+    metric(
+        "mailroom_sync_aborted_rounds_total",
+        "counter",
+        "Group-commit rounds that broke off with a panic (their confirms were nacked).",
+        sync.aborted_rounds as f64,
+    );
+    metric(
+        "mailroom_quarantined_records_total",
+        "counter",
+        "Stored records that failed their checksum, copied to a quarantine file and removed (this process).",
+        mailroom_broker::store::quarantined_records_total() as f64,
+    );
     metric("mailroom_queues", "gauge", "Queues in every vhost.", queues as f64);
     metric("mailroom_consumers", "gauge", "Consumers in every vhost.", consumers as f64);
     metric("mailroom_queue_messages_ready", "gauge", "Messages ready for delivery, all queues.", ready as f64);

@@ -114,6 +114,8 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
             "records_synced": sync.records,
             "sync_failures": sync.failures,
             "fsync_seconds": sync.fsync_micros as f64 / 1e6,
+            "stores_failing": sync.failing_stores,
+            "quarantined_records": mailroom_broker::store::quarantined_records_total(),
         },
     })))
 }

@@ -60,6 +60,7 @@ impl From<BrokerError> for ApiError {
             ErrorKind::AuthenticationFailed => StatusCode::UNAUTHORIZED,
             ErrorKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::ResourceError => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.message)
     }

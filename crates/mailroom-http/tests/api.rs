@@ -365,3 +365,68 @@ async fn definitions_import_keeps_existing_objects_and_overwrites_policies() {
     let reason = e["reason"].as_str().unwrap();
     assert!(reason.contains("b1") && !reason.contains("b2"), "{reason}");
 }
+
+/// Issue 13 item 2: a stored record that fails its checksum is quarantined, and counted in the queue's
+/// `quarantined` field and in `mailroom_quarantined_records_total`.
+#[tokio::test]
+async fn quarantined_records_are_counted_in_the_queue_and_the_metrics() {
+    let dir = std::env::temp_dir().join(format!("mailroom-http-quarantine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let open = || Broker::open(BrokerConfig { data_dir: Some(dir.clone()), ..BrokerConfig::default() }).unwrap();
+    {
+        let broker = open();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("cq", &QueueOptions { durable: true, ..Default::default() }, 1).unwrap();
+        let props = BasicProperties::default().with_delivery_mode(2);
+        for body in ["good-1", "spoil-me", "good-2"] {
+            let result = v.publish("", Message::new("", "cq", props.clone(), Bytes::from(body))).unwrap();
+            for t in result.durable {
+                t.wait().await.unwrap();
+            }
+        }
+        broker.flush_stores().await;
+    }
+    // Reopened, every body is on disk; damage one of them there.
+    let broker = open();
+    let segment = walk(&dir.join("msgs"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .find(|p| std::fs::read(p).unwrap().windows(8).any(|w| w == b"spoil-me"))
+        .expect("the segment holding the record");
+    let mut data = std::fs::read(&segment).unwrap();
+    let at = data.windows(8).position(|w| w == b"spoil-me").unwrap();
+    data[at] = b'S';
+    std::fs::write(&segment, &data).unwrap();
+    let server = HttpServer::bind(broker.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(server.run(std::future::pending()));
+
+    let q = broker.vhost("/").unwrap().queue("cq", 1).unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = q.get(true) {
+        got.push(String::from_utf8_lossy(&m.message.body).into_owned());
+    }
+    assert_eq!(got, vec!["good-1", "good-2"]);
+    let (status, json) = get(addr, "/api/queues/%2F/cq").await;
+    assert_eq!(status, 200);
+    assert_eq!(json["quarantined"], 1, "{json}");
+    assert_eq!(json["read_errors"], 0, "{json}");
+    let (_, _, text) = scrape(addr, "/metrics").await;
+    assert!(sample(&text, "mailroom_quarantined_records_total") >= 1.0, "{text}");
+    assert_eq!(sample(&text, "mailroom_stores_failing"), 0.0);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -33,7 +33,12 @@ impl TestServer {
 
     /// A server whose configuration `tweak` may change (consumer timeout, heartbeat, frame_max…).
     pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
-        let broker = Broker::open(BrokerConfig::default()).expect("broker opens");
+        Self::start_on(Broker::open(BrokerConfig::default()).expect("broker opens"), tweak).await
+    }
+
+    /// A server in front of `broker` (e.g. one with a data directory), configured by `tweak`.
+    #[allow(dead_code)]
+    pub async fn start_on(broker: Broker, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let mut config = ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() };
         tweak(&mut config);
         let server = AmqpServer::bind(broker.clone(), config).await.expect("server binds");

@@ -1,6 +1,8 @@
-//! Broker definitions (vhosts, users, exchanges, durable queues, bindings), saved atomically.
+//! Broker definitions (vhosts, users, exchanges, durable queues, bindings) and their encoding.
 //!
-//! The file is small and rewritten whole on every change: write `definitions.tmp`, fsync it,
+//! The broker now keeps them in an append-only log ([`super::definitions_log`]); this module keeps the
+//! previous format, a snapshot file read once to upgrade a data directory written by an older version.
+//! That file was small and rewritten whole on every change: write `definitions.tmp`, fsync it,
 //! rename it over `definitions.bin`, fsync the directory. A crash leaves either the old or the new
 //! file, never a mix. Layout: magic `MRDEFS01` (8 bytes), payload length (u64), CRC32 of the payload
 //! (u32), payload. Argument tables use a small self-describing encoding that keeps every AMQP field
@@ -54,6 +56,9 @@ pub struct ExchangeDef {
     pub internal: bool,
     /// Declaration arguments, kept exactly.
     pub arguments: FieldTable,
+    /// Which incarnation of the name this is: names its store directory, so a deleted exchange's files
+    /// are never a re-declared one's (0 = the directory of files written before generations existed).
+    pub generation: u64,
 }
 
 /// A durable, non-exclusive queue.
@@ -67,6 +72,9 @@ pub struct QueueDef {
     pub auto_delete: bool,
     /// Declaration arguments (`x-message-ttl`, `x-dead-letter-exchange`, ...), kept exactly.
     pub arguments: FieldTable,
+    /// Which incarnation of the name this is: names its segment directory, so a deleted queue's files are
+    /// never a re-declared one's (0 = the directory of files written before generations existed).
+    pub generation: u64,
 }
 
 /// What a binding points at.
@@ -263,13 +271,14 @@ impl Definitions {
                 auto_delete: flags & 1 != 0,
                 internal: flags & 2 != 0,
                 arguments,
+                generation: 0,
             });
         }
         for _ in 0..r.count()? {
             let (vhost, name) = (r.str()?, r.str()?);
             let auto_delete = r.u8()? != 0;
             let arguments = r.table(0)?;
-            d.queues.push(QueueDef { vhost, name, auto_delete, arguments });
+            d.queues.push(QueueDef { vhost, name, auto_delete, arguments, generation: 0 });
         }
         for _ in 0..r.count()? {
             let (vhost, source, destination) = (r.str()?, r.str()?, r.str()?);
@@ -302,20 +311,20 @@ impl Definitions {
     }
 }
 
-fn put_u32(w: &mut Vec<u8>, n: usize) {
+pub(crate) fn put_u32(w: &mut Vec<u8>, n: usize) {
     w.extend_from_slice(&(n as u32).to_le_bytes());
 }
 
-fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
     put_u32(w, b.len());
     w.extend_from_slice(b);
 }
 
-fn put_str(w: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(w: &mut Vec<u8>, s: &str) {
     put_bytes(w, s.as_bytes());
 }
 
-fn put_table(w: &mut Vec<u8>, t: &FieldTable) {
+pub(crate) fn put_table(w: &mut Vec<u8>, t: &FieldTable) {
     put_u32(w, t.inner().len());
     for (k, v) in t.inner() {
         put_str(w, k.as_str());
@@ -393,43 +402,44 @@ fn put_value(w: &mut Vec<u8>, v: &AMQPValue) {
     }
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Decodes the payload encoding; every read checks bounds, so no input can make it panic.
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or("truncated")?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], &'static str> {
+    pub(crate) fn arr<const N: usize>(&mut self) -> Result<[u8; N], &'static str> {
         self.take(N)?.try_into().map_err(|_| "truncated")
     }
-    fn u8(&mut self) -> Result<u8, &'static str> {
+    pub(crate) fn u8(&mut self) -> Result<u8, &'static str> {
         Ok(self.arr::<1>()?[0])
     }
-    fn u32(&mut self) -> Result<u32, &'static str> {
+    pub(crate) fn u32(&mut self) -> Result<u32, &'static str> {
         Ok(u32::from_le_bytes(self.arr()?))
     }
     /// A count, checked against the bytes left so garbage cannot trigger a huge allocation loop.
-    fn count(&mut self) -> Result<usize, &'static str> {
+    pub(crate) fn count(&mut self) -> Result<usize, &'static str> {
         let n = self.u32()? as usize;
         if n > self.buf.len() - self.pos {
             return Err("count exceeds data");
         }
         Ok(n)
     }
-    fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], &'static str> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    fn str(&mut self) -> Result<String, &'static str> {
+    pub(crate) fn str(&mut self) -> Result<String, &'static str> {
         std::str::from_utf8(self.bytes()?).map(str::to_owned).map_err(|_| "string not UTF-8")
     }
-    fn table(&mut self, depth: usize) -> Result<FieldTable, &'static str> {
+    pub(crate) fn table(&mut self, depth: usize) -> Result<FieldTable, &'static str> {
         if depth > MAX_DEPTH {
             return Err("nesting too deep");
         }
@@ -530,8 +540,15 @@ mod tests {
                 auto_delete: false,
                 internal: true,
                 arguments: every_value(),
+                generation: 0,
             }],
-            queues: vec![QueueDef { vhost: "/".into(), name: "orders".into(), auto_delete: false, arguments: args }],
+            queues: vec![QueueDef {
+                vhost: "/".into(),
+                name: "orders".into(),
+                auto_delete: false,
+                arguments: args,
+                generation: 0,
+            }],
             policies: vec![PolicyDef {
                 vhost: "/".into(),
                 name: "cap".into(),

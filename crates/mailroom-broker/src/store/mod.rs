@@ -26,6 +26,7 @@
 
 pub mod ack_log;
 pub mod definitions;
+pub mod definitions_log;
 pub mod queue_store;
 pub mod record;
 pub mod segment;
@@ -35,7 +36,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use definitions::{BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef};
-pub use queue_store::{Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig, Truncated};
+pub use definitions_log::{Change, DefinitionsLog};
+pub use queue_store::{
+    quarantined_records_total, Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig,
+    Truncated,
+};
 pub use record::StoredMessage;
 pub use syncer::{SyncStats, SyncTicket, Syncer, SyncerConfig};
 
@@ -62,10 +67,14 @@ pub enum StoreError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    /// An fsync failed earlier: the kernel may have dropped dirty pages, so the store refuses further
-    /// writes until it is reopened with [`QueueStore::recover`].
-    #[error("store poisoned by an earlier fsync failure: {0}")]
-    Poisoned(Arc<str>),
+    /// The store was closed (its queue deleted): it takes no more writes. (A failed fsync no longer closes
+    /// a store: it fails that round and the store retries, see [`queue_store`].)
+    #[error("store closed: {0}")]
+    Closed(Arc<str>),
+    /// The definition of the queue holding the record could not be saved, so the record may not
+    /// outlive a crash (its confirm is a nack).
+    #[error("{0}")]
+    DefinitionNotSaved(Arc<str>),
     /// A record read back did not check (CRC, magic or encoding).
     #[error("corrupt record in {path} at offset {offset}: {reason}")]
     Corrupt {
@@ -114,6 +123,12 @@ impl StoreError {
         } else {
             StoreError::Io { op, path: path.into(), source: Arc::new(err) }
         }
+    }
+
+    /// Whether the record itself is bad (checksum, magic, encoding) or absent: no retry can help, so the
+    /// reader quarantines it. Every other error (I/O, a short read, a full disk) is worth a retry.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. } | StoreError::NotFound { .. })
     }
 
     /// Whether this is a full disk, i.e. the caller should block publishers rather than give up.

@@ -11,8 +11,15 @@
 //!   tickets of that round (nack those publishers), keeps the bytes in memory and retries after a
 //!   backoff. Meanwhile `append` fails fast with the same error, so nothing more piles up. A record
 //!   whose ticket failed may still be written by a later retry: at-least-once, never corruption.
-//! - An fsync error poisons the store (Linux may have dropped the dirty pages): everything fails
-//!   until the directory is reopened with [`QueueStore::recover`].
+//! - An fsync error fails the tickets of that round and marks the store failing (appends fail fast,
+//!   the broker raises its store alarm). Linux may have dropped the dirty pages and reports the error
+//!   only once per descriptor, so retrying the fsync proves nothing: the retry round reopens every
+//!   segment written since the last good fsync and writes those bytes again (kept in memory until
+//!   then) before fsyncing. The store is writable again after the first round that succeeds; no
+//!   restart is needed. Ack-log writes of a failed round are fsynced again (at worst a power loss
+//!   brings their messages back once, as DESIGN.md allows).
+//! - A segment that cannot be created when the store rolls (EMFILE, ENOSPC, EIO) fails that append
+//!   and marks the store failing; the syncer retries the roll after its backoff.
 
 use super::ack_log::{self, AckKind};
 use super::record::{self, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
@@ -33,6 +40,17 @@ const ACK_FILE_CACHE: usize = 8;
 /// Default for [`StoreConfig::ack_sync_interval`]: at most this much of acks and delivery marks can come
 /// back after a power loss, while a busy store pays one ack-log fsync per 100 ms instead of one per round.
 pub const DEFAULT_ACK_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Name of the file in a store's directory where records that fail their checksum are copied.
+pub const QUARANTINE_FILE: &str = "quarantine";
+
+/// Records quarantined by every store of this process (`mailroom_quarantined_records_total`).
+static QUARANTINED_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records quarantined by every store of this process since it started.
+pub fn quarantined_records_total() -> u64 {
+    QUARANTINED_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Settings of one queue store.
 #[derive(Debug, Clone)]
@@ -135,6 +153,8 @@ pub struct RecoveryReport {
     pub bytes_scanned: u64,
     /// Intact records found (settled or not).
     pub records: u64,
+    /// Damaged records (and CRC-valid ones that do not decode) copied to the quarantine file.
+    pub quarantined: u64,
 }
 
 #[derive(Debug, Default)]
@@ -167,7 +187,21 @@ struct Inner {
     /// The queue was deleted ([`QueueStore::destroy`]): rounds have nothing to do.
     destroyed: bool,
     dir_dirty: bool,
+    /// The last round (or roll) failed: appends fail fast with this until a round succeeds.
     write_error: Option<StoreError>,
+    /// The write of the current round failed (as opposed to its fsync).
+    round_write_failed: bool,
+    /// An fsync failed: the next round reopens and rewrites `written_unsynced` before fsyncing.
+    reopen: bool,
+    /// Segment bytes written since the last successful fsync round: (segment, offset, bytes).
+    written_unsynced: Vec<(u32, u64, Arc<Vec<u8>>)>,
+    /// Ack logs handed to the round in progress, owed again if its fsync fails.
+    acks_in_round: Vec<(Arc<dyn StoreFile>, PathBuf)>,
+    /// The active segment is full and its successor could not be created yet.
+    needs_roll: bool,
+    /// This store counts itself in the syncer's failing stores (see [`SyncerHandle::set_failing`]).
+    counted_failing: bool,
+    /// Only set by [`QueueStore::destroy`]: the queue is gone, nothing is written any more.
     poisoned: Option<StoreError>,
     read_cache: Option<(u32, Arc<dyn StoreFile>)>,
     ack_files: VecDeque<(u32, Arc<dyn StoreFile>)>,
@@ -179,6 +213,8 @@ struct Shared {
     io: Arc<dyn StoreIo>,
     syncer: SyncerHandle,
     me: Weak<Shared>,
+    /// Records recovery copied to the quarantine file (the queue counts them in its `quarantined`).
+    recovered_quarantined: u64,
     inner: Mutex<Inner>,
 }
 
@@ -248,8 +284,11 @@ impl QueueStore {
             let seg_path = segment::segment_path(dir, seq);
             let ack_path = segment::ack_path(dir, seq);
             if !has_seg {
-                // An ack log whose segment was deleted (crash between the two unlinks).
-                std::fs::remove_file(&ack_path).map_err(io_err("removing", &ack_path))?;
+                // An ack log whose segment was deleted (crash between the two unlinks). If it cannot go now,
+                // the next recovery tries again; it names no segment, so it does no harm meanwhile.
+                if let Err(e) = io.remove_file(&ack_path) {
+                    tracing::warn!(path = %ack_path.display(), error = %e, "cannot remove a stray ack log");
+                }
                 dir_dirty = true;
                 continue;
             }
@@ -282,7 +321,13 @@ impl QueueStore {
             report.bytes_scanned += data.len() as u64;
             let scan = record::scan(&data);
             for d in &scan.damaged {
-                tracing::warn!(path = %seg_path.display(), offset = d.offset, reason = d.reason, "skipping damaged record");
+                tracing::warn!(path = %seg_path.display(), offset = d.offset, reason = d.reason, "damaged record quarantined");
+                let bytes = data.get(d.offset..d.offset + d.len).unwrap_or_default();
+                let place = SegmentPos { segment: seq, offset: d.offset as u32 };
+                if let Err(e) = quarantine_bytes(&*io, dir, "(recovery)", place, d.reason, bytes, !config.ephemeral) {
+                    tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
+                }
+                report.quarantined += 1;
                 report.damaged.push(Damaged {
                     path: seg_path.clone(),
                     offset: d.offset as u64,
@@ -319,9 +364,17 @@ impl QueueStore {
                         redelivered: ack.delivered.contains_key(&id),
                     }),
                     Err(reason) => {
-                        // CRC-valid but undecodable: written by a different format; count it as
-                        // settled so the segment can still be deleted.
+                        // CRC-valid but undecodable: written by a different format; quarantined, then
+                        // counted as settled so the segment can still be deleted.
                         meta.settled += 1;
+                        let bytes = &data[r.offset..r.offset + r.header.record_len()];
+                        let place = SegmentPos { segment: seq, offset: r.offset as u32 };
+                        if let Err(e) =
+                            quarantine_bytes(&*io, dir, "(recovery)", place, reason, bytes, !config.ephemeral)
+                        {
+                            tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
+                        }
+                        report.quarantined += 1;
                         report.damaged.push(Damaged {
                             path: seg_path.clone(),
                             offset: r.offset as u64,
@@ -332,7 +385,8 @@ impl QueueStore {
                 }
             }
             if meta.settled >= meta.records {
-                remove_files(dir, seq);
+                // A failed unlink leaves a settled segment that the next recovery deletes.
+                remove_files(&*io, dir, seq);
                 report.deleted_segments += 1;
                 dir_dirty = true;
             } else {
@@ -365,6 +419,12 @@ impl QueueStore {
             destroyed: false,
             dir_dirty: false,
             write_error: None,
+            round_write_failed: false,
+            reopen: false,
+            written_unsynced: Vec::new(),
+            acks_in_round: Vec::new(),
+            needs_roll: false,
+            counted_failing: false,
             poisoned: None,
             read_cache: None,
             ack_files: VecDeque::new(),
@@ -375,6 +435,7 @@ impl QueueStore {
             io,
             syncer,
             me: me.clone(),
+            recovered_quarantined: report.quarantined,
             inner: Mutex::new(inner),
         });
         Ok((QueueStore { shared }, report))
@@ -401,7 +462,15 @@ impl QueueStore {
         }
         let end = inner.active.end();
         if end > 0 && end + len as u64 > s.config.segment_size {
-            s.roll(&mut inner)?;
+            if let Err(e) = s.roll(&mut inner) {
+                // EMFILE, ENOSPC, EIO on creating the next segment: fail fast until a syncer retry rolls.
+                tracing::error!(dir = %s.dir.display(), error = %e, "cannot create the next segment; retrying");
+                inner.write_error = Some(e.clone());
+                inner.needs_roll = true;
+                s.update_health(&mut inner);
+                let _ = s.ensure_registered(&mut inner);
+                return Err(e);
+            }
         }
         let offset = inner.active.end() as u32;
         let seq = inner.active.seq;
@@ -587,14 +656,20 @@ impl QueueStore {
     pub fn sync(&self) -> SyncTicket {
         let s = &*self.shared;
         let mut inner = s.lock();
+        if let (true, Some(e)) = (inner.destroyed, &inner.poisoned) {
+            return SyncTicket::ready(Err(e.clone()));
+        }
         if !inner.unsynced_acks.is_empty() {
             inner.force_ack_sync = true;
         }
         if let Some(b) = &inner.batch {
             return SyncTicket::for_batch(b.subscribe());
         }
+        // A failing store owes the retry round too: bytes written since the last good fsync are not durable.
         let owes = !inner.unsynced.is_empty()
             || !inner.unsynced_acks.is_empty()
+            || !inner.written_unsynced.is_empty()
+            || inner.write_error.is_some()
             || inner.dir_dirty
             || inner.active.has_pending()
             || inner.sealed_writers.iter().any(|w| w.has_pending());
@@ -609,6 +684,45 @@ impl QueueStore {
             return SyncTicket::ready(Err(e));
         }
         ticket
+    }
+
+    /// Copies the record at `pos` (as many of its bytes as can be read) to the store's quarantine file,
+    /// after a line naming the queue, segment, offset, length and `reason`, and counts it. The caller then
+    /// settles the record: it failed its checksum, so no retry can bring it back, but it is never
+    /// dropped without a copy an operator can inspect. Returns the quarantine file's path.
+    pub fn quarantine(&self, queue: &str, pos: SegmentPos, reason: &str) -> StoreResult<PathBuf> {
+        let s = &*self.shared;
+        let raw = self.raw_record(pos);
+        quarantine_bytes(&*s.io, &s.dir, queue, pos, reason, &raw, !s.config.ephemeral)
+    }
+
+    /// Records the recovery that opened this store copied to the quarantine file.
+    pub fn quarantined_at_recovery(&self) -> u64 {
+        self.shared.recovered_quarantined
+    }
+
+    /// The bytes of the record at `pos` as they are (header and the length it claims, bounded by the file and
+    /// the largest record); empty if nothing can be read.
+    fn raw_record(&self, pos: SegmentPos) -> Vec<u8> {
+        let s = &*self.shared;
+        let path = segment::segment_path(&s.dir, pos.segment);
+        let Ok(file) = s.io.open(&path, false) else { return Vec::new() };
+        let file_len = file.file_len().unwrap_or(0);
+        let offset = pos.offset as u64;
+        if offset >= file_len {
+            return Vec::new();
+        }
+        let mut hdr = vec![0u8; HEADER_LEN.min((file_len - offset) as usize)];
+        if file.read_exact_at(&mut hdr, offset).is_err() {
+            return Vec::new();
+        }
+        let claimed = record::parse_header(&hdr).map_or(hdr.len() as u64, |h| h.record_len() as u64);
+        let len = claimed.min((HEADER_LEN + MAX_PAYLOAD) as u64).min(file_len - offset) as usize;
+        let mut rec = vec![0u8; len];
+        match file.read_exact_at(&mut rec, offset) {
+            Ok(()) => rec,
+            Err(_) => hdr,
+        }
     }
 
     /// Number of segments on disk (for tests and stats).
@@ -627,22 +741,54 @@ impl QueueStore {
         let s = &*self.shared;
         {
             let mut inner = s.lock();
-            inner.poisoned = Some(StoreError::Poisoned("queue deleted".into()));
+            inner.poisoned = Some(StoreError::Closed("queue deleted".into()));
             inner.destroyed = true;
+            s.update_health(&mut inner);
             inner.active.buf.clear();
             inner.sealed_writers.clear();
             if let Some(b) = inner.batch.take() {
-                b.send_replace(Some(Err(StoreError::Poisoned("queue deleted".into()))));
+                b.send_replace(Some(Err(StoreError::Closed("queue deleted".into()))));
             }
         }
         std::fs::remove_dir_all(&s.dir).map_err(io_err("removing", &s.dir))
     }
 }
 
-fn remove_files(dir: &Path, seq: u32) -> bool {
+/// Appends `bytes` (a damaged record as found) to `dir`'s quarantine file after a line naming the queue, place,
+/// length and reason, fsynced when `durable`, and counts it in [`quarantined_records_total`].
+fn quarantine_bytes(
+    io: &dyn StoreIo,
+    dir: &Path,
+    queue: &str,
+    pos: SegmentPos,
+    reason: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> StoreResult<PathBuf> {
+    QUARANTINED_TOTAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let target = dir.join(QUARANTINE_FILE);
+    let mut entry = format!(
+        "queue={queue:?} segment={} offset={} len={} reason={reason:?}\n",
+        pos.segment,
+        pos.offset,
+        bytes.len()
+    )
+    .into_bytes();
+    entry.extend_from_slice(bytes);
+    entry.push(b'\n');
+    let file = io.open(&target, true).map_err(io_err("opening", &target))?;
+    let end = file.file_len().map_err(io_err("reading", &target))?;
+    file.write_all_at(&entry, end).map_err(io_err("writing", &target))?;
+    if durable {
+        file.sync_data().map_err(io_err("fsyncing", &target))?;
+    }
+    Ok(target)
+}
+
+fn remove_files(io: &dyn StoreIo, dir: &Path, seq: u32) -> bool {
     // Segment first: a leftover ack log without its segment is harmless and cleaned at recovery.
     let seg = segment::segment_path(dir, seq);
-    match std::fs::remove_file(&seg) {
+    match io.remove_file(&seg) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
@@ -650,7 +796,7 @@ fn remove_files(dir: &Path, seq: u32) -> bool {
             return false;
         }
     }
-    let _ = std::fs::remove_file(segment::ack_path(dir, seq));
+    let _ = io.remove_file(&segment::ack_path(dir, seq));
     true
 }
 
@@ -675,6 +821,15 @@ impl Inner {
             Some(&mut self.active)
         } else {
             self.sealed_writers.iter_mut().find(|w| w.seq == seq)
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        if inner.counted_failing {
+            self.syncer.set_failing(false, None);
         }
     }
 }
@@ -721,7 +876,7 @@ impl Shared {
     }
 
     fn delete_segment(&self, inner: &mut Inner, seq: u32) -> bool {
-        if !remove_files(&self.dir, seq) {
+        if !remove_files(&*self.io, &self.dir, seq) {
             return false;
         }
         inner.segs.remove(&seq);
@@ -732,6 +887,45 @@ impl Shared {
         }
         inner.dir_dirty = true;
         true
+    }
+
+    /// After a failed fsync: reopens each segment written since the last good round and writes those bytes
+    /// again at their offsets, adding the fresh descriptors to the round's fsyncs.
+    fn rewrite_unsynced(&self, inner: &mut Inner, job: &mut SyncJob) -> StoreResult<()> {
+        let ranges = inner.written_unsynced.clone();
+        let mut seqs: Vec<u32> = ranges.iter().map(|r| r.0).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        for seq in seqs {
+            if !inner.segs.contains_key(&seq) {
+                continue; // settled and deleted meanwhile: nothing to keep
+            }
+            let path = segment::segment_path(&self.dir, seq);
+            let file = self.io.open(&path, false).map_err(io_err("reopening", &path))?;
+            for (_, at, data) in ranges.iter().filter(|r| r.0 == seq) {
+                file.write_all_at(data, *at).map_err(io_err("rewriting", &path))?;
+            }
+            if let Some(w) = inner.writer_mut(seq) {
+                w.file = file.clone();
+            }
+            if inner.read_cache.as_ref().is_some_and(|(s, _)| *s == seq) {
+                inner.read_cache = None;
+            }
+            push_unsynced(&mut job.files, &file, &path);
+        }
+        // Ack logs too get fresh descriptors from now on.
+        inner.ack_files.clear();
+        inner.reopen = false;
+        Ok(())
+    }
+
+    /// Tells the syncer whether this store is failing (it raises the store alarm while any is).
+    fn update_health(&self, inner: &mut Inner) {
+        let failing = inner.write_error.is_some() && inner.poisoned.is_none();
+        if failing != inner.counted_failing {
+            inner.counted_failing = failing;
+            self.syncer.set_failing(failing, inner.write_error.as_ref());
+        }
     }
 
     fn ack_file(&self, inner: &mut Inner, seq: u32) -> StoreResult<Arc<dyn StoreFile>> {
@@ -841,12 +1035,34 @@ impl SyncTarget for Shared {
             inner.acks_synced_at = Instant::now();
             inner.force_ack_sync = false;
         }
+        inner.acks_in_round = job.files.clone();
         if std::mem::take(&mut inner.dir_dirty) && !self.config.ephemeral {
             job.dir = Some((self.io.clone(), self.dir.clone()));
         }
+        inner.round_write_failed = false;
         if inner.poisoned.is_some() {
             job.write_error = inner.poisoned.clone();
             return job;
+        }
+        // Retries of earlier failures first: rewrite what an failed fsync may have lost, create the segment
+        // a failed roll could not.
+        let retried = if inner.reopen { self.rewrite_unsynced(&mut inner, &mut job) } else { Ok(()) };
+        let retried = retried.and_then(|()| if inner.needs_roll { self.roll(&mut inner) } else { Ok(()) });
+        match retried {
+            Ok(()) => inner.needs_roll = false,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "store retry failed; retrying later");
+                for (f, p) in std::mem::take(&mut job.files) {
+                    push_unsynced(&mut inner.unsynced, &f, &p);
+                }
+                if job.dir.take().is_some() {
+                    inner.dir_dirty = true;
+                }
+                inner.round_write_failed = true;
+                inner.write_error = Some(e.clone());
+                job.write_error = Some(e);
+                return job;
+            }
         }
         // Take every buffer, oldest segment first, so a failure leaves no later data on file.
         let mut work = Vec::new();
@@ -872,10 +1088,12 @@ impl SyncTarget for Shared {
         }
 
         let mut inner = self.lock();
-        for (i, (seq, file, path, _, data)) in work.into_iter().enumerate() {
+        for (i, (seq, file, path, at, data)) in work.into_iter().enumerate() {
             let ok = failed_at.is_none_or(|f| i < f);
             if ok && !self.config.ephemeral {
                 push_unsynced(&mut job.files, &file, &path);
+                // Kept until an fsync covers it: a failed fsync means writing it again (see `rewrite_unsynced`).
+                inner.written_unsynced.push((seq, at, data.clone()));
             }
             let Some(w) = inner.writer_mut(seq) else {
                 continue;
@@ -899,9 +1117,41 @@ impl SyncTarget for Shared {
             if job.dir.take().is_some() {
                 inner.dir_dirty = true;
             }
+            inner.round_write_failed = true;
             inner.write_error = Some(e.clone());
         }
         job
+    }
+
+    fn abort(&self, error: StoreError) -> AfterRound {
+        let mut inner = self.lock();
+        inner.registered = false;
+        if inner.destroyed {
+            return AfterRound::Done;
+        }
+        // The round broke off somewhere in flush or fsync: put bytes taken for writing back in front of the
+        // buffer (positions stay valid), and rewrite and fsync everything since the last good round.
+        let Inner { active, sealed_writers, .. } = &mut *inner;
+        for w in sealed_writers.iter_mut().chain(std::iter::once(active)) {
+            if let Some(data) = w.inflight.take() {
+                let mut back = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
+                back.append(&mut w.buf);
+                w.buf = back;
+            }
+        }
+        let acks = std::mem::take(&mut inner.acks_in_round);
+        for (f, p) in acks {
+            push_unsynced(&mut inner.unsynced_acks, &f, &p);
+        }
+        inner.reopen = true;
+        inner.dir_dirty = true;
+        inner.write_error = Some(error.clone());
+        for b in [inner.completing.take(), inner.batch.take()].into_iter().flatten() {
+            b.send_replace(Some(Err(error.clone())));
+        }
+        inner.batch_records = 0;
+        self.update_health(&mut inner);
+        AfterRound::Retry
     }
 
     fn synced(&self, _records: u64, result: Result<(), StoreError>) -> AfterRound {
@@ -910,19 +1160,32 @@ impl SyncTarget for Shared {
             return AfterRound::Done;
         }
         let batch = inner.completing.take();
+        let acks = std::mem::take(&mut inner.acks_in_round);
         let retry = match &result {
             Ok(()) => {
-                inner.write_error = None;
+                if inner.write_error.take().is_some() {
+                    tracing::info!(dir = %self.dir.display(), "store writable again");
+                }
+                inner.written_unsynced.clear();
                 false
             }
             Err(_) if inner.poisoned.is_some() => false,
-            Err(_) if inner.write_error.is_some() => true,
+            Err(_) if inner.round_write_failed => true,
             Err(e) => {
-                tracing::error!(dir = %self.dir.display(), error = %e, "fsync failed; store poisoned");
-                inner.poisoned = Some(StoreError::Poisoned(e.to_string().into()));
-                false
+                // The fsync failed: the kernel may have dropped the dirty pages. Rewrite and fsync again through
+                // fresh descriptors; meanwhile appends fail fast.
+                tracing::error!(dir = %self.dir.display(), error = %e, "fsync failed; rewriting unsynced data");
+                inner.write_error = Some(e.clone());
+                inner.reopen = true;
+                inner.dir_dirty = true;
+                for (f, p) in acks {
+                    push_unsynced(&mut inner.unsynced_acks, &f, &p);
+                }
+                inner.force_ack_sync = true;
+                true
             }
         };
+        self.update_health(&mut inner);
         if let Some(b) = batch {
             b.send_replace(Some(result));
         }
@@ -965,20 +1228,78 @@ pub(crate) mod tests {
     use crate::store::syncer::SyncerConfig;
     use std::collections::HashMap;
     use std::io;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
     use std::sync::Condvar;
     use std::time::Duration;
+
+    /// EIO, ENOSPC and EMFILE: the errors the fault-injection tests cycle through.
+    pub(crate) const EIO: i32 = 5;
+    pub(crate) const ENOSPC: i32 = 28;
+    pub(crate) const EMFILE: i32 = 24;
+    /// A `*_errno` value that makes a read come back short (UnexpectedEof) instead of failing with an errno.
+    pub(crate) const SHORT_READ: i32 = -1;
 
     /// Fault injection and fsync observation over the real file system.
     #[derive(Debug, Default)]
     pub(crate) struct Faults {
         pub fail_writes: AtomicBool,
         pub fail_sync: AtomicBool,
+        /// Non-zero: every open fails with this errno.
+        pub open_errno: AtomicI32,
+        /// Non-zero: every read fails with this errno ([`SHORT_READ`]: comes back short).
+        pub read_errno: AtomicI32,
+        /// Non-zero: every write fails with this errno (after writing half, as a failing disk does).
+        pub write_errno: AtomicI32,
+        /// Non-zero: every file fsync fails with this errno.
+        pub sync_errno: AtomicI32,
+        /// Non-zero: every directory fsync fails with this errno.
+        pub dir_sync_errno: AtomicI32,
+        /// Non-zero: every unlink fails with this errno.
+        pub remove_errno: AtomicI32,
+        /// A file fsync panics (a bug or a broken thread in the syncer's round).
+        pub panic_sync: AtomicBool,
+        /// An injected fsync error also loses what was written since the file's last good fsync (as Linux
+        /// may: it drops the dirty pages and reports the error once).
+        pub lose_unsynced: AtomicBool,
+        /// Faults apply only to paths under this directory (None: everywhere).
+        pub only_under: Mutex<Option<PathBuf>>,
         pub gate_closed: Mutex<bool>,
         pub gate: Condvar,
         /// Highest byte written per file, and the value it had at the file's last fsync.
         pub written: Mutex<HashMap<PathBuf, u64>>,
         pub synced: Mutex<HashMap<PathBuf, u64>>,
+    }
+
+    impl Faults {
+        /// The injected error for `path` if `errno` is armed and the path is in scope.
+        pub(crate) fn injected(&self, errno: &AtomicI32, path: &Path) -> Option<io::Error> {
+            let n = errno.load(Ordering::SeqCst);
+            if n == 0 || self.only_under.lock().unwrap().as_ref().is_some_and(|d| !path.starts_with(d)) {
+                return None;
+            }
+            Some(if n == SHORT_READ {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "failed to fill whole buffer")
+            } else {
+                io::Error::from_raw_os_error(n)
+            })
+        }
+
+        /// Disarms every injected error.
+        pub(crate) fn clear(&self) {
+            for e in [
+                &self.open_errno,
+                &self.read_errno,
+                &self.write_errno,
+                &self.sync_errno,
+                &self.dir_sync_errno,
+                &self.remove_errno,
+            ] {
+                e.store(0, Ordering::SeqCst);
+            }
+            self.fail_writes.store(false, Ordering::SeqCst);
+            self.fail_sync.store(false, Ordering::SeqCst);
+            self.panic_sync.store(false, Ordering::SeqCst);
+        }
     }
 
     #[derive(Debug)]
@@ -993,6 +1314,10 @@ pub(crate) mod tests {
 
     impl StoreFile for FaultFile {
         fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if let Some(e) = self.f.injected(&self.f.write_errno, &self.path) {
+                self.inner.write_all_at(&buf[..buf.len() / 2], offset)?;
+                return Err(e);
+            }
             if self.f.fail_writes.load(Ordering::SeqCst) {
                 // A partial write, then ENOSPC: what a filling disk does.
                 self.inner.write_all_at(&buf[..buf.len() / 2], offset)?;
@@ -1005,6 +1330,9 @@ pub(crate) mod tests {
             Ok(())
         }
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            if let Some(e) = self.f.injected(&self.f.read_errno, &self.path) {
+                return Err(e);
+            }
             self.inner.read_exact_at(buf, offset)
         }
         fn sync_data(&self) -> io::Result<()> {
@@ -1015,6 +1343,16 @@ pub(crate) mod tests {
             drop(closed);
             if self.f.fail_sync.load(Ordering::SeqCst) {
                 return Err(io::Error::from_raw_os_error(5));
+            }
+            if let Some(e) = self.f.injected(&self.f.sync_errno, &self.path) {
+                if self.f.lose_unsynced.load(Ordering::SeqCst) {
+                    let synced = self.f.synced.lock().unwrap().get(&self.path).copied().unwrap_or(0);
+                    self.inner.set_len(synced)?;
+                }
+                return Err(e);
+            }
+            if self.f.panic_sync.load(Ordering::SeqCst) {
+                panic!("injected panic in fsync of {}", self.path.display());
             }
             self.inner.sync_data()?;
             let w = self.f.written.lock().unwrap().get(&self.path).copied().unwrap_or(0);
@@ -1033,10 +1371,22 @@ pub(crate) mod tests {
 
     impl StoreIo for FaultIo {
         fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>> {
+            if let Some(e) = self.0.injected(&self.0.open_errno, path) {
+                return Err(e);
+            }
             Ok(Arc::new(FaultFile { inner: OsIo.open(path, create)?, path: path.to_path_buf(), f: self.0.clone() }))
         }
         fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            if let Some(e) = self.0.injected(&self.0.dir_sync_errno, dir) {
+                return Err(e);
+            }
             OsIo.sync_dir(dir)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            if let Some(e) = self.0.injected(&self.0.remove_errno, path) {
+                return Err(e);
+            }
+            OsIo.remove_file(path)
         }
     }
 
@@ -1201,21 +1551,317 @@ pub(crate) mod tests {
         assert!(report.damaged.is_empty() && report.truncated.is_empty(), "{report:?}");
     }
 
+    /// Appends `m` once the store takes appends again (it refuses them while failing).
+    async fn append_when_writable(store: &QueueStore, m: &StoredMessage) -> (SegmentPos, SyncTicket) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match store.append(m) {
+                Ok(done) => return done,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(!matches!(e, StoreError::Closed(_)), "store closed for good: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => panic!("store never writable again: {e}"),
+            }
+        }
+    }
+
+    /// Item 4 of issue 13: an fsync error (EIO, ENOSPC, EMFILE) nacks that round, refuses appends while the
+    /// store fails (counted for the store alarm), and the store recovers by itself once the fault is gone, with
+    /// no reopen. The bytes the failed fsync may have lost are written again, so the nacked record is intact
+    /// (it stays in the queue and is delivered: a nack, never a loss), and every confirmed record survives.
     #[tokio::test]
-    async fn fsync_failure_poisons_until_reopened() {
-        let dir = test_dir("eio");
+    async fn fsync_failure_nacks_then_recovers_without_reopen() {
+        for errno in [EIO, ENOSPC, EMFILE] {
+            let dir = test_dir("fsync-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+            store.append(&msg(1, 100)).unwrap().1.wait().await.unwrap();
+
+            faults.lose_unsynced.store(true, Ordering::SeqCst);
+            faults.sync_errno.store(errno, Ordering::SeqCst);
+            let (p2, t2) = store.append(&msg(2, 100)).unwrap();
+            assert!(t2.wait().await.is_err(), "errno {errno}: a failed fsync must nack its round");
+            assert!(store.append(&msg(3, 100)).is_err(), "errno {errno}: appends refused while failing");
+            assert_eq!(syncer.stats().failing_stores, 1, "errno {errno}");
+            // Retries keep failing while the fault lasts; the store must not give up for good.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            assert!(store.append(&msg(3, 100)).is_err());
+
+            faults.clear();
+            let (_, t4) = append_when_writable(&store, &msg(4, 100)).await;
+            t4.wait().await.unwrap();
+            assert_eq!(syncer.stats().failing_stores, 0, "errno {errno}: healthy again");
+            assert_eq!(store.read(p2).unwrap(), msg(2, 100), "errno {errno}: the nacked record was rewritten");
+            drop(store);
+            let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+            let ids: Vec<u64> = rec.iter().map(|r| r.msg.id).collect();
+            assert_eq!(ids, vec![1, 2, 4], "errno {errno}");
+            assert!(report.damaged.is_empty() && report.truncated.is_empty(), "errno {errno}: {report:?}");
+        }
+    }
+
+    /// Write errors other than a full disk (EIO, EMFILE): nacked, rolled back, retried, recovered.
+    #[tokio::test]
+    async fn write_errors_of_any_kind_nack_and_recover() {
+        for errno in [EIO, EMFILE, ENOSPC] {
+            let dir = test_dir("write-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+            store.append(&msg(1, 300)).unwrap().1.wait().await.unwrap();
+            faults.write_errno.store(errno, Ordering::SeqCst);
+            let (_, t2) = store.append(&msg(2, 300)).unwrap();
+            assert!(t2.wait().await.is_err(), "errno {errno}");
+            assert_eq!(syncer.stats().failing_stores, 1);
+            faults.clear();
+            append_when_writable(&store, &msg(3, 300)).await.1.wait().await.unwrap();
+            assert_eq!(syncer.stats().failing_stores, 0);
+            drop(store);
+            let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+            assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![1, 2, 3], "errno {errno}");
+            assert!(report.damaged.is_empty() && report.truncated.is_empty(), "{report:?}");
+        }
+    }
+
+    /// A segment that cannot be created when the store rolls (EMFILE, ENOSPC, EIO on open) fails that append,
+    /// marks the store failing, and the syncer's retry rolls once the fault is gone: no append needed, so the
+    /// store alarm (which blocks publishers) clears by itself.
+    #[tokio::test]
+    async fn segment_creation_failure_is_retried() {
+        for errno in [EMFILE, ENOSPC, EIO] {
+            let dir = test_dir("roll-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+            let mut confirmed = Vec::new();
+            faults.open_errno.store(errno, Ordering::SeqCst);
+            let mut id = 0;
+            let refused = loop {
+                id += 1;
+                match store.append(&msg(id, 700)) {
+                    Ok((_, t)) => {
+                        t.wait().await.unwrap();
+                        confirmed.push(id);
+                    }
+                    Err(e) => break e,
+                }
+                assert!(id < 20, "never rolled");
+            };
+            assert!(!refused.is_corrupt(), "{refused}");
+            assert_eq!(syncer.stats().failing_stores, 1, "errno {errno}");
+            faults.clear();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while syncer.stats().failing_stores != 0 {
+                assert!(std::time::Instant::now() < deadline, "errno {errno}: the roll was never retried");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            id += 1;
+            store.append(&msg(id, 700)).unwrap().1.wait().await.unwrap();
+            confirmed.push(id);
+            drop(store);
+            let (_, rec, _) = open(&dir, 4096, &syncer, &faults);
+            assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), confirmed, "errno {errno}");
+        }
+    }
+
+    /// A failed directory fsync (after a segment was created) nacks the round and is retried.
+    #[tokio::test]
+    async fn directory_fsync_failure_nacks_and_recovers() {
+        for errno in [EIO, ENOSPC, EMFILE] {
+            let dir = test_dir("dirsync-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+            let mut tickets = Vec::new();
+            faults.dir_sync_errno.store(errno, Ordering::SeqCst);
+            for id in 1..=8 {
+                if let Ok((_, t)) = store.append(&msg(id, 700)) {
+                    tickets.push(t);
+                }
+            }
+            let mut failed = 0;
+            for t in tickets {
+                failed += t.wait().await.is_err() as u32;
+            }
+            assert!(failed > 0, "errno {errno}: a round with a new segment whose directory fsync failed was confirmed");
+            faults.clear();
+            append_when_writable(&store, &msg(100, 700)).await.1.wait().await.unwrap();
+            assert_eq!(syncer.stats().failing_stores, 0);
+        }
+    }
+
+    /// The syncer never dies silently: a panic inside a round (here in an fsync) nacks the tickets waiting
+    /// for it instead of leaving their publishers hanging, and the syncer goes on serving.
+    #[tokio::test]
+    async fn a_panicking_round_nacks_its_tickets_and_the_syncer_goes_on() {
+        let dir = test_dir("panic-round");
         let syncer = quick_syncer();
         let faults = Arc::new(Faults::default());
         let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
-        faults.fail_sync.store(true, Ordering::SeqCst);
-        let (_, t) = store.append(&msg(1, 10)).unwrap();
-        assert!(matches!(t.wait().await, Err(StoreError::Io { .. })));
-        assert!(matches!(store.append(&msg(2, 10)), Err(StoreError::Poisoned(_))));
-        faults.fail_sync.store(false, Ordering::SeqCst);
+        faults.panic_sync.store(true, Ordering::SeqCst);
+        let (p1, t1) = store.append(&msg(1, 50)).unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), t1.wait()).await;
+        assert!(matches!(outcome, Ok(Err(_))), "a ticket of a panicked round must be nacked, not hang: {outcome:?}");
+        assert!(syncer.stats().aborted_rounds >= 1);
+        faults.clear();
+        let (_, t2) = append_when_writable(&store, &msg(2, 50)).await;
+        tokio::time::timeout(Duration::from_secs(5), t2.wait()).await.unwrap().unwrap();
+        assert_eq!(store.read(p1).unwrap(), msg(1, 50));
         drop(store);
-        let (store, rec, _) = open(&dir, 1 << 20, &syncer, &faults);
-        assert_eq!(rec.len(), 1, "the written record is still there (unconfirmed, so at-least-once)");
-        store.append(&msg(3, 10)).unwrap().1.wait().await.unwrap();
+        let (_, rec, _) = open(&dir, 1 << 20, &syncer, &faults);
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    /// Item 2 of issue 13: a failed read (EIO, EMFILE on opening the segment, ENOMEM, a short read) is an I/O
+    /// error, not corruption; only a record that fails its checksum is. Quarantine copies it with its place.
+    #[tokio::test]
+    async fn read_failures_are_io_errors_and_only_bad_checksums_are_corrupt() {
+        let dir = test_dir("read-fault");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+        let mut positions = Vec::new();
+        for id in 0..12 {
+            let (pos, t) = store.append(&msg(id, 700)).unwrap();
+            t.wait().await.unwrap();
+            positions.push(pos);
+        }
+        let sealed = positions[0];
+        assert_ne!(sealed.segment, positions[11].segment, "record 0 is in a sealed segment, read from its file");
+        const ENOMEM: i32 = 12;
+        for errno in [EIO, ENOMEM, EMFILE, SHORT_READ] {
+            faults.read_errno.store(errno, Ordering::SeqCst);
+            let e = store.read(sealed).unwrap_err();
+            assert!(!e.is_corrupt(), "errno {errno}: {e}");
+            for r in store.read_many(&[(sealed, 800), (positions[1], 800)], 1 << 20) {
+                assert!(!r.unwrap_err().is_corrupt(), "errno {errno}");
+            }
+            faults.clear();
+        }
+        // EMFILE on opening the segment to read it (no cached descriptor for a segment not read before).
+        faults.open_errno.store(EMFILE, Ordering::SeqCst);
+        let other = positions.iter().find(|p| p.segment != sealed.segment && p.segment != positions[11].segment);
+        let other = *other.expect("a second sealed segment");
+        assert!(!store.read(other).unwrap_err().is_corrupt());
+        assert!(!store.read_many(&[(other, 800)], 1 << 20)[0].as_ref().unwrap_err().is_corrupt());
+        faults.clear();
+        assert_eq!(store.read(sealed).unwrap(), msg(0, 700), "readable once the fault is gone");
+
+        // A flipped byte: corrupt, and quarantined with its queue, place and reason.
+        let path = segment::segment_path(&dir, sealed.segment);
+        let mut data = std::fs::read(&path).unwrap();
+        data[sealed.offset as usize + HEADER_LEN + 40] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+        let e = store.read(sealed).unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+        let before = quarantined_records_total();
+        let file = store.quarantine("orders", sealed, &e.to_string()).unwrap();
+        assert!(quarantined_records_total() > before);
+        let q = std::fs::read(&file).unwrap();
+        let header = format!(
+            "queue=\"orders\" segment={} offset={} len={}",
+            sealed.segment,
+            sealed.offset,
+            msg(0, 700).record_len()
+        );
+        assert!(q.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&q[..80]));
+        let rec_start = q.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let rec_len = msg(0, 700).record_len();
+        let off = sealed.offset as usize;
+        assert_eq!(&q[rec_start..rec_start + rec_len], &data[off..off + rec_len], "the damaged bytes, as they are");
+        // Recovery ignores the quarantine file.
+        drop(store);
+        let (_, rec, _) = open(&dir, 4096, &syncer, &faults);
+        assert_eq!(rec.len(), 11);
+    }
+
+    /// Recovery copies a damaged record in the middle of a segment to the quarantine file (with its place and
+    /// reason) and counts it, instead of only skipping it.
+    #[tokio::test]
+    async fn recovery_quarantines_damaged_records() {
+        let dir = test_dir("recovery-quarantine");
+        let syncer = quick_syncer();
+        let faults = Arc::new(Faults::default());
+        let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+        let mut positions = Vec::new();
+        for id in 0..3 {
+            let (pos, t) = store.append(&msg(id, 200)).unwrap();
+            t.wait().await.unwrap();
+            positions.push(pos);
+        }
+        drop(store);
+        let bad = positions[1];
+        let path = segment::segment_path(&dir, bad.segment);
+        let mut data = std::fs::read(&path).unwrap();
+        data[bad.offset as usize + HEADER_LEN + 10] ^= 0x55;
+        std::fs::write(&path, &data).unwrap();
+        let before = quarantined_records_total();
+        let (store, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+        assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!((report.quarantined, store.quarantined_at_recovery()), (1, 1));
+        assert!(quarantined_records_total() > before);
+        let q = std::fs::read(dir.join(QUARANTINE_FILE)).unwrap();
+        let header = format!("queue=\"(recovery)\" segment={} offset={}", bad.segment, bad.offset);
+        assert!(q.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&q));
+        let damaged = &data[bad.offset as usize..bad.offset as usize + msg(1, 200).record_len()];
+        assert!(q.windows(damaged.len()).any(|w| w == damaged), "the damaged bytes are kept");
+    }
+
+    /// Segment deletion: an unlink that fails (EIO, EMFILE) leaves the settled segment; nothing panics, and
+    /// none of its messages comes back (the next recovery deletes it).
+    #[tokio::test]
+    async fn failed_segment_deletion_leaves_no_message_behind() {
+        for errno in [EIO, EMFILE] {
+            let dir = test_dir("unlink-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 4096, &syncer, &faults);
+            let mut refs = Vec::new();
+            for id in 0..12 {
+                let (pos, t) = store.append(&msg(id, 700)).unwrap();
+                t.wait().await.unwrap();
+                refs.push(MsgRef { id, pos });
+            }
+            let first = refs[0].pos.segment;
+            faults.remove_errno.store(errno, Ordering::SeqCst);
+            let in_first: Vec<MsgRef> = refs.iter().copied().filter(|r| r.pos.segment == first).collect();
+            store.settle(&in_first).unwrap();
+            assert!(segment::segment_path(&dir, first).exists(), "the unlink failed");
+            faults.clear();
+            store.sync().wait().await.unwrap();
+            drop(store);
+            let (_, rec, _) = open(&dir, 4096, &syncer, &faults);
+            assert!(rec.iter().all(|r| r.pos.segment != first), "errno {errno}: settled messages came back");
+            assert_eq!(rec.len(), 12 - in_first.len());
+            assert!(!segment::segment_path(&dir, first).exists(), "deleted by recovery");
+        }
+    }
+
+    /// Ack-log faults (EIO, EMFILE on write or open): the settle fails, the message is not lost.
+    #[tokio::test]
+    async fn ack_log_faults_fail_the_settle_and_lose_nothing() {
+        for (open_fault, errno) in [(false, EIO), (false, EMFILE), (true, EMFILE), (true, EIO)] {
+            let dir = test_dir("ack-fault");
+            let syncer = quick_syncer();
+            let faults = Arc::new(Faults::default());
+            let (store, _, _) = open(&dir, 1 << 20, &syncer, &faults);
+            let (p1, t) = store.append(&msg(1, 10)).unwrap();
+            t.wait().await.unwrap();
+            let (p2, t) = store.append(&msg(2, 10)).unwrap();
+            t.wait().await.unwrap();
+            let errno_slot = if open_fault { &faults.open_errno } else { &faults.write_errno };
+            errno_slot.store(errno, Ordering::SeqCst);
+            assert!(store.settle(&[MsgRef { id: 1, pos: p1 }]).is_err());
+            faults.clear();
+            store.settle(&[MsgRef { id: 2, pos: p2 }]).unwrap();
+            store.sync().wait().await.unwrap();
+            drop(store);
+            let (_, rec, report) = open(&dir, 1 << 20, &syncer, &faults);
+            assert_eq!(rec.iter().map(|r| r.msg.id).collect::<Vec<_>>(), vec![1], "open {open_fault} errno {errno}");
+            assert!(report.truncated.is_empty() && report.damaged.is_empty());
+        }
     }
 
     #[tokio::test]

@@ -41,6 +41,14 @@ pub trait StoreIo: Send + Sync + Debug {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StoreFile>>;
     /// fsyncs a directory, making file creations, renames and deletions in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Deletes a file (a settled segment or its ack log).
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    /// Renames `from` to `to` atomically, replacing `to` (durable once the directory is fsynced).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
 }
 
 /// The real file system.

@@ -65,6 +65,10 @@ pub struct SyncStats {
     pub failures: u64,
     /// Total time spent inside fsync calls, in microseconds (average fsync latency = this / fsyncs).
     pub fsync_micros: u64,
+    /// Stores failing right now (a gauge: they refuse appends and the store alarm is raised).
+    pub failing_stores: u64,
+    /// Rounds that broke off with a panic; their tickets were failed (nacked) and the syncer went on.
+    pub aborted_rounds: u64,
 }
 
 /// What a store hands the syncer after writing its buffers: the files to fsync.
@@ -97,6 +101,9 @@ pub trait SyncTarget: Send + Sync {
     fn flush(&self) -> SyncJob;
     /// Reports the outcome of the round for the job; says whether the store wants another round later.
     fn synced(&self, job_records: u64, result: Result<(), StoreError>) -> AfterRound;
+    /// The round broke off (a panic in `flush` or an fsync): fail every waiting ticket with `error` so no
+    /// publisher waits forever, and say when to try again.
+    fn abort(&self, error: StoreError) -> AfterRound;
 }
 
 #[derive(Default)]
@@ -116,6 +123,12 @@ pub struct SyncerShared {
     records: AtomicU64,
     failures: AtomicU64,
     fsync_micros: AtomicU64,
+    /// Stores whose last round (or segment roll) failed and that refuse appends until one succeeds.
+    failing: AtomicU64,
+    /// Why the most recent store started failing, for the alarm's log line.
+    failing_reason: Mutex<String>,
+    /// Rounds that broke off with a panic (their tickets were failed, the syncer went on).
+    aborted_rounds: AtomicU64,
     config: SyncerConfig,
 }
 
@@ -132,7 +145,7 @@ pub struct SyncerHandle(Arc<SyncerShared>);
 impl SyncerHandle {
     /// Puts a store on the next round's list; `false` if the syncer has stopped.
     pub fn register(&self, target: Arc<dyn SyncTarget>) -> bool {
-        let mut q = self.0.queue.lock().expect("syncer lock");
+        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.shutdown {
             return false;
         }
@@ -149,7 +162,24 @@ impl SyncerHandle {
 
     /// Whether the syncer has been shut down.
     pub fn is_stopped(&self) -> bool {
-        self.0.queue.lock().expect("syncer lock").shutdown
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).shutdown
+    }
+
+    /// A store reports that it started (`true`) or stopped failing; `error` says why.
+    pub fn set_failing(&self, failing: bool, error: Option<&StoreError>) {
+        if failing {
+            if let Some(e) = error {
+                *self.0.failing_reason.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+            }
+            self.0.failing.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.0.failing.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many stores are failing now (0 when every store can write).
+    pub fn failing_stores(&self) -> u64 {
+        self.0.failing.load(Ordering::SeqCst)
     }
 }
 
@@ -172,14 +202,24 @@ impl Syncer {
             records: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             fsync_micros: AtomicU64::new(0),
+            failing: AtomicU64::new(0),
+            failing_reason: Mutex::new(String::new()),
+            aborted_rounds: AtomicU64::new(0),
             config,
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("mailroom-syncer".into())
-            .spawn(move || run(&s))
-            .expect("spawn syncer thread");
-        Syncer { shared, thread: Some(thread) }
+        let thread = std::thread::Builder::new().name("mailroom-syncer".into()).spawn(move || run(&s));
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // No thread, no fsync: registration fails, so every append is refused (nacked) rather than
+                // waiting for a round that never comes.
+                tracing::error!(error = %e, "cannot start the syncer thread; durable writes are refused");
+                shared.queue.lock().unwrap_or_else(|p| p.into_inner()).shutdown = true;
+                None
+            }
+        };
+        Syncer { shared, thread }
     }
 
     /// A handle for a queue store.
@@ -196,12 +236,19 @@ impl Syncer {
             records: s.records.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
             fsync_micros: s.fsync_micros.load(Ordering::Relaxed),
+            failing_stores: s.failing.load(Ordering::SeqCst),
+            aborted_rounds: s.aborted_rounds.load(Ordering::Relaxed),
         }
+    }
+
+    /// Why the most recent failing store started failing (empty if none ever did).
+    pub fn failing_reason(&self) -> String {
+        self.shared.failing_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Finishes pending work and stops the thread (also done on drop).
     pub fn shutdown(&mut self) {
-        self.shared.queue.lock().expect("syncer lock").shutdown = true;
+        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).shutdown = true;
         self.shared.wake.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -221,7 +268,7 @@ fn run(s: &SyncerShared) {
     let mut appends_at_take = 0u64;
     let mut last_round_records = 0u64;
     loop {
-        let mut q = s.queue.lock().expect("syncer lock");
+        let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let now = Instant::now();
             // Move stores whose backoff elapsed back to the dirty list.
@@ -243,8 +290,10 @@ fn run(s: &SyncerShared) {
                 return;
             }
             q = match q.retry.iter().map(|r| r.0).min() {
-                Some(at) => s.wake.wait_timeout(q, at.saturating_duration_since(now)).expect("syncer lock").0,
-                None => s.wake.wait(q).expect("syncer lock"),
+                Some(at) => {
+                    s.wake.wait_timeout(q, at.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0
+                }
+                None => s.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
             };
         }
         let shutting_down = q.shutdown;
@@ -268,7 +317,7 @@ fn run(s: &SyncerShared) {
             }
         }
 
-        let mut targets = std::mem::take(&mut s.queue.lock().expect("syncer lock").dirty);
+        let mut targets = std::mem::take(&mut s.queue.lock().unwrap_or_else(|p| p.into_inner()).dirty);
         // A store can be listed twice (registered by new work while a deferred round for it was pending); one
         // flush per round, or the second would take the batch of records the first one is about to sync.
         let mut i = 0;
@@ -280,7 +329,37 @@ fn run(s: &SyncerShared) {
             }
         }
         appends_at_take = s.appends.load(Ordering::Relaxed);
-        last_round_records = round(s, targets);
+        // A panic inside a round (a store's flush, a file's fsync) must not end the thread silently: every
+        // ticket waiting on it would hang. Its stores fail their tickets (publishers get nacks) and retry.
+        let kept = targets.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| round(s, targets))) {
+            Ok(records) => last_round_records = records,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "a syncer round panicked; failing its tickets and retrying");
+                s.aborted_rounds.fetch_add(1, Ordering::Relaxed);
+                s.failures.fetch_add(1, Ordering::Relaxed);
+                let error = StoreError::io("syncing", PathBuf::new(), std::io::Error::other("syncer round panicked"));
+                let mut retry = Vec::new();
+                for t in kept {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.abort(error.clone())));
+                    retry.push((Instant::now() + s.config.retry_backoff, t, outcome));
+                }
+                let mut q = s.queue.lock().unwrap_or_else(|p| p.into_inner());
+                for (at, t, outcome) in retry {
+                    match outcome {
+                        Ok(AfterRound::Done) | Err(_) => {}
+                        Ok(AfterRound::Retry) => q.retry.push((at, t)),
+                        Ok(AfterRound::At(at)) => q.retry.push((at, t)),
+                    }
+                }
+                last_round_records = 0;
+            }
+        }
     }
 }
 
@@ -323,7 +402,7 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
         }
     }
     if !retry.is_empty() {
-        s.queue.lock().expect("syncer lock").retry.extend(retry);
+        s.queue.lock().unwrap_or_else(|p| p.into_inner()).retry.extend(retry);
     }
     jobs.iter().map(|j| j.records).sum()
 }
@@ -452,6 +531,9 @@ mod tests {
             };
             SyncJob { records: 3, write_error, ..Default::default() }
         }
+        fn abort(&self, _: StoreError) -> AfterRound {
+            AfterRound::Done
+        }
         fn synced(&self, _: u64, result: Result<(), StoreError>) -> AfterRound {
             let retry = result.is_err();
             self.synced.lock().unwrap().push(result);
@@ -497,6 +579,9 @@ mod tests {
             SyncJob::default()
         }
         fn synced(&self, _: u64, _: Result<(), StoreError>) -> AfterRound {
+            AfterRound::Done
+        }
+        fn abort(&self, _: StoreError) -> AfterRound {
             AfterRound::Done
         }
     }
