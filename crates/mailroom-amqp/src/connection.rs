@@ -20,6 +20,7 @@ use mailroom_broker::AlarmState;
 use mailroom_broker::{
     message::parse_expiration, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, Delivery, Message, VHost,
 };
+use mailroom_broker::{ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, Registration};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -141,11 +142,21 @@ pub(crate) struct Connection {
     /// channel went; the client's `close-ok` for our close is still to come and is ignored (a close-ok on a
     /// channel never opened stays 504, as in RabbitMQ).
     crossed_closes: HashSet<u16>,
+    /// `client_properties` of `connection.start-ok`, for the connection registry.
+    client_properties: FieldTable,
+    /// Our address the client connected to (the registry's connection name).
+    local: SocketAddr,
+    /// Keeps this connection in the broker's registry (management API) while it is open; dropping it
+    /// deregisters.
+    registration: Option<Registration>,
+    /// The management API's requests (snapshot, close), once registered.
+    control: Option<mpsc::Receiver<ConnectionControl>>,
 }
 
 /// Serves one accepted socket until it closes.
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
     let (mut rd, wr) = stream.into_split();
     let (writer_tx, writer_rx) = mpsc::channel(OUTBOUND_BATCHES);
     let writer = tokio::spawn(write_loop(wr, writer_rx));
@@ -185,6 +196,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         acks_channels: Vec::new(),
         cleaned_up: false,
         crossed_closes: HashSet::new(),
+        client_properties: FieldTable::default(),
+        local,
+        registration: None,
+        control: None,
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -333,6 +348,7 @@ impl Connection {
                     }
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),
+                Some(request) = next_control(&mut self.control) => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.durable_confirms_rx.recv() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
                     while let Ok((channel, epoch, seq, ok)) = self.durable_confirms_rx.try_recv() {
@@ -765,6 +781,7 @@ impl Connection {
             (Phase::AwaitStartOk, Method::Connection(conn::AMQPMethod::StartOk(ok))) => {
                 if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
                     let flag = |name: &str| matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)));
+                    self.client_properties = ok.client_properties.clone();
                     self.capabilities = ClientCapabilities {
                         consumer_cancel_notify: flag("consumer_cancel_notify"),
                         authentication_failure_close: flag("authentication_failure_close"),
@@ -848,6 +865,7 @@ impl Connection {
                 let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
                     AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
                 })?;
+                self.register(vhost.name());
                 self.vhost = Some(vhost);
                 self.phase = Phase::Open;
                 self.send(0, Method::Connection(conn::AMQPMethod::OpenOk(conn::OpenOk {})));
@@ -1791,6 +1809,8 @@ impl Connection {
         if std::mem::replace(&mut self.cleaned_up, true) {
             return;
         }
+        self.registration = None;
+        self.control = None;
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for id in ids {
             self.release_channel_resources(id);
@@ -1805,6 +1825,84 @@ impl Connection {
             }
         }
         self.ctx.broker.connection_closed(self.id);
+    }
+}
+
+/// Hooks of the broker's connection registry (what the management API lists and closes).
+impl Connection {
+    /// Lists the connection once it is open (`connection.open-ok`).
+    fn register(&mut self, vhost: &str) {
+        let info = ConnectionInfo {
+            id: self.id,
+            peer: self.peer,
+            local: self.local,
+            user: self.username.clone(),
+            vhost: vhost.to_owned(),
+            protocol: "AMQP 0-9-1",
+            client_properties: std::mem::take(&mut self.client_properties),
+            frame_max: self.frame_max,
+            channel_max: self.channel_max,
+            heartbeat: self.heartbeat.as_secs() as u16,
+            connected_at: std::time::SystemTime::now(),
+        };
+        let (registration, control) = self.ctx.broker.connections().register(info);
+        self.registration = Some(registration);
+        self.control = Some(control);
+    }
+
+    /// Answers a management API request.
+    fn on_control(&mut self, request: ConnectionControl) {
+        match request {
+            ConnectionControl::Snapshot(reply) => {
+                let _ = reply.send(self.channel_snapshots());
+            }
+            ConnectionControl::Close { reason } => {
+                if self.phase == Phase::Open {
+                    tracing::info!(peer = %self.peer, %reason, "closing connection on the management API's request");
+                    self.close_connection(AmqpError::connection(code::CONNECTION_FORCED, reason));
+                }
+            }
+        }
+    }
+
+    /// The open channels with their consumers, as the management API shows them.
+    fn channel_snapshots(&self) -> Vec<ChannelSnapshot> {
+        let mut out: Vec<ChannelSnapshot> = self
+            .channels
+            .iter()
+            .map(|(&number, ch)| ChannelSnapshot {
+                number,
+                prefetch_count: ch.consumer_prefetch,
+                global_prefetch_count: ch.channel_prefetch.limit(),
+                confirm: ch.confirm,
+                transactional: ch.tx.is_some(),
+                unacknowledged: ch.unacked.len() as u64,
+                unconfirmed: ch.durable_pending.len() as u64,
+                uncommitted_publishes: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Publish { .. })).count()
+                    as u64,
+                uncommitted_acks: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Settle { .. })).count() as u64,
+                consumers: ch
+                    .consumers
+                    .iter()
+                    .map(|(tag, c)| ConsumerSnapshot {
+                        tag: tag.clone(),
+                        id: c.id,
+                        queue: c.queue.name().to_owned(),
+                        ack_required: !self.consumer_channels.get(&c.id).is_some_and(|r| r.no_ack),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by_key(|c| c.number);
+        out
+    }
+}
+
+/// The next management API request, or never when the connection is not registered.
+async fn next_control(control: &mut Option<mpsc::Receiver<ConnectionControl>>) -> Option<ConnectionControl> {
+    match control {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The broker: virtual hosts and users, opened in-process with [`Broker::open`].
 
 use crate::alarm::{self, AlarmConfig, AlarmState};
+use crate::connections::ConnectionRegistry;
 use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::paging::{Paging, PagingConfig};
@@ -69,6 +70,7 @@ pub(crate) struct BrokerInner {
     alarms: watch::Sender<AlarmState>,
     durability: Option<Arc<Durability>>,
     paging: Arc<Paging>,
+    connections: Arc<ConnectionRegistry>,
 }
 
 impl BrokerInner {
@@ -150,6 +152,7 @@ impl Broker {
             alarms,
             durability,
             paging,
+            connections: Arc::default(),
         });
         let alarm_config = config.alarms;
         // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
@@ -165,6 +168,16 @@ impl Broker {
     /// Watches the resource alarms (memory, disk); publishers are blocked while any is raised.
     pub fn alarms(&self) -> watch::Receiver<AlarmState> {
         self.inner.alarms.subscribe()
+    }
+
+    /// The open client connections (registered by the wire servers, read by the management API).
+    pub fn connections(&self) -> &Arc<ConnectionRegistry> {
+        &self.inner.connections
+    }
+
+    /// Whether the durable store is in use (a data directory was given).
+    pub fn is_durable(&self) -> bool {
+        self.inner.durability.is_some()
     }
 
     /// Fsyncs the store has performed (0 without a data dir), for the fsyncs/s metric.

@@ -6,6 +6,7 @@
 pub mod alarm;
 pub mod args;
 pub mod broker;
+pub mod connections;
 pub mod dead_letter;
 pub mod dedup;
 pub mod delayed;
@@ -28,14 +29,18 @@ pub use alarm::{AlarmConfig, AlarmState};
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 pub use broker::{Broker, BrokerConfig, User};
+pub use connections::{
+    ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry, ConsumerSnapshot,
+    Registration,
+};
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};
 pub use message::Message;
 pub use paging::PagingConfig;
 pub use policy::{ApplyTo, Policy};
 pub use queue::{
-    ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ConsumerId, ConsumerSink, Delivery, GetResult,
-    MessageId, Peeked, Queue,
+    ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerId, ConsumerSink, Delivery,
+    GetResult, MessageId, Peeked, Queue,
 };
 pub use vhost::{
     ExchangeOptions, PublishResult, QueueDeclared, QueueOptions, RedriveOptions, RedriveOutcome, RedriveTarget, VHost,

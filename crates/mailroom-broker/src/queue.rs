@@ -425,6 +425,21 @@ impl DeadLetterReason {
     }
 }
 
+/// One consumer of a queue, as [`Queue::consumer_details`] describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerDetails {
+    /// Its id.
+    pub id: ConsumerId,
+    /// Deliveries are settled on sending.
+    pub no_ack: bool,
+    /// It consumes exclusively.
+    pub exclusive: bool,
+    /// Its per-consumer prefetch (0 = unlimited).
+    pub prefetch: u32,
+    /// Its `x-priority`.
+    pub priority: i32,
+}
+
 /// A message taken with `basic.get`.
 #[derive(Debug)]
 pub struct GetResult {
@@ -765,6 +780,20 @@ impl Queue {
     /// Current consumers.
     pub fn consumer_count(&self) -> u32 {
         self.lock().consumers.len() as u32
+    }
+    /// How each current consumer consumes (for the management API's consumer lists).
+    pub fn consumer_details(&self) -> Vec<ConsumerDetails> {
+        self.lock()
+            .consumers
+            .iter()
+            .map(|c| ConsumerDetails {
+                id: c.id,
+                no_ack: c.options.no_ack,
+                exclusive: c.options.exclusive,
+                prefetch: c.options.prefetch,
+                priority: c.options.priority,
+            })
+            .collect()
     }
     /// Whether the queue has been deleted.
     pub fn is_deleted(&self) -> bool {

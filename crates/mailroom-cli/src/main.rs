@@ -92,6 +92,11 @@ struct ServerArgs {
     /// once. Default: an eighth of the limit, between 32 and 1024.
     #[arg(long, env = "MAILROOM_FD_RESERVE")]
     fd_reserve: Option<u64>,
+    /// A definitions file in RabbitMQ's JSON format (`rabbitmqctl export_definitions`) imported at start,
+    /// before clients connect (RabbitMQ's `load_definitions`): existing queues, exchanges and bindings are
+    /// kept, policies overwritten. A file that cannot be imported stops the start.
+    #[arg(long, env = "MAILROOM_LOAD_DEFINITIONS")]
+    load_definitions: Option<PathBuf>,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -152,6 +157,14 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         paging: PagingConfig { queue_memory_bytes: args.queue_memory_bytes, ..PagingConfig::default() },
         ..BrokerConfig::default()
     })?;
+    if let Some(path) = &args.load_definitions {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+        let report = mailroom_http::definitions::import(&broker, &doc, None)
+            .map_err(|e| format!("cannot import definitions from {}: {e}", path.display()))?;
+        tracing::info!(file = %path.display(), ?report, "definitions loaded");
+    }
     let config = ServerConfig {
         listen: args.amqp_listen,
         product: args.product_name,
@@ -170,8 +183,11 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     }
     // The HTTP API is an operator convenience: a busy port (another broker's management listener, or a
     // second Mailroom on this machine) disables it with a warning instead of refusing to start.
+    let amqp_listeners: Vec<mailroom_http::Listener> =
+        server.local_addrs().into_iter().map(|addr| mailroom_http::Listener { protocol: "amqp", addr }).collect();
     match HttpServer::bind(broker, args.http_listen).await {
         Ok(http) => {
+            let http = http.with_listeners(amqp_listeners);
             if let Ok(addr) = http.local_addr() {
                 println!("mailroom: HTTP listening on {addr}");
             }

@@ -169,3 +169,89 @@ pub fn queue(v: &VHost, q: &Queue) -> Value {
         "state": "running",
     })
 }
+
+/// An exchange as the management API lists it (`""` is the default exchange, as RabbitMQ shows it).
+pub fn exchange(vhost: &str, e: &mailroom_broker::Exchange) -> Value {
+    let spec = e.spec();
+    json!({
+        "name": spec.name,
+        "vhost": vhost,
+        "type": spec.type_name(),
+        "durable": spec.durable,
+        "auto_delete": spec.auto_delete,
+        "internal": spec.internal,
+        "arguments": table(&spec.arguments),
+        "user_who_performed_action": if spec.name.is_empty() || spec.name.starts_with("amq.") { "rmq-internal" } else { "" },
+    })
+}
+
+/// RabbitMQ's `properties_key` of a binding: the routing key with `%` and `~` escaped, or `~` for an empty
+/// one, then `~` and a short hash of the arguments when there are any. Clients treat it as opaque: they
+/// read it from a listing and send it back to address one binding.
+pub fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
+    let key = if routing_key.is_empty() && arguments.inner().is_empty() {
+        "~".to_owned()
+    } else {
+        routing_key.replace('%', "%25").replace('~', "%7E")
+    };
+    if arguments.inner().is_empty() {
+        return key;
+    }
+    // FNV-1a over the arguments' JSON (field tables keep their keys sorted, so equal tables hash equal).
+    let text = table(arguments).to_string();
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    format!("{key}~{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.to_be_bytes()))
+}
+
+/// A binding as the management API lists it.
+pub fn binding(vhost: &str, source: &str, destination: &str, queue: bool, key: &str, args: &FieldTable) -> Value {
+    json!({
+        "source": source,
+        "vhost": vhost,
+        "destination": destination,
+        "destination_type": if queue { "queue" } else { "exchange" },
+        "routing_key": key,
+        "arguments": table(args),
+        "properties_key": properties_key(key, args),
+    })
+}
+
+/// Message properties from the management API's `properties` object (publish); unknown fields are errors.
+pub fn to_properties(value: &Value) -> Result<BasicProperties, String> {
+    let Some(map) = value.as_object() else {
+        return if value.is_null() {
+            Ok(BasicProperties::default())
+        } else {
+            Err("properties must be an object".into())
+        };
+    };
+    let mut p = BasicProperties::default();
+    for (k, v) in map {
+        let text = || v.as_str().map(|s| s.into()).ok_or_else(|| format!("property {k} must be a string"));
+        let int = || v.as_u64().ok_or_else(|| format!("property {k} must be a non-negative integer"));
+        p = match k.as_str() {
+            "content_type" => p.with_content_type(text()?),
+            "content_encoding" => p.with_content_encoding(text()?),
+            "headers" => match v {
+                Value::Object(h) => p.with_headers(to_table(h)),
+                _ => return Err("headers must be an object".into()),
+            },
+            "delivery_mode" => p.with_delivery_mode(int()?.min(255) as u8),
+            "priority" => p.with_priority(int()?.min(255) as u8),
+            "correlation_id" => p.with_correlation_id(text()?),
+            "reply_to" => p.with_reply_to(text()?),
+            "expiration" => p.with_expiration(text()?),
+            "message_id" => p.with_message_id(text()?),
+            "timestamp" => p.with_timestamp(int()?),
+            "type" => p.with_type(text()?),
+            "user_id" => p.with_user_id(text()?),
+            "app_id" => p.with_app_id(text()?),
+            "cluster_id" => p,
+            other => return Err(format!("unknown property {other}")),
+        };
+    }
+    Ok(p)
+}

@@ -1,32 +1,53 @@
-//! Request handling: authentication, routing and the JSON answers.
+//! Request handling: authentication, routing and the answers' envelope (status, JSON, RabbitMQ's error
+//! bodies). The resources themselves live in [`crate::resources`], [`crate::clients`],
+//! [`crate::definitions`] and [`crate::node`].
 
-use crate::{json, Body, MAX_PEEK_COUNT, MAX_REQUEST_BODY};
+use crate::listing::Query;
+use crate::{clients, definitions, json, node, resources, Body, ServerInfo, MAX_PEEK_COUNT, MAX_REQUEST_BODY};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use mailroom_broker::{ApplyTo, Broker, BrokerError, ErrorKind, Policy, RedriveOptions, RedriveTarget};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Largest definitions document `POST /api/definitions` accepts.
+pub const MAX_DEFINITIONS_BODY: usize = 64 * 1024 * 1024;
 
 /// An error answer: a status and RabbitMQ-style `{"error", "reason"}`.
-pub(crate) struct ApiError {
+#[derive(Debug)]
+pub struct ApiError {
     status: StatusCode,
+    error: Option<&'static str>,
     reason: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
-        Self { status, reason: reason.into() }
+    /// An error with RabbitMQ's default `error` text for its status.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Self { status, error: None, reason: reason.into() }
     }
-    fn bad_request(reason: impl Into<String>) -> Self {
+    /// 400 Bad Request.
+    pub fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, reason)
     }
-    fn not_found(reason: impl Into<String>) -> Self {
+    /// 404 Not Found (RabbitMQ always says "Not Found"; we name what is missing).
+    pub fn not_found(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, reason)
+    }
+    /// The reason text.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    /// Replaces the `error` field (RabbitMQ's `invalid_pagination_parameters` and friends).
+    pub fn with_error(mut self, error: &'static str) -> Self {
+        self.error = Some(error);
+        self
     }
 }
 
@@ -45,7 +66,34 @@ impl From<BrokerError> for ApiError {
     }
 }
 
-type ApiResult = Result<(StatusCode, Value), ApiError>;
+/// A successful answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
+    /// The JSON body (Null: no body).
+    pub body: Value,
+    /// A `Location` header (binding creation).
+    pub location: Option<String>,
+}
+
+impl Reply {
+    /// 200 with a body.
+    pub fn ok(body: Value) -> Self {
+        Self { status: StatusCode::OK, body, location: None }
+    }
+    /// A status without a body.
+    pub fn empty(status: StatusCode) -> Self {
+        Self { status, body: Value::Null, location: None }
+    }
+    /// 201 when `created`, else 204 (RabbitMQ's answer to a PUT).
+    pub fn created_or_updated(created: bool) -> Self {
+        Self::empty(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
+    }
+}
+
+/// What a handler answers.
+pub type ApiResult = Result<Reply, ApiError>;
 
 fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -55,13 +103,14 @@ fn respond(status: StatusCode, body: &Value) -> Response<Body> {
 }
 
 fn error_response(e: ApiError) -> Response<Body> {
-    let error = match e.status {
+    let error = e.error.unwrap_or(match e.status {
         StatusCode::UNAUTHORIZED => "not_authorised",
         StatusCode::NOT_FOUND => "Object Not Found",
         StatusCode::BAD_REQUEST => "bad_request",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::FORBIDDEN => "access_refused",
         _ => "error",
-    };
+    });
     let mut resp = respond(e.status, &json!({ "error": error, "reason": e.reason }));
     if e.status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Mailroom\""));
@@ -69,8 +118,37 @@ fn error_response(e: ApiError) -> Response<Body> {
     resp
 }
 
+/// One request, its body read.
+pub struct ApiRequest {
+    /// The verb.
+    pub method: Method,
+    /// The raw path.
+    pub path: String,
+    /// The decoded query string.
+    pub query: Query,
+    /// The request headers.
+    pub headers: HeaderMap,
+    /// The body (empty if none).
+    pub body: Bytes,
+    /// The authenticated user.
+    pub user: String,
+}
+
+impl ApiRequest {
+    /// The body as JSON (an empty body reads as `{}`).
+    pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
+        let body: &[u8] = if self.body.iter().all(|b| b.is_ascii_whitespace()) { b"{}" } else { &self.body };
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
 /// Authenticates, routes and answers one request.
-pub(crate) async fn handle(broker: &Broker, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(
+    broker: &Broker,
+    server: &Arc<ServerInfo>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
     // Prometheus scrapes without credentials, as RabbitMQ's prometheus plugin allows; the counters reveal
     // no names or message contents.
     if req.uri().path() == "/metrics" {
@@ -81,31 +159,52 @@ pub(crate) async fn handle(broker: &Broker, peer: SocketAddr, req: Request<Incom
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
         return resp;
     }
-    if let Err(e) = authenticate(broker, peer, &req) {
-        return error_response(e);
-    }
-    match route(broker, req).await {
-        Ok((status, body)) if status == StatusCode::NO_CONTENT || body.is_null() => {
-            let mut resp = Response::new(Full::new(Bytes::new()));
-            *resp.status_mut() = status;
-            let _ = body;
+    let user = match authenticate(broker, peer, &req) {
+        Ok(user) => user,
+        Err(e) => return error_response(e),
+    };
+    let limit = if req.uri().path().starts_with("/api/definitions") { MAX_DEFINITIONS_BODY } else { MAX_REQUEST_BODY };
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error_response(ApiError::bad_request(format!("cannot read body: {e}"))),
+    };
+    let request = ApiRequest {
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: Query::parse(parts.uri.query()),
+        headers: parts.headers,
+        body,
+        user,
+    };
+    match route(broker, server, &request).await {
+        Ok(reply) => {
+            let mut resp = if reply.status == StatusCode::NO_CONTENT || reply.body.is_null() {
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = reply.status;
+                resp
+            } else {
+                respond(reply.status, &reply.body)
+            };
+            if let Some(location) = reply.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+                resp.headers_mut().insert(LOCATION, location);
+            }
             resp
         }
-        Ok((status, body)) => respond(status, &body),
         Err(e) => error_response(e),
     }
 }
 
 /// Basic auth against the broker's users (loopback-only users only from loopback, as for AMQP).
-fn authenticate(broker: &Broker, peer: SocketAddr, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn authenticate(broker: &Broker, peer: SocketAddr, req: &Request<Incoming>) -> Result<String, ApiError> {
     let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "Not_Authorized");
     let header = req.headers().get(AUTHORIZATION).and_then(|h| h.to_str().ok()).ok_or_else(unauthorized)?;
     let encoded = header.strip_prefix("Basic ").ok_or_else(unauthorized)?;
     let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| unauthorized())?;
     let text = String::from_utf8(decoded).map_err(|_| unauthorized())?;
     let (user, pass) = text.split_once(':').ok_or_else(unauthorized)?;
-    broker.authenticate(user, pass, peer.ip().is_loopback()).map_err(|_| unauthorized())?;
-    Ok(())
+    let user = broker.authenticate(user, pass, peer.ip().is_loopback()).map_err(|_| unauthorized())?;
+    Ok(user.name)
 }
 
 /// Decodes `%XX` escapes of one path segment.
@@ -126,186 +225,255 @@ fn percent_decode(segment: &str) -> Result<String, ApiError> {
     String::from_utf8(out).map_err(|_| ApiError::bad_request("path is not UTF-8"))
 }
 
-fn query_param(query: Option<&str>, name: &str) -> Result<Option<usize>, ApiError> {
-    for pair in query.unwrap_or("").split('&') {
-        if let Some((k, v)) = pair.split_once('=') {
-            if k == name {
-                return v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer")));
-            }
-        }
-    }
-    Ok(None)
+fn usize_param(query: &Query, name: &str) -> Result<Option<usize>, ApiError> {
+    query
+        .get(name)
+        .map(|v| v.parse().map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer"))))
+        .transpose()
 }
 
-async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read body: {e}")))?
-        .to_bytes();
-    let body: &[u8] = if body.iter().all(|b| b.is_ascii_whitespace()) { b"{}" } else { &body };
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-async fn route(broker: &Broker, req: Request<Incoming>) -> ApiResult {
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().map(str::to_owned);
+async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> ApiResult {
+    // Trailing slashes are tolerated; an empty segment in the middle (`/api/queues//q`) is not a vhost.
     let segments: Vec<String> =
-        path.trim_end_matches('/').split('/').skip(1).map(percent_decode).collect::<Result<_, _>>()?;
+        req.path.trim_end_matches('/').split('/').skip(1).map(percent_decode).collect::<Result<_, _>>()?;
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let method = req.method().clone();
-    match (&method, segs.as_slice()) {
-        (&Method::GET, ["api", "overview"]) => Ok((StatusCode::OK, overview(broker))),
-        (&Method::GET, ["api", "queues"]) => {
-            let all = broker
-                .vhosts()
-                .iter()
-                .flat_map(|v| sorted_queues(v).into_iter().map(move |q| json::queue(v, &q)))
-                .collect();
-            Ok((StatusCode::OK, Value::Array(all)))
+    let Some(("api", rest)) = segs.split_first().map(|(a, r)| (*a, r)) else {
+        return Err(ApiError::not_found("Not Found"));
+    };
+    use Method as M;
+    let m = &req.method;
+    let answer = match (m, rest) {
+        // Node and cluster.
+        (&M::GET, ["overview"]) => node::overview(broker, server, req).await,
+        (&M::GET, ["cluster-name"]) => Ok(Reply::ok(json!({ "name": server.cluster_name }))),
+        (&M::GET, ["nodes"]) => node::nodes(broker, server, req),
+        (&M::GET, ["nodes", name]) => node::node(broker, server, name),
+        (&M::GET, ["extensions"]) => Ok(Reply::ok(json!([]))),
+        (&M::GET, ["vhosts"]) => node::vhosts(broker, req),
+        (&M::GET, ["vhosts", name]) => node::vhost(broker, name),
+        (&M::GET, ["health", "checks", "alarms"]) | (&M::GET, ["health", "checks", "local-alarms"]) => {
+            node::alarms(broker, server)
         }
-        (&Method::GET, ["api", "queues", vhost]) => {
-            let v = vhost_of(broker, vhost)?;
-            Ok((StatusCode::OK, Value::Array(sorted_queues(&v).iter().map(|q| json::queue(&v, q)).collect())))
+        (&M::GET, ["health", "checks", "port-listener", port]) => node::port_listener(server, port),
+        (&M::GET, ["health", "checks", "protocol-listener", protocol]) => node::protocol_listener(server, protocol),
+        (&M::GET, ["health", "checks", "virtual-hosts"]) => Ok(Reply::ok(json!({ "status": "ok" }))),
+        (&M::GET, ["health", "checks", "is-in-service"]) => Ok(Reply::ok(json!({ "status": "ok" }))),
+        (&M::GET, ["health", "checks", "node-is-quorum-critical"])
+        | (&M::GET, ["health", "checks", "node-is-mirror-sync-critical"]) => Ok(Reply::ok(json!({ "status": "ok" }))),
+        (&M::GET, ["aliveness-test", vhost]) => node::aliveness(broker, vhost).await,
+
+        // Exchanges.
+        (&M::GET, ["exchanges"]) => resources::list_exchanges(broker, None, req),
+        (&M::GET, ["exchanges", vhost]) => resources::list_exchanges(broker, Some(vhost), req),
+        (&M::GET, ["exchanges", vhost, name]) => resources::get_exchange(broker, vhost, name),
+        (&M::PUT, ["exchanges", vhost, name]) => resources::declare_exchange(broker, vhost, name, req),
+        (&M::DELETE, ["exchanges", vhost, name]) => resources::delete_exchange(broker, vhost, name, req),
+        (&M::GET, ["exchanges", vhost, name, "bindings", "source"]) => {
+            resources::exchange_bindings(broker, vhost, name, true, req)
         }
-        (&Method::GET, ["api", "queues", vhost, name]) => {
-            let v = vhost_of(broker, vhost)?;
-            let q = queue_of(&v, name)?;
-            Ok((StatusCode::OK, json::queue(&v, &q)))
+        (&M::GET, ["exchanges", vhost, name, "bindings", "destination"]) => {
+            resources::exchange_bindings(broker, vhost, name, false, req)
         }
-        (&Method::GET, ["api", "queues", vhost, name, "peek"]) => {
-            let v = vhost_of(broker, vhost)?;
-            let q = queue_of(&v, name)?;
-            let offset = query_param(query.as_deref(), "offset")?.unwrap_or(0);
-            let count = query_param(query.as_deref(), "count")?.unwrap_or(10);
-            if count > MAX_PEEK_COUNT {
-                return Err(ApiError::bad_request(format!("count must be at most {MAX_PEEK_COUNT}")));
-            }
-            let peeked = q.peek(offset, count);
-            let total = q.message_count() as usize;
-            let items = peeked
-                .iter()
-                .enumerate()
-                .map(|(i, p)| json::message(&p.message, p.redelivered, total.saturating_sub(offset + i + 1)))
-                .collect();
-            Ok((StatusCode::OK, Value::Array(items)))
+        (&M::POST, ["exchanges", vhost, name, "publish"]) => resources::publish(broker, vhost, name, req).await,
+
+        // Queues.
+        (&M::GET, ["queues"]) => resources::list_queues(broker, &server.node_name, None, req),
+        (&M::GET, ["queues", vhost]) => resources::list_queues(broker, &server.node_name, Some(vhost), req),
+        (&M::GET, ["queues", vhost, name]) => resources::get_queue(broker, &server.node_name, vhost, name),
+        (&M::PUT, ["queues", vhost, name]) => resources::declare_queue(broker, vhost, name, req),
+        (&M::DELETE, ["queues", vhost, name]) => resources::delete_queue(broker, vhost, name, req),
+        (&M::DELETE, ["queues", vhost, name, "contents"]) => resources::purge_queue(broker, vhost, name),
+        (&M::POST, ["queues", vhost, name, "get"]) => resources::get_messages(broker, vhost, name, req),
+        (&M::GET, ["queues", vhost, name, "bindings"]) => resources::queue_bindings(broker, vhost, name, req),
+        (&M::GET, ["queues", vhost, name, "peek"]) => peek(broker, vhost, name, req),
+        (&M::POST, ["queues", vhost, name, "redrive"]) => redrive(broker, vhost, name, req).await,
+
+        // Bindings.
+        (&M::GET, ["bindings"]) => resources::list_bindings(broker, None, req),
+        (&M::GET, ["bindings", vhost]) => resources::list_bindings(broker, Some(vhost), req),
+        (&M::GET, ["bindings", vhost, "e", source, kind @ ("q" | "e"), destination]) => {
+            resources::bindings_between(broker, vhost, source, kind, destination, req)
         }
-        (&Method::POST, ["api", "queues", vhost, name, "redrive"]) => {
-            let v = vhost_of(broker, vhost)?;
-            queue_of(&v, name)?;
-            let body: RedriveBody = read_json(req).await?;
-            let options = body.into_options()?;
-            // On its own task: a client that gives up does not stop a redrive half-way (it would be safe,
-            // but surprising).
-            let queue = (*name).to_owned();
-            let out = tokio::spawn(async move { v.redrive(&queue, &options).await })
-                .await
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("redrive failed: {e}")))??;
-            Ok((StatusCode::OK, json!({ "moved": out.moved, "skipped": out.skipped })))
+        (&M::POST, ["bindings", vhost, "e", source, kind @ ("q" | "e"), destination]) => {
+            resources::create_binding(broker, vhost, source, kind, destination, req)
         }
-        (&Method::GET, ["api", "policies"]) => {
+        (&M::GET, ["bindings", vhost, "e", source, kind @ ("q" | "e"), destination, props]) => {
+            resources::get_binding(broker, vhost, source, kind, destination, props)
+        }
+        (&M::DELETE, ["bindings", vhost, "e", source, kind @ ("q" | "e"), destination, props]) => {
+            resources::delete_binding(broker, vhost, source, kind, destination, props)
+        }
+
+        // Connections, channels, consumers.
+        (&M::GET, ["connections"]) => clients::list_connections(broker, server, None, req).await,
+        (&M::GET, ["vhosts", vhost, "connections"]) => {
+            clients::list_connections(broker, server, Some(vhost), req).await
+        }
+        (&M::GET, ["connections", name]) => clients::get_connection(broker, server, name).await,
+        (&M::DELETE, ["connections", name]) => clients::close_connection(broker, name, req),
+        (&M::GET, ["connections", name, "channels"]) => clients::connection_channels(broker, server, name, req).await,
+        (&M::GET, ["channels"]) => clients::list_channels(broker, server, None, req).await,
+        (&M::GET, ["vhosts", vhost, "channels"]) => clients::list_channels(broker, server, Some(vhost), req).await,
+        (&M::GET, ["channels", name]) => clients::get_channel(broker, server, name).await,
+        (&M::GET, ["consumers"]) => clients::list_consumers(broker, server, None, req).await,
+        (&M::GET, ["consumers", vhost]) => clients::list_consumers(broker, server, Some(vhost), req).await,
+
+        // Policies and parameters.
+        (&M::GET, ["policies"]) => {
             let all = broker
                 .vhosts()
                 .iter()
                 .flat_map(|v| v.policies().into_iter().map(move |p| json::policy(v.name(), &p)))
                 .collect();
-            Ok((StatusCode::OK, Value::Array(all)))
+            crate::listing::list(all, &req.query).map(Reply::ok)
         }
-        (&Method::GET, ["api", "policies", vhost]) => {
+        (&M::GET, ["policies", vhost]) => {
             let v = vhost_of(broker, vhost)?;
-            Ok((StatusCode::OK, Value::Array(v.policies().iter().map(|p| json::policy(v.name(), p)).collect())))
+            let all = v.policies().iter().map(|p| json::policy(v.name(), p)).collect();
+            crate::listing::list(all, &req.query).map(Reply::ok)
         }
-        (&Method::GET, ["api", "policies", vhost, name]) => {
+        (&M::GET, ["policies", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
             let p = v
                 .policy(name)
                 .ok_or_else(|| ApiError::not_found(format!("policy '{name}' not found in vhost '{}'", v.name())))?;
-            Ok((StatusCode::OK, json::policy(v.name(), &p)))
+            Ok(Reply::ok(json::policy(v.name(), &p)))
         }
-        (&Method::PUT, ["api", "policies", vhost, name]) => {
+        (&M::PUT, ["policies", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
-            let body: PolicyBody = read_json(req).await?;
-            let apply_to = ApplyTo::parse(body.apply_to.as_deref().unwrap_or("all"))
-                .map_err(|e| ApiError::bad_request(e.message))?;
-            let definition = match &body.definition {
-                Value::Object(map) => json::to_table(map),
-                _ => return Err(ApiError::bad_request("definition must be a JSON object")),
-            };
-            let policy = Policy::new(name, &body.pattern, apply_to, body.priority.unwrap_or(0), definition)
-                .map_err(|e| ApiError::bad_request(e.message))?;
+            let body: PolicyBody = req.json()?;
             let existed = v.policy(name).is_some();
-            v.set_policy(policy);
-            Ok((if existed { StatusCode::NO_CONTENT } else { StatusCode::CREATED }, Value::Null))
+            v.set_policy(body.into_policy(name)?);
+            Ok(Reply::created_or_updated(!existed))
         }
-        (&Method::DELETE, ["api", "policies", vhost, name]) => {
+        (&M::DELETE, ["policies", vhost, name]) => {
             let v = vhost_of(broker, vhost)?;
             v.delete_policy(name)?;
-            Ok((StatusCode::NO_CONTENT, Value::Null))
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
         }
-        (_, ["api", "overview"]) | (_, ["api", "queues", ..]) | (_, ["api", "policies", ..]) => {
-            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}")))
+        // Operator policies and runtime parameters: Mailroom has neither kind, so the lists are empty and
+        // a single one is never found (writes are refused rather than silently ignored).
+        (&M::GET, ["operator-policies"]) | (&M::GET, ["operator-policies", _]) => Ok(Reply::ok(json!([]))),
+        (&M::GET, ["parameters"]) | (&M::GET, ["parameters", _]) | (&M::GET, ["parameters", _, _]) => {
+            Ok(Reply::ok(json!([])))
         }
-        _ => Err(ApiError::not_found(format!("no such resource: {path}"))),
+        (&M::GET, ["global-parameters"]) => Ok(Reply::ok(json!([]))),
+        (&M::GET, ["operator-policies", _, _]) | (&M::GET, ["parameters", _, _, _]) => {
+            Err(ApiError::not_found("Not Found"))
+        }
+
+        // Definitions.
+        (&M::GET, ["definitions"]) => Ok(Reply::ok(definitions::export(broker, None)?)),
+        (&M::GET, ["definitions", vhost]) => Ok(Reply::ok(definitions::export(broker, Some(vhost))?)),
+        (&M::POST, ["definitions"]) => definitions::import_request(broker, None, req),
+        (&M::POST, ["definitions", vhost]) => definitions::import_request(broker, Some(vhost), req),
+
+        _ => return Err(method_or_not_found(m, rest)),
+    };
+    answer
+}
+
+/// 405 when the path names a known resource that does not take this verb, else 404.
+fn method_or_not_found(method: &Method, rest: &[&str]) -> ApiError {
+    const KNOWN: &[&str] = &[
+        "overview",
+        "nodes",
+        "extensions",
+        "exchanges",
+        "queues",
+        "bindings",
+        "connections",
+        "channels",
+        "consumers",
+        "policies",
+        "operator-policies",
+        "parameters",
+        "definitions",
+        "health",
+        "aliveness-test",
+        "vhosts",
+        "cluster-name",
+    ];
+    let known_shape = match rest {
+        ["queues", _, _, "redrive"] | ["queues", _, _, "peek"] | ["queues", _, _, "get"] => true,
+        ["queues", ..] => rest.len() <= 3,
+        ["overview"] | ["definitions", ..] => true,
+        _ => false,
+    };
+    if known_shape && rest.first().is_some_and(|r| KNOWN.contains(r)) {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed"))
+    } else {
+        ApiError::not_found("Not Found")
     }
 }
 
-fn sorted_queues(v: &mailroom_broker::VHost) -> Vec<std::sync::Arc<mailroom_broker::Queue>> {
-    let mut qs = v.queues();
-    qs.sort_by(|a, b| a.name().cmp(b.name()));
-    qs
-}
-
-fn vhost_of(broker: &Broker, name: &str) -> Result<std::sync::Arc<mailroom_broker::VHost>, ApiError> {
+/// A vhost named in a path (404 if missing).
+pub fn vhost_of(broker: &Broker, name: &str) -> Result<Arc<mailroom_broker::VHost>, ApiError> {
     broker.vhost(name).map_err(|_| ApiError::not_found(format!("vhost '{name}' not found")))
 }
 
-fn queue_of(v: &mailroom_broker::VHost, name: &str) -> Result<std::sync::Arc<mailroom_broker::Queue>, ApiError> {
+/// A queue named in a path (404 if missing; exclusive queues too: the API acts as their owner).
+pub fn queue_of(v: &mailroom_broker::VHost, name: &str) -> Result<Arc<mailroom_broker::Queue>, ApiError> {
     v.queues()
         .into_iter()
         .find(|q| q.name() == name)
         .ok_or_else(|| ApiError::not_found(format!("queue '{name}' not found in vhost '{}'", v.name())))
 }
 
-fn overview(broker: &Broker) -> Value {
-    let (mut queues, mut exchanges, mut consumers, mut ready, mut unacked) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for v in broker.vhosts() {
-        exchanges += v.exchanges().len() as u64;
-        for q in v.queues() {
-            queues += 1;
-            consumers += q.consumer_count() as u64;
-            ready += q.message_count() as u64;
-            unacked += q.unacked_count() as u64;
-        }
+fn peek(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest) -> ApiResult {
+    let v = vhost_of(broker, vhost)?;
+    let q = queue_of(&v, name)?;
+    let offset = usize_param(&req.query, "offset")?.unwrap_or(0);
+    let count = usize_param(&req.query, "count")?.unwrap_or(10);
+    if count > MAX_PEEK_COUNT {
+        return Err(ApiError::bad_request(format!("count must be at most {MAX_PEEK_COUNT}")));
     }
-    let sync = broker.sync_stats();
-    json!({
-        "store_totals": {
-            "fsyncs": sync.fsyncs,
-            "sync_rounds": sync.rounds,
-            "records_synced": sync.records,
-            "sync_failures": sync.failures,
-            "fsync_seconds": sync.fsync_micros as f64 / 1e6,
-            "stores_failing": sync.failing_stores,
-            "quarantined_records": mailroom_broker::store::quarantined_records_total(),
-        },
-        "product_name": "Mailroom",
-        "product_version": env!("CARGO_PKG_VERSION"),
-        "management_version": env!("CARGO_PKG_VERSION"),
-        "object_totals": { "queues": queues, "exchanges": exchanges, "consumers": consumers, "vhosts": broker.vhosts().len() },
-        "queue_totals": { "messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked },
-    })
+    let peeked = q.peek(offset, count);
+    let total = q.message_count() as usize;
+    let items = peeked
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json::message(&p.message, p.redelivered, total.saturating_sub(offset + i + 1)))
+        .collect();
+    Ok(Reply::ok(Value::Array(items)))
 }
 
+async fn redrive(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest) -> ApiResult {
+    let v = vhost_of(broker, vhost)?;
+    queue_of(&v, name)?;
+    let body: RedriveBody = req.json()?;
+    let options = body.into_options()?;
+    // On its own task: a client that gives up does not stop a redrive half-way (it would be safe, but
+    // surprising).
+    let queue = name.to_owned();
+    let out = tokio::spawn(async move { v.redrive(&queue, &options).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("redrive failed: {e}")))??;
+    Ok(Reply::ok(json!({ "moved": out.moved, "skipped": out.skipped })))
+}
+
+/// `PUT /api/policies/{vhost}/{name}` body (also a policy of a definitions file).
 #[derive(Deserialize)]
-struct PolicyBody {
+pub struct PolicyBody {
     pattern: String,
     definition: Value,
     priority: Option<i64>,
     #[serde(rename = "apply-to")]
     apply_to: Option<String>,
+}
+
+impl PolicyBody {
+    /// The broker policy named `name`.
+    pub fn into_policy(self, name: &str) -> Result<Policy, ApiError> {
+        let apply_to =
+            ApplyTo::parse(self.apply_to.as_deref().unwrap_or("all")).map_err(|e| ApiError::bad_request(e.message))?;
+        let definition = match &self.definition {
+            Value::Object(map) => json::to_table(map),
+            _ => return Err(ApiError::bad_request("definition must be a JSON object")),
+        };
+        Policy::new(name, &self.pattern, apply_to, self.priority.unwrap_or(0), definition)
+            .map_err(|e| ApiError::bad_request(e.message))
+    }
 }
 
 #[derive(Deserialize)]

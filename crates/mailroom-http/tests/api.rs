@@ -277,6 +277,95 @@ async fn metrics_and_overview_count_the_stores_fsyncs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    call(addr, method, path, Some(GUEST), Some(body)).await
+}
+
+#[tokio::test]
+async fn declare_publish_get_with_each_ack_mode() {
+    let (broker, addr) = start().await;
+    assert_eq!(send(addr, "PUT", "/api/queues/%2F/dlq", r#"{"durable":false}"#).await.0, 201);
+    let args = r#"{"durable":false,"arguments":{"x-dead-letter-exchange":"","x-dead-letter-routing-key":"dlq"}}"#;
+    assert_eq!(send(addr, "PUT", "/api/queues/%2F/q", args).await.0, 201);
+    assert_eq!(send(addr, "PUT", "/api/queues/%2F/q", args).await.0, 204);
+    for i in 0..3 {
+        let body = format!(
+            r#"{{"properties":{{"headers":{{"n":{i}}}}},"routing_key":"q","payload":"m{i}","payload_encoding":"string"}}"#
+        );
+        assert_eq!(send(addr, "POST", "/api/exchanges/%2F/amq.default/publish", &body).await.1["routed"], true);
+    }
+    let get = |mode: &str| format!(r#"{{"count":1,"ackmode":"{mode}","encoding":"auto"}}"#);
+    let (_, got) = send(addr, "POST", "/api/queues/%2F/q/get", &get("ack_requeue_true")).await;
+    assert_eq!(got[0]["payload"], "m0");
+    assert_eq!(got[0]["properties"]["headers"]["n"], 0);
+    let q = broker.vhost("/").unwrap().queue("q", 0).unwrap();
+    assert_eq!((q.message_count(), q.unacked_count()), (3, 0), "requeued, nothing left unacked");
+    let (_, got) = send(addr, "POST", "/api/queues/%2F/q/get", &get("ack_requeue_false")).await;
+    assert_eq!((got[0]["payload"].as_str(), got[0]["redelivered"].as_bool()), (Some("m0"), Some(true)));
+    assert_eq!(q.message_count(), 2);
+    send(addr, "POST", "/api/queues/%2F/q/get", &get("reject_requeue_false")).await;
+    assert_eq!(q.message_count(), 1);
+    assert_eq!(broker.vhost("/").unwrap().queue("dlq", 0).unwrap().message_count(), 1, "dead-lettered");
+    assert_eq!(send(addr, "POST", "/api/queues/%2F/q/get", &get("bogus")).await.0, 400);
+    assert_eq!(call(addr, "DELETE", "/api/queues/%2F/q?if-empty=true", Some(GUEST), None).await.0, 400);
+    assert_eq!(call(addr, "DELETE", "/api/queues/%2F/q/contents", Some(GUEST), None).await.0, 204);
+    assert_eq!(call(addr, "DELETE", "/api/queues/%2F/q?if-empty=true", Some(GUEST), None).await.0, 204);
+    assert_eq!(call(addr, "DELETE", "/api/queues/%2F/q", Some(GUEST), None).await.0, 404);
+}
+
+#[tokio::test]
+async fn bindings_are_addressed_by_properties_key() {
+    let (_broker, addr) = start().await;
+    send(addr, "PUT", "/api/exchanges/%2F/x", r#"{"type":"direct","durable":false}"#).await;
+    send(addr, "PUT", "/api/queues/%2F/q", r#"{"durable":false}"#).await;
+    assert_eq!(send(addr, "POST", "/api/bindings/%2F/e/x/q/q", r#"{"routing_key":"a~b%"}"#).await.0, 201);
+    assert_eq!(send(addr, "POST", "/api/bindings/%2F/e/x/q/q", r#"{"routing_key":""}"#).await.0, 201);
+    let (_, list) = get(addr, "/api/bindings/%2F/e/x/q/q").await;
+    let keys: Vec<&str> = list.as_array().unwrap().iter().map(|b| b["properties_key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["~", "a%7Eb%25"]);
+    assert_eq!(get(addr, "/api/bindings/%2F/e/x/q/q/a%257Eb%2525").await.1["routing_key"], "a~b%");
+    assert_eq!(call(addr, "DELETE", "/api/bindings/%2F/e/x/q/q/~", Some(GUEST), None).await.0, 204);
+    assert_eq!(get(addr, "/api/bindings/%2F/e/x/q/q").await.1.as_array().unwrap().len(), 1);
+    assert_eq!(get(addr, "/api/bindings/%2F/e/x/q/q/~").await.0, 404);
+}
+
+#[tokio::test]
+async fn definitions_import_keeps_existing_objects_and_overwrites_policies() {
+    let (broker, addr) = start().await;
+    send(addr, "PUT", "/api/queues/%2F/kept", r#"{"durable":true,"arguments":{"x-max-length":3}}"#).await;
+    let doc = r#"{
+        "users": [{"name": "u", "password_hash": "x", "tags": []}],
+        "vhosts": [{"name": "/"}, {"name": "other"}],
+        "policies": [{"vhost": "/", "name": "p", "pattern": "^kept$", "apply-to": "queues", "priority": 0,
+                      "definition": {"max-length": 5}}],
+        "queues": [{"name": "kept", "vhost": "/", "durable": true, "auto_delete": false,
+                    "arguments": {"x-max-length": 99}},
+                   {"name": "new", "vhost": "other", "durable": true, "auto_delete": false, "arguments": {}}],
+        "exchanges": [{"name": "x", "vhost": "other", "type": "fanout", "durable": true, "auto_delete": false,
+                       "internal": false, "arguments": {}}],
+        "bindings": [{"source": "x", "vhost": "other", "destination": "new", "destination_type": "queue",
+                      "routing_key": "", "arguments": {}}]
+    }"#;
+    assert_eq!(send(addr, "POST", "/api/definitions", doc).await.0, 204);
+    let (_, kept) = get(addr, "/api/queues/%2F/kept").await;
+    assert_eq!(kept["arguments"]["x-max-length"], 3, "an existing queue is kept as it is");
+    assert_eq!(kept["policy"], "p");
+    assert!(broker.vhost("other").is_ok(), "vhost created");
+    assert_eq!(get(addr, "/api/bindings/other/e/x/q/new").await.1.as_array().unwrap().len(), 1);
+    let again = doc.replace(r#"{"max-length": 5}"#, r#"{"max-length": 7}"#);
+    assert_eq!(send(addr, "POST", "/api/definitions", &again).await.0, 204);
+    assert_eq!(get(addr, "/api/policies/%2F/p").await.1["definition"]["max-length"], 7, "policy overwritten");
+    let (_, exported) = get(addr, "/api/definitions").await;
+    assert_eq!(exported["vhosts"].as_array().unwrap().len(), 2);
+    assert!(exported["exchanges"].as_array().unwrap().iter().all(|e| e["name"] == "x"), "no amq.* or default");
+
+    let bad = r#"{"exchanges": [{"name": "b1", "vhost": "/", "type": "nope"}, {"name": "b2", "vhost": "/", "type": "nope2"}]}"#;
+    let (status, e) = send(addr, "POST", "/api/definitions", bad).await;
+    assert_eq!(status, 400);
+    let reason = e["reason"].as_str().unwrap();
+    assert!(reason.contains("b1") && !reason.contains("b2"), "{reason}");
+}
+
 /// Issue 13 item 2: a stored record that fails its checksum is quarantined, and counted in the queue's
 /// `quarantined` field and in `mailroom_quarantined_records_total`.
 #[tokio::test]

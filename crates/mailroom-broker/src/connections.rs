@@ -1,0 +1,262 @@
+//! Open client connections, as the management API lists and closes them.
+//!
+//! A wire server registers each connection once it is open ([`ConnectionRegistry::register`]) and keeps
+//! the returned [`Registration`] for the connection's lifetime: dropping it deregisters. The connection
+//! task also watches the [`ConnectionControl`] receiver it got: the API asks it through that channel for a
+//! snapshot of its channels and consumers (pulled on demand, so an unwatched broker pays nothing) or to
+//! close with a reason. Nothing here knows about frames or sockets.
+
+use crate::queue::{ConnectionId, ConsumerId};
+use amq_protocol_types::FieldTable;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// Requests a connection task may have outstanding from the API (snapshots and a close); more are refused
+/// rather than queued: a stuck connection must not make API calls pile up memory.
+const CONTROL_QUEUE: usize = 16;
+/// How long the API waits for a connection task to describe its channels.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a connection said about itself when it opened (fixed for its lifetime).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The connection's id (also the exclusive-queue owner id).
+    pub id: ConnectionId,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Our address the client connected to.
+    pub local: SocketAddr,
+    /// The authenticated user.
+    pub user: String,
+    /// The vhost it opened.
+    pub vhost: String,
+    /// The protocol, as RabbitMQ names it (`AMQP 0-9-1`).
+    pub protocol: &'static str,
+    /// `client_properties` from `connection.start-ok`.
+    pub client_properties: FieldTable,
+    /// Negotiated frame size limit.
+    pub frame_max: u32,
+    /// Negotiated channel limit.
+    pub channel_max: u16,
+    /// Negotiated heartbeat, in seconds.
+    pub heartbeat: u16,
+    /// When it connected.
+    pub connected_at: SystemTime,
+}
+
+impl ConnectionInfo {
+    /// RabbitMQ's connection name: `"peer -> local"`, e.g. `127.0.0.1:51234 -> 127.0.0.1:5672`.
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.peer, self.local)
+    }
+}
+
+/// One open channel of a connection, at the moment it was asked.
+#[derive(Debug, Clone)]
+pub struct ChannelSnapshot {
+    /// Its channel number.
+    pub number: u16,
+    /// `basic.qos` per-consumer limit.
+    pub prefetch_count: u32,
+    /// `basic.qos` channel-wide (global) limit.
+    pub global_prefetch_count: u32,
+    /// In confirm mode.
+    pub confirm: bool,
+    /// In transaction mode.
+    pub transactional: bool,
+    /// Deliveries not yet acknowledged.
+    pub unacknowledged: u64,
+    /// Publishes not yet confirmed (confirm mode: persistent ones waiting for their fsync).
+    pub unconfirmed: u64,
+    /// Publishes held by an open transaction.
+    pub uncommitted_publishes: u64,
+    /// Acks and rejects held by an open transaction.
+    pub uncommitted_acks: u64,
+    /// Its consumers.
+    pub consumers: Vec<ConsumerSnapshot>,
+}
+
+/// One consumer on a channel.
+#[derive(Debug, Clone)]
+pub struct ConsumerSnapshot {
+    /// The consumer tag.
+    pub tag: String,
+    /// The consumer's id in its queue (for the queue-side details).
+    pub id: ConsumerId,
+    /// The queue it consumes from.
+    pub queue: String,
+    /// Deliveries must be acknowledged (not `no-ack`).
+    pub ack_required: bool,
+}
+
+/// What the API asks of a connection task.
+#[derive(Debug)]
+pub enum ConnectionControl {
+    /// Close with `connection.close` 320 CONNECTION_FORCED and this reason.
+    Close {
+        /// The reason given to the client.
+        reason: String,
+    },
+    /// Describe the open channels.
+    Snapshot(oneshot::Sender<Vec<ChannelSnapshot>>),
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: Arc<ConnectionInfo>,
+    control: mpsc::Sender<ConnectionControl>,
+}
+
+/// Every registered connection.
+#[derive(Debug, Default)]
+pub struct ConnectionRegistry {
+    entries: Mutex<BTreeMap<ConnectionId, Entry>>,
+}
+
+impl ConnectionRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ConnectionId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers an open connection; it stays listed until the returned [`Registration`] is dropped. The
+    /// receiver carries the API's requests to the connection task.
+    pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> (Registration, mpsc::Receiver<ConnectionControl>) {
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let id = info.id;
+        self.lock().insert(id, Entry { info: Arc::new(info), control: tx });
+        (Registration { registry: Arc::downgrade(self), id }, rx)
+    }
+
+    /// Every registered connection, oldest first.
+    pub fn list(&self) -> Vec<ConnectionHandle> {
+        self.lock()
+            .values()
+            .map(|e| ConnectionHandle { info: Arc::clone(&e.info), control: e.control.clone() })
+            .collect()
+    }
+
+    /// The connection with this name (`"peer -> local"`).
+    pub fn by_name(&self, name: &str) -> Option<ConnectionHandle> {
+        self.list().into_iter().find(|c| c.info.name() == name)
+    }
+
+    /// How many connections are registered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// No connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// Keeps a connection listed; dropping it deregisters the connection.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Weak<ConnectionRegistry>,
+    id: ConnectionId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry.lock().remove(&self.id);
+        }
+    }
+}
+
+/// The API's view of one registered connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionHandle {
+    info: Arc<ConnectionInfo>,
+    control: mpsc::Sender<ConnectionControl>,
+}
+
+impl ConnectionHandle {
+    /// What the connection said when it opened.
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Its open channels and their consumers; None if the connection did not answer in time (it is
+    /// closing, or busy past [`SNAPSHOT_TIMEOUT`]).
+    pub async fn channels(&self) -> Option<Vec<ChannelSnapshot>> {
+        let (tx, rx) = oneshot::channel();
+        self.control.try_send(ConnectionControl::Snapshot(tx)).ok()?;
+        tokio::time::timeout(SNAPSHOT_TIMEOUT, rx).await.ok()?.ok()
+    }
+
+    /// Asks the connection to close with `reason`; false if it is already gone or cannot take the request.
+    pub fn close(&self, reason: &str) -> bool {
+        self.control.try_send(ConnectionControl::Close { reason: reason.to_owned() }).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: ConnectionId, port: u16) -> ConnectionInfo {
+        ConnectionInfo {
+            id,
+            peer: SocketAddr::from(([127, 0, 0, 1], port)),
+            local: SocketAddr::from(([127, 0, 0, 1], 5672)),
+            user: "guest".into(),
+            vhost: "/".into(),
+            protocol: "AMQP 0-9-1",
+            client_properties: FieldTable::default(),
+            frame_max: 131072,
+            channel_max: 2047,
+            heartbeat: 60,
+            connected_at: SystemTime::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_lists_until_dropped_and_carries_requests() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let (reg, mut rx) = registry.register(info(7, 40000));
+        assert_eq!(registry.len(), 1);
+        let handle = registry.by_name("127.0.0.1:40000 -> 127.0.0.1:5672").expect("listed by name");
+        assert_eq!(handle.info().id, 7);
+        assert!(registry.by_name("127.0.0.1:1 -> 127.0.0.1:5672").is_none());
+
+        // The connection task answers a snapshot request.
+        let task = tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                match req {
+                    ConnectionControl::Snapshot(tx) => {
+                        let _ = tx.send(vec![ChannelSnapshot {
+                            number: 1,
+                            prefetch_count: 10,
+                            global_prefetch_count: 0,
+                            confirm: true,
+                            transactional: false,
+                            unacknowledged: 0,
+                            unconfirmed: 0,
+                            uncommitted_publishes: 0,
+                            uncommitted_acks: 0,
+                            consumers: vec![],
+                        }]);
+                    }
+                    ConnectionControl::Close { reason } => return reason,
+                }
+            }
+            String::new()
+        });
+        let channels = handle.channels().await.expect("answered");
+        assert_eq!(channels.len(), 1);
+        assert_eq!(channels[0].prefetch_count, 10);
+        assert!(handle.close("bye"));
+        assert_eq!(task.await.unwrap(), "bye");
+
+        drop(reg);
+        assert!(registry.is_empty());
+        assert!(handle.channels().await.is_none(), "a gone connection answers nothing");
+        assert!(!handle.close("again"));
+    }
+}
