@@ -90,15 +90,20 @@ pub mod retry;
 pub mod saga;
 pub mod trace;
 pub mod transport;
+pub mod wire;
 
-pub use bus::{Bus, BusConfig, Context};
-pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
-pub use error::{Error, HandlerError, Result, TransportError};
+pub use bus::{Bus, BusConfig, Context, Redriven, Unroutable};
+pub use envelope::{Envelope, Message, MessageKind, Metadata, Payload, Raw};
+pub use error::{Error, HandlerError, Result, ResultExt, TransportError};
 pub use filter::{Filter, Headers};
 #[cfg(feature = "postgres")]
 pub use inbox::postgres::PgInbox;
 pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
-pub use pipeline::{Incoming, MetricsSnapshot, Middleware, Next, Outcome, WorkerHandle};
+pub use pipeline::{Endpoint, Incoming, MetricsSnapshot, Middleware, Next, Outcome, Subscribe, WorkerHandle};
 pub use request::{Fault, GatherError, Gathered, RequestError, Strategy, Target};
 pub use retry::{Jitter, RetryPolicy};
-pub use transport::{Amqp, AmqpConfig, Embedded, Transport};
+#[cfg(feature = "embedded")]
+pub use transport::Embedded;
+pub use transport::Transport;
+#[cfg(feature = "amqp")]
+pub use transport::{Amqp, AmqpConfig};

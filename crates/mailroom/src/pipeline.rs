@@ -17,8 +17,8 @@ use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
 use crate::transport::{BoxFuture, Declaration, ExchangeKind, Inbound, Outbound, Subscription, X_DELAY};
+use crate::wire::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
-use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -137,7 +137,8 @@ impl Metrics {
     }
 }
 
-/// Builds a worker: a pool of competing consumers on one queue.
+/// Builds a worker: a pool of competing consumers on one queue. Nothing happens until `.run()`.
+#[must_use = "a worker does nothing until .handle(..).run() is awaited"]
 pub struct WorkerBuilder {
     bus: Bus,
     queue: String,
@@ -150,6 +151,7 @@ pub struct WorkerBuilder {
     layers: Vec<Arc<dyn Middleware>>,
     bindings: Vec<String>,
     responder: bool,
+    state: Option<crate::bus::State>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -173,16 +175,31 @@ impl Bus {
             layers: Vec::new(),
             bindings: Vec::new(),
             responder: false,
+            state: None,
         }
     }
 
     /// A subscription to events whose topic matches `pattern` (`orders.*`, `orders.#`); name it with
-    /// [`WorkerBuilder::group`]: the group's durable queue gets a copy of each event, and the group's
-    /// workers compete for it.
-    pub fn subscribe(&self, pattern: &str) -> WorkerBuilder {
-        let mut w = self.worker("");
-        w.bindings.push(pattern.to_owned());
-        w
+    /// [`Subscribe::group`]: the group's durable queue gets a copy of each event, and the group's
+    /// workers compete for it. Without a group there is nothing to run (a compile-time error):
+    ///
+    /// ```compile_fail,E0599
+    /// # async fn f(bus: mailroom::Bus) {
+    /// // error[E0599]: no method named `handle` found for struct `Subscribe`
+    /// bus.subscribe("orders.*").handle(|_e: mailroom::Envelope<String>, _ctx| async { Ok(()) });
+    /// # }
+    /// ```
+    pub fn subscribe(&self, pattern: &str) -> Subscribe {
+        Subscribe { bus: self.clone(), bindings: vec![pattern.to_owned()] }
+    }
+
+    /// An endpoint on `queue` handling several message types, each dispatched by the message's `type`
+    /// property to the handler registered with [`WorkerBuilder::on`] for its [`Message::NAME`]
+    /// (same as [`Bus::worker`]; the name says what it is for).
+    ///
+    /// [`Message::NAME`]: crate::Message::NAME
+    pub fn endpoint(&self, queue: &str) -> WorkerBuilder {
+        self.worker(queue)
     }
 
     /// A request handler on `queue`: what the handler returns is sent back as the reply; an error
@@ -194,11 +211,41 @@ impl Bus {
     }
 }
 
+/// A subscription without a group yet: [`Subscribe::group`] names the group's queue and gives the
+/// [`WorkerBuilder`] (typestate: an ungrouped subscription cannot be run).
+#[must_use = "a subscription needs .group(name), then .handle(..).run()"]
+#[derive(Debug)]
+pub struct Subscribe {
+    bus: Bus,
+    bindings: Vec<String>,
+}
+
+impl Subscribe {
+    /// Also subscribe to `pattern`.
+    pub fn topic(mut self, pattern: &str) -> Self {
+        self.bindings.push(pattern.to_owned());
+        self
+    }
+    /// Names the subscriber group: its durable queue is called `name`; the group's workers compete.
+    pub fn group(self, name: &str) -> WorkerBuilder {
+        let mut w = self.bus.worker(name);
+        w.bindings = self.bindings;
+        w
+    }
+}
+
 impl WorkerBuilder {
-    /// Names the subscriber group: its durable queue is called `name`.
-    pub fn group(mut self, name: &str) -> Self {
-        self.queue = name.to_owned();
-        self.name = name.to_owned();
+    /// Shared state for the handlers, read with [`Context::state`] (an `Arc`, no clone per closure).
+    /// One value per type; a second call with the same type replaces it.
+    pub fn state<S: Send + Sync + 'static>(self, state: S) -> Self {
+        self.shared_state(Arc::new(state))
+    }
+    /// [`WorkerBuilder::state`] with an `Arc` the caller keeps too: `ctx.state::<S>()` hands out clones
+    /// of this very `Arc`.
+    pub fn shared_state<S: Send + Sync + 'static>(mut self, state: Arc<S>) -> Self {
+        let mut map = self.state.take().map(|s| (*s).clone()).unwrap_or_default();
+        map.insert(std::any::TypeId::of::<S>(), state);
+        self.state = Some(Arc::new(map));
         self
     }
     /// Also subscribe to `pattern` (a group may follow several topics).
@@ -248,22 +295,21 @@ impl WorkerBuilder {
         F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        let terminal: Terminal = Arc::new(move |msg: Incoming| {
-            let handler = Arc::clone(&handler);
-            Box::pin(async move {
-                let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
-                    Ok(e) => e,
-                    Err(e) => return Outcome::DeadLetter(HandlerError::permanent(e).with_kind("decode")),
-                };
-                match handler(env, msg.ctx).await {
-                    Ok(()) => Outcome::Ack,
-                    Err(e) if e.permanent => Outcome::DeadLetter(e),
-                    Err(e) => Outcome::Retry(e),
-                }
-            })
-        });
-        Worker { builder: self, terminal }
+        Worker { builder: self, terminal: typed_terminal(handler) }
+    }
+
+    /// The handler for messages of type `T` (their `type` property is [`Message::NAME`]); add more
+    /// types with [`Endpoint::on`]. A message of a type with no handler goes to the DLQ with error kind
+    /// `unknown-type` and a reason naming its type and the ones handled, never through a decoder.
+    ///
+    /// [`Message::NAME`]: crate::Message::NAME
+    pub fn on<T, F, Fut>(self, handler: F) -> Endpoint
+    where
+        T: crate::Message,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        Endpoint { builder: self, handlers: Vec::new() }.on(handler)
     }
 
     /// Sets a request handler (use with [`Bus::responder`]): its value is the reply.
@@ -305,7 +351,91 @@ impl WorkerBuilder {
     }
 }
 
+/// Decode, then call `handler`: the innermost slots of a typed worker.
+fn typed_terminal<T, F, Fut>(handler: F) -> Terminal
+where
+    T: Payload,
+    F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |msg: Incoming| {
+        let handler = Arc::clone(&handler);
+        Box::pin(async move {
+            let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
+                Ok(e) => e,
+                Err(e) => return Outcome::DeadLetter(HandlerError::permanent(e).with_kind("decode")),
+            };
+            match handler(env, msg.ctx).await {
+                Ok(()) => Outcome::Ack,
+                Err(e) if e.permanent => Outcome::DeadLetter(e),
+                Err(e) => Outcome::Retry(e),
+            }
+        })
+    })
+}
+
+/// A worker handling several message types, dispatched by the `type` property.
+#[must_use = "an endpoint does nothing until .run() is awaited"]
+pub struct Endpoint {
+    builder: WorkerBuilder,
+    handlers: Vec<(&'static str, Terminal)>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let types: Vec<&str> = self.handlers.iter().map(|(n, _)| *n).collect();
+        f.debug_struct("Endpoint").field("queue", &self.builder.queue).field("types", &types).finish()
+    }
+}
+
+impl Endpoint {
+    /// Adds the handler for messages of type `T`.
+    pub fn on<T, F, Fut>(mut self, handler: F) -> Endpoint
+    where
+        T: crate::Message,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handlers.push((T::NAME, typed_terminal(handler)));
+        self
+    }
+
+    /// Checks the type names (non-empty, one handler each), then declares and starts the worker.
+    pub async fn run(self) -> Result<WorkerHandle> {
+        let mut map = std::collections::HashMap::new();
+        for (name, terminal) in self.handlers {
+            if name.is_empty() {
+                return Err(crate::Error::Invalid("a message type name is empty".into()));
+            }
+            if map.insert(name, terminal).is_some() {
+                return Err(crate::Error::Invalid(format!(
+                    "two handlers for message type `{name}` on `{}`: type names must be unique",
+                    self.builder.queue
+                )));
+            }
+        }
+        let mut known: Vec<&str> = map.keys().copied().collect();
+        known.sort_unstable();
+        let known = known.join(", ");
+        let queue = self.builder.queue.clone();
+        let map = Arc::new(map);
+        let terminal: Terminal = Arc::new(move |msg: Incoming| match map.get(msg.meta.type_name.as_str()) {
+            Some(handler) => handler(msg),
+            None => {
+                let reason =
+                    format!("no handler for message type `{}` on `{queue}` (it handles: {known})", msg.meta.type_name);
+                Box::pin(std::future::ready(Outcome::DeadLetter(
+                    HandlerError::permanent(reason).with_kind("unknown-type"),
+                )))
+            }
+        });
+        Worker { builder: self.builder, terminal }.run().await
+    }
+}
+
 /// A configured worker, ready to run.
+#[must_use = "a worker does nothing until .run() is awaited"]
 pub struct Worker {
     builder: WorkerBuilder,
     terminal: Terminal,
@@ -324,6 +454,7 @@ struct Core {
     retry: RetryPolicy,
     inbox: Option<Arc<dyn InboxStore>>,
     filter: Option<Filter>,
+    state: Option<crate::bus::State>,
     /// The delayed-message exchange delayed retries go through; `None`: TTL retry queues.
     delayed_via: Option<String>,
     next: Next,
@@ -434,7 +565,7 @@ impl Worker {
     pub async fn run(self) -> Result<WorkerHandle> {
         let b = self.builder;
         if b.queue.is_empty() {
-            return Err(crate::Error::Invalid("subscribe(..) needs .group(name)".into()));
+            return Err(crate::Error::Invalid("a worker needs a queue name".into()));
         }
         let bus = b.bus.clone();
         bus.declare_queue(&b.queue).await?;
@@ -489,6 +620,7 @@ impl Worker {
             retry,
             inbox: b.inbox.clone(),
             filter: b.filter.clone(),
+            state: b.state.clone(),
             delayed_via,
             next: Next { layers: Arc::from(b.layers.clone()), index: 0, terminal: self.terminal },
             metrics: Arc::clone(&metrics),
@@ -549,6 +681,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         queue: Arc::clone(&core.queue),
         redelivered: inbound.redelivered,
         unit: None,
+        state: core.state.clone(),
     };
     let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
     async {

@@ -6,6 +6,7 @@
 //! | pattern | guide |
 //! |---|---|
 //! | point-to-point, competing consumers | [`point_to_point`] |
+//! | typed endpoints (several message types), handler errors, shared state | [`typed_endpoints`] |
 //! | publish/subscribe with subscriber groups | [`publish_subscribe`] |
 //! | request-reply | [`request_reply`] |
 //! | scatter-gather | [`scatter_gather`] |
@@ -26,3 +27,4 @@ pub mod retry_dead_letter;
 pub mod saga;
 pub mod scatter_gather;
 pub mod tracing;
+pub mod typed_endpoints;
