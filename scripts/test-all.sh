@@ -11,12 +11,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# --all-features: the SDK's `postgres` feature is off by default; its tests need it.
 echo "== building (debug; the Python suites use target/debug/mailroom)"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets --all-features --locked
 
 echo "== Rust tests"
-cargo nextest run --workspace --locked --no-fail-fast
-cargo test --workspace --doc --locked
+cargo nextest run --workspace --all-features --locked --no-fail-fast
+cargo test --workspace --all-features --doc --locked
+
+echo "== SDK packaging: scratch applications (default / AMQP-only features), cargo package, MSRV"
+scripts/check-sdk-consumers.sh
+scripts/check-msrv.sh
 
 echo "== Python environment"
 if [ ! -x .venv/bin/python ]; then
