@@ -121,15 +121,20 @@ impl Bus {
 
     /// Declares a worker queue and its DLQ (idempotent).
     pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.declare_worker_queue(queue, false).await
+    }
+
+    /// Declares a worker queue and its DLQ; `single_active` adds `x-single-active-consumer` (one
+    /// consumer at a time gets the queue's messages, the others stand by).
+    pub(crate) async fn declare_worker_queue(&self, queue: &str, single_active: bool) -> Result<()> {
         let mut dlq_args = FieldTable::default();
         self.quorum(&mut dlq_args);
         self.declare(Declaration::Queue { name: format!("{queue}.dlq"), durable: true, arguments: dlq_args }).await?;
-        self.declare(Declaration::Queue {
-            name: queue.to_owned(),
-            durable: true,
-            arguments: self.queue_arguments(queue),
-        })
-        .await
+        let mut arguments = self.queue_arguments(queue);
+        if single_active {
+            arguments.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+        }
+        self.declare(Declaration::Queue { name: queue.to_owned(), durable: true, arguments }).await
     }
 
     /// Sends a command to a queue (declared if needed), waiting for the broker's confirm.

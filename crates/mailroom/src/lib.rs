@@ -71,6 +71,7 @@
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
 //! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
+//! - [`partition`]: ordered processing per key (consistent-hash partitions, single active consumers).
 //! - [`outbox`]: the transactional outbox on PostgreSQL and its relay (feature `postgres`); [`saga`]:
 //!   orchestrated sagas with compensations, on PostgreSQL or the embedded (file) store.
 #![warn(missing_docs)]
@@ -83,6 +84,7 @@ pub mod guide;
 pub mod inbox;
 #[cfg(feature = "postgres")]
 pub mod outbox;
+pub mod partition;
 pub mod pipeline;
 pub mod relay;
 pub mod request;

@@ -152,6 +152,7 @@ pub struct WorkerBuilder {
     bindings: Vec<String>,
     responder: bool,
     state: Option<crate::bus::State>,
+    single_active: bool,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -176,6 +177,7 @@ impl Bus {
             bindings: Vec::new(),
             responder: false,
             state: None,
+            single_active: false,
         }
     }
 
@@ -235,6 +237,13 @@ impl Subscribe {
 }
 
 impl WorkerBuilder {
+    /// Declares the queue with `x-single-active-consumer`: of all workers on it (in any process), one
+    /// at a time receives its messages; when it goes, the next takes over where it stopped. With
+    /// `concurrency(1)` that processes the queue strictly in order (see [`crate::partition`]).
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active = true;
+        self
+    }
     /// Shared state for the handlers, read with [`Context::state`] (an `Arc`, no clone per closure).
     /// One value per type; a second call with the same type replaces it.
     pub fn state<S: Send + Sync + 'static>(self, state: S) -> Self {
@@ -568,7 +577,7 @@ impl Worker {
             return Err(crate::Error::Invalid("a worker needs a queue name".into()));
         }
         let bus = b.bus.clone();
-        bus.declare_queue(&b.queue).await?;
+        bus.declare_worker_queue(&b.queue, b.single_active).await?;
         let delayed_via = declare_retry_topology(&bus, &b.queue, &b.retry).await?;
         if !b.bindings.is_empty() {
             bus.ensure_events_exchange().await?;

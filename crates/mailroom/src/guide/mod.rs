@@ -11,6 +11,7 @@
 //! | request-reply | [`request_reply`] |
 //! | scatter-gather | [`scatter_gather`] |
 //! | retries, dead letters, redrive | [`retry_dead_letter`] |
+//! | ordered processing per key (partitions, single active consumer) | [`ordered_per_key`] |
 //! | message filter | [`message_filter`] |
 //! | recipient list | [`recipient_list`] |
 //! | idempotent consumer | [`idempotent_consumer`] |
@@ -19,6 +20,7 @@
 
 pub mod idempotent_consumer;
 pub mod message_filter;
+pub mod ordered_per_key;
 pub mod point_to_point;
 pub mod publish_subscribe;
 pub mod recipient_list;

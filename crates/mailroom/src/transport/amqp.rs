@@ -145,6 +145,7 @@ fn lapin_kind(kind: super::ExchangeKind) -> LapinKind {
         super::ExchangeKind::Fanout => LapinKind::Fanout,
         super::ExchangeKind::Headers => LapinKind::Headers,
         super::ExchangeKind::Delayed => LapinKind::Custom(super::DELAYED_EXCHANGE_TYPE.into()),
+        super::ExchangeKind::ConsistentHash => LapinKind::Custom(super::CONSISTENT_HASH_EXCHANGE_TYPE.into()),
     }
 }
 

@@ -64,10 +64,17 @@ pub enum ExchangeKind {
     /// The delayed-message exchange (`x-delayed-message`, routing as direct): holds a message for its
     /// `x-delay` header's milliseconds. Mailroom has it built in; RabbitMQ only with a plugin.
     Delayed,
+    /// The consistent-hash exchange (`x-consistent-hash`): one bound queue per message, by a hash of
+    /// the routing key; binding keys are weights. Mailroom has it built in; RabbitMQ with the
+    /// `rabbitmq_consistent_hash_exchange` plugin.
+    ConsistentHash,
 }
 
 /// AMQP type name of the delayed-message exchange.
 pub const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
+
+/// AMQP type name of the consistent-hash exchange.
+pub const CONSISTENT_HASH_EXCHANGE_TYPE: &str = "x-consistent-hash";
 
 /// Message header with the delay in milliseconds, read by the delayed-message exchange.
 pub const X_DELAY: &str = "x-delay";
@@ -81,6 +88,7 @@ impl ExchangeKind {
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Headers => "headers",
             ExchangeKind::Delayed => DELAYED_EXCHANGE_TYPE,
+            ExchangeKind::ConsistentHash => CONSISTENT_HASH_EXCHANGE_TYPE,
         }
     }
 
