@@ -83,7 +83,7 @@ impl Next {
     }
 }
 
-/// Per-worker counters.
+/// Per-worker counters; with the `metrics` feature also exported through the `metrics` facade.
 #[derive(Debug, Default)]
 pub struct Metrics {
     received: AtomicU64,
@@ -94,6 +94,60 @@ pub struct Metrics {
     filtered: AtomicU64,
     duplicates: AtomicU64,
     latency_us: AtomicU64,
+    #[cfg(feature = "metrics")]
+    exported: Option<exported::Exported>,
+}
+
+/// What a worker counts.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Received,
+    Ok,
+    Failed,
+    Retried,
+    DeadLettered,
+    Filtered,
+    Duplicates,
+}
+
+/// The `metrics`-facade side of a worker's counters: handles registered once per worker (labels
+/// `queue` and `handler`), so counting a message allocates nothing.
+#[cfg(feature = "metrics")]
+mod exported {
+    use super::Count;
+
+    /// Counter names, one per [`Count`]; the latency histogram is `mailroom_handler_duration_seconds`.
+    pub(super) const NAMES: [(&str, Count); 7] = [
+        ("mailroom_handler_received_total", Count::Received),
+        ("mailroom_handler_handled_total", Count::Ok),
+        ("mailroom_handler_failed_total", Count::Failed),
+        ("mailroom_handler_retried_total", Count::Retried),
+        ("mailroom_handler_dead_lettered_total", Count::DeadLettered),
+        ("mailroom_handler_filtered_total", Count::Filtered),
+        ("mailroom_handler_duplicates_total", Count::Duplicates),
+    ];
+
+    #[derive(Debug)]
+    pub(super) struct Exported {
+        counters: [metrics::Counter; 7],
+        latency: metrics::Histogram,
+    }
+
+    impl Exported {
+        pub(super) fn register(queue: &str, handler: &str) -> Exported {
+            let labels = [("queue", queue.to_owned()), ("handler", handler.to_owned())];
+            Exported {
+                counters: NAMES.map(|(name, _)| metrics::counter!(name, &labels)),
+                latency: metrics::histogram!("mailroom_handler_duration_seconds", &labels),
+            }
+        }
+        pub(super) fn count(&self, c: Count) {
+            self.counters[c as usize].increment(1);
+        }
+        pub(super) fn latency(&self, d: std::time::Duration) {
+            self.latency.record(d.as_secs_f64());
+        }
+    }
 }
 
 /// A snapshot of a worker's counters.
@@ -118,8 +172,28 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    fn count(&self, c: Count) {
+        let counter = match c {
+            Count::Received => &self.received,
+            Count::Ok => &self.ok,
+            Count::Failed => &self.failed,
+            Count::Retried => &self.retried,
+            Count::DeadLettered => &self.dead_lettered,
+            Count::Filtered => &self.filtered,
+            Count::Duplicates => &self.duplicates,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(e) = &self.exported {
+            e.count(c);
+        }
+    }
+    fn handled_in(&self, d: std::time::Duration) {
+        self.latency_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(e) = &self.exported {
+            e.latency(d);
+        }
     }
     /// Reads every counter.
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -617,7 +691,11 @@ impl Worker {
             }
         }
         let sub = bus.transport().consume(&b.queue, b.prefetch).await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            #[cfg(feature = "metrics")]
+            exported: Some(exported::Exported::register(&b.queue, &b.name)),
+            ..Metrics::default()
+        });
         let mut retry = b.retry.clone();
         if b.responder {
             retry = RetryPolicy::new();
@@ -695,11 +773,11 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
     let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
     async {
         // Metrics slot.
-        Metrics::inc(&core.metrics.received);
+        core.metrics.count(Count::Received);
         // Filter slot.
         if let Some(f) = &core.filter {
             if !f.matches(&meta) {
-                Metrics::inc(&core.metrics.filtered);
+                core.metrics.count(Count::Filtered);
                 settle_ack(&mut inbound).await;
                 return;
             }
@@ -711,7 +789,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
             Outcome::Retry(e) => {
                 let round: u32 = meta.header(headers::DELAYED_RETRIES).and_then(|r| r.parse().ok()).unwrap_or(0);
                 if round < core.retry.delayed {
-                    Metrics::inc(&core.metrics.retried);
+                    core.metrics.count(Count::Retried);
                     let delay = core.retry.delay(round);
                     let mut copy = failed_copy(&core, &meta, &e);
                     copy.headers.insert(headers::DELAYED_RETRIES.into(), (round + 1).to_string());
@@ -727,7 +805,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
     }
     .instrument(span)
     .await;
-    core.metrics.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    core.metrics.handled_in(started.elapsed());
 }
 
 /// Immediate retries in process, around the inbox and everything inside it.
@@ -737,23 +815,23 @@ async fn retry_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
         let outcome = inbox_slot(core, msg.clone()).await;
         match outcome {
             Outcome::Retry(e) => {
-                Metrics::inc(&core.metrics.failed);
+                core.metrics.count(Count::Failed);
                 if !core.retry.retries(&e) {
                     return Outcome::DeadLetter(e);
                 }
                 if attempt < core.retry.immediate {
                     attempt += 1;
-                    Metrics::inc(&core.metrics.retried);
+                    core.metrics.count(Count::Retried);
                     continue;
                 }
                 return Outcome::Retry(e);
             }
             Outcome::DeadLetter(e) => {
-                Metrics::inc(&core.metrics.failed);
+                core.metrics.count(Count::Failed);
                 return Outcome::DeadLetter(e);
             }
             Outcome::Ack => {
-                Metrics::inc(&core.metrics.ok);
+                core.metrics.count(Count::Ok);
                 return Outcome::Ack;
             }
             other => return other,
@@ -783,7 +861,7 @@ async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, 
         let unit = match claim.await {
             Ok(Claim::Claimed(unit)) => unit,
             Ok(Claim::Duplicate) => {
-                Metrics::inc(&core.metrics.duplicates);
+                core.metrics.count(Count::Duplicates);
                 return Outcome::Drop("duplicate".into());
             }
             Err(e) => return Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
@@ -810,7 +888,7 @@ async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, 
     }
     match inbox.seen(&core.name, id).await {
         Ok(true) => {
-            Metrics::inc(&core.metrics.duplicates);
+            core.metrics.count(Count::Duplicates);
             return Outcome::Drop("duplicate".into());
         }
         Ok(false) => {}
@@ -843,7 +921,7 @@ fn failed_copy(core: &Core, meta: &Metadata, e: &HandlerError) -> Metadata {
 }
 
 async fn dead_letter(core: &Arc<Core>, inbound: &mut Inbound, meta: &Metadata, e: &HandlerError) {
-    Metrics::inc(&core.metrics.dead_lettered);
+    core.metrics.count(Count::DeadLettered);
     let mut copy = failed_copy(core, meta, e);
     if e.kind == "decode" || !core.retry.retries(e) {
         // Not retried: the attempt count is just this one.
@@ -870,5 +948,16 @@ async fn publish_then_ack(_core: &Arc<Core>, inbound: &mut Inbound, published: R
 async fn settle_ack(inbound: &mut Inbound) {
     if let Err(e) = inbound.ack().await {
         tracing::warn!(error = %e, "ack failed; the broker will redeliver (the inbox absorbs it)");
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod exported_tests {
+    /// The counter handles are indexed by `Count as usize`: the name table must follow that order.
+    #[test]
+    fn names_follow_the_count_order() {
+        for (i, (_, c)) in super::exported::NAMES.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
     }
 }
