@@ -74,13 +74,17 @@ if [ -x tests/compat/setup.sh ] || [ -f tests/compat/setup.sh ]; then
   run compat-setup bash tests/compat/setup.sh
 fi
 
-run build cargo build --workspace --all-targets --locked || give_up "the build failed"
+# --all-features: the SDK's `postgres` feature is off by default; its tests need it.
+run build cargo build --workspace --all-targets --all-features --locked || give_up "the build failed"
 
 # Tests that return early because a service is missing write one line each here (tests/common).
 export MAILROOM_SKIP_LOG="$PWD/$LOGS/rust-skipped.txt"
 : >"$MAILROOM_SKIP_LOG"
-run rust cargo nextest run --workspace --locked --no-fail-fast
-run doctests cargo test --workspace --doc --locked
+run rust cargo nextest run --workspace --all-features --locked --no-fail-fast
+run doctests cargo test --workspace --all-features --doc --locked
+# The SDK as a dependency: scratch applications (default / AMQP-only features), cargo package, MSRV.
+run sdk-consumers scripts/check-sdk-consumers.sh
+run msrv scripts/check-msrv.sh
 
 echo "== Python environment"
 if [ ! -x .venv/bin/python ]; then

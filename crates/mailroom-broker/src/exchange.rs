@@ -3,6 +3,7 @@
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::plugins::{ExchangeExtras, ExchangeFlavor};
 use crate::queue::Queue;
+use crate::routing::consistent_hash::{self, HashRing};
 use crate::routing::{headers::HeadersBinding, topic::TopicIndex};
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
@@ -19,6 +20,9 @@ pub enum ExchangeKind {
     Topic,
     /// Header values, per `x-match`.
     Headers,
+    /// One destination per message, by a hash of its routing key (or a header), binding keys being
+    /// weights (`x-consistent-hash`, RabbitMQ's plugin built in; see [`consistent_hash`]).
+    ConsistentHash,
 }
 
 impl ExchangeKind {
@@ -29,6 +33,7 @@ impl ExchangeKind {
             "fanout" => Ok(Self::Fanout),
             "topic" => Ok(Self::Topic),
             "headers" => Ok(Self::Headers),
+            consistent_hash::TYPE => Ok(Self::ConsistentHash),
             other => Err(BrokerError::new(ErrorKind::CommandInvalid, format!("invalid exchange type '{other}'"))),
         }
     }
@@ -39,6 +44,7 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::ConsistentHash => consistent_hash::TYPE,
         }
     }
 }
@@ -96,6 +102,7 @@ enum Router {
     Fanout,
     Topic(TopicIndex<Destination>),
     Headers(Vec<(HeadersBinding, Destination)>),
+    ConsistentHash(HashRing<Destination>),
 }
 
 #[derive(Debug)]
@@ -153,6 +160,11 @@ impl Exchange {
             ExchangeKind::Fanout => Router::Fanout,
             ExchangeKind::Topic => Router::Topic(TopicIndex::new()),
             ExchangeKind::Headers => Router::Headers(Vec::new()),
+            // Arguments were checked at declare (`ExchangeFlavor::parse`); a recovered exchange with
+            // arguments no longer valid falls back to hashing routing keys.
+            ExchangeKind::ConsistentHash => Router::ConsistentHash(HashRing::new(
+                consistent_hash::parse_arguments(&spec.arguments).unwrap_or(consistent_hash::HashOn::RoutingKey),
+            )),
         };
         Self {
             spec,
@@ -196,8 +208,12 @@ impl Exchange {
                     HeadersBinding::parse(arguments).map_err(|e| BrokerError::precondition(e.to_string()))?;
                 list.push((compiled, destination.clone()));
             }
+            Router::ConsistentHash(_) => {
+                consistent_hash::parse_weight(routing_key).map_err(|e| BrokerError::precondition(e.to_string()))?;
+            }
         }
         st.bindings.push(Binding { destination, routing_key: routing_key.to_owned(), arguments: arguments.clone() });
+        Self::rebuild_ring(&mut st);
         Ok(())
     }
 
@@ -209,7 +225,19 @@ impl Exchange {
         };
         st.bindings.remove(pos);
         Self::rebuild_router_entry(&mut st, destination, routing_key, arguments);
+        Self::rebuild_ring(&mut st);
         true
+    }
+
+    /// A consistent-hash exchange's buckets follow its binding list (order and weights).
+    fn rebuild_ring(st: &mut ExchangeState) {
+        let ExchangeState { bindings, router, .. } = st;
+        if let Router::ConsistentHash(ring) = router {
+            // Every stored binding passed `parse_weight` in `bind`.
+            ring.rebuild(
+                bindings.iter().map(|b| (&b.destination, consistent_hash::parse_weight(&b.routing_key).unwrap_or(1))),
+            );
+        }
     }
 
     fn rebuild_router_entry(
@@ -229,7 +257,7 @@ impl Exchange {
                     }
                 }
             }
-            Router::Fanout => {}
+            Router::Fanout | Router::ConsistentHash(_) => {}
             Router::Topic(index) => {
                 index.remove(routing_key, destination);
             }
@@ -254,6 +282,7 @@ impl Exchange {
         for b in &gone {
             Self::rebuild_router_entry(&mut st, &b.destination, &b.routing_key, &b.arguments);
         }
+        Self::rebuild_ring(&mut st);
         gone.len()
     }
 
@@ -303,6 +332,7 @@ impl Exchange {
                     }
                 }
             }
+            Router::ConsistentHash(ring) => out.extend(ring.route(routing_key, headers).cloned()),
         }
     }
 }

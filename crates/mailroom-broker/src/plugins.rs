@@ -1,6 +1,7 @@
 //! What RabbitMQ needs plugins for, built in: the delayed-message exchange (`x-delayed-message`, as
-//! rabbitmq-delayed-message-exchange) and the deduplicating exchange (`x-message-deduplication`, as
-//! rabbitmq-message-deduplication). This module parses their declarations and headers; the held messages
+//! rabbitmq-delayed-message-exchange), the deduplicating exchange (`x-message-deduplication`, as
+//! rabbitmq-message-deduplication) and the consistent-hash exchange (`x-consistent-hash`, as
+//! rabbitmq_consistent_hash_exchange; routing in [`crate::routing::consistent_hash`]). This module parses their declarations and headers; the held messages
 //! live in [`crate::delayed`] and the deduplication cache in [`crate::dedup`], each with its own store
 //! under the data dir when the exchange is durable (see [`crate::durable::attach_exchange_stores`]).
 
@@ -76,6 +77,11 @@ impl ExchangeFlavor {
                     },
                 };
                 Ok((ExchangeKind::Fanout, ExchangeFlavor::Deduplicating { cache_size: size as usize, ttl_ms, disk }))
+            }
+            crate::routing::consistent_hash::TYPE => {
+                crate::routing::consistent_hash::parse_arguments(args)
+                    .map_err(|e| BrokerError::precondition(e.to_string()))?;
+                Ok((ExchangeKind::ConsistentHash, ExchangeFlavor::Plain))
             }
             other => Ok((ExchangeKind::parse(other)?, ExchangeFlavor::Plain)),
         }

@@ -7,7 +7,7 @@
 //! store: a temporary directory, removed at the end, or `MAILROOM_SAGA_STORE=<dir>` to keep it and
 //! look at it with `mailroom saga --store <dir> list` / `history <id>`.
 //!
-//! `cargo run -p mailroom --example order_saga -- --postgres`: the same on the local PostgreSQL
+//! `cargo run -p mailroom --features postgres --example order_saga -- --postgres`: the same on the local PostgreSQL
 //! (`MAILROOM_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`), commands through its outbox.
 
 use mailroom::saga::{Command, EmbeddedSagaStore, Saga, SagaHandle, Status};
@@ -133,7 +133,7 @@ async fn on_postgres(bus: &Bus) -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(not(feature = "postgres"))]
 async fn on_postgres(_bus: &Bus) -> Result<(), Box<dyn std::error::Error>> {
-    Err("built without the `postgres` feature".into())
+    Err("built without the `postgres` feature: cargo run -p mailroom --features postgres --example order_saga -- --postgres".into())
 }
 
 /// Order 1 ships; order 2's card is declined and its stock released. Prints each history.

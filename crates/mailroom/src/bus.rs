@@ -3,8 +3,8 @@
 use crate::envelope::{headers, Envelope, Metadata, Payload};
 use crate::error::{Error, Result, TransportError};
 use crate::trace::{TraceContext, TRACEPARENT};
-use crate::transport::{Declaration, Embedded, ExchangeKind, Outbound, Published, Transport};
-use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
+use crate::transport::{Declaration, ExchangeKind, Outbound, Published, Transport};
+use crate::wire::{AMQPValue, FieldTable, LongString, ShortString};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use tracing::Instrument;
@@ -69,8 +69,9 @@ impl Bus {
     }
 
     /// A bus on a fresh in-process broker: the default for tests and small apps.
+    #[cfg(feature = "embedded")]
     pub fn embedded() -> Result<Bus> {
-        Ok(Bus::new(Embedded::start()?))
+        Ok(Bus::new(crate::transport::Embedded::start()?))
     }
 
     /// The transport underneath (for admin operations and tests).
@@ -120,15 +121,20 @@ impl Bus {
 
     /// Declares a worker queue and its DLQ (idempotent).
     pub async fn declare_queue(&self, queue: &str) -> Result<()> {
+        self.declare_worker_queue(queue, false).await
+    }
+
+    /// Declares a worker queue and its DLQ; `single_active` adds `x-single-active-consumer` (one
+    /// consumer at a time gets the queue's messages, the others stand by).
+    pub(crate) async fn declare_worker_queue(&self, queue: &str, single_active: bool) -> Result<()> {
         let mut dlq_args = FieldTable::default();
         self.quorum(&mut dlq_args);
         self.declare(Declaration::Queue { name: format!("{queue}.dlq"), durable: true, arguments: dlq_args }).await?;
-        self.declare(Declaration::Queue {
-            name: queue.to_owned(),
-            durable: true,
-            arguments: self.queue_arguments(queue),
-        })
-        .await
+        let mut arguments = self.queue_arguments(queue);
+        if single_active {
+            arguments.insert(ShortString::from("x-single-active-consumer"), AMQPValue::Boolean(true));
+        }
+        self.declare(Declaration::Queue { name: queue.to_owned(), durable: true, arguments }).await
     }
 
     /// Sends a command to a queue (declared if needed), waiting for the broker's confirm.
@@ -144,6 +150,17 @@ impl Bus {
             Published::Confirmed => Ok(id),
             Published::Unroutable => Err(Error::NoRoute(queue.to_owned())),
         }
+    }
+
+    /// Sends a command of a named [`Message`](crate::Message) type (its `type` property is
+    /// `T::NAME`, what an [endpoint](Bus::endpoint) dispatches on).
+    pub async fn send_message<T: crate::Message>(&self, queue: &str, body: T) -> Result<String> {
+        self.send_envelope(queue, Envelope::message(crate::MessageKind::Command, body)).await
+    }
+
+    /// Publishes an event of a named [`Message`](crate::Message) type.
+    pub async fn publish_message<T: crate::Message>(&self, topic: &str, body: T) -> Result<String> {
+        self.publish_envelope(topic, Envelope::message(crate::MessageKind::Event, body)).await
     }
 
     /// Publishes an event to a topic (routing key on the events exchange). Nobody subscribed is fine.
@@ -229,11 +246,43 @@ impl Bus {
 
     /// Moves every message in `dlq` back to the queue it failed in (the `x-mailroom-source-queue`
     /// header, else the DLQ name without `.dlq`), keeping its id and resetting its attempt count.
-    /// Returns how many were moved. Each is republished with a confirm before it is acked.
+    /// Returns how many were moved; see [`Bus::redrive_report`] for the ones that stayed.
     pub async fn redrive(&self, dlq: &str) -> Result<usize> {
+        Ok(self.redrive_report(dlq).await?.moved)
+    }
+
+    /// [`Bus::redrive`], reporting the dead letters it could not move. Each copy is published with
+    /// `mandatory` and a confirm before its dead letter is acked; a copy the broker returns (its target
+    /// queue was deleted, or no longer routes) leaves its dead letter in `dlq`, untouched, and is
+    /// listed in [`Redriven::unroutable`]. One pass takes at most the messages `dlq` held when it
+    /// started, and stops early after [`MAX_UNROUTABLE_PER_PASS`] unroutable ones (each is held
+    /// unacked until the pass ends, so the next `basic.get` moves on to the following message).
+    pub async fn redrive_report(&self, dlq: &str) -> Result<Redriven> {
         let limit = self.inner.transport.message_count(dlq).await? as usize;
-        let mut moved = 0;
-        while moved < limit {
+        let mut report = Redriven::default();
+        // Unroutable dead letters, held unsettled until the pass ends, then released in order.
+        let mut held = Vec::new();
+        let outcome = self.redrive_pass(dlq, limit, &mut report, &mut held).await;
+        for mut m in held {
+            if let Err(e) = m.release().await {
+                // The message is still unacked: the broker returns it to the DLQ when its channel goes.
+                tracing::warn!(error = %e, dlq, "could not release a dead letter; the broker requeues it");
+            }
+        }
+        outcome.map(|()| report)
+    }
+
+    async fn redrive_pass(
+        &self,
+        dlq: &str,
+        limit: usize,
+        report: &mut Redriven,
+        held: &mut Vec<crate::transport::Inbound>,
+    ) -> Result<()> {
+        for _ in 0..limit {
+            if held.len() >= MAX_UNROUTABLE_PER_PASS {
+                break;
+            }
             let Some(mut m) = self.inner.transport.get(dlq).await? else { break };
             let mut meta = Metadata::from_properties(&m.properties);
             let target = meta
@@ -245,12 +294,54 @@ impl Bus {
             }
             meta.headers.remove(headers::DELAYED_RETRIES);
             meta.headers.remove(crate::transport::X_DELAY);
-            self.emit_raw(&target, &meta, m.body.clone()).await?;
-            m.ack().await?;
-            moved += 1;
+            let out = Outbound {
+                exchange: String::new(),
+                routing_key: target.clone(),
+                properties: meta.to_properties(),
+                body: m.body.clone(),
+                mandatory: true,
+            };
+            match self.inner.transport.publish(out).await {
+                Ok(Published::Confirmed) => {
+                    m.ack().await?;
+                    report.moved += 1;
+                }
+                Ok(Published::Unroutable) => {
+                    tracing::warn!(dlq, target, message_id = %meta.id, "redrive target does not route; the dead letter stays");
+                    report.unroutable.push(Unroutable { message_id: meta.id.clone(), target });
+                    held.push(m);
+                }
+                // `m` is dropped unsettled: the broker keeps it in the DLQ.
+                Err(e) => {
+                    held.push(m);
+                    return Err(e.into());
+                }
+            }
         }
-        Ok(moved)
+        Ok(())
     }
+}
+
+/// Most unroutable dead letters one redrive pass holds (each is an unacked `basic.get`, on AMQP a
+/// channel of its own) before it stops; run the redrive again once their targets exist.
+pub const MAX_UNROUTABLE_PER_PASS: usize = 256;
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redriven {
+    /// Dead letters republished (confirmed) and acked.
+    pub moved: usize,
+    /// Dead letters whose target did not route: still in the DLQ.
+    pub unroutable: Vec<Unroutable>,
+}
+
+/// A dead letter a redrive left in its DLQ because its target did not route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unroutable {
+    /// Its message id.
+    pub message_id: String,
+    /// The queue it was to go back to.
+    pub target: String,
 }
 
 /// What a handler gets besides the message: where it came from, and a way to send more messages
@@ -264,7 +355,12 @@ pub struct Context {
     pub(crate) redelivered: bool,
     /// The transactional inbox's open unit of work, when the worker has one.
     pub(crate) unit: Option<UnitSlot>,
+    /// The worker's shared state ([`WorkerBuilder::state`](crate::pipeline::WorkerBuilder::state)).
+    pub(crate) state: Option<State>,
 }
+
+/// A worker's shared state values, by type.
+pub(crate) type State = Arc<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>;
 
 /// Shared slot for a delivery's unit of work: the handler borrows it, the pipeline commits it.
 pub(crate) type UnitSlot = Arc<Mutex<Option<Box<dyn crate::inbox::UnitOfWork>>>>;
@@ -295,6 +391,23 @@ impl Context {
     /// The bus (for requests and anything else).
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// The worker's shared state of type `S` (set with
+    /// [`WorkerBuilder::state`](crate::pipeline::WorkerBuilder::state)), or a permanent `config`
+    /// error naming the type, so `let db = ctx.state::<Db>()?;` reads naturally.
+    pub fn state<S: Send + Sync + 'static>(&self) -> std::result::Result<Arc<S>, crate::HandlerError> {
+        self.state
+            .as_ref()
+            .and_then(|m| m.get(&std::any::TypeId::of::<S>()))
+            .and_then(|s| Arc::clone(s).downcast::<S>().ok())
+            .ok_or_else(|| {
+                crate::HandlerError::permanent(format!(
+                    "ctx.state::<{}>(): the worker has no such state (.state(value) on its builder)",
+                    std::any::type_name::<S>()
+                ))
+                .with_kind("config")
+            })
     }
 
     /// The handler's PostgreSQL transaction: a worker with a [`PgInbox`](crate::inbox::postgres::PgInbox)
@@ -331,5 +444,15 @@ impl Context {
     /// Publishes an event as part of this flow.
     pub async fn publish<T: Payload>(&self, topic: &str, body: T) -> Result<String> {
         self.bus.publish_envelope(topic, self.derive(Envelope::event(body))).await
+    }
+
+    /// Sends a command of a named [`Message`](crate::Message) type as part of this flow.
+    pub async fn send_message<T: crate::Message>(&self, queue: &str, body: T) -> Result<String> {
+        self.bus.send_envelope(queue, self.derive(Envelope::message(crate::MessageKind::Command, body))).await
+    }
+
+    /// Publishes an event of a named [`Message`](crate::Message) type as part of this flow.
+    pub async fn publish_message<T: crate::Message>(&self, topic: &str, body: T) -> Result<String> {
+        self.bus.publish_envelope(topic, self.derive(Envelope::message(crate::MessageKind::Event, body))).await
     }
 }

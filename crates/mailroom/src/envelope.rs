@@ -13,8 +13,8 @@
 //! Header values are strings in the SDK: they are what filters compare and what operators read in a
 //! management UI; numbers sent by other clients are read back as their decimal text.
 
+use crate::wire::{AMQPValue, BasicProperties, FieldTable, LongString, ShortString};
 use bytes::Bytes;
-use mailroom_broker::{AMQPValue, BasicProperties, FieldTable, LongString, ShortString};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
@@ -264,6 +264,13 @@ impl<T> Envelope<T> {
     }
 }
 
+impl<T: Message> Envelope<T> {
+    /// An envelope of `kind` whose type name is `T`'s explicit [`Message::NAME`].
+    pub fn message(kind: MessageKind, body: T) -> Self {
+        Self { meta: Metadata::new(kind, T::NAME), body }
+    }
+}
+
 impl<T: Payload> Envelope<T> {
     /// Encodes to AMQP properties and body bytes.
     pub fn to_wire(&self) -> Result<(BasicProperties, Bytes), String> {
@@ -278,6 +285,23 @@ impl<T: Payload> Envelope<T> {
         let body = T::decode(meta.content_type.as_deref(), body)?;
         Ok(Self { meta, body })
     }
+}
+
+/// A message type with a stable, explicit name: the AMQP `type` property endpoints dispatch on
+/// ([`WorkerBuilder::on`](crate::pipeline::WorkerBuilder::on)). Name it for the wire, not for Rust:
+/// renaming or moving the struct must not change it, and two types on one endpoint must not share it
+/// (the endpoint refuses to start). `std::any::type_name` is neither stable nor collision-free.
+///
+/// ```
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct PlaceOrder { sku: String }
+/// impl mailroom::Message for PlaceOrder {
+///     const NAME: &'static str = "shop.place-order.v1";
+/// }
+/// ```
+pub trait Message: Payload {
+    /// The type name on the wire (AMQP `type`).
+    const NAME: &'static str;
 }
 
 /// A body encoding. Every serde type is JSON; [`Raw`] passes bytes through untouched.

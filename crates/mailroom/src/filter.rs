@@ -2,7 +2,7 @@
 //! never reach the queue) and arbitrary in-process predicates (filtered messages are acked and counted).
 
 use crate::envelope::Metadata;
-use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
+use crate::wire::{AMQPValue, FieldTable, LongString, ShortString};
 use std::sync::Arc;
 
 /// A predicate over message metadata.

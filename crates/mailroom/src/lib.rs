@@ -71,6 +71,7 @@
 //! - [`transport`]: the `Transport` trait, `Embedded` and `Amqp`.
 //! - [`bus`]: send, publish, recipient lists, redrive; [`pipeline`]: workers and the fixed middleware slots.
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
+//! - [`partition`]: ordered processing per key (consistent-hash partitions, single active consumers).
 //! - [`outbox`]: the transactional outbox on PostgreSQL and its relay (feature `postgres`); [`saga`]:
 //!   orchestrated sagas with compensations, on PostgreSQL or the embedded (file) store.
 #![warn(missing_docs)]
@@ -83,6 +84,7 @@ pub mod guide;
 pub mod inbox;
 #[cfg(feature = "postgres")]
 pub mod outbox;
+pub mod partition;
 pub mod pipeline;
 pub mod relay;
 pub mod request;
@@ -90,15 +92,20 @@ pub mod retry;
 pub mod saga;
 pub mod trace;
 pub mod transport;
+pub mod wire;
 
-pub use bus::{Bus, BusConfig, Context};
-pub use envelope::{Envelope, MessageKind, Metadata, Payload, Raw};
-pub use error::{Error, HandlerError, Result, TransportError};
+pub use bus::{Bus, BusConfig, Context, Redriven, Unroutable};
+pub use envelope::{Envelope, Message, MessageKind, Metadata, Payload, Raw};
+pub use error::{Error, HandlerError, Result, ResultExt, TransportError};
 pub use filter::{Filter, Headers};
 #[cfg(feature = "postgres")]
 pub use inbox::postgres::PgInbox;
 pub use inbox::{Claim, InboxStore, MemoryInbox, UnitOfWork};
-pub use pipeline::{Incoming, MetricsSnapshot, Middleware, Next, Outcome, WorkerHandle};
+pub use pipeline::{Endpoint, Incoming, MetricsSnapshot, Middleware, Next, Outcome, Subscribe, WorkerHandle};
 pub use request::{Fault, GatherError, Gathered, RequestError, Strategy, Target};
 pub use retry::{Jitter, RetryPolicy};
-pub use transport::{Amqp, AmqpConfig, Embedded, Transport};
+#[cfg(feature = "embedded")]
+pub use transport::Embedded;
+pub use transport::Transport;
+#[cfg(feature = "amqp")]
+pub use transport::{Amqp, AmqpConfig};

@@ -287,6 +287,7 @@ impl Outbox {
 pub type AfterPublish = Arc<dyn Fn(i64, &str) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A relay builder; [`Relay::run`] starts it.
+#[must_use = "a relay does nothing until .run() is awaited"]
 pub struct Relay {
     outbox: Outbox,
     bus: Bus,

@@ -17,8 +17,8 @@ use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
 use crate::transport::{BoxFuture, Declaration, ExchangeKind, Inbound, Outbound, Subscription, X_DELAY};
+use crate::wire::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::Bytes;
-use mailroom_broker::{AMQPValue, FieldTable, LongString, ShortString};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -83,7 +83,7 @@ impl Next {
     }
 }
 
-/// Per-worker counters.
+/// Per-worker counters; with the `metrics` feature also exported through the `metrics` facade.
 #[derive(Debug, Default)]
 pub struct Metrics {
     received: AtomicU64,
@@ -94,6 +94,60 @@ pub struct Metrics {
     filtered: AtomicU64,
     duplicates: AtomicU64,
     latency_us: AtomicU64,
+    #[cfg(feature = "metrics")]
+    exported: Option<exported::Exported>,
+}
+
+/// What a worker counts.
+#[derive(Debug, Clone, Copy)]
+enum Count {
+    Received,
+    Ok,
+    Failed,
+    Retried,
+    DeadLettered,
+    Filtered,
+    Duplicates,
+}
+
+/// The `metrics`-facade side of a worker's counters: handles registered once per worker (labels
+/// `queue` and `handler`), so counting a message allocates nothing.
+#[cfg(feature = "metrics")]
+mod exported {
+    use super::Count;
+
+    /// Counter names, one per [`Count`]; the latency histogram is `mailroom_handler_duration_seconds`.
+    pub(super) const NAMES: [(&str, Count); 7] = [
+        ("mailroom_handler_received_total", Count::Received),
+        ("mailroom_handler_handled_total", Count::Ok),
+        ("mailroom_handler_failed_total", Count::Failed),
+        ("mailroom_handler_retried_total", Count::Retried),
+        ("mailroom_handler_dead_lettered_total", Count::DeadLettered),
+        ("mailroom_handler_filtered_total", Count::Filtered),
+        ("mailroom_handler_duplicates_total", Count::Duplicates),
+    ];
+
+    #[derive(Debug)]
+    pub(super) struct Exported {
+        counters: [metrics::Counter; 7],
+        latency: metrics::Histogram,
+    }
+
+    impl Exported {
+        pub(super) fn register(queue: &str, handler: &str) -> Exported {
+            let labels = [("queue", queue.to_owned()), ("handler", handler.to_owned())];
+            Exported {
+                counters: NAMES.map(|(name, _)| metrics::counter!(name, &labels)),
+                latency: metrics::histogram!("mailroom_handler_duration_seconds", &labels),
+            }
+        }
+        pub(super) fn count(&self, c: Count) {
+            self.counters[c as usize].increment(1);
+        }
+        pub(super) fn latency(&self, d: std::time::Duration) {
+            self.latency.record(d.as_secs_f64());
+        }
+    }
 }
 
 /// A snapshot of a worker's counters.
@@ -118,8 +172,28 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    fn count(&self, c: Count) {
+        let counter = match c {
+            Count::Received => &self.received,
+            Count::Ok => &self.ok,
+            Count::Failed => &self.failed,
+            Count::Retried => &self.retried,
+            Count::DeadLettered => &self.dead_lettered,
+            Count::Filtered => &self.filtered,
+            Count::Duplicates => &self.duplicates,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(e) = &self.exported {
+            e.count(c);
+        }
+    }
+    fn handled_in(&self, d: std::time::Duration) {
+        self.latency_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(e) = &self.exported {
+            e.latency(d);
+        }
     }
     /// Reads every counter.
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -137,7 +211,8 @@ impl Metrics {
     }
 }
 
-/// Builds a worker: a pool of competing consumers on one queue.
+/// Builds a worker: a pool of competing consumers on one queue. Nothing happens until `.run()`.
+#[must_use = "a worker does nothing until .handle(..).run() is awaited"]
 pub struct WorkerBuilder {
     bus: Bus,
     queue: String,
@@ -150,6 +225,8 @@ pub struct WorkerBuilder {
     layers: Vec<Arc<dyn Middleware>>,
     bindings: Vec<String>,
     responder: bool,
+    state: Option<crate::bus::State>,
+    single_active: bool,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -173,16 +250,32 @@ impl Bus {
             layers: Vec::new(),
             bindings: Vec::new(),
             responder: false,
+            state: None,
+            single_active: false,
         }
     }
 
     /// A subscription to events whose topic matches `pattern` (`orders.*`, `orders.#`); name it with
-    /// [`WorkerBuilder::group`]: the group's durable queue gets a copy of each event, and the group's
-    /// workers compete for it.
-    pub fn subscribe(&self, pattern: &str) -> WorkerBuilder {
-        let mut w = self.worker("");
-        w.bindings.push(pattern.to_owned());
-        w
+    /// [`Subscribe::group`]: the group's durable queue gets a copy of each event, and the group's
+    /// workers compete for it. Without a group there is nothing to run (a compile-time error):
+    ///
+    /// ```compile_fail,E0599
+    /// # async fn f(bus: mailroom::Bus) {
+    /// // error[E0599]: no method named `handle` found for struct `Subscribe`
+    /// bus.subscribe("orders.*").handle(|_e: mailroom::Envelope<String>, _ctx| async { Ok(()) });
+    /// # }
+    /// ```
+    pub fn subscribe(&self, pattern: &str) -> Subscribe {
+        Subscribe { bus: self.clone(), bindings: vec![pattern.to_owned()] }
+    }
+
+    /// An endpoint on `queue` handling several message types, each dispatched by the message's `type`
+    /// property to the handler registered with [`WorkerBuilder::on`] for its [`Message::NAME`]
+    /// (same as [`Bus::worker`]; the name says what it is for).
+    ///
+    /// [`Message::NAME`]: crate::Message::NAME
+    pub fn endpoint(&self, queue: &str) -> WorkerBuilder {
+        self.worker(queue)
     }
 
     /// A request handler on `queue`: what the handler returns is sent back as the reply; an error
@@ -194,11 +287,48 @@ impl Bus {
     }
 }
 
+/// A subscription without a group yet: [`Subscribe::group`] names the group's queue and gives the
+/// [`WorkerBuilder`] (typestate: an ungrouped subscription cannot be run).
+#[must_use = "a subscription needs .group(name), then .handle(..).run()"]
+#[derive(Debug)]
+pub struct Subscribe {
+    bus: Bus,
+    bindings: Vec<String>,
+}
+
+impl Subscribe {
+    /// Also subscribe to `pattern`.
+    pub fn topic(mut self, pattern: &str) -> Self {
+        self.bindings.push(pattern.to_owned());
+        self
+    }
+    /// Names the subscriber group: its durable queue is called `name`; the group's workers compete.
+    pub fn group(self, name: &str) -> WorkerBuilder {
+        let mut w = self.bus.worker(name);
+        w.bindings = self.bindings;
+        w
+    }
+}
+
 impl WorkerBuilder {
-    /// Names the subscriber group: its durable queue is called `name`.
-    pub fn group(mut self, name: &str) -> Self {
-        self.queue = name.to_owned();
-        self.name = name.to_owned();
+    /// Declares the queue with `x-single-active-consumer`: of all workers on it (in any process), one
+    /// at a time receives its messages; when it goes, the next takes over where it stopped. With
+    /// `concurrency(1)` that processes the queue strictly in order (see [`crate::partition`]).
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active = true;
+        self
+    }
+    /// Shared state for the handlers, read with [`Context::state`] (an `Arc`, no clone per closure).
+    /// One value per type; a second call with the same type replaces it.
+    pub fn state<S: Send + Sync + 'static>(self, state: S) -> Self {
+        self.shared_state(Arc::new(state))
+    }
+    /// [`WorkerBuilder::state`] with an `Arc` the caller keeps too: `ctx.state::<S>()` hands out clones
+    /// of this very `Arc`.
+    pub fn shared_state<S: Send + Sync + 'static>(mut self, state: Arc<S>) -> Self {
+        let mut map = self.state.take().map(|s| (*s).clone()).unwrap_or_default();
+        map.insert(std::any::TypeId::of::<S>(), state);
+        self.state = Some(Arc::new(map));
         self
     }
     /// Also subscribe to `pattern` (a group may follow several topics).
@@ -248,22 +378,21 @@ impl WorkerBuilder {
         F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        let terminal: Terminal = Arc::new(move |msg: Incoming| {
-            let handler = Arc::clone(&handler);
-            Box::pin(async move {
-                let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
-                    Ok(e) => e,
-                    Err(e) => return Outcome::DeadLetter(HandlerError::permanent(e).with_kind("decode")),
-                };
-                match handler(env, msg.ctx).await {
-                    Ok(()) => Outcome::Ack,
-                    Err(e) if e.permanent => Outcome::DeadLetter(e),
-                    Err(e) => Outcome::Retry(e),
-                }
-            })
-        });
-        Worker { builder: self, terminal }
+        Worker { builder: self, terminal: typed_terminal(handler) }
+    }
+
+    /// The handler for messages of type `T` (their `type` property is [`Message::NAME`]); add more
+    /// types with [`Endpoint::on`]. A message of a type with no handler goes to the DLQ with error kind
+    /// `unknown-type` and a reason naming its type and the ones handled, never through a decoder.
+    ///
+    /// [`Message::NAME`]: crate::Message::NAME
+    pub fn on<T, F, Fut>(self, handler: F) -> Endpoint
+    where
+        T: crate::Message,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        Endpoint { builder: self, handlers: Vec::new() }.on(handler)
     }
 
     /// Sets a request handler (use with [`Bus::responder`]): its value is the reply.
@@ -305,7 +434,91 @@ impl WorkerBuilder {
     }
 }
 
+/// Decode, then call `handler`: the innermost slots of a typed worker.
+fn typed_terminal<T, F, Fut>(handler: F) -> Terminal
+where
+    T: Payload,
+    F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |msg: Incoming| {
+        let handler = Arc::clone(&handler);
+        Box::pin(async move {
+            let env = match Envelope::<T>::from_parts((*msg.meta).clone(), &msg.body) {
+                Ok(e) => e,
+                Err(e) => return Outcome::DeadLetter(HandlerError::permanent(e).with_kind("decode")),
+            };
+            match handler(env, msg.ctx).await {
+                Ok(()) => Outcome::Ack,
+                Err(e) if e.permanent => Outcome::DeadLetter(e),
+                Err(e) => Outcome::Retry(e),
+            }
+        })
+    })
+}
+
+/// A worker handling several message types, dispatched by the `type` property.
+#[must_use = "an endpoint does nothing until .run() is awaited"]
+pub struct Endpoint {
+    builder: WorkerBuilder,
+    handlers: Vec<(&'static str, Terminal)>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let types: Vec<&str> = self.handlers.iter().map(|(n, _)| *n).collect();
+        f.debug_struct("Endpoint").field("queue", &self.builder.queue).field("types", &types).finish()
+    }
+}
+
+impl Endpoint {
+    /// Adds the handler for messages of type `T`.
+    pub fn on<T, F, Fut>(mut self, handler: F) -> Endpoint
+    where
+        T: crate::Message,
+        F: Fn(Envelope<T>, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handlers.push((T::NAME, typed_terminal(handler)));
+        self
+    }
+
+    /// Checks the type names (non-empty, one handler each), then declares and starts the worker.
+    pub async fn run(self) -> Result<WorkerHandle> {
+        let mut map = std::collections::HashMap::new();
+        for (name, terminal) in self.handlers {
+            if name.is_empty() {
+                return Err(crate::Error::Invalid("a message type name is empty".into()));
+            }
+            if map.insert(name, terminal).is_some() {
+                return Err(crate::Error::Invalid(format!(
+                    "two handlers for message type `{name}` on `{}`: type names must be unique",
+                    self.builder.queue
+                )));
+            }
+        }
+        let mut known: Vec<&str> = map.keys().copied().collect();
+        known.sort_unstable();
+        let known = known.join(", ");
+        let queue = self.builder.queue.clone();
+        let map = Arc::new(map);
+        let terminal: Terminal = Arc::new(move |msg: Incoming| match map.get(msg.meta.type_name.as_str()) {
+            Some(handler) => handler(msg),
+            None => {
+                let reason =
+                    format!("no handler for message type `{}` on `{queue}` (it handles: {known})", msg.meta.type_name);
+                Box::pin(std::future::ready(Outcome::DeadLetter(
+                    HandlerError::permanent(reason).with_kind("unknown-type"),
+                )))
+            }
+        });
+        Worker { builder: self.builder, terminal }.run().await
+    }
+}
+
 /// A configured worker, ready to run.
+#[must_use = "a worker does nothing until .run() is awaited"]
 pub struct Worker {
     builder: WorkerBuilder,
     terminal: Terminal,
@@ -324,6 +537,7 @@ struct Core {
     retry: RetryPolicy,
     inbox: Option<Arc<dyn InboxStore>>,
     filter: Option<Filter>,
+    state: Option<crate::bus::State>,
     /// The delayed-message exchange delayed retries go through; `None`: TTL retry queues.
     delayed_via: Option<String>,
     next: Next,
@@ -434,10 +648,10 @@ impl Worker {
     pub async fn run(self) -> Result<WorkerHandle> {
         let b = self.builder;
         if b.queue.is_empty() {
-            return Err(crate::Error::Invalid("subscribe(..) needs .group(name)".into()));
+            return Err(crate::Error::Invalid("a worker needs a queue name".into()));
         }
         let bus = b.bus.clone();
-        bus.declare_queue(&b.queue).await?;
+        bus.declare_worker_queue(&b.queue, b.single_active).await?;
         let delayed_via = declare_retry_topology(&bus, &b.queue, &b.retry).await?;
         if !b.bindings.is_empty() {
             bus.ensure_events_exchange().await?;
@@ -477,7 +691,11 @@ impl Worker {
             }
         }
         let sub = bus.transport().consume(&b.queue, b.prefetch).await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            #[cfg(feature = "metrics")]
+            exported: Some(exported::Exported::register(&b.queue, &b.name)),
+            ..Metrics::default()
+        });
         let mut retry = b.retry.clone();
         if b.responder {
             retry = RetryPolicy::new();
@@ -489,6 +707,7 @@ impl Worker {
             retry,
             inbox: b.inbox.clone(),
             filter: b.filter.clone(),
+            state: b.state.clone(),
             delayed_via,
             next: Next { layers: Arc::from(b.layers.clone()), index: 0, terminal: self.terminal },
             metrics: Arc::clone(&metrics),
@@ -549,15 +768,16 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         queue: Arc::clone(&core.queue),
         redelivered: inbound.redelivered,
         unit: None,
+        state: core.state.clone(),
     };
     let msg = Incoming { meta: Arc::clone(&meta), body: inbound.body.clone(), ctx };
     async {
         // Metrics slot.
-        Metrics::inc(&core.metrics.received);
+        core.metrics.count(Count::Received);
         // Filter slot.
         if let Some(f) = &core.filter {
             if !f.matches(&meta) {
-                Metrics::inc(&core.metrics.filtered);
+                core.metrics.count(Count::Filtered);
                 settle_ack(&mut inbound).await;
                 return;
             }
@@ -569,7 +789,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
             Outcome::Retry(e) => {
                 let round: u32 = meta.header(headers::DELAYED_RETRIES).and_then(|r| r.parse().ok()).unwrap_or(0);
                 if round < core.retry.delayed {
-                    Metrics::inc(&core.metrics.retried);
+                    core.metrics.count(Count::Retried);
                     let delay = core.retry.delay(round);
                     let mut copy = failed_copy(&core, &meta, &e);
                     copy.headers.insert(headers::DELAYED_RETRIES.into(), (round + 1).to_string());
@@ -585,7 +805,7 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
     }
     .instrument(span)
     .await;
-    core.metrics.latency_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    core.metrics.handled_in(started.elapsed());
 }
 
 /// Immediate retries in process, around the inbox and everything inside it.
@@ -595,23 +815,23 @@ async fn retry_slot(core: &Arc<Core>, msg: Incoming) -> Outcome {
         let outcome = inbox_slot(core, msg.clone()).await;
         match outcome {
             Outcome::Retry(e) => {
-                Metrics::inc(&core.metrics.failed);
+                core.metrics.count(Count::Failed);
                 if !core.retry.retries(&e) {
                     return Outcome::DeadLetter(e);
                 }
                 if attempt < core.retry.immediate {
                     attempt += 1;
-                    Metrics::inc(&core.metrics.retried);
+                    core.metrics.count(Count::Retried);
                     continue;
                 }
                 return Outcome::Retry(e);
             }
             Outcome::DeadLetter(e) => {
-                Metrics::inc(&core.metrics.failed);
+                core.metrics.count(Count::Failed);
                 return Outcome::DeadLetter(e);
             }
             Outcome::Ack => {
-                Metrics::inc(&core.metrics.ok);
+                core.metrics.count(Count::Ok);
                 return Outcome::Ack;
             }
             other => return other,
@@ -641,7 +861,7 @@ async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, 
         let unit = match claim.await {
             Ok(Claim::Claimed(unit)) => unit,
             Ok(Claim::Duplicate) => {
-                Metrics::inc(&core.metrics.duplicates);
+                core.metrics.count(Count::Duplicates);
                 return Outcome::Drop("duplicate".into());
             }
             Err(e) => return Outcome::Retry(HandlerError::transient(e).with_kind("inbox")),
@@ -668,7 +888,7 @@ async fn inbox_checked(core: &Arc<Core>, inbox: &Arc<dyn InboxStore>, id: &str, 
     }
     match inbox.seen(&core.name, id).await {
         Ok(true) => {
-            Metrics::inc(&core.metrics.duplicates);
+            core.metrics.count(Count::Duplicates);
             return Outcome::Drop("duplicate".into());
         }
         Ok(false) => {}
@@ -701,7 +921,7 @@ fn failed_copy(core: &Core, meta: &Metadata, e: &HandlerError) -> Metadata {
 }
 
 async fn dead_letter(core: &Arc<Core>, inbound: &mut Inbound, meta: &Metadata, e: &HandlerError) {
-    Metrics::inc(&core.metrics.dead_lettered);
+    core.metrics.count(Count::DeadLettered);
     let mut copy = failed_copy(core, meta, e);
     if e.kind == "decode" || !core.retry.retries(e) {
         // Not retried: the attempt count is just this one.
@@ -728,5 +948,16 @@ async fn publish_then_ack(_core: &Arc<Core>, inbound: &mut Inbound, published: R
 async fn settle_ack(inbound: &mut Inbound) {
     if let Err(e) = inbound.ack().await {
         tracing::warn!(error = %e, "ack failed; the broker will redeliver (the inbox absorbs it)");
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod exported_tests {
+    /// The counter handles are indexed by `Count as usize`: the name table must follow that order.
+    #[test]
+    fn names_follow_the_count_order() {
+        for (i, (_, c)) in super::exported::NAMES.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
     }
 }

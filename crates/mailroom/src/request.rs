@@ -192,6 +192,7 @@ impl Bus {
 }
 
 /// A pending request; `.await` it.
+#[must_use = "a request is sent only when awaited"]
 pub struct Request<T, R> {
     bus: Bus,
     queue: String,
@@ -337,6 +338,7 @@ pub enum GatherError<R: std::fmt::Debug> {
 }
 
 /// A scatter in progress; `.await` it.
+#[must_use = "a scatter is sent only when awaited"]
 pub struct Scatter<T, R> {
     bus: Bus,
     target: Target,

@@ -22,6 +22,7 @@ type RetryIf = Arc<dyn Fn(&HandlerError) -> bool + Send + Sync>;
 
 /// When and how often a failed message is tried again.
 #[derive(Clone)]
+#[must_use = "a retry policy applies only when passed to .retry(..)"]
 pub struct RetryPolicy {
     pub(crate) immediate: u32,
     pub(crate) delayed: u32,

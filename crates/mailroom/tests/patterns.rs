@@ -34,6 +34,8 @@ on_all_targets!(
     many_requests_in_flight,
     scatter_gather_strategies,
     retry_then_dead_letter_then_redrive,
+    redrive_keeps_dead_letters_whose_target_is_gone,
+    endpoint_dispatches_by_type_and_dead_letters_unknown_types,
     delayed_retry_waits_its_backoff,
     decode_errors_go_straight_to_dlq,
     header_filter_subscription,
@@ -421,6 +423,152 @@ async fn retry_then_dead_letter_then_redrive(target: Target) {
     assert!(eventually(WAIT, || calls.load(Ordering::SeqCst) == before + 1).await);
     assert_eq!(ids.lock().unwrap().last().unwrap(), &id);
     assert!(eventually(WAIT, || h.metrics().ok == 1).await);
+    h.stop().await;
+    env.cleanup().await;
+}
+
+/// Redrive publishes with `mandatory`: a dead letter whose source queue was deleted is returned by the
+/// broker and stays in the DLQ (it was confirmed, acked and lost before), while the others move on.
+async fn redrive_keeps_dead_letters_whose_target_is_gone(target: Target) {
+    let env = env(target, "redrive_gone").await;
+    let gone = env.q("gone");
+    let alive = env.q("alive");
+    let dlq = format!("{alive}.dlq");
+    env.bus.declare_queue(&gone).await.unwrap();
+    env.bus.declare_queue(&alive).await.unwrap();
+    // Dead letters as the pipeline writes them: the first from `gone`, the second from `alive`.
+    let lost = Envelope::command(Job { n: 1 }).with_header(headers::SOURCE_QUEUE, gone.as_str());
+    let kept_id = lost.id.clone();
+    env.bus.send_envelope(&dlq, lost).await.unwrap();
+    let ok = Envelope::command(Job { n: 2 }).with_header(headers::SOURCE_QUEUE, alive.as_str());
+    let moved_id = ok.id.clone();
+    env.bus.send_envelope(&dlq, ok).await.unwrap();
+    env.bus.transport().delete_queue(&gone).await.unwrap();
+
+    let report = env.bus.redrive_report(&dlq).await.unwrap();
+    assert_eq!(report.moved, 1, "{report:?}");
+    assert_eq!(report.unroutable, vec![mailroom::Unroutable { message_id: kept_id.clone(), target: gone.clone() }]);
+    let t = env.bus.transport().clone();
+    let mut in_dlq = 0;
+    for _ in 0..200 {
+        in_dlq = t.message_count(&dlq).await.unwrap();
+        if in_dlq == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_dlq, 1, "the unroutable dead letter is still in the DLQ");
+    let mut kept = t.get(&dlq).await.unwrap().expect("kept dead letter");
+    let meta = mailroom::Metadata::from_properties(&kept.properties);
+    assert_eq!(meta.id, kept_id);
+    assert_eq!(meta.header(headers::SOURCE_QUEUE), Some(gone.as_str()), "left untouched");
+    kept.release().await.unwrap();
+    let mut back = t.get(&alive).await.unwrap().expect("redriven copy");
+    assert_eq!(mailroom::Metadata::from_properties(&back.properties).id, moved_id);
+    back.ack().await.unwrap();
+
+    // Once the target exists again, the same dead letter moves.
+    env.bus.declare_queue(&gone).await.unwrap();
+    assert_eq!(env.bus.redrive(&dlq).await.unwrap(), 1);
+    let mut again = t.get(&gone).await.unwrap().expect("redriven after the queue came back");
+    assert_eq!(mailroom::Metadata::from_properties(&again.properties).id, kept_id);
+    again.ack().await.unwrap();
+    assert_eq!(t.message_count(&dlq).await.unwrap(), 0);
+    env.cleanup().await;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PlaceOrder {
+    sku: String,
+}
+impl mailroom::Message for PlaceOrder {
+    const NAME: &'static str = "test.place-order.v1";
+}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CancelOrder {
+    order: u32,
+}
+impl mailroom::Message for CancelOrder {
+    const NAME: &'static str = "test.cancel-order.v1";
+}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Refund {
+    cents: u32,
+}
+impl mailroom::Message for Refund {
+    const NAME: &'static str = "test.refund.v1";
+}
+
+/// Shared state a handler reads through `ctx.state()`.
+#[derive(Default)]
+struct Ledger {
+    lines: Mutex<Vec<String>>,
+}
+
+/// One endpoint, two message types, each to its handler by the `type` property; a type nobody
+/// handles goes to the DLQ with a reason (no decode attempt); `?` on any error and `.permanent()`
+/// work in handlers; shared state comes from `ctx.state()`.
+async fn endpoint_dispatches_by_type_and_dead_letters_unknown_types(target: Target) {
+    use mailroom::ResultExt;
+    let env = env(target, "endpoint").await;
+    let q = env.q("orders");
+    let ledger = Arc::new(Ledger::default());
+    let h = env
+        .bus
+        .endpoint(&q)
+        .shared_state(Arc::clone(&ledger))
+        .on(|m: Envelope<PlaceOrder>, ctx| async move {
+            // `?` on a foreign error type, marked permanent: a bad SKU is never retried.
+            let n: u32 = m.body.sku.parse().permanent()?;
+            ctx.state::<Ledger>()?.lines.lock().unwrap().push(format!("place {n}"));
+            Ok(())
+        })
+        .on(|m: Envelope<CancelOrder>, ctx| async move {
+            ctx.state::<Ledger>()?.lines.lock().unwrap().push(format!("cancel {}", m.body.order));
+            Ok(())
+        })
+        .run()
+        .await
+        .unwrap();
+    let bus = &env.bus;
+    bus.send_message(&q, PlaceOrder { sku: "7".into() }).await.unwrap();
+    bus.send_message(&q, CancelOrder { order: 7 }).await.unwrap();
+    let refund = bus.send_message(&q, Refund { cents: 5 }).await.unwrap();
+    let bad_sku = bus.send_message(&q, PlaceOrder { sku: "seven".into() }).await.unwrap();
+    let dlq = format!("{q}.dlq");
+    let t = bus.transport().clone();
+    let mut dead = 0;
+    for _ in 0..500 {
+        dead = t.message_count(&dlq).await.unwrap();
+        if dead == 2 && h.metrics().ok == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(dead, 2, "the unknown type and the bad SKU are dead letters");
+    assert_eq!(h.metrics().ok, 2);
+    let mut lines = ledger.lines.lock().unwrap().clone();
+    lines.sort();
+    assert_eq!(lines, ["cancel 7", "place 7"], "each type reached its own handler");
+    let mut reasons = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let mut m = t.get(&dlq).await.unwrap().unwrap();
+        let meta = mailroom::Metadata::from_properties(&m.properties);
+        reasons.insert(
+            meta.id.clone(),
+            (meta.header(headers::ERROR_KIND).map(str::to_owned), meta.header(headers::ERROR).map(str::to_owned)),
+        );
+        assert_eq!(meta.header(headers::ATTEMPT), Some("1"), "permanent: not retried");
+        m.ack().await.unwrap();
+    }
+    let (kind, reason) = &reasons[&refund];
+    assert_eq!(kind.as_deref(), Some("unknown-type"));
+    let reason = reason.as_deref().unwrap();
+    assert!(reason.contains("`test.refund.v1`"), "{reason}");
+    assert!(reason.contains("test.cancel-order.v1, test.place-order.v1"), "{reason}");
+    let (kind, reason) = &reasons[&bad_sku];
+    assert_eq!(kind.as_deref(), Some("permanent"));
+    assert!(reason.as_deref().unwrap().contains("invalid digit"), "{reason:?}");
     h.stop().await;
     env.cleanup().await;
 }

@@ -6,10 +6,12 @@
 //! | pattern | guide |
 //! |---|---|
 //! | point-to-point, competing consumers | [`point_to_point`] |
+//! | typed endpoints (several message types), handler errors, shared state | [`typed_endpoints`] |
 //! | publish/subscribe with subscriber groups | [`publish_subscribe`] |
 //! | request-reply | [`request_reply`] |
 //! | scatter-gather | [`scatter_gather`] |
 //! | retries, dead letters, redrive | [`retry_dead_letter`] |
+//! | ordered processing per key (partitions, single active consumer) | [`ordered_per_key`] |
 //! | message filter | [`message_filter`] |
 //! | recipient list | [`recipient_list`] |
 //! | idempotent consumer | [`idempotent_consumer`] |
@@ -18,6 +20,7 @@
 
 pub mod idempotent_consumer;
 pub mod message_filter;
+pub mod ordered_per_key;
 pub mod point_to_point;
 pub mod publish_subscribe;
 pub mod recipient_list;
@@ -26,3 +29,4 @@ pub mod retry_dead_letter;
 pub mod saga;
 pub mod scatter_gather;
 pub mod tracing;
+pub mod typed_endpoints;

@@ -9,6 +9,13 @@
 //! and undecodable bodies skip the retries. [`Bus::redrive`](crate::Bus::redrive) moves a DLQ's messages
 //! back to their source queue with the same message id and the attempt count reset.
 //!
+//! Redrive never loses a dead letter: each copy is published with `mandatory` and a confirm before its
+//! dead letter is acked. If the target queue was deleted (a renamed worker, a removed group) the broker
+//! returns the copy, and the dead letter stays in the DLQ, untouched;
+//! [`Bus::redrive_report`](crate::Bus::redrive_report) lists those (a plain publish would have been
+//! confirmed and dropped, and the ack would have deleted the only copy). Redrive a DLQ of a queue that
+//! moved by re-creating the queue first, or by reading the DLQ yourself.
+//!
 //! Delayed rounds use the broker's delayed-message exchange when it has one (Mailroom, embedded or
 //! server: the message waits in `mailroom.delayed` with an `x-delay` header), and TTL queues
 //! `<queue>.retry.<n>` that dead-letter back to the queue where it has not (RabbitMQ without the
@@ -47,5 +54,24 @@
 //! assert_eq!(bus.redrive("invoices.dlq").await?, 1); // same id, back to `invoices`
 //! while worker.metrics().ok == 0 { tokio::time::sleep(Duration::from_millis(10)).await; }
 //! # worker.stop().await;
+//! # Ok(()) }
+//! ```
+//!
+//! A dead letter whose source queue is gone stays put:
+//!
+//! ```
+//! use mailroom::{Bus, Envelope};
+//! use mailroom::envelope::headers::SOURCE_QUEUE;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::embedded()?;
+//! bus.declare_queue("reports").await?;
+//! // A dead letter from a queue that has since been deleted.
+//! bus.send_envelope("reports.dlq", Envelope::command("r-1".to_string()).with_header(SOURCE_QUEUE, "old-reports")).await?;
+//! let report = bus.redrive_report("reports.dlq").await?;
+//! assert_eq!(report.moved, 0);
+//! assert_eq!(report.unroutable[0].target, "old-reports");
+//! assert_eq!(bus.transport().message_count("reports.dlq").await?, 1); // still there
 //! # Ok(()) }
 //! ```

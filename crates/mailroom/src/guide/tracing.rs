@@ -12,6 +12,16 @@
 //! Only the correlation id, causation and trace travel on: retry counts and failure headers of the
 //! incoming message do not leak into what a handler sends.
 //!
+//! **Per-handler metrics.** Every worker counts received, handled, failed, retried, dead-lettered,
+//! filtered and duplicate deliveries and their handling time ([`WorkerHandle::metrics`](crate::WorkerHandle::metrics)).
+//! With the `metrics` feature the same numbers go to the [`metrics`](https://docs.rs/metrics) facade as
+//! `mailroom_handler_received_total`, `…_handled_total`, `…_failed_total`, `…_retried_total`,
+//! `…_dead_lettered_total`, `…_filtered_total`, `…_duplicates_total` and the histogram
+//! `mailroom_handler_duration_seconds`, labelled `queue` and `handler`; install the recorder you export
+//! with (Prometheus, StatsD, OpenTelemetry) before starting workers (handles are registered when a
+//! worker starts). A retry counts once in `failed` per failed attempt and once in `retried` per retry
+//! scheduled, and the DLQ once at the end: no fault per retry (MassTransit #4458).
+//!
 //! ```
 //! use mailroom::{Bus, Envelope};
 //! use std::time::Duration;

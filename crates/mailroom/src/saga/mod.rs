@@ -156,12 +156,32 @@ pub struct Command {
     pub queue: String,
     /// The body.
     pub body: serde_json::Value,
+    /// Why the body could not be serialised, if it could not: the saga then refuses to send the
+    /// command (the transition fails with [`SagaError::Data`]) rather than send a `null` body.
+    encode_error: Option<String>,
 }
 
 impl Command {
-    /// A command for `queue`.
+    /// A command for `queue`. A body that does not serialise is never sent as `null`: sending this
+    /// command fails with [`SagaError::Data`] (use [`Command::try_new`] to see the error here).
     pub fn new(queue: impl Into<String>, body: impl Serialize) -> Command {
-        Command { queue: queue.into(), body: serde_json::to_value(body).unwrap_or(serde_json::Value::Null) }
+        match serde_json::to_value(body) {
+            Ok(body) => Command { queue: queue.into(), body, encode_error: None },
+            Err(e) => Command { queue: queue.into(), body: serde_json::Value::Null, encode_error: Some(e.to_string()) },
+        }
+    }
+
+    /// A command for `queue`, or the serialisation error of its body.
+    pub fn try_new(queue: impl Into<String>, body: impl Serialize) -> Result<Command, serde_json::Error> {
+        Ok(Command { queue: queue.into(), body: serde_json::to_value(body)?, encode_error: None })
+    }
+
+    /// The body as it goes on the wire, or why it cannot.
+    fn encoded(&self) -> Result<Vec<u8>, SagaError> {
+        if let Some(e) = &self.encode_error {
+            return Err(SagaError::Data(format!("command for {}: body does not serialise: {e}", self.queue)));
+        }
+        serde_json::to_vec(&self.body).map_err(|e| SagaError::Data(e.to_string()))
     }
 }
 
@@ -179,6 +199,7 @@ struct Step<S> {
 }
 
 /// A saga definition.
+#[must_use = "a saga definition does nothing until it runs"]
 pub struct Saga<S> {
     name: String,
     steps: Vec<Step<S>>,
@@ -438,7 +459,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         meta.headers.insert(SAGA_HEADER.into(), self.saga.name.clone());
         meta.headers.insert(STEP_HEADER.into(), label.to_owned());
         meta.headers.insert(crate::trace::TRACEPARENT.into(), crate::trace::TraceContext::new_root().to_string());
-        let body = serde_json::to_vec(&cmd.body).map_err(|e| SagaError::Data(e.to_string()))?;
+        let body = cmd.encoded()?;
         Ok(Outgoing { queue: cmd.queue.clone(), meta, body })
     }
 
@@ -717,5 +738,23 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> SagaHandle<S> {
         if let Some(w) = self.worker.take() {
             w.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::Command;
+    use std::collections::BTreeMap;
+
+    /// A map with non-string keys does not serialise to JSON: the command must not carry `null`.
+    #[test]
+    fn an_unserialisable_body_is_an_error_not_null() {
+        let bad: BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into_iter().collect();
+        assert!(Command::try_new("q", &bad).is_err());
+        let cmd = Command::new("q", &bad);
+        let err = cmd.encoded().unwrap_err().to_string();
+        assert!(err.contains("does not serialise"), "{err}");
+        let good = Command::new("q", serde_json::json!({"a": 1}));
+        assert_eq!(good.encoded().unwrap(), br#"{"a":1}"#);
     }
 }

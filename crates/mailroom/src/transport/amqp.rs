@@ -145,6 +145,7 @@ fn lapin_kind(kind: super::ExchangeKind) -> LapinKind {
         super::ExchangeKind::Fanout => LapinKind::Fanout,
         super::ExchangeKind::Headers => LapinKind::Headers,
         super::ExchangeKind::Delayed => LapinKind::Custom(super::DELAYED_EXCHANGE_TYPE.into()),
+        super::ExchangeKind::ConsistentHash => LapinKind::Custom(super::CONSISTENT_HASH_EXCHANGE_TYPE.into()),
     }
 }
 
@@ -463,6 +464,11 @@ impl AckHandle for LapinAck {
             settle("reject", async { self.0.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()) }).await
         })
     }
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(async move {
+            settle("release", async { self.0.reject(BasicRejectOptions { requeue: true }).await.map(|_| ()) }).await
+        })
+    }
 }
 
 /// Stops a consumer task; closing its channel returns unacked deliveries to the queue.
@@ -743,6 +749,13 @@ impl AckHandle for GetAck {
     fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(async move {
             let r = self.acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ()).map_err(err);
+            let _ = self.channel.close(200, "done".into()).await;
+            r
+        })
+    }
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(async move {
+            let r = self.acker.reject(BasicRejectOptions { requeue: true }).await.map(|_| ()).map_err(err);
             let _ = self.channel.close(200, "done".into()).await;
             r
         })

@@ -142,6 +142,12 @@ impl AckHandle for EmbeddedAck {
         }
         Box::pin(async { Ok(()) })
     }
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        if self.outstanding.lock().unwrap().remove(&self.id) {
+            self.queue.reject(&[self.id], true);
+        }
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A `basic.get` delivery. Dropped unsettled, it goes back to the queue, as when an AMQP client's
@@ -161,6 +167,11 @@ impl AckHandle for GetAck {
     fn reject(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
         self.settled = true;
         self.queue.reject(&[self.id], false);
+        Box::pin(async { Ok(()) })
+    }
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
+        self.queue.reject(&[self.id], true);
         Box::pin(async { Ok(()) })
     }
 }

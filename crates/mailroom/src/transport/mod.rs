@@ -4,16 +4,21 @@
 //! speaks AMQP 0-9-1 through lapin to a Mailroom server or RabbitMQ and survives dropped connections.
 //! Patterns never touch a broker API themselves, so a broker change stays inside one module here.
 
+#[cfg(feature = "amqp")]
 mod amqp;
+#[cfg(feature = "embedded")]
 mod embedded;
+#[cfg(feature = "amqp")]
 mod probe;
 
+#[cfg(feature = "amqp")]
 pub use amqp::{Amqp, AmqpConfig};
+#[cfg(feature = "embedded")]
 pub use embedded::Embedded;
 
 use crate::error::TransportError;
+use crate::wire::{BasicProperties, FieldTable};
 use bytes::Bytes;
-use mailroom_broker::{BasicProperties, FieldTable};
 use std::future::Future;
 use std::pin::Pin;
 use tokio::sync::mpsc;
@@ -59,10 +64,17 @@ pub enum ExchangeKind {
     /// The delayed-message exchange (`x-delayed-message`, routing as direct): holds a message for its
     /// `x-delay` header's milliseconds. Mailroom has it built in; RabbitMQ only with a plugin.
     Delayed,
+    /// The consistent-hash exchange (`x-consistent-hash`): one bound queue per message, by a hash of
+    /// the routing key; binding keys are weights. Mailroom has it built in; RabbitMQ with the
+    /// `rabbitmq_consistent_hash_exchange` plugin.
+    ConsistentHash,
 }
 
 /// AMQP type name of the delayed-message exchange.
 pub const DELAYED_EXCHANGE_TYPE: &str = "x-delayed-message";
+
+/// AMQP type name of the consistent-hash exchange.
+pub const CONSISTENT_HASH_EXCHANGE_TYPE: &str = "x-consistent-hash";
 
 /// Message header with the delay in milliseconds, read by the delayed-message exchange.
 pub const X_DELAY: &str = "x-delay";
@@ -76,6 +88,7 @@ impl ExchangeKind {
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Headers => "headers",
             ExchangeKind::Delayed => DELAYED_EXCHANGE_TYPE,
+            ExchangeKind::ConsistentHash => CONSISTENT_HASH_EXCHANGE_TYPE,
         }
     }
 
@@ -83,7 +96,7 @@ impl ExchangeKind {
     pub fn arguments(self) -> FieldTable {
         let mut t = FieldTable::default();
         if self == ExchangeKind::Delayed {
-            t.insert("x-delayed-type".into(), mailroom_broker::AMQPValue::LongString("direct".into()));
+            t.insert("x-delayed-type".into(), crate::wire::AMQPValue::LongString("direct".into()));
         }
         t
     }
@@ -138,6 +151,10 @@ pub trait AckHandle: Send + Sync {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
     /// Reject without requeue: the broker dead-letters it (the SDK never requeues, to avoid hot loops).
     fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
+    /// Hands the message back to its queue untouched (reject with requeue). Only for messages the SDK
+    /// took with [`Transport::get`] and could not move (a redrive whose target no longer routes):
+    /// workers never requeue, so no handler failure can loop.
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>>;
 }
 
 /// A delivered message.
@@ -179,6 +196,13 @@ impl Inbound {
     pub async fn reject(&mut self) -> Result<(), TransportError> {
         match self.acker.take() {
             Some(a) => a.reject().await,
+            None => Ok(()),
+        }
+    }
+    /// Returns it to its queue unchanged (no-op for no-ack deliveries); see [`AckHandle::release`].
+    pub async fn release(&mut self) -> Result<(), TransportError> {
+        match self.acker.take() {
+            Some(a) => a.release().await,
             None => Ok(()),
         }
     }

@@ -20,6 +20,7 @@ pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
 
 /// A relay builder; [`EmbeddedRelay::run`] starts it.
 #[derive(Debug)]
+#[must_use = "a relay does nothing until .run() is awaited"]
 pub struct EmbeddedRelay {
     store: EmbeddedSagaStore,
     bus: Bus,
