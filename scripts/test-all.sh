@@ -73,6 +73,9 @@ export MAILROOM_PG_URL="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/te
 if [ -x tests/compat/setup.sh ] || [ -f tests/compat/setup.sh ]; then
   run compat-setup bash tests/compat/setup.sh
 fi
+# rabbitmqadmin v2 for tests/amqp/test_rabbitmqadmin.py (cargo install on a fresh machine).
+run management-setup sh tests/management/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 
 # --all-features: the SDK's `postgres` feature is off by default; its tests need it.
 run build cargo build --workspace --all-targets --all-features --locked || give_up "the build failed"

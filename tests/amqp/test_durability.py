@@ -2,6 +2,7 @@
 ones do not. The restart test runs on both brokers (RabbitMQ restarted with rabbitmqctl stop_app /
 start_app); the SIGKILL test is Mailroom-only."""
 import os
+import shutil
 import random
 import signal
 import subprocess
@@ -181,6 +182,12 @@ class KillableMailroom:
         self.procs = []
 
     def spawn(self):
+        # For investigating a loss: MAILROOM_KILL_SNAPSHOT=DIR keeps a copy of the data dir as the last kill
+        # left it (before the restart's recovery changes it) in DIR.
+        snapshot = os.environ.get("MAILROOM_KILL_SNAPSHOT")
+        if snapshot and self.procs:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(self.data_dir, snapshot)
         cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir,
                "--log-level", "warn"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
