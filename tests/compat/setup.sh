@@ -20,6 +20,11 @@ need_debs() {
     done
     [ -z "$absent" ] && return 0
     if can_apt; then
+        # A fresh machine's package lists may be empty or old: refresh them once per run.
+        if [ -z "${apt_updated:-}" ]; then
+            apt-get update -q >/dev/null 2>&1 || true
+            apt_updated=1
+        fi
         echo "compat setup: apt-get install -y$absent"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q $absent >/dev/null && return 0
     fi
@@ -28,6 +33,9 @@ need_debs() {
 }
 
 # Node (amqplib).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    command -v dpkg-query >/dev/null 2>&1 && need_debs nodejs npm
+fi
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
     if (cd "$here/node" && npm ci --no-audit --no-fund --silent); then
         echo "compat setup: node $(node --version), amqplib installed in tests/compat/node"
