@@ -329,13 +329,17 @@ class _Consumer:
                     key = (props.message_id, home_of(q, props))
                     self.events.append(("deliver", q, key, hops(props), by_expiry(props), time.monotonic()))
                     action = self._decide(q, props)
+                    # Recorded before the call: pika writes the frame and may then raise on the kill (its
+                    # flush finds the socket gone) although the broker already applied it. An ack or reject
+                    # recorded but never applied is allowed for (the message comes back), one applied but
+                    # unrecorded would read as a loss.
+                    self.events.append((action, key, hops(props)))
                     if action == "ack":
                         ch.basic_ack(method.delivery_tag)
                     elif action == "reject":
                         ch.basic_reject(method.delivery_tag, requeue=False)
                     else:
                         ch.basic_nack(method.delivery_tag, requeue=True)
-                    self.events.append((action, key, hops(props)))
                     if action != "requeue":
                         pending.append((action, key))
 
