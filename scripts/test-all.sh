@@ -70,12 +70,14 @@ export MAILROOM_MISSING_SERVICES
 export RABBITMQ_URL="${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
 export MAILROOM_PG_URL="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
-if [ -x tests/compat/setup.sh ] || [ -f tests/compat/setup.sh ]; then
-  run compat-setup bash tests/compat/setup.sh
-fi
-# rabbitmqadmin v2 for tests/amqp/test_rabbitmqadmin.py (cargo install on a fresh machine).
-run management-setup sh tests/management/setup.sh
+# rabbitmqadmin v2 for tests/amqp/test_rabbitmqadmin.py (cargo install on a fresh machine), and a
+# throwaway RabbitMQ node with the management plugin that the management API tests compare against
+# (never the shared node's plugins: see tests/management/rabbitmq-oracle.sh).
 export PATH="$HOME/.cargo/bin:$PATH"
+if run management-setup sh tests/management/setup.sh oracle; then
+  export RABBITMQ_MGMT_URL="${RABBITMQ_MGMT_URL:-http://127.0.0.1:35672}"
+  SVC_STOPS+=("sh tests/management/rabbitmq-oracle.sh stop")
+fi
 
 # --all-features: the SDK's `postgres` feature is off by default; its tests need it.
 run build cargo build --workspace --all-targets --all-features --locked || give_up "the build failed"
@@ -104,7 +106,11 @@ if [ -z "${AMQP_TARGETS:-}" ]; then
   fi
 fi
 suites=(tests/amqp tests/celery)
-[ -d tests/compat ] && suites+=(tests/compat)
+if [ -d tests/compat ]; then
+  # After the venv: the compat setup checks aio-pika there.
+  run compat-setup bash tests/compat/setup.sh
+  suites+=(tests/compat)
+fi
 run python .venv/bin/pytest "${suites[@]}" -q -p no:cacheprovider
 
 echo

@@ -333,11 +333,12 @@ pub fn wall_clock_ms(deadline: Instant) -> u64 {
     u64::try_from((now_wall + remaining).as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The `Instant` for a wall-clock deadline in ms since the Unix epoch (one in the past is now).
+/// The `Instant` for a wall-clock deadline in ms since the Unix epoch (one in the past is now). The
+/// current wall clock is taken at full precision: truncated to ms, two deadlines a fraction of a ms
+/// apart could come back in the wrong order (recovered delayed messages would be released out of order).
 pub fn instant_from_wall_ms(ms: u64) -> Instant {
-    let now_wall_ms =
-        u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX);
-    deadline_after(Instant::now(), ms.saturating_sub(now_wall_ms))
+    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Instant::now() + Duration::from_millis(ms).saturating_sub(now_wall).min(FAR_FUTURE)
 }
 
 /// The stored form of a message (property bytes kept verbatim when the broker has them).
