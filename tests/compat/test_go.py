@@ -40,8 +40,9 @@ def test_confirms_and_returns(target, go_program, names):
     returned = by_event(events, "returned")[0]
     assert returned["reply_code"] == 312 and returned["reply_text"] == "NO_ROUTE"
     assert returned["body"] == "back"
-    # basic.return goes out before the confirm's ack, and an unroutable message is still acked.
-    assert returned["returned_before_ack"] is True
+    # An unroutable message is still acked. (Which of the return and the ack the program saw first is not
+    # checked: amqp091-go hands them over on two Go channels, and when both are buffered Go's select picks
+    # one at random; the wire order, return before ack, is pinned by the pika suite.)
     assert returned["ack"] is True and returned["tag"] == 2001
     assert returned["queued"] == 2000
 
