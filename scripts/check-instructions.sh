@@ -7,10 +7,13 @@
 #   scripts/check-instructions.sh --tolerance 2    ... with another limit (percent; may be negative)
 #   scripts/check-instructions.sh --record         rewrite the baseline from this run
 #   scripts/check-instructions.sh --baseline FILE  use another baseline file
+#   scripts/check-instructions.sh --runs 5         run each scenario 5 times and take the median
 #
 # The workloads are crates/mailroom-hotpath (one subcommand per scenario, a fixed warm-up then a fixed number
 # of operations inside a `measure_<scenario>` function); callgrind counts only that function and its callees
-# (--collect-atstart=no --toggle-collect). Per operation = the count / the operations.
+# (--collect-atstart=no --toggle-collect). Per operation = the count / the operations. Most scenarios count
+# the same on every run; those that insert into the queue's hash maps vary by up to ~0.5% (std's randomly
+# seeded hasher changes probe lengths), which --runs smooths out.
 #
 # Counts depend on the compiler: when rustc's version differs from the baseline's, the table is shown but
 # nothing fails (re-record with --record on the commit you compare against). Installs valgrind (apt-get,
@@ -21,6 +24,7 @@ cd "$(dirname "$0")/.."
 BASELINE=bench/instructions.baseline
 TOLERANCE=3
 RECORD=0
+RUNS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --record) RECORD=1 ;;
@@ -28,13 +32,19 @@ while [ $# -gt 0 ]; do
     --tolerance=*) TOLERANCE="${1#*=}" ;;
     --baseline) BASELINE="${2:?--baseline needs a file}"; shift ;;
     --baseline=*) BASELINE="${1#*=}" ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --runs) RUNS="${2:?--runs needs a count}"; shift ;;
+    --runs=*) RUNS="${1#*=}" ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 if ! [[ "$TOLERANCE" =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; then
   echo "--tolerance takes a number of percent, not '$TOLERANCE'" >&2
+  exit 2
+fi
+if ! [[ "$RUNS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "--runs takes a positive count, not '$RUNS'" >&2
   exit 2
 fi
 
@@ -66,24 +76,40 @@ trap 'rm -rf "$WORK"' EXIT
 # Scenario lines: name, function, operations, what it does (tab-separated).
 "$BIN" list >"$WORK/scenarios"
 : >"$WORK/now"
-while IFS=$'\t' read -r name function ops _about; do
-  out="$WORK/$name.callgrind"
+# count NAME FUNCTION OPS: one callgrind run; prints the instructions counted in FUNCTION.
+count() {
+  local name="$1" function="$2" ops="$3" out="$WORK/$1.callgrind" total
   if ! valgrind --tool=callgrind --collect-atstart=no --toggle-collect="*::$function" \
-    --callgrind-out-file="$out" "$BIN" "$name" >"$WORK/$name.stdout" 2>"$WORK/$name.log"; then
+    --callgrind-out-file="$out" "$BIN" "$name" </dev/null >"$WORK/$name.stdout" 2>"$WORK/$name.log"; then
     echo "$name: the harness failed under valgrind:" >&2
     tail -n 20 "$WORK/$name.log" >&2
-    exit 2
+    return 2
   fi
   total="$(awk '$1 == "totals:" {print $2}' "$out")"
   if [ -z "$total" ] || [ "$total" = 0 ]; then
     echo "$name: callgrind counted nothing in $function (renamed, or inlined away?)" >&2
-    exit 2
+    return 2
   fi
-  grep -qx "$name	iterations=$ops" "$WORK/$name.stdout" || {
+  if ! grep -qx "$name	iterations=$ops" "$WORK/$name.stdout"; then
     echo "$name: the harness did not report $ops operations" >&2
-    exit 2
-  }
-  awk -v n="$name" -v t="$total" -v o="$ops" 'BEGIN {printf "%s %.1f\n", n, t / o}' >>"$WORK/now"
+    return 2
+  fi
+  echo "$total"
+}
+
+# "now" lines: scenario, instructions per operation (median of the runs), spread of the runs in percent.
+while IFS=$'\t' read -r name function ops _about; do
+  totals=()
+  for ((run = 0; run < RUNS; run++)); do
+    total="$(count "$name" "$function" "$ops")" || exit 2
+    totals+=("$total")
+  done
+  printf '%s\n' "${totals[@]}" | sort -n | awk -v n="$name" -v o="$ops" '
+    { t[NR] = $1 }
+    END {
+      m = (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
+      printf "%s %.1f %.2f\n", n, m / o, (t[NR] - t[1]) / m * 100
+    }' >>"$WORK/now"
 done <"$WORK/scenarios"
 
 if [ "$RECORD" = 1 ]; then
@@ -95,10 +121,11 @@ if [ "$RECORD" = 1 ]; then
     echo "valgrind $VALGRIND"
     echo "commit $COMMIT"
     echo "operations $(awk -F'\t' 'NR == 1 {print $3}' "$WORK/scenarios")"
-    sed 's/^/scenario /' "$WORK/now"
+    echo "runs $RUNS (median)"
+    awk '{print "scenario", $1, $2}' "$WORK/now"
   } >"$BASELINE"
-  echo "recorded $BASELINE ($RUSTC, commit $COMMIT):"
-  awk '{printf "  %-18s %12.1f\n", $1, $2}' "$WORK/now"
+  echo "recorded $BASELINE ($RUSTC, commit $COMMIT, median of $RUNS run(s)):"
+  awk -v runs="$RUNS" '{printf "  %-18s %12.1f%s\n", $1, $2, runs > 1 ? sprintf("   spread %.2f%%", $3) : ""}' "$WORK/now"
   exit 0
 fi
 
@@ -111,17 +138,17 @@ base_rustc="$(sed -n 's/^rustc //p' "$BASELINE")"
 base_valgrind="$(sed -n 's/^valgrind //p' "$BASELINE")"
 base_commit="$(sed -n 's/^commit //p' "$BASELINE")"
 echo "baseline: $BASELINE (commit $base_commit, $base_rustc, $base_valgrind)"
-echo "now:      commit $COMMIT, $RUSTC, $VALGRIND; tolerance ${TOLERANCE}%"
+echo "now:      commit $COMMIT, $RUSTC, $VALGRIND; median of $RUNS run(s); tolerance ${TOLERANCE}%"
 [ "$base_valgrind" = "$VALGRIND" ] || echo "note: another valgrind version than the baseline's"
 
 # One row per scenario in the baseline or now; a regression is a scenario over the tolerance, or one the
 # baseline has and the harness no longer runs (a hot path that stopped being measured).
 set +e
-awk -v tol="$TOLERANCE" '
+awk -v tol="$TOLERANCE" -v runs="$RUNS" '
   FNR == NR { if ($1 == "scenario") { base[$2] = $3; order[++n] = $2 } ; next }
-  { now[$1] = $2; if (!($1 in base)) order[++n] = $1 }
+  { now[$1] = $2; spread[$1] = $3; if (!($1 in base)) order[++n] = $1 }
   END {
-    printf "%-18s %12s %12s %9s\n", "scenario", "baseline", "now", "delta"
+    printf "%-18s %12s %12s %9s%s\n", "scenario", "baseline", "now", "delta", runs > 1 ? "   spread" : ""
     bad = 0
     for (i = 1; i <= n; i++) {
       s = order[i]
@@ -130,7 +157,8 @@ awk -v tol="$TOLERANCE" '
       d = (now[s] - base[s]) / base[s] * 100
       flag = ""
       if (d > tol) { flag = "  REGRESSION"; bad = 1 }
-      printf "%-18s %12.1f %12.1f %+8.2f%%%s\n", s, base[s], now[s], d, flag
+      sp = runs > 1 ? sprintf(" %8.2f%%", spread[s]) : ""
+      printf "%-18s %12.1f %12.1f %+8.2f%%%s%s\n", s, base[s], now[s], d, sp, flag
     }
     exit bad
   }' "$BASELINE" "$WORK/now"
