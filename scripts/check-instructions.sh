@@ -125,7 +125,7 @@ if [ "$RECORD" = 1 ]; then
     awk '{print "scenario", $1, $2}' "$WORK/now"
   } >"$BASELINE"
   echo "recorded $BASELINE ($RUSTC, commit $COMMIT, median of $RUNS run(s)):"
-  awk -v runs="$RUNS" '{printf "  %-18s %12.1f%s\n", $1, $2, runs > 1 ? sprintf("   spread %.2f%%", $3) : ""}' "$WORK/now"
+  awk -v runs="$RUNS" '{printf "  %-18s %12.1f%s\n", $1, $2, (runs > 1) ? sprintf("   spread %.2f%%", $3) : ""}' "$WORK/now"
   exit 0
 fi
 
@@ -148,7 +148,7 @@ awk -v tol="$TOLERANCE" -v runs="$RUNS" '
   FNR == NR { if ($1 == "scenario") { base[$2] = $3; order[++n] = $2 } ; next }
   { now[$1] = $2; spread[$1] = $3; if (!($1 in base)) order[++n] = $1 }
   END {
-    printf "%-18s %12s %12s %9s%s\n", "scenario", "baseline", "now", "delta", runs > 1 ? "   spread" : ""
+    printf "%-18s %12s %12s %9s%s\n", "scenario", "baseline", "now", "delta", (runs > 1) ? "   spread" : ""
     bad = 0
     for (i = 1; i <= n; i++) {
       s = order[i]
@@ -157,7 +157,7 @@ awk -v tol="$TOLERANCE" -v runs="$RUNS" '
       d = (now[s] - base[s]) / base[s] * 100
       flag = ""
       if (d > tol) { flag = "  REGRESSION"; bad = 1 }
-      sp = runs > 1 ? sprintf(" %8.2f%%", spread[s]) : ""
+      sp = (runs > 1) ? sprintf(" %8.2f%%", spread[s]) : ""
       printf "%-18s %12.1f %12.1f %+8.2f%%%s%s\n", s, base[s], now[s], d, sp, flag
     }
     exit bad
