@@ -5,7 +5,8 @@
 #
 # Installs what it needs: cargo-nextest if missing, a Python venv with tests/requirements.txt, and
 # (as root on Debian) a C compiler, RabbitMQ and PostgreSQL when they are missing, which it starts on
-# free ports and stops at the end (scripts/services.sh), plus whatever tests/compat/setup.sh installs.
+# free ports and stops at the end (scripts/services.sh), plus whatever tests/compat/setup.sh installs,
+# and valgrind for the hot-path instruction counts (scripts/check-instructions.sh).
 # A service that is missing and cannot be installed: the tests that need it are skipped (one line
 # each) and the summary says so; with CI=true that is an error.
 #
@@ -90,6 +91,14 @@ run doctests cargo test --workspace --all-features --doc --locked
 # The SDK as a dependency: scratch applications (default / AMQP-only features), cargo package, MSRV.
 run sdk-consumers scripts/check-sdk-consumers.sh
 run msrv scripts/check-msrv.sh
+# Hot-path instruction counts (callgrind) against bench/instructions.baseline: fails on a scenario over 3%.
+# A release build of crates/mailroom-hotpath in the shared target dir, then about a minute under valgrind.
+if command -v valgrind >/dev/null 2>&1 || svc_install "valgrind (for the hot-path instruction counts)" valgrind; then
+  run instructions scripts/check-instructions.sh
+else
+  SVC_SKIPPED+=("valgrind: the hot-path instruction counts (scripts/check-instructions.sh) were not checked")
+  [ "${CI:-}" = "true" ] && FAILED+=("instructions (valgrind missing and CI=true)")
+fi
 
 echo "== Python environment"
 if [ ! -x .venv/bin/python ]; then
@@ -124,6 +133,7 @@ if [ "$skipped_rust" -gt 0 ]; then
   echo "  (each line: $MAILROOM_SKIP_LOG)"
 fi
 echo "Doctests: $(grep -E '^test result:' "$LOGS/doctests.log" 2>/dev/null | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')"
+[ -f "$LOGS/instructions.log" ] && echo "Instructions: $(tail -n 1 "$LOGS/instructions.log")"
 echo "Python ($AMQP_TARGETS; ${suites[*]}): $(tail -n 1 "$LOGS/python.log" 2>/dev/null | tr -d '=' | sed 's/^ *//')"
 if [ "$AMQP_TARGETS" = mailroom ] && [ "$have_rabbitmq" = 0 ]; then
   echo "  the RabbitMQ (oracle) half of every Python test was skipped: RabbitMQ is missing"
