@@ -12,8 +12,9 @@
 # The workloads are crates/mailroom-hotpath (one subcommand per scenario, a fixed warm-up then a fixed number
 # of operations inside a `measure_<scenario>` function); callgrind counts only that function and its callees
 # (--collect-atstart=no --toggle-collect). Per operation = the count / the operations. Most scenarios count
-# the same on every run; those that insert into the queue's hash maps vary by up to ~0.5% (std's randomly
-# seeded hasher changes probe lengths), which --runs smooths out.
+# the same on every run; those that insert into the queue's hash maps vary a little (std's randomly
+# seeded hasher changes when tables rehash): deliver_ack runs 400 rounds so that its runs differ by < 0.1%;
+# --runs takes a median over several runs.
 #
 # Counts depend on the compiler: when rustc's version differs from the baseline's, the table is shown but
 # nothing fails (re-record with --record on the commit you compare against). Installs valgrind (apt-get,
@@ -116,11 +117,10 @@ if [ "$RECORD" = 1 ]; then
   {
     echo "# Hot-path instructions per operation (callgrind Ir / operations), written by"
     echo "# scripts/check-instructions.sh --record and compared by scripts/check-instructions.sh."
-    echo "# Re-record when rustc changes. The scenarios: target/release/mailroom-hotpath list."
+    echo "# Re-record when rustc changes. The scenarios and their operations: target/release/mailroom-hotpath list."
     echo "rustc $RUSTC"
     echo "valgrind $VALGRIND"
     echo "commit $COMMIT"
-    echo "operations $(awk -F'\t' 'NR == 1 {print $3}' "$WORK/scenarios")"
     echo "runs $RUNS (median)"
     awk '{print "scenario", $1, $2}' "$WORK/now"
   } >"$BASELINE"
