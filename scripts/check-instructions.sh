@@ -66,8 +66,8 @@ BIN=target/release/mailroom-hotpath
 RUSTC="$(rustc --version)"
 VALGRIND="$(valgrind --version)"
 COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-# Changes to tracked files (the baseline itself aside) make the counts those of no commit.
-if [ -n "$(git status --porcelain --untracked-files=no -- . ":!$BASELINE" 2>/dev/null)" ]; then
+# Uncommitted changes to what is built make the counts those of no commit.
+if [ -n "$(git status --porcelain --untracked-files=no -- crates Cargo.toml Cargo.lock 2>/dev/null)" ]; then
   COMMIT="$COMMIT+uncommitted"
 fi
 
