@@ -699,6 +699,66 @@ mod tests {
         ch.check(&Operation::Consume { queue: "q" }).unwrap();
     }
 
+    mod cached_checks {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAMES: [&str; 6] = ["", "a1", "a2", "b1", "amq.topic", "amq.gen-x"];
+        const KEYS: [&str; 4] = ["u.k", "x.k", "/-r", "zz"];
+
+        fn op(kind: u8, a: usize, b: usize, k: usize, topic: bool) -> Operation<'static> {
+            let (a, b, key) = (NAMES[a], NAMES[b], KEYS[k]);
+            match kind % 8 {
+                0 => Operation::Publish { exchange: a, routing_key: key, exchange_is_topic: topic },
+                1 => Operation::QueueBind { queue: a, exchange: b, routing_key: key, exchange_is_topic: topic },
+                2 => Operation::ExchangeBind { destination: a, source: b, routing_key: key, source_is_topic: topic },
+                3 => Operation::Consume { queue: a },
+                4 => Operation::QueueDeclare {
+                    queue: a,
+                    server_named: topic,
+                    passive: false,
+                    exists: false,
+                    dead_letter_exchange: Some(b),
+                },
+                5 => Operation::ExchangeDeclare { exchange: a, passive: false, exists: topic, alternate_exchange: Some(b) },
+                6 => Operation::ExchangeDelete { exchange: a },
+                _ => Operation::Purge { queue: a },
+            }
+        }
+
+        proptest! {
+            /// Through any sequence of operations and permission changes, the cached channel view
+            /// answers exactly what a fresh, uncached check of the current grants answers.
+            #[test]
+            fn cache_never_changes_an_answer(
+                steps in proptest::collection::vec(
+                    (0u8..10, 0usize..6, 0usize..6, 0usize..4, any::<bool>(), 0usize..4),
+                    1..80,
+                ),
+            ) {
+                let patterns = ["^a", "1$", ".*", ""];
+                let ac = registry_with("u", "p");
+                ac.set_permissions("u", "/", Permissions::full()).unwrap();
+                let mut ch = ac.channel_access("u", "/").unwrap();
+                for (kind, a, b, k, topic, p) in steps {
+                    match kind {
+                        8 => ac
+                            .set_permissions("u", "/", Permissions::new(patterns[p], patterns[(p + a) % 4], patterns[(p + b) % 4]).unwrap())
+                            .unwrap(),
+                        9 => ac
+                            .set_topic_permissions("u", "/", "amq.topic", TopicPermissions::new(&format!("^{{username}}|{}", patterns[p]), "^{vhost}-").unwrap())
+                            .unwrap(),
+                        _ => {
+                            let op = op(kind, a, b, k, topic);
+                            let fresh = ac.vhost_access("u", "/").unwrap().check(&op);
+                            prop_assert_eq!(ch.check(&op), fresh, "{:?}", op);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn user_updates() {
         let ac = registry_with("u", "p");
