@@ -3,8 +3,11 @@
 //! verified against a CA bundle, and reloading of the files on demand (SIGHUP) without touching the
 //! connections already open, which keep the configuration they were accepted with.
 //!
-//! The crypto provider is `ring` (no C toolchain or cmake needed, unlike aws-lc-rs). Nothing here knows
-//! about AMQP: `server.rs` wraps accepted sockets with [`TlsAcceptor::accept`] before the protocol header.
+//! The crypto provider is `ring`: no C library build, unlike aws-lc-rs. rustls 0.23.48 deprecates it
+//! because it has no post-quantum key exchange (X25519MLKEM768); TLS 1.3 then uses classical X25519 or
+//! P-256. Switching to aws-lc-rs is the provider function below plus the cargo features.
+//! Nothing here knows about AMQP: `server.rs` wraps accepted sockets with [`TlsAcceptor::accept`] before
+//! the protocol header.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -97,9 +100,15 @@ fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// The crypto provider (see the module doc for why ring).
+#[allow(deprecated)]
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// Builds the server configuration `settings` describe: TLS 1.2 and 1.3 only, ring's cipher suites.
 pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = provider();
     let chain = certificates(&settings.cert, "certificate")?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|e| TlsError::File {
         what: "private key",
@@ -221,8 +230,11 @@ mod tests {
     impl Scratch {
         fn new() -> Self {
             static N: AtomicU64 = AtomicU64::new(0);
-            let dir = std::env::temp_dir()
-                .join(format!("mailroom-tls-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+            let dir = std::env::temp_dir().join(format!(
+                "mailroom-tls-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
             std::fs::create_dir_all(&dir).unwrap();
             Self(dir)
         }
@@ -248,10 +260,14 @@ mod tests {
         }
     }
 
-    fn client(trust: &Ca, identity: Option<(String, String)>, versions: &[&'static rustls::SupportedProtocolVersion]) -> tokio_rustls::TlsConnector {
+    fn client(
+        trust: &Ca,
+        identity: Option<(String, String)>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(trust.pem().as_bytes()).unwrap()).unwrap();
-        let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots);
@@ -294,7 +310,10 @@ mod tests {
     type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
 
     /// Connects, handshakes and does one echo round trip (the AMQP protocol header).
-    async fn round_trip(addr: std::net::SocketAddr, connector: &tokio_rustls::TlsConnector) -> std::io::Result<ClientStream> {
+    async fn round_trip(
+        addr: std::net::SocketAddr,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<ClientStream> {
         let tcp = TcpStream::connect(addr).await?;
         let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
         echo(&mut tls).await?;

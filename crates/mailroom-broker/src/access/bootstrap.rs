@@ -104,7 +104,8 @@ mod tests {
         assert_eq!(DefaultUser::resolve(None, None, env(&[])), Ok(DefaultUser::guest()));
         let from_env = DefaultUser::resolve(None, None, env(&[(ENV_DEFAULT_USER, "ops"), (ENV_DEFAULT_PASS, "pw")]));
         assert_eq!(from_env, Ok(DefaultUser { name: "ops".into(), password: "pw".into() }));
-        let flags = DefaultUser::resolve(Some("admin"), Some("x"), env(&[(ENV_DEFAULT_USER, "ops"), (ENV_DEFAULT_PASS, "pw")]));
+        let flags =
+            DefaultUser::resolve(Some("admin"), Some("x"), env(&[(ENV_DEFAULT_USER, "ops"), (ENV_DEFAULT_PASS, "pw")]));
         assert_eq!(flags, Ok(DefaultUser { name: "admin".into(), password: "x".into() }));
         // A flag and an env var may complete each other.
         let mixed = DefaultUser::resolve(Some("admin"), None, env(&[(ENV_DEFAULT_PASS, "pw")]));

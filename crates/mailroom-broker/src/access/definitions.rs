@@ -207,7 +207,8 @@ impl AccessDefinitions {
         }
         for v in section::<Value>(doc, "vhosts")? {
             let (Some(name), Some(limits)) = (v.get("name").and_then(Value::as_str), v.get("limits")) else { continue };
-            let limits = limits_from_value(limits).map_err(|message| DefinitionsError::Malformed { section: "vhosts", message })?;
+            let limits = limits_from_value(limits)
+                .map_err(|message| DefinitionsError::Malformed { section: "vhosts", message })?;
             if !limits.is_empty() {
                 vhost_limits.entry(name.to_owned()).or_insert(limits);
             }
@@ -237,13 +238,8 @@ impl AccessDefinitions {
         if let Some(Value::Array(vhosts)) = doc.get_mut("vhosts") {
             for v in vhosts {
                 let Some(name) = v.get("name").and_then(Value::as_str) else { continue };
-                let pairs: Vec<Value> = self
-                    .vhost_limits
-                    .get(name)
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, n)| json!([k, n]))
-                    .collect();
+                let pairs: Vec<Value> =
+                    self.vhost_limits.get(name).into_iter().flatten().map(|(k, n)| json!([k, n])).collect();
                 v["limits"] = Value::Array(pairs);
             }
         }
@@ -292,17 +288,15 @@ fn vhost_limits(vhost: &str, limits: &BTreeMap<String, i64>) -> Result<VhostLimi
 }
 
 fn limits_map(pairs: [(&str, Option<u64>); 2]) -> BTreeMap<String, i64> {
-    pairs
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|n| (k.to_owned(), i64::try_from(n).unwrap_or(i64::MAX))))
-        .collect()
+    pairs.into_iter().filter_map(|(k, v)| v.map(|n| (k.to_owned(), i64::try_from(n).unwrap_or(i64::MAX)))).collect()
 }
 
 impl UserDefinition {
     /// The user this definition describes (hash and algorithm checked).
     pub fn to_user(&self) -> Result<User, DefinitionsError> {
         let password_error = |source| DefinitionsError::Password { user: self.name.clone(), source };
-        let algorithm = HashingAlgorithm::from_rabbitmq_name(self.hashing_algorithm.as_deref()).map_err(password_error)?;
+        let algorithm =
+            HashingAlgorithm::from_rabbitmq_name(self.hashing_algorithm.as_deref()).map_err(password_error)?;
         let password_hash = match self.password_hash.as_str() {
             "" => None,
             encoded => Some(PasswordHash::from_base64(algorithm, encoded).map_err(password_error)?),
@@ -342,11 +336,8 @@ impl AccessControl {
         let users = defs.users.iter().map(UserDefinition::to_user).collect::<Result<Vec<_>, _>>()?;
         let mut permissions = Vec::with_capacity(defs.permissions.len());
         for p in &defs.permissions {
-            let perms = Permissions::new(&p.configure, &p.write, &p.read).map_err(|source| DefinitionsError::Pattern {
-                user: p.user.clone(),
-                vhost: p.vhost.clone(),
-                source,
-            })?;
+            let perms = Permissions::new(&p.configure, &p.write, &p.read)
+                .map_err(|source| DefinitionsError::Pattern { user: p.user.clone(), vhost: p.vhost.clone(), source })?;
             permissions.push(((p.user.clone(), p.vhost.clone()), perms));
         }
         let mut topics = Vec::with_capacity(defs.topic_permissions.len());
@@ -540,15 +531,36 @@ mod tests {
         let ac = AccessControl::default();
         ac.add_user("keep", b"pw", vec![]).unwrap();
         let bad = [
-            (json!({ "users": [{ "name": "a", "password_hash": "x", "hashing_algorithm": "rabbit_password_hashing_bcrypt" }] }), "user 'a': unsupported hashing_algorithm"),
-            (json!({ "users": [{ "name": "a", "password_hash": "AAAA", "hashing_algorithm": "rabbit_password_hashing_sha256" }] }), "user 'a': password_hash has 3 bytes"),
-            (json!({ "users": [{ "name": "a", "password_hash": "" }],
-                     "permissions": [{ "user": "ghost", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*" }] }), "user 'ghost' does not exist"),
-            (json!({ "users": [{ "name": "a", "password_hash": "" }],
-                     "permissions": [{ "user": "a", "vhost": "/", "configure": "(", "write": ".*", "read": ".*" }] }), "permissions of user 'a' in vhost '/'"),
-            (json!({ "users": [{ "name": "a", "password_hash": "", "limits": { "max-queues": 1 } }] }), "unknown user limit"),
-            (json!({ "users": [{ "name": "a", "password_hash": "", "limits": { "max-channels": "ten" } }] }), "must be an integer"),
-            (json!({ "parameters": [{ "component": "vhost-limits", "name": "limits", "vhost": "v", "value": { "max-channels": 1 } }] }), "unknown vhost limit"),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "x", "hashing_algorithm": "rabbit_password_hashing_bcrypt" }] }),
+                "user 'a': unsupported hashing_algorithm",
+            ),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "AAAA", "hashing_algorithm": "rabbit_password_hashing_sha256" }] }),
+                "user 'a': password_hash has 3 bytes",
+            ),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "" }],
+                     "permissions": [{ "user": "ghost", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*" }] }),
+                "user 'ghost' does not exist",
+            ),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "" }],
+                     "permissions": [{ "user": "a", "vhost": "/", "configure": "(", "write": ".*", "read": ".*" }] }),
+                "permissions of user 'a' in vhost '/'",
+            ),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "", "limits": { "max-queues": 1 } }] }),
+                "unknown user limit",
+            ),
+            (
+                json!({ "users": [{ "name": "a", "password_hash": "", "limits": { "max-channels": "ten" } }] }),
+                "must be an integer",
+            ),
+            (
+                json!({ "parameters": [{ "component": "vhost-limits", "name": "limits", "vhost": "v", "value": { "max-channels": 1 } }] }),
+                "unknown vhost limit",
+            ),
             (json!({ "users": {} }), "invalid users definition"),
         ];
         for (doc, expected) in bad {

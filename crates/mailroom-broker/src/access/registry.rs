@@ -8,9 +8,7 @@
 use super::cache::GrantCache;
 use super::limits::{UserLimits, VhostLimits};
 use super::password::{PasswordHash, PasswordHashError};
-use super::permissions::{
-    AccessError, CompiledTopicPermissions, Pattern, PatternError, Permissions, TopicPermissions,
-};
+use super::permissions::{AccessError, CompiledTopicPermissions, Pattern, PatternError, Permissions, TopicPermissions};
 use super::table::{steps, Operation, VhostAccess};
 use super::user::{ManagementRights, User, UserTag};
 use crate::error::{BrokerError, ErrorKind};
@@ -344,7 +342,11 @@ impl AccessControl {
         self.read()
             .permissions
             .iter()
-            .map(|((user, vhost), p)| PermissionEntry { user: user.clone(), vhost: vhost.clone(), permissions: p.clone() })
+            .map(|((user, vhost), p)| PermissionEntry {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                permissions: p.clone(),
+            })
             .collect()
     }
 
@@ -360,7 +362,10 @@ impl AccessControl {
         if !s.users.contains_key(user) {
             return Err(RegistryError::NoSuchUser(user.to_owned()));
         }
-        s.topic_permissions.entry((user.to_owned(), vhost.to_owned())).or_default().insert(exchange.to_owned(), permissions);
+        s.topic_permissions
+            .entry((user.to_owned(), vhost.to_owned()))
+            .or_default()
+            .insert(exchange.to_owned(), permissions);
         drop(s);
         self.changed();
         Ok(())
@@ -467,7 +472,11 @@ impl AccessControl {
     }
 
     /// Checks a login without password (EXTERNAL: the name comes from a verified client certificate).
-    pub fn authenticate_external(&self, username: &str, peer_is_loopback: bool) -> Result<AuthenticatedUser, AuthError> {
+    pub fn authenticate_external(
+        &self,
+        username: &str,
+        peer_is_loopback: bool,
+    ) -> Result<AuthenticatedUser, AuthError> {
         let found = self.read().users.get(username).cloned();
         let user = found.ok_or_else(|| AuthError::InvalidCredentials(username.to_owned()))?;
         self.admit(user, peer_is_loopback)
@@ -682,7 +691,7 @@ mod tests {
         let publish = Operation::Publish { exchange: "x", routing_key: "k", exchange_is_topic: true };
         ch.check(&publish).unwrap();
         ch.check(&publish).unwrap(); // cached
-        // A topic permission appears: the cached grant is dropped and the key is checked.
+                                     // A topic permission appears: the cached grant is dropped and the key is checked.
         ac.set_topic_permissions("u", "/", "x", TopicPermissions::new("^{username}\\.", "").unwrap()).unwrap();
         let e = ch.check(&publish).unwrap_err();
         assert!(matches!(e, AccessError::Topic { permission: Permission::Write, .. }));
@@ -720,7 +729,12 @@ mod tests {
                     exists: false,
                     dead_letter_exchange: Some(b),
                 },
-                5 => Operation::ExchangeDeclare { exchange: a, passive: false, exists: topic, alternate_exchange: Some(b) },
+                5 => Operation::ExchangeDeclare {
+                    exchange: a,
+                    passive: false,
+                    exists: topic,
+                    alternate_exchange: Some(b),
+                },
                 6 => Operation::ExchangeDelete { exchange: a },
                 _ => Operation::Purge { queue: a },
             }

@@ -401,19 +401,28 @@ mod tests {
         Operation::QueueDeclare { queue: "q", server_named: false, passive, exists, dead_letter_exchange: dlx }
     }
 
+    /// An operation and the (permission, kind, name) checks it needs.
+    type Row = (Operation<'static>, Vec<(Permission, ResourceKind, &'static str)>);
+
     /// Every row of RabbitMQ's table, written out from the guide, against `steps`.
     #[test]
     fn the_table_row_by_row() {
-        let rows: Vec<(Operation<'static>, Vec<(Permission, ResourceKind, &str)>)> = vec![
+        let rows: Vec<Row> = vec![
             (declare_x(false, false, None), vec![(Configure, Exchange, "x")]),
             (declare_x(true, true, None), vec![]),
-            (declare_x(false, false, Some("ae")), vec![(Configure, Exchange, "x"), (Read, Exchange, "x"), (Write, Exchange, "ae")]),
+            (
+                declare_x(false, false, Some("ae")),
+                vec![(Configure, Exchange, "x"), (Read, Exchange, "x"), (Write, Exchange, "ae")],
+            ),
             // A redeclare creates nothing: the AE is not checked again.
             (declare_x(false, true, Some("ae")), vec![(Configure, Exchange, "x")]),
             (Operation::ExchangeDelete { exchange: "x" }, vec![(Configure, Exchange, "x")]),
             (declare_q(false, false, None), vec![(Configure, Queue, "q")]),
             (declare_q(true, true, None), vec![]),
-            (declare_q(false, false, Some("dlx")), vec![(Configure, Queue, "q"), (Read, Queue, "q"), (Write, Exchange, "dlx")]),
+            (
+                declare_q(false, false, Some("dlx")),
+                vec![(Configure, Queue, "q"), (Read, Queue, "q"), (Write, Exchange, "dlx")],
+            ),
             (declare_q(false, true, Some("dlx")), vec![(Configure, Queue, "q")]),
             (Operation::QueueDelete { queue: "q" }, vec![(Configure, Queue, "q")]),
             (
@@ -432,7 +441,10 @@ mod tests {
                 Operation::QueueUnbind { queue: "q", exchange: "x", routing_key: "k", exchange_is_topic: false },
                 vec![(Write, Queue, "q"), (Read, Exchange, "x")],
             ),
-            (Operation::Publish { exchange: "x", routing_key: "k", exchange_is_topic: false }, vec![(Write, Exchange, "x")]),
+            (
+                Operation::Publish { exchange: "x", routing_key: "k", exchange_is_topic: false },
+                vec![(Write, Exchange, "x")],
+            ),
             (Operation::Get { queue: "q" }, vec![(Read, Queue, "q")]),
             (Operation::Consume { queue: "q" }, vec![(Read, Queue, "q")]),
             (Operation::Purge { queue: "q" }, vec![(Read, Queue, "q")]),
@@ -503,7 +515,13 @@ mod tests {
                 let err = build(Some(i)).check(&op).unwrap_err();
                 assert_eq!(
                     err,
-                    AccessError::Resource { permission: *p, kind: *k, name: n.clone(), vhost: "/".into(), user: "u".into() },
+                    AccessError::Resource {
+                        permission: *p,
+                        kind: *k,
+                        name: n.clone(),
+                        vhost: "/".into(),
+                        user: "u".into()
+                    },
                     "{op:?} without {p:?} on {n}"
                 );
             }
@@ -537,7 +555,8 @@ mod tests {
             text(declare("amq.foo", false)),
             Err("ACCESS_REFUSED - queue name 'amq.foo' contains reserved prefix 'amq.*'".into())
         );
-        let xdeclare = |x| Operation::ExchangeDeclare { exchange: x, passive: false, exists: false, alternate_exchange: None };
+        let xdeclare =
+            |x| Operation::ExchangeDeclare { exchange: x, passive: false, exists: false, alternate_exchange: None };
         assert_eq!(
             text(xdeclare("amq.foo")),
             Err("ACCESS_REFUSED - access to exchange 'amq.foo' in vhost '/' refused for user 'sectest'".into())
@@ -559,7 +578,12 @@ mod tests {
             Operation::Consume { queue: "sectest-a" },
             Operation::Get { queue: "sectest-a" },
             Operation::Purge { queue: "sectest-a" },
-            Operation::QueueBind { queue: "sectest-a", exchange: "amq.topic", routing_key: "k", exchange_is_topic: true },
+            Operation::QueueBind {
+                queue: "sectest-a",
+                exchange: "amq.topic",
+                routing_key: "k",
+                exchange_is_topic: true,
+            },
         ] {
             assert_eq!(
                 text(op),
@@ -567,11 +591,21 @@ mod tests {
             );
         }
         assert_eq!(
-            text(Operation::QueueBind { queue: "sectest-wq", exchange: "", routing_key: "k", exchange_is_topic: false }),
+            text(Operation::QueueBind {
+                queue: "sectest-wq",
+                exchange: "",
+                routing_key: "k",
+                exchange_is_topic: false
+            }),
             Err("ACCESS_REFUSED - operation not permitted on the default exchange".into())
         );
         assert_eq!(
-            text(Operation::QueueBind { queue: "sectest-wq", exchange: "amq.topic", routing_key: "k", exchange_is_topic: true }),
+            text(Operation::QueueBind {
+                queue: "sectest-wq",
+                exchange: "amq.topic",
+                routing_key: "k",
+                exchange_is_topic: true
+            }),
             Err("ACCESS_REFUSED - access to exchange 'amq.topic' in vhost '/' refused for user 'sectest'".into())
         );
         assert_eq!(
@@ -608,17 +642,37 @@ mod tests {
         let publish = |k| Operation::Publish { exchange: "amq.topic", routing_key: k, exchange_is_topic: true };
         assert_eq!(text(publish("other.k")), refused("other.k"));
         assert_eq!(text(publish("sectest.k")), Ok(()));
-        let bind = |k| Operation::QueueBind { queue: "sectest-q", exchange: "amq.topic", routing_key: k, exchange_is_topic: true };
+        let bind = |k| Operation::QueueBind {
+            queue: "sectest-q",
+            exchange: "amq.topic",
+            routing_key: k,
+            exchange_is_topic: true,
+        };
         assert_eq!(text(bind("zz")), refused("zz"));
         assert_eq!(text(bind("/-rk")), Ok(()));
-        let unbind =
-            Operation::QueueUnbind { queue: "sectest-q", exchange: "amq.topic", routing_key: "zz", exchange_is_topic: true };
+        let unbind = Operation::QueueUnbind {
+            queue: "sectest-q",
+            exchange: "amq.topic",
+            routing_key: "zz",
+            exchange_is_topic: true,
+        };
         assert_eq!(text(unbind), refused("zz"));
-        let x2x = Operation::ExchangeBind { destination: "sectest-x", source: "amq.topic", routing_key: "zz", source_is_topic: true };
+        let x2x = Operation::ExchangeBind {
+            destination: "sectest-x",
+            source: "amq.topic",
+            routing_key: "zz",
+            source_is_topic: true,
+        };
         assert_eq!(text(x2x), refused("zz"));
         // The topic check is for topic exchanges only, and only where a topic permission is set.
-        assert_eq!(text(Operation::Publish { exchange: "amq.topic", routing_key: "zz", exchange_is_topic: false }), Ok(()));
-        assert_eq!(text(Operation::Publish { exchange: "other.topic", routing_key: "zz", exchange_is_topic: true }), Ok(()));
+        assert_eq!(
+            text(Operation::Publish { exchange: "amq.topic", routing_key: "zz", exchange_is_topic: false }),
+            Ok(())
+        );
+        assert_eq!(
+            text(Operation::Publish { exchange: "other.topic", routing_key: "zz", exchange_is_topic: true }),
+            Ok(())
+        );
         // Publishing checks the write pattern, binding the read pattern.
         assert_eq!(text(publish("/-rk")), refused("/-rk"));
         assert_eq!(text(bind("sectest.k")), refused("sectest.k"));
@@ -629,12 +683,18 @@ mod tests {
         let all = VhostAccess::new("u", "v", Permissions::full(), HashMap::new());
         let none = VhostAccess::new("u", "v", Permissions::new("", "", "").unwrap(), HashMap::new());
         // Passive declares: only the default exchange is refused; nothing else is checked.
-        let passive_default = Operation::ExchangeDeclare { exchange: "", passive: true, exists: true, alternate_exchange: None };
+        let passive_default =
+            Operation::ExchangeDeclare { exchange: "", passive: true, exists: true, alternate_exchange: None };
         assert_eq!(none.check(&passive_default), Err(AccessError::DefaultExchange));
         none.check(&declare_x(true, true, None)).unwrap();
         none.check(&declare_q(true, true, None)).unwrap();
         // amq.* exchanges: refused on creation only; existing ones may be redeclared.
-        let amq = |exists| Operation::ExchangeDeclare { exchange: "amq.direct", passive: false, exists, alternate_exchange: None };
+        let amq = |exists| Operation::ExchangeDeclare {
+            exchange: "amq.direct",
+            passive: false,
+            exists,
+            alternate_exchange: None,
+        };
         assert!(matches!(all.check(&amq(false)), Err(AccessError::ReservedName { kind: Exchange, .. })));
         all.check(&amq(true)).unwrap();
         // amq.* queues: refused even when they exist; server-named ones are not refused.
@@ -648,10 +708,12 @@ mod tests {
         assert!(matches!(all.check(&amq_q(false, true)), Err(AccessError::ReservedName { kind: Queue, .. })));
         all.check(&amq_q(true, false)).unwrap();
         // Binding to the default exchange is refused only after the write check on the destination.
-        let bind_default = Operation::QueueBind { queue: "q", exchange: "", routing_key: "q", exchange_is_topic: false };
+        let bind_default =
+            Operation::QueueBind { queue: "q", exchange: "", routing_key: "q", exchange_is_topic: false };
         assert!(matches!(none.check(&bind_default), Err(AccessError::Resource { permission: Write, .. })));
         assert_eq!(all.check(&bind_default), Err(AccessError::DefaultExchange));
-        let x_to_default = Operation::ExchangeBind { destination: "", source: "s", routing_key: "", source_is_topic: false };
+        let x_to_default =
+            Operation::ExchangeBind { destination: "", source: "s", routing_key: "", source_is_topic: false };
         assert_eq!(all.check(&x_to_default), Err(AccessError::DefaultExchange));
         // Deleting an amq.* exchange is refused before the configure check.
         assert!(matches!(

@@ -80,7 +80,12 @@ impl User {
         password: &[u8],
         tags: Vec<UserTag>,
     ) -> Result<Self, super::password::PasswordHashError> {
-        Ok(Self { name: name.into(), password_hash: Some(PasswordHash::new(password)?), tags, limits: UserLimits::default() })
+        Ok(Self {
+            name: name.into(),
+            password_hash: Some(PasswordHash::new(password)?),
+            tags,
+            limits: UserLimits::default(),
+        })
     }
 
     /// Whether the user has `tag`.
@@ -186,7 +191,10 @@ mod tests {
         assert_eq!(allowed("management"), vec![UseApi]);
         assert_eq!(allowed("policymaker"), vec![UseApi, ManagePolicies]);
         assert_eq!(allowed("monitoring"), vec![UseApi, SeeAllVhosts, SeeOthersConnections, SeeNode]);
-        assert_eq!(allowed("monitoring, policymaker"), vec![UseApi, ManagePolicies, SeeAllVhosts, SeeOthersConnections, SeeNode]);
+        assert_eq!(
+            allowed("monitoring, policymaker"),
+            vec![UseApi, ManagePolicies, SeeAllVhosts, SeeOthersConnections, SeeNode]
+        );
         assert_eq!(allowed("administrator"), ALL.to_vec());
     }
 
