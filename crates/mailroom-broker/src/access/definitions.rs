@@ -291,6 +291,56 @@ fn limits_map(pairs: [(&str, Option<u64>); 2]) -> BTreeMap<String, i64> {
     pairs.into_iter().filter_map(|(k, v)| v.map(|n| (k.to_owned(), i64::try_from(n).unwrap_or(i64::MAX)))).collect()
 }
 
+/// The body of `PUT /api/users/{name}` (RabbitMQ's HTTP API): a plain `password` (hashed here with
+/// SHA-256 and a fresh salt), or a `password_hash` with its `hashing_algorithm`, or neither (no password
+/// login); `tags` as a comma-separated string or a list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct UserBody {
+    /// A plain password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A pre-hashed password (base64 of salt and digest).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// The hash's algorithm; absent = SHA-256, as the HTTP API reads it.
+    #[serde(default)]
+    pub hashing_algorithm: Option<String>,
+    /// Tag names.
+    #[serde(default, deserialize_with = "tags_from_list_or_string")]
+    pub tags: Vec<String>,
+}
+
+impl UserBody {
+    /// The user `name` this body describes (its limits are set through `/api/user-limits`).
+    pub fn to_user(&self, name: &str) -> Result<User, DefinitionsError> {
+        let password_error = |source| DefinitionsError::Password { user: name.to_owned(), source };
+        let password_hash = match (&self.password, &self.password_hash) {
+            (Some(_), Some(_)) => {
+                return Err(DefinitionsError::Malformed {
+                    section: "users",
+                    message: format!("user '{name}': give password or password_hash, not both"),
+                })
+            }
+            (Some(p), None) => Some(PasswordHash::new(p.as_bytes()).map_err(password_error)?),
+            (None, Some(h)) if h.is_empty() => None,
+            (None, Some(h)) => {
+                let algorithm = HashingAlgorithm::from_rabbitmq_name(Some(
+                    self.hashing_algorithm.as_deref().unwrap_or("rabbit_password_hashing_sha256"),
+                ))
+                .map_err(password_error)?;
+                Some(PasswordHash::from_base64(algorithm, h).map_err(password_error)?)
+            }
+            (None, None) => None,
+        };
+        Ok(User {
+            name: name.to_owned(),
+            password_hash,
+            tags: self.tags.iter().map(|t| UserTag::parse(t)).collect(),
+            limits: UserLimits::default(),
+        })
+    }
+}
+
 impl UserDefinition {
     /// The user this definition describes (hash and algorithm checked).
     pub fn to_user(&self) -> Result<User, DefinitionsError> {
@@ -570,6 +620,30 @@ mod tests {
         assert_eq!(ac.users().len(), 1);
         assert!(ac.list_permissions().is_empty());
         assert!(ac.list_vhost_limits().is_empty());
+    }
+
+    #[test]
+    fn http_api_user_bodies() {
+        let body: UserBody = serde_json::from_value(json!({ "password": "pw", "tags": "administrator" })).unwrap();
+        let u = body.to_user("alice").unwrap();
+        assert!(u.password_hash.as_ref().unwrap().verify(b"pw"));
+        assert_eq!(u.tags, vec![UserTag::Administrator]);
+        // RabbitMQ's own hash of pw123 (testdata), given pre-hashed; the algorithm defaults to SHA-256.
+        let body: UserBody = serde_json::from_value(
+            json!({ "password_hash": "XLzAOrwLW3UNWHalIrxlv5nfO5TMvu0OfDaxBgJd0l1i5qe5", "tags": ["monitoring"] }),
+        )
+        .unwrap();
+        let u = body.to_user("sectest").unwrap();
+        assert!(u.password_hash.as_ref().unwrap().verify(b"pw123"));
+        let none: UserBody = serde_json::from_value(json!({ "tags": "" })).unwrap();
+        assert_eq!(none.to_user("x").unwrap().password_hash, None);
+        let both: UserBody = serde_json::from_value(json!({ "password": "a", "password_hash": "b" })).unwrap();
+        assert!(both.to_user("x").unwrap_err().to_string().contains("not both"));
+        let bad: UserBody = serde_json::from_value(
+            json!({ "password_hash": "AAAA", "hashing_algorithm": "rabbit_password_hashing_md5" }),
+        )
+        .unwrap();
+        assert!(matches!(bad.to_user("x"), Err(DefinitionsError::Password { .. })));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod table;
 pub mod user;
 
 pub use bootstrap::{BootstrapError, DefaultUser};
-pub use definitions::{AccessDefinitions, AccessImportCounts, DefinitionsError};
+pub use definitions::{AccessDefinitions, AccessImportCounts, DefinitionsError, UserBody};
 pub use limits::{LimitError, UserLimits, VhostLimits};
 pub use password::{HashingAlgorithm, PasswordHash, PasswordHashError};
 pub use permissions::{AccessError, Permission, Permissions, ResourceKind, TopicPermissions};
