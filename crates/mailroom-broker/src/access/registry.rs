@@ -154,13 +154,16 @@ pub struct TopicPermissionEntry {
     pub permissions: TopicPermissions,
 }
 
+/// Everything the registry holds, behind one lock.
 #[derive(Debug, Default)]
 pub(super) struct State {
+    /// Users by name.
     pub(super) users: BTreeMap<String, User>,
     /// (user, vhost) → permissions.
     pub(super) permissions: BTreeMap<(String, String), Permissions>,
     /// (user, vhost) → exchange → topic permissions.
     pub(super) topic_permissions: BTreeMap<(String, String), BTreeMap<String, TopicPermissions>>,
+    /// Vhost → limits (only vhosts with some limit).
     pub(super) vhost_limits: BTreeMap<String, VhostLimits>,
 }
 
@@ -206,11 +209,12 @@ impl AccessControl {
         self.inner.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the write lock; the generation moves when the guard's changes are done (see `changed`).
+    /// Takes the write lock; call `changed` after the guard is dropped.
     pub(super) fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.inner.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Moves the generation after a change, so channels rebuild their grants.
     pub(super) fn changed(&self) {
         self.inner.generation.fetch_add(1, Ordering::Release);
     }
