@@ -6,6 +6,8 @@ mod connection;
 pub mod error;
 pub mod fds;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use error::AmqpError;
 pub use server::{AmqpServer, ServerConfig};

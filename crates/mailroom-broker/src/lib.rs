@@ -3,6 +3,7 @@
 //! It knows nothing about sockets or AMQP frames; the AMQP server, the HTTP API and the SDK's embedded
 //! transport all drive it through [`Broker`] and [`VHost`].
 
+pub mod access;
 pub mod alarm;
 pub mod args;
 pub mod broker;
