@@ -1,0 +1,225 @@
+// Drives Mailroom's web UI in Debian's headless Chromium (playwright-core, no browser download).
+// Run by test_ui.py, which starts the broker, creates the queues and messages with pika, and answers
+// this script's requests on stdin: a line "PUBLISH n" on stdout asks it to publish n messages to the
+// source queue; it answers "OK". Environment: MAILROOM_UI_URL, UI_ARTIFACTS, CHROMIUM (default
+// /usr/bin/chromium), SOURCE_QUEUE, DLQ, VICTIM_CONNECTION.
+import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const base = process.env.MAILROOM_UI_URL;
+const artifacts = process.env.UI_ARTIFACTS;
+const source = process.env.SOURCE_QUEUE;
+const dlq = process.env.DLQ;
+const victim = process.env.VICTIM_CONNECTION;
+const TIMEOUT = 20_000;
+mkdirSync(artifacts, { recursive: true });
+
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+/** Asks the Python side to do something with a real AMQP client; waits for its "OK". */
+async function harness(command) {
+  console.log(command);
+  const { value, done } = await lines.next();
+  if (done || value.trim() !== 'OK') throw new Error(`harness did not do "${command}": ${value}`);
+}
+
+function step(text) {
+  console.log(`STEP ${text}`);
+}
+
+function check(cond, message) {
+  if (!cond) throw new Error(`check failed: ${message}`);
+}
+
+/** Polls `f` (async, answers truthy when done) until it holds; its last value is in the error. */
+async function waitUntil(what, f, timeout = TIMEOUT) {
+  const deadline = Date.now() + timeout;
+  let last;
+  for (;;) {
+    last = await f();
+    if (last) return last;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** A table on the page as rows of {header label: cell text}. */
+function readTable(page, selector) {
+  return page.evaluate((sel) => {
+    const t = document.querySelector(`${sel} table`);
+    if (!t) return [];
+    const heads = [...t.querySelectorAll('thead th')].map((th) => th.textContent.replace(/[▲▼]/g, '').trim());
+    return [...t.querySelectorAll('tbody tr')].map((tr) => {
+      const row = {};
+      [...tr.children].forEach((td, i) => { row[heads[i]] = td.textContent.trim(); });
+      return row;
+    });
+  }, selector);
+}
+
+const shot = (page, name, fullPage = true) => page.screenshot({ path: join(artifacts, name), fullPage });
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+  headless: true,
+});
+const problems = [];
+try {
+  const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1280, height: 820 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => {
+    // The wrong-password attempt's 401 is expected; anything else logged as an error is a bug (a CSP
+    // violation, a failed request).
+    if (m.type() === 'error' && !/status of 401/.test(m.text())) problems.push(`console error: ${m.text()}`);
+  });
+  page.on('dialog', (d) => d.accept());
+
+  step('login page; a wrong password is refused');
+  await page.goto(base);
+  await page.waitForSelector('form#login');
+  await page.fill('input[name=username]', 'guest');
+  await page.fill('input[name=password]', 'wrong');
+  await page.click('form#login button');
+  await page.waitForFunction(() => /Login failed/.test(document.querySelector('#login-error').textContent));
+  await shot(page, 'login.png', false);
+
+  step('log in as guest');
+  await page.fill('input[name=password]', 'guest');
+  await page.click('form#login button');
+  await page.waitForSelector('#tab-overview.active');
+  await page.selectOption('#refresh', '2000');
+
+  step('overview: totals, charts, no alarms');
+  await page.waitForSelector('#totals .total');
+  const totals = await page.locator('#totals').innerText();
+  check(/Queues/.test(totals) && /Connections/.test(totals), `totals: ${totals}`);
+  await page.waitForSelector('#no-alarms');
+  // Two refreshes: every chart has a line.
+  await page.waitForFunction(() => document.querySelectorAll('svg.chart path.series').length >= 4, null, { timeout: TIMEOUT });
+  await shot(page, 'overview.png', false);
+
+  step('queues: the test\'s queue is listed with its depth');
+  await page.click('#tab-queues');
+  await page.fill('#queues-filter', 'ui-');
+  const row = async (name) => (await readTable(page, '#queues-table')).find((r) => r.Name === name);
+  const before = await waitUntil(`${source} listed`, async () => row(source));
+  check(before.Ready === '3' && before.Total === '3', `depth before: ${JSON.stringify(before)}`);
+  check((await row(dlq)).Ready === '1', 'the DLQ holds the dead-lettered message');
+
+  step('depth changes as a client publishes');
+  const published = Date.now();
+  await harness('PUBLISH 2');
+  await waitUntil(`${source} ready = 5`, async () => (await row(source))?.Ready === '5');
+  console.log(`METRIC depth change seen after ${Date.now() - published} ms`);
+
+  step('sorting by Total, largest first');
+  await page.click('#queues-table th:has-text("Total")');
+  await page.click('#queues-table th:has-text("Total")');
+  await waitUntil('sorted by total, descending', async () => (await readTable(page, '#queues-table'))[0]?.Name === source);
+  await shot(page, 'queues.png', false);
+
+  step('queue page: stats, chart, peek (non-destructive) with JSON, text and hex views');
+  await page.click(`#queues-table a:text-is("${source}")`);
+  await page.waitForFunction((n) => document.querySelector('#queue-name')?.textContent === n, source);
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '5');
+  await page.click('#peek-form button[type=submit]');
+  await page.waitForFunction(() => document.querySelectorAll('#peek-result .message').length === 5);
+  const first = page.locator('#peek-result .message').nth(0);
+  check(/"item": "book"/.test(await first.locator('pre.payload').innerText()), 'a JSON body is shown pretty-printed');
+  check(/x-tenant/.test(await first.locator('.message-meta').innerText()) && /acme/.test(await first.locator('.message-meta').innerText()), 'headers shown');
+  const binary = page.locator('#peek-result .message').nth(2);
+  check(/00 01 ff 68 65 6c 6c 6f/.test(await binary.locator('pre.payload').innerText()), 'a binary body is shown as hex');
+  const plain = page.locator('#peek-result .message').nth(1);
+  await plain.locator('button[data-view=hex]').click();
+  check(/^00000000  70 6c 61 69 6e/.test(await plain.locator('pre.payload').innerText()), 'text body switched to hex');
+  await plain.locator('button[data-view=text]').click();
+  check((await plain.locator('pre.payload').innerText()) === 'plain text order 2', 'text view');
+  await page.waitForTimeout(2500); // a refresh after the peek: still 5
+  check(await page.locator('#stat-ready b').innerText() === '5', 'peek left the messages in the queue');
+  await page.locator('#peek-result').scrollIntoViewIfNeeded();
+  await shot(page, 'queue-peek.png');
+
+  step('get with requeue shows a message and keeps it');
+  await page.locator('details:has(#get-form) > summary').click();
+  await page.click('#get-form button[type=submit]');
+  await page.waitForFunction(() => document.querySelectorAll('#get-result .message').length === 1);
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '5');
+
+  step('dead-letter queue: x-death shown, redrive 1 back to its source');
+  await page.goto(`${base}/#/queues/%2F/${encodeURIComponent(dlq)}`);
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '1');
+  await page.click('#peek-form button[type=submit]');
+  await page.waitForFunction(() => /x-death/.test(document.querySelector('#peek-result')?.textContent || ''));
+  await page.fill('#redrive-form input[name=count]', '1');
+  await page.click('#redrive-form button[type=submit]');
+  await page.waitForFunction(() => /Moved 1, skipped 0/.test(document.querySelector('#redrive-form .form-status').textContent));
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '0');
+  await shot(page, 'redrive.png');
+  await page.goto(`${base}/#/queues/%2F/${encodeURIComponent(source)}`);
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '6');
+  await page.click('#peek-form button[type=submit]');
+  await page.waitForFunction(() => document.querySelectorAll('#peek-result .message').length === 6);
+  check(/order 99/.test(await page.locator('#peek-result .message').nth(5).innerText()), 'the redriven message is back at the end of its source');
+
+  step('connections: close one from the UI');
+  await page.click('#tab-connections');
+  await waitUntil(`connection ${victim} listed`, async () => (await readTable(page, '#connections-table')).some((r) => r['Client-provided name'] === victim));
+  await shot(page, 'connections.png', false);
+  await page.locator('#connections-table tr', { hasText: victim }).locator('button:text-is("Close")').click();
+  await waitUntil(`connection ${victim} gone`, async () => !(await readTable(page, '#connections-table')).some((r) => r['Client-provided name'] === victim));
+
+  step('channels and exchanges pages list things');
+  await page.click('#tab-channels');
+  await waitUntil('a channel listed', async () => (await readTable(page, '#channels-table')).length >= 1);
+  await page.click('#tab-exchanges');
+  await waitUntil('amq.direct listed', async () => (await readTable(page, '#exchanges-table')).some((r) => r.Name === 'amq.direct'));
+
+  step('admin: definitions download');
+  await page.goto(`${base}/#/admin/definitions`);
+  const [download] = await Promise.all([
+    page.waitForEvent('download'),
+    page.click('#download-definitions button[type=submit]'),
+  ]);
+  const defsPath = join(artifacts, 'definitions.json');
+  await download.saveAs(defsPath);
+  const defs = JSON.parse(readFileSync(defsPath, 'utf8'));
+  const q = defs.queues.find((x) => x.name === source);
+  check(q && q.arguments['x-dead-letter-routing-key'] === dlq, 'the download holds the source queue with its arguments');
+  check(defs.queues.some((x) => x.name === dlq), 'and the DLQ');
+
+  step('admin: definitions upload');
+  const upload = join(artifacts, 'upload.json');
+  writeFileSync(upload, JSON.stringify({ queues: [{ name: 'ui-imported', vhost: '/', durable: true, auto_delete: false, arguments: {} }] }));
+  await page.setInputFiles('#definitions-file', upload);
+  await page.click('#upload-definitions button[type=submit]');
+  await page.waitForFunction(() => /Definitions imported/.test(document.querySelector('#upload-definitions .form-status').textContent));
+  await page.click('#tab-queues');
+  await waitUntil('the imported queue listed', async () => (await readTable(page, '#queues-table')).some((r) => r.Name === 'ui-imported'));
+
+  step('admin: vhosts and policies');
+  await page.goto(`${base}/#/admin/vhosts`);
+  await page.waitForSelector('.admin-body table');
+  await page.goto(`${base}/#/admin/policies`);
+  await page.waitForSelector('.admin-body table');
+
+  step('log out');
+  await page.click('#logout');
+  await page.waitForSelector('form#login');
+} catch (e) {
+  problems.push(e.stack || String(e));
+  try {
+    const pages = browser.contexts().flatMap((c) => c.pages());
+    if (pages.length) await pages[0].screenshot({ path: join(artifacts, 'failure.png'), fullPage: true });
+  } catch { /* the failure is reported below either way */ }
+} finally {
+  await browser.close();
+}
+if (problems.length) {
+  console.error(problems.join('\n'));
+  process.exit(1);
+}
+console.log('ALL OK');
