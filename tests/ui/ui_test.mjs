@@ -16,7 +16,8 @@ const victim = process.env.VICTIM_CONNECTION;
 const TIMEOUT = 20_000;
 mkdirSync(artifacts, { recursive: true });
 
-const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const stdin = createInterface({ input: process.stdin });
+const lines = stdin[Symbol.asyncIterator]();
 /** Asks the Python side to do something with a real AMQP client; waits for its "OK". */
 async function harness(command) {
   console.log(command);
@@ -142,8 +143,9 @@ try {
   check((await plain.locator('pre.payload').innerText()) === 'plain text order 2', 'text view');
   await page.waitForTimeout(2500); // a refresh after the peek: still 5
   check(await page.locator('#stat-ready b').innerText() === '5', 'peek left the messages in the queue');
-  await page.locator('#peek-result').scrollIntoViewIfNeeded();
   await shot(page, 'queue-peek.png');
+  await page.evaluate(() => document.querySelector('#peek-form').closest('details').scrollIntoView());
+  await shot(page, 'queue-peek-view.png', false);
 
   step('get with requeue shows a message and keeps it');
   await page.locator('details:has(#get-form) > summary').click();
@@ -220,6 +222,7 @@ try {
 } finally {
   await browser.close();
 }
+stdin.close(); // else the open stdin keeps node running
 if (problems.length) {
   console.error(problems.join('\n'));
   process.exit(1);

@@ -33,7 +33,7 @@ function basic(username, password) {
 /** Checks the credentials against the API and keeps them. */
 export async function login(username, password, remember) {
   const candidate = basic(username, password);
-  const resp = await fetch('/api/overview', { headers: { Authorization: `Basic ${candidate}` } });
+  const resp = await fetch('/api/overview', { headers: { Authorization: `Basic ${candidate}` }, credentials: 'omit' });
   if (resp.status === 401) throw new ApiError(401, 'Login failed: wrong user name or password');
   if (!resp.ok) throw new ApiError(resp.status, `Login failed: ${resp.status} ${resp.statusText}`);
   auth = candidate;
@@ -55,7 +55,9 @@ export function setUnauthorizedHandler(f) {
 
 /** One request: `body` is sent as JSON (a string as is); answers the parsed JSON, or null. */
 export async function api(method, path, body, headers = {}) {
-  const init = { method, headers: { Authorization: `Basic ${auth}`, ...headers } };
+  // credentials 'omit': the header carries them; a 401 (with its WWW-Authenticate) then comes back to
+  // this code instead of making the browser pop up its own login dialog.
+  const init = { method, headers: { Authorization: `Basic ${auth}`, ...headers }, credentials: 'omit' };
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = typeof body === 'string' ? body : JSON.stringify(body);
