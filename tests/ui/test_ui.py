@@ -5,7 +5,7 @@ listener on a free port, creates a source queue that dead-letters into a DLQ wit
 message and publishes three more (JSON, text, binary), and keeps a second connection open for the UI to
 close. The browser script logs in, sees the queue, watches its depth change while this side publishes
 (on its request), peeks, gets, redrives the dead-lettered message back to its source, closes the
-connection, downloads and uploads definitions. Screenshots and the downloaded definitions are kept in
+connection, binds and publishes through an exchange, adds a policy, downloads and uploads definitions. Screenshots and the downloaded definitions are kept in
 tests/ui/artifacts/ (gitignored), or $UI_ARTIFACTS.
 
 Needs what tests/ui/setup.sh installs; without it the test skips with the reason (fails with CI=true).
@@ -130,11 +130,13 @@ def test_web_ui_in_chromium():
             assert rc == 0, f"the browser script failed:\n{err}\n(screenshots in {ARTIFACTS})"
             assert out[-1] == "ALL OK"
 
-            # What the UI did, as the API sees it: 3 + 2 published, 1 redriven back; the DLQ empty.
+            # What the UI did, as the API sees it: 3 + 2 published, 1 redriven back, 1 published through
+            # amq.direct once the UI bound it; the DLQ empty.
             assert published == 2
-            assert http(base, "GET", f"/api/queues/%2F/{SOURCE}")["messages"] == 6
+            assert http(base, "GET", f"/api/queues/%2F/{SOURCE}")["messages"] == 7
             assert http(base, "GET", f"/api/queues/%2F/{DLQ}")["messages"] == 0
             assert http(base, "GET", "/api/queues/%2F/ui-imported")["name"] == "ui-imported"
+            assert http(base, "GET", "/api/policies/%2F/ui-cap")["definition"] == {"max-length": 100}
             # The connection the UI closed is closed, with the UI's reason.
             with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
                 victim.process_data_events(time_limit=2)

@@ -5,7 +5,7 @@
 // /usr/bin/chromium), SOURCE_QUEUE, DLQ, VICTIM_CONNECTION.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 const base = process.env.MAILROOM_UI_URL;
@@ -15,6 +15,7 @@ const dlq = process.env.DLQ;
 const victim = process.env.VICTIM_CONNECTION;
 const TIMEOUT = 20_000;
 mkdirSync(artifacts, { recursive: true });
+rmSync(join(artifacts, 'failure.png'), { force: true }); // an earlier run's
 
 const stdin = createInterface({ input: process.stdin });
 const lines = stdin[Symbol.asyncIterator]();
@@ -59,7 +60,13 @@ function readTable(page, selector) {
   }, selector);
 }
 
-const shot = (page, name, fullPage = true) => page.screenshot({ path: join(artifacts, name), fullPage });
+/** Keeps a screenshot, after checking the page shows no rendering junk (undefined, NaN, a stray null). */
+async function shot(page, name, fullPage = true) {
+  const text = await page.evaluate(() => document.body.innerText);
+  const junk = text.split('\n').find((l) => /undefined|NaN|\[object Object\]|^\s*null\s*$/.test(l));
+  check(junk === undefined, `${name}: the page shows "${junk}"`);
+  await page.screenshot({ path: join(artifacts, name), fullPage });
+}
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -73,9 +80,16 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.on('console', (m) => {
-    // The wrong-password attempt's 401 is expected; anything else logged as an error is a bug (a CSP
-    // violation, a failed request).
-    if (m.type() === 'error' && !/status of 401/.test(m.text())) problems.push(`console error: ${m.text()}`);
+    // Failed requests are judged by the response handler below (it sees their URLs); anything else
+    // logged as an error is a bug (a CSP violation, an exception).
+    if (m.type() === 'error' && !/^Failed to load resource/.test(m.text())) problems.push(`console error: ${m.text()}`);
+  });
+  page.on('response', (r) => {
+    const path = new URL(r.url()).pathname;
+    // Expected: the wrong password's 401; 404 where the API has no users or permissions paths yet.
+    const expected = (r.status() === 401 && path === '/api/overview')
+      || (r.status() === 404 && ['/api/users', '/api/permissions'].includes(path));
+    if (r.status() >= 400 && !expected) problems.push(`HTTP ${r.status()} for ${r.request().method()} ${path}`);
   });
   // confirm() and prompt() (its default text: the close reason) are accepted.
   page.on('dialog', (d) => d.accept(d.type() === 'prompt' ? d.defaultValue() : undefined));
@@ -182,6 +196,23 @@ try {
   await page.click('#tab-exchanges');
   await waitUntil('amq.direct listed', async () => (await readTable(page, '#exchanges-table')).some((r) => r.Name === 'amq.direct'));
 
+  step('exchange page: bind amq.direct to the source queue, publish through it');
+  await page.click('#exchanges-table a:text-is("amq.direct")');
+  await page.waitForSelector('#add-binding');
+  await page.fill('#add-binding input[name=destination]', source);
+  await page.fill('#add-binding input[name=routing_key]', 'ui-key');
+  await page.click('#add-binding button[type=submit]');
+  await waitUntil('the binding listed', async () => (await readTable(page, 'details:has(#add-binding) .section-body > div')).some((r) => r['Routing key'] === 'ui-key'));
+  await page.locator('details:has(#publish-form) > summary').click();
+  await page.fill('#publish-form input[name=routing_key]', 'ui-key');
+  await page.fill('#publish-form textarea[name=payload]', 'via amq.direct');
+  await page.click('#publish-form button[type=submit]');
+  await page.waitForFunction(() => /Message published\./.test(document.querySelector('#publish-form .form-status').textContent));
+  await page.fill('#publish-form input[name=routing_key]', 'nowhere');
+  await page.click('#publish-form button[type=submit]');
+  await page.waitForFunction(() => /not routed/.test(document.querySelector('#publish-form .form-status').textContent));
+  await shot(page, 'exchange.png');
+
   step('admin: definitions download');
   await page.goto(`${base}/#/admin/definitions`);
   const [download] = await Promise.all([
@@ -204,11 +235,25 @@ try {
   await page.click('#tab-queues');
   await waitUntil('the imported queue listed', async () => (await readTable(page, '#queues-table')).some((r) => r.Name === 'ui-imported'));
 
-  step('admin: vhosts and policies');
+  step('admin: vhosts, users and permissions (what the API serves), a policy added');
   await page.goto(`${base}/#/admin/vhosts`);
   await page.waitForSelector('.admin-body table');
+  for (const sub of ['users', 'permissions']) {
+    await page.goto(`${base}/#/admin/${sub}`);
+    await page.waitForSelector('.admin-body table, .admin-body .missing');
+  }
   await page.goto(`${base}/#/admin/policies`);
-  await page.waitForSelector('.admin-body table');
+  await page.locator('details:has(#add-policy) > summary').click();
+  await page.fill('#add-policy input[name=name]', 'ui-cap');
+  await page.fill('#add-policy input[name=pattern]', '^ui-capped$');
+  await page.fill('#add-policy textarea[name=definition]', '{"max-length": 100}');
+  await page.click('#add-policy button[type=submit]');
+  await waitUntil('the policy listed', async () => (await readTable(page, '.admin-body')).some((r) => r.Name === 'ui-cap'));
+
+  step('overview after a while: the charts have history');
+  await page.click('#tab-overview');
+  await page.waitForSelector('#totals .total');
+  await shot(page, 'overview-later.png', false);
 
   step('log out');
   await page.click('#logout');

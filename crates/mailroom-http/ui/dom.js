@@ -19,7 +19,8 @@ export function h(tag, attrs, ...children) {
   return el;
 }
 
-function append(el, children) {
+/** Appends children as `h` does (null and false skipped, arrays flattened, values as text). */
+export function append(el, children) {
   for (const c of children) {
     if (c === null || c === undefined || c === false) continue;
     if (Array.isArray(c)) append(el, c);

@@ -4,7 +4,7 @@
 import { api, exchangeSeg, get, listPath, seg } from './api.js';
 import { COLORS, lineChart } from './chart.js';
 import {
-  facts, fill, fmtBytes, fmtDuration, fmtJson, fmtNum, fmtRate, form, h, link, notify, parseObject, row, section,
+  append, facts, fill, fmtBytes, fmtDuration, fmtJson, fmtNum, fmtRate, form, h, link, notify, parseObject, row, section,
   select, table,
 } from './dom.js';
 
@@ -408,12 +408,12 @@ export function exchange(root, app, vhost, name) {
     notify(`Exchange ${name} deleted`);
     return null;
   });
-  root.append(h('h1', null, 'Exchange ', h('span', { class: 'name' }, exchangeLabel(name)), h('small', null, ` in virtual host ${vhost}`)),
+  append(root, [h('h1', null, 'Exchange ', h('span', { class: 'name' }, exchangeLabel(name)), h('small', null, ` in virtual host ${vhost}`)),
     section('Details', true, details),
     section('Bindings from this exchange', true, source, name === '' ? null : h('h3', null, 'Add binding from this exchange'), name === '' ? null : bind),
     section('Bindings to this exchange', false, destination),
     section('Publish message', false, publishForm(vhost, name)),
-    name === '' || name.startsWith('amq.') ? null : section('Delete this exchange', false, del));
+    name === '' || name.startsWith('amq.') ? null : section('Delete this exchange', false, del)]);
   const page = {
     async refresh() {
       try {
