@@ -3,9 +3,10 @@
 This file starts a Mailroom (brokers.py: MAILROOM_BIN or target/debug/mailroom) with its management
 listener on a free port, creates a source queue that dead-letters into a DLQ with pika, dead-letters one
 message and publishes three more (JSON, text, binary), and keeps a second connection open for the UI to
-close. The browser script logs in, sees the queue, watches its depth change while this side publishes
+close, with a consumer on a third queue. The browser script logs in, sees the queue, pages through 25 more, watches its depth change while this side publishes
 (on its request), peeks, gets, redrives the dead-lettered message back to its source, closes the
-connection, binds and publishes through an exchange, adds a policy, downloads and uploads definitions. Screenshots and the downloaded definitions are kept in
+connection, binds and publishes through an exchange, declares, publishes to, purges and deletes a queue,
+adds a policy, downloads and uploads definitions. Screenshots and the downloaded definitions are kept in
 tests/ui/artifacts/ (gitignored), or $UI_ARTIFACTS.
 
 Needs what tests/ui/setup.sh installs; without it the test skips with the reason (fails with CI=true).
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pika
@@ -31,7 +33,7 @@ from brokers import free_port, start_mailroom  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = os.environ.get("UI_ARTIFACTS", os.path.join(HERE, "artifacts"))
-SOURCE, DLQ, VICTIM = "ui-orders", "ui-orders.dlq", "ui-test-victim"
+SOURCE, DLQ, VICTIM, CONSUMED = "ui-orders", "ui-orders.dlq", "ui-test-victim", "ui-consumed"
 BROWSER_TIMEOUT_S = 150
 
 
@@ -98,13 +100,19 @@ def test_web_ui_in_chromium():
                 delivery_mode=2, content_type="application/json", headers={"x-tenant": "acme"}))
             ch.basic_publish("", SOURCE, b"plain text order 2", persistent)
             ch.basic_publish("", SOURCE, b"\x00\x01\xffhello", persistent)
+            # More queues than a page holds (paging), and a consumer for the queue page to list.
+            for i in range(25):
+                http(base, "PUT", f"/api/queues/%2F/ui-page-{i:02}", {"durable": False})
+            vch = victim.channel()
+            vch.queue_declare(CONSUMED, durable=False)
+            vch.basic_consume(CONSUMED, lambda *a: None, consumer_tag="ui-test-consumer")
             deadline = time.monotonic() + 10
             while http(base, "GET", f"/api/queues/%2F/{DLQ}")["messages"] != 1:
                 assert time.monotonic() < deadline, "the rejected message never reached the DLQ"
                 time.sleep(0.05)
 
             env = dict(os.environ, MAILROOM_UI_URL=base, UI_ARTIFACTS=ARTIFACTS, CHROMIUM=CHROMIUM,
-                       SOURCE_QUEUE=SOURCE, DLQ=DLQ, VICTIM_CONNECTION=VICTIM)
+                       SOURCE_QUEUE=SOURCE, DLQ=DLQ, VICTIM_CONNECTION=VICTIM, CONSUMED_QUEUE=CONSUMED)
             proc = subprocess.Popen([node, os.path.join(HERE, "ui_test.mjs")], cwd=HERE, env=env, text=True,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             published = 0
@@ -136,6 +144,10 @@ def test_web_ui_in_chromium():
             assert http(base, "GET", f"/api/queues/%2F/{SOURCE}")["messages"] == 7
             assert http(base, "GET", f"/api/queues/%2F/{DLQ}")["messages"] == 0
             assert http(base, "GET", "/api/queues/%2F/ui-imported")["name"] == "ui-imported"
+            # The queue the UI declared, published to, purged and deleted is gone.
+            with pytest.raises(urllib.error.HTTPError) as gone:
+                http(base, "GET", "/api/queues/%2F/ui-scratch")
+            assert gone.value.code == 404
             assert http(base, "GET", "/api/policies/%2F/ui-cap")["definition"] == {"max-length": 100}
             # The connection the UI closed is closed, with the UI's reason.
             with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:

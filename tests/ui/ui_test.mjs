@@ -2,7 +2,7 @@
 // Run by test_ui.py, which starts the broker, creates the queues and messages with pika, and answers
 // this script's requests on stdin: a line "PUBLISH n" on stdout asks it to publish n messages to the
 // source queue; it answers "OK". Environment: MAILROOM_UI_URL, UI_ARTIFACTS, CHROMIUM (default
-// /usr/bin/chromium), SOURCE_QUEUE, DLQ, VICTIM_CONNECTION.
+// /usr/bin/chromium), SOURCE_QUEUE, DLQ, VICTIM_CONNECTION, CONSUMED_QUEUE.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -13,6 +13,7 @@ const artifacts = process.env.UI_ARTIFACTS;
 const source = process.env.SOURCE_QUEUE;
 const dlq = process.env.DLQ;
 const victim = process.env.VICTIM_CONNECTION;
+const consumed = process.env.CONSUMED_QUEUE;
 const TIMEOUT = 20_000;
 mkdirSync(artifacts, { recursive: true });
 rmSync(join(artifacts, 'failure.png'), { force: true }); // an earlier run's
@@ -139,6 +140,20 @@ try {
   await waitUntil('sorted by total, descending', async () => (await readTable(page, '#queues-table'))[0]?.Name === source);
   await shot(page, 'queues.png', false);
 
+  step('paging: 25 queues, 20 a page');
+  await page.fill('#queues-filter', 'ui-page-');
+  await page.selectOption('.list-controls select[name=page_size]', '20');
+  await page.waitForFunction(() => /^25 of \d+ shown on 2 page/.test(document.querySelector('.summary').textContent));
+  check((await readTable(page, '#queues-table')).length === 20, 'a page of 20');
+  await page.click('.pager button:has-text("Next")');
+  await waitUntil('page 2 with the last 5', async () => {
+    const rows = await readTable(page, '#queues-table');
+    return rows.length === 5 && rows.every((r) => r.Name.startsWith('ui-page-'));
+  });
+  await page.selectOption('.list-controls select[name=page_size]', '50');
+  await page.fill('#queues-filter', 'ui-');
+  await waitUntil(`${source} listed again`, async () => row(source));
+
   step('queue page: stats, chart, peek (non-destructive) with JSON, text and hex views');
   await page.click(`#queues-table a:text-is("${source}")`);
   await page.waitForFunction((n) => document.querySelector('#queue-name')?.textContent === n, source);
@@ -182,6 +197,34 @@ try {
   await page.click('#peek-form button[type=submit]');
   await page.waitForFunction(() => document.querySelectorAll('#peek-result .message').length === 6);
   check(/order 99/.test(await page.locator('#peek-result .message').nth(5).innerText()), 'the redriven message is back at the end of its source');
+
+  step('a consumer is listed on its queue\'s page');
+  await page.goto(`${base}/#/queues/%2F/${encodeURIComponent(consumed)}`);
+  await waitUntil('the consumer listed', async () => (await readTable(page, '#queue-consumers')).some((r) => r['Consumer tag'] === 'ui-test-consumer'));
+  check(await page.locator('#stat-consumers b').innerText() === '1', 'consumer count');
+
+  step('declare a queue from the UI, publish to it, purge it, delete it');
+  await page.click('#tab-queues');
+  await page.locator('details:has(#add-queue) > summary').click();
+  await page.fill('#add-queue input[name=name]', 'ui-scratch');
+  await page.click('#add-queue button[type=submit]');
+  await page.waitForFunction(() => /declared/.test(document.querySelector('#add-queue .form-status').textContent));
+  await page.goto(`${base}/#/queues/%2F/ui-scratch`);
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '0');
+  await page.locator('details:has(#publish-form) > summary').click();
+  await page.fill('#publish-form textarea[name=payload]', 'scratch');
+  for (let i = 0; i < 2; i += 1) {
+    await page.click('#publish-form button[type=submit]');
+    await page.waitForFunction(() => /Message published\./.test(document.querySelector('#publish-form .form-status').textContent));
+  }
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '2');
+  await page.locator('details:has(#purge) > summary').click();
+  await page.click('#purge');
+  await page.waitForFunction(() => document.querySelector('#stat-ready b')?.textContent === '0');
+  await page.locator('details:has(#delete-queue) > summary').click();
+  await page.check('#delete-queue input[name=if_empty]');
+  await page.click('#delete-queue button[type=submit]');
+  await page.waitForSelector('h1:text-is("Queues")'); // the delete went back to the list
 
   step('connections: close one from the UI');
   await page.click('#tab-connections');

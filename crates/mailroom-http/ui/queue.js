@@ -157,7 +157,7 @@ export function queue(root, app, vhost, name) {
   const stats = h('div', { class: 'queue-stats', id: 'queue-stats' });
   const charts = h('div', { class: 'charts' });
   const details = h('div');
-  const consumersBox = h('div');
+  const consumersBox = h('div', { id: 'queue-consumers' });
   const bindingsBox = h('div');
   const peekOut = h('div', { id: 'peek-result' });
   const getOut = h('div', { id: 'get-result' });
