@@ -236,6 +236,7 @@ try {
   step('channels and exchanges pages list things');
   await page.click('#tab-channels');
   await waitUntil('a channel listed', async () => (await readTable(page, '#channels-table')).length >= 1);
+  await shot(page, 'channels.png', false);
   await page.click('#tab-exchanges');
   await waitUntil('amq.direct listed', async () => (await readTable(page, '#exchanges-table')).some((r) => r.Name === 'amq.direct'));
 
@@ -275,6 +276,7 @@ try {
   await page.setInputFiles('#definitions-file', upload);
   await page.click('#upload-definitions button[type=submit]');
   await page.waitForFunction(() => /Definitions imported/.test(document.querySelector('#upload-definitions .form-status').textContent));
+  await shot(page, 'admin-definitions.png', false);
   await page.click('#tab-queues');
   await waitUntil('the imported queue listed', async () => (await readTable(page, '#queues-table')).some((r) => r.Name === 'ui-imported'));
 
@@ -284,6 +286,7 @@ try {
   for (const sub of ['users', 'permissions']) {
     await page.goto(`${base}/#/admin/${sub}`);
     await page.waitForSelector('.admin-body table, .admin-body .missing');
+    await shot(page, `admin-${sub}.png`, false);
   }
   await page.goto(`${base}/#/admin/policies`);
   await page.locator('details:has(#add-policy) > summary').click();
@@ -292,6 +295,7 @@ try {
   await page.fill('#add-policy textarea[name=definition]', '{"max-length": 100}');
   await page.click('#add-policy button[type=submit]');
   await waitUntil('the policy listed', async () => (await readTable(page, '.admin-body')).some((r) => r.Name === 'ui-cap'));
+  await shot(page, 'admin-policies.png', false);
 
   step('overview after a while: the charts have history');
   await page.click('#tab-overview');

@@ -72,6 +72,7 @@ mod tests {
         let resp = serve(&Method::GET, "/").expect("/ is the UI");
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+        assert!(resp.headers()["content-security-policy"].to_str().unwrap().starts_with("default-src 'self'"));
         let css = serve(&Method::GET, "/ui/style.css").expect("a UI path");
         assert_eq!(css.headers()[CONTENT_TYPE], "text/css; charset=utf-8");
         assert_eq!(serve(&Method::GET, "/ui/nope.js").expect("a UI path").status(), StatusCode::NOT_FOUND);
