@@ -14,9 +14,9 @@
 //! multiple of the live cache. Recovery replays the records in append order, which is admission order.
 
 use crate::args::int_value;
-use crate::durable::{self, wall_clock_ms};
+use crate::message::clock::{deadline_after, instant_from_wall_ms, wall_clock_ms};
+use crate::message::headers::dedup_key;
 use crate::message::Message;
-use crate::plugins::dedup_key;
 use crate::store::{MsgRef, QueueStore, Recovered, StoreConfig, StoredMessage, SyncTicket};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -178,7 +178,7 @@ impl DedupCache {
     /// [`DedupCache::attach_store`]); expired values are settled when the store is attached.
     pub fn recover(&self, r: &Recovered) {
         let mut st = self.lock();
-        let expires = r.msg.expires_at_ms.map(durable::instant_from_wall_ms);
+        let expires = r.msg.expires_at_ms.map(instant_from_wall_ms);
         let len = r.msg.record_len();
         st.next_generation = st.next_generation.max(r.msg.id + 1);
         let generation = r.msg.id;
@@ -229,7 +229,7 @@ impl DedupCache {
                 return Admission::Duplicate(st.store.as_ref().map(QueueStore::sync));
             }
         }
-        let expires = ttl.map(|ms| durable::deadline_after(now, ms));
+        let expires = ttl.map(|ms| deadline_after(now, ms));
         let mut ticket = None;
         let mut stored = None;
         let mut record_len = 0;

@@ -16,7 +16,8 @@
 //! from the store and waits for the broker's queues and bindings to be back; overdue messages fire at once,
 //! the rest keep their remaining delay (due times are wall-clock, so time spent down counts).
 
-use crate::durable::{self, wall_clock_ms};
+use crate::message::clock::{deadline_after, instant_from_wall_ms, wall_clock_ms};
+use crate::message::codec::{from_stored, to_stored};
 use crate::message::Message;
 use crate::plugins;
 use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreError, StoreResult, SyncTicket};
@@ -121,7 +122,7 @@ impl DelayedMessages {
     }
 
     fn instant(&self, due_ms: u64) -> Instant {
-        durable::deadline_after(self.base, due_ms)
+        deadline_after(self.base, due_ms)
     }
 
     /// Gives the exchange its store (after [`DelayedMessages::recover`] indexed what the store held).
@@ -133,7 +134,7 @@ impl DelayedMessages {
     pub fn recover(&self, r: &Recovered) {
         // Overdue (or without a due time, which this code never writes): fire at once.
         let due_ms = match r.msg.expires_at_ms {
-            Some(wall) if wall > wall_clock_ms(Instant::now()) => self.due_ms(durable::instant_from_wall_ms(wall)),
+            Some(wall) if wall > wall_clock_ms(Instant::now()) => self.due_ms(instant_from_wall_ms(wall)),
             _ => 0,
         };
         let held = Held { due_ms, seq: r.msg.id, pos: Some(r.pos) };
@@ -144,12 +145,12 @@ impl DelayedMessages {
     /// Holds `message` for `delay_ms`. A persistent message is stored when the exchange has a store; the
     /// returned ticket completes once its record is fsynced (the publish's confirm waits for it).
     pub fn hold(&self, message: Message, delay_ms: u64) -> StoreResult<Option<SyncTicket>> {
-        let due = durable::deadline_after(Instant::now(), delay_ms);
+        let due = deadline_after(Instant::now(), delay_ms);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut stored = None;
         if message.is_persistent() {
             if let Some(store) = self.store() {
-                let mut record = durable::to_stored(seq, &message, None);
+                let mut record = to_stored(seq, &message, None);
                 // Rounded up to the millisecond so that a recovered message never fires early.
                 record.expires_at_ms = Some(wall_clock_ms(due + Duration::from_micros(999)));
                 stored = Some(store.append(&record)?);
@@ -206,7 +207,7 @@ impl DelayedMessages {
             let Err(r) = taken[i] else { continue };
             let Some(s) = &store else { break };
             match s.read(pos) {
-                Ok(m) => match durable::from_stored(m) {
+                Ok(m) => match from_stored(m) {
                     Some(message) => read[i] = Some(message),
                     None => corrupt.push((r, "unreadable properties".to_owned())),
                 },

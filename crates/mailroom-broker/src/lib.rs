@@ -9,8 +9,8 @@ pub mod broker;
 pub mod connections;
 pub mod dead_letter;
 pub mod dedup;
+pub mod definitions;
 pub mod delayed;
-pub mod durable;
 pub mod error;
 pub mod exchange;
 pub mod message;
@@ -19,6 +19,7 @@ pub mod plugins;
 pub mod policy;
 pub mod queue;
 pub mod routing;
+pub mod storage;
 pub mod store;
 pub mod vhost;
 

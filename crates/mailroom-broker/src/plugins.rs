@@ -3,12 +3,14 @@
 //! rabbitmq-message-deduplication) and the consistent-hash exchange (`x-consistent-hash`, as
 //! rabbitmq_consistent_hash_exchange; routing in [`crate::routing::consistent_hash`]). This module parses their declarations and headers; the held messages
 //! live in [`crate::delayed`] and the deduplication cache in [`crate::dedup`], each with its own store
-//! under the data dir when the exchange is durable (see [`crate::durable::attach_exchange_stores`]).
+//! under the data dir when the exchange is durable (see [`ExchangeExtras::attach`]).
 
 use crate::args::{int_value, string_value};
 use crate::error::{BrokerError, Result};
-use crate::exchange::ExchangeKind;
+use crate::exchange::{ExchangeKind, ExchangeSpec};
 use crate::message::Message;
+use crate::storage::Durability;
+use crate::store::{StoreConfig, StoreResult};
 use amq_protocol_types::{AMQPValue, FieldTable};
 use std::sync::Arc;
 
@@ -100,20 +102,8 @@ pub fn mark_released(mut message: Message, delay_ms: u64) -> Message {
     headers.insert("x-delay".into(), AMQPValue::LongLongInt(-(delay_ms as i64)));
     message.properties = message.properties.with_headers(headers);
     // Encoded once here: the queue's store and every delivery then reuse these bytes.
-    message.raw_properties = Some(crate::durable::encode_properties(&message.properties));
+    message.raw_properties = Some(crate::message::codec::encode_properties(&message.properties));
     message
-}
-
-/// The value a message is deduplicated on, rendered to a canonical key.
-pub fn dedup_key(message: &Message) -> Option<String> {
-    let value = message.headers()?.inner().get("x-deduplication-header")?;
-    Some(match value {
-        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => format!("s:{}", string_value(value)?),
-        v => match int_value(v) {
-            Some(i) => format!("i:{i}"),
-            None => format!("v:{v:?}"),
-        },
-    })
 }
 
 /// The services only some exchanges have, created with the exchange.
@@ -126,6 +116,50 @@ pub struct ExchangeExtras {
 }
 
 impl ExchangeExtras {
+    /// Opens the stores of a new durable exchange that needs one (delayed-message; deduplicating with
+    /// `x-cache-persistence: disk`) and loads what they hold. `generation` is the exchange's store
+    /// generation and whether it is fresh (a new exchange, not recovered).
+    pub fn attach(
+        &self,
+        durability: &Durability,
+        vhost: &str,
+        spec: &ExchangeSpec,
+        generation: (u64, bool),
+    ) -> StoreResult<()> {
+        if !spec.durable {
+            return Ok(());
+        }
+        match spec.flavor {
+            ExchangeFlavor::Delayed => {
+                let store = durability.open_exchange_store(
+                    "delayed",
+                    vhost,
+                    &spec.name,
+                    generation,
+                    StoreConfig::default(),
+                    |r| self.delayed.recover(&r),
+                )?;
+                self.delayed.attach_store(store);
+                if !self.delayed.is_empty() {
+                    tracing::info!(exchange = %spec.name, messages = self.delayed.len(), "recovered delayed messages");
+                }
+            }
+            ExchangeFlavor::Deduplicating { cache_size, disk: true, .. } => {
+                let store = durability.open_exchange_store(
+                    "dedup",
+                    vhost,
+                    &spec.name,
+                    generation,
+                    crate::dedup::store_config(),
+                    |r| self.dedup.recover(&r),
+                )?;
+                self.dedup.attach_store(store, cache_size);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The exchange was deleted: drops held messages and remembered values, deleting their store files.
     pub fn destroy(&self) {
         self.delayed.destroy();
@@ -167,7 +201,7 @@ mod tests {
         assert_eq!(released.headers().unwrap().inner().get("x-delay"), Some(&AMQPValue::LongLongInt(-500)));
         let raw = released.raw_properties.clone().expect("encoded once at release");
         let reparsed =
-            crate::durable::from_stored(crate::store::StoredMessage { properties: raw, ..Default::default() });
+            crate::message::codec::from_stored(crate::store::StoredMessage { properties: raw, ..Default::default() });
         assert_eq!(reparsed.unwrap().properties, released.properties, "raw bytes match the properties");
     }
 }

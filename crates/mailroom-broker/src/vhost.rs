@@ -2,7 +2,6 @@
 
 use crate::args::{self, QueueArguments, QueueType};
 use crate::dead_letter;
-use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::message::{header_routing_keys, Message};
@@ -13,6 +12,7 @@ use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
     QueueSpec, RecoveredIndex,
 };
+use crate::storage::Durability;
 use crate::store::syncer::BatchState;
 use crate::store::{BindingDef, Change, DestinationKind, ExchangeDef, PolicyDef, QueueDef, SyncTicket};
 use amq_protocol_types::FieldTable;
@@ -236,7 +236,7 @@ impl VHost {
             unsaved_count: AtomicUsize::new(0),
         });
         if let Some(d) = &vhost.durability {
-            d.register(&vhost);
+            d.register(vhost.name());
         }
         for (name, kind) in STANDARD_EXCHANGES {
             let spec = ExchangeSpec {
@@ -362,7 +362,7 @@ impl VHost {
                 Some(g) => (g, false),
                 None => (d.new_generation(), true),
             };
-            crate::durable::attach_exchange_stores(d, &self.name, &exchange, generation).map_err(|e| {
+            exchange.extras().attach(d, &self.name, exchange.spec(), generation).map_err(|e| {
                 BrokerError::new(
                     ErrorKind::ResourceError,
                     format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
