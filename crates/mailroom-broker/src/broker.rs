@@ -230,7 +230,7 @@ impl Broker {
     pub fn flush_exchange_stores(&self) {
         for v in self.vhosts() {
             for ex in v.exchanges() {
-                ex.extras().delayed.flush_settles();
+                ex.flavor().flush();
             }
         }
     }

@@ -17,11 +17,15 @@ use crate::args::int_value;
 use crate::message::clock::{deadline_after, instant_from_wall_ms, wall_clock_ms};
 use crate::message::headers::dedup_key;
 use crate::message::Message;
-use crate::store::{MsgRef, QueueStore, Recovered, StoreConfig, StoredMessage, SyncTicket};
+use crate::storage::Durability;
+use crate::store::{MsgRef, QueueStore, Recovered, StoreConfig, StoreResult, StoredMessage, SyncTicket};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
+
+/// The data dir's directory holding deduplicating exchanges' stores.
+const STORE_DIR: &str = "dedup";
 
 /// Segment size of a cache store: records are tiny, so small segments free disk space sooner.
 pub const DEDUP_SEGMENT_SIZE: u64 = 1024 * 1024;
@@ -192,6 +196,22 @@ impl DedupCache {
             // Its `order` item is now stale (skipped); the store is not attached yet: settle it later.
             st.recovered_dead.extend(old.stored);
         }
+    }
+
+    /// Opens the store of durable deduplicating exchange `exchange` of `vhost` (its `generation`, and
+    /// whether it is a new exchange's), loads the values it remembers and keeps it for the values to come.
+    pub fn attach(
+        &self,
+        durability: &Durability,
+        vhost: &str,
+        exchange: &str,
+        generation: (u64, bool),
+        cache_size: usize,
+    ) -> StoreResult<()> {
+        let store = durability
+            .open_exchange_store(STORE_DIR, vhost, exchange, generation, store_config(), |r| self.recover(&r))?;
+        self.attach_store(store, cache_size);
+        Ok(())
     }
 
     /// Gives the cache its store, then drops the recovered values that expired or exceed `cache_size`.
