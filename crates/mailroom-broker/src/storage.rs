@@ -6,7 +6,7 @@
 use crate::alarm::AlarmState;
 use crate::store::segment::{OsIo, StoreIo};
 use crate::store::{
-    Change, Definitions, DefinitionsLog, QueueStore, StoreConfig, StoreResult, SyncStats, Syncer, SyncerConfig,
+    Change, Definitions, DefinitionsLog, QueueStore, Record, StoreConfig, StoreResult, SyncStats, Syncer, SyncerConfig,
     VhostDef,
 };
 use std::path::{Path, PathBuf};
@@ -230,21 +230,21 @@ impl Durability {
     /// Opens a durable exchange's store of `generation` under the `kind` directory, handing each record it
     /// still holds to `visit` in append order. A `fresh` generation (a new exchange) starts empty: a
     /// directory left under it is stale.
-    pub fn open_exchange_store(
+    pub fn open_exchange_store<R: Record>(
         &self,
         kind: &str,
         vhost: &str,
         exchange: &str,
         (generation, fresh): (u64, bool),
         config: StoreConfig,
-        visit: impl FnMut(crate::store::Recovered),
-    ) -> StoreResult<QueueStore> {
+        visit: impl FnMut(crate::store::Recovered<R>),
+    ) -> StoreResult<QueueStore<R>> {
         let dir = self.exchange_store_dir(kind, vhost, exchange, generation);
         if fresh {
             self.prepare_fresh_dir(&dir)?;
         }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), visit)?;
+        let (store, report) = QueueStore::recover_records(&dir, config, handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }

@@ -22,12 +22,13 @@
 //!   and marks the store failing; the syncer retries the roll after its backoff.
 
 use super::ack_log::{self, AckKind};
-use super::record::{self, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
+use super::record::{self, Record, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
 use super::segment::{self, OsIo, SegmentWriter, StoreFile, StoreIo, DEFAULT_SEGMENT_SIZE};
 use super::syncer::{AfterRound, BatchState, SyncJob, SyncTarget, SyncTicket, Syncer, SyncerHandle};
 use super::{StoreError, StoreResult};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -101,11 +102,11 @@ pub struct MsgRef {
     pub pos: SegmentPos,
 }
 
-/// An intact, unsettled message found by recovery.
+/// An intact, unsettled record found by recovery (a message, unless the store keeps another [`Record`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovered {
-    /// The message (properties and body are slices of the segment read during recovery).
-    pub msg: StoredMessage,
+pub struct Recovered<R = StoredMessage> {
+    /// The record (a message's properties and body are slices of the segment read during recovery).
+    pub msg: R,
     /// Where its record is.
     pub pos: SegmentPos,
     /// It had been delivered and not settled: redeliver with `redelivered = true`.
@@ -218,13 +219,21 @@ struct Shared {
     inner: Mutex<Inner>,
 }
 
-/// The store of one durable queue. Clones share the same store (a read-ahead reads through one).
-#[derive(Clone)]
-pub struct QueueStore {
+/// The store of one durable queue: a log of segments of records of type `R` (messages, unless it is a
+/// deduplication cache's store of keys). Clones share the same store (a read-ahead reads through one).
+pub struct QueueStore<R = StoredMessage> {
     shared: Arc<Shared>,
+    /// The record type is only encoded and decoded; the store holds none.
+    record: PhantomData<fn() -> R>,
 }
 
-impl std::fmt::Debug for QueueStore {
+impl<R> Clone for QueueStore<R> {
+    fn clone(&self) -> Self {
+        QueueStore { shared: Arc::clone(&self.shared), record: PhantomData }
+    }
+}
+
+impl<R> std::fmt::Debug for QueueStore<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueStore").field("dir", &self.shared.dir).finish_non_exhaustive()
     }
@@ -260,8 +269,21 @@ impl QueueStore {
         config: StoreConfig,
         syncer: SyncerHandle,
         io: Arc<dyn StoreIo>,
-        mut visit: impl FnMut(Recovered),
+        visit: impl FnMut(Recovered),
     ) -> StoreResult<(QueueStore, RecoveryReport)> {
+        Self::recover_records(dir, config, syncer, io, visit)
+    }
+}
+
+impl<R: Record> QueueStore<R> {
+    /// [`QueueStore::recover_with`] for a store of any record type (a deduplication cache's keys).
+    pub fn recover_records(
+        dir: &Path,
+        config: StoreConfig,
+        syncer: SyncerHandle,
+        io: Arc<dyn StoreIo>,
+        mut visit: impl FnMut(Recovered<R>),
+    ) -> StoreResult<(QueueStore<R>, RecoveryReport)> {
         let config = StoreConfig { segment_size: config.segment_size.clamp(4096, 2 << 30), ..config };
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let mut seqs: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
@@ -356,7 +378,7 @@ impl QueueStore {
                     continue;
                 }
                 let payload = data.slice(r.offset + HEADER_LEN..r.offset + r.header.record_len());
-                match StoredMessage::decode(id, payload) {
+                match R::decode(id, payload) {
                     Ok(msg) => visit(Recovered {
                         msg,
                         delivered_count: ack.delivered.get(&id).copied().unwrap_or(0),
@@ -438,7 +460,7 @@ impl QueueStore {
             recovered_quarantined: report.quarantined,
             inner: Mutex::new(inner),
         });
-        Ok((QueueStore { shared }, report))
+        Ok((QueueStore { shared, record: PhantomData }, report))
     }
 
     /// The queue directory.
@@ -448,7 +470,7 @@ impl QueueStore {
 
     /// Buffers a record for `msg` and returns where it will be and a ticket that completes once an
     /// fsync covering it returned. Never blocks on I/O (except a file creation when a segment rolls).
-    pub fn append(&self, msg: &StoredMessage) -> StoreResult<(SegmentPos, SyncTicket)> {
+    pub fn append(&self, msg: &R) -> StoreResult<(SegmentPos, SyncTicket)> {
         let len = msg.record_len();
         if len - HEADER_LEN > MAX_PAYLOAD {
             return Err(StoreError::TooLarge(len));
@@ -500,7 +522,7 @@ impl QueueStore {
     }
 
     /// Reads a message back (paging a body in), from memory if it is not written yet.
-    pub fn read(&self, pos: SegmentPos) -> StoreResult<StoredMessage> {
+    pub fn read(&self, pos: SegmentPos) -> StoreResult<R> {
         let s = &*self.shared;
         let not_found = StoreError::NotFound { segment: pos.segment, offset: pos.offset };
         let mut inner = s.lock();
@@ -521,7 +543,7 @@ impl QueueStore {
                 if !w.read_buffered(offset, &mut rec) {
                     return Err(not_found);
                 }
-                return StoredMessage::decode_record(&rec).map_err(|reason| s.corrupt(pos, reason));
+                return R::decode_record(&rec).map_err(|reason| s.corrupt(pos, reason));
             }
         }
         let file = match writer {
@@ -549,14 +571,14 @@ impl QueueStore {
             return Err(s.corrupt(pos, "payload CRC mismatch"));
         }
         let payload = Bytes::from(rec).slice(HEADER_LEN..);
-        StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
+        R::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
     }
 
     /// Reads several records back, for a read-ahead: `wanted` holds each record's position and a guess of
     /// its length (a record longer than its guess costs a second read). Runs of records close together
     /// in one segment on file come in one `pread` of at most `span_limit` bytes; their bodies are slices
     /// of that buffer. Results are in the order asked; a damaged record fails alone.
-    pub fn read_many(&self, wanted: &[(SegmentPos, u32)], span_limit: u64) -> Vec<StoreResult<StoredMessage>> {
+    pub fn read_many(&self, wanted: &[(SegmentPos, u32)], span_limit: u64) -> Vec<StoreResult<R>> {
         /// A gap this large between two wanted records ends a span (reading it would be waste).
         const MAX_GAP: u64 = 64 * 1024;
         let s = &*self.shared;
@@ -628,7 +650,7 @@ impl QueueStore {
                             Some(h) if at + h.record_len() <= span.len() => {
                                 let payload = span.slice(at + HEADER_LEN..at + h.record_len());
                                 if record::payload_ok(&h, &payload) {
-                                    StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
+                                    R::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
                                 } else {
                                     Err(s.corrupt(pos, "payload CRC mismatch"))
                                 }
