@@ -9,7 +9,7 @@ use tokio::time::Instant;
 /// wrap around to "already expired".
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// `from` plus `ms` milliseconds, capped at [`FAR_FUTURE`] (any `u64` is safe, `u64::MAX` included).
+/// `from` plus `ms` milliseconds, capped at `FAR_FUTURE` (any `u64` is safe, `u64::MAX` included).
 pub fn deadline_after(from: Instant, ms: u64) -> Instant {
     from + Duration::from_millis(ms).min(FAR_FUTURE)
 }

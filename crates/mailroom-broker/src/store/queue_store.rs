@@ -1,6 +1,6 @@
 //! One durable queue's store: a directory of segments and their ack logs, holding records of one type
 //! ([`Record`]: messages by default, deduplication keys for a cache). This file has the types and the
-//! writing side; recovery is in [`recovery`], reading back in [`read`], the syncer's rounds in [`syncing`].
+//! writing side; recovery is in `recovery.rs`, reading back in `read.rs`, the syncer's rounds in `syncing.rs`.
 //!
 //! Every method takes the store's own mutex only for memory work (and, for `settle` and
 //! `mark_delivered`, one page-cache `pwrite` per segment touched per call, so callers pass whole
