@@ -171,10 +171,10 @@ impl SourceRecords {
                     let mut still = Vec::new();
                     for (target, message) in refused {
                         match target.push(Arc::clone(&message)) {
-                            PushOutcome::Stored(ticket) => copies.push((target, ticket)),
                             PushOutcome::Refused => still.push((target, message)),
-                            // Taken, or dropped by the target's own length limit (as a first push would be).
-                            PushOutcome::Enqueued | PushOutcome::Rejected => {}
+                            // Taken, a duplicate, gone, or dropped by the target's own length limit (as a
+                            // first push would be): only a stored copy (or original) is waited for.
+                            outcome => copies.extend(outcome.ticket().map(|t| (target, t))),
                         }
                     }
                     if !still.is_empty() {
@@ -257,7 +257,7 @@ pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
         PENDING.with(|p| p.borrow_mut().as_mut().and_then(|(list, _)| list.pop_front()))
     {
         match queue.push(Arc::clone(&message)) {
-            PushOutcome::Stored(ticket) => PENDING.with(|p| {
+            PushOutcome::Stored(ticket) | PushOutcome::Duplicate(Some(ticket)) => PENDING.with(|p| {
                 if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
                     r.copies.push((queue, ticket));
                 }
@@ -267,7 +267,10 @@ pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
                     r.refused.push((queue, message));
                 }
             }),
-            PushOutcome::Enqueued | PushOutcome::Rejected => {}
+            PushOutcome::Enqueued
+            | PushOutcome::Duplicate(None)
+            | PushOutcome::QueueDeleted
+            | PushOutcome::Rejected => {}
         }
     }
     let done = PENDING.with(|p| p.borrow_mut().take()).map(|(_, all)| all).unwrap_or_default();

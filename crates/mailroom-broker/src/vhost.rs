@@ -1276,11 +1276,13 @@ fn enqueue_all(queues: &[Arc<Queue>], message: Message) -> PublishResult {
     let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
     for q in queues {
         match q.push(Arc::clone(&message)) {
-            PushOutcome::Enqueued => {}
-            PushOutcome::Stored(ticket) => {
+            // A duplicate counts as stored where its original is: its confirm waits for that fsync.
+            PushOutcome::Stored(ticket) | PushOutcome::Duplicate(Some(ticket)) => {
                 result.durable.push(ticket);
                 result.stored_in.push(Arc::clone(q));
             }
+            // Still counted as routed, as before the outcome told these apart.
+            PushOutcome::Enqueued | PushOutcome::Duplicate(None) | PushOutcome::QueueDeleted => {}
             PushOutcome::Rejected => result.rejected = true,
             PushOutcome::Refused => {
                 result.rejected = true;

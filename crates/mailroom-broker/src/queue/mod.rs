@@ -71,16 +71,32 @@ pub struct QueueSpec {
 /// What happened to a message pushed onto a queue.
 #[derive(Debug, Clone)]
 pub enum PushOutcome {
-    /// Enqueued (and possibly delivered already).
+    /// Enqueued (and possibly delivered already); nothing of it is on disk to wait for.
     Enqueued,
-    /// Enqueued and written to the queue's store (or dropped as a duplicate of a message stored there);
-    /// the ticket completes once it (the original) is on disk (fsynced).
+    /// Enqueued and written to the queue's store; the ticket completes once it is on disk (fsynced).
     Stored(SyncTicket),
-    /// Refused by a `reject-publish` length limit.
+    /// Dropped as a duplicate of a message still in the queue (`x-message-deduplication`). With a ticket
+    /// when the original is in the queue's store: a confirm of the duplicate waits until that is on disk,
+    /// or a crash in between would lose both.
+    Duplicate(Option<SyncTicket>),
+    /// The queue was deleted after the message was routed to it: it went nowhere.
+    QueueDeleted,
+    /// Refused by a `reject-publish` length limit (with `reject-publish-dlx`, also dead-lettered).
     Rejected,
     /// Refused because the queue's store cannot take it now (backpressure, disk full, store failing): a
     /// publisher gets a nack; a move (dead-lettering, delayed release) keeps its source and tries again.
     Refused,
+}
+
+impl PushOutcome {
+    /// The ticket of a stored copy (its own, or for a duplicate its original's) that a confirm or a move
+    /// waits for.
+    pub fn ticket(self) -> Option<SyncTicket> {
+        match self {
+            PushOutcome::Stored(ticket) | PushOutcome::Duplicate(Some(ticket)) => Some(ticket),
+            _ => None,
+        }
+    }
 }
 
 /// Everything a queue's lock guards, one part per job.
@@ -299,7 +315,7 @@ impl Queue {
     fn push_locked(self: &Arc<Self>, message: Arc<Message>, after: &mut Aftermath) -> PushOutcome {
         let mut st = self.lock();
         if st.deleted {
-            return PushOutcome::Enqueued;
+            return PushOutcome::QueueDeleted;
         }
         let args = self.args();
         let size = message.body.len() as u64;
@@ -320,10 +336,8 @@ impl Queue {
                 // A duplicate of a message still in the queue is dropped (and, with confirms, still acked),
                 // but not acked before the original is on disk: a crash in between would lose both.
                 if !st.dedup.insert(key) {
-                    return match st.index.store.as_ref().filter(|_| message.is_persistent()) {
-                        Some(store) => PushOutcome::Stored(store.sync()),
-                        None => PushOutcome::Enqueued,
-                    };
+                    let original = st.index.store.as_ref().filter(|_| message.is_persistent());
+                    return PushOutcome::Duplicate(original.map(QueueStore::sync));
                 }
             }
         }
@@ -512,10 +526,33 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amq_protocol_types::AMQPValue;
 
     #[test]
     fn index_entry_stays_at_24_bytes() {
         // The deep-queue memory budget (issue 5) is about 24 bytes per message in the index.
         assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    fn with_dedup_header(value: &str) -> Arc<Message> {
+        let mut headers = FieldTable::default();
+        headers.insert("x-deduplication-header".into(), AMQPValue::LongString(value.into()));
+        let properties = crate::BasicProperties::default().with_headers(headers);
+        Arc::new(Message::new("", "q", properties, bytes::Bytes::from_static(b"m")))
+    }
+
+    #[tokio::test]
+    async fn push_tells_enqueued_duplicate_and_deleted_apart() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-deduplication".into(), AMQPValue::Boolean(true));
+        v.declare_queue("q", &crate::QueueOptions { arguments, ..Default::default() }, 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        assert!(matches!(q.push(with_dedup_header("a")), PushOutcome::Enqueued));
+        assert!(matches!(q.push(with_dedup_header("a")), PushOutcome::Duplicate(None)));
+        assert_eq!(q.message_count(), 1, "the duplicate was dropped");
+        v.delete_queue("q", false, false, 1).unwrap();
+        assert!(matches!(q.push(with_dedup_header("b")), PushOutcome::QueueDeleted));
     }
 }
