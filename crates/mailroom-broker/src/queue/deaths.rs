@@ -1,6 +1,11 @@
 //! Messages leaving a queue other than by an ack: the reasons (rejected, expired, over a length or
-//! delivery limit), the length limits that drop them, and the deaths a queue operation hands on for
-//! dead-lettering, with the source records to settle once the copies are safe.
+//! delivery limit), the length limits that drop them, and [`Deaths`], what a queue operation outputs for
+//! dead-lettering: the messages, and their source records to settle once the copies are safe.
+//!
+//! A queue never routes a dead letter itself. An operation called from outside the vhost (an ack, a
+//! reject, a timer, a policy change) hands its deaths to the vhost's settling loop through
+//! [`super::QueueHooks::settle_deaths`]; a push made by that loop returns them instead
+//! ([`Queue::push_into`]), so dead-lettering never re-enters the vhost.
 
 use super::index::{Body, Entry};
 use super::{Queue, QueueState};
@@ -35,7 +40,28 @@ impl DeadLetterReason {
     }
 }
 
-/// Things the queue must do after releasing its lock (dead-lettering re-enters routing).
+/// Messages that died in one queue operation, for the vhost to dead-letter. Allocates nothing until a
+/// message dies: an operation without deaths returns none.
+#[derive(Debug)]
+pub struct Deaths {
+    /// The queue they died in (its arguments name the dead-letter exchange).
+    pub(crate) queue: Arc<Queue>,
+    /// Each message with why it died, in the order they died.
+    pub(crate) dead: Vec<(Arc<Message>, DeadLetterReason)>,
+    /// Durable store records of the `dead` messages in `queue`: settled only once their dead-lettered copies
+    /// are durable ([`crate::dead_letter::SourceRecords`]).
+    pub(crate) records: Vec<MsgRef>,
+}
+
+impl Deaths {
+    /// Lets the messages go without dead-lettering them (no dead-letter exchange, or the vhost is gone):
+    /// their source records are settled.
+    pub(crate) fn discard(self) {
+        crate::dead_letter::SourceRecords::new(self.queue, self.records).finish();
+    }
+}
+
+/// Things the queue must do after releasing its lock: start a read-ahead, hand on deaths.
 #[derive(Default)]
 pub(super) struct Aftermath {
     pub(super) dead: Vec<(Arc<Message>, DeadLetterReason)>,
@@ -147,28 +173,25 @@ impl Queue {
         self.lock().index.settle_stored(&self.spec.name, records);
     }
 
-    /// Does what a queue operation left for after its lock: starts a read-ahead, hands deaths on.
-    pub(super) fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
+    /// Does what a queue operation left for after its lock: starts a read-ahead; returns the deaths.
+    pub(super) fn after_lock(self: &Arc<Self>, after: Aftermath) -> Option<Deaths> {
         if after.read_ahead {
             let queue = Arc::clone(self);
             self.runtime.spawn_blocking(move || queue.read_ahead());
         }
         if after.dead.is_empty() {
-            return;
+            return None;
         }
-        let records = crate::dead_letter::SourceRecords::new(Arc::clone(self), after.dead_records);
-        let Some(hooks) = self.hooks.upgrade() else {
-            records.finish();
-            return;
-        };
-        // Group by reason so the vhost routes each batch once.
-        let mut by_reason: Vec<(DeadLetterReason, Vec<Arc<Message>>)> = Vec::new();
-        for (msg, reason) in after.dead {
-            match by_reason.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, v)) => v.push(msg),
-                None => by_reason.push((reason, vec![msg])),
-            }
+        Some(Deaths { queue: Arc::clone(self), dead: after.dead, records: after.dead_records })
+    }
+
+    /// [`Queue::after_lock`] for an operation called from outside the vhost: its deaths go to the vhost's
+    /// settling loop (or, with the vhost gone, are let go).
+    pub(super) fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
+        let Some(deaths) = self.after_lock(after) else { return };
+        match self.hooks.upgrade() {
+            Some(hooks) => hooks.settle_deaths(deaths),
+            None => deaths.discard(),
         }
-        hooks.dead_letter(self, by_reason, records);
     }
 }

@@ -22,7 +22,7 @@ mod index;
 mod recovery;
 
 pub use consumers::{ChannelPrefetch, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerSink, NOACK_WINDOW};
-pub use deaths::DeadLetterReason;
+pub use deaths::{DeadLetterReason, Deaths};
 pub use delivery::{Delivery, GetResult, Peeked};
 pub use recovery::RecoveredIndex;
 
@@ -123,7 +123,7 @@ pub struct Queue {
     state: Mutex<QueueState>,
     /// Wakes the queue's timer task when a nearer deadline appears.
     timer: Arc<Notify>,
-    /// What the queue calls back into for dead-lettering and self-deletion.
+    /// The vhost's services: the dead-letter settling loop, self-deletion, the recovery gate.
     hooks: Weak<dyn QueueHooks>,
     /// The arguments in force: the declared ones merged with the applying policy's
     /// ([`crate::policy::effective`]); replaced when policies change, without a redeclare.
@@ -145,15 +145,11 @@ pub struct Queue {
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
 pub trait QueueHooks: Send + Sync + std::fmt::Debug {
-    /// Dead-letters messages dropped from `queue`, grouped by reason (a no-op without a dead-letter exchange).
-    /// `records` are their store records in `queue`: the hook settles them once every stored copy is durable
-    /// (a crash in between may duplicate a message, never lose it).
-    fn dead_letter(
-        &self,
-        queue: &Queue,
-        dead: Vec<(DeadLetterReason, Vec<Arc<Message>>)>,
-        records: crate::dead_letter::SourceRecords,
-    );
+    /// Dead-letters what an operation called from outside the vhost (an ack, a reject, a timer, a policy
+    /// change) dropped: the vhost's settling loop routes the messages to the dead-letter exchange, pushes the
+    /// copies and settles the source records once every stored copy is durable (a crash in between may
+    /// duplicate a message, never lose it). Never called from a push the loop itself makes.
+    fn settle_deaths(&self, deaths: Deaths);
     /// Deletes `queue` because it expired (`x-expires`).
     fn expire_queue(&self, queue: &Arc<Queue>);
     /// While the broker is still recovering saved definitions: a watch that turns false once every
@@ -304,11 +300,21 @@ impl Queue {
         }
     }
 
-    /// Enqueues a message and delivers what consumers can take.
+    /// Enqueues a message and delivers what consumers can take; what dies meanwhile (a length limit, a
+    /// zero TTL) goes to the vhost's dead-letter loop. The vhost's own paths use [`Queue::push_into`].
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> PushOutcome {
         let mut after = Aftermath::default();
         let outcome = self.push_locked(message, &mut after);
         self.run_aftermath(after);
+        outcome
+    }
+
+    /// Enqueues a message like [`Queue::push`], adding what dies meanwhile to `deaths` for the caller (the
+    /// vhost's publish path or dead-letter loop) to settle: nothing re-enters the vhost from here.
+    pub(crate) fn push_into(self: &Arc<Self>, message: Arc<Message>, deaths: &mut Vec<Deaths>) -> PushOutcome {
+        let mut after = Aftermath::default();
+        let outcome = self.push_locked(message, &mut after);
+        deaths.extend(self.after_lock(after));
         outcome
     }
 
