@@ -1,10 +1,10 @@
 //! The vhost's exchanges: declaring (with redeclare equivalence and saving), deleting with their
 //! bindings, and the release task of a delayed exchange.
 
-use super::{read, write, VHost};
+use super::{read, write, Claimed, VHost};
 use crate::args;
 use crate::error::{BrokerError, ErrorKind, Result};
-use crate::exchange::{Destination, Exchange, ExchangeSpec};
+use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::plugins::{DelayedMessages, ExchangeFlavor};
 use crate::store::{Change, ExchangeDef};
 use amq_protocol_types::FieldTable;
@@ -48,35 +48,8 @@ impl VHost {
                 ))
             })?),
         };
-        let mut exchanges = write(&self.exchanges);
-        if let Some(existing) = exchanges.get(name) {
-            let s = existing.spec();
-            let mismatch = |field: &str, received: String, current: String| {
-                Err(BrokerError::precondition(format!(
-                    "inequivalent arg '{field}' for exchange '{name}' in vhost '{}': received '{received}' but current is '{current}'",
-                    self.name
-                )))
-            };
-            if s.type_name() != type_name || s.kind != kind {
-                return mismatch("type", type_name.into(), s.type_name().into());
-            }
-            if s.durable != options.durable {
-                return mismatch("durable", options.durable.to_string(), s.durable.to_string());
-            }
-            if s.auto_delete != options.auto_delete {
-                return mismatch("auto_delete", options.auto_delete.to_string(), s.auto_delete.to_string());
-            }
-            if s.internal != options.internal {
-                return mismatch("internal", options.internal.to_string(), s.internal.to_string());
-            }
-            if s.alternate_exchange != alternate_exchange {
-                return mismatch(
-                    "alternate-exchange",
-                    alternate_exchange.unwrap_or_default(),
-                    s.alternate_exchange.clone().unwrap_or_default(),
-                );
-            }
-            return Ok(());
+        if let Some(existing) = read(&self.exchanges).get(name).cloned() {
+            return self.redeclare_exchange(&existing, type_name, kind, options, alternate_exchange);
         }
         // Existing `amq.*` exchanges may be redeclared equivalently; new ones may not be created.
         if name.starts_with("amq.") {
@@ -92,52 +65,105 @@ impl VHost {
             alternate_exchange,
             flavor,
         };
-        let exchange = Arc::new(Exchange::new(spec));
-        let durable = exchange.spec().durable;
-        let mut saved = None;
-        if let Some(d) = self.durability.as_ref().filter(|_| durable) {
-            // A saved exchange not in memory is being recovered: it keeps its generation (store directory).
-            let generation = match d.saved_exchange_generation(&self.name, name) {
-                Some(g) => (g, false),
-                None => (d.new_generation(), true),
-            };
-            crate::durable::attach_exchange_stores(d, &self.name, &exchange, generation).map_err(|e| {
-                BrokerError::new(
-                    ErrorKind::ResourceError,
-                    format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
-                )
-            })?;
-            saved = Some((d, generation.0));
-        }
-        if exchange.spec().flavor == ExchangeFlavor::Delayed {
-            tokio::spawn(run_delayed_release(
-                self.myself.clone(),
-                Arc::downgrade(&exchange),
-                Arc::clone(&exchange.extras().delayed),
-                self.durability.as_ref().map(|d| d.recovering()),
-            ));
-        }
-        let change = saved.map(|(d, generation)| {
-            let s = exchange.spec();
-            let def = ExchangeDef {
-                vhost: self.name.clone(),
-                name: s.name.clone(),
-                kind: s.type_name().to_owned(),
-                auto_delete: s.auto_delete,
-                internal: s.internal,
-                arguments: s.arguments.clone(),
-                generation,
-            };
-            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
-            (d, d.record(Change::PutExchange(def)))
-        });
-        exchanges.insert(name.to_owned(), exchange);
-        drop(exchanges);
+        let change = {
+            let _claim = self.claims.claim(Claimed::Exchange, name);
+            // Another declare of the name may have won while this one waited for the claim.
+            if let Some(existing) = read(&self.exchanges).get(name).cloned() {
+                let alternate_exchange = spec.alternate_exchange.clone();
+                return self.redeclare_exchange(&existing, type_name, kind, options, alternate_exchange);
+            }
+            let exchange = Arc::new(Exchange::new(spec));
+            // Outside the map's lock: a delayed or deduplicating exchange's store may be recovered here.
+            let generation = self.open_exchange_stores(&exchange)?;
+            if exchange.spec().flavor == ExchangeFlavor::Delayed {
+                tokio::spawn(run_delayed_release(
+                    self.myself.clone(),
+                    Arc::downgrade(&exchange),
+                    Arc::clone(&exchange.extras().delayed),
+                    self.durability.as_ref().map(|d| d.recovering()),
+                ));
+            }
+            let mut exchanges = write(&self.exchanges);
+            let change = self.durability.as_ref().zip(generation).map(|(d, generation)| {
+                let s = exchange.spec();
+                let def = ExchangeDef {
+                    vhost: self.name.clone(),
+                    name: s.name.clone(),
+                    kind: s.type_name().to_owned(),
+                    auto_delete: s.auto_delete,
+                    internal: s.internal,
+                    arguments: s.arguments.clone(),
+                    generation,
+                };
+                // Under the map lock: the log orders this declare and a deletion of the name as memory does.
+                (d, d.record(Change::PutExchange(def)))
+            });
+            exchanges.insert(name.to_owned(), exchange);
+            change
+        };
         // declare-ok only once the exchange is on disk.
         match change {
             Some((d, seq)) => d.commit(seq),
             None => Ok(()),
         }
+    }
+
+    /// A declare of an exchange that exists: it must be equivalent (type, flags, alternate exchange).
+    fn redeclare_exchange(
+        &self,
+        existing: &Exchange,
+        type_name: &str,
+        kind: ExchangeKind,
+        options: &ExchangeOptions,
+        alternate_exchange: Option<String>,
+    ) -> Result<()> {
+        let s = existing.spec();
+        let name = existing.name();
+        let mismatch = |field: &str, received: String, current: String| {
+            Err(BrokerError::precondition(format!(
+                "inequivalent arg '{field}' for exchange '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                self.name
+            )))
+        };
+        if s.type_name() != type_name || s.kind != kind {
+            return mismatch("type", type_name.into(), s.type_name().into());
+        }
+        if s.durable != options.durable {
+            return mismatch("durable", options.durable.to_string(), s.durable.to_string());
+        }
+        if s.auto_delete != options.auto_delete {
+            return mismatch("auto_delete", options.auto_delete.to_string(), s.auto_delete.to_string());
+        }
+        if s.internal != options.internal {
+            return mismatch("internal", options.internal.to_string(), s.internal.to_string());
+        }
+        if s.alternate_exchange != alternate_exchange {
+            return mismatch(
+                "alternate-exchange",
+                alternate_exchange.unwrap_or_default(),
+                s.alternate_exchange.clone().unwrap_or_default(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens (or, for a saved exchange being recovered, recovers) a durable exchange's stores; returns the
+    /// generation to save it with, None for a transient exchange or a broker without a data directory.
+    fn open_exchange_stores(&self, exchange: &Exchange) -> Result<Option<u64>> {
+        let Some(d) = self.durability.as_ref().filter(|_| exchange.spec().durable) else { return Ok(None) };
+        let name = exchange.name();
+        // A saved exchange not in memory is being recovered: it keeps its generation (store directory).
+        let generation = match d.saved_exchange_generation(&self.name, name) {
+            Some(g) => (g, false),
+            None => (d.new_generation(), true),
+        };
+        crate::durable::attach_exchange_stores(d, &self.name, exchange, generation).map_err(|e| {
+            BrokerError::new(
+                ErrorKind::ResourceError,
+                format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
+            )
+        })?;
+        Ok(Some(generation.0))
     }
 
     /// `exchange.delete`. A missing exchange is fine (RabbitMQ answers delete-ok).

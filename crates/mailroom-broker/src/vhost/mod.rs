@@ -26,9 +26,9 @@ use crate::policy::Policy;
 use crate::queue::{ConnectionId, Deaths, Queue, QueueHooks};
 use crate::store::syncer::BatchState;
 use amq_protocol_types::FieldTable;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use tokio::sync::watch;
 
 /// A virtual host.
@@ -56,6 +56,49 @@ pub struct VHost {
     /// lose the queue and the message with it. Usually empty, so publishing checks only `unsaved_count`.
     unsaved: Mutex<Vec<(Arc<Queue>, watch::Receiver<BatchState>)>>,
     unsaved_count: AtomicUsize,
+    /// Names a declare is creating right now, so two declares of one name never open its store twice.
+    claims: Claims,
+}
+
+/// What a [`Claims`] name is the name of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Claimed {
+    Queue,
+    Exchange,
+}
+
+/// Names being declared: a declare that creates a queue or exchange claims its name while it opens the
+/// store and inserts it, outside the registry's locks; a second declare of the name waits for the first.
+#[derive(Debug, Default)]
+pub(super) struct Claims {
+    names: Mutex<HashSet<(Claimed, String)>>,
+    released: Condvar,
+}
+
+impl Claims {
+    /// Claims `name` (waiting while another declare holds it) until the returned guard is dropped.
+    pub(super) fn claim(&self, kind: Claimed, name: &str) -> NameClaim<'_> {
+        let key = (kind, name.to_owned());
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        while names.contains(&key) {
+            names = self.released.wait(names).unwrap_or_else(|p| p.into_inner());
+        }
+        names.insert(key.clone());
+        NameClaim { claims: self, key }
+    }
+}
+
+/// One declare's claim on a name ([`Claims::claim`]); released on drop.
+pub(super) struct NameClaim<'a> {
+    claims: &'a Claims,
+    key: (Claimed, String),
+}
+
+impl Drop for NameClaim<'_> {
+    fn drop(&mut self) {
+        self.claims.names.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.claims.released.notify_all();
+    }
 }
 
 /// The pseudo-queue a requester consumes for direct reply-to, as in RabbitMQ.
@@ -101,6 +144,7 @@ impl VHost {
             binding_log: Mutex::new(()),
             unsaved: Mutex::new(Vec::new()),
             unsaved_count: AtomicUsize::new(0),
+            claims: Claims::default(),
         });
         if let Some(d) = &vhost.durability {
             d.register(&vhost);

@@ -1,7 +1,7 @@
 //! The vhost's queue registry: declaring (store opened or recovered, definition saved), deleting,
 //! exclusive and reply queues, and consumers coming and going.
 
-use super::{write, VHost, DIRECT_REPLY_TO};
+use super::{read, write, Claimed, VHost, DIRECT_REPLY_TO};
 use crate::args::{self, QueueArguments, QueueType};
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::Destination;
@@ -43,6 +43,11 @@ pub struct QueueDeclared {
 
 impl VHost {
     /// `queue.declare` on behalf of connection `owner`.
+    ///
+    /// A durable queue's store is created, or opened and recovered, outside the queue map's lock (a deep
+    /// queue's recovery reads every segment; routing and lookups go on meanwhile). Declares of one name are
+    /// serialised by a claim on the name ([`super::Claims`]), so two of them never open the same store; the queue is inserted
+    /// under the map's lock, with its definition's record.
     pub fn declare_queue(&self, name: &str, options: &QueueOptions, owner: ConnectionId) -> Result<QueueDeclared> {
         if options.passive {
             let q = self.queue(name, owner)?;
@@ -58,118 +63,29 @@ impl VHost {
         }
         let name = if name.is_empty() { generate_queue_name() } else { name.to_owned() };
         let args = QueueArguments::parse(&options.arguments, &name, &self.name)?;
-        if args.queue_type == QueueType::Quorum {
-            let bad = if options.exclusive {
-                Some("exclusive")
-            } else if !options.durable {
-                Some("non-durable")
-            } else if options.auto_delete {
-                Some("auto-delete")
-            } else {
-                None
-            };
-            if let Some(prop) = bad {
-                return Err(BrokerError::precondition(format!(
-                    "invalid property '{prop}' for queue '{name}' in vhost '{}'",
-                    self.name
-                )));
-            }
+        self.check_quorum(&name, &args, options)?;
+        if let Some(existing) = read(&self.queues).get(&name).cloned() {
+            return self.redeclare(&existing, options, owner);
         }
-        let store_error = |e: crate::store::StoreError| {
-            BrokerError::new(
-                ErrorKind::ResourceError,
-                format!("cannot open the store of queue '{name}' in vhost '{}': {e}", self.name),
-            )
-        };
-        // Durable, non-exclusive queues keep persistent messages in a store. A new one's store is created
-        // before taking the map lock (its fsyncs would otherwise serialise every declare of the vhost); its
-        // fresh generation makes the directory its own. A saved queue being recovered opens its store under
-        // the lock instead.
-        let stored = self.durability.as_ref().filter(|_| options.durable && !options.exclusive);
-        let mut fresh = None;
-        let mut queues = loop {
-            let queues = write(&self.queues);
-            let Some(d) = stored else { break queues };
-            if fresh.is_some() || queues.contains_key(&name) || d.saved_queue_generation(&self.name, &name).is_some() {
-                break queues;
+        let (queue, save, recovering) = {
+            let _claim = self.claims.claim(Claimed::Queue, &name);
+            // Another declare of the name may have won while this one waited for the claim.
+            if let Some(existing) = read(&self.queues).get(&name).cloned() {
+                return self.redeclare(&existing, options, owner);
             }
-            drop(queues);
-            fresh = Some(d.create_queue_store(&self.name, &name).map_err(store_error)?);
-        };
-        if let Some(existing) = queues.get(&name).cloned() {
-            drop(queues);
-            if let Some((store, _)) = fresh {
-                // Another declare of the name won the race: this store was never used.
-                let _ = store.destroy();
-            }
-            existing.check_owner(owner)?;
-            let s = existing.spec();
-            if options.exclusive && s.exclusive_owner.is_none() {
-                return Err(BrokerError::locked(format!(
-                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally \
-                     declared on another connection or the exclusive property value does not match that of the original declaration.",
-                    self.name
-                )));
-            }
-            let mismatch = |field: &str, received: bool, current: bool| {
-                Err(BrokerError::precondition(format!(
-                    "inequivalent arg '{field}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
-                    self.name
-                )))
-            };
-            if s.durable != options.durable {
-                return mismatch("durable", options.durable, s.durable);
-            }
-            if s.auto_delete != options.auto_delete {
-                return mismatch("auto_delete", options.auto_delete, s.auto_delete);
-            }
-            args::assert_equivalent(&s.arguments, &options.arguments, &name, &self.name)?;
-            existing.touch();
-            return Ok(QueueDeclared {
-                name,
-                message_count: existing.message_count(),
-                consumer_count: existing.consumer_count(),
-            });
-        }
-        let spec = QueueSpec {
-            name: name.clone(),
-            durable: options.durable,
-            exclusive_owner: options.exclusive.then_some(owner),
-            auto_delete: options.auto_delete,
-            arguments: options.arguments.clone(),
-            args,
-        };
-        let hooks: Weak<dyn QueueHooks> = self.myself.clone();
-        let mut recovered = RecoveredIndex::new(&spec.args);
-        let fresh_store = fresh.is_some();
-        let store = match (stored, fresh) {
-            (Some(d), Some((store, generation))) => Some((store, d, generation)),
-            (Some(d), None) => {
-                let (store, generation) =
-                    d.open_queue_store(&self.name, &name, |r| recovered.add(r)).map_err(store_error)?;
-                Some((store, d, generation))
-            }
-            (None, _) => None,
-        };
-        let saved = store.as_ref().map(|(_, d, generation)| {
-            let def = QueueDef {
-                vhost: self.name.clone(),
+            let spec = QueueSpec {
                 name: name.clone(),
-                auto_delete: spec.auto_delete,
-                arguments: spec.arguments.clone(),
-                generation: *generation,
+                durable: options.durable,
+                exclusive_owner: options.exclusive.then_some(owner),
+                auto_delete: options.auto_delete,
+                arguments: options.arguments.clone(),
+                args,
             };
-            // Under the map lock: the log orders this declare and a deletion of the name as memory does.
-            (*d, d.record(Change::PutQueue(def)))
-        });
-        let recovering = !recovered.is_empty();
-        let is_new = fresh_store;
-        let store = store.map(|(store, _, _)| store);
-        let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
-        // Registered before the queue is visible, so no publish can miss it.
-        let unsaved = (is_new && saved.is_some()).then(|| self.add_unsaved(&queue));
-        queues.insert(name.clone(), Arc::clone(&queue));
-        drop(queues);
+            let store = self.open_queue_store(&spec)?;
+            let recovering = store.as_ref().is_some_and(|s| !s.recovered.is_empty());
+            let (queue, save) = self.insert_queue(spec, store);
+            (queue, save, recovering)
+        };
         // After the insert: a policy set meanwhile either is seen here or its reapply sees this queue.
         self.apply_policy_to(&queue);
         // Recovered messages already past their delivery limit go to the dead-letter exchange, once the
@@ -180,14 +96,123 @@ impl VHost {
         let declared = QueueDeclared { name, message_count: queue.message_count(), consumer_count: 0 };
         // declare-ok only once the queue is on disk. If saving fails the queue stays declared in memory
         // (and is saved by the next save that succeeds); the client's connection is closed with 541.
-        if let Some((d, seq)) = saved {
-            let result = d.commit(seq);
+        if let Some(PendingSave { durability, seq, unsaved }) = save {
+            let result = durability.commit(seq);
             if let Some(tx) = unsaved {
                 self.remove_unsaved(&queue, tx, &result);
             }
             result?;
         }
         Ok(declared)
+    }
+
+    /// Quorum queues must be durable, non-exclusive and not auto-delete.
+    fn check_quorum(&self, name: &str, args: &QueueArguments, options: &QueueOptions) -> Result<()> {
+        if args.queue_type != QueueType::Quorum {
+            return Ok(());
+        }
+        let bad = if options.exclusive {
+            Some("exclusive")
+        } else if !options.durable {
+            Some("non-durable")
+        } else if options.auto_delete {
+            Some("auto-delete")
+        } else {
+            None
+        };
+        match bad {
+            Some(prop) => Err(BrokerError::precondition(format!(
+                "invalid property '{prop}' for queue '{name}' in vhost '{}'",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A declare of a queue that exists: ownership and equivalence checks, then declare-ok with its counts.
+    fn redeclare(&self, existing: &Arc<Queue>, options: &QueueOptions, owner: ConnectionId) -> Result<QueueDeclared> {
+        let name = existing.name();
+        existing.check_owner(owner)?;
+        let s = existing.spec();
+        if options.exclusive && s.exclusive_owner.is_none() {
+            return Err(BrokerError::locked(format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally \
+                 declared on another connection or the exclusive property value does not match that of the original declaration.",
+                self.name
+            )));
+        }
+        let mismatch = |field: &str, received: bool, current: bool| {
+            Err(BrokerError::precondition(format!(
+                "inequivalent arg '{field}' for queue '{name}' in vhost '{}': received '{received}' but current is '{current}'",
+                self.name
+            )))
+        };
+        if s.durable != options.durable {
+            return mismatch("durable", options.durable, s.durable);
+        }
+        if s.auto_delete != options.auto_delete {
+            return mismatch("auto_delete", options.auto_delete, s.auto_delete);
+        }
+        args::assert_equivalent(&s.arguments, &options.arguments, name, &self.name)?;
+        existing.touch();
+        Ok(QueueDeclared {
+            name: name.to_owned(),
+            message_count: existing.message_count(),
+            consumer_count: existing.consumer_count(),
+        })
+    }
+
+    /// Durable, non-exclusive queues keep persistent messages in a store: a saved queue being recovered
+    /// opens its saved store (its messages become the index), a new one gets an empty store under a fresh
+    /// generation (so its directory is its own). Runs under the name's claim, outside the map's lock.
+    fn open_queue_store(&self, spec: &QueueSpec) -> Result<Option<OpenedStore>> {
+        let Some(d) = self.durability.as_ref().filter(|_| spec.durable && spec.exclusive_owner.is_none()) else {
+            return Ok(None);
+        };
+        let store_error = |e: crate::store::StoreError| {
+            BrokerError::new(
+                ErrorKind::ResourceError,
+                format!("cannot open the store of queue '{}' in vhost '{}': {e}", spec.name, self.name),
+            )
+        };
+        let mut recovered = RecoveredIndex::new(&spec.args);
+        let fresh = d.saved_queue_generation(&self.name, &spec.name).is_none();
+        let (store, generation) = if fresh {
+            d.create_queue_store(&self.name, &spec.name).map_err(store_error)?
+        } else {
+            d.open_queue_store(&self.name, &spec.name, |r| recovered.add(r)).map_err(store_error)?
+        };
+        Ok(Some(OpenedStore { store, generation, recovered, fresh }))
+    }
+
+    /// Creates the queue and inserts it into the map with its definition's record (under the map's lock, so
+    /// the log orders this declare and a deletion of the name as memory does). Returns the queue and, for a
+    /// durable one, the save to wait for.
+    fn insert_queue(&self, spec: QueueSpec, opened: Option<OpenedStore>) -> (Arc<Queue>, Option<PendingSave<'_>>) {
+        let hooks: Weak<dyn QueueHooks> = self.myself.clone();
+        let name = spec.name.clone();
+        let def = opened.as_ref().map(|o| QueueDef {
+            vhost: self.name.clone(),
+            name: name.clone(),
+            auto_delete: spec.auto_delete,
+            arguments: spec.arguments.clone(),
+            generation: o.generation,
+        });
+        let is_new = opened.as_ref().is_some_and(|o| o.fresh);
+        let (store, recovered) = match opened {
+            Some(o) => (Some(o.store), o.recovered),
+            None => (None, RecoveredIndex::default()),
+        };
+        let queue = Queue::create(spec, hooks, store, recovered, Arc::clone(&self.paging));
+        let mut queues = write(&self.queues);
+        let save = self.durability.as_ref().zip(def).map(|(d, def)| PendingSave {
+            durability: d,
+            seq: d.record(Change::PutQueue(def)),
+            // Registered before the queue is visible, so no publish can miss it.
+            unsaved: is_new.then(|| self.add_unsaved(&queue)),
+        });
+        queues.insert(name, Arc::clone(&queue));
+        (queue, save)
     }
 
     fn add_unsaved(&self, queue: &Arc<Queue>) -> watch::Sender<BatchState> {
@@ -347,4 +372,57 @@ pub fn generate_queue_name() -> String {
         bits >>= 6;
     }
     name
+}
+
+/// A durable queue's store, opened for a declare before the queue exists.
+struct OpenedStore {
+    store: crate::store::QueueStore,
+    generation: u64,
+    /// What the store held (empty for a new store).
+    recovered: RecoveredIndex,
+    /// A new store under a fresh generation (not a saved queue's).
+    fresh: bool,
+}
+
+/// A queue definition recorded in the definitions log, not yet committed.
+struct PendingSave<'a> {
+    durability: &'a Arc<crate::durable::Durability>,
+    seq: u64,
+    /// For a new queue: tells publishes waiting on its save how it went.
+    unsaved: Option<watch::Sender<BatchState>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::queue_store::test_dir;
+    use crate::vhost::QueueOptions;
+    use crate::{Broker, BrokerConfig};
+    use std::sync::Arc;
+
+    /// Declares of one new durable queue racing each other: all succeed, and only one store is created
+    /// for it (the name's claim lets one declare open a store; the others find the queue).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_declares_of_a_durable_queue_create_one_store() {
+        let dir = test_dir("declare-race");
+        let broker = Broker::open(BrokerConfig { data_dir: Some(dir.clone()), ..BrokerConfig::default() }).unwrap();
+        let v = broker.vhost("/").unwrap();
+        let runtime = tokio::runtime::Handle::current();
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let declares: Vec<_> = (0..8)
+            .map(|_| {
+                let (v, runtime, barrier) = (Arc::clone(&v), runtime.clone(), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    let _runtime = runtime.enter();
+                    barrier.wait();
+                    v.declare_queue("raced", &QueueOptions { durable: true, ..Default::default() }, 1).map(|d| d.name)
+                })
+            })
+            .collect();
+        for declare in declares {
+            assert_eq!(declare.join().unwrap().unwrap(), "raced");
+        }
+        let stores = std::fs::read_dir(dir.join("msgs")).unwrap().count();
+        assert_eq!(stores, 1, "one store directory for the queue, none left over by a losing declare");
+        assert_eq!(v.queues().iter().filter(|q| q.name() == "raced").count(), 1);
+    }
 }
