@@ -2,7 +2,16 @@
 //!
 //! All state sits behind one short-held mutex. Publishing pushes and dispatches under that lock;
 //! deliveries leave through each consumer's unbounded sink, which prefetch (or, for no-ack consumers,
-//! the in-flight window) keeps bounded.
+//! the in-flight window) keeps bounded. This file orchestrates the operations (push, ack, reject, purge,
+//! delete); the state is split by job, each part in its own module:
+//!
+//! - `index.rs`: the ready index, which owns the bodies and knows where each lives (resident, paged,
+//!   stored), pages them out past the memory budget and reads them ahead;
+//! - `consumers.rs`: consumer choice (priority, round-robin, single active), prefetch, unacked deliveries;
+//! - `expiry.rs`: message TTL, `x-expires` and the timer task;
+//! - `delivery.rs`: dispatch to consumers, `basic.get`, peek, returns of undelivered messages;
+//! - `deaths.rs`: messages leaving other than by an ack, and the [`Deaths`] operations output;
+//! - `recovery.rs`: the index recovered from a durable store.
 //!
 //! Memory stays bounded for deep queues (see [`crate::paging`]): the ready list is a compact index of
 //! 24-byte entries (id, store position, size, rank, flags, delivery count); bodies live in a side map
@@ -301,7 +310,7 @@ impl Queue {
     }
 
     /// Enqueues a message and delivers what consumers can take; what dies meanwhile (a length limit, a
-    /// zero TTL) goes to the vhost's dead-letter loop. The vhost's own paths use [`Queue::push_into`].
+    /// zero TTL) goes to the vhost's dead-letter loop. The vhost's own paths use `Queue::push_into`.
     pub fn push(self: &Arc<Self>, message: Arc<Message>) -> PushOutcome {
         let mut after = Aftermath::default();
         let outcome = self.push_locked(message, &mut after);

@@ -46,7 +46,7 @@ impl VHost {
     ///
     /// A durable queue's store is created, or opened and recovered, outside the queue map's lock (a deep
     /// queue's recovery reads every segment; routing and lookups go on meanwhile). Declares of one name are
-    /// serialised by a claim on the name ([`super::Claims`]), so two of them never open the same store; the queue is inserted
+    /// serialised by a claim on the name (`Claims`), so two of them never open the same store; the queue is inserted
     /// under the map's lock, with its definition's record.
     pub fn declare_queue(&self, name: &str, options: &QueueOptions, owner: ConnectionId) -> Result<QueueDeclared> {
         if options.passive {
