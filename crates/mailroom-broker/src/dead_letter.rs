@@ -1,4 +1,6 @@
-//! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death` history.
+//! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death`
+//! history, and the settling of the source records once the copies are safe. The loop that routes and
+//! pushes dead letters is the vhost's (`vhost/dead_letters.rs`).
 
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{DeadLetterReason, PushOutcome, Queue};
@@ -156,6 +158,17 @@ impl SourceRecords {
         &self.queue
     }
 
+    /// Records what pushing a copy of one of the messages onto `target` did: a stored copy (or the stored
+    /// original of a duplicate) is waited for before the sources settle; a refused one is pushed again.
+    pub(crate) fn record_push(&mut self, target: Arc<Queue>, message: &Arc<Message>, outcome: PushOutcome) {
+        match outcome {
+            PushOutcome::Refused => self.refused.push((target, Arc::clone(message))),
+            // Taken, a duplicate, gone, or dropped by the target's own length limit: only a stored copy
+            // (or original) is waited for.
+            outcome => self.copies.extend(outcome.ticket().map(|t| (target, t))),
+        }
+    }
+
     /// Settles the source records now if no copy needs an fsync, else once every copy's ticket completed.
     pub fn finish(self) {
         let SourceRecords { queue, records, mut copies, mut refused } = self;
@@ -171,10 +184,10 @@ impl SourceRecords {
                     let mut still = Vec::new();
                     for (target, message) in refused {
                         match target.push(Arc::clone(&message)) {
-                            PushOutcome::Stored(ticket) => copies.push((target, ticket)),
                             PushOutcome::Refused => still.push((target, message)),
-                            // Taken, or dropped by the target's own length limit (as a first push would be).
-                            PushOutcome::Enqueued | PushOutcome::Rejected => {}
+                            // Taken, a duplicate, gone, or dropped by the target's own length limit (as a
+                            // first push would be): only a stored copy (or original) is waited for.
+                            outcome => copies.extend(outcome.ticket().map(|t| (target, t))),
                         }
                     }
                     if !still.is_empty() {
@@ -218,61 +231,6 @@ impl SourceRecords {
             }
             queue.settle_left(&records);
         });
-    }
-}
-
-/// Dead-lettered messages waiting to be pushed (with the index of their [`SourceRecords`]) and those records,
-/// while an outer dead-letter pass on this thread runs.
-type Pending = (std::collections::VecDeque<(Arc<Queue>, Arc<Message>, usize)>, Vec<SourceRecords>);
-
-thread_local! {
-    static PENDING: std::cell::RefCell<Option<Pending>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Pushes dead-lettered messages onto their target queues, then hands `records` the copies' store tickets
-/// ([`SourceRecords::finish`]). A push can dead-letter again (a TTL-0 or full target); those nested deaths
-/// join the outer pass's worklist instead of recursing, so a long chain of dead-letter queues cannot
-/// overflow the stack.
-pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
-    let mut records = Some(records);
-    PENDING.with(|p| {
-        if let Some((list, all)) = p.borrow_mut().as_mut() {
-            let index = all.len();
-            all.extend(records.take());
-            list.extend(work.iter().map(|(q, m)| (Arc::clone(q), Arc::clone(m), index)));
-        }
-    });
-    let Some(records) = records else { return };
-    /// Clears the worklist even if a push panics, so later dead-letters on this thread still run.
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PENDING.with(|p| *p.borrow_mut() = None);
-        }
-    }
-    let list = work.into_iter().map(|(q, m)| (q, m, 0)).collect();
-    PENDING.with(|p| *p.borrow_mut() = Some((list, vec![records])));
-    let _reset = Reset;
-    while let Some((queue, message, index)) =
-        PENDING.with(|p| p.borrow_mut().as_mut().and_then(|(list, _)| list.pop_front()))
-    {
-        match queue.push(Arc::clone(&message)) {
-            PushOutcome::Stored(ticket) => PENDING.with(|p| {
-                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.copies.push((queue, ticket));
-                }
-            }),
-            PushOutcome::Refused => PENDING.with(|p| {
-                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.refused.push((queue, message));
-                }
-            }),
-            PushOutcome::Enqueued | PushOutcome::Rejected => {}
-        }
-    }
-    let done = PENDING.with(|p| p.borrow_mut().take()).map(|(_, all)| all).unwrap_or_default();
-    for r in done {
-        r.finish();
     }
 }
 
