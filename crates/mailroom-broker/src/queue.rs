@@ -1185,6 +1185,7 @@ impl Queue {
                 entry,
                 expires_at: body.expires_at,
             };
+            crate::counters::record_delivery(!consumer.options.no_ack, delivery.redelivered);
             let acking = !consumer.options.no_ack;
             if hold && acking {
                 delivered.extend(entry.stored_ref());
@@ -1441,6 +1442,7 @@ impl Queue {
 
     /// Acknowledges deliveries: they are gone for good. Unknown ids are ignored (the channel validates tags).
     pub fn ack(self: &Arc<Self>, ids: &[MessageId]) {
+        crate::counters::MESSAGES_ACKNOWLEDGED.add(ids.len() as u64);
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
@@ -1700,6 +1702,7 @@ impl Queue {
                     redelivered: entry.has(REDELIVERED),
                     remaining: st.ready.len() as u32,
                 };
+                crate::counters::record_get(!no_ack, result.redelivered);
                 if no_ack {
                     self.forget(&mut st, &entry, Some(&body.message));
                 } else {

@@ -14,6 +14,7 @@ mod json;
 pub mod listing;
 pub mod metrics;
 mod node;
+pub mod prometheus;
 mod resources;
 mod routes;
 
