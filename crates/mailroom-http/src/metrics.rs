@@ -87,6 +87,11 @@ pub fn set_node_limits(limits: NodeLimits) {
     let _ = NODE_LIMITS.set(limits);
 }
 
+/// This node's name, `mailroom@<host>` (as RabbitMQ's `rabbit@<host>`): `rabbitmq_identity_info`'s and the logs'.
+pub fn node_name() -> String {
+    format!("mailroom@{}", crate::host_name())
+}
+
 /// Renders every metric, aggregated, in the 0.0.4 text format: the admin port's `GET /metrics`.
 pub async fn render(broker: &Broker) -> String {
     render_scope(broker, Scope::Aggregated, Format::Text).await
@@ -203,7 +208,7 @@ impl Snapshot {
             quarantined: mailroom_broker::store::quarantined_records_total(),
             held_bytes: broker.held_bytes(),
             process: ProcessStats::read(),
-            node_name: format!("mailroom@{}", crate::host_name()),
+            node_name: node_name(),
         }
     }
 }
