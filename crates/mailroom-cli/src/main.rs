@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod logging;
 mod saga;
+mod table;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
@@ -32,7 +33,8 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Server(ServerArgs),
-    /// Operate a running broker through its HTTP API: policies, peek, redrive.
+    /// Operate a running broker through its HTTP API: list, declare, delete, publish, get, peek, purge,
+    /// redrive, definitions, policies, close connections.
     Admin(admin::AdminArgs),
     /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
     Bench(bench::BenchArgs),
