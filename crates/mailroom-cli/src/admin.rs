@@ -73,7 +73,9 @@ impl Listable {
                 &["queue.name", "consumer_tag", "channel_details.name", "ack_required", "prefetch_count"],
             ),
             Listable::Vhosts => ("/api/vhosts".into(), &["name", "messages", "messages_ready"]),
-            Listable::Policies => (format!("/api/policies/{vhost}"), &["name", "pattern", "apply-to", "priority", "definition"]),
+            Listable::Policies => {
+                (format!("/api/policies/{vhost}"), &["name", "pattern", "apply-to", "priority", "definition"])
+            }
             Listable::Nodes => ("/api/nodes".into(), &["name", "uptime", "mem_used", "mem_alarm", "disk_free_alarm"]),
         }
     }
@@ -359,7 +361,9 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
             let body = json!({ "routing_key": routing_key, "arguments": json_arg("arguments", arguments.as_deref())? });
             let path = format!("/api/bindings/{vhost}/e/{}/{kind}/{}", encode(&source), encode(&destination));
             client.request("POST", &path, Some(&body)).await?;
-            Some(json!({ "declared": "binding", "source": source, "destination": destination, "routing_key": routing_key }))
+            Some(
+                json!({ "declared": "binding", "source": source, "destination": destination, "routing_key": routing_key }),
+            )
         }
         AdminCommand::Delete { command: DeleteCommand::Queue { name, if_empty, if_unused } } => {
             let path = format!("/api/queues/{vhost}/{}?if-empty={if_empty}&if-unused={if_unused}", encode(&name));
@@ -421,10 +425,8 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
             }
         }
         AdminCommand::Definitions { command: DefinitionsCommand::Import { file } } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let doc: Value =
-                serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
             client.request("POST", "/api/definitions", Some(&doc)).await?;
             Some(json!({ "imported": file.display().to_string() }))
         }

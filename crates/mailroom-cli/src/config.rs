@@ -42,7 +42,11 @@ fn server_command(cli: &Command) -> &Command {
 /// Returns `args` with the config file's settings appended to the `server` subcommand's flags, for those
 /// flags that `matches` (the first parse of `args`) took from neither the command line nor the environment.
 /// `args` is returned unchanged when the subcommand is not `server` or no config file is named.
-pub fn apply_config_file(cli: &Command, matches: &ArgMatches, mut args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+pub fn apply_config_file(
+    cli: &Command,
+    matches: &ArgMatches,
+    mut args: Vec<OsString>,
+) -> Result<Vec<OsString>, ConfigError> {
     let Some(("server", sm)) = matches.subcommand() else { return Ok(args) };
     let Some(path) = sm.get_one::<std::path::PathBuf>("config") else { return Ok(args) };
     args.extend(config_args(server_command(cli), sm, path)?);
@@ -52,8 +56,7 @@ pub fn apply_config_file(cli: &Command, matches: &ArgMatches, mut args: Vec<OsSt
 /// The flags that the config file at `path` sets and that `matches` did not get from elsewhere.
 fn config_args(server: &Command, matches: &ArgMatches, path: &Path) -> Result<Vec<OsString>, ConfigError> {
     let shown = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: shown.clone(), error })?;
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: shown.clone(), error })?;
     let table: toml::Table =
         text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: shown.clone(), error: e.to_string() })?;
     let mut out = Vec::new();
@@ -121,7 +124,8 @@ pub fn print_config(cli: &Command, before: &ArgMatches, after: &ArgMatches) -> S
     let (Some(("server", first)), Some(("server", sm))) = (before.subcommand(), after.subcommand()) else {
         return String::new();
     };
-    let mut out = String::from("# mailroom server: effective configuration (flags > environment > config file > defaults)\n");
+    let mut out =
+        String::from("# mailroom server: effective configuration (flags > environment > config file > defaults)\n");
     for arg in server.get_arguments() {
         let Some(long) = arg.get_long() else { continue };
         if NOT_CONFIG.contains(&long) {
@@ -156,11 +160,8 @@ pub fn print_config(cli: &Command, before: &ArgMatches, after: &ArgMatches) -> S
                     continue;
                 }
                 let multiple = matches!(arg.get_action(), ArgAction::Append);
-                let value = if multiple {
-                    toml::Value::Array(raw.iter().map(|v| typed(v)).collect())
-                } else {
-                    typed(&raw[0])
-                };
+                let value =
+                    if multiple { toml::Value::Array(raw.iter().map(|v| typed(v)).collect()) } else { typed(&raw[0]) };
                 let _ = writeln!(out, "{long} = {value}  # {source}");
             }
         }

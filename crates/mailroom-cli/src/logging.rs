@@ -36,18 +36,18 @@ pub async fn log_alarms(broker: Broker, node: String) {
     let mut before = AlarmState::default();
     loop {
         let now = *alarms.borrow_and_update();
-        for (name, was, is) in [
-            ("memory", before.memory, now.memory),
-            ("disk", before.disk, now.disk),
-            ("store", before.store, now.store),
-        ] {
+        for (name, was, is) in
+            [("memory", before.memory, now.memory), ("disk", before.disk, now.disk), ("store", before.store, now.store)]
+        {
             match (was, is) {
                 (false, true) => tracing::warn!(
                     alarm = name,
                     %node,
                     "{name} resource limit alarm set on node {node}; publishers will be blocked until it clears"
                 ),
-                (true, false) => tracing::info!(alarm = name, %node, "{name} resource limit alarm cleared on node {node}"),
+                (true, false) => {
+                    tracing::info!(alarm = name, %node, "{name} resource limit alarm cleared on node {node}")
+                }
                 _ => {}
             }
         }

@@ -36,22 +36,16 @@ fn scalar_keys(row: &Value) -> Vec<String> {
 
 /// One table: a header, then a line per row; columns padded to their widest cell.
 fn table(rows: &[Value], columns: &[String]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|row| columns.iter().map(|c| lookup(row, c).map(cell).unwrap_or_default()).collect())
-        .collect();
+    let cells: Vec<Vec<String>> =
+        rows.iter().map(|row| columns.iter().map(|c| lookup(row, c).map(cell).unwrap_or_default()).collect()).collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.chars().count()]).max().unwrap_or(0))
         .collect();
     let line = |values: &[String]| {
-        let mut s: String = values
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:w$}", w = *w))
-            .collect::<Vec<_>>()
-            .join("  ");
+        let mut s: String =
+            values.iter().zip(&widths).map(|(v, w)| format!("{v:w$}", w = *w)).collect::<Vec<_>>().join("  ");
         s.truncate(s.trim_end().len());
         s.push('\n');
         s

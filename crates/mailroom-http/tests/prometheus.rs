@@ -238,9 +238,8 @@ async fn metrics_have_rabbitmqs_names_labels_and_types_and_pass_promtool() {
         1.0,
     );
     let node = mailroom_http::metrics::node_name();
-    let identity = format!(
-        r#"rabbitmq_cluster="{node}",rabbitmq_cluster_permanent_id="{node}",rabbitmq_node="{node}""#
-    );
+    let identity =
+        format!(r#"rabbitmq_cluster="{node}",rabbitmq_cluster_permanent_id="{node}",rabbitmq_node="{node}""#);
     assert_eq!(m.value("rabbitmq_identity_info", &identity), 1.0);
     let build = m.samples.keys().find(|(n, _)| n == "rabbitmq_build_info").unwrap();
     assert!(build.1.contains(r#"rabbitmq_version="3.10.8""#) && build.1.contains(r#"product_name="Mailroom""#));
