@@ -148,3 +148,52 @@ def test_completions_and_typo_suggestions():
         assert "prometheus-listen" in out and "print-config" in out, shell
     typo = subprocess.run([mailroom_bin(), "server", "--data-dri", "x"], capture_output=True, text=True, timeout=30)
     assert typo.returncode == 2 and "--data-dir" in typo.stderr, typo.stderr
+
+
+def test_alarm_set_and_cleared_are_logged_and_exported():
+    port, prom = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="mailroom-alarm-") as d:
+        proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
+                                 "--http-listen", "127.0.0.1:0", "--prometheus-listen", f"127.0.0.1:{prom}",
+                                 "--memory-high-watermark", "10000", "--log-format", "json"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+            conn, other = pika.BlockingConnection(params), pika.BlockingConnection(params)
+            ch = conn.channel()
+            q = ch.queue_declare(f"alarm-{os.getpid()}").method.queue
+            ch.basic_publish("", q, b"x" * 20000)  # above the 10,000-byte watermark: the memory alarm
+
+            def alarm():
+                return samples(scrape(prom)[1])[("rabbitmq_alarms_memory_used_watermark", "")]
+
+            for _ in range(100):
+                if alarm() == 1:
+                    break
+                time.sleep(0.05)
+            assert alarm() == 1
+            # The publishing connection is blocked now; one that has not published still works.
+            other.channel().queue_purge(q)
+            for _ in range(100):
+                if alarm() == 0:
+                    break
+                time.sleep(0.05)
+            assert alarm() == 0
+            conn.close()
+            other.close()
+        finally:
+            proc.terminate()
+            stderr = proc.communicate(timeout=20)[1].decode()
+    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    alarms = [(line["level"], line["fields"]["message"]) for line in lines if line["fields"].get("alarm") == "memory"]
+    assert [level for level, _ in alarms] == ["WARN", "INFO"], alarms
+    assert alarms[0][1].startswith("memory resource limit alarm set on node mailroom@")
+    assert alarms[1][1].startswith("memory resource limit alarm cleared on node mailroom@")
