@@ -427,7 +427,7 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
         AdminCommand::Definitions { command: DefinitionsCommand::Import { file } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
-            client.request("POST", "/api/definitions", Some(&doc)).await?;
+            with_progress("importing definitions", client.request("POST", "/api/definitions", Some(&doc))).await?;
             Some(json!({ "imported": file.display().to_string() }))
         }
         AdminCommand::Policy { command: PolicyCommand::Set { name, pattern, definition, priority, apply_to } } => {
@@ -463,7 +463,8 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
                 let (name, value) = h.split_once('=').ok_or("--header takes NAME=VALUE")?;
                 body["header_filter"] = json!({ "name": name, "value": value });
             }
-            client.request("POST", &format!("/api/queues/{vhost}/{}/redrive", encode(&queue)), Some(&body)).await?
+            let path = format!("/api/queues/{vhost}/{}/redrive", encode(&queue));
+            with_progress("redriving", client.request("POST", &path, Some(&body))).await?
         }
     };
     match answer {
@@ -472,6 +473,34 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
         None => {}
     }
     Ok(())
+}
+
+/// Runs `work`, showing `what` and the time it has taken on stderr while it runs, if stderr is a terminal
+/// (the API answers a redrive or an import only when it is done, so there is no fraction to show).
+async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tokio::pin!(work);
+    let spinner = ['|', '/', '-', '\\'];
+    let mut turn = 0;
+    let out = loop {
+        tokio::select! {
+            out = &mut work => break out,
+            _ = tick.tick() => {
+                turn += 1;
+                let secs = started.elapsed().as_secs_f64();
+                eprint!("\r{} {what}... {secs:.1} s", spinner[turn % spinner.len()]);
+                let _ = std::io::stderr().flush();
+            }
+        }
+    };
+    // Clear the line (carriage return, erase to end of line).
+    eprint!("\r\x1b[2K");
+    out
 }
 
 /// Percent-encodes a path segment (everything but unreserved characters).
