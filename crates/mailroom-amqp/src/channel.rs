@@ -199,6 +199,7 @@ impl Channel {
     /// Adds `seq` to the run of confirms to ack at the end of this turn (one ack, `multiple` only when the
     /// run holds more than one sequence number).
     pub fn queue_confirm_ack(&mut self, seq: u64) {
+        mailroom_broker::counters::MESSAGES_CONFIRMED.inc();
         match self.pending_confirm_ack {
             Some(pending) => self.pending_confirm_ack = Some(pending.max(seq)),
             None => {

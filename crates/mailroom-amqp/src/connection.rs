@@ -201,6 +201,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         registration: None,
         control: None,
     };
+    tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
     }
@@ -343,7 +344,10 @@ impl Connection {
                 Ok(()) = self.alarms.changed() => {}
                 read = rd.read_buf(&mut rbuf), if read_allowed => {
                     match read {
-                        Ok(0) | Err(_) => { self.phase = Phase::Closed; }
+                        Ok(0) | Err(_) => {
+                            if self.phase != Phase::Draining { tracing::info!(peer = %self.peer, user = %self.username, "closing AMQP connection: client unexpectedly closed TCP connection"); }
+                            self.phase = Phase::Closed;
+                        }
                         Ok(_) => { self.last_inbound = Instant::now(); }
                     }
                 }
@@ -538,7 +542,7 @@ impl Connection {
 
     /// Starts a server-initiated connection close; frames other than close/close-ok are ignored from now.
     fn close_connection(&mut self, err: AmqpError) {
-        tracing::debug!(peer = %self.peer, code = err.code, text = %err.text, "closing connection");
+        tracing::info!(peer = %self.peer, user = %self.username, code = err.code, text = %err.text, "closing AMQP connection");
         // Channels go first (as RabbitMQ): consumers stop and unacked deliveries go back now, not after
         // the client's close-ok, which may never come.
         let ids: Vec<u16> = self.channels.keys().copied().collect();
@@ -675,6 +679,7 @@ impl Connection {
     /// Answers the client's `connection.close`: resources go now (as RabbitMQ, before close-ok), then close-ok,
     /// then we drain the socket until the client hangs up (see [`Phase::Draining`]).
     fn answer_connection_close(&mut self) {
+        tracing::info!(peer = %self.peer, user = %self.username, "closing AMQP connection (the client closed it)");
         self.cleanup();
         self.send(0, Method::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
         let linger = if self.heartbeat.is_zero() { CLOSE_LINGER_MAX } else { self.heartbeat.min(CLOSE_LINGER_MAX) };
@@ -819,6 +824,7 @@ impl Connection {
                         Ok(())
                     }
                     None => {
+                        tracing::warn!(peer = %self.peer, mechanism, "login refused: invalid credentials");
                         let err = AmqpError::connection(
                             code::ACCESS_REFUSED,
                             format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
@@ -866,6 +872,7 @@ impl Connection {
                     AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
                 })?;
                 self.register(vhost.name());
+                tracing::info!(peer = %self.peer, user = %self.username, vhost = %vhost.name(), "connection authenticated and granted access to vhost");
                 self.vhost = Some(vhost);
                 self.phase = Phase::Open;
                 self.send(0, Method::Connection(conn::AMQPMethod::OpenOk(conn::OpenOk {})));

@@ -29,6 +29,7 @@ pub fn make_dead_letter(
     reason: DeadLetterReason,
     dead_letter_routing_key: Option<&str>,
 ) -> Message {
+    crate::counters::record_dead_letter(reason);
     let mut headers = message.headers().cloned().unwrap_or_default();
     let original_keys = {
         let mut keys = vec![message.routing_key.to_string()];

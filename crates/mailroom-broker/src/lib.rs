@@ -8,6 +8,7 @@ pub mod alarm;
 pub mod args;
 pub mod broker;
 pub mod connections;
+pub mod counters;
 pub mod dead_letter;
 pub mod definitions;
 pub mod error;

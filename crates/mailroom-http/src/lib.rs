@@ -15,6 +15,7 @@ mod json;
 pub mod listing;
 pub mod metrics;
 mod node;
+pub mod prometheus;
 mod resources;
 mod routes;
 mod ui;

@@ -155,7 +155,7 @@ pub(crate) async fn handle(
         if req.method() != Method::GET {
             return error_response(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "only GET on /metrics"));
         }
-        let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(broker))));
+        let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(broker).await)));
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
         return resp;
     }

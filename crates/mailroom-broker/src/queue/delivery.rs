@@ -103,6 +103,7 @@ impl Queue {
                 entry,
                 expires_at: body.expires_at,
             };
+            crate::counters::record_delivery(!consumer.options.no_ack, delivery.redelivered);
             let acking = !consumer.options.no_ack;
             if hold && acking {
                 delivered.extend(entry.stored_ref());
@@ -271,6 +272,7 @@ impl Queue {
                     redelivered: entry.has(REDELIVERED),
                     remaining: st.index.len() as u32,
                 };
+                crate::counters::record_get(!no_ack, result.redelivered);
                 if no_ack {
                     self.forget(&mut st, &entry, Some(&body.message));
                 } else {

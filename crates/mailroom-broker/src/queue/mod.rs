@@ -401,6 +401,7 @@ impl Queue {
 
     /// Acknowledges deliveries: they are gone for good. Unknown ids are ignored (the channel validates tags).
     pub fn ack(self: &Arc<Self>, ids: &[MessageId]) {
+        crate::counters::MESSAGES_ACKNOWLEDGED.add(ids.len() as u64);
         let mut after = Aftermath::default();
         {
             let mut guard = self.lock();

@@ -33,6 +33,7 @@ impl VHost {
     /// holds a message with a positive `x-delay` (counted as routed: the plugin ignores `mandatory`); a
     /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
     pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
+        crate::counters::MESSAGES_RECEIVED.inc();
         let ex = self.publishable_exchange(exchange)?;
         Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
             Admit::Routed(mut result, ticket) => {
