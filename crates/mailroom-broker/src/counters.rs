@@ -6,7 +6,6 @@
 //! one cache line back and forth. A bump is one relaxed atomic add: no lock, allocation or syscall.
 //! Reading sums the slots (scrapes are rare).
 
-use crate::queue::DeadLetterReason;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -90,7 +89,7 @@ pub static DELIVERED_GET_AUTO_ACK: Counter = Counter::new();
 pub static MESSAGES_REDELIVERED: Counter = Counter::new();
 /// Messages acknowledged by consumers.
 pub static MESSAGES_ACKNOWLEDGED: Counter = Counter::new();
-/// Messages dead-lettered, by reason: rejected, expired, maxlen, delivery limit (in [`DeadLetterReason`] order).
+/// Messages dead-lettered, by reason: rejected, expired, maxlen, delivery limit (indexed by `DeadLetterReason::counter_index`).
 pub static DEAD_LETTERED: [Counter; 4] = [const { Counter::new() }; 4];
 
 /// Counts a delivery to a consumer.
@@ -107,21 +106,6 @@ pub fn record_get(manual_ack: bool, redelivered: bool) {
     if manual_ack { &DELIVERED_GET_MANUAL_ACK } else { &DELIVERED_GET_AUTO_ACK }.inc();
     if redelivered {
         MESSAGES_REDELIVERED.inc();
-    }
-}
-
-/// Counts a message dead-lettered to an exchange.
-pub fn record_dead_letter(reason: DeadLetterReason) {
-    DEAD_LETTERED[dead_letter_index(reason)].inc();
-}
-
-/// The slot of [`DEAD_LETTERED`] counting `reason`.
-pub fn dead_letter_index(reason: DeadLetterReason) -> usize {
-    match reason {
-        DeadLetterReason::Rejected => 0,
-        DeadLetterReason::Expired => 1,
-        DeadLetterReason::MaxLen => 2,
-        DeadLetterReason::DeliveryLimit => 3,
     }
 }
 

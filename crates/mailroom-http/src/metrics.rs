@@ -451,7 +451,7 @@ impl Snapshot {
             ]
         };
         for (name, help, reason) in dead {
-            let c = &DEAD_LETTERED[dead_letter_index(reason)];
+            let c = &DEAD_LETTERED[reason.counter_index()];
             labelled_counter(enc, name, help, [QUEUE_TYPE, strategy], c)?;
         }
         Ok(())

@@ -5,6 +5,7 @@
 use super::index::{Body, Entry};
 use super::{ConsumerId, MessageId, Queue};
 use crate::error::{BrokerError, Result};
+use crate::message::Message;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -14,11 +15,30 @@ use tokio::time::Instant;
 /// Most deliveries a no-ack consumer may have in flight towards its socket: bounds memory for slow readers.
 pub const NOACK_WINDOW: u32 = 2048;
 
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The consumer it is for.
+    pub consumer: ConsumerId,
+    /// The queue it came from (needed to settle it).
+    pub queue: Arc<Queue>,
+    /// Its id within that queue.
+    pub id: MessageId,
+    /// The message itself.
+    pub message: Arc<Message>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// Its index entry, for where it goes back if it is returned undelivered ([`Queue::return_undelivered`]).
+    pub(super) entry: Entry,
+    /// Its expiry, kept for the same reason.
+    pub(super) expires_at: Option<Instant>,
+}
+
 /// What a queue tells a consumer's owner.
 #[derive(Debug)]
 pub enum ConsumerEvent {
     /// A message for one of its consumers.
-    Deliver(super::Delivery),
+    Deliver(Delivery),
     /// The broker cancelled the consumer (its queue was deleted).
     Cancelled(ConsumerId),
 }

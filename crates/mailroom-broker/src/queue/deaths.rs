@@ -29,6 +29,18 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    /// Its slot in [`crate::counters::DEAD_LETTERED`].
+    pub fn counter_index(self) -> usize {
+        match self {
+            DeadLetterReason::Rejected => 0,
+            DeadLetterReason::Expired => 1,
+            DeadLetterReason::MaxLen => 2,
+            DeadLetterReason::DeliveryLimit => 3,
+        }
+    }
+}
+
+impl DeadLetterReason {
     /// RabbitMQ's name for the reason, as written in `x-death`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,7 +61,7 @@ pub struct Deaths {
     /// Each message with why it died, in the order they died.
     pub(crate) dead: Vec<(Arc<Message>, DeadLetterReason)>,
     /// Durable store records of the `dead` messages in `queue`: settled only once their dead-lettered copies
-    /// are durable ([`crate::dead_letter::SourceRecords`]).
+    /// are durable ([`super::SourceRecords`]).
     pub(crate) records: Vec<MsgRef>,
 }
 
@@ -57,7 +69,7 @@ impl Deaths {
     /// Lets the messages go without dead-lettering them (no dead-letter exchange, or the vhost is gone):
     /// their source records are settled.
     pub(crate) fn discard(self) {
-        crate::dead_letter::SourceRecords::new(self.queue, self.records).finish();
+        super::SourceRecords::new(self.queue, self.records).finish();
     }
 }
 
@@ -138,7 +150,7 @@ impl Queue {
     }
 
     /// A message leaves for the dead-letter exchange: like [`Queue::forget`], except that a durable record is
-    /// settled later, once its copies are durable (see [`crate::dead_letter::SourceRecords`]).
+    /// settled later, once its copies are durable (see [`super::SourceRecords`]).
     pub(super) fn forget_dead(
         &self,
         st: &mut QueueState,

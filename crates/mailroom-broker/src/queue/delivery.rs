@@ -2,34 +2,15 @@
 //! delivered before any reaches a socket), `basic.get`, peeking, and taking back deliveries that never
 //! reached their consumer.
 
-use super::consumers::{ConsumerEvent, Unacked};
+use super::consumers::{ConsumerEvent, Delivery, Unacked};
 use super::index::{Body, Entry, REDELIVERED, RESIDENT, STORED};
-use super::{Aftermath, ConsumerId, DeadLetterReason, MessageId, Queue, QueueState};
+use super::{Aftermath, DeadLetterReason, MessageId, Queue, QueueState};
 use crate::args::QueueType;
 use crate::message::Message;
 use crate::store::MsgRef;
 use amq_protocol_types::AMQPValue;
 use std::sync::Arc;
 use tokio::time::Instant;
-
-/// A message handed to a consumer.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The consumer it is for.
-    pub consumer: ConsumerId,
-    /// The queue it came from (needed to settle it).
-    pub queue: Arc<Queue>,
-    /// Its id within that queue.
-    pub id: MessageId,
-    /// The message itself.
-    pub message: Arc<Message>,
-    /// Whether it was delivered before.
-    pub redelivered: bool,
-    /// Its index entry, for where it goes back if it is returned undelivered ([`Queue::return_undelivered`]).
-    entry: Entry,
-    /// Its expiry, kept for the same reason.
-    expires_at: Option<Instant>,
-}
 
 /// A message taken with `basic.get`.
 #[derive(Debug)]

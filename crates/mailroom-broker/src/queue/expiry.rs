@@ -141,7 +141,9 @@ impl Queue {
             let mut st = self.lock();
             self.expire_locked(&mut st, now, &mut after);
             match self.args().expires {
-                Some(ms) => st.consumers.is_empty() && now >= crate::message::clock::deadline_after(st.expiry.last_used, ms),
+                Some(ms) => {
+                    st.consumers.is_empty() && now >= crate::message::clock::deadline_after(st.expiry.last_used, ms)
+                }
                 None => false,
             }
         };

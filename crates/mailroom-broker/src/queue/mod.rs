@@ -29,11 +29,15 @@ mod delivery;
 mod expiry;
 mod index;
 mod recovery;
+mod source_records;
 
-pub use consumers::{ChannelPrefetch, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerSink, NOACK_WINDOW};
+pub use consumers::{
+    ChannelPrefetch, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerSink, Delivery, NOACK_WINDOW,
+};
 pub use deaths::{DeadLetterReason, Deaths};
-pub use delivery::{Delivery, GetResult, Peeked};
+pub use delivery::{GetResult, Peeked};
 pub use recovery::RecoveredIndex;
+pub use source_records::{SourceRecords, MOVE_RETRY_MAX, MOVE_RETRY_MIN};
 
 use crate::args::{Overflow, QueueArguments};
 use crate::error::{BrokerError, Result};

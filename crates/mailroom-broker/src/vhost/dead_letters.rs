@@ -5,8 +5,9 @@
 //! recovers its definitions, deaths wait ([`VHost::finish_recovery`] settles them).
 
 use super::VHost;
-use crate::dead_letter::{self, SourceRecords};
+use crate::dead_letter;
 use crate::message::Message;
+use crate::queue::SourceRecords;
 use crate::queue::{DeadLetterReason, Deaths, Queue};
 use std::collections::VecDeque;
 use std::sync::Arc;

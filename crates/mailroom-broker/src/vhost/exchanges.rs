@@ -4,9 +4,9 @@
 use super::{read, write, Claimed, VHost};
 use crate::args;
 use crate::error::{BrokerError, ErrorKind, Result};
-use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::exchange::flavor::delayed::{run_release, DelayedMessages, Routed};
 use crate::exchange::flavor::ExchangeFlavor;
+use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::store::{Change, ExchangeDef};
 use amq_protocol_types::FieldTable;
 use std::sync::{Arc, Weak};

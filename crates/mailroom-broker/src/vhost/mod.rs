@@ -17,13 +17,13 @@ pub use publish::PublishResult;
 pub use queues::{generate_queue_name, QueueDeclared, QueueOptions};
 pub use redrive::{first_death, RedriveOptions, RedriveOutcome, RedriveTarget};
 
-use crate::storage::Durability;
 use crate::error::{BrokerError, Result};
+use crate::exchange::flavor::ExchangeFlavor;
 use crate::exchange::{Exchange, ExchangeKind, ExchangeSpec};
 use crate::paging::Paging;
-use crate::exchange::flavor::ExchangeFlavor;
 use crate::policy::Policy;
 use crate::queue::{ConnectionId, Deaths, Queue, QueueHooks};
+use crate::storage::Durability;
 use crate::store::syncer::BatchState;
 use amq_protocol_types::FieldTable;
 use std::collections::{HashMap, HashSet};

@@ -3,9 +3,9 @@
 
 use super::{read, VHost};
 use crate::error::{BrokerError, Result};
+use crate::exchange::flavor::Admit;
 use crate::exchange::{Destination, Exchange};
 use crate::message::{header_routing_keys, Message};
-use crate::exchange::flavor::Admit;
 use crate::queue::{PushOutcome, Queue};
 use crate::store::SyncTicket;
 use amq_protocol_types::FieldTable;
