@@ -9,6 +9,7 @@
 //! (Prometheus text format, see [`metrics`]) needs no credentials, nor do the web UI's files at `/` and
 //! `/ui/` (the `ui` module).
 
+mod api;
 mod clients;
 pub mod definitions;
 mod json;
@@ -20,7 +21,7 @@ mod resources;
 mod routes;
 mod ui;
 
-pub use routes::ApiError;
+pub use api::ApiError;
 
 use bytes::Bytes;
 use http_body_util::Full;
