@@ -12,7 +12,7 @@ use crate::codec::{
     FrameKind, LongString, Method, RawFrame, ShortString,
 };
 use crate::error::{code, AmqpError};
-use crate::server::ServerContext;
+use crate::config::ServerContext;
 use bytes::{Bytes, BytesMut};
 use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
