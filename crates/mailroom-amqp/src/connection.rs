@@ -8,7 +8,7 @@ use crate::channel::{
     settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery,
 };
 use crate::codec::{
-    self, access, basic, channel as chan, confirm, connection as conn, exchange, queue, tx, AMQPValue, FieldTable,
+    self, access, basic, channel as chan, confirm, connection as conn, exchange, ids, queue, tx, AMQPValue, FieldTable,
     FrameKind, LongString, Method, RawFrame, ShortString,
 };
 use crate::error::{code, AmqpError};
@@ -594,13 +594,10 @@ impl Connection {
             FrameKind::Heartbeat => {}
             FrameKind::Method => {
                 // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
-                if frame.payload.len() >= 8
-                    && frame.payload[..4] == [0, 60, 0, 10]
-                    && frame.payload[4..8] != [0, 0, 0, 0]
-                {
+                if codec::parse_basic_qos_prefetch_size(&frame.payload).is_some_and(|size| size != 0) {
                     if self.channel_accepts(frame.channel) {
                         self.close_connection(
-                            AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").on(60, 10),
+                            AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").at(ids::BASIC_QOS),
                         );
                     }
                     return;
@@ -626,7 +623,7 @@ impl Connection {
                         && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none())
                     {
                         if let Err(e) = self.settle_deliveries(frame.channel, tag, multiple, true, false) {
-                            self.fail(frame.channel, e.on(60, 80));
+                            self.fail(frame.channel, e.at(ids::BASIC_ACK));
                         }
                         return;
                     }
@@ -1452,7 +1449,7 @@ impl Connection {
                     code::PRECONDITION_FAILED,
                     format!("message size {size} is larger than configured max size {max}"),
                 )
-                .on(60, 40),
+                .at(ids::BASIC_PUBLISH),
             );
             return;
         }
@@ -1499,7 +1496,7 @@ impl Connection {
             let Some(reply_queue) = self.channel(id).reply_queue.clone() else {
                 self.fail(
                     id,
-                    AmqpError::channel(code::PRECONDITION_FAILED, "fast reply consumer does not exist").on(60, 40),
+                    AmqpError::channel(code::PRECONDITION_FAILED, "fast reply consumer does not exist").at(ids::BASIC_PUBLISH),
                 );
                 return;
             };
@@ -1507,13 +1504,13 @@ impl Connection {
             message.raw_properties = None;
         }
         if let Err(e) = self.validate_message(&message) {
-            self.fail(id, e.on(60, 40));
+            self.fail(id, e.at(ids::BASIC_PUBLISH));
             return;
         }
         if self.channel(id).tx.is_some() {
             // The exchange must exist now, even though routing waits for commit.
             if let Err(e) = self.vhost().publishable_exchange(&pending.exchange) {
-                self.fail(id, AmqpError::from(e).on(60, 40));
+                self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
                 return;
             }
             let Some(ops) = self.channel(id).tx.as_mut() else { return };
@@ -1525,7 +1522,7 @@ impl Connection {
             return;
         }
         if let Err(e) = self.route_publish(id, &pending.exchange, message, pending.mandatory) {
-            self.fail(id, e.on(60, 40));
+            self.fail(id, e.at(ids::BASIC_PUBLISH));
         }
     }
 
@@ -1582,7 +1579,7 @@ impl Connection {
                     routing_key: short(&routing_key),
                 })),
             );
-            codec::write_content_header(&mut self.out, id, 60, body.len() as u64, &raw);
+            codec::write_content_header(&mut self.out, id, ids::class::BASIC, body.len() as u64, &raw);
             self.write_body(id, &body);
         }
         let ch = self.channel(id);
@@ -1649,7 +1646,7 @@ impl Connection {
                 self.send(id, Method::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
             } else {
                 let err =
-                    AmqpError::channel(code::INTERNAL_ERROR, "could not store the transaction's messages").on(90, 20);
+                    AmqpError::channel(code::INTERNAL_ERROR, "could not store the transaction's messages").at(ids::TX_COMMIT);
                 self.close_channel_with(id, err);
             }
             return;
@@ -1687,10 +1684,10 @@ impl Connection {
     /// Appends a message's content header and body frames.
     fn write_content(&mut self, id: u16, message: &Message) {
         match &message.raw_properties {
-            Some(raw) => codec::write_content_header(&mut self.out, id, 60, message.body.len() as u64, raw),
+            Some(raw) => codec::write_content_header(&mut self.out, id, ids::class::BASIC, message.body.len() as u64, raw),
             None => {
                 let raw = codec::encode_properties(&message.properties);
-                codec::write_content_header(&mut self.out, id, 60, message.body.len() as u64, &raw);
+                codec::write_content_header(&mut self.out, id, ids::class::BASIC, message.body.len() as u64, &raw);
             }
         }
         self.write_body(id, &message.body);

@@ -1,5 +1,6 @@
 //! AMQP errors: a reply code, its text, the method that caused it, and whether it closes the connection.
 
+use crate::codec::MethodId;
 use mailroom_broker::{BrokerError, ErrorKind};
 
 /// AMQP 0-9-1 reply codes used by the server.
@@ -93,6 +94,10 @@ impl AmqpError {
         self.class_id = class_id;
         self.method_id = method_id;
         self
+    }
+    /// Records the method that caused the error, by name.
+    pub fn at(self, method: MethodId) -> Self {
+        self.on(method.class, method.method)
     }
 }
 
