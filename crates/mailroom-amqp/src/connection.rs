@@ -5,7 +5,8 @@
 //! instead of growing memory.
 
 use crate::channel::{
-    settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery,
+    settle, BodyBuffer, Channel, ChannelConsumer, ChannelMode, ChannelPhase, Confirm, PendingPublish, TxOp,
+    UnackedDelivery,
 };
 use crate::codec::{
     self, access, basic, channel as chan, confirm, connection as conn, exchange, ids, queue, tx, AMQPValue, FieldTable,
@@ -911,7 +912,7 @@ impl Connection {
                 // A client that reuses the number sent whatever close-ok it meant to send.
                 self.crossed_closes.remove(&id);
                 self.channel_epoch += 1;
-                self.channels.insert(id, Channel { epoch: self.channel_epoch, ..Channel::new() });
+                self.channels.insert(id, Channel::new(self.channel_epoch));
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }
@@ -1086,11 +1087,7 @@ impl Connection {
             },
             Method::Basic(m) => self.handle_basic(id, m)?,
             Method::Confirm(confirm::AMQPMethod::Select(s)) => {
-                let ch = self.channel(id);
-                if ch.tx.is_some() {
-                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
-                }
-                ch.confirm = true;
+                self.channel(id).select_confirm()?;
                 if !s.nowait {
                     self.send(id, Method::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
                 }
@@ -1108,21 +1105,11 @@ impl Connection {
     fn handle_tx(&mut self, id: u16, method: tx::AMQPMethod) -> Result<(), AmqpError> {
         match method {
             tx::AMQPMethod::Select(_) => {
-                let ch = self.channel(id);
-                if ch.confirm {
-                    return Err(AmqpError::channel(code::PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
-                }
-                if ch.tx.is_none() {
-                    ch.tx = Some(Vec::new());
-                }
+                self.channel(id).select_tx()?;
                 self.send(id, Method::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
             }
             tx::AMQPMethod::Commit(_) => {
-                let ops = match self.channel(id).tx.as_mut() {
-                    Some(ops) => std::mem::take(ops),
-                    None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
-                };
-                let mut ops = ops.into_iter();
+                let mut ops = self.channel(id).take_tx()?.into_iter();
                 let mut tickets = Vec::new();
                 while let Some(op) = ops.next() {
                     match op {
@@ -1132,12 +1119,7 @@ impl Connection {
                                 Err(e) => {
                                     // The commit fails: settlements not applied yet stay unacked, so the
                                     // channel's close requeues them instead of losing them.
-                                    let ch = self.channel(id);
-                                    for rest in ops {
-                                        if let TxOp::Settle { deliveries, .. } = rest {
-                                            ch.unacked.extend(deliveries);
-                                        }
-                                    }
+                                    self.channel(id).unsettle(ops);
                                     return Err(e);
                                 }
                             }
@@ -1157,17 +1139,10 @@ impl Connection {
                 }
             }
             tx::AMQPMethod::Rollback(_) => {
-                let ops = match self.channel(id).tx.as_mut() {
-                    Some(ops) => std::mem::take(ops),
-                    None => return Err(AmqpError::channel(code::PRECONDITION_FAILED, "channel is not transactional")),
-                };
                 // Rolled-back acks leave their deliveries unacked, under their tags, as RabbitMQ.
                 let ch = self.channel(id);
-                for op in ops {
-                    if let TxOp::Settle { deliveries, .. } = op {
-                        ch.unacked.extend(deliveries);
-                    }
-                }
+                let ops = ch.take_tx()?;
+                ch.unsettle(ops);
                 self.send(id, Method::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})));
             }
             _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected tx method")),
@@ -1179,12 +1154,7 @@ impl Connection {
         let vhost = self.vhost();
         match method {
             basic::AMQPMethod::Qos(q) => {
-                let ch = self.channel(id);
-                if q.global {
-                    ch.channel_prefetch.set_limit(q.prefetch_count as u32);
-                } else {
-                    ch.consumer_prefetch = q.prefetch_count as u32;
-                }
+                self.channel(id).qos(q.prefetch_count, q.global);
                 self.send(id, Method::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
                 if q.global {
                     self.poke_channel_consumers(id);
@@ -1293,15 +1263,12 @@ impl Connection {
                 let queue = vhost.queue(&name, self.id)?;
                 match queue.get(g.no_ack) {
                     Some(got) => {
-                        let ch = self.channel(id);
-                        let tag = ch.next_delivery_tag;
-                        ch.next_delivery_tag += 1;
-                        if !g.no_ack {
-                            ch.unacked.insert(
-                                tag,
-                                UnackedDelivery { queue: Arc::clone(&queue), id: got.id, sent_at: Instant::now() },
-                            );
-                        }
+                        let unacked = (!g.no_ack).then(|| UnackedDelivery {
+                            queue: Arc::clone(&queue),
+                            id: got.id,
+                            sent_at: Instant::now(),
+                        });
+                        let tag = self.channel(id).next_delivery(unacked);
                         self.send(
                             id,
                             Method::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
@@ -1322,11 +1289,8 @@ impl Connection {
             basic::AMQPMethod::Reject(r) => self.settle_deliveries(id, r.delivery_tag, false, false, r.requeue)?,
             basic::AMQPMethod::Recover(basic::Recover { requeue })
             | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
-                if !requeue {
-                    return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "requeue=false"));
-                }
-                let all = std::mem::take(&mut self.channel(id).unacked);
-                settle(all.into_values(), false, true);
+                let all = self.channel(id).recover(requeue)?;
+                settle(all, false, true);
                 self.send(id, Method::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})));
             }
             _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected basic method")),
@@ -1343,11 +1307,10 @@ impl Connection {
         requeue: bool,
     ) -> Result<(), AmqpError> {
         let ch = self.channel(id);
-        let deliveries = ch.take_unacked(tag, multiple)?;
-        if let Some(ops) = ch.tx.as_mut() {
-            ops.push(TxOp::Settle { deliveries, ack, requeue });
+        let Some(deliveries) = ch.settle(tag, multiple, ack, requeue)? else {
+            // Held by the transaction until commit.
             return Ok(());
-        }
+        };
         if ack {
             // Batched with the other acks of this read (see `Connection::acks`).
             if ch.channel_prefetch.limit() != 0 && !self.acks_channels.contains(&id) {
@@ -1507,14 +1470,14 @@ impl Connection {
             self.fail(id, e.at(ids::BASIC_PUBLISH));
             return;
         }
-        if self.channel(id).tx.is_some() {
+        if matches!(self.channel(id).mode, ChannelMode::Tx(_)) {
             // The exchange must exist now, even though routing waits for commit.
             if let Err(e) = self.vhost().publishable_exchange(&pending.exchange) {
                 self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
                 return;
             }
-            let Some(ops) = self.channel(id).tx.as_mut() else { return };
-            ops.push(TxOp::Publish {
+            let Some(tx) = self.channel(id).tx() else { return };
+            tx.push(TxOp::Publish {
                 exchange: pending.exchange.to_string(),
                 message: Box::new(message),
                 mandatory: pending.mandatory,
@@ -1583,26 +1546,16 @@ impl Connection {
             self.write_body(id, &body);
         }
         let ch = self.channel(id);
-        if ch.confirm {
-            let seq = ch.next_publish_seq;
-            ch.next_publish_seq += 1;
-            if result.rejected {
-                self.flush_channel_confirms(id);
-                self.send_confirm(id, seq, false);
-            } else if !result.durable.is_empty() {
-                // Confirmed only once every durable queue's copy is fsynced.
-                ch.durable_pending.insert(seq);
-                let epoch = ch.epoch;
+        let epoch = ch.epoch;
+        let Some(confirms) = ch.confirms() else { return Ok(result.durable) };
+        match confirms.published(result.rejected, !result.durable.is_empty()) {
+            // Confirmed only once every durable queue's copy is fsynced.
+            Confirm::AwaitFsync(seq) => {
                 self.durable_waiter().send((id, epoch, seq, result.durable)).ok();
-            } else if ch.durable_pending.is_empty() {
-                ch.queue_confirm_ack(seq);
-            } else {
-                self.flush_channel_confirms(id);
-                self.send_confirm(id, seq, true);
             }
-            return Ok(Vec::new());
+            other => self.send_confirm(id, other),
         }
-        Ok(result.durable)
+        Ok(Vec::new())
     }
 
     /// The connection's fsync waiter, started on its first persistent publish: one task awaits every
@@ -1626,8 +1579,11 @@ impl Connection {
         })
     }
 
-    /// Sends one confirm (no `multiple`): ack, or nack for a message the broker could not take.
-    fn send_confirm(&mut self, id: u16, seq: u64, ok: bool) {
+    /// Sends what a confirm decision asks for: nothing yet (coalesced or awaiting fsync), or the coalesced ack
+    /// and then this one alone (no `multiple`): ack, or nack for a message the broker could not take.
+    fn send_confirm(&mut self, id: u16, confirm: Confirm) {
+        let Confirm::Alone { seq, ok } = confirm else { return };
+        self.flush_channel_confirms(id);
         let method = if ok {
             basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple: false })
         } else {
@@ -1651,31 +1607,21 @@ impl Connection {
             }
             return;
         }
-        if !ch.durable_pending.remove(&seq) {
-            return;
-        }
-        if ok && ch.durable_pending.first().is_none_or(|&first| first > seq) {
-            // Every earlier publish is settled: one multiple-ack (sent at the end of this turn) covers this one and
-            // any others completing in the same turn.
-            ch.queue_confirm_ack(seq);
-            return;
-        }
-        self.flush_channel_confirms(id);
-        self.send_confirm(id, seq, ok);
+        let Some(confirms) = ch.confirms() else { return };
+        let confirm = confirms.fsynced(seq, ok);
+        self.send_confirm(id, confirm);
     }
 
     /// Sends the coalesced confirm ack of one channel (`multiple` covers every earlier sequence number).
     fn flush_channel_confirms(&mut self, id: u16) {
-        let Some(ch) = self.channels.get_mut(&id) else { return };
-        let Some(seq) = ch.pending_confirm_ack.take() else { return };
-        // Acks are coalesced only over runs that started right after the last sent confirm.
-        let multiple = seq > ch.pending_confirm_first;
+        let Some(confirms) = self.channels.get_mut(&id).and_then(Channel::confirms) else { return };
+        let Some((seq, multiple)) = confirms.take_coalesced() else { return };
         self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple })));
     }
 
     fn flush_confirms(&mut self) {
         let ids: Vec<u16> =
-            self.channels.iter().filter(|(_, c)| c.pending_confirm_ack.is_some()).map(|(i, _)| *i).collect();
+            self.channels.iter().filter(|(_, c)| c.has_coalesced_confirm()).map(|(i, _)| *i).collect();
         for id in ids {
             self.flush_channel_confirms(id);
         }
@@ -1751,19 +1697,15 @@ impl Connection {
             Arc::clone(&d.queue).return_undelivered(d);
             return;
         };
-        let delivery_tag = ch.next_delivery_tag;
-        ch.next_delivery_tag += 1;
-        if no_ack {
+        let delivery_tag = if no_ack {
             match self.noack_sent.iter_mut().find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue)) {
                 Some(entry) => entry.2 += 1,
                 None => self.noack_sent.push((Arc::clone(&d.queue), d.consumer, 1)),
             }
+            ch.next_delivery(None)
         } else {
-            ch.unacked.insert(
-                delivery_tag,
-                UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() },
-            );
-        }
+            ch.next_delivery(Some(UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() }))
+        };
         codec::write_basic_deliver(
             &mut self.out,
             id,
@@ -1783,16 +1725,8 @@ impl Connection {
         // Acked deliveries must not be requeued below.
         self.apply_acks();
         let Some(ch) = self.channels.get_mut(&id) else { return };
-        let consumers: Vec<_> = ch.consumers.drain().map(|(_, c)| c).collect();
-        let mut unacked: Vec<UnackedDelivery> = std::mem::take(&mut ch.unacked).into_values().collect();
-        // Settlements in an uncommitted transaction never happened: their deliveries go back too.
-        for op in ch.tx.take().unwrap_or_default() {
-            if let TxOp::Settle { deliveries, .. } = op {
-                unacked.extend(deliveries.into_iter().map(|(_, d)| d));
-            }
-        }
-        ch.pending = None;
-        ch.reply_queue = None;
+        let released = ch.release();
+        let (consumers, unacked) = (released.consumers, released.unacked);
         if let Some(vhost) = self.vhost.clone() {
             for c in consumers {
                 self.consumer_channels.remove(&c.id);
@@ -1871,13 +1805,21 @@ impl Connection {
                 number,
                 prefetch_count: ch.consumer_prefetch,
                 global_prefetch_count: ch.channel_prefetch.limit(),
-                confirm: ch.confirm,
-                transactional: ch.tx.is_some(),
-                unacknowledged: ch.unacked.len() as u64,
-                unconfirmed: ch.durable_pending.len() as u64,
-                uncommitted_publishes: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Publish { .. })).count()
-                    as u64,
-                uncommitted_acks: ch.tx.iter().flatten().filter(|op| matches!(op, TxOp::Settle { .. })).count() as u64,
+                confirm: matches!(ch.mode, ChannelMode::Confirm(_)),
+                transactional: matches!(ch.mode, ChannelMode::Tx(_)),
+                unacknowledged: ch.unacked_count() as u64,
+                unconfirmed: match &ch.mode {
+                    ChannelMode::Confirm(c) => c.unconfirmed() as u64,
+                    _ => 0,
+                },
+                uncommitted_publishes: match &ch.mode {
+                    ChannelMode::Tx(tx) => tx.publishes() as u64,
+                    _ => 0,
+                },
+                uncommitted_acks: match &ch.mode {
+                    ChannelMode::Tx(tx) => tx.settlements() as u64,
+                    _ => 0,
+                },
                 consumers: ch
                     .consumers
                     .iter()
