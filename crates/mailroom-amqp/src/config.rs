@@ -74,4 +74,3 @@ pub(crate) struct ServerContext {
     pub(crate) config: ServerConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
-

@@ -1,11 +1,11 @@
 //! The AMQP listener: binds its addresses, accepts connections, and shuts them down cleanly.
 
 use crate::codec;
+use crate::config::ServerContext;
 pub use crate::config::{
     ServerConfig, DEFAULT_CHANNEL_MAX, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_FRAME_MAX, DEFAULT_HEARTBEAT_SECS,
     DEFAULT_MAX_MESSAGE_SIZE,
 };
-use crate::config::ServerContext;
 use crate::fds::FdBudget;
 use mailroom_broker::Broker;
 use std::net::SocketAddr;

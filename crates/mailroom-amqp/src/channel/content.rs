@@ -19,6 +19,19 @@ pub struct PendingPublish {
     pub body: BodyBuffer,
 }
 
+impl PendingPublish {
+    /// A publish whose content header and body are still to come.
+    pub fn new(exchange: &str, routing_key: &str, mandatory: bool) -> Self {
+        Self {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            mandatory,
+            header: None,
+            body: BodyBuffer::Empty,
+        }
+    }
+}
+
 /// Body frames of one message, concatenated only when there is more than one.
 #[derive(Debug, Default)]
 pub enum BodyBuffer {

@@ -6,7 +6,7 @@ mod content;
 mod tx;
 
 pub use confirms::{Confirm, Confirms};
-pub use content::{BodyBuffer, PendingPublish};
+pub use content::PendingPublish;
 pub use tx::{Tx, TxOp};
 
 use crate::error::{code, AmqpError};
