@@ -1,6 +1,7 @@
 //! AMQP errors: a reply code, its text, the method that caused it, and whether it closes the connection.
 
 use crate::codec::MethodId;
+use mailroom_broker::client_input::InputError;
 use mailroom_broker::{BrokerError, ErrorKind};
 
 /// AMQP 0-9-1 reply codes used by the server.
@@ -116,5 +117,11 @@ impl From<BrokerError> for AmqpError {
             ErrorKind::InternalError => (code::INTERNAL_ERROR, true),
         };
         Self::build(code, &e.message, connection)
+    }
+}
+
+impl From<InputError> for AmqpError {
+    fn from(e: InputError) -> Self {
+        BrokerError::from(e).into()
     }
 }

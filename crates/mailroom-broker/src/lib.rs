@@ -6,6 +6,7 @@
 pub mod alarm;
 pub mod args;
 pub mod broker;
+pub mod client_input;
 pub mod connections;
 pub mod dead_letter;
 pub mod dedup;

@@ -120,8 +120,11 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// The channel-wide limit shared by the channel's consumers.
     pub channel_prefetch: Arc<ChannelPrefetch>,
-    /// Consumer priority (`x-priority`): higher ones are served first while they have room.
+    /// Consumer priority: higher ones are served first while they have room. An `x-priority` in `arguments`
+    /// overrides it.
     pub priority: i32,
+    /// The client's consumer arguments, checked and applied at consume ([`crate::client_input`]).
+    pub arguments: FieldTable,
 }
 
 /// Declared properties of a queue, fixed at creation.

@@ -1,6 +1,7 @@
 //! A virtual host: its exchanges, queues and bindings, and the publish path through them.
 
 use crate::args::{self, QueueArguments, QueueType};
+use crate::client_input::{self, ConsumerArguments};
 use crate::dead_letter;
 use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
@@ -901,9 +902,10 @@ impl VHost {
         &self,
         queue: &str,
         owner: ConnectionId,
-        options: ConsumeOptions,
+        mut options: ConsumeOptions,
         sink: ConsumerSink,
     ) -> Result<(Arc<Queue>, ConsumerId)> {
+        ConsumerArguments::apply(&mut options)?;
         let q = self.queue(queue, owner)?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         q.add_consumer(id, options, sink)?;
@@ -921,6 +923,7 @@ impl VHost {
     /// holds a message with a positive `x-delay` (counted as routed: the plugin ignores `mandatory`); a
     /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
     pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
+        client_input::check_message(&message)?;
         let ex = self.publishable_exchange(exchange)?;
         match &ex.spec().flavor {
             ExchangeFlavor::Plain => {}

@@ -4,6 +4,7 @@ use super::{short, Connection, ConsumerRoute};
 use crate::channel::{settle, ChannelConsumer, PendingPublish, UnackedDelivery};
 use crate::codec::{basic, Method};
 use crate::error::{code, AmqpError};
+use mailroom_broker::client_input::ConsumerArguments;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::ConsumeOptions;
 use std::sync::Arc;
@@ -71,18 +72,9 @@ impl Connection {
         if direct_reply && self.channel(id).reply_queue.is_some() {
             return Err(AmqpError::channel(code::PRECONDITION_FAILED, "reply consumer already set"));
         }
-        let priority = match c.arguments.inner().get("x-priority") {
-            None => 0,
-            Some(v) => match mailroom_broker::args::int_value(v) {
-                Some(p) if (i32::MIN as i128..=i32::MAX as i128).contains(&p) => p as i32,
-                _ => {
-                    return Err(AmqpError::channel(
-                        code::PRECONDITION_FAILED,
-                        format!("invalid arg 'x-priority' for consumer: {:?}", v),
-                    ))
-                }
-            },
-        };
+        // The broker applies the consumer arguments at consume; checking them here too keeps RabbitMQ's order
+        // of errors (bad arguments before an unknown queue or a reused tag, and before a reply queue is made).
+        ConsumerArguments::parse(&c.arguments)?;
         let queue_name = if direct_reply {
             let name = vhost.declare_reply_queue(self.id);
             self.channel(id).reply_queue = Some(name.clone());
@@ -104,7 +96,8 @@ impl Connection {
             exclusive: c.exclusive,
             prefetch: ch.consumer_prefetch,
             channel_prefetch: Arc::clone(&ch.channel_prefetch),
-            priority,
+            priority: 0,
+            arguments: c.arguments,
         };
         // consume-ok must precede the first delivery: write it before the queue can dispatch.
         let mark = self.out.mark();

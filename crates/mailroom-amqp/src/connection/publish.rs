@@ -6,7 +6,7 @@ use crate::channel::{ChannelMode, ChannelPhase, Confirm, PendingPublish, TxOp};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use bytes::Bytes;
-use mailroom_broker::message::parse_expiration;
+use mailroom_broker::client_input;
 use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::Message;
@@ -123,12 +123,18 @@ impl Connection {
             message.properties = message.properties.with_reply_to(short(&reply_queue));
             message.raw_properties = None;
         }
-        if let Err(e) = self.validate_message(&message) {
-            self.fail(id, e.at(ids::BASIC_PUBLISH));
+        // Only the connection knows who published; the broker checks the rest as it takes the message.
+        if let Err(e) = client_input::check_user_id(&message, &self.username) {
+            self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
             return;
         }
         if matches!(self.channel(id).mode, ChannelMode::Tx(_)) {
-            // The exchange must exist now, even though routing waits for commit.
+            // The broker takes the message at commit, but its properties are checked and the exchange must exist
+            // now, at publish.
+            if let Err(e) = client_input::check_message(&message) {
+                self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
+                return;
+            }
             if let Err(e) = self.vhost().publishable_exchange(&pending.exchange) {
                 self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
                 return;
@@ -144,30 +150,6 @@ impl Connection {
         if let Err(e) = self.route_publish(id, &pending.exchange, message, pending.mandatory) {
             self.fail(id, e.at(ids::BASIC_PUBLISH));
         }
-    }
-
-    pub(super) fn validate_message(&self, message: &Message) -> Result<(), AmqpError> {
-        if let Some(user) = message.properties.user_id() {
-            if user.as_str() != self.username {
-                return Err(AmqpError::channel(
-                    code::PRECONDITION_FAILED,
-                    format!(
-                        "user_id property set to '{}' but authenticated user was '{}'",
-                        user.as_str(),
-                        self.username
-                    ),
-                ));
-            }
-        }
-        if let Some(exp) = message.properties.expiration() {
-            parse_expiration(exp.as_str()).map_err(|_| {
-                AmqpError::channel(
-                    code::PRECONDITION_FAILED,
-                    format!("invalid expiration '{}': no_integer", exp.as_str()),
-                )
-            })?;
-        }
-        Ok(())
     }
 
     /// Routes one publish; returns the store tickets a caller must wait for when confirms do not
