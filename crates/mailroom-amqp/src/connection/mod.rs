@@ -1,4 +1,6 @@
-//! One AMQP connection: handshake, then frames to broker calls and broker events to frames.
+//! One AMQP connection's run loop and phases: reads frames and hands each to its class's handler, feeds broker
+//! events to the encoders, and closes channels and the connection. The handlers, the encoders, the outbound
+//! buffer and the writer task live in the submodules, one job each.
 //!
 //! The reader side lives in [`Connection::run`]; a separate writer task owns the socket's write half and is
 //! fed whole batches of encoded frames through a bounded channel, so a slow client pushes back on us
@@ -12,6 +14,7 @@ mod control;
 mod deliver;
 mod exchange;
 mod handshake;
+mod liveness;
 mod outbound;
 mod publish;
 mod queue;
@@ -375,87 +378,6 @@ impl Connection {
             queue.settle_sent(consumer, n);
         }
         Ok(())
-    }
-
-    fn on_tick(&mut self, handshake_deadline: Instant) {
-        let now = Instant::now();
-        match self.phase {
-            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen if now >= handshake_deadline => {
-                self.phase = Phase::Closed;
-                return;
-            }
-            Phase::Closing | Phase::Draining if self.close_deadline.is_some_and(|d| now >= d) => {
-                self.phase = Phase::Closed;
-                return;
-            }
-            // Nothing is written while draining, heartbeats included, and the deadline bounds the wait.
-            Phase::Draining => return,
-            _ => {}
-        }
-        if !self.heartbeat.is_zero() {
-            // A blocked connection is not read, so its silence is ours: heartbeat checks pause (as RabbitMQ).
-            if self.blocked {
-                self.last_inbound = now;
-            }
-            if now.duration_since(self.last_inbound) > self.heartbeat * 2 {
-                tracing::info!(peer = %self.peer, "missed heartbeats from client, closing");
-                self.phase = Phase::Closed;
-                return;
-            }
-            if now.duration_since(self.last_outbound) >= self.heartbeat / 2 {
-                self.out.heartbeat();
-            }
-        }
-        if self.phase == Phase::Open {
-            self.check_consumer_timeouts(now);
-        }
-    }
-
-    /// Applies the resource alarms: a connection that has published stops being read while one is raised,
-    /// and clients that advertised `connection.blocked` are told (and told again when it clears).
-    fn update_blocked(&mut self) {
-        let alarm = *self.alarms.borrow_and_update();
-        let should_block = self.phase == Phase::Open && self.has_published && alarm.any();
-        if should_block == self.blocked {
-            return;
-        }
-        self.blocked = should_block;
-        if !self.capabilities.connection_blocked || self.phase != Phase::Open {
-            // A closing connection is not told anything more.
-            return;
-        }
-        let method = if should_block {
-            conn::AMQPMethod::Blocked(conn::Blocked { reason: short(alarm.reason()) })
-        } else {
-            conn::AMQPMethod::Unblocked(conn::Unblocked {})
-        };
-        self.send(0, Method::Connection(method));
-    }
-
-    fn check_consumer_timeouts(&mut self, now: Instant) {
-        let limit = self.ctx.config.consumer_timeout;
-        if limit.is_zero() {
-            return;
-        }
-        let late: Vec<u16> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| {
-                c.phase == ChannelPhase::Open && c.oldest_unacked().is_some_and(|t| now.duration_since(t) > limit)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            let err = AmqpError::channel(
-                code::PRECONDITION_FAILED,
-                format!(
-                    "delivery acknowledgement on channel {id} timed out. Timeout value used: {} ms. \
-                     This timeout value can be configured, see consumers doc guide to learn more",
-                    limit.as_millis()
-                ),
-            );
-            self.close_channel_with(id, err);
-        }
     }
 
     // ---- sending helpers -------------------------------------------------------------------------
