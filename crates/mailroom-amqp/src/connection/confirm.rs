@@ -1,19 +1,11 @@
-//! The `confirm` class and publisher-confirm delivery: confirm.select, the fsync waiter for persistent
-//! publishes, and sending the acks/nacks the channel's [`crate::channel::Confirms`] decides on.
+//! The `confirm` class and publisher-confirm delivery: confirm.select, the confirms of persistent
+//! publishes once fsynced ([`super::fsync`]), and sending the acks/nacks the channel's [`crate::channel::Confirms`] decides on.
 
+use super::fsync::COMMIT_SEQ;
 use super::Connection;
 use crate::channel::{Channel, ChannelPhase, Confirm};
 use crate::codec::{basic, confirm, ids, tx, Method};
 use crate::error::{code, AmqpError};
-use mailroom_broker::store::SyncTicket;
-use tokio::sync::mpsc;
-
-/// A persistent publish's confirm once its fsync returned: (channel, channel epoch, sequence number, stored ok).
-pub(super) type DurableConfirm = (u16, u64, u64, bool);
-/// A persistent publish waiting for its fsyncs: (channel, channel epoch, sequence number, the store tickets).
-pub(super) type DurableWait = (u16, u64, u64, Vec<SyncTicket>);
-/// The fsync waiter's marker for a transaction commit (publish sequence numbers start at 1).
-pub(super) const COMMIT_SEQ: u64 = 0;
 
 impl Connection {
     /// `confirm.select`.
@@ -28,27 +20,6 @@ impl Connection {
             }
             _ => Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected method")),
         }
-    }
-
-    /// The connection's fsync waiter, started on its first persistent publish: one task awaits every
-    /// publish's tickets in order (fsync rounds complete in append order) instead of a task per message.
-    pub(super) fn durable_waiter(&mut self) -> &mpsc::UnboundedSender<DurableWait> {
-        let done = self.durable_confirms_tx.clone();
-        self.durable_waiter.get_or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<DurableWait>();
-            tokio::spawn(async move {
-                while let Some((channel, epoch, seq, tickets)) = rx.recv().await {
-                    let mut ok = true;
-                    for ticket in tickets {
-                        ok &= ticket.wait().await.is_ok();
-                    }
-                    if done.send((channel, epoch, seq, ok)).is_err() {
-                        return;
-                    }
-                }
-            });
-            tx
-        })
     }
 
     /// Sends what a confirm decision asks for: nothing yet (coalesced or awaiting fsync), or the coalesced ack

@@ -43,91 +43,11 @@ impl Connection {
         );
     }
 
+    /// Handles a method on channel 0 before the connection is open, by phase.
     pub(super) fn handle_handshake(&mut self, method: Method) -> Result<(), AmqpError> {
         match (self.phase, method) {
-            (Phase::AwaitStartOk, Method::Connection(conn::AMQPMethod::StartOk(ok))) => {
-                if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
-                    let flag = |name: &str| matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)));
-                    self.client_properties = ok.client_properties.clone();
-                    self.capabilities = ClientCapabilities {
-                        consumer_cancel_notify: flag("consumer_cancel_notify"),
-                        authentication_failure_close: flag("authentication_failure_close"),
-                        connection_blocked: flag("connection.blocked"),
-                    };
-                }
-                let mechanism = ok.mechanism.as_str();
-                if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
-                    return Err(AmqpError::connection(
-                        code::COMMAND_INVALID,
-                        format!("unknown authentication mechanism '{mechanism}'"),
-                    ));
-                }
-                let creds = codec::parse_sasl_response(mechanism, ok.response.as_bytes());
-                let authenticated = creds.and_then(|c| {
-                    self.ctx
-                        .broker
-                        .authenticate(&c.username, &c.password, self.peer.ip().is_loopback())
-                        .ok()
-                        .map(|u| u.name)
-                });
-                match authenticated {
-                    Some(name) => {
-                        self.username = name;
-                        self.phase = Phase::AwaitTuneOk;
-                        let cfg = &self.ctx.config;
-                        self.send(
-                            0,
-                            Method::Connection(conn::AMQPMethod::Tune(conn::Tune {
-                                channel_max: cfg.channel_max,
-                                frame_max: cfg.frame_max,
-                                heartbeat: cfg.heartbeat,
-                            })),
-                        );
-                        Ok(())
-                    }
-                    None => {
-                        let err = AmqpError::connection(
-                            code::ACCESS_REFUSED,
-                            format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
-                        );
-                        if self.capabilities.authentication_failure_close {
-                            Err(err)
-                        } else {
-                            // Older clients get the socket closed, as RabbitMQ does.
-                            self.phase = Phase::Closed;
-                            Ok(())
-                        }
-                    }
-                }
-            }
-            (Phase::AwaitTuneOk, Method::Connection(conn::AMQPMethod::TuneOk(ok))) => {
-                let cfg = &self.ctx.config;
-                let frame_max = if ok.frame_max == 0 { cfg.frame_max } else { ok.frame_max };
-                if frame_max < codec::FRAME_MIN_SIZE {
-                    return Err(AmqpError::connection(
-                        code::NOT_ALLOWED,
-                        format!("frame_max={frame_max} < {} min size", codec::FRAME_MIN_SIZE),
-                    ));
-                }
-                if frame_max > cfg.frame_max {
-                    return Err(AmqpError::connection(
-                        code::NOT_ALLOWED,
-                        format!("frame_max={frame_max} > {} max size", cfg.frame_max),
-                    ));
-                }
-                let channel_max = if ok.channel_max == 0 { cfg.channel_max } else { ok.channel_max };
-                if channel_max > cfg.channel_max {
-                    return Err(AmqpError::connection(
-                        code::NOT_ALLOWED,
-                        format!("channel_max={channel_max} > {} max", cfg.channel_max),
-                    ));
-                }
-                self.frame_max = frame_max;
-                self.channel_max = channel_max;
-                self.heartbeat = Duration::from_secs(ok.heartbeat as u64);
-                self.phase = Phase::AwaitOpen;
-                Ok(())
-            }
+            (Phase::AwaitStartOk, Method::Connection(conn::AMQPMethod::StartOk(ok))) => self.start_ok(ok),
+            (Phase::AwaitTuneOk, Method::Connection(conn::AMQPMethod::TuneOk(ok))) => self.tune_ok(ok),
             (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
                 let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
                     AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
@@ -150,6 +70,89 @@ impl Connection {
                 ))
             }
         }
+    }
+
+    /// `connection.start-ok`: the client's capabilities and credentials; tune follows if they are good.
+    fn start_ok(&mut self, ok: conn::StartOk) -> Result<(), AmqpError> {
+        if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
+            let flag = |name: &str| matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)));
+            self.client_properties = ok.client_properties.clone();
+            self.capabilities = ClientCapabilities {
+                consumer_cancel_notify: flag("consumer_cancel_notify"),
+                authentication_failure_close: flag("authentication_failure_close"),
+                connection_blocked: flag("connection.blocked"),
+            };
+        }
+        let mechanism = ok.mechanism.as_str();
+        if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
+            return Err(AmqpError::connection(
+                code::COMMAND_INVALID,
+                format!("unknown authentication mechanism '{mechanism}'"),
+            ));
+        }
+        let creds = codec::parse_sasl_response(mechanism, ok.response.as_bytes());
+        let authenticated = creds.and_then(|c| {
+            self.ctx.broker.authenticate(&c.username, &c.password, self.peer.ip().is_loopback()).ok().map(|u| u.name)
+        });
+        match authenticated {
+            Some(name) => {
+                self.username = name;
+                self.phase = Phase::AwaitTuneOk;
+                let cfg = &self.ctx.config;
+                self.send(
+                    0,
+                    Method::Connection(conn::AMQPMethod::Tune(conn::Tune {
+                        channel_max: cfg.channel_max,
+                        frame_max: cfg.frame_max,
+                        heartbeat: cfg.heartbeat,
+                    })),
+                );
+                Ok(())
+            }
+            None => {
+                let err = AmqpError::connection(
+                    code::ACCESS_REFUSED,
+                    format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
+                );
+                if self.capabilities.authentication_failure_close {
+                    Err(err)
+                } else {
+                    // Older clients get the socket closed, as RabbitMQ does.
+                    self.phase = Phase::Closed;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `connection.tune-ok`: the client's frame_max, channel_max and heartbeat, within our limits.
+    fn tune_ok(&mut self, ok: conn::TuneOk) -> Result<(), AmqpError> {
+        let cfg = &self.ctx.config;
+        let frame_max = if ok.frame_max == 0 { cfg.frame_max } else { ok.frame_max };
+        if frame_max < codec::FRAME_MIN_SIZE {
+            return Err(AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("frame_max={frame_max} < {} min size", codec::FRAME_MIN_SIZE),
+            ));
+        }
+        if frame_max > cfg.frame_max {
+            return Err(AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("frame_max={frame_max} > {} max size", cfg.frame_max),
+            ));
+        }
+        let channel_max = if ok.channel_max == 0 { cfg.channel_max } else { ok.channel_max };
+        if channel_max > cfg.channel_max {
+            return Err(AmqpError::connection(
+                code::NOT_ALLOWED,
+                format!("channel_max={channel_max} > {} max", cfg.channel_max),
+            ));
+        }
+        self.frame_max = frame_max;
+        self.channel_max = channel_max;
+        self.heartbeat = Duration::from_secs(ok.heartbeat as u64);
+        self.phase = Phase::AwaitOpen;
+        Ok(())
     }
 
     pub(super) fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {

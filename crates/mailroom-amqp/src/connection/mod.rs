@@ -13,6 +13,7 @@ mod confirm;
 mod control;
 mod deliver;
 mod exchange;
+mod fsync;
 mod handshake;
 mod liveness;
 mod outbound;
@@ -29,8 +30,8 @@ use crate::config::ServerContext;
 use crate::error::{code, AmqpError};
 use acks::AckBatch;
 use bytes::BytesMut;
-use confirm::{DurableConfirm, DurableWait};
 use control::next_control;
+use fsync::FsyncWaiter;
 use mailroom_broker::{AlarmState, ConnectionControl, ConnectionId, ConsumerEvent, ConsumerId, Registration, VHost};
 use outbound::Outbound;
 use std::collections::{HashMap, HashSet};
@@ -121,13 +122,10 @@ pub(crate) struct Connection {
     alarms: watch::Receiver<AlarmState>,
     /// This connection has published: resource alarms block it.
     has_published: bool,
-    /// Confirms of persistent publishes, reported once their fsync returned: (channel, epoch, seq, stored ok).
-    durable_confirms_tx: mpsc::UnboundedSender<DurableConfirm>,
-    durable_confirms_rx: mpsc::UnboundedReceiver<DurableConfirm>,
+    /// Awaits the fsyncs of persistent publishes and commits, and reports them back to the run loop.
+    fsyncs: FsyncWaiter,
     /// Counts channel openings (see `Channel::epoch`).
     channel_epoch: u64,
-    /// Feeds the fsync waiter task (see [`Connection::durable_waiter`]).
-    durable_waiter: Option<mpsc::UnboundedSender<DurableWait>>,
     /// We told the client (or would have) that it is blocked.
     blocked: bool,
     /// Acks taken from their channels but not yet applied to their queues. Applied before any other method is
@@ -157,7 +155,6 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let (mut rd, wr) = stream.into_split();
     let (writer, writer_task) = Writer::spawn(wr);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let (durable_confirms_tx, durable_confirms_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
         ctx: Arc::clone(&ctx),
@@ -182,10 +179,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         alarms: ctx.broker.alarms(),
         has_published: false,
         blocked: false,
-        durable_confirms_tx,
-        durable_confirms_rx,
+        fsyncs: FsyncWaiter::new(),
         channel_epoch: 0,
-        durable_waiter: None,
         acks: AckBatch::default(),
         cleaned_up: false,
         crossed_closes: HashSet::new(),
@@ -331,9 +326,9 @@ impl Connection {
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),
                 Some(request) = next_control(&mut self.control) => self.on_control(request),
-                Some((channel, epoch, seq, ok)) = self.durable_confirms_rx.recv() => {
+                Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
-                    while let Ok((channel, epoch, seq, ok)) = self.durable_confirms_rx.try_recv() {
+                    while let Some((channel, epoch, seq, ok)) = self.fsyncs.try_next() {
                         self.durable_confirmed(channel, epoch, seq, ok);
                     }
                 }

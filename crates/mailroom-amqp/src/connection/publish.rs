@@ -189,7 +189,7 @@ impl Connection {
         match confirms.published(result.rejected, !result.durable.is_empty()) {
             // Confirmed only once every durable queue's copy is fsynced.
             Confirm::AwaitFsync(seq) => {
-                self.durable_waiter().send((id, epoch, seq, result.durable)).ok();
+                self.fsyncs.wait(id, epoch, seq, result.durable);
             }
             other => self.send_confirm(id, other),
         }

@@ -1,6 +1,6 @@
 //! The `tx` class: select, commit (commit-ok waits for the transaction's fsyncs) and rollback.
 
-use super::confirm::COMMIT_SEQ;
+use super::fsync::COMMIT_SEQ;
 use super::Connection;
 use crate::channel::{settle, TxOp};
 use crate::codec::{tx, Method};
@@ -40,7 +40,7 @@ impl Connection {
                 } else {
                     // commit-ok only once the transaction's persistent messages are on disk.
                     let epoch = self.channel(id).epoch;
-                    self.durable_waiter().send((id, epoch, COMMIT_SEQ, tickets)).ok();
+                    self.fsyncs.wait(id, epoch, COMMIT_SEQ, tickets);
                 }
             }
             tx::AMQPMethod::Rollback(_) => {
