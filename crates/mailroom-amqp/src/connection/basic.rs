@@ -2,7 +2,7 @@
 
 use super::{short, Connection, ConsumerRoute};
 use crate::channel::{settle, ChannelConsumer, PendingPublish, UnackedDelivery};
-use crate::codec::{basic, Method};
+use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use mailroom_broker::client_input::ConsumerArguments;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
@@ -60,6 +60,40 @@ impl Connection {
             _ => return Err(AmqpError::connection(code::COMMAND_INVALID, "unexpected basic method")),
         }
         Ok(())
+    }
+
+    /// Reads the per-message `basic` methods (publish, ack) without the generic parser (and its allocations)
+    /// when well-formed, and refuses a `basic.qos` prefetch_size, which the generic codec drops. True when
+    /// the frame was handled here; otherwise the generic path handles it.
+    pub(super) fn basic_fast_path(&mut self, channel: u16, payload: &[u8]) -> bool {
+        // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
+        if codec::parse_basic_qos_prefetch_size(payload).is_some_and(|size| size != 0) {
+            if self.channel_accepts(channel) {
+                self.close_connection(
+                    AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").at(ids::BASIC_QOS),
+                );
+            }
+            return true;
+        }
+        // The per-message methods skip the generic parser (and its allocations) when well-formed.
+        if let Some(publish) = codec::parse_basic_publish(payload) {
+            self.has_published = true;
+            if self.channel_accepts(channel) && !publish.immediate {
+                if let Some(ch) = self.channels.get_mut(&channel).filter(|c| c.pending.is_none()) {
+                    ch.pending = Some(PendingPublish::new(publish.exchange, publish.routing_key, publish.mandatory));
+                    return true;
+                }
+            }
+        }
+        if let Some((tag, multiple)) = codec::parse_basic_ack(payload) {
+            if self.channel_accepts(channel) && self.channels.get(&channel).is_some_and(|c| c.pending.is_none()) {
+                if let Err(e) = self.settle_deliveries(channel, tag, multiple, true, false) {
+                    self.fail(channel, e.at(ids::BASIC_ACK));
+                }
+                return true;
+            }
+        }
+        false
     }
 
     /// `basic.consume`, the direct reply-to pseudo-queue included.

@@ -22,9 +22,9 @@ mod queue;
 mod tx;
 mod writer;
 
-use crate::channel::{settle, Channel, ChannelPhase, PendingPublish};
+use crate::channel::{settle, Channel, ChannelPhase};
 use crate::codec::{
-    self, access, channel as chan, connection as conn, ids, FieldTable, FrameKind, Method, RawFrame, ShortString,
+    self, access, channel as chan, connection as conn, FieldTable, FrameKind, Method, RawFrame, ShortString,
 };
 use crate::config::ServerContext;
 use crate::error::{code, AmqpError};
@@ -448,35 +448,8 @@ impl Connection {
             }
             FrameKind::Heartbeat => {}
             FrameKind::Method => {
-                // basic.qos's prefetch_size is not kept by the codec; RabbitMQ refuses non-zero values.
-                if codec::parse_basic_qos_prefetch_size(&frame.payload).is_some_and(|size| size != 0) {
-                    if self.channel_accepts(frame.channel) {
-                        self.close_connection(
-                            AmqpError::connection(code::NOT_IMPLEMENTED, "prefetch_size!=0 (1)").at(ids::BASIC_QOS),
-                        );
-                    }
+                if self.basic_fast_path(frame.channel, &frame.payload) {
                     return;
-                }
-                // The per-message methods skip the generic parser (and its allocations) when well-formed.
-                if let Some(publish) = codec::parse_basic_publish(&frame.payload) {
-                    self.has_published = true;
-                    if self.channel_accepts(frame.channel) && !publish.immediate {
-                        if let Some(ch) = self.channels.get_mut(&frame.channel).filter(|c| c.pending.is_none()) {
-                            ch.pending =
-                                Some(PendingPublish::new(publish.exchange, publish.routing_key, publish.mandatory));
-                            return;
-                        }
-                    }
-                }
-                if let Some((tag, multiple)) = codec::parse_basic_ack(&frame.payload) {
-                    if self.channel_accepts(frame.channel)
-                        && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none())
-                    {
-                        if let Err(e) = self.settle_deliveries(frame.channel, tag, multiple, true, false) {
-                            self.fail(frame.channel, e.at(ids::BASIC_ACK));
-                        }
-                        return;
-                    }
                 }
                 match codec::parse_method(&frame.payload) {
                     Ok(method) => self.handle_method(frame.channel, method),
