@@ -4,7 +4,8 @@
 use super::{Connection, Phase};
 use crate::channel::ChannelMode;
 use crate::error::{code, AmqpError};
-use mailroom_broker::{ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot};
+use mailroom_broker::{ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration};
+use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
 impl Connection {
@@ -13,19 +14,19 @@ impl Connection {
         let info = ConnectionInfo {
             id: self.id,
             peer: self.peer,
-            local: self.local,
+            local: self.registry.local,
             user: self.username.clone(),
             vhost: vhost.to_owned(),
             protocol: "AMQP 0-9-1",
-            client_properties: std::mem::take(&mut self.client_properties),
+            client_properties: std::mem::take(&mut self.registry.client_properties),
             frame_max: self.frame_max,
             channel_max: self.channel_max,
             heartbeat: self.heartbeat.as_secs() as u16,
             connected_at: std::time::SystemTime::now(),
         };
         let (registration, control) = self.ctx.broker.connections().register(info);
-        self.registration = Some(registration);
-        self.control = Some(control);
+        self.registry.registration = Some(registration);
+        self.registry.control = Some(control);
     }
 
     /// Answers a management API request.
@@ -84,10 +85,35 @@ impl Connection {
     }
 }
 
-/// The next management API request, or never when the connection is not registered.
-pub(super) async fn next_control(control: &mut Option<mpsc::Receiver<ConnectionControl>>) -> Option<ConnectionControl> {
-    match control {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+/// This connection's entry in the broker's registry, and the management API's requests to it.
+pub(super) struct Registry {
+    /// `client_properties` of `connection.start-ok`, kept until the connection is listed.
+    pub(super) client_properties: FieldTable,
+    /// Our address the client connected to (the registry's connection name).
+    local: SocketAddr,
+    /// Keeps this connection listed while it is open; dropping it deregisters.
+    registration: Option<Registration>,
+    /// The management API's requests (snapshot, close), once listed.
+    control: Option<mpsc::Receiver<ConnectionControl>>,
+}
+
+impl Registry {
+    /// Not listed yet.
+    pub(super) fn new(local: SocketAddr) -> Self {
+        Self { client_properties: FieldTable::default(), local, registration: None, control: None }
+    }
+
+    /// Leaves the registry (the connection is closing).
+    pub(super) fn leave(&mut self) {
+        self.registration = None;
+        self.control = None;
+    }
+
+    /// The next management API request, or never when the connection is not listed.
+    pub(super) async fn next_request(&mut self) -> Option<ConnectionControl> {
+        match &mut self.control {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
     }
 }

@@ -76,7 +76,7 @@ impl Connection {
     fn start_ok(&mut self, ok: conn::StartOk) -> Result<(), AmqpError> {
         if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities") {
             let flag = |name: &str| matches!(caps.inner().get(name), Some(AMQPValue::Boolean(true)));
-            self.client_properties = ok.client_properties.clone();
+            self.registry.client_properties = ok.client_properties.clone();
             self.capabilities = ClientCapabilities {
                 consumer_cancel_notify: flag("consumer_cancel_notify"),
                 authentication_failure_close: flag("authentication_failure_close"),

@@ -23,16 +23,14 @@ mod tx;
 mod writer;
 
 use crate::channel::{settle, Channel, ChannelPhase};
-use crate::codec::{
-    self, access, channel as chan, connection as conn, FieldTable, FrameKind, Method, RawFrame, ShortString,
-};
+use crate::codec::{self, access, channel as chan, connection as conn, FrameKind, Method, RawFrame, ShortString};
 use crate::config::ServerContext;
 use crate::error::{code, AmqpError};
 use acks::AckBatch;
 use bytes::BytesMut;
-use control::next_control;
+use control::Registry;
 use fsync::FsyncWaiter;
-use mailroom_broker::{AlarmState, ConnectionControl, ConnectionId, ConsumerEvent, ConsumerId, Registration, VHost};
+use mailroom_broker::{AlarmState, ConnectionId, ConsumerEvent, ConsumerId, VHost};
 use outbound::Outbound;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -137,15 +135,8 @@ pub(crate) struct Connection {
     /// channel went; the client's `close-ok` for our close is still to come and is ignored (a close-ok on a
     /// channel never opened stays 504, as in RabbitMQ).
     crossed_closes: HashSet<u16>,
-    /// `client_properties` of `connection.start-ok`, for the connection registry.
-    client_properties: FieldTable,
-    /// Our address the client connected to (the registry's connection name).
-    local: SocketAddr,
-    /// Keeps this connection in the broker's registry (management API) while it is open; dropping it
-    /// deregisters.
-    registration: Option<Registration>,
-    /// The management API's requests (snapshot, close), once registered.
-    control: Option<mpsc::Receiver<ConnectionControl>>,
+    /// This connection's entry in the broker's connection registry (management API).
+    registry: Registry,
 }
 
 /// Serves one accepted socket until it closes.
@@ -184,10 +175,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         acks: AckBatch::default(),
         cleaned_up: false,
         crossed_closes: HashSet::new(),
-        client_properties: FieldTable::default(),
-        local,
-        registration: None,
-        control: None,
+        registry: Registry::new(local),
     };
     if let Err(e) = conn.run(&mut rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
@@ -325,7 +313,7 @@ impl Connection {
                     }
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),
-                Some(request) = next_control(&mut self.control) => self.on_control(request),
+                Some(request) = self.registry.next_request() => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
                     while let Some((channel, epoch, seq, ok)) = self.fsyncs.try_next() {
@@ -649,8 +637,7 @@ impl Connection {
         if std::mem::replace(&mut self.cleaned_up, true) {
             return;
         }
-        self.registration = None;
-        self.control = None;
+        self.registry.leave();
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for id in ids {
             self.release_channel_resources(id);
