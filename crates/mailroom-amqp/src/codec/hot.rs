@@ -7,6 +7,11 @@ use bytes::{BufMut, BytesMut};
 
 use super::frame::{put_frame_header, FrameKind};
 use super::ids::{BASIC_ACK, BASIC_DELIVER, BASIC_PUBLISH, BASIC_QOS};
+
+/// The first payload bytes of the methods read here, computed at compile time.
+const PUBLISH_PREFIX: [u8; 4] = BASIC_PUBLISH.prefix();
+const ACK_PREFIX: [u8; 4] = BASIC_ACK.prefix();
+const QOS_PREFIX: [u8; 4] = BASIC_QOS.prefix();
 use super::{FRAME_END, FRAME_HEADER_LEN};
 
 /// Appends a `basic.deliver` method frame. Strings must be at most 255 bytes (callers pass short strings).
@@ -54,7 +59,7 @@ pub struct PublishRef<'a> {
 /// Reads a `basic.publish` payload (class and method ids included); None if it is not one or is malformed
 /// (the caller then falls back to the generic parser, which reports the error).
 pub fn parse_basic_publish(payload: &[u8]) -> Option<PublishRef<'_>> {
-    let rest = payload.strip_prefix(&BASIC_PUBLISH.prefix())?;
+    let rest = payload.strip_prefix(&PUBLISH_PREFIX)?;
     // reserved-1 (ticket, short)
     let rest = rest.get(2..)?;
     let (exchange, rest) = short_str(rest)?;
@@ -68,7 +73,7 @@ pub fn parse_basic_publish(payload: &[u8]) -> Option<PublishRef<'_>> {
 
 /// Reads a `basic.ack` payload into (delivery tag, multiple); None if it is not one.
 pub fn parse_basic_ack(payload: &[u8]) -> Option<(u64, bool)> {
-    let rest = payload.strip_prefix(&BASIC_ACK.prefix())?;
+    let rest = payload.strip_prefix(&ACK_PREFIX)?;
     if rest.len() != 9 {
         return None;
     }
@@ -79,7 +84,7 @@ pub fn parse_basic_ack(payload: &[u8]) -> Option<(u64, bool)> {
 /// Reads the `prefetch_size` of a `basic.qos` payload, which the generic codec does not keep (RabbitMQ refuses
 /// non-zero values); None if it is not a `basic.qos` with at least that field.
 pub fn parse_basic_qos_prefetch_size(payload: &[u8]) -> Option<u32> {
-    let rest = payload.strip_prefix(&BASIC_QOS.prefix())?;
+    let rest = payload.strip_prefix(&QOS_PREFIX)?;
     Some(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?))
 }
 
