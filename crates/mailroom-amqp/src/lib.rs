@@ -2,6 +2,7 @@
 
 mod channel;
 pub mod codec;
+mod config;
 mod connection;
 pub mod error;
 pub mod fds;

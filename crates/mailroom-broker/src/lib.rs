@@ -7,6 +7,7 @@ pub mod access;
 pub mod alarm;
 pub mod args;
 pub mod broker;
+pub mod client_input;
 pub mod connections;
 pub mod counters;
 pub mod dead_letter;

@@ -6,6 +6,7 @@ use super::index::{Body, Entry};
 use super::{ConsumerId, MessageId, Queue};
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
+use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -95,8 +96,11 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// The channel-wide limit shared by the channel's consumers.
     pub channel_prefetch: Arc<ChannelPrefetch>,
-    /// Consumer priority (`x-priority`): higher ones are served first while they have room.
+    /// Consumer priority: higher ones are served first while they have room. An `x-priority` in `arguments`
+    /// overrides it.
     pub priority: i32,
+    /// The client's consumer arguments, checked and applied at consume ([`crate::client_input`]).
+    pub arguments: FieldTable,
 }
 
 /// One consumer of a queue, as [`Queue::consumer_details`] describes it.

@@ -34,6 +34,7 @@ impl VHost {
     /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
     pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
         crate::counters::MESSAGES_RECEIVED.inc();
+        crate::client_input::check_message(&message)?;
         let ex = self.publishable_exchange(exchange)?;
         Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
             Admit::Routed(mut result, ticket) => {

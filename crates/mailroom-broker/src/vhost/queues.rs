@@ -3,6 +3,7 @@
 
 use super::{read, write, Claimed, VHost, DIRECT_REPLY_TO};
 use crate::args::{self, QueueArguments, QueueType};
+use crate::client_input::ConsumerArguments;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::Destination;
 use crate::queue::{
@@ -334,9 +335,10 @@ impl VHost {
         &self,
         queue: &str,
         owner: ConnectionId,
-        options: ConsumeOptions,
+        mut options: ConsumeOptions,
         sink: ConsumerSink,
     ) -> Result<(Arc<Queue>, ConsumerId)> {
+        ConsumerArguments::apply(&mut options)?;
         let q = self.queue(queue, owner)?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         q.add_consumer(id, options, sink)?;
