@@ -244,6 +244,7 @@ impl UnackedSet {
     }
 
     /// Takes delivery `id` out, giving its consumer and channel credit back.
+    #[inline]
     pub(super) fn settle(&mut self, consumers: &mut Consumers, id: MessageId) -> Option<Unacked> {
         let unacked = self.map.remove(&id)?;
         self.bytes -= unacked.entry.size as u64;

@@ -186,7 +186,17 @@ impl Queue {
     }
 
     /// Does what a queue operation left for after its lock: starts a read-ahead; returns the deaths.
+    #[inline]
     pub(super) fn after_lock(self: &Arc<Self>, after: Aftermath) -> Option<Deaths> {
+        // The common case (nothing died, no read-ahead) stays inline on the publish and ack paths.
+        if !after.read_ahead && after.dead.is_empty() {
+            return None;
+        }
+        self.after_lock_slow(after)
+    }
+
+    #[cold]
+    fn after_lock_slow(self: &Arc<Self>, after: Aftermath) -> Option<Deaths> {
         if after.read_ahead {
             let queue = Arc::clone(self);
             self.runtime.spawn_blocking(move || queue.read_ahead());
@@ -199,6 +209,7 @@ impl Queue {
 
     /// [`Queue::after_lock`] for an operation called from outside the vhost: its deaths go to the vhost's
     /// settling loop (or, with the vhost gone, are let go).
+    #[inline]
     pub(super) fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
         let Some(deaths) = self.after_lock(after) else { return };
         match self.hooks.upgrade() {

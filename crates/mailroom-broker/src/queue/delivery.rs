@@ -57,7 +57,9 @@ impl Queue {
         // after a kill -9 a message the client may have seen must come back with redelivered = true. (All of
         // them, stored or not, so each consumer still gets its messages in queue order.)
         let hold = st.index.store.is_some();
-        let single_active = self.args().single_active_consumer;
+        // Read only with consumers: the effective arguments sit behind a lock and an Arc clone, which a
+        // push with nobody to deliver to should not pay.
+        let single_active = !st.consumers.is_empty() && !st.index.is_empty() && self.args().single_active_consumer;
         let mut delivered = Vec::new();
         let mut held = Vec::new();
         while let Some(front) = st.index.ready.front() {

@@ -366,6 +366,7 @@ impl ReadyIndex {
     /// Puts a new entry in: in RAM if it fits the budget (or a consumer takes it at once), else on disk.
     /// A queue with bodies on disk already, or past its memory budget, keeps the new one on disk too: it is
     /// behind those, and the read-ahead brings it back in order.
+    #[inline]
     pub(super) fn insert_new(
         &mut self,
         paging: &Paging,

@@ -322,6 +322,7 @@ impl Queue {
 
     /// Enqueues a message like [`Queue::push`], adding what dies meanwhile to `deaths` for the caller (the
     /// vhost's publish path or dead-letter loop) to settle: nothing re-enters the vhost from here.
+    #[inline]
     pub(crate) fn push_into(self: &Arc<Self>, message: Arc<Message>, deaths: &mut Vec<Deaths>) -> PushOutcome {
         let mut after = Aftermath::default();
         let outcome = self.push_locked(message, &mut after);

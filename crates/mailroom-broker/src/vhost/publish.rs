@@ -36,6 +36,10 @@ impl VHost {
         crate::counters::MESSAGES_RECEIVED.inc();
         crate::client_input::check_message(&message)?;
         let ex = self.publishable_exchange(exchange)?;
+        if ex.flavor().is_plain() {
+            // The common case skips the flavor's decision: the message moves once, straight into routing.
+            return Ok(self.route_and_enqueue(&ex, message));
+        }
         Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
             Admit::Routed(mut result, ticket) => {
                 result.durable.extend(ticket);
