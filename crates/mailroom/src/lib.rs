@@ -87,6 +87,7 @@ pub mod outbox;
 pub mod partition;
 pub mod pipeline;
 pub mod relay;
+mod replies;
 pub mod request;
 pub mod retry;
 pub mod saga;
