@@ -17,7 +17,9 @@
 //! | idempotent consumer | [`idempotent_consumer`] |
 //! | message tracking (`traceparent`) | [`tracing`] |
 //! | saga with compensations, operators' retry/abandon | [`saga`] |
+//! | saga as an event-driven state machine (events, replies, timers) | [`event_driven_saga`] |
 
+pub mod event_driven_saga;
 pub mod idempotent_consumer;
 pub mod message_filter;
 pub mod ordered_per_key;

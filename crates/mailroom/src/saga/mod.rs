@@ -1,4 +1,4 @@
-//! Orchestrated sagas with compensations, persisted in a [`SagaStore`]: PostgreSQL
+//! Sagas: event-driven state machines ([`machine`]) and orchestrated sagas with compensations, persisted in a [`SagaStore`]: PostgreSQL
 //! ([`PgSagaStore`], commands through the PostgreSQL [`outbox`](crate::outbox)) or the embedded
 //! store ([`EmbeddedSagaStore`], one fsynced log file in a directory, with its own outbox relay).
 //!
@@ -32,12 +32,14 @@
 //! `Stuck`, `Abandoned`.
 
 pub mod embedded;
+pub mod machine;
 pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod store;
 
 pub use embedded::{EmbeddedRelay, EmbeddedRelayHandle, EmbeddedSagaStore};
+pub use machine::{Finished, Instance, Machine, MachineHandle, StateMachine, Transition};
 #[cfg(feature = "postgres")]
 pub use postgres::{migrate, PgSagaStore};
 pub use store::{HistoryEntry, ListFilter, SagaRow, SagaStore};
@@ -92,6 +94,9 @@ pub enum SagaError {
     /// The operation does not apply in the instance's status.
     #[error("saga {0} is {1}, not Stuck")]
     NotStuck(String, Status),
+    /// A state machine's handler failed transiently (the event is retried).
+    #[error("saga handler: {0}")]
+    Handler(String),
     /// Too many version conflicts in a row.
     #[error("saga {0}: version conflicts kept happening")]
     Conflict(String),
