@@ -217,6 +217,12 @@ impl Bus {
             messaging.message.id = %env.id,
             trace_id = %trace.trace_id_hex()
         );
+        // With an OTel layer, the traceparent names this send span, so the consumer's span links to it.
+        #[cfg(feature = "otel")]
+        if let Some(linked) = crate::otel::send(&span, &trace).filter(|t| *t != trace) {
+            env.meta.headers.insert(TRACEPARENT.into(), linked.to_string());
+            span.record("trace_id", linked.trace_id_hex());
+        }
         let (properties, body) = env.to_wire().map_err(Error::Encode)?;
         let out = Outbound {
             exchange: exchange.to_owned(),

@@ -84,6 +84,8 @@ pub mod error;
 pub mod filter;
 pub mod guide;
 pub mod inbox;
+#[cfg(feature = "otel")]
+mod otel;
 #[cfg(feature = "postgres")]
 pub mod outbox;
 pub mod partition;

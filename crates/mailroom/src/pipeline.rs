@@ -751,7 +751,9 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
     let started = Instant::now();
     let meta = Arc::new(Metadata::from_properties(&inbound.properties));
     // Tracing slot: continue the sender's trace, or start one for messages from other clients.
-    let trace = match meta.header(TRACEPARENT).and_then(TraceContext::parse) {
+    let incoming = meta.header(TRACEPARENT).and_then(TraceContext::parse);
+    #[cfg_attr(not(feature = "otel"), allow(unused_mut))]
+    let mut trace = match incoming {
         Some(parent) => parent.child(),
         None => TraceContext::new_root(),
     };
@@ -761,6 +763,12 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         messaging.message.id = %meta.id,
         trace_id = %trace.trace_id_hex()
     );
+    // With an OTel layer, the span's parent is the sender's span and the handler's context is this span.
+    #[cfg(feature = "otel")]
+    if let Some(linked) = crate::otel::process(&span, incoming.as_ref()) {
+        trace = linked;
+        span.record("trace_id", trace.trace_id_hex());
+    }
     let ctx = Context {
         bus: core.bus.clone(),
         meta: Arc::clone(&meta),
