@@ -182,7 +182,18 @@ impl SqliteOutbox {
         if !meta.headers.contains_key(TRACEPARENT) {
             meta.headers.insert(TRACEPARENT.into(), TraceContext::new_root().to_string());
         }
-        let (dest_kind, dest) = match dest.into() {
+        self.enqueue_raw(tx, &dest.into(), &meta, &body).await
+    }
+
+    /// Enqueues encoded metadata and body (the saga store's path); wakes this process's relay.
+    pub(crate) async fn enqueue_raw(
+        &self,
+        tx: &mut SqliteConnection,
+        dest: &Dest,
+        meta: &Metadata,
+        body: &[u8],
+    ) -> Result<i64, SqliteError> {
+        let (dest_kind, dest) = match dest {
             Dest::Queue(q) => ("queue", q),
             Dest::Topic(t) => ("topic", t),
         };
@@ -195,7 +206,7 @@ impl SqliteOutbox {
         ))
         .bind(&meta.id)
         .bind(dest_kind)
-        .bind(&dest)
+        .bind(dest)
         .bind(meta.kind.as_str())
         .bind(&meta.type_name)
         .bind(&meta.correlation_id)
@@ -204,7 +215,7 @@ impl SqliteOutbox {
         .bind(&meta.content_type)
         .bind(headers)
         .bind(millis(meta.sent_at) as i64)
-        .bind(body.as_ref())
+        .bind(body)
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await?;

@@ -15,7 +15,8 @@ mod common;
 
 use common::{env, Env, Target};
 use mailroom::saga::machine::{events_queue, Machine, MachineHandle, StateMachine, Transition};
-use mailroom::saga::{EmbeddedRelayHandle, EmbeddedSagaStore, SagaStore as _, Status};
+use mailroom::relay::RelayHandle;
+use mailroom::saga::{EmbeddedSagaStore, SagaStore as _, Status};
 use mailroom::{Amqp, AmqpConfig, Bus, Envelope, Fault, HandlerError, MemoryInbox, WorkerHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -146,6 +147,9 @@ impl StateMachine for OrderSaga {
 struct Effects {
     effects: Vec<String>,
     deliveries: HashMap<String, usize>,
+    /// Commands charge declined: a refusal is not recorded by the inbox (only successes are), so a
+    /// re-published copy is refused again; it is logged once per command id.
+    declined: std::collections::HashSet<String>,
 }
 
 /// The services, idempotent through a [`MemoryInbox`] each: a second copy of a command (a killed
@@ -168,7 +172,9 @@ async fn services(bus: &Bus, prefix: &str, declined: bool, silent_charge: bool) 
                             e.effects.push("charge?".into());
                             true
                         } else if svc == "charge" && declined {
-                            e.effects.push("charge!".into());
+                            if e.declined.insert(cmd.meta.id.clone()) {
+                                e.effects.push("charge!".into());
+                            }
                             return Err(HandlerError::permanent("card declined"));
                         } else {
                             e.effects.push(svc.to_owned());
@@ -215,17 +221,64 @@ fn store_dir(env: &Env, run: &str) -> PathBuf {
     std::env::temp_dir().join(format!("mailroom-machine-{}-{run}", env.prefix))
 }
 
+/// Which saga store the orchestrator runs on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backend {
+    /// The embedded store (a directory with one log file).
+    Embedded,
+    /// A SQLite database file, commands through the SQLite outbox.
+    #[cfg(feature = "sqlite")]
+    Sqlite,
+    /// The local PostgreSQL, commands through its outbox.
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
 /// An orchestrator: the store (re)opened, its relay, the machine.
 struct Orchestrator {
-    relay: EmbeddedRelayHandle,
+    relay: RelayHandle,
     handle: MachineHandle<OrderSaga>,
 }
 
 async fn orchestrator(bus: &Bus, dir: &PathBuf, machine: Machine<OrderSaga>) -> Orchestrator {
-    let store = EmbeddedSagaStore::open(dir).unwrap();
-    let relay = store.relay(bus.clone()).poll_interval(Duration::from_millis(20)).run().await.unwrap();
-    let handle = machine.run_on(bus.clone(), store).await.unwrap();
-    Orchestrator { relay, handle }
+    orchestrator_on(Backend::Embedded, bus, dir, machine).await
+}
+
+async fn orchestrator_on(backend: Backend, bus: &Bus, dir: &PathBuf, machine: Machine<OrderSaga>) -> Orchestrator {
+    match backend {
+        Backend::Embedded => {
+            let store = EmbeddedSagaStore::open(dir).unwrap();
+            let relay = store.relay(bus.clone()).poll_interval(Duration::from_millis(20)).run().await.unwrap();
+            let handle = machine.run_on(bus.clone(), store).await.unwrap();
+            Orchestrator { relay, handle }
+        }
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => {
+            std::fs::create_dir_all(dir).unwrap();
+            let file = dir.join("saga.db");
+            let pool = mailroom::sqlite::open(&file).await.unwrap();
+            let outbox = mailroom::sqlite::SqliteOutbox::new(pool, &file, "outbox").unwrap();
+            let handle = machine.run_on(bus.clone(), mailroom::saga::SqliteSagaStore::new(outbox.clone())).await.unwrap();
+            let relay = outbox.relay(bus.clone()).poll_interval(Duration::from_millis(20)).run().await.unwrap();
+            Orchestrator { relay, handle }
+        }
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&common::pg_url()).await.expect("the local PostgreSQL");
+            // One outbox table per run (every incarnation of a run reopens the same one).
+            let table = format!("outbox_m{:016x}", {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                dir.hash(&mut h);
+                h.finish()
+            });
+            let outbox = mailroom::outbox::Outbox::new(pool, &table).unwrap();
+            outbox.migrate().await.unwrap();
+            let handle = machine.run_on(bus.clone(), mailroom::saga::PgSagaStore::new(outbox.clone())).await.unwrap();
+            let relay = outbox.relay(bus.clone()).poll_interval(Duration::from_millis(20)).run().await.unwrap();
+            Orchestrator { relay, handle }
+        }
+    }
 }
 
 async fn wait_effects(effects: &Arc<Mutex<Effects>>, n: usize) -> Vec<String> {
@@ -301,7 +354,7 @@ async fn timer_fires(target: Target) {
 
 /// One run of the order saga: without kills, or with the orchestrator killed right after each of
 /// its transitions commits. Returns the final state, the effects, and how many times it was killed.
-async fn run_order(env: &Env, run: &str, declined: bool, kill: bool) -> (mailroom::saga::Finished<Order>, Vec<String>, usize) {
+async fn run_order(env: &Env, backend: Backend, run: &str, declined: bool, kill: bool) -> (mailroom::saga::Finished<Order>, Vec<String>, usize) {
     let prefix = env.q(run);
     let name = prefix.replace('.', "_");
     let dir = store_dir(env, &name);
@@ -312,7 +365,8 @@ async fn run_order(env: &Env, run: &str, declined: bool, kill: bool) -> (mailroo
     if kill {
         loop {
             let status = match env.target {
-                Target::Embedded => incarnation_in_process(env, &dir, &name, &prefix).await,
+                Target::Embedded => incarnation_in_process(env, backend, &dir, &name, &prefix).await,
+                _ if backend != Backend::Embedded => unreachable!("child processes run on the embedded store"),
                 _ => incarnation_process(env, &dir, &name, &prefix).await,
             };
             kills += 1;
@@ -323,7 +377,7 @@ async fn run_order(env: &Env, run: &str, declined: bool, kill: bool) -> (mailroo
         }
     }
     // A last orchestrator that is not killed: flushes the last transition's commands and answers `wait`.
-    let o = orchestrator(&env.bus, &dir, Machine::new(saga(&name, &prefix))).await;
+    let o = orchestrator_on(backend, &env.bus, &dir, Machine::new(saga(&name, &prefix))).await;
     let done = tokio::time::timeout(WAIT, o.handle.wait("42")).await.expect("finished").unwrap();
     let effects = wait_effects(&effects, 4).await;
     o.handle.stop().await;
@@ -341,7 +395,7 @@ async fn run_order(env: &Env, run: &str, declined: bool, kill: bool) -> (mailroo
 /// An orchestrator in this process on its own connection that "crashes" right after its first
 /// committed transition: the hook never returns, then everything it had in memory is dropped (the
 /// worker with the unacked message, the relay, the store handle, the connection).
-async fn incarnation_in_process(env: &Env, dir: &PathBuf, name: &str, prefix: &str) -> Status {
+async fn incarnation_in_process(env: &Env, backend: Backend, dir: &PathBuf, name: &str, prefix: &str) -> Status {
     let bus = env.another_bus().await;
     let (crashed, mut crash) = tokio::sync::mpsc::unbounded_channel();
     let machine = Machine::new(saga(name, prefix)).on_transition(move |t| {
@@ -351,7 +405,7 @@ async fn incarnation_in_process(env: &Env, dir: &PathBuf, name: &str, prefix: &s
             std::future::pending::<()>().await;
         }
     });
-    let o = orchestrator(&bus, dir, machine).await;
+    let o = orchestrator_on(backend, &bus, dir, machine).await;
     let status = tokio::time::timeout(WAIT, crash.recv()).await.expect("a transition").expect("hook");
     let Orchestrator { relay, handle } = o;
     handle.abort();
@@ -400,11 +454,11 @@ async fn child_orchestrator() {
 }
 
 /// Killed at every transition: same final state and the same effects, each once, as without kills.
-async fn killed_at_every_transition(target: Target) {
+async fn killed_at_every_transition_on(target: Target, backend: Backend) {
     let env = env(target, "machinek").await;
     for declined in [false, true] {
-        let (calm, calm_effects, _) = run_order(&env, &format!("calm{declined}"), declined, false).await;
-        let (killed, killed_effects, kills) = run_order(&env, &format!("kill{declined}"), declined, true).await;
+        let (calm, calm_effects, _) = run_order(&env, backend, &format!("calm{declined}"), declined, false).await;
+        let (killed, killed_effects, kills) = run_order(&env, backend, &format!("kill{declined}"), declined, true).await;
         assert_eq!(killed, calm, "same final state with and without kills");
         assert_eq!(killed_effects, calm_effects, "each effect once, in the same order");
         // Placed, Reserved, Charged/ChargeDeclined, Shipped/Released: one kill after each.
@@ -413,4 +467,24 @@ async fn killed_at_every_transition(target: Target) {
     env.cleanup().await;
 }
 
+async fn killed_at_every_transition(target: Target) {
+    killed_at_every_transition_on(target, Backend::Embedded).await
+}
+
 on_all_targets!(happy_and_declined, timer_fires, killed_at_every_transition);
+
+/// The same kills with the state versioned in a SQLite database file (embedded broker, in-process crashes).
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_at_every_transition_sqlite_store() {
+    killed_at_every_transition_on(Target::Embedded, Backend::Sqlite).await
+}
+
+/// The same kills with the state versioned in PostgreSQL (embedded broker, in-process crashes).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_at_every_transition_postgres_store() {
+    if common::can_run(&[common::Service::Postgres], "killed_at_every_transition_postgres_store") {
+        killed_at_every_transition_on(Target::Embedded, Backend::Postgres).await
+    }
+}

@@ -254,7 +254,8 @@ pub struct Transitioned {
     pub event: String,
 }
 
-/// Runs after a transition commits and before the message that caused it is acknowledged.
+/// Runs after a transition commits, before the message that caused it is acknowledged and before the
+/// next message for the same key is handled in this process.
 pub type TransitionHook = Arc<dyn Fn(Transitioned) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// An event-driven saga ready to run on a bus and a store.
@@ -296,8 +297,9 @@ impl<M: StateMachine> Machine<M> {
         self
     }
 
-    /// A hook run after each committed transition, before the message that caused it is acked (for
-    /// audit logs, and for tests that crash the orchestrator exactly there).
+    /// A hook run after each committed transition, before the message that caused it is acked and
+    /// before the key's next message (for audit logs, and for tests that crash the orchestrator
+    /// exactly there).
     pub fn on_transition<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(Transitioned) -> Fut + Send + Sync + 'static,
@@ -387,7 +389,12 @@ impl<M: StateMachine> Core<M> {
         let lock = Arc::clone(self.locks.lock().unwrap().entry(id.clone()).or_default());
         let result = {
             let _one = lock.lock().await;
-            self.transition(&id, input, ctx).await
+            let result = self.transition(&id, input, ctx).await;
+            // Under the key's lock: nothing else happens to the instance in this process until it returns.
+            if let (Ok(Some(t)), Some(hook)) = (&result, &self.hook) {
+                hook(t.clone()).await;
+            }
+            result
         };
         {
             // Drop the per-key lock once nobody holds it (the map would grow with every key).
@@ -396,11 +403,7 @@ impl<M: StateMachine> Core<M> {
                 locks.remove(&id);
             }
         }
-        let done = result?;
-        if let Some((t, hook)) = done.zip(self.hook.as_ref()) {
-            hook(t).await;
-        }
-        Ok(())
+        result.map(|_| ())
     }
 
     /// Runs `input` against instance `id` (creating it if the event starts one), retrying version

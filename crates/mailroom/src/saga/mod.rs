@@ -1,6 +1,8 @@
-//! Sagas: event-driven state machines ([`machine`]) and orchestrated sagas with compensations, persisted in a [`SagaStore`]: PostgreSQL
-//! ([`PgSagaStore`], commands through the PostgreSQL [`outbox`](crate::outbox)) or the embedded
-//! store ([`EmbeddedSagaStore`], one fsynced log file in a directory, with its own outbox relay).
+//! Sagas, persisted in a [`SagaStore`]: PostgreSQL ([`PgSagaStore`], commands through the
+//! PostgreSQL [`outbox`](crate::outbox)), SQLite (`SqliteSagaStore`, feature `sqlite`, commands
+//! through the SQLite outbox) or the embedded store ([`EmbeddedSagaStore`], one fsynced log file in
+//! a directory, with its own outbox relay). Two forms: event-driven state machines ([`machine`]) and,
+//! below, orchestrated sagas with compensations.
 //!
 //! A saga is an ordered list of steps; each step is a command sent to a queue whose reply (from a
 //! [`responder`](crate::Bus::responder)) is awaited, with an optional compensating command. The
@@ -36,12 +38,16 @@ pub mod machine;
 pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod store;
 
 pub use embedded::{EmbeddedRelay, EmbeddedRelayHandle, EmbeddedSagaStore};
 pub use machine::{Finished, Instance, Machine, MachineHandle, StateMachine, Transition};
 #[cfg(feature = "postgres")]
 pub use postgres::{migrate, PgSagaStore};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteSagaStore;
 pub use store::{HistoryEntry, ListFilter, SagaRow, SagaStore};
 
 use crate::bus::Bus;
