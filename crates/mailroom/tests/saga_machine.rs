@@ -297,7 +297,14 @@ async fn happy_and_declined(target: Target) {
         let (workers, effects) = services(&env.bus, &prefix, declined, false).await;
         let o = orchestrator(&env.bus, &store_dir(&env, &name), Machine::new(saga(&name, &prefix))).await;
         o.handle.send(OrderEvent::Placed { order, cents: 500 }).await.unwrap();
-        // A second Placed for the same key changes nothing (the machine ignores it).
+        // A second Placed for the same key, once the instance exists, changes nothing (the machine
+        // ignores it). Sent at once, it could be handled first: messages of one key are handled one
+        // at a time, not in queue order, when the saga runs with concurrency > 1.
+        let key = order.to_string();
+        let until = tokio::time::Instant::now() + WAIT;
+        while o.handle.get(&key).await.unwrap().is_none() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         o.handle.send(OrderEvent::Placed { order, cents: 999 }).await.unwrap();
         let done = tokio::time::timeout(WAIT, o.handle.wait(&order.to_string())).await.expect("finished").unwrap();
         if declined {

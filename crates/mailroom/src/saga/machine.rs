@@ -291,7 +291,9 @@ impl<M: StateMachine> Machine<M> {
         Machine { machine, concurrency: 8, hook: None }
     }
 
-    /// How many messages are handled at once (different keys; one key is always one at a time).
+    /// How many messages are handled at once (default 8). One key's messages are always handled one
+    /// at a time, but with more than one at once not necessarily in queue order: use 1 when a key's
+    /// events must be applied in the order they were sent.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
