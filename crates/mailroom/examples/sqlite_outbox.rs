@@ -48,7 +48,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for order in 1..=3 {
         let mut tx = shop.begin().await?;
         sqlx::query("INSERT INTO orders (id) VALUES (?)").bind(order).execute(&mut *tx).await?;
-        outbox.enqueue(&mut tx, Dest::Queue("example.shipping".into()), &Envelope::event(OrderPlaced { order })).await?;
+        outbox
+            .enqueue(&mut tx, Dest::Queue("example.shipping".into()), &Envelope::event(OrderPlaced { order }))
+            .await?;
         tx.commit().await?; // the event leaves only now
     }
     while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM shipments").fetch_one(&shipping).await? < 3 {

@@ -369,7 +369,6 @@ pub struct Context {
 /// A worker's shared state values, by type.
 pub(crate) type State = Arc<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>;
 
-
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context").field("queue", &self.queue).field("message_id", &self.meta.id).finish()

@@ -8,11 +8,11 @@
 //! then ack. It never rejects with requeue (no hot loops); if that publish fails it rejects without
 //! requeue and the queue's dead-letter backstop moves the message to `<queue>.dlq`.
 
-use crate::inbox::UnitSlot;
 use crate::bus::{Bus, Context};
 use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
 use crate::error::{HandlerError, Result};
 use crate::filter::Filter;
+use crate::inbox::UnitSlot;
 use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};

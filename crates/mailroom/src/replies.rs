@@ -50,7 +50,12 @@ impl ReplyRouter {
     }
 
     /// Routes replies to request `id` into `tx` until the guard drops.
-    pub(crate) fn register(self: &Arc<Self>, id: &str, recipient: &str, tx: mpsc::UnboundedSender<ReplyMsg>) -> PendingGuard {
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        id: &str,
+        recipient: &str,
+        tx: mpsc::UnboundedSender<ReplyMsg>,
+    ) -> PendingGuard {
         self.pending.lock().unwrap().insert(id.to_owned(), Pending { tx, recipient: recipient.to_owned() });
         PendingGuard { router: Arc::clone(self), id: id.to_owned() }
     }
@@ -87,4 +92,3 @@ async fn route_replies(router: std::sync::Weak<ReplyRouter>, mut sub: Subscripti
         }
     }
 }
-

@@ -393,8 +393,13 @@ impl SqliteRelay {
         } else {
             (String::new(), true)
         };
-        let out =
-            Outbound { exchange, routing_key: dest.to_owned(), properties: meta.to_properties(), body: body.into(), mandatory };
+        let out = Outbound {
+            exchange,
+            routing_key: dest.to_owned(),
+            properties: meta.to_properties(),
+            body: body.into(),
+            mandatory,
+        };
         match self.bus.transport().publish(out).await {
             Ok(Published::Confirmed) => Ok(()),
             Ok(Published::Unroutable) => Err(format!("no route to {dest}")),
@@ -461,8 +466,10 @@ impl Context {
             }
         });
         taken.ok_or_else(|| {
-            HandlerError::permanent("no SQLite transaction: the worker needs .idempotent(SqliteInbox), and one SqliteTx at a time")
-                .with_kind("config")
+            HandlerError::permanent(
+                "no SQLite transaction: the worker needs .idempotent(SqliteInbox), and one SqliteTx at a time",
+            )
+            .with_kind("config")
         })
     }
 }
@@ -526,7 +533,14 @@ impl InboxStore for SqliteInbox {
 
     fn record<'a>(&'a self, consumer: &'a str, message_id: &'a str) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            sqlx::query(RECORD).bind(consumer).bind(message_id).bind(now_ms()).execute(&self.pool).await.map(|_| ()).map_err(text)
+            sqlx::query(RECORD)
+                .bind(consumer)
+                .bind(message_id)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+                .map_err(text)
         })
     }
 
@@ -535,8 +549,14 @@ impl InboxStore for SqliteInbox {
             let mut tx = self.pool.begin().await.map_err(text)?;
             // The first statement writes, so the transaction takes SQLite's write lock here (waiting up
             // to the busy timeout) and sees every committed claim: a duplicate inserts nothing.
-            let inserted =
-                sqlx::query(RECORD).bind(consumer).bind(message_id).bind(now_ms()).execute(&mut *tx).await.map_err(text)?.rows_affected();
+            let inserted = sqlx::query(RECORD)
+                .bind(consumer)
+                .bind(message_id)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(text)?
+                .rows_affected();
             if inserted == 0 {
                 tx.rollback().await.map_err(text)?;
                 return Ok(Claim::Duplicate);

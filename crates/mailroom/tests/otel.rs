@@ -19,8 +19,8 @@ fn attr(s: &SpanData, key: &str) -> String {
 async fn one_trace_across_four_hops() {
     let exporter = InMemorySpanExporterBuilder::new().build();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    let subscriber =
-        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("mailroom-test")));
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("mailroom-test")));
     // Global: workers' tasks run on other threads.
     tracing::subscriber::set_global_default(subscriber).expect("the only subscriber in this test binary");
 
@@ -61,11 +61,14 @@ async fn one_trace_across_four_hops() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let find = |name: &str, dest: &str| -> SpanData {
-        spans
-            .iter()
-            .find(|s| s.name == name && attr(s, "messaging.destination") == dest)
-            .cloned()
-            .unwrap_or_else(|| panic!("a {name} span for {dest} among {:?}", spans.iter().map(|s| (&s.name, attr(s, "messaging.destination"))).collect::<Vec<_>>()))
+        spans.iter().find(|s| s.name == name && attr(s, "messaging.destination") == dest).cloned().unwrap_or_else(
+            || {
+                panic!(
+                    "a {name} span for {dest} among {:?}",
+                    spans.iter().map(|s| (&s.name, attr(s, "messaging.destination"))).collect::<Vec<_>>()
+                )
+            },
+        )
     };
     let hops = [find("send", "otel.a"), find("process", "otel.a"), find("send", "otel.b"), find("process", "otel.b")];
     let trace = hops[0].span_context.trace_id();

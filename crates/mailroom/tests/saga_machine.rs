@@ -14,8 +14,8 @@
 mod common;
 
 use common::{env, Env, Target};
-use mailroom::saga::machine::{events_queue, Machine, MachineHandle, StateMachine, Transition};
 use mailroom::relay::RelayHandle;
+use mailroom::saga::machine::{events_queue, Machine, MachineHandle, StateMachine, Transition};
 use mailroom::saga::{EmbeddedSagaStore, SagaStore as _, Status};
 use mailroom::{Amqp, AmqpConfig, Bus, Envelope, Fault, HandlerError, MemoryInbox, WorkerHandle};
 use serde::{Deserialize, Serialize};
@@ -155,12 +155,18 @@ struct Effects {
 /// The services, idempotent through a [`MemoryInbox`] each: a second copy of a command (a killed
 /// relay's re-publish, same id) is absorbed before the handler. `declined`: charge refuses;
 /// `silent_charge`: charge never answers.
-async fn services(bus: &Bus, prefix: &str, declined: bool, silent_charge: bool) -> (Vec<WorkerHandle>, Arc<Mutex<Effects>>) {
+async fn services(
+    bus: &Bus,
+    prefix: &str,
+    declined: bool,
+    silent_charge: bool,
+) -> (Vec<WorkerHandle>, Arc<Mutex<Effects>>) {
     let effects: Arc<Mutex<Effects>> = Arc::default();
     let mut workers = Vec::new();
     for svc in ["reserve", "charge", "ship", "release"] {
         let e = effects.clone();
-        let b = bus.responder(&format!("{prefix}.{svc}")).idempotent(Arc::new(MemoryInbox::new(Duration::from_secs(600))));
+        let b =
+            bus.responder(&format!("{prefix}.{svc}")).idempotent(Arc::new(MemoryInbox::new(Duration::from_secs(600))));
         let w = b
             .handle_request(move |cmd: Envelope<Value>, _ctx| {
                 let e = e.clone();
@@ -258,7 +264,8 @@ async fn orchestrator_on(backend: Backend, bus: &Bus, dir: &PathBuf, machine: Ma
             let file = dir.join("saga.db");
             let pool = mailroom::sqlite::open(&file).await.unwrap();
             let outbox = mailroom::sqlite::SqliteOutbox::new(pool, &file, "outbox").unwrap();
-            let handle = machine.run_on(bus.clone(), mailroom::saga::SqliteSagaStore::new(outbox.clone())).await.unwrap();
+            let handle =
+                machine.run_on(bus.clone(), mailroom::saga::SqliteSagaStore::new(outbox.clone())).await.unwrap();
             let relay = outbox.relay(bus.clone()).poll_interval(Duration::from_millis(20)).run().await.unwrap();
             Orchestrator { relay, handle }
         }
@@ -314,7 +321,10 @@ async fn happy_and_declined(target: Target) {
             assert_eq!(wait_effects(&effects, 4).await, ["reserve", "charge!", "release", "notify:false"]);
         } else {
             assert_eq!(done.status, Status::Done);
-            assert_eq!(done.state, Order { order, cents: 500, phase: Phase::Shipped, payment: Some(format!("pay-{order}")), reason: None });
+            assert_eq!(
+                done.state,
+                Order { order, cents: 500, phase: Phase::Shipped, payment: Some(format!("pay-{order}")), reason: None }
+            );
             assert_eq!(wait_effects(&effects, 4).await, ["reserve", "charge", "ship", "notify:true"]);
         }
         let inst = o.handle.get(&order.to_string()).await.unwrap().unwrap();
@@ -361,7 +371,13 @@ async fn timer_fires(target: Target) {
 
 /// One run of the order saga: without kills, or with the orchestrator killed right after each of
 /// its transitions commits. Returns the final state, the effects, and how many times it was killed.
-async fn run_order(env: &Env, backend: Backend, run: &str, declined: bool, kill: bool) -> (mailroom::saga::Finished<Order>, Vec<String>, usize) {
+async fn run_order(
+    env: &Env,
+    backend: Backend,
+    run: &str,
+    declined: bool,
+    kill: bool,
+) -> (mailroom::saga::Finished<Order>, Vec<String>, usize) {
     let prefix = env.q(run);
     let name = prefix.replace('.', "_");
     let dir = store_dir(env, &name);
@@ -465,7 +481,8 @@ async fn killed_at_every_transition_on(target: Target, backend: Backend) {
     let env = env(target, "machinek").await;
     for declined in [false, true] {
         let (calm, calm_effects, _) = run_order(&env, backend, &format!("calm{declined}"), declined, false).await;
-        let (killed, killed_effects, kills) = run_order(&env, backend, &format!("kill{declined}"), declined, true).await;
+        let (killed, killed_effects, kills) =
+            run_order(&env, backend, &format!("kill{declined}"), declined, true).await;
         assert_eq!(killed, calm, "same final state with and without kills");
         assert_eq!(killed_effects, calm_effects, "each effect once, in the same order");
         // Placed, Reserved, Charged/ChargeDeclined, Shipped/Released: one kill after each.

@@ -14,7 +14,7 @@ use mailroom::{Envelope, HandlerError, WorkerHandle};
 use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +38,7 @@ async fn open(path: &PathBuf) -> (SqlitePool, SqliteOutbox) {
     (pool, ob)
 }
 
-fn remove(path: &PathBuf) {
+fn remove(path: &Path) {
     for suffix in ["", "-wal", "-shm", ".outbox.relay.lock"] {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);
@@ -129,7 +129,11 @@ async fn committed_delivered_rolled_back_not(target: Target) {
 }
 
 /// A relay whose hook hangs after the `stop_at`-th confirm (published, not yet marked).
-async fn relay_that_hangs_after(ob: &SqliteOutbox, env: &Env, stop_at: usize) -> (RelayHandle, Arc<tokio::sync::Notify>) {
+async fn relay_that_hangs_after(
+    ob: &SqliteOutbox,
+    env: &Env,
+    stop_at: usize,
+) -> (RelayHandle, Arc<tokio::sync::Notify>) {
     let hung = Arc::new(tokio::sync::Notify::new());
     let (h, count) = (hung.clone(), Arc::new(AtomicUsize::new(0)));
     let relay = ob

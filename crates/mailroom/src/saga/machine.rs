@@ -410,7 +410,12 @@ impl<M: StateMachine> Core<M> {
 
     /// Runs `input` against instance `id` (creating it if the event starts one), retrying version
     /// conflicts. `Some` when a transition committed.
-    async fn transition(&self, id: &str, input: Input<M::Event>, ctx: &Context) -> Result<Option<Transitioned>, SagaError> {
+    async fn transition(
+        &self,
+        id: &str,
+        input: Input<M::Event>,
+        ctx: &Context,
+    ) -> Result<Option<Transitioned>, SagaError> {
         let msg_id = ctx.meta().id.clone();
         let mut input = Some(input);
         for _ in 0..MAX_CONFLICTS {
@@ -427,7 +432,13 @@ impl<M: StateMachine> Core<M> {
                         return Ok(None);
                     };
                     let key = id.strip_prefix(&format!("{}:", self.name)).unwrap_or(id).to_owned();
-                    let stored = Stored { key, state, awaiting: BTreeMap::new(), timers: BTreeMap::new(), seen: VecDeque::new() };
+                    let stored = Stored {
+                        key,
+                        state,
+                        awaiting: BTreeMap::new(),
+                        timers: BTreeMap::new(),
+                        seen: VecDeque::new(),
+                    };
                     (stored, -1, Status::Running)
                 }
             };
