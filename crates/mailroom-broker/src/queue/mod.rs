@@ -343,7 +343,7 @@ impl Queue {
             match args.overflow {
                 Overflow::RejectPublish => return PushOutcome::Rejected,
                 Overflow::RejectPublishDlx => {
-                    after.dead.push((message, DeadLetterReason::MaxLen));
+                    after.push_dead(message, DeadLetterReason::MaxLen, None);
                     return PushOutcome::Rejected;
                 }
                 Overflow::DropHead => {}
