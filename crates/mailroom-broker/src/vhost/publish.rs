@@ -17,6 +17,9 @@ use std::sync::Arc;
 pub struct PublishResult {
     /// At least one queue took the message.
     pub routed: bool,
+    /// At least one routed queue still held it after the push (false when every target was deleted between
+    /// routing and the push: the publish counts as routed, as RabbitMQ's, but a move must keep its source).
+    pub kept: bool,
     /// A queue refused it (`reject-publish` overflow, or its store failed): confirms nack it.
     pub rejected: bool,
     /// A store refused it (backpressure, disk full, store failing), not a length limit: a move (delayed
@@ -46,7 +49,7 @@ impl VHost {
                 result
             }
             Admit::Held(ticket) => {
-                PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
+                PublishResult { routed: true, kept: true, durable: ticket.into_iter().collect(), ..Default::default() }
             }
             Admit::Dropped(ticket) => {
                 PublishResult { durable: ticket.into_iter().collect(), ..PublishResult::default() }
@@ -184,11 +187,13 @@ impl VHost {
             match outcome {
                 // A duplicate counts as stored where its original is: its confirm waits for that fsync.
                 PushOutcome::Stored(ticket) | PushOutcome::Duplicate(Some(ticket)) => {
+                    result.kept = true;
                     result.durable.push(ticket);
                     result.stored_in.push(Arc::clone(q));
                 }
+                PushOutcome::Enqueued | PushOutcome::Duplicate(None) => result.kept = true,
                 // Still counted as routed, as before the outcome told these apart.
-                PushOutcome::Enqueued | PushOutcome::Duplicate(None) | PushOutcome::QueueDeleted => {}
+                PushOutcome::QueueDeleted => {}
                 PushOutcome::Rejected => result.rejected = true,
                 PushOutcome::Refused => {
                     result.rejected = true;
@@ -197,5 +202,32 @@ impl VHost {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::vhost::QueueOptions;
+    use crate::{BasicProperties, Broker, BrokerConfig, Message};
+    use bytes::Bytes;
+
+    /// A queue deleted between routing and the push: the publish still counts as routed (as RabbitMQ's), but
+    /// nothing kept the message, which is what a move (redrive) checks before removing its source.
+    #[tokio::test]
+    async fn a_queue_deleted_after_routing_keeps_nothing() {
+        let broker = Broker::open(BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("gone", &QueueOptions::default(), 1).unwrap();
+        v.declare_queue("here", &QueueOptions::default(), 1).unwrap();
+        let gone = v.queue("gone", 1).unwrap();
+        let here = v.queue("here", 1).unwrap();
+        v.delete_queue("gone", false, false, 1).unwrap();
+        let message = || Message::new("", "gone", BasicProperties::default(), Bytes::from_static(b"m"));
+
+        let result = v.enqueue_all(std::slice::from_ref(&gone), message());
+        assert!(result.routed && !result.kept && !result.rejected);
+
+        let result = v.enqueue_all(&[gone, here], message());
+        assert!(result.routed && result.kept, "one live target keeps it");
     }
 }

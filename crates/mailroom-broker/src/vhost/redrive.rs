@@ -151,7 +151,8 @@ impl VHost {
             copy.exchange = exchange.as_str().into();
             copy.routing_key = keys.first().map(String::as_str).unwrap_or("").into();
             let result = self.route_and_enqueue_keys(&ex, copy, &keys);
-            if !result.routed || result.rejected {
+            // A target deleted between routing and the push took nothing: the dead letter stays.
+            if !result.routed || !result.kept || result.rejected {
                 outcome.skipped += 1;
                 continue;
             }
