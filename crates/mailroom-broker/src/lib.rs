@@ -29,7 +29,8 @@ mod fault_tests;
 pub use alarm::{AlarmConfig, AlarmState};
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-pub use broker::{Broker, BrokerConfig, User};
+pub use access::{AccessControl, AuthenticatedUser};
+pub use broker::{Broker, BrokerConfig};
 pub use connections::{
     ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry, ConsumerSnapshot,
     Registration,

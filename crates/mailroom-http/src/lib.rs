@@ -1,6 +1,6 @@
 //! Mailroom's HTTP API: RabbitMQ's management API (its paths, verbs, JSON field names and error bodies:
 //! overview, nodes, exchanges, queues, bindings, connections, channels, consumers, policies, definitions,
-//! health checks) plus Mailroom's own `peek` and `redrive`, with basic auth against the broker's users;
+//! health checks, users, permissions and limits) plus Mailroom's own `peek` and `redrive`, with basic auth against the broker's users;
 //! vhost `/` is written `%2F` in paths.
 //!
 //! One hyper HTTP/1 connection task per client; every request is authenticated, then routed by
@@ -8,6 +8,7 @@
 //! a `match` states as clearly as a routing library would, without the dependency). `GET /metrics`
 //! (Prometheus text format, see [`metrics`]) needs no credentials.
 
+mod access_routes;
 mod clients;
 pub mod definitions;
 mod json;
