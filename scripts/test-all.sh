@@ -5,8 +5,9 @@
 #
 # Installs what it needs: cargo-nextest if missing, a Python venv with tests/requirements.txt, and
 # (as root on Debian) a C compiler, RabbitMQ and PostgreSQL when they are missing, which it starts on
-# free ports and stops at the end (scripts/services.sh), plus whatever tests/compat/setup.sh installs,
-# and valgrind for the hot-path instruction counts (scripts/check-instructions.sh).
+# free ports and stops at the end (scripts/services.sh), plus whatever tests/compat/setup.sh and
+# tests/ui/setup.sh (Chromium, playwright-core) install, and valgrind for the hot-path instruction
+# counts (scripts/check-instructions.sh).
 # A service that is missing and cannot be installed: the tests that need it are skipped (one line
 # each) and the summary says so; with CI=true that is an error.
 #
@@ -121,6 +122,10 @@ if [ -d tests/compat ]; then
   suites+=(tests/compat)
 fi
 run python .venv/bin/pytest "${suites[@]}" -q -p no:cacheprovider
+# The web UI in Debian's headless Chromium (setup installs it and playwright-core as root; else the test
+# skips with the reason).
+run ui-setup sh tests/ui/setup.sh
+run ui .venv/bin/pytest tests/ui -q -p no:cacheprovider -rs
 
 echo
 echo "== summary ($((SECONDS - started)) s)"
@@ -135,6 +140,7 @@ fi
 echo "Doctests: $(grep -E '^test result:' "$LOGS/doctests.log" 2>/dev/null | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')"
 [ -f "$LOGS/instructions.log" ] && echo "Instructions: $(tail -n 1 "$LOGS/instructions.log")"
 echo "Python ($AMQP_TARGETS; ${suites[*]}): $(tail -n 1 "$LOGS/python.log" 2>/dev/null | tr -d '=' | sed 's/^ *//')"
+echo "Web UI (tests/ui, Chromium): $(tail -n 1 "$LOGS/ui.log" 2>/dev/null | tr -d '=' | sed 's/^ *//')"
 if [ "$AMQP_TARGETS" = mailroom ] && [ "$have_rabbitmq" = 0 ]; then
   echo "  the RabbitMQ (oracle) half of every Python test was skipped: RabbitMQ is missing"
 fi

@@ -1,7 +1,8 @@
 //! Resource alarms, as RabbitMQ's: when held message bytes pass the memory high watermark, or free disk
 //! space under the data directory drops below the limit, publishing connections are blocked until the
 //! alarm clears. A third alarm is ours: a durable store cannot write (a failed write, fsync or segment
-//! creation it keeps retrying); it clears by itself once the store's retry succeeds. The broker core only raises and clears alarms; the wire layer does the blocking.
+//! creation it keeps retrying); it clears by itself once the store's retry succeeds. The broker core only
+//! raises and clears alarms; the wire layer does the blocking.
 
 use std::path::PathBuf;
 use std::sync::Weak;
@@ -66,12 +67,20 @@ pub fn free_disk_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
+/// What the monitor reads from the broker every round (the broker implements it; this module stays below it).
+pub(crate) trait Watched: Send + Sync + 'static {
+    /// Message body bytes held in RAM by every queue.
+    fn held_bytes(&self) -> u64;
+    /// Whether saving the definitions is failing (the disk alarm stays raised meanwhile).
+    fn definitions_failing(&self) -> bool;
+    /// Durable stores that cannot write right now.
+    fn failing_stores(&self) -> u64;
+    /// Why the most recent failing store failed, for the log line.
+    fn failing_reason(&self) -> String;
+}
+
 /// Re-evaluates the alarms every [`ALARM_CHECK_INTERVAL`] until the broker is dropped.
-pub(crate) async fn run_monitor(
-    broker: Weak<crate::broker::BrokerInner>,
-    config: AlarmConfig,
-    tx: watch::Sender<AlarmState>,
-) {
+pub(crate) async fn run_monitor<W: Watched>(broker: Weak<W>, config: AlarmConfig, tx: watch::Sender<AlarmState>) {
     let mut tick = tokio::time::interval(ALARM_CHECK_INTERVAL);
     loop {
         tick.tick().await;

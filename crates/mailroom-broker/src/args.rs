@@ -1,4 +1,6 @@
-//! Queue arguments: RabbitMQ 3.10's `x-` names, type-checked at declare time and compared on redeclare.
+//! Queue arguments: RabbitMQ 3.10's `x-` names, type-checked at declare time, compared on redeclare and
+//! set by policies, all driven by one table ([`ARGUMENTS`]). Adding an argument: a field of
+//! [`QueueArguments`] and an entry in the table here, and its behaviour in the queue.
 
 use crate::error::{BrokerError, Result};
 use amq_protocol_types::{AMQPValue, FieldTable};
@@ -55,32 +57,6 @@ pub struct QueueArguments {
     /// `x-message-deduplication` (the deduplication plugin's queue argument).
     pub deduplication: bool,
 }
-
-/// The `x-` arguments RabbitMQ 3.10 validates and compares on redeclare.
-const KNOWN_ARGUMENTS: &[&str] = &[
-    "x-expires",
-    "x-message-ttl",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-max-in-memory-length",
-    "x-max-in-memory-bytes",
-    "x-max-priority",
-    "x-overflow",
-    "x-queue-mode",
-    "x-queue-version",
-    "x-single-active-consumer",
-    "x-queue-type",
-    "x-quorum-initial-group-size",
-    "x-max-age",
-    "x-stream-max-segment-size-bytes",
-    "x-initial-cluster-size",
-    "x-queue-leader-locator",
-    "x-queue-master-locator",
-    "x-dead-letter-strategy",
-    "x-delivery-limit",
-];
 
 /// Largest TTL RabbitMQ accepts (its timer limit), in ms.
 const MAX_TTL_MS: i128 = 4_294_967_295;
@@ -163,97 +139,314 @@ fn render(value: &AMQPValue) -> String {
     }
 }
 
+/// One queue argument: how it is validated and stored, whether a redeclare compares it, and how a policy
+/// sets it. [`ARGUMENTS`] lists them all: parsing, redeclare equivalence and policies read only it.
+pub struct ArgSpec {
+    /// The `x-` name.
+    pub name: &'static str,
+    /// Compared on redeclare (RabbitMQ 3.10's equivalence check; a difference is 406).
+    pub compared: bool,
+    /// Validates a value and stores what the queue uses of it.
+    pub parse: fn(&mut QueueArguments, &Arg<'_>) -> Result<()>,
+    /// The policy definition key that sets it, if a policy may.
+    pub policy: Option<PolicyKey>,
+}
+
+/// How a policy sets a queue argument.
+pub struct PolicyKey {
+    /// The definition key (RabbitMQ's, without `x-`).
+    pub key: &'static str,
+    /// How the policy's value combines with a declared one.
+    pub merge: Merge,
+    /// A check of the policy's value before it is parsed as the argument, with its own message.
+    pub check: Option<fn(&AMQPValue) -> Result<()>>,
+}
+
+/// How a policy value combines with the declared argument.
+pub enum Merge {
+    /// The effective value is `f(effective, policy)` (the smaller of the two, for limits and TTLs).
+    Always(fn(&mut QueueArguments, &QueueArguments)),
+    /// A declared argument wins; else `f(effective, policy)` copies the policy's value (when it sets it).
+    UnlessDeclared(fn(&mut QueueArguments, &QueueArguments)),
+}
+
+/// The smaller of two optional limits (either alone if the other is unset).
+fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Largest value of an unbounded integer argument.
+const MAX_INT: i128 = i64::MAX as i128;
+
+/// Every queue argument, in the order RabbitMQ 3.10 compares them on redeclare.
+pub static ARGUMENTS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "x-expires",
+        compared: true,
+        parse: |q, a| {
+            q.expires = Some(a.int(1, MAX_TTL_MS)?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "expires",
+            merge: Merge::Always(|e, p| e.expires = min(e.expires, p.expires)),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-message-ttl",
+        compared: true,
+        parse: |q, a| {
+            q.message_ttl = Some(a.int(0, MAX_TTL_MS)?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "message-ttl",
+            merge: Merge::Always(|e, p| e.message_ttl = min(e.message_ttl, p.message_ttl)),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-dead-letter-exchange",
+        compared: true,
+        parse: |q, a| {
+            q.dead_letter_exchange = Some(a.string()?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "dead-letter-exchange",
+            merge: Merge::UnlessDeclared(|e, p| e.dead_letter_exchange = p.dead_letter_exchange.clone()),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-dead-letter-routing-key",
+        compared: true,
+        parse: |q, a| {
+            q.dead_letter_routing_key = Some(a.string()?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "dead-letter-routing-key",
+            merge: Merge::UnlessDeclared(|e, p| e.dead_letter_routing_key = p.dead_letter_routing_key.clone()),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-max-length",
+        compared: true,
+        parse: |q, a| {
+            q.max_length = Some(a.int(0, MAX_INT)?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "max-length",
+            merge: Merge::Always(|e, p| e.max_length = min(e.max_length, p.max_length)),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-max-length-bytes",
+        compared: true,
+        parse: |q, a| {
+            q.max_length_bytes = Some(a.int(0, MAX_INT)?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "max-length-bytes",
+            merge: Merge::Always(|e, p| e.max_length_bytes = min(e.max_length_bytes, p.max_length_bytes)),
+            check: None,
+        }),
+    },
+    ArgSpec { name: "x-max-in-memory-length", compared: true, parse: |_, a| a.int(0, MAX_INT).map(drop), policy: None },
+    ArgSpec { name: "x-max-in-memory-bytes", compared: true, parse: |_, a| a.int(0, MAX_INT).map(drop), policy: None },
+    ArgSpec {
+        name: "x-max-priority",
+        compared: true,
+        parse: |q, a| {
+            let p = a.int(0, 255)?;
+            q.max_priority = (p > 0).then_some(p as u8);
+            Ok(())
+        },
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-overflow",
+        compared: true,
+        parse: |q, a| {
+            q.overflow = match a.one_of(&["drop-head", "reject-publish", "reject-publish-dlx"])?.as_str() {
+                "reject-publish" => Overflow::RejectPublish,
+                "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                _ => Overflow::DropHead,
+            };
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "overflow",
+            merge: Merge::UnlessDeclared(|e, p| e.overflow = p.overflow),
+            check: None,
+        }),
+    },
+    ArgSpec {
+        name: "x-queue-mode",
+        compared: true,
+        parse: |_, a| a.one_of(&["default", "lazy"]).map(drop),
+        policy: None,
+    },
+    ArgSpec { name: "x-queue-version", compared: true, parse: |_, a| a.int(1, 2).map(drop), policy: None },
+    ArgSpec {
+        name: "x-single-active-consumer",
+        compared: true,
+        parse: |q, a| {
+            q.single_active_consumer = a.boolean()?;
+            Ok(())
+        },
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-queue-type",
+        compared: true,
+        parse: |q, a| {
+            q.queue_type = match a.one_of(&["classic", "quorum", "stream"])?.as_str() {
+                "quorum" => QueueType::Quorum,
+                "stream" => QueueType::Stream,
+                _ => QueueType::Classic,
+            };
+            Ok(())
+        },
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-quorum-initial-group-size",
+        compared: true,
+        parse: |_, a| a.int(1, MAX_INT).map(drop),
+        policy: None,
+    },
+    ArgSpec { name: "x-max-age", compared: true, parse: |_, a| a.string().map(drop), policy: None },
+    ArgSpec {
+        name: "x-stream-max-segment-size-bytes",
+        compared: true,
+        parse: |_, a| a.int(0, MAX_INT).map(drop),
+        policy: None,
+    },
+    ArgSpec { name: "x-initial-cluster-size", compared: true, parse: |_, a| a.int(1, MAX_INT).map(drop), policy: None },
+    ArgSpec {
+        name: "x-queue-leader-locator",
+        compared: true,
+        parse: |_, a| a.one_of(LOCATORS).map(drop),
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-queue-master-locator",
+        compared: true,
+        parse: |_, a| a.one_of(LOCATORS).map(drop),
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-dead-letter-strategy",
+        compared: true,
+        parse: |_, a| a.one_of(&["at-most-once", "at-least-once"]).map(drop),
+        policy: None,
+    },
+    ArgSpec {
+        name: "x-delivery-limit",
+        compared: true,
+        parse: |q, a| {
+            q.delivery_limit = Some(a.int(0, MAX_INT)?);
+            Ok(())
+        },
+        policy: Some(PolicyKey {
+            key: "delivery-limit",
+            merge: Merge::UnlessDeclared(|e, p| e.delivery_limit = p.delivery_limit),
+            check: Some(|v| match int_value(v) {
+                Some(n) if n >= 0 => Ok(()),
+                _ => Err(BrokerError::precondition("delivery-limit must be a non-negative integer")),
+            }),
+        }),
+    },
+    // The deduplication plugin's queue argument: RabbitMQ 3.10 does not compare it on redeclare.
+    ArgSpec {
+        name: "x-message-deduplication",
+        compared: false,
+        parse: |q, a| {
+            q.deduplication = a.boolean()?;
+            Ok(())
+        },
+        policy: None,
+    },
+];
+
+/// The values `x-queue-leader-locator` and `x-queue-master-locator` accept.
+const LOCATORS: &[&str] = &["client-local", "balanced", "random", "least-leaders", "min-masters"];
+
+/// The spec of the argument named `name`, if it is one Mailroom knows.
+pub fn spec(name: &str) -> Option<&'static ArgSpec> {
+    ARGUMENTS.iter().find(|s| s.name == name)
+}
+
+/// One argument value being parsed, with what its error messages name.
+pub struct Arg<'a> {
+    key: &'a str,
+    value: &'a AMQPValue,
+    queue: &'a str,
+    vhost: &'a str,
+}
+
+impl Arg<'_> {
+    /// A 406 naming the argument, the queue and the vhost, as RabbitMQ words it.
+    fn invalid(&self, why: String) -> BrokerError {
+        BrokerError::precondition(format!(
+            "invalid arg '{}' for queue '{}' in vhost '{}': {why}",
+            self.key, self.queue, self.vhost
+        ))
+    }
+    fn unacceptable_type(&self) -> BrokerError {
+        self.invalid(format!("{{unacceptable_type,{}}}", type_name(self.value)))
+    }
+    /// An integer of any AMQP width within `min..=max`.
+    pub fn int(&self, min: i128, max: i128) -> Result<u64> {
+        let v = int_value(self.value).ok_or_else(|| self.unacceptable_type())?;
+        if v < min || v > max {
+            let why =
+                if min > 0 && v < min { format!("{{value_zero,{v}}}") } else { format!("{{value_out_of_range,{v}}}") };
+            return Err(self.invalid(why));
+        }
+        Ok(v as u64)
+    }
+    /// A long or short string.
+    pub fn string(&self) -> Result<String> {
+        string_value(self.value).ok_or_else(|| self.unacceptable_type())
+    }
+    /// A string among `allowed`.
+    pub fn one_of(&self, allowed: &[&str]) -> Result<String> {
+        let s = self.string()?;
+        if allowed.contains(&s.as_str()) {
+            Ok(s)
+        } else {
+            Err(self.invalid(format!("{{unacceptable_value,<<\"{s}\">>}}")))
+        }
+    }
+    /// A boolean.
+    pub fn boolean(&self) -> Result<bool> {
+        match self.value {
+            AMQPValue::Boolean(b) => Ok(*b),
+            _ => Err(self.unacceptable_type()),
+        }
+    }
+}
+
 impl QueueArguments {
-    /// Validates `args` for queue `queue` in `vhost` the way RabbitMQ 3.10 does (406 on a bad value).
+    /// Validates `args` for queue `queue` in `vhost` the way RabbitMQ 3.10 does (406 on a bad value);
+    /// unknown arguments are ignored, as RabbitMQ does.
     pub fn parse(args: &FieldTable, queue: &str, vhost: &str) -> Result<Self> {
         let mut parsed = QueueArguments::default();
-        let invalid = |key: &str, why: String| {
-            BrokerError::precondition(format!("invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {why}"))
-        };
-        let int_arg = |key: &str, value: &AMQPValue, min: i128, max: i128| -> Result<u64> {
-            let v =
-                int_value(value).ok_or_else(|| invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))))?;
-            if v < min || v > max {
-                let why = if min > 0 && v < min {
-                    format!("{{value_zero,{v}}}")
-                } else {
-                    format!("{{value_out_of_range,{v}}}")
-                };
-                return Err(invalid(key, why));
-            }
-            Ok(v as u64)
-        };
-        let str_arg = |key: &str, value: &AMQPValue| -> Result<String> {
-            string_value(value).ok_or_else(|| invalid(key, format!("{{unacceptable_type,{}}}", type_name(value))))
-        };
-        let one_of = |key: &str, value: &AMQPValue, allowed: &[&str]| -> Result<String> {
-            let s = str_arg(key, value)?;
-            if allowed.contains(&s.as_str()) {
-                Ok(s)
-            } else {
-                Err(invalid(key, format!("{{unacceptable_value,<<\"{s}\">>}}")))
-            }
-        };
         for (key, value) in args.inner() {
             let key = key.as_str();
-            match key {
-                "x-message-ttl" => parsed.message_ttl = Some(int_arg(key, value, 0, MAX_TTL_MS)?),
-                "x-expires" => parsed.expires = Some(int_arg(key, value, 1, MAX_TTL_MS)?),
-                "x-dead-letter-exchange" => parsed.dead_letter_exchange = Some(str_arg(key, value)?),
-                "x-dead-letter-routing-key" => parsed.dead_letter_routing_key = Some(str_arg(key, value)?),
-                "x-max-length" => parsed.max_length = Some(int_arg(key, value, 0, i64::MAX as i128)?),
-                "x-max-length-bytes" => parsed.max_length_bytes = Some(int_arg(key, value, 0, i64::MAX as i128)?),
-                "x-max-in-memory-length" | "x-max-in-memory-bytes" | "x-stream-max-segment-size-bytes" => {
-                    int_arg(key, value, 0, i64::MAX as i128)?;
-                }
-                "x-delivery-limit" => parsed.delivery_limit = Some(int_arg(key, value, 0, i64::MAX as i128)?),
-                "x-max-priority" => {
-                    let p = int_arg(key, value, 0, 255)?;
-                    parsed.max_priority = (p > 0).then_some(p as u8);
-                }
-                "x-overflow" => {
-                    parsed.overflow =
-                        match one_of(key, value, &["drop-head", "reject-publish", "reject-publish-dlx"])?.as_str() {
-                            "reject-publish" => Overflow::RejectPublish,
-                            "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                            _ => Overflow::DropHead,
-                        }
-                }
-                "x-queue-mode" => {
-                    one_of(key, value, &["default", "lazy"])?;
-                }
-                "x-queue-version" => {
-                    int_arg(key, value, 1, 2)?;
-                }
-                "x-single-active-consumer" => match value {
-                    AMQPValue::Boolean(b) => parsed.single_active_consumer = *b,
-                    other => return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other)))),
-                },
-                "x-message-deduplication" => match value {
-                    AMQPValue::Boolean(b) => parsed.deduplication = *b,
-                    other => return Err(invalid(key, format!("{{unacceptable_type,{}}}", type_name(other)))),
-                },
-                "x-queue-type" => {
-                    parsed.queue_type = match one_of(key, value, &["classic", "quorum", "stream"])?.as_str() {
-                        "quorum" => QueueType::Quorum,
-                        "stream" => QueueType::Stream,
-                        _ => QueueType::Classic,
-                    }
-                }
-                "x-quorum-initial-group-size" | "x-initial-cluster-size" => {
-                    int_arg(key, value, 1, i64::MAX as i128)?;
-                }
-                "x-max-age" => {
-                    str_arg(key, value)?;
-                }
-                "x-queue-leader-locator" | "x-queue-master-locator" => {
-                    one_of(key, value, &["client-local", "balanced", "random", "least-leaders", "min-masters"])?;
-                }
-                "x-dead-letter-strategy" => {
-                    one_of(key, value, &["at-most-once", "at-least-once"])?;
-                }
-                // Unknown arguments are ignored, as RabbitMQ does.
-                _ => {}
+            if let Some(spec) = spec(key) {
+                (spec.parse)(&mut parsed, &Arg { key, value, queue, vhost })?;
             }
         }
         if parsed.dead_letter_routing_key.is_some() && parsed.dead_letter_exchange.is_none() {
@@ -268,8 +461,8 @@ impl QueueArguments {
 
 /// Checks a redeclare's arguments against the existing queue's (406 on any difference in a known key).
 pub fn assert_equivalent(current: &FieldTable, requested: &FieldTable, queue: &str, vhost: &str) -> Result<()> {
-    for key in KNOWN_ARGUMENTS {
-        let (old, new) = (current.inner().get(*key), requested.inner().get(*key));
+    for key in ARGUMENTS.iter().filter(|s| s.compared).map(|s| s.name) {
+        let (old, new) = (current.inner().get(key), requested.inner().get(key));
         let same = match (old, new) {
             (None, None) => true,
             (Some(a), Some(b)) => values_equivalent(a, b),
@@ -348,5 +541,15 @@ mod tests {
         // Unknown keys are not compared.
         let d = table(&[("x-message-ttl", AMQPValue::LongInt(1000)), ("x-other", AMQPValue::Boolean(true))]);
         assert!(assert_equivalent(&a, &d, "q", "/").is_ok());
+    }
+
+    #[test]
+    fn the_table_names_each_argument_once_and_policy_keys_match() {
+        for (i, s) in ARGUMENTS.iter().enumerate() {
+            assert!(ARGUMENTS[i + 1..].iter().all(|o| o.name != s.name), "{} listed twice", s.name);
+            if let Some(p) = &s.policy {
+                assert_eq!(s.name, format!("x-{}", p.key), "a policy key is its argument without x-");
+            }
+        }
     }
 }

@@ -2,16 +2,16 @@
 //! with [`Broker::open`].
 
 use crate::access::{AccessControl, AuthError, AuthenticatedUser, DefaultUser, LoopbackUsers};
-use crate::alarm::{self, AlarmConfig, AlarmState};
+use crate::alarm::{self, AlarmConfig, AlarmState, Watched};
 use crate::connections::ConnectionRegistry;
-use crate::durable::Durability;
+use crate::definitions;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::paging::{Paging, PagingConfig};
 use crate::queue::ConnectionId;
+use crate::storage::Durability;
 use crate::store::segment::StoreIo;
-use crate::store::{Definitions, DestinationKind, SyncStats, SyncerConfig};
+use crate::store::{SyncStats, SyncerConfig};
 use crate::vhost::VHost;
-use crate::vhost::{ExchangeOptions, QueueOptions};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,26 +67,26 @@ pub(crate) struct BrokerInner {
     connections: Arc<ConnectionRegistry>,
 }
 
-impl BrokerInner {
+impl alarm::Watched for BrokerInner {
     /// Whether saving the definitions is failing: the disk alarm stays raised meanwhile.
-    pub(crate) fn definitions_failing(&self) -> bool {
+    fn definitions_failing(&self) -> bool {
         self.durability.as_ref().is_some_and(|d| d.definitions_failing())
     }
 
     /// Message body bytes held in RAM by every queue (ready and unacked; a fanout copy counts per queue;
     /// bodies paged out to disk do not count).
-    pub(crate) fn held_bytes(&self) -> u64 {
+    fn held_bytes(&self) -> u64 {
         let vhosts: Vec<_> = self.vhosts.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         vhosts.iter().flat_map(|v| v.queues()).map(|q| q.held_bytes()).sum()
     }
 
     /// Durable stores that cannot write right now (their retries run; the store alarm is raised meanwhile).
-    pub(crate) fn failing_stores(&self) -> u64 {
+    fn failing_stores(&self) -> u64 {
         self.durability.as_ref().map_or(0, |d| d.failing_stores())
     }
 
     /// Why the most recent failing store failed, for the alarm's log line.
-    pub(crate) fn failing_reason(&self) -> String {
+    fn failing_reason(&self) -> String {
         self.durability.as_ref().map(|d| d.failing_reason()).unwrap_or_default()
     }
 }
@@ -107,12 +107,7 @@ impl Broker {
             })?),
             None => None,
         };
-        let definitions = match &durability {
-            Some(d) => d.load_definitions().map_err(|e| {
-                BrokerError::new(ErrorKind::ResourceError, format!("cannot read saved definitions: {e}"))
-            })?,
-            None => None,
-        };
+        let definitions = definitions::load(durability.as_deref())?;
         let paging = Paging::new(config.paging.clone(), config.data_dir.as_deref(), config.store_io.clone());
         let mut names = config.vhosts.clone();
         for v in definitions.iter().flat_map(|d| d.vhosts.iter()) {
@@ -130,14 +125,7 @@ impl Broker {
             .map(|u| (u.name.clone(), u.password.clone(), u.tags.clone()))
             .collect();
         if let (Some(d), Some(defs)) = (&durability, definitions) {
-            // Recovery is a barrier: nothing is routed or dropped (TTL, length limits, delivery limits,
-            // `x-expires`, delayed releases) until every exchange, queue and binding is back.
-            d.set_recovering(true);
-            recover_definitions(&vhosts, defs);
-            d.set_recovering(false);
-            for v in vhosts.values() {
-                v.finish_recovery();
-            }
+            definitions::replay(d, &vhosts, defs);
         }
         let legacy: Vec<_> = legacy.iter().map(|(n, p, t)| (n.as_str(), p.as_str(), t.as_slice())).collect();
         let access = crate::access::store::open_registry(
@@ -270,7 +258,7 @@ impl Broker {
     pub fn flush_exchange_stores(&self) {
         for v in self.vhosts() {
             for ex in v.exchanges() {
-                ex.extras().delayed.flush_settles();
+                ex.flavor().flush();
             }
         }
     }
@@ -312,59 +300,13 @@ impl Broker {
     }
 }
 
-/// Re-declares the durable exchanges, queues (with their stored messages) and bindings of a previous run.
-fn recover_definitions(vhosts: &HashMap<String, Arc<VHost>>, defs: Definitions) {
-    // Recovered resources belong to no connection.
-    const NO_OWNER: ConnectionId = 0;
-    for p in defs.policies {
-        let Some(v) = vhosts.get(&p.vhost) else { continue };
-        let policy = crate::policy::ApplyTo::parse(&p.apply_to)
-            .and_then(|apply_to| crate::policy::Policy::new(&p.name, &p.pattern, apply_to, p.priority, p.definition));
-        match policy {
-            Ok(policy) => v.set_policy(policy),
-            Err(err) => tracing::warn!(policy = %p.name, error = %err, "cannot recover policy"),
-        }
-    }
-    for e in defs.exchanges {
-        let Some(v) = vhosts.get(&e.vhost) else { continue };
-        let options = ExchangeOptions {
-            durable: true,
-            auto_delete: e.auto_delete,
-            internal: e.internal,
-            arguments: e.arguments,
-            ..Default::default()
-        };
-        if let Err(err) = v.declare_exchange(&e.name, &e.kind, &options) {
-            tracing::warn!(exchange = %e.name, error = %err, "cannot recover exchange");
-        }
-    }
-    for q in defs.queues {
-        let Some(v) = vhosts.get(&q.vhost) else { continue };
-        let options =
-            QueueOptions { durable: true, auto_delete: q.auto_delete, arguments: q.arguments, ..Default::default() };
-        match v.declare_queue(&q.name, &options, NO_OWNER) {
-            Ok(ok) => tracing::info!(queue = %q.name, messages = ok.message_count, "recovered queue"),
-            Err(err) => tracing::warn!(queue = %q.name, error = %err, "cannot recover queue"),
-        }
-    }
-    for b in defs.bindings {
-        let Some(v) = vhosts.get(&b.vhost) else { continue };
-        let result = match b.destination_kind {
-            DestinationKind::Queue => v.bind_queue(&b.destination, &b.source, &b.routing_key, &b.arguments, NO_OWNER),
-            DestinationKind::Exchange => v.bind_exchange(&b.destination, &b.source, &b.routing_key, &b.arguments),
-        };
-        if let Err(err) = result {
-            tracing::warn!(source = %b.source, destination = %b.destination, error = %err, "cannot recover binding");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::Message;
     use crate::store::queue_store::test_dir;
     use crate::store::queue_store::tests::{FaultIo, Faults};
+    use crate::vhost::QueueOptions;
     use amq_protocol::protocol::BasicProperties;
     use bytes::Bytes;
 

@@ -350,7 +350,7 @@ async fn a_delayed_release_the_target_refuses_is_retried() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let q = v.queue("q", 1).unwrap();
     assert!(q.peek(0, 100).iter().all(|p| &p.message.body[..] != b"later"), "refused at release");
-    assert!(!v.exchange("dx").unwrap().extras().delayed.is_empty(), "held again, not lost");
+    assert!(!v.exchange("dx").unwrap().flavor().delayed().unwrap().is_empty(), "held again, not lost");
 
     faults.clear();
     eventually("released into q", || q.peek(0, 100).iter().any(|p| &p.message.body[..] == b"later")).await;
@@ -562,7 +562,7 @@ async fn a_delayed_release_whose_copy_fsync_failed_settles_once_durable() {
     let q = v.queue("q", 1).unwrap();
     eventually("released into q", || q.message_count() == 1).await;
     // Settles are buffered for up to a second: wait past that with the copy still not durable.
-    tokio::time::sleep(crate::delayed::SETTLE_FLUSH + Duration::from_millis(300)).await;
+    tokio::time::sleep(crate::exchange::flavor::delayed::SETTLE_FLUSH + Duration::from_millis(300)).await;
     assert!(settled_on_disk(&delayed_dir).is_empty(), "record settled although its copy was not durable");
 
     faults.clear();

@@ -5,23 +5,17 @@
 //! `max-length-bytes`, `overflow`, `dead-letter-exchange`, `dead-letter-routing-key`, `delivery-limit`);
 //! they are validated as the matching `x-` queue arguments would be. For `expires`, `message-ttl`,
 //! `max-length` and `max-length-bytes` the effective value is the smaller of argument and policy; for the
-//! others a declared argument wins, as RabbitMQ.
+//! others a declared argument wins, as RabbitMQ. Which keys exist and how each merges is read from the
+//! queue-argument table ([`crate::args::ARGUMENTS`]).
 
-use crate::args::QueueArguments;
+use crate::args::{Merge, QueueArguments, ARGUMENTS};
 use crate::error::{BrokerError, Result};
 use amq_protocol_types::{AMQPValue, FieldTable};
 
-/// Definition keys a policy may set on queues.
-pub const SUPPORTED_KEYS: &[&str] = &[
-    "message-ttl",
-    "expires",
-    "max-length",
-    "max-length-bytes",
-    "overflow",
-    "dead-letter-exchange",
-    "dead-letter-routing-key",
-    "delivery-limit",
-];
+/// Definition keys a policy may set on queues (those of [`ARGUMENTS`] with a policy key, in its order).
+pub fn supported_keys() -> impl Iterator<Item = &'static str> {
+    ARGUMENTS.iter().filter_map(|s| s.policy.as_ref().map(|p| p.key))
+}
 
 /// Longest pattern accepted (patterns are compiled and matched against every queue name).
 pub const MAX_PATTERN_LEN: usize = 1024;
@@ -111,16 +105,18 @@ impl Policy {
                     "max-priority cannot be set by a policy (declare the queue with x-max-priority)",
                 ));
             }
-            if !SUPPORTED_KEYS.contains(&key) {
+            let Some((spec, policy_key)) =
+                ARGUMENTS.iter().find_map(|s| s.policy.as_ref().filter(|p| p.key == key).map(|p| (s, p)))
+            else {
                 return Err(BrokerError::precondition(format!(
                     "unsupported policy key '{key}' (supported: {})",
-                    SUPPORTED_KEYS.join(", ")
+                    supported_keys().collect::<Vec<_>>().join(", ")
                 )));
+            };
+            if let Some(check) = policy_key.check {
+                check(value)?;
             }
-            if key == "delivery-limit" && crate::args::int_value(value).is_none_or(|n| n < 0) {
-                return Err(BrokerError::precondition("delivery-limit must be a non-negative integer"));
-            }
-            as_args.insert(format!("x-{key}").into(), value.clone());
+            as_args.insert(spec.name.into(), value.clone());
         }
         let args = QueueArguments::parse(&as_args, &format!("policy {name}"), "")
             .map_err(|e| BrokerError::precondition(format!("invalid definition of policy '{name}': {}", e.message)))?;
@@ -141,32 +137,23 @@ pub fn select<'a>(policies: &'a [Policy], name: &str) -> Option<&'a Policy> {
         .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| a.name.cmp(&b.name)))
 }
 
-/// A queue's effective arguments under `policy`: min(argument, policy) for `expires`, `message-ttl`,
-/// `max-length` and `max-length-bytes`; for the others a declared argument wins (`declared_table` tells
-/// which were declared, since a parsed default looks like an absent value).
+/// A queue's effective arguments under `policy`, each argument merged as its [`ARGUMENTS`] entry says:
+/// min(argument, policy) for `expires`, `message-ttl`, `max-length` and `max-length-bytes`; for the others
+/// a declared argument wins (`declared_table` tells which were declared, since a parsed default looks like
+/// an absent value).
 pub fn effective(declared: &QueueArguments, declared_table: &FieldTable, policy: Option<&Policy>) -> QueueArguments {
     let Some(p) = policy else { return declared.clone() };
-    let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let declared_key = |k: &str| declared_table.contains_key(k);
     let mut e = declared.clone();
-    e.message_ttl = min(declared.message_ttl, p.args.message_ttl);
-    e.expires = min(declared.expires, p.args.expires);
-    e.max_length = min(declared.max_length, p.args.max_length);
-    e.max_length_bytes = min(declared.max_length_bytes, p.args.max_length_bytes);
-    if !declared_key("x-overflow") && p.definition.contains_key("overflow") {
-        e.overflow = p.args.overflow;
-    }
-    if declared.dead_letter_exchange.is_none() {
-        e.dead_letter_exchange = p.args.dead_letter_exchange.clone();
-    }
-    if declared.dead_letter_routing_key.is_none() {
-        e.dead_letter_routing_key = p.args.dead_letter_routing_key.clone();
-    }
-    if declared.delivery_limit.is_none() {
-        e.delivery_limit = p.args.delivery_limit;
+    for spec in ARGUMENTS {
+        let Some(key) = &spec.policy else { continue };
+        match key.merge {
+            Merge::Always(merge) => merge(&mut e, &p.args),
+            Merge::UnlessDeclared(merge) => {
+                if !declared_table.contains_key(spec.name) && p.definition.contains_key(key.key) {
+                    merge(&mut e, &p.args);
+                }
+            }
+        }
     }
     e
 }

@@ -15,11 +15,12 @@
 //! delivers an entry whose body is in RAM, so delivery order is unchanged.
 
 use crate::args::{Overflow, QueueArguments, QueueType};
-use crate::durable;
 use crate::error::{BrokerError, Result};
+use crate::message::clock::{deadline_after, instant_from_wall_ms};
+use crate::message::codec::{from_stored, parse_properties, to_stored};
+use crate::message::headers::dedup_key;
 use crate::message::Message;
 use crate::paging::{Paging, READ_SPAN_BYTES};
-use crate::plugins;
 use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreError, StoredMessage, SyncTicket};
 use amq_protocol_types::{AMQPValue, FieldTable};
 use std::cmp::Reverse;
@@ -346,7 +347,7 @@ impl RecoveredIndex {
     /// Adds one recovered message; its body is dropped here, so memory stays at the index.
     pub fn add(&mut self, r: Recovered) {
         let id = r.msg.id;
-        let Some(properties) = durable::parse_properties(&r.msg.properties) else {
+        let Some(properties) = parse_properties(&r.msg.properties) else {
             self.unreadable.push(MsgRef { id, pos: r.pos });
             return;
         };
@@ -355,11 +356,11 @@ impl RecoveredIndex {
             None => 255,
         };
         if let Some(ms) = r.msg.expires_at_ms {
-            self.expiries.push(Reverse((durable::instant_from_wall_ms(ms), (rank, id))));
+            self.expiries.push(Reverse((instant_from_wall_ms(ms), (rank, id))));
         }
         if self.deduplication {
-            if let Some(message) = durable::from_stored(r.msg.clone()) {
-                if let Some(key) = plugins::dedup_key(&message) {
+            if let Some(message) = from_stored(r.msg.clone()) {
+                if let Some(key) = dedup_key(&message) {
                     self.dedup.insert(key);
                 }
             }
@@ -501,8 +502,8 @@ impl LoadError {
 
 /// A message and its expiry back from a stored record.
 fn body_from_stored(stored: StoredMessage) -> Result<Body, LoadError> {
-    let expires_at = stored.expires_at_ms.map(durable::instant_from_wall_ms);
-    let message = durable::from_stored(stored).ok_or(LoadError::Properties)?;
+    let expires_at = stored.expires_at_ms.map(instant_from_wall_ms);
+    let message = from_stored(stored).ok_or(LoadError::Properties)?;
     Ok(Body { message: Arc::new(message), expires_at })
 }
 
@@ -844,7 +845,7 @@ impl Queue {
             }
         }
         if args.deduplication {
-            if let Some(key) = plugins::dedup_key(&message) {
+            if let Some(key) = dedup_key(&message) {
                 // A duplicate of a message still in the queue is dropped (and, with confirms, still acked),
                 // but not acked before the original is on disk: a crash in between would lose both.
                 if !st.dedup.insert(key) {
@@ -860,7 +861,7 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let now = Instant::now();
-        let expires_at = ttl.map(|ms| durable::deadline_after(now, ms));
+        let expires_at = ttl.map(|ms| deadline_after(now, ms));
         let id = st.next_id;
         st.next_id += 1;
         let rank = self.rank_of(&message);
@@ -868,7 +869,7 @@ impl Queue {
         // Persistent messages in a durable queue go to its store; the confirm waits for the fsync.
         let mut outcome = PushOutcome::Enqueued;
         if let Some(store) = st.store.as_ref().filter(|_| message.is_persistent()) {
-            match store.append(&durable::to_stored(id, &message, expires_at)) {
+            match store.append(&to_stored(id, &message, expires_at)) {
                 Ok((pos, ticket)) => {
                     entry.pos = pos;
                     entry.flags |= STORED;
@@ -876,7 +877,7 @@ impl Queue {
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.spec.name, error = %e, "cannot store message; refusing it");
-                    if let Some(key) = plugins::dedup_key(&message).filter(|_| args.deduplication) {
+                    if let Some(key) = dedup_key(&message).filter(|_| args.deduplication) {
                         st.dedup.remove(&key);
                     }
                     return PushOutcome::Refused;
@@ -937,7 +938,7 @@ impl Queue {
             }
         }
         let store = st.paging_store.as_ref()?;
-        match store.append(&durable::to_stored(entry.id, &body.message, body.expires_at)) {
+        match store.append(&to_stored(entry.id, &body.message, body.expires_at)) {
             // The ticket is not awaited: a paged body only has to outlive the process, not a crash.
             Ok((pos, _ticket)) => {
                 entry.pos = pos;
@@ -1538,8 +1539,8 @@ impl Queue {
     fn forget_dedup(&self, st: &mut QueueState, entry: &Entry, message: Option<&Message>) {
         if self.args().deduplication {
             let key = match message {
-                Some(m) => plugins::dedup_key(m),
-                None => st.load(entry).ok().and_then(|b| plugins::dedup_key(&b.message)),
+                Some(m) => dedup_key(m),
+                None => st.load(entry).ok().and_then(|b| dedup_key(&b.message)),
             };
             if let Some(key) = key {
                 st.dedup.remove(&key);
@@ -1624,7 +1625,7 @@ impl Queue {
                     // A no-ack delivery: the queue forgot it when it was sent (its record is settled, so
                     // it no longer has one). Its dedup key comes back too.
                     if self.args().deduplication {
-                        if let Some(key) = plugins::dedup_key(&delivery.message) {
+                        if let Some(key) = dedup_key(&delivery.message) {
                             st.dedup.insert(key);
                         }
                     }
@@ -1654,7 +1655,7 @@ impl Queue {
     fn store_again(&self, st: &mut QueueState, entry: &mut Entry, message: &Message, expires_at: Option<Instant>) {
         let Some(store) = st.store.as_ref() else { return };
         let id = st.next_id;
-        match store.append(&durable::to_stored(id, message, expires_at)) {
+        match store.append(&to_stored(id, message, expires_at)) {
             // Not awaited: nothing confirms a returned message; the next group commit covers it.
             Ok((pos, _ticket)) => {
                 st.next_id += 1;
@@ -1836,7 +1837,7 @@ impl Queue {
         let st = self.lock();
         let expiry = st.expiries.peek().map(|Reverse((at, _))| *at);
         let unused = match self.args().expires {
-            Some(ms) if st.consumers.is_empty() => Some(durable::deadline_after(st.last_used, ms)),
+            Some(ms) if st.consumers.is_empty() => Some(deadline_after(st.last_used, ms)),
             _ => None,
         };
         match (expiry, unused) {
@@ -1852,7 +1853,7 @@ impl Queue {
             let mut st = self.lock();
             self.expire_locked(&mut st, now, &mut after);
             match self.args().expires {
-                Some(ms) => st.consumers.is_empty() && now >= durable::deadline_after(st.last_used, ms),
+                Some(ms) => st.consumers.is_empty() && now >= deadline_after(st.last_used, ms),
                 None => false,
             }
         };

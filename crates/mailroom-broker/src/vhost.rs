@@ -2,17 +2,18 @@
 
 use crate::args::{self, QueueArguments, QueueType};
 use crate::dead_letter;
-use crate::durable::Durability;
 use crate::error::{BrokerError, ErrorKind, Result};
+use crate::exchange::flavor::delayed::{run_release, DelayedMessages, Routed};
+use crate::exchange::flavor::{Admit, ExchangeFlavor};
 use crate::exchange::{Destination, Exchange, ExchangeKind, ExchangeSpec};
 use crate::message::{header_routing_keys, Message};
 use crate::paging::Paging;
-use crate::plugins::{self, Admission, DelayedMessages, ExchangeFlavor};
 use crate::policy::{self as policies, Policy};
 use crate::queue::{
     ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, DeadLetterReason, PushOutcome, Queue, QueueHooks,
     QueueSpec, RecoveredIndex,
 };
+use crate::storage::Durability;
 use crate::store::syncer::BatchState;
 use crate::store::{BindingDef, Change, DestinationKind, ExchangeDef, PolicyDef, QueueDef, SyncTicket};
 use amq_protocol_types::FieldTable;
@@ -236,7 +237,7 @@ impl VHost {
             unsaved_count: AtomicUsize::new(0),
         });
         if let Some(d) = &vhost.durability {
-            d.register(&vhost);
+            d.register(vhost.name());
         }
         for (name, kind) in STANDARD_EXCHANGES {
             let spec = ExchangeSpec {
@@ -362,7 +363,7 @@ impl VHost {
                 Some(g) => (g, false),
                 None => (d.new_generation(), true),
             };
-            crate::durable::attach_exchange_stores(d, &self.name, &exchange, generation).map_err(|e| {
+            exchange.flavor().attach(d, &self.name, exchange.spec(), generation).map_err(|e| {
                 BrokerError::new(
                     ErrorKind::ResourceError,
                     format!("cannot open the store of exchange '{name}' in vhost '{}': {e}", self.name),
@@ -370,11 +371,11 @@ impl VHost {
             })?;
             saved = Some((d, generation.0));
         }
-        if exchange.spec().flavor == ExchangeFlavor::Delayed {
+        if let Some(delayed) = exchange.flavor().delayed() {
             tokio::spawn(run_delayed_release(
                 self.myself.clone(),
                 Arc::downgrade(&exchange),
-                Arc::clone(&exchange.extras().delayed),
+                Arc::clone(delayed),
                 self.durability.as_ref().map(|d| d.recovering()),
             ));
         }
@@ -922,36 +923,22 @@ impl VHost {
     /// deduplicating exchange drops a recent duplicate (unroutable, but still confirmed).
     pub fn publish(&self, exchange: &str, message: Message) -> Result<PublishResult> {
         let ex = self.publishable_exchange(exchange)?;
-        match &ex.spec().flavor {
-            ExchangeFlavor::Plain => {}
-            ExchangeFlavor::Delayed => {
-                if let Some(delay) = plugins::requested_delay(&message) {
-                    return Ok(match ex.extras().delayed.hold(message, delay) {
-                        Ok(ticket) => {
-                            PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
-                        }
-                        Err(e) => {
-                            tracing::warn!(exchange, error = %e, "cannot store a delayed message; refusing it");
-                            PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
-                        }
-                    });
-                }
+        Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
+            Admit::Routed(mut result, ticket) => {
+                result.durable.extend(ticket);
+                result
             }
-            ExchangeFlavor::Deduplicating { cache_size, ttl_ms, .. } => {
-                match ex.extras().dedup.admit(&message, *cache_size, *ttl_ms) {
-                    Admission::New(ticket) => {
-                        let mut result = self.route_and_enqueue(&ex, message);
-                        result.durable.extend(ticket);
-                        return Ok(result);
-                    }
-                    Admission::Duplicate(ticket) => {
-                        return Ok(PublishResult { durable: ticket.into_iter().collect(), ..PublishResult::default() })
-                    }
-                    Admission::Refused => return Ok(PublishResult { rejected: true, ..PublishResult::default() }),
-                }
+            Admit::Held(ticket) => {
+                PublishResult { routed: true, durable: ticket.into_iter().collect(), ..Default::default() }
             }
-        }
-        Ok(self.route_and_enqueue(&ex, message))
+            Admit::Dropped(ticket) => {
+                PublishResult { durable: ticket.into_iter().collect(), ..PublishResult::default() }
+            }
+            Admit::Refused { held: true } => {
+                PublishResult { routed: true, rejected: true, refused: true, ..Default::default() }
+            }
+            Admit::Refused { held: false } => PublishResult { rejected: true, ..PublishResult::default() },
+        })
     }
 
     /// Moves ready messages of `queue` (a dead-letter queue) back to where they first died (the exchange and
@@ -1240,9 +1227,10 @@ async fn run_delayed_release(
     delayed: Arc<DelayedMessages>,
     recovering: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
-    crate::delayed::run_release(delayed, recovering, move |message| {
+    run_release(delayed, recovering, move |message| {
         let (v, ex) = (vhost.upgrade()?, exchange.upgrade()?);
-        (!ex.is_deleted()).then(|| v.route_and_enqueue(&ex, message))
+        let r = (!ex.is_deleted()).then(|| v.route_and_enqueue(&ex, message))?;
+        Some(Routed { durable: r.durable, stored_in: r.stored_in, refused: r.refused })
     })
     .await
 }

@@ -107,7 +107,7 @@ async fn delayed_messages_fire_after_a_restart_with_their_remaining_delay() {
     drop((q, v, _broker));
     let (_broker, v) = open(&dir);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(v.exchange("dx").unwrap().extras().delayed.is_empty(), "the released records were settled");
+    assert!(v.exchange("dx").unwrap().flavor().delayed().unwrap().is_empty(), "the released records were settled");
     assert_eq!(v.queue("q", 0).unwrap().message_count(), 0, "consumed ones are not released twice");
 }
 
@@ -158,7 +158,7 @@ async fn deleting_a_delayed_exchange_deletes_its_store() {
     assert_eq!(entries(&dir.join("delayed")), 0);
     // Declared again: empty.
     v.declare_exchange("dx", "x-delayed-message", &options).unwrap();
-    assert!(v.exchange("dx").unwrap().extras().delayed.is_empty());
+    assert!(v.exchange("dx").unwrap().flavor().delayed().unwrap().is_empty());
 }
 
 #[tokio::test]

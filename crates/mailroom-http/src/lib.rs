@@ -6,7 +6,8 @@
 //! One hyper HTTP/1 connection task per client; every request is authenticated, then routed by
 //! `routes::handle` (a hand-written match on the path segments: the API is one flat table of paths, which
 //! a `match` states as clearly as a routing library would, without the dependency). `GET /metrics`
-//! (Prometheus text format, see [`metrics`]) needs no credentials.
+//! (Prometheus text format, see [`metrics`]) needs no credentials, nor do the web UI's files at `/` and
+//! `/ui/` (the `ui` module).
 
 mod access_routes;
 mod clients;
@@ -17,6 +18,7 @@ pub mod metrics;
 mod node;
 mod resources;
 mod routes;
+mod ui;
 
 pub use routes::ApiError;
 

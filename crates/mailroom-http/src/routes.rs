@@ -161,6 +161,10 @@ pub(crate) async fn handle(
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
         return resp;
     }
+    // The web UI's static files need no credentials: the page asks for them, then calls /api.
+    if let Some(resp) = crate::ui::serve(req.method(), req.uri().path()) {
+        return resp;
+    }
     let user = match authenticate(broker, peer, &req) {
         Ok(user) => user,
         Err(e) => return error_response(e),

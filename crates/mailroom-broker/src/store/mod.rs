@@ -23,10 +23,14 @@
 //!   ([`crate::paging`]): records are written by their own syncer thread but never fsynced, and settles
 //!   only count (no ack log), because nothing in it has to survive a restart.
 //! - [`QueueStore::read_many`] reads a deep queue's head back in spans (one `pread` for many records).
+//! - The store is generic over its record type ([`record::Record`]): messages ([`StoredMessage`], the
+//!   codec in [`record`]) for queues, paging and delayed exchanges, and deduplication keys ([`KeyRecord`],
+//!   [`key_record`]) for deduplicating exchanges' caches; both share one on-disk layout.
 
 pub mod ack_log;
 pub mod definitions;
 pub mod definitions_log;
+pub mod key_record;
 pub mod queue_store;
 pub mod record;
 pub mod segment;
@@ -37,11 +41,12 @@ use std::sync::Arc;
 
 pub use definitions::{BindingDef, Definitions, DestinationKind, ExchangeDef, PolicyDef, QueueDef, UserDef, VhostDef};
 pub use definitions_log::{Change, DefinitionsLog};
+pub use key_record::KeyRecord;
 pub use queue_store::{
     quarantined_records_total, Damaged, MsgRef, QueueStore, Recovered, RecoveryReport, SegmentPos, StoreConfig,
     Truncated,
 };
-pub use record::StoredMessage;
+pub use record::{Record, StoredMessage};
 pub use syncer::{SyncStats, SyncTicket, Syncer, SyncerConfig};
 
 /// Errors of the store. Cloneable (I/O errors are shared) because one failed write fails every

@@ -1,4 +1,6 @@
-//! One durable queue's store: a directory of segments and their ack logs.
+//! One durable queue's store: a directory of segments and their ack logs, holding records of one type
+//! ([`Record`]: messages by default, deduplication keys for a cache). This file has the types and the
+//! writing side; recovery is in `recovery.rs`, reading back in `read.rs`, the syncer's rounds in `syncing.rs`.
 //!
 //! Every method takes the store's own mutex only for memory work (and, for `settle` and
 //! `mark_delivered`, one page-cache `pwrite` per segment touched per call, so callers pass whole
@@ -22,16 +24,21 @@
 //!   and marks the store failing; the syncer retries the roll after its backoff.
 
 use super::ack_log::{self, AckKind};
-use super::record::{self, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
+use super::record::{self, Record, StoredMessage, HEADER_LEN, MAX_PAYLOAD};
 use super::segment::{self, OsIo, SegmentWriter, StoreFile, StoreIo, DEFAULT_SEGMENT_SIZE};
 use super::syncer::{AfterRound, BatchState, SyncJob, SyncTarget, SyncTicket, Syncer, SyncerHandle};
 use super::{StoreError, StoreResult};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+mod read;
+mod recovery;
+mod syncing;
 
 /// Default cap on bytes buffered but not yet written: beyond it `append` pushes back.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
@@ -101,11 +108,11 @@ pub struct MsgRef {
     pub pos: SegmentPos,
 }
 
-/// An intact, unsettled message found by recovery.
+/// An intact, unsettled record found by recovery (a message, unless the store keeps another [`Record`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovered {
-    /// The message (properties and body are slices of the segment read during recovery).
-    pub msg: StoredMessage,
+pub struct Recovered<R = StoredMessage> {
+    /// The record (a message's properties and body are slices of the segment read during recovery).
+    pub msg: R,
     /// Where its record is.
     pub pos: SegmentPos,
     /// It had been delivered and not settled: redeliver with `redelivered = true`.
@@ -218,13 +225,21 @@ struct Shared {
     inner: Mutex<Inner>,
 }
 
-/// The store of one durable queue. Clones share the same store (a read-ahead reads through one).
-#[derive(Clone)]
-pub struct QueueStore {
+/// The store of one durable queue: a log of segments of records of type `R` (messages, unless it is a
+/// deduplication cache's store of keys). Clones share the same store (a read-ahead reads through one).
+pub struct QueueStore<R = StoredMessage> {
     shared: Arc<Shared>,
+    /// The record type is only encoded and decoded; the store holds none.
+    record: PhantomData<fn() -> R>,
 }
 
-impl std::fmt::Debug for QueueStore {
+impl<R> Clone for QueueStore<R> {
+    fn clone(&self) -> Self {
+        QueueStore { shared: Arc::clone(&self.shared), record: PhantomData }
+    }
+}
+
+impl<R> std::fmt::Debug for QueueStore<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueStore").field("dir", &self.shared.dir).finish_non_exhaustive()
     }
@@ -240,207 +255,7 @@ fn push_unsynced(list: &mut Vec<(Arc<dyn StoreFile>, PathBuf)>, file: &Arc<dyn S
     }
 }
 
-impl QueueStore {
-    /// Opens (creating if needed) the queue directory `dir` and returns every intact unsettled message
-    /// in append order, plus a report of what was damaged, skipped or cut off.
-    pub fn recover(
-        dir: &Path,
-        config: StoreConfig,
-        syncer: &Syncer,
-    ) -> StoreResult<(QueueStore, Vec<Recovered>, RecoveryReport)> {
-        let mut out = Vec::new();
-        let (store, report) = Self::recover_with(dir, config, syncer.handle(), Arc::new(OsIo), |r| out.push(r))?;
-        Ok((store, out, report))
-    }
-
-    /// Like [`QueueStore::recover`] but hands each message to `visit` as it is found, so a deep
-    /// queue can keep only its index (drop the body) and memory stays bounded by one segment.
-    pub fn recover_with(
-        dir: &Path,
-        config: StoreConfig,
-        syncer: SyncerHandle,
-        io: Arc<dyn StoreIo>,
-        mut visit: impl FnMut(Recovered),
-    ) -> StoreResult<(QueueStore, RecoveryReport)> {
-        let config = StoreConfig { segment_size: config.segment_size.clamp(4096, 2 << 30), ..config };
-        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-        let mut seqs: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
-        for entry in std::fs::read_dir(dir).map_err(io_err("listing", dir))? {
-            let entry = entry.map_err(io_err("listing", dir))?;
-            let name = entry.file_name();
-            if let Some((seq, ext)) = name.to_str().and_then(segment::parse_name) {
-                let e = seqs.entry(seq).or_default();
-                if ext == segment::SEGMENT_EXT {
-                    e.0 = true;
-                } else {
-                    e.1 = true;
-                }
-            }
-        }
-        let mut report = RecoveryReport::default();
-        let mut segs = BTreeMap::new();
-        let mut dir_dirty = false;
-        for (&seq, &(has_seg, has_ack)) in &seqs {
-            let seg_path = segment::segment_path(dir, seq);
-            let ack_path = segment::ack_path(dir, seq);
-            if !has_seg {
-                // An ack log whose segment was deleted (crash between the two unlinks). If it cannot go now,
-                // the next recovery tries again; it names no segment, so it does no harm meanwhile.
-                if let Err(e) = io.remove_file(&ack_path) {
-                    tracing::warn!(path = %ack_path.display(), error = %e, "cannot remove a stray ack log");
-                }
-                dir_dirty = true;
-                continue;
-            }
-            report.segments += 1;
-            let mut ack = ack_log::AckState::default();
-            if has_ack {
-                let file = io.open(&ack_path, false).map_err(io_err("opening", &ack_path))?;
-                let data = segment::read_all(&*file).map_err(io_err("reading", &ack_path))?;
-                ack = ack_log::parse(&data);
-                for &offset in &ack.damaged {
-                    report.damaged.push(Damaged {
-                        path: ack_path.clone(),
-                        offset: offset as u64,
-                        len: 0,
-                        reason: "damaged ack batch",
-                    });
-                }
-                if ack.good_end < data.len() {
-                    file.set_len(ack.good_end as u64).map_err(io_err("truncating", &ack_path))?;
-                    file.sync_data().map_err(io_err("fsyncing", &ack_path))?;
-                    report.truncated.push(Truncated {
-                        path: ack_path.clone(),
-                        offset: ack.good_end as u64,
-                        cut: (data.len() - ack.good_end) as u64,
-                    });
-                }
-            }
-            let file = io.open(&seg_path, false).map_err(io_err("opening", &seg_path))?;
-            let data = segment::read_all(&*file).map_err(io_err("reading", &seg_path))?;
-            report.bytes_scanned += data.len() as u64;
-            let scan = record::scan(&data);
-            for d in &scan.damaged {
-                tracing::warn!(path = %seg_path.display(), offset = d.offset, reason = d.reason, "damaged record quarantined");
-                let bytes = data.get(d.offset..d.offset + d.len).unwrap_or_default();
-                let place = SegmentPos { segment: seq, offset: d.offset as u32 };
-                if let Err(e) = quarantine_bytes(&*io, dir, "(recovery)", place, d.reason, bytes, !config.ephemeral) {
-                    tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
-                }
-                report.quarantined += 1;
-                report.damaged.push(Damaged {
-                    path: seg_path.clone(),
-                    offset: d.offset as u64,
-                    len: d.len as u64,
-                    reason: d.reason,
-                });
-            }
-            if scan.good_end < data.len() {
-                tracing::warn!(path = %seg_path.display(), offset = scan.good_end, "cutting off torn tail");
-                file.set_len(scan.good_end as u64).map_err(io_err("truncating", &seg_path))?;
-                file.sync_data().map_err(io_err("fsyncing", &seg_path))?;
-                report.truncated.push(Truncated {
-                    path: seg_path.clone(),
-                    offset: scan.good_end as u64,
-                    cut: (data.len() - scan.good_end) as u64,
-                });
-            }
-            let data = Bytes::from(data);
-            let mut meta = SegMeta { sealed: true, ack_len: ack.good_end as u64, ..Default::default() };
-            for r in &scan.records {
-                meta.records += 1;
-                report.records += 1;
-                let id = r.header.id;
-                if ack.settled.contains(&id) {
-                    meta.settled += 1;
-                    continue;
-                }
-                let payload = data.slice(r.offset + HEADER_LEN..r.offset + r.header.record_len());
-                match StoredMessage::decode(id, payload) {
-                    Ok(msg) => visit(Recovered {
-                        msg,
-                        delivered_count: ack.delivered.get(&id).copied().unwrap_or(0),
-                        pos: SegmentPos { segment: seq, offset: r.offset as u32 },
-                        redelivered: ack.delivered.contains_key(&id),
-                    }),
-                    Err(reason) => {
-                        // CRC-valid but undecodable: written by a different format; quarantined, then
-                        // counted as settled so the segment can still be deleted.
-                        meta.settled += 1;
-                        let bytes = &data[r.offset..r.offset + r.header.record_len()];
-                        let place = SegmentPos { segment: seq, offset: r.offset as u32 };
-                        if let Err(e) =
-                            quarantine_bytes(&*io, dir, "(recovery)", place, reason, bytes, !config.ephemeral)
-                        {
-                            tracing::error!(path = %seg_path.display(), error = %e, "cannot copy a damaged record to the quarantine file");
-                        }
-                        report.quarantined += 1;
-                        report.damaged.push(Damaged {
-                            path: seg_path.clone(),
-                            offset: r.offset as u64,
-                            len: r.header.record_len() as u64,
-                            reason,
-                        });
-                    }
-                }
-            }
-            if meta.settled >= meta.records {
-                // A failed unlink leaves a settled segment that the next recovery deletes.
-                remove_files(&*io, dir, seq);
-                report.deleted_segments += 1;
-                dir_dirty = true;
-            } else {
-                segs.insert(seq, meta);
-            }
-        }
-        // Always start a fresh segment: the old ones are sealed and can be deleted once settled.
-        let seq = seqs.keys().next_back().map_or(1, |s| s.wrapping_add(1).max(1));
-        let path = segment::segment_path(dir, seq);
-        let file = io.open(&path, true).map_err(io_err("creating", &path))?;
-        file.set_len(0).map_err(io_err("truncating", &path))?;
-        segs.insert(seq, SegMeta::default());
-        // One directory fsync covers the new segment, cut tails and deleted settled segments.
-        let _ = dir_dirty;
-        if !config.ephemeral {
-            io.sync_dir(dir).map_err(io_err("fsyncing directory", dir))?;
-        }
-        let inner = Inner {
-            active: SegmentWriter::new(seq, path, file, 0),
-            sealed_writers: Vec::new(),
-            segs,
-            batch: None,
-            batch_records: 0,
-            completing: None,
-            registered: false,
-            unsynced: Vec::new(),
-            unsynced_acks: Vec::new(),
-            acks_synced_at: Instant::now(),
-            force_ack_sync: false,
-            destroyed: false,
-            dir_dirty: false,
-            write_error: None,
-            round_write_failed: false,
-            reopen: false,
-            written_unsynced: Vec::new(),
-            acks_in_round: Vec::new(),
-            needs_roll: false,
-            counted_failing: false,
-            poisoned: None,
-            read_cache: None,
-            ack_files: VecDeque::new(),
-        };
-        let shared = Arc::new_cyclic(|me| Shared {
-            dir: dir.to_path_buf(),
-            config,
-            io,
-            syncer,
-            me: me.clone(),
-            recovered_quarantined: report.quarantined,
-            inner: Mutex::new(inner),
-        });
-        Ok((QueueStore { shared }, report))
-    }
-
+impl<R: Record> QueueStore<R> {
     /// The queue directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir
@@ -448,7 +263,7 @@ impl QueueStore {
 
     /// Buffers a record for `msg` and returns where it will be and a ticket that completes once an
     /// fsync covering it returned. Never blocks on I/O (except a file creation when a segment rolls).
-    pub fn append(&self, msg: &StoredMessage) -> StoreResult<(SegmentPos, SyncTicket)> {
+    pub fn append(&self, msg: &R) -> StoreResult<(SegmentPos, SyncTicket)> {
         let len = msg.record_len();
         if len - HEADER_LEN > MAX_PAYLOAD {
             return Err(StoreError::TooLarge(len));
@@ -497,158 +312,6 @@ impl QueueStore {
             return Ok(());
         }
         self.shared.write_acks(AckKind::Delivered, msgs)
-    }
-
-    /// Reads a message back (paging a body in), from memory if it is not written yet.
-    pub fn read(&self, pos: SegmentPos) -> StoreResult<StoredMessage> {
-        let s = &*self.shared;
-        let not_found = StoreError::NotFound { segment: pos.segment, offset: pos.offset };
-        let mut inner = s.lock();
-        if !inner.segs.contains_key(&pos.segment) {
-            return Err(not_found);
-        }
-        let offset = pos.offset as u64;
-        let writer = if inner.active.seq == pos.segment {
-            Some(&inner.active)
-        } else {
-            inner.sealed_writers.iter().find(|w| w.seq == pos.segment)
-        };
-        let mut hdr = [0u8; HEADER_LEN];
-        if let Some(w) = writer {
-            if w.read_buffered(offset, &mut hdr) {
-                let h = record::parse_header(&hdr).ok_or(not_found.clone())?;
-                let mut rec = vec![0u8; h.record_len()];
-                if !w.read_buffered(offset, &mut rec) {
-                    return Err(not_found);
-                }
-                return StoredMessage::decode_record(&rec).map_err(|reason| s.corrupt(pos, reason));
-            }
-        }
-        let file = match writer {
-            Some(w) => w.file.clone(),
-            None => match &inner.read_cache {
-                Some((seq, f)) if *seq == pos.segment => f.clone(),
-                _ => {
-                    let path = segment::segment_path(&s.dir, pos.segment);
-                    let f = s.io.open(&path, false).map_err(io_err("opening", &path))?;
-                    inner.read_cache = Some((pos.segment, f.clone()));
-                    f
-                }
-            },
-        };
-        drop(inner);
-        // The file read happens outside the lock; an unlinked file stays readable through its fd.
-        let path = || segment::segment_path(&s.dir, pos.segment);
-        file.read_exact_at(&mut hdr, offset).map_err(|e| StoreError::io("reading", path(), e))?;
-        let h = record::parse_header(&hdr).ok_or_else(|| s.corrupt(pos, "bad record header"))?;
-        let mut rec = vec![0u8; h.record_len()];
-        rec[..HEADER_LEN].copy_from_slice(&hdr);
-        file.read_exact_at(&mut rec[HEADER_LEN..], offset + HEADER_LEN as u64)
-            .map_err(|e| StoreError::io("reading", path(), e))?;
-        if !record::payload_ok(&h, &rec[HEADER_LEN..]) {
-            return Err(s.corrupt(pos, "payload CRC mismatch"));
-        }
-        let payload = Bytes::from(rec).slice(HEADER_LEN..);
-        StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
-    }
-
-    /// Reads several records back, for a read-ahead: `wanted` holds each record's position and a guess of
-    /// its length (a record longer than its guess costs a second read). Runs of records close together
-    /// in one segment on file come in one `pread` of at most `span_limit` bytes; their bodies are slices
-    /// of that buffer. Results are in the order asked; a damaged record fails alone.
-    pub fn read_many(&self, wanted: &[(SegmentPos, u32)], span_limit: u64) -> Vec<StoreResult<StoredMessage>> {
-        /// A gap this large between two wanted records ends a span (reading it would be waste).
-        const MAX_GAP: u64 = 64 * 1024;
-        let s = &*self.shared;
-        let mut out = Vec::with_capacity(wanted.len());
-        let mut i = 0;
-        while i < wanted.len() {
-            let (first, first_len) = wanted[i];
-            // Segments still being written (buffers in memory) are read record by record.
-            let file = {
-                let mut inner = s.lock();
-                let buffered =
-                    inner.active.seq == first.segment || inner.sealed_writers.iter().any(|w| w.seq == first.segment);
-                if buffered || !inner.segs.contains_key(&first.segment) {
-                    None
-                } else {
-                    match &inner.read_cache {
-                        Some((seq, f)) if *seq == first.segment => Some(f.clone()),
-                        _ => {
-                            let path = segment::segment_path(&s.dir, first.segment);
-                            match s.io.open(&path, false) {
-                                Ok(f) => {
-                                    inner.read_cache = Some((first.segment, f.clone()));
-                                    Some(f)
-                                }
-                                Err(_) => None,
-                            }
-                        }
-                    }
-                }
-            };
-            let Some(file) = file else {
-                out.push(self.read(first));
-                i += 1;
-                continue;
-            };
-            let start = first.offset as u64;
-            let mut end = start + first_len as u64;
-            let mut j = i + 1;
-            let mut prev = start;
-            while let Some(&(pos, len)) = wanted.get(j) {
-                let offset = pos.offset as u64;
-                let rec_end = offset + len as u64;
-                if pos.segment != first.segment
-                    || offset < prev
-                    || offset > end + MAX_GAP
-                    || rec_end.max(end) - start > span_limit
-                {
-                    break;
-                }
-                end = end.max(rec_end);
-                prev = offset;
-                j += 1;
-            }
-            let path = || segment::segment_path(&s.dir, first.segment);
-            let span = file
-                .file_len()
-                .and_then(|file_len| {
-                    let end = end.min(file_len.max(start));
-                    let mut buf = vec![0u8; (end - start) as usize];
-                    file.read_exact_at(&mut buf, start).map(|()| buf)
-                })
-                .map(Bytes::from);
-            match span {
-                Ok(span) => {
-                    for &(pos, _) in &wanted[i..j] {
-                        let at = (pos.offset as u64 - start) as usize;
-                        let parsed = span.get(at..).and_then(record::parse_header);
-                        let result = match parsed {
-                            Some(h) if at + h.record_len() <= span.len() => {
-                                let payload = span.slice(at + HEADER_LEN..at + h.record_len());
-                                if record::payload_ok(&h, &payload) {
-                                    StoredMessage::decode(h.id, payload).map_err(|reason| s.corrupt(pos, reason))
-                                } else {
-                                    Err(s.corrupt(pos, "payload CRC mismatch"))
-                                }
-                            }
-                            // Longer than its guess: read it on its own.
-                            Some(_) => self.read(pos),
-                            None if span.len() >= at + HEADER_LEN => Err(s.corrupt(pos, "bad record header")),
-                            None => self.read(pos),
-                        };
-                        out.push(result);
-                    }
-                }
-                Err(e) => {
-                    let e = StoreError::io("reading", path(), e);
-                    out.extend(wanted[i..j].iter().map(|_| Err(e.clone())));
-                }
-            }
-            i = j;
-        }
-        out
     }
 
     /// A ticket that completes once everything appended or settled so far is fsynced (shutdown,
@@ -831,379 +494,6 @@ impl Drop for Shared {
         if inner.counted_failing {
             self.syncer.set_failing(false, None);
         }
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves plain data that is still consistent enough
-        // to fail cleanly, so poisoning is ignored rather than propagated as a second panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn corrupt(&self, pos: SegmentPos, reason: &'static str) -> StoreError {
-        StoreError::Corrupt { path: segment::segment_path(&self.dir, pos.segment), offset: pos.offset as u64, reason }
-    }
-
-    fn ensure_registered(&self, inner: &mut Inner) -> StoreResult<()> {
-        if !inner.registered {
-            let me: Arc<dyn SyncTarget> = self.me.upgrade().expect("store alive while borrowed");
-            if !self.syncer.register(me) {
-                return Err(StoreError::SyncerStopped);
-            }
-            inner.registered = true;
-        }
-        Ok(())
-    }
-
-    fn roll(&self, inner: &mut Inner) -> StoreResult<()> {
-        let seq = inner.active.seq.wrapping_add(1);
-        let path = segment::segment_path(&self.dir, seq);
-        let file = self.io.open(&path, true).map_err(io_err("creating", &path))?;
-        let old = std::mem::replace(&mut inner.active, SegmentWriter::new(seq, path, file, 0));
-        let old_seq = old.seq;
-        if old.has_pending() {
-            inner.sealed_writers.push(old);
-        }
-        inner.segs.insert(seq, SegMeta::default());
-        inner.dir_dirty = true;
-        let meta = inner.segs.get_mut(&old_seq).expect("active segment has meta");
-        meta.sealed = true;
-        if meta.settled >= meta.records {
-            self.delete_segment(inner, old_seq);
-        }
-        Ok(())
-    }
-
-    fn delete_segment(&self, inner: &mut Inner, seq: u32) -> bool {
-        if !remove_files(&*self.io, &self.dir, seq) {
-            return false;
-        }
-        inner.segs.remove(&seq);
-        inner.sealed_writers.retain(|w| w.seq != seq);
-        inner.ack_files.retain(|(s, _)| *s != seq);
-        if inner.read_cache.as_ref().is_some_and(|(s, _)| *s == seq) {
-            inner.read_cache = None;
-        }
-        inner.dir_dirty = true;
-        true
-    }
-
-    /// After a failed fsync: reopens each segment written since the last good round and writes those bytes
-    /// again at their offsets, adding the fresh descriptors to the round's fsyncs.
-    fn rewrite_unsynced(&self, inner: &mut Inner, job: &mut SyncJob) -> StoreResult<()> {
-        let ranges = inner.written_unsynced.clone();
-        let mut seqs: Vec<u32> = ranges.iter().map(|r| r.0).collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        for seq in seqs {
-            if !inner.segs.contains_key(&seq) {
-                continue; // settled and deleted meanwhile: nothing to keep
-            }
-            let path = segment::segment_path(&self.dir, seq);
-            let file = self.io.open(&path, false).map_err(io_err("reopening", &path))?;
-            for (_, at, data) in ranges.iter().filter(|r| r.0 == seq) {
-                file.write_all_at(data, *at).map_err(io_err("rewriting", &path))?;
-            }
-            if let Some(w) = inner.writer_mut(seq) {
-                w.file = file.clone();
-            }
-            if inner.read_cache.as_ref().is_some_and(|(s, _)| *s == seq) {
-                inner.read_cache = None;
-            }
-            push_unsynced(&mut job.files, &file, &path);
-        }
-        // Ack logs too get fresh descriptors from now on.
-        inner.ack_files.clear();
-        inner.reopen = false;
-        Ok(())
-    }
-
-    /// Tells the syncer whether this store is failing (it raises the store alarm while any is).
-    fn update_health(&self, inner: &mut Inner) {
-        let failing = inner.write_error.is_some() && inner.poisoned.is_none();
-        if failing != inner.counted_failing {
-            inner.counted_failing = failing;
-            self.syncer.set_failing(failing, inner.write_error.as_ref());
-        }
-    }
-
-    fn ack_file(&self, inner: &mut Inner, seq: u32) -> StoreResult<Arc<dyn StoreFile>> {
-        if let Some((_, f)) = inner.ack_files.iter().find(|(s, _)| *s == seq) {
-            return Ok(f.clone());
-        }
-        let path = segment::ack_path(&self.dir, seq);
-        let f = self.io.open(&path, true).map_err(io_err("opening", &path))?;
-        if inner.segs.get(&seq).is_some_and(|m| m.ack_len == 0) {
-            inner.dir_dirty = true;
-        }
-        if inner.ack_files.len() >= ACK_FILE_CACHE {
-            inner.ack_files.pop_front();
-        }
-        inner.ack_files.push_back((seq, f.clone()));
-        Ok(f)
-    }
-
-    fn write_acks(&self, kind: AckKind, msgs: &[MsgRef]) -> StoreResult<()> {
-        if msgs.is_empty() {
-            return Ok(());
-        }
-        let mut inner = self.lock();
-        if let Some(e) = &inner.poisoned {
-            return Err(e.clone());
-        }
-        // Group by segment, keeping the caller's order within each (usually already sorted).
-        let mut groups: Vec<(u32, Vec<u64>)> = Vec::new();
-        for m in msgs {
-            match groups.iter_mut().find(|(s, _)| *s == m.pos.segment) {
-                Some((_, ids)) => ids.push(m.id),
-                None => groups.push((m.pos.segment, vec![m.id])),
-            }
-        }
-        let mut buf = Vec::new();
-        let mut wrote = false;
-        // The first ack-log write since the last ack fsync schedules one; later ones ride on that.
-        let first_unsynced = inner.unsynced_acks.is_empty();
-        for (seq, ids) in groups {
-            let Some(meta) = inner.segs.get(&seq) else {
-                continue;
-            };
-            let end = meta.ack_len;
-            let closes =
-                kind == AckKind::Settled && meta.sealed && meta.settled as usize + ids.len() >= meta.records as usize;
-            // The last settles of a sealed segment need no log entry: the segment goes away.
-            if closes && self.delete_segment(&mut inner, seq) {
-                continue;
-            }
-            if self.config.ephemeral {
-                // Only the count matters: it decides when the segment can go.
-                if kind == AckKind::Settled {
-                    inner.segs.get_mut(&seq).expect("checked above").settled += ids.len() as u32;
-                }
-                continue;
-            }
-            buf.clear();
-            ack_log::encode(&mut buf, kind, &ids);
-            let path = segment::ack_path(&self.dir, seq);
-            let file = self.ack_file(&mut inner, seq)?;
-            if let Err(e) = file.write_all_at(&buf, end) {
-                // Roll back so the log never ends in a partial batch that a later one would follow.
-                let _ = file.set_len(end);
-                return Err(StoreError::io("writing", path, e));
-            }
-            let meta = inner.segs.get_mut(&seq).expect("checked above");
-            meta.ack_len += buf.len() as u64;
-            if kind == AckKind::Settled {
-                meta.settled += ids.len() as u32;
-            }
-            push_unsynced(&mut inner.unsynced_acks, &file, &path);
-            wrote = true;
-        }
-        if (wrote && first_unsynced) || inner.dir_dirty {
-            // Acks need no ticket; a round fsyncs them within `ack_sync_interval` so power loss rarely resurrects.
-            self.ensure_registered(&mut inner)?;
-        }
-        Ok(())
-    }
-}
-
-impl SyncTarget for Shared {
-    fn flush(&self) -> SyncJob {
-        let mut inner = self.lock();
-        inner.registered = false;
-        if inner.destroyed {
-            return SyncJob::default();
-        }
-        // Never replace the tickets of a round still in progress (they would be dropped, failing them); new ones
-        // then wait for the next round, which is late but never early.
-        if inner.completing.is_none() {
-            if let Some(b) = inner.batch.take() {
-                inner.completing = Some(b);
-            }
-        }
-        let records = std::mem::take(&mut inner.batch_records);
-        let mut job = SyncJob { records, ..Default::default() };
-        job.files = std::mem::take(&mut inner.unsynced);
-        // Ack logs ride along when their interval is up or when asked to: at most one ack-log fsync per interval,
-        // so rounds (and the confirms waiting for them) mostly pay for segment fsyncs only.
-        let acks_due = inner.force_ack_sync || inner.acks_synced_at.elapsed() >= self.config.ack_sync_interval;
-        if acks_due && !inner.unsynced_acks.is_empty() {
-            let acks = std::mem::take(&mut inner.unsynced_acks);
-            for (f, p) in acks {
-                push_unsynced(&mut job.files, &f, &p);
-            }
-            inner.acks_synced_at = Instant::now();
-            inner.force_ack_sync = false;
-        }
-        inner.acks_in_round = job.files.clone();
-        if std::mem::take(&mut inner.dir_dirty) && !self.config.ephemeral {
-            job.dir = Some((self.io.clone(), self.dir.clone()));
-        }
-        inner.round_write_failed = false;
-        if inner.poisoned.is_some() {
-            job.write_error = inner.poisoned.clone();
-            return job;
-        }
-        // Retries of earlier failures first: rewrite what an failed fsync may have lost, create the segment
-        // a failed roll could not.
-        let retried = if inner.reopen { self.rewrite_unsynced(&mut inner, &mut job) } else { Ok(()) };
-        let retried = retried.and_then(|()| if inner.needs_roll { self.roll(&mut inner) } else { Ok(()) });
-        match retried {
-            Ok(()) => inner.needs_roll = false,
-            Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "store retry failed; retrying later");
-                for (f, p) in std::mem::take(&mut job.files) {
-                    push_unsynced(&mut inner.unsynced, &f, &p);
-                }
-                if job.dir.take().is_some() {
-                    inner.dir_dirty = true;
-                }
-                inner.round_write_failed = true;
-                inner.write_error = Some(e.clone());
-                job.write_error = Some(e);
-                return job;
-            }
-        }
-        // Take every buffer, oldest segment first, so a failure leaves no later data on file.
-        let mut work = Vec::new();
-        let Inner { active, sealed_writers, .. } = &mut *inner;
-        for w in sealed_writers.iter_mut().chain(std::iter::once(active)) {
-            if !w.buf.is_empty() && w.inflight.is_none() {
-                let data = Arc::new(std::mem::take(&mut w.buf));
-                w.inflight = Some(data.clone());
-                work.push((w.seq, w.file.clone(), w.path.clone(), w.written, data));
-            }
-        }
-        drop(inner);
-
-        let mut failed_at = None;
-        for (i, (_, file, path, at, data)) in work.iter().enumerate() {
-            if let Err(e) = file.write_all_at(data, *at) {
-                // Roll back a partial write so the file ends at its last whole record.
-                let _ = file.set_len(*at);
-                job.write_error = Some(StoreError::io("writing", path.clone(), e));
-                failed_at = Some(i);
-                break;
-            }
-        }
-
-        let mut inner = self.lock();
-        for (i, (seq, file, path, at, data)) in work.into_iter().enumerate() {
-            let ok = failed_at.is_none_or(|f| i < f);
-            if ok && !self.config.ephemeral {
-                push_unsynced(&mut job.files, &file, &path);
-                // Kept until an fsync covers it: a failed fsync means writing it again (see `rewrite_unsynced`).
-                inner.written_unsynced.push((seq, at, data.clone()));
-            }
-            let Some(w) = inner.writer_mut(seq) else {
-                continue;
-            }; // deleted meanwhile
-            w.inflight = None;
-            if ok {
-                w.written += data.len() as u64;
-            } else {
-                // Keep the bytes (positions stay valid) and retry later.
-                let mut back = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
-                back.append(&mut w.buf);
-                w.buf = back;
-            }
-        }
-        inner.sealed_writers.retain(|w| w.has_pending());
-        if let Some(e) = &job.write_error {
-            // Owe the fsyncs of what was written to the retry round.
-            for (f, p) in std::mem::take(&mut job.files) {
-                push_unsynced(&mut inner.unsynced, &f, &p);
-            }
-            if job.dir.take().is_some() {
-                inner.dir_dirty = true;
-            }
-            inner.round_write_failed = true;
-            inner.write_error = Some(e.clone());
-        }
-        job
-    }
-
-    fn abort(&self, error: StoreError) -> AfterRound {
-        let mut inner = self.lock();
-        inner.registered = false;
-        if inner.destroyed {
-            return AfterRound::Done;
-        }
-        // The round broke off somewhere in flush or fsync: put bytes taken for writing back in front of the
-        // buffer (positions stay valid), and rewrite and fsync everything since the last good round.
-        let Inner { active, sealed_writers, .. } = &mut *inner;
-        for w in sealed_writers.iter_mut().chain(std::iter::once(active)) {
-            if let Some(data) = w.inflight.take() {
-                let mut back = Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone());
-                back.append(&mut w.buf);
-                w.buf = back;
-            }
-        }
-        let acks = std::mem::take(&mut inner.acks_in_round);
-        for (f, p) in acks {
-            push_unsynced(&mut inner.unsynced_acks, &f, &p);
-        }
-        inner.reopen = true;
-        inner.dir_dirty = true;
-        inner.write_error = Some(error.clone());
-        for b in [inner.completing.take(), inner.batch.take()].into_iter().flatten() {
-            b.send_replace(Some(Err(error.clone())));
-        }
-        inner.batch_records = 0;
-        self.update_health(&mut inner);
-        AfterRound::Retry
-    }
-
-    fn synced(&self, _records: u64, result: Result<(), StoreError>) -> AfterRound {
-        let mut inner = self.lock();
-        if inner.destroyed {
-            return AfterRound::Done;
-        }
-        let batch = inner.completing.take();
-        let acks = std::mem::take(&mut inner.acks_in_round);
-        let retry = match &result {
-            Ok(()) => {
-                if inner.write_error.take().is_some() {
-                    tracing::info!(dir = %self.dir.display(), "store writable again");
-                }
-                inner.written_unsynced.clear();
-                false
-            }
-            Err(_) if inner.poisoned.is_some() => false,
-            Err(_) if inner.round_write_failed => true,
-            Err(e) => {
-                // The fsync failed: the kernel may have dropped the dirty pages. Rewrite and fsync again through
-                // fresh descriptors; meanwhile appends fail fast.
-                tracing::error!(dir = %self.dir.display(), error = %e, "fsync failed; rewriting unsynced data");
-                inner.write_error = Some(e.clone());
-                inner.reopen = true;
-                inner.dir_dirty = true;
-                for (f, p) in acks {
-                    push_unsynced(&mut inner.unsynced_acks, &f, &p);
-                }
-                inner.force_ack_sync = true;
-                true
-            }
-        };
-        self.update_health(&mut inner);
-        if let Some(b) = batch {
-            b.send_replace(Some(result));
-        }
-        // Safety net: anything buffered after the round took its snapshot needs another round.
-        let owes = inner.active.has_pending()
-            || inner.sealed_writers.iter().any(|w| w.has_pending())
-            || !inner.unsynced.is_empty()
-            || inner.batch.is_some();
-        if retry {
-            return AfterRound::Retry;
-        }
-        if owes && inner.poisoned.is_none() {
-            let _ = self.ensure_registered(&mut inner);
-        } else if !inner.unsynced_acks.is_empty() && inner.poisoned.is_none() && !inner.registered {
-            // Only ack logs are owed: a round when their interval is up.
-            return AfterRound::At(inner.acks_synced_at + self.config.ack_sync_interval);
-        }
-        AfterRound::Done
     }
 }
 

@@ -287,6 +287,54 @@ impl StoredMessage {
     }
 }
 
+/// A type the segment log stores as records: its id goes in the record header, the rest is the payload it
+/// encodes and decodes. Messages ([`StoredMessage`]) and deduplication keys
+/// ([`super::key_record::KeyRecord`]) are the two.
+pub trait Record: Sized {
+    /// The id written in the record header.
+    fn id(&self) -> u64;
+    /// Size of the encoded payload.
+    fn payload_len(&self) -> usize;
+    /// Appends the payload encoding to `out`.
+    fn encode_payload(&self, out: &mut Vec<u8>);
+    /// Decodes a payload (CRC already checked) of the record with header id `id`.
+    fn decode(id: u64, payload: Bytes) -> Result<Self, &'static str>;
+
+    /// Size of the whole record.
+    fn record_len(&self) -> usize {
+        HEADER_LEN + self.payload_len()
+    }
+    /// Appends a whole record (header and payload) to `out`; returns its length.
+    fn encode_record(&self, out: &mut Vec<u8>) -> usize {
+        out.reserve(self.record_len());
+        encode_with(out, self.id(), |o| self.encode_payload(o))
+    }
+    /// Decodes a whole record (header and payload) from `buf`, checking both CRCs.
+    fn decode_record(buf: &[u8]) -> Result<Self, &'static str> {
+        let h = parse_header(buf).ok_or("bad record header")?;
+        let payload = buf.get(HEADER_LEN..h.record_len()).ok_or("record truncated")?;
+        if !payload_ok(&h, payload) {
+            return Err("payload CRC mismatch");
+        }
+        Self::decode(h.id, Bytes::copy_from_slice(payload))
+    }
+}
+
+impl Record for StoredMessage {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn payload_len(&self) -> usize {
+        StoredMessage::payload_len(self)
+    }
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        StoredMessage::encode_payload(self, out)
+    }
+    fn decode(id: u64, payload: Bytes) -> Result<Self, &'static str> {
+        StoredMessage::decode(id, payload)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,20 +1,17 @@
-//! Durability glue between the broker and its store: where a durable queue's files live, how a message
-//! becomes a stored record and back, and the definitions log kept in step with durable declares.
+//! The data directory: its layout (where each durable queue's and exchange's store lives), opening those
+//! stores through the injected [`StoreIo`], the shared group-commit syncer, and the definitions log kept in
+//! the directory (its saves, their disk alarm, and the recovery flag raised while saved definitions are
+//! re-declared; the replay itself is [`crate::definitions`]).
 
-use crate::message::Message;
+use crate::alarm::AlarmState;
 use crate::store::segment::{OsIo, StoreIo};
 use crate::store::{
-    Change, Definitions, DefinitionsLog, QueueStore, StoreConfig, StoreResult, StoredMessage, SyncStats, Syncer,
-    SyncerConfig, VhostDef,
+    Change, Definitions, DefinitionsLog, QueueStore, Record, StoreConfig, StoreResult, SyncStats, Syncer, SyncerConfig,
+    VhostDef,
 };
-use crate::vhost::VHost;
-use amq_protocol::protocol::BasicProperties;
-use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 /// The broker's durable state: the data directory, the shared fsync syncer and the definitions log.
 #[derive(Debug)]
@@ -28,31 +25,13 @@ pub struct Durability {
     /// What the previous run saved, until the broker takes it to replay.
     loaded: Mutex<Option<Definitions>>,
     /// Where a failed definitions save raises the disk alarm.
-    alarms: std::sync::OnceLock<watch::Sender<crate::alarm::AlarmState>>,
+    alarms: std::sync::OnceLock<watch::Sender<AlarmState>>,
     /// Whether this raised the disk alarm (so it clears only what it raised).
     raised_alarm: std::sync::atomic::AtomicBool,
     /// While the broker re-declares saved definitions (delayed exchanges release nothing meanwhile).
     recovering: std::sync::atomic::AtomicBool,
     /// The same flag, watched by delayed exchanges: they release nothing until queues and bindings are back.
     recovering_watch: watch::Sender<bool>,
-}
-
-/// Which exchange service a store under the data dir belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExchangeStoreKind {
-    /// The held messages of a durable delayed-message exchange.
-    Delayed,
-    /// The cache of a durable deduplicating exchange with `x-cache-persistence: disk`.
-    Dedup,
-}
-
-impl ExchangeStoreKind {
-    fn dir_name(self) -> &'static str {
-        match self {
-            Self::Delayed => "delayed",
-            Self::Dedup => "dedup",
-        }
-    }
 }
 
 impl Durability {
@@ -77,9 +56,9 @@ impl Durability {
     }
 
     /// Saves a vhost (a failure is logged and raises the disk alarm; the next save that succeeds writes it).
-    pub fn register(&self, vhost: &Arc<VHost>) {
-        if let Err(e) = self.record_and_commit(Change::PutVhost(VhostDef { name: vhost.name().to_owned() })) {
-            tracing::error!(vhost = vhost.name(), error = %e, "cannot save the vhost");
+    pub fn register(&self, vhost: &str) {
+        if let Err(e) = self.record_and_commit(Change::PutVhost(VhostDef { name: vhost.to_owned() })) {
+            tracing::error!(vhost, error = %e, "cannot save the vhost");
         }
     }
 
@@ -143,7 +122,7 @@ impl Durability {
     }
 
     /// Where the disk alarm is raised when a definitions save fails (set once by the broker).
-    pub fn set_alarms(&self, tx: watch::Sender<crate::alarm::AlarmState>) {
+    pub fn set_alarms(&self, tx: watch::Sender<AlarmState>) {
         let _ = self.alarms.set(tx);
     }
 
@@ -241,30 +220,31 @@ impl Durability {
         &self.dir
     }
 
-    /// The directory of a durable exchange's store (delayed messages or deduplication cache), named like
-    /// a queue's: a fixed-length hash of its vhost and name.
-    pub fn exchange_store_dir(&self, kind: ExchangeStoreKind, vhost: &str, exchange: &str, generation: u64) -> PathBuf {
-        self.dir.join(kind.dir_name()).join(store_dir_name(vhost, exchange, generation))
+    /// The directory of a durable exchange's store, under the data dir's `kind` directory (one per
+    /// exchange flavor that keeps a store: `delayed`, `dedup`), named like a queue's: a fixed-length hash
+    /// of its vhost and name.
+    pub fn exchange_store_dir(&self, kind: &str, vhost: &str, exchange: &str, generation: u64) -> PathBuf {
+        self.dir.join(kind).join(store_dir_name(vhost, exchange, generation))
     }
 
-    /// Opens a durable exchange's store of `generation`, handing each record it still holds to `visit` in
-    /// append order. A `fresh` generation (a new exchange) starts empty: a directory left under it is stale.
-    #[allow(clippy::too_many_arguments)]
-    pub fn open_exchange_store(
+    /// Opens a durable exchange's store of `generation` under the `kind` directory, handing each record it
+    /// still holds to `visit` in append order. A `fresh` generation (a new exchange) starts empty: a
+    /// directory left under it is stale.
+    pub fn open_exchange_store<R: Record>(
         &self,
-        kind: ExchangeStoreKind,
+        kind: &str,
         vhost: &str,
         exchange: &str,
         (generation, fresh): (u64, bool),
         config: StoreConfig,
-        visit: impl FnMut(crate::store::Recovered),
-    ) -> StoreResult<QueueStore> {
+        visit: impl FnMut(crate::store::Recovered<R>),
+    ) -> StoreResult<QueueStore<R>> {
         let dir = self.exchange_store_dir(kind, vhost, exchange, generation);
         if fresh {
             self.prepare_fresh_dir(&dir)?;
         }
         let handle = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).handle();
-        let (store, report) = QueueStore::recover_with(&dir, config, handle, Arc::clone(&self.io), visit)?;
+        let (store, report) = QueueStore::recover_records(&dir, config, handle, Arc::clone(&self.io), visit)?;
         for d in &report.damaged {
             tracing::warn!(exchange, file = %d.path.display(), offset = d.offset, "damaged record skipped");
         }
@@ -315,122 +295,3 @@ fn store_dir_name(vhost: &str, name: &str, generation: u64) -> String {
 fn fnv1a64(bytes: &[u8], offset: u64) -> u64 {
     bytes.iter().fold(offset, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
-
-/// How far ahead the broker computes a deadline at most: about a century. A TTL, delay or stored expiry
-/// further away never fires in practice, and computing it exactly would overflow `Instant` (a panic) or
-/// wrap around to "already expired".
-const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// `from` plus `ms` milliseconds, capped at [`FAR_FUTURE`] (any `u64` is safe, `u64::MAX` included).
-pub fn deadline_after(from: Instant, ms: u64) -> Instant {
-    from + Duration::from_millis(ms).min(FAR_FUTURE)
-}
-
-/// Milliseconds since the Unix epoch for an `Instant` deadline (records outlive the process's clock).
-pub fn wall_clock_ms(deadline: Instant) -> u64 {
-    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    u64::try_from((now_wall + remaining).as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The `Instant` for a wall-clock deadline in ms since the Unix epoch (one in the past is now). The
-/// current wall clock is taken at full precision: truncated to ms, two deadlines a fraction of a ms
-/// apart could come back in the wrong order (recovered delayed messages would be released out of order).
-pub fn instant_from_wall_ms(ms: u64) -> Instant {
-    let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    Instant::now() + Duration::from_millis(ms).saturating_sub(now_wall).min(FAR_FUTURE)
-}
-
-/// The stored form of a message (property bytes kept verbatim when the broker has them).
-pub fn to_stored(id: u64, message: &Message, expires_at: Option<Instant>) -> StoredMessage {
-    StoredMessage {
-        id,
-        exchange: message.exchange.to_string(),
-        routing_key: message.routing_key.to_string(),
-        properties: message.raw_properties.clone().unwrap_or_else(|| encode_properties(&message.properties)),
-        body: message.body.clone(),
-        expires_at_ms: expires_at.map(wall_clock_ms),
-        delivery_count: 0,
-    }
-}
-
-/// The message back from its stored form; None if its property bytes do not parse.
-pub fn from_stored(stored: StoredMessage) -> Option<Message> {
-    let properties = parse_properties(&stored.properties)?;
-    Some(Message {
-        exchange: stored.exchange.into(),
-        routing_key: stored.routing_key.into(),
-        properties,
-        raw_properties: Some(stored.properties),
-        body: stored.body,
-    })
-}
-
-/// Encodes content-header property bytes (flags + list) for a message the broker changed.
-pub(crate) fn encode_properties(properties: &BasicProperties) -> Bytes {
-    match cookie_factory::gen_simple(amq_protocol::protocol::basic::gen_properties(properties), Vec::new()) {
-        Ok(bytes) => Bytes::from(bytes),
-        Err(e) => {
-            // Only a ShortString over 255 bytes can fail; such a property could not have been received.
-            tracing::error!(error = %e, "cannot encode message properties; storing none");
-            Bytes::from_static(&[0, 0])
-        }
-    }
-}
-
-/// Parses content-header property bytes; None if they do not parse completely.
-pub(crate) fn parse_properties(bytes: &[u8]) -> Option<BasicProperties> {
-    match amq_protocol::protocol::basic::parse_properties(bytes) {
-        Ok((&[], p)) => Some(p),
-        _ => None,
-    }
-}
-
-/// Opens the stores of a new durable exchange that needs one (delayed-message; deduplicating with
-/// `x-cache-persistence: disk`) and loads what they hold.
-/// `generation` is the exchange's store generation and whether it is fresh (a new exchange, not recovered).
-pub fn attach_exchange_stores(
-    durability: &Durability,
-    vhost: &str,
-    exchange: &crate::exchange::Exchange,
-    generation: (u64, bool),
-) -> StoreResult<()> {
-    use crate::plugins::ExchangeFlavor;
-    let spec = exchange.spec();
-    if !spec.durable {
-        return Ok(());
-    }
-    let extras = exchange.extras();
-    match spec.flavor {
-        ExchangeFlavor::Delayed => {
-            let store = durability.open_exchange_store(
-                ExchangeStoreKind::Delayed,
-                vhost,
-                &spec.name,
-                generation,
-                StoreConfig::default(),
-                |r| extras.delayed.recover(&r),
-            )?;
-            extras.delayed.attach_store(store);
-            if !extras.delayed.is_empty() {
-                tracing::info!(exchange = %spec.name, messages = extras.delayed.len(), "recovered delayed messages");
-            }
-        }
-        ExchangeFlavor::Deduplicating { cache_size, disk: true, .. } => {
-            let store = durability.open_exchange_store(
-                ExchangeStoreKind::Dedup,
-                vhost,
-                &spec.name,
-                generation,
-                crate::dedup::store_config(),
-                |r| extras.dedup.recover(&r),
-            )?;
-            extras.dedup.attach_store(store, cache_size);
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests;

@@ -5,8 +5,8 @@
 //! admitted again after it expired counts as newly admitted). A value is a duplicate while it is
 //! remembered and not expired (`x-cache-ttl`, or the message's own `x-cache-ttl`).
 //!
-//! Persistence reuses the message store ([`QueueStore`]): every admitted value appends one small record
-//! (the value in the routing-key field, its expiry as wall-clock ms in `expires_at_ms`), and the record is
+//! Persistence uses the segment store ([`QueueStore`]) with its own record type ([`KeyRecord`]): every
+//! admitted value appends one small record (the value, its expiry as wall-clock ms), and the record is
 //! settled when the value is evicted or replaced. The publish's confirm waits for the record's ticket, so
 //! a confirmed message's cache entry is on disk no later than its confirm. Segments whose records are all
 //! settled are deleted; when a few long-lived values pin many otherwise dead segments, the live values are
@@ -14,14 +14,17 @@
 //! multiple of the live cache. Recovery replays the records in append order, which is admission order.
 
 use crate::args::int_value;
-use crate::durable::{self, wall_clock_ms};
+use crate::message::clock::{deadline_after, instant_from_wall_ms, wall_clock_ms};
+use crate::message::headers::dedup_key;
 use crate::message::Message;
-use crate::plugins::dedup_key;
-use crate::store::{MsgRef, QueueStore, Recovered, StoreConfig, StoredMessage, SyncTicket};
-use bytes::Bytes;
+use crate::storage::Durability;
+use crate::store::{KeyRecord, MsgRef, QueueStore, Record, Recovered, StoreConfig, StoreResult, SyncTicket};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
+
+/// The data dir's directory holding deduplicating exchanges' stores.
+const STORE_DIR: &str = "dedup";
 
 /// Segment size of a cache store: records are tiny, so small segments free disk space sooner.
 pub const DEDUP_SEGMENT_SIZE: u64 = 1024 * 1024;
@@ -61,7 +64,7 @@ struct DedupState {
     /// current one is stale (the value was admitted again later) and skipped.
     order: VecDeque<(String, u64)>,
     next_generation: u64,
-    store: Option<QueueStore>,
+    store: Option<QueueStore<KeyRecord>>,
     /// Record bytes of the live entries (what compaction would rewrite).
     live_bytes: usize,
     /// Records recovery found superseded, settled once the store is attached.
@@ -74,16 +77,8 @@ pub struct DedupCache {
     state: Mutex<DedupState>,
 }
 
-fn record(generation: u64, key: &str, expires: Option<Instant>) -> StoredMessage {
-    StoredMessage {
-        id: generation,
-        exchange: String::new(),
-        routing_key: key.to_owned(),
-        properties: Bytes::new(),
-        body: Bytes::new(),
-        expires_at_ms: expires.map(wall_clock_ms),
-        delivery_count: 0,
-    }
+fn record(generation: u64, key: &str, expires: Option<Instant>) -> KeyRecord {
+    KeyRecord { id: generation, key: key.to_owned(), expires_at_ms: expires.map(wall_clock_ms) }
 }
 
 impl DedupState {
@@ -176,15 +171,15 @@ impl DedupCache {
 
     /// Indexes one record found by the store's recovery (call in append order, before
     /// [`DedupCache::attach_store`]); expired values are settled when the store is attached.
-    pub fn recover(&self, r: &Recovered) {
+    pub fn recover(&self, r: &Recovered<KeyRecord>) {
         let mut st = self.lock();
-        let expires = r.msg.expires_at_ms.map(durable::instant_from_wall_ms);
+        let expires = r.msg.expires_at_ms.map(instant_from_wall_ms);
         let len = r.msg.record_len();
         st.next_generation = st.next_generation.max(r.msg.id + 1);
         let generation = r.msg.id;
         let stored = Some(MsgRef { id: generation, pos: r.pos });
         // Replaying keeps admission order: the record's own generation places it.
-        let key = r.msg.routing_key.clone();
+        let key = r.msg.key.clone();
         st.order.push_back((key.clone(), generation));
         st.live_bytes += len;
         if let Some(old) = st.entries.insert(key, Entry { expires, generation, stored, record_len: len }) {
@@ -194,8 +189,24 @@ impl DedupCache {
         }
     }
 
+    /// Opens the store of durable deduplicating exchange `exchange` of `vhost` (its `generation`, and
+    /// whether it is a new exchange's), loads the values it remembers and keeps it for the values to come.
+    pub fn attach(
+        &self,
+        durability: &Durability,
+        vhost: &str,
+        exchange: &str,
+        generation: (u64, bool),
+        cache_size: usize,
+    ) -> StoreResult<()> {
+        let store = durability
+            .open_exchange_store(STORE_DIR, vhost, exchange, generation, store_config(), |r| self.recover(&r))?;
+        self.attach_store(store, cache_size);
+        Ok(())
+    }
+
     /// Gives the cache its store, then drops the recovered values that expired or exceed `cache_size`.
-    pub fn attach_store(&self, store: QueueStore, cache_size: usize) {
+    pub fn attach_store(&self, store: QueueStore<KeyRecord>, cache_size: usize) {
         let mut st = self.lock();
         st.store = Some(store);
         let now = Instant::now();
@@ -226,10 +237,10 @@ impl DedupCache {
         let mut st = self.lock();
         if let Some(e) = st.entries.get(&key) {
             if e.expires.is_none_or(|at| at > now) {
-                return Admission::Duplicate(st.store.as_ref().map(QueueStore::sync));
+                return Admission::Duplicate(st.store.as_ref().map(QueueStore::<KeyRecord>::sync));
             }
         }
-        let expires = ttl.map(|ms| durable::deadline_after(now, ms));
+        let expires = ttl.map(|ms| deadline_after(now, ms));
         let mut ticket = None;
         let mut stored = None;
         let mut record_len = 0;
@@ -285,6 +296,7 @@ mod tests {
     use crate::store::{Syncer, SyncerConfig};
     use amq_protocol::protocol::BasicProperties;
     use amq_protocol_types::{AMQPValue, FieldTable, LongString};
+    use bytes::Bytes;
     use std::path::Path;
     use std::sync::Arc;
     use std::time::Duration;
@@ -308,7 +320,7 @@ mod tests {
     fn open(dir: &Path, syncer: &Syncer, cache_size: usize) -> DedupCache {
         let c = DedupCache::default();
         let (store, _) =
-            QueueStore::recover_with(dir, store_config(), syncer.handle(), Arc::new(OsIo), |r| c.recover(&r))
+            QueueStore::recover_records(dir, store_config(), syncer.handle(), Arc::new(OsIo), |r| c.recover(&r))
                 .expect("store opens");
         c.attach_store(store, cache_size);
         c

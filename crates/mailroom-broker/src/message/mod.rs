@@ -1,7 +1,15 @@
-//! Messages as the broker carries them: properties, body, and where they were published.
+//! Messages as the broker carries them: properties, body, and where they were published; with the
+//! header conventions read from them ([`headers`]), their stored form ([`codec`]) and the conversion of
+//! their deadlines to and from the wall clock ([`clock`]).
+
+pub mod clock;
+pub mod codec;
+pub mod headers;
+
+pub use headers::{header_routing_keys, parse_expiration};
 
 use amq_protocol::protocol::BasicProperties;
-use amq_protocol_types::{AMQPValue, FieldTable};
+use amq_protocol_types::FieldTable;
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -40,48 +48,5 @@ impl Message {
     /// The message's headers table, if any.
     pub fn headers(&self) -> Option<&FieldTable> {
         self.properties.headers().as_ref()
-    }
-}
-
-/// Parses an `expiration` property: a non-negative decimal integer of milliseconds, as RabbitMQ requires.
-pub fn parse_expiration(text: &str) -> Result<u64, String> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("invalid expiration '{text}'"));
-    }
-    text.parse::<u64>().map_err(|_| format!("invalid expiration '{text}'"))
-}
-
-/// Reads the routing keys of a `CC` or `BCC` header: an array of strings (non-string items ignored).
-pub fn header_routing_keys(headers: Option<&FieldTable>, name: &str) -> Vec<String> {
-    let Some(value) = headers.and_then(|h| h.inner().get(name)) else {
-        return Vec::new();
-    };
-    match value {
-        AMQPValue::FieldArray(items) => items
-            .as_slice()
-            .iter()
-            .filter_map(|v| match v {
-                AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-                _ => None,
-            })
-            .collect(),
-        // RabbitMQ accepts only arrays; a lone string is ignored, as there.
-        _ => Vec::new(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expiration_must_be_digits() {
-        assert_eq!(parse_expiration("1000"), Ok(1000));
-        assert_eq!(parse_expiration("0"), Ok(0));
-        assert!(parse_expiration("").is_err());
-        assert!(parse_expiration("-1").is_err());
-        assert!(parse_expiration("abc").is_err());
-        assert!(parse_expiration("1.5").is_err());
     }
 }

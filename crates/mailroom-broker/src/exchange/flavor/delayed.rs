@@ -16,11 +16,14 @@
 //! from the store and waits for the broker's queues and bindings to be back; overdue messages fire at once,
 //! the rest keep their remaining delay (due times are wall-clock, so time spent down counts).
 
-use crate::durable::{self, wall_clock_ms};
+use crate::args::int_value;
+use crate::message::clock::{deadline_after, instant_from_wall_ms, wall_clock_ms};
+use crate::message::codec::{encode_properties, from_stored, to_stored};
 use crate::message::Message;
-use crate::plugins;
-use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreError, StoreResult, SyncTicket};
-use crate::vhost::PublishResult;
+use crate::queue::Queue;
+use crate::storage::Durability;
+use crate::store::{MsgRef, QueueStore, Recovered, SegmentPos, StoreConfig, StoreError, StoreResult, SyncTicket};
+use amq_protocol_types::AMQPValue;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +31,15 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+
+/// The data dir's directory holding delayed exchanges' stores.
+const STORE_DIR: &str = "delayed";
+
+/// First pause before checking again that a queue a released message went to has it on disk; doubles up
+/// to [`SYNC_RETRY_MAX`] (the pauses of a refused dead-letter move).
+const SYNC_RETRY_MIN: Duration = Duration::from_millis(20);
+/// Longest pause between those checks.
+const SYNC_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Settles buffered for one segment before they are written to its ack log.
 pub const SETTLE_BATCH: usize = 512;
@@ -39,6 +51,33 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// Most messages one release step takes: bounds the time the release task holds the runtime thread and
 /// lets one group-commit cover the whole batch's copies.
 pub const RELEASE_BATCH: usize = 1024;
+
+/// The delay a message asks for: its `x-delay` header in ms, when positive.
+pub fn requested_delay(message: &Message) -> Option<u64> {
+    let delay = message.headers()?.inner().get("x-delay").and_then(int_value)?;
+    (delay > 0).then_some(delay as u64)
+}
+
+/// Marks a released message as the plugin does: `x-delay` becomes the negated delay.
+pub fn mark_released(mut message: Message, delay_ms: u64) -> Message {
+    let mut headers = message.headers().cloned().unwrap_or_default();
+    headers.insert("x-delay".into(), AMQPValue::LongLongInt(-(delay_ms as i64)));
+    message.properties = message.properties.with_headers(headers);
+    // Encoded once here: the queue's store and every delivery then reuse these bytes.
+    message.raw_properties = Some(encode_properties(&message.properties));
+    message
+}
+
+/// What routing a released message did, as far as the release task cares.
+#[derive(Debug, Default)]
+pub struct Routed {
+    /// One ticket per durable queue that stored a copy.
+    pub durable: Vec<SyncTicket>,
+    /// The queues whose stores took a copy (to check again if a ticket failed).
+    pub stored_in: Vec<Arc<Queue>>,
+    /// A store refused the message (backpressure, disk full, store failing).
+    pub refused: bool,
+}
 
 /// One held message in the index: ordered by due time, then publish order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -121,7 +160,27 @@ impl DelayedMessages {
     }
 
     fn instant(&self, due_ms: u64) -> Instant {
-        durable::deadline_after(self.base, due_ms)
+        deadline_after(self.base, due_ms)
+    }
+
+    /// Opens the store of durable delayed exchange `exchange` of `vhost` (its `generation`, and whether it
+    /// is a new exchange's), indexes the messages it holds and keeps it for the messages to come.
+    pub fn attach(
+        &self,
+        durability: &Durability,
+        vhost: &str,
+        exchange: &str,
+        generation: (u64, bool),
+    ) -> StoreResult<()> {
+        let store =
+            durability.open_exchange_store(STORE_DIR, vhost, exchange, generation, StoreConfig::default(), |r| {
+                self.recover(&r)
+            })?;
+        self.attach_store(store);
+        if !self.is_empty() {
+            tracing::info!(exchange, messages = self.len(), "recovered delayed messages");
+        }
+        Ok(())
     }
 
     /// Gives the exchange its store (after [`DelayedMessages::recover`] indexed what the store held).
@@ -133,7 +192,7 @@ impl DelayedMessages {
     pub fn recover(&self, r: &Recovered) {
         // Overdue (or without a due time, which this code never writes): fire at once.
         let due_ms = match r.msg.expires_at_ms {
-            Some(wall) if wall > wall_clock_ms(Instant::now()) => self.due_ms(durable::instant_from_wall_ms(wall)),
+            Some(wall) if wall > wall_clock_ms(Instant::now()) => self.due_ms(instant_from_wall_ms(wall)),
             _ => 0,
         };
         let held = Held { due_ms, seq: r.msg.id, pos: Some(r.pos) };
@@ -144,12 +203,12 @@ impl DelayedMessages {
     /// Holds `message` for `delay_ms`. A persistent message is stored when the exchange has a store; the
     /// returned ticket completes once its record is fsynced (the publish's confirm waits for it).
     pub fn hold(&self, message: Message, delay_ms: u64) -> StoreResult<Option<SyncTicket>> {
-        let due = durable::deadline_after(Instant::now(), delay_ms);
+        let due = deadline_after(Instant::now(), delay_ms);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut stored = None;
         if message.is_persistent() {
             if let Some(store) = self.store() {
-                let mut record = durable::to_stored(seq, &message, None);
+                let mut record = to_stored(seq, &message, None);
                 // Rounded up to the millisecond so that a recovered message never fires early.
                 record.expires_at_ms = Some(wall_clock_ms(due + Duration::from_micros(999)));
                 stored = Some(store.append(&record)?);
@@ -206,7 +265,7 @@ impl DelayedMessages {
             let Err(r) = taken[i] else { continue };
             let Some(s) = &store else { break };
             match s.read(pos) {
-                Ok(m) => match durable::from_stored(m) {
+                Ok(m) => match from_stored(m) {
                     Some(message) => read[i] = Some(message),
                     None => corrupt.push((r, "unreadable properties".to_owned())),
                 },
@@ -377,7 +436,7 @@ fn remove_dir_retrying(dir: &std::path::Path) -> StoreResult<()> {
 pub async fn run_release(
     delayed: Arc<DelayedMessages>,
     recovering: Option<watch::Receiver<bool>>,
-    mut route: impl FnMut(Message) -> Option<PublishResult>,
+    mut route: impl FnMut(Message) -> Option<Routed>,
 ) {
     if let Some(mut rx) = recovering {
         // An error means the broker's durability is gone: nothing to wait for any more.
@@ -410,13 +469,13 @@ pub async fn run_release(
                 break;
             }
             let mut tickets = Vec::new();
-            let mut stored_in: Vec<Arc<crate::queue::Queue>> = Vec::new();
+            let mut stored_in: Vec<Arc<Queue>> = Vec::new();
             let mut refs = Vec::new();
             for released in batch {
-                let delay = plugins::requested_delay(&released.message).unwrap_or(0);
+                let delay = requested_delay(&released.message).unwrap_or(0);
                 // Kept until routed: a store that refuses it means holding it again (released path only).
                 let original = released.message.clone();
-                let Some(result) = route(plugins::mark_released(released.message, delay)) else { return };
+                let Some(result) = route(mark_released(released.message, delay)) else { return };
                 tickets.extend(result.durable);
                 for q in result.stored_in {
                     if !stored_in.iter().any(|s| Arc::ptr_eq(s, &q)) {
@@ -445,7 +504,7 @@ pub async fn run_release(
 async fn settle_when_durable(
     delayed: Arc<DelayedMessages>,
     tickets: Vec<SyncTicket>,
-    stored_in: Vec<Arc<crate::queue::Queue>>,
+    stored_in: Vec<Arc<Queue>>,
     refs: Vec<MsgRef>,
 ) {
     let mut failed = None;
@@ -456,7 +515,7 @@ async fn settle_when_durable(
     }
     if let Some(e) = failed {
         tracing::warn!(error = %e, messages = refs.len(), "released delayed messages not all durable; keeping their records until they are");
-        let mut pause = crate::dead_letter::MOVE_RETRY_MIN;
+        let mut pause = SYNC_RETRY_MIN;
         for q in stored_in {
             // None: the queue was deleted, and its copy with it.
             while let Some(t) = q.sync_ticket() {
@@ -464,7 +523,7 @@ async fn settle_when_durable(
                     break;
                 }
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(crate::dead_letter::MOVE_RETRY_MAX);
+                pause = (pause * 2).min(SYNC_RETRY_MAX);
             }
         }
     }
@@ -554,7 +613,7 @@ mod tests {
         assert!(d.next_due().unwrap() <= now, "overdue fires at once");
         let released = d.take_due(now, 100);
         assert_eq!(bodies(&released), vec!["soon"]);
-        assert_eq!(plugins::requested_delay(&released[0].message), Some(50), "headers read back intact");
+        assert_eq!(requested_delay(&released[0].message), Some(50), "headers read back intact");
         let next = d.next_due().unwrap();
         let remaining = next.saturating_duration_since(published);
         assert!(
@@ -640,5 +699,26 @@ mod tests {
         d.destroy();
         assert!(!dir.exists());
         assert!(d.is_empty());
+    }
+
+    fn with_headers(headers: &[(&str, AMQPValue)]) -> Message {
+        let mut t = FieldTable::default();
+        for (k, v) in headers {
+            t.insert((*k).into(), v.clone());
+        }
+        Message::new("x", "k", BasicProperties::default().with_headers(t), Bytes::new())
+    }
+
+    #[test]
+    fn delay_header() {
+        assert_eq!(requested_delay(&with_headers(&[("x-delay", AMQPValue::LongInt(500))])), Some(500));
+        assert_eq!(requested_delay(&with_headers(&[("x-delay", AMQPValue::LongInt(-5))])), None);
+        assert_eq!(requested_delay(&with_headers(&[])), None);
+        let released = mark_released(with_headers(&[("x-delay", AMQPValue::LongInt(500))]), 500);
+        assert_eq!(released.headers().unwrap().inner().get("x-delay"), Some(&AMQPValue::LongLongInt(-500)));
+        let raw = released.raw_properties.clone().expect("encoded once at release");
+        let reparsed =
+            crate::message::codec::from_stored(crate::store::StoredMessage { properties: raw, ..Default::default() });
+        assert_eq!(reparsed.unwrap().properties, released.properties, "raw bytes match the properties");
     }
 }
