@@ -4,6 +4,7 @@
 //! fed whole batches of encoded frames through a bounded channel, so a slow client pushes back on us
 //! instead of growing memory.
 
+use crate::authz;
 use crate::channel::{
     settle, BodyBuffer, Channel, ChannelConsumer, ChannelPhase, PendingPublish, TxOp, UnackedDelivery,
 };
@@ -14,6 +15,7 @@ use crate::codec::{
 use crate::error::{code, AmqpError};
 use crate::server::ServerContext;
 use bytes::{Bytes, BytesMut};
+use mailroom_broker::access::Operation;
 use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::AlarmState;
@@ -26,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
@@ -110,6 +112,8 @@ pub(crate) struct Connection {
     close_deadline: Option<Instant>,
     capabilities: ClientCapabilities,
     username: String,
+    /// A login was just refused: wait [`authz::LOGIN_REFUSED_DELAY`] before answering.
+    login_refused: bool,
     vhost: Option<Arc<VHost>>,
     channels: HashMap<u16, Channel>,
     consumer_channels: HashMap<ConsumerId, ConsumerRoute>,
@@ -158,6 +162,34 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let (mut rd, wr) = stream.into_split();
+    serve_on(&mut rd, wr, peer, local, ctx).await;
+    discard_unread(&rd);
+}
+
+/// Serves one AMQPS connection: the TLS handshake (bounded by the AMQP handshake timeout), then AMQP.
+#[cfg(feature = "tls")]
+pub(crate) async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ServerContext>,
+    acceptor: Arc<crate::tls::TlsAcceptor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
+    };
+    let (mut rd, wr) = tokio::io::split(tls);
+    serve_on(&mut rd, wr, peer, local, ctx).await;
+}
+
+async fn serve_on<R, W>(rd: &mut R, wr: W, peer: SocketAddr, local: SocketAddr, ctx: Arc<ServerContext>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (writer_tx, writer_rx) = mpsc::channel(OUTBOUND_BATCHES);
     let writer = tokio::spawn(write_loop(wr, writer_rx));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -179,6 +211,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         close_deadline: None,
         capabilities: ClientCapabilities::default(),
         username: String::new(),
+        login_refused: false,
         vhost: None,
         channels: HashMap::new(),
         consumer_channels: HashMap::new(),
@@ -201,14 +234,13 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         registration: None,
         control: None,
     };
-    if let Err(e) = conn.run(&mut rd).await {
+    if let Err(e) = conn.run(rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
     }
     conn.cleanup();
     let _ = conn.flush().await;
     drop(conn);
     let _ = writer.await;
-    discard_unread(&rd);
 }
 
 /// Reads and drops whatever the client sent that is still in the kernel's receive buffer: closing a socket
@@ -224,7 +256,7 @@ fn discard_unread(rd: &OwnedReadHalf) {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<Bytes>>) {
     while let Some(batch) = rx.recv().await {
         for chunk in batch {
             if wr.write_all(&chunk).await.is_err() {
@@ -271,7 +303,7 @@ fn method_ids(m: &Method) -> (u16, u16) {
 }
 
 impl Connection {
-    async fn run(&mut self, rd: &mut OwnedReadHalf) -> std::io::Result<()> {
+    async fn run<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<()> {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         // Protocol header.
         let mut header = [0u8; 8];
@@ -312,6 +344,9 @@ impl Connection {
                     }
                 };
                 self.handle_frame(frame);
+                if std::mem::take(&mut self.login_refused) {
+                    tokio::time::sleep(authz::LOGIN_REFUSED_DELAY).await;
+                }
                 if self.out.len() + self.sealed_bytes >= OUTBOUND_BATCH_BYTES {
                     self.flush().await?;
                 }
@@ -608,8 +643,15 @@ impl Connection {
                 // The per-message methods skip the generic parser (and its allocations) when well-formed.
                 if let Some(publish) = codec::parse_basic_publish(&frame.payload) {
                     self.has_published = true;
-                    if self.channel_accepts(frame.channel) && !publish.immediate {
-                        if let Some(ch) = self.channels.get_mut(&frame.channel).filter(|c| c.pending.is_none()) {
+                    if self.channel_accepts(frame.channel)
+                        && !publish.immediate
+                        && self.channels.get(&frame.channel).is_some_and(|c| c.pending.is_none())
+                    {
+                        if let Err(e) = self.check_publish(frame.channel, publish.exchange, publish.routing_key) {
+                            self.fail(frame.channel, e.on(60, 40));
+                            return;
+                        }
+                        if let Some(ch) = self.channels.get_mut(&frame.channel) {
                             ch.pending = Some(PendingPublish {
                                 exchange: publish.exchange.into(),
                                 routing_key: publish.routing_key.into(),
@@ -795,14 +837,8 @@ impl Connection {
                         format!("unknown authentication mechanism '{mechanism}'"),
                     ));
                 }
-                let creds = codec::parse_sasl_response(mechanism, ok.response.as_bytes());
-                let authenticated = creds.and_then(|c| {
-                    self.ctx
-                        .broker
-                        .authenticate(&c.username, &c.password, self.peer.ip().is_loopback())
-                        .ok()
-                        .map(|u| u.name)
-                });
+                let authenticated =
+                    authz::login(&self.ctx.broker, mechanism, ok.response.as_bytes(), self.peer).ok().map(|u| u.name);
                 match authenticated {
                     Some(name) => {
                         self.username = name;
@@ -819,6 +855,7 @@ impl Connection {
                         Ok(())
                     }
                     None => {
+                        self.login_refused = true;
                         let err = AmqpError::connection(
                             code::ACCESS_REFUSED,
                             format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),
@@ -862,9 +899,7 @@ impl Connection {
                 Ok(())
             }
             (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
-                let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
-                    AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
-                })?;
+                let vhost = authz::open_vhost(&self.ctx.broker, &self.username, open.virtual_host.as_str())?;
                 self.register(vhost.name());
                 self.vhost = Some(vhost);
                 self.phase = Phase::Open;
@@ -913,8 +948,10 @@ impl Connection {
                 }
                 // A client that reuses the number sent whatever close-ok it meant to send.
                 self.crossed_closes.remove(&id);
+                let (access, slot) = authz::open_channel(&self.ctx.broker, &self.username, self.vhost().name())?;
                 self.channel_epoch += 1;
-                self.channels.insert(id, Channel { epoch: self.channel_epoch, ..Channel::new() });
+                let (access, user_slot) = (access, Some(slot));
+                self.channels.insert(id, Channel { epoch: self.channel_epoch, access, user_slot, ..Channel::new() });
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }
@@ -945,6 +982,38 @@ impl Connection {
         }
     }
 
+    /// Checks `op` against channel `id`'s grants (403 closes the channel).
+    fn check_access(&mut self, id: u16, op: &Operation<'_>) -> Result<(), AmqpError> {
+        let vhost = self.vhost.as_deref().map_or("", |v| v.name());
+        let ch = self.channels.get_mut(&id).expect("channel checked by caller");
+        authz::check(&mut ch.access, &self.username, vhost, op)
+    }
+
+    /// Checks a `basic.publish` (one atomic load and a cached grant on the usual path).
+    fn check_publish(&mut self, id: u16, exchange: &str, routing_key: &str) -> Result<(), AmqpError> {
+        let Some(vhost) = self.vhost.as_deref() else { return Ok(()) };
+        let ch = self.channels.get_mut(&id).expect("channel checked by caller");
+        let exchange_is_topic = authz::publish_is_topic(&ch.access, vhost, exchange);
+        authz::check(
+            &mut ch.access,
+            &self.username,
+            vhost.name(),
+            &Operation::Publish { exchange, routing_key, exchange_is_topic },
+        )
+    }
+
+    /// The vhost's `max-queues` limit, before a queue is created (406).
+    fn check_queue_limit(&self, vhost: &VHost, queue: &str) -> Result<(), AmqpError> {
+        let limits = self.ctx.broker.access().vhost_limits(vhost.name());
+        if limits.max_queues.is_none() {
+            return Ok(());
+        }
+        let existing = vhost.queues().len() as u64;
+        limits
+            .check_queue(vhost.name(), queue, existing)
+            .map_err(|e| AmqpError::from(mailroom_broker::BrokerError::from(e)))
+    }
+
     fn vhost(&self) -> Arc<VHost> {
         // Only called in the Open phase, which is entered by setting the vhost.
         Arc::clone(self.vhost.as_ref().expect("vhost is set once the connection is open"))
@@ -972,6 +1041,12 @@ impl Connection {
         match method {
             Method::Exchange(m) => match m {
                 exchange::AMQPMethod::Declare(d) => {
+                    let name = d.exchange.as_str();
+                    let exists = vhost.exchange(name).is_ok();
+                    let alternate_exchange = authz::str_arg(&d.arguments, "alternate-exchange");
+                    let op =
+                        Operation::ExchangeDeclare { exchange: name, passive: d.passive, exists, alternate_exchange };
+                    self.check_access(id, &op)?;
                     let options = mailroom_broker::ExchangeOptions {
                         passive: d.passive,
                         durable: d.durable,
@@ -985,12 +1060,20 @@ impl Connection {
                     }
                 }
                 exchange::AMQPMethod::Delete(d) => {
+                    self.check_access(id, &Operation::ExchangeDelete { exchange: d.exchange.as_str() })?;
                     vhost.delete_exchange(d.exchange.as_str(), d.if_unused)?;
                     if !d.nowait {
                         self.send(id, Method::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})));
                     }
                 }
                 exchange::AMQPMethod::Bind(b) => {
+                    let op = Operation::ExchangeBind {
+                        destination: b.destination.as_str(),
+                        source: b.source.as_str(),
+                        routing_key: b.routing_key.as_str(),
+                        source_is_topic: authz::is_topic(&vhost, b.source.as_str()),
+                    };
+                    self.check_access(id, &op)?;
                     vhost.bind_exchange(
                         b.destination.as_str(),
                         b.source.as_str(),
@@ -1002,6 +1085,13 @@ impl Connection {
                     }
                 }
                 exchange::AMQPMethod::Unbind(b) => {
+                    let op = Operation::ExchangeUnbind {
+                        destination: b.destination.as_str(),
+                        source: b.source.as_str(),
+                        routing_key: b.routing_key.as_str(),
+                        source_is_topic: authz::is_topic(&vhost, b.source.as_str()),
+                    };
+                    self.check_access(id, &op)?;
                     vhost.unbind_exchange(
                         b.destination.as_str(),
                         b.source.as_str(),
@@ -1016,6 +1106,26 @@ impl Connection {
             },
             Method::Queue(m) => match m {
                 queue::AMQPMethod::Declare(d) => {
+                    let server_named = !d.passive && d.queue.as_str().is_empty();
+                    if !d.passive {
+                        let name = d.queue.as_str();
+                        let exists = !server_named && vhost.queue(name, owner).is_ok();
+                        if !server_named {
+                            let op = Operation::QueueDeclare {
+                                queue: name,
+                                server_named,
+                                passive: false,
+                                exists,
+                                dead_letter_exchange: authz::str_arg(&d.arguments, "x-dead-letter-exchange"),
+                            };
+                            self.check_access(id, &op)?;
+                        }
+                        if !exists {
+                            self.check_queue_limit(&vhost, name)?;
+                        }
+                    }
+                    let dead_letter_exchange =
+                        authz::str_arg(&d.arguments, "x-dead-letter-exchange").map(str::to_owned);
                     let options = mailroom_broker::QueueOptions {
                         passive: d.passive,
                         durable: d.durable,
@@ -1043,6 +1153,20 @@ impl Connection {
                         d.queue.as_str().to_owned()
                     };
                     let ok = vhost.declare_queue(&name, &options, owner)?;
+                    if server_named {
+                        // The generated name is known only now; a refused one is deleted again (new and empty).
+                        let op = Operation::QueueDeclare {
+                            queue: &ok.name,
+                            server_named,
+                            passive: false,
+                            exists: false,
+                            dead_letter_exchange: dead_letter_exchange.as_deref(),
+                        };
+                        if let Err(e) = self.check_access(id, &op) {
+                            let _ = vhost.delete_queue(&ok.name, false, false, owner);
+                            return Err(e);
+                        }
+                    }
                     self.channel(id).last_queue = Some(ok.name.clone());
                     if !d.nowait {
                         self.send(
@@ -1057,6 +1181,13 @@ impl Connection {
                 }
                 queue::AMQPMethod::Bind(b) => {
                     let name = self.queue_name(id, &b.queue)?;
+                    let op = Operation::QueueBind {
+                        queue: &name,
+                        exchange: b.exchange.as_str(),
+                        routing_key: b.routing_key.as_str(),
+                        exchange_is_topic: authz::is_topic(&vhost, b.exchange.as_str()),
+                    };
+                    self.check_access(id, &op)?;
                     vhost.bind_queue(&name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments, owner)?;
                     if !b.nowait {
                         self.send(id, Method::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
@@ -1064,11 +1195,19 @@ impl Connection {
                 }
                 queue::AMQPMethod::Unbind(b) => {
                     let name = self.queue_name(id, &b.queue)?;
+                    let op = Operation::QueueUnbind {
+                        queue: &name,
+                        exchange: b.exchange.as_str(),
+                        routing_key: b.routing_key.as_str(),
+                        exchange_is_topic: authz::is_topic(&vhost, b.exchange.as_str()),
+                    };
+                    self.check_access(id, &op)?;
                     vhost.unbind_queue(&name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments, owner)?;
                     self.send(id, Method::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
                 }
                 queue::AMQPMethod::Purge(p) => {
                     let name = self.queue_name(id, &p.queue)?;
+                    self.check_access(id, &Operation::Purge { queue: &name })?;
                     let n = vhost.purge_queue(&name, owner)?;
                     if !p.nowait {
                         self.send(id, Method::Queue(queue::AMQPMethod::PurgeOk(queue::PurgeOk { message_count: n })));
@@ -1076,6 +1215,7 @@ impl Connection {
                 }
                 queue::AMQPMethod::Delete(d) => {
                     let name = self.queue_name(id, &d.queue)?;
+                    self.check_access(id, &Operation::QueueDelete { queue: &name })?;
                     let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, owner)?;
                     // The broker queued our own consumers' cancellations synchronously: they go out before
                     // delete-ok, so a client that closes on delete-ok still hears them (RabbitMQ usually sends
@@ -1218,7 +1358,9 @@ impl Connection {
                     self.channel(id).reply_queue = Some(name.clone());
                     name
                 } else {
-                    self.queue_name(id, &c.queue)?
+                    let name = self.queue_name(id, &c.queue)?;
+                    self.check_access(id, &Operation::Consume { queue: &name })?;
+                    name
                 };
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     generate_consumer_tag()
@@ -1283,6 +1425,7 @@ impl Connection {
                 if p.immediate {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
                 }
+                self.check_publish(id, p.exchange.as_str(), p.routing_key.as_str())?;
                 self.channel(id).pending = Some(PendingPublish {
                     exchange: p.exchange.as_str().into(),
                     routing_key: p.routing_key.as_str().into(),
@@ -1293,6 +1436,7 @@ impl Connection {
             }
             basic::AMQPMethod::Get(g) => {
                 let name = self.queue_name(id, &g.queue)?;
+                self.check_access(id, &Operation::Get { queue: &name })?;
                 let queue = vhost.queue(&name, self.id)?;
                 match queue.get(g.no_ack) {
                     Some(got) => {

@@ -1,6 +1,7 @@
 //! The `mailroom` command: runs the broker (`mailroom server`), talks to its HTTP API (`mailroom admin`),
 //! drives the load generator (`mailroom bench`) and operates sagas in their store (`mailroom saga`).
 
+mod access_args;
 mod admin;
 mod bench;
 mod saga;
@@ -97,6 +98,9 @@ struct ServerArgs {
     /// kept, policies overwritten. A file that cannot be imported stops the start.
     #[arg(long, env = "MAILROOM_LOAD_DEFINITIONS")]
     load_definitions: Option<PathBuf>,
+    /// Users, loopback rule, AMQPS and TLS.
+    #[command(flatten)]
+    access: access_args::AccessArgs,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -155,8 +159,11 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
             ..Default::default()
         },
         paging: PagingConfig { queue_memory_bytes: args.queue_memory_bytes, ..PagingConfig::default() },
+        default_user: args.access.default_user()?,
+        loopback_users: args.access.loopback_users(),
         ..BrokerConfig::default()
     })?;
+    let tls = args.access.tls_acceptor()?;
     if let Some(path) = &args.load_definitions {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let doc: serde_json::Value =
@@ -175,7 +182,14 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         fd_reserve: args.fd_reserve,
         ..ServerConfig::default()
     };
-    let server = AmqpServer::bind(broker.clone(), config).await?;
+    let mut server = AmqpServer::bind(broker.clone(), config).await?;
+    if let Some(acceptor) = tls {
+        server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;
+        for addr in server.tls_local_addrs() {
+            println!("mailroom: AMQPS listening on {addr}");
+        }
+        access_args::reload_on_sighup(acceptor);
+    }
     let stopping = broker.clone();
     for addr in server.local_addrs() {
         // Scripts and tests read this line to find the port when they asked for port 0.

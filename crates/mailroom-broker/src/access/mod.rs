@@ -15,6 +15,7 @@ pub mod permissions;
 pub mod registry;
 pub mod store;
 pub mod table;
+pub mod usage;
 pub mod user;
 
 pub use bootstrap::{BootstrapError, DefaultUser};
@@ -25,4 +26,5 @@ pub use permissions::{AccessError, Permission, Permissions, ResourceKind, TopicP
 pub use registry::{AccessControl, AuthError, AuthenticatedUser, ChannelAccess, LoopbackUsers, RegistryError};
 pub use store::{AccessFile, AccessStoreError};
 pub use table::{Operation, VhostAccess};
+pub use usage::ChannelSlot;
 pub use user::{ApiAction, ManagementRights, User, UserTag};

@@ -174,6 +174,8 @@ struct Inner {
     generation: AtomicU64,
     /// Where every change is saved (a broker with a data dir); unset keeps the registry in memory.
     file: OnceLock<super::store::AccessFile>,
+    /// Channels open per user (the `max-channels` limit).
+    channels: super::usage::ChannelCounts,
 }
 
 /// The access registry. Cheap to clone; every clone is the same registry.
@@ -204,6 +206,7 @@ impl AccessControl {
                 loopback_users: RwLock::new(loopback_users),
                 generation: AtomicU64::new(0),
                 file: OnceLock::new(),
+                channels: Default::default(),
             }),
         }
     }
@@ -233,6 +236,10 @@ impl AccessControl {
         file.save(self)?;
         let _ = self.inner.file.set(file);
         Ok(())
+    }
+
+    pub(super) fn channel_counts(&self) -> &super::usage::ChannelCounts {
+        &self.inner.channels
     }
 
     /// Counts changes; a channel rebuilds its grants when it moves.
