@@ -127,6 +127,14 @@ fn no_user(name: &str) -> ApiError {
     ApiError::not_found(format!("user '{name}' not found"))
 }
 
+/// RabbitMQ's answer to a permission PUT naming a missing vhost or user: 400 `vhost_or_user_not_found`.
+fn vhost_and_user(broker: &Broker, vhost: &str, user: &str) -> Result<(), ApiError> {
+    if broker.vhost(vhost).is_err() || broker.access().user(user).is_none() {
+        return Err(ApiError::bad_request("vhost_or_user_not_found"));
+    }
+    Ok(())
+}
+
 fn known_user(ac: &AccessControl, name: &str) -> Result<(), ApiError> {
     ac.user(name).map(|_| ()).ok_or_else(|| no_user(name))
 }
@@ -196,9 +204,8 @@ struct PermissionBody {
 }
 
 fn put_permissions(broker: &Broker, vhost: &str, user: &str, req: &ApiRequest) -> ApiResult {
-    vhost_of(broker, vhost)?;
     let ac = broker.access();
-    known_user(ac, user).map_err(|_| ApiError::bad_request(format!("user '{user}' does not exist")))?;
+    vhost_and_user(broker, vhost, user)?;
     let body: PermissionBody = req.json()?;
     let p =
         Permissions::new(&body.configure, &body.write, &body.read).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -217,9 +224,8 @@ struct TopicPermissionBody {
 }
 
 fn put_topic_permissions(broker: &Broker, vhost: &str, user: &str, req: &ApiRequest) -> ApiResult {
-    vhost_of(broker, vhost)?;
     let ac = broker.access();
-    known_user(ac, user).map_err(|_| ApiError::bad_request(format!("user '{user}' does not exist")))?;
+    vhost_and_user(broker, vhost, user)?;
     let body: TopicPermissionBody = req.json()?;
     let p = TopicPermissions::new(&body.write, &body.read).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let created =
