@@ -250,6 +250,9 @@ impl Broker {
             }
         }
         self.inner.access.delete_vhost(name);
+        if let Some(d) = &self.inner.durability {
+            d.record_and_commit(crate::store::definitions_log::Change::DeleteVhost { name: name.to_owned() })?;
+        }
         Ok(())
     }
 

@@ -102,6 +102,10 @@ pub fn route(broker: &Broker, req: &ApiRequest, rest: &[&str]) -> Option<ApiResu
         (&M::PUT, ["vhosts", name]) => {
             let created = broker.vhost(name).is_err();
             broker.add_vhost(name);
+            if created {
+                // As RabbitMQ: the creating user gets full permissions on the new vhost.
+                let _ = ac.set_permissions(&req.user, name, Permissions::full());
+            }
             Ok(Reply::created_or_updated(created))
         }
         (&M::DELETE, ["vhosts", name]) => {

@@ -294,7 +294,15 @@ pub fn import_request(broker: &Broker, vhost: Option<&str>, req: &ApiRequest) ->
         vhost_of(broker, v)?;
     }
     let doc: Value = req.json()?;
-    let report = import(broker, &doc, vhost).map_err(ApiError::bad_request)?;
+    let before: Vec<String> = broker.vhosts().iter().map(|v| v.name().to_owned()).collect();
+    let result = import(broker, &doc, vhost);
+    // As RabbitMQ: the importing user gets full permissions on the vhosts the import created.
+    for v in broker.vhosts().iter().filter(|v| !before.iter().any(|b| b == v.name())) {
+        if broker.access().permissions(&req.user, v.name()).is_none() {
+            let _ = broker.access().set_permissions(&req.user, v.name(), mailroom_broker::access::Permissions::full());
+        }
+    }
+    let report = result.map_err(ApiError::bad_request)?;
     tracing::info!(?report, user = %req.user, "definitions imported");
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
