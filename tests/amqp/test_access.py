@@ -387,3 +387,79 @@ def test_a_user_imported_from_rabbitmq_logs_in_with_its_password(mailroom_scope)
     # The imported permissions hold: configure only on 'x'.
     code, text = channel_refusal(broker, user, "/", lambda c: c.queue_declare("y"), password="from-rabbit")
     assert (code, text) == (403, f"ACCESS_REFUSED - access to queue 'y' in vhost '/' refused for user '{user}'")
+
+
+# ---- Mailroom only: AMQPS (--amqps-listen) and certificate reload on SIGHUP ----
+
+def make_ca_and_server_cert(d, name):
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with openssl in directory `d`."""
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d, timeout=60)
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}-ca",
+        "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.pem")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.pem", "-CAkey", f"{name}-ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return d / f"{name}-ca.pem", d / f"{name}.pem", d / f"{name}.key"
+
+
+def tls_connect(port, ca):
+    import ssl
+    ctx = ssl.create_default_context(cafile=str(ca))
+    params = pika.ConnectionParameters("127.0.0.1", port, "/", pika.PlainCredentials("guest", "guest"),
+                                       ssl_options=pika.SSLOptions(ctx, "127.0.0.1"),
+                                       connection_attempts=1, socket_timeout=10)
+    return pika.BlockingConnection(params)
+
+
+def pid_with_arg(arg):
+    """The pid of the process whose command line holds `arg` (our own server's unique data dir)."""
+    import os
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if arg.encode() in f.read().split(b"\0"):
+                        return int(pid)
+            except OSError:
+                pass
+    raise AssertionError(f"no process with argument {arg}")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+@pytest.mark.skipif("mailroom" not in targets(), reason="Mailroom only")
+def test_amqps_listener_serves_tls_and_reloads_certificates_on_sighup(tmp_path):
+    import os
+    import signal
+    import ssl
+    import time
+    ca1, cert1, key1 = make_ca_and_server_cert(tmp_path, "one")
+    ca2, cert2, key2 = make_ca_and_server_cert(tmp_path, "two")
+    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(cert1, live_cert)
+    shutil.copy(key1, live_key)
+    tls_port = free_port()
+    data_dir = str(tmp_path / "data")
+    with start_mailroom(["--http-listen", "127.0.0.1:0", "--amqps-listen", f"127.0.0.1:{tls_port}",
+                         "--tls-cert", str(live_cert), "--tls-key", str(live_key)], data_dir=data_dir):
+        old = tls_connect(tls_port, ca1)
+        old.channel().queue_declare("", exclusive=True)
+        shutil.copy(cert2, live_cert)
+        shutil.copy(key2, live_key)
+        os.kill(pid_with_arg(data_dir), signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                new = tls_connect(tls_port, ca2)
+                break
+            except pika.exceptions.AMQPConnectionError:
+                assert time.monotonic() < deadline, "the new certificate was not served after SIGHUP"
+                time.sleep(0.2)
+        new.channel().queue_declare("", exclusive=True)
+        new.close()
+        with pytest.raises((pika.exceptions.AMQPConnectionError, ssl.SSLError)):
+            tls_connect(tls_port, ca1)
+        # The connection accepted before the reload keeps working.
+        old.channel().queue_declare("", exclusive=True)
+        old.close()
