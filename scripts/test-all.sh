@@ -46,6 +46,7 @@ give_up() {
 echo "== tools"
 command -v cc >/dev/null || svc_install "a C compiler (cc, to link the Rust tests)" gcc libc6-dev || give_up "no cc"
 python3 -c 'import ensurepip' 2>/dev/null || svc_install "python3 -m venv" python3-venv || give_up "no python3 venv"
+command -v promtool >/dev/null || svc_install "promtool (checks the Prometheus pages in the metrics tests)" prometheus || echo "no promtool: the metrics tests skip their promtool check"
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest || give_up "cargo install cargo-nextest failed"

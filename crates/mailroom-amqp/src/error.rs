@@ -1,5 +1,7 @@
 //! AMQP errors: a reply code, its text, the method that caused it, and whether it closes the connection.
 
+use crate::codec::MethodId;
+use mailroom_broker::client_input::InputError;
 use mailroom_broker::{BrokerError, ErrorKind};
 
 /// AMQP 0-9-1 reply codes used by the server.
@@ -94,6 +96,10 @@ impl AmqpError {
         self.method_id = method_id;
         self
     }
+    /// Records the method that caused the error, by name.
+    pub fn at(self, method: MethodId) -> Self {
+        self.on(method.class, method.method)
+    }
 }
 
 impl From<BrokerError> for AmqpError {
@@ -111,5 +117,11 @@ impl From<BrokerError> for AmqpError {
             ErrorKind::InternalError => (code::INTERNAL_ERROR, true),
         };
         Self::build(code, &e.message, connection)
+    }
+}
+
+impl From<InputError> for AmqpError {
+    fn from(e: InputError) -> Self {
+        BrokerError::from(e).into()
     }
 }

@@ -3,6 +3,7 @@
 pub mod authz;
 mod channel;
 pub mod codec;
+mod config;
 mod connection;
 pub mod error;
 pub mod fds;

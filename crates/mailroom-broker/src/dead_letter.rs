@@ -1,11 +1,12 @@
-//! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death` history.
+//! Dead-lettering: the message a queue republishes to its dead-letter exchange, with RabbitMQ's `x-death`
+//! history. The loop that routes and pushes dead letters is the vhost's (`vhost/dead_letters.rs`); the
+//! settling of the source records once the copies are safe is the queue's (`queue/source_records.rs`).
 
 use crate::message::{header_routing_keys, Message};
-use crate::queue::{DeadLetterReason, PushOutcome, Queue};
-use crate::store::{MsgRef, SyncTicket};
+use crate::queue::DeadLetterReason;
 use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -27,6 +28,7 @@ pub fn make_dead_letter(
     reason: DeadLetterReason,
     dead_letter_routing_key: Option<&str>,
 ) -> Message {
+    crate::counters::DEAD_LETTERED[reason.counter_index()].inc();
     let mut headers = message.headers().cloned().unwrap_or_default();
     let original_keys = {
         let mut keys = vec![message.routing_key.to_string()];
@@ -118,162 +120,6 @@ pub fn is_cycle(message: &Message, target: &str) -> bool {
 /// Whether cycle detection applies to a death for `reason`: RabbitMQ skips it for rejections.
 pub fn check_cycles(reason: DeadLetterReason) -> bool {
     reason != DeadLetterReason::Rejected
-}
-
-/// The store records of messages a queue dead-lettered, with the store tickets of their copies.
-///
-/// The source records are settled only once every copy stored in a durable target is fsynced: settling
-/// at once would leave a window (until the next group commit) in which a crash loses the message, its
-/// source record gone and its copy not yet on disk. A crash in between now brings the source message
-/// back as well as the copy: a duplicate, never a loss. A copy whose write or fsync failed (its ticket
-/// nacked) is kept and rewritten by its store: the source stays unsettled until a later fsync of that store
-/// succeeds. A copy the target's store refused (backpressure,
-/// disk full, store failing) is pushed again after a backoff until the target takes it (or is gone); the
-/// source records stay unsettled meanwhile, so a crash brings the message back.
-#[derive(Debug)]
-pub struct SourceRecords {
-    queue: Arc<Queue>,
-    records: Vec<MsgRef>,
-    /// Each stored copy's target and ticket.
-    copies: Vec<(Arc<Queue>, SyncTicket)>,
-    /// Copies whose target store refused them, to push again.
-    refused: Vec<(Arc<Queue>, Arc<Message>)>,
-}
-
-/// First pause before pushing a refused dead-lettered copy again; it doubles up to [`MOVE_RETRY_MAX`].
-pub const MOVE_RETRY_MIN: Duration = Duration::from_millis(20);
-/// Longest pause between pushes of a copy whose target store keeps refusing it.
-pub const MOVE_RETRY_MAX: Duration = Duration::from_secs(2);
-
-impl SourceRecords {
-    /// The records of messages leaving `queue` for its dead-letter exchange.
-    pub fn new(queue: Arc<Queue>, records: Vec<MsgRef>) -> SourceRecords {
-        SourceRecords { queue, records, copies: Vec::new(), refused: Vec::new() }
-    }
-
-    /// The queue the messages leave.
-    pub fn queue(&self) -> &Arc<Queue> {
-        &self.queue
-    }
-
-    /// Settles the source records now if no copy needs an fsync, else once every copy's ticket completed.
-    pub fn finish(self) {
-        let SourceRecords { queue, records, mut copies, mut refused } = self;
-        if !refused.is_empty() {
-            // Retried whether or not the source has a store record: the message lives only in this task now.
-            let in_flight = queue.move_started();
-            tokio::spawn(async move {
-                let _in_flight = in_flight;
-                let mut pause = MOVE_RETRY_MIN;
-                while !refused.is_empty() {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MOVE_RETRY_MAX);
-                    let mut still = Vec::new();
-                    for (target, message) in refused {
-                        match target.push(Arc::clone(&message)) {
-                            PushOutcome::Stored(ticket) => copies.push((target, ticket)),
-                            PushOutcome::Refused => still.push((target, message)),
-                            // Taken, or dropped by the target's own length limit (as a first push would be).
-                            PushOutcome::Enqueued | PushOutcome::Rejected => {}
-                        }
-                    }
-                    if !still.is_empty() {
-                        tracing::warn!(queue = %queue.name(), copies = still.len(),
-                            "dead-lettered copies refused by their target's store; source kept, retrying");
-                    }
-                    refused = still;
-                }
-                SourceRecords { queue, records, copies, refused: Vec::new() }.finish();
-            });
-            return;
-        }
-        if records.is_empty() {
-            return;
-        }
-        if copies.is_empty() {
-            // Dropped (no dead-letter exchange or route) or copied only to transient queues: nothing to wait for.
-            queue.settle_left(&records);
-            return;
-        }
-        // Queues only exist inside a tokio runtime (each runs a timer task), so one is available here.
-        let in_flight = queue.move_started();
-        tokio::spawn(async move {
-            let _in_flight = in_flight;
-            for (target, ticket) in copies {
-                let mut result = ticket.wait().await;
-                let mut pause = MOVE_RETRY_MIN;
-                // A failed write or fsync nacks the ticket, but the target's store keeps the copy and writes it
-                // again: wait for a later fsync of that store to cover it before settling the source.
-                while let Err(e) = result {
-                    tracing::warn!(queue = %queue.name(), target = %target.name(), error = %e,
-                        "dead-lettered copy not durable yet; source kept, waiting for the target's store");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MOVE_RETRY_MAX);
-                    result = match target.sync_ticket() {
-                        Some(t) => t.wait().await,
-                        // The target was deleted, and the copy with it (as a dead letter routed nowhere).
-                        None => Ok(()),
-                    };
-                }
-            }
-            queue.settle_left(&records);
-        });
-    }
-}
-
-/// Dead-lettered messages waiting to be pushed (with the index of their [`SourceRecords`]) and those records,
-/// while an outer dead-letter pass on this thread runs.
-type Pending = (std::collections::VecDeque<(Arc<Queue>, Arc<Message>, usize)>, Vec<SourceRecords>);
-
-thread_local! {
-    static PENDING: std::cell::RefCell<Option<Pending>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Pushes dead-lettered messages onto their target queues, then hands `records` the copies' store tickets
-/// ([`SourceRecords::finish`]). A push can dead-letter again (a TTL-0 or full target); those nested deaths
-/// join the outer pass's worklist instead of recursing, so a long chain of dead-letter queues cannot
-/// overflow the stack.
-pub fn push_all(work: Vec<(Arc<Queue>, Arc<Message>)>, records: SourceRecords) {
-    let mut records = Some(records);
-    PENDING.with(|p| {
-        if let Some((list, all)) = p.borrow_mut().as_mut() {
-            let index = all.len();
-            all.extend(records.take());
-            list.extend(work.iter().map(|(q, m)| (Arc::clone(q), Arc::clone(m), index)));
-        }
-    });
-    let Some(records) = records else { return };
-    /// Clears the worklist even if a push panics, so later dead-letters on this thread still run.
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PENDING.with(|p| *p.borrow_mut() = None);
-        }
-    }
-    let list = work.into_iter().map(|(q, m)| (q, m, 0)).collect();
-    PENDING.with(|p| *p.borrow_mut() = Some((list, vec![records])));
-    let _reset = Reset;
-    while let Some((queue, message, index)) =
-        PENDING.with(|p| p.borrow_mut().as_mut().and_then(|(list, _)| list.pop_front()))
-    {
-        match queue.push(Arc::clone(&message)) {
-            PushOutcome::Stored(ticket) => PENDING.with(|p| {
-                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.copies.push((queue, ticket));
-                }
-            }),
-            PushOutcome::Refused => PENDING.with(|p| {
-                if let Some(r) = p.borrow_mut().as_mut().and_then(|(_, all)| all.get_mut(index)) {
-                    r.refused.push((queue, message));
-                }
-            }),
-            PushOutcome::Enqueued | PushOutcome::Rejected => {}
-        }
-    }
-    let done = PENDING.with(|p| p.borrow_mut().take()).map(|(_, all)| all).unwrap_or_default();
-    for r in done {
-        r.finish();
-    }
 }
 
 fn strip_expiration(properties: amq_protocol::protocol::BasicProperties) -> amq_protocol::protocol::BasicProperties {
@@ -418,84 +264,5 @@ mod tests {
         let f = Message::new("ex", "rk", BasicProperties::default().with_headers(forged_headers), Bytes::new());
         let f = make_dead_letter(&f, "dlx", "loopq", DeadLetterReason::Expired, None);
         assert!(is_cycle(&f, "loopq"));
-    }
-}
-
-#[cfg(test)]
-mod crash_window_tests {
-    use crate::store::ack_log;
-    use crate::store::queue_store::test_dir;
-    use crate::store::queue_store::tests::{FaultIo, Faults};
-    use crate::vhost::QueueOptions;
-    use crate::{BasicProperties, Broker, BrokerConfig, FieldTable, LongString, Message};
-    use bytes::Bytes;
-    use std::collections::HashSet;
-    use std::path::Path;
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    /// Every id logged as settled in any queue's ack logs under `dir`: what a restart would treat as gone.
-    fn settled_on_disk(dir: &Path) -> HashSet<u64> {
-        let mut settled = HashSet::new();
-        for queue_dir in std::fs::read_dir(dir.join("msgs")).unwrap().flatten() {
-            for f in std::fs::read_dir(queue_dir.path()).unwrap().flatten() {
-                if f.path().extension().is_some_and(|e| e == "ack") {
-                    settled.extend(ack_log::parse(&std::fs::read(f.path()).unwrap()).settled);
-                }
-            }
-        }
-        settled
-    }
-
-    fn set_gate(faults: &Faults, closed: bool) {
-        *faults.gate_closed.lock().unwrap() = closed;
-        faults.gate.notify_all();
-    }
-
-    /// Issue 5: a rejected message's source record must stay unsettled until its copy in the durable
-    /// dead-letter queue is fsynced. With fsyncs blocked (the copy not yet durable) nothing may be settled on
-    /// disk, so a crash at that moment brings the source message back; once the fsync returns, it is settled.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn source_record_is_settled_only_after_the_dead_lettered_copy_is_durable() {
-        let dir = test_dir("dlx-window");
-        let faults = Arc::new(Faults::default());
-        let broker = Broker::open(BrokerConfig {
-            data_dir: Some(dir.clone()),
-            store_io: Some(Arc::new(FaultIo(faults.clone()))),
-            ..BrokerConfig::default()
-        })
-        .unwrap();
-        let v = broker.vhost("/").unwrap();
-        let durable = QueueOptions { durable: true, ..Default::default() };
-        v.declare_queue("dlq", &durable, 1).unwrap();
-        let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), crate::AMQPValue::LongString(LongString::from("")));
-        args.insert("x-dead-letter-routing-key".into(), crate::AMQPValue::LongString(LongString::from("dlq")));
-        v.declare_queue("work", &QueueOptions { durable: true, arguments: args, ..Default::default() }, 1).unwrap();
-
-        let props = BasicProperties::default().with_delivery_mode(2);
-        let published = v.publish("", Message::new("", "work", props, Bytes::from_static(b"keep me"))).unwrap();
-        for t in published.durable {
-            t.wait().await.unwrap();
-        }
-        let work = v.queue("work", 1).unwrap();
-        let got = work.get(false).unwrap();
-
-        set_gate(&faults, true);
-        work.reject(&[got.id], false);
-        assert_eq!(v.queue("dlq", 1).unwrap().message_count(), 1, "copy enqueued in the DLQ");
-        // The copy's fsync is blocked; give a wrongly eager settle every chance to reach the file.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            !settled_on_disk(&dir).contains(&got.id),
-            "source record settled before the dead-lettered copy was fsynced: a crash now loses the message"
-        );
-
-        set_gate(&faults, false);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !settled_on_disk(&dir).contains(&got.id) {
-            assert!(Instant::now() < deadline, "source record never settled after the copy became durable");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 }

@@ -188,6 +188,7 @@ async fn a_body_that_cannot_be_read_stays_and_is_delivered_later() {
             prefetch: 5,
             channel_prefetch: Arc::new(ChannelPrefetch::default()),
             priority: 0,
+            arguments: Default::default(),
         };
         v.consume("q", 1, options, tx).unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;

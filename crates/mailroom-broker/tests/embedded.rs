@@ -78,6 +78,7 @@ impl Env {
             prefetch,
             channel_prefetch: Arc::new(ChannelPrefetch::default()),
             priority: 0,
+            arguments: Default::default(),
         };
         let (q, id) = self.vhost.consume(queue, self.owner, options, tx).unwrap();
         (q, id, rx)

@@ -77,6 +77,7 @@ fn consume(v: &VHost, queue: &str, prefetch: u32) -> mpsc::UnboundedReceiver<Con
         prefetch,
         channel_prefetch: Arc::new(ChannelPrefetch::default()),
         priority: 0,
+        arguments: Default::default(),
     };
     v.consume(queue, 1, options, tx).unwrap();
     rx

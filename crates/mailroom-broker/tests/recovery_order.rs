@@ -252,6 +252,7 @@ async fn a_returned_no_ack_delivery_survives_a_restart() {
         prefetch: 0,
         channel_prefetch: Arc::new(ChannelPrefetch::default()),
         priority: 0,
+        arguments: Default::default(),
     };
     let (q, consumer) = v.consume("q", 1, options, tx).unwrap();
     let mut undelivered = Vec::new();

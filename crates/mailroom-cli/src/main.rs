@@ -1,12 +1,16 @@
 //! The `mailroom` command: runs the broker (`mailroom server`), talks to its HTTP API (`mailroom admin`),
-//! drives the load generator (`mailroom bench`) and operates sagas in their store (`mailroom saga`).
+//! drives the load generator (`mailroom bench`), operates sagas in their store (`mailroom saga`) and prints
+//! shell completions (`mailroom completions`).
 
 mod access_args;
 mod admin;
 mod bench;
+mod config;
+mod logging;
 mod saga;
+mod table;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mailroom_amqp::{AmqpServer, ServerConfig};
 use mailroom_broker::{AlarmConfig, Broker, BrokerConfig, PagingConfig};
 use mailroom_http::HttpServer;
@@ -30,17 +34,31 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Server(ServerArgs),
-    /// Operate a running broker through its HTTP API: policies, peek, redrive.
+    /// Operate a running broker through its HTTP API: list, declare, delete, publish, get, peek, purge,
+    /// redrive, definitions, policies, close connections.
     Admin(admin::AdminArgs),
     /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
     Bench(bench::BenchArgs),
     /// Operate sagas in their store: list, show, history, retry or abandon a stuck one.
     Saga(saga::SagaArgs),
+    /// Print a shell completion script: `mailroom completions bash > /etc/bash_completion.d/mailroom`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
-/// Flags of `mailroom server`; each also reads a `MAILROOM_*` environment variable.
+/// Flags of `mailroom server`; each also reads a `MAILROOM_*` environment variable and is a key of the
+/// `--config` file (see [`config`]).
 #[derive(Args)]
 struct ServerArgs {
+    /// A TOML file of settings, keyed by these flags' names (`data-dir = "/var/lib/mailroom"`); flags and
+    /// environment variables override it.
+    #[arg(long, env = "MAILROOM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (as a config file, each value's source in a comment) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// AMQP listen addresses (repeat or comma-separate); port 0 picks a free port.
     #[arg(long, env = "MAILROOM_AMQP_LISTEN", value_delimiter = ',', default_values_t = [
         "0.0.0.0:5672".parse::<SocketAddr>().expect("valid literal"),
@@ -50,12 +68,19 @@ struct ServerArgs {
     /// HTTP API listen address (admin API; port 0 picks a free port).
     #[arg(long, env = "MAILROOM_HTTP_LISTEN", default_value = "127.0.0.1:15672")]
     http_listen: SocketAddr,
+    /// Prometheus listen address (`/metrics`, `/metrics/per-object`, as RabbitMQ's rabbitmq_prometheus;
+    /// port 0 picks a free port; `off` disables it).
+    #[arg(long, env = "MAILROOM_PROMETHEUS_LISTEN", default_value = "0.0.0.0:15692")]
+    prometheus_listen: String,
     /// Where durable data lives.
     #[arg(long, env = "MAILROOM_DATA_DIR", default_value = "./mailroom-data")]
     data_dir: PathBuf,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, env = "MAILROOM_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Log line format: `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "MAILROOM_LOG_FORMAT", value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     /// `product` reported to clients; "RabbitMQ" makes kombu/celery use RabbitMQ's basic.qos semantics,
     /// which Mailroom implements.
     #[arg(long, env = "MAILROOM_PRODUCT_NAME", default_value = "RabbitMQ")]
@@ -110,8 +135,26 @@ fn default_memory_watermark() -> Option<u64> {
     Some(kib * 1024 * 4 / 10)
 }
 
+/// Parses the command line, with the `--config` file's settings under the flags and environment
+/// variables; `--print-config` prints the result and exits.
+fn parse_cli() -> Result<Cli, clap::Error> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = Cli::command();
+    let before = command.clone().try_get_matches_from(&args)?;
+    let args = config::apply_config_file(&command, &before, args)
+        .map_err(|e| Cli::command().error(clap::error::ErrorKind::InvalidValue, e))?;
+    let after = command.clone().try_get_matches_from(&args)?;
+    if let Some(("server", server)) = after.subcommand() {
+        if server.get_flag("print_config") {
+            print!("{}", config::print_config(&command, &before, &after));
+            std::process::exit(0);
+        }
+    }
+    Cli::from_arg_matches(&after)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli().unwrap_or_else(|e| e.exit());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -125,6 +168,10 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await.map_err(Into::into),
             Command::Admin(args) => admin::run(args).await,
             Command::Saga(args) => saga::run(args).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "mailroom", &mut std::io::stdout());
+                Ok(())
+            }
         }
     });
     match result {
@@ -137,8 +184,7 @@ fn main() -> ExitCode {
 }
 
 async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    logging::init(&args.log_level, args.log_format)?;
     match mailroom_amqp::fds::raise_nofile_limit() {
         Ok(limit) => tracing::info!(limit, "file descriptor limit (RLIMIT_NOFILE raised to its hard limit)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
@@ -151,6 +197,11 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         None => default_memory_watermark(),
     };
     let disk_free_limit = (args.disk_free_limit > 0).then(|| (args.data_dir.clone(), args.disk_free_limit));
+    mailroom_http::metrics::set_node_limits(mailroom_http::metrics::NodeLimits {
+        memory_high_watermark,
+        data_dir: Some(args.data_dir.clone()),
+        disk_free_limit: disk_free_limit.as_ref().map(|(_, limit)| *limit),
+    });
     let broker = Broker::open(BrokerConfig {
         alarms: AlarmConfig { memory_high_watermark, disk_free_limit },
         data_dir: Some(args.data_dir.clone()),
@@ -199,6 +250,8 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     // second Mailroom on this machine) disables it with a warning instead of refusing to start.
     let amqp_listeners: Vec<mailroom_http::Listener> =
         server.local_addrs().into_iter().map(|addr| mailroom_http::Listener { protocol: "amqp", addr }).collect();
+    tokio::spawn(logging::log_alarms(broker.clone(), mailroom_http::metrics::node_name()));
+    start_prometheus(&broker, &args.prometheus_listen).await?;
     match HttpServer::bind(broker, args.http_listen).await {
         Ok(http) => {
             let http = http.with_listeners(amqp_listeners);
@@ -219,6 +272,26 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         tracing::warn!("the stores were not all synced within {SHUTDOWN_FLUSH_TIMEOUT:?}; exiting anyway");
     }
     tracing::info!("mailroom stopped");
+    Ok(())
+}
+
+/// Starts the Prometheus listener unless `listen` is `off`. Like the HTTP API, a busy port disables it with
+/// a warning (a RabbitMQ with its prometheus plugin on this machine holds 15692).
+async fn start_prometheus(broker: &Broker, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if listen.eq_ignore_ascii_case("off") {
+        return Ok(());
+    }
+    let addr: SocketAddr =
+        listen.parse().map_err(|e| format!("invalid --prometheus-listen {listen:?} (want ADDR:PORT or off): {e}"))?;
+    match mailroom_http::prometheus::PrometheusServer::bind(broker.clone(), addr).await {
+        Ok(server) => {
+            if let Ok(addr) = server.local_addr() {
+                println!("mailroom: Prometheus listening on {addr}");
+            }
+            tokio::spawn(server.run(std::future::pending()));
+        }
+        Err(e) => tracing::warn!(listen = %addr, error = %e, "cannot bind the Prometheus listener; running without it"),
+    }
     Ok(())
 }
 

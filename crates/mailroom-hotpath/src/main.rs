@@ -482,6 +482,7 @@ fn deliver_ack(rounds: usize) {
         prefetch: 0,
         channel_prefetch: Arc::clone(&prefetch),
         priority: 0,
+        arguments: Default::default(),
     };
     vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
     // The one delivery that keeps the channel at its limit between rounds.
@@ -540,6 +541,7 @@ fn deliver_noack(rounds: usize) {
         prefetch: 0,
         channel_prefetch: Arc::new(ChannelPrefetch::default()),
         priority: 0,
+        arguments: Default::default(),
     };
     let (_, consumer) = vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
     // Fill the consumer's in-flight window: publish until one message stays ready.
@@ -599,6 +601,7 @@ fn ack_rounds(measure: fn(&Arc<Queue>, &mut BytesMut, &[u64]), rounds: usize) {
         prefetch: 0,
         channel_prefetch: Arc::new(ChannelPrefetch::default()),
         priority: 0,
+        arguments: Default::default(),
     };
     vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
     let mut acks = BytesMut::new();

@@ -2,7 +2,7 @@
 //! vhost and user limits, vhost creation and deletion) over the broker's [`AccessControl`], and the
 //! tag rules that gate every route (RabbitMQ's management permission levels).
 
-use crate::routes::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
+use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use hyper::{Method, StatusCode};
 use mailroom_broker::access::definitions::{PermissionDefinition, TopicPermissionDefinition, UserDefinition};
 use mailroom_broker::access::limits::limit_from_rabbitmq;

@@ -1,8 +1,8 @@
 //! Connections, channels and consumers, read from the broker's connection registry: each connection task
 //! describes its channels on request (see `mailroom_broker::connections`).
 
+use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
-use crate::routes::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::{json, ServerInfo};
 use hyper::StatusCode;
 use mailroom_broker::{Broker, ChannelSnapshot, ConnectionHandle, ConnectionInfo};

@@ -5,9 +5,9 @@
 //! vhost limits go to the broker's access registry ([`mailroom_broker::access`]); other runtime and
 //! global parameters are accepted and skipped (Mailroom has no federation or shovel).
 
+use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Reply};
 use crate::json;
 use crate::node::RABBITMQ_COMPAT_VERSION;
-use crate::routes::{vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Reply};
 use hyper::StatusCode;
 use mailroom_broker::exchange::Destination;
 use mailroom_broker::{Broker, ExchangeOptions, FieldTable, QueueOptions, VHost};

@@ -10,17 +10,19 @@
 //! `/ui/` (the `ui` module).
 
 mod access_routes;
+mod api;
 mod clients;
 pub mod definitions;
 mod json;
 pub mod listing;
 pub mod metrics;
 mod node;
+pub mod prometheus;
 mod resources;
 mod routes;
 mod ui;
 
-pub use routes::ApiError;
+pub use api::ApiError;
 
 use bytes::Bytes;
 use http_body_util::Full;

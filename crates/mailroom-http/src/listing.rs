@@ -2,7 +2,8 @@
 //! ones), `columns` (comma-separated, dotted), and, only with `page`, the `name` filter (substring, or a
 //! regex with `use_regex=true`) and a page object instead of a plain array.
 
-use crate::routes::ApiError;
+use crate::api::ApiError;
+pub use crate::api::Query;
 use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 use std::cmp::Ordering;
@@ -11,58 +12,6 @@ use std::cmp::Ordering;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `page_size` RabbitMQ accepts.
 pub const MAX_PAGE_SIZE: usize = 500;
-
-/// A request's query string, decoded.
-#[derive(Debug, Default, Clone)]
-pub struct Query(Vec<(String, String)>);
-
-impl Query {
-    /// Parses `a=1&b=x%20y` (`+` is a space, as forms write it).
-    pub fn parse(raw: Option<&str>) -> Query {
-        let pairs = raw
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (form_decode(k), form_decode(v))
-            })
-            .collect();
-        Query(pairs)
-    }
-
-    /// The first value of `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-
-    /// `name` as a boolean (`true` only).
-    pub fn flag(&self, name: &str) -> bool {
-        self.get(name) == Some("true")
-    }
-}
-
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => match s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                Some(b) => {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-                None => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// Follows a dotted path (`arguments.x-max-length`, `message_stats.publish`) into a JSON value.
 fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {

@@ -1,7 +1,7 @@
 //! The node as a whole: overview, nodes, vhosts (read-only here), health checks and the aliveness test.
 
+use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
-use crate::routes::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::ServerInfo;
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -240,7 +240,7 @@ pub async fn aliveness(broker: &Broker, vhost: &str) -> ApiResult {
     let v = vhost_of(broker, vhost)?;
     let options = QueueOptions { durable: false, ..Default::default() };
     v.declare_queue(QUEUE, &options, 0)?;
-    let q = crate::routes::queue_of(&v, QUEUE)?;
+    let q = crate::api::queue_of(&v, QUEUE)?;
     // Leftovers of an earlier test that failed half-way must not be mistaken for this one's message.
     q.purge();
     v.publish("", Message::new("", QUEUE, BasicProperties::default(), Bytes::from_static(BODY)))?;

@@ -1,7 +1,7 @@
 //! Exchanges, queues and bindings: list, declare, delete, purge, get messages, publish.
 
+use crate::api::{queue_of, vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
-use crate::routes::{queue_of, vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::{json, MAX_PEEK_COUNT};
 use base64::Engine;
 use bytes::Bytes;

@@ -2,15 +2,17 @@
 //! bodies). The resources themselves live in [`crate::resources`], [`crate::clients`],
 //! [`crate::definitions`] and [`crate::node`].
 
-use crate::listing::Query;
+use crate::api::{
+    error_response, queue_of, respond, vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Query, Reply,
+};
 use crate::{clients, definitions, json, node, resources, Body, ServerInfo, MAX_PEEK_COUNT, MAX_REQUEST_BODY};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
-use mailroom_broker::{ApplyTo, Broker, BrokerError, ErrorKind, Policy, RedriveOptions, RedriveTarget};
+use mailroom_broker::{Broker, RedriveOptions, RedriveTarget};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -18,131 +20,6 @@ use std::sync::Arc;
 
 /// Largest definitions document `POST /api/definitions` accepts.
 pub const MAX_DEFINITIONS_BODY: usize = 64 * 1024 * 1024;
-
-/// An error answer: a status and RabbitMQ-style `{"error", "reason"}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: Option<&'static str>,
-    reason: String,
-}
-
-impl ApiError {
-    /// An error with RabbitMQ's default `error` text for its status.
-    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
-        Self { status, error: None, reason: reason.into() }
-    }
-    /// 400 Bad Request.
-    pub fn bad_request(reason: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, reason)
-    }
-    /// 404 Not Found (RabbitMQ always says "Not Found"; we name what is missing).
-    pub fn not_found(reason: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, reason)
-    }
-    /// The reason text.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-    /// Replaces the `error` field (RabbitMQ's `invalid_pagination_parameters` and friends).
-    pub fn with_error(mut self, error: &'static str) -> Self {
-        self.error = Some(error);
-        self
-    }
-}
-
-impl From<BrokerError> for ApiError {
-    fn from(e: BrokerError) -> Self {
-        let status = match e.kind {
-            ErrorKind::NotFound | ErrorKind::NotAllowed => StatusCode::NOT_FOUND,
-            ErrorKind::AccessRefused | ErrorKind::ResourceLocked => StatusCode::FORBIDDEN,
-            ErrorKind::PreconditionFailed | ErrorKind::CommandInvalid => StatusCode::BAD_REQUEST,
-            ErrorKind::AuthenticationFailed => StatusCode::UNAUTHORIZED,
-            ErrorKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
-            ErrorKind::ResourceError => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self::new(status, e.message)
-    }
-}
-
-/// A successful answer.
-#[derive(Debug)]
-pub struct Reply {
-    /// The status.
-    pub status: StatusCode,
-    /// The JSON body (Null: no body).
-    pub body: Value,
-    /// A `Location` header (binding creation).
-    pub location: Option<String>,
-}
-
-impl Reply {
-    /// 200 with a body.
-    pub fn ok(body: Value) -> Self {
-        Self { status: StatusCode::OK, body, location: None }
-    }
-    /// A status without a body.
-    pub fn empty(status: StatusCode) -> Self {
-        Self { status, body: Value::Null, location: None }
-    }
-    /// 201 when `created`, else 204 (RabbitMQ's answer to a PUT).
-    pub fn created_or_updated(created: bool) -> Self {
-        Self::empty(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT })
-    }
-}
-
-/// What a handler answers.
-pub type ApiResult = Result<Reply, ApiError>;
-
-fn respond(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-fn error_response(e: ApiError) -> Response<Body> {
-    let error = e.error.unwrap_or(match e.status {
-        StatusCode::UNAUTHORIZED => "not_authorised",
-        StatusCode::NOT_FOUND => "Object Not Found",
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::FORBIDDEN => "access_refused",
-        _ => "error",
-    });
-    let mut resp = respond(e.status, &json!({ "error": error, "reason": e.reason }));
-    if e.status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Mailroom\""));
-    }
-    resp
-}
-
-/// One request, its body read.
-pub struct ApiRequest {
-    /// The verb.
-    pub method: Method,
-    /// The raw path.
-    pub path: String,
-    /// The decoded query string.
-    pub query: Query,
-    /// The request headers.
-    pub headers: HeaderMap,
-    /// The body (empty if none).
-    pub body: Bytes,
-    /// The authenticated user.
-    pub user: String,
-    /// What the user's tags allow.
-    pub rights: mailroom_broker::access::ManagementRights,
-}
-
-impl ApiRequest {
-    /// The body as JSON (an empty body reads as `{}`).
-    pub fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, ApiError> {
-        let body: &[u8] = if self.body.iter().all(|b| b.is_ascii_whitespace()) { b"{}" } else { &self.body };
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-    }
-}
 
 /// Authenticates, routes and answers one request.
 pub(crate) async fn handle(
@@ -157,7 +34,7 @@ pub(crate) async fn handle(
         if req.method() != Method::GET {
             return error_response(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "only GET on /metrics"));
         }
-        let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(broker))));
+        let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(broker).await)));
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
         return resp;
     }
@@ -430,19 +307,6 @@ fn method_or_not_found(method: &Method, rest: &[&str]) -> ApiError {
     }
 }
 
-/// A vhost named in a path (404 if missing).
-pub fn vhost_of(broker: &Broker, name: &str) -> Result<Arc<mailroom_broker::VHost>, ApiError> {
-    broker.vhost(name).map_err(|_| ApiError::not_found(format!("vhost '{name}' not found")))
-}
-
-/// A queue named in a path (404 if missing; exclusive queues too: the API acts as their owner).
-pub fn queue_of(v: &mailroom_broker::VHost, name: &str) -> Result<Arc<mailroom_broker::Queue>, ApiError> {
-    v.queues()
-        .into_iter()
-        .find(|q| q.name() == name)
-        .ok_or_else(|| ApiError::not_found(format!("queue '{name}' not found in vhost '{}'", v.name())))
-}
-
 fn peek(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest) -> ApiResult {
     let v = vhost_of(broker, vhost)?;
     let q = queue_of(&v, name)?;
@@ -473,30 +337,6 @@ async fn redrive(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest) -> 
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("redrive failed: {e}")))??;
     Ok(Reply::ok(json!({ "moved": out.moved, "skipped": out.skipped })))
-}
-
-/// `PUT /api/policies/{vhost}/{name}` body (also a policy of a definitions file).
-#[derive(Deserialize)]
-pub struct PolicyBody {
-    pattern: String,
-    definition: Value,
-    priority: Option<i64>,
-    #[serde(rename = "apply-to")]
-    apply_to: Option<String>,
-}
-
-impl PolicyBody {
-    /// The broker policy named `name`.
-    pub fn into_policy(self, name: &str) -> Result<Policy, ApiError> {
-        let apply_to =
-            ApplyTo::parse(self.apply_to.as_deref().unwrap_or("all")).map_err(|e| ApiError::bad_request(e.message))?;
-        let definition = match &self.definition {
-            Value::Object(map) => json::to_table(map),
-            _ => return Err(ApiError::bad_request("definition must be a JSON object")),
-        };
-        Policy::new(name, &self.pattern, apply_to, self.priority.unwrap_or(0), definition)
-            .map_err(|e| ApiError::bad_request(e.message))
-    }
 }
 
 #[derive(Deserialize)]

@@ -19,7 +19,7 @@ use super::FRAME_END;
 /// class-id (2) + weight (2) + body-size (8), before the property flags.
 const HEADER_FIXED_LEN: usize = 12;
 /// The only content class in AMQP 0-9-1.
-const BASIC_CLASS_ID: u16 = 60;
+const BASIC_CLASS_ID: u16 = super::ids::class::BASIC;
 
 /// A parsed content header that keeps the property bytes verbatim (flags + property list) for re-sending unchanged.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,12 @@
 use bytes::{BufMut, BytesMut};
 
 use super::frame::{put_frame_header, FrameKind};
+use super::ids::{BASIC_ACK, BASIC_DELIVER, BASIC_PUBLISH, BASIC_QOS};
+
+/// The first payload bytes of the methods read here, computed at compile time.
+const PUBLISH_PREFIX: [u8; 4] = BASIC_PUBLISH.prefix();
+const ACK_PREFIX: [u8; 4] = BASIC_ACK.prefix();
+const QOS_PREFIX: [u8; 4] = BASIC_QOS.prefix();
 use super::{FRAME_END, FRAME_HEADER_LEN};
 
 /// Appends a `basic.deliver` method frame. Strings must be at most 255 bytes (callers pass short strings).
@@ -22,8 +28,8 @@ pub fn write_basic_deliver(
     let size = 4 + 1 + consumer_tag.len() + 8 + 1 + 1 + exchange.len() + 1 + routing_key.len();
     out.reserve(FRAME_HEADER_LEN + size + 1);
     put_frame_header(out, FrameKind::Method, channel, size as u32);
-    out.put_u16(60);
-    out.put_u16(60);
+    out.put_u16(BASIC_DELIVER.class);
+    out.put_u16(BASIC_DELIVER.method);
     put_short_str(out, consumer_tag);
     out.put_u64(delivery_tag);
     out.put_u8(redelivered as u8);
@@ -53,7 +59,7 @@ pub struct PublishRef<'a> {
 /// Reads a `basic.publish` payload (class and method ids included); None if it is not one or is malformed
 /// (the caller then falls back to the generic parser, which reports the error).
 pub fn parse_basic_publish(payload: &[u8]) -> Option<PublishRef<'_>> {
-    let rest = payload.strip_prefix(&[0, 60, 0, 40])?;
+    let rest = payload.strip_prefix(&PUBLISH_PREFIX)?;
     // reserved-1 (ticket, short)
     let rest = rest.get(2..)?;
     let (exchange, rest) = short_str(rest)?;
@@ -67,12 +73,19 @@ pub fn parse_basic_publish(payload: &[u8]) -> Option<PublishRef<'_>> {
 
 /// Reads a `basic.ack` payload into (delivery tag, multiple); None if it is not one.
 pub fn parse_basic_ack(payload: &[u8]) -> Option<(u64, bool)> {
-    let rest = payload.strip_prefix(&[0, 60, 0, 80])?;
+    let rest = payload.strip_prefix(&ACK_PREFIX)?;
     if rest.len() != 9 {
         return None;
     }
     let tag = u64::from_be_bytes(rest[..8].try_into().ok()?);
     Some((tag, rest[8] & 1 != 0))
+}
+
+/// Reads the `prefetch_size` of a `basic.qos` payload, which the generic codec does not keep (RabbitMQ refuses
+/// non-zero values); None if it is not a `basic.qos` with at least that field.
+pub fn parse_basic_qos_prefetch_size(payload: &[u8]) -> Option<u32> {
+    let rest = payload.strip_prefix(&QOS_PREFIX)?;
+    Some(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?))
 }
 
 fn short_str(input: &[u8]) -> Option<(&str, &[u8])> {
@@ -138,5 +151,14 @@ mod tests {
         assert_eq!(parse_basic_publish(&[0, 60, 0, 40, 0, 0, 1, 0xff, 0, 0]), None, "invalid UTF-8");
         assert_eq!(parse_basic_ack(&[0, 60, 0, 80, 0]), None);
         assert_eq!(parse_basic_ack(&[0, 60, 0, 81, 0, 0, 0, 0, 0, 0, 0, 1, 0]), None);
+    }
+
+    #[test]
+    fn qos_prefetch_size() {
+        let m = Method::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 7, global: true }));
+        assert_eq!(parse_basic_qos_prefetch_size(&payload_of(&m)), Some(0));
+        assert_eq!(parse_basic_qos_prefetch_size(&[0, 60, 0, 10, 0, 0, 1, 0, 0, 7, 1]), Some(256));
+        assert_eq!(parse_basic_qos_prefetch_size(&[0, 60, 0, 10, 0, 0]), None);
+        assert_eq!(parse_basic_qos_prefetch_size(&[0, 60, 0, 11, 0, 0, 0, 1]), None);
     }
 }

@@ -4,6 +4,7 @@ use amq_protocol::protocol::{gen_class, parse_class, AMQPClass};
 use bytes::{BufMut, BytesMut};
 
 use super::frame::{put_frame_header, FrameKind};
+use super::ids::class;
 use super::nesting;
 use super::writer::gen_into;
 use super::{FRAME_END, FRAME_HEADER_LEN};
@@ -35,17 +36,17 @@ pub enum MethodError {
 /// Every (class, method) amq-protocol knows, so an unknown id is told apart from bad arguments.
 fn is_known(class_id: u16, method_id: u16) -> bool {
     match class_id {
-        10 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
-        20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
-        30 => matches!(method_id, 10 | 11),
-        40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
-        50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
-        60 => matches!(
+        class::CONNECTION => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
+        class::CHANNEL => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
+        class::ACCESS => matches!(method_id, 10 | 11),
+        class::EXCHANGE => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
+        class::QUEUE => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
+        class::BASIC => matches!(
             method_id,
             10 | 11 | 20 | 21 | 30 | 31 | 40 | 50 | 60 | 70 | 71 | 72 | 80 | 90 | 100 | 110 | 111 | 120
         ),
-        85 => matches!(method_id, 10 | 11),
-        90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
+        class::CONFIRM => matches!(method_id, 10 | 11),
+        class::TX => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
         _ => false,
     }
 }

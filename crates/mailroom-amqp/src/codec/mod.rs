@@ -19,6 +19,7 @@
 mod frame;
 mod header;
 mod hot;
+pub mod ids;
 mod method;
 mod nesting;
 mod sasl;
@@ -39,7 +40,8 @@ pub use frame::{
     split_frame, write_body, write_body_shared, write_heartbeat, FrameError, FrameKind, RawFrame, SHARED_BODY_MIN,
 };
 pub use header::{encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError};
-pub use hot::{parse_basic_ack, parse_basic_publish, write_basic_deliver, PublishRef};
+pub use hot::{parse_basic_ack, parse_basic_publish, parse_basic_qos_prefetch_size, write_basic_deliver, PublishRef};
+pub use ids::MethodId;
 pub use method::{parse_method, write_method, MethodError};
 pub use nesting::MAX_FIELD_NESTING;
 pub use sasl::{parse_sasl_response, Credentials};

@@ -384,6 +384,9 @@ fn round(s: &SyncerShared, targets: Vec<Arc<dyn SyncTarget>>) -> u64 {
     }
     s.fsyncs.fetch_add(fsyncs, Ordering::Relaxed);
     s.fsync_micros.fetch_add(sync_start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if fsyncs > 0 {
+        crate::counters::FSYNC_ROUND_SECONDS.observe(sync_start.elapsed());
+    }
     if jobs.iter().any(|j| !j.files.is_empty() || j.dir.is_some() || j.write_error.is_some()) {
         s.rounds.fetch_add(1, Ordering::Relaxed);
     }

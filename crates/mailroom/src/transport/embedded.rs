@@ -50,6 +50,7 @@ impl Embedded {
             prefetch: prefetch as u32,
             channel_prefetch: Arc::new(ChannelPrefetch::default()),
             priority: 0,
+            arguments: Default::default(),
         };
         let (q, consumer) = self.vhost.consume(queue, self.owner, options, sink).map_err(broker_err)?;
         let outstanding: Arc<Mutex<HashSet<u64>>> = Arc::default();

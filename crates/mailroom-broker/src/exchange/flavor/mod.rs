@@ -148,6 +148,12 @@ impl FlavorState {
         FlavorState { state }
     }
 
+    /// Whether the exchange only routes (no delayed messages, no deduplication).
+    #[inline]
+    pub fn is_plain(&self) -> bool {
+        matches!(self.state, State::Plain)
+    }
+
     /// Decides what happens to a message published to `exchange`: routed now with `route` (a plain
     /// exchange, a delayed exchange's message without a positive `x-delay`, a new deduplication value),
     /// held, dropped or refused. The message moves straight into `route` (no copy on the publish path).

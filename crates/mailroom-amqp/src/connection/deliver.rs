@@ -1,0 +1,88 @@
+//! Delivery encoding: consumer events from the broker into `basic.deliver` (and `basic.cancel`) frames,
+//! and a message's content header and body frames.
+
+use super::{clip, short, Connection, ConsumerRoute, Phase};
+use crate::channel::{ChannelPhase, UnackedDelivery};
+use crate::codec::{self, basic, Method};
+use mailroom_broker::{ConsumerEvent, Delivery, Message};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+impl Connection {
+    pub(super) fn handle_event(&mut self, event: ConsumerEvent) {
+        match event {
+            ConsumerEvent::Deliver(d) => self.deliver(d),
+            ConsumerEvent::Cancelled(consumer) => {
+                let Some(ConsumerRoute { channel: id, tag, .. }) = self.consumer_channels.remove(&consumer) else {
+                    return;
+                };
+                let open = self.channels.get(&id).is_some_and(|c| c.phase == ChannelPhase::Open);
+                if let Some(ch) = self.channels.get_mut(&id) {
+                    ch.consumers.remove(&*tag);
+                }
+                if open && self.capabilities.consumer_cancel_notify && self.phase == Phase::Open {
+                    self.send(
+                        id,
+                        Method::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                            consumer_tag: short(&tag),
+                            nowait: true,
+                        })),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Handles the consumer events already queued for this connection (not those arriving meanwhile).
+    pub(super) fn handle_queued_events(&mut self) {
+        for _ in 0..self.events_rx.len() {
+            match self.events_rx.try_recv() {
+                Ok(event) => self.handle_event(event),
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(super) fn deliver(&mut self, d: Delivery) {
+        let route = self.consumer_channels.get(&d.consumer).filter(|_| self.phase == Phase::Open);
+        let Some(ConsumerRoute { channel: id, tag, no_ack }) = route.cloned() else {
+            // The consumer went away while this was in flight: it goes back untouched.
+            Arc::clone(&d.queue).return_undelivered(d);
+            return;
+        };
+        let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open) else {
+            Arc::clone(&d.queue).return_undelivered(d);
+            return;
+        };
+        let delivery_tag = if no_ack {
+            match self.noack_sent.iter_mut().find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue)) {
+                Some(entry) => entry.2 += 1,
+                None => self.noack_sent.push((Arc::clone(&d.queue), d.consumer, 1)),
+            }
+            ch.next_delivery(None)
+        } else {
+            ch.next_delivery(Some(UnackedDelivery { queue: Arc::clone(&d.queue), id: d.id, sent_at: Instant::now() }))
+        };
+        codec::write_basic_deliver(
+            self.out.buf(),
+            id,
+            &tag,
+            delivery_tag,
+            d.redelivered,
+            clip(&d.message.exchange),
+            clip(&d.message.routing_key),
+        );
+        self.write_content(id, &d.message);
+    }
+
+    /// Appends a message's content header and body frames.
+    pub(super) fn write_content(&mut self, id: u16, message: &Message) {
+        match &message.raw_properties {
+            Some(raw) => self.out.content(id, raw, &message.body, self.frame_max),
+            None => {
+                let raw = codec::encode_properties(&message.properties);
+                self.out.content(id, &raw, &message.body, self.frame_max);
+            }
+        }
+    }
+}
