@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Operate a running broker through its HTTP API: list, declare, delete, publish, get, peek, purge,
     /// redrive, definitions, policies, close connections.
     Admin(admin::AdminArgs),
@@ -164,7 +164,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Server(args) => run_server(args).await,
+            Command::Server(args) => run_server(*args).await,
             Command::Bench(args) => bench::run(args).await.map_err(Into::into),
             Command::Admin(args) => admin::run(args).await,
             Command::Saga(args) => saga::run(args).await,
