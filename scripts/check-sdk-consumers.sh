@@ -3,7 +3,9 @@
 # as an application would:
 #   - `defaults`: default features (embedded broker + AMQP);
 #   - `amqp-only`: `default-features = false, features = ["amqp"]`, which must not pull in the broker
-#     (`mailroom-broker`, and with it the exact `amq-protocol` pin).
+#     (`mailroom-broker`, and with it the exact `amq-protocol` pin);
+#   - `sqlite`: `default-features = false, features = ["amqp", "sqlite"]`, the SQLite outbox without
+#     PostgreSQL (no `sqlx-postgres` in its tree).
 # Then checks that `cargo package --workspace --no-verify` succeeds (versions on every path dependency,
 # metadata complete). `cargo check` only: cheap. Run from anywhere; CI runs it from scripts/test-all.sh.
 set -euo pipefail
@@ -54,7 +56,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 RS
 
-for c in defaults amqp-only; do
+make_crate sqlite "mailroom = { path = \"$root/crates/mailroom\", default-features = false, features = [\"amqp\", \"sqlite\"] }"
+cat > "$scratch/sqlite/src/main.rs" <<'RS'
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let file = std::env::temp_dir().join("consumer-check.db");
+    let outbox = mailroom::sqlite::SqliteOutbox::new(mailroom::sqlite::open(&file).await?, &file, "outbox")?;
+    outbox.migrate().await?;
+    Ok(())
+}
+RS
+
+for c in defaults amqp-only sqlite; do
   echo "== cargo check: SDK consumer '$c'"
   (cd "$scratch/$c" && cargo check --quiet --offline)
 done
@@ -67,6 +80,12 @@ fi
 lapin_req="$(grep -E '^lapin *=' "$root/crates/mailroom/Cargo.toml")"
 if grep -q '"=' <<<"$lapin_req"; then
   echo "FAIL: the SDK pins lapin exactly: $lapin_req" >&2
+  exit 1
+fi
+
+echo "== sqlite: no PostgreSQL driver in the dependency tree"
+if (cd "$scratch/sqlite" && cargo tree --offline --prefix none -e normal | grep -E '^sqlx-postgres '); then
+  echo "FAIL: sqlx-postgres is a dependency of a SQLite-only application" >&2
   exit 1
 fi
 

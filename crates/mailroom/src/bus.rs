@@ -2,6 +2,7 @@
 
 use crate::envelope::{headers, Envelope, Metadata, Payload};
 use crate::error::{Error, Result, TransportError};
+use crate::inbox::UnitSlot;
 use crate::trace::{TraceContext, TRACEPARENT};
 use crate::transport::{Declaration, ExchangeKind, Outbound, Published, Transport};
 use crate::wire::{AMQPValue, FieldTable, LongString, ShortString};
@@ -35,7 +36,7 @@ pub(crate) struct BusInner {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) config: BusConfig,
     declared: Mutex<HashSet<String>>,
-    pub(crate) replies: tokio::sync::OnceCell<Arc<crate::request::ReplyRouter>>,
+    pub(crate) replies: tokio::sync::OnceCell<Arc<crate::replies::ReplyRouter>>,
 }
 
 /// The entry point: sends, publishes, requests, and builds workers. Cheap to clone.
@@ -216,6 +217,12 @@ impl Bus {
             messaging.message.id = %env.id,
             trace_id = %trace.trace_id_hex()
         );
+        // With an OTel layer, the traceparent names this send span, so the consumer's span links to it.
+        #[cfg(feature = "otel")]
+        if let Some(linked) = crate::otel::send(&span, &trace).filter(|t| *t != trace) {
+            env.meta.headers.insert(TRACEPARENT.into(), linked.to_string());
+            span.record("trace_id", linked.trace_id_hex());
+        }
         let (properties, body) = env.to_wire().map_err(Error::Encode)?;
         let out = Outbound {
             exchange: exchange.to_owned(),
@@ -361,9 +368,6 @@ pub struct Context {
 
 /// A worker's shared state values, by type.
 pub(crate) type State = Arc<std::collections::HashMap<std::any::TypeId, Arc<dyn std::any::Any + Send + Sync>>>;
-
-/// Shared slot for a delivery's unit of work: the handler borrows it, the pipeline commits it.
-pub(crate) type UnitSlot = Arc<Mutex<Option<Box<dyn crate::inbox::UnitOfWork>>>>;
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

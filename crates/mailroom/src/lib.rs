@@ -73,7 +73,9 @@
 //! - [`request`]: request-reply and scatter-gather; [`retry`], [`filter`], [`inbox`].
 //! - [`partition`]: ordered processing per key (consistent-hash partitions, single active consumers).
 //! - [`outbox`]: the transactional outbox on PostgreSQL and its relay (feature `postgres`); [`saga`]:
-//!   orchestrated sagas with compensations, on PostgreSQL or the embedded (file) store.
+//!   event-driven sagas (typed state machines) and orchestrated sagas with compensations, on
+//!   PostgreSQL or the embedded (file) store.
+//! - [`sqlite`]: the transactional outbox and inbox on a SQLite file (feature `sqlite`).
 #![warn(missing_docs)]
 
 pub mod bus;
@@ -82,14 +84,19 @@ pub mod error;
 pub mod filter;
 pub mod guide;
 pub mod inbox;
+#[cfg(feature = "otel")]
+mod otel;
 #[cfg(feature = "postgres")]
 pub mod outbox;
 pub mod partition;
 pub mod pipeline;
 pub mod relay;
+mod replies;
 pub mod request;
 pub mod retry;
 pub mod saga;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod trace;
 pub mod transport;
 pub mod wire;

@@ -8,11 +8,11 @@
 //! then ack. It never rejects with requeue (no hot loops); if that publish fails it rejects without
 //! requeue and the queue's dead-letter backstop moves the message to `<queue>.dlq`.
 
-use crate::bus::UnitSlot;
 use crate::bus::{Bus, Context};
 use crate::envelope::{headers, millis, truncate, Envelope, Metadata, Payload, MAX_ERROR_HEADER};
 use crate::error::{HandlerError, Result};
 use crate::filter::Filter;
+use crate::inbox::UnitSlot;
 use crate::inbox::{Claim, InboxStore};
 use crate::retry::RetryPolicy;
 use crate::trace::{TraceContext, TRACEPARENT};
@@ -751,7 +751,9 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
     let started = Instant::now();
     let meta = Arc::new(Metadata::from_properties(&inbound.properties));
     // Tracing slot: continue the sender's trace, or start one for messages from other clients.
-    let trace = match meta.header(TRACEPARENT).and_then(TraceContext::parse) {
+    let incoming = meta.header(TRACEPARENT).and_then(TraceContext::parse);
+    #[cfg_attr(not(feature = "otel"), allow(unused_mut))]
+    let mut trace = match incoming {
         Some(parent) => parent.child(),
         None => TraceContext::new_root(),
     };
@@ -761,6 +763,12 @@ async fn process(core: Arc<Core>, mut inbound: Inbound) {
         messaging.message.id = %meta.id,
         trace_id = %trace.trace_id_hex()
     );
+    // With an OTel layer, the span's parent is the sender's span and the handler's context is this span.
+    #[cfg(feature = "otel")]
+    if let Some(linked) = crate::otel::process(&span, incoming.as_ref()) {
+        trace = linked;
+        span.record("trace_id", trace.trace_id_hex());
+    }
     let ctx = Context {
         bus: core.bus.clone(),
         meta: Arc::clone(&meta),

@@ -7,16 +7,14 @@
 //! fails fast and a stale one is not handled after the caller gave up. Not durable across restarts.
 
 use crate::bus::{Bus, Context};
-use crate::envelope::{headers, Envelope, Metadata, Payload};
+use crate::envelope::{headers, Envelope, Payload};
 use crate::error::{Error, HandlerError, TransportError};
-use crate::transport::{BoxFuture, Outbound, Published, Subscription};
-use bytes::Bytes;
+use crate::replies::{ReplyMsg, ReplyRouter};
+use crate::transport::{BoxFuture, Outbound, Published};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -60,78 +58,14 @@ impl From<Error> for RequestError {
     }
 }
 
-struct ReplyMsg {
-    meta: Metadata,
-    body: Bytes,
-    recipient: String,
-}
-
-struct Pending {
-    tx: mpsc::UnboundedSender<ReplyMsg>,
-    recipient: String,
-}
-
-/// The bus's reply consumer and pending-request map.
-pub(crate) struct ReplyRouter {
-    address: String,
-    pending: Mutex<HashMap<String, Pending>>,
-    late: AtomicU64,
-}
-
-impl ReplyRouter {
-    async fn start(bus: &Bus) -> Result<Arc<ReplyRouter>, TransportError> {
-        let (address, sub) = bus.transport().reply_endpoint().await?;
-        let router = Arc::new(ReplyRouter { address, pending: Mutex::new(HashMap::new()), late: AtomicU64::new(0) });
-        tokio::spawn(route_replies(Arc::downgrade(&router), sub));
-        Ok(router)
-    }
-
-    fn register(self: &Arc<Self>, id: &str, recipient: &str, tx: mpsc::UnboundedSender<ReplyMsg>) -> PendingGuard {
-        self.pending.lock().unwrap().insert(id.to_owned(), Pending { tx, recipient: recipient.to_owned() });
-        PendingGuard { router: Arc::clone(self), id: id.to_owned() }
-    }
-}
-
-/// Removes a pending entry when the request finishes, times out or is cancelled.
-struct PendingGuard {
-    router: Arc<ReplyRouter>,
-    id: String,
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        self.router.pending.lock().unwrap().remove(&self.id);
-    }
-}
-
-async fn route_replies(router: std::sync::Weak<ReplyRouter>, mut sub: Subscription) {
-    while let Some(m) = sub.next().await {
-        let Some(router) = router.upgrade() else { return };
-        let meta = Metadata::from_properties(&m.properties);
-        let key = meta.causation_id.clone().or_else(|| meta.correlation_id.clone()).unwrap_or_default();
-        let pending = router.pending.lock().unwrap();
-        match pending.get(&key) {
-            Some(p) => {
-                let recipient =
-                    meta.header(headers::RESPONDER).map(str::to_owned).unwrap_or_else(|| p.recipient.clone());
-                let _ = p.tx.send(ReplyMsg { meta, body: m.body, recipient });
-            }
-            None => {
-                router.late.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(key, "late or unknown reply dropped");
-            }
-        }
-    }
-}
-
 impl Bus {
     async fn replies(&self) -> Result<Arc<ReplyRouter>, TransportError> {
-        self.inner.replies.get_or_try_init(|| ReplyRouter::start(self)).await.cloned()
+        self.inner.replies.get_or_try_init(|| ReplyRouter::start(self.transport().as_ref())).await.cloned()
     }
 
     /// Replies that arrived after their request finished (timed out or already gathered).
     pub fn late_replies(&self) -> u64 {
-        self.inner.replies.get().map(|r| r.late.load(Ordering::Relaxed)).unwrap_or(0)
+        self.inner.replies.get().map(|r| r.late()).unwrap_or(0)
     }
 
     /// A request to `queue`; await it (after an optional `.timeout(..)`) for the typed response.
@@ -225,7 +159,7 @@ impl<T: Payload, R: Payload> Request<T, R> {
             let router = self.bus.replies().await?;
             let (tx, mut rx) = mpsc::unbounded_channel();
             let _guard = router.register(&self.env.id, &self.queue, tx);
-            match self.bus.publish_request("", &self.queue, self.env, &router.address, deadline).await? {
+            match self.bus.publish_request("", &self.queue, self.env, router.address(), deadline).await? {
                 Published::Unroutable => return Err(RequestError::NoRoute(self.queue.clone())),
                 Published::Confirmed => {}
             }
@@ -382,7 +316,7 @@ impl<T: Payload + Clone, R: Payload + std::fmt::Debug> Scatter<T, R> {
                     env.meta.correlation_id =
                         Some(self.env.correlation_id.clone().unwrap_or_else(|| self.env.id.clone()));
                     guards.push(router.register(&env.id, q, tx.clone()));
-                    match self.bus.publish_request("", q, env, &router.address, self.deadline).await? {
+                    match self.bus.publish_request("", q, env, router.address(), self.deadline).await? {
                         Published::Confirmed => expected.push(q.clone()),
                         Published::Unroutable => out
                             .faults
@@ -397,7 +331,7 @@ impl<T: Payload + Clone, R: Payload + std::fmt::Debug> Scatter<T, R> {
                 self.bus.ensure_events_exchange().await?;
                 guards.push(router.register(&self.env.id, topic, tx.clone()));
                 let exchange = self.bus.config().events_exchange.clone();
-                self.bus.publish_request(&exchange, topic, self.env.clone(), &router.address, self.deadline).await?;
+                self.bus.publish_request(&exchange, topic, self.env.clone(), router.address(), self.deadline).await?;
             }
         }
         drop(tx);

@@ -1,7 +1,8 @@
 //! W3C trace context (`traceparent`): created on the first send, continued on every handle and send after.
 //!
-//! The SDK does not depend on OpenTelemetry; it carries the header and records the trace id on its
-//! `tracing` spans so any subscriber (or an OTel bridge) can join the flow.
+//! Without the `otel` feature the SDK does not depend on OpenTelemetry; it carries the header and
+//! records the trace id on its `tracing` spans so any subscriber can join the flow. With it, the
+//! `send` and `process` spans are linked through the header for an OTel layer (see `otel.rs`).
 
 use std::fmt;
 

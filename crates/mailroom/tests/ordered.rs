@@ -221,8 +221,8 @@ fn child_handle(dir: &Path, step: &Step) {
         Ok(mut f) => std::io::Write::write_all(&mut f, me.to_string().as_bytes()).unwrap(),
         Err(_) => {
             let holder: u32 = std::fs::read_to_string(&active).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-            // A killed (and reaped) process leaves its marker: stale, take over.
-            if holder != 0 && Path::new(&format!("/proc/{holder}")).exists() {
+            // A killed process leaves its marker: stale, take over.
+            if holder != 0 && handling(dir, holder) {
                 violations
                     .push(format!("key {}: seq {} in pid {me} while pid {holder} handles it", step.key, step.seq));
             }
@@ -244,6 +244,22 @@ fn child_handle(dir: &Path, step: &Step) {
             std::io::Write::write_all(&mut f, format!("{v}\n").as_bytes()).unwrap();
         }
     }
+}
+
+/// Whether process `pid` may still be handling a message: it was not killed by the test and is neither
+/// gone nor a zombie. A SIGKILLed child is dead (its sockets closed, so the broker hands its partition
+/// on) before its parent reaps it, and until then `/proc/<pid>` still exists: checking only that
+/// reported a dead child's stale marker as concurrent handling (the flake seen in CI on RabbitMQ). So
+/// the parent lists a child's pid in `killed` before it kills it, and zombies count as dead too.
+fn handling(dir: &Path, pid: u32) -> bool {
+    let killed = std::fs::read_to_string(dir.join("killed")).unwrap_or_default();
+    if killed.lines().any(|l| l.trim() == pid.to_string()) {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) S ...`: the state follows the last ')' (comm may contain spaces and parentheses).
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X' | 'x') | None)
 }
 
 /// The child: a worker process on every partition, recording into the shared directory until killed.
@@ -348,7 +364,12 @@ async fn worker_processes_sigkilled(target: Target) {
                 mid_run += 1;
             }
             let slot = rng.below(children.len() as u64) as usize;
-            children[slot].kill().await.unwrap(); // SIGKILL, reaped: its markers are stale from now on
+            // Listed as killed first: its markers are stale from the moment it dies, before it is reaped.
+            if let Some(pid) = children[slot].id() {
+                let mut f = std::fs::OpenOptions::new().append(true).create(true).open(dir.join("killed")).unwrap();
+                std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()).unwrap();
+            }
+            children[slot].kill().await.unwrap(); // SIGKILL, then reaped
             kills += 1;
             children[slot] = spawn_child(&spec).await;
         }

@@ -214,6 +214,47 @@ async fn happy_path(target: Target) {
     w.teardown(saga).await;
 }
 
+/// The same saga from closures (capturing the queue prefix, with typed command bodies) and a typed
+/// reply: ship refuses, so the closures' compensations run in reverse, the refund carrying the
+/// payment the typed reply folded in.
+async fn closures_and_typed_replies(target: Target) {
+    #[derive(serde::Deserialize)]
+    struct Charged {
+        ok: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Refund {
+        order: u32,
+        payment: Option<String>,
+    }
+    let w = world(target, "seclos", Failures::from([("ship", u32::MAX)])).await;
+    let q = |svc: &str| format!("{}.{svc}", w.env.prefix);
+    let (reserve_q, release_q, charge_q, refund_q, ship_q) =
+        (q("reserve"), q("release"), q("charge"), q("refund"), q("ship"));
+    let saga = Saga::<Order>::named(&w.name)
+        .step_with("reserve", move |o| {
+            mailroom::saga::Command::new(&reserve_q, serde_json::json!({ "order": o.order }))
+        })
+        .compensate_with(move |o| mailroom::saga::Command::new(&release_q, serde_json::json!({ "order": o.order })))
+        .step_with("charge", move |o| mailroom::saga::Command::new(&charge_q, serde_json::json!({ "cents": o.cents })))
+        .compensate_with(move |o| {
+            mailroom::saga::Command::new(&refund_q, Refund { order: o.order, payment: o.payment.clone() })
+        })
+        .on_reply_as(|o: &mut Order, r: Charged| o.payment = Some(format!("typed-{}", r.ok)))
+        .step_with("ship", move |o| mailroom::saga::Command::new(&ship_q, serde_json::json!({ "order": o.order })))
+        .tick(Duration::from_millis(50));
+    let saga = w.run(saga).await;
+    let id = saga.start(&w.order(3)).await.unwrap();
+    assert_eq!(until_status(&saga, &id, Status::Failed).await, Status::Failed);
+    assert_eq!(w.log(), ["reserve", "charge", "ship!", "refund", "release"]);
+    assert_eq!(
+        saga.get(&id).await.unwrap().data.payment.as_deref(),
+        Some("typed-charge"),
+        "the typed reply was folded in"
+    );
+    w.teardown(saga).await;
+}
+
 /// Charge refuses: reserve is compensated (release), charge itself is not (it took no effect).
 async fn failure_at_step_two_compensates_step_one(target: Target) {
     let w = world(target, "sefail", Failures::from([("charge", u32::MAX)])).await;
@@ -413,6 +454,7 @@ crate::on_all_targets!(
     compensation_fails_twice_then_succeeds,
     stuck_then_operator_retry,
     stuck_then_abandoned,
+    closures_and_typed_replies,
     orchestrator_killed_between_steps,
     killed_before_the_command_left,
     orchestrator_killed_while_compensating,

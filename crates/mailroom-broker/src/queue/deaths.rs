@@ -76,11 +76,33 @@ impl Deaths {
 /// Things the queue must do after releasing its lock: start a read-ahead, hand on deaths.
 #[derive(Default)]
 pub(super) struct Aftermath {
-    pub(super) dead: Vec<(Arc<Message>, DeadLetterReason)>,
-    /// Durable store records of the `dead` messages: settled only once their dead-lettered copies are durable.
-    pub(super) dead_records: Vec<MsgRef>,
+    /// What died, if anything. Boxed: most operations kill nothing, and an empty aftermath then costs
+    /// nothing to drop on the publish and ack paths.
+    dead: Option<Box<DeadBatch>>,
     /// Start a read-ahead task (the lock holder already marked it running).
     pub(super) read_ahead: bool,
+}
+
+/// Messages one queue operation dead-lettered.
+#[derive(Default)]
+struct DeadBatch {
+    dead: Vec<(Arc<Message>, DeadLetterReason)>,
+    /// Durable store records of the `dead` messages: settled only once their dead-lettered copies are durable.
+    records: Vec<MsgRef>,
+}
+
+impl Aftermath {
+    /// Adds a dead-lettered message and, if it has one, its durable store record.
+    pub(super) fn push_dead(&mut self, message: Arc<Message>, reason: DeadLetterReason, record: Option<MsgRef>) {
+        let batch = self.dead.get_or_insert_with(Box::default);
+        batch.dead.push((message, reason));
+        batch.records.extend(record);
+    }
+
+    /// How many messages died.
+    pub(super) fn dead_count(&self) -> usize {
+        self.dead.as_ref().map_or(0, |b| b.dead.len())
+    }
 }
 
 /// One dead-letter move out of a queue still settling its source records; dropping it ends the move.
@@ -160,12 +182,12 @@ impl Queue {
         after: &mut Aftermath,
     ) {
         self.forget_dedup(st, entry, Some(&message));
-        match entry.stored_ref() {
-            Some(r) => after.dead_records.push(r),
+        let record = entry.stored_ref();
+        if record.is_none() {
             // A paging-store record need not outlive anything: it goes now.
-            None => st.index.settle_entry(&self.spec.name, entry),
+            st.index.settle_entry(&self.spec.name, entry);
         }
-        after.dead.push((message, reason));
+        after.push_dead(message, reason, record);
     }
 
     /// Counts a dead-letter move out of this queue until the returned guard is dropped.
@@ -189,7 +211,7 @@ impl Queue {
     #[inline]
     pub(super) fn after_lock(self: &Arc<Self>, after: Aftermath) -> Option<Deaths> {
         // The common case (nothing died, no read-ahead) stays inline on the publish and ack paths.
-        if !after.read_ahead && after.dead.is_empty() {
+        if !after.read_ahead && after.dead.is_none() {
             return None;
         }
         self.after_lock_slow(after)
@@ -201,10 +223,8 @@ impl Queue {
             let queue = Arc::clone(self);
             self.runtime.spawn_blocking(move || queue.read_ahead());
         }
-        if after.dead.is_empty() {
-            return None;
-        }
-        Some(Deaths { queue: Arc::clone(self), dead: after.dead, records: after.dead_records })
+        let batch = after.dead?;
+        Some(Deaths { queue: Arc::clone(self), dead: batch.dead, records: batch.records })
     }
 
     /// [`Queue::after_lock`] for an operation called from outside the vhost: its deaths go to the vhost's

@@ -343,7 +343,7 @@ impl Queue {
             match args.overflow {
                 Overflow::RejectPublish => return PushOutcome::Rejected,
                 Overflow::RejectPublishDlx => {
-                    after.dead.push((message, DeadLetterReason::MaxLen));
+                    after.push_dead(message, DeadLetterReason::MaxLen, None);
                     return PushOutcome::Rejected;
                 }
                 Overflow::DropHead => {}
@@ -476,6 +476,10 @@ impl Queue {
     /// A later message with the same deduplication value may enter. `message` is its body if in RAM (read
     /// back from disk otherwise).
     fn forget_dedup(&self, st: &mut QueueState, entry: &Entry, message: Option<&Message>) {
+        // An empty set has nothing to forget: the common case (no deduplication) skips the arguments' lock.
+        if st.dedup.is_empty() {
+            return;
+        }
         if self.args().deduplication {
             let key = match message {
                 Some(m) => crate::message::headers::dedup_key(m),

@@ -115,7 +115,7 @@ impl Queue {
                 }
             }
         }
-        let n = after.dead.len();
+        let n = after.dead_count();
         self.run_aftermath(after);
         n
     }

@@ -15,9 +15,12 @@
 //! | message filter | [`message_filter`] |
 //! | recipient list | [`recipient_list`] |
 //! | idempotent consumer | [`idempotent_consumer`] |
+//! | outbox and inbox on SQLite (feature `sqlite`) | `sqlite_outbox` |
 //! | message tracking (`traceparent`) | [`tracing`] |
 //! | saga with compensations, operators' retry/abandon | [`saga`] |
+//! | saga as an event-driven state machine (events, replies, timers) | [`event_driven_saga`] |
 
+pub mod event_driven_saga;
 pub mod idempotent_consumer;
 pub mod message_filter;
 pub mod ordered_per_key;
@@ -28,5 +31,7 @@ pub mod request_reply;
 pub mod retry_dead_letter;
 pub mod saga;
 pub mod scatter_gather;
+#[cfg(feature = "sqlite")]
+pub mod sqlite_outbox;
 pub mod tracing;
 pub mod typed_endpoints;

@@ -9,6 +9,13 @@
 //! spans named `send` and `process`, with `messaging.destination`, `messaging.message.id` and
 //! `trace_id` fields; install any `tracing` subscriber (or an OpenTelemetry layer) to see them.
 //!
+//! **OpenTelemetry** (feature `otel`): install a `tracing-opentelemetry` layer with your tracer and
+//! the spans join up in any OTel backend — a `send` span is the child of the span that sent (or of the
+//! message's `traceparent`), the `traceparent` it writes names it, and the consumer's `process` span is
+//! its child, so send → broker → handle → publish → handle is one trace with each hop under the last.
+//! Pitfall: commands a saga or an outbox relay publishes carry the `traceparent` stamped when they were
+//! enqueued (same trace, parent = the handler that enqueued them), not a `send` span of the relay.
+//!
 //! Only the correlation id, causation and trace travel on: retry counts and failure headers of the
 //! incoming message do not leak into what a handler sends.
 //!

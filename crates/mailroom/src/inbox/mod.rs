@@ -47,6 +47,9 @@ impl std::fmt::Debug for Claim {
     }
 }
 
+/// Shared slot for a delivery's unit of work: the handler borrows it, the pipeline commits it.
+pub(crate) type UnitSlot = std::sync::Arc<Mutex<Option<Box<dyn UnitOfWork>>>>;
+
 /// An open transaction of a transactional inbox store.
 pub trait UnitOfWork: Send + 'static {
     /// Makes the inbox row and the handler's writes durable.

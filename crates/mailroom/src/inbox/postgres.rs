@@ -43,7 +43,7 @@
 pub use sqlx;
 
 use super::{Claim, InboxStore, UnitOfWork, DEFAULT_RETENTION};
-use crate::bus::UnitSlot;
+use crate::inbox::UnitSlot;
 use crate::transport::BoxFuture;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};

@@ -1,6 +1,8 @@
-//! Orchestrated sagas with compensations, persisted in a [`SagaStore`]: PostgreSQL
-//! ([`PgSagaStore`], commands through the PostgreSQL [`outbox`](crate::outbox)) or the embedded
-//! store ([`EmbeddedSagaStore`], one fsynced log file in a directory, with its own outbox relay).
+//! Sagas, persisted in a [`SagaStore`]: PostgreSQL ([`PgSagaStore`], commands through the
+//! PostgreSQL [`outbox`](crate::outbox)), SQLite (`SqliteSagaStore`, feature `sqlite`, commands
+//! through the SQLite outbox) or the embedded store ([`EmbeddedSagaStore`], one fsynced log file in
+//! a directory, with its own outbox relay). Two forms: event-driven state machines ([`machine`]) and,
+//! below, orchestrated sagas with compensations.
 //!
 //! A saga is an ordered list of steps; each step is a command sent to a queue whose reply (from a
 //! [`responder`](crate::Bus::responder)) is awaited, with an optional compensating command. The
@@ -32,14 +34,20 @@
 //! `Stuck`, `Abandoned`.
 
 pub mod embedded;
+pub mod machine;
 pub mod ops;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod store;
 
 pub use embedded::{EmbeddedRelay, EmbeddedRelayHandle, EmbeddedSagaStore};
+pub use machine::{Finished, Instance, Machine, MachineHandle, StateMachine, Transition};
 #[cfg(feature = "postgres")]
 pub use postgres::{migrate, PgSagaStore};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteSagaStore;
 pub use store::{HistoryEntry, ListFilter, SagaRow, SagaStore};
 
 use crate::bus::Bus;
@@ -92,6 +100,9 @@ pub enum SagaError {
     /// The operation does not apply in the instance's status.
     #[error("saga {0} is {1}, not Stuck")]
     NotStuck(String, Status),
+    /// A state machine's handler failed transiently (the event is retried).
+    #[error("saga handler: {0}")]
+    Handler(String),
     /// Too many version conflicts in a row.
     #[error("saga {0}: version conflicts kept happening")]
     Conflict(String),
@@ -191,11 +202,17 @@ pub type CommandFn<S> = fn(&S) -> Command;
 /// Folds a step's reply into the saga data (e.g. keep the payment id its refund needs).
 pub type ReplyFn<S> = fn(&mut S, serde_json::Value);
 
+/// A step's command (or compensation) builder: a fn pointer or a closure (capturing queue names,
+/// configuration). It must be deterministic: it runs again when a step is re-sent.
+type BuildCommand<S> = Arc<dyn Fn(&S) -> Command + Send + Sync>;
+/// Folds a reply into the data, or says why it cannot.
+type FoldReply<S> = Arc<dyn Fn(&mut S, &[u8]) -> Result<(), String> + Send + Sync>;
+
 struct Step<S> {
     name: String,
-    command: CommandFn<S>,
-    compensation: Option<CommandFn<S>>,
-    on_reply: Option<ReplyFn<S>>,
+    command: BuildCommand<S>,
+    compensation: Option<BuildCommand<S>>,
+    on_reply: Option<FoldReply<S>>,
 }
 
 /// A saga definition.
@@ -269,7 +286,38 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
 
     /// Adds a step: `command` is sent and its reply awaited; `compensation` undoes it.
     pub fn step(mut self, name: &str, command: CommandFn<S>, compensation: Option<CommandFn<S>>) -> Self {
-        self.steps.push(Step { name: name.to_owned(), command, compensation, on_reply: None });
+        let compensation = compensation.map(|c| Arc::new(c) as BuildCommand<S>);
+        self.steps.push(Step { name: name.to_owned(), command: Arc::new(command), compensation, on_reply: None });
+        self
+    }
+
+    /// Adds a step whose command comes from a closure (it may capture queue names or settings); give
+    /// it a compensation with [`Saga::compensate_with`].
+    pub fn step_with(mut self, name: &str, command: impl Fn(&S) -> Command + Send + Sync + 'static) -> Self {
+        self.steps.push(Step { name: name.to_owned(), command: Arc::new(command), compensation: None, on_reply: None });
+        self
+    }
+
+    /// The compensation of the last added step, from a closure.
+    pub fn compensate_with(mut self, compensation: impl Fn(&S) -> Command + Send + Sync + 'static) -> Self {
+        if let Some(step) = self.steps.last_mut() {
+            step.compensation = Some(Arc::new(compensation));
+        }
+        self
+    }
+
+    /// Folds the last added step's reply, decoded as `R`, into the data (in the same transaction
+    /// that moves to the next step). A reply that does not decode as `R` is an error: the reply is
+    /// dead-lettered and the step, unanswered, is re-sent at its deadline.
+    pub fn on_reply_as<R: DeserializeOwned>(mut self, apply: impl Fn(&mut S, R) + Send + Sync + 'static) -> Self {
+        if let Some(step) = self.steps.last_mut() {
+            step.on_reply = Some(Arc::new(move |data: &mut S, body: &[u8]| {
+                let reply: R = serde_json::from_slice(body)
+                    .map_err(|e| format!("reply of {}: {e}", std::any::type_name::<R>()))?;
+                apply(data, reply);
+                Ok(())
+            }));
+        }
         self
     }
 
@@ -277,7 +325,10 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Saga<S> {
     /// to the next step, so later steps and compensations see it.
     pub fn on_reply(mut self, apply: ReplyFn<S>) -> Self {
         if let Some(step) = self.steps.last_mut() {
-            step.on_reply = Some(apply);
+            step.on_reply = Some(Arc::new(move |data: &mut S, body: &[u8]| {
+                apply(data, serde_json::from_slice(body).unwrap_or(serde_json::Value::Null));
+                Ok(())
+            }));
         }
         self
     }
@@ -514,7 +565,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
         }
         let step = &self.saga.steps[k as usize];
         let id = crate::envelope::new_message_id();
-        let comp = step.compensation.expect("checked");
+        let comp = step.compensation.as_ref().expect("checked");
         Change {
             data: None,
             step: k,
@@ -580,12 +631,11 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
             let data = o.data(row)?;
             let name = &o.saga.steps[row.step as usize].name;
             Ok(Some(match (row.status, &fault) {
-                (Status::Running, None) => match o.saga.steps[row.step as usize].on_reply {
+                (Status::Running, None) => match &o.saga.steps[row.step as usize].on_reply {
                     None => o.run_step(&data, row.step + 1, format!("{name} ok")),
                     Some(apply) => {
                         let mut data = data;
-                        let reply = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
-                        apply(&mut data, reply);
+                        apply(&mut data, body).map_err(SagaError::Data)?;
                         let mut change = o.run_step(&data, row.step + 1, format!("{name} ok"));
                         change.data = Some(serde_json::to_string(&data).map_err(|e| SagaError::Data(e.to_string()))?);
                         change
@@ -641,7 +691,7 @@ impl<S: Serialize + DeserializeOwned + Send + Sync + 'static> Orchestrator<S> {
                         o.compensation_failed(row, format!("{} compensation timed out", step.name))
                     }
                     (Status::Compensating, None) => {
-                        let comp = step.compensation.expect("a compensating step has a compensation");
+                        let comp = step.compensation.as_ref().expect("a compensating step has a compensation");
                         let id = crate::envelope::new_message_id();
                         Change {
                             data: None,
