@@ -427,7 +427,7 @@ def test_definitions_export_import_merge(mailroom, tmp_path):
                 item["arguments"] = {"x-max-length": 99}
         for p in changed["policies"]:
             p["definition"] = {"max-length": 5}
-        changed["users"] = [{"name": "someone", "password_hash": "x", "hashing_algorithm":
+        changed["users"] = [{"name": "someone", "password_hash": "XLzAOrwLW3UNWHalIrxlv5nfO5TMvu0OfDaxBgJd0l1i5qe5", "hashing_algorithm":
                              "rabbit_password_hashing_sha256", "tags": [], "limits": {}}]
         changed["permissions"] = [{"user": "someone", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}]
         assert api2.call("POST", "/api/definitions", changed)[0] == 204

@@ -1,5 +1,6 @@
 //! Mailroom's AMQP 0-9-1 server: the wire codec, connection and channel state, over the broker core.
 
+pub mod authz;
 mod channel;
 pub mod codec;
 mod config;

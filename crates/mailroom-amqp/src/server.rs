@@ -18,9 +18,15 @@ use tokio::task::JoinSet;
 /// How long shutdown waits for connections to finish their close handshake.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How a listener's connections are served: plain, or through TLS (AMQPS).
+#[cfg(feature = "tls")]
+type Tls = Option<Arc<crate::tls::TlsAcceptor>>;
+#[cfg(not(feature = "tls"))]
+type Tls = Option<std::convert::Infallible>;
+
 /// A bound AMQP server, ready to run.
 pub struct AmqpServer {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Tls)>,
     ctx: Arc<ServerContext>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -34,7 +40,7 @@ impl AmqpServer {
         let mut listeners = Vec::new();
         for addr in &config.listen {
             match bind_one(*addr).await {
-                Ok(l) => listeners.push(l),
+                Ok(l) => listeners.push((l, None)),
                 Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && !listeners.is_empty() => {
                     tracing::warn!(%addr, error = %e, "IPv6 listener not available");
                 }
@@ -45,9 +51,31 @@ impl AmqpServer {
         Ok(AmqpServer { listeners, ctx: Arc::new(ServerContext { broker, config, shutdown }), shutdown_tx })
     }
 
-    /// The addresses actually bound (with real ports when 0 was asked for).
+    /// The plain AMQP addresses actually bound (with real ports when 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners.iter().filter(|(_, tls)| tls.is_none()).filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+
+    /// The AMQPS addresses actually bound.
+    pub fn tls_local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter(|(_, tls)| tls.is_some()).filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+
+    /// Also listens for AMQPS on `addrs` (`--amqps-listen`), handshaking with `acceptor`, whose
+    /// certificates [`crate::tls::TlsAcceptor::reload`] replaces for new connections.
+    #[cfg(feature = "tls")]
+    pub async fn bind_tls(
+        &mut self,
+        addrs: &[SocketAddr],
+        acceptor: Arc<crate::tls::TlsAcceptor>,
+    ) -> std::io::Result<()> {
+        for addr in addrs {
+            let l = bind_one(*addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            self.listeners.push((l, Some(Arc::clone(&acceptor))));
+        }
+        Ok(())
     }
 
     /// Accepts connections until `shutdown` completes, then closes every connection with 320 and waits for them.
@@ -56,13 +84,13 @@ impl AmqpServer {
         let mut connections = JoinSet::new();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
         let mut acceptors = JoinSet::new();
-        for listener in listeners {
+        for (listener, tls) in listeners {
             let conn_tx = conn_tx.clone();
             acceptors.spawn(async move {
                 loop {
                     match listener.accept().await {
-                        Ok(pair) => {
-                            if conn_tx.send(pair).await.is_err() {
+                        Ok((stream, peer)) => {
+                            if conn_tx.send((stream, peer, tls.clone())).await.is_err() {
                                 return;
                             }
                         }
@@ -83,9 +111,16 @@ impl AmqpServer {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some((stream, peer)) = conn_rx.recv() => {
+                Some((stream, peer, tls)) = conn_rx.recv() => {
                     if fds.admit() {
-                        connections.spawn(crate::connection::serve(stream, peer, Arc::clone(&ctx)));
+                        let ctx = Arc::clone(&ctx);
+                        match tls {
+                            None => connections.spawn(crate::connection::serve(stream, peer, ctx)),
+                            #[cfg(feature = "tls")]
+                            Some(acceptor) => connections.spawn(crate::connection::serve_tls(stream, peer, ctx, acceptor)),
+                            #[cfg(not(feature = "tls"))]
+                            Some(never) => match never {},
+                        };
                     } else {
                         // Closed at once: the last descriptors belong to the stores, so that existing
                         // connections can keep publishing to every queue.

@@ -1,5 +1,7 @@
-//! The broker: virtual hosts and users, opened in-process with [`Broker::open`].
+//! The broker: virtual hosts and the access registry (users, permissions, limits), opened in-process
+//! with [`Broker::open`].
 
+use crate::access::{AccessControl, AuthError, AuthenticatedUser, DefaultUser, LoopbackUsers};
 use crate::alarm::{self, AlarmConfig, AlarmState, Watched};
 use crate::connections::ConnectionRegistry;
 use crate::definitions;
@@ -16,24 +18,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
-/// A user account.
-#[derive(Debug, Clone)]
-pub struct User {
-    /// Login name.
-    pub name: String,
-    /// Password (plain; the store of hashed passwords comes with the management API).
-    pub password: String,
-    /// Only connections from loopback may log in as this user (RabbitMQ's rule for `guest`).
-    pub loopback_only: bool,
-}
-
 /// How to open a broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Virtual hosts to create.
     pub vhosts: Vec<String>,
-    /// Users who may log in (to every vhost, for now).
-    pub users: Vec<User>,
+    /// The user a blank node is created with (administrator, full permissions on `/`).
+    pub default_user: DefaultUser,
+    /// Users allowed to log in from loopback only (RabbitMQ's `loopback_users`).
+    pub loopback_users: LoopbackUsers,
     /// Memory and disk thresholds that block publishers.
     pub alarms: AlarmConfig,
     /// Where durable queues keep persistent messages and where definitions are saved; None keeps
@@ -48,11 +41,12 @@ pub struct BrokerConfig {
 }
 
 impl Default for BrokerConfig {
-    /// One vhost `/` and the user `guest`/`guest`, allowed from loopback only, as RabbitMQ ships.
+    /// One vhost `/` and the default user `guest`/`guest`, allowed from loopback only, as RabbitMQ ships.
     fn default() -> Self {
         Self {
             vhosts: vec!["/".to_owned()],
-            users: vec![User { name: "guest".into(), password: "guest".into(), loopback_only: true }],
+            default_user: DefaultUser::guest(),
+            loopback_users: LoopbackUsers::default(),
             alarms: AlarmConfig::default(),
             data_dir: None,
             syncer: SyncerConfig::default(),
@@ -65,7 +59,7 @@ impl Default for BrokerConfig {
 #[derive(Debug)]
 pub(crate) struct BrokerInner {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
-    users: RwLock<HashMap<String, User>>,
+    access: AccessControl,
     ids: Arc<AtomicU64>,
     alarms: watch::Sender<AlarmState>,
     durability: Option<Arc<Durability>>,
@@ -125,17 +119,30 @@ impl Broker {
             .iter()
             .map(|name| (name.clone(), VHost::new(name, Arc::clone(&ids), durability.clone(), Arc::clone(&paging))))
             .collect();
+        let legacy: Vec<_> = definitions
+            .iter()
+            .flat_map(|d| &d.users)
+            .map(|u| (u.name.clone(), u.password.clone(), u.tags.clone()))
+            .collect();
         if let (Some(d), Some(defs)) = (&durability, definitions) {
             definitions::replay(d, &vhosts, defs);
         }
-        let users = config.users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        let legacy: Vec<_> = legacy.iter().map(|(n, p, t)| (n.as_str(), p.as_str(), t.as_slice())).collect();
+        let access = crate::access::store::open_registry(
+            config.loopback_users,
+            &config.default_user,
+            "/",
+            config.data_dir.as_deref(),
+            &legacy,
+        )
+        .map_err(|e| BrokerError::new(ErrorKind::ResourceError, format!("cannot open users and permissions: {e}")))?;
         let (alarms, _) = watch::channel(AlarmState::default());
         if let Some(d) = &durability {
             d.set_alarms(alarms.clone());
         }
         let inner = Arc::new(BrokerInner {
             vhosts: RwLock::new(vhosts),
-            users: RwLock::new(users),
+            access,
             ids,
             alarms,
             durability,
@@ -183,20 +190,19 @@ impl Broker {
         self.inner.held_bytes()
     }
 
-    /// Checks credentials; `from_loopback` says whether the peer is on this machine.
-    pub fn authenticate(&self, username: &str, password: &str, from_loopback: bool) -> Result<User> {
-        let users = self.inner.users.read().unwrap_or_else(|p| p.into_inner());
-        let refused = || {
-            BrokerError::new(
-                ErrorKind::AuthenticationFailed,
-                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.",
-            )
-        };
-        let user = users.get(username).ok_or_else(refused)?;
-        if user.password != password || (user.loopback_only && !from_loopback) {
-            return Err(refused());
-        }
-        Ok(user.clone())
+    /// The users, permissions, topic permissions and limits.
+    pub fn access(&self) -> &AccessControl {
+        &self.inner.access
+    }
+
+    /// Checks a password login; `from_loopback` says whether the peer is on this machine.
+    pub fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        from_loopback: bool,
+    ) -> std::result::Result<AuthenticatedUser, AuthError> {
+        self.inner.access.authenticate(username, password.as_bytes(), from_loopback)
     }
 
     /// A virtual host by name (530 NOT_ALLOWED when missing, as `connection.open` answers).
@@ -223,6 +229,31 @@ impl Broker {
         Arc::clone(vhosts.entry(name.to_owned()).or_insert_with(|| {
             VHost::new(name, Arc::clone(&self.inner.ids), self.inner.durability.clone(), Arc::clone(&self.inner.paging))
         }))
+    }
+
+    /// Deletes a virtual host with its queues, exchanges and stored messages, and forgets its
+    /// permissions and limits (`DELETE /api/vhosts/{name}`). NOT_FOUND when it does not exist.
+    pub fn delete_vhost(&self, name: &str) -> Result<()> {
+        let removed = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let vhost =
+            removed.ok_or_else(|| BrokerError::new(ErrorKind::NotFound, format!("vhost '{name}' not found")))?;
+        for q in vhost.queues() {
+            // The queue's own owner, so that exclusive queues go too (their connections see them vanish).
+            let owner = q.spec().exclusive_owner.unwrap_or(0);
+            if let Err(e) = vhost.delete_queue(q.name(), false, false, owner) {
+                tracing::warn!(vhost = name, queue = q.name(), error = %e, "cannot delete queue of deleted vhost");
+            }
+        }
+        for x in vhost.exchanges().iter().filter(|x| !x.name().is_empty() && !x.name().starts_with("amq.")) {
+            if let Err(e) = vhost.delete_exchange(x.name(), false) {
+                tracing::warn!(vhost = name, exchange = x.name(), error = %e, "cannot delete exchange of deleted vhost");
+            }
+        }
+        self.inner.access.delete_vhost(name);
+        if let Some(d) = &self.inner.durability {
+            d.record_and_commit(crate::store::definitions_log::Change::DeleteVhost { name: name.to_owned() })?;
+        }
+        Ok(())
     }
 
     /// Writes what exchanges still buffer for their stores (the settles of released delayed messages), so

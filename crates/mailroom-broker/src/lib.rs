@@ -25,10 +25,11 @@ pub mod vhost;
 #[cfg(test)]
 mod fault_tests;
 
+pub use access::{AccessControl, AuthenticatedUser};
 pub use alarm::{AlarmConfig, AlarmState};
 pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-pub use broker::{Broker, BrokerConfig, User};
+pub use broker::{Broker, BrokerConfig};
 pub use connections::{
     ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry, ConsumerSnapshot,
     Registration,

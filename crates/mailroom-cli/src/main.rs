@@ -2,6 +2,7 @@
 //! drives the load generator (`mailroom bench`), operates sagas in their store (`mailroom saga`) and prints
 //! shell completions (`mailroom completions`).
 
+mod access_args;
 mod admin;
 mod bench;
 mod config;
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the broker.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Operate a running broker through its HTTP API: list, declare, delete, publish, get, peek, purge,
     /// redrive, definitions, policies, close connections.
     Admin(admin::AdminArgs),
@@ -122,6 +123,9 @@ struct ServerArgs {
     /// kept, policies overwritten. A file that cannot be imported stops the start.
     #[arg(long, env = "MAILROOM_LOAD_DEFINITIONS")]
     load_definitions: Option<PathBuf>,
+    /// Users, loopback rule, AMQPS and TLS.
+    #[command(flatten)]
+    access: access_args::AccessArgs,
 }
 
 /// 40% of physical memory (RabbitMQ's default watermark), or None if it cannot be read.
@@ -160,7 +164,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Server(args) => run_server(args).await,
+            Command::Server(args) => run_server(*args).await,
             Command::Bench(args) => bench::run(args).await.map_err(Into::into),
             Command::Admin(args) => admin::run(args).await,
             Command::Saga(args) => saga::run(args).await,
@@ -206,8 +210,11 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
             ..Default::default()
         },
         paging: PagingConfig { queue_memory_bytes: args.queue_memory_bytes, ..PagingConfig::default() },
+        default_user: args.access.default_user()?,
+        loopback_users: args.access.loopback_users(),
         ..BrokerConfig::default()
     })?;
+    let tls = args.access.tls_acceptor()?;
     if let Some(path) = &args.load_definitions {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let doc: serde_json::Value =
@@ -226,7 +233,14 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         fd_reserve: args.fd_reserve,
         ..ServerConfig::default()
     };
-    let server = AmqpServer::bind(broker.clone(), config).await?;
+    let mut server = AmqpServer::bind(broker.clone(), config).await?;
+    if let Some(acceptor) = tls {
+        server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;
+        for addr in server.tls_local_addrs() {
+            println!("mailroom: AMQPS listening on {addr}");
+        }
+        access_args::reload_on_sighup(acceptor);
+    }
     let stopping = broker.clone();
     for addr in server.local_addrs() {
         // Scripts and tests read this line to find the port when they asked for port 0.

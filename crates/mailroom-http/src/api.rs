@@ -125,6 +125,8 @@ pub struct ApiRequest {
     pub body: Bytes,
     /// The authenticated user.
     pub user: String,
+    /// What the user's tags allow.
+    pub rights: mailroom_broker::access::ManagementRights,
 }
 
 impl ApiRequest {

@@ -1,9 +1,9 @@
 //! Definitions in RabbitMQ's JSON format (`rabbitmqctl export_definitions`, `GET /api/definitions`):
 //! export, and import with RabbitMQ's merge rules: vhosts are created, policies overwritten, queues and
 //! exchanges that exist are kept as they are, bindings added (an existing one is a no-op). Import stops at
-//! the first error and reports it. Users, permissions and topic permissions are accepted and skipped
-//! (Mailroom's users come from its configuration), as are runtime and global parameters (Mailroom has no
-//! federation or shovel).
+//! the first error and reports it. Users (with their password hashes), permissions, topic permissions and
+//! vhost limits go to the broker's access registry ([`mailroom_broker::access`]); other runtime and
+//! global parameters are accepted and skipped (Mailroom has no federation or shovel).
 
 use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Reply};
 use crate::json;
@@ -103,12 +103,12 @@ pub fn export(broker: &Broker, vhost: Option<&str>) -> Result<Value, ApiError> {
         "bindings": bindings,
     });
     if with_vhost {
-        // Users and permissions are the security work's: exported empty (RabbitMQ's import accepts that).
-        out["users"] = json!([]);
         out["vhosts"] = Value::Array(vhosts.iter().map(|v| json!({ "name": v.name() })).collect());
-        out["permissions"] = json!([]);
-        out["topic_permissions"] = json!([]);
         out["global_parameters"] = json!([]);
+        if let Value::Object(doc) = &mut out {
+            // Users (with their hashes), permissions, topic permissions and vhost limits.
+            broker.access().export().write_json(doc);
+        }
     }
     Ok(out)
 }
@@ -170,7 +170,11 @@ pub struct ImportReport {
     pub exchanges: usize,
     /// Bindings added or confirmed.
     pub bindings: usize,
-    /// Sections accepted but not applied (users, permissions, parameters), with their item counts.
+    /// Users created or replaced (with their password hashes).
+    pub users: usize,
+    /// Permissions and topic permissions set.
+    pub permissions: usize,
+    /// Sections accepted but not applied (parameters other than vhost limits), with their item counts.
     pub skipped: Vec<(String, usize)>,
 }
 
@@ -193,7 +197,13 @@ pub fn import(broker: &Broker, doc: &Value, vhost: Option<&str>) -> Result<Impor
         return Err("definitions must be a JSON object".into());
     }
     let mut report = ImportReport::default();
-    for section in ["users", "permissions", "topic_permissions", "parameters", "global_parameters"] {
+    // Checked before anything is applied, applied after the vhosts exist.
+    let access = if vhost.is_none() {
+        Some(mailroom_broker::access::AccessDefinitions::from_json(doc).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    for section in ["parameters", "global_parameters"] {
         let n = items(doc, section)?.len();
         if n > 0 {
             tracing::info!(
@@ -216,6 +226,11 @@ pub fn import(broker: &Broker, doc: &Value, vhost: Option<&str>) -> Result<Impor
                 report.vhosts += 1;
             }
         }
+    }
+    if let Some(access) = &access {
+        let counts = broker.access().import(access).map_err(|e| e.to_string())?;
+        report.users = counts.users;
+        report.permissions = counts.permissions + counts.topic_permissions;
     }
     for p in items(doc, "policies")? {
         let name = p.get("name").and_then(Value::as_str).ok_or_else(|| format!("invalid policy {p}"))?;
@@ -279,7 +294,15 @@ pub fn import_request(broker: &Broker, vhost: Option<&str>, req: &ApiRequest) ->
         vhost_of(broker, v)?;
     }
     let doc: Value = req.json()?;
-    let report = import(broker, &doc, vhost).map_err(ApiError::bad_request)?;
+    let before: Vec<String> = broker.vhosts().iter().map(|v| v.name().to_owned()).collect();
+    let result = import(broker, &doc, vhost);
+    // As RabbitMQ: the importing user gets full permissions on the vhosts the import created.
+    for v in broker.vhosts().iter().filter(|v| !before.iter().any(|b| b == v.name())) {
+        if broker.access().permissions(&req.user, v.name()).is_none() {
+            let _ = broker.access().set_permissions(&req.user, v.name(), mailroom_broker::access::Permissions::full());
+        }
+    }
+    let report = result.map_err(ApiError::bad_request)?;
     tracing::info!(?report, user = %req.user, "definitions imported");
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }

@@ -1,6 +1,6 @@
 //! Mailroom's HTTP API: RabbitMQ's management API (its paths, verbs, JSON field names and error bodies:
 //! overview, nodes, exchanges, queues, bindings, connections, channels, consumers, policies, definitions,
-//! health checks) plus Mailroom's own `peek` and `redrive`, with basic auth against the broker's users;
+//! health checks, users, permissions and limits) plus Mailroom's own `peek` and `redrive`, with basic auth against the broker's users;
 //! vhost `/` is written `%2F` in paths.
 //!
 //! One hyper HTTP/1 connection task per client; every request is authenticated, then routed by
@@ -9,6 +9,7 @@
 //! (Prometheus text format, see [`metrics`]) needs no credentials, nor do the web UI's files at `/` and
 //! `/ui/` (the `ui` module).
 
+mod access_routes;
 mod api;
 mod clients;
 pub mod definitions;

@@ -58,7 +58,8 @@ pub(crate) async fn handle(
         query: Query::parse(parts.uri.query()),
         headers: parts.headers,
         body,
-        user,
+        rights: user.management_rights(),
+        user: user.name,
     };
     match route(broker, server, &request).await {
         Ok(reply) => {
@@ -79,15 +80,21 @@ pub(crate) async fn handle(
 }
 
 /// Basic auth against the broker's users (loopback-only users only from loopback, as for AMQP).
-fn authenticate(broker: &Broker, peer: SocketAddr, req: &Request<Incoming>) -> Result<String, ApiError> {
+fn authenticate(
+    broker: &Broker,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Result<mailroom_broker::AuthenticatedUser, ApiError> {
     let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "Not_Authorized");
     let header = req.headers().get(AUTHORIZATION).and_then(|h| h.to_str().ok()).ok_or_else(unauthorized)?;
     let encoded = header.strip_prefix("Basic ").ok_or_else(unauthorized)?;
     let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| unauthorized())?;
     let text = String::from_utf8(decoded).map_err(|_| unauthorized())?;
     let (user, pass) = text.split_once(':').ok_or_else(unauthorized)?;
-    let user = broker.authenticate(user, pass, peer.ip().is_loopback()).map_err(|_| unauthorized())?;
-    Ok(user.name)
+    broker.authenticate(user, pass, peer.ip().is_loopback()).map_err(|e| {
+        tracing::warn!(peer = %peer, "HTTP {}", e.log_line("basic"));
+        unauthorized()
+    })
 }
 
 /// Decodes `%XX` escapes of one path segment.
@@ -123,6 +130,10 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
     let Some(("api", rest)) = segs.split_first().map(|(a, r)| (*a, r)) else {
         return Err(ApiError::not_found("Not Found"));
     };
+    crate::access_routes::check_rights(req.rights, &req.method, rest)?;
+    if let Some(answer) = crate::access_routes::route(broker, req, rest) {
+        return answer;
+    }
     use Method as M;
     let m = &req.method;
     let answer = match (m, rest) {
@@ -276,6 +287,12 @@ fn method_or_not_found(method: &Method, rest: &[&str]) -> ApiError {
         "aliveness-test",
         "vhosts",
         "cluster-name",
+        "users",
+        "permissions",
+        "topic-permissions",
+        "vhost-limits",
+        "user-limits",
+        "whoami",
     ];
     let known_shape = match rest {
         ["queues", _, _, "redrive"] | ["queues", _, _, "peek"] | ["queues", _, _, "get"] => true,

@@ -334,7 +334,8 @@ async fn definitions_import_keeps_existing_objects_and_overwrites_policies() {
     let (broker, addr) = start().await;
     send(addr, "PUT", "/api/queues/%2F/kept", r#"{"durable":true,"arguments":{"x-max-length":3}}"#).await;
     let doc = r#"{
-        "users": [{"name": "u", "password_hash": "x", "tags": []}],
+        "users": [{"name": "u", "password_hash": "XLzAOrwLW3UNWHalIrxlv5nfO5TMvu0OfDaxBgJd0l1i5qe5",
+                   "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}],
         "vhosts": [{"name": "/"}, {"name": "other"}],
         "policies": [{"vhost": "/", "name": "p", "pattern": "^kept$", "apply-to": "queues", "priority": 0,
                       "definition": {"max-length": 5}}],

@@ -91,6 +91,12 @@ pub struct Channel {
     pub last_queue: Option<String>,
     /// The direct reply-to queue this channel consumes, if any (`amq.rabbitmq.reply-to.<token>`).
     pub reply_queue: Option<String>,
+    /// The user's grants in the vhost, checked before each operation (None: the user has lost every
+    /// permission in the vhost since `connection.open`; every check is refused).
+    pub access: Option<mailroom_broker::access::ChannelAccess>,
+    /// This channel's place in its user's `max-channels` count, held for its `Drop` (which gives it back).
+    #[allow(dead_code)]
+    pub user_slot: Option<mailroom_broker::access::ChannelSlot>,
 }
 
 impl Channel {
@@ -108,6 +114,8 @@ impl Channel {
             pending: None,
             last_queue: None,
             reply_queue: None,
+            access: None,
+            user_slot: None,
         }
     }
 

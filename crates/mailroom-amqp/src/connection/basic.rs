@@ -4,6 +4,7 @@ use super::{short, Connection, ConsumerRoute};
 use crate::channel::{settle, ChannelConsumer, PendingPublish, UnackedDelivery};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
+use mailroom_broker::access::Operation;
 use mailroom_broker::client_input::ConsumerArguments;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::ConsumeOptions;
@@ -44,6 +45,7 @@ impl Connection {
                 if p.immediate {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
                 }
+                self.check_publish(id, p.exchange.as_str(), p.routing_key.as_str())?;
                 self.channel(id).pending =
                     Some(PendingPublish::new(p.exchange.as_str(), p.routing_key.as_str(), p.mandatory));
             }
@@ -78,8 +80,15 @@ impl Connection {
         // The per-message methods skip the generic parser (and its allocations) when well-formed.
         if let Some(publish) = codec::parse_basic_publish(payload) {
             self.has_published = true;
-            if self.channel_accepts(channel) && !publish.immediate {
-                if let Some(ch) = self.channels.get_mut(&channel).filter(|c| c.pending.is_none()) {
+            if self.channel_accepts(channel)
+                && !publish.immediate
+                && self.channels.get(&channel).is_some_and(|c| c.pending.is_none())
+            {
+                if let Err(e) = self.check_publish(channel, publish.exchange, publish.routing_key) {
+                    self.fail(channel, e.at(ids::BASIC_PUBLISH));
+                    return true;
+                }
+                if let Some(ch) = self.channels.get_mut(&channel) {
                     ch.pending = Some(PendingPublish::new(publish.exchange, publish.routing_key, publish.mandatory));
                     return true;
                 }
@@ -114,7 +123,9 @@ impl Connection {
             self.channel(id).reply_queue = Some(name.clone());
             name
         } else {
-            self.queue_name(id, &c.queue)?
+            let name = self.queue_name(id, &c.queue)?;
+            self.check_access(id, &Operation::Consume { queue: &name })?;
+            name
         };
         let tag = if c.consumer_tag.as_str().is_empty() {
             generate_consumer_tag()
@@ -156,6 +167,7 @@ impl Connection {
     fn get(&mut self, id: u16, g: basic::Get) -> Result<(), AmqpError> {
         let vhost = self.vhost();
         let name = self.queue_name(id, &g.queue)?;
+        self.check_access(id, &Operation::Get { queue: &name })?;
         let queue = vhost.queue(&name, self.id)?;
         match queue.get(g.no_ack) {
             Some(got) => {

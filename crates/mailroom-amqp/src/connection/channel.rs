@@ -14,8 +14,12 @@ impl Connection {
                 }
                 // A client that reuses the number sent whatever close-ok it meant to send.
                 self.crossed_closes.remove(&id);
+                let vhost = self.vhost.as_deref().map_or("", |v| v.name());
+                let (access, slot) = crate::authz::open_channel(&self.ctx.broker, &self.username, vhost)?;
                 self.channel_epoch += 1;
-                self.channels.insert(id, Channel::new(self.channel_epoch));
+                let mut channel = Channel::new(self.channel_epoch);
+                (channel.access, channel.user_slot) = (access, Some(slot));
+                self.channels.insert(id, channel);
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }

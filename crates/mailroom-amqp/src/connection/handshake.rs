@@ -49,9 +49,7 @@ impl Connection {
             (Phase::AwaitStartOk, Method::Connection(conn::AMQPMethod::StartOk(ok))) => self.start_ok(ok),
             (Phase::AwaitTuneOk, Method::Connection(conn::AMQPMethod::TuneOk(ok))) => self.tune_ok(ok),
             (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
-                let vhost = self.ctx.broker.vhost(open.virtual_host.as_str()).map_err(|_| {
-                    AmqpError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host.as_str()))
-                })?;
+                let vhost = crate::authz::open_vhost(&self.ctx.broker, &self.username, open.virtual_host.as_str())?;
                 self.register(vhost.name());
                 tracing::info!(peer = %self.peer, user = %self.username, vhost = %vhost.name(), "connection authenticated and granted access to vhost");
                 self.vhost = Some(vhost);
@@ -91,10 +89,8 @@ impl Connection {
                 format!("unknown authentication mechanism '{mechanism}'"),
             ));
         }
-        let creds = codec::parse_sasl_response(mechanism, ok.response.as_bytes());
-        let authenticated = creds.and_then(|c| {
-            self.ctx.broker.authenticate(&c.username, &c.password, self.peer.ip().is_loopback()).ok().map(|u| u.name)
-        });
+        let authenticated =
+            crate::authz::login(&self.ctx.broker, mechanism, ok.response.as_bytes(), self.peer).ok().map(|u| u.name);
         match authenticated {
             Some(name) => {
                 self.username = name;
@@ -111,7 +107,8 @@ impl Connection {
                 Ok(())
             }
             None => {
-                tracing::warn!(peer = %self.peer, mechanism, "login refused: invalid credentials");
+                // authz::login logged the refusal with its reason.
+                self.login_refused = true;
                 let err = AmqpError::connection(
                     code::ACCESS_REFUSED,
                     format!("Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."),

@@ -14,6 +14,7 @@ mod control;
 mod deliver;
 mod exchange;
 mod fsync;
+mod grants;
 mod handshake;
 mod liveness;
 mod outbound;
@@ -109,6 +110,8 @@ pub(crate) struct Connection {
     close_deadline: Option<Instant>,
     capabilities: ClientCapabilities,
     username: String,
+    /// A login was just refused: wait [`crate::authz::LOGIN_REFUSED_DELAY`] before answering.
+    login_refused: bool,
     vhost: Option<Arc<VHost>>,
     channels: HashMap<u16, Channel>,
     consumer_channels: HashMap<ConsumerId, ConsumerRoute>,
@@ -144,6 +147,34 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let (mut rd, wr) = stream.into_split();
+    serve_on(&mut rd, wr, peer, local, ctx).await;
+    discard_unread(&rd);
+}
+
+/// Serves one AMQPS connection: the TLS handshake (bounded by the AMQP handshake timeout), then AMQP.
+#[cfg(feature = "tls")]
+pub(crate) async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ServerContext>,
+    acceptor: Arc<crate::tls::TlsAcceptor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
+    };
+    let (mut rd, wr) = tokio::io::split(tls);
+    serve_on(&mut rd, wr, peer, local, ctx).await;
+}
+
+async fn serve_on<R, W>(rd: &mut R, wr: W, peer: SocketAddr, local: SocketAddr, ctx: Arc<ServerContext>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (writer, writer_task) = Writer::spawn(wr);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
@@ -161,6 +192,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         close_deadline: None,
         capabilities: ClientCapabilities::default(),
         username: String::new(),
+        login_refused: false,
         vhost: None,
         channels: HashMap::new(),
         consumer_channels: HashMap::new(),
@@ -178,14 +210,13 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
         registry: Registry::new(local),
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
-    if let Err(e) = conn.run(&mut rd).await {
+    if let Err(e) = conn.run(rd).await {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended");
     }
     conn.cleanup();
     let _ = conn.flush().await;
     drop(conn);
     let _ = writer_task.await;
-    discard_unread(&rd);
 }
 
 /// Reads and drops whatever the client sent that is still in the kernel's receive buffer: closing a socket
@@ -237,7 +268,7 @@ fn method_ids(m: &Method) -> (u16, u16) {
 }
 
 impl Connection {
-    async fn run(&mut self, rd: &mut OwnedReadHalf) -> std::io::Result<()> {
+    async fn run<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<()> {
         let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
         // Protocol header.
         let mut header = [0u8; 8];
@@ -278,6 +309,9 @@ impl Connection {
                     }
                 };
                 self.handle_frame(frame);
+                if std::mem::take(&mut self.login_refused) {
+                    tokio::time::sleep(crate::authz::LOGIN_REFUSED_DELAY).await;
+                }
                 if self.out.is_full() {
                     self.flush().await?;
                 }

@@ -3,8 +3,8 @@
 
 use bytes::Bytes;
 use std::time::Duration;
+use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -28,7 +28,7 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Starts the writer task on `wr`; the task ends (shutting the socket down) once the handle is dropped.
-    pub(super) fn spawn(wr: OwnedWriteHalf) -> (Writer, JoinHandle<()>) {
+    pub(super) fn spawn<W: AsyncWrite + Unpin + Send + 'static>(wr: W) -> (Writer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
         (Writer { tx }, tokio::spawn(write_loop(wr, rx)))
     }
@@ -43,7 +43,7 @@ impl Writer {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<Bytes>>) {
     while let Some(batch) = rx.recv().await {
         for chunk in batch {
             if wr.write_all(&chunk).await.is_err() {

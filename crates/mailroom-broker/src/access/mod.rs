@@ -13,7 +13,9 @@ pub mod limits;
 pub mod password;
 pub mod permissions;
 pub mod registry;
+pub mod store;
 pub mod table;
+pub mod usage;
 pub mod user;
 
 pub use bootstrap::{BootstrapError, DefaultUser};
@@ -22,5 +24,7 @@ pub use limits::{LimitError, UserLimits, VhostLimits};
 pub use password::{HashingAlgorithm, PasswordHash, PasswordHashError};
 pub use permissions::{AccessError, Permission, Permissions, ResourceKind, TopicPermissions};
 pub use registry::{AccessControl, AuthError, AuthenticatedUser, ChannelAccess, LoopbackUsers, RegistryError};
+pub use store::{AccessFile, AccessStoreError};
 pub use table::{Operation, VhostAccess};
+pub use usage::ChannelSlot;
 pub use user::{ApiAction, ManagementRights, User, UserTag};

@@ -172,6 +172,10 @@ struct Inner {
     state: RwLock<State>,
     loopback_users: RwLock<LoopbackUsers>,
     generation: AtomicU64,
+    /// Where every change is saved (a broker with a data dir); unset keeps the registry in memory.
+    file: OnceLock<super::store::AccessFile>,
+    /// Channels open per user (the `max-channels` limit).
+    channels: super::usage::ChannelCounts,
 }
 
 /// The access registry. Cheap to clone; every clone is the same registry.
@@ -201,6 +205,8 @@ impl AccessControl {
                 state: RwLock::default(),
                 loopback_users: RwLock::new(loopback_users),
                 generation: AtomicU64::new(0),
+                file: OnceLock::new(),
+                channels: Default::default(),
             }),
         }
     }
@@ -217,6 +223,23 @@ impl AccessControl {
     /// Moves the generation after a change, so channels rebuild their grants.
     pub(super) fn changed(&self) {
         self.inner.generation.fetch_add(1, Ordering::Release);
+        if let Some(file) = self.inner.file.get() {
+            if let Err(e) = file.save(self) {
+                // The change holds in memory; it is lost at restart unless a later save succeeds.
+                tracing::error!(error = %e, "cannot save users and permissions");
+            }
+        }
+    }
+
+    /// Saves every later change to `file` (set once, after the saved state was loaded).
+    pub fn persist_to(&self, file: super::store::AccessFile) -> Result<(), super::store::AccessStoreError> {
+        file.save(self)?;
+        let _ = self.inner.file.set(file);
+        Ok(())
+    }
+
+    pub(super) fn channel_counts(&self) -> &super::usage::ChannelCounts {
+        &self.inner.channels
     }
 
     /// Counts changes; a channel rebuilds its grants when it moves.

@@ -325,6 +325,12 @@ impl VhostAccess {
         &self.permissions
     }
 
+    /// Whether topic permissions are set on `exchange` (only then does a publish need to know whether the
+    /// exchange is a topic exchange).
+    pub fn has_topic_permissions(&self, exchange: &str) -> bool {
+        !self.topics.is_empty() && self.topics.contains_key(exchange)
+    }
+
     /// Checks `op`: the first refusal, in RabbitMQ's order, or Ok.
     pub fn check(&self, op: &Operation<'_>) -> Result<(), AccessError> {
         steps(op).iter().try_for_each(|step| self.check_step(&step))

@@ -90,6 +90,11 @@ pub enum Change {
     },
     /// A binding is removed.
     DeleteBinding(BindingDef),
+    /// A vhost is deleted, with every definition in it.
+    DeleteVhost {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// The live definitions, as the log's records so far leave them.
@@ -181,6 +186,14 @@ impl Live {
                 removed
             }
             Change::DeleteBinding(b) => self.bindings.remove(&binding_key(b)).is_some(),
+            Change::DeleteVhost { name } => {
+                let removed = self.vhosts.remove(name).is_some();
+                self.policies.retain(|(v, _), _| v != name);
+                self.exchanges.retain(|(v, _), _| v != name);
+                self.queues.retain(|(v, _), _| v != name);
+                self.bindings.retain(|_, (_, b)| b.vhost != *name);
+                removed
+            }
         }
     }
 
@@ -300,6 +313,10 @@ fn encode_record(change: &Change, out: &mut Vec<u8>) {
             w.extend_from_slice(&[OP_DELETE, KIND_BINDING]);
             put_binding(w, b);
         }
+        Change::DeleteVhost { name } => {
+            w.extend_from_slice(&[OP_DELETE, KIND_VHOST]);
+            put_str(w, name);
+        }
     }
     let payload_len = w.len() - start - HEADER;
     let crc = crc32fast::hash(&w[start + HEADER..]);
@@ -357,6 +374,7 @@ fn decode_change(payload: &[u8]) -> Result<Change, &'static str> {
         (OP_DELETE, KIND_EXCHANGE) => Change::DeleteExchange { vhost: r.str()?, name: r.str()? },
         (OP_DELETE, KIND_QUEUE) => Change::DeleteQueue { vhost: r.str()?, name: r.str()? },
         (OP_DELETE, KIND_BINDING) => Change::DeleteBinding(binding(&mut r)?),
+        (OP_DELETE, KIND_VHOST) => Change::DeleteVhost { name: r.str()? },
         _ => return Err("unknown record type"),
     };
     if r.pos != payload.len() {

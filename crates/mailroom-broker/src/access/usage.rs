@@ -1,0 +1,68 @@
+//! Channels open per user over all connections, for the `max-channels` user limit (RabbitMQ counts a
+//! user's channels across its connections). A [`ChannelSlot`] holds one; dropping it gives it back.
+
+use super::limits::LimitError;
+use super::registry::AccessControl;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Open channels by user name.
+#[derive(Debug, Default)]
+pub(super) struct ChannelCounts(Mutex<HashMap<String, u64>>);
+
+/// One open channel of a user; counted until dropped.
+#[derive(Debug)]
+pub struct ChannelSlot {
+    control: AccessControl,
+    user: String,
+}
+
+impl AccessControl {
+    /// Counts a channel `user` opens, or refuses it with 530 when the user's `max-channels` is reached.
+    /// Called at `channel.open` (not on a hot path: one short lock).
+    pub fn open_channel(&self, user: &str) -> Result<ChannelSlot, LimitError> {
+        let limits = self.user(user).map(|u| u.limits).unwrap_or_default();
+        let mut counts = self.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner());
+        let open = counts.get(user).copied().unwrap_or(0);
+        limits.check_channel(user, open)?;
+        counts.insert(user.to_owned(), open + 1);
+        Ok(ChannelSlot { control: self.clone(), user: user.to_owned() })
+    }
+
+    /// Channels `user` has open now.
+    pub fn open_channels(&self, user: &str) -> u64 {
+        self.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        let mut counts = self.control.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::UserLimits;
+
+    #[test]
+    fn max_channels_counts_over_connections_and_frees_on_drop() {
+        let ac = AccessControl::default();
+        ac.add_user("u", b"p", vec![]).unwrap();
+        ac.set_user_limits("u", UserLimits { max_connections: None, max_channels: Some(2) }).unwrap();
+        let a = ac.open_channel("u").unwrap();
+        let _b = ac.open_channel("u").unwrap();
+        let refused = ac.open_channel("u").unwrap_err();
+        assert_eq!(refused.reply_code(), 530);
+        drop(a);
+        assert_eq!(ac.open_channels("u"), 1);
+        ac.open_channel("u").unwrap();
+    }
+}
