@@ -173,9 +173,20 @@ struct Inner {
     loopback_users: RwLock<LoopbackUsers>,
     generation: AtomicU64,
     /// Where every change is saved (a broker with a data dir); unset keeps the registry in memory.
-    file: OnceLock<super::store::AccessFile>,
+    saver: OnceLock<Saver>,
     /// Channels open per user (the `max-channels` limit).
-    channels: super::usage::ChannelCounts,
+    channels: Arc<super::usage::ChannelCounts>,
+}
+
+/// Saves the registry after a change (set by `access::store` for a broker with a data directory; the
+/// registry does not know the file, so the store may depend on the registry and not the reverse). A save
+/// that fails is logged by the saver: the change holds in memory.
+pub struct Saver(pub Box<dyn Fn(&AccessControl) + Send + Sync>);
+
+impl std::fmt::Debug for Saver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Saver")
+    }
 }
 
 /// The access registry. Cheap to clone; every clone is the same registry.
@@ -205,7 +216,7 @@ impl AccessControl {
                 state: RwLock::default(),
                 loopback_users: RwLock::new(loopback_users),
                 generation: AtomicU64::new(0),
-                file: OnceLock::new(),
+                saver: OnceLock::new(),
                 channels: Default::default(),
             }),
         }
@@ -223,23 +234,26 @@ impl AccessControl {
     /// Moves the generation after a change, so channels rebuild their grants.
     pub(super) fn changed(&self) {
         self.inner.generation.fetch_add(1, Ordering::Release);
-        if let Some(file) = self.inner.file.get() {
-            if let Err(e) = file.save(self) {
-                // The change holds in memory; it is lost at restart unless a later save succeeds.
-                tracing::error!(error = %e, "cannot save users and permissions");
-            }
+        if let Some(saver) = self.inner.saver.get() {
+            (saver.0)(self);
         }
     }
 
-    /// Saves every later change to `file` (set once, after the saved state was loaded).
-    pub fn persist_to(&self, file: super::store::AccessFile) -> Result<(), super::store::AccessStoreError> {
-        file.save(self)?;
-        let _ = self.inner.file.set(file);
-        Ok(())
+    /// Saves every later change with `saver` (set once, after the saved state was loaded).
+    pub fn save_changes_with(&self, saver: Saver) {
+        let _ = self.inner.saver.set(saver);
     }
 
-    pub(super) fn channel_counts(&self) -> &super::usage::ChannelCounts {
-        &self.inner.channels
+    /// Counts a channel `user` opens, or refuses it with 530 when the user's `max-channels` is reached.
+    /// Called at `channel.open` (not on a hot path: one short lock).
+    pub fn open_channel(&self, user: &str) -> Result<super::usage::ChannelSlot, super::limits::LimitError> {
+        let limits = self.user(user).map(|u| u.limits).unwrap_or_default();
+        self.inner.channels.open(user, limits)
+    }
+
+    /// Channels `user` has open now.
+    pub fn open_channels(&self, user: &str) -> u64 {
+        self.inner.channels.open_now(user)
     }
 
     /// Counts changes; a channel rebuilds its grants when it moves.

@@ -8,7 +8,7 @@
 //! fsynced: a crash leaves the old or the new file, never a mix.
 
 use super::definitions::{AccessDefinitions, DefinitionsError};
-use super::registry::AccessControl;
+use super::registry::{AccessControl, Saver};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -151,7 +151,13 @@ pub fn open_registry(
         tracing::info!(user = %default.name, vhost = default_vhost, "created the default user");
     }
     if let Some(f) = file {
-        access.persist_to(f)?;
+        f.save(&access)?;
+        access.save_changes_with(Saver(Box::new(move |access| {
+            if let Err(e) = f.save(access) {
+                // The change holds in memory; it is lost at restart unless a later save succeeds.
+                tracing::error!(error = %e, "cannot save users and permissions");
+            }
+        })));
     }
     Ok(access)
 }

@@ -1,10 +1,9 @@
 //! Channels open per user over all connections, for the `max-channels` user limit (RabbitMQ counts a
 //! user's channels across its connections). A [`ChannelSlot`] holds one; dropping it gives it back.
 
-use super::limits::LimitError;
-use super::registry::AccessControl;
+use super::limits::{LimitError, UserLimits};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Open channels by user name.
 #[derive(Debug, Default)]
@@ -13,31 +12,33 @@ pub(super) struct ChannelCounts(Mutex<HashMap<String, u64>>);
 /// One open channel of a user; counted until dropped.
 #[derive(Debug)]
 pub struct ChannelSlot {
-    control: AccessControl,
+    counts: Arc<ChannelCounts>,
     user: String,
 }
 
-impl AccessControl {
-    /// Counts a channel `user` opens, or refuses it with 530 when the user's `max-channels` is reached.
-    /// Called at `channel.open` (not on a hot path: one short lock).
-    pub fn open_channel(&self, user: &str) -> Result<ChannelSlot, LimitError> {
-        let limits = self.user(user).map(|u| u.limits).unwrap_or_default();
-        let mut counts = self.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner());
+impl ChannelCounts {
+    /// Counts a channel `user` opens, or refuses it with 530 when `limits` (the user's) say it has enough.
+    pub(super) fn open(self: &Arc<Self>, user: &str, limits: UserLimits) -> Result<ChannelSlot, LimitError> {
+        let mut counts = self.lock();
         let open = counts.get(user).copied().unwrap_or(0);
         limits.check_channel(user, open)?;
         counts.insert(user.to_owned(), open + 1);
-        Ok(ChannelSlot { control: self.clone(), user: user.to_owned() })
+        Ok(ChannelSlot { counts: Arc::clone(self), user: user.to_owned() })
     }
 
     /// Channels `user` has open now.
-    pub fn open_channels(&self, user: &str) -> u64 {
-        self.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner()).get(user).copied().unwrap_or(0)
+    pub(super) fn open_now(&self, user: &str) -> u64 {
+        self.lock().get(user).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Drop for ChannelSlot {
     fn drop(&mut self) {
-        let mut counts = self.control.channel_counts().0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.counts.lock();
         if let Some(n) = counts.get_mut(&self.user) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -49,8 +50,7 @@ impl Drop for ChannelSlot {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::access::UserLimits;
+    use crate::access::{AccessControl, UserLimits};
 
     #[test]
     fn max_channels_counts_over_connections_and_frees_on_drop() {
