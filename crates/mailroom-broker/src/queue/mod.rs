@@ -30,6 +30,7 @@ mod expiry;
 mod index;
 mod recovery;
 mod source_records;
+mod stats;
 
 pub use consumers::{
     ChannelPrefetch, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerSink, Delivery, NOACK_WINDOW,
@@ -38,6 +39,7 @@ pub use deaths::{DeadLetterReason, Deaths};
 pub use delivery::{GetResult, Peeked};
 pub use recovery::RecoveredIndex;
 pub use source_records::{SourceRecords, MOVE_RETRY_MAX, MOVE_RETRY_MIN};
+pub use stats::QueueMessageStats;
 
 use crate::args::{Overflow, QueueArguments};
 use crate::error::{BrokerError, Result};
@@ -125,7 +127,11 @@ struct QueueState {
     deleted: bool,
     /// `x-deduplication-header` values of messages in the queue (ready or unacked), for `x-message-deduplication`.
     dedup: HashSet<String>,
+    /// Messages in, out and acked since the queue was created (the API's `message_stats`): plain integers
+    /// under the lock the operations already hold.
+    stats: QueueMessageStats,
 }
+
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
 #[derive(Debug)]
@@ -194,6 +200,7 @@ impl Queue {
                 next_id: 1,
                 deleted: false,
                 dedup: HashSet::new(),
+                stats: QueueMessageStats::default(),
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -263,6 +270,10 @@ impl Queue {
     /// Ready messages (not counting unacked ones).
     pub fn message_count(&self) -> u32 {
         self.lock().index.len() as u32
+    }
+    /// The message counts since the queue was created.
+    pub fn message_stats(&self) -> QueueMessageStats {
+        self.lock().stats
     }
     /// Body bytes the queue holds in RAM, ready and unacked (what the memory alarm counts): bodies
     /// paged out to disk do not count.
@@ -388,6 +399,7 @@ impl Queue {
             self.arm_expiry(&mut st, at, (rank, id));
             Self::compact_expiries(&mut st);
         }
+        st.stats.publish += 1;
         let body = Body { message, expires_at };
         st.index.insert_new(&self.paging, &self.spec.name, entry, body, taken_at_once);
         self.dispatch_locked(&mut st, now, after);
@@ -411,6 +423,7 @@ impl Queue {
         {
             let mut guard = self.lock();
             let st = &mut *guard;
+            st.stats.ack += ids.len() as u64;
             // One store call per store for the whole batch: one ack-log write per segment, not one per message.
             let mut stored = Vec::new();
             let mut paged = Vec::new();
