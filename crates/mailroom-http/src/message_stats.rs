@@ -133,24 +133,37 @@ struct Series {
 /// The rates of every object as of the last sample.
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
-    series: Mutex<HashMap<Subject, Series>>,
+    state: Mutex<RatesState>,
+}
+
+/// Every object's latest snapshot and rates, and when the last round was taken.
+#[derive(Debug, Default)]
+struct RatesState {
+    series: HashMap<Subject, Series>,
+    last_round: Option<Instant>,
 }
 
 impl Rates {
     /// Takes in one round of snapshots taken `at`: each object's rates become those since its previous
-    /// snapshot (0 for an object seen for the first time); objects not in `round` are forgotten.
+    /// snapshot; an object new since the previous round counts from zero at that round's time (its counts
+    /// started at zero when it was created), so a first burst shows; objects not in `round` are forgotten.
     fn record(&self, at: Instant, round: Vec<(Subject, Counts)>) {
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = HashMap::with_capacity(round.len());
         for (subject, counts) in round {
             let last = Sample { at, counts };
-            let rates = match series.remove(&subject) {
-                Some(old) => rates_between(&old.last, &last),
-                None => last.counts.iter().map(|&(name, _)| (name, 0.0)).collect(),
+            let rates = match (state.series.remove(&subject), state.last_round) {
+                (Some(old), _) => rates_between(&old.last, &last),
+                (None, Some(prev_at)) => {
+                    let zero = last.counts.iter().map(|&(name, _)| (name, 0)).collect();
+                    rates_between(&Sample { at: prev_at, counts: zero }, &last)
+                }
+                (None, None) => last.counts.iter().map(|&(name, _)| (name, 0.0)).collect(),
             };
             next.insert(subject, Series { last, rates });
         }
-        *series = next;
+        state.series = next;
+        state.last_round = Some(at);
     }
 
     /// Snapshots every object of `broker` now.
@@ -171,8 +184,8 @@ impl Rates {
 
     /// `message_stats` for `subject`: each count and its `*_details: {"rate": ...}` (0 until two samples).
     pub(crate) fn render(&self, subject: &Subject, counts: &Counts) -> Value {
-        let series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let rates = series.get(subject).map(|s| s.rates.as_slice()).unwrap_or(&[]);
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let rates = state.series.get(subject).map(|s| s.rates.as_slice()).unwrap_or(&[]);
         let mut out = Map::new();
         for &(name, count) in counts {
             let rate = rates.iter().find(|(n, _)| *n == name).map_or(0.0, |&(_, r)| r);
@@ -252,10 +265,22 @@ mod tests {
         rates.record(at(10), vec![(q.clone(), counts(50, 25))]);
         let idle = rates.render(&q, &counts(50, 25));
         assert_eq!((rate_of(&idle, "publish"), rate_of(&idle, "ack")), (0.0, 0.0));
-        // Deleted: gone from the round, so a queue declared again under the name starts from nothing.
+        // Deleted: gone from the round, so a queue declared again under the name counts from zero at the
+        // previous round.
         rates.record(at(15), vec![]);
         rates.record(at(20), vec![(q.clone(), counts(7, 0))]);
-        assert_eq!(rate_of(&rates.render(&q, &counts(7, 0)), "publish"), 0.0);
+        assert_eq!(rate_of(&rates.render(&q, &counts(7, 0)), "publish"), 1.4);
+    }
+
+    #[test]
+    fn an_object_created_between_samples_shows_its_first_burst() {
+        let rates = Rates::default();
+        let q = Subject::Queue("/".into(), "new".into());
+        let t0 = Instant::now();
+        rates.record(t0, vec![(Subject::Overview, counts(0, 0))]);
+        rates.record(t0 + Duration::from_secs(5), vec![(Subject::Overview, counts(20, 0)), (q.clone(), counts(20, 0))]);
+        assert_eq!(rate_of(&rates.render(&q, &counts(20, 0)), "publish"), 4.0);
+        assert_eq!(rate_of(&rates.render(&Subject::Overview, &counts(20, 0)), "publish"), 4.0);
     }
 
     #[test]
