@@ -587,4 +587,30 @@ mod tests {
         v.delete_queue("q", false, false, 1).unwrap();
         assert!(matches!(q.push(with_dedup_header("b")), PushOutcome::QueueDeleted));
     }
+
+    #[tokio::test]
+    async fn message_stats_count_publishes_gets_and_acks_and_the_exchange_its_copies() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("s", &crate::QueueOptions::default(), 1).unwrap();
+        let q = v.queue("s", 1).unwrap();
+        for _ in 0..3 {
+            let routed = v.publish("", Message::new("", "s", Default::default(), bytes::Bytes::from_static(b"m")));
+            assert!(routed.unwrap().routed);
+        }
+        let unroutable = v.publish("", Message::new("", "nowhere", Default::default(), bytes::Bytes::new()));
+        assert!(!unroutable.unwrap().routed);
+        let acked = q.get(false).unwrap();
+        q.ack(&[acked.id]);
+        let unacked = q.get(false).unwrap();
+        q.reject(&[unacked.id], true);
+        assert!(q.get(true).unwrap().redelivered);
+        assert!(q.get(true).is_some());
+        assert!(q.get(true).is_none());
+        assert_eq!(
+            q.message_stats(),
+            QueueMessageStats { publish: 3, get: 2, get_no_ack: 2, get_empty: 1, redeliver: 1, ack: 1, ..Default::default() }
+        );
+        assert_eq!(v.exchange("").unwrap().publish_counts(), (4, 3));
+    }
 }
