@@ -6,10 +6,10 @@ use crate::channel::{ChannelMode, ChannelPhase, Confirm, PendingPublish, TxOp};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use bytes::Bytes;
-use mailroom_broker::{client_input, counters};
 use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::Message;
+use mailroom_broker::{client_input, counters};
 use std::sync::Arc;
 
 impl Connection {

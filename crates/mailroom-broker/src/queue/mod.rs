@@ -132,7 +132,6 @@ struct QueueState {
     stats: QueueMessageStats,
 }
 
-
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
 #[derive(Debug)]
 pub struct Queue {
@@ -609,7 +608,15 @@ mod tests {
         assert!(q.get(true).is_none());
         assert_eq!(
             q.message_stats(),
-            QueueMessageStats { publish: 3, get: 2, get_no_ack: 2, get_empty: 1, redeliver: 1, ack: 1, ..Default::default() }
+            QueueMessageStats {
+                publish: 3,
+                get: 2,
+                get_no_ack: 2,
+                get_empty: 1,
+                redeliver: 1,
+                ack: 1,
+                ..Default::default()
+            }
         );
         assert_eq!(v.exchange("").unwrap().publish_counts(), (4, 3));
     }

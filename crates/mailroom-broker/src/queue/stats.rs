@@ -60,7 +60,14 @@ mod tests {
         s.record_get(true, false);
         assert_eq!(
             s,
-            QueueMessageStats { deliver: 1, deliver_no_ack: 1, get: 1, get_no_ack: 2, redeliver: 2, ..Default::default() }
+            QueueMessageStats {
+                deliver: 1,
+                deliver_no_ack: 1,
+                get: 1,
+                get_no_ack: 2,
+                redeliver: 2,
+                ..Default::default()
+            }
         );
     }
 }
