@@ -85,8 +85,14 @@ pub static DELIVERED_CONSUME_AUTO_ACK: Counter = Counter::new();
 pub static DELIVERED_GET_MANUAL_ACK: Counter = Counter::new();
 /// Messages fetched with `basic.get` in no-ack mode.
 pub static DELIVERED_GET_AUTO_ACK: Counter = Counter::new();
+/// `basic.get`s that found the queue empty.
+pub static GET_EMPTY: Counter = Counter::new();
 /// Deliveries and gets with the redelivered flag set.
 pub static MESSAGES_REDELIVERED: Counter = Counter::new();
+/// Unroutable messages published with `mandatory` (sent back with `basic.return`).
+pub static RETURN_UNROUTABLE: Counter = Counter::new();
+/// Unroutable messages published without `mandatory` (dropped).
+pub static DROP_UNROUTABLE: Counter = Counter::new();
 /// Messages acknowledged by consumers.
 pub static MESSAGES_ACKNOWLEDGED: Counter = Counter::new();
 /// Messages dead-lettered, by reason: rejected, expired, maxlen, delivery limit (indexed by `DeadLetterReason::counter_index`).

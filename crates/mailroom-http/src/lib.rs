@@ -15,6 +15,7 @@ mod clients;
 pub mod definitions;
 mod json;
 pub mod listing;
+mod message_stats;
 pub mod metrics;
 mod node;
 pub mod prometheus;
@@ -59,6 +60,8 @@ pub(crate) struct ServerInfo {
     pub listeners: Vec<Listener>,
     /// When the server started (uptime).
     pub started: std::time::Instant,
+    /// Message rates as of the last sample (`message_stats`).
+    pub rates: message_stats::Rates,
 }
 
 /// This machine's host name (for the node name), or `localhost`.
@@ -104,7 +107,10 @@ impl HttpServer {
             node_name,
             listeners: self.listeners,
             started: std::time::Instant::now(),
+            rates: message_stats::Rates::default(),
         });
+        // Samples message counts while the server runs (stopped when `_sampler` drops).
+        let _sampler = message_stats::Sampler::start(self.broker.clone(), std::sync::Arc::clone(&info));
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {

@@ -2,6 +2,7 @@
 
 use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
+use crate::message_stats::{self, Subject};
 use crate::ServerInfo;
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -76,7 +77,7 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
         "product_version": env!("CARGO_PKG_VERSION"),
         "erlang_version": "none",
         "erlang_full_version": format!("Mailroom {} (Rust, no Erlang)", env!("CARGO_PKG_VERSION")),
-        "rates_mode": "none",
+        "rates_mode": "basic",
         "disable_stats": false,
         "enable_queue_totals": true,
         "cluster_name": server.cluster_name,
@@ -89,9 +90,8 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
             .collect::<Vec<_>>(),
         "listeners": listeners_json(server),
         "contexts": [],
-        // Publish/deliver counters need counting in the broker core; not kept yet (empty, as RabbitMQ with
-        // no traffic).
-        "message_stats": {},
+        // The node's counts come from the process-wide counters (one broker per process).
+        "message_stats": server.rates.render(&Subject::Overview, &message_stats::overview_counts()),
         "object_totals": {
             "queues": t.queues,
             "exchanges": t.exchanges,
@@ -133,7 +133,7 @@ fn node_json(broker: &Broker, server: &ServerInfo) -> Value {
         "mem_used": broker.held_bytes(),
         "mem_alarm": alarms.memory,
         "disk_free_alarm": alarms.disk,
-        "rates_mode": "none",
+        "rates_mode": "basic",
         "enabled_plugins": [],
         "applications": [],
         "exchange_types": EXCHANGE_TYPES.iter().map(|(name, _)| json!({ "name": name, "enabled": true })).collect::<Vec<_>>(),
@@ -154,7 +154,7 @@ pub fn node(broker: &Broker, server: &Arc<ServerInfo>, name: &str) -> ApiResult 
     Ok(Reply::ok(node_json(broker, server)))
 }
 
-fn vhost_json(v: &mailroom_broker::VHost) -> Value {
+fn vhost_json(server: &ServerInfo, v: &mailroom_broker::VHost) -> Value {
     let (mut ready, mut unacked) = (0u64, 0u64);
     for q in v.queues() {
         ready += q.message_count() as u64;
@@ -169,18 +169,19 @@ fn vhost_json(v: &mailroom_broker::VHost) -> Value {
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
+        "message_stats": server.rates.render(&Subject::VHost(v.name().to_owned()), &message_stats::vhost_counts(v)),
         "cluster_state": {},
     })
 }
 
 /// `GET /api/vhosts` (read-only here: creating vhosts belongs to the security work).
-pub fn vhosts(broker: &Broker, req: &ApiRequest) -> ApiResult {
-    listing::list(broker.vhosts().iter().map(|v| vhost_json(v)).collect(), &req.query).map(Reply::ok)
+pub fn vhosts(broker: &Broker, server: &ServerInfo, req: &ApiRequest) -> ApiResult {
+    listing::list(broker.vhosts().iter().map(|v| vhost_json(server, v)).collect(), &req.query).map(Reply::ok)
 }
 
 /// `GET /api/vhosts/{name}`.
-pub fn vhost(broker: &Broker, name: &str) -> ApiResult {
-    Ok(Reply::ok(vhost_json(&*vhost_of(broker, name)?)))
+pub fn vhost(broker: &Broker, server: &ServerInfo, name: &str) -> ApiResult {
+    Ok(Reply::ok(vhost_json(server, &*vhost_of(broker, name)?)))
 }
 
 fn failed(body: Value) -> ApiResult {

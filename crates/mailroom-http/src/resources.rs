@@ -2,7 +2,8 @@
 
 use crate::api::{queue_of, vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
-use crate::{json, MAX_PEEK_COUNT};
+use crate::message_stats::{self, Subject};
+use crate::{json, ServerInfo, MAX_PEEK_COUNT};
 use base64::Engine;
 use bytes::Bytes;
 use hyper::StatusCode;
@@ -41,12 +42,12 @@ fn arguments(value: &Option<Value>) -> Result<FieldTable, ApiError> {
 // ---- exchanges ----
 
 /// `GET /api/exchanges[/{vhost}]`.
-pub fn list_exchanges(broker: &Broker, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
+pub fn list_exchanges(broker: &Broker, server: &ServerInfo, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
     let mut items = Vec::new();
     for v in vhosts_of(broker, vhost)? {
         let mut exchanges = v.exchanges();
         exchanges.sort_by(|a, b| a.name().cmp(b.name()));
-        items.extend(exchanges.iter().map(|e| json::exchange(v.name(), e)));
+        items.extend(exchanges.iter().map(|e| exchange_json(server, v.name(), e)));
     }
     listing::list(items, &req.query).map(Reply::ok)
 }
@@ -56,11 +57,19 @@ fn exchange_of(v: &VHost, path_name: &str) -> Result<Arc<mailroom_broker::Exchan
         .map_err(|_| ApiError::not_found(format!("exchange '{path_name}' not found in vhost '{}'", v.name())))
 }
 
+/// An exchange as listed, with its `message_stats`.
+fn exchange_json(server: &ServerInfo, vhost: &str, e: &mailroom_broker::Exchange) -> Value {
+    let mut out = json::exchange(vhost, e);
+    let subject = Subject::Exchange(vhost.to_owned(), e.name().to_owned());
+    out["message_stats"] = server.rates.render(&subject, &message_stats::exchange_counts(e));
+    out
+}
+
 /// `GET /api/exchanges/{vhost}/{name}`.
-pub fn get_exchange(broker: &Broker, vhost: &str, name: &str) -> ApiResult {
+pub fn get_exchange(broker: &Broker, server: &ServerInfo, vhost: &str, name: &str) -> ApiResult {
     let v = vhost_of(broker, vhost)?;
     let e = exchange_of(&v, name)?;
-    let mut out = json::exchange(v.name(), &e);
+    let mut out = exchange_json(server, v.name(), &e);
     out["incoming"] = json!([]);
     out["outgoing"] = json!([]);
     Ok(Reply::ok(out))
@@ -196,11 +205,13 @@ pub async fn publish(broker: &Broker, vhost: &str, name: &str, req: &ApiRequest)
 
 // ---- queues ----
 
-/// A queue as listed, with the node it lives on.
-fn queue_json(node: &str, v: &VHost, q: &mailroom_broker::Queue) -> Value {
+/// A queue as listed, with the node it lives on and its `message_stats`.
+fn queue_json(server: &ServerInfo, v: &VHost, q: &mailroom_broker::Queue) -> Value {
     let mut out = json::queue(v, q);
     if let Value::Object(map) = &mut out {
-        map.insert("node".into(), json!(node));
+        map.insert("node".into(), json!(server.node_name));
+        let subject = Subject::Queue(v.name().to_owned(), q.name().to_owned());
+        map.insert("message_stats".into(), server.rates.render(&subject, &message_stats::queue_counts(q)));
         let ready = q.ready_bytes();
         map.insert("message_bytes_ready".into(), json!(ready));
         map.insert("message_bytes_unacknowledged".into(), json!(q.message_bytes().saturating_sub(ready)));
@@ -211,21 +222,21 @@ fn queue_json(node: &str, v: &VHost, q: &mailroom_broker::Queue) -> Value {
 }
 
 /// `GET /api/queues[/{vhost}]`.
-pub fn list_queues(broker: &Broker, node: &str, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
+pub fn list_queues(broker: &Broker, server: &ServerInfo, vhost: Option<&str>, req: &ApiRequest) -> ApiResult {
     let mut items = Vec::new();
     for v in vhosts_of(broker, vhost)? {
         let mut queues = v.queues();
         queues.sort_by(|a, b| a.name().cmp(b.name()));
-        items.extend(queues.iter().map(|q| queue_json(node, &v, q)));
+        items.extend(queues.iter().map(|q| queue_json(server, &v, q)));
     }
     listing::list(items, &req.query).map(Reply::ok)
 }
 
 /// `GET /api/queues/{vhost}/{name}`.
-pub fn get_queue(broker: &Broker, node: &str, vhost: &str, name: &str) -> ApiResult {
+pub fn get_queue(broker: &Broker, server: &ServerInfo, vhost: &str, name: &str) -> ApiResult {
     let v = vhost_of(broker, vhost)?;
     let q = queue_of(&v, name)?;
-    let mut out = queue_json(node, &v, &q);
+    let mut out = queue_json(server, &v, &q);
     out["consumer_details"] = json!([]);
     out["deliveries"] = json!([]);
     out["incoming"] = json!([]);

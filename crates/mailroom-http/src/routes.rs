@@ -143,8 +143,8 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
         (&M::GET, ["nodes"]) => node::nodes(broker, server, req),
         (&M::GET, ["nodes", name]) => node::node(broker, server, name),
         (&M::GET, ["extensions"]) => Ok(Reply::ok(json!([]))),
-        (&M::GET, ["vhosts"]) => node::vhosts(broker, req),
-        (&M::GET, ["vhosts", name]) => node::vhost(broker, name),
+        (&M::GET, ["vhosts"]) => node::vhosts(broker, server, req),
+        (&M::GET, ["vhosts", name]) => node::vhost(broker, server, name),
         (&M::GET, ["health", "checks", "alarms"]) | (&M::GET, ["health", "checks", "local-alarms"]) => {
             node::alarms(broker, server)
         }
@@ -157,9 +157,9 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
         (&M::GET, ["aliveness-test", vhost]) => node::aliveness(broker, vhost).await,
 
         // Exchanges.
-        (&M::GET, ["exchanges"]) => resources::list_exchanges(broker, None, req),
-        (&M::GET, ["exchanges", vhost]) => resources::list_exchanges(broker, Some(vhost), req),
-        (&M::GET, ["exchanges", vhost, name]) => resources::get_exchange(broker, vhost, name),
+        (&M::GET, ["exchanges"]) => resources::list_exchanges(broker, server, None, req),
+        (&M::GET, ["exchanges", vhost]) => resources::list_exchanges(broker, server, Some(vhost), req),
+        (&M::GET, ["exchanges", vhost, name]) => resources::get_exchange(broker, server, vhost, name),
         (&M::PUT, ["exchanges", vhost, name]) => resources::declare_exchange(broker, vhost, name, req),
         (&M::DELETE, ["exchanges", vhost, name]) => resources::delete_exchange(broker, vhost, name, req),
         (&M::GET, ["exchanges", vhost, name, "bindings", "source"]) => {
@@ -171,9 +171,9 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
         (&M::POST, ["exchanges", vhost, name, "publish"]) => resources::publish(broker, vhost, name, req).await,
 
         // Queues.
-        (&M::GET, ["queues"]) => resources::list_queues(broker, &server.node_name, None, req),
-        (&M::GET, ["queues", vhost]) => resources::list_queues(broker, &server.node_name, Some(vhost), req),
-        (&M::GET, ["queues", vhost, name]) => resources::get_queue(broker, &server.node_name, vhost, name),
+        (&M::GET, ["queues"]) => resources::list_queues(broker, server, None, req),
+        (&M::GET, ["queues", vhost]) => resources::list_queues(broker, server, Some(vhost), req),
+        (&M::GET, ["queues", vhost, name]) => resources::get_queue(broker, server, vhost, name),
         (&M::PUT, ["queues", vhost, name]) => resources::declare_queue(broker, vhost, name, req),
         (&M::DELETE, ["queues", vhost, name]) => resources::delete_queue(broker, vhost, name, req),
         (&M::DELETE, ["queues", vhost, name, "contents"]) => resources::purge_queue(broker, vhost, name),

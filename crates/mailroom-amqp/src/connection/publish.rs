@@ -6,10 +6,10 @@ use crate::channel::{ChannelMode, ChannelPhase, Confirm, PendingPublish, TxOp};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use bytes::Bytes;
-use mailroom_broker::client_input;
 use mailroom_broker::store::SyncTicket;
 use mailroom_broker::vhost::DIRECT_REPLY_TO;
 use mailroom_broker::Message;
+use mailroom_broker::{client_input, counters};
 use std::sync::Arc;
 
 impl Connection {
@@ -171,6 +171,9 @@ impl Connection {
             (Arc::clone(&message.routing_key), raw, message.body.clone())
         });
         let result = vhost.publish(exchange, message)?;
+        if !result.routed {
+            if mandatory { &counters::RETURN_UNROUTABLE } else { &counters::DROP_UNROUTABLE }.inc();
+        }
         if let Some((routing_key, raw, body)) = returned.filter(|_| !result.routed) {
             self.send(
                 id,

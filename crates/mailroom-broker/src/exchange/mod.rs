@@ -20,6 +20,7 @@ use consistent_hash::HashRing;
 use flavor::{Admit, ExchangeFlavor, FlavorState};
 use headers::HeadersBinding;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use topic::TopicIndex;
 
@@ -160,6 +161,10 @@ pub struct Exchange {
     spec: ExchangeSpec,
     state: RwLock<ExchangeState>,
     flavor: FlavorState,
+    /// Messages published to it (the API's `publish_in`), a relaxed atomic: one add per publish.
+    publish_in: AtomicU64,
+    /// Queue copies it routed them to (the API's `publish_out`: a message reaching three queues counts three).
+    publish_out: AtomicU64,
 }
 
 impl Exchange {
@@ -177,7 +182,13 @@ impl Exchange {
             )),
         };
         let flavor = FlavorState::new(&spec.flavor);
-        Self { spec, state: RwLock::new(ExchangeState { bindings: Vec::new(), router, deleted: false }), flavor }
+        Self {
+            spec,
+            state: RwLock::new(ExchangeState { bindings: Vec::new(), router, deleted: false }),
+            flavor,
+            publish_in: AtomicU64::new(0),
+            publish_out: AtomicU64::new(0),
+        }
     }
 
     /// Its declared properties.
@@ -187,6 +198,20 @@ impl Exchange {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+    /// Counts a message published to it.
+    #[inline]
+    pub fn count_publish_in(&self) {
+        self.publish_in.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Counts the queue copies one message was routed to.
+    #[inline]
+    pub fn count_publish_out(&self, copies: usize) {
+        self.publish_out.fetch_add(copies as u64, Ordering::Relaxed);
+    }
+    /// Messages published to it and queue copies routed from it, since it was created.
+    pub fn publish_counts(&self) -> (u64, u64) {
+        (self.publish_in.load(Ordering::Relaxed), self.publish_out.load(Ordering::Relaxed))
     }
     /// Its flavor's state (delayed messages, deduplication cache).
     pub fn flavor(&self) -> &FlavorState {

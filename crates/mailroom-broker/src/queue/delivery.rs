@@ -87,6 +87,7 @@ impl Queue {
                 expires_at: body.expires_at,
             };
             crate::counters::record_delivery(!consumer.options.no_ack, delivery.redelivered);
+            st.stats.record_delivery(consumer.options.no_ack, delivery.redelivered);
             let acking = !consumer.options.no_ack;
             if hold && acking {
                 delivered.extend(entry.stored_ref());
@@ -228,7 +229,7 @@ impl Queue {
             let mut st = self.lock();
             st.expiry.last_used = Instant::now();
             let now = Instant::now();
-            loop {
+            let result = loop {
                 let Some((entry, body)) = st.index.pop_front() else { break None };
                 let body = match body {
                     Some(body) => body,
@@ -256,6 +257,7 @@ impl Queue {
                     remaining: st.index.len() as u32,
                 };
                 crate::counters::record_get(!no_ack, result.redelivered);
+                st.stats.record_get(no_ack, result.redelivered);
                 if no_ack {
                     self.forget(&mut st, &entry, Some(&body.message));
                 } else {
@@ -265,7 +267,12 @@ impl Queue {
                     st.unacked.insert(Unacked { entry, body, consumer: None, channel_prefetch: None });
                 }
                 break Some(result);
+            };
+            if result.is_none() {
+                crate::counters::GET_EMPTY.inc();
+                st.stats.get_empty += 1;
             }
+            result
         };
         self.run_aftermath(after);
         result

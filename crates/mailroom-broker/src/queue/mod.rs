@@ -30,6 +30,7 @@ mod expiry;
 mod index;
 mod recovery;
 mod source_records;
+mod stats;
 
 pub use consumers::{
     ChannelPrefetch, ConsumeOptions, ConsumerDetails, ConsumerEvent, ConsumerSink, Delivery, NOACK_WINDOW,
@@ -38,6 +39,7 @@ pub use deaths::{DeadLetterReason, Deaths};
 pub use delivery::{GetResult, Peeked};
 pub use recovery::RecoveredIndex;
 pub use source_records::{SourceRecords, MOVE_RETRY_MAX, MOVE_RETRY_MIN};
+pub use stats::QueueMessageStats;
 
 use crate::args::{Overflow, QueueArguments};
 use crate::error::{BrokerError, Result};
@@ -125,6 +127,9 @@ struct QueueState {
     deleted: bool,
     /// `x-deduplication-header` values of messages in the queue (ready or unacked), for `x-message-deduplication`.
     dedup: HashSet<String>,
+    /// Messages in, out and acked since the queue was created (the API's `message_stats`): plain integers
+    /// under the lock the operations already hold.
+    stats: QueueMessageStats,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -194,6 +199,7 @@ impl Queue {
                 next_id: 1,
                 deleted: false,
                 dedup: HashSet::new(),
+                stats: QueueMessageStats::default(),
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -263,6 +269,10 @@ impl Queue {
     /// Ready messages (not counting unacked ones).
     pub fn message_count(&self) -> u32 {
         self.lock().index.len() as u32
+    }
+    /// The message counts since the queue was created.
+    pub fn message_stats(&self) -> QueueMessageStats {
+        self.lock().stats
     }
     /// Body bytes the queue holds in RAM, ready and unacked (what the memory alarm counts): bodies
     /// paged out to disk do not count.
@@ -388,6 +398,7 @@ impl Queue {
             self.arm_expiry(&mut st, at, (rank, id));
             Self::compact_expiries(&mut st);
         }
+        st.stats.publish += 1;
         let body = Body { message, expires_at };
         st.index.insert_new(&self.paging, &self.spec.name, entry, body, taken_at_once);
         self.dispatch_locked(&mut st, now, after);
@@ -411,6 +422,7 @@ impl Queue {
         {
             let mut guard = self.lock();
             let st = &mut *guard;
+            st.stats.ack += ids.len() as u64;
             // One store call per store for the whole batch: one ack-log write per segment, not one per message.
             let mut stored = Vec::new();
             let mut paged = Vec::new();
@@ -577,5 +589,39 @@ mod tests {
         assert_eq!(q.message_count(), 1, "the duplicate was dropped");
         v.delete_queue("q", false, false, 1).unwrap();
         assert!(matches!(q.push(with_dedup_header("b")), PushOutcome::QueueDeleted));
+    }
+
+    #[tokio::test]
+    async fn message_stats_count_publishes_gets_and_acks_and_the_exchange_its_copies() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("s", &crate::QueueOptions::default(), 1).unwrap();
+        let q = v.queue("s", 1).unwrap();
+        for _ in 0..3 {
+            let routed = v.publish("", Message::new("", "s", Default::default(), bytes::Bytes::from_static(b"m")));
+            assert!(routed.unwrap().routed);
+        }
+        let unroutable = v.publish("", Message::new("", "nowhere", Default::default(), bytes::Bytes::new()));
+        assert!(!unroutable.unwrap().routed);
+        let acked = q.get(false).unwrap();
+        q.ack(&[acked.id]);
+        let unacked = q.get(false).unwrap();
+        q.reject(&[unacked.id], true);
+        assert!(q.get(true).unwrap().redelivered);
+        assert!(q.get(true).is_some());
+        assert!(q.get(true).is_none());
+        assert_eq!(
+            q.message_stats(),
+            QueueMessageStats {
+                publish: 3,
+                get: 2,
+                get_no_ack: 2,
+                get_empty: 1,
+                redeliver: 1,
+                ack: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(v.exchange("").unwrap().publish_counts(), (4, 3));
     }
 }

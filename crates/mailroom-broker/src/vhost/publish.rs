@@ -39,6 +39,7 @@ impl VHost {
         crate::counters::MESSAGES_RECEIVED.inc();
         crate::client_input::check_message(&message)?;
         let ex = self.publishable_exchange(exchange)?;
+        ex.count_publish_in();
         if ex.flavor().is_plain() {
             // The common case skips the flavor's decision: the message moves once, straight into routing.
             return Ok(self.route_and_enqueue(&ex, message));
@@ -83,6 +84,7 @@ impl VHost {
             keys.extend(header_routing_keys(headers, "BCC"));
         }
         let queues = self.route(ex, &keys, message.headers());
+        ex.count_publish_out(queues.len());
         if has_bcc {
             // BCC keys must not reach consumers.
             let mut table = message.headers().cloned().unwrap_or_default();
