@@ -83,9 +83,8 @@ fn short(s: &str) -> ShortString {
     ShortString::from(&s[..end])
 }
 
-/// Converts a model value; `depth` is the nesting level it has if it is a table or array (the
-/// outermost table is level 1), and `deepest` tracks the deepest, so over-deep input is expected to fail.
-fn value(v: &Value, depth: usize, deepest: &mut usize) -> AMQPValue {
+/// Converts a model value.
+fn value(v: &Value) -> AMQPValue {
     match v {
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::I8(x) => AMQPValue::ShortShortInt(*x),
@@ -100,26 +99,26 @@ fn value(v: &Value, depth: usize, deepest: &mut usize) -> AMQPValue {
         Value::Decimal(scale, value) => AMQPValue::DecimalValue(DecimalValue { scale: *scale, value: *value }),
         Value::Long(b) => AMQPValue::LongString(LongString::from(b.clone())),
         Value::Array(items) => {
-            *deepest = (*deepest).max(depth);
             let mut a = FieldArray::default();
             for i in items {
-                a.push(value(i, depth + 1, deepest));
+                a.push(value(i));
             }
             AMQPValue::FieldArray(a)
         }
         Value::Timestamp(t) => AMQPValue::Timestamp(*t),
-        Value::Table(t) => AMQPValue::FieldTable(table(t, depth, deepest)),
+        Value::Table(t) => AMQPValue::FieldTable(table(t, 0, &mut 0)),
         Value::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.clone())),
         Value::Void => AMQPValue::Void,
     }
 }
 
+/// Converts a model table at nesting level `depth` (the outermost table is level 1); `deepest` tracks the
+/// deepest table/array level, so over-deep input is expected to fail.
 fn table(t: &[(String, Value)], depth: usize, deepest: &mut usize) -> FieldTable {
     let mut out = FieldTable::default();
     for (k, v) in t {
         // A repeated key replaces the earlier value, so depth is measured on what is kept.
-        let mut ignored = 0;
-        out.insert(short(k), value(v, depth + 1, &mut ignored));
+        out.insert(short(k), value(v));
     }
     *deepest = (*deepest).max(table_depth(&out, depth));
     out
@@ -133,7 +132,9 @@ fn table_depth(t: &FieldTable, depth: usize) -> usize {
 fn value_depth(v: &AMQPValue, depth: usize) -> usize {
     match v {
         AMQPValue::FieldTable(t) => table_depth(t, depth),
-        AMQPValue::FieldArray(a) => a.as_slice().iter().map(|v| value_depth(v, depth + 1)).max().unwrap_or(depth).max(depth),
+        AMQPValue::FieldArray(a) => {
+            a.as_slice().iter().map(|v| value_depth(v, depth + 1)).max().unwrap_or(depth).max(depth)
+        }
         _ => 0,
     }
 }
@@ -496,7 +497,9 @@ fn read_frame(frame: &codec::RawFrame) -> (Option<Bytes>, Option<Bytes>) {
             }
             if let Some((tag, multiple)) = codec::parse_basic_ack(&frame.payload) {
                 match &generic {
-                    Ok(Method::Basic(basic::AMQPMethod::Ack(g))) => assert_eq!((g.delivery_tag, g.multiple), (tag, multiple)),
+                    Ok(Method::Basic(basic::AMQPMethod::Ack(g))) => {
+                        assert_eq!((g.delivery_tag, g.multiple), (tag, multiple))
+                    }
                     other => panic!("hot ack parser accepted what the generic one read as {other:?}"),
                 }
             }
@@ -586,12 +589,15 @@ fuzz_target!(|data: &[u8]| {
 
     // Every intact frame before the first corruption reads back as written.
     for (i, exp) in expected.iter().enumerate() {
-        let (frame, (reencoded, props)) = frames.get(i).unwrap_or_else(|| panic!("intact frame {i} not read: {:?}", input.frames));
+        let (frame, (reencoded, props)) =
+            frames.get(i).unwrap_or_else(|| panic!("intact frame {i} not read: {:?}", input.frames));
         match exp {
             Expect::Method(bytes, valid) => {
                 assert_eq!(frame.kind, FrameKind::Method);
                 if *valid {
-                    let again = reencoded.as_ref().unwrap_or_else(|| panic!("frame {i} did not parse: {:?}\n{:?}", input.frames[i], bytes));
+                    let again = reencoded
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("frame {i} did not parse: {:?}\n{:?}", input.frames[i], bytes));
                     assert_eq!(&again[..], &bytes[..], "method frame {i} does not round-trip");
                 }
             }
@@ -603,7 +609,11 @@ fuzz_target!(|data: &[u8]| {
                     let raw = &bytes[codec::FRAME_HEADER_LEN + 12..bytes.len() - 1];
                     assert_eq!(&props.as_ref().unwrap()[..], raw, "properties of header {i} re-encode differently");
                 } else {
-                    assert!(reencoded.is_none(), "header {i} (wrong class or too deep) was accepted: {:?}", input.frames[i]);
+                    assert!(
+                        reencoded.is_none(),
+                        "header {i} (wrong class or too deep) was accepted: {:?}",
+                        input.frames[i]
+                    );
                 }
             }
             Expect::Body(body) => {

@@ -86,8 +86,6 @@ fn damage(file: &mut Vec<u8>, d: &Damage) {
 /// Whether an intact ack batch starts at the start of `buf` (independent re-statement of the format:
 /// magic u32 LE, kind 1|2, zero, count u16, CRC32 over bytes 0..8 and the ids, ids u64 LE).
 fn ack_batch_at(buf: &[u8]) -> bool {
-    const MAGIC: u32 = 0x4B43_414D; // read from an encoded batch at start-up, asserted below
-    let _ = MAGIC;
     if buf.len() < 12 || buf[0..4] != ack_magic()[..] || !(buf[4] == 1 || buf[4] == 2) || buf[5] != 0 {
         return false;
     }
@@ -229,10 +227,18 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let exhausted = files.keys().next_back() == Some(&u32::MAX);
-    let before: Vec<_> = files.keys().map(|&s| (std::fs::read(segment::segment_path(&dir, s)).ok(), std::fs::read(segment::ack_path(&dir, s)).ok())).collect();
+    let before: Vec<_> = files
+        .keys()
+        .map(|&s| (std::fs::read(segment::segment_path(&dir, s)).ok(), std::fs::read(segment::ack_path(&dir, s)).ok()))
+        .collect();
     let Some(first) = recover(&dir, exhausted) else {
         // Refused: nothing may have been touched.
-        let after: Vec<_> = files.keys().map(|&s| (std::fs::read(segment::segment_path(&dir, s)).ok(), std::fs::read(segment::ack_path(&dir, s)).ok())).collect();
+        let after: Vec<_> = files
+            .keys()
+            .map(|&s| {
+                (std::fs::read(segment::segment_path(&dir, s)).ok(), std::fs::read(segment::ack_path(&dir, s)).ok())
+            })
+            .collect();
         assert!(before == after, "a refused recovery modified files");
         return;
     };
@@ -246,7 +252,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(h.id, r.msg.id);
         let payload = &at[record::HEADER_LEN..h.record_len()];
         assert!(record::payload_ok(&h, payload), "returned record fails its payload CRC");
-        let decoded = StoredMessage::decode(h.id, Bytes::copy_from_slice(payload)).expect("returned record undecodable");
+        let decoded =
+            StoredMessage::decode(h.id, Bytes::copy_from_slice(payload)).expect("returned record undecodable");
         assert_eq!(decoded, r.msg);
         assert!(returned.insert(key(r)), "record returned twice");
     }
@@ -254,11 +261,12 @@ fuzz_target!(|data: &[u8]| {
     // Every intact, unsettled record is returned.
     for (seq, recs) in &written {
         let (Some(seg), ack) = files.get(seq).expect("written") else { continue };
-        let forged_header = (0..seg.len())
-            .any(|p| record::parse_header(&seg[p..]).is_some() && !recs.iter().any(|r| r.0 == p && seg[p..].starts_with(&r.1[..record::HEADER_LEN])));
-        let forged_batch = ack.as_ref().is_some_and(|a| {
-            (0..a.len()).any(|p| ack_batch_at(&a[p..]) && !ack_batches[seq].contains(&p))
+        let forged_header = (0..seg.len()).any(|p| {
+            record::parse_header(&seg[p..]).is_some()
+                && !recs.iter().any(|r| r.0 == p && seg[p..].starts_with(&r.1[..record::HEADER_LEN]))
         });
+        let forged_batch =
+            ack.as_ref().is_some_and(|a| (0..a.len()).any(|p| ack_batch_at(&a[p..]) && !ack_batches[seq].contains(&p)));
         if forged_header || forged_batch {
             continue;
         }
