@@ -176,7 +176,7 @@ fn segment_number_u32_max_is_refused_not_wrapped_onto_segment_1() {
     msg(7, 40).encode_record(&mut seg1);
     std::fs::write(dir.join(format!("{:010}.seg", 1)), &seg1).unwrap();
     std::fs::write(dir.join(format!("{:010}.seg", u32::MAX)), b"").unwrap();
-    let err = QueueStore::recover(&dir, cfg(1 << 20), &syncer).err().expect("recovery must refuse");
+    let err = QueueStore::recover(&dir, cfg(1 << 20), &syncer).expect_err("recovery must refuse");
     assert!(err.to_string().contains("segment numbers exhausted"), "{err}");
     assert_eq!(std::fs::read(dir.join(format!("{:010}.seg", 1))).unwrap(), seg1, "segment 1 was modified");
 }
