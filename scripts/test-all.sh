@@ -101,6 +101,13 @@ else
   SVC_SKIPPED+=("valgrind: the hot-path instruction counts (scripts/check-instructions.sh) were not checked")
   [ "${CI:-}" = "true" ] && FAILED+=("instructions (valgrind missing and CI=true)")
 fi
+# Fuzzing, briefly (FUZZ_SECONDS per target, default 60) on stable Rust; long runs are in SECURITY.md.
+if command -v c++ >/dev/null 2>&1 || svc_install "a C++ compiler (builds libFuzzer for the fuzz targets)" g++; then
+  run fuzz scripts/fuzz-brief.sh
+else
+  SVC_SKIPPED+=("c++: the fuzz targets (scripts/fuzz-brief.sh) were not run, libFuzzer needs a C++ compiler")
+  [ "${CI:-}" = "true" ] && FAILED+=("fuzz (no C++ compiler and CI=true)")
+fi
 
 echo "== Python environment"
 if [ ! -x .venv/bin/python ]; then

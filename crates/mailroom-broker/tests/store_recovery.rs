@@ -166,6 +166,21 @@ async fn torn_tail_at_every_offset_is_cut_and_appends_resume() {
     }
 }
 
+/// Found by the `store_recovery` fuzz target: a segment numbered u32::MAX made recovery wrap the number of
+/// its fresh segment to 1 and truncate an existing segment 1, so its messages were lost at the next start.
+#[test]
+fn segment_number_u32_max_is_refused_not_wrapped_onto_segment_1() {
+    let dir = test_dir("seq-wrap");
+    let syncer = Syncer::start(SyncerConfig::default());
+    let mut seg1 = Vec::new();
+    msg(7, 40).encode_record(&mut seg1);
+    std::fs::write(dir.join(format!("{:010}.seg", 1)), &seg1).unwrap();
+    std::fs::write(dir.join(format!("{:010}.seg", u32::MAX)), b"").unwrap();
+    let err = QueueStore::recover(&dir, cfg(1 << 20), &syncer).expect_err("recovery must refuse");
+    assert!(err.to_string().contains("segment numbers exhausted"), "{err}");
+    assert_eq!(std::fs::read(dir.join(format!("{:010}.seg", 1))).unwrap(), seg1, "segment 1 was modified");
+}
+
 #[tokio::test]
 async fn corrupt_header_or_body_is_reported_and_skipped() {
     let syncer = Syncer::start(SyncerConfig::default());

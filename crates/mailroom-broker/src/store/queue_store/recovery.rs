@@ -41,6 +41,15 @@ impl<R: Record> QueueStore<R> {
         let config = StoreConfig { segment_size: config.segment_size.clamp(4096, 2 << 30), ..config };
         std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         let seqs = list_segments(dir)?;
+        // Recovery always starts a fresh segment after the last one. Past u32::MAX the number would wrap onto
+        // an existing segment and truncate it, so refuse before touching anything (found by fuzzing).
+        let next_seq = match seqs.keys().next_back() {
+            None => 1,
+            Some(&last) => last.checked_add(1).ok_or_else(|| {
+                let path = segment::segment_path(dir, last);
+                StoreError::io("choosing the segment after", &path, std::io::Error::other("segment numbers exhausted"))
+            })?,
+        };
         let mut report = RecoveryReport::default();
         let mut segs = BTreeMap::new();
         let mut dir_dirty = false;
@@ -68,7 +77,7 @@ impl<R: Record> QueueStore<R> {
             }
         }
         // Always start a fresh segment: the old ones are sealed and can be deleted once settled.
-        let seq = seqs.keys().next_back().map_or(1, |s| s.wrapping_add(1).max(1));
+        let seq = next_seq;
         let path = segment::segment_path(dir, seq);
         let file = io.open(&path, true).map_err(io_err("creating", &path))?;
         file.set_len(0).map_err(io_err("truncating", &path))?;
