@@ -209,7 +209,15 @@ def per_message_ttl_after(ch, s):
     assert_dead(got, "expired", s["src"])
     for _, p, _ in got:
         assert p.expiration is None, "expiration is removed on dead-lettering"
-        assert p.headers["x-death"][0]["original-expiration"] == "500"
+        # RabbitMQ 3.10 leaves `original-expiration` out for a message that expires after a restart:
+        # a message recovered from disk keeps its properties undecoded, and the dead-letter code
+        # adds the field only from decoded ones (seen here with stop_app/start_app). Mailroom always
+        # adds it, as RabbitMQ does for a message that expires while the node stays up.
+        death = p.headers["x-death"][0]
+        if s.get("on_rabbitmq"):
+            assert death.get("original-expiration", "500") == "500"
+        else:
+            assert death["original-expiration"] == "500"
     assert mids(collect(ch, s["src"], 5)) == ids("keep", 5)
 
 
@@ -583,6 +591,7 @@ def rabbitmq_outcomes():
             topos.append(topo)
             try:
                 states[case.name] = case.before(topo)
+                states[case.name]["on_rabbitmq"] = True  # for RabbitMQ's documented differences
             except Exception as e:  # noqa: BLE001 - reported by that case's test
                 outcomes[case.name] = e
             up_at = max(up_at, time.monotonic() + case.downtime_s)
