@@ -137,6 +137,7 @@ svc_rabbitmq() {
     if [ -n "${RABBITMQ_URL:-}" ] || command -v rabbitmqctl >/dev/null 2>&1 || [ -n "$(svc_why_no_install)" ]; then
       svc_say "RabbitMQ reachable at $host:$port: using it"
       export RABBITMQ_URL="$url"
+      svc_rabbitmq_consistent_hash "$host"
       return 0
     fi
     # The suites administer the oracle with rabbitmqctl (policies, restart): one answering on the
@@ -154,6 +155,20 @@ svc_rabbitmq() {
     return 1
   fi
   svc_rabbitmq_start
+}
+
+# The ordered-processing and consistent-hash suites need rabbitmq_consistent_hash_exchange (issue 18).
+# On a node this machine administers, enable it (online, idempotent, no restart; the management plugin
+# stays off: its API tests use a throwaway node of their own). Without rabbitmq-plugins, those tests skip.
+svc_rabbitmq_consistent_hash() {
+  case "$1" in 127.*|localhost|::1) ;; *) return 0 ;; esac   # rabbitmq-plugins acts on the local node
+  command -v rabbitmq-plugins >/dev/null 2>&1 || return 0
+  if rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_consistent_hash_exchange; then
+    return 0
+  fi
+  svc_say "enabling rabbitmq_consistent_hash_exchange on the local RabbitMQ"
+  rabbitmq-plugins enable rabbitmq_consistent_hash_exchange >/dev/null 2>&1 ||
+    svc_say "could not enable rabbitmq_consistent_hash_exchange: the consistent-hash tests skip on RabbitMQ"
 }
 
 # Starts a RabbitMQ node of our own: its own name, data dir, config and ports (the default ones when
