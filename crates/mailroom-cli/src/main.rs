@@ -264,8 +264,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     start_prometheus(&broker, &args.prometheus_listen).await?;
     match HttpServer::bind(broker, args.http_listen).await {
         Ok(http) => {
-            let settings =
-                mailroom_http::HttpSettings { allowed_hosts: args.http_allowed_hosts, ..Default::default() };
+            let settings = mailroom_http::HttpSettings { allowed_hosts: args.http_allowed_hosts, ..Default::default() };
             let mut http = http.with_listeners(amqp_listeners).with_settings(settings);
             if let (Some(addr), Some(acceptor)) = (args.https_listen, &tls) {
                 let acceptor = acceptor.clone();

@@ -23,7 +23,8 @@ pub fn required_action(method: &Method, rest: &[&str]) -> ApiAction {
         ["users", ..] | ["user-limits", ..] => ApiAction::ManageUsers,
         ["permissions", ..] | ["topic-permissions", ..] | ["vhost-limits", ..] => ApiAction::ManagePermissions,
         ["vhosts", _, "permissions" | "topic-permissions"] => ApiAction::ManagePermissions,
-        ["vhosts", _] if write => ApiAction::ManageVhosts,
+        // RabbitMQ 3.10 answers even GET of one vhost to administrators only ("Not administrator user").
+        ["vhosts", _] => ApiAction::ManageVhosts,
         ["definitions", ..] => ApiAction::ManageUsers,
         ["policies", ..] | ["operator-policies", ..] | ["parameters", ..] if write => ApiAction::ManagePolicies,
         ["nodes", ..] => ApiAction::SeeNode,
@@ -37,7 +38,11 @@ pub fn check_rights(rights: ManagementRights, method: &Method, rest: &[&str]) ->
     if rights.allows(action) {
         return Ok(());
     }
-    let reason = if rights.allows(ApiAction::UseApi) { "Not administrator user" } else { "Not management user" };
+    let reason = match action {
+        _ if !rights.allows(ApiAction::UseApi) => "Not management user",
+        ApiAction::SeeNode | ApiAction::SeeAllVhosts | ApiAction::SeeOthersConnections => "Not monitor user",
+        _ => "Not administrator user",
+    };
     Err(ApiError::new(StatusCode::UNAUTHORIZED, reason))
 }
 
@@ -336,12 +341,8 @@ impl ListFilter {
 /// The vhost a path names, if any (`/api/queues/{vhost}/...`, `/api/parameters/{component}/{vhost}`).
 fn vhost_in_path<'a>(rest: &[&'a str]) -> Option<&'a str> {
     match rest {
-        [
-            "exchanges" | "queues" | "bindings" | "policies" | "operator-policies" | "consumers" | "aliveness-test"
-            | "definitions" | "vhost-limits" | "vhosts" | "permissions" | "topic-permissions",
-            vhost,
-            ..,
-        ] => Some(vhost),
+        ["exchanges" | "queues" | "bindings" | "policies" | "operator-policies" | "consumers" | "aliveness-test"
+        | "definitions" | "vhost-limits" | "vhosts" | "permissions" | "topic-permissions", vhost, ..] => Some(vhost),
         ["parameters", _, vhost, ..] => Some(vhost),
         _ => None,
     }
@@ -363,16 +364,13 @@ impl<'a> Caller<'a> {
         self.rights.administrator || self.login_vhosts.iter().any(|v| v == vhost)
     }
 
-    /// RabbitMQ's `is_authorized_vhost` (writes) and `is_authorized_vhost_visible_for_monitoring` (reads):
-    /// 401 "User not authorised to access virtual host" for a vhost the caller may not use. A vhost that
-    /// does not exist passes (the route answers 404, as RabbitMQ does).
-    pub fn check_vhost(&self, broker: &Broker, method: &Method, rest: &[&str]) -> Result<(), ApiError> {
+    /// RabbitMQ's `is_authorized_vhost`: 401 "User not authorised to access virtual host" for a vhost the
+    /// caller has no permissions in, reads included (RabbitMQ 3.10 answers so to monitoring users too:
+    /// they see every vhost's objects in the lists, not through a vhost's own paths). A vhost that does
+    /// not exist passes (the route answers 404, as RabbitMQ does).
+    pub fn check_vhost(&self, broker: &Broker, rest: &[&str]) -> Result<(), ApiError> {
         let Some(vhost) = vhost_in_path(rest) else { return Ok(()) };
-        if self.rights.administrator || broker.vhost(vhost).is_err() {
-            return Ok(());
-        }
-        let read = *method == Method::GET || *method == Method::HEAD;
-        if self.may_enter(vhost) || (read && self.rights.allows(ApiAction::SeeAllVhosts)) {
+        if self.may_enter(vhost) || broker.vhost(vhost).is_err() {
             return Ok(());
         }
         Err(ApiError::new(StatusCode::UNAUTHORIZED, "User not authorised to access virtual host"))
@@ -388,7 +386,8 @@ impl<'a> Caller<'a> {
         method: &Method,
         rest: &[&str],
     ) -> Result<(), ApiError> {
-        let needed = if *method == Method::DELETE { ApiAction::CloseOthersConnections } else { ApiAction::SeeOthersConnections };
+        let needed =
+            if *method == Method::DELETE { ApiAction::CloseOthersConnections } else { ApiAction::SeeOthersConnections };
         if self.rights.allows(needed) {
             return Ok(());
         }
@@ -412,16 +411,18 @@ impl<'a> Caller<'a> {
         if *method != Method::GET {
             return None;
         }
-        let by_vhost = |field| {
-            (!self.rights.allows(ApiAction::SeeAllVhosts))
-                .then(|| ListFilter::Vhosts { field, vhosts: self.login_vhosts.clone() })
-        };
+        let by_vhost = |field| ListFilter::Vhosts { field, vhosts: self.login_vhosts.clone() };
         match rest {
             ["connections"] | ["channels"] | ["vhosts", _, "connections" | "channels"] => {
                 (!self.rights.allows(ApiAction::SeeOthersConnections)).then(|| ListFilter::User(self.user.to_owned()))
             }
-            ["vhosts"] => by_vhost("name"),
-            ["queues"] | ["exchanges"] | ["bindings"] | ["policies"] | ["consumers"] => by_vhost("vhost"),
+            // `list_visible_vhosts`: monitoring users see every vhost's name.
+            ["vhosts"] => (!self.rights.allows(ApiAction::SeeAllVhosts)).then(|| by_vhost("name")),
+            // `filter_vhost`: everyone but administrators sees the objects of the vhosts they have
+            // permissions in (RabbitMQ 3.10 cuts monitoring users' lists so too).
+            ["queues"] | ["exchanges"] | ["bindings"] | ["policies"] | ["consumers"] => {
+                (!self.rights.administrator).then(|| by_vhost("vhost"))
+            }
             _ => None,
         }
     }

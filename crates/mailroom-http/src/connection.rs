@@ -166,7 +166,8 @@ async fn serve<S>(stream: S, peer: SocketAddr, broker: Broker, info: Arc<ServerI
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) });
+    let activity =
+        Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) });
     let idle_timeout = context.settings.idle_timeout;
     let header_timeout = context.settings.header_read_timeout;
     let tracked = Tracked { inner: stream, activity: Arc::clone(&activity) };

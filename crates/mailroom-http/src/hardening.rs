@@ -9,8 +9,8 @@
 //! requests carry the attacker's name in `Host`, which a loopback-only listener refuses.
 
 use crate::api::ApiError;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, TRANSFER_ENCODING};
 use hyper::{Method, StatusCode};
@@ -201,32 +201,69 @@ fn has_body(headers: &HeaderMap) -> bool {
 
 /// 413 with RabbitMQ's reason text for an oversized body.
 fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("Exceeded HTTP request body size limit ({limit} bytes)"),
-    )
-    .with_error("payload_too_large")
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("Exceeded HTTP request body size limit ({limit} bytes)"))
+        .with_error("payload_too_large")
 }
 
-/// Reads a body of at most `limit` bytes within `timeout`; an announced `Content-Length` over the limit
-/// is refused before reading (413), a slow body with 408. Buffers grow with what arrives.
+/// Most bytes of a refused body read and thrown away so that the client, still sending, gets to read the
+/// 413 (closing a socket with unread input resets it, and the answer may be lost); past this the
+/// connection is simply closed.
+pub const MAX_DISCARDED_BODY: u64 = 16 * 1024 * 1024;
+/// Longest time spent throwing a refused body away.
+const DISCARD_TIME: Duration = Duration::from_secs(2);
+
+/// Reads a body of at most `limit` bytes within `timeout`: an announced `Content-Length` over the limit is
+/// refused before reading (413), a slow body with 408. The buffer grows with what arrives, never by what
+/// the client announced.
 pub async fn read_body(
     headers: &HeaderMap,
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ApiError> {
-    let announced = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit as u64) {
+    let announced =
+        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = announced.filter(|n| *n > limit as u64) {
+        if n <= MAX_DISCARDED_BODY {
+            discard(&mut body).await;
+        }
         return Err(too_large(limit));
     }
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "request body not received in time")
-            .with_error("request_timeout")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "request body not received in time")
+                    .with_error("request_timeout"))
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            discard(&mut body).await;
+            return Err(too_large(limit));
+        }
+        buf.extend_from_slice(&data);
     }
+}
+
+/// Reads and drops the rest of `body`, up to [`MAX_DISCARDED_BODY`] bytes and [`DISCARD_TIME`].
+async fn discard(body: &mut Incoming) {
+    let mut seen: u64 = 0;
+    let drain = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                seen += data.len() as u64;
+                if seen > MAX_DISCARDED_BODY {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 #[cfg(test)]
@@ -245,7 +282,8 @@ mod tests {
     #[test]
     fn loopback_hosts_pass_others_do_not() {
         let allowed = vec!["mq.example.com".to_owned(), "box:8080".to_owned()];
-        for ok in ["localhost", "localhost:15672", "127.0.0.1:1", "[::1]:15672", "[::1]", "a.localhost", "MQ.example.com:9"]
+        for ok in
+            ["localhost", "localhost:15672", "127.0.0.1:1", "[::1]:15672", "[::1]", "a.localhost", "MQ.example.com:9"]
         {
             let h = headers(&[("host", ok)]);
             assert!(check_host(&h, true, &allowed).is_ok(), "{ok}");
@@ -281,7 +319,8 @@ mod tests {
         let form = headers(&[("content-type", "text/plain;charset=UTF-8"), ("content-length", "2")]);
         let e = check_cross_site(&put, &form, false, false).unwrap_err();
         assert_eq!(e.reason(), "a text/plain body is not accepted here; send application/json");
-        let multipart = headers(&[("content-type", "multipart/form-data; boundary=x"), ("transfer-encoding", "chunked")]);
+        let multipart =
+            headers(&[("content-type", "multipart/form-data; boundary=x"), ("transfer-encoding", "chunked")]);
         assert!(check_cross_site(&put, &multipart, false, false).is_err());
         assert!(check_cross_site(&Method::POST, &multipart, false, true).is_ok());
         let empty_form = headers(&[("content-type", "application/x-www-form-urlencoded"), ("content-length", "0")]);

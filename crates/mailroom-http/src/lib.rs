@@ -135,7 +135,12 @@ impl HttpServer {
         });
         // Samples message counts while the server runs (stopped when `_sampler` drops).
         let _sampler = message_stats::Sampler::start(self.broker.clone(), std::sync::Arc::clone(&info));
-        let plain = connection::Shared::new(self.broker.clone(), std::sync::Arc::clone(&info), self.settings.clone(), &self.listener);
+        let plain = connection::Shared::new(
+            self.broker.clone(),
+            std::sync::Arc::clone(&info),
+            self.settings.clone(),
+            &self.listener,
+        );
         let (tls_listener, tls) = match self.https {
             Some((listener, config)) => {
                 let shared = connection::Shared::new(self.broker, info, self.settings, &listener);

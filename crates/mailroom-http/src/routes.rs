@@ -147,7 +147,7 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
     };
     crate::access_routes::check_rights(req.rights, &req.method, rest)?;
     let caller = crate::access_routes::Caller::new(broker, &req.user, req.rights);
-    caller.check_vhost(broker, &req.method, rest)?;
+    caller.check_vhost(broker, rest)?;
     caller.check_owner(broker, server, &req.method, rest).await?;
     let Some(keep) = caller.list_filter(&req.method, rest) else {
         return dispatch(broker, server, req, rest).await;

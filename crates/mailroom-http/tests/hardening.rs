@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 
 async fn start_with(settings: HttpSettings) -> (Broker, SocketAddr) {
     let broker = Broker::open(BrokerConfig::default()).unwrap();
-    let server = HttpServer::bind(broker.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap().with_settings(settings);
+    let server =
+        HttpServer::bind(broker.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap().with_settings(settings);
     let addr = server.local_addr().unwrap();
     tokio::spawn(server.run(std::future::pending()));
     (broker, addr)
@@ -70,9 +71,11 @@ async fn cross_site_mutations_are_refused() {
     let (broker, addr) = start_with(HttpSettings::default()).await;
     let host = format!("Host: localhost:{}", addr.port());
     // Another origin, and the fetch metadata of a cross-site or same-site page: 403, nothing created.
-    for extra in ["Origin: http://evil.example", "Origin: null", "Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-site"]
+    for extra in
+        ["Origin: http://evil.example", "Origin: null", "Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-site"]
     {
-        let (status, body) = send(addr, &format!("PUT /api/vhosts/csrf HTTP/1.1\r\n{host}\r\n{GUEST}\r\n{extra}"), "").await;
+        let (status, body) =
+            send(addr, &format!("PUT /api/vhosts/csrf HTTP/1.1\r\n{host}\r\n{GUEST}\r\n{extra}"), "").await;
         assert_eq!(status, 403, "{extra}");
         assert_eq!(body["error"], "cross_site_request");
         assert!(broker.vhost("csrf").is_err());
@@ -93,7 +96,8 @@ async fn cross_site_mutations_are_refused() {
     assert_eq!(send(addr, &head, r#"{"durable":false}"#).await.0, 201);
     // GET from anywhere is not a mutation (CORS keeps the answer from the page).
     let (status, _) =
-        send(addr, &format!("GET /api/vhosts/csrf HTTP/1.1\r\n{host}\r\n{GUEST}\r\nOrigin: http://evil.example"), "").await;
+        send(addr, &format!("GET /api/vhosts/csrf HTTP/1.1\r\n{host}\r\n{GUEST}\r\nOrigin: http://evil.example"), "")
+            .await;
     assert_eq!(status, 200);
 }
 
@@ -118,7 +122,10 @@ async fn oversized_bodies_get_413_and_definitions_have_their_own_limit() {
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out)).await.unwrap().unwrap();
     assert_eq!(parse(&out[..n]).0, 413);
     // A definitions document over the general limit but under its own is read (and imported).
-    let doc = format!(r#"{{"queues":[{{"name":"imported","vhost":"/","durable":false,"auto_delete":false,"arguments":{{"x-note":"{}"}}}}]}}"#, "c".repeat(3000));
+    let doc = format!(
+        r#"{{"queues":[{{"name":"imported","vhost":"/","durable":false,"auto_delete":false,"arguments":{{"x-note":"{}"}}}}]}}"#,
+        "c".repeat(3000)
+    );
     let (status, body) = send(addr, &format!("POST /api/definitions HTTP/1.1\r\n{host}"), &doc).await;
     assert!(status == 204 || status == 200 || status == 201, "{status} {body}");
     let (status, _) = send(addr, &format!("POST /api/definitions HTTP/1.1\r\n{host}"), &"x".repeat(20_000)).await;
@@ -202,7 +209,8 @@ fn add_user(broker: &Broker, name: &str, tags: &str, vhosts: &[&str]) -> String 
 
 fn names(v: &Value) -> Vec<String> {
     let items = v.get("items").unwrap_or(v);
-    let mut out: Vec<String> = items.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect();
+    let mut out: Vec<String> =
+        items.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect();
     out.sort();
     out
 }
@@ -228,20 +236,30 @@ async fn management_users_see_only_their_vhosts() {
     assert_eq!(page["total_count"], 1, "{page}");
     assert_eq!(names(&page), vec!["q-mine"]);
     // Another vhost's objects: RabbitMQ's 401 "User not authorised to access virtual host".
-    for path in ["/api/queues/theirs", "/api/queues/theirs/q-theirs", "/api/exchanges/theirs", "/api/vhosts/theirs"] {
+    for path in ["/api/queues/theirs", "/api/queues/theirs/q-theirs", "/api/exchanges/theirs"] {
         let (status, body) = get(mgmt.clone(), path).await;
         assert_eq!(status, 401, "{path}");
         assert_eq!(body["reason"], "User not authorised to access virtual host");
     }
     assert_eq!(get(mgmt.clone(), "/api/queues/mine/q-mine").await.0, 200);
+    // One vhost's own page is the administrator's, as in RabbitMQ 3.10.
+    let (status, body) = get(mgmt.clone(), "/api/vhosts/mine").await;
+    assert_eq!((status, body["reason"].as_str()), (401, Some("Not administrator user")));
     // A vhost that does not exist is not found, as RabbitMQ answers.
     assert_eq!(get(mgmt.clone(), "/api/queues/nowhere").await.0, 404);
-    let put = |auth: &str, path: &str| format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\n{auth}\r\nContent-Type: application/json");
+    let put = |auth: &str, path: &str| {
+        format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\n{auth}\r\nContent-Type: application/json")
+    };
     assert_eq!(send(addr, &put(&mgmt, "/api/queues/theirs/x"), "{}").await.0, 401);
     assert_eq!(send(addr, &put(&mgmt, "/api/queues/mine/x"), "{}").await.0, 201);
-    // Monitoring: every vhost, read-only.
+    // Monitoring: every vhost in the vhost list, read-only; a vhost's own paths need permissions there ...
     assert!(names(&get(monitor.clone(), "/api/vhosts").await.1).len() >= 3);
-    assert_eq!(get(monitor.clone(), "/api/queues/theirs/q-theirs").await.0, 200);
+    // ... but, as RabbitMQ 3.10's `filter_vhost`, only the objects of vhosts it has permissions in.
+    assert!(names(&get(monitor.clone(), "/api/queues").await.1).is_empty());
+    assert_eq!(get(monitor.clone(), "/api/queues/theirs/q-theirs").await.0, 401);
+    assert_eq!(get(monitor.clone(), "/api/nodes").await.0, 200);
+    let (status, body) = get(mgmt.clone(), "/api/nodes").await;
+    assert_eq!((status, body["reason"].as_str()), (401, Some("Not monitor user")));
     assert_eq!(send(addr, &put(&monitor, "/api/queues/theirs/y"), "{}").await.0, 401);
     // Policies: policymaker in its own vhosts only; management not at all.
     let policy_body = r#"{"pattern":"^x$","definition":{"max-length":1}}"#;
@@ -249,7 +267,9 @@ async fn management_users_see_only_their_vhosts() {
     assert_eq!(send(addr, &put(&policy, "/api/policies/theirs/p"), policy_body).await.0, 401);
     assert_eq!(send(addr, &put(&mgmt, "/api/policies/mine/p2"), policy_body).await.0, 401);
     // Users, vhosts, permissions: administrator only.
-    for (auth, path) in [(&mgmt, "/api/users/new"), (&monitor, "/api/vhosts/new"), (&policy, "/api/permissions/mine/mon")] {
+    for (auth, path) in
+        [(&mgmt, "/api/users/new"), (&monitor, "/api/vhosts/new"), (&policy, "/api/permissions/mine/mon")]
+    {
         let (status, body) = send(addr, &put(auth, path), r#"{"password":"x","tags":""}"#).await;
         assert_eq!(status, 401, "{path}");
         assert_eq!(body["reason"], "Not administrator user");
