@@ -42,11 +42,16 @@ pub(crate) struct Shared {
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 69\r\nConnection: close\r\n\r\n{\"error\":\"service_unavailable\",\"reason\":\"too many HTTP connections\"}\n";
 
 impl Shared {
-    /// The shared state of the connections `listener` accepts.
-    pub fn new(broker: Broker, info: Arc<ServerInfo>, settings: HttpSettings, listener: &TcpListener) -> Self {
+    /// The shared state of the connections `listener` accepts (`tls`: it is the HTTPS listener).
+    pub fn new(
+        broker: Broker,
+        info: Arc<ServerInfo>,
+        settings: HttpSettings,
+        listener: &TcpListener,
+        tls: bool,
+    ) -> Self {
         let loopback_only = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let slots = Arc::new(Semaphore::new(settings.max_connections));
-        let tls = false;
         Self { broker, info, context: Arc::new(ListenerContext { settings, loopback_only, tls }), slots }
     }
 
@@ -76,12 +81,7 @@ impl Shared {
     /// Runs the TLS handshake (bounded by the head timeout), then serves the connection, on its own task.
     pub fn spawn_tls(&self, stream: TcpStream, peer: SocketAddr, config: Arc<rustls::ServerConfig>) {
         let Some(permit) = self.admit(&stream, peer) else { return };
-        let (broker, info) = (self.broker.clone(), Arc::clone(&self.info));
-        let context = Arc::new(ListenerContext {
-            settings: self.context.settings.clone(),
-            loopback_only: self.context.loopback_only,
-            tls: true,
-        });
+        let (broker, info, context) = (self.broker.clone(), Arc::clone(&self.info), Arc::clone(&self.context));
         tokio::spawn(async move {
             let timeout = context.settings.header_read_timeout;
             let acceptor = tokio_rustls::TlsAcceptor::from(config);

@@ -291,7 +291,7 @@ mod tests {
         assert!(check_host(&headers(&[("host", "box:8080")]), true, &allowed).is_ok());
         for bad in ["evil.example", "evil.example:15672", "box:8081", "127.0.0.1.evil.example", "10.0.0.1"] {
             let h = headers(&[("host", bad)]);
-            assert_eq!(check_host(&h, true, &allowed).unwrap_err().reason().contains("not allowed"), true, "{bad}");
+            assert!(check_host(&h, true, &allowed).unwrap_err().reason().contains("not allowed"), "{bad}");
         }
         assert!(check_host(&HeaderMap::new(), true, &allowed).is_err());
         assert!(check_host(&headers(&[("host", "evil.example")]), false, &allowed).is_ok());

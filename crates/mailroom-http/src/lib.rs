@@ -140,10 +140,11 @@ impl HttpServer {
             std::sync::Arc::clone(&info),
             self.settings.clone(),
             &self.listener,
+            false,
         );
         let (tls_listener, tls) = match self.https {
             Some((listener, config)) => {
-                let shared = connection::Shared::new(self.broker, info, self.settings, &listener);
+                let shared = connection::Shared::new(self.broker, info, self.settings, &listener, true);
                 (Some(listener), Some((shared, config)))
             }
             None => (None, None),

@@ -275,7 +275,7 @@ async fn management_users_see_only_their_vhosts() {
         assert_eq!(body["reason"], "Not administrator user");
     }
     assert_eq!(get(mgmt.clone(), "/api/users").await.0, 401);
-    assert_eq!(get(format!("{GUEST}"), "/api/users").await.0, 200);
+    assert_eq!(get(GUEST.to_string(), "/api/users").await.0, 200);
 }
 
 /// A CA and a server certificate for `localhost`, made in the test.
