@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import uuid
 
+import pika
 import pytest
 
 from brokers import free_port, mailroom_bin, targets
@@ -68,13 +69,15 @@ def make_cert(directory, name):
 
 @contextlib.contextmanager
 def mailroom(extra=()):
-    """A Mailroom with every listener on a free port; yields (process, http port)."""
-    http_port = free_port()
+    """A Mailroom with every listener on a free port; yields (process, http port); its AMQP port is
+    `process.amqp_port`."""
+    http_port, amqp_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="mailroom-http-hard-") as data:
-        cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{free_port()}", "--data-dir", data,
+        cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{amqp_port}", "--data-dir", data,
                "--http-listen", f"127.0.0.1:{http_port}", "--prometheus-listen", "off", "--log-level", "warn",
                *extra]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        proc.amqp_port = amqp_port
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -96,9 +99,14 @@ def mailroom(extra=()):
 
 
 @pytest.fixture(scope="module")
-def server():
-    with mailroom(["--http-allowed-hosts", "mq.internal,proxy.example:8080"]) as (_proc, port):
-        yield port
+def server_process():
+    with mailroom(["--http-allowed-hosts", "mq.internal,proxy.example:8080"]) as (proc, port):
+        yield proc, port
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[1]
 
 
 def rabbit_port():
@@ -280,6 +288,7 @@ def test_tags_and_vhost_permissions_as_rabbitmq(server):
     assert lists == rabbit_lists
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 def test_https_serves_the_api_and_reloads_on_sighup():
     with tempfile.TemporaryDirectory(prefix="mailroom-https-") as d:
         cert, key = make_cert(d, "first")
@@ -316,3 +325,54 @@ def test_https_serves_the_api_and_reloads_on_sighup():
                     time.sleep(0.1)
             with pytest.raises(ssl.SSLError):
                 request(https_port, "GET", "/api/overview", tls_context=first)
+
+
+def test_connections_are_their_owners(server_process):
+    """RabbitMQ's is_authorized_user and filter_conn_ch_list: a management user sees and closes only its
+    own connections; monitoring sees everyone's and closes none but its own; administrators close any."""
+    proc, port = server_process
+    suffix = uuid.uuid4().hex[:8]
+    vhost = f"conns-{suffix}"
+    admin = {"Content-Type": "application/json"}
+    assert request(port, "PUT", f"/api/vhosts/{vhost}")[0] == 201
+    users = {tag: f"{tag}-c-{suffix}" for tag in ("management", "monitoring")}
+    users["other"] = f"other-c-{suffix}"
+    for tag, user in users.items():
+        tags = "management" if tag == "other" else tag
+        assert request(port, "PUT", f"/api/users/{user}", body={"password": "pw", "tags": tags}, headers=admin)[0] == 201
+        assert request(port, "PUT", f"/api/permissions/{vhost}/{user}",
+                       body={"configure": ".*", "write": ".*", "read": ".*"}, headers=admin)[0] == 201
+    params = pika.ConnectionParameters("127.0.0.1", proc.amqp_port, vhost,
+                                       pika.PlainCredentials(users["management"], "pw"))
+    conn = pika.BlockingConnection(params)
+    try:
+        def as_user(tag, method, path):
+            return request(port, method, path, headers={"Authorization": auth(users[tag], "pw")})
+
+        deadline = time.monotonic() + 5
+        while True:
+            status, listed = as_user("management", "GET", "/api/connections")
+            mine = [c for c in listed if c["user"] == users["management"]]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 200 and len(mine) == 1, listed
+        name = urllib.parse.quote(mine[0]["name"], safe="")
+        assert as_user("other", "GET", "/api/connections")[1] == []
+        assert as_user("other", "GET", f"/api/vhosts/{vhost}/connections")[1] == []
+        status, body = as_user("other", "GET", f"/api/connections/{name}")
+        assert (status, body["reason"]) == (401, "User not authorised to access object")
+        assert as_user("other", "GET", f"/api/connections/{name}/channels")[0] == 401
+        assert as_user("other", "DELETE", f"/api/connections/{name}")[0] == 401
+        assert [c["name"] for c in as_user("monitoring", "GET", "/api/connections")[1]] == [mine[0]["name"]]
+        assert as_user("monitoring", "GET", f"/api/connections/{name}")[0] == 200
+        assert as_user("monitoring", "DELETE", f"/api/connections/{name}")[0] == 401
+        assert conn.is_open
+        assert as_user("management", "GET", f"/api/connections/{name}")[0] == 200
+        assert as_user("management", "DELETE", f"/api/connections/{name}")[0] == 204
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+        for user in users.values():
+            request(port, "DELETE", f"/api/users/{user}")
+        request(port, "DELETE", f"/api/vhosts/{vhost}")
