@@ -3,7 +3,7 @@
 //! HTTP/1 connection with its request-head timeout, and the idle timeout (no byte in either direction
 //! and no request in flight).
 
-use crate::hardening::HttpSettings;
+use crate::hardening::{HttpSettings, ListenerContext};
 use crate::{routes, ServerInfo};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -18,17 +18,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// What a request's handling needs to know about the listener it came in on.
-#[derive(Debug)]
-pub(crate) struct ListenerContext {
-    /// Limits, timeouts and allowed host names.
-    pub settings: HttpSettings,
-    /// The listener is bound to a loopback address only (the `Host` check applies).
-    pub loopback_only: bool,
-    /// The listener speaks TLS (`Origin`'s default port is 443).
-    pub tls: bool,
-}
 
 /// What every connection of one listener shares.
 pub(crate) struct Shared {

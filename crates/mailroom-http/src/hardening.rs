@@ -63,6 +63,17 @@ impl Default for HttpSettings {
     }
 }
 
+/// What a request's handling needs to know about the listener it came in on.
+#[derive(Debug)]
+pub struct ListenerContext {
+    /// Limits, timeouts and allowed host names.
+    pub settings: HttpSettings,
+    /// The listener is bound to a loopback address only (the `Host` check applies).
+    pub loopback_only: bool,
+    /// The listener speaks TLS (`Origin`'s default port is 443).
+    pub tls: bool,
+}
+
 /// The host part of a `Host` header or an origin's authority (`name:port`, `[v6]:port`), lowercased.
 fn host_part(authority: &str) -> String {
     let authority = authority.trim();

@@ -5,7 +5,7 @@
 use crate::api::{
     error_response, queue_of, respond, vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Query, Reply,
 };
-use crate::connection::ListenerContext;
+use crate::hardening::ListenerContext;
 use crate::{clients, definitions, hardening, json, node, resources, Body, ServerInfo, MAX_PEEK_COUNT};
 use base64::Engine;
 use bytes::Bytes;
