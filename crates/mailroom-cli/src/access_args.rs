@@ -52,13 +52,13 @@ impl AccessArgs {
         LoopbackUsers::parse(&self.loopback_users)
     }
 
-    /// The TLS acceptor of the AMQPS listener, when one is asked for.
-    pub fn tls_acceptor(&self) -> Result<Option<Arc<TlsAcceptor>>, String> {
-        if self.amqps_listen.is_empty() {
+    /// The TLS acceptor of the AMQPS listener and of the HTTPS one (`https`), when one is asked for.
+    pub fn tls_acceptor(&self, https: bool) -> Result<Option<Arc<TlsAcceptor>>, String> {
+        if self.amqps_listen.is_empty() && !https {
             return Ok(None);
         }
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
-            return Err("--amqps-listen needs --tls-cert and --tls-key".into());
+            return Err("--amqps-listen and --https-listen need --tls-cert and --tls-key".into());
         };
         let settings =
             TlsSettings { cert: cert.clone(), key: key.clone(), ca: self.tls_ca.clone(), verify: self.tls_verify };

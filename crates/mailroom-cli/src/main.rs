@@ -68,6 +68,14 @@ struct ServerArgs {
     /// HTTP API listen address (admin API; port 0 picks a free port).
     #[arg(long, env = "MAILROOM_HTTP_LISTEN", default_value = "127.0.0.1:15672")]
     http_listen: SocketAddr,
+    /// HTTPS listen address for the same API and UI (e.g. 0.0.0.0:15671; needs --tls-cert and --tls-key,
+    /// shared with AMQPS and reloaded on SIGHUP).
+    #[arg(long, env = "MAILROOM_HTTPS_LISTEN")]
+    https_listen: Option<SocketAddr>,
+    /// Host names (comma-separated, `name` or `name:port`) a loopback-only HTTP listener answers besides
+    /// localhost, 127.0.0.1 and [::1]: the names a local proxy forwards under (no DNS rebinding).
+    #[arg(long, env = "MAILROOM_HTTP_ALLOWED_HOSTS", value_delimiter = ',')]
+    http_allowed_hosts: Vec<String>,
     /// Prometheus listen address (`/metrics`, `/metrics/per-object`, as RabbitMQ's rabbitmq_prometheus;
     /// port 0 picks a free port; `off` disables it).
     #[arg(long, env = "MAILROOM_PROMETHEUS_LISTEN", default_value = "0.0.0.0:15692")]
@@ -214,7 +222,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         loopback_users: args.access.loopback_users(),
         ..BrokerConfig::default()
     })?;
-    let tls = args.access.tls_acceptor()?;
+    let tls = args.access.tls_acceptor(args.https_listen.is_some())?;
     if let Some(path) = &args.load_definitions {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let doc: serde_json::Value =
@@ -234,12 +242,14 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         ..ServerConfig::default()
     };
     let mut server = AmqpServer::bind(broker.clone(), config).await?;
-    if let Some(acceptor) = tls {
-        server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;
-        for addr in server.tls_local_addrs() {
-            println!("mailroom: AMQPS listening on {addr}");
+    if let Some(acceptor) = &tls {
+        if !args.access.amqps_listen.is_empty() {
+            server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;
+            for addr in server.tls_local_addrs() {
+                println!("mailroom: AMQPS listening on {addr}");
+            }
         }
-        access_args::reload_on_sighup(acceptor);
+        access_args::reload_on_sighup(acceptor.clone());
     }
     let stopping = broker.clone();
     for addr in server.local_addrs() {
@@ -254,9 +264,18 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
     start_prometheus(&broker, &args.prometheus_listen).await?;
     match HttpServer::bind(broker, args.http_listen).await {
         Ok(http) => {
-            let http = http.with_listeners(amqp_listeners);
+            let settings = mailroom_http::HttpSettings { allowed_hosts: args.http_allowed_hosts, ..Default::default() };
+            let mut http = http.with_listeners(amqp_listeners).with_settings(settings);
+            if let (Some(addr), Some(acceptor)) = (args.https_listen, &tls) {
+                let acceptor = acceptor.clone();
+                // The AMQPS acceptor's configuration: one loader, one SIGHUP reload for both listeners.
+                http = http.bind_https(addr, std::sync::Arc::new(move || acceptor.config())).await?;
+            }
             if let Ok(addr) = http.local_addr() {
                 println!("mailroom: HTTP listening on {addr}");
+            }
+            if let Some(addr) = http.https_local_addr() {
+                println!("mailroom: HTTPS listening on {addr}");
             }
             tokio::spawn(http.run(std::future::pending()));
         }

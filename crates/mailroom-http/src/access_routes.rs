@@ -23,7 +23,8 @@ pub fn required_action(method: &Method, rest: &[&str]) -> ApiAction {
         ["users", ..] | ["user-limits", ..] => ApiAction::ManageUsers,
         ["permissions", ..] | ["topic-permissions", ..] | ["vhost-limits", ..] => ApiAction::ManagePermissions,
         ["vhosts", _, "permissions" | "topic-permissions"] => ApiAction::ManagePermissions,
-        ["vhosts", _] if write => ApiAction::ManageVhosts,
+        // RabbitMQ 3.10 answers even GET of one vhost to administrators only ("Not administrator user").
+        ["vhosts", _] => ApiAction::ManageVhosts,
         ["definitions", ..] => ApiAction::ManageUsers,
         ["policies", ..] | ["operator-policies", ..] | ["parameters", ..] if write => ApiAction::ManagePolicies,
         ["nodes", ..] => ApiAction::SeeNode,
@@ -37,7 +38,11 @@ pub fn check_rights(rights: ManagementRights, method: &Method, rest: &[&str]) ->
     if rights.allows(action) {
         return Ok(());
     }
-    let reason = if rights.allows(ApiAction::UseApi) { "Not administrator user" } else { "Not management user" };
+    let reason = match action {
+        _ if !rights.allows(ApiAction::UseApi) => "Not management user",
+        ApiAction::SeeNode | ApiAction::SeeAllVhosts | ApiAction::SeeOthersConnections => "Not monitor user",
+        _ => "Not administrator user",
+    };
     Err(ApiError::new(StatusCode::UNAUTHORIZED, reason))
 }
 
@@ -300,4 +305,125 @@ fn set_user_limit(ac: &AccessControl, user: &str, name: &str, req: Option<&ApiRe
     }
     ac.set_user_limits(user, limits).map_err(|_| no_user(user))?;
     Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+/// The authenticated caller, as RabbitMQ's management plugin limits it: vhost-scoped routes need
+/// permissions in the vhost (monitoring users may read every vhost; administrators may do anything),
+/// connections and channels are their owner's (monitoring users may see everyone's, administrators
+/// close everyone's), and lists show only what the caller may see.
+pub struct Caller<'a> {
+    user: &'a str,
+    rights: ManagementRights,
+    /// The vhosts the user has permissions in (RabbitMQ's `list_login_vhosts`).
+    login_vhosts: Vec<String>,
+}
+
+/// How a list is cut down for a caller who may not see all of it.
+pub enum ListFilter {
+    /// Items whose `vhost` field (or `name`, for the vhosts list) is one of these.
+    Vhosts { field: &'static str, vhosts: Vec<String> },
+    /// Items whose `user` field is this user (connections and channels).
+    User(String),
+}
+
+impl ListFilter {
+    /// Whether `item` stays in the list.
+    pub fn keeps(&self, item: &Value) -> bool {
+        match self {
+            ListFilter::Vhosts { field, vhosts } => {
+                item.get(*field).and_then(Value::as_str).is_some_and(|v| vhosts.iter().any(|x| x == v))
+            }
+            ListFilter::User(user) => item.get("user").and_then(Value::as_str) == Some(user.as_str()),
+        }
+    }
+}
+
+/// The vhost a path names, if any (`/api/queues/{vhost}/...`, `/api/parameters/{component}/{vhost}`).
+fn vhost_in_path<'a>(rest: &[&'a str]) -> Option<&'a str> {
+    match rest {
+        ["exchanges" | "queues" | "bindings" | "policies" | "operator-policies" | "consumers" | "aliveness-test"
+        | "definitions" | "vhost-limits" | "vhosts" | "permissions" | "topic-permissions", vhost, ..] => Some(vhost),
+        ["parameters", _, vhost, ..] => Some(vhost),
+        _ => None,
+    }
+}
+
+impl<'a> Caller<'a> {
+    /// The caller `user` with `rights`.
+    pub fn new(broker: &Broker, user: &'a str, rights: ManagementRights) -> Self {
+        let ac = broker.access();
+        let login_vhosts = if rights.administrator {
+            Vec::new()
+        } else {
+            broker.vhosts().iter().map(|v| v.name().to_owned()).filter(|v| ac.permissions(user, v).is_some()).collect()
+        };
+        Self { user, rights, login_vhosts }
+    }
+
+    fn may_enter(&self, vhost: &str) -> bool {
+        self.rights.administrator || self.login_vhosts.iter().any(|v| v == vhost)
+    }
+
+    /// RabbitMQ's `is_authorized_vhost`: 401 "User not authorised to access virtual host" for a vhost the
+    /// caller has no permissions in, reads included (RabbitMQ 3.10 answers so to monitoring users too:
+    /// they see every vhost's objects in the lists, not through a vhost's own paths). A vhost that does
+    /// not exist passes (the route answers 404, as RabbitMQ does).
+    pub fn check_vhost(&self, broker: &Broker, rest: &[&str]) -> Result<(), ApiError> {
+        let Some(vhost) = vhost_in_path(rest) else { return Ok(()) };
+        if self.may_enter(vhost) || broker.vhost(vhost).is_err() {
+            return Ok(());
+        }
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "User not authorised to access virtual host"))
+    }
+
+    /// RabbitMQ's `is_authorized_user` for one connection or channel: reading another user's needs
+    /// monitoring, closing another user's connection needs administrator; 401 "User not authorised to
+    /// access object" otherwise.
+    pub(crate) async fn check_owner(
+        &self,
+        broker: &Broker,
+        server: &std::sync::Arc<crate::ServerInfo>,
+        method: &Method,
+        rest: &[&str],
+    ) -> Result<(), ApiError> {
+        let needed =
+            if *method == Method::DELETE { ApiAction::CloseOthersConnections } else { ApiAction::SeeOthersConnections };
+        if self.rights.allows(needed) {
+            return Ok(());
+        }
+        let item = match rest {
+            ["connections", name, ..] => crate::clients::get_connection(broker, server, name).await,
+            ["channels", name] => crate::clients::get_channel(broker, server, name).await,
+            _ => return Ok(()),
+        };
+        // A missing object is the route's 404 to give.
+        let Ok(item) = item else { return Ok(()) };
+        if item.body.get("user").and_then(Value::as_str) == Some(self.user) {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "User not authorised to access object"))
+        }
+    }
+
+    /// How a GET list must be cut for this caller (RabbitMQ's `filter_vhost` and `filter_conn_ch_list`),
+    /// or None when the caller sees it whole.
+    pub fn list_filter(&self, method: &Method, rest: &[&str]) -> Option<ListFilter> {
+        if *method != Method::GET {
+            return None;
+        }
+        let by_vhost = |field| ListFilter::Vhosts { field, vhosts: self.login_vhosts.clone() };
+        match rest {
+            ["connections"] | ["channels"] | ["vhosts", _, "connections" | "channels"] => {
+                (!self.rights.allows(ApiAction::SeeOthersConnections)).then(|| ListFilter::User(self.user.to_owned()))
+            }
+            // `list_visible_vhosts`: monitoring users see every vhost's name.
+            ["vhosts"] => (!self.rights.allows(ApiAction::SeeAllVhosts)).then(|| by_vhost("name")),
+            // `filter_vhost`: everyone but administrators sees the objects of the vhosts they have
+            // permissions in (RabbitMQ 3.10 cuts monitoring users' lists so too).
+            ["queues"] | ["exchanges"] | ["bindings"] | ["policies"] | ["consumers"] => {
+                (!self.rights.administrator).then(|| by_vhost("vhost"))
+            }
+            _ => None,
+        }
+    }
 }

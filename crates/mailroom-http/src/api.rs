@@ -161,6 +161,11 @@ impl Query {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
+    /// The same query without the parameters in `names`.
+    pub fn without(&self, names: &[&str]) -> Query {
+        Query(self.0.iter().filter(|(k, _)| !names.contains(&k.as_str())).cloned().collect())
+    }
+
     /// `name` as a boolean (`true` only).
     pub fn flag(&self, name: &str) -> bool {
         self.get(name) == Some("true")

@@ -12,7 +12,10 @@
 mod access_routes;
 mod api;
 mod clients;
+mod connection;
 pub mod definitions;
+pub mod hardening;
+pub mod https;
 mod json;
 pub mod listing;
 mod message_stats;
@@ -25,18 +28,17 @@ mod ui;
 
 pub use api::ApiError;
 
+pub use hardening::HttpSettings;
+
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mailroom_broker::Broker;
 use std::future::Future;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
-/// Largest request body accepted (policy and redrive bodies are small JSON documents).
-pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
+/// Largest request body accepted by default (policy and redrive bodies are small JSON documents).
+pub const MAX_REQUEST_BODY: usize = hardening::DEFAULT_MAX_BODY;
 /// Most messages one peek returns (each is copied into the JSON answer).
 pub const MAX_PEEK_COUNT: usize = 1000;
 
@@ -73,11 +75,13 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The HTTP API server, bound and ready to run.
+/// The HTTP API server, bound and ready to run: a plain listener and, optionally, an HTTPS one.
 pub struct HttpServer {
     listener: TcpListener,
+    https: Option<(TcpListener, https::TlsConfigSource)>,
     broker: Broker,
     listeners: Vec<Listener>,
+    settings: HttpSettings,
 }
 
 impl HttpServer {
@@ -85,7 +89,22 @@ impl HttpServer {
     pub async fn bind(broker: Broker, addr: SocketAddr) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(addr).await?;
         let http = Listener { protocol: "http", addr: listener.local_addr()? };
-        Ok(HttpServer { listener, broker, listeners: vec![http] })
+        Ok(HttpServer { listener, https: None, broker, listeners: vec![http], settings: HttpSettings::default() })
+    }
+
+    /// Also serves the API over TLS on `addr`, each connection with the configuration `config` returns at
+    /// its accept (so a certificate reload reaches new connections).
+    pub async fn bind_https(mut self, addr: SocketAddr, config: https::TlsConfigSource) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        self.listeners.push(Listener { protocol: "https", addr: listener.local_addr()? });
+        self.https = Some((listener, config));
+        Ok(self)
+    }
+
+    /// Replaces the limits, timeouts and allowed host names.
+    pub fn with_settings(mut self, settings: HttpSettings) -> Self {
+        self.settings = settings;
+        self
     }
 
     /// Adds the server's other listeners (AMQP) to what the overview and the listener health checks report.
@@ -97,6 +116,11 @@ impl HttpServer {
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The HTTPS listener's bound address, if there is one.
+    pub fn https_local_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves; open connections finish on their own tasks.
@@ -111,31 +135,45 @@ impl HttpServer {
         });
         // Samples message counts while the server runs (stopped when `_sampler` drops).
         let _sampler = message_stats::Sampler::start(self.broker.clone(), std::sync::Arc::clone(&info));
+        let plain = connection::Shared::new(
+            self.broker.clone(),
+            std::sync::Arc::clone(&info),
+            self.settings.clone(),
+            &self.listener,
+            false,
+        );
+        let (tls_listener, tls) = match self.https {
+            Some((listener, config)) => {
+                let shared = connection::Shared::new(self.broker, info, self.settings, &listener, true);
+                (Some(listener), Some((shared, config)))
+            }
+            None => (None, None),
+        };
         tokio::pin!(shutdown);
         loop {
-            let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "http accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let broker = self.broker.clone();
-            let info = std::sync::Arc::clone(&info);
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let broker = broker.clone();
-                    let info = std::sync::Arc::clone(&info);
-                    async move { Ok::<_, std::convert::Infallible>(routes::handle(&broker, &info, peer, req).await) }
-                });
-                if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                    tracing::debug!(error = %e, %peer, "http connection ended with an error");
+            let accept_tls = async {
+                match &tls_listener {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
                 }
-            });
+            };
+            let (accepted, secure) = tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = self.listener.accept() => (accepted, false),
+                accepted = accept_tls => (accepted, true),
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match (&tls, secure) {
+                (Some((shared, config)), true) => shared.spawn_tls(stream, peer, config()),
+                _ => plain.spawn_plain(stream, peer),
+            }
         }
     }
 }

@@ -5,10 +5,11 @@
 use crate::api::{
     error_response, queue_of, respond, vhost_of, ApiError, ApiRequest, ApiResult, PolicyBody, Query, Reply,
 };
-use crate::{clients, definitions, json, node, resources, Body, ServerInfo, MAX_PEEK_COUNT, MAX_REQUEST_BODY};
+use crate::hardening::ListenerContext;
+use crate::{clients, definitions, hardening, json, node, resources, Body, ServerInfo, MAX_PEEK_COUNT};
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,16 +19,25 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Largest definitions document `POST /api/definitions` accepts.
-pub const MAX_DEFINITIONS_BODY: usize = 64 * 1024 * 1024;
-
-/// Authenticates, routes and answers one request.
+/// Checks the listener's defences, authenticates, routes and answers one request.
 pub(crate) async fn handle(
     broker: &Broker,
     server: &Arc<ServerInfo>,
+    listener: &ListenerContext,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let settings = &listener.settings;
+    // The Host check comes first, for every path: a rebinding page must not read /metrics or the UI either.
+    if let Err(e) = hardening::check_host(req.headers(), listener.loopback_only, &settings.allowed_hosts) {
+        tracing::warn!(%peer, "HTTP request refused: {}", e.reason());
+        return error_response(e);
+    }
+    let definitions_upload = req.method() == Method::POST && req.uri().path().starts_with("/api/definitions");
+    if let Err(e) = hardening::check_cross_site(req.method(), req.headers(), listener.tls, definitions_upload) {
+        tracing::warn!(%peer, "HTTP request refused: {}", e.reason());
+        return error_response(e);
+    }
     // Prometheus scrapes without credentials, as RabbitMQ's prometheus plugin allows; the counters reveal
     // no names or message contents.
     if req.uri().path() == "/metrics" {
@@ -46,11 +56,16 @@ pub(crate) async fn handle(
         Ok(user) => user,
         Err(e) => return error_response(e),
     };
-    let limit = if req.uri().path().starts_with("/api/definitions") { MAX_DEFINITIONS_BODY } else { MAX_REQUEST_BODY };
+    let limit = if definitions_upload { settings.max_definitions_body } else { settings.max_body };
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return error_response(ApiError::bad_request(format!("cannot read body: {e}"))),
+    let body = match hardening::read_body(&parts.headers, body, limit, settings.body_read_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            // The rest of an unread body would be taken for the next request: close the connection.
+            let mut resp = error_response(e);
+            resp.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
     };
     let request = ApiRequest {
         method: parts.method,
@@ -131,6 +146,31 @@ async fn route(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> A
         return Err(ApiError::not_found("Not Found"));
     };
     crate::access_routes::check_rights(req.rights, &req.method, rest)?;
+    let caller = crate::access_routes::Caller::new(broker, &req.user, req.rights);
+    caller.check_vhost(broker, rest)?;
+    caller.check_owner(broker, server, &req.method, rest).await?;
+    let Some(keep) = caller.list_filter(&req.method, rest) else {
+        return dispatch(broker, server, req, rest).await;
+    };
+    // A list the caller sees only part of: the whole list (no paging, all columns), filtered, then
+    // sorted, projected and paged as asked.
+    let whole = ApiRequest {
+        method: req.method.clone(),
+        path: req.path.clone(),
+        query: req.query.without(&["page", "page_size", "name", "use_regex", "columns"]),
+        headers: req.headers.clone(),
+        body: req.body.clone(),
+        user: req.user.clone(),
+        rights: req.rights,
+    };
+    let reply = dispatch(broker, server, &whole, rest).await?;
+    let Value::Array(items) = reply.body else { return Ok(reply) };
+    let kept = items.into_iter().filter(|item| keep.keeps(item)).collect();
+    crate::listing::list(kept, &req.query).map(Reply::ok)
+}
+
+/// Answers a request whose caller may make it.
+async fn dispatch(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest, rest: &[&str]) -> ApiResult {
     if let Some(answer) = crate::access_routes::route(broker, req, rest) {
         return answer;
     }
