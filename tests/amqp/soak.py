@@ -52,6 +52,7 @@ BURST_CONNS = int(os.environ.get("MAILROOM_SOAK_BURST", "400"))
 BURST_EVERY_S = 30.0
 PUBLISH_BATCH = 20
 PUBLISH_PAUSE_S = 0.02  # per batch and publisher: at most ~1000 messages/s each
+DENY_LANES = 2
 OP_TIMEOUT_S = 30.0  # one AMQP round trip under load (a debug build on two shared cores)
 
 
@@ -126,7 +127,8 @@ class Target:
     port: int
     admin: Admin
     limited_user: str = ""
-    one_channel_user: str = ""
+    # One per deny lane: max-channels counts the channels of all the user's connections.
+    one_channel_users: list = field(default_factory=list)
     closed_vhost: str = ""
 
     def url(self, user="guest", password="guest", vhost="/"):
@@ -139,17 +141,17 @@ def prepare(target):
     a = target.admin
     tag = uuid.uuid4().hex[:6]
     target.limited_user = f"soak_lim_{tag}"
-    target.one_channel_user = f"soak_one_{tag}"
+    target.one_channel_users = [f"soak_one_{i}_{tag}" for i in range(DENY_LANES)]
     target.closed_vhost = f"soak_closed_{tag}"
     a.call("PUT", f"/api/vhosts/{a.q(target.closed_vhost)}")
-    for user in (target.limited_user, target.one_channel_user):
+    for user in [target.limited_user] + target.one_channel_users:
         a.call("PUT", f"/api/users/{user}", {"password": "pw", "tags": ""})
     pattern = "^" + LIMITED_PREFIX.replace(".", r"\.")
     a.call("PUT", f"/api/permissions/%2F/{target.limited_user}",
            {"configure": pattern, "write": pattern, "read": pattern})
-    a.call("PUT", f"/api/permissions/%2F/{target.one_channel_user}",
-           {"configure": ".*", "write": ".*", "read": ".*"})
-    a.call("PUT", f"/api/user-limits/{target.one_channel_user}/max-channels", {"value": 1})
+    for user in target.one_channel_users:
+        a.call("PUT", f"/api/permissions/%2F/{user}", {"configure": ".*", "write": ".*", "read": ".*"})
+        a.call("PUT", f"/api/user-limits/{user}/max-channels", {"value": 1})
 
 
 async def declare_topology(target):
@@ -501,7 +503,7 @@ async def expect_channel_refusal(ch, action, stats, kind):
     raise AssertionError(f"{kind}: not refused")
 
 
-async def deny_once(target, stats):
+async def deny_once(target, stats, index):
     user = target.limited_user
     kind = random.choice(["ops", "ops", "login", "vhost", "channels"])
     if kind in ("login", "vhost"):
@@ -522,7 +524,7 @@ async def deny_once(target, stats):
     if kind == "channels":
         raw = await RawClient.open(target.port)
         try:
-            await raw.handshake(target.one_channel_user, "pw")
+            await raw.handshake(target.one_channel_users[index], "pw")
             stats.connections += 1
             raw.send_method(1, pspec.Channel.Open())
             await raw.expect(pspec.Channel.OpenOk)
@@ -592,27 +594,19 @@ async def run(target, seconds, stats=None, bursts=True):
                 stats.error("burst", e)
             nxt += BURST_EVERY_S
 
-    async def guarded(name, coro_fn):
-        while until(deadline):
-            try:
-                await coro_fn()
-            except Exception as e:  # noqa: BLE001
-                stats.error(name, e)
-                await asyncio.sleep(0.1)
-
     lanes = []
     for i in range(6):
         lanes.append(lane(f"churn{i}", stats, deadline, lambda: churn_once(target, stats)))
     for i in range(3):
         lanes.append(lane(f"abrupt{i}", stats, deadline, lambda: abrupt_once(target, stats)))
     for i in range(2):
-        lanes.append(guarded(f"channels{i}", lambda: channel_lane(target, stats, deadline)))
-    lanes.append(guarded("publish", lambda: publish_lane(target, stats, deadline, durable=False)))
-    lanes.append(guarded("publish-durable", lambda: publish_lane(target, stats, deadline, durable=True)))
+        lanes.append(lane(f"channels{i}", stats, deadline, lambda: channel_lane(target, stats, deadline)))
+    lanes.append(lane("publish", stats, deadline, lambda: publish_lane(target, stats, deadline, durable=False)))
+    lanes.append(lane("publish-durable", stats, deadline, lambda: publish_lane(target, stats, deadline, durable=True)))
     for i in range(3):
-        lanes.append(guarded(f"consume{i}", lambda: consume_lane(target, stats, deadline)))
-    for i in range(2):
-        lanes.append(lane(f"deny{i}", stats, deadline, lambda: deny_once(target, stats)))
+        lanes.append(lane(f"consume{i}", stats, deadline, lambda: consume_lane(target, stats, deadline)))
+    for i in range(DENY_LANES):
+        lanes.append(lane(f"deny{i}", stats, deadline, lambda i=i: deny_once(target, stats, i)))
     if bursts:
         lanes.append(bursts_lane())
     await asyncio.gather(*lanes)

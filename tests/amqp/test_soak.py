@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import resource
+import threading
 import time
 
 import pytest
@@ -51,6 +52,16 @@ class Process:
     def fds(self):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def fd_targets(self):
+        """What each open descriptor is (a file path, socket:[inode], anon_inode:...), for a failure message."""
+        out = []
+        for fd in sorted(os.listdir(f"/proc/{self.pid}/fd"), key=int):
+            try:
+                out.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+            except OSError:
+                pass
+        return out
+
     def rss(self):
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -65,9 +76,9 @@ class Process:
         return int(self.admin.metrics()["rabbitmq_connections"])
 
     def snapshot(self):
-        # Tasks first: the scrape's own HTTP connection is gone by the time descriptors are counted again.
-        tasks = self.tasks()
-        return {"fds": self.fds(), "tasks": tasks, "rss": self.rss()}
+        # Descriptors before the scrape, whose own HTTP connection holds one until the server sees it close.
+        fds = self.fds()
+        return {"fds": fds, "tasks": self.tasks(), "rss": self.rss()}
 
     def settled(self, timeout=LEAK_WAIT_S):
         """Waits for no connection and for two equal readings of descriptors and tasks 0.5 s apart."""
@@ -76,7 +87,7 @@ class Process:
             time.sleep(0.2)
         last = None
         while time.monotonic() < deadline:
-            now = (self.tasks(), self.fds())
+            now = (self.fds(), self.tasks())
             if now == last:
                 break
             last = now
@@ -112,9 +123,26 @@ def soak(seconds):
         asyncio.run(load.purge_all(target))
         time.sleep(3)
         base = proc.settled()
+        base_fd_targets = proc.fd_targets()
 
+        peak = {"fds": 0, "rss": 0}
+        sampling = threading.Event()
+
+        def sample():  # the highest descriptor count and RSS during the load, for the record
+            while not sampling.wait(0.5):
+                try:
+                    peak["fds"], peak["rss"] = max(peak["fds"], proc.fds()), max(peak["rss"], proc.rss())
+                except OSError:
+                    pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         started = time.monotonic()
-        stats = asyncio.run(load.run(target, seconds))
+        try:
+            stats = asyncio.run(load.run(target, seconds))
+        finally:
+            sampling.set()
+            sampler.join()
         asyncio.run(load.purge_all(target))
         stopped = time.monotonic()
 
@@ -123,11 +151,14 @@ def soak(seconds):
         after["tasks"] = wait_equal(proc.tasks, base["tasks"])
         time.sleep(max(0.0, stopped + RSS_SETTLE_S - time.monotonic()))
         after["rss"] = proc.rss()
+        if after["fds"] != base["fds"]:
+            after["fd_targets"] = {"before": base_fd_targets, "after": proc.fd_targets()}
         return {
             "seconds": round(stopped - started, 1),
             "stats": stats.figures(),
             "errors": stats.errors[:20],
             "baseline": base,
+            "peak": peak,
             "after": after,
         }
 
@@ -149,7 +180,8 @@ def test_soak_returns_to_baseline():
                  "max-channels-530"):
         assert s["denials"].get(kind, 0) > 0, f"no {kind} denial: {s['denials']}"
     # And left nothing behind.
-    assert after["fds"] == base["fds"], f"open descriptors: {base['fds']} before, {after['fds']} after"
+    assert after["fds"] == base["fds"], (
+        f"open descriptors: {base['fds']} before, {after['fds']} after: {after.get('fd_targets')}")
     assert after["tasks"] == base["tasks"], f"runtime tasks: {base['tasks']} before, {after['tasks']} after"
     assert after["rss"] <= base["rss"] * (1 + RSS_TOLERANCE), (
         f"RSS {RSS_SETTLE_S:.0f} s after the load: {after['rss'] >> 10} KiB, baseline {base['rss'] >> 10} KiB")
