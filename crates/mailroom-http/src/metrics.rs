@@ -241,8 +241,7 @@ impl ProcessStats {
             .get()
             .and_then(|l| l.data_dir.as_deref())
             .and_then(|dir| mailroom_broker::alarm::free_disk_bytes(dir).ok());
-        let alive_tasks =
-            tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_alive_tasks() as u64);
+        let alive_tasks = tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_alive_tasks() as u64);
         ProcessStats { open_fds, max_fds, resident_bytes, disk_free, alive_tasks }
     }
 }
