@@ -7,6 +7,7 @@ mod admin;
 mod bench;
 mod config;
 mod logging;
+mod memory_trim;
 mod saga;
 mod table;
 
@@ -197,6 +198,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         Ok(limit) => tracing::info!(limit, "file descriptor limit (RLIMIT_NOFILE raised to its hard limit)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
+    memory_trim::spawn();
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", args.data_dir.display()))?;
     let memory_high_watermark = match args.memory_high_watermark {

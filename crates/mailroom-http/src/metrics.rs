@@ -220,6 +220,8 @@ struct ProcessStats {
     max_fds: Option<u64>,
     resident_bytes: Option<u64>,
     disk_free: Option<u64>,
+    /// Tasks alive on the runtime that renders the page (the soak test compares them with a baseline).
+    alive_tasks: Option<u64>,
 }
 
 impl ProcessStats {
@@ -239,7 +241,8 @@ impl ProcessStats {
             .get()
             .and_then(|l| l.data_dir.as_deref())
             .and_then(|dir| mailroom_broker::alarm::free_disk_bytes(dir).ok());
-        ProcessStats { open_fds, max_fds, resident_bytes, disk_free }
+        let alive_tasks = tokio::runtime::Handle::try_current().ok().map(|h| h.metrics().num_alive_tasks() as u64);
+        ProcessStats { open_fds, max_fds, resident_bytes, disk_free, alive_tasks }
     }
 }
 
@@ -487,6 +490,9 @@ impl Snapshot {
         }
         if let Some(v) = p.resident_bytes {
             gauge(enc, "rabbitmq_process_resident_memory_bytes", "Memory used in bytes", v)?;
+        }
+        if let Some(v) = p.alive_tasks {
+            gauge(enc, "mailroom_runtime_alive_tasks", "Tasks alive on the server's Tokio runtime.", v)?;
         }
         if let Some(v) = p.disk_free {
             gauge(enc, "rabbitmq_disk_space_available_bytes", "Disk space available in bytes", v)?;
