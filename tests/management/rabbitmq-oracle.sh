@@ -10,9 +10,17 @@ set -eu
 dir=/tmp/mailroom-rmq-oracle
 node=mailroom-oracle@localhost
 url=http://127.0.0.1:35672
+# GET $url/api/overview as guest; prints the body. python3, not curl: a fresh Debian has no curl.
+overview() {
+    python3 - "$url/api/overview" <<'PY' 2>/dev/null
+import base64, sys, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
+print(urllib.request.urlopen(req, timeout=5).read().decode())
+PY
+}
 case "${1:-start}" in
 start)
-    if curl -fs -u guest:guest "$url/api/overview" 2>/dev/null | grep -q '"product_name":"RabbitMQ"'; then
+    if overview | grep -q '"product_name":"RabbitMQ"'; then
         echo "$url"; exit 0
     fi
     rm -rf "$dir" && mkdir -p "$dir"
@@ -36,7 +44,7 @@ RUN
         nohup "$dir/run.sh" > "$dir/out.log" 2>&1 &
     fi
     i=0
-    until curl -fs -u guest:guest "$url/api/overview" >/dev/null 2>&1; do
+    until overview >/dev/null; do
         i=$((i + 1)); [ $i -gt 120 ] && { echo "the oracle node did not start; see $dir/log" >&2; exit 1; }
         sleep 1
     done
