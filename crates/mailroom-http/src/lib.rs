@@ -11,6 +11,7 @@
 
 mod access_routes;
 mod api;
+mod client_metrics;
 mod clients;
 pub mod definitions;
 mod json;
