@@ -52,12 +52,9 @@ type ChannelCounter = (&'static str, &'static str, fn(&ChannelMessageStats) -> u
 
 const CHANNEL_GAUGES: &[ChannelSeries] = &[
     ("rabbitmq_channel_consumers", "Consumers on a channel", MetricType::Gauge, |c| c.consumers.len() as u64),
-    (
-        "rabbitmq_channel_messages_unacked",
-        "Delivered but not yet acknowledged messages",
-        MetricType::Gauge,
-        |c| c.unacknowledged,
-    ),
+    ("rabbitmq_channel_messages_unacked", "Delivered but not yet acknowledged messages", MetricType::Gauge, |c| {
+        c.unacknowledged
+    }),
     ("rabbitmq_channel_messages_unconfirmed", "Published but not yet confirmed messages", MetricType::Gauge, |c| {
         c.unconfirmed
     }),
@@ -82,11 +79,9 @@ const CHANNEL_GAUGES: &[ChannelSeries] = &[
 ];
 
 const CHANNEL_COUNTERS: &[ChannelCounter] = &[
-    (
-        "rabbitmq_channel_messages_published",
-        "Total number of messages published into an exchange on a channel",
-        |s| s.publish,
-    ),
+    ("rabbitmq_channel_messages_published", "Total number of messages published into an exchange on a channel", |s| {
+        s.publish
+    }),
     (
         "rabbitmq_channel_messages_confirmed",
         "Total number of messages published into an exchange and confirmed on the channel",

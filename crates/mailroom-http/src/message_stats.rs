@@ -8,8 +8,7 @@
 
 use mailroom_broker::queue::QueueMessageStats;
 use mailroom_broker::{
-    counters, Broker, ChannelMessageStats, ChannelSnapshot, ConnectionHandle, ConnectionTraffic, Exchange, Queue,
-    VHost,
+    counters, Broker, ChannelMessageStats, ChannelSnapshot, ConnectionHandle, ConnectionTraffic, Exchange, Queue, VHost,
 };
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;

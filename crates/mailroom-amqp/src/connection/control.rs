@@ -4,7 +4,9 @@
 use super::{Connection, Phase};
 use crate::channel::ChannelMode;
 use crate::error::{code, AmqpError};
-use mailroom_broker::{ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration};
+use mailroom_broker::{
+    ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration,
+};
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
 

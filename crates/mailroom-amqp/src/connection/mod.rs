@@ -277,7 +277,7 @@ impl Connection {
         // Protocol header.
         let mut header = [0u8; 8];
         match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => self.traffic.received(n),
             _ => return Ok(()),
         }
         if &header != codec::PROTOCOL_HEADER {
