@@ -305,6 +305,7 @@ mod tests {
                             uncommitted_publishes: 0,
                             uncommitted_acks: 0,
                             consumers: vec![],
+                            message_stats: ChannelMessageStats::default(),
                         }]);
                     }
                     ConnectionControl::Close { reason } => return reason,
