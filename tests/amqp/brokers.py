@@ -25,6 +25,12 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 STARTUP_TIMEOUT_S = 20.0
 
+# Every Mailroom a test starts, through start_mailroom or its own command line, inherits these unless it
+# passes the flag itself (clap reads them; a flag overrides them): without them each server would bind
+# the defaults (15672, 15692) and two servers running at once would collide.
+os.environ.setdefault("MAILROOM_HTTP_LISTEN", "127.0.0.1:0")
+os.environ.setdefault("MAILROOM_PROMETHEUS_LISTEN", "127.0.0.1:0")
+
 
 def targets():
     raw = os.environ.get("AMQP_TARGETS", "mailroom,rabbitmq")
@@ -111,6 +117,10 @@ def start_mailroom(extra_args=(), data_dir=None, port=None, preexec_fn=None):
                "--data-dir", data_dir, "--log-level", "warn"]
         cmd += shlex.split(os.environ.get("MAILROOM_EXTRA_ARGS", ""))
         cmd += list(extra_args)
+        # A free port for every listener the caller did not choose (port 0: the kernel picks one).
+        for flag in ("--http-listen", "--prometheus-listen"):
+            if not any(a == flag or a.startswith(flag + "=") for a in cmd):
+                cmd += [flag, "127.0.0.1:0"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
         try:
             _wait_listening(port, proc, STARTUP_TIMEOUT_S)

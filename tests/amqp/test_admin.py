@@ -1,5 +1,6 @@
 """`mailroom admin peek` and `redrive` against a Mailroom server (RabbitMQ has no equivalent without plugins)."""
 import json
+import shutil
 import subprocess
 import time
 import uuid
@@ -79,7 +80,8 @@ def test_kill9_mid_redrive_loses_nothing(tmp_path):
     n = 5000
     amqp_port, http_port = free_port(), free_port()
     cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{amqp_port}", "--http-listen",
-           f"127.0.0.1:{http_port}", "--data-dir", str(tmp_path), "--log-level", "warn"]
+           f"127.0.0.1:{http_port}", "--prometheus-listen", "127.0.0.1:0", "--data-dir", str(tmp_path),
+           "--log-level", "warn"]
     procs = []
 
     def spawn():
@@ -191,3 +193,187 @@ def test_every_resource_through_the_cli(server, tmp_path):
     for what in ("channels", "vhosts", "policies", "nodes"):
         assert isinstance(admin(port, "list", what), list), what
         assert admin_text(port, "list", what)
+
+
+def admin_fails(port, *args):
+    out = subprocess.run([mailroom_bin(), "admin", "--url", f"http://127.0.0.1:{port}", "--json", *args],
+                         capture_output=True, timeout=30, text=True)
+    assert out.returncode != 0, out.stdout
+    return out.stderr
+
+
+def can_open(broker, user, password, vhost):
+    try:
+        pika.BlockingConnection(broker.params(credentials=pika.PlainCredentials(user, password),
+                                              virtual_host=vhost, connection_attempts=1)).close()
+        return True
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError,
+            pika.exceptions.ConnectionClosedByBroker, pika.exceptions.AMQPConnectionError):
+        return False
+
+
+def test_users_permissions_vhosts_and_limits_through_the_cli(server):
+    broker, port = server
+    tag = uuid.uuid4().hex[:8]
+    user, vhost = f"cli-user-{tag}", f"cli-vhost-{tag}"
+    admin(port, "vhost", "add", vhost)
+    assert any(v["name"] == vhost for v in admin(port, "vhost", "list"))
+    assert admin(port, "user", "add", user, "--password", "s3cret", "--tags", "monitoring,management") == \
+        {"user": user, "tags": ["monitoring", "management"]}
+    listed = {u["name"]: u for u in admin(port, "user", "list")}
+    assert sorted(listed[user]["tags"]) == ["management", "monitoring"]
+    assert user in admin_text(port, "user", "list")
+    # No permission on the vhost yet: refused; after `permission set`: in; after `clear`: refused again.
+    assert not can_open(broker, user, "s3cret", vhost)
+    admin(port, "--vhost", vhost, "permission", "set", user, "^cli-", ".*", ".*")
+    perms = admin(port, "permission", "list", "--user", user)
+    assert perms == [{"user": user, "vhost": vhost, "configure": "^cli-", "write": ".*", "read": ".*"}]
+    table = admin_text(port, "permission", "list")
+    assert table.splitlines()[0].split() == ["user", "vhost", "configure", "write", "read"]
+    assert can_open(broker, user, "s3cret", vhost)
+    # The configure pattern is enforced: a queue outside it is refused with 403.
+    conn = pika.BlockingConnection(broker.params(credentials=pika.PlainCredentials(user, "s3cret"),
+                                                 virtual_host=vhost))
+    ch = conn.channel()
+    ch.queue_declare(f"cli-{tag}")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        ch.queue_declare(f"other-{tag}")
+    assert refused.value.reply_code == 403
+    conn.close()
+    # Updating the tags keeps the password; a new password replaces the old one.
+    admin(port, "user", "update", user, "--tags", "administrator")
+    assert next(u for u in admin(port, "user", "list") if u["name"] == user)["tags"] == ["administrator"]
+    assert can_open(broker, user, "s3cret", vhost)
+    subprocess.run([mailroom_bin(), "admin", "--url", f"http://127.0.0.1:{port}", "user", "update", user,
+                    "--password-stdin"], input="n3w\n", check=True, capture_output=True, timeout=30, text=True)
+    assert not can_open(broker, user, "s3cret", vhost) and can_open(broker, user, "n3w", vhost)
+    # Topic permissions.
+    admin(port, "--vhost", vhost, "topic-permission", "set", user, "amq.topic", "^orders\\.", "^orders\\.")
+    assert admin(port, "topic-permission", "list", "--user", user) == [
+        {"user": user, "vhost": vhost, "exchange": "amq.topic", "write": "^orders\\.", "read": "^orders\\."}]
+    admin(port, "--vhost", vhost, "topic-permission", "clear", user)
+    assert admin(port, "topic-permission", "list", "--user", user) == []
+    # Limits: a vhost connection limit of 0 refuses the user's connection; clearing it lets it in.
+    admin(port, "--vhost", vhost, "vhost-limit", "set", "max-connections", "0")
+    assert {"vhost": vhost, "value": {"max-connections": 0}} in admin(port, "vhost-limit", "list")
+    assert not can_open(broker, user, "n3w", vhost)
+    admin(port, "--vhost", vhost, "vhost-limit", "clear", "max-connections")
+    assert can_open(broker, user, "n3w", vhost)
+    admin(port, "user-limit", "set", user, "max-connections", "0")
+    assert {"user": user, "value": {"max-connections": 0}} in admin(port, "user-limit", "list")
+    assert not can_open(broker, user, "n3w", vhost)
+    admin(port, "user-limit", "clear", user, "max-connections")
+    assert can_open(broker, user, "n3w", vhost)
+    assert "unknown vhost limit" in admin_fails(port, "vhost-limit", "set", "max-bananas", "1")
+    admin(port, "--vhost", vhost, "permission", "clear", user)
+    assert admin(port, "permission", "list", "--user", user) == []
+    assert not can_open(broker, user, "n3w", vhost)
+    # Deleting: the user can no longer log in, the vhost is gone; deleting again says why it fails.
+    admin(port, "user", "delete", user)
+    admin(port, "vhost", "delete", vhost)
+    assert not any(u["name"] == user for u in admin(port, "user", "list"))
+    assert not any(v["name"] == vhost for v in admin(port, "vhost", "list"))
+    assert "HTTP 404" in admin_fails(port, "user", "delete", user)
+
+
+def test_redrive_shows_progress(server):
+    broker, port = server
+    tag = uuid.uuid4().hex[:8]
+    work, dlq = f"pwork-{tag}", f"pdlq-{tag}"
+    conn = pika.BlockingConnection(broker.params())
+    ch = conn.channel()
+    ch.queue_declare(work)
+    ch.queue_declare(dlq)
+    n = 20000
+    for i in range(n):
+        ch.basic_publish("", dlq, b"x" * 64)
+    ch.queue_declare(dlq, passive=True)  # a round trip: every publish has arrived
+    out = subprocess.run([mailroom_bin(), "admin", "--url", f"http://127.0.0.1:{port}", "--json", "--progress",
+                          "redrive", dlq, "--to-queue", work], check=True, capture_output=True, timeout=120,
+                         text=True)
+    assert json.loads(out.stdout) == {"moved": n, "skipped": 0}
+    lines = [line for line in out.stderr.splitlines() if line.startswith("redriving: ")]
+    # Each line reads "redriving: MOVED/TOTAL moved, ..." (a fast redrive may finish before the first).
+    for line in lines:
+        moved, total = line.split()[1].split("/")
+        assert total == str(n) and 0 <= int(moved) <= n, line
+    assert ch.queue_declare(work, passive=True).method.message_count == n
+    conn.close()
+
+
+def make_cert(d):
+    """A CA and a certificate for 127.0.0.1 signed by it (openssl)."""
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d, timeout=60)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=admin-test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+        "-out", "server.csr")
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_admin_over_https(server, tmp_path):
+    """`--url https://...` through a TLS-terminating proxy in front of the HTTP API: with --cacert the
+    certificate is checked (a wrong CA fails), with --insecure it is not (and a warning says so)."""
+    import socket
+    import ssl
+    import threading
+
+    broker, port = server
+    ca, cert, key = make_cert(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    tls_port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def pipe(src, dst):
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                client = ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                raw.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", port))
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{tls_port}"
+    try:
+        def run(*args):
+            return subprocess.run([mailroom_bin(), "admin", "--url", url, "--json", *args],
+                                  capture_output=True, timeout=30, text=True)
+        ok = run("--cacert", str(ca), "vhost", "list")
+        assert ok.returncode == 0, ok.stderr
+        assert any(v["name"] == "/" for v in json.loads(ok.stdout))
+        (tmp_path / "other").mkdir()
+        other_ca, _, _ = make_cert(tmp_path / "other")
+        bad = run("--cacert", str(other_ca), "vhost", "list")
+        assert bad.returncode != 0 and "TLS" in bad.stderr, bad.stderr
+        insecure = run("--insecure", "vhost", "list")
+        assert insecure.returncode == 0 and "warning: --insecure" in insecure.stderr, insecure.stderr
+    finally:
+        stop.set()
+        listener.close()

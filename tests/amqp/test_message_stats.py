@@ -21,9 +21,11 @@ RATE_WAIT = 16
 
 @pytest.fixture(scope="module")
 def mailroom():
-    http_port = free_port()
-    with start_mailroom(["--http-listen", f"127.0.0.1:{http_port}"]) as b:
+    http_port, prometheus_port = free_port(), free_port()
+    with start_mailroom(["--http-listen", f"127.0.0.1:{http_port}",
+                         "--prometheus-listen", f"127.0.0.1:{prometheus_port}"]) as b:
         api = Api(f"http://127.0.0.1:{http_port}")
+        api.prometheus = f"http://127.0.0.1:{prometheus_port}"
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -48,7 +50,7 @@ def counts(ms):
     return {k: v for k, v in ms.items() if not k.endswith("_details")}
 
 
-def drive_traffic(conn, t):
+def drive_traffic(conn, t, close=True):
     """The same known traffic on any broker: 10 confirmed publishes to a fanout bound to queues a and b,
     then a: 2 gets acked, 1 no-ack get, 7 consumed and acked, 1 empty get; b: 1 get nacked back (so
     redelivered later), 10 consumed no-ack; then one mandatory and one plain unroutable publish."""
@@ -92,7 +94,8 @@ def drive_traffic(conn, t):
     with pytest.raises(pika.exceptions.UnroutableError):
         ch.basic_publish("amq.direct", f"nowhere-{t}", b"returned", mandatory=True)
     ch.basic_publish("amq.direct", f"nowhere-{t}", b"dropped")
-    ch.close()
+    if close:
+        ch.close()
     return x, qa, qb
 
 
@@ -204,7 +207,9 @@ def test_field_names_match_rabbitmq(mailroom):
     deadline = time.monotonic() + 30
     while True:
         theirs = {k: stats(rabbit.get(p)) for k, p in paths.items()}
+        # (publish_in can reach RabbitMQ's API an emission after publish_out.)
         if counts(theirs["queue a"]).get("ack") == 9 and counts(theirs["exchange"]).get("publish_out") == 20 \
+                and counts(theirs["exchange"]).get("publish_in") == 10 \
                 and counts(theirs["queue b"]).get("deliver_no_ack") == 10:
             break
         assert time.monotonic() < deadline, theirs
@@ -230,3 +235,160 @@ def test_field_names_match_rabbitmq(mailroom):
     for p in (paths["queue a"], paths["queue b"], paths["exchange"]):
         rabbit.call("DELETE", p)
     assert not differences, "\n".join(differences)
+
+
+# What drive_traffic does on its one channel, as that channel's message_stats count it.
+CHANNEL_COUNTS = {"publish": 12, "confirm": 12, "deliver": 7, "deliver_no_ack": 10, "get": 3, "get_no_ack": 1,
+                  "get_empty": 1, "deliver_get": 21, "redeliver": 1, "ack": 9, "return_unroutable": 1,
+                  "drop_unroutable": 1}
+
+
+def named_connection(api, name, wait_for=lambda c: True, timeout=30):
+    """The connection whose client named itself `name` (connection_name), once `wait_for` holds for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [c for c in api.get("/api/connections") if c.get("user_provided_name") == name]
+        if found and wait_for(found[0]):
+            return found[0]
+        assert time.monotonic() < deadline, found
+        time.sleep(0.5)
+
+
+def test_channel_message_stats_and_connection_octets(mailroom):
+    broker, api = mailroom
+    t = tag()
+    name = f"ms-client-{t}"
+    conn = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}))
+    try:
+        drive_traffic(conn, t, close=False)
+        c = named_connection(api, name)
+        channels = api.get(f"/api/connections/{q(c['name'])}/channels")
+        assert len(channels) == 1, channels
+        assert counts(stats(channels[0])) == CHANNEL_COUNTS
+        one = api.get(f"/api/channels/{q(channels[0]['name'])}")
+        assert counts(stats(one)) == CHANNEL_COUNTS
+        listed = [ch for ch in api.get("/api/channels") if ch["name"] == channels[0]["name"]]
+        assert counts(stats(listed[0])) == CHANNEL_COUNTS
+        # Octets: both ways, with packet counts, growing with traffic; rates above 0 within a sample.
+        assert c["recv_oct"] > 0 and c["send_oct"] > 0 and c["recv_cnt"] > 0 and c["send_cnt"] > 0, c
+        before = c["recv_oct"]
+        conn.channel().basic_publish("", f"ms-a-{t}", b"y" * 10000)
+        c = named_connection(api, name, lambda c: c["recv_oct"] >= before + 10000 and
+                             c["recv_oct_details"]["rate"] > 0 and c["send_oct_details"]["rate"] > 0)
+        # A channel's rates: the 12 publishes were within the last sample intervals, so publish's rate rises
+        # above 0 (or already fell back if the test was slow: then it is 0, never missing).
+        deadline = time.monotonic() + RATE_WAIT
+        while rate(stats(api.get(f"/api/channels/{q(channels[0]['name'])}")), "publish") == 0:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for k in CHANNEL_COUNTS:
+            assert isinstance(stats(one)[f"{k}_details"]["rate"], (int, float))
+    finally:
+        conn.close()
+
+
+def test_channel_and_connection_fields_match_rabbitmq(mailroom):
+    rabbit = rabbit_api()
+    if rabbit is None:
+        pytest.skip("no RabbitMQ management API (start one: tests/management/rabbitmq-oracle.sh start)")
+    broker, api = mailroom
+    t = tag()
+    name = f"ms-cmp-{t}"
+    try:
+        theirs_conn = pika.BlockingConnection(pika.URLParameters(RABBITMQ_ORACLE_AMQP_URL + "?heartbeat=0"))
+    except pika.exceptions.AMQPConnectionError:
+        pytest.skip(f"no AMQP listener at {RABBITMQ_ORACLE_AMQP_URL} for the RabbitMQ management node")
+    theirs_conn.close()
+    params = pika.URLParameters(RABBITMQ_ORACLE_AMQP_URL)
+    params.client_properties = {"connection_name": name}
+    params.heartbeat = 0
+    theirs_conn = pika.BlockingConnection(params)
+    ours_conn = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}, heartbeat=0))
+    try:
+        drive_traffic(theirs_conn, t, close=False)
+        drive_traffic(ours_conn, t, close=False)
+        # RabbitMQ's counts reach its API at its next stats emission.
+        theirs = named_connection(rabbit, name, lambda c: c.get("recv_oct", 0) > 0)
+        deadline = time.monotonic() + 30
+        while True:
+            their_channel = rabbit.get(f"/api/connections/{q(theirs['name'])}/channels")[0]
+            if counts(stats(their_channel)).get("ack") == 9:
+                break
+            assert time.monotonic() < deadline, their_channel
+            time.sleep(1)
+        ours = named_connection(api, name)
+        our_channel = api.get(f"/api/connections/{q(ours['name'])}/channels")[0]
+        assert counts(stats(their_channel)) == CHANNEL_COUNTS
+        assert counts(stats(our_channel)) == counts(stats(their_channel))
+        assert set(stats(our_channel)) == set(stats(their_channel))
+        octet_fields = {"recv_oct", "recv_oct_details", "send_oct", "send_oct_details", "recv_cnt", "send_cnt"}
+        assert octet_fields <= set(theirs) and octet_fields <= set(ours)
+        # The same client sent the same bytes to both brokers (RabbitMQ's count may lag one emission).
+        theirs = named_connection(rabbit, name, lambda c: c["recv_oct"] >= ours["recv_oct"], timeout=15)
+        assert theirs["recv_oct"] == ours["recv_oct"], (theirs["recv_oct"], ours["recv_oct"])
+    finally:
+        for c in (theirs_conn, ours_conn):
+            c.close()
+        for p in (f"/api/queues/%2F/ms-a-{t}", f"/api/queues/%2F/ms-b-{t}", f"/api/exchanges/%2F/ms-x-{t}"):
+            rabbit.call("DELETE", p)
+
+
+def scrape(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def samples(text, metric):
+    """{labels text: value} of every sample of `metric` (labels text "" when unlabelled)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(metric + "{") or line.startswith(metric + " "):
+            head, value = line.rsplit(" ", 1)
+            out[head[len(metric):]] = float(value)
+    return out
+
+
+def test_prometheus_connection_and_channel_series(mailroom):
+    import shutil
+    import subprocess
+    broker, api = mailroom
+    t = tag()
+    name = f"ms-prom-{t}"
+    conn = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}))
+    try:
+        drive_traffic(conn, t, close=False)
+        c = named_connection(api, name)
+        channel = api.get(f"/api/connections/{q(c['name'])}/channels")[0]["name"]
+        per_object = scrape(api.prometheus + "/metrics/per-object")
+        label = '{channel="%s"}' % channel
+        assert samples(per_object, "rabbitmq_channel_messages_published_total")[label] == 12
+        assert samples(per_object, "rabbitmq_channel_messages_confirmed_total")[label] == 12
+        assert samples(per_object, "rabbitmq_channel_messages_acked_total")[label] == 9
+        assert samples(per_object, "rabbitmq_channel_messages_delivered_ack_total")[label] == 7
+        assert samples(per_object, "rabbitmq_channel_messages_delivered_total")[label] == 10
+        assert samples(per_object, "rabbitmq_channel_get_ack_total")[label] == 3
+        assert samples(per_object, "rabbitmq_channel_get_total")[label] == 1
+        assert samples(per_object, "rabbitmq_channel_get_empty_total")[label] == 1
+        assert samples(per_object, "rabbitmq_channel_messages_redelivered_total")[label] == 1
+        assert samples(per_object, "rabbitmq_channel_messages_unroutable_returned_total")[label] == 1
+        assert samples(per_object, "rabbitmq_channel_messages_unroutable_dropped_total")[label] == 1
+        assert samples(per_object, "rabbitmq_channel_consumers")[label] == 0
+        assert samples(per_object, "rabbitmq_channel_messages_unacked")[label] == 0
+        conn_label = '{channel="%s"}' % c["name"]
+        assert samples(per_object, "rabbitmq_connection_incoming_bytes_total")[conn_label] >= c["recv_oct"] > 0
+        assert samples(per_object, "rabbitmq_connection_outgoing_bytes_total")[conn_label] >= c["send_oct"] > 0
+        assert samples(per_object, "rabbitmq_connection_incoming_packets_total")[conn_label] > 0
+        assert samples(per_object, "rabbitmq_connection_channels")[conn_label] == 1
+        # /metrics: one unlabelled sum per series, at least this client's counts.
+        aggregated = scrape(api.prometheus + "/metrics")
+        assert samples(aggregated, "rabbitmq_channel_messages_published_total")[""] >= 12
+        assert samples(aggregated, "rabbitmq_connection_incoming_bytes_total")[""] >= c["recv_oct"]
+        if shutil.which("promtool"):
+            for text in (per_object, aggregated):
+                check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                                       text=True, timeout=30)
+                assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        conn.close()

@@ -129,6 +129,17 @@ def test_web_ui_in_chromium():
                             published += 1
                         proc.stdin.write("OK\n")
                         proc.stdin.flush()
+                    elif line.startswith("LOGIN "):
+                        # The user and permission the UI created let a real client in.
+                        _, user, password, vhost = line.split()
+                        try:
+                            pika.BlockingConnection(broker.params(
+                                credentials=pika.PlainCredentials(user, password), virtual_host=vhost)).close()
+                            answer = "OK"
+                        except pika.exceptions.AMQPError as e:
+                            answer = f"login failed: {e!r}"
+                        proc.stdin.write(answer + "\n")
+                        proc.stdin.flush()
                 rc = proc.wait(timeout=BROWSER_TIMEOUT_S)
             finally:
                 if proc.poll() is None:
@@ -149,6 +160,10 @@ def test_web_ui_in_chromium():
                 http(base, "GET", "/api/queues/%2F/ui-scratch")
             assert gone.value.code == 404
             assert http(base, "GET", "/api/policies/%2F/ui-cap")["definition"] == {"max-length": 100}
+            # The user, vhost and permission the UI created.
+            assert http(base, "GET", "/api/users/ui-user")["tags"] == ["monitoring", "management"]
+            assert http(base, "GET", "/api/permissions/ui-vhost/ui-user") == {
+                "user": "ui-user", "vhost": "ui-vhost", "configure": "^ui-", "write": ".*", "read": ".*"}
             # The connection the UI closed is closed, with the UI's reason.
             with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
                 victim.process_data_events(time_limit=2)

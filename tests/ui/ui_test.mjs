@@ -1,7 +1,8 @@
 // Drives Mailroom's web UI in Debian's headless Chromium (playwright-core, no browser download).
 // Run by test_ui.py, which starts the broker, creates the queues and messages with pika, and answers
 // this script's requests on stdin: a line "PUBLISH n" on stdout asks it to publish n messages to the
-// source queue; it answers "OK". Environment: MAILROOM_UI_URL, UI_ARTIFACTS, CHROMIUM (default
+// source queue; "LOGIN user password vhost" asks it to open an AMQP connection as that user (the one the
+// UI created); it answers "OK" (or what went wrong). Environment: MAILROOM_UI_URL, UI_ARTIFACTS, CHROMIUM (default
 // /usr/bin/chromium), SOURCE_QUEUE, DLQ, VICTIM_CONNECTION, CONSUMED_QUEUE.
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
@@ -87,9 +88,8 @@ try {
   });
   page.on('response', (r) => {
     const path = new URL(r.url()).pathname;
-    // Expected: the wrong password's 401; 404 where the API has no users or permissions paths yet.
-    const expected = (r.status() === 401 && path === '/api/overview')
-      || (r.status() === 404 && ['/api/users', '/api/permissions'].includes(path));
+    // Expected: the wrong password's 401.
+    const expected = r.status() === 401 && path === '/api/overview';
     if (r.status() >= 400 && !expected) problems.push(`HTTP ${r.status()} for ${r.request().method()} ${path}`);
   });
   // confirm() and prompt() (its default text: the close reason) are accepted.
@@ -280,14 +280,35 @@ try {
   await page.click('#tab-queues');
   await waitUntil('the imported queue listed', async () => (await readTable(page, '#queues-table')).some((r) => r.Name === 'ui-imported'));
 
-  step('admin: vhosts, users and permissions (what the API serves), a policy added');
+  step('admin: a vhost, a user and a permission created through the UI');
   await page.goto(`${base}/#/admin/vhosts`);
   await page.waitForSelector('.admin-body table');
-  for (const sub of ['users', 'permissions']) {
-    await page.goto(`${base}/#/admin/${sub}`);
-    await page.waitForSelector('.admin-body table, .admin-body .missing');
-    await shot(page, `admin-${sub}.png`, false);
-  }
+  await page.locator('details:has(#add-vhost) > summary').click();
+  await page.fill('#add-vhost input[name=name]', 'ui-vhost');
+  await page.click('#add-vhost button[type=submit]');
+  await waitUntil('the vhost listed', async () => (await readTable(page, '.admin-body')).some((r) => r.Name === 'ui-vhost'));
+  await page.goto(`${base}/#/admin/users`);
+  await page.waitForSelector('.admin-body table');
+  await page.fill('#add-user input[name=name]', 'ui-user');
+  await page.fill('#add-user input[name=password]', 'ui-secret');
+  await page.fill('#add-user input[name=tags]', 'monitoring, management');
+  await page.click('#add-user button[type=submit]');
+  await waitUntil('the user listed with its tags', async () => (await readTable(page, '.admin-body'))
+    .some((r) => r.Name === 'ui-user' && r.Tags === 'monitoring, management' && r['Has password'] === 'yes'));
+  await shot(page, 'admin-users.png', false);
+  // The vhost menu lists vhosts as of the last page load.
+  await page.reload();
+  await page.goto(`${base}/#/admin/permissions`);
+  await page.waitForSelector('.admin-body table');
+  await waitUntil('the user offered', async () => page.$('#set-permission select[name=user] option[value="ui-user"]'));
+  await page.selectOption('#set-permission select[name=user]', 'ui-user');
+  await page.selectOption('#set-permission select[name=vhost]', 'ui-vhost');
+  await page.fill('#set-permission input[name=configure]', '^ui-');
+  await page.click('#set-permission button[type=submit]');
+  await waitUntil('the permission listed', async () => (await readTable(page, '.admin-body'))
+    .some((r) => r.User === 'ui-user' && r['Virtual host'] === 'ui-vhost' && r.Configure === '^ui-' && r.Read === '.*'));
+  await shot(page, 'admin-permissions.png', false);
+  await harness('LOGIN ui-user ui-secret ui-vhost');
   await page.goto(`${base}/#/admin/policies`);
   await page.locator('details:has(#add-policy) > summary').click();
   await page.fill('#add-policy input[name=name]', 'ui-cap');

@@ -10,6 +10,7 @@ use crate::queue::{ConnectionId, ConsumerId};
 use amq_protocol_types::FieldTable;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +46,66 @@ pub struct ConnectionInfo {
     pub heartbeat: u16,
     /// When it connected.
     pub connected_at: SystemTime,
+    /// Its socket traffic so far, counted by the connection's reader and writer.
+    pub traffic: Arc<ConnectionTraffic>,
+}
+
+/// Bytes and socket operations of one connection (RabbitMQ's `recv_oct`, `send_oct`, `recv_cnt`,
+/// `send_cnt`): the reader adds once per socket read, the writer once per batch written, never per frame.
+#[derive(Debug, Default)]
+pub struct ConnectionTraffic {
+    recv_oct: AtomicU64,
+    recv_cnt: AtomicU64,
+    send_oct: AtomicU64,
+    send_cnt: AtomicU64,
+}
+
+impl ConnectionTraffic {
+    /// One socket read of `bytes`.
+    pub fn received(&self, bytes: usize) {
+        self.recv_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One batch of `bytes` written to the socket.
+    pub fn sent(&self, bytes: usize) {
+        self.send_oct.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.send_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(recv_oct, recv_cnt, send_oct, send_cnt)` now.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (get(&self.recv_oct), get(&self.recv_cnt), get(&self.send_oct), get(&self.send_cnt))
+    }
+}
+
+/// A channel's message counts since it opened (RabbitMQ's channel `message_stats`), kept by the
+/// connection task that owns the channel (plain integers: nothing else writes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelMessageStats {
+    /// Messages published through an exchange.
+    pub publish: u64,
+    /// Publishes confirmed (publisher confirms).
+    pub confirm: u64,
+    /// Mandatory publishes returned as unroutable.
+    pub return_unroutable: u64,
+    /// Non-mandatory publishes dropped as unroutable.
+    pub drop_unroutable: u64,
+    /// Deliveries to consumers that must ack.
+    pub deliver: u64,
+    /// Deliveries to no-ack consumers.
+    pub deliver_no_ack: u64,
+    /// `basic.get` answers that must be acked.
+    pub get: u64,
+    /// `basic.get` answers in no-ack mode.
+    pub get_no_ack: u64,
+    /// `basic.get` that found the queue empty.
+    pub get_empty: u64,
+    /// Deliveries and gets with the redelivered flag.
+    pub redeliver: u64,
+    /// Deliveries acknowledged.
+    pub ack: u64,
 }
 
 impl ConnectionInfo {
@@ -77,6 +138,8 @@ pub struct ChannelSnapshot {
     pub uncommitted_acks: u64,
     /// Its consumers.
     pub consumers: Vec<ConsumerSnapshot>,
+    /// Its message counts since it opened.
+    pub message_stats: ChannelMessageStats,
 }
 
 /// One consumer on a channel.
@@ -213,6 +276,7 @@ mod tests {
             channel_max: 2047,
             heartbeat: 60,
             connected_at: SystemTime::now(),
+            traffic: Arc::default(),
         }
     }
 
@@ -241,6 +305,7 @@ mod tests {
                             uncommitted_publishes: 0,
                             uncommitted_acks: 0,
                             consumers: vec![],
+                            message_stats: ChannelMessageStats::default(),
                         }]);
                     }
                     ConnectionControl::Close { reason } => return reason,

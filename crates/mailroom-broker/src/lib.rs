@@ -31,8 +31,8 @@ pub use amq_protocol::protocol::BasicProperties;
 pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 pub use broker::{Broker, BrokerConfig};
 pub use connections::{
-    ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry, ConsumerSnapshot,
-    Registration,
+    ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry,
+    ConnectionTraffic, ConsumerSnapshot, Registration,
 };
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};

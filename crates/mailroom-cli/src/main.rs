@@ -36,7 +36,7 @@ enum Command {
     /// Run the broker.
     Server(Box<ServerArgs>),
     /// Operate a running broker through its HTTP API: list, declare, delete, publish, get, peek, purge,
-    /// redrive, definitions, policies, close connections.
+    /// redrive, definitions, policies, close connections; users, permissions, vhosts and limits.
     Admin(admin::AdminArgs),
     /// Drive an AMQP 0-9-1 broker (or the built-in sink/source) and report rates and latency.
     Bench(bench::BenchArgs),

@@ -3,6 +3,7 @@
 
 use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
+use crate::message_stats::{channel_counts, channel_name, connection_counts, Subject};
 use crate::{json, ServerInfo};
 use hyper::StatusCode;
 use mailroom_broker::{Broker, ChannelSnapshot, ConnectionHandle, ConnectionInfo};
@@ -46,7 +47,8 @@ fn connection_json(server: &ServerInfo, info: &ConnectionInfo, channels: Option<
         None => Value::Null,
     };
     let connected_at = info.connected_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    json!({
+    let (_, recv_cnt, _, send_cnt) = info.traffic.read();
+    let mut out = json!({
         "name": info.name(),
         "node": server.node_name,
         "vhost": info.vhost,
@@ -68,7 +70,15 @@ fn connection_json(server: &ServerInfo, info: &ConnectionInfo, channels: Option<
         "connected_at": connected_at,
         "client_properties": json::table(&info.client_properties),
         "user_provided_name": user_provided_name,
-    })
+        "recv_cnt": recv_cnt,
+        "send_cnt": send_cnt,
+    });
+    // recv_oct, send_oct and their `*_details.rate`, at the top level as RabbitMQ puts them.
+    let octets = server.rates.render(&Subject::Connection(info.name()), &connection_counts(&info.traffic));
+    if let (Some(out), Value::Object(octets)) = (out.as_object_mut(), octets) {
+        out.extend(octets);
+    }
+    out
 }
 
 /// `GET /api/connections` and `/api/vhosts/{vhost}/connections`.
@@ -110,8 +120,10 @@ pub fn close_connection(broker: &Broker, name: &str, req: &ApiRequest) -> ApiRes
 
 fn channel_json(server: &ServerInfo, info: &ConnectionInfo, ch: &ChannelSnapshot) -> Value {
     let conn_name = info.name();
+    let name = channel_name(&conn_name, ch.number);
+    let message_stats = server.rates.render(&Subject::Channel(name.clone()), &channel_counts(&ch.message_stats));
     json!({
-        "name": format!("{conn_name} ({})", ch.number),
+        "name": name,
         "number": ch.number,
         "node": server.node_name,
         "vhost": info.vhost,
@@ -134,6 +146,7 @@ fn channel_json(server: &ServerInfo, info: &ConnectionInfo, ch: &ChannelSnapshot
         "global_prefetch_count": ch.global_prefetch_count,
         "confirm": ch.confirm,
         "transactional": ch.transactional,
+        "message_stats": message_stats,
     })
 }
 

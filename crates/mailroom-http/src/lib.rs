@@ -11,6 +11,7 @@
 
 mod access_routes;
 mod api;
+mod client_metrics;
 mod clients;
 mod connection;
 pub mod definitions;

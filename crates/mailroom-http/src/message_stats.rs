@@ -2,10 +2,14 @@
 //! and exchange's own counters, the process-wide ones in `mailroom_broker::counters` for the overview),
 //! and each count's `*_details.rate`, per second over the last sampling interval, from the snapshots a
 //! background task takes every [`SAMPLE_INTERVAL`] (as RabbitMQ's stats collection, every 5 s by default).
-//! Nothing here runs per message: the hot paths only bump their counters.
+//! Also each channel's counts (kept by its connection task, read through a snapshot) and each
+//! connection's `recv_oct`/`send_oct` with their rates. Nothing here runs per message: the hot paths only
+//! bump their counters.
 
 use mailroom_broker::queue::QueueMessageStats;
-use mailroom_broker::{counters, Broker, Exchange, Queue, VHost};
+use mailroom_broker::{
+    counters, Broker, ChannelMessageStats, ChannelSnapshot, ConnectionHandle, ConnectionTraffic, Exchange, Queue, VHost,
+};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,6 +34,10 @@ pub(crate) enum Subject {
     Queue(String, String),
     /// One exchange: vhost, name.
     Exchange(String, String),
+    /// One channel, by name (`"peer -> local (N)"`).
+    Channel(String),
+    /// One connection's traffic, by name (`"peer -> local"`).
+    Connection(String),
 }
 
 /// `deliver_get`: every message handed out, by consume or get, with or without ack.
@@ -102,6 +110,35 @@ pub(crate) fn vhost_counts(v: &VHost) -> Counts {
     sums
 }
 
+/// A channel's counts since it opened, in RabbitMQ's names (its channel `message_stats`).
+pub(crate) fn channel_counts(s: &ChannelMessageStats) -> Counts {
+    vec![
+        ("ack", s.ack),
+        ("confirm", s.confirm),
+        ("deliver", s.deliver),
+        ("deliver_get", deliver_get(s.deliver, s.deliver_no_ack, s.get, s.get_no_ack)),
+        ("deliver_no_ack", s.deliver_no_ack),
+        ("drop_unroutable", s.drop_unroutable),
+        ("get", s.get),
+        ("get_empty", s.get_empty),
+        ("get_no_ack", s.get_no_ack),
+        ("publish", s.publish),
+        ("redeliver", s.redeliver),
+        ("return_unroutable", s.return_unroutable),
+    ]
+}
+
+/// A connection's byte counts (`recv_oct`, `send_oct`; their rates go in `*_details` beside them).
+pub(crate) fn connection_counts(t: &ConnectionTraffic) -> Counts {
+    let (recv_oct, _, send_oct, _) = t.read();
+    vec![("recv_oct", recv_oct), ("send_oct", send_oct)]
+}
+
+/// The channel name RabbitMQ gives channel `number` of connection `connection`.
+pub(crate) fn channel_name(connection: &str, number: u16) -> String {
+    format!("{connection} ({number})")
+}
+
 /// One snapshot of an object's counts.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -166,9 +203,17 @@ impl Rates {
         state.last_round = Some(at);
     }
 
-    /// Snapshots every object of `broker` now.
-    pub(crate) fn sample(&self, broker: &Broker) {
+    /// Snapshots every object of `broker` now, with the `clients` (connections and their channels) just
+    /// read from it.
+    pub(crate) fn sample(&self, broker: &Broker, clients: &[(ConnectionHandle, Option<Vec<ChannelSnapshot>>)]) {
         let mut round = vec![(Subject::Overview, overview_counts())];
+        for (c, channels) in clients {
+            let name = c.info().name();
+            for ch in channels.iter().flatten() {
+                round.push((Subject::Channel(channel_name(&name, ch.number)), channel_counts(&ch.message_stats)));
+            }
+            round.push((Subject::Connection(name), connection_counts(&c.info().traffic)));
+        }
         for v in broker.vhosts() {
             let vhost = v.name().to_owned();
             for q in v.queues() {
@@ -207,7 +252,8 @@ impl Sampler {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                info.rates.sample(&broker);
+                let clients = crate::clients::with_channels(broker.connections().list()).await;
+                info.rates.sample(&broker, &clients);
             }
         }))
     }

@@ -148,6 +148,8 @@ struct Snapshot {
     held_bytes: u64,
     process: ProcessStats,
     node_name: String,
+    /// Connections and their channels (see [`crate::client_metrics`]).
+    clients: Vec<(mailroom_broker::ConnectionHandle, Option<Vec<mailroom_broker::ChannelSnapshot>>)>,
 }
 
 /// Sums over every queue.
@@ -209,6 +211,7 @@ impl Snapshot {
             held_bytes: broker.held_bytes(),
             process: ProcessStats::read(),
             node_name: node_name(),
+            clients: connections,
         }
     }
 }
@@ -605,6 +608,7 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         self.encode_rabbitmq(&mut enc)?;
+        crate::client_metrics::encode(&mut enc, self.scope, &self.clients)?;
         self.encode_mailroom(&mut enc)
     }
 }

@@ -1,5 +1,5 @@
-// Admin: virtual hosts, users, permissions, policies, and definitions download and upload. Users and
-// permissions show what the API serves; where it has no such path yet the page says so.
+// Admin: virtual hosts (add, delete), users (add, update, delete), permissions (set, clear), policies, and
+// definitions download and upload. Where the API has no such path the page says so.
 
 import { api, get, seg } from './api.js';
 import { fill, fmtJson, fmtNum, form, h, notify, parseObject, row, section, select, table } from './dom.js';
@@ -30,45 +30,126 @@ async function optional(path, box, render) {
   }
 }
 
+/** A small red button that asks first, runs `action`, then `done` (or shows the error). */
+function deleteButton(label, question, action, done) {
+  return h('button', {
+    class: 'small danger',
+    onclick: async () => {
+      if (!confirm(question)) return;
+      try {
+        await action();
+        done();
+      } catch (e) {
+        notify(e.message, 'error');
+      }
+    },
+  }, label);
+}
+
 function vhosts(root) {
   const box = h('div');
-  root.append(h('h1', null, 'Virtual hosts'), box);
-  return {
-    refresh: () => optional('/api/vhosts', box, (list) => fill(box, table([
-      { label: 'Name', value: (v) => v.name },
-      { label: 'Description', value: (v) => v.description || '' },
-      { label: 'Default queue type', value: (v) => v.default_queue_type || '' },
-      { label: 'Ready', num: true, value: (v) => fmtNum(v.messages_ready) },
-      { label: 'Unacked', num: true, value: (v) => fmtNum(v.messages_unacknowledged) },
-      { label: 'Total', num: true, value: (v) => fmtNum(v.messages) },
-    ], list))),
-  };
+  const refresh = () => optional('/api/vhosts', box, (list) => fill(box, table([
+    { label: 'Name', value: (v) => v.name },
+    { label: 'Description', value: (v) => v.description || '' },
+    { label: 'Default queue type', value: (v) => v.default_queue_type || '' },
+    { label: 'Ready', num: true, value: (v) => fmtNum(v.messages_ready) },
+    { label: 'Unacked', num: true, value: (v) => fmtNum(v.messages_unacknowledged) },
+    { label: 'Total', num: true, value: (v) => fmtNum(v.messages) },
+    {
+      label: '',
+      value: (v) => deleteButton('Delete', `Delete virtual host ${v.name} with all its queues, exchanges and messages?`,
+        () => api('DELETE', `/api/vhosts/${seg(v.name)}`), refresh),
+    },
+  ], list)));
+  const add = form({ id: 'add-vhost' }, [
+    row('Name', h('input', { name: 'name', required: true })),
+  ], 'Add virtual host', async (f) => {
+    await api('PUT', `/api/vhosts/${seg(f.name.value)}`, {});
+    refresh();
+    return `Virtual host ${f.name.value} added (reload to see it in the virtual host menu)`;
+  });
+  root.append(h('h1', null, 'Virtual hosts'), box, section('Add a virtual host', false, add));
+  return { refresh };
 }
+
+const tagList = (u) => (Array.isArray(u.tags) ? u.tags.join(', ') : u.tags || '');
 
 function users(root) {
   const box = h('div');
-  root.append(h('h1', null, 'Users'), box);
-  return {
-    refresh: () => optional('/api/users', box, (list) => fill(box, table([
-      { label: 'Name', value: (u) => u.name },
-      { label: 'Tags', value: (u) => (Array.isArray(u.tags) ? u.tags.join(', ') : u.tags || '') },
-      { label: 'Has password', value: (u) => (u.password_hash ? 'yes' : 'no') },
-    ], list))),
-  };
+  const refresh = () => optional('/api/users', box, (list) => fill(box, table([
+    { label: 'Name', value: (u) => u.name },
+    { label: 'Tags', value: tagList },
+    { label: 'Has password', value: (u) => (u.password_hash ? 'yes' : 'no') },
+    {
+      label: '',
+      value: (u) => deleteButton('Delete', `Delete user ${u.name} and its permissions?`,
+        () => api('DELETE', `/api/users/${seg(u.name)}`), refresh),
+    },
+  ], list, { empty: 'No users' })));
+  const add = form({ id: 'add-user' }, [
+    row('Username', h('input', { name: 'name', required: true, autocomplete: 'off' })),
+    row('Password', h('input', { name: 'password', type: 'password', autocomplete: 'new-password' })),
+    row('Tags', h('input', { name: 'tags', placeholder: 'administrator, monitoring, policymaker, management' })),
+    h('p', { class: 'hint' }, 'An existing user is updated; leave the password empty to keep theirs.'),
+  ], 'Add / update user', async (f) => {
+    const name = f.name.value;
+    const tags = f.tags.value.split(',').map((t) => t.trim()).filter(Boolean);
+    const body = { tags };
+    if (f.password.value) {
+      body.password = f.password.value;
+    } else {
+      // Keep the password of an existing user by sending its hash back; a new user needs one.
+      let existing = null;
+      try {
+        existing = await get(`/api/users/${seg(name)}`);
+      } catch (e) {
+        if (e.status !== 404) throw e;
+      }
+      if (!existing) throw new Error('A new user needs a password');
+      body.password_hash = existing.password_hash || '';
+      body.hashing_algorithm = existing.hashing_algorithm || 'rabbit_password_hashing_md5';
+    }
+    await api('PUT', `/api/users/${seg(name)}`, body);
+    f.password.value = '';
+    refresh();
+    return `User ${name} saved`;
+  });
+  root.append(h('h1', null, 'Users'), box, section('Add / update a user', true, add));
+  return { refresh };
 }
 
-function permissions(root) {
+function permissions(root, app) {
   const box = h('div');
-  root.append(h('h1', null, 'Permissions'), box);
-  return {
-    refresh: () => optional('/api/permissions', box, (list) => fill(box, table([
-      { label: 'User', value: (p) => p.user },
-      { label: 'Virtual host', value: (p) => p.vhost },
-      { label: 'Configure', value: (p) => p.configure },
-      { label: 'Write', value: (p) => p.write },
-      { label: 'Read', value: (p) => p.read },
-    ], list))),
-  };
+  const refresh = () => optional('/api/permissions', box, (list) => fill(box, table([
+    { label: 'User', value: (p) => p.user },
+    { label: 'Virtual host', value: (p) => p.vhost },
+    { label: 'Configure', value: (p) => p.configure },
+    { label: 'Write', value: (p) => p.write },
+    { label: 'Read', value: (p) => p.read },
+    {
+      label: '',
+      value: (p) => deleteButton('Clear', `Clear ${p.user}'s permissions on ${p.vhost}?`,
+        () => api('DELETE', `/api/permissions/${seg(p.vhost)}/${seg(p.user)}`), refresh),
+    },
+  ], list, { empty: 'No permissions' })));
+  const userSelect = h('select', { name: 'user', required: true });
+  get('/api/users').then((list) => fill(userSelect, list.map((u) => h('option', { value: u.name }, u.name))))
+    .catch((e) => notify(e.message, 'error'));
+  const set = form({ id: 'set-permission' }, [
+    row('User', userSelect),
+    row('Virtual host', vhostSelect(app)),
+    row('Configure regexp', h('input', { name: 'configure', value: '.*' })),
+    row('Write regexp', h('input', { name: 'write', value: '.*' })),
+    row('Read regexp', h('input', { name: 'read', value: '.*' })),
+  ], 'Set permission', async (f) => {
+    await api('PUT', `/api/permissions/${seg(f.vhost.value)}/${seg(f.user.value)}`, {
+      configure: f.configure.value, write: f.write.value, read: f.read.value,
+    });
+    refresh();
+    return `Permission set for ${f.user.value} on ${f.vhost.value}`;
+  });
+  root.append(h('h1', null, 'Permissions'), box, section('Set a permission', true, set));
+  return { refresh };
 }
 
 function policies(root, app) {

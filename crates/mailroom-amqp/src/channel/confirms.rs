@@ -34,11 +34,13 @@ pub struct Confirms {
     /// Sequence numbers of persistent publishes waiting for their fsync; while any is pending, other
     /// confirms go out one by one (a multiple-ack would cover them).
     durable_pending: BTreeSet<u64>,
+    /// Publishes confirmed (acked) so far.
+    confirmed: u64,
 }
 
 impl Default for Confirms {
     fn default() -> Self {
-        Self { next_seq: 1, pending_ack: None, pending_first: 0, durable_pending: BTreeSet::new() }
+        Self { next_seq: 1, pending_ack: None, pending_first: 0, durable_pending: BTreeSet::new(), confirmed: 0 }
     }
 }
 
@@ -57,6 +59,7 @@ impl Confirms {
             self.coalesce(seq);
             Confirm::Coalesced
         } else {
+            self.count_confirm();
             Confirm::Alone { seq, ok: true }
         }
     }
@@ -71,6 +74,9 @@ impl Confirms {
             // and any others completing in the same turn.
             self.coalesce(seq);
             return Confirm::Coalesced;
+        }
+        if ok {
+            self.count_confirm();
         }
         Confirm::Alone { seq, ok }
     }
@@ -92,8 +98,19 @@ impl Confirms {
         self.durable_pending.len()
     }
 
-    fn coalesce(&mut self, seq: u64) {
+    /// Publishes confirmed so far (the channel's `message_stats.confirm`).
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// One publish confirmed (acked): the node's and this channel's counts.
+    fn count_confirm(&mut self) {
         mailroom_broker::counters::MESSAGES_CONFIRMED.inc();
+        self.confirmed += 1;
+    }
+
+    fn coalesce(&mut self, seq: u64) {
+        self.count_confirm();
         match self.pending_ack {
             Some(pending) => self.pending_ack = Some(pending.max(seq)),
             None => {

@@ -97,6 +97,9 @@ pub struct Channel {
     /// This channel's place in its user's `max-channels` count, held for its `Drop` (which gives it back).
     #[allow(dead_code)]
     pub user_slot: Option<mailroom_broker::access::ChannelSlot>,
+    /// Message counts since it opened (the management API's channel `message_stats`; `confirm` is
+    /// counted by the confirm state).
+    pub stats: mailroom_broker::ChannelMessageStats,
 }
 
 impl Channel {
@@ -116,6 +119,7 @@ impl Channel {
             reply_queue: None,
             access: None,
             user_slot: None,
+            stats: Default::default(),
         }
     }
 

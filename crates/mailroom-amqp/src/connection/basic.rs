@@ -176,7 +176,10 @@ impl Connection {
                     id: got.id,
                     sent_at: Instant::now(),
                 });
-                let tag = self.channel(id).next_delivery(unacked);
+                let ch = self.channel(id);
+                *if g.no_ack { &mut ch.stats.get_no_ack } else { &mut ch.stats.get } += 1;
+                ch.stats.redeliver += got.redelivered as u64;
+                let tag = ch.next_delivery(unacked);
                 self.send(
                     id,
                     Method::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
@@ -189,7 +192,10 @@ impl Connection {
                 );
                 self.write_content(id, &got.message);
             }
-            None => self.send(id, Method::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))),
+            None => {
+                self.channel(id).stats.get_empty += 1;
+                self.send(id, Method::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
+            }
         }
         Ok(())
     }
@@ -208,6 +214,7 @@ impl Connection {
             return Ok(());
         };
         if ack {
+            ch.stats.ack += deliveries.len() as u64;
             // Batched with the other acks of this read (see `Connection::acks`).
             let channel_wide = ch.channel_prefetch.limit() != 0;
             self.acks.add(id, channel_wide, deliveries);

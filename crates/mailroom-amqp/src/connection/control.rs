@@ -4,7 +4,9 @@
 use super::{Connection, Phase};
 use crate::channel::ChannelMode;
 use crate::error::{code, AmqpError};
-use mailroom_broker::{ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration};
+use mailroom_broker::{
+    ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration,
+};
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
@@ -23,6 +25,7 @@ impl Connection {
             channel_max: self.channel_max,
             heartbeat: self.heartbeat.as_secs() as u16,
             connected_at: std::time::SystemTime::now(),
+            traffic: std::sync::Arc::clone(&self.traffic),
         };
         let (registration, control) = self.ctx.broker.connections().register(info);
         self.registry.registration = Some(registration);
@@ -78,6 +81,13 @@ impl Connection {
                         ack_required: !self.consumer_channels.get(&c.id).is_some_and(|r| r.no_ack),
                     })
                     .collect(),
+                message_stats: ChannelMessageStats {
+                    confirm: match &ch.mode {
+                        ChannelMode::Confirm(c) => c.confirmed(),
+                        _ => 0,
+                    },
+                    ..ch.stats
+                },
             })
             .collect();
         out.sort_by_key(|c| c.number);

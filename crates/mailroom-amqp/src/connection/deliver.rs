@@ -54,6 +54,9 @@ impl Connection {
             Arc::clone(&d.queue).return_undelivered(d);
             return;
         };
+        let stats = &mut ch.stats;
+        *if no_ack { &mut stats.deliver_no_ack } else { &mut stats.deliver } += 1;
+        stats.redeliver += d.redelivered as u64;
         let delivery_tag = if no_ack {
             match self.noack_sent.iter_mut().find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue)) {
                 Some(entry) => entry.2 += 1,

@@ -140,6 +140,8 @@ pub(crate) struct Connection {
     crossed_closes: HashSet<u16>,
     /// This connection's entry in the broker's connection registry (management API).
     registry: Registry,
+    /// Bytes and socket operations both ways (the writer task holds a clone).
+    traffic: Arc<mailroom_broker::ConnectionTraffic>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -175,7 +177,8 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (writer, writer_task) = Writer::spawn(wr);
+    let traffic = Arc::new(mailroom_broker::ConnectionTraffic::default());
+    let (writer, writer_task) = Writer::spawn(wr, Arc::clone(&traffic));
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
@@ -208,6 +211,7 @@ where
         cleaned_up: false,
         crossed_closes: HashSet::new(),
         registry: Registry::new(local),
+        traffic,
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(rd).await {
@@ -273,7 +277,7 @@ impl Connection {
         // Protocol header.
         let mut header = [0u8; 8];
         match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => self.traffic.received(n),
             _ => return Ok(()),
         }
         if &header != codec::PROTOCOL_HEADER {
@@ -350,7 +354,10 @@ impl Connection {
                             }
                             self.phase = Phase::Closed;
                         }
-                        Ok(_) => { self.last_inbound = Instant::now(); }
+                        Ok(n) => {
+                            self.last_inbound = Instant::now();
+                            self.traffic.received(n);
+                        }
                     }
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),

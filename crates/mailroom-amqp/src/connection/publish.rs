@@ -171,8 +171,11 @@ impl Connection {
             (Arc::clone(&message.routing_key), raw, message.body.clone())
         });
         let result = vhost.publish(exchange, message)?;
+        let stats = &mut self.channel(id).stats;
+        stats.publish += 1;
         if !result.routed {
             if mandatory { &counters::RETURN_UNROUTABLE } else { &counters::DROP_UNROUTABLE }.inc();
+            *if mandatory { &mut stats.return_unroutable } else { &mut stats.drop_unroutable } += 1;
         }
         if let Some((routing_key, raw, body)) = returned.filter(|_| !result.routed) {
             self.send(

@@ -30,6 +30,9 @@ impl Connection {
                             }
                         }
                         TxOp::Settle { deliveries, ack, requeue } => {
+                            if ack {
+                                self.channel(id).stats.ack += deliveries.len() as u64;
+                            }
                             settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue)
                         }
                     }

@@ -2,6 +2,8 @@
 //! between them is bounded, so a slow client pushes back on the connection instead of growing memory.
 
 use bytes::Bytes;
+use mailroom_broker::ConnectionTraffic;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
@@ -27,10 +29,14 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `wr`; the task ends (shutting the socket down) once the handle is dropped.
-    pub(super) fn spawn<W: AsyncWrite + Unpin + Send + 'static>(wr: W) -> (Writer, JoinHandle<()>) {
+    /// Starts the writer task on `wr`, counting what it writes in `traffic`; the task ends (shutting the
+    /// socket down) once the handle is dropped.
+    pub(super) fn spawn<W: AsyncWrite + Unpin + Send + 'static>(
+        wr: W,
+        traffic: Arc<ConnectionTraffic>,
+    ) -> (Writer, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
-        (Writer { tx }, tokio::spawn(write_loop(wr, rx)))
+        (Writer { tx }, tokio::spawn(write_loop(wr, rx, traffic)))
     }
 
     /// Hands a batch over, waiting at most `stall_limit` for room.
@@ -43,13 +49,20 @@ impl Writer {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    traffic: Arc<ConnectionTraffic>,
+) {
     while let Some(batch) = rx.recv().await {
+        let mut bytes = 0;
         for chunk in batch {
             if wr.write_all(&chunk).await.is_err() {
                 return;
             }
+            bytes += chunk.len();
         }
+        traffic.sent(bytes);
     }
     let _ = wr.shutdown().await;
 }

@@ -1,22 +1,28 @@
 //! `mailroom admin`: the broker's resources through its HTTP API (RabbitMQ's management API): list,
 //! declare and delete them, publish, get, peek, purge, redrive, definitions export and import, close a
-//! connection. Answers print as tables (see [`crate::table`]), or as JSON with `--json`. A small HTTP/1.1
-//! client over a tokio `TcpStream` (one request per connection, `Connection: close`).
+//! connection; users, permissions, vhosts and limits (see [`access`]). Answers print as tables (see
+//! [`crate::table`]), or as JSON with `--json`. Over http or https (see [`client`]).
 
-use base64::Engine;
+mod access;
+mod client;
+mod progress;
+
 use clap::{Args, Subcommand};
+use client::{encode, Client, Trust};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Longest an admin request may take (connect, send and read the whole answer).
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Flags of `mailroom admin`.
 #[derive(Args)]
 pub struct AdminArgs {
-    /// The broker's HTTP API (`http://host:port`).
+    /// The broker's HTTP API (`http://host:port` or `https://host:port`).
     #[arg(long, env = "MAILROOM_ADMIN_URL", default_value = "http://127.0.0.1:15672")]
     url: String,
+    /// https: trust the CA certificates in this PEM file (default: the system's CA bundle).
+    #[arg(long, env = "MAILROOM_ADMIN_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// https: accept any server certificate (encrypted but unauthenticated; for tests only).
+    #[arg(long, conflicts_with = "cacert")]
+    insecure: bool,
     /// User name.
     #[arg(long, env = "MAILROOM_ADMIN_USER", default_value = "guest")]
     user: String,
@@ -29,6 +35,9 @@ pub struct AdminArgs {
     /// Print the API's JSON answer instead of a table (for scripts).
     #[arg(long, global = true)]
     json: bool,
+    /// Show progress of long operations (redrive, import) on stderr even when it is not a terminal.
+    #[arg(long, global = true)]
+    progress: bool,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -189,6 +198,36 @@ enum DefinitionsCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Users: list, add, update (password, tags), delete.
+    User {
+        #[command(subcommand)]
+        command: access::UserCommand,
+    },
+    /// Permissions on --vhost: list, set, clear.
+    Permission {
+        #[command(subcommand)]
+        command: access::PermissionCommand,
+    },
+    /// Topic permissions on --vhost: list, set, clear.
+    TopicPermission {
+        #[command(subcommand)]
+        command: access::TopicPermissionCommand,
+    },
+    /// Virtual hosts: list, add, delete.
+    Vhost {
+        #[command(subcommand)]
+        command: access::VhostCommand,
+    },
+    /// Limits of --vhost (max-connections, max-queues): list, set, clear.
+    VhostLimit {
+        #[command(subcommand)]
+        command: access::VhostLimitCommand,
+    },
+    /// Limits of users (max-connections, max-channels): list, set, clear.
+    UserLimit {
+        #[command(subcommand)]
+        command: access::UserLimitCommand,
+    },
     /// List queues, exchanges, bindings, connections, channels, consumers, vhosts, policies or nodes.
     List {
         /// What to list.
@@ -311,7 +350,8 @@ enum PolicyCommand {
     },
 }
 
-type BoxError = Box<dyn std::error::Error>;
+/// Any error of an admin command (printed by `main`).
+pub(crate) type BoxError = Box<dyn std::error::Error>;
 
 /// Parses an optional JSON object flag.
 fn json_arg(flag: &str, text: Option<&str>) -> Result<Value, BoxError> {
@@ -330,11 +370,34 @@ fn json_arg(flag: &str, text: Option<&str>) -> Result<Value, BoxError> {
 
 /// Runs one admin command, printing the answer as a table (or JSON with `--json`).
 pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
-    let client = Client::new(&args.url, &args.user, &args.password)?;
+    let trust = match (&args.cacert, args.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => {
+            if args.url.starts_with("https://") {
+                eprintln!("warning: --insecure: the server's certificate is not checked; anyone in between can read and change this session");
+            }
+            Trust::Insecure
+        }
+        (None, false) => Trust::System,
+    };
+    let client = Client::new(&args.url, &args.user, &args.password, trust)?;
+    let progress = progress::Mode::detect(args.progress);
     let vhost = encode(&args.vhost);
     // The table's columns (empty: the answer's own fields).
-    let mut columns: &[&str] = &[];
+    let mut columns: &'static [&'static str] = &[];
     let answer = match args.command {
+        AdminCommand::User { command } => with_columns(&mut columns, access::user(&client, command).await?),
+        AdminCommand::Permission { command } => {
+            with_columns(&mut columns, access::permission(&client, &args.vhost, command).await?)
+        }
+        AdminCommand::TopicPermission { command } => {
+            with_columns(&mut columns, access::topic_permission(&client, &args.vhost, command).await?)
+        }
+        AdminCommand::Vhost { command } => with_columns(&mut columns, access::vhost(&client, command).await?),
+        AdminCommand::VhostLimit { command } => {
+            with_columns(&mut columns, access::vhost_limit(&client, &args.vhost, command).await?)
+        }
+        AdminCommand::UserLimit { command } => with_columns(&mut columns, access::user_limit(&client, command).await?),
         AdminCommand::List { what } => {
             let (path, cols) = what.path_and_columns(&vhost);
             columns = cols;
@@ -427,7 +490,8 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
         AdminCommand::Definitions { command: DefinitionsCommand::Import { file } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
-            with_progress("importing definitions", client.request("POST", "/api/definitions", Some(&doc))).await?;
+            let import = client.request("POST", "/api/definitions", Some(&doc));
+            progress::spinner(progress, "importing definitions", import).await?;
             Some(json!({ "imported": file.display().to_string() }))
         }
         AdminCommand::Policy { command: PolicyCommand::Set { name, pattern, definition, priority, apply_to } } => {
@@ -463,8 +527,10 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
                 let (name, value) = h.split_once('=').ok_or("--header takes NAME=VALUE")?;
                 body["header_filter"] = json!({ "name": name, "value": value });
             }
-            let path = format!("/api/queues/{vhost}/{}/redrive", encode(&queue));
-            with_progress("redriving", client.request("POST", &path, Some(&body))).await?
+            let queue_path = format!("/api/queues/{vhost}/{}", encode(&queue));
+            let redrive_path = format!("{queue_path}/redrive");
+            let work = client.request("POST", &redrive_path, Some(&body));
+            progress::redrive(progress, &client, &queue_path, count, work).await?
         }
     };
     match answer {
@@ -475,165 +541,8 @@ pub async fn run(args: AdminArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Runs `work`, showing `what` and the time it has taken on stderr while it runs, if stderr is a terminal
-/// (the API answers a redrive or an import only when it is done, so there is no fraction to show).
-async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
-    use std::io::{IsTerminal, Write};
-    if !std::io::stderr().is_terminal() {
-        return work.await;
-    }
-    let started = std::time::Instant::now();
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    tokio::pin!(work);
-    let spinner = ['|', '/', '-', '\\'];
-    let mut turn = 0;
-    let out = loop {
-        tokio::select! {
-            out = &mut work => break out,
-            _ = tick.tick() => {
-                turn += 1;
-                let secs = started.elapsed().as_secs_f64();
-                eprint!("\r{} {what}... {secs:.1} s", spinner[turn % spinner.len()]);
-                let _ = std::io::stderr().flush();
-            }
-        }
-    };
-    // Clear the line (carriage return, erase to end of line).
-    eprint!("\r\x1b[2K");
-    out
-}
-
-/// Percent-encodes a path segment (everything but unreserved characters).
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-struct Client {
-    host_port: String,
-    auth: String,
-}
-
-impl Client {
-    fn new(url: &str, user: &str, password: &str) -> Result<Client, BoxError> {
-        let rest = url.strip_prefix("http://").ok_or("--url must start with http:// (no TLS in the admin client)")?;
-        let host_port = rest.trim_end_matches('/').to_owned();
-        if host_port.is_empty() || host_port.contains('/') {
-            return Err(format!("--url must be http://host:port, got {url}").into());
-        }
-        let host_port = if host_port.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            host_port
-        } else {
-            format!("{host_port}:80")
-        };
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        Ok(Client { host_port, auth })
-    }
-
-    /// Sends one request; an answer outside 2xx becomes an error carrying the server's reason.
-    async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Option<Value>, BoxError> {
-        self.request_with(method, path, body, &[]).await
-    }
-
-    /// [`Client::request`] with extra headers (`X-Reason` of a connection close).
-    async fn request_with(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        headers: &[(&str, &str)],
-    ) -> Result<Option<Value>, BoxError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.request_inner(method, path, body, headers))
-            .await
-            .map_err(|_| format!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))?
-    }
-
-    async fn request_inner(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        headers: &[(&str, &str)],
-    ) -> Result<Option<Value>, BoxError> {
-        if headers.iter().any(|(k, v)| [k, v].iter().any(|s| s.contains(['\r', '\n']))) {
-            return Err("header values cannot contain line breaks".into());
-        }
-        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-        let mut stream = tokio::net::TcpStream::connect(&self.host_port)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", self.host_port))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {}\r\nConnection: close\r\n{extra}\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            self.host_port,
-            self.auth,
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed HTTP answer")?;
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let mut payload = raw[split + 4..].to_vec();
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("malformed HTTP status line")?;
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-            payload = dechunk(&payload)?;
-        }
-        let value: Option<Value> = if payload.is_empty() { None } else { serde_json::from_slice(&payload).ok() };
-        if !(200..300).contains(&status) {
-            let reason = value
-                .as_ref()
-                .and_then(|v| v.get("reason"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| String::from_utf8_lossy(&payload).into_owned());
-            return Err(format!("{method} {path}: HTTP {status}: {reason}").into());
-        }
-        Ok(value)
-    }
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, BoxError> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk")?;
-        let size_text = std::str::from_utf8(&data[..line_end])?.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        out.extend_from_slice(data.get(..size).ok_or("truncated chunk")?);
-        data = data.get(size + 2..).ok_or("truncated chunk")?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_path_segments() {
-        assert_eq!(encode("/"), "%2F");
-        assert_eq!(encode("my queue.1"), "my%20queue.1");
-    }
-
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
-    }
-
-    #[test]
-    fn parses_urls() {
-        assert_eq!(Client::new("http://127.0.0.1:15672", "u", "p").unwrap().host_port, "127.0.0.1:15672");
-        assert_eq!(Client::new("http://localhost/", "u", "p").unwrap().host_port, "localhost:80");
-        assert!(Client::new("https://x", "u", "p").is_err());
-    }
+/// Takes the columns of an [`access::Answer`], returning its value.
+fn with_columns(columns: &mut &'static [&'static str], (answer, cols): access::Answer) -> Option<Value> {
+    *columns = cols;
+    answer
 }
