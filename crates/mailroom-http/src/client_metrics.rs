@@ -5,7 +5,6 @@
 //! one unlabelled sum each. Read from the snapshot a scrape takes (see [`crate::metrics`]).
 
 use crate::message_stats::channel_name;
-use crate::metrics::Scope;
 use mailroom_broker::{ChannelMessageStats, ChannelSnapshot, ConnectionHandle};
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -142,8 +141,7 @@ fn sample<S: prometheus_client::encoding::EncodeLabelSet>(
 }
 
 /// Writes every connection and channel series of `clients` in `scope`.
-pub(crate) fn encode(enc: &mut DescriptorEncoder, scope: Scope, clients: &Clients) -> fmt::Result {
-    let per_object = scope == Scope::PerObject;
+pub(crate) fn encode(enc: &mut DescriptorEncoder, per_object: bool, clients: &Clients) -> fmt::Result {
     for &(name, help, kind, value) in CONNECTION_SERIES {
         let mut m = enc.encode_descriptor(name, help, None, kind)?;
         let rows = clients.iter().map(|(c, chs)| (c, value(c, chs.as_ref().map_or(0, Vec::len))));

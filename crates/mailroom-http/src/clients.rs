@@ -22,25 +22,6 @@ fn connections_in(broker: &Broker, vhost: Option<&str>) -> Result<Vec<Connection
     Ok(broker.connections().list().into_iter().filter(|c| vhost.is_none_or(|v| c.info().vhost == v)).collect())
 }
 
-/// Asks every connection for its channels at once (a busy connection costs one timeout, not one per
-/// connection listed after it); the answers keep the connections' order.
-pub async fn with_channels(
-    connections: Vec<ConnectionHandle>,
-) -> Vec<(ConnectionHandle, Option<Vec<ChannelSnapshot>>)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, c) in connections.iter().enumerate() {
-        let c = c.clone();
-        tasks.spawn(async move { (i, c.channels().await) });
-    }
-    let mut answers: Vec<Option<Vec<ChannelSnapshot>>> = vec![None; connections.len()];
-    while let Some(done) = tasks.join_next().await {
-        if let Ok((i, channels)) = done {
-            answers[i] = channels;
-        }
-    }
-    connections.into_iter().zip(answers).collect()
-}
-
 fn connection_json(server: &ServerInfo, info: &ConnectionInfo, channels: Option<&[ChannelSnapshot]>) -> Value {
     let user_provided_name = match info.client_properties.inner().get("connection_name") {
         Some(v) => json::amqp_value(v),
@@ -88,7 +69,7 @@ pub async fn list_connections(
     vhost: Option<&str>,
     req: &ApiRequest,
 ) -> ApiResult {
-    let items = with_channels(connections_in(broker, vhost)?)
+    let items = crate::snapshots::with_channels(connections_in(broker, vhost)?)
         .await
         .iter()
         .map(|(c, channels)| connection_json(server, c.info(), channels.as_deref()))
@@ -154,7 +135,7 @@ async fn all_channels(
     broker: &Broker,
     vhost: Option<&str>,
 ) -> Result<Vec<(ConnectionHandle, Vec<ChannelSnapshot>)>, ApiError> {
-    let all = with_channels(connections_in(broker, vhost)?).await;
+    let all = crate::snapshots::with_channels(connections_in(broker, vhost)?).await;
     Ok(all.into_iter().filter_map(|(c, channels)| Some((c, channels?))).collect())
 }
 

@@ -25,6 +25,7 @@ mod node;
 pub mod prometheus;
 mod resources;
 mod routes;
+mod snapshots;
 mod ui;
 
 pub use api::ApiError;

@@ -250,9 +250,10 @@ impl Sampler {
         Sampler(tokio::spawn(async move {
             let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut snapshots = crate::snapshots::SnapshotCache::default();
             loop {
                 tick.tick().await;
-                let clients = crate::clients::with_channels(broker.connections().list()).await;
+                let clients = snapshots.refresh(broker.connections().list()).await;
                 info.rates.sample(&broker, &clients);
             }
         }))

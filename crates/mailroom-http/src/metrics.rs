@@ -196,7 +196,7 @@ impl Snapshot {
                 }
             }
         }
-        let connections = crate::clients::with_channels(broker.connections().list()).await;
+        let connections = crate::snapshots::with_channels(broker.connections().list()).await;
         let channels = connections.iter().map(|(_, chs)| chs.as_ref().map_or(0, |c| c.len() as u64)).sum();
         Snapshot {
             scope,
@@ -608,7 +608,7 @@ impl Snapshot {
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         self.encode_rabbitmq(&mut enc)?;
-        crate::client_metrics::encode(&mut enc, self.scope, &self.clients)?;
+        crate::client_metrics::encode(&mut enc, self.scope == Scope::PerObject, &self.clients)?;
         self.encode_mailroom(&mut enc)
     }
 }

@@ -66,7 +66,7 @@ fn listeners_json(server: &ServerInfo) -> Value {
 /// `GET /api/overview`.
 pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiRequest) -> ApiResult {
     let t = totals(broker);
-    let connections = crate::clients::with_channels(broker.connections().list()).await;
+    let connections = crate::snapshots::with_channels(broker.connections().list()).await;
     let channels: u64 = connections.iter().map(|(_, chs)| chs.as_ref().map_or(0, |c| c.len() as u64)).sum();
     let sync = broker.sync_stats();
     let zero_rate = json!({ "rate": 0.0 });
