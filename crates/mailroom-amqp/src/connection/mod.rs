@@ -55,8 +55,17 @@ const CLOSE_LINGER_MAX: Duration = Duration::from_secs(30);
 const EVENTS_PER_TURN: usize = 256;
 /// How long a write may wait for a peer that stopped reading when heartbeats are off.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Read buffer growth step.
+/// Read buffer growth step while a client sends in bursts (a read filled the buffer).
 const READ_CHUNK: usize = 64 * 1024;
+/// Longest the run loop works through a socket that stays readable before it lets the runtime run other
+/// tasks. Its writer among them: a task woken by this one waits in the worker's LIFO slot, which no other
+/// worker steals, and tokio's cooperative budget (128 reads of up to 64 KiB) alone lets it wait for seconds,
+/// heartbeats and confirms with it.
+const TURN_SLICE: Duration = Duration::from_millis(10);
+/// Least room for a read while a client sends in bursts.
+const READ_MIN_ROOM: usize = 4096;
+/// Read buffer of a quiet connection: the handshake fits, and an idle connection holds no more than this.
+const READ_IDLE: usize = 2048;
 
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +278,11 @@ fn method_ids(m: &Method) -> (u16, u16) {
 
 impl Connection {
     async fn run<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<()> {
-        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut rbuf = BytesMut::with_capacity(READ_IDLE);
+        // Bytes the last read returned: a read that filled READ_IDLE or more means a burst.
+        let mut last_read = 0;
+        // When the run loop last let other tasks run (see TURN_SLICE).
+        let mut slice_start = Instant::now();
         // Protocol header.
         let mut header = [0u8; 8];
         match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
@@ -283,10 +296,8 @@ impl Connection {
         }
         self.send_start();
         self.flush().await?;
-        let handshake_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut timer = liveness::Timer::new(Instant::now() + HANDSHAKE_TIMEOUT);
         let mut shutdown = self.ctx.shutdown.clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Handle every complete frame already buffered.
             loop {
@@ -321,11 +332,16 @@ impl Connection {
             if self.phase == Phase::Closed {
                 return Ok(());
             }
-            if rbuf.capacity() - rbuf.len() < 4096 {
-                rbuf.reserve(READ_CHUNK);
+            let bursting = last_read >= READ_IDLE;
+            if rbuf.is_empty() && rbuf.capacity() > READ_IDLE && !bursting {
+                // The burst is over: an idle connection keeps a small buffer (frames split off keep theirs).
+                rbuf = BytesMut::with_capacity(READ_IDLE);
+            } else if rbuf.capacity() - rbuf.len() < if bursting { READ_MIN_ROOM } else { READ_IDLE / 2 } {
+                rbuf.reserve(if bursting { READ_CHUNK } else { READ_IDLE });
             }
             self.update_blocked();
             self.flush().await?;
+            self.arm_timer(&mut timer);
             let read_allowed = !self.blocked;
             tokio::select! {
                 biased;
@@ -340,6 +356,8 @@ impl Connection {
                         self.phase = Phase::Closed;
                     }
                 }
+                // Before the socket: a client that keeps it readable must not starve heartbeats and deadlines.
+                _ = timer.fired() => self.on_tick(&mut timer),
                 Ok(()) = self.alarms.changed() => {}
                 read = rd.read_buf(&mut rbuf), if read_allowed => {
                     match read {
@@ -350,10 +368,18 @@ impl Connection {
                             }
                             self.phase = Phase::Closed;
                         }
-                        Ok(_) => { self.last_inbound = Instant::now(); }
+                        Ok(n) => {
+                            // Any frame counts as the client's heartbeat (as RabbitMQ).
+                            let now = Instant::now();
+                            self.last_inbound = now;
+                            last_read = n;
+                            if now.duration_since(slice_start) >= TURN_SLICE {
+                                tokio::task::yield_now().await;
+                                slice_start = Instant::now();
+                            }
+                        }
                     }
                 }
-                _ = tick.tick() => self.on_tick(handshake_deadline),
                 Some(request) = self.registry.next_request() => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
