@@ -12,6 +12,7 @@ mod channel;
 mod confirm;
 mod control;
 mod deliver;
+mod events;
 mod exchange;
 mod fsync;
 mod grants;
@@ -40,7 +41,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use writer::{WriteError, Writer};
 
@@ -65,7 +66,7 @@ const TURN_SLICE: Duration = Duration::from_millis(10);
 /// Least room for a read while a client sends in bursts.
 const READ_MIN_ROOM: usize = 4096;
 /// Read buffer of a quiet connection: the handshake fits, and an idle connection holds no more than this.
-const READ_IDLE: usize = 2048;
+const READ_IDLE: usize = 1024;
 
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,10 +123,11 @@ pub(crate) struct Connection {
     /// A login was just refused: wait [`crate::authz::LOGIN_REFUSED_DELAY`] before answering.
     login_refused: bool,
     vhost: Option<Arc<VHost>>,
-    channels: HashMap<u16, Channel>,
+    /// Boxed: an idle connection's map holds a few pointers, not a few whole channels.
+    channels: HashMap<u16, Box<Channel>>,
     consumer_channels: HashMap<ConsumerId, ConsumerRoute>,
-    events_tx: mpsc::UnboundedSender<ConsumerEvent>,
-    events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    /// Deliveries and cancels from the queues this connection consumes.
+    events: events::Events,
     /// No-ack deliveries written since the last flush, to hand their window credit back.
     noack_sent: Vec<(Arc<mailroom_broker::Queue>, ConsumerId, u32)>,
     /// The broker's resource alarms: while one is raised, a connection that publishes is not read.
@@ -185,7 +187,6 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (writer, writer_task) = Writer::spawn(wr);
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
         ctx: Arc::clone(&ctx),
@@ -205,8 +206,7 @@ where
         vhost: None,
         channels: HashMap::new(),
         consumer_channels: HashMap::new(),
-        events_tx,
-        events_rx,
+        events: events::Events::default(),
         noack_sent: Vec::new(),
         alarms: ctx.broker.alarms(),
         has_published: false,
@@ -387,10 +387,10 @@ impl Connection {
                         self.durable_confirmed(channel, epoch, seq, ok);
                     }
                 }
-                Some(event) = self.events_rx.recv() => {
+                Some(event) = self.events.recv() => {
                     self.handle_event(event);
                     for _ in 1..EVENTS_PER_TURN {
-                        match self.events_rx.try_recv() {
+                        match self.events.try_recv() {
                             Ok(event) => self.handle_event(event),
                             Err(_) => break,
                         }
@@ -712,8 +712,8 @@ impl Connection {
         }
         self.channels.clear();
         // Deliveries still queued for us go back to their queues.
-        self.events_rx.close();
-        while let Ok(event) = self.events_rx.try_recv() {
+        self.events.close();
+        while let Ok(event) = self.events.try_recv() {
             // Never written to the client: back to the queue untouched (no-ack ones included).
             if let ConsumerEvent::Deliver(d) = event {
                 Arc::clone(&d.queue).return_undelivered(d);
