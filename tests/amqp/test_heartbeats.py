@@ -234,3 +234,38 @@ def test_heartbeats_hold_under_a_saturating_publisher(broker, confirms):
         assert gap <= HEARTBEAT_S, f"no heartbeat from {broker.name} for {gap:.2f} s while idle"
     finally:
         c.close()
+
+
+@pytest.mark.timeout(60)
+def test_consumer_timeout_fires_on_a_connection_without_heartbeats(mailroom_factory):
+    """The connection's one timer also serves the consumer acknowledgement timeout: with heartbeats off (no
+    other deadline to wake it) a delivery held unacked still closes its channel with 406 on time.
+    Mailroom only: the local RabbitMQ's consumer_timeout is its 30-minute default."""
+    import pika.exceptions as pex
+    from helpers import PRECONDITION_FAILED
+    with mailroom_factory(["--consumer-timeout-ms", "1000"]) as b:
+        conn = pika.BlockingConnection(b.params(heartbeat=0))
+        try:
+            ch = conn.channel()
+            q = ch.queue_declare("", exclusive=True).method.queue
+            # Idle first: the timer must re-arm for a delivery made long after the connection opened.
+            conn.sleep(1.5)
+            ch.basic_publish("", q, b"held")
+            got = []
+            ch.basic_consume(q, lambda c, m, p, body: got.append((time.monotonic(), body)), auto_ack=False)
+            closes = []
+            ch._impl.add_on_close_callback(lambda _ch, reason: closes.append((time.monotonic(), reason)))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not closes:
+                conn.process_data_events(time_limit=0.1)
+            assert closes, "the channel was not closed within 10 s"
+            closed_at, reason = closes[0]
+            assert isinstance(reason, pex.ChannelClosedByBroker), reason
+            assert reason.reply_code == PRECONDITION_FAILED, reason
+            assert got and got[0][1] == b"held"
+            held = closed_at - got[0][0]
+            assert 0.9 <= held <= 3.0, f"channel closed {held:.2f} s after the delivery (timeout 1 s)"
+            assert conn.is_open, "only the channel closes"
+        finally:
+            if conn.is_open:
+                conn.close()
