@@ -333,10 +333,7 @@ impl Connection {
                 return Ok(());
             }
             let bursting = last_read >= READ_IDLE;
-            if rbuf.is_empty() && rbuf.capacity() > READ_IDLE && !bursting {
-                // The burst is over: an idle connection keeps a small buffer (frames split off keep theirs).
-                rbuf = BytesMut::with_capacity(READ_IDLE);
-            } else if rbuf.capacity() - rbuf.len() < if bursting { READ_MIN_ROOM } else { READ_IDLE / 2 } {
+            if rbuf.capacity() - rbuf.len() < if bursting { READ_MIN_ROOM } else { READ_IDLE / 2 } {
                 rbuf.reserve(if bursting { READ_CHUNK } else { READ_IDLE });
             }
             self.update_blocked();
@@ -357,7 +354,14 @@ impl Connection {
                     }
                 }
                 // Before the socket: a client that keeps it readable must not starve heartbeats and deadlines.
-                _ = timer.fired() => self.on_tick(&mut timer),
+                _ = timer.fired() => {
+                    self.on_tick(&mut timer);
+                    if rbuf.is_empty() && rbuf.capacity() > READ_IDLE {
+                        // Any burst is over: an idle connection keeps a small buffer again (frames split off
+                        // keep theirs). Done here, not per read, so a busy connection does not churn buffers.
+                        rbuf = BytesMut::with_capacity(READ_IDLE);
+                    }
+                }
                 Ok(()) = self.alarms.changed() => {}
                 read = rd.read_buf(&mut rbuf), if read_allowed => {
                     match read {
