@@ -56,13 +56,13 @@ const CLOSE_LINGER_MAX: Duration = Duration::from_secs(30);
 const EVENTS_PER_TURN: usize = 256;
 /// How long a write may wait for a peer that stopped reading when heartbeats are off.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Read buffer growth step while a client sends in bursts (a read filled the buffer).
+/// Read buffer growth step while a client sends in bursts (a read returned READ_IDLE or more).
 const READ_CHUNK: usize = 64 * 1024;
-/// Longest the run loop works through a socket that stays readable before it lets the runtime run other
-/// tasks. Its writer among them: a task woken by this one waits in the worker's LIFO slot, which no other
-/// worker steals, and tokio's cooperative budget (128 reads of up to 64 KiB) alone lets it wait for seconds,
-/// heartbeats and confirms with it.
-const TURN_SLICE: Duration = Duration::from_millis(10);
+/// Bytes read that count as one unit of tokio's cooperative budget (128 units per turn of a task). A read
+/// alone counts one whatever its size, so a socket that stays readable kept this task running for 128
+/// reads of up to 64 KiB, seconds in a debug build, while the tasks it woke waited: its writer with the
+/// heartbeats and confirms, in the worker's LIFO slot, which no other worker steals.
+const BUDGET_UNIT: usize = 4096;
 /// Least room for a read while a client sends in bursts.
 const READ_MIN_ROOM: usize = 4096;
 /// Read buffer of a quiet connection: the handshake fits, and an idle connection holds no more than this.
@@ -281,8 +281,6 @@ impl Connection {
         let mut rbuf = BytesMut::with_capacity(READ_IDLE);
         // Bytes the last read returned: a read that filled READ_IDLE or more means a burst.
         let mut last_read = 0;
-        // When the run loop last let other tasks run (see TURN_SLICE).
-        let mut slice_start = Instant::now();
         // Protocol header.
         let mut header = [0u8; 8];
         match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
@@ -374,12 +372,11 @@ impl Connection {
                         }
                         Ok(n) => {
                             // Any frame counts as the client's heartbeat (as RabbitMQ).
-                            let now = Instant::now();
-                            self.last_inbound = now;
+                            self.last_inbound = Instant::now();
                             last_read = n;
-                            if now.duration_since(slice_start) >= TURN_SLICE {
-                                tokio::task::yield_now().await;
-                                slice_start = Instant::now();
+                            // A large read is much work: it spends budget by its size (see BUDGET_UNIT).
+                            for _ in 1..n / BUDGET_UNIT {
+                                tokio::task::coop::consume_budget().await;
                             }
                         }
                     }
