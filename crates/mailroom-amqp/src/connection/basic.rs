@@ -149,7 +149,7 @@ impl Connection {
         if !c.nowait {
             self.send(id, Method::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk { consumer_tag: short(&tag) })));
         }
-        match vhost.consume(&queue_name, self.id, options, self.events_tx.clone()) {
+        match vhost.consume(&queue_name, self.id, options, self.events.sink()) {
             Ok((queue, consumer)) => {
                 self.consumer_channels
                     .insert(consumer, ConsumerRoute { channel: id, tag: tag.as_str().into(), no_ack: c.no_ack });

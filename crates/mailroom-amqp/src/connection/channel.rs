@@ -19,7 +19,7 @@ impl Connection {
                 self.channel_epoch += 1;
                 let mut channel = Channel::new(self.channel_epoch);
                 (channel.access, channel.user_slot) = (access, Some(slot));
-                self.channels.insert(id, channel);
+                self.channels.insert(id, Box::new(channel));
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));
                 Ok(())
             }

@@ -3,7 +3,7 @@
 
 use super::fsync::COMMIT_SEQ;
 use super::Connection;
-use crate::channel::{Channel, ChannelPhase, Confirm};
+use crate::channel::{ChannelPhase, Confirm};
 use crate::codec::{basic, confirm, ids, tx, Method};
 use crate::error::{code, AmqpError};
 
@@ -57,7 +57,7 @@ impl Connection {
 
     /// Sends the coalesced confirm ack of one channel (`multiple` covers every earlier sequence number).
     pub(super) fn flush_channel_confirms(&mut self, id: u16) {
-        let Some(confirms) = self.channels.get_mut(&id).and_then(Channel::confirms) else { return };
+        let Some(confirms) = self.channels.get_mut(&id).and_then(|c| c.confirms()) else { return };
         let Some((seq, multiple)) = confirms.take_coalesced() else { return };
         self.send(id, Method::Basic(basic::AMQPMethod::Ack(basic::Ack { delivery_tag: seq, multiple })));
     }

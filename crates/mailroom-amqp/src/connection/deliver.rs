@@ -35,8 +35,8 @@ impl Connection {
 
     /// Handles the consumer events already queued for this connection (not those arriving meanwhile).
     pub(super) fn handle_queued_events(&mut self) {
-        for _ in 0..self.events_rx.len() {
-            match self.events_rx.try_recv() {
+        for _ in 0..self.events.len() {
+            match self.events.try_recv() {
                 Ok(event) => self.handle_event(event),
                 Err(_) => break,
             }

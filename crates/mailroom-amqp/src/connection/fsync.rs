@@ -16,22 +16,22 @@ pub(super) const COMMIT_SEQ: u64 = 0;
 pub(super) struct FsyncWaiter {
     /// Feeds the task, started on the connection's first persistent publish.
     feed: Option<mpsc::UnboundedSender<Waiting>>,
-    done_tx: mpsc::UnboundedSender<Fsynced>,
-    done_rx: mpsc::UnboundedReceiver<Fsynced>,
+    /// The task's reports, from then on (an idle connection holds no channel).
+    done_rx: Option<mpsc::UnboundedReceiver<Fsynced>>,
 }
 
 impl FsyncWaiter {
     /// A waiter whose task is not started yet.
     pub(super) fn new() -> Self {
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        Self { feed: None, done_tx, done_rx }
+        Self { feed: None, done_rx: None }
     }
 
     /// Reports `seq` on `channel` once every ticket's fsync returned (ok only if all succeeded).
     pub(super) fn wait(&mut self, channel: u16, epoch: u64, seq: u64, tickets: Vec<SyncTicket>) {
-        let done = &self.done_tx;
+        let done_rx = &mut self.done_rx;
         let feed = self.feed.get_or_insert_with(|| {
-            let done = done.clone();
+            let (done, rx) = mpsc::unbounded_channel();
+            *done_rx = Some(rx);
             let (tx, mut rx) = mpsc::unbounded_channel::<Waiting>();
             tokio::spawn(async move {
                 while let Some((channel, epoch, seq, tickets)) = rx.recv().await {
@@ -51,11 +51,14 @@ impl FsyncWaiter {
 
     /// The next report (cancel-safe: for the run loop's `select!`).
     pub(super) async fn next(&mut self) -> Option<Fsynced> {
-        self.done_rx.recv().await
+        match &mut self.done_rx {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// A report already waiting, if any.
     pub(super) fn try_next(&mut self) -> Option<Fsynced> {
-        self.done_rx.try_recv().ok()
+        self.done_rx.as_mut()?.try_recv().ok()
     }
 }

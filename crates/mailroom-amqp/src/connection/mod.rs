@@ -12,6 +12,7 @@ mod channel;
 mod confirm;
 mod control;
 mod deliver;
+mod events;
 mod exchange;
 mod fsync;
 mod grants;
@@ -40,7 +41,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use writer::{WriteError, Writer};
 
@@ -55,8 +56,17 @@ const CLOSE_LINGER_MAX: Duration = Duration::from_secs(30);
 const EVENTS_PER_TURN: usize = 256;
 /// How long a write may wait for a peer that stopped reading when heartbeats are off.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// Read buffer growth step.
+/// Read buffer growth step while a client sends in bursts (a read returned READ_IDLE or more).
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read that count as one unit of tokio's cooperative budget (128 units per turn of a task). A read
+/// alone counts one whatever its size, so a socket that stays readable kept this task running for 128
+/// reads of up to 64 KiB, seconds in a debug build, while the tasks it woke waited: its writer with the
+/// heartbeats and confirms, in the worker's LIFO slot, which no other worker steals.
+const BUDGET_UNIT: usize = 4096;
+/// Least room for a read while a client sends in bursts.
+const READ_MIN_ROOM: usize = 4096;
+/// Read buffer of a quiet connection: the handshake fits, and an idle connection holds no more than this.
+const READ_IDLE: usize = 1024;
 
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +123,11 @@ pub(crate) struct Connection {
     /// A login was just refused: wait [`crate::authz::LOGIN_REFUSED_DELAY`] before answering.
     login_refused: bool,
     vhost: Option<Arc<VHost>>,
-    channels: HashMap<u16, Channel>,
+    /// Boxed: an idle connection's map holds a few pointers, not a few whole channels.
+    channels: HashMap<u16, Box<Channel>>,
     consumer_channels: HashMap<ConsumerId, ConsumerRoute>,
-    events_tx: mpsc::UnboundedSender<ConsumerEvent>,
-    events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    /// Deliveries and cancels from the queues this connection consumes.
+    events: events::Events,
     /// No-ack deliveries written since the last flush, to hand their window credit back.
     noack_sent: Vec<(Arc<mailroom_broker::Queue>, ConsumerId, u32)>,
     /// The broker's resource alarms: while one is raised, a connection that publishes is not read.
@@ -179,7 +190,6 @@ where
 {
     let traffic = Arc::new(mailroom_broker::ConnectionTraffic::default());
     let (writer, writer_task) = Writer::spawn(wr, Arc::clone(&traffic));
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
         ctx: Arc::clone(&ctx),
@@ -199,8 +209,7 @@ where
         vhost: None,
         channels: HashMap::new(),
         consumer_channels: HashMap::new(),
-        events_tx,
-        events_rx,
+        events: events::Events::default(),
         noack_sent: Vec::new(),
         alarms: ctx.broker.alarms(),
         has_published: false,
@@ -273,7 +282,9 @@ fn method_ids(m: &Method) -> (u16, u16) {
 
 impl Connection {
     async fn run<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<()> {
-        let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+        let mut rbuf = BytesMut::with_capacity(READ_IDLE);
+        // Bytes the last read returned: a read that filled READ_IDLE or more means a burst.
+        let mut last_read = 0;
         // Protocol header.
         let mut header = [0u8; 8];
         match timeout(HANDSHAKE_TIMEOUT, rd.read_exact(&mut header)).await {
@@ -287,10 +298,8 @@ impl Connection {
         }
         self.send_start();
         self.flush().await?;
-        let handshake_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut timer = liveness::Timer::new(Instant::now() + HANDSHAKE_TIMEOUT);
         let mut shutdown = self.ctx.shutdown.clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Handle every complete frame already buffered.
             loop {
@@ -325,11 +334,13 @@ impl Connection {
             if self.phase == Phase::Closed {
                 return Ok(());
             }
-            if rbuf.capacity() - rbuf.len() < 4096 {
-                rbuf.reserve(READ_CHUNK);
+            let bursting = last_read >= READ_IDLE;
+            if rbuf.capacity() - rbuf.len() < if bursting { READ_MIN_ROOM } else { READ_IDLE / 2 } {
+                rbuf.reserve(if bursting { READ_CHUNK } else { READ_IDLE });
             }
             self.update_blocked();
             self.flush().await?;
+            self.arm_timer(&mut timer);
             let read_allowed = !self.blocked;
             tokio::select! {
                 biased;
@@ -344,6 +355,15 @@ impl Connection {
                         self.phase = Phase::Closed;
                     }
                 }
+                // Before the socket: a client that keeps it readable must not starve heartbeats and deadlines.
+                _ = timer.fired() => {
+                    self.on_tick(&mut timer);
+                    if rbuf.is_empty() && rbuf.capacity() > READ_IDLE {
+                        // Any burst is over: an idle connection keeps a small buffer again (frames split off
+                        // keep theirs). Done here, not per read, so a busy connection does not churn buffers.
+                        rbuf = BytesMut::with_capacity(READ_IDLE);
+                    }
+                }
                 Ok(()) = self.alarms.changed() => {}
                 read = rd.read_buf(&mut rbuf), if read_allowed => {
                     match read {
@@ -355,12 +375,17 @@ impl Connection {
                             self.phase = Phase::Closed;
                         }
                         Ok(n) => {
+                            // Any frame counts as the client's heartbeat (as RabbitMQ).
                             self.last_inbound = Instant::now();
                             self.traffic.received(n);
+                            last_read = n;
+                            // A large read is much work: it spends budget by its size (see BUDGET_UNIT).
+                            for _ in 1..n / BUDGET_UNIT {
+                                tokio::task::coop::consume_budget().await;
+                            }
                         }
                     }
                 }
-                _ = tick.tick() => self.on_tick(handshake_deadline),
                 Some(request) = self.registry.next_request() => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
@@ -368,10 +393,10 @@ impl Connection {
                         self.durable_confirmed(channel, epoch, seq, ok);
                     }
                 }
-                Some(event) = self.events_rx.recv() => {
+                Some(event) = self.events.recv() => {
                     self.handle_event(event);
                     for _ in 1..EVENTS_PER_TURN {
-                        match self.events_rx.try_recv() {
+                        match self.events.try_recv() {
                             Ok(event) => self.handle_event(event),
                             Err(_) => break,
                         }
@@ -693,8 +718,8 @@ impl Connection {
         }
         self.channels.clear();
         // Deliveries still queued for us go back to their queues.
-        self.events_rx.close();
-        while let Ok(event) = self.events_rx.try_recv() {
+        self.events.close();
+        while let Ok(event) = self.events.try_recv() {
             // Never written to the client: back to the queue untouched (no-ack ones included).
             if let ConsumerEvent::Deliver(d) = event {
                 Arc::clone(&d.queue).return_undelivered(d);

@@ -21,7 +21,7 @@ pub(super) struct Outbound {
 impl Outbound {
     /// An empty buffer.
     pub(super) fn new() -> Self {
-        Self { buf: BytesMut::with_capacity(8192), sealed: Vec::new(), sealed_bytes: 0 }
+        Self { buf: BytesMut::with_capacity(1024), sealed: Vec::new(), sealed_bytes: 0 }
     }
 
     /// Nothing is waiting.
