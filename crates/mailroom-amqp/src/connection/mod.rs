@@ -42,7 +42,8 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
-use writer::{WriteError, Writer};
+use mailroom_broker::client_memory::OutboundCredit;
+use writer::{WriteError, Writer, WriterSettings};
 
 /// Time a client has to send the protocol header and finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,6 +141,9 @@ pub(crate) struct Connection {
     crossed_closes: HashSet<u16>,
     /// This connection's entry in the broker's connection registry (management API).
     registry: Registry,
+    /// Body bytes of deliveries handed to this connection and not yet written to its socket, and its bound:
+    /// shared with its channels' consumers, so queues stop handing it more while it is full.
+    credit: Arc<OutboundCredit>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -175,7 +179,9 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (writer, writer_task) = Writer::spawn(wr);
+    let credit = OutboundCredit::new(ctx.config.outbound_bound);
+    let settings = WriterSettings { peer, deadline: ctx.config.write_deadline, credit: Arc::clone(&credit) };
+    let (writer, writer_task) = Writer::spawn(wr, settings);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
@@ -208,6 +214,7 @@ where
         cleaned_up: false,
         crossed_closes: HashSet::new(),
         registry: Registry::new(local),
+        credit,
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(rd).await {
@@ -287,6 +294,7 @@ impl Connection {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let credit = Arc::clone(&self.credit);
         loop {
             // Handle every complete frame already buffered.
             loop {
@@ -354,6 +362,11 @@ impl Connection {
                     }
                 }
                 _ = tick.tick() => self.on_tick(handshake_deadline),
+                _ = credit.room() => self.resume_consumers(),
+                _ = self.writer.closed() => {
+                    // The writer gave up (socket error, or the client read nothing within the write deadline).
+                    self.phase = Phase::Closed;
+                }
                 Some(request) = self.registry.next_request() => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     self.durable_confirmed(channel, epoch, seq, ok);
@@ -690,7 +703,7 @@ impl Connection {
         while let Ok(event) = self.events_rx.try_recv() {
             // Never written to the client: back to the queue untouched (no-ack ones included).
             if let ConsumerEvent::Deliver(d) = event {
-                Arc::clone(&d.queue).return_undelivered(d);
+                self.return_undelivered(d);
             }
         }
         self.ctx.broker.connection_closed(self.id);
