@@ -301,7 +301,7 @@ def test_partial_messages_on_many_channels_raise_the_memory_alarm(server_factory
         assert node["mem_used"] >= partial
         grew = server.status("VmRSS") - rss0
         print(f"{channels} channels, {partial / MIB:.1f} MiB partial: VmRSS +{grew / MIB:.1f} MiB")
-        assert grew < 3 * partial + 32 * MIB, f"VmRSS grew by {grew / MIB:.1f} MiB"
+        assert grew < 4 * partial + 32 * MIB, f"VmRSS grew by {grew / MIB:.1f} MiB"
         # A blocked connection is not read (as in RabbitMQ), so it cannot even hang up: the operator closes it.
         for c in server.api("GET", "/api/connections"):
             server.api("DELETE", "/api/connections/" + urllib.parse.quote(c["name"], safe=""))

@@ -46,7 +46,7 @@ enum Parts {
     /// Nothing yet.
     #[default]
     Empty,
-    /// Exactly one frame: kept as-is, zero-copy.
+    /// The whole body in exactly one frame: kept as-is, zero-copy.
     One(Bytes),
     /// Several frames, concatenated.
     Many(BytesMut),
@@ -69,7 +69,15 @@ impl BodyBuffer {
     pub fn push(&mut self, chunk: Bytes, expected_total: usize) {
         CLIENT_MEMORY.partial.add(chunk.len() as u64);
         self.parts = match std::mem::take(&mut self.parts) {
-            Parts::Empty => Parts::One(chunk),
+            // The whole body in one frame: kept as it is, zero-copy.
+            Parts::Empty if chunk.len() >= expected_total => Parts::One(chunk),
+            // More is to come: copied now, as the next frame would copy it anyway. Kept as a slice, it would pin
+            // the whole read buffer it was cut from while the client takes its time with the rest.
+            Parts::Empty => {
+                let mut buf = BytesMut::with_capacity(expected_total.min(2 * chunk.len()));
+                buf.extend_from_slice(&chunk);
+                Parts::Many(buf)
+            }
             Parts::One(first) => {
                 // Room for as much again as has arrived: appends then grow it geometrically.
                 let arrived = first.len() + chunk.len();
@@ -110,6 +118,14 @@ impl Drop for BodyBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_frame_body_is_not_copied() {
+        let mut b = BodyBuffer::default();
+        let frame = Bytes::from(vec![1u8; 100]);
+        b.push(frame.clone(), 100);
+        assert_eq!(b.finish().as_ptr(), frame.as_ptr());
+    }
 
     #[test]
     fn grows_with_what_arrives_not_with_the_announced_size() {
