@@ -367,6 +367,7 @@ def queue_counts(url, queue):
         conn.close()
 
 
+@pytest.mark.timeout(90)
 def test_client_that_stops_reading_is_closed_after_the_write_deadline(server_factory):
     server = server_factory("--write-deadline-ms", "2000")
     count, size = 400, 64 * 1024  # 25 MiB: more than the socket buffers and the outbound bound hold
@@ -408,8 +409,12 @@ def test_client_that_stops_reading_is_closed_after_the_write_deadline(server_fac
 
 # ---- a prefetch-0 consumer on a deep on-disk queue ----------------------------------------------------------
 
+DEEP_QUEUE_MB = int(os.environ.get("HOSTILE_DEEP_QUEUE_MB", "128"))
+
+
+@pytest.mark.timeout(60 + DEEP_QUEUE_MB)
 def test_prefetch_0_consumer_on_a_deep_disk_queue_stays_bounded(server_factory):
-    total_mb = int(os.environ.get("HOSTILE_DEEP_QUEUE_MB", "128"))
+    total_mb = DEEP_QUEUE_MB
     size = 64 * 1024
     count = total_mb * MIB // size
     # 0 (unbounded) shows what the bound prevents: the test then fails.
