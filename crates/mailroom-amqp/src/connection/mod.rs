@@ -31,6 +31,7 @@ use acks::AckBatch;
 use bytes::BytesMut;
 use control::Registry;
 use fsync::FsyncWaiter;
+use mailroom_broker::client_memory::OutboundCredit;
 use mailroom_broker::{AlarmState, ConnectionId, ConsumerEvent, ConsumerId, VHost};
 use outbound::Outbound;
 use std::collections::{HashMap, HashSet};
@@ -42,7 +43,6 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
-use mailroom_broker::client_memory::OutboundCredit;
 use writer::{WriteError, Writer, WriterSettings};
 
 /// Time a client has to send the protocol header and finish the handshake.
