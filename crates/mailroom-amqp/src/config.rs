@@ -14,6 +14,14 @@ pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
 /// Largest message body we accept (RabbitMQ's `max_message_size` default, 128 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 128 * 1024 * 1024;
+/// Body bytes of deliveries a connection may have between its queues and its socket (handed to it, not yet
+/// written): a consumer without a prefetch limit on a deep queue gets no more than this ahead of what its
+/// socket takes.
+pub const DEFAULT_OUTBOUND_BOUND: u64 = 4 * 1024 * 1024;
+/// How long a socket write may make no progress before the connection is closed (NATS's `write_deadline`
+/// default): a client that stops reading is cut off and its unacked messages return to their queues, while a
+/// slow reader, which makes some progress every few seconds, is kept.
+pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long an unacked delivery may stay unacked (RabbitMQ's `consumer_timeout` default, 30 minutes).
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -41,6 +49,10 @@ pub struct ServerConfig {
     pub max_message_size: u32,
     /// Unacked deliveries older than this close their channel with 406 (zero = never).
     pub consumer_timeout: Duration,
+    /// Body bytes of deliveries a connection may hold not yet written to its socket (0 = unbounded).
+    pub outbound_bound: u64,
+    /// A socket write making no progress for this long closes the connection (zero = never).
+    pub write_deadline: Duration,
     /// File descriptors kept back for the stores: a connection that would leave fewer is refused
     /// (None = an eighth of the limit, see [`crate::fds::reserve_for`]).
     pub fd_reserve: Option<u64>,
@@ -63,6 +75,8 @@ impl Default for ServerConfig {
             heartbeat: DEFAULT_HEARTBEAT_SECS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+            outbound_bound: DEFAULT_OUTBOUND_BOUND,
+            write_deadline: DEFAULT_WRITE_DEADLINE,
             fd_reserve: None,
         }
     }

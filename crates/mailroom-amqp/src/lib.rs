@@ -11,5 +11,6 @@ pub mod server;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+pub use config::{DEFAULT_OUTBOUND_BOUND, DEFAULT_WRITE_DEADLINE};
 pub use error::AmqpError;
 pub use server::{AmqpServer, ServerConfig};

@@ -1,4 +1,5 @@
-//! Resource alarms, as RabbitMQ's: when held message bytes pass the memory high watermark, or free disk
+//! Resource alarms, as RabbitMQ's: when held message bytes (what queues hold in RAM plus what connections
+//! hold for clients, [`crate::client_memory`]) pass the memory high watermark, or free disk
 //! space under the data directory drops below the limit, publishing connections are blocked until the
 //! alarm clears. A third alarm is ours: a durable store cannot write (a failed write, fsync or segment
 //! creation it keeps retrying); it clears by itself once the store's retry succeeds. The broker core only
@@ -47,7 +48,8 @@ impl AlarmState {
 #[derive(Debug, Clone, Default)]
 pub struct AlarmConfig {
     /// Block publishers when the message bytes queues hold in RAM (ready and unacked; bodies paged out to
-    /// disk do not count) exceed this.
+    /// disk do not count) plus those connections hold for clients (partly received messages, uncommitted
+    /// transactions, deliveries and frames not yet written to sockets) exceed this.
     pub memory_high_watermark: Option<u64>,
     /// Block publishers when free space on this directory's filesystem is below the byte count.
     pub disk_free_limit: Option<(PathBuf, u64)>,
@@ -79,13 +81,19 @@ pub(crate) trait Watched: Send + Sync + 'static {
     fn failing_reason(&self) -> String;
 }
 
+/// What the memory alarm compares with its watermark: `queue_bytes` (what the queues hold in RAM) plus what
+/// the connections hold for clients.
+pub fn memory_in_use(queue_bytes: u64) -> u64 {
+    queue_bytes + crate::client_memory::CLIENT_MEMORY.figures().total()
+}
+
 /// Re-evaluates the alarms every [`ALARM_CHECK_INTERVAL`] until the broker is dropped.
 pub(crate) async fn run_monitor<W: Watched>(broker: Weak<W>, config: AlarmConfig, tx: watch::Sender<AlarmState>) {
     let mut tick = tokio::time::interval(ALARM_CHECK_INTERVAL);
     loop {
         tick.tick().await;
         let Some(inner) = broker.upgrade() else { return };
-        let memory = config.memory_high_watermark.is_some_and(|limit| inner.held_bytes() > limit);
+        let memory = config.memory_high_watermark.is_some_and(|limit| memory_in_use(inner.held_bytes()) > limit);
         let disk = match &config.disk_free_limit {
             Some((path, limit)) => match free_disk_bytes(path) {
                 Ok(free) => free < *limit,

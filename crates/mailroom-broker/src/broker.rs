@@ -185,9 +185,15 @@ impl Broker {
         self.inner.durability.as_ref().map_or_else(SyncStats::default, |d| d.sync_stats())
     }
 
-    /// Message body bytes held by every queue (what the memory alarm compares with its watermark).
+    /// Message body bytes held by every queue (with [`Broker::client_memory`], what the memory alarm compares
+    /// with its watermark).
     pub fn held_bytes(&self) -> u64 {
         self.inner.held_bytes()
+    }
+
+    /// Bytes connections hold for clients outside the queues, by kind (process-wide).
+    pub fn client_memory(&self) -> crate::client_memory::ClientMemoryFigures {
+        crate::client_memory::CLIENT_MEMORY.figures()
     }
 
     /// The users, permissions, topic permissions and limits.

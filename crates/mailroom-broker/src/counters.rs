@@ -32,7 +32,7 @@ thread_local! {
 }
 
 /// This thread's slot index.
-fn stripe() -> usize {
+pub(crate) fn stripe() -> usize {
     STRIPE.with(|s| match s.get() {
         Some(i) => i,
         None => {

@@ -8,6 +8,7 @@ pub mod alarm;
 pub mod args;
 pub mod broker;
 pub mod client_input;
+pub mod client_memory;
 pub mod connections;
 pub mod counters;
 pub mod dead_letter;

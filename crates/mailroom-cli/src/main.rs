@@ -106,6 +106,15 @@ struct ServerArgs {
     /// Unacked deliveries older than this close their channel (ms; 0 = never). RabbitMQ's consumer_timeout.
     #[arg(long, env = "MAILROOM_CONSUMER_TIMEOUT_MS", default_value_t = 30 * 60 * 1000)]
     consumer_timeout_ms: u64,
+    /// Body bytes of deliveries a connection may hold before its socket takes them (0 = unbounded): a
+    /// consumer without a prefetch limit gets no more than this ahead of its socket.
+    #[arg(long, env = "MAILROOM_MAX_OUTBOUND_BYTES", default_value_t = mailroom_amqp::DEFAULT_OUTBOUND_BOUND)]
+    max_outbound_bytes: u64,
+    /// A socket write making no progress for this long closes the connection (ms; 0 = never). NATS's
+    /// write_deadline.
+    #[arg(long, env = "MAILROOM_WRITE_DEADLINE_MS",
+          default_value_t = mailroom_amqp::DEFAULT_WRITE_DEADLINE.as_millis() as u64)]
+    write_deadline_ms: u64,
     /// Block publishers while queues hold more message bytes than this (ready and unacked; 0 = never).
     /// Default: 40% of physical memory, RabbitMQ's vm_memory_high_watermark.
     #[arg(long, env = "MAILROOM_MEMORY_HIGH_WATERMARK")]
@@ -240,6 +249,8 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         frame_max: args.frame_max,
         max_message_size: args.max_message_size,
         consumer_timeout: Duration::from_millis(args.consumer_timeout_ms),
+        outbound_bound: args.max_outbound_bytes,
+        write_deadline: Duration::from_millis(args.write_deadline_ms),
         fd_reserve: args.fd_reserve,
         ..ServerConfig::default()
     };

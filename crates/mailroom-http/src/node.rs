@@ -120,6 +120,11 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
     })))
 }
 
+fn client_memory_json(m: mailroom_broker::client_memory::ClientMemoryFigures) -> Value {
+    json!({ "partial_messages": m.partial, "uncommitted_tx": m.tx, "deliveries_in_flight": m.in_flight,
+            "outbound_buffers": m.outbound })
+}
+
 fn node_json(broker: &Broker, server: &ServerInfo) -> Value {
     let alarms = *broker.alarms().borrow();
     json!({
@@ -130,7 +135,9 @@ fn node_json(broker: &Broker, server: &ServerInfo) -> Value {
         "uptime": server.started.elapsed().as_millis() as u64,
         "os_pid": std::process::id().to_string(),
         "processors": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "mem_used": broker.held_bytes(),
+        "mem_used": mailroom_broker::alarm::memory_in_use(broker.held_bytes()),
+        // Beyond RabbitMQ: what connections hold for clients outside the queues (counted in mem_used).
+        "mem_clients": client_memory_json(broker.client_memory()),
         "mem_alarm": alarms.memory,
         "disk_free_alarm": alarms.disk,
         "rates_mode": "basic",

@@ -2,6 +2,7 @@
 
 use crate::codec::ContentHeader;
 use bytes::{Bytes, BytesMut};
+use mailroom_broker::client_memory::CLIENT_MEMORY;
 use std::sync::Arc;
 
 /// A `basic.publish` whose content is still arriving.
@@ -27,21 +28,38 @@ impl PendingPublish {
             routing_key: routing_key.into(),
             mandatory,
             header: None,
-            body: BodyBuffer::Empty,
+            body: BodyBuffer::default(),
         }
     }
 }
 
-/// Body frames of one message, concatenated only when there is more than one.
+/// Body frames of one message, concatenated only when there is more than one. The bytes it holds count in
+/// the process's client memory ([`CLIENT_MEMORY`]`.partial`) until it is finished or dropped.
 #[derive(Debug, Default)]
-pub enum BodyBuffer {
+pub struct BodyBuffer {
+    parts: Parts,
+}
+
+/// What a [`BodyBuffer`] holds.
+#[derive(Debug, Default)]
+enum Parts {
     /// Nothing yet.
     #[default]
     Empty,
-    /// Exactly one frame: kept as-is, zero-copy.
+    /// The whole body in exactly one frame: kept as-is, zero-copy.
     One(Bytes),
     /// Several frames, concatenated.
     Many(BytesMut),
+}
+
+impl Parts {
+    fn len(&self) -> usize {
+        match self {
+            Parts::Empty => 0,
+            Parts::One(b) => b.len(),
+            Parts::Many(b) => b.len(),
+        }
+    }
 }
 
 impl BodyBuffer {
@@ -49,36 +67,75 @@ impl BodyBuffer {
     /// only caps the buffer, which grows with what arrives (a header announcing 16 MiB followed by two
     /// 1-byte frames must not reserve 16 MiB: the client has not sent it and may never send it).
     pub fn push(&mut self, chunk: Bytes, expected_total: usize) {
-        *self = match std::mem::take(self) {
-            BodyBuffer::Empty => BodyBuffer::One(chunk),
-            BodyBuffer::One(first) => {
+        CLIENT_MEMORY.partial.add(chunk.len() as u64);
+        self.parts = match std::mem::take(&mut self.parts) {
+            // The whole body in one frame: kept as it is, zero-copy.
+            Parts::Empty if chunk.len() >= expected_total => Parts::One(chunk),
+            // More is to come: copied now, as the next frame would copy it anyway. Kept as a slice, it would pin
+            // the whole read buffer it was cut from while the client takes its time with the rest.
+            Parts::Empty => {
+                let mut buf = BytesMut::with_capacity(expected_total.min(2 * chunk.len()));
+                buf.extend_from_slice(&chunk);
+                Parts::Many(buf)
+            }
+            Parts::One(first) => {
                 // Room for as much again as has arrived: appends then grow it geometrically.
                 let arrived = first.len() + chunk.len();
                 let mut buf = BytesMut::with_capacity(expected_total.min(2 * arrived));
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(&chunk);
-                BodyBuffer::Many(buf)
+                Parts::Many(buf)
             }
-            BodyBuffer::Many(mut buf) => {
+            Parts::Many(mut buf) => {
                 buf.extend_from_slice(&chunk);
-                BodyBuffer::Many(buf)
+                Parts::Many(buf)
             }
         };
     }
     /// Bytes received so far.
     pub fn len(&self) -> usize {
-        match self {
-            BodyBuffer::Empty => 0,
-            BodyBuffer::One(b) => b.len(),
-            BodyBuffer::Many(b) => b.len(),
-        }
+        self.parts.len()
     }
     /// The whole body.
-    pub fn finish(self) -> Bytes {
-        match self {
-            BodyBuffer::Empty => Bytes::new(),
-            BodyBuffer::One(b) => b,
-            BodyBuffer::Many(b) => b.freeze(),
+    pub fn finish(mut self) -> Bytes {
+        let parts = std::mem::take(&mut self.parts);
+        CLIENT_MEMORY.partial.sub(parts.len() as u64);
+        match parts {
+            Parts::Empty => Bytes::new(),
+            Parts::One(b) => b,
+            Parts::Many(b) => b.freeze(),
         }
+    }
+}
+
+impl Drop for BodyBuffer {
+    fn drop(&mut self) {
+        // An abandoned publish (channel closed, connection gone) leaves the figures with its bytes.
+        CLIENT_MEMORY.partial.sub(self.parts.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_frame_body_is_not_copied() {
+        let mut b = BodyBuffer::default();
+        let frame = Bytes::from(vec![1u8; 100]);
+        b.push(frame.clone(), 100);
+        assert_eq!(b.finish().as_ptr(), frame.as_ptr());
+    }
+
+    #[test]
+    fn grows_with_what_arrives_not_with_the_announced_size() {
+        let mut b = BodyBuffer::default();
+        b.push(Bytes::from_static(b"a"), 16 << 20);
+        b.push(Bytes::from_static(b"b"), 16 << 20);
+        match &b.parts {
+            Parts::Many(buf) => assert!(buf.capacity() < 4096, "reserved {}", buf.capacity()),
+            other => panic!("expected a concatenated buffer, got {other:?}"),
+        }
+        assert_eq!(b.finish(), Bytes::from_static(b"ab"));
     }
 }

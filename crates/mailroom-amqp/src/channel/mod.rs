@@ -123,6 +123,12 @@ impl Channel {
         }
     }
 
+    /// A freshly opened channel on a connection with this outbound credit: its consumers get no deliveries
+    /// while the connection's credit is used up.
+    pub fn with_outbound(epoch: u64, credit: Arc<mailroom_broker::client_memory::OutboundCredit>) -> Self {
+        Self { channel_prefetch: Arc::new(ChannelPrefetch::with_outbound(credit)), ..Self::new(epoch) }
+    }
+
     /// `confirm.select`: refused on a transactional channel; selecting twice is harmless.
     pub fn select_confirm(&mut self) -> Result<(), AmqpError> {
         match self.mode {

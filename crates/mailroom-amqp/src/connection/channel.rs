@@ -17,7 +17,7 @@ impl Connection {
                 let vhost = self.vhost.as_deref().map_or("", |v| v.name());
                 let (access, slot) = crate::authz::open_channel(&self.ctx.broker, &self.username, vhost)?;
                 self.channel_epoch += 1;
-                let mut channel = Channel::new(self.channel_epoch);
+                let mut channel = Channel::with_outbound(self.channel_epoch, std::sync::Arc::clone(&self.credit));
                 (channel.access, channel.user_slot) = (access, Some(slot));
                 self.channels.insert(id, Box::new(channel));
                 self.send(id, Method::Channel(chan::AMQPMethod::OpenOk(chan::OpenOk {})));

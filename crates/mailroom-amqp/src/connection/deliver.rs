@@ -47,11 +47,11 @@ impl Connection {
         let route = self.consumer_channels.get(&d.consumer).filter(|_| self.phase == Phase::Open);
         let Some(ConsumerRoute { channel: id, tag, no_ack }) = route.cloned() else {
             // The consumer went away while this was in flight: it goes back untouched.
-            Arc::clone(&d.queue).return_undelivered(d);
+            self.return_undelivered(d);
             return;
         };
         let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open) else {
-            Arc::clone(&d.queue).return_undelivered(d);
+            self.return_undelivered(d);
             return;
         };
         let stats = &mut ch.stats;
@@ -76,6 +76,22 @@ impl Connection {
             clip(&d.message.routing_key),
         );
         self.write_content(id, &d.message);
+        self.out.delivery_credit(d.credit_bytes());
+    }
+
+    /// Sends a delivery that will not be written back to its queue, with the outbound credit it held.
+    pub(super) fn return_undelivered(&mut self, d: Delivery) {
+        self.credit.release(d.credit_bytes());
+        Arc::clone(&d.queue).return_undelivered(d);
+    }
+
+    /// The outbound credit has room again: the queues of this connection's consumers may dispatch.
+    pub(super) fn resume_consumers(&mut self) {
+        let queues: Vec<_> =
+            self.channels.values().flat_map(|ch| ch.consumers.values()).map(|c| Arc::clone(&c.queue)).collect();
+        for q in queues {
+            q.dispatch();
+        }
     }
 
     /// Appends a message's content header and body frames.

@@ -32,6 +32,7 @@ use acks::AckBatch;
 use bytes::BytesMut;
 use control::Registry;
 use fsync::FsyncWaiter;
+use mailroom_broker::client_memory::OutboundCredit;
 use mailroom_broker::{AlarmState, ConnectionId, ConsumerEvent, ConsumerId, VHost};
 use outbound::Outbound;
 use std::collections::{HashMap, HashSet};
@@ -43,7 +44,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
-use writer::{WriteError, Writer};
+use writer::{WriteError, Writer, WriterSettings};
 
 /// Time a client has to send the protocol header and finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,6 +154,9 @@ pub(crate) struct Connection {
     registry: Registry,
     /// Bytes and socket operations both ways (the writer task holds a clone).
     traffic: Arc<mailroom_broker::ConnectionTraffic>,
+    /// Body bytes of deliveries handed to this connection and not yet written to its socket, and its bound:
+    /// shared with its channels' consumers, so queues stop handing it more while it is full.
+    credit: Arc<OutboundCredit>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -189,7 +193,14 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let traffic = Arc::new(mailroom_broker::ConnectionTraffic::default());
-    let (writer, writer_task) = Writer::spawn(wr, Arc::clone(&traffic));
+    let credit = OutboundCredit::new(ctx.config.outbound_bound);
+    let settings = WriterSettings {
+        peer,
+        deadline: ctx.config.write_deadline,
+        credit: Arc::clone(&credit),
+        traffic: Arc::clone(&traffic),
+    };
+    let (writer, writer_task) = Writer::spawn(wr, settings);
     let mut conn = Connection {
         id: ctx.broker.next_connection_id(),
         ctx: Arc::clone(&ctx),
@@ -221,6 +232,7 @@ where
         crossed_closes: HashSet::new(),
         registry: Registry::new(local),
         traffic,
+        credit,
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(rd).await {
@@ -300,6 +312,7 @@ impl Connection {
         self.flush().await?;
         let mut timer = liveness::Timer::new(Instant::now() + HANDSHAKE_TIMEOUT);
         let mut shutdown = self.ctx.shutdown.clone();
+        let credit = Arc::clone(&self.credit);
         loop {
             // Handle every complete frame already buffered.
             loop {
@@ -385,6 +398,11 @@ impl Connection {
                             }
                         }
                     }
+                }
+                _ = credit.room() => self.resume_consumers(),
+                _ = self.writer.closed() => {
+                    // The writer gave up (socket error, or the client read nothing within the write deadline).
+                    self.phase = Phase::Closed;
                 }
                 Some(request) = self.registry.next_request() => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
@@ -722,7 +740,7 @@ impl Connection {
         while let Ok(event) = self.events.try_recv() {
             // Never written to the client: back to the queue untouched (no-ack ones included).
             if let ConsumerEvent::Deliver(d) = event {
-                Arc::clone(&d.queue).return_undelivered(d);
+                self.return_undelivered(d);
             }
         }
         self.ctx.broker.connection_closed(self.id);

@@ -3,6 +3,7 @@
 //! Small frames are encoded into one growing `BytesMut`; bodies of at least [`codec::SHARED_BODY_MIN`] bytes go
 //! out as slices of the message's own `Bytes` ("sealed" chunks), so a large message is never copied.
 
+use super::writer::Batch;
 use crate::codec::{self, Method};
 use bytes::{Bytes, BytesMut};
 
@@ -16,12 +17,14 @@ pub(super) struct Outbound {
     sealed: Vec<Bytes>,
     /// Bytes in `sealed`.
     sealed_bytes: usize,
+    /// Outbound credit held by the deliveries encoded here (see [`Outbound::delivery_credit`]).
+    credit: u64,
 }
 
 impl Outbound {
     /// An empty buffer.
     pub(super) fn new() -> Self {
-        Self { buf: BytesMut::with_capacity(1024), sealed: Vec::new(), sealed_bytes: 0 }
+        Self { buf: BytesMut::with_capacity(1024), sealed: Vec::new(), sealed_bytes: 0, credit: 0 }
     }
 
     /// Nothing is waiting.
@@ -34,14 +37,20 @@ impl Outbound {
         self.buf.len() + self.sealed_bytes >= BATCH_BYTES
     }
 
-    /// Takes everything waiting, in wire order.
-    pub(super) fn take_batch(&mut self) -> Vec<Bytes> {
-        let mut batch = std::mem::take(&mut self.sealed);
+    /// Takes everything waiting, in wire order, with the credit its deliveries hold.
+    pub(super) fn take_batch(&mut self) -> Batch {
+        let mut chunks = std::mem::take(&mut self.sealed);
         self.sealed_bytes = 0;
         if !self.buf.is_empty() {
-            batch.push(self.buf.split().freeze());
+            chunks.push(self.buf.split().freeze());
         }
-        batch
+        Batch { chunks, credit: std::mem::take(&mut self.credit) }
+    }
+
+    /// A delivery holding `bytes` of the connection's outbound credit was encoded here: the credit goes back
+    /// once the batch is written.
+    pub(super) fn delivery_credit(&mut self, bytes: u64) {
+        self.credit += bytes;
     }
 
     /// Where the next frame will start, to [`Outbound::truncate`] back to.
@@ -112,8 +121,12 @@ mod tests {
         out.content(1, &[0, 0], &large, FRAME_MIN_SIZE);
         out.heartbeat();
         assert!(!out.is_empty() && !out.is_full());
+        out.delivery_credit(5);
         let batch = out.take_batch();
         assert!(out.is_empty());
+        assert_eq!(batch.credit, 5);
+        assert_eq!(out.take_batch().credit, 0, "taken with its batch");
+        let batch = batch.chunks;
         let mut wire = BytesMut::new();
         for chunk in &batch {
             wire.extend_from_slice(chunk);
@@ -140,7 +153,7 @@ mod tests {
         let mark = out.mark();
         out.method(1, &Method::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
         out.truncate(mark);
-        let batch = out.take_batch();
+        let batch = out.take_batch().chunks;
         assert_eq!(batch.iter().map(Bytes::len).sum::<usize>(), 8, "one heartbeat frame");
     }
 }

@@ -4,6 +4,7 @@
 
 use super::index::{Body, Entry};
 use super::{ConsumerId, MessageId, Queue};
+use crate::client_memory::OutboundCredit;
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use amq_protocol_types::FieldTable;
@@ -35,6 +36,13 @@ pub struct Delivery {
     pub(super) expires_at: Option<Instant>,
 }
 
+impl Delivery {
+    /// The bytes this delivery holds of its connection's outbound credit, to release once written.
+    pub fn credit_bytes(&self) -> u64 {
+        self.entry.size as u64
+    }
+}
+
 /// What a queue tells a consumer's owner.
 #[derive(Debug)]
 pub enum ConsumerEvent {
@@ -52,9 +60,27 @@ pub type ConsumerSink = mpsc::UnboundedSender<ConsumerEvent>;
 pub struct ChannelPrefetch {
     limit: AtomicU32,
     unacked: AtomicU32,
+    /// The owning connection's outbound credit, if it has one: its consumers get nothing while it is full.
+    outbound: Option<Arc<OutboundCredit>>,
 }
 
 impl ChannelPrefetch {
+    /// No limit yet, on a connection with this outbound credit.
+    pub fn with_outbound(outbound: Arc<OutboundCredit>) -> Self {
+        Self { outbound: Some(outbound), ..Self::default() }
+    }
+    /// Whether the owning connection can take another delivery now.
+    #[inline]
+    fn outbound_has_room(&self) -> bool {
+        self.outbound.as_ref().is_none_or(|o| o.has_room())
+    }
+    /// Counts a delivery of `bytes` against the owning connection's outbound credit.
+    #[inline]
+    pub(super) fn take_outbound(&self, bytes: u32) {
+        if let Some(o) = &self.outbound {
+            o.take(bytes as u64);
+        }
+    }
     /// Sets the limit (0 = unlimited).
     pub fn set_limit(&self, limit: u32) {
         self.limit.store(limit, Ordering::Relaxed);
@@ -129,7 +155,9 @@ pub(super) struct Consumer {
 impl Consumer {
     fn has_credit(&self) -> bool {
         let limit = if self.options.no_ack { NOACK_WINDOW } else { self.options.prefetch };
-        (limit == 0 || self.outstanding < limit) && (self.options.no_ack || self.options.channel_prefetch.has_room())
+        (limit == 0 || self.outstanding < limit)
+            && (self.options.no_ack || self.options.channel_prefetch.has_room())
+            && self.options.channel_prefetch.outbound_has_room()
     }
 }
 

@@ -102,6 +102,7 @@ impl Queue {
                 continue;
             }
             st.consumers.delivered(idx);
+            st.consumers.list[idx].options.channel_prefetch.take_outbound(entry.size);
             if acking {
                 let consumer = &st.consumers.list[idx];
                 let unacked = Unacked {
