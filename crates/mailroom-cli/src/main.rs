@@ -234,6 +234,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         ..ServerConfig::default()
     };
     let mut server = AmqpServer::bind(broker.clone(), config).await?;
+    server.set_proxy_protocol(args.access.proxy_protocol);
     if let Some(acceptor) = tls {
         server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;
         for addr in server.tls_local_addrs() {

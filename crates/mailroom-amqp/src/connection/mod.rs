@@ -140,6 +140,8 @@ pub(crate) struct Connection {
     crossed_closes: HashSet<u16>,
     /// This connection's entry in the broker's connection registry (management API).
     registry: Registry,
+    /// The login name of the client's verified TLS certificate: SASL EXTERNAL is offered when set.
+    external_login: Option<String>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -147,7 +149,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let (mut rd, wr) = stream.into_split();
-    serve_on(&mut rd, wr, peer, local, ctx).await;
+    serve_on(&mut rd, wr, peer, local, ctx, None).await;
     discard_unread(&rd);
 }
 
@@ -166,12 +168,19 @@ pub(crate) async fn serve_tls(
         Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
     };
+    let external_login = acceptor.external_login(tls.get_ref().1);
     let (mut rd, wr) = tokio::io::split(tls);
-    serve_on(&mut rd, wr, peer, local, ctx).await;
+    serve_on(&mut rd, wr, peer, local, ctx, external_login).await;
 }
 
-async fn serve_on<R, W>(rd: &mut R, wr: W, peer: SocketAddr, local: SocketAddr, ctx: Arc<ServerContext>)
-where
+async fn serve_on<R, W>(
+    rd: &mut R,
+    wr: W,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<ServerContext>,
+    external_login: Option<String>,
+) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -208,6 +217,7 @@ where
         cleaned_up: false,
         crossed_closes: HashSet::new(),
         registry: Registry::new(local),
+        external_login,
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(rd).await {
