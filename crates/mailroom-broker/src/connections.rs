@@ -307,6 +307,65 @@ mod tests {
         }
     }
 
+    #[test]
+    fn limits_hold_under_concurrent_registrations() {
+        use crate::access::{UserLimits, VhostLimits};
+        let registry = Arc::new(ConnectionRegistry::default());
+        let limits = ConnectionLimits {
+            vhost: VhostLimits { max_connections: Some(7), max_queues: None },
+            user: UserLimits { max_connections: Some(5), max_channels: None },
+        };
+        let threads = 32;
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let (registry, barrier) = (Arc::clone(&registry), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    let mut info = info(i as u64, 40000 + i as u16);
+                    // Half the threads are guest, half another user: the vhost limit (7) binds both.
+                    if i % 2 == 1 {
+                        info.user = "other".into();
+                    }
+                    barrier.wait();
+                    registry.register_within(info, limits).ok().map(|(reg, _rx)| reg)
+                })
+            })
+            .collect();
+        let admitted: Vec<Registration> = handles.into_iter().filter_map(|h| h.join().unwrap()).collect();
+        assert_eq!(admitted.len(), 7, "the vhost limit, exactly");
+        assert_eq!(registry.count_in_vhost("/"), 7);
+        assert!(registry.count_of_user("guest") <= 5 && registry.count_of_user("other") <= 5);
+        let refused = registry.register_within(info(99, 1), limits).unwrap_err();
+        assert_eq!(refused.reply_code(), 530);
+        drop(admitted);
+        assert!(registry.is_empty());
+        assert_eq!(registry.count_in_vhost("/"), 0);
+        assert_eq!(registry.count_of_user("guest"), 0);
+    }
+
+    #[tokio::test]
+    async fn close_user_and_close_vhost_ask_only_their_connections() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let mut a = info(1, 1);
+        a.user = "u".into();
+        let mut b = info(2, 2);
+        b.vhost = "v".into();
+        let (_ra, mut rx_a) = registry.register(a);
+        let (_rb, mut rx_b) = registry.register(b);
+        assert_eq!(registry.close_user("u"), 1);
+        match rx_a.try_recv() {
+            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "user 'u' is deleted"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx_b.try_recv().is_err());
+        assert_eq!(registry.close_vhost("v"), 1);
+        match rx_b.try_recv() {
+            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is down"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(registry.close_vhost("nothing"), 0);
+    }
+
     #[tokio::test]
     async fn registration_lists_until_dropped_and_carries_requests() {
         let registry = Arc::new(ConnectionRegistry::default());
