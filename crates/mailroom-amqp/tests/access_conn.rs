@@ -484,7 +484,7 @@ async fn deleting_a_user_or_a_vhost_closes_its_connections() {
     let reason = closed_reason(Box::pin(c.events_listener()));
     server.broker.delete_vhost("doomed-vhost").unwrap();
     let reason = reason.await;
-    assert!(reason.contains("CONNECTION_FORCED - vhost 'doomed-vhost' is down"), "{reason}");
+    assert!(reason.contains("CONNECTION_FORCED - vhost 'doomed-vhost' is deleted"), "{reason}");
     common::eventually("the vhost's connection leaves", || server.broker.connections().len() == 1).await;
     assert!(other.status().connected(), "connections to other vhosts stay");
 }

@@ -239,7 +239,7 @@ impl Broker {
     }
 
     /// Deletes a virtual host with its queues, exchanges and stored messages, forgets its permissions and
-    /// limits, and closes its connections (320 "vhost 'v' is down", as RabbitMQ) (`DELETE
+    /// limits, and closes its connections (320 "vhost 'v' is deleted", as RabbitMQ) (`DELETE
     /// /api/vhosts/{name}`). NOT_FOUND when it does not exist.
     pub fn delete_vhost(&self, name: &str) -> Result<()> {
         let removed = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner()).remove(name);

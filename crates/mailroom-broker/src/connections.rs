@@ -209,10 +209,11 @@ impl ConnectionRegistry {
         self.close_where(|c| c.user == user, &format!("user '{user}' is deleted"))
     }
 
-    /// Asks every connection to `vhost` to close with 320 CONNECTION_FORCED "vhost 'v' is down" (RabbitMQ
-    /// 3.10's words when the vhost is deleted); how many were asked.
+    /// Asks every connection to `vhost` to close with 320 CONNECTION_FORCED "vhost 'v' is deleted" (RabbitMQ
+    /// 3.10's words when the vhost is deleted; there a race with the vhost's supervisor stopping sometimes
+    /// says "vhost 'v' is down" instead); how many were asked.
     pub fn close_vhost(&self, vhost: &str) -> usize {
-        self.close_where(|c| c.vhost == vhost, &format!("vhost '{vhost}' is down"))
+        self.close_where(|c| c.vhost == vhost, &format!("vhost '{vhost}' is deleted"))
     }
 
     fn close_where(&self, matches: impl Fn(&ConnectionInfo) -> bool, reason: &str) -> usize {
@@ -360,7 +361,7 @@ mod tests {
         assert!(rx_b.try_recv().is_err());
         assert_eq!(registry.close_vhost("v"), 1);
         match rx_b.try_recv() {
-            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is down"),
+            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is deleted"),
             other => panic!("{other:?}"),
         }
         assert_eq!(registry.close_vhost("nothing"), 0);
