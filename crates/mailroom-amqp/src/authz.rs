@@ -71,10 +71,8 @@ pub fn register(
         user: access.user(&info.user).map(|u| u.limits).unwrap_or_default(),
     };
     let (user, vhost) = (info.user.clone(), info.vhost.clone());
-    let registered = broker
-        .connections()
-        .register_within(info, limits)
-        .map_err(|e| AmqpError::from(BrokerError::from(e)))?;
+    let registered =
+        broker.connections().register_within(info, limits).map_err(|e| AmqpError::from(BrokerError::from(e)))?;
     // Deleting a user or vhost first removes it, then closes the listed connections: one listed before the
     // removal is closed by it, and one listed after it sees the removal here.
     if access.user(&user).is_none() {

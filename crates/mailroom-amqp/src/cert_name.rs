@@ -257,7 +257,10 @@ mod tests {
     #[test]
     fn escapes_and_other_attributes() {
         let der = cert(&[
-            (DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 25]), DnValue::Ia5String("example".try_into().unwrap())),
+            (
+                DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 25]),
+                DnValue::Ia5String("example".try_into().unwrap()),
+            ),
             (DnType::OrganizationalUnitName, utf8("R&D, \"east\"")),
             (DnType::CustomDnType(vec![1, 3, 6, 1, 4, 1, 99999, 1]), utf8("x")),
             (DnType::CommonName, utf8("#bob ")),

@@ -134,11 +134,7 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
 }
 
 fn v1_address(text: &str, v6: bool) -> Result<IpAddr, ProxyError> {
-    let ip = if v6 {
-        text.parse::<Ipv6Addr>().map(IpAddr::V6)
-    } else {
-        text.parse::<Ipv4Addr>().map(IpAddr::V4)
-    };
+    let ip = if v6 { text.parse::<Ipv6Addr>().map(IpAddr::V6) } else { text.parse::<Ipv4Addr>().map(IpAddr::V4) };
     ip.map_err(|_| ProxyError::V1("bad address"))
 }
 
@@ -285,17 +281,17 @@ mod tests {
     #[test]
     fn v1_refusals() {
         for bad in [
-            &b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"[..],        // LF without CR
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",               // missing port
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",           // extra field
-            b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",                 // IPv6 in TCP4
-            b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n",                 // IPv4 in TCP6
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",         // port out of range
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",            // leading zero
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",            // sign
-            b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",            // double space
-            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",             // protocol
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \xff\r\n",          // not ASCII
+            &b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n"[..],  // LF without CR
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",       // missing port
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",   // extra field
+            b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",         // IPv6 in TCP4
+            b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n",         // IPv4 in TCP6
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", // port out of range
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",    // leading zero
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",    // sign
+            b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",    // double space
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",     // protocol
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \xff\r\n",  // not ASCII
         ] {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

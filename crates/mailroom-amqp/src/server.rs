@@ -8,11 +8,11 @@ pub use crate::config::{
     DEFAULT_MAX_MESSAGE_SIZE,
 };
 use crate::fds::FdBudget;
+use crate::proxy_protocol::{self, ProxyHeader};
 use mailroom_broker::Broker;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use crate::proxy_protocol::{self, ProxyHeader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;

@@ -171,8 +171,11 @@ impl Ca {
     /// Server TLS settings in a fresh directory.
     fn settings(&self, verify: ClientVerification, from: CertLoginFrom) -> TlsSettings {
         static N: AtomicU64 = AtomicU64::new(0);
-        let dir: PathBuf = std::env::temp_dir()
-            .join(format!("mailroom-access-conn-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir: PathBuf = std::env::temp_dir().join(format!(
+            "mailroom-access-conn-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = self.leaf(&[(DnType::CommonName, "mailroom")], &["localhost"], false);
         let write = |name: &str, text: &str| {
@@ -413,7 +416,11 @@ async fn user_connection_limit_holds_under_concurrent_opens() {
     let server = start(None, false).await;
     add_user(&server.broker, "racer", "pw");
     let limit = 3;
-    server.broker.access().set_user_limits("racer", UserLimits { max_connections: Some(limit), max_channels: None }).unwrap();
+    server
+        .broker
+        .access()
+        .set_user_limits("racer", UserLimits { max_connections: Some(limit), max_channels: None })
+        .unwrap();
     let (ok, err) = open_many(format!("amqp://racer:pw@{}/%2f", server.plain), 24).await;
     assert_eq!(ok.len() as u64, limit, "exactly the limit succeed");
     assert_eq!(err.len(), 24 - limit as usize);

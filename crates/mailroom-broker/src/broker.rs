@@ -147,15 +147,8 @@ impl Broker {
         if let Some(d) = &durability {
             d.set_alarms(alarms.clone());
         }
-        let inner = Arc::new(BrokerInner {
-            vhosts: RwLock::new(vhosts),
-            access,
-            ids,
-            alarms,
-            durability,
-            paging,
-            connections,
-        });
+        let inner =
+            Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), access, ids, alarms, durability, paging, connections });
         let alarm_config = config.alarms;
         // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
         if alarm_config.memory_high_watermark.is_some()
