@@ -7,7 +7,8 @@
 //! because it has no post-quantum key exchange (X25519MLKEM768); TLS 1.3 then uses classical X25519 or
 //! P-256. Switching to aws-lc-rs is the provider function below plus the cargo features.
 //! Nothing here knows about AMQP: `server.rs` wraps accepted sockets with [`TlsAcceptor::accept`] before
-//! the protocol header.
+//! the protocol header, and [`TlsAcceptor::external_login`] names the verified client certificate's login
+//! for SASL EXTERNAL (see `cert_name.rs`).
 
 use crate::cert_name::{CertLoginFrom, CertSubject};
 use rustls::pki_types::pem::PemObject;

@@ -156,11 +156,8 @@ impl ConnectionRegistry {
     /// Registers an open connection without limits; it stays listed until the returned [`Registration`] is
     /// dropped. The receiver carries the API's requests to the connection task.
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> (Registration, mpsc::Receiver<ConnectionControl>) {
-        match self.register_within(info, ConnectionLimits::default()) {
-            Ok(registered) => registered,
-            // No limit is set, so none can be reached.
-            Err(_) => unreachable!("a registration without limits cannot be refused"),
-        }
+        let mut entries = self.lock();
+        self.insert(&mut entries, info)
     }
 
     /// Registers an open connection if its vhost's and its user's `max-connections` allow one more
@@ -176,12 +173,21 @@ impl ConnectionRegistry {
         let of_user = entries.per_user.get(&info.user).copied().unwrap_or(0);
         limits.vhost.check_connection(&info.vhost, &info.user, in_vhost)?;
         limits.user.check_connection(&info.user, of_user)?;
+        Ok(self.insert(&mut entries, info))
+    }
+
+    /// Lists `info` and counts it for its vhost and user (the caller holds the lock).
+    fn insert(
+        self: &Arc<Self>,
+        entries: &mut Entries,
+        info: ConnectionInfo,
+    ) -> (Registration, mpsc::Receiver<ConnectionControl>) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let id = info.id;
         count_up(&mut entries.per_vhost, &info.vhost);
         count_up(&mut entries.per_user, &info.user);
         entries.by_id.insert(id, Entry { info: Arc::new(info), control: tx });
-        Ok((Registration { registry: Arc::downgrade(self), id }, rx))
+        (Registration { registry: Arc::downgrade(self), id }, rx)
     }
 
     /// Every registered connection, oldest first.
