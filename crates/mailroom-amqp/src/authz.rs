@@ -6,11 +6,15 @@
 use crate::codec;
 use crate::error::{code, AmqpError};
 use mailroom_broker::access::{AccessError, AuthError, AuthenticatedUser, ChannelAccess, ChannelSlot, Operation};
+use mailroom_broker::connections::ConnectionLimits;
 use mailroom_broker::exchange::ExchangeKind;
-use mailroom_broker::{AMQPValue, Broker, BrokerError, FieldTable, VHost};
+use mailroom_broker::{
+    AMQPValue, Broker, BrokerError, ConnectionControl, ConnectionInfo, FieldTable, Registration, VHost,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// How long a refused login waits before its answer, so that guessing passwords is slow.
 pub const LOGIN_REFUSED_DELAY: Duration = Duration::from_secs(1);
@@ -32,29 +36,55 @@ pub fn login(
     result
 }
 
+/// Checks an EXTERNAL login as `name`, the login name of the client's verified certificate: the user must
+/// exist (no password is checked) and pass the loopback rule. A refusal is logged with the peer.
+pub fn login_external(broker: &Broker, name: &str, peer: SocketAddr) -> Result<AuthenticatedUser, AuthError> {
+    let result = broker.access().authenticate_external(name, peer.ip().is_loopback());
+    if let Err(e) = &result {
+        tracing::warn!(%peer, "{}", e.log_line("EXTERNAL"));
+    }
+    result
+}
+
 fn refused(e: AccessError) -> AmqpError {
     AmqpError::from(BrokerError::from(e))
 }
 
-/// `connection.open`: the vhost must exist (530), the user needs permissions there (530 "access to vhost
-/// 'v' refused for user 'u'"), and the vhost's and the user's `max-connections` must not be reached (530).
+/// `connection.open`: the vhost must exist (530) and the user needs permissions there (530 "access to vhost
+/// 'v' refused for user 'u'"). The connection limits are checked when it registers ([`register`]).
 pub fn open_vhost(broker: &Broker, user: &str, name: &str) -> Result<Arc<VHost>, AmqpError> {
     let vhost =
         broker.vhost(name).map_err(|_| AmqpError::connection(code::NOT_ALLOWED, format!("vhost {name} not found")))?;
-    let access = broker.access();
-    access.vhost_access(user, name).map_err(refused)?;
-    let limits = access.vhost_limits(name);
-    let user_limits = access.user(user).map(|u| u.limits).unwrap_or_default();
-    if !limits.is_empty() || !user_limits.is_empty() {
-        // Connection opens are rare: counting the registered connections is cheap enough.
-        let all = broker.connections().list();
-        let in_vhost = all.iter().filter(|c| c.info().vhost == name).count() as u64;
-        let of_user = all.iter().filter(|c| c.info().user == user).count() as u64;
-        let over =
-            limits.check_connection(name, user, in_vhost).and_then(|_| user_limits.check_connection(user, of_user));
-        over.map_err(|e| AmqpError::from(BrokerError::from(e)))?;
-    }
+    broker.access().vhost_access(user, name).map_err(refused)?;
     Ok(vhost)
+}
+
+/// Lists an opening connection in the broker's registry if the vhost's and the user's `max-connections`
+/// allow it (530 otherwise); the count and the listing are one step, so concurrent opens cannot overshoot.
+pub fn register(
+    broker: &Broker,
+    info: ConnectionInfo,
+) -> Result<(Registration, mpsc::Receiver<ConnectionControl>), AmqpError> {
+    let access = broker.access();
+    let limits = ConnectionLimits {
+        vhost: access.vhost_limits(&info.vhost),
+        user: access.user(&info.user).map(|u| u.limits).unwrap_or_default(),
+    };
+    let (user, vhost) = (info.user.clone(), info.vhost.clone());
+    let registered =
+        broker.connections().register_within(info, limits).map_err(|e| AmqpError::from(BrokerError::from(e)))?;
+    // Deleting a user or vhost first removes it, then closes the listed connections: one listed before the
+    // removal is closed by it, and one listed after it sees the removal here.
+    if access.user(&user).is_none() {
+        return Err(AmqpError::connection(
+            code::NOT_ALLOWED,
+            format!("access to vhost '{vhost}' refused for user '{user}'"),
+        ));
+    }
+    if broker.vhost(&vhost).is_err() {
+        return Err(AmqpError::connection(code::NOT_ALLOWED, format!("vhost {vhost} not found")));
+    }
+    Ok(registered)
 }
 
 /// `channel.open`: counts the channel against the user's `max-channels` (530 when reached) and builds its

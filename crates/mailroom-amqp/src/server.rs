@@ -1,4 +1,5 @@
-//! The AMQP listener: binds its addresses, accepts connections, and shuts them down cleanly.
+//! The AMQP listener: binds its addresses, accepts connections (reading a PROXY protocol header first when
+//! asked to, then the TLS handshake on AMQPS listeners), and shuts them down cleanly.
 
 use crate::codec;
 use crate::config::ServerContext;
@@ -7,11 +8,12 @@ pub use crate::config::{
     DEFAULT_MAX_MESSAGE_SIZE,
 };
 use crate::fds::FdBudget;
+use crate::proxy_protocol::{self, ProxyHeader};
 use mailroom_broker::Broker;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -29,6 +31,7 @@ pub struct AmqpServer {
     listeners: Vec<(TcpListener, Tls)>,
     ctx: Arc<ServerContext>,
     shutdown_tx: watch::Sender<bool>,
+    proxy_protocol: bool,
 }
 
 impl AmqpServer {
@@ -48,7 +51,20 @@ impl AmqpServer {
             }
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
-        Ok(AmqpServer { listeners, ctx: Arc::new(ServerContext { broker, config, shutdown }), shutdown_tx })
+        Ok(AmqpServer {
+            listeners,
+            ctx: Arc::new(ServerContext { broker, config, shutdown }),
+            shutdown_tx,
+            proxy_protocol: false,
+        })
+    }
+
+    /// Requires a PROXY protocol v1 or v2 header on every connection of every listener, AMQP and AMQPS
+    /// (`--proxy-protocol`, RabbitMQ's `proxy_protocol`): the client's address is the header's, for the
+    /// loopback rule, the logs and the management API; a connection without a valid header is closed.
+    /// Only trusted proxies may then reach the listeners, since the header is believed.
+    pub fn set_proxy_protocol(&mut self, required: bool) {
+        self.proxy_protocol = required;
     }
 
     /// The plain AMQP addresses actually bound (with real ports when 0 was asked for).
@@ -80,7 +96,7 @@ impl AmqpServer {
 
     /// Accepts connections until `shutdown` completes, then closes every connection with 320 and waits for them.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let AmqpServer { listeners, ctx, shutdown_tx } = self;
+        let AmqpServer { listeners, ctx, shutdown_tx, proxy_protocol } = self;
         let mut connections = JoinSet::new();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
         let mut acceptors = JoinSet::new();
@@ -113,14 +129,7 @@ impl AmqpServer {
                 _ = &mut shutdown => break,
                 Some((stream, peer, tls)) = conn_rx.recv() => {
                     if fds.admit() {
-                        let ctx = Arc::clone(&ctx);
-                        match tls {
-                            None => connections.spawn(crate::connection::serve(stream, peer, ctx)),
-                            #[cfg(feature = "tls")]
-                            Some(acceptor) => connections.spawn(crate::connection::serve_tls(stream, peer, ctx, acceptor)),
-                            #[cfg(not(feature = "tls"))]
-                            Some(never) => match never {},
-                        };
+                        connections.spawn(serve_accepted(stream, peer, Arc::clone(&ctx), tls, proxy_protocol));
                     } else {
                         // Closed at once: the last descriptors belong to the stores, so that existing
                         // connections can keep publishing to every queue.
@@ -138,6 +147,30 @@ impl AmqpServer {
         if drained.is_err() {
             connections.abort_all();
         }
+    }
+}
+
+/// Serves one accepted socket: its PROXY protocol header if required (before TLS, as proxies send it),
+/// then AMQP, over TLS on an AMQPS listener.
+async fn serve_accepted(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>, tls: Tls, proxy: bool) {
+    let peer = if proxy {
+        match proxy_protocol::read_header(&mut stream).await {
+            Ok(ProxyHeader::Proxied { source, .. }) => source,
+            Ok(ProxyHeader::Local) => peer,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection: PROXY protocol header required");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    match tls {
+        None => crate::connection::serve(stream, peer, ctx).await,
+        #[cfg(feature = "tls")]
+        Some(acceptor) => crate::connection::serve_tls(stream, peer, ctx, acceptor).await,
+        #[cfg(not(feature = "tls"))]
+        Some(never) => match never {},
     }
 }
 

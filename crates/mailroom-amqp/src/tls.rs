@@ -7,8 +7,10 @@
 //! because it has no post-quantum key exchange (X25519MLKEM768); TLS 1.3 then uses classical X25519 or
 //! P-256. Switching to aws-lc-rs is the provider function below plus the cargo features.
 //! Nothing here knows about AMQP: `server.rs` wraps accepted sockets with [`TlsAcceptor::accept`] before
-//! the protocol header.
+//! the protocol header, and [`TlsAcceptor::external_login`] names the verified client certificate's login
+//! for SASL EXTERNAL (see `cert_name.rs`).
 
+use crate::cert_name::{CertLoginFrom, CertSubject};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -54,6 +56,8 @@ pub struct TlsSettings {
     pub ca: Option<PathBuf>,
     /// Client certificate policy (`--tls-verify`).
     pub verify: ClientVerification,
+    /// Which part of a verified client certificate SASL EXTERNAL logs in as (`--ssl-cert-login-from`).
+    pub cert_login_from: CertLoginFrom,
 }
 
 /// A TLS configuration that cannot be built.
@@ -178,6 +182,20 @@ impl TlsAcceptor {
     ) -> std::io::Result<tokio_rustls::server::TlsStream<S>> {
         tokio_rustls::TlsAcceptor::from(self.config()).accept(stream).await
     }
+
+    /// The login name SASL EXTERNAL offers on `connection`: taken from the client's certificate, which
+    /// rustls verified against the CA during the handshake; None without a certificate (or without the
+    /// common name `--ssl-cert-login-from common_name` asks for), and EXTERNAL is then not offered.
+    pub fn external_login(&self, connection: &rustls::ServerConnection) -> Option<String> {
+        let leaf = connection.peer_certificates()?.first()?;
+        match CertSubject::from_der(leaf.as_ref()) {
+            Ok(subject) => subject.login_name(self.settings.cert_login_from),
+            Err(e) => {
+                tracing::warn!(error = %e, "client certificate subject unreadable; EXTERNAL not offered");
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +275,7 @@ mod tests {
             key: dir.write("server.key", &key),
             ca: Some(dir.write("ca.pem", &ca.pem())),
             verify,
+            cert_login_from: CertLoginFrom::default(),
         }
     }
 

@@ -136,19 +136,19 @@ impl Broker {
             &legacy,
         )
         .map_err(|e| BrokerError::new(ErrorKind::ResourceError, format!("cannot open users and permissions: {e}")))?;
+        let connections: Arc<ConnectionRegistry> = Arc::default();
+        let registry = Arc::downgrade(&connections);
+        access.on_user_deleted(crate::access::UserDeleted(Box::new(move |user| {
+            if let Some(registry) = registry.upgrade() {
+                registry.close_user(user);
+            }
+        })));
         let (alarms, _) = watch::channel(AlarmState::default());
         if let Some(d) = &durability {
             d.set_alarms(alarms.clone());
         }
-        let inner = Arc::new(BrokerInner {
-            vhosts: RwLock::new(vhosts),
-            access,
-            ids,
-            alarms,
-            durability,
-            paging,
-            connections: Arc::default(),
-        });
+        let inner =
+            Arc::new(BrokerInner { vhosts: RwLock::new(vhosts), access, ids, alarms, durability, paging, connections });
         let alarm_config = config.alarms;
         // With a data dir the monitor also watches the stores (the store alarm), so it always runs.
         if alarm_config.memory_high_watermark.is_some()
@@ -237,12 +237,14 @@ impl Broker {
         }))
     }
 
-    /// Deletes a virtual host with its queues, exchanges and stored messages, and forgets its
-    /// permissions and limits (`DELETE /api/vhosts/{name}`). NOT_FOUND when it does not exist.
+    /// Deletes a virtual host with its queues, exchanges and stored messages, forgets its permissions and
+    /// limits, and closes its connections (320 "vhost 'v' is deleted", as RabbitMQ) (`DELETE
+    /// /api/vhosts/{name}`). NOT_FOUND when it does not exist.
     pub fn delete_vhost(&self, name: &str) -> Result<()> {
         let removed = self.inner.vhosts.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         let vhost =
             removed.ok_or_else(|| BrokerError::new(ErrorKind::NotFound, format!("vhost '{name}' not found")))?;
+        self.inner.connections.close_vhost(name);
         for q in vhost.queues() {
             // The queue's own owner, so that exclusive queues go too (their connections see them vanish).
             let owner = q.spec().exclusive_owner.unwrap_or(0);

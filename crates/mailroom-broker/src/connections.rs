@@ -6,9 +6,10 @@
 //! snapshot of its channels and consumers (pulled on demand, so an unwatched broker pays nothing) or to
 //! close with a reason. Nothing here knows about frames or sockets.
 
+use crate::access::{LimitError, UserLimits, VhostLimits};
 use crate::queue::{ConnectionId, ConsumerId};
 use amq_protocol_types::FieldTable;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -173,32 +174,125 @@ struct Entry {
     control: mpsc::Sender<ConnectionControl>,
 }
 
+/// The registered connections and how many each vhost and each user has, kept together under one lock
+/// so that a limit check and the registration it admits are one step.
+#[derive(Debug, Default)]
+struct Entries {
+    by_id: BTreeMap<ConnectionId, Entry>,
+    per_vhost: HashMap<String, u64>,
+    per_user: HashMap<String, u64>,
+}
+
+fn count_up(counts: &mut HashMap<String, u64>, key: &str) {
+    *counts.entry(key.to_owned()).or_insert(0) += 1;
+}
+
+fn count_down(counts: &mut HashMap<String, u64>, key: &str) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+/// The connection limits a new connection is admitted under: its vhost's and its user's `max-connections`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// The vhost's limits.
+    pub vhost: VhostLimits,
+    /// The user's limits.
+    pub user: UserLimits,
+}
+
 /// Every registered connection.
 #[derive(Debug, Default)]
 pub struct ConnectionRegistry {
-    entries: Mutex<BTreeMap<ConnectionId, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 impl ConnectionRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ConnectionId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers an open connection; it stays listed until the returned [`Registration`] is dropped. The
-    /// receiver carries the API's requests to the connection task.
+    /// Registers an open connection without limits; it stays listed until the returned [`Registration`] is
+    /// dropped. The receiver carries the API's requests to the connection task.
     pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> (Registration, mpsc::Receiver<ConnectionControl>) {
+        let mut entries = self.lock();
+        self.insert(&mut entries, info)
+    }
+
+    /// Registers an open connection if its vhost's and its user's `max-connections` allow one more
+    /// (530 NOT_ALLOWED otherwise, as RabbitMQ answers `connection.open`). The count and the registration
+    /// happen under one lock, so concurrent opens never exceed a limit.
+    pub fn register_within(
+        self: &Arc<Self>,
+        info: ConnectionInfo,
+        limits: ConnectionLimits,
+    ) -> Result<(Registration, mpsc::Receiver<ConnectionControl>), LimitError> {
+        let mut entries = self.lock();
+        let in_vhost = entries.per_vhost.get(&info.vhost).copied().unwrap_or(0);
+        let of_user = entries.per_user.get(&info.user).copied().unwrap_or(0);
+        limits.vhost.check_connection(&info.vhost, &info.user, in_vhost)?;
+        limits.user.check_connection(&info.user, of_user)?;
+        Ok(self.insert(&mut entries, info))
+    }
+
+    /// Lists `info` and counts it for its vhost and user (the caller holds the lock).
+    fn insert(
+        self: &Arc<Self>,
+        entries: &mut Entries,
+        info: ConnectionInfo,
+    ) -> (Registration, mpsc::Receiver<ConnectionControl>) {
         let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
         let id = info.id;
-        self.lock().insert(id, Entry { info: Arc::new(info), control: tx });
+        count_up(&mut entries.per_vhost, &info.vhost);
+        count_up(&mut entries.per_user, &info.user);
+        entries.by_id.insert(id, Entry { info: Arc::new(info), control: tx });
         (Registration { registry: Arc::downgrade(self), id }, rx)
     }
 
     /// Every registered connection, oldest first.
     pub fn list(&self) -> Vec<ConnectionHandle> {
         self.lock()
+            .by_id
             .values()
             .map(|e| ConnectionHandle { info: Arc::clone(&e.info), control: e.control.clone() })
             .collect()
+    }
+
+    /// Connections open to `vhost` now.
+    pub fn count_in_vhost(&self, vhost: &str) -> u64 {
+        self.lock().per_vhost.get(vhost).copied().unwrap_or(0)
+    }
+
+    /// Connections `user` has open now.
+    pub fn count_of_user(&self, user: &str) -> u64 {
+        self.lock().per_user.get(user).copied().unwrap_or(0)
+    }
+
+    /// Asks every connection of `user` to close with 320 CONNECTION_FORCED "user 'u' is deleted" (RabbitMQ
+    /// 3.10's words when the user is deleted); how many were asked.
+    pub fn close_user(&self, user: &str) -> usize {
+        self.close_where(|c| c.user == user, &format!("user '{user}' is deleted"))
+    }
+
+    /// Asks every connection to `vhost` to close with 320 CONNECTION_FORCED "vhost 'v' is deleted" (RabbitMQ
+    /// 3.10's words when the vhost is deleted; there a race with the vhost's supervisor stopping sometimes
+    /// says "vhost 'v' is down" instead); how many were asked.
+    pub fn close_vhost(&self, vhost: &str) -> usize {
+        self.close_where(|c| c.vhost == vhost, &format!("vhost '{vhost}' is deleted"))
+    }
+
+    fn close_where(&self, matches: impl Fn(&ConnectionInfo) -> bool, reason: &str) -> usize {
+        let targets: Vec<ConnectionHandle> = self.list().into_iter().filter(|c| matches(c.info())).collect();
+        for c in &targets {
+            if !c.close(reason) {
+                tracing::warn!(connection = %c.info().name(), %reason, "connection did not take the close request");
+            }
+        }
+        targets.len()
     }
 
     /// The connection with this name (`"peer -> local"`).
@@ -208,12 +302,12 @@ impl ConnectionRegistry {
 
     /// How many connections are registered.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     /// No connection is registered.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().by_id.is_empty()
     }
 }
 
@@ -227,7 +321,11 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
-            registry.lock().remove(&self.id);
+            let mut entries = registry.lock();
+            if let Some(entry) = entries.by_id.remove(&self.id) {
+                count_down(&mut entries.per_vhost, &entry.info.vhost);
+                count_down(&mut entries.per_user, &entry.info.user);
+            }
         }
     }
 }
@@ -278,6 +376,65 @@ mod tests {
             connected_at: SystemTime::now(),
             traffic: Arc::default(),
         }
+    }
+
+    #[test]
+    fn limits_hold_under_concurrent_registrations() {
+        use crate::access::{UserLimits, VhostLimits};
+        let registry = Arc::new(ConnectionRegistry::default());
+        let limits = ConnectionLimits {
+            vhost: VhostLimits { max_connections: Some(7), max_queues: None },
+            user: UserLimits { max_connections: Some(5), max_channels: None },
+        };
+        let threads = 32;
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let (registry, barrier) = (Arc::clone(&registry), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    let mut info = info(i as u64, 40000 + i as u16);
+                    // Half the threads are guest, half another user: the vhost limit (7) binds both.
+                    if i % 2 == 1 {
+                        info.user = "other".into();
+                    }
+                    barrier.wait();
+                    registry.register_within(info, limits).ok().map(|(reg, _rx)| reg)
+                })
+            })
+            .collect();
+        let admitted: Vec<Registration> = handles.into_iter().filter_map(|h| h.join().unwrap()).collect();
+        assert_eq!(admitted.len(), 7, "the vhost limit, exactly");
+        assert_eq!(registry.count_in_vhost("/"), 7);
+        assert!(registry.count_of_user("guest") <= 5 && registry.count_of_user("other") <= 5);
+        let refused = registry.register_within(info(99, 1), limits).unwrap_err();
+        assert_eq!(refused.reply_code(), 530);
+        drop(admitted);
+        assert!(registry.is_empty());
+        assert_eq!(registry.count_in_vhost("/"), 0);
+        assert_eq!(registry.count_of_user("guest"), 0);
+    }
+
+    #[tokio::test]
+    async fn close_user_and_close_vhost_ask_only_their_connections() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let mut a = info(1, 1);
+        a.user = "u".into();
+        let mut b = info(2, 2);
+        b.vhost = "v".into();
+        let (_ra, mut rx_a) = registry.register(a);
+        let (_rb, mut rx_b) = registry.register(b);
+        assert_eq!(registry.close_user("u"), 1);
+        match rx_a.try_recv() {
+            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "user 'u' is deleted"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx_b.try_recv().is_err());
+        assert_eq!(registry.close_vhost("v"), 1);
+        match rx_b.try_recv() {
+            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is deleted"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(registry.close_vhost("nothing"), 0);
     }
 
     #[tokio::test]

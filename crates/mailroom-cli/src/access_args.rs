@@ -1,7 +1,9 @@
-//! `mailroom server`'s access and TLS flags (users, loopback rule, AMQPS listener and certificates), and
-//! what they build: the broker's default user and loopback rule, and the TLS acceptor reloaded on SIGHUP.
+//! `mailroom server`'s access and TLS flags (users, loopback rule, AMQPS listener and certificates, SASL
+//! EXTERNAL's login name, the PROXY protocol), and what they build: the broker's default user and loopback
+//! rule, and the TLS acceptor reloaded on SIGHUP.
 
 use clap::Args;
+use mailroom_amqp::cert_name::CertLoginFrom;
 use mailroom_amqp::tls::{ClientVerification, TlsAcceptor, TlsSettings};
 use mailroom_broker::access::{DefaultUser, LoopbackUsers};
 use std::net::SocketAddr;
@@ -38,6 +40,14 @@ pub struct AccessArgs {
     /// Client certificates: none, optional or required.
     #[arg(long, env = "MAILROOM_TLS_VERIFY", default_value = "none")]
     tls_verify: ClientVerification,
+    /// What SASL EXTERNAL logs in as, from a verified client certificate: distinguished_name (e.g.
+    /// "CN=alice,O=Org") or common_name (RabbitMQ's ssl_cert_login_from).
+    #[arg(long, env = "MAILROOM_SSL_CERT_LOGIN_FROM", default_value = "distinguished_name")]
+    ssl_cert_login_from: CertLoginFrom,
+    /// Require a PROXY protocol v1/v2 header on every AMQP and AMQPS connection and take the client's
+    /// address from it (RabbitMQ's proxy_protocol). Only trusted proxies may reach the listeners then.
+    #[arg(long, env = "MAILROOM_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
 }
 
 impl AccessArgs {
@@ -60,8 +70,13 @@ impl AccessArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Err("--amqps-listen and --https-listen need --tls-cert and --tls-key".into());
         };
-        let settings =
-            TlsSettings { cert: cert.clone(), key: key.clone(), ca: self.tls_ca.clone(), verify: self.tls_verify };
+        let settings = TlsSettings {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: self.tls_ca.clone(),
+            verify: self.tls_verify,
+            cert_login_from: self.ssl_cert_login_from,
+        };
         TlsAcceptor::new(settings).map(|a| Some(Arc::new(a))).map_err(|e| e.to_string())
     }
 }

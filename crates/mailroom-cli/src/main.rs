@@ -255,6 +255,7 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         ..ServerConfig::default()
     };
     let mut server = AmqpServer::bind(broker.clone(), config).await?;
+    server.set_proxy_protocol(args.access.proxy_protocol);
     if let Some(acceptor) = &tls {
         if !args.access.amqps_listen.is_empty() {
             server.bind_tls(&args.access.amqps_listen, acceptor.clone()).await?;

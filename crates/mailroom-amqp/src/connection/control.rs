@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
 impl Connection {
-    /// Lists the connection once it is open (`connection.open-ok`).
-    pub(super) fn register(&mut self, vhost: &str) {
+    /// Lists the connection once it is open (`connection.open-ok`), within its vhost's and user's connection
+    /// limits (530 NOT_ALLOWED when one is reached).
+    pub(super) fn register(&mut self, vhost: &str) -> Result<(), AmqpError> {
         let info = ConnectionInfo {
             id: self.id,
             peer: self.peer,
@@ -27,9 +28,10 @@ impl Connection {
             connected_at: std::time::SystemTime::now(),
             traffic: std::sync::Arc::clone(&self.traffic),
         };
-        let (registration, control) = self.ctx.broker.connections().register(info);
+        let (registration, control) = crate::authz::register(&self.ctx.broker, info)?;
         self.registry.registration = Some(registration);
         self.registry.control = Some(control);
+        Ok(())
     }
 
     /// Answers a management API request.

@@ -37,10 +37,19 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                mechanisms: LongString::from(b"PLAIN AMQPLAIN".to_vec()),
+                mechanisms: LongString::from(self.mechanisms().as_bytes().to_vec()),
                 locales: LongString::from(b"en_US".to_vec()),
             })),
         );
+    }
+
+    /// The SASL mechanisms offered: EXTERNAL only over TLS with a verified client certificate.
+    fn mechanisms(&self) -> &'static str {
+        if self.external_login.is_some() {
+            "PLAIN AMQPLAIN EXTERNAL"
+        } else {
+            "PLAIN AMQPLAIN"
+        }
     }
 
     /// Handles a method on channel 0 before the connection is open, by phase.
@@ -50,7 +59,7 @@ impl Connection {
             (Phase::AwaitTuneOk, Method::Connection(conn::AMQPMethod::TuneOk(ok))) => self.tune_ok(ok),
             (Phase::AwaitOpen, Method::Connection(conn::AMQPMethod::Open(open))) => {
                 let vhost = crate::authz::open_vhost(&self.ctx.broker, &self.username, open.virtual_host.as_str())?;
-                self.register(vhost.name());
+                self.register(vhost.name())?;
                 tracing::info!(peer = %self.peer, user = %self.username, vhost = %vhost.name(), "connection authenticated and granted access to vhost");
                 self.vhost = Some(vhost);
                 self.phase = Phase::Open;
@@ -83,14 +92,20 @@ impl Connection {
             };
         }
         let mechanism = ok.mechanism.as_str();
-        if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
-            return Err(AmqpError::connection(
-                code::COMMAND_INVALID,
-                format!("unknown authentication mechanism '{mechanism}'"),
-            ));
-        }
-        let authenticated =
-            crate::authz::login(&self.ctx.broker, mechanism, ok.response.as_bytes(), self.peer).ok().map(|u| u.name);
+        let authenticated = match (mechanism, &self.external_login) {
+            ("PLAIN" | "AMQPLAIN", _) => {
+                crate::authz::login(&self.ctx.broker, mechanism, ok.response.as_bytes(), self.peer)
+            }
+            // The response (an optional authorization identity) is ignored, as RabbitMQ does.
+            ("EXTERNAL", Some(name)) => crate::authz::login_external(&self.ctx.broker, name, self.peer),
+            _ => {
+                return Err(AmqpError::connection(
+                    code::COMMAND_INVALID,
+                    format!("unknown authentication mechanism '{mechanism}'"),
+                ))
+            }
+        };
+        let authenticated = authenticated.ok().map(|u| u.name);
         match authenticated {
             Some(name) => {
                 self.username = name;

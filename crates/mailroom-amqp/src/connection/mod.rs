@@ -157,6 +157,8 @@ pub(crate) struct Connection {
     /// Body bytes of deliveries handed to this connection and not yet written to its socket, and its bound:
     /// shared with its channels' consumers, so queues stop handing it more while it is full.
     credit: Arc<OutboundCredit>,
+    /// The login name of the client's verified TLS certificate: SASL EXTERNAL is offered when set.
+    external_login: Option<String>,
 }
 
 /// Serves one accepted socket until it closes.
@@ -164,7 +166,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let (mut rd, wr) = stream.into_split();
-    serve_on(&mut rd, wr, peer, local, ctx).await;
+    serve_on(&mut rd, wr, peer, local, ctx, None).await;
     discard_unread(&rd);
 }
 
@@ -183,12 +185,19 @@ pub(crate) async fn serve_tls(
         Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
     };
+    let external_login = acceptor.external_login(tls.get_ref().1);
     let (mut rd, wr) = tokio::io::split(tls);
-    serve_on(&mut rd, wr, peer, local, ctx).await;
+    serve_on(&mut rd, wr, peer, local, ctx, external_login).await;
 }
 
-async fn serve_on<R, W>(rd: &mut R, wr: W, peer: SocketAddr, local: SocketAddr, ctx: Arc<ServerContext>)
-where
+async fn serve_on<R, W>(
+    rd: &mut R,
+    wr: W,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<ServerContext>,
+    external_login: Option<String>,
+) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -233,6 +242,7 @@ where
         registry: Registry::new(local),
         traffic,
         credit,
+        external_login,
     };
     tracing::info!(%peer, %local, "accepting AMQP connection");
     if let Err(e) = conn.run(rd).await {

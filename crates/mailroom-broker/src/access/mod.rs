@@ -23,7 +23,9 @@ pub use definitions::{AccessDefinitions, AccessImportCounts, DefinitionsError, U
 pub use limits::{LimitError, UserLimits, VhostLimits};
 pub use password::{HashingAlgorithm, PasswordHash, PasswordHashError};
 pub use permissions::{AccessError, Permission, Permissions, ResourceKind, TopicPermissions};
-pub use registry::{AccessControl, AuthError, AuthenticatedUser, ChannelAccess, LoopbackUsers, RegistryError};
+pub use registry::{
+    AccessControl, AuthError, AuthenticatedUser, ChannelAccess, LoopbackUsers, RegistryError, UserDeleted,
+};
 pub use store::{AccessFile, AccessStoreError};
 pub use table::{Operation, VhostAccess};
 pub use usage::ChannelSlot;

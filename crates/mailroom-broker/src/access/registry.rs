@@ -176,6 +176,18 @@ struct Inner {
     saver: OnceLock<Saver>,
     /// Channels open per user (the `max-channels` limit).
     channels: Arc<super::usage::ChannelCounts>,
+    /// Told the name of every deleted user (the broker closes its connections); unset does nothing.
+    on_user_deleted: OnceLock<UserDeleted>,
+}
+
+/// What the broker does when a user is deleted, whichever way (HTTP API, CLI, embedded API): close the
+/// user's open connections, as RabbitMQ does. The registry knows no connections, so the broker sets this.
+pub struct UserDeleted(pub Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for UserDeleted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserDeleted")
+    }
 }
 
 /// Saves the registry after a change (set by `access::store` for a broker with a data directory; the
@@ -218,6 +230,7 @@ impl AccessControl {
                 generation: AtomicU64::new(0),
                 saver: OnceLock::new(),
                 channels: Default::default(),
+                on_user_deleted: OnceLock::new(),
             }),
         }
     }
@@ -242,6 +255,11 @@ impl AccessControl {
     /// Saves every later change with `saver` (set once, after the saved state was loaded).
     pub fn save_changes_with(&self, saver: Saver) {
         let _ = self.inner.saver.set(saver);
+    }
+
+    /// Calls `hook` with the name of every user deleted from now on (set once, by the broker).
+    pub fn on_user_deleted(&self, hook: UserDeleted) {
+        let _ = self.inner.on_user_deleted.set(hook);
     }
 
     /// Counts a channel `user` opens, or refuses it with 530 when the user's `max-channels` is reached.
@@ -329,8 +347,8 @@ impl AccessControl {
         self.update_user(name, |u| u.limits = limits)
     }
 
-    /// Deletes the user with its permissions and topic permissions. Its open connections are the wire
-    /// layer's to close (RabbitMQ closes them).
+    /// Deletes the user with its permissions and topic permissions, then tells the [`UserDeleted`] hook,
+    /// which closes the user's open connections (RabbitMQ closes them with 320 "user 'u' is deleted").
     pub fn delete_user(&self, name: &str) -> Result<User, RegistryError> {
         let mut s = self.write();
         let user = s.users.remove(name).ok_or_else(|| RegistryError::NoSuchUser(name.to_owned()))?;
@@ -338,6 +356,9 @@ impl AccessControl {
         s.topic_permissions.retain(|(u, _), _| u != name);
         drop(s);
         self.changed();
+        if let Some(hook) = self.inner.on_user_deleted.get() {
+            (hook.0)(name);
+        }
         Ok(user)
     }
 
