@@ -45,8 +45,9 @@ impl VHost {
         let ex = self.publishable_exchange(exchange)?;
         ex.count_publish_in();
         if ex.flavor().is_plain() {
-            // The common case skips the flavor's decision: the message moves once, straight into routing.
-            return Ok(self.route_and_enqueue(&ex, message));
+            // The common case skips the flavor's decision: the message moves once, into the Arc every
+            // queue shares, and is routed from there.
+            return Ok(self.route_and_enqueue_shared(&ex, Arc::new(message)));
         }
         Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
             Admit::Routed(mut result, ticket) => {
@@ -80,17 +81,21 @@ impl VHost {
 
     /// Routes a message from `ex` (with its CC/BCC keys, BCC then stripped) and pushes it onto every target queue.
     pub(super) fn route_and_enqueue(&self, ex: &Arc<Exchange>, message: Message) -> PublishResult {
+        self.route_and_enqueue_shared(ex, Arc::new(message))
+    }
+
+    /// [`Self::route_and_enqueue`] of a message already in its shared `Arc` (not yet shared with anyone).
+    fn route_and_enqueue_shared(&self, ex: &Arc<Exchange>, mut message: Arc<Message>) -> PublishResult {
         let has_bcc = message.headers().is_some_and(|h| h.contains_key("BCC"));
         let has_cc = message.headers().is_some_and(|h| h.contains_key("CC"));
         if !has_cc && !has_bcc {
             // The common case: one key, borrowed from the message; nothing allocated for routing.
             let queues = self.route(ex, &[&*message.routing_key], message.headers());
             ex.count_publish_out(queues.len());
-            let mut result = self.enqueue_all(&queues, Arc::new(message));
+            let mut result = self.enqueue_all(&queues, message);
             self.wait_for_unsaved(&queues, &mut result);
             return result;
         }
-        let mut message = message;
         let headers = message.headers();
         let mut keys = vec![message.routing_key.to_string()];
         keys.extend(header_routing_keys(headers, "CC"));
@@ -107,10 +112,12 @@ impl VHost {
                 }
             }
             table = stripped;
+            // Not shared yet: no copy is made.
+            let message = Arc::make_mut(&mut message);
             message.properties = message.properties.clone().with_headers(table);
             message.raw_properties = None;
         }
-        let mut result = self.enqueue_all(&queues, Arc::new(message));
+        let mut result = self.enqueue_all(&queues, message);
         self.wait_for_unsaved(&queues, &mut result);
         result
     }
