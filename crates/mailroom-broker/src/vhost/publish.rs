@@ -143,12 +143,14 @@ impl VHost {
         headers: Option<&FieldTable>,
     ) -> RouteTargets {
         let mut queues = RouteTargets::new();
+        // Exchanges reached through exchange-to-exchange bindings and alternate exchanges: seen, and still to
+        // route through. The start exchange is in neither (no Arc clone in the common case).
         let mut visited: SmallVec<[Arc<Exchange>; 4]> = SmallVec::new();
-        visited.push(Arc::clone(start));
         let mut pending: SmallVec<[Arc<Exchange>; 4]> = SmallVec::new();
-        pending.push(Arc::clone(start));
         let mut found = Destinations::new();
-        while let Some(ex) = pending.pop() {
+        let mut next: Option<Arc<Exchange>> = None;
+        loop {
+            let ex = next.as_ref().unwrap_or(start);
             found.clear();
             if ex.name().is_empty() {
                 let all = read(&self.queues);
@@ -175,12 +177,16 @@ impl VHost {
                         }
                     }
                     Destination::Exchange(e) => {
-                        if !visited.iter().any(|x| Arc::ptr_eq(x, &e)) {
+                        if !Arc::ptr_eq(&e, start) && !visited.iter().any(|x| Arc::ptr_eq(x, &e)) {
                             visited.push(Arc::clone(&e));
                             pending.push(e);
                         }
                     }
                 }
+            }
+            match pending.pop() {
+                Some(e) => next = Some(e),
+                None => break,
             }
         }
         queues
