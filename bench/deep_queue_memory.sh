@@ -57,7 +57,7 @@ if [ "$TARGET" = mailroom ]; then
   [ "${DROP_CACHES:-0}" = 1 ] && { sync; echo 3 > /proc/sys/vm/drop_caches; }
   start=$(date +%s.%N); start_server || exit 2; end=$(date +%s.%N)
   sleep 2
-  recovery_s=$(echo "$end - $start" | bc); rss_recovered=$(rss "$PID")
+  recovery_s=$(echo "$end - $start" | bc | xargs printf "%.3f"); rss_recovered=$(rss "$PID")
   echo "recovery_s=$recovery_s rss_after_recovery_kib=$rss_recovered" >&2
   if [ "${STEADY:-0}" -gt 0 ]; then
     sample "$PID" steady & S=$!
