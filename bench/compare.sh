@@ -10,6 +10,10 @@
 #   MAILROOM_BIN   the bench binary (default: built with cargo in release mode)
 #   DURATION       seconds per run (default 10);  RUNS  runs per broker (default 3)
 #   ONLY           run only scenarios whose name contains this string
+#   DEEP_COUNT     messages in the deep-queue row (default 1000000; 0 skips it). That row runs
+#                  bench/deep_queue_memory.sh once per target (memory does not need a median): Mailroom
+#                  in a server of its own (MAILROOM_URL/PID unused), RabbitMQ on RABBITMQ_URL with the
+#                  RSS of RABBITMQ_PID
 #   TARGETS        "mailroom rabbitmq" (default), or just one of them
 #   MAILROOM_METRICS_URL   e.g. http://127.0.0.1:15673/metrics: report Mailroom's fsyncs/s (optional)
 #   RABBITMQ_METRICS_URL   e.g. http://guest:guest@127.0.0.1:15672/api/nodes (management plugin), or
@@ -30,14 +34,22 @@ if [[ -z ${MAILROOM_BIN:-} ]]; then
     MAILROOM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/mailroom
 fi
 
-# name | bench flags | metrics to compare (keys of the RESULT line)
+# name | bench flags | metrics to compare (keys of the RESULT line). Flags "@deep" run
+# bench/deep_queue_memory.sh instead of one bench (DEEP_COUNT messages, one run per target).
+# msgs_per_broker_cpu_s: messages (deliveries when consumed) per broker CPU-second, issue 17's efficiency
+# figure; it needs MAILROOM_PID / RABBITMQ_PID.
+CPU="broker_cpu_s msgs_per_broker_cpu_s"
+DEEP_COUNT=${DEEP_COUNT:-1000000}
 SCENARIOS=(
-    "1p1c-16B-transient-autoack|--size 16 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
-    "1p1c-1KiB-transient-autoack|--size 1024 --auto-ack|consume_rate publish_rate p99_ms broker_cpu_s"
-    "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms broker_cpu_s"
-    "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
-    "1KiB-persistent-confirm1000-prefetch100|--size 1024 --persistent --confirm 1000 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
-    "4p4c4q-1KiB-persistent-confirm250-prefetch100|--size 1024 --persistent --confirm 250 --prefetch 100 --producers 4 --consumers 4 --queues 4|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync broker_cpu_s"
+    "1p1c-16B-transient-autoack|--size 16 --auto-ack|consume_rate publish_rate p99_ms $CPU"
+    "1p1c-1KiB-transient-autoack|--size 1024 --auto-ack|consume_rate publish_rate p99_ms $CPU"
+    "fanout4q-4c-1KiB-transient-autoack|--size 1024 --auto-ack --fanout --queues 4 --consumers 4|consume_rate publish_rate p99_ms $CPU"
+    "10p10c-1q-1KiB-transient-prefetch100-manualack|--size 1024 --producers 10 --consumers 10 --prefetch 100|consume_rate publish_rate p99_ms $CPU"
+    "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms $CPU"
+    "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"
+    "1KiB-persistent-confirm1000-prefetch100|--size 1024 --persistent --confirm 1000 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"
+    "4p4c4q-1KiB-persistent-confirm250-prefetch100|--size 1024 --persistent --confirm 250 --prefetch 100 --producers 4 --consumers 4 --queues 4|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"
+    "deep-queue-1KiB-persistent|@deep|fill_rate drain_rate peak_fill_rss_kib rss_after_fill_kib peak_drain_rss_kib recovery_s rss_after_recovery_kib"
 )
 
 url_of() { if [[ $1 == mailroom ]]; then echo "$MAILROOM_URL"; else echo "$RABBITMQ_URL"; fi; }
@@ -70,6 +82,20 @@ echo "# $(date -u +%FT%TZ) $(nproc) cpus, load: $(cut -d' ' -f1-3 /proc/loadavg)
 for sc in "${SCENARIOS[@]}"; do
     IFS='|' read -r name flags _ <<<"$sc"
     [[ -n ${ONLY:-} && $name != *"$ONLY"* ]] && continue
+    if [[ $flags == @deep ]]; then
+        [[ $DEEP_COUNT == 0 ]] && continue
+        for target in $TARGETS; do
+            echo "## $name $target (load $(cut -d' ' -f1 /proc/loadavg)): bench/deep_queue_memory.sh $DEEP_COUNT" | tee -a "$LOG" >&2
+            if line=$(TARGET=$target MAILROOM_BIN=$MAILROOM_BIN bash "$ROOT/bench/deep_queue_memory.sh" "$DEEP_COUNT" \
+                2>>"$LOG" | grep '^RESULT'); then
+                echo "$line" | tee -a "$LOG" >&2
+                RESULTS["$name|$target"]+="$line"$'\n'
+            else
+                echo "   failed (see $LOG)" | tee -a "$LOG" >&2
+            fi
+        done
+        continue
+    fi
     for run in $(seq 1 "$RUNS"); do
         for target in $TARGETS; do
             pid=$(pid_of "$target")
@@ -88,14 +114,15 @@ for sc in "${SCENARIOS[@]}"; do
     done
 done
 
-printf '\n%-40s %-14s' scenario metric
+printf '\n%-48s %-22s' scenario metric
 for target in $TARGETS; do printf ' %14s' "$target"; done
 printf '\n'
 for sc in "${SCENARIOS[@]}"; do
-    IFS='|' read -r name _ metrics <<<"$sc"
+    IFS='|' read -r name flags metrics <<<"$sc"
     [[ -n ${ONLY:-} && $name != *"$ONLY"* ]] && continue
+    [[ $flags == @deep && $DEEP_COUNT == 0 ]] && continue
     for m in $metrics; do
-        printf '%-40s %-14s' "$name" "$m"
+        printf '%-48s %-22s' "$name" "$m"
         for target in $TARGETS; do
             med=$(while IFS= read -r l; do
                       if [[ -n $l ]]; then value "$m" "$l"; fi

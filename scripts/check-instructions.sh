@@ -12,9 +12,9 @@
 # The workloads are crates/mailroom-hotpath (one subcommand per scenario, a fixed warm-up then a fixed number
 # of operations inside a `measure_<scenario>` function); callgrind counts only that function and its callees
 # (--collect-atstart=no --toggle-collect). Per operation = the count / the operations. Most scenarios count
-# the same on every run; those that insert into the queue's hash maps vary a little (std's randomly
-# seeded hasher changes when tables rehash): deliver_ack runs 400 rounds so that its runs differ by < 0.1%;
-# --runs takes a median over several runs.
+# the same on every run; a scenario that inserts into a hash map with a randomly seeded hasher may vary a
+# little (when tables rehash). The queue's per-message maps (bodies, unacked) use an unseeded id hasher;
+# deliver_ack still runs 400 rounds (it once varied by 0.8% over 50); --runs takes a median over several runs.
 #
 # Counts depend on the compiler: when rustc's version differs from the baseline's, the table is shown but
 # nothing fails (re-record with --record on the commit you compare against). Installs valgrind (apt-get,

@@ -2,13 +2,14 @@
 //! single active consumer), per-consumer and channel-wide prefetch, and the unacked deliveries that hold
 //! that credit until they are settled.
 
-use super::index::{Body, Entry};
+use super::index::{Body, Entry, IdHasher};
 use super::{ConsumerId, MessageId, Queue};
 use crate::client_memory::OutboundCredit;
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use amq_protocol_types::FieldTable;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -254,7 +255,9 @@ pub(super) struct Unacked {
 /// A queue's unacked deliveries, by message id.
 #[derive(Debug, Default)]
 pub(super) struct UnackedSet {
-    pub(super) map: HashMap<MessageId, Unacked>,
+    /// Hashed with the body map's one-multiply [`IdHasher`]: ids are the queue's own sequence numbers, and
+    /// SipHash cost more than the rest of an insert or a remove on the deliver and ack paths.
+    pub(super) map: HashMap<MessageId, Unacked, BuildHasherDefault<IdHasher>>,
     /// Body bytes of the unacked deliveries (with the index's resident bytes, what the memory alarm sums).
     pub(super) bytes: u64,
 }

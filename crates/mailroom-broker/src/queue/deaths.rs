@@ -119,14 +119,14 @@ impl Queue {
     /// Whether the ready messages, plus `extra_len` messages of `extra_bytes`, exceed `x-max-length(-bytes)`.
     /// Length limits count ready messages only, as RabbitMQ's do.
     pub(super) fn over_limit(&self, st: &QueueState, extra_len: usize, extra_bytes: u64) -> bool {
-        let args = self.args();
+        let args = &st.args;
         args.max_length.is_some_and(|m| (st.index.len() + extra_len) as u64 > m)
             || args.max_length_bytes.is_some_and(|m| st.index.ready_bytes + extra_bytes > m)
     }
 
     /// Drop-head overflow: dead-letters the oldest ready messages until the queue is within its limits.
     pub(super) fn drop_head_over_limit(&self, st: &mut QueueState, after: &mut Aftermath) {
-        if self.args().overflow != Overflow::DropHead {
+        if st.args.overflow != Overflow::DropHead {
             return;
         }
         while self.over_limit(st, 0, 0) {

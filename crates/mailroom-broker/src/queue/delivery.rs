@@ -5,7 +5,7 @@
 use super::consumers::{ConsumerEvent, Delivery, Unacked};
 use super::index::{Body, Entry, REDELIVERED, RESIDENT, STORED};
 use super::{Aftermath, DeadLetterReason, MessageId, Queue, QueueState};
-use crate::args::QueueType;
+use crate::args::{QueueArguments, QueueType};
 use crate::message::Message;
 use crate::store::MsgRef;
 use amq_protocol_types::AMQPValue;
@@ -57,9 +57,9 @@ impl Queue {
         // after a kill -9 a message the client may have seen must come back with redelivered = true. (All of
         // them, stored or not, so each consumer still gets its messages in queue order.)
         let hold = st.index.store.is_some();
-        // Read only with consumers: the effective arguments sit behind a lock and an Arc clone, which a
-        // push with nobody to deliver to should not pay.
-        let single_active = !st.consumers.is_empty() && !st.index.is_empty() && self.args().single_active_consumer;
+        // The arguments in force, read under the queue's lock (no lock or Arc clone of their own).
+        let single_active = st.args.single_active_consumer;
+        let counts = counts_deliveries(&st.args);
         let mut delivered = Vec::new();
         let mut held = Vec::new();
         while let Some(front) = st.index.ready.front() {
@@ -81,7 +81,7 @@ impl Queue {
                 consumer: consumer.id,
                 queue: Arc::clone(self),
                 id: entry.id,
-                message: self.outgoing(&entry, &body.message),
+                message: outgoing(counts, &entry, &body.message),
                 redelivered: entry.has(REDELIVERED),
                 entry,
                 expires_at: body.expires_at,
@@ -147,21 +147,6 @@ impl Queue {
             }
         }
         lost_consumer
-    }
-
-    /// The message as delivered: where the queue counts deliveries (quorum queues, as RabbitMQ 3.10, and any
-    /// queue with `x-delivery-limit`) it carries `x-delivery-count`, 0 on the first delivery.
-    fn outgoing(&self, entry: &Entry, message: &Arc<Message>) -> Arc<Message> {
-        let counts = self.args().delivery_limit.is_some() || self.args().queue_type == QueueType::Quorum;
-        if !counts {
-            return Arc::clone(message);
-        }
-        let mut message = (**message).clone();
-        let mut headers = message.headers().cloned().unwrap_or_default();
-        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(entry.delivery_count as i64));
-        message.properties = message.properties.with_headers(headers);
-        message.raw_properties = None;
-        Arc::new(message)
     }
 
     /// Takes back a delivery its consumer never received (cancelled, or its channel or connection closed
@@ -230,6 +215,7 @@ impl Queue {
             let mut st = self.lock();
             st.expiry.last_used = Instant::now();
             let now = Instant::now();
+            let counts = counts_deliveries(&st.args);
             let result = loop {
                 let Some((entry, body)) = st.index.pop_front() else { break None };
                 let body = match body {
@@ -253,7 +239,7 @@ impl Queue {
                 }
                 let result = GetResult {
                     id: entry.id,
-                    message: self.outgoing(&entry, &body.message),
+                    message: outgoing(counts, &entry, &body.message),
                     redelivered: entry.has(REDELIVERED),
                     remaining: st.index.len() as u32,
                 };
@@ -305,4 +291,24 @@ impl Queue {
             })
             .collect()
     }
+}
+
+/// Whether deliveries under `args` carry `x-delivery-count` (quorum queues, as RabbitMQ 3.10, and any queue
+/// with `x-delivery-limit`).
+fn counts_deliveries(args: &QueueArguments) -> bool {
+    args.delivery_limit.is_some() || args.queue_type == QueueType::Quorum
+}
+
+/// The message as delivered: where the queue counts deliveries (`counts`, see [`counts_deliveries`]) it
+/// carries `x-delivery-count`, 0 on the first delivery.
+fn outgoing(counts: bool, entry: &Entry, message: &Arc<Message>) -> Arc<Message> {
+    if !counts {
+        return Arc::clone(message);
+    }
+    let mut message = (**message).clone();
+    let mut headers = message.headers().cloned().unwrap_or_default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(entry.delivery_count as i64));
+    message.properties = message.properties.with_headers(headers);
+    message.raw_properties = None;
+    Arc::new(message)
 }

@@ -130,6 +130,9 @@ struct QueueState {
     /// Messages in, out and acked since the queue was created (the API's `message_stats`): plain integers
     /// under the lock the operations already hold.
     stats: QueueMessageStats,
+    /// The arguments in force, as `Queue::effective` holds them: read here by the operations that hold the
+    /// lock anyway (push, dispatch), which then skip the `effective` lock and its Arc clone per message.
+    args: Arc<QueueArguments>,
 }
 
 /// A queue. Cheap to share (`Arc<Queue>`); every operation takes its lock briefly.
@@ -184,7 +187,8 @@ impl Queue {
         recovered: RecoveredIndex,
         paging: Arc<Paging>,
     ) -> Arc<Queue> {
-        let effective = RwLock::new(Arc::new(spec.args.clone()));
+        let args = Arc::new(spec.args.clone());
+        let effective = RwLock::new(Arc::clone(&args));
         // Damaged records the store's recovery quarantined count as this queue's.
         let quarantined = store.as_ref().map_or(0, |s| s.quarantined_at_recovery());
         let queue = Arc::new(Queue {
@@ -200,6 +204,7 @@ impl Queue {
                 deleted: false,
                 dedup: HashSet::new(),
                 stats: QueueMessageStats::default(),
+                args,
             }),
             timer: Arc::new(Notify::new()),
             hooks,
@@ -218,10 +223,7 @@ impl Queue {
     /// Ready-list rank: 255 minus the effective priority (above the maximum counts as the maximum; no
     /// priority counts as 0, as RabbitMQ); constant for queues without priorities.
     fn rank_of(&self, message: &Message) -> u8 {
-        match self.args().max_priority {
-            Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
-            None => 255,
-        }
+        rank_in(&self.args(), message)
     }
 
     /// The queue's name.
@@ -247,12 +249,13 @@ impl Queue {
     /// at once (drop-head dead-letters the oldest messages, as RabbitMQ); a new `expires` rearms the timer.
     /// A new message TTL applies to messages published from now on.
     pub fn apply_policy(self: &Arc<Self>, policy: Option<&crate::policy::Policy>) {
-        let effective = crate::policy::effective(&self.spec.args, &self.spec.arguments, policy);
-        *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(effective);
+        let effective = Arc::new(crate::policy::effective(&self.spec.args, &self.spec.arguments, policy));
+        *self.effective.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&effective);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.map(|p| p.name.clone());
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
+            st.args = effective;
             if !st.deleted {
                 self.drop_head_over_limit(&mut st, &mut after);
             }
@@ -345,7 +348,7 @@ impl Queue {
         if st.deleted {
             return PushOutcome::QueueDeleted;
         }
-        let args = self.args();
+        let args = Arc::clone(&st.args);
         let size = message.body.len() as u64;
         // A message a waiting consumer takes at once never counts against the length limits.
         let taken_at_once = st.index.is_empty() && st.consumers.choose(args.single_active_consumer, &[]).is_some();
@@ -374,7 +377,7 @@ impl Queue {
         let expires_at = ttl.map(|ms| crate::message::clock::deadline_after(now, ms));
         let id = st.next_id;
         st.next_id += 1;
-        let rank = self.rank_of(&message);
+        let rank = rank_in(&args, &message);
         let mut entry = Entry { id, pos: SegmentPos::default(), size: size as u32, rank, flags: 0, delivery_count: 0 };
         // Persistent messages in a durable queue go to its store; the confirm waits for the fsync.
         let mut outcome = PushOutcome::Enqueued;
@@ -555,6 +558,15 @@ impl Queue {
         drop(st);
         self.timer.notify_one();
         n
+    }
+}
+
+/// Ready-list rank under `args`: 255 minus the effective priority (above the maximum counts as the maximum;
+/// no priority counts as 0, as RabbitMQ); constant for queues without priorities.
+fn rank_in(args: &QueueArguments, message: &Message) -> u8 {
+    match args.max_priority {
+        Some(max) => 255 - message.properties.priority().unwrap_or(0).min(max),
+        None => 255,
     }
 }
 

@@ -4,13 +4,17 @@
 use super::{read, VHost};
 use crate::error::{BrokerError, Result};
 use crate::exchange::flavor::Admit;
-use crate::exchange::{Destination, Exchange};
+use crate::exchange::{Destination, Destinations, Exchange};
 use crate::message::{header_routing_keys, Message};
 use crate::queue::{PushOutcome, Queue};
 use crate::store::SyncTicket;
 use amq_protocol_types::FieldTable;
+use smallvec::SmallVec;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// The queues a message was routed to, one entry each: inline up to four (no allocation per publish).
+pub type RouteTargets = SmallVec<[Arc<Queue>; 4]>;
 
 /// The result of publishing one message.
 #[derive(Debug, Clone, Default)]
@@ -41,8 +45,9 @@ impl VHost {
         let ex = self.publishable_exchange(exchange)?;
         ex.count_publish_in();
         if ex.flavor().is_plain() {
-            // The common case skips the flavor's decision: the message moves once, straight into routing.
-            return Ok(self.route_and_enqueue(&ex, message));
+            // The common case skips the flavor's decision: the message moves once, into the Arc every
+            // queue shares, and is routed from there.
+            return Ok(self.route_and_enqueue_shared(&ex, Arc::new(message)));
         }
         Ok(match ex.admit(message, |message| self.route_and_enqueue(&ex, message)) {
             Admit::Routed(mut result, ticket) => {
@@ -75,14 +80,26 @@ impl VHost {
     }
 
     /// Routes a message from `ex` (with its CC/BCC keys, BCC then stripped) and pushes it onto every target queue.
-    pub(super) fn route_and_enqueue(&self, ex: &Arc<Exchange>, mut message: Message) -> PublishResult {
-        let mut keys = vec![message.routing_key.to_string()];
-        let headers = message.headers();
-        let has_bcc = headers.is_some_and(|h| h.contains_key("BCC"));
-        if headers.is_some_and(|h| h.contains_key("CC")) || has_bcc {
-            keys.extend(header_routing_keys(headers, "CC"));
-            keys.extend(header_routing_keys(headers, "BCC"));
+    pub(super) fn route_and_enqueue(&self, ex: &Arc<Exchange>, message: Message) -> PublishResult {
+        self.route_and_enqueue_shared(ex, Arc::new(message))
+    }
+
+    /// [`Self::route_and_enqueue`] of a message already in its shared `Arc` (not yet shared with anyone).
+    fn route_and_enqueue_shared(&self, ex: &Arc<Exchange>, mut message: Arc<Message>) -> PublishResult {
+        let has_bcc = message.headers().is_some_and(|h| h.contains_key("BCC"));
+        let has_cc = message.headers().is_some_and(|h| h.contains_key("CC"));
+        if !has_cc && !has_bcc {
+            // The common case: one key, borrowed from the message; nothing allocated for routing.
+            let queues = self.route(ex, &[&*message.routing_key], message.headers());
+            ex.count_publish_out(queues.len());
+            let mut result = self.enqueue_all(&queues, message);
+            self.wait_for_unsaved(&queues, &mut result);
+            return result;
         }
+        let headers = message.headers();
+        let mut keys = vec![message.routing_key.to_string()];
+        keys.extend(header_routing_keys(headers, "CC"));
+        keys.extend(header_routing_keys(headers, "BCC"));
         let queues = self.route(ex, &keys, message.headers());
         ex.count_publish_out(queues.len());
         if has_bcc {
@@ -95,6 +112,8 @@ impl VHost {
                 }
             }
             table = stripped;
+            // Not shared yet: no copy is made.
+            let message = Arc::make_mut(&mut message);
             message.properties = message.properties.clone().with_headers(table);
             message.raw_properties = None;
         }
@@ -111,28 +130,38 @@ impl VHost {
         keys: &[String],
     ) -> PublishResult {
         let queues = self.route(ex, keys, message.headers());
-        self.enqueue_all(&queues, message)
+        self.enqueue_all(&queues, Arc::new(message))
     }
 
     /// Finds the queues a message reaches from `start` for any of `keys`: follows exchange-to-exchange
     /// bindings once each and alternate exchanges where an exchange matched nothing; one entry per queue.
-    pub fn route(&self, start: &Arc<Exchange>, keys: &[String], headers: Option<&FieldTable>) -> Vec<Arc<Queue>> {
-        let mut queues: Vec<Arc<Queue>> = Vec::new();
-        let mut visited: Vec<Arc<Exchange>> = vec![Arc::clone(start)];
-        let mut pending: Vec<Arc<Exchange>> = vec![Arc::clone(start)];
-        let mut found = Vec::new();
-        while let Some(ex) = pending.pop() {
+    /// Allocates nothing while it meets at most four queues, destinations and exchanges.
+    pub fn route<K: AsRef<str>>(
+        &self,
+        start: &Arc<Exchange>,
+        keys: &[K],
+        headers: Option<&FieldTable>,
+    ) -> RouteTargets {
+        let mut queues = RouteTargets::new();
+        // Exchanges reached through exchange-to-exchange bindings and alternate exchanges: seen, and still to
+        // route through. The start exchange is in neither (no Arc clone in the common case).
+        let mut visited: SmallVec<[Arc<Exchange>; 4]> = SmallVec::new();
+        let mut pending: SmallVec<[Arc<Exchange>; 4]> = SmallVec::new();
+        let mut found = Destinations::new();
+        let mut next: Option<Arc<Exchange>> = None;
+        loop {
+            let ex = next.as_ref().unwrap_or(start);
             found.clear();
             if ex.name().is_empty() {
                 let all = read(&self.queues);
                 for key in keys {
-                    if let Some(q) = all.get(key.as_str()) {
+                    if let Some(q) = all.get(key.as_ref()) {
                         found.push(Destination::Queue(Arc::clone(q)));
                     }
                 }
             } else {
                 for key in keys {
-                    ex.route(key, headers, &mut found);
+                    ex.route(key.as_ref(), headers, &mut found);
                 }
             }
             if found.is_empty() {
@@ -148,12 +177,16 @@ impl VHost {
                         }
                     }
                     Destination::Exchange(e) => {
-                        if !visited.iter().any(|x| Arc::ptr_eq(x, &e)) {
+                        if !Arc::ptr_eq(&e, start) && !visited.iter().any(|x| Arc::ptr_eq(x, &e)) {
                             visited.push(Arc::clone(&e));
                             pending.push(e);
                         }
                     }
                 }
+            }
+            match pending.pop() {
+                Some(e) => next = Some(e),
+                None => break,
             }
         }
         queues
@@ -177,8 +210,7 @@ impl VHost {
     /// Pushes one message onto every routed queue; what the publisher's confirm depends on. Deaths a push
     /// causes (a drop-head length limit, a zero TTL) are settled before the next queue's push, as they
     /// always were; a publish without deaths allocates nothing for them.
-    fn enqueue_all(&self, queues: &[Arc<Queue>], message: Message) -> PublishResult {
-        let message = Arc::new(message);
+    fn enqueue_all(&self, queues: &[Arc<Queue>], message: Arc<Message>) -> PublishResult {
         let mut result = PublishResult { routed: !queues.is_empty(), ..PublishResult::default() };
         let mut deaths = Vec::new();
         for q in queues {
@@ -226,10 +258,10 @@ mod tests {
         v.delete_queue("gone", false, false, 1).unwrap();
         let message = || Message::new("", "gone", BasicProperties::default(), Bytes::from_static(b"m"));
 
-        let result = v.enqueue_all(std::slice::from_ref(&gone), message());
+        let result = v.enqueue_all(std::slice::from_ref(&gone), std::sync::Arc::new(message()));
         assert!(result.routed && !result.kept && !result.rejected);
 
-        let result = v.enqueue_all(&[gone, here], message());
+        let result = v.enqueue_all(&[gone, here], std::sync::Arc::new(message()));
         assert!(result.routed && result.kept, "one live target keeps it");
     }
 }

@@ -198,9 +198,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// Messages the broker handled per CPU-second it spent (issue 17's efficiency figure): deliveries
+    /// (all consumers; a fanout counts each queue's copy) when anything was consumed, publishes otherwise.
+    /// None without the broker's CPU time, or when it spent too little to measure (under 10 ms).
+    pub fn msgs_per_broker_cpu_s(&self) -> Option<f64> {
+        let messages = if self.consumed > 0 { self.consumed } else { self.published };
+        self.broker_cpu_s.filter(|&cpu| cpu >= 0.01).map(|cpu| messages as f64 / cpu)
+    }
+
     /// The single line scripts parse.
     pub fn line(&self) -> String {
         let broker = self.broker_cpu_s.map_or("na".to_string(), |c| format!("{c:.2}"));
+        let per_cpu = self.msgs_per_broker_cpu_s().map_or("na".to_string(), |m| format!("{m:.0}"));
         let confirm_p99 = self.confirm_p99_ms.map_or("na".to_string(), |v| format!("{v:.3}"));
         let fsyncs = self.fsyncs.map_or("na".to_string(), |n| n.to_string());
         let fsyncs_per_s =
@@ -213,7 +222,7 @@ impl Report {
         format!(
             "RESULT published={} consumed={} nacked={} seconds={:.3} publish_rate={:.0} consume_rate={:.0} \
              p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3} bench_cpu_s={:.2} broker_cpu_s={} \
-             confirm_p99_ms={} fsyncs={} fsyncs_per_s={} msgs_per_fsync={}",
+             msgs_per_broker_cpu_s={} confirm_p99_ms={} fsyncs={} fsyncs_per_s={} msgs_per_fsync={}",
             self.published,
             self.consumed,
             self.nacked,
@@ -226,6 +235,7 @@ impl Report {
             self.max_ms,
             self.bench_cpu_s,
             broker,
+            per_cpu,
             confirm_p99,
             fsyncs,
             fsyncs_per_s,

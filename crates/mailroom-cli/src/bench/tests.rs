@@ -44,9 +44,25 @@ async fn sink_and_source_for_a_short_duration() {
     assert!(r.published > 0 && r.consumed > 0, "{}", r.line());
     let line = r.line();
     assert!(line.starts_with("RESULT published="));
-    for key in ["consume_rate=", "p999_ms=", "bench_cpu_s=", "broker_cpu_s="] {
+    for key in ["consume_rate=", "p999_ms=", "bench_cpu_s=", "broker_cpu_s=", "msgs_per_broker_cpu_s="] {
         assert!(line.contains(key), "{line}");
     }
+}
+
+/// Messages per broker CPU-second: deliveries when anything was consumed, publishes otherwise; none
+/// without the broker's CPU time or when it is too small to divide by.
+#[test]
+fn messages_per_broker_cpu_second() {
+    let mut r = super::Report { published: 1000, consumed: 4000, broker_cpu_s: Some(2.0), ..Default::default() };
+    assert_eq!(r.msgs_per_broker_cpu_s(), Some(2000.0));
+    assert!(r.line().contains(" msgs_per_broker_cpu_s=2000 "), "{}", r.line());
+    r.consumed = 0;
+    assert_eq!(r.msgs_per_broker_cpu_s(), Some(500.0));
+    r.broker_cpu_s = Some(0.0);
+    assert_eq!(r.msgs_per_broker_cpu_s(), None);
+    r.broker_cpu_s = None;
+    assert_eq!(r.msgs_per_broker_cpu_s(), None);
+    assert!(r.line().contains(" msgs_per_broker_cpu_s=na "), "{}", r.line());
 }
 
 #[test]
