@@ -13,7 +13,7 @@
 //! instances in the local PostgreSQL (`MAILROOM_PG_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/test`), commands through its outbox table.
 
-use mailroom::saga::{EmbeddedSagaStore, Machine, MachineHandle, SagaStore, StateMachine, Transition};
+use mailroom::saga::{EmbeddedSagaStore, Machine, MachineHandle, StateMachine, Transition};
 use mailroom::{Bus, Envelope, Fault, HandlerError, MemoryInbox, WorkerHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

@@ -668,7 +668,16 @@ async fn delayed_retry_waits_its_backoff(target: Target) {
     let waited = calls[1].0 - calls[0].0;
     assert!(waited >= backoff - Duration::from_millis(20), "retried after {waited:?}");
     assert!(waited < backoff * 5, "retried after {waited:?}");
-    let mut dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap().unwrap();
+    // The counter moves before the DLQ publish: wait for the copy itself.
+    let mut dead = None;
+    for _ in 0..200 {
+        dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut dead = dead.expect("the DLQ copy");
     let meta = mailroom::Metadata::from_properties(&dead.properties);
     assert_eq!(meta.header("x-delay"), None, "x-delay stripped from the DLQ copy");
     dead.ack().await.unwrap();
