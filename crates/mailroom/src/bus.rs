@@ -258,15 +258,35 @@ impl Bus {
         Ok(self.redrive_report(dlq).await?.moved)
     }
 
-    /// [`Bus::redrive`], reporting the dead letters it could not move. Each copy is published with
-    /// `mandatory` and a confirm before its dead letter is acked; a copy the broker returns (its target
-    /// queue was deleted, or no longer routes) leaves its dead letter in `dlq`, untouched, and is
-    /// listed in [`Redriven::unroutable`]. One pass takes at most the messages `dlq` held when it
-    /// started, and stops early after [`MAX_UNROUTABLE_PER_PASS`] unroutable ones (each is held
-    /// unacked until the pass ends, so the next `basic.get` moves on to the following message).
+    /// [`Bus::redrive`], reporting the dead letters it could not move. No dead letter is lost, on any
+    /// target:
+    ///
+    /// - **Server-side, where the broker has it** ([`Transport::redrive`]): on the embedded broker,
+    ///   and on a Mailroom server reached over AMQP when [`AmqpConfig::management_url`] names its HTTP
+    ///   API, the broker moves the dead letters of `<queue>.dlq` that `<queue>`'s worker wrote back to
+    ///   `<queue>` itself, removing each from the DLQ only once its copy is enqueued (and, for a
+    ///   durable queue, on disk). No message crosses the network; their headers stay as they were, and
+    ///   the worker resets their attempt count when it receives them (they carry
+    ///   [`headers::DEAD_LETTERED`]). Counted in [`Redriven::server_side`].
+    /// - **Client-side for the rest** (RabbitMQ, a Mailroom server without a management URL, dead
+    ///   letters the broker put there by itself, a DLQ not named `<queue>.dlq`): each is taken with
+    ///   `basic.get`, its failure headers removed, published with `mandatory` and a confirm, and only
+    ///   then acked. A copy the broker returns (its target queue was deleted, or no longer routes)
+    ///   leaves its dead letter in `dlq`, untouched, listed in [`Redriven::unroutable`]. This pass
+    ///   takes at most the messages `dlq` held when it started, and stops early after
+    ///   [`MAX_UNROUTABLE_PER_PASS`] unroutable ones (each is held unacked until the pass ends, so the
+    ///   next `basic.get` moves on to the following message).
+    ///
+    /// [`AmqpConfig::management_url`]: crate::AmqpConfig::management_url
     pub async fn redrive_report(&self, dlq: &str) -> Result<Redriven> {
-        let limit = self.inner.transport.message_count(dlq).await? as usize;
         let mut report = Redriven::default();
+        if let Some(target) = dlq.strip_suffix(".dlq").filter(|t| !t.is_empty()) {
+            if let Some(moved) = self.inner.transport.redrive(dlq, target).await? {
+                report.server_side = moved as usize;
+                report.moved = moved as usize;
+            }
+        }
+        let limit = self.inner.transport.message_count(dlq).await? as usize;
         // Unroutable dead letters, held unsettled until the pass ends, then released in order.
         let mut held = Vec::new();
         let outcome = self.redrive_pass(dlq, limit, &mut report, &mut held).await;
@@ -296,11 +316,7 @@ impl Bus {
                 .header(headers::SOURCE_QUEUE)
                 .map(str::to_owned)
                 .unwrap_or_else(|| dlq.trim_end_matches(".dlq").to_owned());
-            for h in headers::FAILURE_HEADERS {
-                meta.headers.remove(*h);
-            }
-            meta.headers.remove(headers::DELAYED_RETRIES);
-            meta.headers.remove(crate::transport::X_DELAY);
+            clear_failure_headers(&mut meta);
             let out = Outbound {
                 exchange: String::new(),
                 routing_key: target.clone(),
@@ -329,6 +345,17 @@ impl Bus {
     }
 }
 
+/// Removes what earlier failures wrote on a message (attempt count, errors, delayed-retry round, the
+/// dead-letter mark), so its next handling starts afresh: a redrive moving it client-side, or a worker
+/// receiving a dead letter the broker moved back.
+pub(crate) fn clear_failure_headers(meta: &mut Metadata) {
+    for h in headers::FAILURE_HEADERS {
+        meta.headers.remove(*h);
+    }
+    meta.headers.remove(headers::DELAYED_RETRIES);
+    meta.headers.remove(crate::transport::X_DELAY);
+}
+
 /// Most unroutable dead letters one redrive pass holds (each is an unacked `basic.get`, on AMQP a
 /// channel of its own) before it stops; run the redrive again once their targets exist.
 pub const MAX_UNROUTABLE_PER_PASS: usize = 256;
@@ -336,8 +363,10 @@ pub const MAX_UNROUTABLE_PER_PASS: usize = 256;
 /// What a redrive did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Redriven {
-    /// Dead letters republished (confirmed) and acked.
+    /// Dead letters moved back: by the broker, plus those republished (confirmed) and acked.
     pub moved: usize,
+    /// Of `moved`, how many the broker moved itself (server-side redrive, see [`Bus::redrive_report`]).
+    pub server_side: usize,
     /// Dead letters whose target did not route: still in the DLQ.
     pub unroutable: Vec<Unroutable>,
 }

@@ -48,9 +48,13 @@ pub mod headers {
     pub const FAULT: &str = "x-mailroom-fault";
     /// The responder that produced a reply (scatter-gather reports who answered).
     pub const RESPONDER: &str = "x-mailroom-responder";
+    /// Set on the copy a worker dead-letters, to the queue it failed in. A worker that receives a
+    /// message carrying it (a dead letter the broker moved back, as Mailroom's server-side redrive
+    /// does with headers untouched) starts its attempts afresh, as after a client-side redrive.
+    pub const DEAD_LETTERED: &str = "x-mailroom-dead-lettered";
     /// Every SDK-internal failure header, removed on redrive so the attempt count starts again.
     pub const FAILURE_HEADERS: &[&str] =
-        &[ATTEMPT, FIRST_FAILURE_MS, LAST_FAILURE_MS, ERROR_KIND, ERROR, SOURCE_QUEUE, HANDLER];
+        &[ATTEMPT, FIRST_FAILURE_MS, LAST_FAILURE_MS, ERROR_KIND, ERROR, SOURCE_QUEUE, HANDLER, DEAD_LETTERED];
 }
 
 /// Longest error text written into a header: frame_max is 128 KiB on both brokers and headers share it

@@ -20,6 +20,9 @@ pub enum TransportError {
     /// The transport was closed by its owner.
     #[error("transport closed")]
     Closed,
+    /// The transport's settings are unusable (an unsupported URL scheme, say).
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// An SDK-level error for sends and publishes.

@@ -35,6 +35,7 @@ on_all_targets!(
     scatter_gather_strategies,
     retry_then_dead_letter_then_redrive,
     redrive_keeps_dead_letters_whose_target_is_gone,
+    redrive_resets_attempts_server_side_on_mailroom,
     endpoint_dispatches_by_type_and_dead_letters_unknown_types,
     delayed_retry_waits_its_backoff,
     decode_errors_go_straight_to_dlq,
@@ -427,6 +428,72 @@ async fn retry_then_dead_letter_then_redrive(target: Target) {
     env.cleanup().await;
 }
 
+/// A redrive on Mailroom (embedded, or a server through its HTTP API) is server-side; on RabbitMQ
+/// client-side. Either way the redriven message starts its attempts afresh: the whole retry policy
+/// runs again, the handler sees no failure headers, and the dead letter it ends as counts 4 attempts,
+/// not 6 (a server-side copy keeps its headers; the worker resets them on the dead-letter mark).
+async fn redrive_resets_attempts_server_side_on_mailroom(target: Target) {
+    let env = env(target, "redrive_reset").await;
+    let q = env.q("always_fails");
+    let dlq = format!("{q}.dlq");
+    let seen: Arc<Mutex<Vec<(u32, bool)>>> = Arc::default();
+    let s = seen.clone();
+    let policy =
+        RetryPolicy::new().immediate(1).delayed(1).backoff(Duration::from_millis(20), 2, Duration::from_millis(40));
+    let h = env
+        .bus
+        .worker(&q)
+        .retry(policy)
+        .handle(move |m: Envelope<Job>, _| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push((m.meta.attempt(), m.meta.header(headers::ERROR).is_some()));
+                Err::<(), _>(HandlerError::transient("still down"))
+            }
+        })
+        .run()
+        .await
+        .unwrap();
+    let id = env.bus.send(&q, Job { n: 7 }).await.unwrap();
+    let t = env.bus.transport().clone();
+    assert!(
+        eventually(WAIT, || h.metrics().dead_lettered == 1).await,
+        "dead-lettered after the retries: {:?}",
+        h.metrics()
+    );
+    assert!(eventually(WAIT, || seen.lock().unwrap().len() == 4).await);
+    let first = seen.lock().unwrap().clone();
+    assert_eq!(first.iter().map(|(a, _)| *a).collect::<Vec<_>>(), [0, 0, 2, 2]);
+    assert_eq!(t.message_count(&dlq).await.unwrap(), 1);
+
+    let report = env.bus.redrive_report(&dlq).await.unwrap();
+    assert_eq!(report.moved, 1, "{report:?}");
+    let server_side = if target == Target::Rabbit { 0 } else { 1 };
+    assert_eq!(report.server_side, server_side, "{target:?}: {report:?}");
+    assert!(report.unroutable.is_empty());
+
+    assert!(eventually(WAIT, || h.metrics().dead_lettered == 2).await, "dead-lettered again: {:?}", h.metrics());
+    assert!(eventually(WAIT, || seen.lock().unwrap().len() == 8).await);
+    let again: Vec<(u32, bool)> = seen.lock().unwrap()[4..].to_vec();
+    assert_eq!(again, [(0, false), (0, false), (2, true), (2, true)], "the retry policy ran again from the start");
+    let mut dead = None;
+    for _ in 0..200 {
+        dead = t.get(&dlq).await.unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut dead = dead.expect("the dead letter of the second round");
+    let meta = mailroom::Metadata::from_properties(&dead.properties);
+    assert_eq!(meta.id, id, "same id through the redrive");
+    assert_eq!(meta.header(headers::ATTEMPT), Some("4"));
+    assert_eq!(meta.header(headers::DEAD_LETTERED), Some(q.as_str()));
+    dead.ack().await.unwrap();
+    h.stop().await;
+    env.cleanup().await;
+}
+
 /// Redrive publishes with `mandatory`: a dead letter whose source queue was deleted is returned by the
 /// broker and stays in the DLQ (it was confirmed, acked and lost before), while the others move on.
 async fn redrive_keeps_dead_letters_whose_target_is_gone(target: Target) {
@@ -601,7 +668,16 @@ async fn delayed_retry_waits_its_backoff(target: Target) {
     let waited = calls[1].0 - calls[0].0;
     assert!(waited >= backoff - Duration::from_millis(20), "retried after {waited:?}");
     assert!(waited < backoff * 5, "retried after {waited:?}");
-    let mut dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap().unwrap();
+    // The counter moves before the DLQ publish: wait for the copy itself.
+    let mut dead = None;
+    for _ in 0..200 {
+        dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap();
+        if dead.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut dead = dead.expect("the DLQ copy");
     let meta = mailroom::Metadata::from_properties(&dead.properties);
     assert_eq!(meta.header("x-delay"), None, "x-delay stripped from the DLQ copy");
     dead.ack().await.unwrap();

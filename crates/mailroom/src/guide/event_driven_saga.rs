@@ -9,7 +9,9 @@
 //! or [`cancel`](crate::saga::Transition::cancel), and whether the saga is over. Run it with
 //! [`Machine::run_on`](crate::saga::Machine::run_on) on a saga store (the embedded one below, or
 //! PostgreSQL) and the store's relay; [`MachineHandle::wait`](crate::saga::MachineHandle::wait)
-//! returns the final state when the orchestrator commits it, without polling.
+//! returns the final state when the orchestrator commits it, without polling. The order saga
+//! (reserve, charge, ship; a declined card or a payment timer releases the stock) is written this way
+//! in `examples/order_saga.rs`: `cargo run -p mailroom --example order_saga`.
 //!
 //! What the SDK guarantees: each transition (state, version, commands, timers, the id of the
 //! message that caused it) is one atomic store write, so an orchestrator killed anywhere resumes from

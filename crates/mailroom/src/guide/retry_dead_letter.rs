@@ -9,9 +9,25 @@
 //! and undecodable bodies skip the retries. [`Bus::redrive`](crate::Bus::redrive) moves a DLQ's messages
 //! back to their source queue with the same message id and the attempt count reset.
 //!
-//! Redrive never loses a dead letter: each copy is published with `mandatory` and a confirm before its
-//! dead letter is acked. If the target queue was deleted (a renamed worker, a removed group) the broker
-//! returns the copy, and the dead letter stays in the DLQ, untouched;
+//! Redrive never loses a dead letter, and where the broker is Mailroom it runs inside the broker:
+//!
+//! - **Server-side on Mailroom.** On the embedded broker, and on a Mailroom server reached over AMQP
+//!   whose HTTP API the transport knows ([`AmqpConfig::management_url`](crate::AmqpConfig::management_url),
+//!   `http://host:15672`), the broker moves the dead letters a worker wrote to `<queue>.dlq` back to
+//!   `<queue>` itself (`POST /api/queues/{vhost}/{dlq}/redrive` on a server): no message crosses the
+//!   network, and each is removed from the DLQ only once its copy is enqueued (on disk, for a durable
+//!   queue). The copy keeps its headers; the worker sees the dead-letter mark
+//!   (`x-mailroom-dead-lettered`) and starts its attempts afresh. [`Redriven::server_side`](crate::Redriven::server_side)
+//!   counts them.
+//! - **Client-side elsewhere.** On RabbitMQ (no redrive endpoint), on a Mailroom server without a
+//!   management URL, and for dead letters a worker did not write (the queue's dead-letter backstop,
+//!   messages put there by hand), the bus takes each with `basic.get`, publishes it with `mandatory`
+//!   and a confirm, and acks the dead letter only then.
+//!
+//! The SDK speaks to the HTTP API with one plain HTTP/1.1 request of its own, not an HTTP client
+//! crate: only `http://` (no TLS stack for it); an API that is unreachable or refuses the login is
+//! logged and the redrive runs client-side. If the target queue was deleted (a renamed worker, a
+//! removed group), the dead letter stays in the DLQ, untouched, either way:
 //! [`Bus::redrive_report`](crate::Bus::redrive_report) lists those (a plain publish would have been
 //! confirmed and dropped, and the ack would have deleted the only copy). Redrive a DLQ of a queue that
 //! moved by re-creating the queue first, or by reading the DLQ yourself.
@@ -51,7 +67,8 @@
 //! assert_eq!(attempts.load(Ordering::SeqCst), 6);
 //!
 //! database_up.store(true, Ordering::SeqCst);
-//! assert_eq!(bus.redrive("invoices.dlq").await?, 1); // same id, back to `invoices`
+//! let report = bus.redrive_report("invoices.dlq").await?; // same id, back to `invoices`
+//! assert_eq!((report.moved, report.server_side), (1, 1)); // moved by the embedded broker itself
 //! while worker.metrics().ok == 0 { tokio::time::sleep(Duration::from_millis(10)).await; }
 //! # worker.stop().await;
 //! # Ok(()) }

@@ -12,6 +12,7 @@
 //! properties (so the same message id) until it is confirmed or `publish_timeout` passes: at-least-once,
 //! duplicates are for the idempotent consumer.
 
+use super::management::{Answer, ManagementApi};
 use super::probe;
 use super::{AckHandle, BoxFuture, Declaration, Inbound, Outbound, Published, Subscription, Transport};
 use crate::error::TransportError;
@@ -49,6 +50,13 @@ pub struct AmqpConfig {
     /// elects a new leader; resending rides that out. Zero (the default) returns the first nack, so a
     /// full `reject-publish` queue fails fast.
     pub nack_retry: Duration,
+    /// The HTTP API of the Mailroom server behind `urls` (`http://[user:password@]host:port`, the
+    /// AMQP URL's credentials when it has none): with it, [`Bus::redrive`](crate::Bus::redrive) asks
+    /// the server to move dead letters itself (`POST /api/queues/{vhost}/{dlq}/redrive`) instead of
+    /// getting and republishing each. Used only when the connected broker is Mailroom (RabbitMQ has no
+    /// such endpoint); only `http://` (the SDK carries no TLS stack for it). `None` (the default):
+    /// redrive is client-side, lossless all the same.
+    pub management_url: Option<String>,
 }
 
 impl AmqpConfig {
@@ -68,7 +76,14 @@ impl AmqpConfig {
             reconnect_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             nack_retry: Duration::ZERO,
+            management_url: None,
         }
+    }
+
+    /// Sets [`AmqpConfig::management_url`].
+    pub fn management_url(mut self, url: impl Into<String>) -> Self {
+        self.management_url = Some(url.into());
+        self
     }
 }
 
@@ -116,6 +131,8 @@ struct Inner {
     next_url: AtomicUsize,
     /// The connected broker has the delayed-message exchange (it is a Mailroom server).
     delayed_exchange: AtomicBool,
+    /// The Mailroom HTTP API for server-side redrive ([`AmqpConfig::management_url`]).
+    management: Option<ManagementApi>,
 }
 
 /// AMQP 0-9-1 transport over lapin, with reconnection.
@@ -195,7 +212,9 @@ impl Amqp {
     /// Connects (retrying with backoff for up to `connect_timeout`) and starts the recovery supervisor.
     pub async fn connect(config: AmqpConfig) -> Result<Amqp, TransportError> {
         let (link, _) = watch::channel(None);
+        let management = config.management_url.as_deref().map(ManagementApi::parse).transpose()?;
         let inner = Arc::new(Inner {
+            management,
             config,
             link,
             topology: Mutex::new(Vec::new()),
@@ -712,6 +731,36 @@ impl Transport for Amqp {
 
     fn has_delayed_exchange(&self) -> bool {
         self.inner.delayed_exchange.load(Ordering::SeqCst)
+    }
+
+    /// Through the Mailroom server's HTTP API when [`AmqpConfig::management_url`] is set and the
+    /// connected broker is Mailroom; else `None` (client-side). An API that cannot be reached or
+    /// refuses (credentials, an old server) is logged and the bus redrives client-side.
+    fn redrive<'a>(&'a self, dlq: &'a str, target: &'a str) -> BoxFuture<'a, Result<Option<u64>, TransportError>> {
+        Box::pin(async move {
+            let Some(api) = &self.inner.management else { return Ok(None) };
+            let link = self.inner.wait_link(0, Instant::now() + self.inner.config.publish_timeout).await?;
+            // The server's properties, read when this link connected: only Mailroom has the endpoint.
+            if !self.inner.delayed_exchange.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            let Ok(uri) = link.url.parse::<lapin::uri::AMQPUri>() else { return Ok(None) };
+            let login = (uri.authority.userinfo.username.as_str(), uri.authority.userinfo.password.as_str());
+            let filter = (crate::envelope::headers::DEAD_LETTERED, target);
+            let timeout = self.inner.config.publish_timeout;
+            match api.redrive(&uri.vhost, dlq, filter, target, login, timeout).await {
+                Ok(Answer::Moved(n)) => Ok(Some(n)),
+                // The DLQ or the target is missing: the client-side pass reports it (error or unroutable).
+                Ok(Answer::NotFound) => Ok(Some(0)),
+                // Still running on the server (it finishes on its own task): do not move the same
+                // messages from here meanwhile.
+                Err(e @ TransportError::Timeout(_)) => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, dlq, "server-side redrive unavailable; redriving client-side");
+                    Ok(None)
+                }
+            }
+        })
     }
 
     fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {

@@ -2,10 +2,11 @@
 //! transport lives here, so broker API changes (an async publish confirm, a durable store) stay local.
 
 use super::{AckHandle, BoxFuture, Declaration, Inbound, Outbound, Published, Subscription, Transport};
+use crate::envelope::headers::DEAD_LETTERED;
 use crate::error::TransportError;
 use mailroom_broker::{
     Broker, BrokerConfig, BrokerError, ChannelPrefetch, ConnectionId, ConsumeOptions, ConsumerEvent, ExchangeOptions,
-    FieldTable, Message, Queue, QueueOptions, VHost,
+    FieldTable, Message, Queue, QueueOptions, RedriveOptions, RedriveTarget, VHost,
 };
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -263,6 +264,23 @@ impl Transport for Embedded {
     fn delete_exchange(&self, name: &str) -> BoxFuture<'_, Result<(), TransportError>> {
         let r = self.vhost.delete_exchange(name, false).map_err(broker_err);
         Box::pin(async move { r })
+    }
+
+    /// The core's redrive ([`VHost::redrive`]), filtered to the dead letters of `target`'s worker.
+    fn redrive<'a>(&'a self, dlq: &'a str, target: &'a str) -> BoxFuture<'a, Result<Option<u64>, TransportError>> {
+        Box::pin(async move {
+            let options = RedriveOptions {
+                count: None,
+                header_filter: Some((DEAD_LETTERED.to_owned(), target.to_owned())),
+                target: Some(RedriveTarget::Queue(target.to_owned())),
+            };
+            match self.vhost.redrive(dlq, &options).await {
+                Ok(outcome) => Ok(Some(outcome.moved)),
+                // The target is gone: nothing moved; the bus's own pass reports its dead letters as unroutable.
+                Err(_) if self.vhost.queue(target, self.owner).is_err() => Ok(Some(0)),
+                Err(e) => Err(broker_err(e)),
+            }
+        })
     }
 }
 

@@ -9,6 +9,8 @@ mod amqp;
 #[cfg(feature = "embedded")]
 mod embedded;
 #[cfg(feature = "amqp")]
+mod management;
+#[cfg(feature = "amqp")]
 mod probe;
 
 #[cfg(feature = "amqp")]
@@ -253,5 +255,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Whether the broker has a delayed-message exchange; without one, delayed retries use TTL queues.
     fn has_delayed_exchange(&self) -> bool {
         false
+    }
+    /// Server-side redrive, where the broker has one (Mailroom): moves the dead letters of `dlq` that a
+    /// worker on `target` dead-lettered (header [`DEAD_LETTERED`](crate::envelope::headers::DEAD_LETTERED)
+    /// = `target`) back to `target` inside the broker, headers untouched, each removed from `dlq` only
+    /// once its copy is safe at `target`; returns how many it moved. A missing `target` moves none.
+    /// `Ok(None)` (the default): the broker cannot, and [`Bus::redrive`](crate::Bus::redrive) moves
+    /// them itself (get, publish with `mandatory` and a confirm, ack).
+    fn redrive<'a>(&'a self, dlq: &'a str, target: &'a str) -> BoxFuture<'a, Result<Option<u64>, TransportError>> {
+        let _ = (dlq, target);
+        Box::pin(async { Ok(None) })
     }
 }

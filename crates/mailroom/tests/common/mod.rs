@@ -56,8 +56,9 @@ pub async fn env(target: Target, test: &str) -> Env {
             }
         }
         Target::Server => {
-            let (url, stop) = start_server().await;
-            let bus = Bus::new(Amqp::connect(AmqpConfig::new(&url)).await.unwrap());
+            let (url, api, stop) = start_server_with_api().await;
+            // With the HTTP API named, redrive is server-side (as on the embedded broker).
+            let bus = Bus::new(Amqp::connect(AmqpConfig::new(&url).management_url(api)).await.unwrap());
             Env { target, bus, prefix, broker: None, url: Some(url), names: Mutex::default(), _server: Some(stop) }
         }
         Target::Rabbit => {
@@ -73,17 +74,33 @@ fn uuid_short() -> String {
 }
 
 pub async fn start_server() -> (String, oneshot::Sender<()>) {
+    let (url, _api, stop) = start_server_with_api().await;
+    (url, stop)
+}
+
+/// A Mailroom server on port 0 with its HTTP API on another: the AMQP URL, the API's URL, and the
+/// sender that stops both.
+pub async fn start_server_with_api() -> (String, String, oneshot::Sender<()>) {
     let broker = Broker::open(BrokerConfig::default()).unwrap();
-    let server =
-        AmqpServer::bind(broker, ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() })
-            .await
-            .unwrap();
+    let server = AmqpServer::bind(
+        broker.clone(),
+        ServerConfig { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() },
+    )
+    .await
+    .unwrap();
     let addr = server.local_addrs()[0];
+    let http = mailroom_http::HttpServer::bind(broker, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let api = http.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
+    let (http_tx, http_rx) = oneshot::channel::<()>();
+    tokio::spawn(http.run(async move {
+        let _ = http_rx.await;
+    }));
     tokio::spawn(server.run(async move {
         let _ = rx.await;
+        let _ = http_tx.send(());
     }));
-    (format!("amqp://guest:guest@{addr}/%2F"), tx)
+    (format!("amqp://guest:guest@{addr}/%2F"), format!("http://{api}"), tx)
 }
 
 impl Env {
