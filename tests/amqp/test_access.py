@@ -389,6 +389,51 @@ def test_a_user_imported_from_rabbitmq_logs_in_with_its_password(mailroom_scope)
     assert (code, text) == (403, f"ACCESS_REFUSED - access to queue 'y' in vhost '/' refused for user '{user}'")
 
 
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None or "rabbitmq" not in targets(),
+                    reason="needs the local RabbitMQ and rabbitmqctl")
+def test_limits_imported_from_rabbitmq_hold(mailroom_scope):
+    """A vhost limit and a user limit set on RabbitMQ, exported with rabbitmqctl and imported: both hold."""
+    broker, admin, user = mailroom_scope
+    vhost = f"{user}-v"
+    rabbit = RabbitAdmin()
+    rabbit.add_vhost(vhost)
+    rabbit.add_user(user, "from-rabbit")
+    try:
+        rabbit.set_permissions(vhost, user, ".*", ".*", ".*")
+        rabbit.set_permissions("/", user, ".*", ".*", ".*")
+        rabbit.set_vhost_limit(vhost, "max-connections", 1)
+        rabbit.set_user_limit(user, "max-connections", 2)
+        exported = json.loads(rabbitmqctl("export_definitions", "-"))
+    finally:
+        rabbit.delete_user(user)
+        rabbit.delete_vhost(vhost)
+    doc = {
+        "users": [u for u in exported["users"] if u["name"] == user],
+        "vhosts": [v for v in exported["vhosts"] if v["name"] in (vhost, "/")],
+        "permissions": [p for p in exported["permissions"] if p["user"] == user],
+        "parameters": [p for p in exported.get("parameters", []) if p.get("vhost") == vhost],
+    }
+    assert doc["users"][0].get("limits") == {"max-connections": 2}, doc["users"]
+    assert any(p["component"] == "vhost-limits" for p in doc["parameters"]), exported.get("parameters")
+    status, _ = admin.call("POST", "/definitions", doc)
+    assert status in (200, 201, 204)
+    try:
+        first = connect(broker, user, "from-rabbit", vhost)
+        # The vhost's max-connections 1: a second connection to it is refused.
+        with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+            connect(broker, user, "from-rabbit", vhost)
+        assert "(530)" in str(refused.value) and "connection limit" in str(refused.value), str(refused.value)
+        # The user's max-connections 2: one more elsewhere, then refused.
+        second = connect(broker, user, "from-rabbit", "/")
+        with pytest.raises(pika.exceptions.AMQPConnectionError) as refused:
+            connect(broker, user, "from-rabbit", "/")
+        assert "(530)" in str(refused.value), str(refused.value)
+        first.close()
+        second.close()
+    finally:
+        admin.call("DELETE", f"/vhosts/{urllib.parse.quote(vhost, safe='')}")
+
+
 # ---- Mailroom only: AMQPS (--amqps-listen) and certificate reload on SIGHUP ----
 
 def make_ca_and_server_cert(d, name):

@@ -151,7 +151,15 @@ async fn ttl_retry_queue_delivers_what_fell_due_during_the_downtime() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let broker = open_slowly(&dir);
     let v = broker.vhost("/").unwrap();
-    assert_eq!(wait_for_count(&v, "jobs", 150).await, 150, "every expired message reaches the retry target");
+    let jobs = wait_for_count(&v, "jobs", 150).await;
+    let left = |q: &str| v.queue(q, 1).unwrap().message_count();
+    assert_eq!(
+        jobs,
+        150,
+        "every expired message reaches the retry target (still in retry: {}, in retry-per-message: {})",
+        left("retry"),
+        left("retry-per-message")
+    );
     assert_eq!(v.queue("retry", 1).unwrap().message_count(), 0);
     assert_eq!(v.queue("retry-per-message", 1).unwrap().message_count(), 0);
     stop(broker, v).await;
