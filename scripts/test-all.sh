@@ -77,9 +77,12 @@ export MAILROOM_PG_URL="${MAILROOM_PG_URL:-postgres://postgres@127.0.0.1:5432/te
 # throwaway RabbitMQ node with the management plugin that the management API tests compare against
 # (never the shared node's plugins: see tests/management/rabbitmq-oracle.sh).
 export PATH="$HOME/.cargo/bin:$PATH"
+# Stop the oracle at the end only if this run started it (another run may be using one already there).
+oracle_was_up=0
+sh tests/management/rabbitmq-oracle.sh status && oracle_was_up=1
 if run management-setup sh tests/management/setup.sh oracle; then
   export RABBITMQ_MGMT_URL="${RABBITMQ_MGMT_URL:-http://127.0.0.1:35672}"
-  SVC_STOPS+=("sh tests/management/rabbitmq-oracle.sh stop")
+  [ "$oracle_was_up" = 1 ] || SVC_STOPS+=("sh tests/management/rabbitmq-oracle.sh stop")
 fi
 
 # --all-features: the SDK's `postgres` feature is off by default; its tests need it.

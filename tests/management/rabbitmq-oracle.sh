@@ -5,6 +5,7 @@
 # /tmp/mailroom-rmq-oracle; the shared RabbitMQ on 5672 is not touched.
 #   rabbitmq-oracle.sh start   # waits until the management API answers; prints its URL
 #   rabbitmq-oracle.sh stop
+#   rabbitmq-oracle.sh status  # exit 0 if a RabbitMQ management API answers there
 # Then: RABBITMQ_MGMT_URL=http://127.0.0.1:35672 pytest tests/amqp/test_management_api.py
 set -eu
 dir=/tmp/mailroom-rmq-oracle
@@ -49,6 +50,9 @@ RUN
         sleep 1
     done
     echo "$url"
+    ;;
+status)
+    overview | grep -q '"product_name":"RabbitMQ"'
     ;;
 stop)
     [ -f "$dir/pid" ] && kill "$(cat "$dir/pid")" 2>/dev/null || true
