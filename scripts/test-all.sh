@@ -126,7 +126,7 @@ if [ -z "${AMQP_TARGETS:-}" ]; then
     export AMQP_TARGETS=mailroom
   fi
 fi
-suites=(tests/amqp tests/celery)
+suites=(tests/amqp tests/celery tests/management)
 if [ -d tests/compat ]; then
   # After the venv: the compat setup checks aio-pika there.
   run compat-setup bash tests/compat/setup.sh

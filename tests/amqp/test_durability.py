@@ -2,6 +2,7 @@
 ones do not. The restart test runs on both brokers (RabbitMQ restarted with rabbitmqctl stop_app /
 start_app); the SIGKILL test is Mailroom-only."""
 import os
+import shlex
 import shutil
 import random
 import signal
@@ -190,6 +191,8 @@ class KillableMailroom:
             shutil.copytree(self.data_dir, snapshot)
         cmd = [mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir,
                "--log-level", "warn"]
+        # As start_mailroom: e.g. MAILROOM_EXTRA_ARGS="--queue-memory-bytes 4096" puts bodies on disk at once.
+        cmd += shlex.split(os.environ.get("MAILROOM_EXTRA_ARGS", ""))
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.procs.append(proc)
         _wait_listening(self.port, proc, 20)

@@ -132,6 +132,50 @@ def test_publish_to_missing_exchange_404(amqp):
         amqp.ch.basic_publish(uname("missing"), "k", b"m")
 
 
+def test_publish_after_delete_by_another_connection_404(amqp):
+    """A channel that has published to an exchange gets the 404 on its very next publish once another
+    connection deleted it; once re-declared (another type), a channel reaches only the new bindings."""
+    x = amqp.exchange("direct")
+    old = amqp.bound_queue(x, "k")
+    amqp.ch.basic_publish(x, "k", b"before")
+    assert get(amqp.ch, old)[2] == b"before"
+    amqp.channel(amqp.connect()).exchange_delete(x)
+    with expect_channel_error(amqp.ch, NOT_FOUND):
+        amqp.ch.basic_publish(x, "k", b"after the delete")
+    ch = amqp.channel()
+    amqp.exchange("fanout", name=x, ch=ch)
+    new = amqp.bound_queue(x, ch=ch)
+    ch.basic_publish(x, "k", b"again")
+    assert get(ch, new)[2] == b"again"
+    assert_empty(ch, old)
+
+
+def test_publish_after_own_delete_and_redeclare(amqp):
+    """One channel publishes, deletes the exchange, re-declares it as another type and publishes again:
+    the second message follows the new exchange's bindings, not the old one's."""
+    x = amqp.exchange("direct")
+    old = amqp.bound_queue(x, "k")
+    amqp.ch.basic_publish(x, "k", b"1")
+    amqp.ch.exchange_delete(x)
+    amqp.exchange("fanout", name=x)
+    new = amqp.bound_queue(x)
+    amqp.ch.basic_publish(x, "k", b"2")
+    assert get(amqp.ch, new)[2] == b"2"
+    assert get(amqp.ch, old)[2] == b"1"
+    assert_empty(amqp.ch, old)
+
+
+def test_publish_after_auto_delete_404(amqp):
+    """An auto-delete exchange gone with its last binding is a 404 for the channel that published to it."""
+    x = amqp.exchange("direct", auto_delete=True)
+    q = amqp.bound_queue(x, "k")
+    amqp.ch.basic_publish(x, "k", b"m")
+    assert get(amqp.ch, q)[2] == b"m"
+    amqp.ch.queue_unbind(q, x, routing_key="k")
+    with expect_channel_error(amqp.ch, NOT_FOUND):
+        amqp.ch.basic_publish(x, "k", b"m")
+
+
 def test_internal_exchange_publish_403(amqp):
     x = amqp.exchange("fanout", internal=True)
     with expect_channel_error(amqp.ch, ACCESS_REFUSED):

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from brokers import free_port, start_mailroom, targets
-from test_management_api import RABBITMQ_ORACLE_AMQP_URL, Api, q, rabbit_api
+from test_management_api import RABBITMQ_ORACLE_AMQP_URL, Api, answering_api, q, rabbit_api
 
 pytestmark = pytest.mark.skipif("mailroom" not in targets(), reason="drives a Mailroom server")
 
@@ -24,17 +24,8 @@ def mailroom():
     http_port, prometheus_port = free_port(), free_port()
     with start_mailroom(["--http-listen", f"127.0.0.1:{http_port}",
                          "--prometheus-listen", f"127.0.0.1:{prometheus_port}"]) as b:
-        api = Api(f"http://127.0.0.1:{http_port}")
+        api = answering_api(http_port)
         api.prometheus = f"http://127.0.0.1:{prometheus_port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                api.call("GET", "/api/overview")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         yield b, api
 
 
@@ -243,6 +234,29 @@ CHANNEL_COUNTS = {"publish": 12, "confirm": 12, "deliver": 7, "deliver_no_ack": 
                   "drop_unroutable": 1}
 
 
+# drive_traffic's channel, per exchange and per queue ({t}: the test's tag), as RabbitMQ's channel_exchange_metrics
+# and channel_queue_metrics count it (and its channel's `publishes` and `deliveries`).
+PUBLISHES = {"ms-x-{t}": {"publish": 10, "confirm": 10, "return_unroutable": 0, "drop_unroutable": 0},
+             "amq.direct": {"publish": 2, "confirm": 2, "return_unroutable": 1, "drop_unroutable": 1}}
+DELIVERIES = {"ms-a-{t}": {"deliver": 7, "deliver_no_ack": 0, "get": 2, "get_no_ack": 1, "get_empty": 1,
+                           "redeliver": 0, "ack": 9, "deliver_get": 10},
+              "ms-b-{t}": {"deliver": 0, "deliver_no_ack": 10, "get": 1, "get_no_ack": 0, "get_empty": 0,
+                           "redeliver": 1, "ack": 0, "deliver_get": 11}}
+EXCHANGE_SERIES = {f"rabbitmq_channel_messages_{m}_total": {x: c[k] for x, c in PUBLISHES.items()}
+                   for m, k in (("published", "publish"), ("confirmed", "confirm"),
+                                ("unroutable_returned", "return_unroutable"),
+                                ("unroutable_dropped", "drop_unroutable"))}
+QUEUE_SERIES = {f"rabbitmq_channel_{m}_total": {qn: c[k] for qn, c in DELIVERIES.items()}
+                for m, k in (("get_ack", "get"), ("get", "get_no_ack"), ("messages_delivered_ack", "deliver"),
+                             ("messages_delivered", "deliver_no_ack"), ("messages_redelivered", "redeliver"),
+                             ("messages_acked", "ack"), ("get_empty", "get_empty"))}
+
+
+def breakdown(items, kind):
+    """{object name: counts} of a channel's `publishes` (kind "exchange") or `deliveries` ("queue")."""
+    return {i[kind]["name"]: counts(i["stats"]) for i in items}
+
+
 def named_connection(api, name, wait_for=lambda c: True, timeout=30):
     """The connection whose client named itself `name` (connection_name), once `wait_for` holds for it."""
     deadline = time.monotonic() + timeout
@@ -286,6 +300,82 @@ def test_channel_message_stats_and_connection_octets(mailroom):
             assert isinstance(stats(one)[f"{k}_details"]["rate"], (int, float))
     finally:
         conn.close()
+
+
+def test_channel_publishes_and_deliveries_per_exchange_and_queue(mailroom):
+    broker, api = mailroom
+    t = tag()
+    name = f"ms-per-{t}"
+    conn = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}))
+    try:
+        drive_traffic(conn, t, close=False)
+        c = named_connection(api, name)
+        channel = api.get(f"/api/connections/{q(c['name'])}/channels")[0]["name"]
+        one = api.get(f"/api/channels/{q(channel)}")
+        want = {x.format(t=t): n for x, n in PUBLISHES.items()}
+        assert breakdown(one["publishes"], "exchange") == want
+        assert breakdown(one["deliveries"], "queue") == {qn.format(t=t): n for qn, n in DELIVERIES.items()}
+        for item in one["publishes"] + one["deliveries"]:
+            assert (item.get("exchange") or item.get("queue"))["vhost"] == "/"
+            for k in counts(item["stats"]):
+                assert isinstance(item["stats"][f"{k}_details"]["rate"], (int, float)), item
+        # The breakdown sums to the channel's totals.
+        totals = counts(stats(one))
+        for k in ("publish", "confirm", "return_unroutable", "drop_unroutable"):
+            assert sum(n[k] for n in want.values()) == totals[k], k
+        for k in ("deliver", "deliver_no_ack", "get", "get_no_ack", "get_empty", "redeliver", "ack"):
+            assert sum(n[k] for n in DELIVERIES.values()) == totals[k], k
+        # A deleted queue leaves the breakdown (RabbitMQ drops its rows too); the totals keep its counts.
+        conn.channel().queue_delete(f"ms-b-{t}")
+        one = api.get(f"/api/channels/{q(channel)}")
+        assert list(breakdown(one["deliveries"], "queue")) == [f"ms-a-{t}"]
+        assert counts(stats(one))["deliver_no_ack"] == 10
+        # The list shows no breakdown, as RabbitMQ's.
+        listed = [ch for ch in api.get("/api/channels") if ch["name"] == channel][0]
+        assert "publishes" not in listed and "deliveries" not in listed
+    finally:
+        conn.close()
+
+
+def test_send_pend_counts_bytes_waiting_for_a_client_that_does_not_read():
+    """send_pend (RabbitMQ: bytes in the socket's send queue; Mailroom: bytes queued for the connection's
+    writer) rises while a consumer reads nothing and falls back to 0 once it reads."""
+    t = tag()
+    name, queue = f"ms-pend-{t}", f"ms-pend-{t}"
+    http_port, prometheus_port = free_port(), free_port()
+    # No outbound bound: the deliveries the socket cannot take wait in the writer's queue (and a minute's
+    # write deadline: the client reads nothing for a while on purpose).
+    with start_mailroom(["--http-listen", f"127.0.0.1:{http_port}", "--prometheus-listen",
+                         f"127.0.0.1:{prometheus_port}", "--max-outbound-bytes", "0",
+                         "--write-deadline-ms", "60000"]) as broker:
+        api = Api(f"http://127.0.0.1:{http_port}")
+        slow = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}, heartbeat=0))
+        publisher = pika.BlockingConnection(broker.params())
+        try:
+            slow_ch = slow.channel()
+            slow_ch.queue_declare(queue, auto_delete=True)
+            got = []
+            slow_ch.basic_consume(queue, lambda c, m, p, b: got.append(len(b)), auto_ack=True)
+            c = named_connection(api, name)
+            assert c["send_pend"] == 0, c
+            # 32 MiB for a client that reads nothing until asked: a few MiB fill the socket's buffers, the
+            # rest waits in the writer's queue.
+            pub_ch = publisher.channel()
+            body = b"p" * (1 << 20)
+            for _ in range(32):
+                pub_ch.basic_publish("", queue, body)
+            pub_ch.queue_declare(queue, passive=True)
+            c = named_connection(api, name, lambda c: c["send_pend"] > 1 << 20)
+            per_object = scrape(f"http://127.0.0.1:{prometheus_port}/metrics/per-object")
+            assert samples(per_object, "rabbitmq_connection_pending_packets")['{channel="%s"}' % c["name"]] > 0
+            deadline = time.monotonic() + 60
+            while len(got) < 32:
+                assert time.monotonic() < deadline, len(got)
+                slow.process_data_events(time_limit=0.2)
+            named_connection(api, name, lambda c: c["send_pend"] == 0)
+        finally:
+            publisher.close()
+            slow.close()
 
 
 def test_channel_and_connection_fields_match_rabbitmq(mailroom):
@@ -363,17 +453,16 @@ def test_prometheus_connection_and_channel_series(mailroom):
         channel = api.get(f"/api/connections/{q(c['name'])}/channels")[0]["name"]
         per_object = scrape(api.prometheus + "/metrics/per-object")
         label = '{channel="%s"}' % channel
-        assert samples(per_object, "rabbitmq_channel_messages_published_total")[label] == 12
-        assert samples(per_object, "rabbitmq_channel_messages_confirmed_total")[label] == 12
-        assert samples(per_object, "rabbitmq_channel_messages_acked_total")[label] == 9
-        assert samples(per_object, "rabbitmq_channel_messages_delivered_ack_total")[label] == 7
-        assert samples(per_object, "rabbitmq_channel_messages_delivered_total")[label] == 10
-        assert samples(per_object, "rabbitmq_channel_get_ack_total")[label] == 3
-        assert samples(per_object, "rabbitmq_channel_get_total")[label] == 1
-        assert samples(per_object, "rabbitmq_channel_get_empty_total")[label] == 1
-        assert samples(per_object, "rabbitmq_channel_messages_redelivered_total")[label] == 1
-        assert samples(per_object, "rabbitmq_channel_messages_unroutable_returned_total")[label] == 1
-        assert samples(per_object, "rabbitmq_channel_messages_unroutable_dropped_total")[label] == 1
+        # RabbitMQ's channel_exchange_metrics: one sample per channel and exchange, labelled channel, vhost,
+        # exchange; channel_queue_metrics: per channel and queue (channel, vhost, queue).
+        for metric, per in EXCHANGE_SERIES.items():
+            got = {k: v for k, v in samples(per_object, metric).items() if channel in k}
+            want = {'{channel="%s",vhost="/",exchange="%s"}' % (channel, x.format(t=t)): n for x, n in per.items()}
+            assert got == want, metric
+        for metric, per in QUEUE_SERIES.items():
+            got = {k: v for k, v in samples(per_object, metric).items() if channel in k}
+            want = {'{channel="%s",vhost="/",queue="%s"}' % (channel, qn.format(t=t)): n for qn, n in per.items()}
+            assert got == want, metric
         assert samples(per_object, "rabbitmq_channel_consumers")[label] == 0
         assert samples(per_object, "rabbitmq_channel_messages_unacked")[label] == 0
         conn_label = '{channel="%s"}' % c["name"]
@@ -381,12 +470,28 @@ def test_prometheus_connection_and_channel_series(mailroom):
         assert samples(per_object, "rabbitmq_connection_outgoing_bytes_total")[conn_label] >= c["send_oct"] > 0
         assert samples(per_object, "rabbitmq_connection_incoming_packets_total")[conn_label] > 0
         assert samples(per_object, "rabbitmq_connection_channels")[conn_label] == 1
+        assert samples(per_object, "rabbitmq_connection_pending_packets")[conn_label] >= 0
         # /metrics: one unlabelled sum per series, at least this client's counts.
         aggregated = scrape(api.prometheus + "/metrics")
         assert samples(aggregated, "rabbitmq_channel_messages_published_total")[""] >= 12
+        assert samples(aggregated, "rabbitmq_channel_messages_acked_total")[""] >= 9
+        # /metrics/detailed: the families asked for, per object, named rabbitmq_detailed_*, nothing else.
+        detailed = scrape(api.prometheus + "/metrics/detailed?family=channel_exchange_metrics"
+                          "&family=queue_coarse_metrics&vhost=%2F")
+        published = samples(detailed, "rabbitmq_detailed_channel_messages_published_total")
+        assert published['{channel="%s",vhost="/",exchange="ms-x-%s"}' % (channel, t)] == 10
+        assert samples(detailed, "rabbitmq_detailed_queue_messages_ready")['{vhost="/",queue="ms-a-%s"}' % t] == 0
+        names = {line.split("{")[0].split(" ")[0] for line in detailed.splitlines() if not line.startswith("#")}
+        identity = {"rabbitmq_build_info", "rabbitmq_identity_info"}  # on every page, as RabbitMQ 3.10.8's
+        assert identity <= names and all(n.startswith("rabbitmq_detailed_channel_messages_")
+                                         or n.startswith("rabbitmq_detailed_queue_messages")
+                                         for n in names - identity), names
+        assert not [n for n in names if "channel_messages_acked" in n], "channel_queue_metrics not asked for"
+        bare = scrape(api.prometheus + "/metrics/detailed")
+        assert {line.split("{")[0] for line in bare.splitlines() if not line.startswith("#")} == identity
         assert samples(aggregated, "rabbitmq_connection_incoming_bytes_total")[""] >= c["recv_oct"]
         if shutil.which("promtool"):
-            for text in (per_object, aggregated):
+            for text in (per_object, aggregated, detailed):
                 check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                                        text=True, timeout=30)
                 assert check.returncode == 0, check.stdout + check.stderr

@@ -37,6 +37,13 @@ STOP_KINDS = ("sigkill", "sigterm")
 # Slack for a debug build under load: the time a recovered broker may take to move due messages.
 SETTLE_S = 10.0
 
+# RabbitMQ dead-letters from classic queues at most once (rabbit_dead_letter:publish; only quorum
+# queues have at-least-once): a message that falls due while `stop_app` is stopping the queues can be
+# lost, and CI saw it (ttl_retry lost 2 of 100). On RabbitMQ the cases' TTLs are therefore stretched to
+# this, so that they fall due after stop_app returned, while the node is down, and are dead-lettered
+# on recovery; the node stays down until they have fallen due.
+RABBITMQ_TTL_MS = 15000
+
 NO_PLUGIN = "the shared RabbitMQ 3.10 has neither the delayed-message nor the deduplication plugin enabled"
 
 
@@ -46,9 +53,12 @@ class Topo:
     """One case's declarations and publishes on one connection (confirm mode); names are tracked for
     cleanup on RabbitMQ."""
 
-    def __init__(self, conn, tag):
+    def __init__(self, conn, tag, on_rabbitmq=False):
         self.conn = conn
         self.tag = tag
+        self.on_rabbitmq = on_rabbitmq
+        self.falls_due_from = None  # see ttl()
+        self.ttl_ms = 0
         self.ch = conn.channel()
         self.ch.confirm_delivery()
         self.queues = []
@@ -68,6 +78,15 @@ class Topo:
         if bind is not None:
             self.ch.queue_bind(name, bind[0], routing_key=bind[1])
         return name
+
+    def ttl(self, ms):
+        """The TTL in ms for messages, published next, that are to fall due while the broker is down:
+        `ms` on Mailroom, RABBITMQ_TTL_MS on RabbitMQ. The first call notes when they can fall due at
+        the earliest (`falls_due_from`); they fall due at the latest `ttl_ms` after `before` returned."""
+        self.ttl_ms = RABBITMQ_TTL_MS if self.on_rabbitmq else ms
+        if self.falls_due_from is None:
+            self.falls_due_from = time.monotonic() + self.ttl_ms / 1000
+        return self.ttl_ms
 
     def publish(self, exchange, routing_key, ids, expiration=None, headers=None):
         """Publishes one persistent message per id (body = message_id = id); each basic_publish returns
@@ -179,7 +198,7 @@ def ttl_retry_before(t):
     """The bug from the issue: a TTL retry queue dead-letters into a durable direct exchange."""
     work = t.exchange("work")
     jobs = t.queue("jobs", bind=(work, "k"))
-    retry = t.queue("retry", **{"x-message-ttl": 1000, "x-dead-letter-exchange": work,
+    retry = t.queue("retry", **{"x-message-ttl": t.ttl(1000), "x-dead-letter-exchange": work,
                                 "x-dead-letter-routing-key": "k"})
     assert t.publish("", retry, ids("m", 100)) == []
     return dict(jobs=jobs, retry=retry)
@@ -198,7 +217,7 @@ def per_message_ttl_before(t):
     dlx = t.exchange("dlx")
     dlq = t.queue("dlq", bind=(dlx, "dead"))
     src = t.queue("src", **{"x-dead-letter-exchange": dlx, "x-dead-letter-routing-key": "dead"})
-    assert t.publish("", src, ids("e", 20), expiration="500") == []
+    assert t.publish("", src, ids("e", 20), expiration=str(t.ttl(500))) == []
     assert t.publish("", src, ids("keep", 5)) == []
     return dict(dlq=dlq, src=src)
 
@@ -587,16 +606,25 @@ def rabbitmq_outcomes():
                 continue
             conn = pika.BlockingConnection(broker.params())
             conns.append(conn)
-            topo = Topo(conn, case.name)
+            topo = Topo(conn, case.name, on_rabbitmq=True)
             topos.append(topo)
             try:
                 states[case.name] = case.before(topo)
                 states[case.name]["on_rabbitmq"] = True  # for RabbitMQ's documented differences
             except Exception as e:  # noqa: BLE001 - reported by that case's test
                 outcomes[case.name] = e
-            up_at = max(up_at, time.monotonic() + case.downtime_s)
+            # Down until the stretched TTLs have fallen due (plus slack), and at least the downtime.
+            falls_due_by = time.monotonic() + topo.ttl_ms / 1000
+            up_at = max(up_at, time.monotonic() + case.downtime_s, falls_due_by + 1.0)
         stopped = True
         rabbitmqctl("stop_app")
+        stopped_at = time.monotonic()
+        for case, topo in zip([c for c in CASES if not c.rabbitmq_skip], topos):
+            if case.name in states and topo.falls_due_from is not None and topo.falls_due_from <= stopped_at:
+                states.pop(case.name, None)
+                outcomes[case.name] = pytest.skip.Exception(
+                    f"messages fell due {stopped_at - topo.falls_due_from:.1f} s before stop_app returned: "
+                    "RabbitMQ dead-letters from classic queues at most once, so a loss is possible")
         for conn in conns:
             _close_quietly(conn)
         time.sleep(max(0.0, up_at - time.monotonic()))

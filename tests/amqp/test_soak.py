@@ -75,24 +75,21 @@ class Process:
     def connections(self):
         return int(self.admin.metrics()["rabbitmq_connections"])
 
-    def snapshot(self):
-        # Descriptors before the scrape, whose own HTTP connection holds one until the server sees it close.
-        fds = self.fds()
-        return {"fds": fds, "tasks": self.tasks(), "rss": self.rss()}
-
     def settled(self, timeout=LEAK_WAIT_S):
-        """Waits for no connection and for two equal readings of descriptors and tasks 0.5 s apart."""
+        """Waits for no connection and for two equal readings of descriptors and tasks 0.5 s apart; returns
+        the last of them with the RSS. Each descriptor count is read 0.5 s after the previous metrics scrape,
+        whose own HTTP connection holds a descriptor until the server sees it close."""
         deadline = time.monotonic() + timeout
         while self.connections() and time.monotonic() < deadline:
             time.sleep(0.2)
         last = None
-        while time.monotonic() < deadline:
+        while True:
+            time.sleep(0.5)
             now = (self.fds(), self.tasks())
-            if now == last:
+            if now == last or time.monotonic() > deadline:
                 break
             last = now
-            time.sleep(0.5)
-        return self.snapshot()
+        return {"fds": now[0], "tasks": now[1], "rss": self.rss()}
 
 
 def wait_equal(read, want, timeout=LEAK_WAIT_S):

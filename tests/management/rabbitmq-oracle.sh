@@ -1,7 +1,8 @@
 #!/bin/sh
-# A throwaway RabbitMQ node with the management plugin, for comparing Mailroom's management API with
-# RabbitMQ's: AMQP on 127.0.0.1:25999, management on 127.0.0.1:35672 (not 15672, which Mailroom's default
-# HTTP port and other tests use; not 25672, the shared node's distribution port). Its data lives in
+# A throwaway RabbitMQ node with the management and Prometheus plugins, for comparing Mailroom's management
+# API and metrics with RabbitMQ's: AMQP on 127.0.0.1:25999, management on 127.0.0.1:35672 (not 15672, which
+# Mailroom's default HTTP port and other tests use; not 25672, the shared node's distribution port),
+# Prometheus on 127.0.0.1:35692 (not 15692, the shared node's and Mailroom's default). Its data lives in
 # /tmp/mailroom-rmq-oracle; the shared RabbitMQ on 5672 is not touched.
 #   rabbitmq-oracle.sh start   # waits until the management API answers; prints its URL
 #   rabbitmq-oracle.sh stop
@@ -25,8 +26,9 @@ start)
         echo "$url"; exit 0
     fi
     rm -rf "$dir" && mkdir -p "$dir"
-    echo '[rabbitmq_management].' > "$dir/enabled_plugins"
-    printf 'listeners.tcp.default = 127.0.0.1:25999\nmanagement.tcp.port = 35672\nmanagement.tcp.ip = 127.0.0.1\n' \
+    echo '[rabbitmq_management,rabbitmq_prometheus].' > "$dir/enabled_plugins"
+    printf '%s\n' 'listeners.tcp.default = 127.0.0.1:25999' 'management.tcp.port = 35672' \
+        'management.tcp.ip = 127.0.0.1' 'prometheus.tcp.port = 35692' 'prometheus.tcp.ip = 127.0.0.1' \
         > "$dir/rabbitmq.conf"
     echo '[].' > "$dir/advanced.config"
     cat > "$dir/run.sh" <<RUN

@@ -296,11 +296,10 @@ try {
   await waitUntil('the user listed with its tags', async () => (await readTable(page, '.admin-body'))
     .some((r) => r.Name === 'ui-user' && r.Tags === 'monitoring, management' && r['Has password'] === 'yes'));
   await shot(page, 'admin-users.png', false);
-  // The vhost menu lists vhosts as of the last page load.
-  await page.reload();
   await page.goto(`${base}/#/admin/permissions`);
   await page.waitForSelector('.admin-body table');
   await waitUntil('the user offered', async () => page.$('#set-permission select[name=user] option[value="ui-user"]'));
+  await waitUntil('the vhost offered', async () => page.$('#set-permission select[name=vhost] option[value="ui-vhost"]'));
   await page.selectOption('#set-permission select[name=user]', 'ui-user');
   await page.selectOption('#set-permission select[name=vhost]', 'ui-vhost');
   await page.fill('#set-permission input[name=configure]', '^ui-');

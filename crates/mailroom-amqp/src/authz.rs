@@ -9,12 +9,11 @@ use mailroom_broker::access::{AccessError, AuthError, AuthenticatedUser, Channel
 use mailroom_broker::connections::ConnectionLimits;
 use mailroom_broker::exchange::ExchangeKind;
 use mailroom_broker::{
-    AMQPValue, Broker, BrokerError, ConnectionControl, ConnectionInfo, FieldTable, Registration, VHost,
+    AMQPValue, Broker, BrokerError, ConnectionInfo, ControlReceiver, FieldTable, Registration, VHost,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// How long a refused login waits before its answer, so that guessing passwords is slow.
 pub const LOGIN_REFUSED_DELAY: Duration = Duration::from_secs(1);
@@ -61,10 +60,7 @@ pub fn open_vhost(broker: &Broker, user: &str, name: &str) -> Result<Arc<VHost>,
 
 /// Lists an opening connection in the broker's registry if the vhost's and the user's `max-connections`
 /// allow it (530 otherwise); the count and the listing are one step, so concurrent opens cannot overshoot.
-pub fn register(
-    broker: &Broker,
-    info: ConnectionInfo,
-) -> Result<(Registration, mpsc::Receiver<ConnectionControl>), AmqpError> {
+pub fn register(broker: &Broker, info: ConnectionInfo) -> Result<(Registration, ControlReceiver), AmqpError> {
     let access = broker.access();
     let limits = ConnectionLimits {
         vhost: access.vhost_limits(&info.vhost),

@@ -154,7 +154,9 @@ impl AmqpServer {
 /// then AMQP, over TLS on an AMQPS listener.
 async fn serve_accepted(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>, tls: Tls, proxy: bool) {
     let peer = if proxy {
-        match proxy_protocol::read_header(&mut stream).await {
+        // Boxed, as the TLS path below: an async fn's state is as large as its largest await, and every
+        // connection's task would otherwise carry these rarely used states (header buffer, TLS session).
+        match Box::pin(proxy_protocol::read_header(&mut stream)).await {
             Ok(ProxyHeader::Proxied { source, .. }) => source,
             Ok(ProxyHeader::Local) => peer,
             Err(e) => {
@@ -168,7 +170,7 @@ async fn serve_accepted(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Server
     match tls {
         None => crate::connection::serve(stream, peer, ctx).await,
         #[cfg(feature = "tls")]
-        Some(acceptor) => crate::connection::serve_tls(stream, peer, ctx, acceptor).await,
+        Some(acceptor) => Box::pin(crate::connection::serve_tls(stream, peer, ctx, acceptor)).await,
         #[cfg(not(feature = "tls"))]
         Some(never) => match never {},
     }

@@ -198,50 +198,21 @@ impl TlsAcceptor {
     }
 }
 
+// The test CA, shared with tests/access_conn.rs (a path on a file-level module starts at src/).
+#[cfg(test)]
+#[path = "../tests/support/test_ca.rs"]
+mod test_ca;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     use rustls::pki_types::ServerName;
     use rustls::ClientConfig;
     use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    /// A CA made in the test, which signs server and client certificates.
-    struct Ca {
-        cert: rcgen::Certificate,
-        key: KeyPair,
-    }
-
-    impl Ca {
-        fn new(name: &str) -> Self {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            Self { cert, key }
-        }
-
-        /// A leaf for `names`; `expired` puts its validity in the past.
-        fn leaf(&self, cn: &str, names: &[&str], expired: bool) -> (String, String) {
-            let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            if expired {
-                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-            }
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-            (cert.pem(), key.serialize_pem())
-        }
-
-        fn pem(&self) -> String {
-            self.cert.pem()
-        }
-    }
+    use super::test_ca::TestCa as Ca;
 
     /// A scratch directory under the system temp dir, removed on drop.
     struct Scratch(PathBuf);
@@ -269,7 +240,7 @@ mod tests {
     }
 
     fn settings(dir: &Scratch, ca: &Ca, verify: ClientVerification) -> TlsSettings {
-        let (cert, key) = ca.leaf("mailroom", &["localhost", "127.0.0.1"], false);
+        let (cert, key) = ca.leaf_cn("mailroom", &["localhost", "127.0.0.1"], false);
         TlsSettings {
             cert: dir.write("server.pem", &cert),
             key: dir.write("server.key", &key),
@@ -368,12 +339,12 @@ mod tests {
         let acceptor = Arc::new(TlsAcceptor::new(settings(&dir, &ca, ClientVerification::Required)).unwrap());
         let addr = serve(acceptor).await;
         assert!(round_trip(addr, &client(&ca, None, ALL)).await.is_err(), "no certificate");
-        let good = ca.leaf("alice", &["alice"], false);
+        let good = ca.leaf_cn("alice", &["alice"], false);
         round_trip(addr, &client(&ca, Some(good.clone()), ALL)).await.unwrap();
         round_trip(addr, &client(&ca, Some(good), &[&rustls::version::TLS12])).await.unwrap();
-        let expired = ca.leaf("alice", &["alice"], true);
+        let expired = ca.leaf_cn("alice", &["alice"], true);
         assert!(round_trip(addr, &client(&ca, Some(expired), ALL)).await.is_err(), "expired certificate");
-        let stranger = Ca::new("other CA").leaf("mallory", &["mallory"], false);
+        let stranger = Ca::new("other CA").leaf_cn("mallory", &["mallory"], false);
         assert!(round_trip(addr, &client(&ca, Some(stranger), ALL)).await.is_err(), "certificate from another CA");
     }
 
@@ -383,9 +354,9 @@ mod tests {
         let acceptor = Arc::new(TlsAcceptor::new(settings(&dir, &ca, ClientVerification::Optional)).unwrap());
         let addr = serve(acceptor).await;
         round_trip(addr, &client(&ca, None, ALL)).await.unwrap();
-        round_trip(addr, &client(&ca, Some(ca.leaf("bob", &["bob"], false)), ALL)).await.unwrap();
+        round_trip(addr, &client(&ca, Some(ca.leaf_cn("bob", &["bob"], false)), ALL)).await.unwrap();
         // A certificate that is given must still verify.
-        let stranger = Ca::new("other CA").leaf("mallory", &["mallory"], false);
+        let stranger = Ca::new("other CA").leaf_cn("mallory", &["mallory"], false);
         assert!(round_trip(addr, &client(&ca, Some(stranger), ALL)).await.is_err());
     }
 
@@ -399,7 +370,7 @@ mod tests {
 
         // Renew with a certificate from another CA, in place.
         let ca2 = Ca::new("second CA");
-        let (cert, key) = ca2.leaf("mailroom", &["localhost"], false);
+        let (cert, key) = ca2.leaf_cn("mailroom", &["localhost"], false);
         std::fs::write(&settings.cert, cert).unwrap();
         std::fs::write(&settings.key, key).unwrap();
         // Not yet reloaded: new connections still get the old certificate.
@@ -431,7 +402,7 @@ mod tests {
         let empty = dir.write("empty.pem", "");
         assert!(matches!(TlsAcceptor::new(TlsSettings { cert: empty, ..good.clone() }), Err(TlsError::Empty { .. })));
         // A key that does not belong to the certificate.
-        let (_, other_key) = ca.leaf("x", &["x"], false);
+        let (_, other_key) = ca.leaf_cn("x", &["x"], false);
         let mismatched = dir.write("other.key", &other_key);
         assert!(matches!(TlsAcceptor::new(TlsSettings { key: mismatched, ..good }), Err(TlsError::Config(_))));
         assert_eq!("required".parse::<ClientVerification>().unwrap(), ClientVerification::Required);

@@ -17,7 +17,7 @@ use mailroom_amqp::tls::{provider, ClientVerification, TlsAcceptor, TlsSettings}
 use mailroom_amqp::{AmqpServer, ServerConfig};
 use mailroom_broker::access::{Permissions, UserLimits, VhostLimits};
 use mailroom_broker::{Broker, BrokerConfig};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::DnType;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::net::SocketAddr;
@@ -105,7 +105,7 @@ async fn proxy_relay(server: SocketAddr, header: Vec<u8>) -> SocketAddr {
 /// A relay that speaks TLS to Mailroom, with `identity` as the client certificate.
 async fn tls_relay(server: SocketAddr, ca: &Ca, identity: Option<(String, String)>) -> SocketAddr {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca.cert.pem().as_bytes()).unwrap()).unwrap();
+    roots.add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -132,64 +132,31 @@ async fn tls_relay(server: SocketAddr, ca: &Ca, identity: Option<(String, String
 
 // ---- certificates ----------------------------------------------------------------------------------
 
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
+#[path = "support/test_ca.rs"]
+mod test_ca;
+use test_ca::TestCa as Ca;
 
-impl Ca {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "access_conn test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Self { cert, key }
-    }
-
-    /// A certificate for `subject` ((type, value) in certificate order), PEM cert and key.
-    fn leaf(&self, subject: &[(DnType, &str)], sans: &[&str], expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        for (t, v) in subject {
-            params.distinguished_name.push(t.clone(), *v);
-        }
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn client(&self, cn: &str) -> (String, String) {
-        self.leaf(&[(DnType::OrganizationName, "Org"), (DnType::CommonName, cn)], &[], false)
-    }
-
-    /// Server TLS settings in a fresh directory.
-    fn settings(&self, verify: ClientVerification, from: CertLoginFrom) -> TlsSettings {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir: PathBuf = std::env::temp_dir().join(format!(
-            "mailroom-access-conn-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = self.leaf(&[(DnType::CommonName, "mailroom")], &["localhost"], false);
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        TlsSettings {
-            cert: write("server.pem", &cert),
-            key: write("server.key", &key),
-            ca: Some(write("ca.pem", &self.cert.pem())),
-            verify,
-            cert_login_from: from,
-        }
+/// Server TLS settings in a fresh directory: a `localhost` certificate from `ca`, which also verifies clients.
+fn settings(ca: &Ca, verify: ClientVerification, from: CertLoginFrom) -> TlsSettings {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "mailroom-access-conn-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = ca.leaf_cn("mailroom", &["localhost"], false);
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    TlsSettings {
+        cert: write("server.pem", &cert),
+        key: write("server.key", &key),
+        ca: Some(write("ca.pem", &ca.pem())),
+        verify,
+        cert_login_from: from,
     }
 }
 
@@ -201,8 +168,9 @@ fn external_url(addr: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_logs_in_as_the_certificate_distinguished_name() {
-    let ca = Ca::new();
-    let server = start(Some(ca.settings(ClientVerification::Required, CertLoginFrom::DistinguishedName)), false).await;
+    let ca = Ca::new("access_conn test CA");
+    let server =
+        start(Some(settings(&ca, ClientVerification::Required, CertLoginFrom::DistinguishedName)), false).await;
     let tls = server.tls.unwrap();
     add_user(&server.broker, "CN=alice,O=Org", "unused");
 
@@ -228,8 +196,8 @@ async fn external_logs_in_as_the_certificate_distinguished_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_with_common_name() {
-    let ca = Ca::new();
-    let server = start(Some(ca.settings(ClientVerification::Required, CertLoginFrom::CommonName)), false).await;
+    let ca = Ca::new("access_conn test CA");
+    let server = start(Some(settings(&ca, ClientVerification::Required, CertLoginFrom::CommonName)), false).await;
     let tls = server.tls.unwrap();
     add_user(&server.broker, "alice", "unused");
     let alice = tls_relay(tls, &ca, Some(ca.client("alice"))).await;
@@ -244,8 +212,8 @@ async fn external_with_common_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_required_and_expired_refused() {
-    let ca = Ca::new();
-    let server = start(Some(ca.settings(ClientVerification::Required, CertLoginFrom::CommonName)), false).await;
+    let ca = Ca::new("access_conn test CA");
+    let server = start(Some(settings(&ca, ClientVerification::Required, CertLoginFrom::CommonName)), false).await;
     let tls = server.tls.unwrap();
     add_user(&server.broker, "alice", "pw");
     // No certificate: the TLS handshake fails, even for a password login.
@@ -256,7 +224,7 @@ async fn client_certificates_required_and_expired_refused() {
     let old = tls_relay(tls, &ca, Some(expired)).await;
     assert!(connect(&external_url(old)).await.is_err());
     // A certificate from another CA.
-    let other = Ca::new();
+    let other = Ca::new("access_conn test CA");
     let stranger = tls_relay(tls, &ca, Some(other.client("alice"))).await;
     assert!(connect(&external_url(stranger)).await.is_err());
     assert!(server.broker.connections().is_empty());
@@ -267,8 +235,8 @@ async fn client_certificates_required_and_expired_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_is_not_offered_without_a_verified_certificate() {
-    let ca = Ca::new();
-    let server = start(Some(ca.settings(ClientVerification::Optional, CertLoginFrom::CommonName)), false).await;
+    let ca = Ca::new("access_conn test CA");
+    let server = start(Some(settings(&ca, ClientVerification::Optional, CertLoginFrom::CommonName)), false).await;
     add_user(&server.broker, "alice", "pw");
     // TLS without a client certificate: PLAIN works, EXTERNAL is refused as an unknown mechanism (503).
     let anonymous = tls_relay(server.tls.unwrap(), &ca, None).await;
@@ -324,14 +292,14 @@ async fn proxy_protocol_v1_and_v2_give_the_client_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_before_tls() {
-    let ca = Ca::new();
-    let server = start(Some(ca.settings(ClientVerification::Required, CertLoginFrom::CommonName)), true).await;
+    let ca = Ca::new("access_conn test CA");
+    let server = start(Some(settings(&ca, ClientVerification::Required, CertLoginFrom::CommonName)), true).await;
     add_user(&server.broker, "alice", "unused");
     let tls = server.tls.unwrap();
     // PROXY header, then TLS (with the client certificate), then AMQP with EXTERNAL.
     let (cert, key) = ca.client("alice");
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_slice(ca.cert.pem().as_bytes()).unwrap()).unwrap();
+    roots.add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -927,3 +927,52 @@ async fn an_announced_body_size_is_not_allocated_before_it_arrives() {
     drop(raw);
     server.shutdown().await;
 }
+
+/// A connection quiet for a timer turn parks its read buffer (reads go through a 64-byte array until
+/// traffic resumes). Frames split across writes, a publish larger than that array and a burst must all
+/// arrive whole afterwards, and heartbeats keep flowing both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_reads_split_frames_and_bursts_whole() {
+    let server = TestServer::start_with(|c| c.heartbeat = 1).await;
+    let mut raw = Raw::handshake_with(server.addr, 131_072, 1).await;
+    raw.open_channel(1).await;
+    raw.send_method(1, declare_method("parked")).await;
+    raw.method().await;
+    // Stay quiet past a timer turn (heartbeats every 0.5 s), answering the server's heartbeats.
+    let heartbeat = [8u8, 0, 0, 0, 0, 0, 0, codec::FRAME_END];
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        match raw.read().await {
+            Read::Frame(f) if f.kind == FrameKind::Heartbeat => {
+                heartbeats += 1;
+                raw.send(&heartbeat).await;
+            }
+            other => panic!("expected a heartbeat, got {other:?}"),
+        }
+    }
+    // One small publish split into three writes, with pauses: each piece is a parked read.
+    let mut one = BytesMut::new();
+    publish_frames(&mut one, 1, "parked", b"split");
+    for piece in [&one[..5], &one[5..30], &one[30..]] {
+        raw.send(piece).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // Then a burst: 200 publishes of 1 KiB and one of 100 KB in one write.
+    let mut burst = BytesMut::new();
+    for i in 0..200u32 {
+        publish_frames(&mut burst, 1, "parked", &[i as u8; 1024]);
+    }
+    publish_frames(&mut burst, 1, "parked", &vec![7u8; 100_000]);
+    raw.send(&burst).await;
+    raw.send_method(1, declare_method("probe-parked")).await; // a round trip: everything before it is handled
+    raw.method().await;
+    let queue = server.broker.vhost("/").unwrap().queue("parked", 0).unwrap();
+    assert_eq!(&queue.get(true).expect("the split publish").message.body[..], b"split");
+    for i in 0..200u32 {
+        assert_eq!(&queue.get(true).expect("a burst publish").message.body[..], &[i as u8; 1024][..]);
+    }
+    assert_eq!(queue.get(true).expect("the large publish").message.body.len(), 100_000);
+    assert!(queue.get(true).is_none());
+    drop(raw);
+    server.shutdown().await;
+}

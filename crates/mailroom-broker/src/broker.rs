@@ -274,11 +274,17 @@ impl Broker {
         }
     }
 
-    /// Before a clean exit: lets dead-letter moves in flight settle (up to 2 s), runs
+    /// Before a clean exit: stops every queue's expiry (what falls due from now on expires at the next
+    /// start), lets dead-letter moves in flight settle (up to 2 s), runs
     /// [`Broker::flush_exchange_stores`], then fsyncs every queue store, ack logs included (those are
     /// otherwise fsynced at most every `ack_sync_interval`), so that even a power loss right after a clean
     /// stop brings no acked message back.
     pub async fn flush_stores(&self) {
+        // Nothing may expire any more: a move begun after the wait below could be cut off by the exit, and
+        // in the embedded broker, a queue outliving this stop would keep changing its files.
+        for q in self.vhosts().iter().flat_map(|v| v.queues()) {
+            q.stop_expiring();
+        }
         // Dead-letter moves settle their sources once the copies are durable: let those in flight finish
         // (bounded: a target refusing copies keeps its move retrying), or the restart moves them again.
         const MOVES_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -2,19 +2,19 @@
 //!
 //! A wire server registers each connection once it is open ([`ConnectionRegistry::register`]) and keeps
 //! the returned [`Registration`] for the connection's lifetime: dropping it deregisters. The connection
-//! task also watches the [`ConnectionControl`] receiver it got: the API asks it through that channel for a
+//! task also watches the [`ControlReceiver`] it got: the API asks it through that inbox for a
 //! snapshot of its channels and consumers (pulled on demand, so an unwatched broker pays nothing) or to
 //! close with a reason. Nothing here knows about frames or sockets.
 
 use crate::access::{LimitError, UserLimits, VhostLimits};
 use crate::queue::{ConnectionId, ConsumerId};
 use amq_protocol_types::FieldTable;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 /// Requests a connection task may have outstanding from the API (snapshots and a close); more are refused
 /// rather than queued: a stuck connection must not make API calls pile up memory.
@@ -52,16 +52,33 @@ pub struct ConnectionInfo {
 }
 
 /// Bytes and socket operations of one connection (RabbitMQ's `recv_oct`, `send_oct`, `recv_cnt`,
-/// `send_cnt`): the reader adds once per socket read, the writer once per batch written, never per frame.
+/// `send_cnt`, `send_pend`): the reader adds once per socket read, the writer once per batch, never per
+/// frame.
 #[derive(Debug, Default)]
 pub struct ConnectionTraffic {
     recv_oct: AtomicU64,
     recv_cnt: AtomicU64,
     send_oct: AtomicU64,
     send_cnt: AtomicU64,
+    /// Bytes handed to the writer and not yet written (or dropped): RabbitMQ's `send_pend`, the bytes
+    /// waiting in the socket's send queue, is the closest figure Mailroom has.
+    send_pend: AtomicU64,
+    /// Turns of the connection task that did channel work (frames other than heartbeats, deliveries,
+    /// confirms): the channels' snapshots can only have changed when this moved, heartbeats leave it be.
+    channel_turns: AtomicU64,
 }
 
 impl ConnectionTraffic {
+    /// The connection task finished a turn that did channel work (once per turn, not per frame).
+    pub fn channel_turn(&self) {
+        self.channel_turns.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Turns that did channel work so far: unchanged means the channels' snapshots are unchanged.
+    pub fn channel_turns(&self) -> u64 {
+        self.channel_turns.load(Ordering::Relaxed)
+    }
+
     /// One socket read of `bytes`.
     pub fn received(&self, bytes: usize) {
         self.recv_oct.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -74,6 +91,21 @@ impl ConnectionTraffic {
         self.send_cnt.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A batch of `bytes` was queued for the writer.
+    pub fn queued(&self, bytes: u64) {
+        self.send_pend.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A queued batch of `bytes` left the writer's queue (written, or dropped with the connection).
+    pub fn dequeued(&self, bytes: u64) {
+        self.send_pend.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes queued for the writer and not written yet (RabbitMQ's `send_pend`).
+    pub fn send_pend(&self) -> u64 {
+        self.send_pend.load(Ordering::Relaxed)
+    }
+
     /// `(recv_oct, recv_cnt, send_oct, send_cnt)` now.
     pub fn read(&self) -> (u64, u64, u64, u64) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -82,31 +114,18 @@ impl ConnectionTraffic {
 }
 
 /// A channel's message counts since it opened (RabbitMQ's channel `message_stats`), kept by the
-/// connection task that owns the channel (plain integers: nothing else writes them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ChannelMessageStats {
-    /// Messages published through an exchange.
-    pub publish: u64,
-    /// Publishes confirmed (publisher confirms).
-    pub confirm: u64,
-    /// Mandatory publishes returned as unroutable.
-    pub return_unroutable: u64,
-    /// Non-mandatory publishes dropped as unroutable.
-    pub drop_unroutable: u64,
-    /// Deliveries to consumers that must ack.
-    pub deliver: u64,
-    /// Deliveries to no-ack consumers.
-    pub deliver_no_ack: u64,
-    /// `basic.get` answers that must be acked.
-    pub get: u64,
-    /// `basic.get` answers in no-ack mode.
-    pub get_no_ack: u64,
-    /// `basic.get` that found the queue empty.
-    pub get_empty: u64,
-    /// Deliveries and gets with the redelivered flag.
-    pub redeliver: u64,
-    /// Deliveries acknowledged.
-    pub ack: u64,
+/// connection task that owns the channel: the same counters a queue keeps.
+pub type ChannelMessageStats = crate::queue::MessageStats;
+
+/// A channel's counts for one exchange it published to (RabbitMQ's `publishes` of a channel) or one queue
+/// it consumed or got from (its `deliveries`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMessageStats {
+    /// The exchange's or the queue's name (in the connection's vhost).
+    pub name: String,
+    /// The counts: `publish`, `confirm` and the unroutable ones for an exchange; the delivery counts for a
+    /// queue.
+    pub stats: ChannelMessageStats,
 }
 
 impl ConnectionInfo {
@@ -141,6 +160,11 @@ pub struct ChannelSnapshot {
     pub consumers: Vec<ConsumerSnapshot>,
     /// Its message counts since it opened.
     pub message_stats: ChannelMessageStats,
+    /// Its counts per exchange published to (RabbitMQ's `publishes`), in first-use order.
+    pub publishes: Vec<ObjectMessageStats>,
+    /// Its counts per queue delivered or got from (RabbitMQ's `deliveries`), in first-use order; queues
+    /// deleted since are left out.
+    pub deliveries: Vec<ObjectMessageStats>,
 }
 
 /// One consumer on a channel.
@@ -168,10 +192,80 @@ pub enum ConnectionControl {
     Snapshot(oneshot::Sender<Vec<ChannelSnapshot>>),
 }
 
+/// The API's requests waiting for one connection task. Not a tokio mpsc channel: that allocates a 32-slot
+/// block per channel up front, about 1.3 KB that every idle connection would hold for requests that are rare.
+#[derive(Debug, Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Notify,
+}
+
+/// The waiting requests, and whether the connection task stopped taking them.
+#[derive(Debug, Default)]
+struct InboxState {
+    requests: VecDeque<ConnectionControl>,
+    closed: bool,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The API's end of a connection's inbox.
+#[derive(Debug, Clone)]
+struct ControlSender(Arc<Inbox>);
+
+impl ControlSender {
+    /// Queues `request`; false if the connection task is gone or already has [`CONTROL_QUEUE`] waiting.
+    fn try_send(&self, request: ConnectionControl) -> bool {
+        {
+            let mut state = self.0.lock();
+            if state.closed || state.requests.len() >= CONTROL_QUEUE {
+                return false;
+            }
+            state.requests.push_back(request);
+        }
+        self.0.ready.notify_one();
+        true
+    }
+}
+
+/// A connection task's end of its inbox: the API's requests, in order. Dropping it refuses later ones.
+#[derive(Debug)]
+pub struct ControlReceiver(Arc<Inbox>);
+
+impl ControlReceiver {
+    /// The next request, waiting for one. Cancel-safe: a request leaves the inbox only when returned.
+    pub async fn recv(&mut self) -> ConnectionControl {
+        loop {
+            if let Some(request) = self.try_recv() {
+                return request;
+            }
+            // notify_one keeps a permit when nobody waits, so a request queued since the check wakes us.
+            self.0.ready.notified().await;
+        }
+    }
+
+    /// The next request if one is waiting.
+    pub fn try_recv(&mut self) -> Option<ConnectionControl> {
+        self.0.lock().requests.pop_front()
+    }
+}
+
+impl Drop for ControlReceiver {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.closed = true;
+        state.requests.clear(); // their reply senders drop: the API's waits end now
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     info: Arc<ConnectionInfo>,
-    control: mpsc::Sender<ConnectionControl>,
+    control: ControlSender,
 }
 
 /// The registered connections and how many each vhost and each user has, kept together under one lock
@@ -218,7 +312,7 @@ impl ConnectionRegistry {
 
     /// Registers an open connection without limits; it stays listed until the returned [`Registration`] is
     /// dropped. The receiver carries the API's requests to the connection task.
-    pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> (Registration, mpsc::Receiver<ConnectionControl>) {
+    pub fn register(self: &Arc<Self>, info: ConnectionInfo) -> (Registration, ControlReceiver) {
         let mut entries = self.lock();
         self.insert(&mut entries, info)
     }
@@ -230,7 +324,7 @@ impl ConnectionRegistry {
         self: &Arc<Self>,
         info: ConnectionInfo,
         limits: ConnectionLimits,
-    ) -> Result<(Registration, mpsc::Receiver<ConnectionControl>), LimitError> {
+    ) -> Result<(Registration, ControlReceiver), LimitError> {
         let mut entries = self.lock();
         let in_vhost = entries.per_vhost.get(&info.vhost).copied().unwrap_or(0);
         let of_user = entries.per_user.get(&info.user).copied().unwrap_or(0);
@@ -240,12 +334,9 @@ impl ConnectionRegistry {
     }
 
     /// Lists `info` and counts it for its vhost and user (the caller holds the lock).
-    fn insert(
-        self: &Arc<Self>,
-        entries: &mut Entries,
-        info: ConnectionInfo,
-    ) -> (Registration, mpsc::Receiver<ConnectionControl>) {
-        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+    fn insert(self: &Arc<Self>, entries: &mut Entries, info: ConnectionInfo) -> (Registration, ControlReceiver) {
+        let inbox = Arc::new(Inbox::default());
+        let (tx, rx) = (ControlSender(Arc::clone(&inbox)), ControlReceiver(inbox));
         let id = info.id;
         count_up(&mut entries.per_vhost, &info.vhost);
         count_up(&mut entries.per_user, &info.user);
@@ -334,7 +425,7 @@ impl Drop for Registration {
 #[derive(Debug, Clone)]
 pub struct ConnectionHandle {
     info: Arc<ConnectionInfo>,
-    control: mpsc::Sender<ConnectionControl>,
+    control: ControlSender,
 }
 
 impl ConnectionHandle {
@@ -347,13 +438,15 @@ impl ConnectionHandle {
     /// closing, or busy past [`SNAPSHOT_TIMEOUT`]).
     pub async fn channels(&self) -> Option<Vec<ChannelSnapshot>> {
         let (tx, rx) = oneshot::channel();
-        self.control.try_send(ConnectionControl::Snapshot(tx)).ok()?;
+        if !self.control.try_send(ConnectionControl::Snapshot(tx)) {
+            return None;
+        }
         tokio::time::timeout(SNAPSHOT_TIMEOUT, rx).await.ok()?.ok()
     }
 
     /// Asks the connection to close with `reason`; false if it is already gone or cannot take the request.
     pub fn close(&self, reason: &str) -> bool {
-        self.control.try_send(ConnectionControl::Close { reason: reason.to_owned() }).is_ok()
+        self.control.try_send(ConnectionControl::Close { reason: reason.to_owned() })
     }
 }
 
@@ -425,13 +518,13 @@ mod tests {
         let (_rb, mut rx_b) = registry.register(b);
         assert_eq!(registry.close_user("u"), 1);
         match rx_a.try_recv() {
-            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "user 'u' is deleted"),
+            Some(ConnectionControl::Close { reason }) => assert_eq!(reason, "user 'u' is deleted"),
             other => panic!("{other:?}"),
         }
-        assert!(rx_b.try_recv().is_err());
+        assert!(rx_b.try_recv().is_none());
         assert_eq!(registry.close_vhost("v"), 1);
         match rx_b.try_recv() {
-            Ok(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is deleted"),
+            Some(ConnectionControl::Close { reason }) => assert_eq!(reason, "vhost 'v' is deleted"),
             other => panic!("{other:?}"),
         }
         assert_eq!(registry.close_vhost("nothing"), 0);
@@ -448,8 +541,8 @@ mod tests {
 
         // The connection task answers a snapshot request.
         let task = tokio::spawn(async move {
-            while let Some(req) = rx.recv().await {
-                match req {
+            loop {
+                match rx.recv().await {
                     ConnectionControl::Snapshot(tx) => {
                         let _ = tx.send(vec![ChannelSnapshot {
                             number: 1,
@@ -463,12 +556,13 @@ mod tests {
                             uncommitted_acks: 0,
                             consumers: vec![],
                             message_stats: ChannelMessageStats::default(),
+                            publishes: vec![],
+                            deliveries: vec![],
                         }]);
                     }
                     ConnectionControl::Close { reason } => return reason,
                 }
             }
-            String::new()
         });
         let channels = handle.channels().await.expect("answered");
         assert_eq!(channels.len(), 1);
@@ -480,5 +574,39 @@ mod tests {
         assert!(registry.is_empty());
         assert!(handle.channels().await.is_none(), "a gone connection answers nothing");
         assert!(!handle.close("again"));
+    }
+    #[tokio::test]
+    async fn the_inbox_wakes_its_task_refuses_when_full_and_ends_waits_when_dropped() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let (_reg, mut rx) = registry.register(info(1, 1));
+        let handle = registry.list().pop().expect("listed");
+        // A task already waiting is woken by a request sent after it started to wait.
+        let waiter = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (rx, first)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(handle.close("one"));
+        let (mut rx, first) = waiter.await.unwrap();
+        assert!(matches!(first, ConnectionControl::Close { reason } if reason == "one"));
+        // At most CONTROL_QUEUE requests wait; taking one makes room for one.
+        for _ in 0..CONTROL_QUEUE {
+            assert!(handle.close("more"));
+        }
+        assert!(!handle.close("too many"));
+        assert!(rx.try_recv().is_some());
+        assert!(handle.close("room again"));
+        while rx.try_recv().is_some() {}
+        // A snapshot asked of a connection that then goes away ends at once, not after SNAPSHOT_TIMEOUT.
+        let asking = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.channels().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let dropped_at = std::time::Instant::now();
+        drop(rx);
+        assert!(asking.await.unwrap().is_none());
+        assert!(dropped_at.elapsed() < SNAPSHOT_TIMEOUT / 2, "the wait ended with the receiver");
+        assert!(!handle.close("gone"));
     }
 }

@@ -33,7 +33,7 @@ pub use amq_protocol_types::{AMQPValue, FieldArray, FieldTable, LongString, Shor
 pub use broker::{Broker, BrokerConfig};
 pub use connections::{
     ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionHandle, ConnectionInfo, ConnectionRegistry,
-    ConnectionTraffic, ConsumerSnapshot, Registration,
+    ConnectionTraffic, ConsumerSnapshot, ControlReceiver, Registration,
 };
 pub use error::{BrokerError, ErrorKind, Result};
 pub use exchange::{Exchange, ExchangeKind};

@@ -174,7 +174,7 @@ async fn operate_with_the_cli(postgres: bool) {
     let shown = cli_json(&backend, &["show", &stuck_a]).await;
     assert_eq!(shown["status"], "Stuck");
     assert_eq!(shown["data"]["cents"], 500);
-    let version = shown["version"].as_i64().unwrap();
+    assert!(shown["version"].as_i64().is_some(), "{shown}");
     let (ok, text, _) = cli(&backend, &["show", &stuck_a]).await;
     assert!(ok && text.contains("status:   Stuck"), "{text}");
     let history = cli_json(&backend, &["history", &stuck_a]).await;
@@ -184,7 +184,9 @@ async fn operate_with_the_cli(postgres: bool) {
     let (ok, text, _) = cli(&backend, &["history", &stuck_a]).await;
     assert!(ok && text.starts_with("TIME") && text.contains("compensating reserve"), "{text}");
 
-    // retry: the service is healthy again; the running orchestrator picks the retry up.
+    // retry: the service is healthy again; the running orchestrator picks the retry up. The version is read
+    // again here: the orchestrator may still have been writing the stuck saga's last event when `show` ran.
+    let version = cli_json(&backend, &["show", &stuck_a]).await["version"].as_i64().unwrap();
     healthy.store(true, Ordering::SeqCst);
     let retried = cli_json(&backend, &["retry", &stuck_a]).await;
     assert_eq!(retried["status"], "Compensating");

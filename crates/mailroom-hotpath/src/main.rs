@@ -15,6 +15,7 @@
 use bytes::BytesMut;
 use mailroom_amqp::codec::{self, basic, FrameKind, Method};
 use mailroom_amqp::server::DEFAULT_FRAME_MAX;
+use mailroom_broker::vhost::PublishCache;
 use mailroom_broker::{
     BasicProperties, Broker, BrokerConfig, ChannelPrefetch, ConsumeOptions, ConsumerEvent, ExchangeOptions, FieldTable,
     Message, Queue, QueueOptions, VHost,
@@ -108,6 +109,27 @@ const SCENARIOS: &[Scenario] = &[
         about: "VHost::publish to a fanout exchange bound to four queues",
         rounds: ROUNDS,
         run: route_fanout_4q,
+    },
+    Scenario {
+        name: "route_default_1q_cached",
+        function: "measure_route_default_1q_cached",
+        about: "VHost::publish_cached (a channel's cache: exchange resolved once) to the default exchange, one queue",
+        rounds: ROUNDS,
+        run: route_default_1q_cached,
+    },
+    Scenario {
+        name: "route_direct_1q_cached",
+        function: "measure_route_direct_1q_cached",
+        about: "VHost::publish_cached to a direct exchange bound to one queue",
+        rounds: ROUNDS,
+        run: route_direct_1q_cached,
+    },
+    Scenario {
+        name: "publish_deliver_noack",
+        function: "measure_publish_deliver_noack",
+        about: "VHost::publish_cached to the default exchange, one empty queue whose no-ack consumer takes it at once",
+        rounds: ROUNDS,
+        run: publish_deliver_noack,
     },
     Scenario {
         name: "deliver_ack",
@@ -215,7 +237,7 @@ fn publish_frames(exchange: &str, routing_key: &str) -> BytesMut {
 fn wire_message(exchange: &str, routing_key: &str) -> Message {
     let mut buf = publish_frames(exchange, routing_key);
     let mut parsed = Vec::with_capacity(1);
-    parse_frames(&mut buf, &mut parsed);
+    parse_frames(&mut buf, &mut PublishCache::default(), &mut parsed);
     parsed.pop().expect("one publish was encoded")
 }
 
@@ -227,20 +249,18 @@ struct Pending {
 }
 
 /// Splits and parses every frame in `rbuf` as the connection does for publishes whose body is one frame,
-/// pushing each completed message onto `out`. The input is encoded by this program with the same codec,
-/// so a frame that does not parse is a bug here or in the codec: it panics.
+/// pushing each completed message onto `out`; `cache` is the channel's (names repeated from the previous
+/// publish are shared, not allocated). The input is encoded by this program with the same codec, so a frame
+/// that does not parse is a bug here or in the codec: it panics.
 #[inline(always)]
-fn parse_frames(rbuf: &mut BytesMut, out: &mut Vec<Message>) {
+fn parse_frames(rbuf: &mut BytesMut, cache: &mut PublishCache, out: &mut Vec<Message>) {
     let mut pending: Option<Pending> = None;
     while let Some(frame) = codec::split_frame(rbuf, DEFAULT_FRAME_MAX).expect("well-formed frames") {
         match frame.kind {
             FrameKind::Method => {
                 let publish = codec::parse_basic_publish(&frame.payload).expect("a basic.publish");
-                pending = Some(Pending {
-                    exchange: publish.exchange.into(),
-                    routing_key: publish.routing_key.into(),
-                    header: None,
-                });
+                let (exchange, routing_key) = cache.names(publish.exchange, publish.routing_key);
+                pending = Some(Pending { exchange, routing_key, header: None });
             }
             FrameKind::Header => {
                 let header = codec::parse_content_header(frame.payload).expect("a content header");
@@ -305,6 +325,7 @@ fn take_and_encode(
 fn parse_publish(rounds: usize) {
     let one = publish_frames("amq.direct", "hotpath.key");
     let mut messages = Vec::with_capacity(BATCH);
+    let mut cache = PublishCache::default();
     let fill = || {
         let mut rbuf = BytesMut::with_capacity(one.len() * BATCH);
         for _ in 0..BATCH {
@@ -313,13 +334,13 @@ fn parse_publish(rounds: usize) {
         rbuf
     };
     for _ in 0..WARMUP_ROUNDS {
-        parse_frames(&mut fill(), &mut messages);
+        parse_frames(&mut fill(), &mut cache, &mut messages);
         assert_eq!(messages.len(), BATCH);
         messages.clear();
     }
     for _ in 0..rounds {
         let mut rbuf = fill();
-        measure_parse_publish(&mut rbuf, &mut messages);
+        measure_parse_publish(&mut rbuf, &mut cache, &mut messages);
         assert_eq!(messages.len(), BATCH, "every publish parsed");
         black_box(&messages);
         messages.clear();
@@ -327,11 +348,15 @@ fn parse_publish(rounds: usize) {
 }
 
 #[inline(never)]
-fn measure_parse_publish(rbuf: &mut BytesMut, out: &mut Vec<Message>) {
-    parse_frames(rbuf, out);
+fn measure_parse_publish(rbuf: &mut BytesMut, cache: &mut PublishCache, out: &mut Vec<Message>) {
+    parse_frames(rbuf, cache, out);
 }
 
 // ---- route --------------------------------------------------------------------------------------------
+
+/// How a route scenario publishes: its measured function, and the same work unmeasured (warm-up), both
+/// given the publisher's cache (which only the `_cached` scenarios use).
+type Publish = fn(&VHost, &str, &mut PublishCache, &mut Vec<Message>);
 
 /// Publishes `BATCH` messages to `exchange` per round through `measure`, then drains each queue (outside
 /// the measurement, keeping its capacity) and checks every queue got every message.
@@ -340,17 +365,19 @@ fn route(
     routing_key: &str,
     queues: &[Arc<Queue>],
     vhost: &VHost,
-    measure: fn(&VHost, &str, &mut Vec<Message>),
+    (measure, warm_up): (Publish, Publish),
     rounds: usize,
 ) {
     let template = wire_message(exchange, routing_key);
     let mut batch = Vec::with_capacity(BATCH);
+    // One channel's cache for the whole run, as a channel publishing all along keeps it.
+    let mut cache = PublishCache::default();
     let mut round = |measured: bool| {
         batch.extend((0..BATCH).map(|_| template.clone()));
         if measured {
-            measure(vhost, exchange, &mut batch);
+            measure(vhost, exchange, &mut cache, &mut batch);
         } else {
-            publish_all(vhost, exchange, &mut batch);
+            warm_up(vhost, exchange, &mut cache, &mut batch);
         }
         for q in queues {
             let mut n = 0;
@@ -380,6 +407,31 @@ fn publish_all(vhost: &VHost, exchange: &str, batch: &mut Vec<Message>) {
     }
 }
 
+/// [`publish_all`] through a channel's [`PublishCache`], as the connection publishes.
+#[inline(always)]
+fn publish_all_cached(vhost: &VHost, exchange: &str, cache: &mut PublishCache, batch: &mut Vec<Message>) {
+    for m in batch.drain(..) {
+        // Into its Arc here, as the connection builds it (the allocation stays in the count).
+        let r = vhost.publish_cached(cache, exchange, Arc::new(m)).expect("the exchange exists");
+        assert!(r.routed && !r.rejected, "routed and taken");
+        black_box(&r);
+    }
+}
+
+/// The measured and warm-up publishes of the scenarios that publish by name, through `VHost::publish`.
+macro_rules! by_name {
+    ($measure:ident) => {
+        (|v, x, _, b| $measure(v, x, b), |v, x, _, b| publish_all(v, x, b))
+    };
+}
+
+/// ... and of those that publish through a channel's cache (`VHost::publish_cached`).
+macro_rules! cached {
+    ($measure:ident) => {
+        ($measure, publish_all_cached)
+    };
+}
+
 /// Declares `n` queues bound to `exchange` (declared with `kind` unless it is the default) with `key`.
 fn bound_queues(vhost: &VHost, exchange: &str, kind: &str, key: &str, n: usize) -> Vec<Arc<Queue>> {
     if !exchange.is_empty() {
@@ -400,7 +452,7 @@ fn bound_queues(vhost: &VHost, exchange: &str, kind: &str, key: &str, n: usize) 
 fn route_default_1q(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let queues = bound_queues(&vhost, "", "direct", "", 1);
-    route("", queues[0].name(), &queues, &vhost, measure_route_default_1q, rounds);
+    route("", queues[0].name(), &queues, &vhost, by_name!(measure_route_default_1q), rounds);
 }
 
 #[inline(never)]
@@ -412,7 +464,7 @@ fn measure_route_default_1q(vhost: &VHost, exchange: &str, batch: &mut Vec<Messa
 fn route_direct_1q(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let queues = bound_queues(&vhost, "hotpath.direct", "direct", "hotpath.key", 1);
-    route("hotpath.direct", "hotpath.key", &queues, &vhost, measure_route_direct_1q, rounds);
+    route("hotpath.direct", "hotpath.key", &queues, &vhost, by_name!(measure_route_direct_1q), rounds);
 }
 
 #[inline(never)]
@@ -421,10 +473,34 @@ fn measure_route_direct_1q(vhost: &VHost, exchange: &str, batch: &mut Vec<Messag
     publish_all(vhost, exchange, batch);
 }
 
+fn route_default_1q_cached(rounds: usize) {
+    let (_broker, vhost) = open_vhost();
+    let queues = bound_queues(&vhost, "", "direct", "", 1);
+    route("", queues[0].name(), &queues, &vhost, cached!(measure_route_default_1q_cached), rounds);
+}
+
+#[inline(never)]
+fn measure_route_default_1q_cached(vhost: &VHost, exchange: &str, cache: &mut PublishCache, batch: &mut Vec<Message>) {
+    black_box("route_default_1q_cached");
+    publish_all_cached(vhost, exchange, cache, batch);
+}
+
+fn route_direct_1q_cached(rounds: usize) {
+    let (_broker, vhost) = open_vhost();
+    let queues = bound_queues(&vhost, "hotpath.direct", "direct", "hotpath.key", 1);
+    route("hotpath.direct", "hotpath.key", &queues, &vhost, cached!(measure_route_direct_1q_cached), rounds);
+}
+
+#[inline(never)]
+fn measure_route_direct_1q_cached(vhost: &VHost, exchange: &str, cache: &mut PublishCache, batch: &mut Vec<Message>) {
+    black_box("route_direct_1q_cached");
+    publish_all_cached(vhost, exchange, cache, batch);
+}
+
 fn route_direct_4q(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let queues = bound_queues(&vhost, "hotpath.direct", "direct", "hotpath.key", 4);
-    route("hotpath.direct", "hotpath.key", &queues, &vhost, measure_route_direct_4q, rounds);
+    route("hotpath.direct", "hotpath.key", &queues, &vhost, by_name!(measure_route_direct_4q), rounds);
 }
 
 #[inline(never)]
@@ -436,7 +512,7 @@ fn measure_route_direct_4q(vhost: &VHost, exchange: &str, batch: &mut Vec<Messag
 fn route_fanout_1q(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let queues = bound_queues(&vhost, "hotpath.fanout", "fanout", "", 1);
-    route("hotpath.fanout", "hotpath.key", &queues, &vhost, measure_route_fanout_1q, rounds);
+    route("hotpath.fanout", "hotpath.key", &queues, &vhost, by_name!(measure_route_fanout_1q), rounds);
 }
 
 #[inline(never)]
@@ -448,13 +524,66 @@ fn measure_route_fanout_1q(vhost: &VHost, exchange: &str, batch: &mut Vec<Messag
 fn route_fanout_4q(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let queues = bound_queues(&vhost, "hotpath.fanout", "fanout", "", 4);
-    route("hotpath.fanout", "hotpath.key", &queues, &vhost, measure_route_fanout_4q, rounds);
+    route("hotpath.fanout", "hotpath.key", &queues, &vhost, by_name!(measure_route_fanout_4q), rounds);
 }
 
 #[inline(never)]
 fn measure_route_fanout_4q(vhost: &VHost, exchange: &str, batch: &mut Vec<Message>) {
     black_box("route_fanout_4q");
     publish_all(vhost, exchange, batch);
+}
+
+/// A plain consumer's options: no prefetch limit, no priority, no arguments.
+fn consumer_options(no_ack: bool) -> ConsumeOptions {
+    ConsumeOptions {
+        no_ack,
+        exclusive: false,
+        prefetch: 0,
+        channel_prefetch: Arc::new(ChannelPrefetch::default()),
+        priority: 0,
+        arguments: Default::default(),
+    }
+}
+
+/// A publish that a waiting no-ack consumer takes at once (the queue stays empty), as in
+/// `mailroom bench --auto-ack` while the consumer keeps up: route, push, dispatch into the consumer's sink.
+/// Between rounds (unmeasured) the connection's part: take every delivery and hand back its credit.
+fn publish_deliver_noack(rounds: usize) {
+    let (_broker, vhost) = open_vhost();
+    let q = declare_queue(&vhost, "hotpath.direct_delivery");
+    let (sink, mut events) = unbounded_channel();
+    let options = consumer_options(true);
+    let (_, consumer) = vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
+    let template = wire_message("", q.name());
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut cache = PublishCache::default();
+    let mut round = |measured: bool| {
+        batch.extend((0..BATCH).map(|_| template.clone()));
+        if measured {
+            measure_publish_deliver_noack(&vhost, &mut cache, &mut batch);
+        } else {
+            publish_all_cached(&vhost, "", &mut cache, &mut batch);
+        }
+        assert_eq!(q.message_count(), 0, "every message taken at once");
+        let mut n = 0;
+        while let Ok(ConsumerEvent::Deliver(d)) = events.try_recv() {
+            black_box(&d);
+            n += 1;
+        }
+        assert_eq!(n, BATCH, "every message delivered");
+        q.settle_sent(consumer, BATCH as u32);
+    };
+    for _ in 0..WARMUP_ROUNDS {
+        round(false);
+    }
+    for _ in 0..rounds {
+        round(true);
+    }
+}
+
+#[inline(never)]
+fn measure_publish_deliver_noack(vhost: &VHost, cache: &mut PublishCache, batch: &mut Vec<Message>) {
+    publish_all_cached(vhost, "", cache, batch);
 }
 
 // ---- deliver ------------------------------------------------------------------------------------------
@@ -536,14 +665,7 @@ fn deliver_noack(rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let q = declare_queue(&vhost, "hotpath.deliver");
     let (sink, mut events) = unbounded_channel();
-    let options = ConsumeOptions {
-        no_ack: true,
-        exclusive: false,
-        prefetch: 0,
-        channel_prefetch: Arc::new(ChannelPrefetch::default()),
-        priority: 0,
-        arguments: Default::default(),
-    };
+    let options = consumer_options(true);
     let (_, consumer) = vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
     // Fill the consumer's in-flight window: publish until one message stays ready.
     let mut published = 0;
@@ -596,14 +718,7 @@ fn ack_rounds(measure: fn(&Arc<Queue>, &mut BytesMut, &[u64]), rounds: usize) {
     let (_broker, vhost) = open_vhost();
     let q = declare_queue(&vhost, "hotpath.ack");
     let (sink, mut events) = unbounded_channel();
-    let options = ConsumeOptions {
-        no_ack: false,
-        exclusive: false,
-        prefetch: 0,
-        channel_prefetch: Arc::new(ChannelPrefetch::default()),
-        priority: 0,
-        arguments: Default::default(),
-    };
+    let options = consumer_options(false);
     vhost.consume(q.name(), OWNER, options, sink).expect("consumer added");
     let mut acks = BytesMut::new();
     for tag in 1..=BATCH as u64 {

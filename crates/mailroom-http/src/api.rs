@@ -172,7 +172,8 @@ impl Query {
     }
 }
 
-fn form_decode(s: &str) -> String {
+/// `%XX` and `+` of one query value, decoded (an invalid escape is kept as it is).
+pub(crate) fn form_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -1,8 +1,10 @@
 //! Prometheus series of connections and channels, with `rabbitmq_prometheus`'s names (RabbitMQ 3.10):
 //! `rabbitmq_connection_*` and `rabbitmq_channel_*`. On `/metrics/per-object` one sample per connection
 //! or channel, labelled `channel` as RabbitMQ labels both (it puts the Erlang process id there; Mailroom
-//! puts the connection's or channel's name, `"peer -> local"` and `"peer -> local (N)"`); on `/metrics`
-//! one unlabelled sum each. Read from the snapshot a scrape takes (see [`crate::metrics`]).
+//! puts the connection's or channel's name, `"peer -> local"` and `"peer -> local (N)"`); the message
+//! counts one sample per channel and exchange (RabbitMQ's `channel_exchange_metrics`, labelled `channel`,
+//! `vhost`, `exchange`) or per channel and queue (`channel_queue_metrics`: `channel`, `vhost`, `queue`).
+//! On `/metrics` one unlabelled sum each. Read from the snapshot a scrape takes (see [`crate::metrics`]).
 
 use crate::message_stats::channel_name;
 use mailroom_broker::{ChannelMessageStats, ChannelSnapshot, ConnectionHandle};
@@ -43,6 +45,13 @@ const CONNECTION_SERIES: &[ConnectionSeries] = &[
         MetricType::Counter,
         |c, _| c.info().traffic.read().3,
     ),
+    (
+        "rabbitmq_connection_pending_packets",
+        "Number of packets waiting to be sent on a connection",
+        MetricType::Gauge,
+        // RabbitMQ's `send_pend` (bytes, despite the name); Mailroom's: bytes queued for the writer.
+        |c, _| c.info().traffic.send_pend(),
+    ),
     ("rabbitmq_connection_channels", "Channels on a connection", MetricType::Gauge, |_, channels| channels as u64),
 ];
 
@@ -77,7 +86,8 @@ const CHANNEL_GAUGES: &[ChannelSeries] = &[
     ),
 ];
 
-const CHANNEL_COUNTERS: &[ChannelCounter] = &[
+/// `channel_exchange_metrics`: per channel and exchange.
+const EXCHANGE_COUNTERS: &[ChannelCounter] = &[
     ("rabbitmq_channel_messages_published", "Total number of messages published into an exchange on a channel", |s| {
         s.publish
     }),
@@ -96,6 +106,10 @@ const CHANNEL_COUNTERS: &[ChannelCounter] = &[
         "Total number of messages published as non-mandatory into an exchange and dropped as unroutable",
         |s| s.drop_unroutable,
     ),
+];
+
+/// `channel_queue_metrics`: per channel and queue.
+const QUEUE_COUNTERS: &[ChannelCounter] = &[
     (
         "rabbitmq_channel_get_ack",
         "Total number of messages fetched with basic.get in manual acknowledgement mode",
@@ -140,10 +154,47 @@ fn sample<S: prometheus_client::encoding::EncodeLabelSet>(
     }
 }
 
-/// Writes every connection and channel series of `clients` in `scope`.
-pub(crate) fn encode(enc: &mut DescriptorEncoder, per_object: bool, clients: &Clients) -> fmt::Result {
-    for &(name, help, kind, value) in CONNECTION_SERIES {
-        let mut m = enc.encode_descriptor(name, help, None, kind)?;
+/// Which series a page holds: every one (`/metrics`, `/metrics/per-object`), or the `families` of
+/// `/metrics/detailed`, per object, named `rabbitmq_detailed_*`.
+#[derive(Clone, Copy)]
+pub(crate) enum Page<'a> {
+    /// `/metrics` (false: sums) or `/metrics/per-object` (true).
+    All { per_object: bool },
+    /// `/metrics/detailed?family=...`.
+    Detailed { families: &'a [String] },
+}
+
+impl Page<'_> {
+    fn per_object(&self) -> bool {
+        matches!(self, Page::Detailed { .. } | Page::All { per_object: true })
+    }
+
+    fn wants(&self, family: &str) -> bool {
+        match self {
+            Page::All { .. } => true,
+            Page::Detailed { families } => families.iter().any(|f| f == family),
+        }
+    }
+
+    /// The series' name on this page (`rabbitmq_detailed_*` on the detailed page, as RabbitMQ names it).
+    fn name(&self, name: &'static str) -> std::borrow::Cow<'static, str> {
+        match self {
+            Page::All { .. } => name.into(),
+            Page::Detailed { .. } => format!("rabbitmq_detailed_{}", name.trim_start_matches("rabbitmq_")).into(),
+        }
+    }
+}
+
+/// Writes the connection and channel series of `clients` that `page` holds.
+pub(crate) fn encode(enc: &mut DescriptorEncoder, page: Page<'_>, clients: &Clients) -> fmt::Result {
+    let per_object = page.per_object();
+    for (i, &(name, help, kind, value)) in CONNECTION_SERIES.iter().enumerate() {
+        // The first two are RabbitMQ's connection_coarse_metrics, the rest its connection_metrics.
+        if !page.wants(if i < 2 { "connection_coarse_metrics" } else { "connection_metrics" }) {
+            continue;
+        }
+        let name = page.name(name);
+        let mut m = enc.encode_descriptor(&name, help, None, kind)?;
         let rows = clients.iter().map(|(c, chs)| (c, value(c, chs.as_ref().map_or(0, Vec::len))));
         if per_object {
             for (c, v) in rows {
@@ -154,16 +205,41 @@ pub(crate) fn encode(enc: &mut DescriptorEncoder, per_object: bool, clients: &Cl
         }
     }
     let channels = || {
-        clients
-            .iter()
-            .flat_map(|(c, chs)| chs.iter().flatten().map(move |ch| (channel_name(&c.info().name(), ch.number), ch)))
+        clients.iter().flat_map(|(c, chs)| {
+            let vhost = c.info().vhost.as_str();
+            chs.iter().flatten().map(move |ch| (channel_name(&c.info().name(), ch.number), vhost, ch))
+        })
     };
-    for &(name, help, kind, value) in CHANNEL_GAUGES {
-        channel_family(enc, per_object, name, help, kind, channels().map(|(n, ch)| (n, value(ch))))?;
+    if page.wants("channel_metrics") {
+        for &(name, help, kind, value) in CHANNEL_GAUGES {
+            let rows = channels().map(|(n, _, ch)| (n, value(ch)));
+            channel_family(enc, per_object, &page.name(name), help, kind, rows)?;
+        }
     }
-    for &(name, help, value) in CHANNEL_COUNTERS {
-        let rows = channels().map(|(n, ch)| (n, value(&ch.message_stats)));
-        channel_family(enc, per_object, name, help, MetricType::Counter, rows)?;
+    for (counters, family) in
+        [(EXCHANGE_COUNTERS, "channel_exchange_metrics"), (QUEUE_COUNTERS, "channel_queue_metrics")]
+    {
+        if !page.wants(family) {
+            continue;
+        }
+        for &(name, help, value) in counters {
+            let name = page.name(name);
+            let mut m = enc.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            if !per_object {
+                let sum = channels().map(|(_, _, ch)| value(&ch.message_stats)).sum();
+                sample::<NoLabelSet>(&mut m, None, MetricType::Counter, sum)?;
+                continue;
+            }
+            for (channel, vhost, ch) in channels() {
+                let by_exchange = family == "channel_exchange_metrics";
+                let (objects, label) =
+                    if by_exchange { (&ch.publishes, "exchange") } else { (&ch.deliveries, "queue") };
+                for o in objects {
+                    let labels = [("channel", channel.as_str()), ("vhost", vhost), (label, o.name.as_str())];
+                    sample(&mut m, Some(&labels), MetricType::Counter, value(&o.stats))?;
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -172,7 +248,7 @@ pub(crate) fn encode(enc: &mut DescriptorEncoder, per_object: bool, clients: &Cl
 fn channel_family(
     enc: &mut DescriptorEncoder,
     per_object: bool,
-    name: &'static str,
+    name: &str,
     help: &str,
     kind: MetricType,
     rows: impl Iterator<Item = (String, u64)>,

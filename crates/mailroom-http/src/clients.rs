@@ -3,7 +3,9 @@
 
 use crate::api::{vhost_of, ApiError, ApiRequest, ApiResult, Reply};
 use crate::listing;
-use crate::message_stats::{channel_counts, channel_name, connection_counts, Subject};
+use crate::message_stats::{
+    channel_counts, channel_exchange_counts, channel_name, channel_queue_counts, connection_counts, Subject,
+};
 use crate::{json, ServerInfo};
 use hyper::StatusCode;
 use mailroom_broker::{Broker, ChannelSnapshot, ConnectionHandle, ConnectionInfo};
@@ -53,6 +55,8 @@ fn connection_json(server: &ServerInfo, info: &ConnectionInfo, channels: Option<
         "user_provided_name": user_provided_name,
         "recv_cnt": recv_cnt,
         "send_cnt": send_cnt,
+        // Bytes handed to the connection's writer and not yet written to the socket.
+        "send_pend": info.traffic.send_pend(),
     });
     // recv_oct, send_oct and their `*_details.rate`, at the top level as RabbitMQ puts them.
     let octets = server.rates.render(&Subject::Connection(info.name()), &connection_counts(&info.traffic));
@@ -172,6 +176,30 @@ pub async fn get_channel(broker: &Broker, server: &Arc<ServerInfo>, name: &str) 
     let ch = channels.iter().find(|ch| ch.number == number).ok_or_else(missing)?;
     let mut out = channel_json(server, c.info(), ch);
     out["consumer_details"] = Value::Array(consumers_of(broker, server, c.info(), ch));
+    let (vhost, channel) = (&c.info().vhost, channel_name(&c.info().name(), ch.number));
+    // RabbitMQ's per-exchange and per-queue breakdown, shown for one channel only (as its API does).
+    out["publishes"] = ch
+        .publishes
+        .iter()
+        .map(|p| {
+            let subject = Subject::ChannelExchange(channel.clone(), p.name.clone());
+            json!({
+                "exchange": { "name": p.name, "vhost": vhost },
+                "stats": server.rates.render(&subject, &channel_exchange_counts(&p.stats)),
+            })
+        })
+        .collect();
+    out["deliveries"] = ch
+        .deliveries
+        .iter()
+        .map(|d| {
+            let subject = Subject::ChannelQueue(channel.clone(), d.name.clone());
+            json!({
+                "queue": { "name": d.name, "vhost": vhost },
+                "stats": server.rates.render(&subject, &channel_queue_counts(&d.stats)),
+            })
+        })
+        .collect();
     Ok(Reply::ok(out))
 }
 

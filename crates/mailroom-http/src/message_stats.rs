@@ -38,6 +38,10 @@ pub(crate) enum Subject {
     Channel(String),
     /// One connection's traffic, by name (`"peer -> local"`).
     Connection(String),
+    /// One channel's publishes through one exchange: channel name, exchange name.
+    ChannelExchange(String, String),
+    /// One channel's deliveries from one queue: channel name, queue name.
+    ChannelQueue(String, String),
 }
 
 /// `deliver_get`: every message handed out, by consume or get, with or without ack.
@@ -128,6 +132,41 @@ pub(crate) fn channel_counts(s: &ChannelMessageStats) -> Counts {
     ]
 }
 
+/// A channel's counts for one exchange (an item of its `publishes`), in RabbitMQ's names.
+pub(crate) fn channel_exchange_counts(s: &ChannelMessageStats) -> Counts {
+    vec![
+        ("confirm", s.confirm),
+        ("drop_unroutable", s.drop_unroutable),
+        ("publish", s.publish),
+        ("return_unroutable", s.return_unroutable),
+    ]
+}
+
+/// A channel's counts for one queue (an item of its `deliveries`), in RabbitMQ's names.
+pub(crate) fn channel_queue_counts(s: &ChannelMessageStats) -> Counts {
+    vec![
+        ("ack", s.ack),
+        ("deliver", s.deliver),
+        ("deliver_get", s.deliver_get()),
+        ("deliver_no_ack", s.deliver_no_ack),
+        ("get", s.get),
+        ("get_empty", s.get_empty),
+        ("get_no_ack", s.get_no_ack),
+        ("redeliver", s.redeliver),
+    ]
+}
+
+/// The counts of `vhosts`, summed (the overview of a user who sees only those).
+pub(crate) fn vhosts_counts(vhosts: &[std::sync::Arc<VHost>]) -> Counts {
+    let mut sums = counts_of_queue(QueueMessageStats::default());
+    for v in vhosts {
+        for (sum, (_, n)) in sums.iter_mut().zip(vhost_counts(v)) {
+            sum.1 += n;
+        }
+    }
+    sums
+}
+
 /// A connection's byte counts (`recv_oct`, `send_oct`; their rates go in `*_details` beside them).
 pub(crate) fn connection_counts(t: &ConnectionTraffic) -> Counts {
     let (recv_oct, _, send_oct, _) = t.read();
@@ -186,8 +225,14 @@ impl Rates {
     /// started at zero when it was created), so a first burst shows; objects not in `round` are forgotten.
     fn record(&self, at: Instant, round: Vec<(Subject, Counts)>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = HashMap::with_capacity(round.len());
+        let mut next = HashMap::with_capacity(state.series.len());
         for (subject, counts) in round {
+            if counts.iter().all(|&(_, count)| count == 0) {
+                // Not kept: its rates are all 0 now, and next round an unknown object counts from zero at
+                // this round's time, which is what keeping it would give. Idle channels then cost nothing.
+                state.series.remove(&subject);
+                continue;
+            }
             let last = Sample { at, counts };
             let rates = match (state.series.remove(&subject), state.last_round) {
                 (Some(old), _) => rates_between(&old.last, &last),
@@ -210,7 +255,16 @@ impl Rates {
         for (c, channels) in clients {
             let name = c.info().name();
             for ch in channels.iter().flatten() {
-                round.push((Subject::Channel(channel_name(&name, ch.number)), channel_counts(&ch.message_stats)));
+                let channel = channel_name(&name, ch.number);
+                for p in &ch.publishes {
+                    let subject = Subject::ChannelExchange(channel.clone(), p.name.clone());
+                    round.push((subject, channel_exchange_counts(&p.stats)));
+                }
+                for d in &ch.deliveries {
+                    round
+                        .push((Subject::ChannelQueue(channel.clone(), d.name.clone()), channel_queue_counts(&d.stats)));
+                }
+                round.push((Subject::Channel(channel), channel_counts(&ch.message_stats)));
             }
             round.push((Subject::Connection(name), connection_counts(&c.info().traffic)));
         }
@@ -234,6 +288,24 @@ impl Rates {
         let mut out = Map::new();
         for &(name, count) in counts {
             let rate = rates.iter().find(|(n, _)| *n == name).map_or(0.0, |&(_, r)| r);
+            out.insert(name.to_owned(), json!(count));
+            out.insert(format!("{name}_details"), json!({ "rate": rate }));
+        }
+        Value::Object(out)
+    }
+
+    /// `message_stats` for the sum of `subjects`: each count and the sum of their rates (RabbitMQ's
+    /// overview of a user who sees only some vhosts sums those vhosts' samples).
+    pub(crate) fn render_sum(&self, subjects: &[Subject], counts: &Counts) -> Value {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Map::new();
+        for &(name, count) in counts {
+            let rate: f64 = subjects
+                .iter()
+                .filter_map(|s| state.series.get(s))
+                .filter_map(|s| s.rates.iter().find(|(n, _)| *n == name))
+                .map(|&(_, r)| r)
+                .sum();
             out.insert(name.to_owned(), json!(count));
             out.insert(format!("{name}_details"), json!({ "rate": rate }));
         }
@@ -320,6 +392,16 @@ mod tests {
     }
 
     #[test]
+    fn objects_with_nothing_counted_keep_no_series() {
+        let rates = Rates::default();
+        let idle = Subject::Channel("127.0.0.1:1 -> 127.0.0.1:5672 (1)".into());
+        rates.record(Instant::now(), vec![(idle.clone(), counts(0, 0)), (Subject::Overview, counts(1, 0))]);
+        let state = rates.state.lock().unwrap();
+        assert!(!state.series.contains_key(&idle), "an idle channel costs no memory");
+        assert!(state.series.contains_key(&Subject::Overview));
+    }
+
+    #[test]
     fn an_object_created_between_samples_shows_its_first_burst() {
         let rates = Rates::default();
         let q = Subject::Queue("/".into(), "new".into());
@@ -334,6 +416,24 @@ mod tests {
     fn an_object_never_sampled_renders_its_counts_with_zero_rates() {
         let v = Rates::default().render(&Subject::Overview, &counts(3, 1));
         assert_eq!(v, json!({"publish": 3, "publish_details": {"rate": 0.0}, "ack": 1, "ack_details": {"rate": 0.0}}));
+    }
+
+    #[test]
+    fn a_sum_of_subjects_sums_their_rates() {
+        let rates = Rates::default();
+        let (a, b) = (Subject::VHost("a".into()), Subject::VHost("b".into()));
+        let t0 = Instant::now();
+        rates.record(t0, vec![(a.clone(), counts(0, 0)), (b.clone(), counts(0, 0))]);
+        let later = t0 + Duration::from_secs(5);
+        rates.record(
+            later,
+            vec![(a.clone(), counts(10, 5)), (b.clone(), counts(40, 0)), (Subject::Overview, counts(0, 0))],
+        );
+        let both = rates.render_sum(&[a.clone(), b], &counts(50, 5));
+        assert_eq!((both["publish"].as_u64(), rate_of(&both, "publish"), rate_of(&both, "ack")), (Some(50), 10.0, 1.0));
+        let one = rates.render_sum(&[a], &counts(10, 5));
+        assert_eq!(rate_of(&one, "publish"), 2.0);
+        assert_eq!(rate_of(&rates.render_sum(&[], &counts(0, 0)), "publish"), 0.0);
     }
 
     #[test]

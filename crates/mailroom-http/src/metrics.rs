@@ -41,6 +41,53 @@ pub enum Scope {
     PerObject,
 }
 
+/// What `/metrics/detailed` is asked for (RabbitMQ 3.10's `rabbitmq_prometheus`): the metric families
+/// named by `family=` query parameters (RabbitMQ's table names; none asked, none rendered), per object,
+/// named `rabbitmq_detailed_*`, then `rabbitmq_build_info` and `rabbitmq_identity_info` as on every page;
+/// `vhost=` parameters limit the queue families to those vhosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Detailed {
+    /// The families asked for (unknown ones are ignored, as RabbitMQ does).
+    pub families: Vec<String>,
+    /// The vhosts whose queues the queue families cover (empty: every vhost).
+    pub vhosts: Vec<String>,
+}
+
+/// The families `/metrics/detailed` serves, by RabbitMQ's names: the queue families Mailroom has figures
+/// for, and the connection and channel ones. RabbitMQ's others (`connection_churn_metrics`,
+/// `node_*`, `channel_queue_exchange_metrics`, `ra_metrics`, `auth_attempt_*`, ...) render nothing here.
+pub const DETAILED_FAMILIES: [&str; 8] = [
+    "queue_coarse_metrics",
+    "queue_consumer_count",
+    "queue_metrics",
+    "connection_coarse_metrics",
+    "connection_metrics",
+    "channel_metrics",
+    "channel_exchange_metrics",
+    "channel_queue_metrics",
+];
+
+impl Detailed {
+    /// Reads `family` and `vhost` parameters from a query string (`family=a&family=b&vhost=%2F`).
+    pub fn from_query(query: Option<&str>) -> Detailed {
+        let mut d = Detailed::default();
+        for p in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let v = crate::api::form_decode(v);
+            match k {
+                "family" => d.families.push(v),
+                "vhost" => d.vhosts.push(v),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    fn has(&self, family: &str) -> bool {
+        self.families.iter().any(|f| f == family)
+    }
+}
+
 /// Which text format a scrape is encoded in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -103,6 +150,17 @@ pub async fn render_scope(broker: &Broker, scope: Scope, format: Format) -> Stri
     encode_snapshot(snapshot, format)
 }
 
+/// Renders the families `detailed` asks for in `format` (`/metrics/detailed`).
+pub async fn render_detailed(broker: &Broker, detailed: Detailed, format: Format) -> String {
+    let mut snapshot = Snapshot::take(broker, Scope::PerObject).await;
+    if !detailed.vhosts.is_empty() {
+        let vhosts = &snapshot.vhosts;
+        snapshot.rows.retain(|r| detailed.vhosts.iter().any(|v| v == vhosts[r.vhost].name()));
+    }
+    snapshot.detailed = Some(detailed);
+    encode_snapshot(snapshot, format)
+}
+
 /// Encodes a snapshot (separate from [`render_scope`] so that the encoding cost can be measured alone).
 fn encode_snapshot(snapshot: Snapshot, format: Format) -> String {
     let mut registry = Registry::default();
@@ -150,6 +208,8 @@ struct Snapshot {
     node_name: String,
     /// Connections and their channels (see [`crate::client_metrics`]).
     clients: Vec<(mailroom_broker::ConnectionHandle, Option<Vec<mailroom_broker::ChannelSnapshot>>)>,
+    /// Set for `/metrics/detailed`: only those families are rendered.
+    detailed: Option<Detailed>,
 }
 
 /// Sums over every queue.
@@ -212,6 +272,7 @@ impl Snapshot {
             process: ProcessStats::read(),
             node_name: node_name(),
             clients: connections,
+            detailed: None,
         }
     }
 }
@@ -605,10 +666,67 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// `/metrics/detailed`: the queue families asked for, one sample per queue, then the client ones.
+    fn encode_detailed(&self, enc: &mut DescriptorEncoder, d: &Detailed) -> fmt::Result {
+        type Series = (&'static str, &'static str, fn(&QueueRow) -> u64);
+        const COARSE: [Series; 3] = [
+            ("rabbitmq_detailed_queue_messages_ready", "Messages ready to be delivered to consumers", |r| r.ready),
+            (
+                "rabbitmq_detailed_queue_messages_unacked",
+                "Messages delivered to consumers but not yet acknowledged",
+                |r| r.unacked,
+            ),
+            ("rabbitmq_detailed_queue_messages", "Sum of ready and unacknowledged messages - total queue depth", |r| {
+                r.ready + r.unacked
+            }),
+        ];
+        const CONSUMERS: Series = ("rabbitmq_detailed_queue_consumers", "Consumers on a queue", |r| r.consumers);
+        const QUEUE: [Series; 4] = [
+            (
+                "rabbitmq_detailed_queue_messages_ram_bytes",
+                "Size of ready and unacknowledged messages stored in memory",
+                |r| r.ram_bytes,
+            ),
+            ("rabbitmq_detailed_queue_messages_bytes", "Size in bytes of ready and unacknowledged messages", |r| {
+                r.bytes
+            }),
+            ("rabbitmq_detailed_queue_messages_ready_bytes", "Size in bytes of ready messages", |r| r.ready_bytes),
+            ("rabbitmq_detailed_queue_messages_paged_out", "Messages paged out to disk", |r| r.paged_out),
+        ];
+        let mut series: Vec<Series> = Vec::new();
+        if d.has("queue_coarse_metrics") {
+            series.extend(COARSE);
+        }
+        // RabbitMQ: queue_consumer_count is a subset of queue_metrics, rendered once.
+        if d.has("queue_metrics") || d.has("queue_consumer_count") {
+            series.push(CONSUMERS);
+        }
+        if d.has("queue_metrics") {
+            series.extend(QUEUE);
+        }
+        for (name, help, value) in series {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for row in &self.rows {
+                let labels = [("vhost", self.vhosts[row.vhost].name()), ("queue", row.queue.name())];
+                m.encode_family(&labels)?.encode_gauge(&value(row))?;
+            }
+        }
+        let page = crate::client_metrics::Page::Detailed { families: &d.families };
+        crate::client_metrics::encode(enc, page, &self.clients)?;
+        // RabbitMQ 3.10.8 ends every page with these two, the detailed one too (asked for a family or not).
+        self.encode_identity(enc)
+    }
+}
+
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        if let Some(d) = &self.detailed {
+            return self.encode_detailed(&mut enc, d);
+        }
         self.encode_rabbitmq(&mut enc)?;
-        crate::client_metrics::encode(&mut enc, self.scope == Scope::PerObject, &self.clients)?;
+        let page = crate::client_metrics::Page::All { per_object: self.scope == Scope::PerObject };
+        crate::client_metrics::encode(&mut enc, page, &self.clients)?;
         self.encode_mailroom(&mut enc)
     }
 }

@@ -6,7 +6,7 @@ use crate::message_stats::{self, Subject};
 use crate::ServerInfo;
 use bytes::Bytes;
 use hyper::StatusCode;
-use mailroom_broker::{BasicProperties, Broker, Message, QueueOptions};
+use mailroom_broker::{BasicProperties, Broker, Message, QueueOptions, VHost};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -31,9 +31,9 @@ struct Totals {
     unacked: u64,
 }
 
-fn totals(broker: &Broker) -> Totals {
+fn totals(vhosts: &[Arc<VHost>]) -> Totals {
     let mut t = Totals { queues: 0, exchanges: 0, consumers: 0, ready: 0, unacked: 0 };
-    for v in broker.vhosts() {
+    for v in vhosts {
         t.exchanges += v.exchanges().len() as u64;
         for q in v.queues() {
             t.queues += 1;
@@ -63,14 +63,32 @@ fn listeners_json(server: &ServerInfo) -> Value {
     )
 }
 
-/// `GET /api/overview`.
-pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiRequest) -> ApiResult {
-    let t = totals(broker);
-    let connections = crate::snapshots::with_channels(broker.connections().list()).await;
-    let channels: u64 = connections.iter().map(|(_, chs)| chs.as_ref().map_or(0, |c| c.len() as u64)).sum();
+/// `GET /api/overview`. As RabbitMQ 3.10's (`rabbit_mgmt_wm_overview`, `rabbit_mgmt_db:overview`): a
+/// monitoring or administrator user sees the whole node; anyone else sees the totals of the vhosts they
+/// have permissions in and of their own connections and channels, no `consumers` total (RabbitMQ: "too
+/// expensive to filter") and no `node`, `listeners` or `contexts`.
+pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, req: &ApiRequest) -> ApiResult {
+    let whole = req.rights.monitoring;
+    let vhosts: Vec<Arc<VHost>> = if whole {
+        broker.vhosts()
+    } else {
+        let access = broker.access();
+        broker.vhosts().into_iter().filter(|v| access.permissions(&req.user, v.name()).is_some()).collect()
+    };
+    let t = totals(&vhosts);
+    // Counted, not asked of each connection: an overview (the UI polls it) wakes no idle connection.
+    let connections = broker.connections().list().into_iter().filter(|c| whole || c.info().user == req.user).count();
+    let channels = if whole { broker.access().open_channels_total() } else { broker.access().open_channels(&req.user) };
+    let message_stats = if whole {
+        // The node's counts come from the process-wide counters (one broker per process).
+        server.rates.render(&Subject::Overview, &message_stats::overview_counts())
+    } else {
+        let subjects: Vec<Subject> = vhosts.iter().map(|v| Subject::VHost(v.name().to_owned())).collect();
+        server.rates.render_sum(&subjects, &message_stats::vhosts_counts(&vhosts))
+    };
     let sync = broker.sync_stats();
     let zero_rate = json!({ "rate": 0.0 });
-    Ok(Reply::ok(json!({
+    let mut out = json!({
         "management_version": RABBITMQ_COMPAT_VERSION,
         "rabbitmq_version": RABBITMQ_COMPAT_VERSION,
         "product_name": "Mailroom",
@@ -90,15 +108,14 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
             .collect::<Vec<_>>(),
         "listeners": listeners_json(server),
         "contexts": [],
-        // The node's counts come from the process-wide counters (one broker per process).
-        "message_stats": server.rates.render(&Subject::Overview, &message_stats::overview_counts()),
+        "message_stats": message_stats,
         "object_totals": {
             "queues": t.queues,
             "exchanges": t.exchanges,
             "consumers": t.consumers,
-            "connections": connections.len(),
+            "connections": connections,
             "channels": channels,
-            "vhosts": broker.vhosts().len(),
+            "vhosts": vhosts.len(),
         },
         "queue_totals": {
             "messages": t.ready + t.unacked,
@@ -117,7 +134,20 @@ pub async fn overview(broker: &Broker, server: &Arc<ServerInfo>, _req: &ApiReque
             "stores_failing": sync.failing_stores,
             "quarantined_records": mailroom_broker::store::quarantined_records_total(),
         },
-    })))
+    });
+    if !whole {
+        if let Some(o) = out.as_object_mut() {
+            // Node-level data a non-monitoring user does not get (RabbitMQ leaves these out; the store
+            // figures are node-level too).
+            for key in ["node", "listeners", "contexts", "store_totals"] {
+                o.remove(key);
+            }
+        }
+        if let Some(totals) = out["object_totals"].as_object_mut() {
+            totals.remove("consumers");
+        }
+    }
+    Ok(Reply::ok(out))
 }
 
 fn client_memory_json(m: mailroom_broker::client_memory::ClientMemoryFigures) -> Value {

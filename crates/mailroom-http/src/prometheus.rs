@@ -1,8 +1,9 @@
-//! The Prometheus listener (RabbitMQ's `rabbitmq_prometheus` plugin, port 15692): `GET /metrics` (aggregated)
-//! and `GET /metrics/per-object` (one sample per queue), without credentials, as the plugin serves them.
+//! The Prometheus listener (RabbitMQ's `rabbitmq_prometheus` plugin, port 15692): `GET /metrics` (aggregated),
+//! `GET /metrics/per-object` (one sample per queue) and `GET /metrics/detailed?family=...` (the families
+//! asked for, per object), without credentials, as the plugin serves them.
 //! Scrapers whose `Accept` header asks for OpenMetrics get it; everyone else gets the 0.0.4 text format.
 
-use crate::metrics::{self, Format, Scope};
+use crate::metrics::{self, Detailed, Format, Scope};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -65,15 +66,21 @@ impl PrometheusServer {
 /// Answers one scrape.
 async fn handle(broker: &Broker, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let scope = match req.uri().path() {
-        "/metrics" | "/metrics/" => Scope::Aggregated,
-        "/metrics/per-object" => Scope::PerObject,
-        _ => return plain(StatusCode::NOT_FOUND, "not found: try /metrics or /metrics/per-object\n"),
+        "/metrics" | "/metrics/" => Some(Scope::Aggregated),
+        "/metrics/per-object" => Some(Scope::PerObject),
+        "/metrics/detailed" => None,
+        _ => {
+            return plain(StatusCode::NOT_FOUND, "not found: try /metrics, /metrics/per-object or /metrics/detailed\n")
+        }
     };
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
     let format = Format::from_accept(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
-    let body = metrics::render_scope(broker, scope, format).await;
+    let body = match scope {
+        Some(scope) => metrics::render_scope(broker, scope, format).await,
+        None => metrics::render_detailed(broker, Detailed::from_query(req.uri().query()), format).await,
+    };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     resp

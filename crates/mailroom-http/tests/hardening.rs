@@ -278,6 +278,140 @@ async fn management_users_see_only_their_vhosts() {
     assert_eq!(get(GUEST.to_string(), "/api/users").await.0, 200);
 }
 
+/// Lists `user`'s connection in the registry, answering its snapshot requests with one channel, as a
+/// connection task does; the registration lives as long as the returned task.
+/// A registered connection's description, as a wire server would give it.
+fn connection_info(id: u64, user: &str, vhost: &str) -> mailroom_broker::ConnectionInfo {
+    mailroom_broker::ConnectionInfo {
+        id,
+        peer: SocketAddr::from(([127, 0, 0, 1], 40000 + id as u16)),
+        local: SocketAddr::from(([127, 0, 0, 1], 5672)),
+        user: user.into(),
+        vhost: vhost.into(),
+        protocol: "AMQP 0-9-1",
+        client_properties: Default::default(),
+        frame_max: 131072,
+        channel_max: 2047,
+        heartbeat: 60,
+        connected_at: std::time::SystemTime::now(),
+        traffic: Arc::default(),
+    }
+}
+
+fn fake_connection(broker: &Broker, id: u64, user: &str, vhost: &str) -> tokio::task::JoinHandle<()> {
+    use mailroom_broker::{ChannelSnapshot, ConnectionControl};
+    let (registration, mut control) = broker.connections().register(connection_info(id, user, vhost));
+    // Its one channel, counted as a real connection's channel is at `channel.open`.
+    let channel = broker.access().open_channel(user).unwrap();
+    tokio::spawn(async move {
+        let _registration = registration;
+        let _channel = channel;
+        loop {
+            let request = control.recv().await;
+            if let ConnectionControl::Snapshot(reply) = request {
+                let _ = reply.send(vec![ChannelSnapshot {
+                    number: 1,
+                    prefetch_count: 0,
+                    global_prefetch_count: 0,
+                    confirm: false,
+                    transactional: false,
+                    unacknowledged: 0,
+                    unconfirmed: 0,
+                    uncommitted_publishes: 0,
+                    uncommitted_acks: 0,
+                    consumers: vec![],
+                    message_stats: Default::default(),
+                    publishes: vec![],
+                    deliveries: vec![],
+                }]);
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_overview_counts_channels_without_asking_any_connection() {
+    // The UI polls the overview: it must not wake every (idle) connection to count channels.
+    let (broker, addr) = start_with(HttpSettings::default()).await;
+    let (_registration, mut control) = broker.connections().register(connection_info(1, "guest", "/"));
+    let _channels = [broker.access().open_channel("guest").unwrap(), broker.access().open_channel("guest").unwrap()];
+    let head = format!("GET /api/overview HTTP/1.1\r\nHost: localhost\r\n{GUEST}");
+    let (status, overview) = send(addr, &head, "").await;
+    assert_eq!(status, 200);
+    let o = &overview["object_totals"];
+    assert_eq!((o["connections"].as_u64(), o["channels"].as_u64()), (Some(1), Some(2)), "{o}");
+    assert!(control.try_recv().is_none(), "the connection was asked for its channels");
+}
+
+#[tokio::test]
+async fn overview_totals_are_cut_to_what_a_non_monitoring_user_may_see() {
+    use bytes::Bytes;
+    use mailroom_broker::{BasicProperties, Message};
+    let (broker, addr) = start_with(HttpSettings::default()).await;
+    for (v, messages) in [("mine", 2), ("theirs", 3)] {
+        let vh = broker.add_vhost(v);
+        vh.declare_queue(&format!("q-{v}"), &QueueOptions::default(), 1).unwrap();
+        for _ in 0..messages {
+            let m = Message::new("", &format!("q-{v}"), BasicProperties::default(), Bytes::from_static(b"m"));
+            vh.publish("", m).unwrap();
+        }
+    }
+    let mgmt = add_user(&broker, "mgmt", "management", &["mine"]);
+    let policy = add_user(&broker, "pm", "policymaker", &["mine", "theirs"]);
+    let monitor = add_user(&broker, "mon", "monitoring", &[]);
+    let _c1 = fake_connection(&broker, 1, "mgmt", "mine");
+    let _c2 = fake_connection(&broker, 2, "guest", "/");
+    let _c3 = fake_connection(&broker, 3, "pm", "theirs");
+    let get = |auth: String, path: &str| {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}");
+        async move { send(addr, &head, "").await }
+    };
+    let exchanges_in = |v: &str| broker.vhost(v).unwrap().exchanges().len() as u64;
+    let (status, whole) = get(GUEST.to_string(), "/api/overview").await;
+    assert_eq!(status, 200);
+    let all_exchanges = exchanges_in("/") + exchanges_in("mine") + exchanges_in("theirs");
+    let o = &whole["object_totals"];
+    assert_eq!((o["queues"].as_u64(), o["exchanges"].as_u64()), (Some(2), Some(all_exchanges)));
+    assert_eq!(
+        (o["connections"].as_u64(), o["channels"].as_u64(), o["consumers"].as_u64()),
+        (Some(3), Some(3), Some(0))
+    );
+    assert_eq!(whole["queue_totals"]["messages"], 5);
+    assert!(whole.get("node").is_some() && whole.get("listeners").is_some());
+    // Monitoring sees the whole node, as an administrator.
+    let (_, seen) = get(monitor, "/api/overview").await;
+    assert_eq!(seen["object_totals"], whole["object_totals"]);
+    assert_eq!(seen["queue_totals"]["messages"], 5);
+    assert_eq!(seen["message_stats"]["publish"], whole["message_stats"]["publish"]);
+
+    // Management: the vhosts it has permissions in, its own connections and channels.
+    let (status, mine) = get(mgmt, "/api/overview").await;
+    assert_eq!(status, 200);
+    let o = &mine["object_totals"];
+    assert_eq!((o["queues"].as_u64(), o["exchanges"].as_u64()), (Some(1), Some(exchanges_in("mine"))));
+    assert_eq!((o["connections"].as_u64(), o["channels"].as_u64()), (Some(1), Some(1)));
+    assert!(o.get("consumers").is_none(), "RabbitMQ leaves the consumer total out: {o}");
+    assert_eq!(mine["queue_totals"]["messages"], 2);
+    assert_eq!(mine["queue_totals"]["messages_ready"], 2);
+    // The vhost's own message_stats, as the vhost list shows them.
+    let (_, vhost) = get(GUEST.to_string(), "/api/vhosts/mine").await;
+    assert_eq!(mine["message_stats"]["publish"], vhost["message_stats"]["publish"]);
+    assert_eq!(mine["message_stats"]["publish"], 2);
+    for node_level in ["node", "listeners", "contexts", "store_totals"] {
+        assert!(mine.get(node_level).is_none(), "{node_level} shown: {mine}");
+    }
+    assert_eq!(mine["rabbitmq_version"], whole["rabbitmq_version"]);
+
+    // Policymaker: both of its vhosts, its one connection.
+    let (_, pm) = get(policy, "/api/overview").await;
+    let o = &pm["object_totals"];
+    let both = exchanges_in("mine") + exchanges_in("theirs");
+    assert_eq!((o["queues"].as_u64(), o["exchanges"].as_u64()), (Some(2), Some(both)));
+    assert_eq!(o["connections"], 1);
+    assert_eq!(pm["queue_totals"]["messages"], 5);
+    assert_eq!(pm["message_stats"]["publish"], 5);
+}
+
 /// A CA and a server certificate for `localhost`, made in the test.
 fn tls_config(cn: &str) -> (Arc<rustls::ServerConfig>, rustls::RootCertStore) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};

@@ -196,6 +196,7 @@ export function connections(root, app) {
       { label: 'Connected', sort: 'connected_at', value: (c) => new Date(c.connected_at).toLocaleString() },
       { label: 'From client', num: true, value: (c) => fmtRate(c.recv_oct_details) },
       { label: 'To client', num: true, value: (c) => fmtRate(c.send_oct_details) },
+      { label: 'Send pending', num: true, sort: 'send_pend', title: 'Bytes queued for the client, not yet written to its socket', value: (c) => fmtBytes(c.send_pend || 0) },
       { label: '', value: (c) => closeButton(c.name, () => list.refresh()) },
     ],
     empty: 'No connections',
@@ -237,6 +238,7 @@ export function connection(root, app, name) {
         ['Authentication', c.auth_mechanism], ['TLS', yn(c.ssl)], ['Heartbeat', `${c.timeout} s`],
         ['Frame max', fmtNum(c.frame_max)], ['Channel max', fmtNum(c.channel_max)],
         ['Connected at', new Date(c.connected_at).toLocaleString()],
+        ['Send pending', `${fmtBytes(c.send_pend || 0)} (queued for the client, not yet written)`],
         ['Client properties', h('pre', null, JSON.stringify(c.client_properties, null, 2))],
       ]));
       const chs = await get(`/api/connections/${seg(name)}/channels`);
@@ -321,11 +323,22 @@ export function exchanges(root, app) {
   return { refresh: list.refresh };
 }
 
-/** A <select name="vhost"> of the known vhosts, the selected one first. */
+/**
+ * A <select name="vhost"> of the vhosts: at once those the header knows, then the broker's own list, so a
+ * vhost created a moment ago is offered even before the header's next refresh.
+ */
 export function vhostSelect(app) {
   const names = [...document.querySelectorAll('#vhost option')].map((o) => o.value).filter(Boolean);
   const list = names.length ? names : ['/'];
-  return select('vhost', list.map((n) => [n, n]), app.vhost || list[0]);
+  const sel = select('vhost', list.map((n) => [n, n]), app.vhost || list[0]);
+  get('/api/vhosts').then((vhosts) => {
+    const fresh = vhosts.map((v) => v.name);
+    if (fresh.join('\n') === list.join('\n')) return;
+    const chosen = sel.value;
+    fill(sel, fresh.map((n) => h('option', { value: n }, n)));
+    sel.value = fresh.includes(chosen) ? chosen : (app.vhost && fresh.includes(app.vhost) ? app.vhost : fresh[0] || '');
+  }).catch((e) => notify(e.message, 'error'));
+  return sel;
 }
 
 /** Bindings as a table, with an unbind button for each explicit one. */

@@ -273,20 +273,25 @@ impl Bus {
     ///   `basic.get`, its failure headers removed, published with `mandatory` and a confirm, and only
     ///   then acked. A copy the broker returns (its target queue was deleted, or no longer routes)
     ///   leaves its dead letter in `dlq`, untouched, listed in [`Redriven::unroutable`]. This pass
-    ///   takes at most the messages `dlq` held when it started, and stops early after
+    ///   takes at most the messages `dlq` held when the redrive began, less those moved server-side (a
+    ///   message that fails again and is back meanwhile is not moved twice), and stops early after
     ///   [`MAX_UNROUTABLE_PER_PASS`] unroutable ones (each is held unacked until the pass ends, so the
     ///   next `basic.get` moves on to the following message).
     ///
     /// [`AmqpConfig::management_url`]: crate::AmqpConfig::management_url
     pub async fn redrive_report(&self, dlq: &str) -> Result<Redriven> {
         let mut report = Redriven::default();
+        // Only what the DLQ held when the redrive began: a redriven message that fails again and is back in
+        // the DLQ before the client-side pass (a fast retry policy) must not be moved a second time.
+        let held_at_start = self.inner.transport.message_count(dlq).await? as usize;
         if let Some(target) = dlq.strip_suffix(".dlq").filter(|t| !t.is_empty()) {
             if let Some(moved) = self.inner.transport.redrive(dlq, target).await? {
                 report.server_side = moved as usize;
                 report.moved = moved as usize;
             }
         }
-        let limit = self.inner.transport.message_count(dlq).await? as usize;
+        // What the server side skipped (no source to go back to) is at the head: the pass tries those.
+        let limit = held_at_start.saturating_sub(report.server_side);
         // Unroutable dead letters, held unsettled until the pass ends, then released in order.
         let mut held = Vec::new();
         let outcome = self.redrive_pass(dlq, limit, &mut report, &mut held).await;

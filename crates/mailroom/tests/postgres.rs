@@ -239,7 +239,13 @@ async fn tx_without_pg_inbox_is_an_error() {
         .unwrap();
     env.bus.send(&q, Payment { cents: 1 }).await.unwrap();
     assert!(eventually(WAIT, || worker.metrics().dead_lettered == 1).await);
-    let mut dead = env.bus.transport().get(&format!("{q}.dlq")).await.unwrap().unwrap();
+    // Counted when the worker decides, before its copy reaches the DLQ (seen under load): wait for it there.
+    let dlq = format!("{q}.dlq");
+    let until = tokio::time::Instant::now() + WAIT;
+    while env.bus.transport().message_count(&dlq).await.unwrap() == 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut dead = env.bus.transport().get(&dlq).await.unwrap().unwrap();
     let meta = mailroom::Metadata::from_properties(&dead.properties);
     assert_eq!(meta.header(mailroom::envelope::headers::ERROR_KIND), Some("config"));
     dead.ack().await.unwrap();

@@ -1,7 +1,7 @@
 //! Publisher-confirm sequencing of one channel: numbers publishes, coalesces acks, and holds persistent
 //! publishes back until their fsync so a multiple-ack never covers one still on its way to disk.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 /// What to send for a publish (or an fsync report) in confirm mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,20 +31,39 @@ pub struct Confirms {
     /// The first sequence number of that run: an ack covering only it goes out without `multiple`, as
     /// RabbitMQ sends it (listeners such as the Java client's see `multiple=false` then).
     pending_first: u64,
-    /// Sequence numbers of persistent publishes waiting for their fsync; while any is pending, other
-    /// confirms go out one by one (a multiple-ack would cover them).
-    durable_pending: BTreeSet<u64>,
+    /// Sequence numbers of persistent publishes waiting for their fsync, each with its exchange's slot in
+    /// the channel's stats; while any is pending, other confirms go out one by one (a multiple-ack would
+    /// cover them).
+    durable_pending: BTreeMap<u64, usize>,
     /// Publishes confirmed (acked) so far.
     confirmed: u64,
+    /// The exchange slot (in the channel's stats) of the publish about to be numbered.
+    exchange_slot: usize,
+    /// Publishes confirmed so far per exchange slot (RabbitMQ's per-exchange `confirm` of a channel).
+    confirmed_per_exchange: Vec<u64>,
 }
 
 impl Default for Confirms {
     fn default() -> Self {
-        Self { next_seq: 1, pending_ack: None, pending_first: 0, durable_pending: BTreeSet::new(), confirmed: 0 }
+        Self {
+            next_seq: 1,
+            pending_ack: None,
+            pending_first: 0,
+            durable_pending: BTreeMap::new(),
+            confirmed: 0,
+            exchange_slot: 0,
+            confirmed_per_exchange: Vec::new(),
+        }
     }
 }
 
 impl Confirms {
+    /// The next publish went through the exchange in this slot of the channel's stats.
+    #[inline]
+    pub fn set_exchange_slot(&mut self, slot: usize) {
+        self.exchange_slot = slot;
+    }
+
     /// Numbers a publish and says how to confirm it: `rejected` when the broker refused it, `durable` when
     /// some queue's copy still has to reach the disk.
     pub fn published(&mut self, rejected: bool, durable: bool) -> Confirm {
@@ -53,30 +72,30 @@ impl Confirms {
         if rejected {
             Confirm::Alone { seq, ok: false }
         } else if durable {
-            self.durable_pending.insert(seq);
+            self.durable_pending.insert(seq, self.exchange_slot);
             Confirm::AwaitFsync(seq)
         } else if self.durable_pending.is_empty() {
-            self.coalesce(seq);
+            self.coalesce(seq, self.exchange_slot);
             Confirm::Coalesced
         } else {
-            self.count_confirm();
+            self.count_confirm(self.exchange_slot);
             Confirm::Alone { seq, ok: true }
         }
     }
 
     /// A persistent publish's fsync returned (`ok`) or failed: how to confirm it now.
     pub fn fsynced(&mut self, seq: u64, ok: bool) -> Confirm {
-        if !self.durable_pending.remove(&seq) {
+        let Some(slot) = self.durable_pending.remove(&seq) else {
             return Confirm::Nothing;
-        }
-        if ok && self.durable_pending.first().is_none_or(|&first| first > seq) {
+        };
+        if ok && self.durable_pending.first_key_value().is_none_or(|(&first, _)| first > seq) {
             // Every earlier publish is settled: one multiple-ack (sent at the end of this turn) covers this one
             // and any others completing in the same turn.
-            self.coalesce(seq);
+            self.coalesce(seq, slot);
             return Confirm::Coalesced;
         }
         if ok {
-            self.count_confirm();
+            self.count_confirm(slot);
         }
         Confirm::Alone { seq, ok }
     }
@@ -103,14 +122,24 @@ impl Confirms {
         self.confirmed
     }
 
-    /// One publish confirmed (acked): the node's and this channel's counts.
-    fn count_confirm(&mut self) {
-        mailroom_broker::counters::MESSAGES_CONFIRMED.inc();
-        self.confirmed += 1;
+    /// Publishes through the exchange in `slot` confirmed so far.
+    pub fn confirmed_through(&self, slot: usize) -> u64 {
+        self.confirmed_per_exchange.get(slot).copied().unwrap_or(0)
     }
 
-    fn coalesce(&mut self, seq: u64) {
-        self.count_confirm();
+    /// One publish through the exchange in `slot` confirmed (acked): the node's and this channel's counts.
+    fn count_confirm(&mut self, slot: usize) {
+        mailroom_broker::counters::MESSAGES_CONFIRMED.inc();
+        self.confirmed += 1;
+        if slot >= self.confirmed_per_exchange.len() {
+            // Once per exchange the channel publishes to, not per message.
+            self.confirmed_per_exchange.resize(slot + 1, 0);
+        }
+        self.confirmed_per_exchange[slot] += 1;
+    }
+
+    fn coalesce(&mut self, seq: u64, slot: usize) {
+        self.count_confirm(slot);
         match self.pending_ack {
             Some(pending) => self.pending_ack = Some(pending.max(seq)),
             None => {
@@ -163,5 +192,22 @@ mod tests {
         assert_eq!(c.published(false, true), Confirm::AwaitFsync(4));
         assert_eq!(c.fsynced(4, false), Confirm::Alone { seq: 4, ok: false });
         assert_eq!(c.unconfirmed(), 0);
+    }
+
+    #[test]
+    fn confirms_count_against_the_exchange_each_publish_went_through() {
+        let mut c = Confirms::default();
+        c.set_exchange_slot(0);
+        assert_eq!(c.published(false, false), Confirm::Coalesced);
+        c.set_exchange_slot(2);
+        assert_eq!(c.published(false, true), Confirm::AwaitFsync(2));
+        assert_eq!(c.published(true, false), Confirm::Alone { seq: 3, ok: false });
+        c.set_exchange_slot(0);
+        assert_eq!(c.published(false, false), Confirm::Alone { seq: 4, ok: true });
+        assert_eq!((c.confirmed_through(0), c.confirmed_through(2)), (2, 0));
+        // The fsync report counts against slot 2, whatever slot the channel is at now.
+        assert_eq!(c.fsynced(2, true), Confirm::Coalesced);
+        assert_eq!((c.confirmed_through(0), c.confirmed_through(1), c.confirmed_through(2)), (2, 0, 1));
+        assert_eq!(c.confirmed(), 3, "a nack is not a confirm");
     }
 }

@@ -21,8 +21,9 @@ pub struct PendingPublish {
 }
 
 impl PendingPublish {
-    /// A publish whose content header and body are still to come.
-    pub fn new(exchange: &str, routing_key: &str, mandatory: bool) -> Self {
+    /// A publish whose content header and body are still to come. The names may be shared `Arc<str>`s (a
+    /// channel's [`mailroom_broker::vhost::PublishCache`]), which are not copied.
+    pub fn new(exchange: impl Into<Arc<str>>, routing_key: impl Into<Arc<str>>, mandatory: bool) -> Self {
         Self {
             exchange: exchange.into(),
             routing_key: routing_key.into(),

@@ -3,13 +3,16 @@
 
 mod confirms;
 mod content;
+mod stats;
 mod tx;
 
 pub use confirms::{Confirm, Confirms};
 pub use content::PendingPublish;
+pub use stats::ChannelStats;
 pub use tx::{Tx, TxOp};
 
 use crate::error::{code, AmqpError};
+use mailroom_broker::connections::ObjectMessageStats;
 use mailroom_broker::{ChannelPrefetch, ConsumerId, MessageId, Queue};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -87,6 +90,8 @@ pub struct Channel {
     pub epoch: u64,
     /// A publish whose content is being received.
     pub pending: Option<PendingPublish>,
+    /// The names and exchange of the last publish, reused by the next one (no allocation, no lookup).
+    pub publish_cache: mailroom_broker::vhost::PublishCache,
     /// The last queue declared on this channel (an empty queue name means it).
     pub last_queue: Option<String>,
     /// The direct reply-to queue this channel consumes, if any (`amq.rabbitmq.reply-to.<token>`).
@@ -97,9 +102,9 @@ pub struct Channel {
     /// This channel's place in its user's `max-channels` count, held for its `Drop` (which gives it back).
     #[allow(dead_code)]
     pub user_slot: Option<mailroom_broker::access::ChannelSlot>,
-    /// Message counts since it opened (the management API's channel `message_stats`; `confirm` is
-    /// counted by the confirm state).
-    pub stats: mailroom_broker::ChannelMessageStats,
+    /// Message counts since it opened, in total, per exchange and per queue (the management API's channel
+    /// `message_stats`, `publishes` and `deliveries`; confirms are counted by the confirm state).
+    pub stats: ChannelStats,
 }
 
 impl Channel {
@@ -115,6 +120,7 @@ impl Channel {
             mode: ChannelMode::Plain,
             epoch,
             pending: None,
+            publish_cache: Default::default(),
             last_queue: None,
             reply_queue: None,
             access: None,
@@ -127,6 +133,29 @@ impl Channel {
     /// while the connection's credit is used up.
     pub fn with_outbound(epoch: u64, credit: Arc<mailroom_broker::client_memory::OutboundCredit>) -> Self {
         Self { channel_prefetch: Arc::new(ChannelPrefetch::with_outbound(credit)), ..Self::new(epoch) }
+    }
+
+    /// Counts a publish through `exchange` (routed, or else returned when `mandatory`, or dropped), and
+    /// tells the confirm state which exchange the publish it numbers next went through.
+    #[inline]
+    pub fn record_publish(&mut self, exchange: &str, routed: bool, mandatory: bool) {
+        let slot = self.stats.published(exchange, routed, mandatory);
+        if let ChannelMode::Confirm(c) = &mut self.mode {
+            c.set_exchange_slot(slot);
+        }
+    }
+
+    /// The channel's counts for the management API: totals, per exchange, per queue.
+    pub fn message_stats(
+        &self,
+    ) -> (mailroom_broker::ChannelMessageStats, Vec<ObjectMessageStats>, Vec<ObjectMessageStats>) {
+        let confirms = match &self.mode {
+            ChannelMode::Confirm(c) => Some(c),
+            _ => None,
+        };
+        let totals = self.stats.totals(confirms.map_or(0, Confirms::confirmed));
+        let publishes = self.stats.publishes(|slot| confirms.map_or(0, |c| c.confirmed_through(slot)));
+        (totals, publishes, self.stats.deliveries())
     }
 
     /// `confirm.select`: refused on a transactional channel; selecting twice is harmless.

@@ -3,12 +3,14 @@
 use super::UnackedDelivery;
 use mailroom_broker::client_memory::CLIENT_MEMORY;
 use mailroom_broker::Message;
+use std::sync::Arc;
 
 /// A publish or settlement held back by a transaction until commit.
 #[derive(Debug)]
 pub enum TxOp {
-    /// A publish: exchange, message (boxed: it is much larger than a settle), mandatory flag.
-    Publish { exchange: String, message: Box<Message>, mandatory: bool },
+    /// A publish: exchange, message (in the `Arc` the broker takes at commit; it is much larger than a
+    /// settle), mandatory flag.
+    Publish { exchange: String, message: Arc<Message>, mandatory: bool },
     /// A settlement of deliveries (by delivery tag): ack, or reject with/without requeue.
     Settle { deliveries: Vec<(u64, UnackedDelivery)>, ack: bool, requeue: bool },
 }

@@ -1,7 +1,7 @@
 //! The `basic` class apart from content: qos, consume, cancel, get, ack/nack/reject and recover.
 
-use super::{short, Connection, ConsumerRoute};
-use crate::channel::{settle, ChannelConsumer, PendingPublish, UnackedDelivery};
+use super::{grants, short, Connection, ConsumerRoute, Phase};
+use crate::channel::{settle, ChannelConsumer, ChannelPhase, PendingPublish, UnackedDelivery};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use mailroom_broker::access::Operation;
@@ -46,8 +46,9 @@ impl Connection {
                     return Err(AmqpError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
                 }
                 self.check_publish(id, p.exchange.as_str(), p.routing_key.as_str())?;
-                self.channel(id).pending =
-                    Some(PendingPublish::new(p.exchange.as_str(), p.routing_key.as_str(), p.mandatory));
+                let ch = self.channel(id);
+                let (exchange, routing_key) = ch.publish_cache.names(p.exchange.as_str(), p.routing_key.as_str());
+                ch.pending = Some(PendingPublish::new(exchange, routing_key, p.mandatory));
             }
             basic::AMQPMethod::Get(g) => self.get(id, g)?,
             basic::AMQPMethod::Ack(a) => self.settle_deliveries(id, a.delivery_tag, a.multiple, true, false)?,
@@ -80,16 +81,25 @@ impl Connection {
         // The per-message methods skip the generic parser (and its allocations) when well-formed.
         if let Some(publish) = codec::parse_basic_publish(payload) {
             self.has_published = true;
-            if self.channel_accepts(channel)
-                && !publish.immediate
-                && self.channels.get(&channel).is_some_and(|c| c.pending.is_none())
-            {
-                if let Err(e) = self.check_publish(channel, publish.exchange, publish.routing_key) {
-                    self.fail(channel, e.at(ids::BASIC_PUBLISH));
-                    return true;
-                }
-                if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.pending = Some(PendingPublish::new(publish.exchange, publish.routing_key, publish.mandatory));
+            let open = self.phase == Phase::Open;
+            // The channel looked up once: open, and no content still expected.
+            let ch = self.channels.get_mut(&channel);
+            if let Some(ch) = ch.filter(|c| open && c.phase == ChannelPhase::Open && c.pending.is_none()) {
+                if !publish.immediate {
+                    let checked = grants::check_publish_on(
+                        ch,
+                        self.vhost.as_deref(),
+                        &self.username,
+                        publish.exchange,
+                        publish.routing_key,
+                    );
+                    if let Err(e) = checked {
+                        self.fail(channel, e.at(ids::BASIC_PUBLISH));
+                        return true;
+                    }
+                    // The last publish's names when they repeat: no allocation.
+                    let (exchange, routing_key) = ch.publish_cache.names(publish.exchange, publish.routing_key);
+                    ch.pending = Some(PendingPublish::new(exchange, routing_key, publish.mandatory));
                     return true;
                 }
             }
@@ -177,8 +187,7 @@ impl Connection {
                     sent_at: Instant::now(),
                 });
                 let ch = self.channel(id);
-                *if g.no_ack { &mut ch.stats.get_no_ack } else { &mut ch.stats.get } += 1;
-                ch.stats.redeliver += got.redelivered as u64;
+                ch.stats.got(&queue, g.no_ack, got.redelivered);
                 let tag = ch.next_delivery(unacked);
                 self.send(
                     id,
@@ -193,7 +202,7 @@ impl Connection {
                 self.write_content(id, &got.message);
             }
             None => {
-                self.channel(id).stats.get_empty += 1;
+                self.channel(id).stats.got_empty(&queue);
                 self.send(id, Method::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})));
             }
         }
@@ -214,7 +223,7 @@ impl Connection {
             return Ok(());
         };
         if ack {
-            ch.stats.ack += deliveries.len() as u64;
+            ch.stats.acked(deliveries.iter().map(|(_, d)| &d.queue));
             // Batched with the other acks of this read (see `Connection::acks`).
             let channel_wide = ch.channel_prefetch.limit() != 0;
             self.acks.add(id, channel_wide, deliveries);

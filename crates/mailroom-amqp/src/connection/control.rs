@@ -5,10 +5,9 @@ use super::{Connection, Phase};
 use crate::channel::ChannelMode;
 use crate::error::{code, AmqpError};
 use mailroom_broker::{
-    ChannelMessageStats, ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, FieldTable, Registration,
+    ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, ControlReceiver, FieldTable, Registration,
 };
 use std::net::SocketAddr;
-use tokio::sync::mpsc;
 
 impl Connection {
     /// Lists the connection once it is open (`connection.open-ok`), within its vhost's and user's connection
@@ -54,7 +53,11 @@ impl Connection {
         let mut out: Vec<ChannelSnapshot> = self
             .channels
             .iter()
-            .map(|(&number, ch)| ChannelSnapshot {
+            .map(|(&number, ch)| {
+                let (message_stats, publishes, deliveries) = ch.message_stats();
+                (number, ch, message_stats, publishes, deliveries)
+            })
+            .map(|(number, ch, message_stats, publishes, deliveries)| ChannelSnapshot {
                 number,
                 prefetch_count: ch.consumer_prefetch,
                 global_prefetch_count: ch.channel_prefetch.limit(),
@@ -83,13 +86,9 @@ impl Connection {
                         ack_required: !self.consumer_channels.get(&c.id).is_some_and(|r| r.no_ack),
                     })
                     .collect(),
-                message_stats: ChannelMessageStats {
-                    confirm: match &ch.mode {
-                        ChannelMode::Confirm(c) => c.confirmed(),
-                        _ => 0,
-                    },
-                    ..ch.stats
-                },
+                message_stats,
+                publishes,
+                deliveries,
             })
             .collect();
         out.sort_by_key(|c| c.number);
@@ -106,7 +105,7 @@ pub(super) struct Registry {
     /// Keeps this connection listed while it is open; dropping it deregisters.
     registration: Option<Registration>,
     /// The management API's requests (snapshot, close), once listed.
-    control: Option<mpsc::Receiver<ConnectionControl>>,
+    control: Option<ControlReceiver>,
 }
 
 impl Registry {
@@ -124,7 +123,7 @@ impl Registry {
     /// The next management API request, or never when the connection is not listed.
     pub(super) async fn next_request(&mut self) -> Option<ConnectionControl> {
         match &mut self.control {
-            Some(rx) => rx.recv().await,
+            Some(rx) => Some(rx.recv().await),
             None => std::future::pending().await,
         }
     }

@@ -1,6 +1,7 @@
 //! Delivery encoding: consumer events from the broker into `basic.deliver` (and `basic.cancel`) frames,
 //! and a message's content header and body frames.
 
+use super::outbound::Outbound;
 use super::{clip, short, Connection, ConsumerRoute, Phase};
 use crate::channel::{ChannelPhase, UnackedDelivery};
 use crate::codec::{self, basic, Method};
@@ -44,19 +45,16 @@ impl Connection {
     }
 
     pub(super) fn deliver(&mut self, d: Delivery) {
-        let route = self.consumer_channels.get(&d.consumer).filter(|_| self.phase == Phase::Open);
-        let Some(ConsumerRoute { channel: id, tag, no_ack }) = route.cloned() else {
-            // The consumer went away while this was in flight: it goes back untouched.
+        // The route and the channel are borrowed (no reference count touched per delivery), each looked up once.
+        let open = self.phase == Phase::Open;
+        let route = self.consumer_channels.get(&d.consumer).filter(|_| open);
+        let ch = route.and_then(|r| self.channels.get_mut(&r.channel)).filter(|c| c.phase == ChannelPhase::Open);
+        let (Some(&ConsumerRoute { channel: id, ref tag, no_ack }), Some(ch)) = (route, ch) else {
+            // The consumer or its channel went away while this was in flight: it goes back untouched.
             self.return_undelivered(d);
             return;
         };
-        let Some(ch) = self.channels.get_mut(&id).filter(|c| c.phase == ChannelPhase::Open) else {
-            self.return_undelivered(d);
-            return;
-        };
-        let stats = &mut ch.stats;
-        *if no_ack { &mut stats.deliver_no_ack } else { &mut stats.deliver } += 1;
-        stats.redeliver += d.redelivered as u64;
+        ch.stats.delivered(&d.queue, no_ack, d.redelivered);
         let delivery_tag = if no_ack {
             match self.noack_sent.iter_mut().find(|(q, c, _)| *c == d.consumer && Arc::ptr_eq(q, &d.queue)) {
                 Some(entry) => entry.2 += 1,
@@ -69,13 +67,13 @@ impl Connection {
         codec::write_basic_deliver(
             self.out.buf(),
             id,
-            &tag,
+            tag,
             delivery_tag,
             d.redelivered,
             clip(&d.message.exchange),
             clip(&d.message.routing_key),
         );
-        self.write_content(id, &d.message);
+        write_content(&mut self.out, self.frame_max, id, &d.message);
         self.out.delivery_credit(d.credit_bytes());
     }
 
@@ -96,12 +94,18 @@ impl Connection {
 
     /// Appends a message's content header and body frames.
     pub(super) fn write_content(&mut self, id: u16, message: &Message) {
-        match &message.raw_properties {
-            Some(raw) => self.out.content(id, raw, &message.body, self.frame_max),
-            None => {
-                let raw = codec::encode_properties(&message.properties);
-                self.out.content(id, &raw, &message.body, self.frame_max);
-            }
+        write_content(&mut self.out, self.frame_max, id, message);
+    }
+}
+
+/// [`Connection::write_content`] with the connection's fields borrowed apart (the delivery path holds its
+/// channel meanwhile).
+fn write_content(out: &mut Outbound, frame_max: u32, id: u16, message: &Message) {
+    match &message.raw_properties {
+        Some(raw) => out.content(id, raw, &message.body, frame_max),
+        None => {
+            let raw = codec::encode_properties(&message.properties);
+            out.content(id, &raw, &message.body, frame_max);
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::Connection;
 use crate::authz;
+use crate::channel::Channel;
 use crate::error::AmqpError;
 use mailroom_broker::access::Operation;
 use mailroom_broker::{BrokerError, VHost};
@@ -17,13 +18,26 @@ impl Connection {
 
     /// Checks a `basic.publish`: one atomic load and a cached grant on the usual path, nothing allocated.
     pub(super) fn check_publish(&mut self, id: u16, exchange: &str, routing_key: &str) -> Result<(), AmqpError> {
-        let Some(vhost) = self.vhost.as_deref() else { return Ok(()) };
         let ch = self.channels.get_mut(&id).expect("channel checked by caller");
-        let exchange_is_topic = authz::publish_is_topic(&ch.access, vhost, exchange);
-        let op = Operation::Publish { exchange, routing_key, exchange_is_topic };
-        authz::check(&mut ch.access, &self.username, vhost.name(), &op)
+        check_publish_on(ch, self.vhost.as_deref(), &self.username, exchange, routing_key)
     }
+}
 
+/// [`Connection::check_publish`] on a channel already looked up (the publish fast path looks it up once).
+pub(super) fn check_publish_on(
+    ch: &mut Channel,
+    vhost: Option<&VHost>,
+    username: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), AmqpError> {
+    let Some(vhost) = vhost else { return Ok(()) };
+    let exchange_is_topic = authz::publish_is_topic(&ch.access, vhost, exchange);
+    let op = Operation::Publish { exchange, routing_key, exchange_is_topic };
+    authz::check(&mut ch.access, username, vhost.name(), &op)
+}
+
+impl Connection {
     /// The vhost's `max-queues` limit, before a queue is created (406).
     pub(super) fn check_queue_limit(&self, vhost: &VHost, queue: &str) -> Result<(), AmqpError> {
         let limits = self.ctx.broker.access().vhost_limits(vhost.name());

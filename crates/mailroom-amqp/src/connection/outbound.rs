@@ -9,6 +9,11 @@ use bytes::{Bytes, BytesMut};
 
 /// Outbound bytes gathered before handing a batch to the writer.
 const BATCH_BYTES: usize = 256 * 1024;
+/// A heartbeat frame (type 8, channel 0, no payload, frame end), sent as a static chunk when nothing else is
+/// waiting, so a quiet connection's heartbeats need no buffer of their own.
+static HEARTBEAT_FRAME: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, 0xCE];
+/// [`HEARTBEAT_FRAME`] as a chunk, for a batch that starts with one (see [`Batch::heartbeat_first`]).
+pub(super) static HEARTBEAT_CHUNK: Bytes = Bytes::from_static(&HEARTBEAT_FRAME);
 
 /// Encoded frames not yet handed to the writer, in wire order: `sealed` first, then `buf`.
 pub(super) struct Outbound {
@@ -19,17 +24,25 @@ pub(super) struct Outbound {
     sealed_bytes: usize,
     /// Outbound credit held by the deliveries encoded here (see [`Outbound::delivery_credit`]).
     credit: u64,
+    /// A heartbeat comes first, before `sealed` and `buf` (a quiet connection's heartbeat: no `Vec`, no buffer).
+    heartbeat_first: bool,
 }
 
 impl Outbound {
     /// An empty buffer.
     pub(super) fn new() -> Self {
-        Self { buf: BytesMut::with_capacity(1024), sealed: Vec::new(), sealed_bytes: 0, credit: 0 }
+        Self {
+            buf: BytesMut::with_capacity(1024),
+            sealed: Vec::new(),
+            sealed_bytes: 0,
+            credit: 0,
+            heartbeat_first: false,
+        }
     }
 
     /// Nothing is waiting.
     pub(super) fn is_empty(&self) -> bool {
-        self.buf.is_empty() && self.sealed.is_empty()
+        self.buf.is_empty() && self.sealed.is_empty() && !self.heartbeat_first
     }
 
     /// Enough is waiting to hand a batch to the writer before reading on.
@@ -39,12 +52,11 @@ impl Outbound {
 
     /// Takes everything waiting, in wire order, with the credit its deliveries hold.
     pub(super) fn take_batch(&mut self) -> Batch {
-        let mut chunks = std::mem::take(&mut self.sealed);
+        let chunks = std::mem::take(&mut self.sealed);
         self.sealed_bytes = 0;
-        if !self.buf.is_empty() {
-            chunks.push(self.buf.split().freeze());
-        }
-        Batch { chunks, credit: std::mem::take(&mut self.credit) }
+        let tail = if self.buf.is_empty() { bytes::Bytes::new() } else { self.buf.split().freeze() };
+        let heartbeat_first = std::mem::take(&mut self.heartbeat_first);
+        Batch { heartbeat_first, chunks, tail, credit: std::mem::take(&mut self.credit) }
     }
 
     /// A delivery holding `bytes` of the connection's outbound credit was encoded here: the credit goes back
@@ -75,7 +87,24 @@ impl Outbound {
 
     /// Appends a heartbeat frame.
     pub(super) fn heartbeat(&mut self) {
-        codec::write_heartbeat(&mut self.buf);
+        if self.is_empty() {
+            // Nothing else waiting: the batch starts with the static heartbeat, nothing allocated.
+            self.heartbeat_first = true;
+        } else if self.buf.is_empty() {
+            // Nothing in `buf` to keep the order with (sealed chunks go first).
+            self.sealed.push(Bytes::from_static(&HEARTBEAT_FRAME));
+            self.sealed_bytes += HEARTBEAT_FRAME.len();
+        } else {
+            codec::write_heartbeat(&mut self.buf);
+        }
+    }
+
+    /// Gives the buffer's memory back while nothing is waiting: a quiet connection then holds none (its
+    /// heartbeats are static chunks), and the next frame allocates what it needs.
+    pub(super) fn park(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// Appends our protocol header (the answer to a client speaking another protocol version).
@@ -126,7 +155,7 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(batch.credit, 5);
         assert_eq!(out.take_batch().credit, 0, "taken with its batch");
-        let batch = batch.chunks;
+        let batch: Vec<Bytes> = batch.iter().cloned().collect();
         let mut wire = BytesMut::new();
         for chunk in &batch {
             wire.extend_from_slice(chunk);
@@ -147,13 +176,41 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_need_no_buffer_and_keep_their_place() {
+        let mut expected = BytesMut::new();
+        codec::write_heartbeat(&mut expected);
+        assert_eq!(HEARTBEAT_FRAME[..], expected[..]);
+
+        let mut out = Outbound::new();
+        out.park();
+        assert_eq!(out.buf.capacity(), 0);
+        out.heartbeat();
+        assert_eq!(out.buf.capacity(), 0, "a heartbeat alone allocates nothing");
+        let lone = out.take_batch();
+        assert!(lone.heartbeat_first && lone.chunks.capacity() == 0 && lone.tail.is_empty(), "not even a Vec");
+        assert_eq!(lone.iter().map(|c| c.to_vec()).collect::<Vec<_>>(), [HEARTBEAT_FRAME.to_vec()]);
+        out.heartbeat();
+        out.method(1, &Method::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
+        out.heartbeat();
+        let mut wire = BytesMut::new();
+        for chunk in out.take_batch().iter() {
+            wire.extend_from_slice(chunk);
+        }
+        let mut kinds = Vec::new();
+        while let Some(f) = split_frame(&mut wire, FRAME_MIN_SIZE).unwrap() {
+            kinds.push(f.kind);
+        }
+        assert_eq!(kinds, [FrameKind::Heartbeat, FrameKind::Method, FrameKind::Heartbeat]);
+    }
+
+    #[test]
     fn truncate_drops_what_followed_the_mark() {
         let mut out = Outbound::new();
         out.heartbeat();
         let mark = out.mark();
         out.method(1, &Method::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})));
         out.truncate(mark);
-        let batch = out.take_batch().chunks;
+        let batch = out.take_batch();
         assert_eq!(batch.iter().map(Bytes::len).sum::<usize>(), 8, "one heartbeat frame");
     }
 }

@@ -39,14 +39,23 @@ impl Connection {
 
     pub(super) fn handle_content_header(&mut self, id: u16, payload: Bytes) {
         let max = self.ctx.config.max_message_size;
-        let Some(pending) = self.pending_publish(id, "content header") else { return };
-        if pending.header.is_some() {
-            self.close_connection(AmqpError::connection(
-                code::UNEXPECTED_FRAME,
-                "second content header for one publish",
-            ));
-            return;
-        }
+        // The usual frame (the header a publish waits for, on an open channel) looks the channel up once.
+        let open = self.phase == Phase::Open;
+        let ch = self.channels.get_mut(&id).filter(|c| open && c.phase == ChannelPhase::Open);
+        let pending = match ch.and_then(|c| c.pending.as_mut()).filter(|p| p.header.is_none()) {
+            Some(pending) => pending,
+            None => {
+                // The refusals: no channel, no publish before it, a second header.
+                let Some(pending) = self.pending_publish(id, "content header") else { return };
+                if pending.header.is_some() {
+                    self.close_connection(AmqpError::connection(
+                        code::UNEXPECTED_FRAME,
+                        "second content header for one publish",
+                    ));
+                }
+                return;
+            }
+        };
         let header = match codec::parse_content_header(payload) {
             Ok(h) => h,
             Err(e) => {
@@ -80,6 +89,24 @@ impl Connection {
     }
 
     pub(super) fn handle_content_body(&mut self, id: u16, payload: Bytes) {
+        // The usual frame, a body within its announced size on an open channel: the channel is looked up once.
+        let open = self.phase == Phase::Open;
+        if let Some(ch) = self.channels.get_mut(&id).filter(|c| open && c.phase == ChannelPhase::Open) {
+            if let Some(pending) = ch.pending.as_mut() {
+                if let Some(expected) = pending.header.as_ref().map(|h| h.body_size as usize) {
+                    if pending.body.len() + payload.len() <= expected {
+                        pending.body.push(payload, expected);
+                        if pending.body.len() == expected {
+                            let tx = matches!(ch.mode, ChannelMode::Tx(_));
+                            let pending = ch.pending.take().expect("checked above");
+                            self.publish_complete(id, pending, tx);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+        // Anything else (refusals included) the long way.
         let Some(pending) = self.pending_publish(id, "content body") else { return };
         let Some(header) = pending.header.as_ref() else {
             self.close_connection(AmqpError::connection(
@@ -101,15 +128,25 @@ impl Connection {
 
     pub(super) fn finish_publish(&mut self, id: u16) {
         // Called only with a complete pending publish on an open channel.
-        let Some(pending) = self.channel(id).pending.take() else { return };
+        let ch = self.channel(id);
+        let tx = matches!(ch.mode, ChannelMode::Tx(_));
+        let Some(pending) = ch.pending.take() else { return };
+        self.publish_complete(id, pending, tx);
+    }
+
+    /// A complete publish taken from channel `id` (open; `tx` when it is transactional): to its exchange, or to
+    /// the transaction.
+    fn publish_complete(&mut self, id: u16, pending: PendingPublish, tx: bool) {
         let Some(header) = pending.header else { return };
-        let mut message = Message {
+        // Built straight into the Arc the queues share: the broker takes it as it is, without moving the
+        // ~320-byte message again.
+        let mut message = Arc::new(Message {
             exchange: Arc::clone(&pending.exchange),
             routing_key: Arc::clone(&pending.routing_key),
             properties: header.properties,
             raw_properties: Some(header.raw_properties),
             body: pending.body.finish(),
-        };
+        });
         if message.properties.reply_to().as_ref().is_some_and(|r| r.as_str() == DIRECT_REPLY_TO) {
             // Direct reply-to: point the reply at this channel's reply queue, which must exist.
             let Some(reply_queue) = self.channel(id).reply_queue.clone() else {
@@ -120,7 +157,9 @@ impl Connection {
                 );
                 return;
             };
-            message.properties = message.properties.with_reply_to(short(&reply_queue));
+            // Not shared yet: no copy is made.
+            let message = Arc::make_mut(&mut message);
+            message.properties = std::mem::take(&mut message.properties).with_reply_to(short(&reply_queue));
             message.raw_properties = None;
         }
         // Only the connection knows who published; the broker checks the rest as it takes the message.
@@ -128,23 +167,20 @@ impl Connection {
             self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
             return;
         }
-        if matches!(self.channel(id).mode, ChannelMode::Tx(_)) {
+        if tx {
             // The broker takes the message at commit, but its properties are checked and the exchange must exist
             // now, at publish.
             if let Err(e) = client_input::check_message(&message) {
                 self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
                 return;
             }
-            if let Err(e) = self.vhost().publishable_exchange(&pending.exchange) {
+            let vhost = self.vhost();
+            if let Err(e) = vhost.publishable_exchange_cached(&mut self.channel(id).publish_cache, &pending.exchange) {
                 self.fail(id, AmqpError::from(e).at(ids::BASIC_PUBLISH));
                 return;
             }
             let Some(tx) = self.channel(id).tx() else { return };
-            tx.push(TxOp::Publish {
-                exchange: pending.exchange.to_string(),
-                message: Box::new(message),
-                mandatory: pending.mandatory,
-            });
+            tx.push(TxOp::Publish { exchange: pending.exchange.to_string(), message, mandatory: pending.mandatory });
             return;
         }
         if let Err(e) = self.route_publish(id, &pending.exchange, message, pending.mandatory) {
@@ -158,29 +194,32 @@ impl Connection {
         &mut self,
         id: u16,
         exchange: &str,
-        message: Message,
+        message: Arc<Message>,
         mandatory: bool,
     ) -> Result<Vec<SyncTicket>, AmqpError> {
         // A publish may depend on earlier acks having reached their queues (a deduplicating queue frees a
         // value on ack), and the fast publish path never passes through `handle_method`.
         self.apply_acks();
-        let vhost = self.vhost();
+        // Borrowed, not cloned (no reference count to touch per publish); only called once open.
+        let vhost = self.vhost.as_deref().expect("vhost is set once the connection is open");
         // What a basic.return needs, kept without deep-copying the properties (the usual case has their raw bytes).
         let returned = mandatory.then(|| {
             let raw = message.raw_properties.clone().unwrap_or_else(|| codec::encode_properties(&message.properties));
             (Arc::clone(&message.routing_key), raw, message.body.clone())
         });
-        let result = vhost.publish(exchange, message)?;
-        let stats = &mut self.channel(id).stats;
-        stats.publish += 1;
+        // The channel's cache: the exchange is looked up only when this channel last published elsewhere,
+        // or that exchange was deleted since (then this publish gets the 404 of a missing exchange).
+        // The channel is looked up once; the frames below go to `self.out`, a field of its own.
+        let ch = self.channels.get_mut(&id).expect("channel checked by caller");
+        let result = vhost.publish_cached(&mut ch.publish_cache, exchange, message)?;
+        ch.record_publish(exchange, result.routed, mandatory);
         if !result.routed {
             if mandatory { &counters::RETURN_UNROUTABLE } else { &counters::DROP_UNROUTABLE }.inc();
-            *if mandatory { &mut stats.return_unroutable } else { &mut stats.drop_unroutable } += 1;
         }
         if let Some((routing_key, raw, body)) = returned.filter(|_| !result.routed) {
-            self.send(
+            self.out.method(
                 id,
-                Method::Basic(basic::AMQPMethod::Return(basic::Return {
+                &Method::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: code::NO_ROUTE,
                     reply_text: short("NO_ROUTE"),
                     exchange: short(exchange),
@@ -189,7 +228,6 @@ impl Connection {
             );
             self.out.content(id, &raw, &body, self.frame_max);
         }
-        let ch = self.channel(id);
         let epoch = ch.epoch;
         let Some(confirms) = ch.confirms() else { return Ok(result.durable) };
         match confirms.published(result.rejected, !result.durable.is_empty()) {

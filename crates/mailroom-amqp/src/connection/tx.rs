@@ -19,7 +19,7 @@ impl Connection {
                 while let Some(op) = ops.next() {
                     match op {
                         TxOp::Publish { exchange, message, mandatory } => {
-                            match self.route_publish(id, &exchange, *message, mandatory) {
+                            match self.route_publish(id, &exchange, message, mandatory) {
                                 Ok(stored) => tickets.extend(stored),
                                 Err(e) => {
                                     // The commit fails: settlements not applied yet stay unacked, so the
@@ -31,7 +31,7 @@ impl Connection {
                         }
                         TxOp::Settle { deliveries, ack, requeue } => {
                             if ack {
-                                self.channel(id).stats.ack += deliveries.len() as u64;
+                                self.channel(id).stats.acked(deliveries.iter().map(|(_, d)| &d.queue));
                             }
                             settle(deliveries.into_iter().map(|(_, d)| d), ack, requeue)
                         }

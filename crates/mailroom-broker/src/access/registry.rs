@@ -14,7 +14,7 @@ use super::user::{ManagementRights, User, UserTag};
 use crate::error::{BrokerError, ErrorKind};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 /// Which users may log in from loopback addresses only (RabbitMQ's `loopback_users`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +167,9 @@ pub(super) struct State {
     pub(super) vhost_limits: BTreeMap<String, VhostLimits>,
 }
 
+/// Per (user, vhost): the generation the shared grants were built at, and the grants while a channel holds them.
+type SharedGrants = HashMap<(String, String), (u64, Weak<VhostAccess>)>;
+
 #[derive(Debug)]
 struct Inner {
     state: RwLock<State>,
@@ -178,7 +181,13 @@ struct Inner {
     channels: Arc<super::usage::ChannelCounts>,
     /// Told the name of every deleted user (the broker closes its connections); unset does nothing.
     on_user_deleted: OnceLock<UserDeleted>,
+    /// The grants of one user in one vhost shared by their open channels, with the generation they were built
+    /// at: built once, not per channel (each holds compiled patterns; 10,000 idle channels held 10,000 copies).
+    shared_grants: Mutex<SharedGrants>,
 }
+
+/// Shared grants remembered before the dead ones (no channel holds them) are swept out.
+const SHARED_GRANTS_SWEEP: usize = 1024;
 
 /// What the broker does when a user is deleted, whichever way (HTTP API, CLI, embedded API): close the
 /// user's open connections, as RabbitMQ does. The registry knows no connections, so the broker sets this.
@@ -231,6 +240,7 @@ impl AccessControl {
                 saver: OnceLock::new(),
                 channels: Default::default(),
                 on_user_deleted: OnceLock::new(),
+                shared_grants: Mutex::default(),
             }),
         }
     }
@@ -272,6 +282,12 @@ impl AccessControl {
     /// Channels `user` has open now.
     pub fn open_channels(&self, user: &str) -> u64 {
         self.inner.channels.open_now(user)
+    }
+
+    /// Channels open now over every user's connections (what `/api/overview` counts, without asking any
+    /// connection).
+    pub fn open_channels_total(&self) -> u64 {
+        self.inner.channels.open_total()
     }
 
     /// Counts changes; a channel rebuilds its grants when it moves.
@@ -580,8 +596,27 @@ impl AccessControl {
     /// A channel's view of the user's grants in `vhost`, cached and kept current.
     pub fn channel_access(&self, user: &str, vhost: &str) -> Result<ChannelAccess, AccessError> {
         let generation = self.generation();
-        let access = self.vhost_access(user, vhost)?;
+        let access = self.shared_vhost_access(user, vhost, generation)?;
         Ok(ChannelAccess { control: self.clone(), access, generation, cache: GrantCache::default() })
+    }
+
+    /// [`Self::vhost_access`], shared with the user's other open channels in `vhost` while no grant has
+    /// changed since (`generation`); a change makes the next channel build afresh.
+    fn shared_vhost_access(&self, user: &str, vhost: &str, generation: u64) -> Result<Arc<VhostAccess>, AccessError> {
+        let key = (user.to_owned(), vhost.to_owned());
+        let lock = || self.inner.shared_grants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((built_at, access)) = lock().get(&key) {
+            if let Some(access) = access.upgrade().filter(|_| *built_at == generation) {
+                return Ok(access);
+            }
+        }
+        let access = self.vhost_access(user, vhost)?;
+        let mut shared = lock();
+        if shared.len() >= SHARED_GRANTS_SWEEP {
+            shared.retain(|_, (_, a)| a.strong_count() > 0);
+        }
+        shared.insert(key, (generation, Arc::downgrade(&access)));
+        Ok(access)
     }
 }
 
@@ -621,7 +656,7 @@ impl ChannelAccess {
         self.cache.clear();
         self.generation = now;
         let (user, vhost) = (self.access.user().to_owned(), self.access.vhost().to_owned());
-        self.access = match self.control.vhost_access(&user, &vhost) {
+        self.access = match self.control.shared_vhost_access(&user, &vhost, now) {
             Ok(a) => a,
             // Permissions cleared or user deleted: every resource check is refused from now on.
             Err(_) => Arc::new(VhostAccess::new(user, vhost, Permissions::none(), HashMap::new())),
@@ -768,6 +803,27 @@ mod tests {
         // And restored.
         ac.set_permissions("u", "/", Permissions::full()).unwrap();
         ch.check(&Operation::Consume { queue: "q" }).unwrap();
+    }
+
+    #[test]
+    fn channels_of_a_user_in_a_vhost_share_their_grants_until_a_change() {
+        let ac = registry_with("u", "p");
+        ac.set_permissions("u", "/", Permissions::full()).unwrap();
+        let a = ac.channel_access("u", "/").unwrap();
+        let b = ac.channel_access("u", "/").unwrap();
+        assert!(Arc::ptr_eq(a.vhost_access(), b.vhost_access()), "one copy for both channels");
+        // A change: the next channel builds afresh, and a channel refreshing on its next check shares that.
+        ac.set_permissions("u", "/", Permissions::new(".*", "^y$", ".*").unwrap()).unwrap();
+        let c = ac.channel_access("u", "/").unwrap();
+        assert!(!Arc::ptr_eq(a.vhost_access(), c.vhost_access()));
+        let mut a = a;
+        let publish = Operation::Publish { exchange: "x", routing_key: "k", exchange_is_topic: false };
+        assert!(a.check(&publish).is_err(), "the narrowed grant is in force");
+        assert!(Arc::ptr_eq(a.vhost_access(), c.vhost_access()));
+        // Gone when no channel holds them: a later channel builds again.
+        drop((a, b, c));
+        let d = ac.channel_access("u", "/").unwrap();
+        assert!(d.vhost_access().check(&Operation::Consume { queue: "q" }).is_ok());
     }
 
     mod cached_checks {

@@ -31,6 +31,11 @@ impl ChannelCounts {
         self.lock().get(user).copied().unwrap_or(0)
     }
 
+    /// Channels open now, all users.
+    pub(super) fn open_total(&self) -> u64 {
+        self.lock().values().sum()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -21,7 +21,7 @@ use flavor::{Admit, ExchangeFlavor, FlavorState};
 use headers::HeadersBinding;
 use smallvec::SmallVec;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use topic::TopicIndex;
 
@@ -173,6 +173,9 @@ pub struct Exchange {
     publish_in: AtomicU64,
     /// Queue copies it routed them to (the API's `publish_out`: a message reaching three queues counts three).
     publish_out: AtomicU64,
+    /// Set once by [`Exchange::mark_deleted`], beside the state's flag: publishers holding the exchange
+    /// between publishes ([`crate::vhost::PublishCache`]) check it on every use without taking the lock.
+    deleted: AtomicBool,
 }
 
 impl Exchange {
@@ -196,6 +199,7 @@ impl Exchange {
             flavor,
             publish_in: AtomicU64::new(0),
             publish_out: AtomicU64::new(0),
+            deleted: AtomicBool::new(false),
         }
     }
 
@@ -346,6 +350,8 @@ impl Exchange {
         {
             let mut st = self.write();
             st.deleted = true;
+            // Set with the state's flag, under its lock; read without it by `is_deleted`.
+            self.deleted.store(true, Ordering::Release);
             st.bindings.clear();
             st.router = Router::Fanout;
         }
@@ -353,8 +359,9 @@ impl Exchange {
         self.flavor.destroy();
     }
     /// Whether the exchange was deleted.
+    #[inline]
     pub fn is_deleted(&self) -> bool {
-        self.read().deleted
+        self.deleted.load(Ordering::Acquire)
     }
 
     /// Collects the destinations matching `routing_key` (and `headers`) into `out`.

@@ -50,3 +50,25 @@ impl Message {
         self.properties.headers().as_ref()
     }
 }
+
+/// `a == b`, without calling `memcmp` for two empty strings (the default exchange's name). An empty `String`
+/// points at a dangling address, and glibc's AVX-512 `memcmp` does a masked load from it even for zero bytes:
+/// the CPU's fault-suppression assist then costs hundreds of cycles (perf showed 11% of a publishing
+/// broker's time in such compares of "").
+#[inline(always)]
+pub fn same_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && (a.is_empty() || a == b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_name;
+
+    #[test]
+    fn same_name_is_string_equality() {
+        let empty = String::new();
+        for (a, b) in [("", ""), ("", "a"), ("a", ""), ("ab", "ab"), ("ab", "ac"), ("ab", "abc"), (&*empty, "")] {
+            assert_eq!(same_name(a, b), a == b, "{a:?} {b:?}");
+        }
+    }
+}

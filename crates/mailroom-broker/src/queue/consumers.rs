@@ -2,13 +2,14 @@
 //! single active consumer), per-consumer and channel-wide prefetch, and the unacked deliveries that hold
 //! that credit until they are settled.
 
+use super::expiry::Clock;
 use super::index::{Body, Entry, IdHasher};
-use super::{ConsumerId, MessageId, Queue};
+use super::{Aftermath, ConsumerId, MessageId, Queue, QueueState};
 use crate::client_memory::OutboundCredit;
 use crate::error::{BrokerError, Result};
 use crate::message::Message;
 use amq_protocol_types::FieldTable;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -181,13 +182,18 @@ impl Consumers {
         if single_active {
             return self.list.first().filter(|c| c.has_credit() && !skip.contains(&0)).map(|_| 0);
         }
+        // From the round-robin's position on, wrapping around (no division per consumer).
         let n = self.list.len();
+        let mut idx = if self.next < n { self.next } else { 0 };
         let mut best: Option<(i32, usize)> = None;
-        for i in 0..n {
-            let idx = (self.next + i) % n;
+        for _ in 0..n {
             let c = &self.list[idx];
             if c.has_credit() && !skip.contains(&idx) && best.is_none_or(|(p, _)| c.options.priority > p) {
                 best = Some((c.options.priority, idx));
+            }
+            idx += 1;
+            if idx == n {
+                idx = 0;
             }
         }
         best.map(|(_, idx)| idx)
@@ -205,7 +211,7 @@ impl Consumers {
             }
             skipped.push(idx);
         };
-        self.next = (idx + 1) % self.list.len();
+        self.next = if idx + 1 < self.list.len() { idx + 1 } else { 0 };
         Some(idx)
     }
 
@@ -315,13 +321,58 @@ impl Queue {
 
     /// Removes a consumer; its unacked deliveries stay unacked. Returns true if it was there.
     pub fn remove_consumer(&self, id: ConsumerId) -> bool {
-        let mut st = self.lock();
+        self.remove_consumer_locked(&mut self.lock(), id)
+    }
+
+    /// [`Queue::remove_consumer`] under a held lock.
+    fn remove_consumer_locked(&self, st: &mut QueueState, id: ConsumerId) -> bool {
         let removed = st.consumers.remove(id);
         if removed && st.consumers.is_empty() {
             // x-expires counts from the moment the queue became unused.
             st.expiry.last_used = Instant::now();
             self.timer.notify_one();
         }
+        removed
+    }
+
+    /// Removes consumer `id` and, in the same step under the queue's lock, takes back every delivery it still
+    /// holds: those in `seen` (its owner handed them to the application) are requeued as by
+    /// [`Queue::reject`] with requeue, the others (still on their way to it) return as never delivered
+    /// (as by [`Queue::return_undelivered`]). One step, so that the next consumer (with
+    /// `x-single-active-consumer`, the one taking over) starts from the first message this one held: with
+    /// a cancel and separate requeues, a publish or a return in between handed it later messages first.
+    /// Returns whether the consumer was there.
+    pub fn cancel_and_return(self: &Arc<Self>, id: ConsumerId, seen: &HashSet<MessageId>) -> bool {
+        let mut after = Aftermath::default();
+        let removed = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let removed = self.remove_consumer_locked(st, id);
+            let held: Vec<MessageId> =
+                st.unacked.map.iter().filter(|(_, u)| u.consumer == Some(id)).map(|(msg, _)| *msg).collect();
+            for msg in held {
+                let Some(Unacked { entry, body, .. }) = st.unacked.settle(&mut st.consumers, msg) else { continue };
+                if st.deleted {
+                    continue;
+                }
+                if seen.contains(&msg) {
+                    self.requeue_locked(st, entry, body, &mut after);
+                } else {
+                    if let Some(at) = body.expires_at {
+                        self.arm_expiry(st, at, entry.key());
+                    }
+                    st.index.insert(entry, Some(body));
+                }
+            }
+            if !st.deleted {
+                self.enforce_budget(st);
+                self.dispatch_locked(st, &mut Clock::lazy(), &mut after);
+                // Requeued messages count against the length limits again.
+                self.drop_head_over_limit(st, &mut after);
+            }
+            removed
+        };
+        self.run_aftermath(after);
         removed
     }
 

@@ -65,14 +65,6 @@ pub struct Deaths {
     pub(crate) records: Vec<MsgRef>,
 }
 
-impl Deaths {
-    /// Lets the messages go without dead-lettering them (no dead-letter exchange, or the vhost is gone):
-    /// their source records are settled.
-    pub(crate) fn discard(self) {
-        super::SourceRecords::new(self.queue, self.records).finish();
-    }
-}
-
 /// Things the queue must do after releasing its lock: start a read-ahead, hand on deaths.
 #[derive(Default)]
 pub(super) struct Aftermath {
@@ -228,13 +220,19 @@ impl Queue {
     }
 
     /// [`Queue::after_lock`] for an operation called from outside the vhost: its deaths go to the vhost's
-    /// settling loop (or, with the vhost gone, are let go).
+    /// settling loop. With the vhost gone (the broker stopped while something still holds this queue: a
+    /// dead-letter move awaiting its copy's fsync, a channel), nothing can dead-letter them. With a
+    /// dead-letter exchange their store records are left unsettled, so the next start recovers them (an expired
+    /// one is dead-lettered then, a rejected one is ready again: at least once); settling them here lost
+    /// confirmed messages for good. Without one they were to go anyway, and are settled as with the vhost
+    /// alive.
     #[inline]
     pub(super) fn run_aftermath(self: &Arc<Self>, after: Aftermath) {
         let Some(deaths) = self.after_lock(after) else { return };
-        match self.hooks.upgrade() {
-            Some(hooks) => hooks.settle_deaths(deaths),
-            None => deaths.discard(),
+        if let Some(hooks) = self.hooks.upgrade() {
+            hooks.settle_deaths(deaths);
+        } else if self.args().dead_letter_exchange.is_none() {
+            super::SourceRecords::new(deaths.queue, deaths.records).finish();
         }
     }
 }

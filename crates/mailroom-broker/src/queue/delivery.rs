@@ -3,7 +3,8 @@
 //! reached their consumer.
 
 use super::consumers::{ConsumerEvent, Delivery, Unacked};
-use super::index::{Body, Entry, REDELIVERED, RESIDENT, STORED};
+use super::expiry::Clock;
+use super::index::{Body, Entry, REDELIVERED, STORED};
 use super::{Aftermath, DeadLetterReason, MessageId, Queue, QueueState};
 use crate::args::{QueueArguments, QueueType};
 use crate::message::Message;
@@ -42,7 +43,7 @@ impl Queue {
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
-            self.dispatch_locked(&mut st, Instant::now(), &mut after);
+            self.dispatch_locked(&mut st, &mut Clock::lazy(), &mut after);
         }
         self.run_aftermath(after);
     }
@@ -50,73 +51,56 @@ impl Queue {
     /// Delivers while there are ready messages and consumers with room. A message expires here only if its
     /// deadline is strictly before `now`, so a zero TTL still reaches a consumer waiting at publish time.
     /// Stops at an entry whose body is on disk and asks for a read-ahead.
-    pub(super) fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
+    #[inline]
+    pub(super) fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: &mut Clock, after: &mut Aftermath) {
+        // Without consumers nothing is delivered and no read-ahead is wanted.
+        if !st.consumers.is_empty() {
+            self.dispatch_incoming(st, None, now, after);
+        }
+    }
+
+    /// [`Queue::dispatch_locked`], first offering `incoming`, a new message with its body in RAM that is not
+    /// in the ready index yet (a push to an empty queue): it goes straight to a consumer with room, without
+    /// passing through the index and its body map. Only with an empty index, so it is the next message in
+    /// order. If no consumer has room, it goes into the index as any new message (in RAM or paged out, by
+    /// budget).
+    pub(super) fn dispatch_incoming(
+        self: &Arc<Self>,
+        st: &mut QueueState,
+        incoming: Option<(Entry, Body)>,
+        now: &mut Clock,
+        after: &mut Aftermath,
+    ) {
+        debug_assert!(incoming.is_none() || st.index.is_empty());
         // With a store, deliveries to acking consumers are held back this round: the stored ones are logged as
         // delivered in one store call (one ack-log write per segment), and only then do they all go into the
         // consumers' sinks, because a connection may write a delivery to its socket as soon as it is there, and
         // after a kill -9 a message the client may have seen must come back with redelivered = true. (All of
         // them, stored or not, so each consumer still gets its messages in queue order.)
-        let hold = st.index.store.is_some();
-        // The arguments in force, read under the queue's lock (no lock or Arc clone of their own).
-        let single_active = st.args.single_active_consumer;
-        let counts = counts_deliveries(&st.args);
-        let mut delivered = Vec::new();
-        let mut held = Vec::new();
-        while let Some(front) = st.index.ready.front() {
-            if st.consumers.is_empty() || !front.has(RESIDENT) {
-                break;
-            }
-            let Some(idx) = st.consumers.take_next(single_active) else { break };
-            // The loop condition guarantees a ready entry, and the check above that its body is here.
-            let Some((entry, Some(body))) = st.index.pop_front() else { break };
-            let consumer = &st.consumers.list[idx];
-            if body.expires_at.is_some_and(|at| at < now) {
-                if !consumer.options.no_ack {
-                    consumer.options.channel_prefetch.release();
-                }
-                self.forget_dead(st, &entry, body.message, DeadLetterReason::Expired, after);
-                continue;
-            }
-            let delivery = Delivery {
-                consumer: consumer.id,
-                queue: Arc::clone(self),
-                id: entry.id,
-                message: outgoing(counts, &entry, &body.message),
-                redelivered: entry.has(REDELIVERED),
-                entry,
-                expires_at: body.expires_at,
-            };
-            crate::counters::record_delivery(!consumer.options.no_ack, delivery.redelivered);
-            st.stats.record_delivery(consumer.options.no_ack, delivery.redelivered);
-            let acking = !consumer.options.no_ack;
-            if hold && acking {
-                delivered.extend(entry.stored_ref());
-                held.push(delivery);
-            } else if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
-                // The consumer's owner is gone: put the message back and drop the consumer.
-                if acking {
-                    consumer.options.channel_prefetch.release();
-                }
-                st.consumers.remove_at(idx);
-                st.index.insert(entry, Some(body));
-                continue;
-            }
-            st.consumers.delivered(idx);
-            st.consumers.list[idx].options.channel_prefetch.take_outbound(entry.size);
-            if acking {
-                let consumer = &st.consumers.list[idx];
-                let unacked = Unacked {
-                    consumer: Some(consumer.id),
-                    channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
-                    entry,
-                    body,
-                };
-                st.unacked.insert(unacked);
-            } else {
-                self.forget(st, &entry, Some(&body.message));
+        let mut round = Round {
+            hold: st.index.store.is_some(),
+            // The arguments in force, read under the queue's lock (no lock or Arc clone of their own).
+            single_active: st.args.single_active_consumer,
+            counts: counts_deliveries(&st.args),
+            delivered: Vec::new(),
+            held: Vec::new(),
+        };
+        if let Some((entry, body)) = incoming {
+            match st.consumers.take_next(round.single_active) {
+                Some(idx) => self.deliver_one(st, idx, entry, body, &mut round, now, after),
+                None => st.index.insert_new(&self.paging, &self.spec.name, entry, body),
             }
         }
-        if !held.is_empty() && self.send_held(st, delivered, held) {
+        while let Some(head_resident) = st.index.head_resident() {
+            if st.consumers.is_empty() || !head_resident {
+                break;
+            }
+            let Some(idx) = st.consumers.take_next(round.single_active) else { break };
+            // The loop condition guarantees a ready entry, and the check above that its body is here.
+            let Some((entry, Some(body))) = st.index.pop_front() else { break };
+            self.deliver_one(st, idx, entry, body, &mut round, now, after);
+        }
+        if !round.held.is_empty() && self.send_held(st, round.delivered, round.held) {
             // Other consumers may take what went back; each pass removes a consumer, so this ends.
             self.dispatch_locked(st, now, after);
             return;
@@ -124,6 +108,69 @@ impl Queue {
         // Asks for a read-ahead when consumers are waiting and the bodies in RAM at the head run low.
         if !st.deleted && !st.consumers.is_empty() && st.index.wants_read_ahead(&self.paging) {
             after.read_ahead = true;
+        }
+    }
+
+    /// Hands one message, out of the ready index, to consumer `idx` (chosen, its channel credit taken): a
+    /// delivery, unacked or settled; or dead-lettered if it expired; or back into the index if the
+    /// consumer's owner is gone (the consumer is dropped).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn deliver_one(
+        self: &Arc<Self>,
+        st: &mut QueueState,
+        idx: usize,
+        entry: Entry,
+        body: Body,
+        round: &mut Round,
+        now: &mut Clock,
+        after: &mut Aftermath,
+    ) {
+        let consumer = &st.consumers.list[idx];
+        if body.expires_at.is_some_and(|at| at < now.now()) {
+            if !consumer.options.no_ack {
+                consumer.options.channel_prefetch.release();
+            }
+            self.forget_dead(st, &entry, body.message, DeadLetterReason::Expired, after);
+            return;
+        }
+        let delivery = Delivery {
+            consumer: consumer.id,
+            queue: Arc::clone(self),
+            id: entry.id,
+            message: outgoing(round.counts, &entry, &body.message),
+            redelivered: entry.has(REDELIVERED),
+            entry,
+            expires_at: body.expires_at,
+        };
+        crate::counters::record_delivery(!consumer.options.no_ack, delivery.redelivered);
+        st.stats.record_delivery(consumer.options.no_ack, delivery.redelivered);
+        let acking = !consumer.options.no_ack;
+        if round.hold && acking {
+            round.delivered.extend(entry.stored_ref());
+            round.held.push(delivery);
+        } else if consumer.sink.send(ConsumerEvent::Deliver(delivery)).is_err() {
+            // The consumer's owner is gone: put the message back and drop the consumer.
+            if acking {
+                consumer.options.channel_prefetch.release();
+            }
+            st.consumers.remove_at(idx);
+            st.index.insert(entry, Some(body));
+            return;
+        }
+        st.consumers.delivered(idx);
+        st.consumers.list[idx].options.channel_prefetch.take_outbound(entry.size);
+        if acking {
+            let consumer = &st.consumers.list[idx];
+            let unacked = Unacked {
+                consumer: Some(consumer.id),
+                channel_prefetch: Some(Arc::clone(&consumer.options.channel_prefetch)),
+                entry,
+                body,
+            };
+            st.unacked.insert(unacked);
+        } else {
+            self.forget(st, &entry, Some(&body.message));
         }
     }
 
@@ -184,7 +231,7 @@ impl Queue {
             }
             st.index.insert(entry, Some(body));
             self.enforce_budget(st);
-            self.dispatch_locked(st, Instant::now(), &mut after);
+            self.dispatch_locked(st, &mut Clock::lazy(), &mut after);
         }
         self.run_aftermath(after);
     }
@@ -271,26 +318,30 @@ impl Queue {
     pub fn peek(&self, offset: usize, count: usize) -> Vec<Peeked> {
         let st = self.lock();
         st.index
-            .ready
-            .iter()
-            .skip(offset)
-            .take(count)
-            .filter_map(|e| {
-                let message = match st.index.bodies.get(&e.id).filter(|_| e.has(RESIDENT)) {
-                    Some(body) => Arc::clone(&body.message),
-                    None => match st.index.load(e) {
-                        Ok(body) => body.message,
-                        Err(err) => {
-                            // Left out of this peek only: peek changes nothing, so nothing is quarantined here.
-                            tracing::warn!(queue = %self.spec.name, id = e.id, error = %err, "peek cannot read a body");
-                            return None;
-                        }
-                    },
-                };
-                Some(Peeked { id: e.id, message, redelivered: e.has(REDELIVERED) })
+            .peek(offset, count)
+            .into_iter()
+            .filter_map(|(e, message)| match message {
+                Ok(message) => Some(Peeked { id: e.id, message, redelivered: e.has(REDELIVERED) }),
+                Err(err) => {
+                    // Left out of this peek only: peek changes nothing, so nothing is quarantined here.
+                    tracing::warn!(queue = %self.spec.name, id = e.id, error = %err, "peek cannot read a body");
+                    None
+                }
             })
             .collect()
     }
+}
+
+/// What one dispatch round keeps from message to message.
+struct Round {
+    /// Deliveries to acking consumers wait until the stored ones are logged as delivered (a store).
+    hold: bool,
+    single_active: bool,
+    /// Deliveries carry `x-delivery-count`.
+    counts: bool,
+    /// The store records of the held deliveries.
+    delivered: Vec<MsgRef>,
+    held: Vec<Delivery>,
 }
 
 /// Whether deliveries under `args` carry `x-delivery-count` (quorum queues, as RabbitMQ 3.10, and any queue

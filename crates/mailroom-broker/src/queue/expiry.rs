@@ -7,9 +7,34 @@ use crate::args::QueueArguments;
 use crate::message::Message;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// "Now" for one queue operation, read from the clock at most once and only if needed: an operation that
+/// meets no message with a deadline (no TTL anywhere, the common case) never reads it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock(Option<Instant>);
+
+impl Clock {
+    /// Reads the clock on first use.
+    #[inline]
+    pub(super) fn lazy() -> Self {
+        Clock(None)
+    }
+    /// A moment already read (a push with a TTL computes the deadline from it, and a zero TTL must then
+    /// compare with that same moment).
+    #[inline]
+    pub(super) fn at(now: Instant) -> Self {
+        Clock(Some(now))
+    }
+    /// The operation's now: the same value on every call.
+    #[inline]
+    pub(super) fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
 
 /// The deadlines of a queue's messages, soonest first, and when the queue was last used.
 ///
@@ -106,8 +131,23 @@ impl Queue {
         });
     }
 
+    /// For a clean stop: from now on nothing in this queue expires (TTL or `x-expires`) and its timer ends.
+    /// What falls due stays in the store and expires at the next start, so no dead-letter move can begin
+    /// after the stop has waited for those in flight (one begun later could be cut off by the exit).
+    pub fn stop_expiring(&self) {
+        self.expiry_stopped.store(true, Ordering::Release);
+        self.timer.notify_one();
+    }
+
+    fn expiring_stopped(&self) -> bool {
+        self.expiry_stopped.load(Ordering::Acquire)
+    }
+
     /// Drops expired ready messages (dead-lettering them).
     pub(super) fn expire_locked(&self, st: &mut QueueState, now: Instant, after: &mut Aftermath) {
+        if self.expiring_stopped() {
+            return;
+        }
         while let Some(key) = st.expiry.pop_due(now) {
             // Only ready messages expire; a delivered one left the queue's ready list.
             if let Some(idx) = st.index.find(key) {
@@ -174,7 +214,7 @@ pub(super) async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>, gate: Optio
     loop {
         let deadline = {
             let Some(q) = queue.upgrade() else { return };
-            if q.is_deleted() {
+            if q.is_deleted() || q.expiring_stopped() {
                 return;
             }
             q.next_deadline()
@@ -189,7 +229,7 @@ pub(super) async fn run_timer(queue: Weak<Queue>, wake: Arc<Notify>, gate: Optio
             None => wake.notified().await,
         }
         let Some(q) = queue.upgrade() else { return };
-        if q.is_deleted() {
+        if q.is_deleted() || q.expiring_stopped() {
             return;
         }
         q.on_timer();

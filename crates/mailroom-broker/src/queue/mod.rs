@@ -26,9 +26,11 @@
 mod consumers;
 mod deaths;
 mod delivery;
+mod entry;
 mod expiry;
 mod index;
 mod recovery;
+mod runs;
 mod source_records;
 mod stats;
 
@@ -39,7 +41,7 @@ pub use deaths::{DeadLetterReason, Deaths};
 pub use delivery::{GetResult, Peeked};
 pub use recovery::RecoveredIndex;
 pub use source_records::{SourceRecords, MOVE_RETRY_MAX, MOVE_RETRY_MIN};
-pub use stats::QueueMessageStats;
+pub use stats::{MessageStats, QueueMessageStats};
 
 use crate::args::{Overflow, QueueArguments};
 use crate::error::{BrokerError, Result};
@@ -49,10 +51,10 @@ use crate::store::{QueueStore, SegmentPos, SyncTicket};
 use amq_protocol_types::FieldTable;
 use consumers::{Consumers, Unacked, UnackedSet};
 use deaths::Aftermath;
-use expiry::Expiries;
+use expiry::{Clock, Expiries};
 use index::{Body, Entry, ReadyIndex, PAGED, REDELIVERED, STORED};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -140,6 +142,9 @@ struct QueueState {
 pub struct Queue {
     spec: QueueSpec,
     state: Mutex<QueueState>,
+    /// Set once the queue leaves its vhost's map ([`Queue::stop_routing`], under the map's lock), and by
+    /// [`Queue::mark_deleted`]: routing reads it without taking the queue's lock for every target.
+    deleted: AtomicBool,
     /// Wakes the queue's timer task when a nearer deadline appears.
     timer: Arc<Notify>,
     /// The vhost's services: the dead-letter settling loop, self-deletion, the recovery gate.
@@ -160,6 +165,9 @@ pub struct Queue {
     /// Dead-letter moves out of this queue whose source records are not settled yet: a clean stop waits
     /// for them ([`crate::Broker::flush_stores`]), or the restart would move those messages again.
     moves_in_flight: Arc<AtomicUsize>,
+    /// Set at a clean stop ([`Queue::stop_expiring`]): nothing expires any more, so no dead-letter move
+    /// starts after the stop waited for the moves in flight.
+    expiry_stopped: AtomicBool,
 }
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
@@ -206,6 +214,7 @@ impl Queue {
                 stats: QueueMessageStats::default(),
                 args,
             }),
+            deleted: AtomicBool::new(false),
             timer: Arc::new(Notify::new()),
             hooks,
             paging,
@@ -213,6 +222,7 @@ impl Queue {
             quarantined: AtomicU64::new(quarantined),
             read_errors: AtomicU64::new(0),
             moves_in_flight: Arc::new(AtomicUsize::new(0)),
+            expiry_stopped: AtomicBool::new(false),
         });
         queue.restore(recovered);
         let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
@@ -298,7 +308,7 @@ impl Queue {
     }
     /// Reads of message bodies from disk that failed with an I/O error (each retried; the message stayed).
     pub fn read_error_count(&self) -> u64 {
-        self.read_errors.load(Ordering::Relaxed)
+        self.read_errors.load(Ordering::Relaxed) + self.lock().index.run_read_errors
     }
     /// Ready messages whose body is only on disk.
     pub fn paged_count(&self) -> u32 {
@@ -308,9 +318,11 @@ impl Queue {
     pub fn unacked_count(&self) -> u32 {
         self.lock().unacked.len() as u32
     }
-    /// Whether the queue has been deleted.
+    /// Whether the queue has been deleted. Lock-free: a push still checks the state's flag under the lock,
+    /// so a queue deleted after this said false takes nothing ([`PushOutcome::QueueDeleted`]).
+    #[inline]
     pub fn is_deleted(&self) -> bool {
-        self.lock().deleted
+        self.deleted.load(Ordering::Acquire)
     }
     /// Checks exclusive ownership: another connection's exclusive queue is 405.
     pub fn check_owner(&self, owner: ConnectionId) -> Result<()> {
@@ -344,16 +356,20 @@ impl Queue {
     }
 
     fn push_locked(self: &Arc<Self>, message: Arc<Message>, after: &mut Aftermath) -> PushOutcome {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.deleted {
             return PushOutcome::QueueDeleted;
         }
-        let args = Arc::clone(&st.args);
+        // The arguments this push reads, copied out of the state (no Arc clone per message).
+        let (single_active, overflow, deduplication) =
+            (st.args.single_active_consumer, st.args.overflow, st.args.deduplication);
         let size = message.body.len() as u64;
+        // An empty queue with consumers offers the message to them straight away (see below).
+        let consumer_waits = st.index.is_empty() && !st.consumers.is_empty();
         // A message a waiting consumer takes at once never counts against the length limits.
-        let taken_at_once = st.index.is_empty() && st.consumers.choose(args.single_active_consumer, &[]).is_some();
-        if !taken_at_once && self.over_limit(&st, 1, size) {
-            match args.overflow {
+        if self.over_limit(st, 1, size) && !(consumer_waits && st.consumers.choose(single_active, &[]).is_some()) {
+            match overflow {
                 Overflow::RejectPublish => return PushOutcome::Rejected,
                 Overflow::RejectPublishDlx => {
                     after.push_dead(message, DeadLetterReason::MaxLen, None);
@@ -362,7 +378,7 @@ impl Queue {
                 Overflow::DropHead => {}
             }
         }
-        if args.deduplication {
+        if deduplication {
             if let Some(key) = crate::message::headers::dedup_key(&message) {
                 // A duplicate of a message still in the queue is dropped (and, with confirms, still acked),
                 // but not acked before the original is on disk: a crash in between would lose both.
@@ -372,12 +388,18 @@ impl Queue {
                 }
             }
         }
-        let ttl = expiry::ttl_of(&args, &message);
-        let now = Instant::now();
-        let expires_at = ttl.map(|ms| crate::message::clock::deadline_after(now, ms));
+        let ttl = expiry::ttl_of(&st.args, &message);
+        // The clock is read only for a deadline: this message's, or one dispatch meets on another message.
+        let (mut clock, expires_at) = match ttl {
+            Some(ms) => {
+                let now = Instant::now();
+                (Clock::at(now), Some(crate::message::clock::deadline_after(now, ms)))
+            }
+            None => (Clock::lazy(), None),
+        };
         let id = st.next_id;
         st.next_id += 1;
-        let rank = rank_in(&args, &message);
+        let rank = rank_in(&st.args, &message);
         let mut entry = Entry { id, pos: SegmentPos::default(), size: size as u32, rank, flags: 0, delivery_count: 0 };
         // Persistent messages in a durable queue go to its store; the confirm waits for the fsync.
         let mut outcome = PushOutcome::Enqueued;
@@ -390,7 +412,7 @@ impl Queue {
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.spec.name, error = %e, "cannot store message; refusing it");
-                    if let Some(key) = crate::message::headers::dedup_key(&message).filter(|_| args.deduplication) {
+                    if let Some(key) = crate::message::headers::dedup_key(&message).filter(|_| deduplication) {
                         st.dedup.remove(&key);
                     }
                     return PushOutcome::Refused;
@@ -398,17 +420,23 @@ impl Queue {
             }
         }
         if let Some(at) = expires_at {
-            self.arm_expiry(&mut st, at, (rank, id));
-            Self::compact_expiries(&mut st);
+            self.arm_expiry(st, at, (rank, id));
+            Self::compact_expiries(st);
         }
         st.stats.publish += 1;
         let body = Body { message, expires_at };
-        st.index.insert_new(&self.paging, &self.spec.name, entry, body, taken_at_once);
-        self.dispatch_locked(&mut st, now, after);
-        self.drop_head_over_limit(&mut st, after);
+        if consumer_waits {
+            // The queue is empty and has consumers: the message goes to one with room without entering the
+            // index (into it, as any new message, if none can take it).
+            self.dispatch_incoming(st, Some((entry, body)), &mut clock, after);
+        } else {
+            st.index.insert_new(&self.paging, &self.spec.name, entry, body);
+            self.dispatch_locked(st, &mut clock, after);
+        }
+        self.drop_head_over_limit(st, after);
         // A zero TTL means "deliver now or never".
         if ttl == Some(0) {
-            self.expire_locked(&mut st, now, after);
+            self.expire_locked(st, clock.now(), after);
         }
         outcome
     }
@@ -440,7 +468,7 @@ impl Queue {
                 }
             }
             st.index.settle_records(&self.spec.name, &stored, &paged);
-            self.dispatch_locked(st, Instant::now(), &mut after);
+            self.dispatch_locked(st, &mut Clock::lazy(), &mut after);
         }
         self.run_aftermath(after);
     }
@@ -457,27 +485,33 @@ impl Queue {
                     continue;
                 }
                 if requeue {
-                    let delivery_count = entry.delivery_count.saturating_add(1);
-                    // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
-                    if self.args().delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
-                        self.forget_dead(st, &entry, body.message, DeadLetterReason::DeliveryLimit, &mut after);
-                        continue;
-                    }
-                    // Its expiry may have been consumed by the timer while it was unacked: arm it again.
-                    if let Some(at) = body.expires_at {
-                        self.arm_expiry(st, at, entry.key());
-                    }
-                    st.index.insert(Entry { flags: entry.flags | REDELIVERED, delivery_count, ..entry }, Some(body));
+                    self.requeue_locked(st, entry, body, &mut after);
                 } else {
                     self.forget_dead(st, &entry, body.message, DeadLetterReason::Rejected, &mut after);
                 }
             }
             self.enforce_budget(st);
-            self.dispatch_locked(st, Instant::now(), &mut after);
+            self.dispatch_locked(st, &mut Clock::lazy(), &mut after);
             // Requeued messages count against the length limits again.
             self.drop_head_over_limit(st, &mut after);
         }
         self.run_aftermath(after);
+    }
+
+    /// Puts a settled delivery back at its place, marked redelivered and counted as a delivery attempt
+    /// (dead-lettered instead past `x-delivery-limit`).
+    fn requeue_locked(&self, st: &mut QueueState, entry: Entry, body: Body, after: &mut Aftermath) {
+        let delivery_count = entry.delivery_count.saturating_add(1);
+        // A limit of N allows N+1 deliveries; past it the message is dead-lettered.
+        if self.args().delivery_limit.is_some_and(|limit| delivery_count as u64 > limit) {
+            self.forget_dead(st, &entry, body.message, DeadLetterReason::DeliveryLimit, after);
+            return;
+        }
+        // Its expiry may have been consumed by the timer while it was unacked: arm it again.
+        if let Some(at) = body.expires_at {
+            self.arm_expiry(st, at, entry.key());
+        }
+        st.index.insert(Entry { flags: entry.flags | REDELIVERED, delivery_count, ..entry }, Some(body));
     }
 
     /// A message left the queue for good: its store record is settled, and a later message with the same
@@ -521,8 +555,7 @@ impl Queue {
     /// target). False if it is no longer ready (consumed, expired or already removed).
     pub fn remove_ready(&self, id: MessageId) -> bool {
         let mut st = self.lock();
-        let Some(idx) = st.index.ready.iter().position(|e| e.id == id) else { return false };
-        let Some((entry, body)) = st.index.remove_at(idx) else { return false };
+        let Some((entry, body)) = st.index.remove_id(id) else { return false };
         self.forget(&mut st, &entry, body.as_ref().map(|b| &*b.message));
         true
     }
@@ -530,10 +563,18 @@ impl Queue {
     /// Drops every ready message (unacked ones stay); returns how many.
     pub fn purge(&self) -> u32 {
         let mut st = self.lock();
+        let n = st.index.len() as u32;
         let (ready, bodies) = st.index.take_all();
-        let n = ready.len() as u32;
         if self.args().deduplication {
             for e in &ready {
+                if e.is_run() {
+                    // Each message's deduplication value is in its record; an unreadable one keeps its value.
+                    for (e, body) in st.index.run_messages(e).unwrap_or_default() {
+                        self.forget_dedup(&mut st, &e, body.ok().as_ref().map(|b| &*b.message));
+                    }
+                    st.index.settle_entries(&self.spec.name, std::iter::once(e));
+                    continue;
+                }
                 let message = bodies.get(&e.id).map(|b| Arc::clone(&b.message));
                 self.forget(&mut st, e, message.as_deref());
             }
@@ -544,6 +585,13 @@ impl Queue {
         n
     }
 
+    /// Marks the queue deleted for routing only, ahead of [`Queue::mark_deleted`]: its vhost calls it under
+    /// the queue map's lock as the queue leaves the map, so a publisher's cached queue is never routed to
+    /// once a queue of the same name may be declared again.
+    pub(crate) fn stop_routing(&self) {
+        self.deleted.store(true, Ordering::Release);
+    }
+
     /// Marks the queue deleted: cancels its consumers, drops its messages; returns the ready count.
     pub fn mark_deleted(&self) -> u32 {
         let mut st = self.lock();
@@ -551,6 +599,9 @@ impl Queue {
             return 0;
         }
         st.deleted = true;
+        // At once, under the lock: routing stops choosing the queue (a mandatory publish is returned, an
+        // alternate exchange tried) while its files are removed below, as it did when it read the locked flag.
+        self.deleted.store(true, Ordering::Release);
         let n = st.index.len() as u32;
         st.index.destroy(&self.spec.name);
         st.expiry.clear();
@@ -574,6 +625,7 @@ fn rank_in(args: &QueueArguments, message: &Message) -> u8 {
 mod tests {
     use super::*;
     use amq_protocol_types::AMQPValue;
+    use std::collections::HashSet;
 
     #[test]
     fn index_entry_stays_at_24_bytes() {
@@ -601,6 +653,120 @@ mod tests {
         assert_eq!(q.message_count(), 1, "the duplicate was dropped");
         v.delete_queue("q", false, false, 1).unwrap();
         assert!(matches!(q.push(with_dedup_header("b")), PushOutcome::QueueDeleted));
+    }
+
+    fn consumer(no_ack: bool) -> ConsumeOptions {
+        ConsumeOptions {
+            no_ack,
+            exclusive: false,
+            prefetch: 0,
+            channel_prefetch: Arc::new(ChannelPrefetch::default()),
+            priority: 0,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    fn plain(body: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message::new("", "q", Default::default(), bytes::Bytes::from_static(body)))
+    }
+
+    /// A push to an empty queue with a waiting consumer skips the ready index: the counts must still be
+    /// those of a delivery (unacked bytes, nothing ready), and a requeue must bring it back as any other.
+    #[tokio::test]
+    async fn a_message_taken_at_once_is_counted_and_requeued_like_any_delivery() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("q", &crate::QueueOptions::default(), 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(7, consumer(false), sink).unwrap();
+        assert!(matches!(q.push(plain(b"abcd")), PushOutcome::Enqueued));
+        let Ok(ConsumerEvent::Deliver(d)) = events.try_recv() else { panic!("delivered at once") };
+        assert_eq!((d.consumer, &d.message.body[..], d.redelivered), (7, &b"abcd"[..], false));
+        assert_eq!((q.message_count(), q.unacked_count()), (0, 1));
+        assert_eq!((q.ready_bytes(), q.message_bytes(), q.held_bytes()), (0, 4, 4));
+        assert!(q.remove_consumer(7));
+        q.reject(&[d.id], true);
+        assert_eq!((q.message_count(), q.unacked_count(), q.ready_bytes()), (1, 0, 4));
+        let again = q.get(false).unwrap();
+        assert!(again.redelivered);
+        q.ack(&[again.id]);
+        assert_eq!((q.message_bytes(), q.held_bytes()), (0, 0));
+        assert_eq!(q.message_stats().publish, 1);
+    }
+
+    /// A consumer chosen for a push whose owner is gone: the message stays ready, in order, and the
+    /// consumer is dropped; a later consumer gets the messages in publish order.
+    #[tokio::test]
+    async fn a_message_for_a_gone_consumer_stays_ready() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("q", &crate::QueueOptions::default(), 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(1, consumer(true), sink).unwrap();
+        drop(events);
+        assert!(matches!(q.push(plain(b"first")), PushOutcome::Enqueued));
+        assert_eq!((q.message_count(), q.consumer_count(), q.ready_bytes()), (1, 0, 5));
+        assert!(matches!(q.push(plain(b"second")), PushOutcome::Enqueued));
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(2, consumer(true), sink).unwrap();
+        for body in [&b"first"[..], b"second"] {
+            let Ok(ConsumerEvent::Deliver(d)) = events.try_recv() else { panic!("delivered") };
+            assert_eq!(&d.message.body[..], body);
+        }
+        assert_eq!((q.message_count(), q.ready_bytes()), (0, 0));
+    }
+
+    /// A single-active consumer cancelled with its deliveries (an in-process client's crash): the standby
+    /// taking over gets them first, in queue order, and only what the first one's owner saw is marked
+    /// redelivered. (Cancelling first and requeueing after let a publish in between hand the standby the
+    /// ready messages before the cancelled one's: the SDK's keyed workers handled a key out of order.)
+    #[tokio::test]
+    async fn a_cancelled_single_active_consumer_hands_over_from_its_first_delivery() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        v.declare_queue("q", &crate::QueueOptions { arguments, ..Default::default() }, 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        let (sink, mut first) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(1, ConsumeOptions { prefetch: 2, ..consumer(false) }, sink).unwrap();
+        let (sink, mut standby) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(2, ConsumeOptions { prefetch: 10, ..consumer(false) }, sink).unwrap();
+        for body in [&b"m0"[..], b"m1", b"m2", b"m3"] {
+            q.push(Arc::new(Message::new("", "q", Default::default(), bytes::Bytes::copy_from_slice(body))));
+        }
+        let Ok(ConsumerEvent::Deliver(seen)) = first.try_recv() else { panic!("m0 to the active consumer") };
+        assert_eq!(&seen.message.body[..], b"m0");
+        assert!(standby.try_recv().is_err(), "the standby gets nothing while the first one is there");
+        assert!(q.cancel_and_return(1, &HashSet::from([seen.id])));
+        let mut got = Vec::new();
+        while let Ok(ConsumerEvent::Deliver(d)) = standby.try_recv() {
+            got.push((String::from_utf8_lossy(&d.message.body).into_owned(), d.redelivered));
+        }
+        let want = [("m0", true), ("m1", false), ("m2", false), ("m3", false)];
+        assert_eq!(got, want.map(|(b, r)| (b.to_owned(), r)));
+        assert_eq!((q.consumer_count(), q.unacked_count(), q.message_count()), (1, 4, 0));
+    }
+
+    /// With a zero TTL a message still reaches a consumer waiting at publish time, and expires otherwise.
+    #[tokio::test]
+    async fn a_zero_ttl_reaches_a_waiting_consumer_only() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(0));
+        v.declare_queue("q", &crate::QueueOptions { arguments, ..Default::default() }, 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        q.push(plain(b"nobody"));
+        assert_eq!(q.message_count(), 0, "expired: no consumer was waiting");
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(1, consumer(true), sink).unwrap();
+        q.push(plain(b"taken"));
+        let Ok(ConsumerEvent::Deliver(d)) = events.try_recv() else { panic!("delivered at once") };
+        assert_eq!(&d.message.body[..], b"taken");
+        assert!(events.try_recv().is_err());
     }
 
     #[tokio::test]

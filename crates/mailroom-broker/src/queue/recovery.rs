@@ -2,19 +2,26 @@
 //! stay on disk), installed into a new queue, and the aftermath once the broker's definitions are back.
 
 use super::index::{Entry, Rank, REDELIVERED, STORED};
+use super::runs;
 use super::{Aftermath, DeadLetterReason, Queue};
 use crate::args::QueueArguments;
-use crate::store::{MsgRef, Recovered};
+use crate::store::{MsgRef, Recovered, SegmentPos};
 use std::cmp::Reverse;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// What a durable queue's store held at startup, reduced to the index: bodies stay on disk.
+/// What a durable queue's store held at startup, reduced to the index: bodies stay on disk, and runs of
+/// alike messages collapse into one slot each (see `runs.rs`), so a deep queue recovers in little RAM.
 #[derive(Debug, Default)]
 pub struct RecoveredIndex {
+    /// Entries and runs, in the order recovered.
     entries: Vec<Entry>,
+    /// Messages in `entries`.
+    messages: usize,
+    /// Where the last recovered record ends, if the last slot may take the next one into its run.
+    run_end: Option<SegmentPos>,
     expiries: Vec<Reverse<(Instant, Rank)>>,
     dedup: HashSet<String>,
     /// Records whose properties do not parse: settled once the store is open.
@@ -53,12 +60,30 @@ impl RecoveredIndex {
         // Every logged delivery of a message still here ended without an ack: each counts as a return.
         let delivery_count = r.msg.delivery_count.saturating_add(r.delivered_count).min(u16::MAX as u32) as u16;
         let flags = STORED | if r.redelivered { REDELIVERED } else { 0 };
-        self.entries.push(Entry { id, pos: r.pos, size: r.msg.body.len() as u32, rank, flags, delivery_count });
+        let entry = Entry { id, pos: r.pos, size: r.msg.body.len() as u32, rank, flags, delivery_count };
+        self.messages += 1;
+        // A run takes the record right after its last one (checked: the store's recovery skips damage).
+        let adjacent = self.run_end == Some(r.pos);
+        let end = r.pos.offset as u64 + r.msg.record_len() as u64;
+        self.run_end = (r.msg.expires_at_ms.is_none() && end <= u32::MAX as u64)
+            .then_some(SegmentPos { segment: r.pos.segment, offset: end as u32 });
+        let joined = adjacent
+            && r.msg.expires_at_ms.is_none()
+            && self.entries.last_mut().is_some_and(|last| runs::try_join(last, &entry));
+        if !joined {
+            self.entries.push(entry);
+        }
+    }
+
+    /// The entries and runs recovered, for tests.
+    #[cfg(test)]
+    pub(super) fn into_slots(self) -> Vec<Entry> {
+        self.entries
     }
 
     /// Messages recovered so far.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.messages
     }
 
     /// Whether nothing was recovered.
@@ -87,7 +112,7 @@ impl Queue {
         if entries.is_empty() {
             return;
         }
-        st.next_id = st.next_id.max(entries.iter().map(|e| e.id).max().unwrap_or(0) + 1);
+        st.next_id = st.next_id.max(entries.iter().map(|e| e.last_id()).max().unwrap_or(0) + 1);
         st.expiry.extend(expiries);
         st.dedup.extend(dedup);
         st.index.restore(entries);
@@ -100,18 +125,11 @@ impl Queue {
         let mut after = Aftermath::default();
         {
             let mut st = self.lock();
-            let mut i = 0;
-            while i < st.index.len() {
-                if st.index.ready[i].delivery_count as u64 > limit {
-                    if let Some((entry, body)) = st.index.remove_at(i) {
-                        // Kept (I/O error reading its body): it stays where it was, and is delivered again.
-                        let reason = DeadLetterReason::DeliveryLimit;
-                        if !self.drop_message(&mut st, &entry, body, reason, &mut after) {
-                            i += 1;
-                        }
-                    }
-                } else {
-                    i += 1;
+            for key in st.index.keys_over_delivery_limit(limit) {
+                let Some(idx) = st.index.find(key) else { continue };
+                if let Some((entry, body)) = st.index.remove_at(idx) {
+                    // Kept (I/O error reading its body): it goes back where it was, and is delivered again.
+                    self.drop_message(&mut st, &entry, body, DeadLetterReason::DeliveryLimit, &mut after);
                 }
             }
         }

@@ -13,7 +13,7 @@ mod queues;
 mod redrive;
 
 pub use exchanges::ExchangeOptions;
-pub use publish::PublishResult;
+pub use publish::{PublishCache, PublishResult};
 pub use queues::{generate_queue_name, QueueDeclared, QueueOptions};
 pub use redrive::{first_death, RedriveOptions, RedriveOutcome, RedriveTarget};
 

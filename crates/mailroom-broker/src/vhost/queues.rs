@@ -7,11 +7,12 @@ use crate::client_input::ConsumerArguments;
 use crate::error::{BrokerError, ErrorKind, Result};
 use crate::exchange::Destination;
 use crate::queue::{
-    ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, Queue, QueueHooks, QueueSpec, RecoveredIndex,
+    ConnectionId, ConsumeOptions, ConsumerId, ConsumerSink, MessageId, Queue, QueueHooks, QueueSpec, RecoveredIndex,
 };
 use crate::store::syncer::BatchState;
 use crate::store::{Change, QueueDef};
 use amq_protocol_types::FieldTable;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::sync::watch;
@@ -294,6 +295,9 @@ impl VHost {
             let mut queues = write(&self.queues);
             match queues.get(queue.name()) {
                 Some(q) if Arc::ptr_eq(q, queue) => {
+                    // Marked for routing as it leaves the map, under its lock: a publisher's cached queue
+                    // (`PublishCache`) that is not marked is still the map's queue of its name.
+                    queue.stop_routing();
                     queues.remove(queue.name());
                     // Under the map lock, so a re-declare of the name is logged after this deletion (and the
                     // re-declared queue gets a new generation: this queue's files are never its files).
@@ -348,6 +352,14 @@ impl VHost {
     /// `basic.cancel` (or a closing channel): removes the consumer, auto-deleting its queue if that was the last.
     pub fn cancel(&self, queue: &Arc<Queue>, consumer: ConsumerId) {
         if queue.remove_consumer(consumer) && queue.should_auto_delete() {
+            self.remove_queue(queue);
+        }
+    }
+
+    /// [`VHost::cancel`] that also takes back, in the same step, every delivery the consumer still holds
+    /// ([`Queue::cancel_and_return`]): for an in-process client whose consumer and channel go together.
+    pub fn cancel_and_return(&self, queue: &Arc<Queue>, consumer: ConsumerId, seen: &HashSet<MessageId>) {
+        if queue.cancel_and_return(consumer, seen) && queue.should_auto_delete() {
             self.remove_queue(queue);
         }
     }

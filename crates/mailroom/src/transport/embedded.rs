@@ -54,28 +54,29 @@ impl Embedded {
             arguments: Default::default(),
         };
         let (q, consumer) = self.vhost.consume(queue, self.owner, options, sink).map_err(broker_err)?;
-        let outstanding: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let tracked: Arc<Mutex<Tracked>> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let track = Arc::clone(&outstanding);
+        let track = Arc::clone(&tracked);
         // Forwards deliveries until the consumer is cancelled (its sink closes). Once the subscription is
-        // gone, deliveries it never received go back to the queue untouched, as an AMQP channel's do.
+        // gone, its guard has taken back every acking delivery; no-ack ones it never received go back here.
         tokio::spawn(async move {
             let mut gone = false;
             while let Some(event) = events.recv().await {
                 let ConsumerEvent::Deliver(d) = event else { break };
-                if gone {
+                if no_ack && gone {
                     d.queue.clone().return_undelivered(d);
                     continue;
                 }
                 let acker: Option<Box<dyn AckHandle>> = if no_ack {
                     None
                 } else {
-                    track.lock().unwrap().insert(d.id);
-                    Some(Box::new(EmbeddedAck {
-                        queue: Arc::clone(&d.queue),
-                        id: d.id,
-                        outstanding: Arc::clone(&track),
-                    }))
+                    let mut t = lock(&track);
+                    if t.closed {
+                        // The guard's cancel already put it back (with the consumer's other deliveries).
+                        continue;
+                    }
+                    t.outstanding.insert(d.id);
+                    Some(Box::new(EmbeddedAck { queue: Arc::clone(&d.queue), id: d.id, tracked: Arc::clone(&track) }))
                 };
                 let inbound = Inbound {
                     exchange: d.message.exchange.to_string(),
@@ -86,17 +87,36 @@ impl Embedded {
                     acker,
                 };
                 if tx.send(inbound).is_err() {
-                    gone = true;
-                    // Unless the guard already requeued it with the other outstanding ones.
-                    if no_ack || track.lock().unwrap().remove(&d.id) {
+                    if no_ack {
+                        gone = true;
                         d.queue.clone().return_undelivered(d);
+                    } else {
+                        // Never seen by the application: the guard (dropped right after the receiver) returns
+                        // it as undelivered, or already did.
+                        lock(&track).outstanding.remove(&d.id);
                     }
                 }
             }
         });
-        let guard = ConsumerGuard { vhost: Arc::clone(&self.vhost), queue: q, consumer, outstanding };
+        let guard = ConsumerGuard { vhost: Arc::clone(&self.vhost), queue: q, consumer, tracked };
         Ok(Subscription::new(rx, Box::new(guard)))
     }
+}
+
+/// What a subscription's forwarding task, its acks and its guard share.
+#[derive(Default)]
+struct Tracked {
+    /// Deliveries handed to the application and not settled yet.
+    outstanding: HashSet<u64>,
+    /// The guard cancelled the consumer and took back all its deliveries: nothing is forwarded or settled
+    /// any more (the ids may be another consumer's deliveries by now).
+    closed: bool,
+}
+
+/// Locks the shared state. A poisoned lock is taken as it is: nothing panics while holding it (set
+/// inserts and removes, a flag, broker calls that do not call back), so its state is consistent.
+fn lock(tracked: &Mutex<Tracked>) -> std::sync::MutexGuard<'_, Tracked> {
+    tracked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Drop for Embedded {
@@ -106,46 +126,56 @@ impl Drop for Embedded {
     }
 }
 
-/// Cancels the consumer and returns its unacked deliveries to the queue, as a closing AMQP channel does.
-/// (Deliveries still on their way to the dropped subscription are returned by its forwarding task.)
+/// Cancels the consumer and returns its unacked deliveries to the queue, as a closing AMQP channel does:
+/// in one step with the cancel ([`VHost::cancel_and_return`]), those the application saw as redelivered,
+/// those still on their way to it as never delivered. One step matters for single-active-consumer
+/// queues: the consumer taking over must start from the first of them, not from a message published or
+/// returned in between (a keyed worker's crash let the next one handle a key's messages out of order).
 struct ConsumerGuard {
     vhost: Arc<VHost>,
     queue: Arc<Queue>,
     consumer: u64,
-    outstanding: Arc<Mutex<HashSet<u64>>>,
+    tracked: Arc<Mutex<Tracked>>,
 }
 
 impl Drop for ConsumerGuard {
     fn drop(&mut self) {
-        self.vhost.cancel(&self.queue, self.consumer);
-        let ids: Vec<u64> = self.outstanding.lock().unwrap().drain().collect();
-        if !ids.is_empty() {
-            self.queue.reject(&ids, true);
-        }
+        // Held across the cancel: the forwarding task cannot hand out a delivery the broker takes back.
+        let mut t = lock(&self.tracked);
+        t.closed = true;
+        let seen = std::mem::take(&mut t.outstanding);
+        self.vhost.cancel_and_return(&self.queue, self.consumer, &seen);
     }
 }
 
 struct EmbeddedAck {
     queue: Arc<Queue>,
     id: u64,
-    outstanding: Arc<Mutex<HashSet<u64>>>,
+    tracked: Arc<Mutex<Tracked>>,
+}
+
+impl EmbeddedAck {
+    /// Whether the delivery is still this subscription's to settle (not taken back by its guard).
+    fn take(&self) -> bool {
+        lock(&self.tracked).outstanding.remove(&self.id)
+    }
 }
 
 impl AckHandle for EmbeddedAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
-        if self.outstanding.lock().unwrap().remove(&self.id) {
+        if self.take() {
             self.queue.ack(&[self.id]);
         }
         Box::pin(async { Ok(()) })
     }
     fn reject(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
-        if self.outstanding.lock().unwrap().remove(&self.id) {
+        if self.take() {
             self.queue.reject(&[self.id], false);
         }
         Box::pin(async { Ok(()) })
     }
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), TransportError>> {
-        if self.outstanding.lock().unwrap().remove(&self.id) {
+        if self.take() {
             self.queue.reject(&[self.id], true);
         }
         Box::pin(async { Ok(()) })
@@ -327,6 +357,40 @@ mod tests {
             let m = sub.next().await.unwrap();
             assert_eq!(&m.body[..], &[i]);
             assert!(!m.redelivered, "never handed to the application: not a redelivery");
+        }
+    }
+
+    /// A single-active consumer's subscription dropped while deliveries were still on their way to it (a
+    /// crashed keyed worker): the standby taking over gets those first, then the rest, in queue order. The
+    /// guard used to cancel the consumer and leave those deliveries to the forwarding task, which returned
+    /// them only after a later publish had handed the standby the messages behind them.
+    #[tokio::test]
+    async fn a_standby_takes_over_from_the_first_message_a_dropped_subscription_held() {
+        let t = Embedded::start().unwrap();
+        let q = "sac";
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-single-active-consumer".into(), mailroom_broker::AMQPValue::Boolean(true));
+        t.declare(Declaration::Queue { name: q.into(), durable: false, arguments }).await.unwrap();
+        let publish = |i: u8| Outbound {
+            exchange: String::new(),
+            routing_key: q.into(),
+            properties: Default::default(),
+            body: Bytes::from(vec![i]),
+            mandatory: false,
+        };
+        let active = t.consume(q, 2).await.unwrap();
+        let mut standby = t.consume(q, 100).await.unwrap();
+        for i in 0..4u8 {
+            t.publish(publish(i)).await.unwrap();
+        }
+        // On this single-threaded runtime the active one's forwarding task has not run: 0 and 1 are on
+        // their way to it, 2 and 3 are ready.
+        drop(active);
+        t.publish(publish(4)).await.unwrap();
+        for i in 0..5u8 {
+            let m = standby.next().await.unwrap();
+            assert_eq!(&m.body[..], &[i], "the standby gets the messages in queue order");
+            assert!(!m.redelivered, "none reached the application before");
         }
     }
 }

@@ -156,3 +156,72 @@ impl<R: Record> QueueStore<R> {
         out
     }
 }
+
+impl<R: Record> QueueStore<R> {
+    /// The raw bytes of segment `pos.segment` from `pos.offset` on: at most `max` bytes, fewer at the
+    /// segment's end (none past it), from the write buffers where they are not on file yet. For a reader
+    /// that walks consecutive records it knows only the first position of (a deep queue's run of records).
+    pub fn read_raw(&self, pos: SegmentPos, max: usize) -> StoreResult<Bytes> {
+        let s = &*self.shared;
+        let start = pos.offset as u64;
+        let mut inner = s.lock();
+        if !inner.segs.contains_key(&pos.segment) {
+            return Err(StoreError::NotFound { segment: pos.segment, offset: pos.offset });
+        }
+        let writer = if inner.active.seq == pos.segment {
+            Some(&inner.active)
+        } else {
+            inner.sealed_writers.iter().find(|w| w.seq == pos.segment)
+        };
+        // The file, and for a segment still being written: the end of its part on file and the bytes after
+        // that, still in memory.
+        let (file, buffered) = match writer {
+            Some(w) => {
+                let end = w.end().min(start.saturating_add(max as u64));
+                let file_end = w.written.min(end).max(start);
+                let mut memory = Vec::new();
+                // In memory: the round being written (`inflight`, at `written`), then the newer buffer.
+                let inflight = w.inflight.as_ref().map_or(&[][..], |b| &b[..]);
+                let mut at = file_end;
+                while at < end {
+                    let rel = (at - w.written) as usize;
+                    let (src, from) =
+                        if rel < inflight.len() { (inflight, rel) } else { (&w.buf[..], rel - inflight.len()) };
+                    let take = src.len().saturating_sub(from).min((end - at) as usize);
+                    if take == 0 {
+                        break;
+                    }
+                    memory.extend_from_slice(&src[from..from + take]);
+                    at += take as u64;
+                }
+                (w.file.clone(), Some((file_end, memory)))
+            }
+            None => match &inner.read_cache {
+                Some((seq, f)) if *seq == pos.segment => (f.clone(), None),
+                _ => {
+                    let path = segment::segment_path(&s.dir, pos.segment);
+                    let f = s.io.open(&path, false).map_err(io_err("opening", &path))?;
+                    inner.read_cache = Some((pos.segment, f.clone()));
+                    (f, None)
+                }
+            },
+        };
+        drop(inner);
+        let path = || segment::segment_path(&s.dir, pos.segment);
+        let (file_end, memory) = match buffered {
+            Some(b) => b,
+            None => {
+                let len = file.file_len().map_err(|e| StoreError::io("reading", path(), e))?;
+                (len.min(start.saturating_add(max as u64)).max(start), Vec::new())
+            }
+        };
+        // The file part is read outside the lock (bytes below `written` never change).
+        let file_part = (file_end - start) as usize;
+        let mut buf = vec![0u8; file_part + memory.len()];
+        if file_part > 0 {
+            file.read_exact_at(&mut buf[..file_part], start).map_err(|e| StoreError::io("reading", path(), e))?;
+        }
+        buf[file_part..].copy_from_slice(&memory);
+        Ok(Bytes::from(buf))
+    }
+}
