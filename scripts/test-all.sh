@@ -44,6 +44,10 @@ give_up() {
 }
 
 echo "== tools"
+# The debug and release builds take several GiB; say so up front rather than fail mid-link.
+free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+echo "free disk here: $((free_kib / 1024 / 1024)) GiB"
+[ "${free_kib:-0}" -ge $((8 * 1024 * 1024)) ] || echo "WARNING: under 8 GiB free; the builds may run out of disk" >&2
 command -v cc >/dev/null || svc_install "a C compiler (cc, to link the Rust tests)" gcc libc6-dev || give_up "no cc"
 python3 -c 'import ensurepip' 2>/dev/null || svc_install "python3 -m venv" python3-venv || give_up "no python3 venv"
 command -v promtool >/dev/null || svc_install "promtool (checks the Prometheus pages in the metrics tests)" prometheus || echo "no promtool: the metrics tests skip their promtool check"
