@@ -141,6 +141,43 @@ def test_json_logs_tell_the_connection_lifecycle():
     assert any("client unexpectedly closed TCP connection" in m for m in messages), messages
 
 
+def test_worker_threads_sets_the_runtime_threads():
+    """--worker-threads N runs connections and queues on N threads (the startup log says how many), and
+    the broker works with one; 0 is refused."""
+    for threads in ("1", "3"):
+        port = free_port()
+        with tempfile.TemporaryDirectory(prefix="mailroom-workers-") as d:
+            proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
+                                     "--http-listen", "127.0.0.1:0", "--prometheus-listen", "off",
+                                     "--log-format", "json", "--worker-threads", threads],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                        break
+                    except OSError:
+                        assert time.monotonic() < deadline and proc.poll() is None
+                        time.sleep(0.05)
+                conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F"))
+                ch = conn.channel()
+                q = ch.queue_declare("", exclusive=True).method.queue
+                for i in range(100):
+                    ch.basic_publish("", q, str(i).encode())
+                got = [ch.basic_get(q, auto_ack=True)[2] for _ in range(100)]
+                assert got == [str(i).encode() for i in range(100)]
+                conn.close()
+            finally:
+                proc.terminate()
+                stderr = proc.communicate(timeout=20)[1].decode()
+        started = [json.loads(line) for line in stderr.splitlines() if '"runtime started"' in line]
+        assert started and started[0]["fields"]["worker_threads"] == int(threads), stderr[-2000:]
+    bad = subprocess.run([mailroom_bin(), "server", "--worker-threads", "0", "--print-config"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "worker-threads" in bad.stderr, bad.stderr
+
+
 def test_completions_and_typo_suggestions():
     for shell in ("bash", "zsh", "fish"):
         out = subprocess.run([mailroom_bin(), "completions", shell], capture_output=True, text=True, timeout=30,

@@ -115,6 +115,10 @@ struct ServerArgs {
     #[arg(long, env = "MAILROOM_WRITE_DEADLINE_MS",
           default_value_t = mailroom_amqp::DEFAULT_WRITE_DEADLINE.as_millis() as u64)]
     write_deadline_ms: u64,
+    /// Threads that run connections and queues (default: one per CPU core). Where clients share the
+    /// broker's cores, fewer threads spend less CPU per message: fewer cross-thread wake-ups (BENCHMARKS.md).
+    #[arg(long, env = "MAILROOM_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
     /// Block publishers while queues hold more message bytes than this (ready and unacked; 0 = never).
     /// Default: 40% of physical memory, RabbitMQ's vm_memory_high_watermark.
     #[arg(long, env = "MAILROOM_MEMORY_HIGH_WATERMARK")]
@@ -173,7 +177,13 @@ fn parse_cli() -> Result<Cli, clap::Error> {
 
 fn main() -> ExitCode {
     let cli = parse_cli().unwrap_or_else(|e| e.exit());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Server(args) = &cli.command {
+        if let Some(threads) = args.worker_threads {
+            runtime.worker_threads(threads.into());
+        }
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mailroom: cannot start the runtime: {e}");
@@ -207,6 +217,8 @@ async fn run_server(args: ServerArgs) -> Result<(), Box<dyn std::error::Error>> 
         Ok(limit) => tracing::info!(limit, "file descriptor limit (RLIMIT_NOFILE raised to its hard limit)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
+    let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(worker_threads, "runtime started");
     memory_trim::spawn();
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", args.data_dir.display()))?;

@@ -1,8 +1,8 @@
 //! A `basic.publish` being assembled from its content header and body frames.
 
-use crate::codec::ContentHeader;
 use bytes::{Bytes, BytesMut};
 use mailroom_broker::client_memory::CLIENT_MEMORY;
+use mailroom_broker::Message;
 use std::sync::Arc;
 
 /// A `basic.publish` whose content is still arriving.
@@ -14,10 +14,21 @@ pub struct PendingPublish {
     pub routing_key: Arc<str>,
     /// Return the message if it cannot be routed.
     pub mandatory: bool,
-    /// The content header, once received.
-    pub header: Option<ContentHeader>,
+    /// The message its content header started, once received.
+    pub started: Option<StartedMessage>,
     /// Body frames so far (one frame: no copy at all).
     pub body: BodyBuffer,
+}
+
+/// A message whose content header has arrived: built in the `Arc` the queues will share as soon as its
+/// properties are parsed, so their ~300 bytes are not moved again through the pending publish (those
+/// moves were ~4% of broker CPU on small messages); its body is set when the last body frame arrives.
+#[derive(Debug)]
+pub struct StartedMessage {
+    /// The message, its body still empty; held only here until the publish completes.
+    pub message: Arc<Message>,
+    /// The body size its content header announced (within the configured maximum).
+    pub body_size: usize,
 }
 
 impl PendingPublish {
@@ -28,7 +39,7 @@ impl PendingPublish {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             mandatory,
-            header: None,
+            started: None,
             body: BodyBuffer::default(),
         }
     }

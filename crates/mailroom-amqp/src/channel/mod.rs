@@ -7,7 +7,7 @@ mod stats;
 mod tx;
 
 pub use confirms::{Confirm, Confirms};
-pub use content::PendingPublish;
+pub use content::{PendingPublish, StartedMessage};
 pub use stats::ChannelStats;
 pub use tx::{Tx, TxOp};
 

@@ -73,13 +73,42 @@ pub enum FrameError {
     UnknownType(u8),
 }
 
-/// Split one complete frame off `buf`; Ok(None) = need more bytes. `frame_max` counts the whole frame incl. the 8 overhead bytes (a frame whose payload+8 > frame_max is TooLarge).
+/// A complete frame at the front of a read buffer, found by [`peek_frame`] and still in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// Frame type.
+    pub kind: FrameKind,
+    /// Channel number from the frame header.
+    pub channel: u16,
+    /// Payload size from the frame header (the whole payload and the frame-end octet are in the buffer).
+    pub size: u32,
+}
+
+impl FrameHead {
+    /// The payload, read in place from the buffer [`peek_frame`] found it in (not split off).
+    pub fn payload<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + self.size as usize]
+    }
+    /// The whole frame's length in the buffer: header, payload and frame-end octet.
+    pub fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.size as usize + 1
+    }
+}
+
+/// Finds the complete frame at the front of `buf` without splitting it off; Ok(None) = need more bytes.
+/// `frame_max` counts the whole frame incl. the 8 overhead bytes (a frame whose payload+8 > frame_max is
+/// TooLarge).
 ///
 /// `frame_max` is taken literally: a negotiated 0 ("no limit") must be resolved to the
 /// server's own limit by the caller, or every frame is `TooLarge`. When only part of a
 /// frame is present, `buf` is grown to fit it (the size is already known to be within
 /// limits) so the socket read fills it without reallocating.
-pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame>, FrameError> {
+///
+/// The caller then either reads the payload in place ([`FrameHead::payload`]) and advances `buf` by
+/// [`FrameHead::frame_len`] (a method frame: its parser copies what it keeps, so no `Bytes` is cut), or
+/// splits it off with [`take_frame`].
+#[inline]
+pub fn peek_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<FrameHead>, FrameError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Ok(None);
     }
@@ -90,7 +119,8 @@ pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame
     if u64::from(size) + u64::from(FRAME_OVERHEAD) > u64::from(frame_max) {
         return Err(FrameError::TooLarge { size, max: frame_max });
     }
-    let total = FRAME_HEADER_LEN + size as usize + 1;
+    let head = FrameHead { kind, channel, size };
+    let total = head.frame_len();
     if buf.len() < total {
         buf.reserve(total - buf.len());
         return Ok(None);
@@ -99,10 +129,22 @@ pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame
     if end != FRAME_END {
         return Err(FrameError::BadFrameEnd(end));
     }
-    let mut frame = buf.split_to(total);
+    Ok(Some(head))
+}
+
+/// Splits the frame `head` (from [`peek_frame`] on this `buf`, not advanced since) off `buf`; its payload is a
+/// zero-copy slice of the buffer.
+#[inline]
+pub fn take_frame(buf: &mut BytesMut, head: FrameHead) -> RawFrame {
+    let mut frame = buf.split_to(head.frame_len());
     frame.advance(FRAME_HEADER_LEN);
-    frame.truncate(size as usize);
-    Ok(Some(RawFrame { kind, channel, payload: frame.freeze() }))
+    frame.truncate(head.size as usize);
+    RawFrame { kind: head.kind, channel: head.channel, payload: frame.freeze() }
+}
+
+/// Split one complete frame off `buf`: [`peek_frame`], then [`take_frame`]. Ok(None) = need more bytes.
+pub fn split_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<RawFrame>, FrameError> {
+    Ok(peek_frame(buf, frame_max)?.map(|head| take_frame(buf, head)))
 }
 
 /// Append the 7-byte header of a frame whose payload is `size` bytes.

@@ -37,7 +37,8 @@ pub use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, Sho
 pub use amq_protocol::types::{ByteArray, DecimalValue};
 
 pub use frame::{
-    split_frame, write_body, write_body_shared, write_heartbeat, FrameError, FrameKind, RawFrame, SHARED_BODY_MIN,
+    peek_frame, split_frame, take_frame, write_body, write_body_shared, write_heartbeat, FrameError, FrameHead,
+    FrameKind, RawFrame, SHARED_BODY_MIN,
 };
 pub use header::{encode_properties, parse_content_header, write_content_header, ContentHeader, HeaderError};
 pub use hot::{parse_basic_ack, parse_basic_publish, parse_basic_qos_prefetch_size, write_basic_deliver, PublishRef};

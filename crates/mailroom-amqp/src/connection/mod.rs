@@ -29,7 +29,7 @@ use crate::codec::{self, access, channel as chan, connection as conn, FrameKind,
 use crate::config::ServerContext;
 use crate::error::{code, AmqpError};
 use acks::AckBatch;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use control::Registry;
 use fsync::FsyncWaiter;
 use mailroom_broker::client_memory::OutboundCredit;
@@ -386,8 +386,8 @@ impl Connection {
                 if self.phase == Phase::Closed {
                     return Ok(());
                 }
-                let frame = match codec::split_frame(&mut rbuf, self.frame_max) {
-                    Ok(Some(f)) => f,
+                let head = match codec::peek_frame(&mut rbuf, self.frame_max) {
+                    Ok(Some(h)) => h,
                     Ok(None) => break,
                     Err(_) if self.phase == Phase::Draining => {
                         // Whatever follows is discarded anyway.
@@ -401,8 +401,14 @@ impl Connection {
                         return Ok(());
                     }
                 };
-                worked |= frame.kind != FrameKind::Heartbeat;
-                self.handle_frame(frame);
+                worked |= head.kind != FrameKind::Heartbeat;
+                if head.kind == FrameKind::Method && !matches!(self.phase, Phase::Draining | Phase::Closed) {
+                    // Parsed in place: a method's parser copies what it keeps, so no `Bytes` is cut per frame.
+                    self.handle_method_frame(head.channel, head.payload(&rbuf));
+                    rbuf.advance(head.frame_len());
+                } else {
+                    self.handle_frame(codec::take_frame(&mut rbuf, head));
+                }
                 if std::mem::take(&mut self.login_refused) {
                     tokio::time::sleep(crate::authz::LOGIN_REFUSED_DELAY).await;
                 }
@@ -615,37 +621,38 @@ impl Connection {
                 ));
             }
             FrameKind::Heartbeat => {}
-            FrameKind::Method => {
-                if self.basic_fast_path(frame.channel, &frame.payload) {
-                    return;
-                }
-                match codec::parse_method(&frame.payload) {
-                    Ok(method) => self.handle_method(frame.channel, method),
-                    Err(e) => {
-                        let err = match e {
-                            codec::MethodError::Unknown { class_id, method_id } => AmqpError::connection(
-                                code::COMMAND_INVALID,
-                                format!("unknown method {class_id}.{method_id}"),
-                            )
-                            .on(class_id, method_id),
-                            codec::MethodError::Malformed { class_id, method_id } => AmqpError::connection(
-                                code::SYNTAX_ERROR,
-                                format!("malformed arguments for method {class_id}.{method_id}"),
-                            )
-                            .on(class_id, method_id),
-                            codec::MethodError::Truncated => {
-                                AmqpError::connection(code::FRAME_ERROR, "method frame too short")
-                            }
-                        };
-                        if self.phase == Phase::Closing {
-                            return;
-                        }
-                        self.close_connection(err);
-                    }
-                }
-            }
+            FrameKind::Method => self.handle_method_frame(frame.channel, &frame.payload),
             FrameKind::Header => self.handle_content_header(frame.channel, frame.payload),
             FrameKind::Body => self.handle_content_body(frame.channel, frame.payload),
+        }
+    }
+
+    /// A method frame's payload, in any phase but `Closed` and `Draining` (which [`Self::handle_frame`]
+    /// handles).
+    fn handle_method_frame(&mut self, channel: u16, payload: &[u8]) {
+        if self.basic_fast_path(channel, payload) {
+            return;
+        }
+        match codec::parse_method(payload) {
+            Ok(method) => self.handle_method(channel, method),
+            Err(e) => {
+                let err = match e {
+                    codec::MethodError::Unknown { class_id, method_id } => {
+                        AmqpError::connection(code::COMMAND_INVALID, format!("unknown method {class_id}.{method_id}"))
+                            .on(class_id, method_id)
+                    }
+                    codec::MethodError::Malformed { class_id, method_id } => AmqpError::connection(
+                        code::SYNTAX_ERROR,
+                        format!("malformed arguments for method {class_id}.{method_id}"),
+                    )
+                    .on(class_id, method_id),
+                    codec::MethodError::Truncated => AmqpError::connection(code::FRAME_ERROR, "method frame too short"),
+                };
+                if self.phase == Phase::Closing {
+                    return;
+                }
+                self.close_connection(err);
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! broker (or to the open transaction), with `basic.return` for unroutable mandatory messages.
 
 use super::{short, Connection, Phase};
-use crate::channel::{ChannelMode, ChannelPhase, Confirm, PendingPublish, TxOp};
+use crate::channel::{ChannelMode, ChannelPhase, Confirm, PendingPublish, StartedMessage, TxOp};
 use crate::codec::{self, basic, ids, Method};
 use crate::error::{code, AmqpError};
 use bytes::Bytes;
@@ -42,12 +42,12 @@ impl Connection {
         // The usual frame (the header a publish waits for, on an open channel) looks the channel up once.
         let open = self.phase == Phase::Open;
         let ch = self.channels.get_mut(&id).filter(|c| open && c.phase == ChannelPhase::Open);
-        let pending = match ch.and_then(|c| c.pending.as_mut()).filter(|p| p.header.is_none()) {
+        let pending = match ch.and_then(|c| c.pending.as_mut()).filter(|p| p.started.is_none()) {
             Some(pending) => pending,
             None => {
                 // The refusals: no channel, no publish before it, a second header.
                 let Some(pending) = self.pending_publish(id, "content header") else { return };
-                if pending.header.is_some() {
+                if pending.started.is_some() {
                     self.close_connection(AmqpError::connection(
                         code::UNEXPECTED_FRAME,
                         "second content header for one publish",
@@ -82,7 +82,17 @@ impl Connection {
             return;
         }
         let complete = header.body_size == 0;
-        pending.header = Some(header);
+        pending.started = Some(StartedMessage {
+            message: Arc::new(Message {
+                exchange: Arc::clone(&pending.exchange),
+                routing_key: Arc::clone(&pending.routing_key),
+                properties: header.properties,
+                raw_properties: Some(header.raw_properties),
+                body: Bytes::new(),
+            }),
+            // At most `max_message_size` (checked above), a usize.
+            body_size: header.body_size as usize,
+        });
         if complete {
             self.finish_publish(id);
         }
@@ -93,7 +103,7 @@ impl Connection {
         let open = self.phase == Phase::Open;
         if let Some(ch) = self.channels.get_mut(&id).filter(|c| open && c.phase == ChannelPhase::Open) {
             if let Some(pending) = ch.pending.as_mut() {
-                if let Some(expected) = pending.header.as_ref().map(|h| h.body_size as usize) {
+                if let Some(expected) = pending.started.as_ref().map(|s| s.body_size) {
                     if pending.body.len() + payload.len() <= expected {
                         pending.body.push(payload, expected);
                         if pending.body.len() == expected {
@@ -108,14 +118,14 @@ impl Connection {
         }
         // Anything else (refusals included) the long way.
         let Some(pending) = self.pending_publish(id, "content body") else { return };
-        let Some(header) = pending.header.as_ref() else {
+        let Some(started) = pending.started.as_ref() else {
             self.close_connection(AmqpError::connection(
                 code::UNEXPECTED_FRAME,
                 "content body before its content header",
             ));
             return;
         };
-        let expected = header.body_size as usize;
+        let expected = started.body_size;
         if pending.body.len() + payload.len() > expected {
             self.close_connection(AmqpError::connection(code::FRAME_ERROR, "content body larger than announced"));
             return;
@@ -137,16 +147,10 @@ impl Connection {
     /// A complete publish taken from channel `id` (open; `tx` when it is transactional): to its exchange, or to
     /// the transaction.
     fn publish_complete(&mut self, id: u16, pending: PendingPublish, tx: bool) {
-        let Some(header) = pending.header else { return };
-        // Built straight into the Arc the queues share: the broker takes it as it is, without moving the
-        // ~320-byte message again.
-        let mut message = Arc::new(Message {
-            exchange: Arc::clone(&pending.exchange),
-            routing_key: Arc::clone(&pending.routing_key),
-            properties: header.properties,
-            raw_properties: Some(header.raw_properties),
-            body: pending.body.finish(),
-        });
+        let Some(StartedMessage { mut message, .. }) = pending.started else { return };
+        // Held only by this publish until now, so this sets the body in place (no copy is made); the broker
+        // takes the Arc as it is.
+        Arc::make_mut(&mut message).body = pending.body.finish();
         if message.properties.reply_to().as_ref().is_some_and(|r| r.as_str() == DIRECT_REPLY_TO) {
             // Direct reply-to: point the reply at this channel's reply queue, which must exist.
             let Some(reply_queue) = self.channel(id).reply_queue.clone() else {
