@@ -216,6 +216,7 @@ impl Connection {
         // The channel is looked up once; the frames below go to `self.out`, a field of its own.
         let ch = self.channels.get_mut(&id).expect("channel checked by caller");
         let result = vhost.publish_cached(&mut ch.publish_cache, exchange, message)?;
+        self.yield_to_consumers |= result.backlogged;
         ch.record_publish(exchange, result.routed, mandatory);
         if !result.routed {
             if mandatory { &counters::RETURN_UNROUTABLE } else { &counters::DROP_UNROUTABLE }.inc();

@@ -168,7 +168,14 @@ pub struct Queue {
     /// Set at a clean stop ([`Queue::stop_expiring`]): nothing expires any more, so no dead-letter move
     /// starts after the stop waited for the moves in flight.
     expiry_stopped: AtomicBool,
+    /// Ready messages have piled up behind the consumers ([`Queue::has_backlog`]); written by a push only when
+    /// it changes, so publishers read it without the cache line moving between threads on every message.
+    backlog: AtomicBool,
 }
+
+/// More ready messages than this while the queue has consumers is a backlog: its consumers are falling
+/// behind its publishers ([`Queue::has_backlog`]).
+pub const BACKLOG_MESSAGES: usize = 1000;
 
 /// Services a queue needs from its vhost, kept behind a trait so the queue does not own the vhost.
 pub trait QueueHooks: Send + Sync + std::fmt::Debug {
@@ -223,6 +230,7 @@ impl Queue {
             read_errors: AtomicU64::new(0),
             moves_in_flight: Arc::new(AtomicUsize::new(0)),
             expiry_stopped: AtomicBool::new(false),
+            backlog: AtomicBool::new(false),
         });
         queue.restore(recovered);
         let gate = queue.hooks.upgrade().and_then(|h| h.recovery_gate());
@@ -438,7 +446,20 @@ impl Queue {
         if ttl == Some(0) {
             self.expire_locked(st, clock.now(), after);
         }
+        let backlog = st.index.len() > BACKLOG_MESSAGES && !st.consumers.is_empty();
+        if backlog != self.backlog.load(Ordering::Relaxed) {
+            self.backlog.store(backlog, Ordering::Relaxed);
+        }
         outcome
+    }
+
+    /// Whether the queue's consumers are falling behind its publishers: more than [`BACKLOG_MESSAGES`] ready
+    /// messages while it has consumers, as of the last push. A publisher that sees it lets the consumers run
+    /// before it sends more (the AMQP connection yields its turn, as RabbitMQ's credit flow slows a
+    /// publisher to what its queues take); without it, publishers win the CPU, the queue grows and pages to
+    /// disk, and delivery falls further behind.
+    pub fn has_backlog(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Pages bodies out once requeues or returns pushed the bodies in RAM far past the budget.
@@ -693,6 +714,33 @@ mod tests {
         q.ack(&[again.id]);
         assert_eq!((q.message_bytes(), q.held_bytes()), (0, 0));
         assert_eq!(q.message_stats().publish, 1);
+    }
+
+    /// A backlog is ready messages piling up behind consumers: none without consumers however long the queue,
+    /// one past [`BACKLOG_MESSAGES`] with a consumer that takes no more, and gone once they drain; a publish
+    /// through the vhost reports it.
+    #[tokio::test]
+    async fn a_backlog_is_ready_messages_piling_up_behind_consumers() {
+        let broker = crate::Broker::open(crate::BrokerConfig::default()).unwrap();
+        let v = broker.vhost("/").unwrap();
+        v.declare_queue("q", &crate::QueueOptions::default(), 1).unwrap();
+        let q = v.queue("q", 1).unwrap();
+        for _ in 0..BACKLOG_MESSAGES + 10 {
+            assert!(!v.publish("", Message::new("", "q", Default::default(), bytes::Bytes::new())).unwrap().backlogged);
+        }
+        assert!(!q.has_backlog(), "no consumers: a queue, not a backlog");
+        // A consumer with a prefetch of one that never acks: it holds one, the rest pile up.
+        let (sink, _events) = tokio::sync::mpsc::unbounded_channel();
+        q.add_consumer(1, ConsumeOptions { prefetch: 1, ..consumer(false) }, sink).unwrap();
+        assert_eq!(q.message_count() as usize, BACKLOG_MESSAGES + 9);
+        let result = v.publish("", Message::new("", "q", Default::default(), bytes::Bytes::new())).unwrap();
+        assert!(result.routed && result.backlogged && q.has_backlog());
+        while q.message_count() as usize > BACKLOG_MESSAGES - 1 {
+            let m = q.get(false).unwrap();
+            q.ack(&[m.id]);
+        }
+        assert!(!v.publish("", Message::new("", "q", Default::default(), bytes::Bytes::new())).unwrap().backlogged);
+        assert!(!q.has_backlog(), "drained below the mark");
     }
 
     /// A consumer chosen for a push whose owner is gone: the message stays ready, in order, and the

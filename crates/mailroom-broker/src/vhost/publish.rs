@@ -33,6 +33,8 @@ pub struct PublishResult {
     pub durable: Vec<SyncTicket>,
     /// The queues whose stores took it (a move whose ticket failed waits for a later fsync of these).
     pub stored_in: Vec<Arc<Queue>>,
+    /// A queue that took it has a backlog ([`Queue::has_backlog`]): the publisher should let consumers run.
+    pub backlogged: bool,
 }
 
 /// What one publisher (an AMQP channel) keeps from one publish to the next, so that a run of publishes to
@@ -380,6 +382,7 @@ impl VHost {
         let mut deaths = Vec::new();
         for q in queues {
             let outcome = q.push_into(Arc::clone(&message), &mut deaths);
+            result.backlogged |= q.has_backlog();
             if !deaths.is_empty() {
                 self.settle_all_deaths(std::mem::take(&mut deaths));
             }
