@@ -1,5 +1,6 @@
 """Operating a Mailroom server: the Prometheus listener, the config file, --print-config, JSON logs with the
 connection lifecycle, shell completions (Mailroom-only; RabbitMQ's equivalents are plugins and rabbitmq.conf)."""
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,33 @@ def samples(text):
         name, _, labels = series.partition("{")
         out[(name, labels.rstrip("}"))] = float(value)
     return out
+
+
+@contextlib.contextmanager
+def json_log_server(*extra, prometheus="off"):
+    """A Mailroom server with JSON logs on a free port, listening when this yields `(port, log)`; `log` is
+    filled with the parsed log lines once the server has stopped."""
+    port = free_port()
+    log = []
+    with tempfile.TemporaryDirectory(prefix="mailroom-ops-") as d:
+        proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
+                                 "--http-listen", "127.0.0.1:0", "--prometheus-listen", prometheus,
+                                 "--log-format", "json", *extra],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            yield port, log
+        finally:
+            proc.terminate()
+            stderr = proc.communicate(timeout=20)[1].decode()
+            log.extend(json.loads(line) for line in stderr.splitlines() if line.strip())
 
 
 def test_prometheus_listener_counts_amqp_traffic():
@@ -106,32 +134,14 @@ def test_config_file_with_env_and_flags_over_it():
 
 
 def test_json_logs_tell_the_connection_lifecycle():
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="mailroom-logs-") as d:
-        proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
-                                 "--http-listen", "127.0.0.1:0", "--prometheus-listen", "off",
-                                 "--log-format", "json"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
-            params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
-            pika.BlockingConnection(params).close()
-            # A client that vanishes without connection.close (here, in the middle of the handshake).
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-                raw.sendall(b"AMQP\x00\x00\x09\x01")
-                raw.recv(4096)  # connection.start
-            time.sleep(0.5)
-        finally:
-            proc.terminate()
-            stderr = proc.communicate(timeout=20)[1].decode()
-    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    with json_log_server() as (port, lines):
+        params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+        pika.BlockingConnection(params).close()
+        # A client that vanishes without connection.close (here, in the middle of the handshake).
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(b"AMQP\x00\x00\x09\x01")
+            raw.recv(4096)  # connection.start
+        time.sleep(0.5)
     assert lines and all("\x1b[" not in json.dumps(line) for line in lines), "no ANSI codes in the log"
     messages = [line["fields"]["message"] for line in lines]
     assert any(m == "accepting AMQP connection" for m in messages), messages
@@ -145,34 +155,17 @@ def test_worker_threads_sets_the_runtime_threads():
     """--worker-threads N runs connections and queues on N threads (the startup log says how many), and
     the broker works with one; 0 is refused."""
     for threads in ("1", "3"):
-        port = free_port()
-        with tempfile.TemporaryDirectory(prefix="mailroom-workers-") as d:
-            proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
-                                     "--http-listen", "127.0.0.1:0", "--prometheus-listen", "off",
-                                     "--log-format", "json", "--worker-threads", threads],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                        break
-                    except OSError:
-                        assert time.monotonic() < deadline and proc.poll() is None
-                        time.sleep(0.05)
-                conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F"))
-                ch = conn.channel()
-                q = ch.queue_declare("", exclusive=True).method.queue
-                for i in range(100):
-                    ch.basic_publish("", q, str(i).encode())
-                got = [ch.basic_get(q, auto_ack=True)[2] for _ in range(100)]
-                assert got == [str(i).encode() for i in range(100)]
-                conn.close()
-            finally:
-                proc.terminate()
-                stderr = proc.communicate(timeout=20)[1].decode()
-        started = [json.loads(line) for line in stderr.splitlines() if '"runtime started"' in line]
-        assert started and started[0]["fields"]["worker_threads"] == int(threads), stderr[-2000:]
+        with json_log_server("--worker-threads", threads) as (port, lines):
+            conn = pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F"))
+            ch = conn.channel()
+            q = ch.queue_declare("", exclusive=True).method.queue
+            for i in range(100):
+                ch.basic_publish("", q, str(i).encode())
+            got = [ch.basic_get(q, auto_ack=True)[2] for _ in range(100)]
+            assert got == [str(i).encode() for i in range(100)]
+            conn.close()
+        started = [line for line in lines if line["fields"]["message"] == "runtime started"]
+        assert started and started[0]["fields"]["worker_threads"] == int(threads), lines
     bad = subprocess.run([mailroom_bin(), "server", "--worker-threads", "0", "--print-config"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "worker-threads" in bad.stderr, bad.stderr
@@ -188,48 +181,31 @@ def test_completions_and_typo_suggestions():
 
 
 def test_alarm_set_and_cleared_are_logged_and_exported():
-    port, prom = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="mailroom-alarm-") as d:
-        proc = subprocess.Popen([mailroom_bin(), "server", "--amqp-listen", f"127.0.0.1:{port}", "--data-dir", d,
-                                 "--http-listen", "127.0.0.1:0", "--prometheus-listen", f"127.0.0.1:{prom}",
-                                 "--memory-high-watermark", "10000", "--log-format", "json"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
-            params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
-            conn, other = pika.BlockingConnection(params), pika.BlockingConnection(params)
-            ch = conn.channel()
-            q = ch.queue_declare(f"alarm-{os.getpid()}").method.queue
-            ch.basic_publish("", q, b"x" * 20000)  # above the 10,000-byte watermark: the memory alarm
+    prom = free_port()
+    with json_log_server("--memory-high-watermark", "10000", prometheus=f"127.0.0.1:{prom}") as (port, lines):
+        params = pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F")
+        conn, other = pika.BlockingConnection(params), pika.BlockingConnection(params)
+        ch = conn.channel()
+        q = ch.queue_declare(f"alarm-{os.getpid()}").method.queue
+        ch.basic_publish("", q, b"x" * 20000)  # above the 10,000-byte watermark: the memory alarm
 
-            def alarm():
-                return samples(scrape(prom)[1])[("rabbitmq_alarms_memory_used_watermark", "")]
+        def alarm():
+            return samples(scrape(prom)[1])[("rabbitmq_alarms_memory_used_watermark", "")]
 
-            for _ in range(100):
-                if alarm() == 1:
-                    break
-                time.sleep(0.05)
-            assert alarm() == 1
-            # The publishing connection is blocked now; one that has not published still works.
-            other.channel().queue_purge(q)
-            for _ in range(100):
-                if alarm() == 0:
-                    break
-                time.sleep(0.05)
-            assert alarm() == 0
-            conn.close()
-            other.close()
-        finally:
-            proc.terminate()
-            stderr = proc.communicate(timeout=20)[1].decode()
-    lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+        for _ in range(100):
+            if alarm() == 1:
+                break
+            time.sleep(0.05)
+        assert alarm() == 1
+        # The publishing connection is blocked now; one that has not published still works.
+        other.channel().queue_purge(q)
+        for _ in range(100):
+            if alarm() == 0:
+                break
+            time.sleep(0.05)
+        assert alarm() == 0
+        conn.close()
+        other.close()
     alarms = [(line["level"], line["fields"]["message"]) for line in lines if line["fields"].get("alarm") == "memory"]
     assert [level for level, _ in alarms] == ["WARN", "INFO"], alarms
     assert alarms[0][1].startswith("memory resource limit alarm set on node mailroom@")
