@@ -426,7 +426,7 @@ impl Connection {
                 // One read's publishes went to a queue with a backlog: let its consumers' connections run
                 // before reading more. Without it a publisher's turn (a budget of many reads) outweighs a
                 // consumer's (its prefetch), the queue grows and pages to disk, and delivery falls behind
-                // (10 publishers and 10 consumers on one queue: 300k delivered/s, 620k with it; BENCHMARKS.md).
+                // (10 publishers and 10 consumers on one queue: 310k delivered/s, 675k with it; BENCHMARKS.md).
                 tokio::task::yield_now().await;
             }
             if std::mem::take(&mut worked) {
