@@ -542,14 +542,7 @@ fn measure_route_fanout_4q(vhost: &VHost, exchange: &str, batch: &mut Vec<Messag
 
 /// A plain consumer's options: no prefetch limit, no priority, no arguments.
 fn consumer_options(no_ack: bool) -> ConsumeOptions {
-    ConsumeOptions {
-        no_ack,
-        exclusive: false,
-        prefetch: 0,
-        channel_prefetch: Arc::new(ChannelPrefetch::default()),
-        priority: 0,
-        arguments: Default::default(),
-    }
+    ConsumeOptions { no_ack, ..Default::default() }
 }
 
 /// A publish that a waiting no-ack consumer takes at once (the queue stays empty), as in

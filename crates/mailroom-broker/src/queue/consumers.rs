@@ -113,8 +113,9 @@ impl ChannelPrefetch {
     }
 }
 
-/// How a consumer wants messages.
-#[derive(Debug, Clone)]
+/// How a consumer wants messages. The default: manual acks, not exclusive, no prefetch limit (its own
+/// unlimited channel-wide count), priority 0, no arguments.
+#[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// Deliveries are settled on sending (no acks).
     pub no_ack: bool,

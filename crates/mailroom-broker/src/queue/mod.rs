@@ -677,14 +677,7 @@ mod tests {
     }
 
     fn consumer(no_ack: bool) -> ConsumeOptions {
-        ConsumeOptions {
-            no_ack,
-            exclusive: false,
-            prefetch: 0,
-            channel_prefetch: Arc::new(ChannelPrefetch::default()),
-            priority: 0,
-            arguments: FieldTable::default(),
-        }
+        ConsumeOptions { no_ack, ..Default::default() }
     }
 
     fn plain(body: &'static [u8]) -> Arc<Message> {
