@@ -13,8 +13,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 /// Requests a connection task may have outstanding from the API (snapshots and a close); more are refused
 /// rather than queued: a stuck connection must not make API calls pile up memory.
@@ -197,7 +198,6 @@ pub enum ConnectionControl {
 #[derive(Debug, Default)]
 struct Inbox {
     state: Mutex<InboxState>,
-    ready: Notify,
 }
 
 /// The waiting requests, and whether the connection task stopped taking them.
@@ -205,6 +205,9 @@ struct Inbox {
 struct InboxState {
     requests: VecDeque<ConnectionControl>,
     closed: bool,
+    /// The connection task waiting for a request. A slot rather than a `Notify`: the task polls the inbox
+    /// on every turn of its loop, and a `Notified` made and dropped each turn takes the waiter list's lock twice.
+    waiting: Option<Waker>,
 }
 
 impl Inbox {
@@ -226,8 +229,9 @@ impl ControlSender {
                 return false;
             }
             state.requests.push_back(request);
+            state.waiting.take()
         }
-        self.0.ready.notify_one();
+        .map(Waker::wake);
         true
     }
 }
@@ -239,12 +243,20 @@ pub struct ControlReceiver(Arc<Inbox>);
 impl ControlReceiver {
     /// The next request, waiting for one. Cancel-safe: a request leaves the inbox only when returned.
     pub async fn recv(&mut self) -> ConnectionControl {
-        loop {
-            if let Some(request) = self.try_recv() {
-                return request;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next request, or `Pending` with `cx`'s task woken by the next one queued.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionControl> {
+        let mut state = self.0.lock();
+        match state.requests.pop_front() {
+            Some(request) => Poll::Ready(request),
+            None => {
+                if !state.waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    state.waiting = Some(cx.waker().clone());
+                }
+                Poll::Pending
             }
-            // notify_one keeps a permit when nobody waits, so a request queued since the check wakes us.
-            self.0.ready.notified().await;
         }
     }
 

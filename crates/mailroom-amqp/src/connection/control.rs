@@ -8,6 +8,7 @@ use mailroom_broker::{
     ChannelSnapshot, ConnectionControl, ConnectionInfo, ConsumerSnapshot, ControlReceiver, FieldTable, Registration,
 };
 use std::net::SocketAddr;
+use std::task::{Context, Poll};
 
 impl Connection {
     /// Lists the connection once it is open (`connection.open-ok`), within its vhost's and user's connection
@@ -120,11 +121,12 @@ impl Registry {
         self.control = None;
     }
 
-    /// The next management API request, or never when the connection is not listed.
-    pub(super) async fn next_request(&mut self) -> Option<ConnectionControl> {
+    /// The next management API request, or `Pending` with `cx`'s task woken by the next one; never one while
+    /// the connection is not listed.
+    pub(super) fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<ConnectionControl> {
         match &mut self.control {
-            Some(rx) => Some(rx.recv().await),
-            None => std::future::pending().await,
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Pending,
         }
     }
 }

@@ -21,6 +21,7 @@ mod liveness;
 mod outbound;
 mod publish;
 mod queue;
+mod rare;
 mod tx;
 mod writer;
 
@@ -35,6 +36,7 @@ use fsync::FsyncWaiter;
 use mailroom_broker::client_memory::OutboundCredit;
 use mailroom_broker::{AlarmState, ConnectionId, ConsumerEvent, ConsumerId, VHost};
 use outbound::Outbound;
+use rare::{Rare, RareWakes};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -382,8 +384,7 @@ impl Connection {
         self.send_start();
         self.flush().await?;
         let mut timer = liveness::Timer::new(Instant::now() + HANDSHAKE_TIMEOUT);
-        let mut shutdown = self.ctx.shutdown.clone();
-        let credit = Arc::clone(&self.credit);
+        let mut rare = RareWakes::new(self.ctx.shutdown.clone(), self.alarms.clone(), Arc::clone(&self.credit));
         loop {
             // Handle every complete frame already buffered.
             loop {
@@ -451,17 +452,24 @@ impl Connection {
             let read_allowed = !self.blocked;
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    // A draining connection stops waiting for its client to hang up (the else branch).
-                    if self.phase == Phase::Open {
-                        self.close_connection(AmqpError::connection(
-                            code::CONNECTION_FORCED,
-                            "broker forced connection closure with reason 'shutdown'",
-                        ));
-                    } else {
-                        self.phase = Phase::Closed;
+                wake = std::future::poll_fn(|cx| rare.poll_next(cx)) => match wake {
+                    Rare::Shutdown => {
+                        // A draining connection stops waiting for its client to hang up (the else branch).
+                        if self.phase == Phase::Open {
+                            self.close_connection(AmqpError::connection(
+                                code::CONNECTION_FORCED,
+                                "broker forced connection closure with reason 'shutdown'",
+                            ));
+                        } else {
+                            self.phase = Phase::Closed;
+                        }
                     }
-                }
+                    Rare::Alarms => {} // applied at the loop's next turn (`update_blocked`)
+                    Rare::Room => {
+                        self.resume_consumers();
+                        worked = true;
+                    }
+                },
                 // Before the socket: a client that keeps it readable must not starve heartbeats and deadlines.
                 _ = timer.fired() => {
                     // Park before the tick writes its heartbeat, so the heartbeat goes out as a static chunk.
@@ -475,7 +483,6 @@ impl Connection {
                         parked = true;
                     }
                 }
-                Ok(()) = self.alarms.changed() => {}
                 read = read_some(rd, &mut rbuf, parked.then_some(&mut parked_read)), if read_allowed => {
                     match read {
                         Ok(0) | Err(_) => {
@@ -500,15 +507,11 @@ impl Connection {
                         }
                     }
                 }
-                _ = credit.room() => {
-                    self.resume_consumers();
-                    worked = true;
-                }
-                _ = self.writer.closed() => {
+                () = std::future::poll_fn(|cx| self.writer.poll_closed(cx)) => {
                     // The writer gave up (socket error, or the client read nothing within the write deadline).
                     self.phase = Phase::Closed;
                 }
-                Some(request) = self.registry.next_request() => self.on_control(request),
+                request = std::future::poll_fn(|cx| self.registry.poll_request(cx)) => self.on_control(request),
                 Some((channel, epoch, seq, ok)) = self.fsyncs.next() => {
                     worked = true;
                     self.durable_confirmed(channel, epoch, seq, ok);

@@ -11,6 +11,7 @@ use mailroom_broker::ConnectionTraffic;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::AsyncWrite;
 use tokio::io::AsyncWriteExt;
@@ -79,6 +80,10 @@ struct State {
     writer_gone: bool,
     /// The connection dropped its handle: the writer writes what is queued, then shuts the socket down.
     conn_gone: bool,
+    /// The connection's task, to wake when the writer ends ([`Writer::poll_closed`]). A slot rather than
+    /// `to_conn`: the connection polls it on every turn of its loop, and a `Notified` made and dropped each
+    /// turn takes the waiter list's lock twice.
+    closed_waiting: Option<Waker>,
 }
 
 impl Shared {
@@ -181,14 +186,22 @@ impl Writer {
     }
 
     /// Resolves once the writer task has ended (socket failed, write deadline missed).
+    #[cfg(test)]
     pub(super) async fn closed(&self) {
-        loop {
-            let woken = self.shared.to_conn.notified();
-            if self.shared.lock().writer_gone {
-                return;
-            }
-            woken.await;
+        std::future::poll_fn(|cx| self.poll_closed(cx)).await
+    }
+
+    /// Ready once the writer task has ended (socket failed, write deadline missed); until then `cx`'s task is
+    /// woken when it ends.
+    pub(super) fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        if state.writer_gone {
+            return Poll::Ready(());
         }
+        if !state.closed_waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            state.closed_waiting = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -252,11 +265,14 @@ struct Ending<'a> {
 
 impl Drop for Ending<'_> {
     fn drop(&mut self) {
-        let left = {
+        let (left, closed_waiting) = {
             let mut state = self.shared.lock();
             state.writer_gone = true;
-            std::mem::take(&mut state.batches)
+            (std::mem::take(&mut state.batches), state.closed_waiting.take())
         };
+        if let Some(conn) = closed_waiting {
+            conn.wake();
+        }
         for batch in &left {
             settle(batch, batch.bytes(), self.settings);
         }
