@@ -87,4 +87,6 @@ pub(crate) struct ServerContext {
     pub(crate) broker: Broker,
     pub(crate) config: ServerConfig,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Every connection's bell, rung on shutdown and when the resource alarms change.
+    pub(crate) bells: crate::bells::Bells,
 }

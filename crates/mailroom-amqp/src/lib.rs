@@ -1,6 +1,7 @@
 //! Mailroom's AMQP 0-9-1 server: the wire codec, connection and channel state, over the broker core.
 
 pub mod authz;
+mod bells;
 pub mod cert_name;
 mod channel;
 pub mod codec;

@@ -53,7 +53,7 @@ impl AmqpServer {
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(AmqpServer {
             listeners,
-            ctx: Arc::new(ServerContext { broker, config, shutdown }),
+            ctx: Arc::new(ServerContext { broker, config, shutdown, bells: Default::default() }),
             shutdown_tx,
             proxy_protocol: false,
         })
@@ -120,6 +120,16 @@ impl AmqpServer {
             });
         }
         drop(conn_tx);
+        // Connections look at the alarms when rung (`connection::rare`), not on every turn.
+        let alarm_ringer = tokio::spawn({
+            let ctx = Arc::clone(&ctx);
+            async move {
+                let mut alarms = ctx.broker.alarms();
+                while alarms.changed().await.is_ok() {
+                    ctx.bells.ring_all();
+                }
+            }
+        });
         let mut fds = FdBudget::new(ctx.config.fd_reserve);
         let (limit, reserve) = fds.describe();
         tracing::info!(fd_limit = ?limit, fd_reserve = reserve, "file descriptors kept back for the stores");
@@ -142,6 +152,8 @@ impl AmqpServer {
         }
         acceptors.abort_all();
         let _ = shutdown_tx.send(true);
+        ctx.bells.ring_all();
+        alarm_ringer.abort();
         let drained =
             tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
         if drained.is_err() {

@@ -7,9 +7,9 @@
 //! Counting is one relaxed atomic add on a striped slot (no lock, no per-message allocation); the alarm
 //! monitor sums the slots every round.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use tokio::sync::Notify;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 /// Slots per gauge (as [`crate::counters`]).
 const STRIPES: usize = 16;
@@ -114,13 +114,22 @@ impl ClientMemory {
 pub struct OutboundCredit {
     limit: u64,
     used: AtomicU64,
-    room: Notify,
+    /// A release took the credit from full to having room, and the owner has not seen it yet.
+    room: AtomicBool,
+    /// The owner waiting for room. A slot rather than a `Notify`: the owner polls it on every turn of its
+    /// loop, and a `Notified` costs a lock of its waiter list per poll.
+    room_waiting: Mutex<Option<Waker>>,
 }
 
 impl OutboundCredit {
     /// Credit of `limit` bytes (0 = unbounded).
     pub fn new(limit: u64) -> Arc<OutboundCredit> {
-        Arc::new(OutboundCredit { limit, used: AtomicU64::new(0), room: Notify::new() })
+        Arc::new(OutboundCredit {
+            limit,
+            used: AtomicU64::new(0),
+            room: AtomicBool::new(false),
+            room_waiting: Mutex::new(None),
+        })
     }
     /// Whether a queue may hand the connection another delivery.
     #[inline]
@@ -145,7 +154,11 @@ impl OutboundCredit {
             .unwrap_or_else(|n| n);
         CLIENT_MEMORY.in_flight.sub(bytes.min(before));
         if self.limit != 0 && before >= self.limit && before.saturating_sub(bytes) < self.limit {
-            self.room.notify_one();
+            self.room.store(true, Ordering::Release);
+            let waiting = self.room_waiting.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(owner) = waiting {
+                owner.wake();
+            }
         }
     }
     /// Bytes in flight now.
@@ -156,10 +169,28 @@ impl OutboundCredit {
     pub fn limit(&self) -> u64 {
         self.limit
     }
-    /// Resolves once a release has taken the credit from full to having room (a release before the call
-    /// is remembered), so the owner can ask its queues to dispatch again.
+    /// Ready once a release has taken the credit from full to having room (a release before the call is
+    /// remembered), so the owner can ask its queues to dispatch again; until then `cx`'s task is woken by it.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.room.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        {
+            let mut waiting = self.room_waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if !waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waiting = Some(cx.waker().clone());
+            }
+        }
+        // A release between the first look and storing the waker found no waker to wake: look again.
+        if self.room.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// [`OutboundCredit::poll_room`] as a future.
     pub async fn room(&self) {
-        self.room.notified().await
+        std::future::poll_fn(|cx| self.poll_room(cx)).await
     }
 }
 

@@ -384,7 +384,8 @@ impl Connection {
         self.send_start();
         self.flush().await?;
         let mut timer = liveness::Timer::new(Instant::now() + HANDSHAKE_TIMEOUT);
-        let mut rare = RareWakes::new(self.ctx.shutdown.clone(), self.alarms.clone(), Arc::clone(&self.credit));
+        let mut rare =
+            RareWakes::new(&self.ctx.bells, self.ctx.shutdown.clone(), self.alarms.clone(), Arc::clone(&self.credit));
         loop {
             // Handle every complete frame already buffered.
             loop {

@@ -1,14 +1,13 @@
 //! The run loop's rare wake-ups: the broker shutting down, the resource alarms changing, outbound credit
 //! coming back. Polling tokio's `watch` and `Notify` waits costs 100-200 instructions each even when nothing
-//! happened, on every turn of every connection; these are polled only after one of them woke the task.
+//! happened, on every turn of every connection; these are looked at only after the connection's [`Bell`] rang
+//! (the server rings every bell on shutdown and alarm changes, the outbound credit rings its owner's).
 
+use crate::bells::{Bell, Bells};
 use mailroom_broker::client_memory::OutboundCredit;
 use mailroom_broker::AlarmState;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use tokio::sync::watch;
 
 /// Which rare wake-up came.
@@ -22,110 +21,59 @@ pub(super) enum Rare {
     Room,
 }
 
-type Wait<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-/// The rare waits, kept across the loop's turns and polled with [`Bell`]'s waker.
+/// A connection's rare wake-ups and its bell.
 pub(super) struct RareWakes {
     bell: Arc<Bell>,
     bell_waker: Waker,
-    /// None once the shutdown came.
-    shutdown: Option<Wait<()>>,
-    /// The next alarm change, owning its receiver; None inside once the broker is gone.
-    alarms: Wait<Option<watch::Receiver<AlarmState>>>,
+    shutdown: watch::Receiver<bool>,
+    shut_down: bool,
+    alarms: watch::Receiver<AlarmState>,
     credit: Arc<OutboundCredit>,
-    room: Wait<()>,
-}
-
-/// Rung by any rare wait's wake-up; wakes the connection's task.
-struct Bell {
-    rung: AtomicBool,
-    task: Mutex<Option<Waker>>,
-}
-
-impl Wake for Bell {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.rung.store(true, Ordering::Release);
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(task) = task.as_ref() {
-            task.wake_by_ref();
-        }
-    }
 }
 
 impl RareWakes {
-    /// Waits on `shutdown` (a change), `alarms` (each change) and `credit` (room again).
+    /// Watches `shutdown` and `alarms` (rung through `bells`) and `credit`.
     pub(super) fn new(
-        mut shutdown: watch::Receiver<bool>,
+        bells: &Bells,
+        shutdown: watch::Receiver<bool>,
         alarms: watch::Receiver<AlarmState>,
         credit: Arc<OutboundCredit>,
     ) -> Self {
-        // Rung at first, so the first poll registers every wait.
-        let bell = Arc::new(Bell { rung: AtomicBool::new(true), task: Mutex::new(None) });
-        Self {
-            bell_waker: Waker::from(Arc::clone(&bell)),
-            bell,
-            shutdown: Some(Box::pin(async move {
-                let _ = shutdown.changed().await;
-            })),
-            alarms: next_alarm_change(alarms),
-            room: room_again(Arc::clone(&credit)),
-            credit,
-        }
+        let bell = Bell::new();
+        bells.add(&bell);
+        Self { bell_waker: Waker::from(Arc::clone(&bell)), bell, shutdown, shut_down: false, alarms, credit }
     }
 
-    /// The next rare wake-up; `Pending` at the cost of one uncontended lock unless one rang.
+    /// The next rare wake-up; `Pending` at the cost of one uncontended lock unless the bell rang.
     pub(super) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Rare> {
-        {
-            let mut task = self.bell.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        // After storing the waker: a ring from now on wakes this task again.
-        if !self.bell.rung.swap(false, Ordering::AcqRel) {
+        // Before looking: a ring from now on wakes this task again.
+        self.bell.register(cx.waker());
+        if !self.bell.take_rung() {
             return Poll::Pending;
         }
-        let rare = self.poll_waits();
+        let rare = self.poll_sources();
         if rare.is_ready() {
-            // The others were not all polled: look at them again next time.
-            self.bell.rung.store(true, Ordering::Release);
+            // The others were not all looked at: look again next time.
+            self.bell.ring();
         }
         rare
     }
 
-    fn poll_waits(&mut self) -> Poll<Rare> {
-        let mut cx = Context::from_waker(&self.bell_waker);
-        if let Some(shutdown) = &mut self.shutdown {
-            if shutdown.as_mut().poll(&mut cx).is_ready() {
-                self.shutdown = None;
-                return Poll::Ready(Rare::Shutdown);
-            }
+    fn poll_sources(&mut self) -> Poll<Rare> {
+        // A gone sender means the server is gone: shut down as well.
+        if !self.shut_down && self.shutdown.has_changed().unwrap_or(true) {
+            self.shut_down = true;
+            return Poll::Ready(Rare::Shutdown);
         }
-        if let Poll::Ready(changed) = self.alarms.as_mut().poll(&mut cx) {
-            self.alarms = match changed {
-                Some(alarms) => next_alarm_change(alarms),
-                None => Box::pin(std::future::pending()), // the broker is gone
-            };
+        if self.alarms.has_changed().unwrap_or(false) {
+            self.alarms.mark_unchanged();
             return Poll::Ready(Rare::Alarms);
         }
-        if self.room.as_mut().poll(&mut cx).is_ready() {
-            self.room = room_again(Arc::clone(&self.credit));
+        if self.credit.poll_room(&mut Context::from_waker(&self.bell_waker)).is_ready() {
             return Poll::Ready(Rare::Room);
         }
         Poll::Pending
     }
-}
-
-fn next_alarm_change(mut alarms: watch::Receiver<AlarmState>) -> Wait<Option<watch::Receiver<AlarmState>>> {
-    Box::pin(async move { alarms.changed().await.ok().map(|()| alarms) })
-}
-
-fn room_again(credit: Arc<OutboundCredit>) -> Wait<()> {
-    Box::pin(async move { credit.room().await })
 }
 
 #[cfg(test)]
@@ -139,16 +87,16 @@ mod tests {
     }
 
     fn quiet(rare: &mut RareWakes) -> bool {
-        let waker = Waker::noop();
-        rare.poll_next(&mut Context::from_waker(waker)).is_pending()
+        rare.poll_next(&mut Context::from_waker(Waker::noop())).is_pending()
     }
 
     #[tokio::test]
     async fn each_wake_up_comes_once_and_nothing_comes_while_quiet() {
+        let bells = Bells::default();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (alarms_tx, alarms_rx) = watch::channel(AlarmState::default());
         let credit = OutboundCredit::new(10);
-        let mut rare = RareWakes::new(shutdown_rx, alarms_rx, Arc::clone(&credit));
+        let mut rare = RareWakes::new(&bells, shutdown_rx, alarms_rx, Arc::clone(&credit));
         assert!(quiet(&mut rare), "nothing happened");
         assert!(quiet(&mut rare), "still nothing");
 
@@ -156,24 +104,28 @@ mod tests {
         credit.take(10);
         credit.release(10);
         alarms_tx.send_modify(|_| {});
+        bells.ring_all();
         let mut got = vec![next(&mut rare).await, next(&mut rare).await];
         got.sort_by_key(|r| *r as u8);
         assert_eq!(got, [Rare::Alarms, Rare::Room]);
         assert!(quiet(&mut rare));
 
-        // Again, from a task woken by the bell.
+        // A change nobody rang for is not looked at.
+        alarms_tx.send_modify(|_| {});
+        assert!(quiet(&mut rare));
+
+        // From a task woken by the server's ring.
         let waiter = tokio::spawn(async move {
-            let first = next(&mut rare).await;
-            (first, rare)
+            let mut seen = Vec::new();
+            seen.push(next(&mut rare).await);
+            seen.push(next(&mut rare).await);
+            (seen, rare)
         });
         tokio::task::yield_now().await;
         shutdown_tx.send(true).unwrap();
-        let (first, mut rare) = waiter.await.unwrap();
-        assert_eq!(first, Rare::Shutdown);
+        bells.ring_all();
+        let (seen, mut rare) = waiter.await.unwrap();
+        assert_eq!(seen, [Rare::Shutdown, Rare::Alarms]);
         assert!(quiet(&mut rare), "the shutdown comes once");
-
-        drop(alarms_tx);
-        assert_eq!(next(&mut rare).await, Rare::Alarms, "the alarms' sender went: one last change");
-        assert!(quiet(&mut rare), "and then nothing");
     }
 }
