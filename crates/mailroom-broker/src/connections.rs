@@ -223,15 +223,18 @@ struct ControlSender(Arc<Inbox>);
 impl ControlSender {
     /// Queues `request`; false if the connection task is gone or already has [`CONTROL_QUEUE`] waiting.
     fn try_send(&self, request: ConnectionControl) -> bool {
-        {
+        let waiting = {
             let mut state = self.0.lock();
             if state.closed || state.requests.len() >= CONTROL_QUEUE {
                 return false;
             }
             state.requests.push_back(request);
             state.waiting.take()
+        };
+        // Woken outside the lock.
+        if let Some(task) = waiting {
+            task.wake();
         }
-        .map(Waker::wake);
         true
     }
 }
