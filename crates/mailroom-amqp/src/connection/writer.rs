@@ -1,7 +1,7 @@
 //! The writer task: owns the socket's write half and writes the batches the connection hands it. The queue
 //! between them is bounded, so a slow client pushes back on the connection instead of growing memory; a
 //! write that makes no progress for the write deadline ends the task (the client stopped reading), which the
-//! connection sees through [`Writer::closed`]. Once a batch is written, its deliveries' outbound credit goes
+//! connection sees through [`Writer::poll_closed`]. Once a batch is written, its deliveries' outbound credit goes
 //! back, so their queues may hand the connection more.
 
 use super::outbound::HEARTBEAT_CHUNK;
