@@ -61,15 +61,13 @@ pub(super) enum WriteError {
     Stalled,
 }
 
-/// The queue between the connection and its writer task. A `VecDeque` behind a mutex with two `Notify`s
+/// The queue between the connection and its writer task. A `VecDeque` behind a mutex with waker slots
 /// rather than a tokio mpsc channel, whose first 32-slot block (1.5 KB per connection with its state) was
 /// allocated up front whether or not the connection ever sent much; this holds a few slots once the first
 /// batches have passed, and the lock is taken once per batch on each side, never across an await.
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the writer task: a batch was queued, or the connection let go of its handle.
-    to_writer: Notify,
-    /// Wakes the connection: room in a queue that was full, or the writer task ended.
+    /// Wakes a connection waiting for room in a queue that was full (or for a writer that ended).
     to_conn: Notify,
 }
 
@@ -84,6 +82,9 @@ struct State {
     /// `to_conn`: the connection polls it on every turn of its loop, and a `Notified` made and dropped each
     /// turn takes the waiter list's lock twice.
     closed_waiting: Option<Waker>,
+    /// The writer task waiting for a batch (or for the connection to let go): woken by the next one. A slot
+    /// rather than a `Notify`, whose `Notified` took its waiter list's lock twice per batch.
+    writer_waiting: Option<Waker>,
 }
 
 impl Shared {
@@ -102,8 +103,11 @@ impl Shared {
             return Err(Ok(batch));
         }
         state.batches.push_back(batch);
+        let writer = state.writer_waiting.take();
         drop(state);
-        self.to_writer.notify_one();
+        if let Some(writer) = writer {
+            writer.wake();
+        }
         Ok(())
     }
 
@@ -147,8 +151,7 @@ impl Writer {
         wr: W,
         settings: WriterSettings,
     ) -> (Writer, JoinHandle<()>) {
-        let shared =
-            Arc::new(Shared { state: Mutex::new(State::default()), to_writer: Notify::new(), to_conn: Notify::new() });
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), to_conn: Notify::new() });
         let traffic = Arc::clone(&settings.traffic);
         let task = tokio::spawn(write_loop(wr, Arc::clone(&shared), settings));
         (Writer { shared, traffic }, task)
@@ -207,8 +210,14 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.shared.lock().conn_gone = true;
-        self.shared.to_writer.notify_one();
+        let writer = {
+            let mut state = self.shared.lock();
+            state.conn_gone = true;
+            state.writer_waiting.take()
+        };
+        if let Some(writer) = writer {
+            writer.wake();
+        }
     }
 }
 
@@ -280,36 +289,34 @@ impl Drop for Ending<'_> {
     }
 }
 
-/// The next batch to write, waiting for one; None once the connection let go and everything was written.
-async fn next_batch(shared: &Shared) -> Option<Batch> {
-    loop {
-        // Created before looking, so a batch queued between the look and the wait is not missed.
-        let woken = shared.to_writer.notified();
-        {
-            let mut state = shared.lock();
-            let was_full = state.batches.len() >= QUEUED_BATCHES;
-            if let Some(batch) = state.batches.pop_front() {
-                if state.batches.is_empty() && state.batches.capacity() > KEPT_SLOTS {
-                    state.batches = VecDeque::new();
-                }
-                drop(state);
-                if was_full {
-                    // The connection may be waiting for room (only then: no wake-up per batch).
-                    shared.to_conn.notify_one();
-                }
-                return Some(batch);
-            }
-            if state.conn_gone {
-                return None;
-            }
+/// The next batch to write, or `Pending` with `cx`'s task woken by the next one queued; None once the
+/// connection let go and everything was written.
+fn poll_next_batch(shared: &Shared, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
+    let mut state = shared.lock();
+    let was_full = state.batches.len() >= QUEUED_BATCHES;
+    if let Some(batch) = state.batches.pop_front() {
+        if state.batches.is_empty() && state.batches.capacity() > KEPT_SLOTS {
+            state.batches = VecDeque::new();
         }
-        woken.await;
+        drop(state);
+        if was_full {
+            // The connection may be waiting for room (only then: no wake-up per batch).
+            shared.to_conn.notify_one();
+        }
+        return Poll::Ready(Some(batch));
     }
+    if state.conn_gone {
+        return Poll::Ready(None);
+    }
+    if !state.writer_waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        state.writer_waiting = Some(cx.waker().clone());
+    }
+    Poll::Pending
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>, settings: WriterSettings) {
     let _ending = Ending { shared: &shared, settings: &settings };
-    while let Some(batch) = next_batch(&shared).await {
+    while let Some(batch) = std::future::poll_fn(|cx| poll_next_batch(&shared, cx)).await {
         // Boxed: the write's state (its write-deadline timers) is held only while a batch is being written,
         // not by every idle connection's task (~0.5 KB each); one allocation per batch, not per frame.
         let result = Box::pin(write_batch(&mut wr, &batch, settings.deadline)).await;
