@@ -2,6 +2,7 @@
 //! server: a connection registers a [`Bell`] once instead of keeping its own `watch` waits, which cost a lock
 //! of their waiter list on every turn of its loop (and ~300 bytes each).
 
+use mailroom_broker::waker_slot::remember_waker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Wake, Waker};
@@ -20,10 +21,7 @@ impl Bell {
 
     /// Wakes `waker`'s task at the next ring.
     pub(crate) fn register(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if !task.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
+        remember_waker(&mut self.task.lock().unwrap_or_else(|e| e.into_inner()), waker);
     }
 
     /// Whether it rang since the last call.

@@ -177,9 +177,7 @@ impl OutboundCredit {
         }
         {
             let mut waiting = self.room_waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if !waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waiting = Some(cx.waker().clone());
-            }
+            crate::waker_slot::remember_waker(&mut waiting, cx.waker());
         }
         // A release between the first look and storing the waker found no waker to wake: look again.
         if self.room.swap(false, Ordering::AcqRel) {

@@ -255,9 +255,7 @@ impl ControlReceiver {
         match state.requests.pop_front() {
             Some(request) => Poll::Ready(request),
             None => {
-                if !state.waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    state.waiting = Some(cx.waker().clone());
-                }
+                crate::waker_slot::remember_waker(&mut state.waiting, cx.waker());
                 Poll::Pending
             }
         }

@@ -22,6 +22,7 @@ pub mod queue;
 pub mod storage;
 pub mod store;
 pub mod vhost;
+pub mod waker_slot;
 
 #[cfg(test)]
 mod fault_tests;

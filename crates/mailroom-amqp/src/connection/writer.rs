@@ -7,6 +7,7 @@
 use super::outbound::HEARTBEAT_CHUNK;
 use bytes::Bytes;
 use mailroom_broker::client_memory::{OutboundCredit, CLIENT_MEMORY};
+use mailroom_broker::waker_slot::remember_waker;
 use mailroom_broker::ConnectionTraffic;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -201,9 +202,7 @@ impl Writer {
         if state.writer_gone {
             return Poll::Ready(());
         }
-        if !state.closed_waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            state.closed_waiting = Some(cx.waker().clone());
-        }
+        remember_waker(&mut state.closed_waiting, cx.waker());
         Poll::Pending
     }
 }
@@ -308,9 +307,7 @@ fn poll_next_batch(shared: &Shared, cx: &mut Context<'_>) -> Poll<Option<Batch>>
     if state.conn_gone {
         return Poll::Ready(None);
     }
-    if !state.writer_waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-        state.writer_waiting = Some(cx.waker().clone());
-    }
+    remember_waker(&mut state.writer_waiting, cx.waker());
     Poll::Pending
 }
 
