@@ -46,6 +46,7 @@ SCENARIOS=(
     "fanout4q-4c-1KiB-transient-autoack|--size 1024 --auto-ack --fanout --queues 4 --consumers 4|consume_rate publish_rate p99_ms $CPU"
     "10p10c-1q-1KiB-transient-prefetch100-manualack|--size 1024 --producers 10 --consumers 10 --prefetch 100|consume_rate publish_rate p99_ms $CPU"
     "latency-1000rps-1KiB-manualack|--size 1024 --rate 1000 --prefetch 100|p50_ms p99_ms p999_ms max_ms $CPU"
+    "latency-100krps-1KiB-manualack|--size 1024 --rate 100000 --prefetch 100|p50_ms p99_ms p999_ms max_ms consume_rate $CPU"
     "1KiB-persistent-confirm100-prefetch100|--size 1024 --persistent --confirm 100 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"
     "1KiB-persistent-confirm1000-prefetch100|--size 1024 --persistent --confirm 1000 --prefetch 100|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"
     "4p4c4q-1KiB-persistent-confirm250-prefetch100|--size 1024 --persistent --confirm 250 --prefetch 100 --producers 4 --consumers 4 --queues 4|consume_rate publish_rate confirm_p99_ms fsyncs_per_s msgs_per_fsync $CPU"

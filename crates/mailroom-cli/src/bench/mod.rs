@@ -15,6 +15,7 @@ mod delayed;
 mod fake;
 mod fsyncs;
 mod histogram;
+mod pacer;
 mod producer;
 mod wire;
 
@@ -75,6 +76,10 @@ pub struct BenchArgs {
     /// Total publish rate in msg/s for latency runs (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Shortest pause between rate-paced writes, in µs, kept by a timerfd: at 100,000 msg/s the default makes
+    /// one 100-message write each millisecond, 50 makes 5-message writes (and costs both sides far more CPU).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub tick_us: u64,
     /// Run for this many seconds (default 10 unless --count is given).
     #[arg(long, conflicts_with = "count")]
     pub duration: Option<f64>,
@@ -388,6 +393,7 @@ async fn bench(mut args: BenchArgs) -> Result<Report, BenchError> {
             confirm: args.confirm,
             quota: args.count.map(share),
             rate: args.rate as f64 / args.producers as f64,
+            tick: Duration::from_micros(args.tick_us),
             batch_bytes: args.batch_bytes,
         };
         producers.push(Producer::setup(&uri, plan).await?);

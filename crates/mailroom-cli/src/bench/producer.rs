@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::conn::{self, check_close, parse_method, Conn, CH};
 use super::histogram::Histogram;
+use super::pacer::Pacer;
 use super::wire::{Batch, Frame, ReadBuf, Scanner, Template};
 use super::{now_ns, BenchError, Shared};
 
@@ -37,6 +38,8 @@ pub struct Plan {
     pub quota: Option<u64>,
     /// This producer's share of `--rate` in msg/s; 0 = as fast as possible.
     pub rate: f64,
+    /// Shortest pause between rate-paced writes (`--tick-us`).
+    pub tick: Duration,
     /// Target bytes per write.
     pub batch_bytes: usize,
 }
@@ -91,6 +94,7 @@ impl Producer {
         let t = Template::publish(CH, &plan.exchange, &plan.routing_key, plan.size, plan.persistent, frame_max);
         let mut batch = Batch::new(&t, (plan.batch_bytes / t.bytes.len()).max(1));
         let stop = shared.stop.subscribe();
+        let mut pacer = if plan.rate > 0.0 { Some(Pacer::new()?) } else { None };
         let mut sent = 0u64;
         let mut result: Result<(), BenchError> = Ok(());
         loop {
@@ -109,13 +113,18 @@ impl Producer {
                     break;
                 }
             }
-            if plan.rate > 0.0 {
-                // Messages due by now minus messages sent; sleep until the next one is due.
+            if let Some(pacer) = pacer.as_mut() {
+                // Messages due by now minus messages sent; sleep until the next one is due, and at least a
+                // tick (at high rates one write per tick carries the messages due in it).
                 let due = ((now - start).as_secs_f64() * plan.rate) as u64 + 1;
                 if due <= sent {
                     let next = start + Duration::from_secs_f64(sent as f64 / plan.rate);
+                    let next = next.max(now + plan.tick);
                     let until = deadline.map_or(next, |d| d.min(next));
-                    tokio::time::sleep_until(until.into()).await;
+                    if let Err(e) = pacer.sleep_until(until).await {
+                        result = Err(e.into());
+                        break;
+                    }
                     continue;
                 }
                 n = n.min(due - sent);
