@@ -185,11 +185,6 @@ impl OutboundCredit {
         }
         Poll::Pending
     }
-
-    /// [`OutboundCredit::poll_room`] as a future.
-    pub async fn room(&self) {
-        std::future::poll_fn(|cx| self.poll_room(cx)).await
-    }
 }
 
 impl Drop for OutboundCredit {
@@ -225,7 +220,9 @@ mod tests {
         c.release(60);
         assert!(c.has_room());
         // The wake-up of that release is remembered.
-        tokio::time::timeout(std::time::Duration::from_secs(1), c.room()).await.expect("woken");
+        tokio::time::timeout(std::time::Duration::from_secs(1), std::future::poll_fn(|cx| c.poll_room(cx)))
+            .await
+            .expect("woken");
         assert_eq!(c.used(), 50);
     }
 }

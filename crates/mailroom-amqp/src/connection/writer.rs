@@ -1,8 +1,10 @@
-//! The writer task: owns the socket's write half and writes the batches the connection hands it. The queue
-//! between them is bounded, so a slow client pushes back on the connection instead of growing memory; a
-//! write that makes no progress for the write deadline ends the task (the client stopped reading), which the
-//! connection sees through [`Writer::poll_closed`]. Once a batch is written, its deliveries' outbound credit goes
-//! back, so their queues may hand the connection more.
+//! The writer task: writes the batches the connection hands it to the socket's write half. The queue between
+//! them is bounded, so a slow client pushes back on the connection instead of growing memory; a write that
+//! makes no progress for the write deadline ends the task (the client stopped reading), which the connection
+//! sees through [`Writer::poll_closed`]. Once a batch is written, its deliveries' outbound credit goes back, so
+//! their queues may hand the connection more. When nothing is queued and the task is idle, the connection
+//! writes a batch itself, as far as the socket takes it without waiting, and queues only the rest: a delivery
+//! then reaches the socket without a wake-up of the writer task.
 
 use super::outbound::HEARTBEAT_CHUNK;
 use bytes::Bytes;
@@ -11,6 +13,7 @@ use mailroom_broker::waker_slot::remember_waker;
 use mailroom_broker::ConnectionTraffic;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -25,6 +28,9 @@ const QUEUED_BATCHES: usize = 64;
 /// A queue that grew past this many slots (a burst) gives them back once the writer has emptied it; below, the
 /// few slots stay for the next batches.
 const KEPT_SLOTS: usize = 4;
+
+/// The socket's write half, boxed so the connection's handle on the writer needs no type parameter.
+type Socket = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Encoded frames handed to the writer in one go.
 #[derive(Debug, Default)]
@@ -75,6 +81,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     batches: VecDeque<Batch>,
+    /// The write half while nobody writes: the writer task takes it while it has batches, the connection for
+    /// a batch it writes itself ([`Shared::take_idle_socket`]). A queued batch means the connection does not
+    /// hold it (only the connection queues, and never while it writes).
+    socket: Option<Socket>,
     /// The writer task ended: nothing queued will be written, nothing more may be queued.
     writer_gone: bool,
     /// The connection dropped its handle: the writer writes what is queued, then shuts the socket down.
@@ -112,6 +122,33 @@ impl Shared {
         Ok(())
     }
 
+    /// The socket, if the writer task is idle (nothing queued) and has not ended: the caller writes now.
+    fn take_idle_socket(&self) -> Option<Socket> {
+        let mut state = self.lock();
+        if state.writer_gone || !state.batches.is_empty() {
+            return None;
+        }
+        state.socket.take()
+    }
+
+    /// Gives back the socket [`Shared::take_idle_socket`] lent, with what it did not take for the writer task.
+    /// Gives the rest back too if the task has ended meanwhile (its runtime shut down).
+    fn put_back(&self, socket: Socket, rest: Option<Batch>) -> Result<(), Batch> {
+        let mut state = self.lock();
+        state.socket = Some(socket);
+        let Some(rest) = rest else { return Ok(()) };
+        if state.writer_gone {
+            return Err(rest);
+        }
+        state.batches.push_back(rest);
+        let writer = state.writer_waiting.take();
+        drop(state);
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+        Ok(())
+    }
+
     /// Queues `batch`, waiting for room.
     async fn push(&self, mut batch: Batch) -> Result<(), WriteError> {
         loop {
@@ -132,6 +169,8 @@ pub(super) struct Writer {
     shared: Arc<Shared>,
     /// Counts the bytes queued for the task (`send_pend`); the task counts them out.
     traffic: Arc<ConnectionTraffic>,
+    /// The connection's outbound credit, released here for the batches written without the task.
+    credit: Arc<OutboundCredit>,
 }
 
 /// What the writer task needs besides the socket.
@@ -152,18 +191,34 @@ impl Writer {
         wr: W,
         settings: WriterSettings,
     ) -> (Writer, JoinHandle<()>) {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), to_conn: Notify::new() });
+        let state = State { socket: Some(Box::new(wr)), ..State::default() };
+        let shared = Arc::new(Shared { state: Mutex::new(state), to_conn: Notify::new() });
         let traffic = Arc::clone(&settings.traffic);
-        let task = tokio::spawn(write_loop(wr, Arc::clone(&shared), settings));
-        (Writer { shared, traffic }, task)
+        let credit = Arc::clone(&settings.credit);
+        let task = tokio::spawn(write_loop(Arc::clone(&shared), settings));
+        (Writer { shared, traffic, credit }, task)
     }
 
-    /// Hands a batch over, waiting at most `stall_limit` for room.
+    /// Writes a batch at once if the writer task is idle, queuing what the socket did not take; else hands it
+    /// over, waiting at most `stall_limit` for room.
     pub(super) async fn send(&self, batch: Batch, stall_limit: Duration) -> Result<(), WriteError> {
         let bytes = batch.bytes();
         CLIENT_MEMORY.outbound.add(bytes);
         // Counted before the handover: once handed over, the task may write it and count it out at once.
         self.traffic.queued(bytes);
+        let batch = match self.shared.take_idle_socket() {
+            Some(socket) => match self.write_now(socket, batch).await {
+                None | Some(Ok(())) => return Ok(()),
+                Some(Err(rest)) => {
+                    // The writer task ended meanwhile: the rest is never written (as below).
+                    let left = rest.bytes();
+                    CLIENT_MEMORY.outbound.sub(left);
+                    self.traffic.dequeued(left);
+                    return Err(WriteError::Gone);
+                }
+            },
+            None => batch,
+        };
         let result = match self.shared.try_push(batch) {
             Ok(()) => return Ok(()),
             Err(Err(e)) => Err(e),
@@ -178,6 +233,31 @@ impl Writer {
         CLIENT_MEMORY.outbound.sub(bytes);
         self.traffic.dequeued(bytes);
         result
+    }
+
+    /// Writes `batch` on the idle `socket` as far as it goes without waiting and settles what was written; None
+    /// if all of it was, else whether the rest could be queued for the writer task (which waits for the socket,
+    /// and meets any error the socket gave here again, and ends).
+    async fn write_now(&self, mut socket: Socket, batch: Batch) -> Option<Result<(), Batch>> {
+        let (written, rest) =
+            std::future::poll_fn(|cx| Poll::Ready(write_without_waiting(&mut socket, &batch, cx))).await;
+        CLIENT_MEMORY.outbound.sub(written);
+        self.traffic.dequeued(written);
+        if written > 0 {
+            self.traffic.sent(written as usize);
+        }
+        match rest {
+            None => {
+                // Released after the socket is back, so a queue this credit wakes finds the writer idle.
+                let _ = self.shared.put_back(socket, None);
+                self.credit.release(batch.credit);
+                None
+            }
+            Some(chunks) => {
+                let rest = Batch { heartbeat_first: false, chunks, tail: Bytes::new(), credit: batch.credit };
+                Some(self.shared.put_back(socket, Some(rest)))
+            }
+        }
     }
 
     /// Gives the queue's slots back while it is empty (a quiet connection's timer turn, as the outbound and read
@@ -256,6 +336,30 @@ async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &Batch, deadline:
     flushed.map_err(|_| Stop::Failed)
 }
 
+/// Writes what `socket` takes of `batch` without waiting (waking `cx`'s task, spuriously, once it could take
+/// more): the bytes written, and the frames left, None once everything was written and flushed. An empty rest
+/// is a flush still pending (a TLS stream's buffered tail); a failed write leaves its frame as the rest.
+fn write_without_waiting(socket: &mut Socket, batch: &Batch, cx: &mut Context<'_>) -> (u64, Option<Vec<Bytes>>) {
+    let mut written = 0u64;
+    let mut frames = batch.iter();
+    while let Some(frame) = frames.next() {
+        let mut pos = 0;
+        while pos < frame.len() {
+            match Pin::new(&mut *socket).poll_write(cx, &frame[pos..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    pos += n;
+                    written += n as u64;
+                }
+                _ => return (written, Some(std::iter::once(frame.slice(pos..)).chain(frames.cloned()).collect())),
+            }
+        }
+    }
+    match Pin::new(&mut *socket).poll_flush(cx) {
+        Poll::Ready(Ok(())) => (written, None),
+        _ => (written, Some(Vec::new())),
+    }
+}
+
 /// Gives back what a batch of `bytes` held: its bytes in the process figures and the connection's
 /// `send_pend`, its deliveries' credit.
 fn settle(batch: &Batch, bytes: u64, settings: &WriterSettings) {
@@ -288,12 +392,16 @@ impl Drop for Ending<'_> {
     }
 }
 
-/// The next batch to write, or `Pending` with `cx`'s task woken by the next one queued; None once the
-/// connection let go and everything was written.
-fn poll_next_batch(shared: &Shared, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
+/// The next batch to write, with the socket in `socket`; or `Pending` with `cx`'s task woken by the next one
+/// queued and the socket given back (the connection may write the next batch itself); None, with the socket
+/// in `socket`, once the connection let go and everything was written.
+fn poll_next_batch(shared: &Shared, socket: &mut Option<Socket>, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
     let mut state = shared.lock();
     let was_full = state.batches.len() >= QUEUED_BATCHES;
     if let Some(batch) = state.batches.pop_front() {
+        if socket.is_none() {
+            *socket = state.socket.take();
+        }
         if state.batches.is_empty() && state.batches.capacity() > KEPT_SLOTS {
             state.batches = VecDeque::new();
         }
@@ -304,19 +412,32 @@ fn poll_next_batch(shared: &Shared, cx: &mut Context<'_>) -> Poll<Option<Batch>>
         }
         return Poll::Ready(Some(batch));
     }
+    if let Some(idle) = socket.take() {
+        state.socket = Some(idle);
+    }
     if state.conn_gone {
+        *socket = state.socket.take();
         return Poll::Ready(None);
     }
     remember_waker(&mut state.writer_waiting, cx.waker());
     Poll::Pending
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>, settings: WriterSettings) {
+async fn write_loop(shared: Arc<Shared>, settings: WriterSettings) {
     let _ending = Ending { shared: &shared, settings: &settings };
-    while let Some(batch) = std::future::poll_fn(|cx| poll_next_batch(&shared, cx)).await {
+    // The socket while this task has batches to write (see `State::socket`).
+    let mut socket = None;
+    while let Some(batch) = std::future::poll_fn(|cx| poll_next_batch(&shared, &mut socket, cx)).await {
+        let Some(wr) = socket.as_mut() else {
+            // Cannot happen (a queued batch means the connection does not hold the socket); if it did, ending
+            // the task closes the connection rather than writing out of order.
+            debug_assert!(false, "a queued batch without the socket");
+            settle(&batch, batch.bytes(), &settings);
+            return;
+        };
         // Boxed: the write's state (its write-deadline timers) is held only while a batch is being written,
         // not by every idle connection's task (~0.5 KB each); one allocation per batch, not per frame.
-        let result = Box::pin(write_batch(&mut wr, &batch, settings.deadline)).await;
+        let result = Box::pin(write_batch(wr, &batch, settings.deadline)).await;
         let bytes = batch.bytes();
         settle(&batch, bytes, &settings);
         match result {
@@ -332,7 +453,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>, setti
             }
         }
     }
-    let _ = wr.shutdown().await;
+    if let Some(mut wr) = socket {
+        let _ = wr.shutdown().await;
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +504,55 @@ mod tests {
         let expected: Vec<u8> =
             (0..sent).flat_map(|i| vec![i as u8; 100]).chain(std::iter::repeat_n(0xEE, 100)).collect();
         assert_eq!(all, expected);
+    }
+
+    /// One read of what is on the socket now, without waiting (None: nothing there).
+    fn read_now(client: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
+        use tokio::io::AsyncRead;
+        let mut buf = [0u8; 1024];
+        let mut read = tokio::io::ReadBuf::new(&mut buf);
+        let waker = std::task::Waker::noop();
+        match Pin::new(client).poll_read(&mut Context::from_waker(waker), &mut read) {
+            Poll::Ready(Ok(())) => Some(read.filled().to_vec()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_writer_lets_the_connection_write_at_once_and_queues_only_what_the_socket_did_not_take() {
+        let (mut client, server) = tokio::io::duplex(150);
+        let settings = settings();
+        let traffic = Arc::clone(&settings.traffic);
+        let credit = Arc::clone(&settings.credit);
+        let (writer, task) = Writer::spawn(server, settings);
+        let stall = Duration::from_secs(5);
+        // Nothing queued: the batch is written, and its credit back, before the writer task ever ran (one thread,
+        // and `send` did not yield to it).
+        credit.take(100);
+        writer.send(Batch { credit: 100, ..batch(1) }, stall).await.unwrap();
+        assert_eq!((credit.used(), traffic.send_pend()), (0, 0));
+        // The socket takes 50 more bytes: half of the second batch is queued for the task with its credit, and
+        // the third batch queues behind it, so nothing is reordered.
+        credit.take(100);
+        writer.send(Batch { credit: 100, ..batch(2) }, stall).await.unwrap();
+        writer.send(batch(3), stall).await.unwrap();
+        assert_eq!((credit.used(), traffic.send_pend()), (100, 150));
+        let mut all = Vec::new();
+        let read_all = async {
+            while all.len() < 300 {
+                match read_now(&mut client) {
+                    Some(bytes) => all.extend(bytes),
+                    None => tokio::task::yield_now().await, // the task writes once the socket has room
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read_all).await.expect("every batch arrives");
+        let expected: Vec<u8> = [1u8, 2, 3].iter().flat_map(|&b| std::iter::repeat_n(b, 100)).collect();
+        assert_eq!(all, expected);
+        assert_eq!(credit.used(), 0);
+        drop(writer);
+        task.await.unwrap();
+        assert_eq!(traffic.send_pend(), 0);
     }
 
     #[tokio::test]
