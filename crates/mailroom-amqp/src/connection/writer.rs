@@ -106,19 +106,14 @@ impl Shared {
 
     /// Queues `batch` if there is room; gives it back when the queue is full.
     fn try_push(&self, batch: Batch) -> Result<(), Result<Batch, WriteError>> {
-        let mut state = self.lock();
+        let state = self.lock();
         if state.writer_gone {
             return Err(Err(WriteError::Gone));
         }
         if state.batches.len() >= QUEUED_BATCHES {
             return Err(Ok(batch));
         }
-        state.batches.push_back(batch);
-        let writer = state.writer_waiting.take();
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
-        }
+        push_and_wake(state, batch);
         Ok(())
     }
 
@@ -140,12 +135,7 @@ impl Shared {
         if state.writer_gone {
             return Err(rest);
         }
-        state.batches.push_back(rest);
-        let writer = state.writer_waiting.take();
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
-        }
+        push_and_wake(state, rest);
         Ok(())
     }
 
@@ -161,6 +151,16 @@ impl Shared {
             }
             room.await;
         }
+    }
+}
+
+/// Queues `batch` under the held lock, then wakes the writer task if it waits (after letting go of the lock).
+fn push_and_wake(mut state: MutexGuard<'_, State>, batch: Batch) {
+    state.batches.push_back(batch);
+    let writer = state.writer_waiting.take();
+    drop(state);
+    if let Some(writer) = writer {
+        writer.wake();
     }
 }
 

@@ -76,8 +76,9 @@ pub struct BenchArgs {
     /// Total publish rate in msg/s for latency runs (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Shortest pause between rate-paced writes, in µs, kept by a timerfd: at 100,000 msg/s the default makes
-    /// one 100-message write each millisecond, 50 makes 5-message writes (and costs both sides far more CPU).
+    /// Step of the pacing grid in µs (kept by a timerfd): a rate-paced producer writes on these ticks from the
+    /// start the messages due by then. At 100,000 msg/s the default makes one 100-message write each
+    /// millisecond, 50 makes 5-message writes (and costs both sides far more CPU).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub tick_us: u64,
     /// Run for this many seconds (default 10 unless --count is given).

@@ -38,7 +38,7 @@ pub struct Plan {
     pub quota: Option<u64>,
     /// This producer's share of `--rate` in msg/s; 0 = as fast as possible.
     pub rate: f64,
-    /// Shortest pause between rate-paced writes (`--tick-us`).
+    /// The step of the pacing grid (`--tick-us`): rate-paced writes happen on its ticks from the start.
     pub tick: Duration,
     /// Target bytes per write.
     pub batch_bytes: usize,
@@ -85,6 +85,7 @@ impl Producer {
         let Producer { conn, plan } = self;
         let frame_max = conn.frame_max;
         let Conn { stream, rbuf, .. } = conn;
+        let mut pacer = if plan.rate > 0.0 { Some(Pacer::new()?) } else { None };
         let (r, mut w) = stream.into_split();
         let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
         // (last sequence number of a write batch, its write time): for the confirm latency.
@@ -94,7 +95,6 @@ impl Producer {
         let t = Template::publish(CH, &plan.exchange, &plan.routing_key, plan.size, plan.persistent, frame_max);
         let mut batch = Batch::new(&t, (plan.batch_bytes / t.bytes.len()).max(1));
         let stop = shared.stop.subscribe();
-        let mut pacer = if plan.rate > 0.0 { Some(Pacer::new()?) } else { None };
         let mut sent = 0u64;
         let mut result: Result<(), BenchError> = Ok(());
         loop {
@@ -114,12 +114,14 @@ impl Producer {
                 }
             }
             if let Some(pacer) = pacer.as_mut() {
-                // Messages due by now minus messages sent; sleep until the next one is due, and at least a
-                // tick (at high rates one write per tick carries the messages due in it).
+                // Messages due by now minus messages sent; sleep until the next one is due, rounded up to the
+                // next tick of a grid from the start (at high rates a write per tick carries the messages due
+                // in it; a grid, so the wake-ups' lateness never adds up into a double write).
                 let due = ((now - start).as_secs_f64() * plan.rate) as u64 + 1;
                 if due <= sent {
-                    let next = start + Duration::from_secs_f64(sent as f64 / plan.rate);
-                    let next = next.max(now + plan.tick);
+                    let next = Duration::from_secs_f64(sent as f64 / plan.rate).as_nanos();
+                    let tick = plan.tick.as_nanos().max(1);
+                    let next = start + Duration::from_nanos((next.div_ceil(tick) * tick) as u64);
                     let until = deadline.map_or(next, |d| d.min(next));
                     if let Err(e) = pacer.sleep_until(until).await {
                         result = Err(e.into());
