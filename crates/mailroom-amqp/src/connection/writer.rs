@@ -126,12 +126,16 @@ impl Shared {
         state.socket.take()
     }
 
-    /// Gives back the socket [`Shared::take_idle_socket`] lent, with what it did not take for the writer task.
-    /// Gives the rest back too if the task has ended meanwhile (its runtime shut down).
-    fn put_back(&self, socket: Socket, rest: Option<Batch>) -> Result<(), Batch> {
+    /// Gives back the socket [`Shared::take_idle_socket`] lent, all of its batch written.
+    fn put_back(&self, socket: Socket) {
+        self.lock().socket = Some(socket);
+    }
+
+    /// Gives back the socket [`Shared::take_idle_socket`] lent, with the rest of its batch for the writer task;
+    /// gives the rest back if the task has ended meanwhile (its runtime shut down).
+    fn put_back_with_rest(&self, socket: Socket, rest: Batch) -> Result<(), Batch> {
         let mut state = self.lock();
         state.socket = Some(socket);
-        let Some(rest) = rest else { return Ok(()) };
         if state.writer_gone {
             return Err(rest);
         }
@@ -206,19 +210,9 @@ impl Writer {
         CLIENT_MEMORY.outbound.add(bytes);
         // Counted before the handover: once handed over, the task may write it and count it out at once.
         self.traffic.queued(bytes);
-        let batch = match self.shared.take_idle_socket() {
-            Some(socket) => match self.write_now(socket, batch).await {
-                None | Some(Ok(())) => return Ok(()),
-                Some(Err(rest)) => {
-                    // The writer task ended meanwhile: the rest is never written (as below).
-                    let left = rest.bytes();
-                    CLIENT_MEMORY.outbound.sub(left);
-                    self.traffic.dequeued(left);
-                    return Err(WriteError::Gone);
-                }
-            },
-            None => batch,
-        };
+        if let Some(socket) = self.shared.take_idle_socket() {
+            return self.write_now(socket, batch).await;
+        }
         let result = match self.shared.try_push(batch) {
             Ok(()) => return Ok(()),
             Err(Err(e)) => Err(e),
@@ -235,10 +229,10 @@ impl Writer {
         result
     }
 
-    /// Writes `batch` on the idle `socket` as far as it goes without waiting and settles what was written; None
-    /// if all of it was, else whether the rest could be queued for the writer task (which waits for the socket,
-    /// and meets any error the socket gave here again, and ends).
-    async fn write_now(&self, mut socket: Socket, batch: Batch) -> Option<Result<(), Batch>> {
+    /// Writes `batch` on the idle `socket` as far as it goes without waiting and settles what was written; the
+    /// rest is queued for the writer task (which waits for the socket, and meets any error the socket gave here
+    /// again, and ends).
+    async fn write_now(&self, mut socket: Socket, batch: Batch) -> Result<(), WriteError> {
         let (written, rest) =
             std::future::poll_fn(|cx| Poll::Ready(write_without_waiting(&mut socket, &batch, cx))).await;
         CLIENT_MEMORY.outbound.sub(written);
@@ -246,18 +240,20 @@ impl Writer {
         if written > 0 {
             self.traffic.sent(written as usize);
         }
-        match rest {
-            None => {
-                // Released after the socket is back, so a queue this credit wakes finds the writer idle.
-                let _ = self.shared.put_back(socket, None);
-                self.credit.release(batch.credit);
-                None
-            }
-            Some(chunks) => {
-                let rest = Batch { heartbeat_first: false, chunks, tail: Bytes::new(), credit: batch.credit };
-                Some(self.shared.put_back(socket, Some(rest)))
-            }
-        }
+        let Some(chunks) = rest else {
+            // Released after the socket is back, so a queue this credit wakes finds the writer idle.
+            self.shared.put_back(socket);
+            self.credit.release(batch.credit);
+            return Ok(());
+        };
+        let rest = Batch { heartbeat_first: false, chunks, tail: Bytes::new(), credit: batch.credit };
+        self.shared.put_back_with_rest(socket, rest).map_err(|rest| {
+            // The writer task ended meanwhile: the rest is never written (as in `send`).
+            let left = rest.bytes();
+            CLIENT_MEMORY.outbound.sub(left);
+            self.traffic.dequeued(left);
+            WriteError::Gone
+        })
     }
 
     /// Gives the queue's slots back while it is empty (a quiet connection's timer turn, as the outbound and read
