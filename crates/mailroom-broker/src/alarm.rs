@@ -87,27 +87,42 @@ pub fn memory_in_use(queue_bytes: u64) -> u64 {
     queue_bytes + crate::client_memory::CLIENT_MEMORY.figures().total()
 }
 
-/// Re-evaluates the alarms every [`ALARM_CHECK_INTERVAL`] until the broker is dropped.
-pub(crate) async fn run_monitor<W: Watched>(broker: Weak<W>, config: AlarmConfig, tx: watch::Sender<AlarmState>) {
-    let mut tick = tokio::time::interval(ALARM_CHECK_INTERVAL);
-    loop {
-        tick.tick().await;
-        let Some(inner) = broker.upgrade() else { return };
-        let memory = config.memory_high_watermark.is_some_and(|limit| memory_in_use(inner.held_bytes()) > limit);
-        let disk = match &config.disk_free_limit {
-            Some((path, limit)) => match free_disk_bytes(path) {
-                Ok(free) => free < *limit,
-                // Cannot tell: keep the previous state rather than flap.
-                Err(_) => tx.borrow().disk,
-            },
-            None => false,
-        } || inner.definitions_failing();
-        let store = inner.failing_stores() > 0;
-        let state = AlarmState { memory, disk, store };
-        if *tx.borrow() != state {
-            tracing::warn!(memory, disk, store, reason = %inner.failing_reason(), "resource alarm changed");
-            let _ = tx.send(state);
+/// Starts the thread that re-evaluates the alarms every [`ALARM_CHECK_INTERVAL`] until the broker is dropped.
+/// A thread of its own, not a runtime task: its tick would otherwise wake a runtime worker five times a
+/// second, and a tick that lands with a client's frame leaves two tasks ready, so the worker wakes a second
+/// worker to share them (a futex and two context switches on that message's path; BENCHMARKS.md, session 12).
+pub(crate) fn start_monitor<W: Watched>(
+    broker: Weak<W>,
+    config: AlarmConfig,
+    tx: watch::Sender<AlarmState>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name("mailroom-alarms".into()).spawn(move || loop {
+        // The broker is held only for the round, so dropping it ends the thread within one interval.
+        match broker.upgrade() {
+            Some(inner) => check(&*inner, &config, &tx),
+            None => return,
         }
+        std::thread::sleep(ALARM_CHECK_INTERVAL);
+    })?;
+    Ok(())
+}
+
+/// One round: reads memory, disk and the stores, and publishes the alarm state if it changed.
+fn check<W: Watched>(inner: &W, config: &AlarmConfig, tx: &watch::Sender<AlarmState>) {
+    let memory = config.memory_high_watermark.is_some_and(|limit| memory_in_use(inner.held_bytes()) > limit);
+    let disk = match &config.disk_free_limit {
+        Some((path, limit)) => match free_disk_bytes(path) {
+            Ok(free) => free < *limit,
+            // Cannot tell: keep the previous state rather than flap.
+            Err(_) => tx.borrow().disk,
+        },
+        None => false,
+    } || inner.definitions_failing();
+    let store = inner.failing_stores() > 0;
+    let state = AlarmState { memory, disk, store };
+    if *tx.borrow() != state {
+        tracing::warn!(memory, disk, store, reason = %inner.failing_reason(), "resource alarm changed");
+        let _ = tx.send(state);
     }
 }
 

@@ -155,7 +155,9 @@ impl Broker {
             || alarm_config.disk_free_limit.is_some()
             || inner.durability.is_some()
         {
-            tokio::spawn(alarm::run_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()));
+            alarm::start_monitor(Arc::downgrade(&inner), alarm_config, inner.alarms.clone()).map_err(|e| {
+                BrokerError::new(ErrorKind::ResourceError, format!("cannot start the alarm monitor thread: {e}"))
+            })?;
         }
         Ok(Broker { inner })
     }
