@@ -85,7 +85,7 @@ impl Producer {
         let Producer { conn, plan } = self;
         let frame_max = conn.frame_max;
         let Conn { stream, rbuf, .. } = conn;
-        let mut pacer = if plan.rate > 0.0 { Some(Pacer::new()?) } else { None };
+        let mut pacer = if plan.rate > 0.0 { Some(Pacer::grid(start, pacing_interval(plan.rate, plan.tick))?) } else { None };
         let (r, mut w) = stream.into_split();
         let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
         // (last sequence number of a write batch, its write time): for the confirm latency.
@@ -114,16 +114,12 @@ impl Producer {
                 }
             }
             if let Some(pacer) = pacer.as_mut() {
-                // Messages due by now minus messages sent; sleep until the next one is due, rounded up to the
-                // next tick of a grid from the start (at high rates a write per tick carries the messages due
-                // in it; a grid, so the wake-ups' lateness never adds up into a double write).
+                // Messages due by now minus messages sent; with none due, wait for the grid's next tick (at high
+                // rates a write per tick carries the messages due in it; a grid from the start, so the wake-ups'
+                // lateness never adds up into a double write).
                 let due = ((now - start).as_secs_f64() * plan.rate) as u64 + 1;
                 if due <= sent {
-                    let next = Duration::from_secs_f64(sent as f64 / plan.rate).as_nanos();
-                    let tick = plan.tick.as_nanos().max(1);
-                    let next = start + Duration::from_nanos((next.div_ceil(tick) * tick) as u64);
-                    let until = deadline.map_or(next, |d| d.min(next));
-                    if let Err(e) = pacer.sleep_until(until).await {
+                    if let Err(e) = pacer.tick(deadline).await {
                         result = Err(e.into());
                         break;
                     }
@@ -298,5 +294,27 @@ pub(super) async fn read_confirms(
             return Ok((false, latency));
         }
         rbuf.filled(n);
+    }
+}
+
+/// The pacing grid's step: `--tick-us`, or as many whole ticks as fit between two messages at low rates (so a
+/// slow producer does not wake every tick for nothing).
+fn pacing_interval(rate: f64, tick: Duration) -> Duration {
+    let tick = tick.max(Duration::from_micros(1));
+    let ticks_per_message = (1.0 / (rate * tick.as_secs_f64())).floor().max(1.0);
+    tick.mul_f64(ticks_per_message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacing_grid_is_the_tick_or_whole_ticks_between_messages() {
+        let ms = Duration::from_millis(1);
+        assert_eq!(pacing_interval(1_000.0, ms), ms);
+        assert_eq!(pacing_interval(100_000.0, ms), ms);
+        assert_eq!(pacing_interval(300.0, ms), 3 * ms);
+        assert_eq!(pacing_interval(0.5, ms), 2_000 * ms);
     }
 }
