@@ -15,6 +15,7 @@
 #                  in a server of its own (MAILROOM_URL/PID unused), RabbitMQ on RABBITMQ_URL with the
 #                  RSS of RABBITMQ_PID
 #   TARGETS        "mailroom rabbitmq" (default), or just one of them
+#   SETTLE_MAX     longest wait, in seconds, for both brokers to go idle before each run (default 30)
 #   MAILROOM_METRICS_URL   e.g. http://127.0.0.1:15673/metrics: report Mailroom's fsyncs/s (optional)
 #   RABBITMQ_METRICS_URL   e.g. http://guest:guest@127.0.0.1:15672/api/nodes (management plugin), or
 #   RABBITMQ_FSYNCS_CMD    a command printing RabbitMQ's sync count, e.g.
@@ -55,6 +56,31 @@ SCENARIOS=(
 
 url_of() { if [[ $1 == mailroom ]]; then echo "$MAILROOM_URL"; else echo "$RABBITMQ_URL"; fi; }
 pid_of() { if [[ $1 == mailroom ]]; then echo "${MAILROOM_PID:-}"; else echo "${RABBITMQ_PID:-}"; fi; }
+# cpu_ticks PID: the process's user + system CPU in clock ticks (0 if it is gone).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# settle: waits (at most SETTLE_MAX seconds, default 30) until every known broker spends under a tenth of a core
+# over half a second, and prints how long it waited. A broker that fell behind in its own run keeps working
+# after the bench stops (RabbitMQ drains and deletes a backlog of hundreds of thousands of messages at
+# 100,000 msg/s), and its leftovers would land in the next run, the other broker's.
+settle() {
+    local start=$SECONDS pids=() pid busy
+    for pid in ${MAILROOM_PID:-} ${RABBITMQ_PID:-}; do pids+=("$pid"); done
+    ((${#pids[@]})) || { echo 0; return; }
+    local hz
+    hz=$(getconf CLK_TCK)
+    while ((SECONDS - start < ${SETTLE_MAX:-30})); do
+        local before=() i=0
+        for pid in "${pids[@]}"; do before+=("$(cpu_ticks "$pid")"); done
+        sleep 0.5
+        busy=0
+        for pid in "${pids[@]}"; do
+            (($(cpu_ticks "$pid") - before[i] > hz / 20)) && busy=1
+            i=$((i + 1))
+        done
+        ((busy)) || break
+    done
+    echo $((SECONDS - start))
+}
 # fsync_flags TARGET: the bench flags that read the target's fsync counter, if configured.
 fsync_flags() {
     if [[ $1 == mailroom ]]; then
@@ -104,7 +130,8 @@ for sc in "${SCENARIOS[@]}"; do
             fsync=()
             if [[ $name == *persistent* ]]; then mapfile -t fsync < <(fsync_flags "$target"); fi
             cmd=("$MAILROOM_BIN" bench --uri "$(url_of "$target")" --duration "$DURATION" $flags ${pid:+--broker-pid "$pid"} "${fsync[@]}")
-            echo "## $name $target run $run (load $(cut -d' ' -f1 /proc/loadavg)): ${cmd[*]}" | tee -a "$LOG" >&2
+            waited=$(settle)
+            echo "## $name $target run $run (load $(cut -d' ' -f1 /proc/loadavg), settled ${waited}s): ${cmd[*]}" | tee -a "$LOG" >&2
             if line=$("${cmd[@]}" 2>>"$LOG" | grep '^RESULT'); then
                 echo "$line" | tee -a "$LOG" >&2
                 RESULTS["$name|$target"]+="$line"$'\n'
