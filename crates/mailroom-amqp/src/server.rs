@@ -106,7 +106,10 @@ impl AmqpServer {
                 loop {
                     match listener.accept().await {
                         Ok((stream, peer)) => {
-                            if conn_tx.send((stream, peer, tls.clone())).await.is_err() {
+                            // `Tls` is an `Arc` with the tls feature and a `Copy` placeholder without it.
+                            #[allow(clippy::clone_on_copy)]
+                            let tls = tls.clone();
+                            if conn_tx.send((stream, peer, tls)).await.is_err() {
                                 return;
                             }
                         }
