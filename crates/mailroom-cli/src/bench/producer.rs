@@ -85,7 +85,8 @@ impl Producer {
         let Producer { conn, plan } = self;
         let frame_max = conn.frame_max;
         let Conn { stream, rbuf, .. } = conn;
-        let mut pacer = if plan.rate > 0.0 { Some(Pacer::grid(start, pacing_interval(plan.rate, plan.tick))?) } else { None };
+        let mut pacer =
+            if plan.rate > 0.0 { Some(Pacer::grid(start, pacing_interval(plan.rate, plan.tick))?) } else { None };
         let (r, mut w) = stream.into_split();
         let (confirm_tx, mut confirm_rx) = watch::channel((0u64, 0u64));
         // (last sequence number of a write batch, its write time): for the confirm latency.
@@ -301,7 +302,8 @@ pub(super) async fn read_confirms(
 /// slow producer does not wake every tick for nothing).
 fn pacing_interval(rate: f64, tick: Duration) -> Duration {
     let tick = tick.max(Duration::from_micros(1));
-    let ticks_per_message = (1.0 / (rate * tick.as_secs_f64())).floor().max(1.0);
+    // The epsilon keeps a whole ratio whole through the float division (1,000 msg/s and 1 ms: one tick).
+    let ticks_per_message = (1.0 / (rate * tick.as_secs_f64()) + 1e-9).floor().max(1.0);
     tick.mul_f64(ticks_per_message)
 }
 
