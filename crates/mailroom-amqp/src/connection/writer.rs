@@ -224,8 +224,7 @@ impl Writer {
             },
         };
         // Not handed over: the writer will never account for it (its credit leaves with the connection's).
-        CLIENT_MEMORY.outbound.sub(bytes);
-        self.traffic.dequeued(bytes);
+        self.uncount(bytes);
         result
     }
 
@@ -235,8 +234,7 @@ impl Writer {
     async fn write_now(&self, mut socket: Socket, batch: Batch) -> Result<(), WriteError> {
         let (written, rest) =
             std::future::poll_fn(|cx| Poll::Ready(write_without_waiting(&mut socket, &batch, cx))).await;
-        CLIENT_MEMORY.outbound.sub(written);
-        self.traffic.dequeued(written);
+        self.uncount(written);
         if written > 0 {
             self.traffic.sent(written as usize);
         }
@@ -249,11 +247,16 @@ impl Writer {
         let rest = Batch { heartbeat_first: false, chunks, tail: Bytes::new(), credit: batch.credit };
         self.shared.put_back_with_rest(socket, rest).map_err(|rest| {
             // The writer task ended meanwhile: the rest is never written (as in `send`).
-            let left = rest.bytes();
-            CLIENT_MEMORY.outbound.sub(left);
-            self.traffic.dequeued(left);
+            self.uncount(rest.bytes());
             WriteError::Gone
         })
+    }
+
+    /// Takes `bytes` that [`Writer::send`] counted as queued out of the process and connection figures again:
+    /// written here, or never to be written.
+    fn uncount(&self, bytes: u64) {
+        CLIENT_MEMORY.outbound.sub(bytes);
+        self.traffic.dequeued(bytes);
     }
 
     /// Gives the queue's slots back while it is empty (a quiet connection's timer turn, as the outbound and read
